@@ -1,0 +1,176 @@
+"""Adapter file formats: detection, readers into `LoraWeights`, writers back out.
+
+No database here, and no torch until tensors are actually loaded or written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidAdapterError, PickleRefusedError
+from ..lora import LoraWeights
+from .peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Problem, parse_peft, read_config
+from .safetensors_header import SafetensorsHeader, read_header
+
+__all__ = [
+    "AdapterFiles",
+    "detect",
+    "read_adapter",
+    "load_tensors",
+    "convert_pickle",
+    "write_adapter",
+]
+
+FORMATS = ("peft", "kohya")
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """Where an adapter's files are and which format they are in."""
+
+    format: str  # "peft" | "kohya"
+    weights: Path
+    config: Path | None = None
+    pickle: bool = False  # weights are adapter_model.bin (a pickle)
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for p in (self.config, self.weights) if p is not None]
+
+
+def _pickle_message(path: Path) -> str:
+    return (
+        f"{path}: weights are a pickle (adapter_model.bin), which can run arbitrary code when loaded, so "
+        "adapterhub does not open it. Convert it with `adapterhub add --allow-pickle` (loads it with "
+        "torch.load(weights_only=True) and stores safetensors) or re-save it with PEFT's "
+        "save_pretrained(safe_serialization=True)."
+    )
+
+
+def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> AdapterFiles:
+    """Find an adapter's files at ``path`` (a PEFT folder or a single ``.safetensors`` file)."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidAdapterError(f"{p}: no such file or folder", path=str(p))
+    if p.is_dir():
+        cfg = p / CONFIG_NAME
+        st = p / WEIGHTS_NAME
+        if not cfg.is_file():
+            singles = sorted(p.glob("*.safetensors"))
+            if len(singles) == 1:
+                return detect(singles[0], allow_pickle=allow_pickle)
+            raise InvalidAdapterError(
+                f"{p}: no {CONFIG_NAME} here; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}",
+                path=str(p),
+            )
+        if st.is_file():
+            return AdapterFiles("peft", st, cfg)
+        if (p / PICKLE_NAME).is_file():
+            if not allow_pickle:
+                raise PickleRefusedError(_pickle_message(p / PICKLE_NAME), path=str(p))
+            return AdapterFiles("peft", p / PICKLE_NAME, cfg, pickle=True)
+        raise InvalidAdapterError(f"{p}: has {CONFIG_NAME} but no {WEIGHTS_NAME}", path=str(p))
+    if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        if not allow_pickle:
+            raise PickleRefusedError(_pickle_message(p), path=str(p))
+        cfg = p.parent / CONFIG_NAME
+        if not cfg.is_file():
+            raise InvalidAdapterError(f"{p}: a pickled PEFT adapter needs {CONFIG_NAME} beside it", path=str(p))
+        return AdapterFiles("peft", p, cfg, pickle=True)
+    if p.name == CONFIG_NAME:
+        return detect(p.parent, allow_pickle=allow_pickle)
+    if p.suffix != ".safetensors":
+        raise InvalidAdapterError(
+            f"{p}: not an adapter; give a PEFT folder or a .safetensors file", path=str(p)
+        )
+    header = read_header(p)
+    from .kohya import is_kohya_header
+
+    if is_kohya_header(header):
+        return AdapterFiles("kohya", p)
+    cfg = p.parent / CONFIG_NAME
+    if any(".lora_A." in k or ".lora_embedding_A" in k for k in header.tensors):
+        if cfg.is_file():
+            return AdapterFiles("peft", p, cfg)
+        raise InvalidAdapterError(
+            f"{p}: PEFT-style LoRA weights, but no {CONFIG_NAME} beside them to give rank and alpha",
+            path=str(p),
+        )
+    raise InvalidAdapterError(
+        f"{p}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)", path=str(p)
+    )
+
+
+def _parse(files: AdapterFiles, header: SafetensorsHeader, problem: Problem | None) -> LoraWeights:
+    if files.format == "kohya":
+        from .kohya import parse_kohya
+
+        return parse_kohya(header, problem=problem)
+    assert files.config is not None
+    return parse_peft(read_config(files.config), header, problem=problem)
+
+
+def read_adapter(
+    path: str | os.PathLike[str] | AdapterFiles,
+    *,
+    load: bool = False,
+    problem: Problem | None = None,
+) -> LoraWeights:
+    """Read an adapter into `LoraWeights` (metadata only unless ``load``)."""
+    files = path if isinstance(path, AdapterFiles) else detect(path)
+    if files.pickle:
+        raise PickleRefusedError(_pickle_message(files.weights), path=str(files.weights))
+    header = read_header(files.weights)
+    weights = _parse(files, header, problem)
+    if load:
+        load_tensors(weights, files)
+    return weights
+
+
+def load_tensors(weights: LoraWeights, files: AdapterFiles) -> LoraWeights:
+    if files.format == "kohya":
+        from .kohya import load_kohya_tensors
+
+        return load_kohya_tensors(weights, files.weights)
+    from .peft import load_peft_tensors
+
+    return load_peft_tensors(weights, files.weights)
+
+
+def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Load a pickled state dict with ``torch.load(weights_only=True)`` and save it as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(str(src), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise InvalidAdapterError(
+            f"{src}: could not be loaded safely with torch.load(weights_only=True): {str(exc).splitlines()[0]}",
+            path=str(src),
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidAdapterError(f"{src}: the pickle does not hold a flat dict of tensors", path=str(src))
+    out = Path(dest)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
+    return out
+
+
+def write_adapter(weights: LoraWeights, dest: str | os.PathLike[str], *, format: str = "peft") -> Path:
+    """Write loaded `LoraWeights` as a PEFT folder or a kohya file."""
+    if format == "peft":
+        if weights.format == "kohya":
+            raise InvalidAdapterError(
+                "kohya files name modules without dots, so they cannot be written as PEFT without a base "
+                "model's key list; export them in kohya format"
+            )
+        from .peft import write_peft
+
+        return write_peft(weights, dest)
+    if format == "kohya":
+        from .kohya import write_kohya
+
+        return write_kohya(weights, dest)
+    raise InvalidAdapterError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,363 @@
+"""PEFT LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Reading fills `LoraWeights` from the config and the safetensors header; tensor data is read only when
+asked for. Writing produces a folder that ``PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidAdapterError, InvalidConfigError
+from ..lora import PEFT_PREFIX, LoraModule, LoraWeights, lora_scale, pattern_key
+from .safetensors_header import SafetensorsHeader, read_header
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+#: key suffixes of the tensors PEFT saves for a LoRA module, and the role each plays
+_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_B.bias", "bias"),
+    (".lora_embedding_A", "emb_A"),
+    (".lora_embedding_B", "emb_B"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".base_layer.weight", "base_layer"),
+)
+
+Problem = Callable[[str, "str | None"], None]
+
+
+def _raise(path: str) -> Problem:
+    def report(message: str, module: str | None = None) -> None:
+        raise InvalidAdapterError(f"{path}: {message}", path=path, module=module)
+
+    return report
+
+
+def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
+    """Check a parsed ``adapter_config.json`` against ``schemas/lora_config.schema.json``."""
+    if not isinstance(config, dict):
+        raise InvalidConfigError(f"{path}: adapter config must be a JSON object", path=path)
+    peft_type = config.get("peft_type", "LORA")
+    if isinstance(peft_type, str) and peft_type.upper() != "LORA":
+        raise InvalidConfigError(
+            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA adapters only", path=path, key="peft_type"
+        )
+    try:
+        import jsonschema
+    except ImportError:  # a GPU box with only torch + safetensors: check the keys the math needs
+        for key, types in (("r", (int,)), ("lora_alpha", (int, float)), ("use_rslora", (bool,))):
+            if key in config and (not isinstance(config[key], types) or isinstance(config[key], bool) != (types == (bool,))):
+                raise InvalidConfigError(f"{path}: {key} has the wrong type ({config[key]!r})", path=path, key=key)
+        return config
+    from ..resources import load_schema
+
+    validator = jsonschema.Draft202012Validator(load_schema("lora_config.schema.json"))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.path) or "(top level)"
+        raise InvalidConfigError(
+            f"{path}: {where}: {err.message} (the LoRA config schema is schemas/lora_config.schema.json)",
+            path=path,
+            key=where,
+        )
+    return config
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = str(path)
+    try:
+        with open(p, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise InvalidAdapterError(f"{p}: no such file", path=p) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidConfigError(f"{p}: not valid JSON ({exc})", path=p) from None
+    return validate_config(config, path=p)
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """``base_model.model.x.q_proj.lora_A.weight`` -> (``x.q_proj``, ``A``)."""
+    stem = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+    for suffix, role in _SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)], role
+    return None
+
+
+def _matches_modules_to_save(module: str, modules_to_save: list[str]) -> bool:
+    return any(module == m or module.endswith("." + m) for m in modules_to_save)
+
+
+def parse_peft(
+    config: dict[str, Any],
+    header: SafetensorsHeader,
+    *,
+    problem: Problem | None = None,
+) -> LoraWeights:
+    """Build metadata-only `LoraWeights` from a validated config and a checked header."""
+    report = problem or _raise(header.path)
+    r_default = int(config["r"])
+    alpha_default = float(config.get("lora_alpha", 8))
+    use_rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules_to_save = list(config.get("modules_to_save") or [])
+
+    parts: dict[str, dict[str, Any]] = {}
+    replacement_shapes: dict[str, tuple[int, ...]] = {}
+    replacement_names: dict[str, str] = {}
+    unexplained: list[str] = []
+    for name, info in header.tensors.items():
+        split = split_key(name)
+        if split is None:
+            stem = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+            module = stem.rsplit(".", 1)[0]
+            if modules_to_save and _matches_modules_to_save(module, modules_to_save):
+                replacement_shapes[stem] = info.shape
+                replacement_names[stem] = name
+            else:
+                unexplained.append(name)
+            continue
+        module, role = split
+        if role == "base_layer":
+            replacement_shapes[module + ".weight"] = info.shape
+            replacement_names[module + ".weight"] = name
+            continue
+        parts.setdefault(module, {})[role] = info
+
+    modules: dict[str, LoraModule] = {}
+    for module, got in sorted(parts.items()):
+        if "emb_A" in got or "emb_B" in got:
+            ea, eb = got.get("emb_A"), got.get("emb_B")
+            if ea is None or eb is None:
+                report(f"module {module} has only one of lora_embedding_A / lora_embedding_B", module)
+                continue
+            a_shape, b_shape = tuple(reversed(eb.shape)), tuple(reversed(ea.shape))  # stored transposed
+            kind = "embedding"
+            dtype = ea.dtype
+        else:
+            a, b = got.get("A"), got.get("B")
+            if a is None or b is None:
+                missing = "lora_A" if a is None else "lora_B"
+                if a is None and b is None:
+                    report(f"module {module} has a magnitude or bias but no LoRA factors", module)
+                else:
+                    report(f"module {module} has no {missing} factor", module)
+                continue
+            a_shape, b_shape, dtype = a.shape, b.shape, a.dtype
+            kind = "linear" if len(a_shape) == 2 else "conv"
+        if len(a_shape) < 2 or len(b_shape) < 2:
+            report(
+                f"module {module}: factors must be at least 2-D, got A {list(a_shape)} and B {list(b_shape)}"
+                " (an empty or 1-D tensor often comes from an unsharded ZeRO-3 save)",
+                module,
+            )
+            continue
+        if 0 in a_shape or 0 in b_shape:
+            report(
+                f"module {module}: empty factor A {list(a_shape)} / B {list(b_shape)}"
+                " (unsharded ZeRO-3 saves write torch.Size([0]); gather the weights before saving)",
+                module,
+            )
+            continue
+        rank = int(a_shape[0])
+        if int(b_shape[1]) != rank:
+            report(f"module {module}: A has rank {rank} but B has rank {b_shape[1]}", module)
+            continue
+        if kind == "conv" and tuple(b_shape[2:]) != (1,) * (len(b_shape) - 2):
+            report(f"module {module}: conv lora_B must be a 1x1 kernel, got {list(b_shape)}", module)
+            continue
+        rkey = pattern_key(rank_pattern, module)
+        akey = pattern_key(alpha_pattern, module)
+        cfg_rank = int(rank_pattern[rkey]) if rkey is not None else r_default
+        alpha = float(alpha_pattern[akey]) if akey is not None else alpha_default
+        if cfg_rank != rank:
+            report(
+                f"module {module}: the config says r={cfg_rank} but the tensors have rank {rank}"
+                " (fix r / rank_pattern in adapter_config.json)",
+                module,
+            )
+            continue
+        bias = got.get("bias")
+        mag = got.get("magnitude")
+        if mag is not None and tuple(mag.shape) not in ((b_shape[0],), (1, b_shape[0]), (b_shape[0], 1)):
+            report(f"module {module}: DoRA magnitude {list(mag.shape)} does not match {b_shape[0]} outputs", module)
+            continue
+        modules[module + ".weight"] = LoraModule(
+            key=module + ".weight",
+            kind=kind,  # type: ignore[arg-type]
+            rank=rank,
+            alpha=alpha,
+            scale=lora_scale(rank, alpha, use_rslora),
+            a_shape=tuple(int(d) for d in a_shape),
+            b_shape=tuple(int(d) for d in b_shape),
+            dtype=dtype,
+            bias_shape=tuple(bias.shape) if bias is not None else None,
+            magnitude_shape=tuple(mag.shape) if mag is not None else None,
+        )
+    if not modules and not replacement_shapes:
+        report("holds no LoRA tensors (no lora_A/lora_B or lora_embedding_A/B keys)", None)
+    weights = LoraWeights(
+        modules=modules,
+        format="peft",
+        config=config,
+        metadata=dict(header.metadata),
+        replacement_shapes=replacement_shapes,
+        base_model=config.get("base_model_name_or_path"),
+        use_rslora=use_rslora,
+    )
+    weights.source_names = replacement_names  # type: ignore[attr-defined]
+    weights.unexplained = unexplained  # type: ignore[attr-defined]
+    return weights
+
+
+def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]) -> LoraWeights:
+    """Fill the tensors of metadata-only `LoraWeights` read from ``weights_path``."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as f:
+        keys = set(f.keys())
+
+        def get(name: str) -> Any:
+            for candidate in (PEFT_PREFIX + name, name):
+                if candidate in keys:
+                    return f.get_tensor(candidate)
+            return None
+
+        for key, m in weights.modules.items():
+            module = m.module
+            if m.kind == "embedding":
+                m.A = get(module + ".lora_embedding_B").T.contiguous()
+                m.B = get(module + ".lora_embedding_A").T.contiguous()
+            else:
+                m.A = get(module + ".lora_A.weight")
+                m.B = get(module + ".lora_B.weight")
+            if m.bias_shape is not None:
+                m.bias = get(module + ".lora_B.bias")
+            if m.magnitude_shape is not None:
+                mag = get(module + ".lora_magnitude_vector")
+                if mag is None:
+                    mag = get(module + ".lora_magnitude_vector.weight")
+                m.magnitude = mag.reshape(-1)
+        names = getattr(weights, "source_names", {})
+        for key in weights.replacement_shapes:
+            weights.replacements[key] = f.get_tensor(names[key]) if key in names else get(key)
+    return weights
+
+
+def derive_config(weights: LoraWeights, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config whose r / lora_alpha / patterns give every module its rank and scale (rslora folded in)."""
+    from collections import Counter
+
+    config: dict[str, Any] = dict(base or {})
+    mods = list(weights.modules.values())
+    if not mods:
+        raise InvalidAdapterError("cannot write an adapter with no LoRA modules")
+    r = Counter(m.rank for m in mods).most_common(1)[0][0]
+    s0 = Counter(m.scale for m in mods if m.rank == r).most_common(1)[0][0]
+    lora_alpha = s0 * r
+    rank_pattern = {m.module: m.rank for m in mods if m.rank != r}
+    alpha_pattern = {
+        m.module: m.scale * m.rank
+        for m in mods
+        if not math.isclose(lora_alpha / m.rank, m.scale, rel_tol=1e-12, abs_tol=0.0)
+    }
+    targets = sorted({m.short_name for m in mods})
+    config.update(
+        {
+            "peft_type": "LORA",
+            "r": int(r),
+            "lora_alpha": float(lora_alpha),
+            "use_rslora": False,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "target_modules": targets,
+            "use_dora": weights.has_dora,
+            "lora_bias": any(m.bias_shape is not None for m in mods),
+            "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+        }
+    )
+    config.setdefault("base_model_name_or_path", weights.base_model)
+    config.setdefault("task_type", None)
+    config.setdefault("bias", "none")
+    config.setdefault("modules_to_save", None)
+    config.setdefault("inference_mode", True)
+    return config
+
+
+def peft_state_dict(weights: LoraWeights) -> dict[str, Any]:
+    """Tensors under the names PEFT saves them."""
+    out: dict[str, Any] = {}
+    for m in weights.modules.values():
+        if not m.has_tensors():
+            raise InvalidAdapterError(f"{m.key}: tensors were not loaded; cannot write")
+        pre = PEFT_PREFIX + m.module
+        if m.kind == "embedding":
+            assert m.A is not None and m.B is not None
+            out[pre + ".lora_embedding_A"] = m.B.T.contiguous()
+            out[pre + ".lora_embedding_B"] = m.A.T.contiguous()
+        else:
+            out[pre + ".lora_A.weight"] = m.A.contiguous()  # type: ignore[union-attr]
+            out[pre + ".lora_B.weight"] = m.B.contiguous()  # type: ignore[union-attr]
+        if m.bias is not None:
+            out[pre + ".lora_B.bias"] = m.bias.contiguous()
+        if m.magnitude is not None:
+            out[pre + ".lora_magnitude_vector"] = m.magnitude.reshape(-1).contiguous()
+    targeted = {m.module for m in weights.modules.values()}
+    for key, tensor in weights.replacements.items():
+        if tensor is None:
+            raise InvalidAdapterError(f"{key}: tensors were not loaded; cannot write")
+        module = key.rsplit(".", 1)[0]
+        if module in targeted and key.endswith(".weight"):
+            out[PEFT_PREFIX + module + ".base_layer.weight"] = tensor.contiguous()
+        else:
+            out[PEFT_PREFIX + key] = tensor.contiguous()
+    return out
+
+
+def write_peft(
+    weights: LoraWeights, dest: str | os.PathLike[str], *, config: dict[str, Any] | None = None
+) -> Path:
+    """Write a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) into ``dest``.
+
+    ``config`` is written as given; without it one is derived so PEFT computes each module's scale.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config if config is not None else derive_config(weights, weights.config if weights.format == "peft" else None)
+    tensors = peft_state_dict(weights)
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    tmpc = out / (CONFIG_NAME + ".tmp")
+    tmpc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmpc, out / CONFIG_NAME)
+    return out
+
+
+def read_peft(
+    config_path: str | os.PathLike[str],
+    weights_path: str | os.PathLike[str],
+    *,
+    load_tensors: bool = False,
+    problem: Problem | None = None,
+) -> LoraWeights:
+    config = read_config(config_path)
+    header = read_header(weights_path)
+    weights = parse_peft(config, header, problem=problem)
+    if load_tensors:
+        load_peft_tensors(weights, weights_path)
+    return weights
