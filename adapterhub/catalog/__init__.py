@@ -1,0 +1,53 @@
+"""The catalog: adapter metadata in a SQL database (SQLite by default), migrated on open."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from ..errors import CatalogError
+from . import queries
+from .db import HEAD, REVISIONS, current_revision, open_catalog, upgrade
+
+__all__ = ["Catalog", "HEAD", "REVISIONS", "queries"]
+
+
+class Catalog:
+    def __init__(self, url: str, *, lock_path: Path | None = None) -> None:
+        self.url = url
+        self._lock_path = lock_path
+        self.engine = open_catalog(url, lock_path=lock_path)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+                conn.rollback()
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"catalog read failed: {str(exc).splitlines()[0]}") from None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One transaction; on SQLite it holds the write lock from its start (BEGIN IMMEDIATE)."""
+        try:
+            with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+                yield conn
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"catalog write failed: {str(exc).splitlines()[0]}") from None
+
+    def revision(self) -> str | None:
+        with self.read() as conn:
+            return current_revision(conn)
+
+    def upgrade(self) -> str:
+        return upgrade(self.engine, lock_path=self._lock_path)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,270 @@
+"""Catalog reads and writes on a SQLAlchemy connection. Returns records, never rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, update
+
+from ..records import AdapterInfo, FileInfo, ModuleInfo, ParentInfo
+from .tables import adapter_files, adapter_modules, adapters, lineage, tags
+
+_LIST_COLUMNS = [
+    adapters.c.id,
+    adapters.c.name,
+    adapters.c.sha256,
+    adapters.c.format,
+    adapters.c.peft_type,
+    adapters.c.base_model,
+    adapters.c.base_revision,
+    adapters.c.rank,
+    adapters.c.alpha,
+    adapters.c.use_rslora,
+    adapters.c.use_dora,
+    adapters.c.rank_pattern,
+    adapters.c.alpha_pattern,
+    adapters.c.task_type,
+    adapters.c.dtype,
+    adapters.c.num_params,
+    adapters.c.size_bytes,
+    adapters.c.num_modules,
+    adapters.c.target_modules,
+    adapters.c.description,
+    adapters.c.source,
+    adapters.c.extra,
+    adapters.c.created_at,
+    adapters.c.updated_at,
+]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return value.replace(microsecond=0).isoformat() + "Z"
+
+
+def find_id(conn: Connection, name: str) -> int | None:
+    return conn.execute(select(adapters.c.id).where(adapters.c.name == name)).scalar()
+
+
+def insert_adapter(
+    conn: Connection,
+    *,
+    row: dict[str, Any],
+    modules: Sequence[dict[str, Any]],
+    files: Sequence[dict[str, Any]],
+    tag_names: Iterable[str] = (),
+    parents: Sequence[dict[str, Any]] = (),
+) -> int:
+    now = utcnow()
+    adapter_id = conn.execute(
+        insert(adapters).values(**row, created_at=now, updated_at=now).returning(adapters.c.id)
+    ).scalar_one()
+    if modules:
+        conn.execute(insert(adapter_modules), [dict(m, adapter_id=adapter_id) for m in modules])
+    if files:
+        conn.execute(insert(adapter_files), [dict(f, adapter_id=adapter_id) for f in files])
+    tag_rows = [{"adapter_id": adapter_id, "tag": t} for t in sorted(set(tag_names))]
+    if tag_rows:
+        conn.execute(insert(tags), tag_rows)
+    for p in parents:
+        parent_id = find_id(conn, p["parent_name"])
+        conn.execute(insert(lineage).values(child_id=adapter_id, parent_id=parent_id, **p))
+    return adapter_id
+
+
+def _filters(
+    *,
+    query: str | None,
+    base: str | None,
+    rank: int | None,
+    min_rank: int | None,
+    max_rank: int | None,
+    target: str | None,
+    tag: str | None,
+    format: str | None,
+) -> list[Any]:
+    conds: list[Any] = []
+    if base is not None:
+        conds.append(func.lower(adapters.c.base_model) == base.lower())
+    if rank is not None:
+        conds.append(adapters.c.rank == rank)
+    if min_rank is not None:
+        conds.append(adapters.c.rank >= min_rank)
+    if max_rank is not None:
+        conds.append(adapters.c.rank <= max_rank)
+    if format is not None:
+        conds.append(adapters.c.format == format)
+    if target is not None:
+        conds.append(
+            exists().where(
+                and_(
+                    adapter_modules.c.adapter_id == adapters.c.id,
+                    or_(adapter_modules.c.short_name == target, adapter_modules.c.module == target),
+                )
+            )
+        )
+    if tag is not None:
+        conds.append(exists().where(and_(tags.c.adapter_id == adapters.c.id, tags.c.tag == tag)))
+    for term in (query or "").split():
+        like = f"%{term.lower()}%"
+        conds.append(
+            or_(
+                func.lower(adapters.c.name).like(like),
+                func.lower(func.coalesce(adapters.c.description, "")).like(like),
+                func.lower(func.coalesce(adapters.c.base_model, "")).like(like),
+                exists().where(and_(tags.c.adapter_id == adapters.c.id, func.lower(tags.c.tag).like(like))),
+            )
+        )
+    return conds
+
+
+def select_adapters(
+    conn: Connection,
+    *,
+    query: str | None = None,
+    base: str | None = None,
+    rank: int | None = None,
+    min_rank: int | None = None,
+    max_rank: int | None = None,
+    target: str | None = None,
+    tag: str | None = None,
+    format: str | None = None,
+    names: Sequence[str] | None = None,
+) -> list[AdapterInfo]:
+    conds = _filters(
+        query=query, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format
+    )
+    if names is not None:
+        conds.append(adapters.c.name.in_(list(names)))
+    stmt = select(*_LIST_COLUMNS).where(*conds).order_by(adapters.c.name)
+    rows = conn.execute(stmt).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    filtered = bool(conds)
+    tag_map: dict[int, list[str]] = defaultdict(list)
+    tag_stmt = select(tags.c.adapter_id, tags.c.tag).order_by(tags.c.tag)
+    if filtered and len(ids) < 500:
+        tag_stmt = tag_stmt.where(tags.c.adapter_id.in_(ids))
+    for aid, t in conn.execute(tag_stmt):
+        tag_map[aid].append(t)
+    parent_map: dict[int, list[ParentInfo]] = defaultdict(list)
+    lin_stmt = select(lineage.c.child_id, lineage.c.parent_name, lineage.c.weight, lineage.c.method, lineage.c.params)
+    if filtered and len(ids) < 500:
+        lin_stmt = lin_stmt.where(lineage.c.child_id.in_(ids))
+    for cid, pname, weight, method, params in conn.execute(lin_stmt.order_by(lineage.c.id)):
+        parent_map[cid].append(ParentInfo(pname, weight, method, params or {}))
+    return [_info(r, tag_map.get(r.id, []), parent_map.get(r.id, [])) for r in rows]
+
+
+def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -> AdapterInfo:
+    return AdapterInfo(
+        name=r.name,
+        sha256=r.sha256,
+        format=r.format,
+        peft_type=r.peft_type,
+        base_model=r.base_model,
+        base_revision=r.base_revision,
+        rank=r.rank,
+        alpha=r.alpha,
+        use_rslora=bool(r.use_rslora),
+        use_dora=bool(r.use_dora),
+        rank_pattern=r.rank_pattern or {},
+        alpha_pattern=r.alpha_pattern or {},
+        task_type=r.task_type,
+        target_modules=tuple(r.target_modules or ()),
+        num_modules=r.num_modules,
+        dtype=r.dtype,
+        num_params=r.num_params,
+        size_bytes=r.size_bytes,
+        tags=tuple(tag_list),
+        description=r.description,
+        source=r.source,
+        created_at=_iso(r.created_at) or "",
+        updated_at=_iso(r.updated_at),
+        parents=tuple(parents),
+        metadata=r.extra or {},
+        **more,
+    )
+
+
+def adapter_detail(conn: Connection, name: str) -> AdapterInfo | None:
+    r = conn.execute(select(*_LIST_COLUMNS).where(adapters.c.name == name)).first()
+    if r is None:
+        return None
+    tag_list = list(conn.execute(select(tags.c.tag).where(tags.c.adapter_id == r.id).order_by(tags.c.tag)).scalars())
+    parents = [
+        ParentInfo(p.parent_name, p.weight, p.method, p.params or {})
+        for p in conn.execute(select(lineage).where(lineage.c.child_id == r.id).order_by(lineage.c.id))
+    ]
+    files = tuple(
+        FileInfo(f.filename, f.role, f.sha256, f.size_bytes)
+        for f in conn.execute(
+            select(adapter_files).where(adapter_files.c.adapter_id == r.id).order_by(adapter_files.c.filename)
+        )
+    )
+    modules = tuple(
+        ModuleInfo(m.module, m.short_name, m.kind, m.rank, m.alpha, m.scale, m.in_features, m.out_features, bool(m.dora))
+        for m in conn.execute(
+            select(adapter_modules).where(adapter_modules.c.adapter_id == r.id).order_by(adapter_modules.c.module)
+        )
+    )
+    return _info(r, tag_list, parents, files=files, modules=modules)
+
+
+def children_of(conn: Connection, name: str) -> list[str]:
+    parent_id = find_id(conn, name)
+    if parent_id is None:
+        return []
+    stmt = (
+        select(adapters.c.name)
+        .join(lineage, lineage.c.child_id == adapters.c.id)
+        .where(lineage.c.parent_id == parent_id)
+        .order_by(adapters.c.name)
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def file_digests(conn: Connection, adapter_id: int) -> list[str]:
+    return list(conn.execute(select(adapter_files.c.sha256).where(adapter_files.c.adapter_id == adapter_id)).scalars())
+
+
+def delete_adapter(conn: Connection, adapter_id: int) -> None:
+    # explicit deletes, so a backend without ON DELETE CASCADE leaves nothing behind either
+    conn.execute(update(lineage).where(lineage.c.parent_id == adapter_id).values(parent_id=None))
+    for table, col in (
+        (adapter_modules, adapter_modules.c.adapter_id),
+        (adapter_files, adapter_files.c.adapter_id),
+        (tags, tags.c.adapter_id),
+        (lineage, lineage.c.child_id),
+    ):
+        conn.execute(delete(table).where(col == adapter_id))
+    conn.execute(delete(adapters).where(adapters.c.id == adapter_id))
+
+
+def referenced_digests(conn: Connection, digests: Iterable[str]) -> set[str]:
+    ds = list(set(digests))
+    if not ds:
+        return set()
+    return set(conn.execute(select(adapter_files.c.sha256).where(adapter_files.c.sha256.in_(ds))).scalars())
+
+
+def change_tags(conn: Connection, adapter_id: int, *, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
+    have = set(conn.execute(select(tags.c.tag).where(tags.c.adapter_id == adapter_id)).scalars())
+    new = sorted(set(add) - have)
+    if new:
+        conn.execute(insert(tags), [{"adapter_id": adapter_id, "tag": t} for t in new])
+    gone = sorted(set(remove) & have)
+    if gone:
+        conn.execute(delete(tags).where(tags.c.adapter_id == adapter_id, tags.c.tag.in_(gone)))
+    conn.execute(update(adapters).where(adapters.c.id == adapter_id).values(updated_at=utcnow()))

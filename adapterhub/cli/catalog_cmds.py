@@ -1,0 +1,204 @@
+"""Catalog commands: add, list, search, show, tag, rm, export, db."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import State, cli, output_options, pass_state
+from .render import emit_fields, emit_json, emit_records, human_size
+
+LIST_COLUMNS = [
+    ("name", "name"),
+    ("format", "format"),
+    ("base_model", "base model"),
+    ("rank", "rank"),
+    ("alpha", "alpha"),
+    ("target_modules", "targets"),
+    ("size_bytes", "size"),
+    ("tags", "tags"),
+]
+
+
+def filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters `list` and `search` share."""
+    for opt in reversed(
+        [
+            click.option("--base", metavar="MODEL", help="Only adapters for this base model (case-insensitive)."),
+            click.option("--rank", type=click.IntRange(min=1), help="Only adapters of exactly this rank."),
+            click.option("--min-rank", type=click.IntRange(min=1), help="Only adapters of at least this rank."),
+            click.option("--max-rank", type=click.IntRange(min=1), help="Only adapters of at most this rank."),
+            click.option("--target", metavar="MODULE", help="Only adapters that target this module (e.g. q_proj)."),
+            click.option("--tag", metavar="TAG", help="Only adapters with this tag."),
+            click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Only this file format."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _filters(kw: dict[str, Any]) -> dict[str, Any]:
+    if kw.get("min_rank") and kw.get("max_rank") and kw["min_rank"] > kw["max_rank"]:
+        raise click.UsageError("--min-rank is larger than --max-rank")
+    kw["format"] = kw.pop("fmt")
+    return kw
+
+
+def _print_list(records: list[dict[str, Any]], mode: str) -> None:
+    emit_records(records, LIST_COLUMNS, mode=mode, formatters={"size_bytes": human_size})
+
+
+@cli.command("add")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--name", help="Catalog name (default: the folder or file name).")
+@click.option("--base", metavar="MODEL", help="Base model name, overriding base_model_name_or_path.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag; repeat for more.")
+@click.option("--description", metavar="TEXT", help="A description to search by.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Convert adapter_model.bin with torch.load(weights_only=True) into safetensors.")
+@output_options
+@pass_state
+def add_cmd(state: State, path: str, name: str | None, base: str | None, tags: tuple[str, ...],
+            description: str | None, allow_pickle: bool, mode: str) -> None:
+    """Check an adapter (PEFT folder or .safetensors file) and add it to the catalog."""
+    info = state.hub.add_adapter(path, name=name, base=base, tags=tags, description=description,
+                                 allow_pickle=allow_pickle)
+    if mode == "json":
+        emit_json(info.to_dict())
+    else:
+        _print_list([info.to_dict()], mode)
+
+
+@cli.command("list")
+@filter_options
+@output_options
+@pass_state
+def list_cmd(state: State, mode: str, **filters: Any) -> None:
+    """List cataloged adapters, optionally filtered."""
+    records = [a.to_dict() for a in state.hub.list_adapters(**_filters(filters))]
+    _print_list(records, mode)
+
+
+@cli.command("search")
+@click.argument("query")
+@filter_options
+@output_options
+@pass_state
+def search_cmd(state: State, query: str, mode: str, **filters: Any) -> None:
+    """Find adapters whose name, description, tags or base model contain every word of QUERY."""
+    records = [a.to_dict() for a in state.hub.search_adapters(query, **_filters(filters))]
+    _print_list(records, mode)
+
+
+@cli.command("show")
+@click.argument("name")
+@output_options
+@pass_state
+def show_cmd(state: State, name: str, mode: str) -> None:
+    """Everything the catalog knows about one adapter: metadata, files, modules, lineage."""
+    info = state.hub.adapter_info(name)
+    d = info.to_dict()
+    if mode == "json":
+        emit_json(d)
+        return
+    if mode == "csv":
+        emit_records(d["modules"], [(k, k) for k in ("module", "short_name", "kind", "rank", "alpha", "scale",
+                                                     "in_features", "out_features", "dora")], mode="csv")
+        return
+    pairs: list[tuple[str, Any]] = [
+        ("name", d["name"]),
+        ("format", d["format"]),
+        ("base model", d["base_model"] or "(unknown)"),
+        ("rank", d["rank"]),
+        ("alpha", d["alpha"]),
+        ("rslora", d["use_rslora"]),
+        ("dora", d["use_dora"]),
+        ("targets", d["target_modules"]),
+        ("modules", d["num_modules"]),
+        ("dtype", d["dtype"]),
+        ("parameters", f"{d['num_params']:,}"),
+        ("size", human_size(d["size_bytes"])),
+        ("sha256", d["sha256"]),
+        ("tags", d["tags"]),
+        ("description", d["description"]),
+        ("source", d["source"]),
+        ("added", d["created_at"]),
+    ]
+    if d["rank_pattern"]:
+        pairs.append(("rank pattern", d["rank_pattern"]))
+    if d["alpha_pattern"]:
+        pairs.append(("alpha pattern", d["alpha_pattern"]))
+    for p in d["parents"]:
+        w = "" if p["weight"] is None else f" x {p['weight']:g}"
+        pairs.append(("parent", f"{p['name']}{w} ({p['method']})"))
+    for k, v in sorted(d["metadata"].items()):
+        if k.startswith(("ss_", "modelspec.")) and len(str(v)) < 200:
+            pairs.append((k, str(v)))
+    emit_fields(pairs, title=f"adapter {d['name']}")
+
+
+@cli.command("tag")
+@click.argument("name")
+@click.argument("tags", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="Remove these tags instead of adding them.")
+@output_options
+@pass_state
+def tag_cmd(state: State, name: str, tags: tuple[str, ...], remove: bool, mode: str) -> None:
+    """Add tags to an adapter (or remove them with --remove)."""
+    info = state.hub.tag_adapter(name, list(tags), remove=remove)
+    if mode == "json":
+        emit_json(info.to_dict())
+    elif not state.quiet:
+        click.echo(f"{info.name}: tags {', '.join(info.tags) or '(none)'}")
+
+
+@cli.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def rm_cmd(state: State, names: tuple[str, ...], yes: bool) -> None:
+    """Remove adapters from the catalog (and their files from the store, unless shared)."""
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("rm removes adapters for good; pass --yes when not running interactively")
+        click.confirm(f"Remove {len(names)} adapter(s): {', '.join(names)}?", abort=True)
+    removed = state.hub.remove_adapters(list(names))
+    if state.json:
+        emit_json({"removed": removed})
+    elif not state.quiet:
+        click.echo(f"removed {', '.join(removed)}")
+
+
+@cli.command("export")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]),
+              help="Output format (default: the adapter's own; same format copies the stored files).")
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
+@pass_state
+def export_cmd(state: State, name: str, dest: str, fmt: str | None, overwrite: bool) -> None:
+    """Write an adapter out as a PEFT folder or a kohya .safetensors file."""
+    out = state.hub.export_adapter(name, dest, format=fmt, overwrite=overwrite)
+    if state.json:
+        emit_json({"name": name, "path": str(out)})
+    elif not state.quiet:
+        click.echo(f"exported {name} to {out}")
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Catalog database maintenance."""
+
+
+@db_group.command("upgrade")
+@pass_state
+def db_upgrade_cmd(state: State) -> None:
+    """Apply pending schema migrations (adapterhub also does this when it opens a catalog)."""
+    rev = state.hub.upgrade_db()
+    if state.json:
+        emit_json({"revision": rev})
+    elif not state.quiet:
+        click.echo(f"catalog schema at revision {rev}")

@@ -1,0 +1,122 @@
+"""The frozen dataclasses the API returns (never ORM rows or loose dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    module: str
+    short_name: str
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+    in_features: int
+    out_features: int
+    dora: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "short_name": self.short_name,
+            "kind": self.kind,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "dora": self.dora,
+        }
+
+
+@dataclass(frozen=True)
+class ParentInfo:
+    name: str
+    weight: float | None
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "method": self.method, "params": self.params}
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    filename: str
+    role: str
+    sha256: str
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"filename": self.filename, "role": self.role, "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A cataloged adapter. `to_dict` gives the record of ``schemas/adapter.schema.json``."""
+
+    name: str
+    sha256: str
+    format: str
+    base_model: str | None
+    rank: int
+    alpha: float | None
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    num_modules: int
+    dtype: str | None
+    num_params: int
+    size_bytes: int
+    tags: tuple[str, ...]
+    description: str | None
+    source: str | None
+    created_at: str
+    parents: tuple[ParentInfo, ...] = ()
+    peft_type: str | None = None
+    base_revision: str | None = None
+    task_type: str | None = None
+    use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    updated_at: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: filled by `Hub.adapter_info` (show), not by list/search
+    files: tuple[FileInfo, ...] | None = None
+    modules: tuple[ModuleInfo, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "sha256": self.sha256,
+            "format": self.format,
+            "peft_type": self.peft_type,
+            "base_model": self.base_model,
+            "base_revision": self.base_revision,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "task_type": self.task_type,
+            "target_modules": list(self.target_modules),
+            "num_modules": self.num_modules,
+            "dtype": self.dtype,
+            "num_params": self.num_params,
+            "size_bytes": self.size_bytes,
+            "tags": list(self.tags),
+            "description": self.description,
+            "source": self.source,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "parents": [p.to_dict() for p in self.parents],
+            "metadata": self.metadata,
+        }
+        if self.files is not None:
+            d["files"] = [f.to_dict() for f in self.files]
+        if self.modules is not None:
+            d["modules"] = [m.to_dict() for m in self.modules]
+        return d

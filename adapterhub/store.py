@@ -1,0 +1,125 @@
+"""The content-addressed file store: every file kept once, under its sha256.
+
+Layout under the store root: ``objects/ab/cdef...`` (the first two hex digits make a folder) and
+``tmp/`` for files being written. A file is hashed while it is copied (one read), written to ``tmp/``
+and renamed into place with `os.replace`, so an object is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError
+
+CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    sha256: str
+    size: int
+    created: bool  # False when the store already held this content
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+
+    def _ensure(self) -> None:
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise StoreError(f"not a sha256 digest: {sha256!r}")
+        return self.objects / sha256[:2] / sha256[2:]
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put_file(self, src: str | os.PathLike[str]) -> StoredFile:
+        """Copy ``src`` into the store, hashing it on the way."""
+        self._ensure()
+        h = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-")
+        try:
+            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                buf = bytearray(CHUNK)
+                view = memoryview(buf)
+                while n := fin.readinto(buf):
+                    h.update(view[:n])
+                    fout.write(view[:n])
+                    size += n
+            return self._commit(tmp_name, h.hexdigest(), size)
+        except BaseException:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+            raise
+
+    def put_bytes(self, data: bytes) -> StoredFile:
+        self._ensure()
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-")
+        try:
+            with os.fdopen(fd, "wb") as fout:
+                fout.write(data)
+            return self._commit(tmp_name, hashlib.sha256(data).hexdigest(), len(data))
+        except BaseException:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+            raise
+
+    def _commit(self, tmp_name: str, digest: str, size: int) -> StoredFile:
+        dest = self.path(digest)
+        if dest.is_file():
+            os.unlink(tmp_name)
+            return StoredFile(digest, size, created=False)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp_name, 0o444)
+        os.replace(tmp_name, dest)
+        return StoredFile(digest, size, created=True)
+
+    def remove(self, sha256: str) -> None:
+        try:
+            self.path(sha256).unlink()
+        except FileNotFoundError:
+            pass
+
+    def copy_out(self, sha256: str, dest: str | os.PathLike[str]) -> Path:
+        src = self.path(sha256)
+        if not src.is_file():
+            raise StoreError(
+                f"store object {sha256} is missing from {self.objects}; the store was changed by hand"
+            )
+        out = Path(dest)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out)
+        return out
+
+    def verify(self, sha256: str) -> bool:
+        p = self.path(sha256)
+        return p.is_file() and sha256_file(p) == sha256
+
+    def __iter__(self) -> Iterator[str]:
+        if not self.objects.is_dir():
+            return
+        for sub in sorted(self.objects.iterdir()):
+            for f in sorted(sub.iterdir()):
+                yield sub.name + f.name
