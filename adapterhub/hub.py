@@ -123,7 +123,7 @@ class Hub:
 
         src = Path(path)
         files = detect(src, allow_pickle=allow_pickle)
-        name = check_name(name or _default_name(src, files))
+        name = check_name(name if name is not None else _default_name(src, files))
         tag_list = check_tags(tags)
         if self._exists(name):
             raise AdapterExistsError(name)
