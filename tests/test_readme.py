@@ -1,0 +1,88 @@
+"""README stays true: the CLI reference equals `--help`, and the two commands are what CI runs.
+
+Regenerate the reference with:  .venv/bin/python tests/test_readme.py --update
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    out: list[tuple[tuple[str, ...], click.Command]] = []
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None
+        out.append(((*prefix, name), cmd))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, (*prefix, name))
+    return out
+
+
+def _help(path: tuple[str, ...]) -> str:
+    from adapterhub.cli import cli
+
+    res = CliRunner().invoke(cli, [*path, "--help"], prog_name="adapterhub", env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    return res.output.rstrip() + "\n"
+
+
+def reference() -> str:
+    from adapterhub.cli import cli
+
+    parts = [START, "", "### `adapterhub`", "", "```text", _help(()).rstrip(), "```", ""]
+    for path, _cmd in _commands(cli):
+        parts += [f"### `adapterhub {' '.join(path)}`", "", "```text", _help(path).rstrip(), "```", ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def _current() -> str:
+    text = README.read_text()
+    m = re.search(re.escape(START) + ".*?" + re.escape(END), text, re.S)
+    assert m, "README.md lacks the cli-reference markers"
+    return m.group(0)
+
+
+def test_readme_cli_reference_matches_help() -> None:
+    assert _current() == reference(), "README's CLI reference is stale: run `python tests/test_readme.py --update`"
+
+
+def test_every_command_has_help_text() -> None:
+    from adapterhub.cli import cli
+
+    for path, cmd in _commands(cli):
+        assert (cmd.help or "").strip(), f"adapterhub {' '.join(path)} has no help text"
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert (p.help or "").strip(), f"adapterhub {' '.join(path)} {p.opts[0]} has no help text"
+
+
+def _fenced_sh_blocks() -> list[str]:
+    return re.findall(r"```sh\n(.*?)\n```", README.read_text(), re.S)
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one() -> None:
+    blocks = _fenced_sh_blocks()
+    assert len(blocks) == 2, blocks
+    setup_and_run, setup_and_test = blocks
+    assert "examples/quickstart.py" in setup_and_run
+    assert "pytest" in setup_and_test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert setup_and_test in ci
+
+
+if __name__ == "__main__" and "--update" in sys.argv:
+    text = README.read_text()
+    README.write_text(text.replace(_current(), reference()))
+    print("README.md CLI reference updated")
