@@ -87,6 +87,14 @@ class AdapterInfo:
     files: tuple[FileInfo, ...] | None = None
     modules: tuple[ModuleInfo, ...] | None = None
 
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> AdapterInfo:
+        """Build from a dict holding every field, skipping the generated ``__init__``: listing
+        10,000 adapters creates 10,000 of these, and the frozen ``__init__`` costs a setattr per field."""
+        obj = cls.__new__(cls)
+        obj.__dict__.update(fields)
+        return obj
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "name": self.name,

@@ -120,7 +120,9 @@ def test_rm_needs_yes_when_not_interactive(cli: Cli, made: dict[str, Path]) -> N
 
 
 def test_db_upgrade_and_version(cli: Cli) -> None:
-    assert cli.json("db", "upgrade") == {"revision": "0001"}
+    from adapterhub.catalog.db import HEAD
+
+    assert cli.json("db", "upgrade") == {"revision": HEAD}
     assert "0.1.0" in cli("--version")
 
 

@@ -3,41 +3,32 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, Text, and_, delete, exists, func, insert, or_, select, type_coerce, update
 
 from ..records import AdapterInfo, FileInfo, ModuleInfo, ParentInfo
 from .tables import adapter_files, adapter_modules, adapters, lineage, tags
 
-_LIST_COLUMNS = [
-    adapters.c.id,
-    adapters.c.name,
-    adapters.c.sha256,
-    adapters.c.format,
-    adapters.c.peft_type,
-    adapters.c.base_model,
-    adapters.c.base_revision,
-    adapters.c.rank,
-    adapters.c.alpha,
-    adapters.c.use_rslora,
-    adapters.c.use_dora,
-    adapters.c.rank_pattern,
-    adapters.c.alpha_pattern,
-    adapters.c.task_type,
-    adapters.c.dtype,
-    adapters.c.num_params,
-    adapters.c.size_bytes,
-    adapters.c.num_modules,
-    adapters.c.target_modules,
-    adapters.c.description,
-    adapters.c.source,
-    adapters.c.extra,
-    adapters.c.created_at,
-    adapters.c.updated_at,
-]
+_LIST_FIELDS = (
+    "id", "name", "sha256", "format", "peft_type", "base_model", "base_revision", "rank", "alpha",
+    "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "task_type", "dtype", "num_params",
+    "size_bytes", "num_modules", "target_modules", "description", "source", "extra", "created_at", "updated_at",
+)  # fmt: skip
+#: JSON and time columns come back as the stored text and are decoded by `_info` (a fast path that
+#: matters when listing 10,000 adapters); drivers that decode them themselves are handled too
+_RAW = {"rank_pattern", "alpha_pattern", "target_modules", "extra", "created_at", "updated_at"}
+_LIST_COLUMNS = [type_coerce(adapters.c[f], Text).label(f) if f in _RAW else adapters.c[f] for f in _LIST_FIELDS]
+_EMPTY_JSON: dict[str, Any] = {"{}": {}, "[]": [], "null": None}
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _EMPTY_JSON[value] if value in _EMPTY_JSON else json.loads(value)
+    return value
 
 
 def utcnow() -> dt.datetime:
@@ -47,9 +38,9 @@ def utcnow() -> dt.datetime:
 def _iso(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        return value
-    return value.replace(microsecond=0).isoformat() + "Z"
+    if isinstance(value, str):  # "2026-11-28 21:38:12[.000000]" as SQLite stores it
+        return value[:19].replace(" ", "T") + "Z"
+    return str(value.replace(microsecond=0).isoformat()) + "Z"
 
 
 def find_id(conn: Connection, name: str) -> int | None:
@@ -154,7 +145,7 @@ def select_adapters(
     rows = conn.execute(stmt).all()
     if not rows:
         return []
-    ids = [r.id for r in rows]
+    ids = [r[0] for r in rows]
     filtered = bool(conds)
     tag_map: dict[int, list[str]] = defaultdict(list)
     tag_stmt = select(tags.c.adapter_id, tags.c.tag).order_by(tags.c.tag)
@@ -168,59 +159,67 @@ def select_adapters(
         lin_stmt = lin_stmt.where(lineage.c.child_id.in_(ids))
     for cid, pname, weight, method, params in conn.execute(lin_stmt.order_by(lineage.c.id)):
         parent_map[cid].append(ParentInfo(pname, weight, method, params or {}))
-    return [_info(r, tag_map.get(r.id, []), parent_map.get(r.id, [])) for r in rows]
+    return [_info(r, tag_map.get(r[0], []), parent_map.get(r[0], [])) for r in rows]
 
 
 def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -> AdapterInfo:
-    return AdapterInfo(
-        name=r.name,
-        sha256=r.sha256,
-        format=r.format,
-        peft_type=r.peft_type,
-        base_model=r.base_model,
-        base_revision=r.base_revision,
-        rank=r.rank,
-        alpha=r.alpha,
-        use_rslora=bool(r.use_rslora),
-        use_dora=bool(r.use_dora),
-        rank_pattern=r.rank_pattern or {},
-        alpha_pattern=r.alpha_pattern or {},
-        task_type=r.task_type,
-        target_modules=tuple(r.target_modules or ()),
-        num_modules=r.num_modules,
-        dtype=r.dtype,
-        num_params=r.num_params,
-        size_bytes=r.size_bytes,
-        tags=tuple(tag_list),
-        description=r.description,
-        source=r.source,
-        created_at=_iso(r.created_at) or "",
-        updated_at=_iso(r.updated_at),
-        parents=tuple(parents),
-        metadata=r.extra or {},
-        **more,
-    )
+    (
+        _id, name, sha256, fmt, peft_type, base_model, base_revision, rank, alpha, use_rslora, use_dora,
+        rank_pattern, alpha_pattern, task_type, dtype, num_params, size_bytes, num_modules, target_modules,
+        description, source, extra, created_at, updated_at,
+    ) = r  # fmt: skip
+    fields = {
+        "name": name,
+        "sha256": sha256,
+        "format": fmt,
+        "peft_type": peft_type,
+        "base_model": base_model,
+        "base_revision": base_revision,
+        "rank": rank,
+        "alpha": alpha,
+        "use_rslora": bool(use_rslora),
+        "use_dora": bool(use_dora),
+        "rank_pattern": _json(rank_pattern) or {},
+        "alpha_pattern": _json(alpha_pattern) or {},
+        "task_type": task_type,
+        "target_modules": tuple(_json(target_modules) or ()),
+        "num_modules": num_modules,
+        "dtype": dtype,
+        "num_params": num_params,
+        "size_bytes": size_bytes,
+        "tags": tuple(tag_list),
+        "description": description,
+        "source": source,
+        "created_at": _iso(created_at) or "",
+        "updated_at": _iso(updated_at),
+        "parents": tuple(parents),
+        "metadata": _json(extra) or {},
+        "files": None,
+        "modules": None,
+    }
+    fields.update(more)
+    return AdapterInfo.from_fields(fields)
 
 
 def adapter_detail(conn: Connection, name: str) -> AdapterInfo | None:
     r = conn.execute(select(*_LIST_COLUMNS).where(adapters.c.name == name)).first()
     if r is None:
         return None
-    tag_list = list(conn.execute(select(tags.c.tag).where(tags.c.adapter_id == r.id).order_by(tags.c.tag)).scalars())
+    tag_list = list(conn.execute(select(tags.c.tag).where(tags.c.adapter_id == r[0]).order_by(tags.c.tag)).scalars())
     parents = [
         ParentInfo(p.parent_name, p.weight, p.method, p.params or {})
-        for p in conn.execute(select(lineage).where(lineage.c.child_id == r.id).order_by(lineage.c.id))
+        for p in conn.execute(select(lineage).where(lineage.c.child_id == r[0]).order_by(lineage.c.id))
     ]
     files = tuple(
         FileInfo(f.filename, f.role, f.sha256, f.size_bytes)
         for f in conn.execute(
-            select(adapter_files).where(adapter_files.c.adapter_id == r.id).order_by(adapter_files.c.filename)
+            select(adapter_files).where(adapter_files.c.adapter_id == r[0]).order_by(adapter_files.c.filename)
         )
     )
     modules = tuple(
         ModuleInfo(m.module, m.short_name, m.kind, m.rank, m.alpha, m.scale, m.in_features, m.out_features, bool(m.dora))
         for m in conn.execute(
-            select(adapter_modules).where(adapter_modules.c.adapter_id == r.id).order_by(adapter_modules.c.module)
+            select(adapter_modules).where(adapter_modules.c.adapter_id == r[0]).order_by(adapter_modules.c.module)
         )
     )
     return _info(r, tag_list, parents, files=files, modules=modules)

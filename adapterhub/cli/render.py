@@ -54,7 +54,9 @@ def emit_records(
     """Print records as ``mode`` (table, json or csv); ``columns`` are (key, heading) for table/CSV."""
     formatters = formatters or {}
     if mode == "json":
-        emit_json(list(records))
+        # one compact record per line: readable, and json's C encoder instead of its slow indent path
+        lines = [json.dumps(r, ensure_ascii=False, default=str) for r in records]
+        sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
         return
     if mode == "csv":
         w = csv.writer(sys.stdout)
