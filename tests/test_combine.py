@@ -568,3 +568,20 @@ def test_ops_import_needs_only_torch_and_safetensors():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rank_deficient_stacks_are_handled(loaded, reference):
+    # the same adapter twice: the stacked factors are rank deficient (QR fallback), the sum is exact
+    a1 = loaded["a1"]
+    result = combine([(a1, 0.5), (a1, 0.25), (a1, 0.25)], rank=4)
+    for key, d in reference["a1"].items():
+        assert result.module_errors[key] < 1e-6
+        assert rel(result.weights[key].delta(torch.float64), d) < 1e-5, key
+    # more stacked rank than rows: K = 3 * 12 > 8 outputs
+    key = "m.weight"
+    w = [_fake(key, 8, 40, r=12, seed=s) for s in range(3)]
+    d = sum(x[key].delta(torch.float64) * c for x, c in zip(w, (1.0, -2.0, 0.5), strict=True))
+    result = combine([(w[0], 1.0), (w[1], -2.0), (w[2], 0.5)], rank=5)
+    s = torch.linalg.svdvals(d)
+    assert result.module_errors[key] == pytest.approx(float(s[5:].norm() / s.norm()), rel=1e-6)
+    assert rel(result.weights[key].delta(torch.float64), d) == pytest.approx(result.module_errors[key], rel=1e-4)

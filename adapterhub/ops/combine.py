@@ -306,21 +306,46 @@ def _pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return b, a
 
 
-def _truncate_factored(b: torch.Tensor, a: torch.Tensor, rank: int | Literal["auto"], keep: float) -> FactoredDelta:
-    """Optimal rank reduction of ``b @ a`` (``(out, K) @ (K, in)``) without forming the product.
+def _orthogonalize(x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``x = Q R`` for a tall ``(n, K)`` stack: returns ``(M -> Q @ M, R)`` without necessarily forming Q.
 
-    ``b = Qb Rb`` and ``a^T = Qa Ra`` (reduced QR), so ``b @ a = Qb (Rb Ra^T) Qa^T``; the SVD of the
-    small core ``Rb Ra^T = U S V^T`` gives the SVD of the product, ``(Qb U) S (Qa V)^T``.
+    CholeskyQR2 (two Cholesky factorisations of K x K Gram matrices; as accurate as Householder for
+    condition numbers below ~1e7 in fp64, and several times faster on tall-skinny stacks), falling back
+    to Householder QR when the stack is rank deficient or ill-conditioned (the same adapter twice, K > n).
     """
     import torch
 
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
+    n, k = x.shape
+    if n >= k:
+        l1, info1 = torch.linalg.cholesky_ex(x.T @ x)
+        d1 = l1.diagonal()
+        if int(info1) == 0 and float(d1.min()) > 1e-7 * float(d1.max()):
+            r1 = l1.T
+            q1 = torch.linalg.solve_triangular(r1, x, upper=True, left=False)  # x @ inv(r1)
+            l2, info2 = torch.linalg.cholesky_ex(q1.T @ q1)
+            if int(info2) == 0:
+                r2 = l2.T
+                return (lambda m: q1 @ torch.linalg.solve_triangular(r2, m, upper=True)), r2 @ r1
+    q, r = torch.linalg.qr(x)
+    return (lambda m: q @ m), r
+
+
+def _truncate_factored(b: torch.Tensor, a: torch.Tensor, rank: int | Literal["auto"], keep: float) -> FactoredDelta:
+    """Optimal rank reduction of ``b @ a`` (``(out, K) @ (K, in)``) without forming the product.
+
+    ``b = Qb Rb`` and ``a^T = Qa Ra``, so ``b @ a = Qb (Rb Ra^T) Qa^T``; the SVD of the small core
+    ``Rb Ra^T = U S V^T`` gives the SVD of the product, ``(Qb U) S (Qa V)^T``.
+    """
+    import torch
+
+    apply_b, rb = _orthogonalize(b)
+    apply_a, ra = _orthogonalize(a.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     energy = s.double() ** 2
     r = _pick_rank(energy, rank, keep)
-    bu, av = _split(u, s, vh, r)
-    new_b, new_a = qb @ bu, av @ qa.T
+    sq = s[:r].sqrt()
+    new_b = apply_b(u[:, :r] * sq)
+    new_a = apply_a(vh[:r].T * sq).T
     if rank != "auto":
         new_b, new_a = _pad(new_b, new_a, int(rank))
     return FactoredDelta(new_b, new_a, float(energy[r:].sum()), float(energy.sum()))
