@@ -89,7 +89,7 @@ class LoraModule:
     B: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # lora_B bias (PEFT lora_bias)
     bias_shape: tuple[int, ...] | None = None
-    magnitude: torch.Tensor | None = None  # DoRA magnitude vector, (out,)
+    magnitude: torch.Tensor | None = None  # DoRA magnitude vector: (out,), or (dim,) for an Embedding
     magnitude_shape: tuple[int, ...] | None = None
 
     @property

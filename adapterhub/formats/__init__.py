@@ -6,6 +6,7 @@ No database here, and no torch until tensors are actually loaded or written.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,14 +148,35 @@ def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     try:
         state = torch.load(str(src), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        # torch's message advises retrying with weights_only=False: keep only what it found in the file
+        text = str(exc)
+        found = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        if found:
+            detail = found.group(1).split(". ")[0]
+        else:
+            skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            detail = next(
+                (ln for ln in lines if not ln.startswith(skip) and "weights_only" not in ln),
+                exc.__class__.__name__,
+            )
         raise InvalidAdapterError(
-            f"{src}: could not be loaded safely with torch.load(weights_only=True): {str(exc).splitlines()[0]}",
+            f"{src}: could not be loaded safely with torch.load(weights_only=True), which accepts only tensors "
+            f"and plain containers ({detail}); re-save the adapter from a trusted copy with PEFT's "
+            "save_pretrained(safe_serialization=True)",
             path=str(src),
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InvalidAdapterError(f"{src}: the pickle does not hold a flat dict of tensors", path=str(src))
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InvalidAdapterError(
+            f"{src}: the pickle does not hold a flat dict of tensors keyed by name", path=str(src)
+        )
     out = Path(dest)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
+    tmp = out.with_name(out.name + ".tmp")
+    # clone: tensors of a pickle may share storage (tied or sliced), which safetensors refuses to save
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out)
     return out
 
 

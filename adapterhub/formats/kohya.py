@@ -9,6 +9,7 @@ The safetensors ``__metadata__`` (``ss_*``, ``modelspec.*``) is kept as the adap
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -72,7 +73,17 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
         if b.shape[1] != rank:
             report(f"module {stem}: lora_down has rank {rank} but lora_up has rank {b.shape[1]}", stem)
             continue
+        if tuple(b.shape[2:]) != (1,) * (len(b.shape) - 2):
+            report(f"module {stem}: lora_up must be a 1x1 kernel, got {list(b.shape)}", stem)
+            continue
         alpha = _read_scalar(header.path, header, got["alpha"]) if "alpha" in got else float(rank)
+        if not math.isfinite(alpha):
+            report(f"module {stem}: alpha is {alpha}, not a finite number", stem)
+            continue
+        extra = sorted(n for n in unexplained if n.startswith(stem + "."))
+        if extra:  # e.g. lora_mid (LoCon's Tucker core): dropping it would silently change the update
+            report(f"module {stem}: tensor {extra[0]} is not a plain LoRA factor; adapterhub cannot use it", stem)
+            continue
         mag = got.get("magnitude")
         modules[stem] = LoraModule(
             key=stem,

@@ -57,7 +57,9 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
     except ImportError:  # a GPU box with only torch + safetensors: check the keys the math needs
         for key, types in (("r", (int,)), ("lora_alpha", (int, float)), ("use_rslora", (bool,))):
             if key in config and (not isinstance(config[key], types) or isinstance(config[key], bool) != (types == (bool,))):
-                raise InvalidConfigError(f"{path}: {key} has the wrong type ({config[key]!r})", path=path, key=key)
+                raise InvalidConfigError(
+                    f"{path}: {key} has the wrong type ({config[key]!r})", path=path, key=key
+                ) from None
         return config
     from ..resources import load_schema
 
@@ -191,8 +193,12 @@ def parse_peft(
             continue
         bias = got.get("bias")
         mag = got.get("magnitude")
-        if mag is not None and tuple(mag.shape) not in ((b_shape[0],), (1, b_shape[0]), (b_shape[0], 1)):
-            report(f"module {module}: DoRA magnitude {list(mag.shape)} does not match {b_shape[0]} outputs", module)
+        # PEFT's magnitude is (out,) for Linear, (1, out, 1, 1) for Conv2d, and (dim,) for Embedding
+        # (one per column of the (num_embeddings, dim) weight)
+        mag_len = int(a_shape[1]) if kind == "embedding" else int(b_shape[0])
+        if mag is not None and (math.prod(mag.shape) != mag_len or max(mag.shape, default=1) != mag_len):
+            what = "embedding dims" if kind == "embedding" else "outputs"
+            report(f"module {module}: DoRA magnitude {list(mag.shape)} does not match {mag_len} {what}", module)
             continue
         modules[module + ".weight"] = LoraModule(
             key=module + ".weight",
@@ -235,7 +241,7 @@ def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]
                     return f.get_tensor(candidate)
             return None
 
-        for key, m in weights.modules.items():
+        for m in weights.modules.values():
             module = m.module
             if m.kind == "embedding":
                 m.A = get(module + ".lora_embedding_B").T.contiguous()
@@ -256,6 +262,17 @@ def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]
     return weights
 
 
+def _pinned(pattern: dict[str, Any], mods: list[LoraModule], value: Callable[[LoraModule], Any]) -> dict[str, Any]:
+    """PEFT matches a pattern key against every module whose name ends in ``.KEY``: a key ``lin`` also hits
+    ``block.lin``. Give every module such a key would hit its own entry, and put longer (more specific)
+    keys first, since PEFT takes the first key that matches."""
+    pattern = dict(pattern)
+    for m in mods:
+        if m.module not in pattern and pattern_key(pattern, m.module) is not None:
+            pattern[m.module] = value(m)
+    return dict(sorted(pattern.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+
+
 def derive_config(weights: LoraWeights, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A config whose r / lora_alpha / patterns give every module its rank and scale (rslora folded in)."""
     from collections import Counter
@@ -267,12 +284,16 @@ def derive_config(weights: LoraWeights, base: dict[str, Any] | None = None) -> d
     r = Counter(m.rank for m in mods).most_common(1)[0][0]
     s0 = Counter(m.scale for m in mods if m.rank == r).most_common(1)[0][0]
     lora_alpha = s0 * r
-    rank_pattern = {m.module: m.rank for m in mods if m.rank != r}
-    alpha_pattern = {
-        m.module: m.scale * m.rank
-        for m in mods
-        if not math.isclose(lora_alpha / m.rank, m.scale, rel_tol=1e-12, abs_tol=0.0)
-    }
+    rank_pattern = _pinned({m.module: m.rank for m in mods if m.rank != r}, mods, lambda m: m.rank)
+    alpha_pattern = _pinned(
+        {
+            m.module: m.scale * m.rank
+            for m in mods
+            if not math.isclose(lora_alpha / m.rank, m.scale, rel_tol=1e-12, abs_tol=0.0)
+        },
+        mods,
+        lambda m: m.scale * m.rank,
+    )
     targets = sorted({m.short_name for m in mods})
     config.update(
         {
@@ -313,7 +334,9 @@ def peft_state_dict(weights: LoraWeights) -> dict[str, Any]:
         if m.bias is not None:
             out[pre + ".lora_B.bias"] = m.bias.contiguous()
         if m.magnitude is not None:
-            out[pre + ".lora_magnitude_vector"] = m.magnitude.reshape(-1).contiguous()
+            # the shape PEFT's DoRA layer holds: (1, out, 1, 1) for a conv, flat otherwise
+            mag_shape = (1, -1, *(1,) * len(m.kernel_size)) if m.kind == "conv" else (-1,)
+            out[pre + ".lora_magnitude_vector"] = m.magnitude.reshape(mag_shape).contiguous()
     targeted = {m.module for m in weights.modules.values()}
     for key, tensor in weights.replacements.items():
         if tensor is None:
@@ -335,10 +358,10 @@ def write_peft(
     """
     from safetensors.torch import save_file
 
+    cfg = config if config is not None else derive_config(weights, weights.config if weights.format == "peft" else None)
+    tensors = peft_state_dict(weights)  # checks every module before anything is written
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config if config is not None else derive_config(weights, weights.config if weights.format == "peft" else None)
-    tensors = peft_state_dict(weights)
     tmp = out / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS_NAME)

@@ -39,8 +39,14 @@ DTYPE_SIZES: dict[str, int] = {
     "C64": 8,
 }
 
-#: largest header accepted (the safetensors library uses the same bound)
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: largest header accepted (the safetensors library uses the same bound: 100_000_000, not 100 MiB)
+MAX_HEADER_BYTES = 100_000_000
+
+#: the safetensors library reads dims and offsets as u64 and refuses sizes that overflow it
+_U64_MAX = 2**64 - 1
+
+#: the only keys a tensor entry may hold
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 @dataclass(frozen=True)
@@ -81,20 +87,57 @@ def _bad(path: str, why: str) -> InvalidAdapterError:
     return InvalidAdapterError(f"{path}: not a valid safetensors file: {why}", path=path)
 
 
+class _StrictJSONError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _StrictJSONError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise _StrictJSONError(f"{name} is not JSON")
+
+
+def _strict_int(text: str) -> object:
+    # "-0" is an integer to Python but a float to serde_json (safetensors refuses it as a dim or offset)
+    return -0.0 if text.startswith("-") and int(text) == 0 else int(text)
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800"), which safetensors refuses
+        return False
+    return True
+
+
 def parse_header(raw_header: bytes, *, file_size: int, path: str = "<bytes>") -> SafetensorsHeader:
     """Check a header's JSON bytes against a file of ``file_size`` bytes and return what it says."""
     n = len(raw_header)
     try:
-        doc = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"header is not JSON ({exc.__class__.__name__}: {exc})") from None
+        doc = json.loads(
+            raw_header.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_int=_strict_int,
+        )
+    except ValueError as exc:  # also bad UTF-8, and Python's int limit on numbers over 4300 digits
+        raise _bad(path, f"header is not JSON ({exc.__class__.__name__.lstrip('_')}: {exc})") from None
+    except RecursionError:
+        raise _bad(path, "header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise _bad(path, "header JSON is not an object")
     metadata: dict[str, str] = {}
     raw_meta = doc.pop("__metadata__", None)
     if raw_meta is not None:
         if not isinstance(raw_meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+            isinstance(k, str) and isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in raw_meta.items()
         ):
             raise _bad(path, "__metadata__ must map strings to strings")
         metadata = dict(raw_meta)
@@ -102,25 +145,36 @@ def parse_header(raw_header: bytes, *, file_size: int, path: str = "<bytes>") ->
     for name, entry in doc.items():
         if not isinstance(entry, dict):
             raise _bad(path, f"entry {name!r} is not an object")
+        if not _utf8(name):
+            raise _bad(path, f"tensor name {name!r} is not valid UTF-8")
+        if set(entry) - _ENTRY_KEYS:
+            raise _bad(path, f"tensor {name!r} has unexpected fields {sorted(set(entry) - _ENTRY_KEYS)}")
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _U64_MAX for d in shape
         ):
             raise _bad(path, f"tensor {name!r} has a malformed shape {shape!r}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= _U64_MAX for o in offsets)
         ):
             raise _bad(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
         begin, end = offsets
         if begin < 0 or end < begin:
             raise _bad(path, f"tensor {name!r} has data_offsets {offsets} that run backwards")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        numel = 1
+        for d in shape:  # in order, as safetensors does: [2**40, 2**40, 0] overflows there
+            numel *= d
+            if numel > _U64_MAX:
+                raise _bad(path, f"tensor {name!r} has a shape {shape} whose size overflows 64 bits")
+        if numel * DTYPE_SIZES[dtype] * 8 > _U64_MAX:
+            raise _bad(path, f"tensor {name!r} has a shape {shape} whose size overflows 64 bits")
+        expected = numel * DTYPE_SIZES[dtype]
         if end - begin != expected:
             raise _bad(
                 path,
