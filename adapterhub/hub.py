@@ -20,10 +20,13 @@ from .errors import (
     AdapterExistsError,
     AdapterHubError,
     AdapterNotFoundError,
+    CatalogError,
     InvalidAdapterError,
     StoreError,
 )
+from .hub_bases import BasesMixin
 from .records import AdapterInfo
+from .remote.api import RemoteMixin
 from .store import Store
 
 if TYPE_CHECKING:
@@ -67,7 +70,7 @@ def check_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
-class Hub:
+class Hub(BasesMixin, RemoteMixin):
     """A catalog of adapters in one home folder (or one database URL)."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *, db: str | None = None) -> None:
@@ -83,7 +86,10 @@ class Hub:
             from .catalog import Catalog
             from .catalog.db import sqlite_url
 
-            self.home.mkdir(parents=True, exist_ok=True)
+            try:
+                self.home.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CatalogError(f"cannot use {self.home} as the adapterhub home: {exc.strerror or exc}") from None
             url = self.db_url or sqlite_url(self.home / "catalog.db")
             self._catalog = Catalog(url, lock_path=self.home / ".catalog.lock")
         return self._catalog
@@ -226,20 +232,32 @@ class Hub:
         target: str | None = None,
         tag: str | None = None,
         format: str | None = None,
+        compatible_with: str | None = None,
     ) -> list[AdapterInfo]:
+        """Cataloged adapters, filtered; ``compatible_with`` keeps those whose every target fits that
+        base (a registered name or a checkpoint folder), judged from the catalog alone."""
         from .catalog import queries
 
         with self.catalog.read() as conn:
-            return queries.select_adapters(
+            found = queries.select_adapters(
                 conn, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format
             )
+        if compatible_with is not None:
+            fits = self.compatible_names(compatible_with)
+            found = [a for a in found if a.name in fits]
+        return found
 
     def search_adapters(self, query: str, **filters: Any) -> list[AdapterInfo]:
         """Adapters whose name, description, tags or base model contain every word of ``query``."""
         from .catalog import queries
 
+        compatible_with = filters.pop("compatible_with", None)
         with self.catalog.read() as conn:
-            return queries.select_adapters(conn, query=query, **filters)
+            found = queries.select_adapters(conn, query=query, **filters)
+        if compatible_with is not None:
+            fits = self.compatible_names(compatible_with)
+            found = [a for a in found if a.name in fits]
+        return found
 
     def adapter_info(self, name: str) -> AdapterInfo:
         from .catalog import queries
@@ -379,6 +397,7 @@ def _adapter_row(weights: LoraWeights, fmt: str, digest: str, size: int) -> dict
         "target_modules": weights.target_modules,
         "config": cfg or None,
         "extra": meta or None,
+        "replacements": {k: list(v) for k, v in weights.replacement_shapes.items()} or None,
     }
 
 
@@ -395,4 +414,5 @@ def _module_row(m: Any) -> dict[str, Any]:
         "kernel_size": list(m.kernel_size) or None,
         "dora": m.is_dora,
         "dtype": m.dtype,
+        "lora_bias": m.bias_shape is not None,
     }

@@ -128,3 +128,35 @@ class AdapterInfo:
         if self.modules is not None:
             d["modules"] = [m.to_dict() for m in self.modules]
         return d
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """A registered base checkpoint (layout read from its safetensors headers)."""
+
+    name: str
+    path: str | None
+    model_type: str | None
+    architectures: tuple[str, ...]
+    num_params: int
+    num_tensors: int
+    size_bytes: int
+    dtype: str | None
+    fingerprint: str
+    created_at: str
+    num_adapters: int = 0  # cataloged adapters whose declared base is this one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "model_type": self.model_type,
+            "architectures": list(self.architectures),
+            "num_params": self.num_params,
+            "num_tensors": self.num_tensors,
+            "size_bytes": self.size_bytes,
+            "dtype": self.dtype,
+            "fingerprint": self.fingerprint,
+            "created_at": self.created_at,
+            "num_adapters": self.num_adapters,
+        }

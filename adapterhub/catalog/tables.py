@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -49,6 +50,7 @@ adapters = Table(
     Column("extra", JSON),
     Column("created_at", DateTime, nullable=False),
     Column("updated_at", DateTime, nullable=False),
+    Column("replacements", JSON),  # 0003: modules_to_save / saved base layers, key -> shape
     UniqueConstraint("name", name="uq_adapters_name"),
 )
 
@@ -80,6 +82,7 @@ adapter_modules = Table(
     Column("kernel_size", JSON),
     Column("dora", Boolean, nullable=False, default=False),
     Column("dtype", String(16)),
+    Column("lora_bias", Boolean),  # 0003
 )
 
 tags = Table(
@@ -100,4 +103,134 @@ lineage = Table(
     Column("weight", Float),
     Column("method", String(64), nullable=False),
     Column("params", JSON),
+)
+
+# ---------------------------------------------------------------- sharing (migration 0002)
+# The Hub-compatible server's repos, commits (full file listing per commit), branches and hashed
+# tokens, and the client's record of where each adapter was pushed.
+
+hub_repos = Table(
+    "hub_repos",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("namespace", String(100), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("private", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    UniqueConstraint("namespace", "name", name="uq_hub_repos_id"),
+)
+
+hub_commits = Table(
+    "hub_commits",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("oid", String(40), nullable=False),
+    Column("parent_oid", String(40)),
+    Column("title", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("author", String(100)),
+    Column("card", JSON),
+    Column("created_at", DateTime, nullable=False),
+    UniqueConstraint("repo_id", "oid", name="uq_hub_commits_oid"),
+)
+
+hub_commit_files = Table(
+    "hub_commit_files",
+    metadata,
+    Column("commit_id", Integer, ForeignKey("hub_commits.id", ondelete="CASCADE"), primary_key=True),
+    Column("path", String(1000), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("blob_oid", String(40), nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("lfs", Boolean, nullable=False),
+)
+
+hub_refs = Table(
+    "hub_refs",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(200), primary_key=True),
+    Column("commit_id", Integer, ForeignKey("hub_commits.id", ondelete="CASCADE"), nullable=False),
+)
+
+hub_tokens = Table(
+    "hub_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user", String(100), nullable=False, index=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("write", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("last_used_at", DateTime),
+    UniqueConstraint("token_hash", name="uq_hub_tokens_hash"),
+)
+
+remote_pushes = Table(
+    "remote_pushes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("adapter_id", Integer, ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("endpoint", String(300), nullable=False),
+    Column("repo_id", String(200), nullable=False),
+    Column("revision", String(200), nullable=False),
+    Column("commit_oid", String(40), nullable=False),
+    Column("commit_url", Text),
+    Column("pushed_at", DateTime, nullable=False),
+)
+
+# ---------------------------------------------------------------- base models and merges (migration 0003)
+# Registered base checkpoints with their tensor layout read from headers, so validation and
+# `list --compatible-with` answer from the catalog alone; and a record of every merge.
+
+base_models = Table(
+    "base_models",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(300), nullable=False),
+    Column("path", Text),
+    Column("model_type", String(100)),
+    Column("architectures", JSON),
+    Column("num_params", BigInteger, nullable=False),
+    Column("num_tensors", Integer, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("dtype", String(16)),
+    Column("fingerprint", String(64), nullable=False, index=True),
+    Column("config", JSON),
+    Column("created_at", DateTime, nullable=False),
+    UniqueConstraint("name", name="uq_base_models_name"),
+)
+
+base_tensors = Table(
+    "base_tensors",
+    metadata,
+    Column("base_id", Integer, ForeignKey("base_models.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(500), primary_key=True),
+    Column("shape", JSON, nullable=False),
+    Column("dtype", String(16), nullable=False),
+)
+
+merges = Table(
+    "merges",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("base", Text, nullable=False),
+    Column("out_path", Text, nullable=False),
+    Column("unmerge", Boolean, nullable=False, default=False),
+    Column("dtype", String(16)),
+    Column("device", String(32)),
+    Column("tensors_changed", Integer, nullable=False),
+    Column("bytes_written", BigInteger, nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+merge_adapters = Table(
+    "merge_adapters",
+    metadata,
+    Column("merge_id", Integer, ForeignKey("merges.id", ondelete="CASCADE"), primary_key=True),
+    Column("adapter_name", String(200), primary_key=True),
+    Column("weight", Float, nullable=False),
+    Index("ix_merge_adapters_adapter_name", "adapter_name"),
 )

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="adapterhub", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="adapterhub", standalone_mode=False)
+        if isinstance(rv, int):  # click returns the code of a ctx.exit() / Exit(n) in non-standalone mode
+            return rv
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -115,4 +117,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # command modules register themselves on `cli`
-from . import catalog_cmds  # noqa: E402,F401
+from . import catalog_cmds, validate_cmds  # noqa: E402,F401
+from . import hub_cmds  # noqa: E402,F401

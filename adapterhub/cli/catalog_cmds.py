@@ -34,6 +34,8 @@ def filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--target", metavar="MODULE", help="Only adapters that target this module (e.g. q_proj)."),
             click.option("--tag", metavar="TAG", help="Only adapters with this tag."),
             click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Only this file format."),
+            click.option("--compatible-with", metavar="BASE",
+                         help="Only adapters whose every target fits this base (registered name or folder)."),
         ]
     ):
         f = opt(f)

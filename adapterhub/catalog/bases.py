@@ -1,0 +1,186 @@
+"""Catalog queries for registered base models, merge records, and the per-module facts validation
+reads instead of opening adapter files."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Text, delete, func, insert, select, type_coerce
+
+from ..records import BaseInfo
+from .queries import _iso, _json, utcnow
+from .tables import adapter_modules, adapters, base_models, base_tensors, merge_adapters, merges
+
+
+def insert_base(conn: Connection, row: dict[str, Any], tensors: Sequence[tuple[str, Sequence[int], str]]) -> int:
+    base_id = conn.execute(
+        insert(base_models).values(**row, created_at=utcnow()).returning(base_models.c.id)
+    ).scalar_one()
+    conn.execute(
+        insert(base_tensors),
+        [{"base_id": base_id, "name": n, "shape": list(s), "dtype": d} for n, s, d in tensors],
+    )
+    return base_id
+
+
+def find_base_id(conn: Connection, name: str) -> int | None:
+    return conn.execute(select(base_models.c.id).where(base_models.c.name == name)).scalar()
+
+
+def find_by_fingerprint(conn: Connection, fingerprint: str) -> str | None:
+    return conn.execute(select(base_models.c.name).where(base_models.c.fingerprint == fingerprint)).scalar()
+
+
+def _linked_counts(conn: Connection) -> dict[str, int]:
+    stmt = select(func.lower(adapters.c.base_model), func.count()).group_by(func.lower(adapters.c.base_model))
+    return {k: n for k, n in conn.execute(stmt) if k}
+
+
+def _base_info(r: Any, counts: dict[str, int]) -> BaseInfo:
+    aliases = {r.name.lower()}
+    cfg = _json(r.config) or {}
+    if isinstance(cfg.get("_name_or_path"), str):
+        aliases.add(cfg["_name_or_path"].lower())
+    return BaseInfo(
+        name=r.name,
+        path=r.path,
+        model_type=r.model_type,
+        architectures=tuple(_json(r.architectures) or ()),
+        num_params=r.num_params,
+        num_tensors=r.num_tensors,
+        size_bytes=r.size_bytes,
+        dtype=r.dtype,
+        fingerprint=r.fingerprint,
+        created_at=_iso(r.created_at) or "",
+        num_adapters=sum(counts.get(a, 0) for a in aliases),
+    )
+
+
+_BASE_COLUMNS = [
+    *(c for c in base_models.c if c.name not in ("config", "architectures", "created_at")),
+    type_coerce(base_models.c.config, Text).label("config"),
+    type_coerce(base_models.c.architectures, Text).label("architectures"),
+    type_coerce(base_models.c.created_at, Text).label("created_at"),
+]
+
+
+def select_bases(conn: Connection, name: str | None = None) -> list[BaseInfo]:
+    stmt = select(*_BASE_COLUMNS).order_by(base_models.c.name)
+    if name is not None:
+        stmt = stmt.where(base_models.c.name == name)
+    rows = conn.execute(stmt).all()
+    counts = _linked_counts(conn) if rows else {}
+    return [_base_info(r, counts) for r in rows]
+
+
+def base_layout_rows(conn: Connection, name: str) -> tuple[Any, dict[str, tuple[int, ...]]] | None:
+    """(the base_models row, tensor name -> shape) of a registered base."""
+    r = conn.execute(select(*_BASE_COLUMNS).where(base_models.c.name == name)).first()
+    if r is None:
+        return None
+    shapes = {
+        n: tuple(json.loads(s) if isinstance(s, str) else s)
+        for n, s in conn.execute(
+            select(base_tensors.c.name, type_coerce(base_tensors.c.shape, Text)).where(base_tensors.c.base_id == r.id)
+        )
+    }
+    return r, shapes
+
+
+def base_for_model_name(conn: Connection, model_name: str | None) -> str | None:
+    """The registered base a declared model name links to (by name or the base's ``_name_or_path``)."""
+    if not model_name:
+        return None
+    want = model_name.strip().lower().rstrip("/")
+    for name, cfg in conn.execute(select(base_models.c.name, type_coerce(base_models.c.config, Text))):
+        cfg = _json(cfg) or {}
+        if want in (name.lower(), str(cfg.get("_name_or_path") or "").lower()):
+            return str(name)
+    return None
+
+
+def delete_base(conn: Connection, base_id: int) -> None:
+    conn.execute(delete(base_tensors).where(base_tensors.c.base_id == base_id))
+    conn.execute(delete(base_models).where(base_models.c.id == base_id))
+
+
+def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """For each adapter: name, format, base_model, config, replacements and its module rows, in two
+    queries (the catalog alone answers validation against a base)."""
+    stmt = select(
+        adapters.c.id,
+        adapters.c.name,
+        adapters.c.format,
+        adapters.c.base_model,
+        type_coerce(adapters.c.config, Text),
+        type_coerce(adapters.c.replacements, Text),
+    ).order_by(adapters.c.name)
+    if names is not None:
+        stmt = stmt.where(adapters.c.name.in_(list(names)))
+    out: dict[int, dict[str, Any]] = {}
+    for aid, name, fmt, base, cfg, repl in conn.execute(stmt):
+        out[aid] = {
+            "name": name,
+            "format": fmt,
+            "base_model": base,
+            "config": _json(cfg) or {},
+            "replacements": _json(repl) or {},
+            "modules": [],
+        }
+    if not out:
+        return []
+    cols = [
+        adapter_modules.c.adapter_id,
+        adapter_modules.c.module,
+        adapter_modules.c.kind,
+        adapter_modules.c.rank,
+        adapter_modules.c.alpha,
+        adapter_modules.c.scale,
+        adapter_modules.c.in_features,
+        adapter_modules.c.out_features,
+        type_coerce(adapter_modules.c.kernel_size, Text),
+        adapter_modules.c.dora,
+        adapter_modules.c.dtype,
+        adapter_modules.c.lora_bias,
+    ]
+    mstmt = select(*cols)
+    if names is not None:
+        mstmt = mstmt.where(adapter_modules.c.adapter_id.in_(list(out)))
+    keys = ("module", "kind", "rank", "alpha", "scale", "in_features", "out_features", "kernel_size", "dora",
+            "dtype", "lora_bias")
+    grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in conn.execute(mstmt):
+        d = dict(zip(keys, row[1:], strict=True))
+        d["kernel_size"] = _json(d["kernel_size"])
+        grouped[row[0]].append(d)
+    for aid, rows in grouped.items():
+        if aid in out:
+            out[aid]["modules"] = rows
+    return list(out.values())
+
+
+def record_merge(conn: Connection, row: dict[str, Any], adapters_used: Sequence[tuple[str, float]]) -> int:
+    merge_id = conn.execute(insert(merges).values(**row, created_at=utcnow()).returning(merges.c.id)).scalar_one()
+    if adapters_used:
+        conn.execute(
+            insert(merge_adapters),
+            [{"merge_id": merge_id, "adapter_name": n, "weight": w} for n, w in adapters_used],
+        )
+    return merge_id
+
+
+def merges_of(conn: Connection, adapter_name: str) -> list[dict[str, Any]]:
+    stmt = (
+        select(merges.c.base, merges.c.out_path, merges.c.unmerge, merge_adapters.c.weight,
+               type_coerce(merges.c.created_at, Text))
+        .join(merge_adapters, merge_adapters.c.merge_id == merges.c.id)
+        .where(merge_adapters.c.adapter_name == adapter_name)
+        .order_by(merges.c.id)
+    )
+    return [
+        {"base": b, "out": o, "unmerge": bool(u), "weight": w, "at": _iso(t)}
+        for b, o, u, w, t in conn.execute(stmt)
+    ]
