@@ -13,18 +13,20 @@ with a CUDA stream, on a GPU), so memory stays bounded by a few chunks whatever 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import math
+import mmap
 import os
-import queue
 import shutil
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -379,11 +381,11 @@ def _build_shards(
 # ---------------------------------------------------------------------------------------------- streaming
 
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-#: bytes of input per chunk, and of fp32 scratch per sub-block on the CPU (fits the L2 cache)
-_CPU_CHUNK = 8 << 20
-_CPU_BLOCK = 2 << 20
+#: bytes of input per chunk, and of fp32 scratch per sub-block on the CPU
+_CPU_CHUNK = 16 << 20
+_CPU_BLOCK = 8 << 20
 _GPU_CHUNK = 64 << 20
-_POOL = 4
+_GPU_WORKERS = 3
 
 
 @dataclass
@@ -454,59 +456,54 @@ class _Copy:
 
 @dataclass
 class _Chunk:
+    """Rows r0:r1 of a computed tensor; phase "norm" covers the whole tensor (DoRA column norms)."""
+
     shard: int
     entry: _Entry
     r0: int
     r1: int
-    phase: str  # "norm" (DoRA column norms, no output) or "apply"
+    phase: str  # "norm" | "apply"
     src_offset: int
     nbytes: int
     dst_offset: int
     out_nbytes: int
-    last: bool  # the target's last chunk: its device state can go
+    chunks: int  # apply chunks of this tensor, so the last one to finish frees its factors
 
 
 class _Failed(Exception):
-    """Raised in one pipeline thread when another one failed."""
+    """Raised in one worker when another one failed."""
 
 
-class _Pipe:
-    """A bounded queue whose waits give up as soon as any stage of the pipeline failed."""
+def _buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, memoryview]:
+    """A uint8 tensor (pinned for a GPU) and a writable memoryview of the same memory."""
+    import torch
 
-    def __init__(self, failed: threading.Event, maxsize: int = 0) -> None:
-        self.q: queue.Queue[Any] = queue.Queue(maxsize)
-        self.failed = failed
-
-    def put(self, item: Any) -> None:
-        while True:
-            if self.failed.is_set():
-                raise _Failed
-            try:
-                self.q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def get(self) -> Any:
-        while True:
-            if self.failed.is_set():
-                raise _Failed
-            try:
-                return self.q.get(timeout=0.1)
-            except queue.Empty:
-                continue
+    t = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+    return t, memoryview((ctypes.c_char * t.numel()).from_address(t.data_ptr())).cast("B")
 
 
-class _Buffer:
-    """A reusable host buffer: a uint8 tensor (pinned for a GPU) and a writable memoryview of it."""
+class _Mapped:
+    """A range of a source shard mapped into memory (no copy); unmapped by `close`."""
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
+    def __init__(self, fd: int, offset: int, nbytes: int) -> None:
         import torch
 
-        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-        raw = (ctypes.c_char * self.tensor.numel()).from_address(self.tensor.data_ptr())
-        self.view = memoryview(raw).cast("B")
-        self.event: Any = None  # a CUDA event that must complete before the buffer is reused
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self.map = mmap.mmap(fd, offset + nbytes - start, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=start)
+        with warnings.catch_warnings():  # read-only on purpose: nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            self.tensor: Any = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset - start)
+
+    def close(self) -> None:
+        self.tensor = None
+        with contextlib.suppress(BufferError):  # a view still alive: the mapping goes when it does
+            self.map.close()
+
+
+_MAP_FLAGS = getattr(mmap, "MAP_SHARED", 0) | getattr(mmap, "MAP_POPULATE", 0)
+#: map source chunks instead of reading them, where mmap takes flags (Linux)
+_CAN_MAP = hasattr(mmap, "MAP_POPULATE")
+_HAS_COPY_RANGE = hasattr(os, "copy_file_range")
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> None:
@@ -524,149 +521,240 @@ def _write_from(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int, scratch: list[bytearray]) -> None:
-    done = 0
-    if _HAS_COPY_RANGE and not _NO_COPY_RANGE:
-        try:
-            while done < n:
-                got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
-                if got <= 0:
-                    break
-                done += got
-        except OSError:  # not supported between these files: fall back to read + write
-            _NO_COPY_RANGE.append(True)
-    if done < n and not scratch:
-        scratch.append(bytearray(4 << 20))
-    while done < n:
-        buf = memoryview(scratch[0])[: min(len(scratch[0]), n - done)]
-        _read_into(src, buf, src_off + done)
-        _write_from(dst, buf, dst_off + done)
-        done += len(buf)
+class _Worker:
+    """One thread of the merge, with its own buffers (and CUDA stream): read, compute, write."""
 
-
-_HAS_COPY_RANGE = hasattr(os, "copy_file_range")
-_NO_COPY_RANGE: list[bool] = []
-
-
-class _Engine:
-    """Computes chunks: ``W0 (or its replacement) + LoRA terms``, DoRA rescaling, bias terms."""
-
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, shared: _Shared) -> None:
         import torch
 
         self.torch = torch
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.state: dict[str, dict[str, Any]] = {}
+        self.sh = shared
+        self.cuda = shared.device.type == "cuda"
+        self.stream = torch.cuda.Stream(shared.device) if self.cuda else None
         self.scratch: torch.Tensor | None = None
+        self._in: tuple[torch.Tensor, memoryview] | None = None
+        self._out: tuple[torch.Tensor, memoryview] | None = None
+        self._copybuf: memoryview | None = None
 
-    def _factors(self, t: _Target, cdt: torch.dtype) -> dict[str, Any]:
-        st = self.state.get(t.name)
-        if st is not None:
-            return st
+    # -- io
+
+    def _in_buf(self, n: int) -> tuple[torch.Tensor, memoryview]:
+        if self._in is None or self._in[0].numel() < n:
+            self._in = _buffer(max(n, self.sh.buffer_bytes), self.cuda)
+        return self._in
+
+    def _out_buf(self, n: int) -> tuple[torch.Tensor, memoryview]:
+        if self._out is None or self._out[0].numel() < n:
+            self._out = _buffer(max(n, self.sh.buffer_bytes), self.cuda)
+        return self._out
+
+    def _source(self, fd: int, offset: int, nbytes: int) -> tuple[torch.Tensor, _Mapped | None]:
+        if _CAN_MAP and not self.cuda:
+            m = _Mapped(fd, offset, nbytes)
+            return m.tensor, m
+        t, view = self._in_buf(nbytes)
+        _read_into(fd, view[:nbytes], offset)
+        return t[:nbytes], None
+
+    def copy(self, item: _Copy) -> None:
+        src, dst = self.sh.src_fds[item.shard], self.sh.dst_fds[item.shard]
+        done, n = 0, item.nbytes
+        if _HAS_COPY_RANGE and not self.sh.no_copy_range:
+            try:
+                while done < n:
+                    got = os.copy_file_range(src, dst, n - done, item.src_offset + done, item.dst_offset + done)
+                    if got <= 0:
+                        break
+                    done += got
+            except OSError:  # not between these files: read and write instead
+                self.sh.no_copy_range = True
+        while done < n:
+            if self._copybuf is None:
+                self._copybuf = memoryview(bytearray(4 << 20))
+            view = self._copybuf[: min(len(self._copybuf), n - done)]
+            _read_into(src, view, item.src_offset + done)
+            _write_from(dst, view, item.dst_offset + done)
+            done += len(view)
+
+    # -- compute
+
+    def run(self, item: _Chunk) -> None:
         torch = self.torch
-
-        def mv(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(self.device, cdt, non_blocking=False).contiguous()
-
-        def cat(terms: list[_Lora]) -> tuple[Any, Any]:
-            if not terms:
-                return None, None
-            return mv(torch.cat([x.L for x in terms], 1)), mv(torch.cat([x.R for x in terms], 0))
-
-        st = {"pre": cat(t.pre), "post": cat(t.post), "dora": cat([t.dora] if t.dora else []),
-              "mag": mv(t.magnitude), "rep": mv(t.replacement), "bias": mv(t.bias), "colsq": None}
-        self.state[t.name] = st
-        return st
-
-    def apply(self, t: _Target, x: torch.Tensor, g0: int, g1: int, cdt: torch.dtype) -> torch.Tensor:
-        """``x`` holds base rows g0:g1 in the compute dtype; returns the merged rows (may be ``x``)."""
-        st = self._factors(t, cdt)
-        if st["rep"] is not None:
-            x.copy_(st["rep"][g0:g1])
-        (lp, rp), (lq, rq), (ld, rd) = st["pre"], st["post"], st["dora"]
-        if ld is not None:
-            y = self.torch.addmm(x, ld[g0:g1], rd)  # W0 + d: the weight whose norm DoRA uses
-            if t.dora_columns:
-                factor = (st["mag"] / st["colsq"].sqrt().to(y.dtype)).unsqueeze(0)
-            else:
-                factor = (st["mag"][g0:g1] / self.torch.linalg.vector_norm(y, dim=1)).unsqueeze(1)
-            if lp is not None:
-                y.addmm_(lp[g0:g1], rp)
-            x = y.mul_(factor)
-        elif lp is not None:
-            x.addmm_(lp[g0:g1], rp)
-        if lq is not None:
-            x.addmm_(lq[g0:g1], rq)
-        if st["bias"] is not None:
-            x.add_(st["bias"][g0:g1].unsqueeze(1))
-        return x
-
-    def norm(self, t: _Target, x: torch.Tensor, g0: int, g1: int, cdt: torch.dtype) -> None:
-        """Accumulate the column sums of squares of ``W0 + d`` for a column-normed DoRA target."""
-        st = self._factors(t, cdt)
-        if st["rep"] is not None:
-            x.copy_(st["rep"][g0:g1])
-        ld, rd = st["dora"]
-        y = self.torch.addmm(x, ld[g0:g1], rd)
-        sq = y.square().sum(0, dtype=self.torch.float64)
-        st["colsq"] = sq if st["colsq"] is None else st["colsq"] + sq
-
-    def chunk(self, c: _Chunk, inp: _Buffer, out: _Buffer | None) -> Any:
-        """Process one chunk from ``inp`` into ``out``; returns an event to wait for on a GPU."""
-        torch = self.torch
-        e = c.entry
-        rows, cols = c.r1 - c.r0, e.rows_cols[1]
-        src_dt = getattr(torch, _TORCH_DTYPES[e.src_dtype]) if e.src_dtype in _TORCH_DTYPES else None
-        out_dt = getattr(torch, _TORCH_DTYPES[e.dtype]) if e.dtype in _TORCH_DTYPES else None
+        e, t = item.entry, item.entry.target
+        rows, cols = item.r1 - item.r0, e.rows_cols[1]
+        src_dt = getattr(torch, _TORCH_DTYPES[e.src_dtype])
+        out_dt = getattr(torch, _TORCH_DTYPES[e.dtype])
         cdt = torch.float64 if torch.float64 in (src_dt, out_dt) else torch.float32
-        src = inp.tensor[: c.nbytes].view(src_dt).view(rows, cols)
-        t = e.target
-        if self.cuda:
-            assert self.stream is not None
-            with torch.cuda.stream(self.stream):
-                g = src.to(self.device, non_blocking=True)
-                inp.event = torch.cuda.Event()
-                inp.event.record(self.stream)
-                x = g.to(cdt)
-                if t is not None and c.phase == "norm":
-                    self.norm(t, x, c.r0, c.r1, cdt)
-                    return None
-                if t is not None:
-                    x = self.apply(t, x, c.r0, c.r1, cdt)
-                assert out is not None and out_dt is not None
-                res = x.to(out_dt)
-                out.tensor[: c.out_nbytes].copy_(res.view(-1).view(torch.uint8), non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self.stream)
-                if c.last and t is not None:
-                    self.state.pop(t.name, None)
-                return done
+        fd = self.sh.src_fds[item.shard]
+        if item.phase == "norm":
+            assert t is not None
+            self._norms(item, t, fd, src_dt, cdt)
+            return
+        st = self.sh.state(t, cdt, self.stream) if t is not None else None
+        if st is not None and st["norm_done"] is not None:
+            self.sh.wait(st["norm_done"])
+        raw, mapped = self._source(fd, item.src_offset, item.nbytes)
+        try:
+            src = raw.view(src_dt).view(rows, cols)
+            out_t, out_view = self._out_buf(item.out_nbytes)
+            dst = out_t[: item.out_nbytes].view(out_dt).view(rows, cols)
+            if self.cuda:
+                self._gpu(item, t, st, src, dst, cdt)
+            else:
+                self._cpu(item, t, st, src, dst, cdt)
+        finally:
+            if mapped is not None:
+                mapped.close()
+        _write_from(self.sh.dst_fds[item.shard], out_view[: item.out_nbytes], item.dst_offset)
+        if t is not None:
+            self.sh.chunk_done(t, item.chunks)
+
+    def _cpu(self, item: _Chunk, t: _Target | None, st: Any, src: Any, dst: Any, cdt: Any) -> None:
+        torch = self.torch
         if t is None:  # a dtype conversion only
-            assert out is not None and out_dt is not None
-            out.tensor[: c.out_nbytes].view(out_dt).view(rows, cols).copy_(src)
-            return None
+            dst.copy_(src)
+            return
+        if src.dtype == cdt == dst.dtype and st["plain"]:  # fp32 in and out, plain LoRA: one op
+            torch.addmm(src, st["pre"][0][item.r0 : item.r1], st["pre"][1], out=dst)
+            return
+        rows, cols = src.shape
         block = max(1, _CPU_BLOCK // max(1, cols * 4))
-        if self.scratch is None or self.scratch.numel() < block * cols or self.scratch.dtype != cdt:
-            self.scratch = torch.empty(block * cols, dtype=cdt)
-        dst = None if out is None else out.tensor[: c.out_nbytes].view(out_dt).view(rows, cols)
+        if self.scratch is None or self.scratch.numel() < min(block, rows) * cols or self.scratch.dtype != cdt:
+            self.scratch = torch.empty(min(block, rows) * cols, dtype=cdt)
         for s0 in range(0, rows, block):
             s1 = min(rows, s0 + block)
             x = self.scratch[: (s1 - s0) * cols].view(s1 - s0, cols)
             x.copy_(src[s0:s1])
-            if c.phase == "norm":
-                self.norm(t, x, c.r0 + s0, c.r0 + s1, cdt)
-                continue
-            x = self.apply(t, x, c.r0 + s0, c.r0 + s1, cdt)
-            assert dst is not None
-            dst[s0:s1].copy_(x)
-        if c.last and c.phase == "apply":
-            self.state.pop(t.name, None)
-        return None
+            dst[s0:s1].copy_(_apply(torch, t, st, x, item.r0 + s0, item.r0 + s1))
+
+    def _gpu(self, item: _Chunk, t: _Target | None, st: Any, src: Any, dst: Any, cdt: Any) -> None:
+        torch = self.torch
+        assert self.stream is not None
+        with torch.cuda.stream(self.stream):
+            x = src.to(self.sh.device, non_blocking=True).to(cdt)
+            if t is not None:
+                x = _apply(torch, t, st, x, item.r0, item.r1)
+            dst.copy_(x.to(dst.dtype), non_blocking=True)
+        self.stream.synchronize()
+
+    def _norms(self, item: _Chunk, t: _Target, fd: int, src_dt: Any, cdt: Any) -> None:
+        """Column sums of squares of ``W0 + d`` over the whole tensor, block by block."""
+        torch = self.torch
+        st = self.sh.state(t, cdt, self.stream)
+        rows, cols = t.rows, t.cols
+        row_bytes = cols * DTYPE_SIZES[item.entry.src_dtype]
+        step = max(1, self.sh.chunk_bytes // max(1, row_bytes))
+        total = None
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw, mapped = self._source(fd, item.src_offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+            try:
+                with ctx:
+                    x = raw.view(src_dt).view(r1 - r0, cols).to(self.sh.device, cdt, non_blocking=True)
+                    if st["rep"] is not None:
+                        x = st["rep"][r0:r1].clone()
+                    ld, rd = st["dora"]
+                    y = torch.addmm(x, ld[r0:r1], rd)
+                    sq = y.square().sum(0, dtype=torch.float64)
+                    total = sq if total is None else total + sq
+                if self.stream is not None:
+                    self.stream.synchronize()
+            finally:
+                if mapped is not None:
+                    mapped.close()
+        assert total is not None
+        st["colnorm"] = total.sqrt().to(cdt)
+        st["norm_done"].set()
 
 
-def _items(plans: list[_ShardPlan], chunk_bytes: int) -> Any:
+def _apply(torch: Any, t: _Target, st: dict[str, Any], x: Any, g0: int, g1: int) -> Any:
+    """``x`` holds base rows g0:g1 in the compute dtype; return the merged rows (maybe ``x`` itself)."""
+    if st["rep"] is not None:
+        x.copy_(st["rep"][g0:g1])
+    (lp, rp), (lq, rq), (ld, rd) = st["pre"], st["post"], st["dora"]
+    if ld is not None:
+        y = torch.addmm(x, ld[g0:g1], rd)  # W0 + d: the weight whose norm DoRA uses
+        if t.dora_columns:
+            factor = (st["mag"] / st["colnorm"]).unsqueeze(0)
+        else:
+            factor = (st["mag"][g0:g1] / torch.linalg.vector_norm(y, dim=1)).unsqueeze(1)
+        if lp is not None:
+            y.addmm_(lp[g0:g1], rp)
+        x = y.mul_(factor)
+    elif lp is not None:
+        x.addmm_(lp[g0:g1], rp)
+    if lq is not None:
+        x.addmm_(lq[g0:g1], rq)
+    if st["bias"] is not None:
+        x.add_(st["bias"][g0:g1].unsqueeze(1))
+    return x
+
+
+class _Shared:
+    """What the workers share: file descriptors, the work iterator, per-target factors, failure."""
+
+    def __init__(self, device: torch.device, chunk_bytes: int, buffer_bytes: int) -> None:
+        self.device = device
+        self.chunk_bytes = chunk_bytes
+        self.buffer_bytes = buffer_bytes
+        self.src_fds: list[int] = []
+        self.dst_fds: list[int] = []
+        self.lock = threading.Lock()
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+        self.done = 0
+        self.no_copy_range = False
+        self._state: dict[str, dict[str, Any]] = {}
+        self._left: dict[str, int] = {}
+
+    def state(self, t: _Target, cdt: Any, stream: Any) -> dict[str, Any]:
+        """The target's factors on the device, made once by whichever worker comes first."""
+        with self.lock:
+            st = self._state.get(t.name)
+            if st is not None:
+                return st
+            import torch
+
+            def mv(x: torch.Tensor | None) -> torch.Tensor | None:
+                return None if x is None else x.to(self.device, cdt).contiguous()
+
+            def cat(terms: list[_Lora]) -> tuple[Any, Any]:
+                if not terms:
+                    return None, None
+                return mv(torch.cat([x.L for x in terms], 1)), mv(torch.cat([x.R for x in terms], 0))
+
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+            with ctx:
+                st = {"pre": cat(t.pre), "post": cat(t.post), "dora": cat([t.dora] if t.dora else []),
+                      "mag": mv(t.magnitude), "rep": mv(t.replacement), "bias": mv(t.bias), "colnorm": None,
+                      "norm_done": threading.Event() if t.dora is not None and t.dora_columns else None}
+            if stream is not None:
+                stream.synchronize()  # other workers' streams use these tensors
+            st["plain"] = bool(t.pre) and not (t.post or t.dora or t.replacement is not None or t.bias is not None)
+            self._state[t.name] = st
+            return st
+
+    def chunk_done(self, t: _Target, chunks: int) -> None:
+        with self.lock:
+            left = self._left.get(t.name, chunks) - 1
+            if left <= 0:
+                self._state.pop(t.name, None)
+                self._left.pop(t.name, None)
+            else:
+                self._left[t.name] = left
+
+    def wait(self, event: threading.Event) -> None:
+        while not event.wait(0.05):
+            if self.failed.is_set():
+                raise _Failed
+
+    def add_done(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+
+
+def _items(plans: list[_ShardPlan], chunk_bytes: int) -> Iterator[_Copy | _Chunk]:
     """The work, in file order: byte copies, and row chunks of the tensors that are computed."""
     for si, plan in enumerate(plans):
         for e in plan.entries:
@@ -680,13 +768,14 @@ def _items(plans: list[_ShardPlan], chunk_bytes: int) -> Any:
             in_row = cols * DTYPE_SIZES[e.src_dtype]
             out_row = cols * DTYPE_SIZES[e.dtype]
             step = max(1, chunk_bytes // max(in_row, out_row, 1))
+            n = -(-rows // step)
             t = e.target
-            phases = ["norm", "apply"] if t is not None and t.dora is not None and t.dora_columns else ["apply"]
-            for phase in phases:
-                for r0 in range(0, rows, step):
-                    r1 = min(rows, r0 + step)
-                    yield _Chunk(si, e, r0, r1, phase, e.src_offset + r0 * in_row, (r1 - r0) * in_row,
-                                 dst + r0 * out_row, (r1 - r0) * out_row, last=r1 == rows)
+            if t is not None and t.dora is not None and t.dora_columns:
+                yield _Chunk(si, e, 0, rows, "norm", e.src_offset, rows * in_row, dst, 0, n)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                yield _Chunk(si, e, r0, r1, "apply", e.src_offset + r0 * in_row, (r1 - r0) * in_row,
+                             dst + r0 * out_row, (r1 - r0) * out_row, n)
 
 
 def _write_shards(
@@ -696,121 +785,83 @@ def _write_shards(
     device: torch.device,
     progress: Callable[[int, int], None] | None,
 ) -> int:
-    """Write every shard into ``folder``; returns the bytes written."""
+    """Write every shard into ``folder`` with a few worker threads; return the bytes written.
+
+    Each worker takes the next piece of work (a byte copy, or a chunk of rows to map or read, compute
+    and write at its offset), so reading, computing and writing of different chunks overlap. On the CPU
+    there is one worker per torch thread, each running torch single-threaded (no thread barriers, so a
+    busy core slows one worker, not all); on a GPU a few workers, each with its own CUDA stream and
+    pinned buffers.
+    """
     import torch
 
     cuda = device.type == "cuda"
     chunk_bytes = _GPU_CHUNK if cuda else _CPU_CHUNK
-    biggest = 0
-    for plan in plans:
-        for e in plan.entries:
-            if e.computed:
-                rows, cols = e.rows_cols
-                row = cols * max(DTYPE_SIZES[e.src_dtype], DTYPE_SIZES[e.dtype])
-                biggest = max(biggest, min(row * rows, max(chunk_bytes, row)))
     headers = [_header_bytes(p) for p in plans]
     total = sum(len(h) + sum(e.out_nbytes for e in p.entries) for p, h in zip(plans, headers, strict=True))
-    src_fds: list[int] = []
-    dst_fds: list[int] = []
-    failed = threading.Event()
-    errors: list[BaseException] = []
-    done = [0]
-    try:
-        for plan, header in zip(plans, headers, strict=True):
-            src_fds.append(os.open(plan.src, os.O_RDONLY))
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(src_fds[-1], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            fd = os.open(folder / plan.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            dst_fds.append(fd)
-            os.ftruncate(fd, len(header) + sum(e.out_nbytes for e in plan.entries))
-            _write_from(fd, memoryview(header), 0)
-            done[0] += len(header)
-        free_in = _Pipe(failed)
-        free_out = _Pipe(failed)
-        if biggest:
-            for _ in range(_POOL):
-                free_in.put(_Buffer(biggest, cuda))
-                free_out.put(_Buffer(biggest, cuda))
-        to_compute = _Pipe(failed, _POOL * 4)
-        to_write = _Pipe(failed, _POOL * 4)
+    threads_before = torch.get_num_threads()
+    n_workers = _GPU_WORKERS if cuda else max(1, min(threads_before, os.cpu_count() or 1))
+    sh = _Shared(device, chunk_bytes, chunk_bytes * 2 if cuda else 0)
+    work = _items(plans, chunk_bytes)
 
-        def guard(fn: Callable[[], None]) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    fn()
-                except _Failed:
-                    pass
-                except BaseException as exc:  # handed to the calling thread
-                    errors.append(exc)
-                    failed.set()
-
-            return run
-
-        def reader() -> None:
-            for item in _items(plans, chunk_bytes):
-                if isinstance(item, _Chunk):
-                    buf = free_in.get()
-                    if buf.event is not None:
-                        buf.event.synchronize()
-                    _read_into(src_fds[item.shard], buf.view[: item.nbytes], item.src_offset)
-                    to_compute.put((item, buf))
-                else:
-                    to_compute.put((item, None))
-            to_compute.put(None)
-
-        def writer() -> None:
-            scratch: list[bytearray] = []
-            while (got := to_write.get()) is not None:
-                item, buf, event = got
-                if isinstance(item, _Copy):
-                    _copy_range(src_fds[item.shard], dst_fds[item.shard], item.src_offset, item.dst_offset,
-                                item.nbytes, scratch)
-                    done[0] += item.nbytes
-                    continue
-                if event is not None:
-                    event.synchronize()
-                _write_from(dst_fds[item.shard], buf.view[: item.out_nbytes], item.dst_offset)
-                free_out.put(buf)
-                done[0] += item.out_nbytes
-
-        threads = [threading.Thread(target=guard(f), name=f"adapterhub-merge-{f.__name__}", daemon=True)
-                   for f in (reader, writer)]
-        for th in threads:
-            th.start()
-        engine = _Engine(device)
-        reported = -1
+    def worker() -> None:
         try:
-            with torch.inference_mode():
-                while (got := to_compute.get()) is not None:
-                    item, buf = got
-                    if isinstance(item, _Chunk):
-                        out = free_out.get() if item.phase == "apply" else None
-                        event = engine.chunk(item, buf, out)
-                        free_in.put(buf)
-                        if out is not None:
-                            to_write.put((item, out, event))
-                    else:
-                        to_write.put((item, None, None))
-                    if progress is not None and done[0] != reported:
-                        reported = done[0]
-                        progress(reported, total)
-                to_write.put(None)
+            w = _Worker(sh)
+            while not sh.failed.is_set():
+                with sh.lock:
+                    item = next(work, None)
+                if item is None:
+                    return
+                if isinstance(item, _Copy):
+                    w.copy(item)
+                    sh.add_done(item.nbytes)
+                else:
+                    w.run(item)
+                    sh.add_done(item.out_nbytes)
         except _Failed:
             pass
-        except BaseException as exc:
-            errors.append(exc)
-            failed.set()
-        for th in threads:
-            th.join()
-        if errors:
-            raise errors[0]
-        if cuda:
-            torch.cuda.synchronize(device)
+        except BaseException as exc:  # handed to the calling thread
+            with sh.lock:
+                sh.errors.append(exc)
+            sh.failed.set()
+
+    try:
+        for plan, header in zip(plans, headers, strict=True):
+            sh.src_fds.append(os.open(plan.src, os.O_RDONLY))
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(sh.src_fds[-1], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            fd = os.open(folder / plan.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            sh.dst_fds.append(fd)
+            os.ftruncate(fd, len(header) + sum(e.out_nbytes for e in plan.entries))
+            _write_from(fd, memoryview(header), 0)
+            sh.add_done(len(header))
+        if not cuda:
+            torch.set_num_threads(1)  # parallel across workers instead (restored below)
+        threads = [threading.Thread(target=worker, name=f"adapterhub-merge-{i}", daemon=True) for i in range(n_workers)]
+        with torch.inference_mode():
+            for th in threads:
+                th.start()
+            reported = -1
+            try:
+                for th in threads:
+                    while th.is_alive():
+                        th.join(0.05)
+                        if progress is not None and sh.done != reported and not sh.failed.is_set():
+                            reported = sh.done
+                            progress(reported, total)
+            except BaseException:
+                sh.failed.set()
+                for th in threads:
+                    th.join()
+                raise
+        if sh.errors:
+            raise sh.errors[0]
     finally:
-        failed.set()
-        for fd in src_fds + dst_fds:
+        sh.failed.set()
+        torch.set_num_threads(threads_before)
+        for fd in sh.src_fds + sh.dst_fds:
             os.close(fd)
-    if progress is not None:
+    if progress is not None and reported != total:
         progress(total, total)
     return total
 
