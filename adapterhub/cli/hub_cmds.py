@@ -1,0 +1,137 @@
+"""Sharing commands: push, pull, serve, token create/list/revoke."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import State, cli, output_options, pass_state
+from .render import emit_json, emit_records
+
+
+def remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--endpoint`` and ``--token``, shared by push, pull and search --hub."""
+    f = click.option(
+        "--token",
+        metavar="TOKEN",
+        help="Access token (default: $HF_TOKEN, else huggingface_hub's stored login). Never printed or stored.",
+    )(f)
+    f = click.option(
+        "--endpoint",
+        metavar="URL",
+        help="Hub-compatible server (default: $HF_ENDPOINT, else https://huggingface.co).",
+    )(f)
+    return f
+
+
+@cli.command("push")
+@click.argument("name")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@click.option("--revision", metavar="BRANCH", help="Branch to push to (created from main if missing).")
+@click.option("--message", "-m", metavar="TEXT", help="Commit message.")
+@remote_options
+@pass_state
+def push_cmd(state: State, name: str, repo_id: str, private: bool, revision: str | None, message: str | None,
+             endpoint: str | None, token: str | None) -> None:
+    """Upload adapter NAME to the Hub repo REPO_ID (PEFT files, model card, adapterhub.json)."""
+    res = state.hub.push_adapter(name, repo_id, private=private, revision=revision, message=message,
+                                 endpoint=endpoint, token=token, progress=state.progress_enabled())
+    if state.json:
+        emit_json(res.to_dict())
+        return
+    if not state.quiet:
+        what = "new commit" if res.changed else "unchanged, no new commit"
+        click.echo(f"pushed {res.name} to {res.repo_id}@{res.revision} ({what})", err=True)
+    click.echo(res.commit_url)
+
+
+@cli.command("pull")
+@click.argument("repo_id", metavar="REPO_ID[@REVISION]")
+@click.option("--name", help="Catalog name (default: the name in adapterhub.json, else the repo name).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept adapter_model.bin, converted with torch.load(weights_only=True) into safetensors.")
+@remote_options
+@output_options
+@pass_state
+def pull_cmd(state: State, repo_id: str, name: str | None, allow_pickle: bool, endpoint: str | None,
+             token: str | None, mode: str) -> None:
+    """Download an adapter from a Hub repo, check its hashes, validate it and catalog it."""
+    res = state.hub.pull_adapter(repo_id, name=name, endpoint=endpoint, token=token, allow_pickle=allow_pickle,
+                                 progress=state.progress_enabled())
+    if mode == "json":
+        emit_json(res.to_dict())
+        return
+    if not state.quiet:
+        if res.changed:
+            click.echo(f"pulled {res.source} as {res.adapter.name}")
+        else:
+            click.echo(f"{res.source} is already cataloged as {res.adapter.name}; nothing to do")
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0 picks a free one).")
+@click.option("--home", "serve_home", type=click.Path(file_okay=False),
+              help="Home folder to serve (default: the global --home).")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level.")
+@pass_state
+def serve_cmd(state: State, host: str, port: int, serve_home: str | None, log_level: str) -> None:
+    """Run a Hub-compatible adapter server on this home (needs the 'serve' extra)."""
+    if serve_home is not None:
+        state.home = serve_home
+    hub = state.hub
+
+    def ready(url: str) -> None:
+        click.echo(f"adapterhub serving {hub.home} on {url}", err=False)
+        click.get_text_stream("stdout").flush()
+
+    hub.serve(host=host, port=port, ready=ready, log_level=log_level)
+
+
+@cli.group("token")
+def token_group() -> None:
+    """Access tokens of this home's server (stored hashed)."""
+
+
+@token_group.command("create")
+@click.argument("user")
+@click.option("--write", is_flag=True, help="Allow pushing to USER's repos (default: read only).")
+@pass_state
+def token_create_cmd(state: State, user: str, write: bool) -> None:
+    """Make a token for USER; it is shown once and only its hash is kept."""
+    new = state.hub.create_token(user, write=write)
+    if state.json:
+        emit_json(new.to_dict())
+        return
+    if not state.quiet:
+        role = "write" if new.write else "read"
+        click.echo(f"{role} token {new.id} for {new.user} (shown once, keep it now):", err=True)
+    click.echo(new.token)
+
+
+@token_group.command("list")
+@output_options
+@pass_state
+def token_list_cmd(state: State, mode: str) -> None:
+    """List the server's tokens (ids, users, roles; never the tokens)."""
+    rows = [t.to_dict() for t in state.hub.list_tokens()]
+    cols = [("id", "id"), ("user", "user"), ("role", "role"), ("created_at", "created"),
+            ("last_used_at", "last used")]  # fmt: skip
+    emit_records(rows, cols, mode=mode, title="tokens")
+
+
+@token_group.command("revoke")
+@click.argument("token_or_id", metavar="ID_OR_TOKEN")
+@pass_state
+def token_revoke_cmd(state: State, token_or_id: str) -> None:
+    """Revoke a token, by the id `token list` shows or by the token itself."""
+    info = state.hub.revoke_token(token_or_id)
+    if state.json:
+        emit_json({"revoked": info.id, "user": info.user})
+    elif not state.quiet:
+        click.echo(f"revoked token {info.id} of {info.user}")

@@ -1,0 +1,125 @@
+"""The model card (README.md) pushed with an adapter: Hub metadata in YAML front matter, then a body a
+person can read. Deterministic: the same adapter always gives the same bytes, so an unchanged re-push
+makes no commit."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..records import AdapterInfo
+
+REPO_ID_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+_AUTO_CLASS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def card_metadata(info: AdapterInfo) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if info.base_model and REPO_ID_LIKE.match(info.base_model):
+        meta["base_model"] = info.base_model
+        meta["base_model_relation"] = "adapter"
+    meta["library_name"] = "peft" if info.format == "peft" else "diffusers"
+    license_ = info.metadata.get("license") or info.metadata.get("modelspec.license")
+    if license_:
+        meta["license"] = str(license_)
+    tags = ["lora", "adapterhub"]
+    if info.format == "peft":
+        tags.append("peft")
+    if info.use_dora:
+        tags.append("dora")
+    tags += [t for t in info.tags if t not in tags]
+    meta["tags"] = tags
+    return meta
+
+
+def model_card(info: AdapterInfo, repo_id: str) -> str:
+    import yaml
+
+    meta = card_metadata(info)
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    lines = ["---", front.rstrip("\n"), "---", "", f"# {info.name}", ""]
+    if info.description:
+        lines += [info.description, ""]
+    kind = "DoRA" if info.use_dora else "LoRA"
+    base = f"`{info.base_model}`" if info.base_model else "an unrecorded base model"
+    lines += [f"A {kind} adapter for {base}, shared with [adapterhub](https://pypi.org/project/adapterhub/).", ""]
+    lines += ["## Adapter", "", "| | |", "|---|---|"]
+    rows: list[tuple[str, Any]] = [
+        ("format", "PEFT" if info.format == "peft" else "kohya / diffusers single file"),
+        ("rank", info.rank),
+        ("alpha", f"{info.alpha:g}" if info.alpha is not None else "per module"),
+        ("scaling", "rsLoRA (alpha / sqrt(r))" if info.use_rslora else "alpha / r"),
+        ("target modules", ", ".join(f"`{t}`" for t in info.target_modules) or "-"),
+        ("adapted modules", info.num_modules),
+        ("parameters", f"{info.num_params:,}"),
+        ("size", _size(info.size_bytes)),
+        ("dtype", info.dtype or "-"),
+        ("task type", info.task_type or "-"),
+        ("weights sha256", f"`{info.sha256}`"),
+    ]
+    if info.rank_pattern:
+        rows.append(("rank pattern", ", ".join(f"`{k}`: {v}" for k, v in info.rank_pattern.items())))
+    if info.alpha_pattern:
+        rows.append(("alpha pattern", ", ".join(f"`{k}`: {v:g}" for k, v in info.alpha_pattern.items())))
+    if info.tags:
+        rows.append(("tags", ", ".join(info.tags)))
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines.append("")
+    if info.parents:
+        lines += ["## Lineage", "", f"`{info.name}` was made from:", ""]
+        for p in info.parents:
+            w = "" if p.weight is None else f" with weight {p.weight:g}"
+            lines.append(f"- `{p.name}`{w} ({p.method})")
+        lines.append("")
+    lines += ["## How to load it", ""]
+    if info.format == "peft":
+        auto = _AUTO_CLASS.get(info.task_type or "", "AutoModel" if info.task_type else "AutoModelForCausalLM")
+        base_id = info.base_model or "BASE_MODEL"
+        lines += [
+            "With PEFT:",
+            "",
+            "```python",
+            f"from transformers import {auto}",
+            "from peft import PeftModel",
+            "",
+            f'base = {auto}.from_pretrained("{base_id}")',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            "With diffusers:",
+            "",
+            "```python",
+            f'pipe.load_lora_weights("{repo_id}")',
+            "```",
+            "",
+        ]
+    lines += [
+        "Into an adapterhub catalog (checks the sha256 of every file against the server's):",
+        "",
+        "```sh",
+        f"adapterhub pull {repo_id}",
+        "```",
+        "",
+        "`adapterhub.json` holds the full catalog record (schema: `schemas/adapter.schema.json` of adapterhub).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Pull an adapter from a Hub repo into the catalog: only the files an adapter needs, each checked against
+the server's sha256 (LFS oid) or git blob id, validated like `add`, and cataloged with its source
+``repo@commit``. Nothing reaches the catalog or the store unless every check passed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AdapterExistsError, InvalidAdapterError, PickleRefusedError, RemoteError
+from .client import check_repo_id, download, hub_client, resolve_endpoint
+from .push import RECORD_NAME
+from .results import PullResult
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+    from ..records import AdapterInfo
+
+log = logging.getLogger(__name__)
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"
+RECORD_LIMIT = 16 * 1024 * 1024
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    repo_id, sep, revision = spec.partition("@")
+    if sep and not revision:
+        raise RemoteError(f"{spec!r}: give a revision after '@' (a branch or a commit id), or leave '@' out")
+    return check_repo_id(repo_id), revision or None
+
+
+def is_traversal(path: str) -> bool:
+    return (
+        not path
+        or path.startswith(("/", "~"))
+        or "\\" in path
+        or "\x00" in path
+        or ":" in path.split("/")[0]
+        or any(seg in ("", ".", "..") for seg in path.split("/"))
+    )
+
+
+def find_by_source(hub: Hub, source: str) -> list[str]:
+    from sqlalchemy import select
+
+    from ..catalog.tables import adapters
+
+    with hub.catalog.read() as conn:
+        return list(conn.execute(select(adapters.c.name).where(adapters.c.source == source).order_by(adapters.c.id)).scalars())
+
+
+def pull_adapter(
+    hub: Hub,
+    spec: str,
+    *,
+    name: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> PullResult:
+    from ..hub import check_name
+
+    repo_id, revision = parse_spec(spec)
+    url = resolve_endpoint(endpoint)
+    if name is not None:
+        check_name(name)
+    with hub_client(url, progress=progress, what=spec) as _hf:
+        from huggingface_hub import HfApi, hf_hub_url
+        from huggingface_hub.hf_api import RepoFile
+
+        api = HfApi(endpoint=url, token=token)
+        commit = api.model_info(repo_id, revision=revision).sha
+        if not isinstance(commit, str) or len(commit) != 40:
+            raise RemoteError(f"{spec} at {url}: the server gave no commit id for this revision")
+        source = f"{repo_id}@{commit}"
+        already = find_by_source(hub, source)
+        if already and (name is None or name in already):
+            info = hub.adapter_info(name or already[0])
+            return PullResult(info, repo_id, url, commit, changed=False)
+        entries = {
+            f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)
+        }
+        bad = sorted(p for p in entries if is_traversal(p))
+        if bad:
+            raise InvalidAdapterError(
+                f"{source} lists a file named {bad[0]!r}, which points outside the repository; refusing to pull "
+                "from it (nothing was downloaded)"
+            )
+        wanted = _choose_files(source, entries, allow_pickle=allow_pickle)
+        with_record = RECORD_NAME in entries and entries[RECORD_NAME].size <= RECORD_LIMIT
+        hub.store.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=hub.store.tmp, prefix="pull-"))
+        try:
+            digests: dict[str, tuple[str, int]] = {}
+            for path in [*wanted, *([RECORD_NAME] if with_record else [])]:
+                e = entries[path]
+                digests[path] = download(
+                    hf_hub_url(repo_id, path, revision=commit, endpoint=url),
+                    tmp / path,
+                    token=token,
+                    expected_size=e.size,
+                    sha256=e.lfs.sha256 if e.lfs is not None else None,
+                    blob_oid=None if e.lfs is not None else e.blob_id,
+                    label=f"{repo_id}/{path}",
+                    progress=progress and e.size > 1_000_000,
+                )
+            record = _read_record(tmp / RECORD_NAME, source) if with_record else None
+            if record is not None:
+                (tmp / RECORD_NAME).unlink()
+            if name is None:
+                name = _default_name(record, repo_id)
+            check_name(name)
+            if hub._exists(name):
+                raise AdapterExistsError(name)
+            info = _catalog(hub, tmp, name, source, record, digests, allow_pickle=allow_pickle)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("pulled %s as %s", source, info.name)
+    return PullResult(info, repo_id, url, commit, changed=True, files=tuple(wanted))
+
+
+def _choose_files(source: str, entries: dict[str, Any], *, allow_pickle: bool) -> list[str]:
+    if CONFIG in entries:
+        if WEIGHTS in entries:
+            return [CONFIG, WEIGHTS]
+        if PICKLE in entries:
+            if not allow_pickle:
+                raise PickleRefusedError(
+                    f"{source} holds only pickle weights ({PICKLE}), which can run arbitrary code when loaded; "
+                    "nothing was downloaded. Pass --allow-pickle to convert them with "
+                    "torch.load(weights_only=True), or ask the owner for adapter_model.safetensors",
+                    path=source,
+                )
+            return [CONFIG, PICKLE]
+        raise InvalidAdapterError(f"{source} has {CONFIG} but no {WEIGHTS}; it holds no adapter to pull", path=source)
+    singles = [p for p in entries if p.endswith(".safetensors") and "/" not in p]
+    if len(singles) == 1:
+        return singles
+    raise InvalidAdapterError(
+        f"{source} holds no adapter: no {CONFIG} with {WEIGHTS} (a PEFT adapter), and not exactly one "
+        ".safetensors file (a kohya LoRA) at its root",
+        path=source,
+    )
+
+
+def _read_record(path: Path, source: str) -> dict[str, Any] | None:
+    import jsonschema
+
+    from ..resources import load_schema
+
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).validate(record)
+    except (ValueError, jsonschema.ValidationError) as exc:
+        log.warning("%s: ignoring %s, which does not fit the adapter schema (%s)", source, RECORD_NAME,
+                    str(exc).splitlines()[0])  # fmt: skip
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _default_name(record: dict[str, Any] | None, repo_id: str) -> str:
+    from ..hub import NAME_RE
+
+    if record and isinstance(record.get("name"), str) and NAME_RE.match(record["name"]):
+        return str(record["name"])
+    return repo_id.split("/")[-1]
+
+
+def _catalog(
+    hub: Hub,
+    folder: Path,
+    name: str,
+    source: str,
+    record: dict[str, Any] | None,
+    digests: dict[str, tuple[str, int]],
+    *,
+    allow_pickle: bool,
+) -> AdapterInfo:
+    """Validate the downloaded folder like `add`, move the checked files into the store and write the rows."""
+    from sqlalchemy.exc import IntegrityError
+
+    from ..catalog import queries
+    from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
+    from ..hub import _adapter_row, _module_row, check_tags
+
+    files = detect(folder, allow_pickle=allow_pickle)
+    if files.pickle:
+        converted = convert_pickle(files.weights, folder / WEIGHTS)
+        files.weights.unlink()
+        files = AdapterFiles("peft", converted, files.config)
+        from ..store import sha256_file
+
+        digests[WEIGHTS] = (sha256_file(converted), converted.stat().st_size)
+    weights = read_adapter(files)
+    record = record or {}
+    tags = check_tags([t for t in record.get("tags") or [] if isinstance(t, str)])
+    parents = [
+        {"parent_name": p["name"], "weight": p.get("weight"), "method": p["method"], "params": p.get("params") or {}}
+        for p in record.get("parents") or []
+    ]
+    stored: list[tuple[str, str, str, int, bool]] = []  # filename, role, sha256, size, created
+    try:
+        for role, path in (("config", files.config), ("weights", files.weights)):
+            if path is None:
+                continue
+            digest, size = digests[path.name]
+            stored.append((path.name, role, digest, size, _move_into_store(hub, path, digest, size)))
+        weights_digest = next(d for _, role, d, _, _ in stored if role == "weights")
+        row = _adapter_row(weights, files.format, weights_digest, sum(s for _, _, _, s, _ in stored))
+        row.update(name=name, description=record.get("description"), source=source)
+        if record.get("base_model"):
+            row["base_model"] = record["base_model"]
+        modules = [_module_row(m) for m in weights.modules.values()]
+        file_rows = [{"filename": fn, "role": role, "sha256": d, "size_bytes": s} for fn, role, d, s, _ in stored]
+        with hub.catalog.write() as conn:
+            if queries.find_id(conn, name) is not None:
+                raise AdapterExistsError(name)
+            parents = [dict(p) for p in parents]
+            queries.insert_adapter(conn, row=row, modules=modules, files=file_rows, tag_names=tags, parents=parents)
+    except IntegrityError:
+        hub._drop_unreferenced(d for _, _, d, _, created in stored if created)
+        raise AdapterExistsError(name) from None
+    except BaseException:
+        hub._drop_unreferenced(d for _, _, d, _, created in stored if created)
+        raise
+    return hub.adapter_info(name)
+
+
+def _move_into_store(hub: Hub, path: Path, digest: str, size: int) -> bool:
+    """Rename an already checked file into the store (no copy, no second hash). True if it was new there."""
+    hub.store.objects.mkdir(parents=True, exist_ok=True)
+    return hub.store._commit(str(path), digest, size).created

@@ -1,0 +1,123 @@
+"""Push a cataloged adapter to a Hub repo: PEFT files straight from the store, a model card, and the
+catalog record as ``adapterhub.json``, in one commit (none when nothing changed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import InvalidAdapterError, RemoteError
+from .card import model_card
+from .client import check_repo_id, hub_client, resolve_endpoint
+from .results import PushResult
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "adapterhub.json"
+
+
+def record_bytes(record: dict) -> bytes:  # type: ignore[type-arg]
+    import jsonschema
+
+    from ..resources import load_schema
+
+    errors = sorted(jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).iter_errors(record), key=str)
+    if errors:
+        raise InvalidAdapterError(f"the catalog record does not fit schemas/adapter.schema.json: {errors[0].message}")
+    return (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def push_adapter(
+    hub: Hub,
+    name: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    progress: bool = False,
+) -> PushResult:
+    info = hub.adapter_info(name)
+    files = hub.adapter_files(name)
+    url = resolve_endpoint(endpoint)
+    branch = revision or "main"
+    record = info.to_dict()
+    payload = record_bytes(record)
+    with hub_client(url, progress=progress, what=repo_id) as hf:
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        tok = token or hf.get_token()
+        if not tok:
+            raise RemoteError(
+                "pushing needs a write token: pass --token, set HF_TOKEN or run `hf auth login` "
+                "(for an adapterhub server: adapterhub token create USER --write)"
+            )
+        api = HfApi(endpoint=url, token=tok)
+        if "/" not in repo_id:
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+        check_repo_id(repo_id)
+        readme = model_card(info, repo_id).encode()
+        ops = []
+        by_role = {f.role: f for f in info.files or ()}
+        for role, path in (("config", files.config), ("weights", files.weights)):
+            if path is None:
+                continue
+            f = by_role[role]
+            op = CommitOperationAdd(path_in_repo=f.filename, path_or_fileobj=str(path))
+            op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known from the store: no second hashing pass
+            ops.append(op)
+        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
+        ops.append(CommitOperationAdd(path_in_repo=RECORD_NAME, path_or_fileobj=payload))
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        commit = api.create_commit(
+            repo_id,
+            ops,
+            commit_message=message or f"Upload adapter {name} with adapterhub",
+            revision=branch,
+        )
+        changed = any(op._remote_oid is None or op._remote_oid != op._local_oid for op in ops)
+        is_private = bool(api.model_info(repo_id, revision=commit.oid).private) if not private else True
+    result = PushResult(
+        name=name,
+        repo_id=repo_id,
+        endpoint=url,
+        revision=branch,
+        commit=commit.oid,
+        commit_url=commit.commit_url,
+        changed=changed,
+        private=is_private,
+    )
+    _record_push(hub, result)
+    log.info("pushed %s to %s@%s (%s)", name, repo_id, commit.oid, "new commit" if changed else "unchanged")
+    return result
+
+
+def _record_push(hub: Hub, result: PushResult) -> None:
+    from sqlalchemy import insert
+
+    from ..catalog import queries
+    from ..catalog.tables import remote_pushes
+
+    with hub.catalog.write() as conn:
+        adapter_id = queries.find_id(conn, result.name)
+        if adapter_id is None:  # removed meanwhile
+            return
+        conn.execute(
+            insert(remote_pushes).values(
+                adapter_id=adapter_id,
+                endpoint=result.endpoint,
+                repo_id=result.repo_id,
+                revision=result.revision,
+                commit_oid=result.commit,
+                commit_url=result.commit_url,
+                pushed_at=queries.utcnow(),
+            )
+        )
