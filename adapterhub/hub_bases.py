@@ -216,12 +216,18 @@ class BasesMixin:
             if missing:
                 raise AdapterNotFoundError(missing[0])
         reports = []
+        done: dict[Any, tuple[Check, ...]] = {}  # adapters with identical layouts are checked once
         for f in facts:
-            w = weights_from_modules(
-                f["modules"], fmt=f["format"], config=f["config"], replacements=f["replacements"],
-                base_model=f["base_model"],
-            )  # fmt: skip
-            reports.append(ValidationReport(subject=f["name"], checks=tuple(check_base(w, layout)), base=layout.name))
+            fan = bool(f["config"].get("fan_in_fan_out"))
+            repl = tuple(sorted((k, tuple(v)) for k, v in f["replacements"].items()))
+            key = (f["format"], f["base_model"], fan, repl, f["modules"])
+            if key not in done:
+                w = weights_from_modules(
+                    f["modules"], fmt=f["format"], config=f["config"], replacements=f["replacements"],
+                    base_model=f["base_model"],
+                )  # fmt: skip
+                done[key] = tuple(check_base(w, layout))
+            reports.append(ValidationReport(subject=f["name"], checks=done[key], base=layout.name))
         return reports
 
     def compatible_names(self, base: str | os.PathLike[str]) -> set[str]:

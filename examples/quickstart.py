@@ -81,6 +81,20 @@ def make_adapters(base_dir: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
+def make_wrong_adapter(out: Path) -> Path:
+    """A LoRA made for a different BERT (hidden size 512): the kind PEFT loads late or not at all."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024))
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    peft_model.save_pretrained(str(out / "bert-wide-r8"))
+    print("  made bert-wide-r8: LoRA r=8 on query/value of a 512-wide BERT")
+    return out / "bert-wide-r8"
+
+
 def make_kohya(out: Path) -> Path:
     """A kohya-style single file (lora_down / lora_up / alpha, ss_* metadata), as SD LoRAs come."""
     import torch
@@ -156,7 +170,21 @@ def main() -> None:
             outs.append(m(input_ids=x).last_hidden_state)
     print(f"  max |difference| between original and exported adapter outputs: {(outs[0] - outs[1]).abs().max():.2e}")
 
-    step("9. Bad input is refused with one line, and nothing changes")
+    step("9. Validate: does an adapter fit a base model? (from file headers and the catalog, no weights loaded)")
+    base_name = "sentence-transformers/all-MiniLM-L6-v2"
+    sh("base", "add", str(base), "--name", base_name, home=home)
+    sh("validate", "minilm-sql-r8", "--base", base_name, home=home)
+    wrong = make_wrong_adapter(tmp / "adapters")
+    sh("add", str(wrong), "--tag", "oops", home=home)
+    res = subprocess.run([sys.executable, "-m", "adapterhub", "--home", str(home), "--quiet", "validate",
+                          "bert-wide-r8", "--base", base_name], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "120"})
+    print(f"$ adapterhub --quiet validate bert-wide-r8 --base {base_name}\n{res.stdout.rstrip()}\n"
+          f"  (exit code {res.returncode}: the adapter was trained on a 512-wide BERT)")
+    sh("list", "--compatible-with", base_name, home=home)
+    sh("validate", "minilm-sql-r8", "--with", "minilm-chat-r4", home=home)
+
+    step("10. Bad input is refused with one line, and nothing changes")
     broken = tmp / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
@@ -165,7 +193,7 @@ def main() -> None:
                          capture_output=True, text=True)
     print(f"$ adapterhub add {broken}\n{res.stderr.strip()}\n  (exit code {res.returncode})")
 
-    step("10. The same through the Python API")
+    step("11. The same through the Python API")
     from adapterhub import Hub
 
     with Hub(home) as hub:
@@ -176,7 +204,7 @@ def main() -> None:
               f"{sorted({m.scale for m in info.modules or ()})}")
         hub.remove_adapter("minilm-dora")
 
-    step("11. Remove")
+    step("12. Remove")
     sh("rm", "--yes", "watercolor-style", home=home)
     sh("list", home=home)
 

@@ -4,7 +4,7 @@ reads instead of opening adapter files."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from itertools import groupby
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,8 +108,8 @@ def delete_base(conn: Connection, base_id: int) -> None:
 
 
 def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """For each adapter: name, format, base_model, config, replacements and its module rows, in two
-    queries (the catalog alone answers validation against a base)."""
+    """For each adapter: name, format, base_model, config, replacements and its module rows as tuples
+    (`MODULE_FIELDS`), in two queries: the catalog alone answers validation against a base."""
     stmt = select(
         adapters.c.id,
         adapters.c.name,
@@ -128,7 +128,7 @@ def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[
             "base_model": base,
             "config": _json(cfg) or {},
             "replacements": _json(repl) or {},
-            "modules": [],
+            "modules": (),
         }
     if not out:
         return []
@@ -146,20 +146,18 @@ def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[
         adapter_modules.c.dtype,
         adapter_modules.c.lora_bias,
     ]
-    mstmt = select(*cols)
+    mstmt = select(*cols).order_by(adapter_modules.c.adapter_id, adapter_modules.c.module)
     if names is not None:
         mstmt = mstmt.where(adapter_modules.c.adapter_id.in_(list(out)))
-    keys = ("module", "kind", "rank", "alpha", "scale", "in_features", "out_features", "kernel_size", "dora",
-            "dtype", "lora_bias")
-    grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row in conn.execute(mstmt):
-        d = dict(zip(keys, row[1:], strict=True))
-        d["kernel_size"] = _json(d["kernel_size"])
-        grouped[row[0]].append(d)
-    for aid, rows in grouped.items():
+    for aid, rows in groupby(conn.execute(mstmt), key=lambda r: r[0]):
         if aid in out:
-            out[aid]["modules"] = rows
+            out[aid]["modules"] = tuple(tuple(r)[1:] for r in rows)
     return list(out.values())
+
+
+#: the order of the fields in each tuple of `adapter_facts(...)["modules"]`
+MODULE_FIELDS = ("module", "kind", "rank", "alpha", "scale", "in_features", "out_features", "kernel_size", "dora",
+                 "dtype", "lora_bias")
 
 
 def record_merge(conn: Connection, row: dict[str, Any], adapters_used: Sequence[tuple[str, float]]) -> int:

@@ -85,6 +85,7 @@ def _print_bases(records: list[dict[str, Any]], mode: str) -> None:
     )
 
 
+MAX_ROWS_PER_CHECK = 4
 STATUS_STYLE = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]", "error": "[red]error[/red]"}
 
 
@@ -137,9 +138,15 @@ def _print_reports(reports: list[Any], *, quiet: bool) -> None:
     table = Table(title=f"validate {r.subject}" + (f" against {r.base}" if r.base else ""), header_style="bold")
     for col in ("status", "check", "module", "message"):
         table.add_column(col, overflow="fold")
+    shown: dict[tuple[str, str], int] = {}
     for c in r.checks:
         if quiet and c.status == "ok":
             continue
-        table.add_row(STATUS_STYLE[c.status], c.check, c.module or "", c.message)
+        seen = shown[(c.status, c.check)] = shown.get((c.status, c.check), 0) + 1
+        if seen <= MAX_ROWS_PER_CHECK:
+            table.add_row(STATUS_STYLE[c.status], c.check, c.module or "", c.message)
+    for (status, check), n in shown.items():
+        if n > MAX_ROWS_PER_CHECK:
+            table.add_row(STATUS_STYLE[status], check, "", f"... and {n - MAX_ROWS_PER_CHECK} more like these (--json lists all)")
     console.print(table)
     console.print("[green]ok[/green]" if r.ok else f"[red]{len(r.errors)} error(s)[/red]")

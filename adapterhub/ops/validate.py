@@ -448,30 +448,37 @@ def merge_reports(subject: str, parts: Sequence[Iterable[Check]], *, base: str |
 
 
 def weights_from_modules(
-    rows: Iterable[Mapping[str, Any]],
+    rows: Iterable[Sequence[Any]],
     *,
     fmt: str,
     config: Mapping[str, Any] | None = None,
     replacements: Mapping[str, Sequence[int]] | None = None,
     base_model: str | None = None,
 ) -> LoraWeights:
-    """Metadata-only `LoraWeights` from per-module facts (the catalog's rows), without any file."""
+    """Metadata-only `LoraWeights` from per-module facts (the catalog's rows), without any file.
+
+    Each row: (module, kind, rank, alpha, scale, in_features, out_features, kernel_size (JSON text,
+    list or None), dora, dtype, lora_bias).
+    """
+    import json
+
     modules: dict[str, LoraModule] = {}
-    for r in rows:
-        rank = int(r["rank"])
-        kernel = tuple(r.get("kernel_size") or ())
-        key = r["module"] if fmt == "kohya" else r["module"] + ".weight"
+    for module, kind, rank, alpha, scale, in_f, out_f, kernel, dora, dtype, lora_bias in rows:
+        if isinstance(kernel, str):
+            kernel = json.loads(kernel)
+        k = tuple(kernel or ())
+        key = module if fmt == "kohya" else module + ".weight"
         modules[key] = LoraModule(
             key=key,
-            kind=r["kind"],
-            rank=rank,
-            alpha=float(r["alpha"]),
-            scale=float(r["scale"]),
-            a_shape=(rank, int(r["in_features"]), *kernel),
-            b_shape=(int(r["out_features"]), rank, *((1,) * len(kernel))),
-            dtype=r.get("dtype") or "F32",
-            bias_shape=(int(r["out_features"]),) if r.get("lora_bias") else None,
-            magnitude_shape=(int(r["out_features"]),) if r.get("dora") else None,
+            kind=kind,
+            rank=int(rank),
+            alpha=float(alpha),
+            scale=float(scale),
+            a_shape=(int(rank), int(in_f), *k),
+            b_shape=(int(out_f), int(rank), *((1,) * len(k))),
+            dtype=dtype or "F32",
+            bias_shape=(int(out_f),) if lora_bias else None,
+            magnitude_shape=(int(out_f),) if dora else None,
         )
     return LoraWeights(
         modules=modules,
@@ -481,4 +488,3 @@ def weights_from_modules(
         base_model=base_model,
         use_rslora=bool((config or {}).get("use_rslora", False)),
     )
-
