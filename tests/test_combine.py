@@ -585,3 +585,18 @@ def test_rank_deficient_stacks_are_handled(loaded, reference):
     s = torch.linalg.svdvals(d)
     assert result.module_errors[key] == pytest.approx(float(s[5:].norm() / s.norm()), rel=1e-6)
     assert rel(result.weights[key].delta(torch.float64), d) == pytest.approx(result.module_errors[key], rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_gram_truncation_used_on_gpus_matches_svd(shape):
+    from adapterhub.ops.combine import _dense_truncate
+
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(shape[0], 6, generator=gen) @ torch.randn(6, shape[1], generator=gen)
+    for x in (torch.randn(*shape, generator=gen), low):
+        for rank in (3, 10):
+            b1, a1 = _dense_truncate(x, rank, 0.99, gram=False)
+            b2, a2 = _dense_truncate(x, rank, 0.99, gram=True)
+            assert rel(b2 @ a2, b1 @ a1) < 1e-5
+            assert float(b2.norm()) == pytest.approx(float(a2.norm()), rel=1e-4)
+        assert _dense_truncate(x, "auto", 0.9, gram=True)[0].shape == _dense_truncate(x, "auto", 0.9, gram=False)[0].shape
