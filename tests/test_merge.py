@@ -300,7 +300,32 @@ def test_conv_lora_and_kohya_match_peft(tmp_path) -> None:  # noqa: ANN001
     assert_states_close(load_folder(res.out), ref)
 
 
+def test_kohya_linear_lora_on_1x1_conv(tmp_path) -> None:  # noqa: ANN001
+    from safetensors.torch import save_file
+
+    model = tiny_convnet()
+    base = save_model(model, tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    save_file({"lora_unet_mid.lora_down.weight": down, "lora_unet_mid.lora_up.weight": up,
+               "lora_unet_mid.alpha": torch.tensor(4.0)}, str(tmp_path / "k.safetensors"))
+    res = merge_checkpoint(base, [(read_adapter(tmp_path / "k.safetensors", load=True), 0.5)], tmp_path / "out")
+    want = model.mid.weight.detach() + 0.5 * 2.0 * (up @ down)[:, :, None, None]
+    torch.testing.assert_close(load_folder(res.out)["mid.weight"], want)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
+
+
+def test_two_different_replacements_refused(llama, tmp_path) -> None:  # noqa: ANN001
+    model, base, _ = llama
+    a = make_adapter(model, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    b = make_adapter(model, tmp_path / "b", seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(IncompatibleAdapterError, match="cannot both replace") as err:
+        merge_checkpoint(base, [(read_adapter(a, load=True), 1.0), (read_adapter(b, load=True), 1.0)],
+                         tmp_path / "out")
+    assert "lm_head.weight" in str(err.value)
+    no_leftovers(tmp_path, tmp_path / "out")
 
 
 def test_incompatible_adapter_refused(llama, tmp_path) -> None:  # noqa: ANN001

@@ -56,6 +56,10 @@ _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weigh
                      "embed_in.weight", "shared.weight")
 
 
+#: architectures with an output head that transformers ties to the input embeddings
+_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead", "ForPreTraining")
+
+
 class OutputExistsError(AdapterHubError, FileExistsError):
     """The output folder is already there (merge never overwrites)."""
 
@@ -115,7 +119,7 @@ def _resolve_dtype(dtype: str) -> str | None:
 
 def _find_tied(ckpt: CheckpointInfo) -> tuple[str, str] | None:
     """``(output name, input embedding name)`` when the output head is tied and absent from the files."""
-    if not ckpt.tie_word_embeddings:
+    if not ckpt.tie_word_embeddings or not any(a.endswith(_LM_HEADS) for a in ckpt.architectures):
         return None
     out_name = "lm_head.weight"
     if any(n.startswith("cls.predictions.") for n in ckpt.tensors):
@@ -129,10 +133,6 @@ def _find_tied(ckpt: CheckpointInfo) -> tuple[str, str] | None:
         if hits:
             return None
     return None
-
-
-def _flat(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    return t.reshape(rows, cols)
 
 
 def _plan(
@@ -174,6 +174,16 @@ def _plan(
         if not match.ok:
             problems.append(f"{label}: {describe_problems(match)}")
             continue
+        clashes = [
+            f"{a} and {b} both match {match.mapping[a]}"
+            for group in (list(weights.modules), list(weights.replacement_shapes))
+            for i, a in enumerate(group)
+            for b in group[i + 1 :]
+            if match.mapping[a] == match.mapping[b]
+        ] if len(match.mapping) != len(set(match.mapping.values())) else []
+        if clashes:
+            problems.append(f"{label}: {'; '.join(clashes[:5])}")
+            continue
         sign = -1.0 if unmerge else 1.0
         fan_in_fan_out = bool(weights.config.get("fan_in_fan_out")) if weights.config else None
         lora_terms: list[tuple[str, _Lora]] = []
@@ -199,6 +209,8 @@ def _plan(
                         m.key, m.delta_shape, bshape, model_type=ckpt.model_type,
                         fan_in_fan_out=fan_in_fan_out, base_key=name,
                     )
+                elif m.kind == "linear" and tuple(bshape) == (*m.delta_shape, *(1,) * (len(bshape) - 2)):
+                    pass  # a linear LoRA on a 1x1 conv (kohya does this for proj_in / proj_out)
                 elif tuple(m.delta_shape) != tuple(bshape):
                     raise IncompatibleAdapterError(
                         f"{name}: the adapter's {m.kind} update has shape {list(m.delta_shape)} but the base "
@@ -382,8 +394,8 @@ def _build_shards(
 
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: bytes of input per chunk, and of fp32 scratch per sub-block on the CPU
-_CPU_CHUNK = 16 << 20
-_CPU_BLOCK = 8 << 20
+_CPU_CHUNK = 8 << 20
+_CPU_BLOCK = 2 << 20
 _GPU_CHUNK = 64 << 20
 _GPU_WORKERS = 3
 
