@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from .errors import (
     StoreError,
 )
 from .hub_bases import BasesMixin
+from .hub_ops import OpsMixin
 from .records import AdapterInfo
 from .remote.api import RemoteMixin
 from .store import Store
@@ -70,7 +72,7 @@ def check_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
-class Hub(BasesMixin, RemoteMixin):
+class Hub(OpsMixin, BasesMixin, RemoteMixin):
     """A catalog of adapters in one home folder (or one database URL)."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *, db: str | None = None) -> None:
@@ -262,11 +264,15 @@ class Hub(BasesMixin, RemoteMixin):
     def adapter_info(self, name: str) -> AdapterInfo:
         from .catalog import queries
 
+        from .catalog import bases
+
         with self.catalog.read() as conn:
             info = queries.adapter_detail(conn, name)
-        if info is None:
-            raise AdapterNotFoundError(name)
-        return info
+            if info is None:
+                raise AdapterNotFoundError(name)
+            merges = tuple(bases.merges_of(conn, name))
+            children = tuple(queries.children_of(conn, name))
+        return replace(info, merges=merges, children=children)
 
     def adapter_files(self, name: str) -> AdapterFiles:
         """The stored files of a cataloged adapter, as `AdapterFiles` pointing into the store."""

@@ -86,6 +86,8 @@ class AdapterInfo:
     #: filled by `Hub.adapter_info` (show), not by list/search
     files: tuple[FileInfo, ...] | None = None
     modules: tuple[ModuleInfo, ...] | None = None
+    merges: tuple[dict[str, Any], ...] | None = None  # where it was merged: base, out, weight, at
+    children: tuple[str, ...] | None = None  # adapters derived from this one
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> AdapterInfo:
@@ -127,6 +129,10 @@ class AdapterInfo:
             d["files"] = [f.to_dict() for f in self.files]
         if self.modules is not None:
             d["modules"] = [m.to_dict() for m in self.modules]
+        if self.merges is not None:
+            d["merges"] = [dict(m) for m in self.merges]
+        if self.children is not None:
+            d["children"] = list(self.children)
         return d
 
 

@@ -196,6 +196,8 @@ def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -
         "metadata": _json(extra) or {},
         "files": None,
         "modules": None,
+        "merges": None,
+        "children": None,
     }
     fields.update(more)
     return AdapterInfo.from_fields(fields)

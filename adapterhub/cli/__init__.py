@@ -117,5 +117,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # command modules register themselves on `cli`
-from . import catalog_cmds, validate_cmds  # noqa: E402,F401
+from . import catalog_cmds, ops_cmds, validate_cmds  # noqa: E402,F401
 from . import hub_cmds  # noqa: E402,F401
