@@ -932,21 +932,21 @@ def extract(
                     f"{key}: shape {list(w1.shape)} in the fine-tune but {list(w0.shape)} in the base; "
                     "extract needs the fine-tune of this very base"
                 )
-            if w1.dim() != 2 or not key.endswith(".weight") or not w1.is_floating_point():
+            diff = None
+            if w1.dim() == 2 and key.endswith(".weight") and w1.is_floating_point():
+                diff = w1.to(dev, torch.float32) - w0.to(dev, torch.float32)
+            norm_sq = float(diff.double().pow(2).sum()) if diff is not None else 0.0
+            if diff is None or norm_sq == 0.0:
                 skipped.append(key)
-                continue
-            diff = w1.to(dev, torch.float32) - w0.to(dev, torch.float32)
-            norm_sq = float(diff.double().pow(2).sum())
-            if norm_sq == 0.0:
-                skipped.append(key)
-                continue
-            dtypes.add(w1.dtype)
-            b, a = _factor_dense(diff, rank, keep, max_rank, svd, niter)
-            err_sq = float(torch.addmm(diff, b, a, alpha=-1.0).double().pow(2).sum())
-            factors[key] = (b, a, (kinds or {}).get(key) or _guess_kind(key))
-            errors[key] = math.sqrt(err_sq / norm_sq)
-            err_total += err_sq
-            norm_total += norm_sq
+            else:
+                dtypes.add(w1.dtype)
+                b, a = _factor_dense(diff, rank, keep, max_rank, svd, niter)
+                err_sq = float(torch.addmm(diff, b, a, alpha=-1.0).double().pow(2).sum())
+                factors[key] = (b.cpu(), a.cpu(), (kinds or {}).get(key) or _guess_kind(key))
+                errors[key] = math.sqrt(err_sq / norm_sq)
+                err_total += err_sq
+                norm_total += norm_sq
+            del w0, w1, diff
             if progress is not None:
                 progress(done, len(wanted))
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
