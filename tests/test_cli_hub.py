@@ -13,10 +13,15 @@ from typing import Any
 import jsonschema
 import pytest
 from _adapters import make_adapter
-from test_server import Server, hf, start_server  # noqa: F401  (hf is a fixture)
+from test_server import Server, online_hf, start_server
 
 from adapterhub.cli import main
 from adapterhub.resources import load_schema
+
+
+@pytest.fixture
+def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return online_hf(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], hf: Any) -> Cli:  # noqa: F811
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], hf: Any) -> Cli:
     return Cli(tmp_path / "home", capsys)
 
 
@@ -133,6 +138,8 @@ def test_light_commands_import_no_hub_client_or_server(tmp_path: Path) -> None:
     )
     for args in (["--help"], ["list"], ["search", "x"], ["token", "list"], ["push", "--help"]):
         res = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(["--home", str(tmp_path), *args])], capture_output=True, text=True
+            [sys.executable, "-c", code, json.dumps(["--home", str(tmp_path), *args])],
+            capture_output=True,
+            text=True,
         )
         assert res.returncode == 0, (args, res.stderr)

@@ -17,12 +17,17 @@ import jsonschema
 import pytest
 import yaml
 from _adapters import BASE_NAME, make_adapter, make_kohya
-from test_server import Server, hf, start_server  # noqa: F401  (hf is a fixture)
+from test_server import Server, online_hf, start_server
 
 from adapterhub import AdapterExistsError, Hub, InvalidAdapterError, PickleRefusedError, RemoteError
 from adapterhub.resources import load_schema
 
 VOLATILE = ("source", "created_at", "updated_at")
+
+
+@pytest.fixture
+def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return online_hf(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def home(tmp_path: Path, hf: Any) -> Iterator[Hub]:  # noqa: F811
+def home(tmp_path: Path, hf: Any) -> Iterator[Hub]:
     with Hub(tmp_path / "home") as h:
         yield h
 
@@ -60,35 +65,53 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_push_then_pull_round_trip(home: Hub, other: Hub, server: Server, made: dict[str, Path], hf: Any) -> None:  # noqa: F811
+def test_push_then_pull_round_trip(
+    home: Hub, other: Hub, server: Server, made: dict[str, Path], hf: Any
+) -> None:
     info = home.add_adapter(made["sql"], name="sql", tags=["sql", "prod"], description="text to SQL")
     res = home.push_adapter("sql", "alice/sql-lora", endpoint=server.url, token=server.alice)
-    assert res.changed and len(res.commit) == 40 and res.commit_url == f"{server.url}/alice/sql-lora/commit/{res.commit}"
+    assert (
+        res.changed
+        and len(res.commit) == 40
+        and res.commit_url == f"{server.url}/alice/sql-lora/commit/{res.commit}"
+    )
     assert [(p.repo_id, p.commit, p.endpoint) for p in home.adapter_pushes("sql")] == [
         ("alice/sql-lora", res.commit, server.url)
     ]
 
     api = hf.HfApi(endpoint=server.url)
     files = sorted(api.list_repo_files("alice/sql-lora"))
-    assert files == [".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json"]
+    assert files == [
+        ".gitattributes",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapterhub.json",
+    ]
     card = Path(hf.hf_hub_download("alice/sql-lora", "README.md", endpoint=server.url,
                                    cache_dir=str(home.home / "hf-cache"))).read_text()  # fmt: skip
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == BASE_NAME and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "peft" and {"lora", "sql", "prod"} <= set(meta["tags"])
-    assert "PeftModel.from_pretrained(base, \"alice/sql-lora\")" in card and "| rank | 8 |" in card
+    assert 'PeftModel.from_pretrained(base, "alice/sql-lora")' in card and "| rank | 8 |" in card
     record = json.loads(Path(hf.hf_hub_download("alice/sql-lora", "adapterhub.json", endpoint=server.url,
                                                 cache_dir=str(home.home / "hf-cache"))).read_text())  # fmt: skip
     jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).validate(record)
     assert record == json.loads(json.dumps(info.to_dict()))
 
     pulled = other.pull_adapter("alice/sql-lora", endpoint=server.url)
-    assert pulled.changed and pulled.commit == res.commit and pulled.files == ("adapter_config.json", "adapter_model.safetensors")
+    assert (
+        pulled.changed
+        and pulled.commit == res.commit
+        and pulled.files == ("adapter_config.json", "adapter_model.safetensors")
+    )
     got = pulled.adapter
     assert got.sha256 == info.sha256 == sha(made["sql"] / "adapter_model.safetensors")
     assert got.source == f"alice/sql-lora@{res.commit}"
     a, b = info.to_dict(), got.to_dict()
-    assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
+    assert {k: v for k, v in a.items() if k not in VOLATILE} == {
+        k: v for k, v in b.items() if k not in VOLATILE
+    }
     assert other.store.verify(got.sha256)
     # the same commit again is a no-op
     before = snapshot(other)
@@ -96,7 +119,9 @@ def test_push_then_pull_round_trip(home: Hub, other: Hub, server: Server, made: 
     assert not again.changed and again.adapter.name == "sql" and snapshot(other) == before
 
 
-def test_unchanged_push_makes_no_commit_and_changes_do(home: Hub, server: Server, made: dict[str, Path], hf: Any) -> None:  # noqa: F811
+def test_unchanged_push_makes_no_commit_and_changes_do(
+    home: Hub, server: Server, made: dict[str, Path], hf: Any
+) -> None:
     home.add_adapter(made["chat"], name="chat")
     first = home.push_adapter("chat", "alice/chat", endpoint=server.url, token=server.alice)
     same = home.push_adapter("chat", "alice/chat", endpoint=server.url, token=server.alice)
@@ -104,7 +129,9 @@ def test_unchanged_push_makes_no_commit_and_changes_do(home: Hub, server: Server
     commits = hf.HfApi(endpoint=server.url).list_repo_commits("alice/chat")
     assert len(commits) == 2  # the initial commit and one push
     home.tag_adapter("chat", ["v2"])
-    changed = home.push_adapter("chat", "alice/chat", endpoint=server.url, token=server.alice, message="retag")
+    changed = home.push_adapter(
+        "chat", "alice/chat", endpoint=server.url, token=server.alice, message="retag"
+    )
     assert changed.changed and changed.commit != first.commit
     assert hf.HfApi(endpoint=server.url).list_repo_commits("alice/chat")[0].title == "retag"
     # every revision stays pullable
@@ -126,9 +153,13 @@ def test_branches_and_kohya_files(home: Hub, other: Hub, server: Server, made: d
     assert got.files == ("anime.safetensors",)
 
 
-def test_private_repos_and_tokens(home: Hub, other: Hub, server: Server, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_repos_and_tokens(
+    home: Hub, other: Hub, server: Server, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     home.add_adapter(made["sql"], name="secret")
-    res = home.push_adapter("secret", "alice/secret-lora", private=True, endpoint=server.url, token=server.alice)
+    res = home.push_adapter(
+        "secret", "alice/secret-lora", private=True, endpoint=server.url, token=server.alice
+    )
     assert res.private
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_TOKEN_PATH", str(home.home / "no-token"))
@@ -159,8 +190,14 @@ def test_private_repos_and_tokens(home: Hub, other: Hub, server: Server, made: d
             assert tok.encode() not in raw
 
 
-def test_pull_refusals_leave_nothing(other: Hub, server: Server, made: dict[str, Path], hf: Any, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_pull_refusals_leave_nothing(
+    other: Hub,
+    server: Server,
+    made: dict[str, Path],
+    hf: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -258,7 +295,9 @@ def test_peft_loads_from_the_server(home: Hub, server: Server, made: dict[str, P
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"))
+    env.update(
+        HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf")
+    )
     res = subprocess.run(
         [sys.executable, "-c", code, str(Path(__file__).parent), str(made["sql"] / "adapter_model.safetensors")],
         capture_output=True, text=True, env=env, timeout=120,

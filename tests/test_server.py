@@ -93,8 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from start_server(tmp_path_factory)
 
 
-@pytest.fixture
-def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
+def online_hf(monkeypatch: pytest.MonkeyPatch) -> Any:
     """huggingface_hub, online, without Xet (as a user would set HF_HUB_DISABLE_XET=1)."""
     import huggingface_hub
     import huggingface_hub.errors
@@ -105,6 +104,11 @@ def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     disable_progress_bars()
     return huggingface_hub
+
+
+@pytest.fixture
+def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return online_hf(monkeypatch)
 
 
 def sha(data: bytes) -> str:
@@ -144,7 +148,12 @@ def test_upload_folder_snapshot_download_and_revisions(server: Server, hf: Any, 
     (folder / "sub" / "notes.txt").write_text("v1")
     first = api.upload_folder(folder_path=str(folder), repo_id="alice/plain")
     assert len(first.oid) == 40 and "/commit/" in first.commit_url
-    assert sorted(api.list_repo_files("alice/plain")) == [".gitattributes", "config.json", "model.safetensors", "sub/notes.txt"]
+    assert sorted(api.list_repo_files("alice/plain")) == [
+        ".gitattributes",
+        "config.json",
+        "model.safetensors",
+        "sub/notes.txt",
+    ]
     info = api.model_info("alice/plain", files_metadata=True)
     lfs = {s.rfilename: s.lfs for s in info.siblings}
     assert lfs["model.safetensors"].sha256 == sha(weights) and lfs["config.json"] is None
@@ -163,7 +172,9 @@ def test_upload_folder_snapshot_download_and_revisions(server: Server, hf: Any, 
                              cache_dir=str(tmp_path / "cache2"))  # fmt: skip
     assert Path(old).read_text() == "v1"  # every revision stays downloadable
     commits = api.list_repo_commits("alice/plain")
-    assert [c.commit_id for c in commits[:2]] == [second.oid, first.oid] and commits[-1].title == "initial commit"
+    assert [c.commit_id for c in commits[:2]] == [second.oid, first.oid] and commits[
+        -1
+    ].title == "initial commit"
     assert [b.target_commit for b in api.list_repo_refs("alice/plain").branches] == [second.oid]
     tree = {e.path for e in api.list_repo_tree("alice/plain")}
     assert tree == {".gitattributes", "config.json", "model.safetensors", "sub"}  # not recursive: a folder
@@ -179,7 +190,9 @@ def test_resolve_headers_and_ranges(server: Server, hf: Any) -> None:
     assert headers["ETag"] == f'"{sha(data)}"' and int(headers["Content-Length"]) == len(data)
     status, headers, body = server.request("GET", "/alice/ranges/resolve/main/w.safetensors",
                                            headers={"Range": "bytes=100-199"})  # fmt: skip
-    assert status == 206 and body == data[100:200] and headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    assert (
+        status == 206 and body == data[100:200] and headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    )
     status, headers, body = server.json("GET", "/alice/ranges/resolve/main/missing.bin")
     assert status == 404 and headers["X-Error-Code"] == "EntryNotFound" and headers["X-Repo-Commit"] == ci.oid
     status, headers, _ = server.json("GET", "/alice/ranges/resolve/nobranch/w.safetensors")
@@ -188,7 +201,9 @@ def test_resolve_headers_and_ranges(server: Server, hf: Any) -> None:
         api.model_info("alice/ranges", revision="nobranch")
 
 
-def test_private_repos_are_invisible_without_the_owners_token(server: Server, hf: Any, tmp_path: Path) -> None:
+def test_private_repos_are_invisible_without_the_owners_token(
+    server: Server, hf: Any, tmp_path: Path
+) -> None:
     alice = hf.HfApi(endpoint=server.url, token=server.alice)
     alice.create_repo("alice/secret", private=True)
     alice.upload_file(path_or_fileobj=b"x" * 10, path_in_repo="w.safetensors", repo_id="alice/secret")
@@ -205,7 +220,9 @@ def test_private_repos_are_invisible_without_the_owners_token(server: Server, hf
     assert status == 404 and headers["X-Error-Code"] == "RepoNotFound"
     assert "alice/secret" in [m.id for m in alice.list_models()]
     # bob cannot even learn that it exists by trying to create it in alice's namespace
-    status, _, _ = server.json("POST", "/api/repos/create", {"name": "secret", "organization": "alice"}, token=server.bob)
+    status, _, _ = server.json(
+        "POST", "/api/repos/create", {"name": "secret", "organization": "alice"}, token=server.bob
+    )
     assert status == 403
 
 
@@ -214,13 +231,19 @@ def test_writes_need_a_write_token_of_the_namespace_owner(server: Server, hf: An
     alice.create_repo("alice/guarded")
     before = head_of(server, "alice/guarded")
     for token, code in ((None, 401), (server.alice_read, 403), (server.bob, 403)):
-        status, _, body = server.json("POST", "/api/repos/create", {"name": "new", "organization": "alice"}, token=token)
+        status, _, body = server.json(
+            "POST", "/api/repos/create", {"name": "new", "organization": "alice"}, token=token
+        )
         assert status == code, body
         payload = ndjson({"key": "header", "value": {"summary": "x"}},
                          {"key": "file", "value": {"path": "a.txt", "content": "eA==", "encoding": "base64"}})  # fmt: skip
-        status, _, body = server.request("POST", "/api/models/alice/guarded/commit/main", body=payload, token=token)
+        status, _, body = server.request(
+            "POST", "/api/models/alice/guarded/commit/main", body=payload, token=token
+        )
         assert status == code, body
-        status, _, _ = server.json("DELETE", "/api/repos/delete", {"name": "guarded", "organization": "alice"}, token=token)
+        status, _, _ = server.json(
+            "DELETE", "/api/repos/delete", {"name": "guarded", "organization": "alice"}, token=token
+        )
         assert status == code
     assert head_of(server, "alice/guarded") == before
     with pytest.raises(hf.errors.HfHubHTTPError):
@@ -257,7 +280,9 @@ def test_bad_requests_get_hub_errors_and_never_change_a_repo(server: Server, hf:
     }  # fmt: skip
     objects_before = sorted(p for p in (server.home / "server" / "objects").rglob("*") if p.is_file())
     for what, body in bad_bodies.items():
-        status, headers, data = server.request("POST", "/api/models/alice/strict/commit/main", body=body, token=server.alice)
+        status, headers, data = server.request(
+            "POST", "/api/models/alice/strict/commit/main", body=body, token=server.alice
+        )
         assert status in (400, 404), (what, status, data)
         assert "error" in json.loads(data), what
         assert head_of(server, "alice/strict") == before, what
@@ -282,7 +307,7 @@ def test_bad_requests_get_hub_errors_and_never_change_a_repo(server: Server, hf:
         {"operation": "upload", "objects": [{"oid": sha(data), "size": len(data)}]}, token=server.alice,
     )  # fmt: skip
     href = batch["objects"][0]["actions"]["upload"]["href"]
-    path = href[len(server.url):]
+    path = href[len(server.url) :]
     status, _, _ = server.request("PUT", path, body=b"lfs objecX")
     assert status == 400
     assert server.json("POST", "/alice/strict.git/info/lfs/objects/verify", {"oid": sha(data), "size": len(data)},
@@ -299,21 +324,31 @@ def test_bad_requests_get_hub_errors_and_never_change_a_repo(server: Server, hf:
 
     # a README whose YAML is broken is refused by validate-yaml, before anything is uploaded
     with pytest.raises(ValueError, match="Invalid metadata in README.md"):
-        alice.upload_file(path_or_fileobj=b"---\ntags: [unclosed\n---\n", path_in_repo="README.md", repo_id="alice/strict")
+        alice.upload_file(
+            path_or_fileobj=b"---\ntags: [unclosed\n---\n", path_in_repo="README.md", repo_id="alice/strict"
+        )
     assert head_of(server, "alice/strict") == before
 
 
 def test_list_models_search_and_filters(server: Server, hf: Any) -> None:
     alice = hf.HfApi(endpoint=server.url, token=server.alice)
-    for name, base, lib in (("lora-a", "org/base-1", "peft"), ("lora-b", "org/base-2", "peft"), ("model-c", None, "transformers")):
+    for name, base, lib in (
+        ("lora-a", "org/base-1", "peft"),
+        ("lora-b", "org/base-2", "peft"),
+        ("model-c", None, "transformers"),
+    ):
         alice.create_repo(f"alice/{name}")
-        meta = f"library_name: {lib}\ntags: [x]\n" + (f"base_model: {base}\nbase_model_relation: adapter\n" if base else "")
+        meta = f"library_name: {lib}\ntags: [x]\n" + (
+            f"base_model: {base}\nbase_model_relation: adapter\n" if base else ""
+        )
         alice.upload_file(path_or_fileobj=f"---\n{meta}---\n# {name}\n".encode(), path_in_repo="README.md",
                           repo_id=f"alice/{name}")  # fmt: skip
     api = hf.HfApi(endpoint=server.url, token=False)
     peft = {m.id for m in api.list_models(filter="peft")}
     assert {"alice/lora-a", "alice/lora-b"} <= peft and "alice/model-c" not in peft
-    assert [m.id for m in api.list_models(filter=["peft", "base_model:adapter:org/base-2"])] == ["alice/lora-b"]
+    assert [m.id for m in api.list_models(filter=["peft", "base_model:adapter:org/base-2"])] == [
+        "alice/lora-b"
+    ]
     assert {m.id for m in api.list_models(search="lora-")} == {"alice/lora-a", "alice/lora-b"}
     status, _, found = server.json("GET", "/api/models?library=peft&base_model=org/base-1")
     assert status == 200 and [m["id"] for m in found] == ["alice/lora-a"]
@@ -326,7 +361,9 @@ def test_delete_repo_and_branches(server: Server, hf: Any) -> None:
     alice.create_repo("alice/temp")
     alice.upload_file(path_or_fileobj=os.urandom(1000), path_in_repo="w.safetensors", repo_id="alice/temp")
     alice.create_branch("alice/temp", branch="dev")
-    ci = alice.upload_file(path_or_fileobj=b"dev only", path_in_repo="dev.txt", repo_id="alice/temp", revision="dev")
+    ci = alice.upload_file(
+        path_or_fileobj=b"dev only", path_in_repo="dev.txt", repo_id="alice/temp", revision="dev"
+    )
     assert "dev.txt" not in alice.list_repo_files("alice/temp")
     assert "dev.txt" in alice.list_repo_files("alice/temp", revision="dev")
     assert alice.model_info("alice/temp", revision="dev").sha == ci.oid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,11 +35,27 @@ def remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--message", "-m", metavar="TEXT", help="Commit message.")
 @remote_options
 @pass_state
-def push_cmd(state: State, name: str, repo_id: str, private: bool, revision: str | None, message: str | None,
-             endpoint: str | None, token: str | None) -> None:
+def push_cmd(
+    state: State,
+    name: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    message: str | None,
+    endpoint: str | None,
+    token: str | None,
+) -> None:
     """Upload adapter NAME to the Hub repo REPO_ID (PEFT files, model card, adapterhub.json)."""
-    res = state.hub.push_adapter(name, repo_id, private=private, revision=revision, message=message,
-                                 endpoint=endpoint, token=token, progress=state.progress_enabled())
+    res = state.hub.push_adapter(
+        name,
+        repo_id,
+        private=private,
+        revision=revision,
+        message=message,
+        endpoint=endpoint,
+        token=token,
+        progress=state.progress_enabled(),
+    )
     if state.json:
         emit_json(res.to_dict())
         return
@@ -51,16 +68,32 @@ def push_cmd(state: State, name: str, repo_id: str, private: bool, revision: str
 @cli.command("pull")
 @click.argument("repo_id", metavar="REPO_ID[@REVISION]")
 @click.option("--name", help="Catalog name (default: the name in adapterhub.json, else the repo name).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Accept adapter_model.bin, converted with torch.load(weights_only=True) into safetensors.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Accept adapter_model.bin, converted with torch.load(weights_only=True) into safetensors.",
+)
 @remote_options
 @output_options
 @pass_state
-def pull_cmd(state: State, repo_id: str, name: str | None, allow_pickle: bool, endpoint: str | None,
-             token: str | None, mode: str) -> None:
+def pull_cmd(
+    state: State,
+    repo_id: str,
+    name: str | None,
+    allow_pickle: bool,
+    endpoint: str | None,
+    token: str | None,
+    mode: str,
+) -> None:
     """Download an adapter from a Hub repo, check its hashes, validate it and catalog it."""
-    res = state.hub.pull_adapter(repo_id, name=name, endpoint=endpoint, token=token, allow_pickle=allow_pickle,
-                                 progress=state.progress_enabled())
+    res = state.hub.pull_adapter(
+        repo_id,
+        name=name,
+        endpoint=endpoint,
+        token=token,
+        allow_pickle=allow_pickle,
+        progress=state.progress_enabled(),
+    )
     if mode == "json":
         emit_json(res.to_dict())
         return
@@ -73,12 +106,26 @@ def pull_cmd(state: State, repo_id: str, name: str | None, allow_pickle: bool, e
 
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
-              help="Port (0 picks a free one).")
-@click.option("--home", "serve_home", type=click.Path(file_okay=False),
-              help="Home folder to serve (default: the global --home).")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0 picks a free one).",
+)
+@click.option(
+    "--home",
+    "serve_home",
+    type=click.Path(file_okay=False),
+    help="Home folder to serve (default: the global --home).",
+)
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    help="Server log level.",
+)
 @pass_state
 def serve_cmd(state: State, host: str, port: int, serve_home: str | None, log_level: str) -> None:
     """Run a Hub-compatible adapter server on this home (needs the 'serve' extra)."""
@@ -87,8 +134,8 @@ def serve_cmd(state: State, host: str, port: int, serve_home: str | None, log_le
     hub = state.hub
 
     def ready(url: str) -> None:
-        click.echo(f"adapterhub serving {hub.home} on {url}", err=False)
-        click.get_text_stream("stdout").flush()
+        click.echo(f"adapterhub serving {hub.home} on {url}")
+        sys.stdout.flush()
 
     hub.serve(host=host, port=port, ready=ready, log_level=log_level)
 

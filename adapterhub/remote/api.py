@@ -13,7 +13,7 @@ from .results import NewToken, PullResult, PushRecord, PushResult, RemoteAdapter
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
-    from ..server.storage import TokenInfo
+    from ..server.storage import ServerStore, TokenInfo
     from ..store import Store
 
 
@@ -114,11 +114,20 @@ class RemoteMixin:
             if adapter_id is None:
                 raise AdapterNotFoundError(name)
             rows = conn.execute(
-                select(remote_pushes).where(remote_pushes.c.adapter_id == adapter_id).order_by(remote_pushes.c.id)
+                select(remote_pushes)
+                .where(remote_pushes.c.adapter_id == adapter_id)
+                .order_by(remote_pushes.c.id)
             ).all()
         return [
-            PushRecord(name, r.endpoint, r.repo_id, r.revision, r.commit_oid, r.commit_url,
-                       r.pushed_at.replace(microsecond=0).isoformat() + "Z")  # fmt: skip
+            PushRecord(
+                name,
+                r.endpoint,
+                r.repo_id,
+                r.revision,
+                r.commit_oid,
+                r.commit_url,
+                r.pushed_at.replace(microsecond=0).isoformat() + "Z",
+            )  # fmt: skip
             for r in rows
         ]
 
@@ -147,8 +156,7 @@ class RemoteMixin:
 
         serve(self.catalog, self.home, host=host, port=port, ready=ready, log_level=log_level)
 
-    def _server_store(self):  # type: ignore[no-untyped-def]
+    def _server_store(self) -> ServerStore:
         from ..server import server_store
 
         return server_store(self.catalog, self.home)
-

@@ -58,7 +58,10 @@ def model_card(info: AdapterInfo, repo_id: str) -> str:
         lines += [info.description, ""]
     kind = "DoRA" if info.use_dora else "LoRA"
     base = f"`{info.base_model}`" if info.base_model else "an unrecorded base model"
-    lines += [f"A {kind} adapter for {base}, shared with [adapterhub](https://pypi.org/project/adapterhub/).", ""]
+    lines += [
+        f"A {kind} adapter for {base}, shared with [adapterhub](https://pypi.org/project/adapterhub/).",
+        "",
+    ]
     lines += ["## Adapter", "", "| | |", "|---|---|"]
     rows: list[tuple[str, Any]] = [
         ("format", "PEFT" if info.format == "peft" else "kohya / diffusers single file"),
@@ -89,7 +92,9 @@ def model_card(info: AdapterInfo, repo_id: str) -> str:
         lines.append("")
     lines += ["## How to load it", ""]
     if info.format == "peft":
-        auto = _AUTO_CLASS.get(info.task_type or "", "AutoModel" if info.task_type else "AutoModelForCausalLM")
+        auto = _AUTO_CLASS.get(
+            info.task_type or "", "AutoModel" if info.task_type else "AutoModelForCausalLM"
+        )
         base_id = info.base_model or "BASE_MODEL"
         lines += [
             "With PEFT:",

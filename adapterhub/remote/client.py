@@ -25,7 +25,9 @@ def resolve_endpoint(endpoint: str | None) -> str:
     url = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise RemoteError(f"endpoint {url!r} is not an http(s) URL; give e.g. --endpoint http://127.0.0.1:8000")
+        raise RemoteError(
+            f"endpoint {url!r} is not an http(s) URL; give e.g. --endpoint http://127.0.0.1:8000"
+        )
     return url
 
 
@@ -49,11 +51,17 @@ def hub_client(endpoint: str, *, progress: bool = False, what: str = "") -> Iter
     try:
         import huggingface_hub
         from huggingface_hub import constants
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
     except ImportError:  # pragma: no cover - a dependency
         raise RemoteError("push and pull need huggingface_hub: pip install huggingface_hub") from None
     if constants.HF_HUB_OFFLINE:
-        raise RemoteError("HF_HUB_OFFLINE is set, so huggingface_hub makes no requests; unset it to push or pull")
+        raise RemoteError(
+            "HF_HUB_OFFLINE is set, so huggingface_hub makes no requests; unset it to push or pull"
+        )
     old_xet = constants.HF_HUB_DISABLE_XET
     bars_were_off = are_progress_bars_disabled()
     if not is_hf_endpoint(endpoint):
@@ -129,7 +137,9 @@ def translate_errors(endpoint: str, what: str = "") -> Iterator[None]:
     except Exception as exc:
         mod = exc.__class__.__module__
         if mod.startswith(("httpx", "httpcore", "h11")):
-            raise RemoteError(f"cannot talk to {endpoint}: {exc.__class__.__name__}: {' '.join(str(exc).split())}") from None
+            raise RemoteError(
+                f"cannot talk to {endpoint}: {exc.__class__.__name__}: {' '.join(str(exc).split())}"
+            ) from None
         raise
 
 
@@ -171,7 +181,9 @@ def download(
                 for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
                     size += len(chunk)
                     if expected_size is not None and size > expected_size:
-                        raise RemoteError(f"{label}: the server sent more than the {expected_size} bytes it announced")
+                        raise RemoteError(
+                            f"{label}: the server sent more than the {expected_size} bytes it announced"
+                        )
                     h256.update(chunk)
                     if h1 is not None:
                         h1.update(chunk)
@@ -182,9 +194,13 @@ def download(
             raise RemoteError(f"{label}: got {size} bytes, the server's listing says {expected_size}")
         digest = h256.hexdigest()
         if sha256 is not None and digest != sha256:
-            raise RemoteError(f"{label}: sha256 {digest} does not match the server's LFS oid {sha256}; nothing was cataloged")
+            raise RemoteError(
+                f"{label}: sha256 {digest} does not match the server's LFS oid {sha256}; nothing was cataloged"
+            )
         if h1 is not None and h1.hexdigest() != blob_oid:
-            raise RemoteError(f"{label}: content does not match the server's git blob id {blob_oid}; nothing was cataloged")
+            raise RemoteError(
+                f"{label}: content does not match the server's git blob id {blob_oid}; nothing was cataloged"
+            )
         return digest, size
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

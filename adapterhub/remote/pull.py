@@ -52,7 +52,11 @@ def find_by_source(hub: Hub, source: str) -> list[str]:
     from ..catalog.tables import adapters
 
     with hub.catalog.read() as conn:
-        return list(conn.execute(select(adapters.c.name).where(adapters.c.source == source).order_by(adapters.c.id)).scalars())
+        return list(
+            conn.execute(
+                select(adapters.c.name).where(adapters.c.source == source).order_by(adapters.c.id)
+            ).scalars()
+        )
 
 
 def pull_adapter(
@@ -85,7 +89,9 @@ def pull_adapter(
             info = hub.adapter_info(name or already[0])
             return PullResult(info, repo_id, url, commit, changed=False)
         entries = {
-            f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)
+            f.path: f
+            for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+            if isinstance(f, RepoFile)
         }
         bad = sorted(p for p in entries if is_traversal(p))
         if bad:
@@ -139,7 +145,9 @@ def _choose_files(source: str, entries: dict[str, Any], *, allow_pickle: bool) -
                     path=source,
                 )
             return [CONFIG, PICKLE]
-        raise InvalidAdapterError(f"{source} has {CONFIG} but no {WEIGHTS}; it holds no adapter to pull", path=source)
+        raise InvalidAdapterError(
+            f"{source} has {CONFIG} but no {WEIGHTS}; it holds no adapter to pull", path=source
+        )
     singles = [p for p in entries if p.endswith(".safetensors") and "/" not in p]
     if len(singles) == 1:
         return singles
@@ -202,7 +210,12 @@ def _catalog(
     record = record or {}
     tags = check_tags([t for t in record.get("tags") or [] if isinstance(t, str)])
     parents = [
-        {"parent_name": p["name"], "weight": p.get("weight"), "method": p["method"], "params": p.get("params") or {}}
+        {
+            "parent_name": p["name"],
+            "weight": p.get("weight"),
+            "method": p["method"],
+            "params": p.get("params") or {},
+        }
         for p in record.get("parents") or []
     ]
     stored: list[tuple[str, str, str, int, bool]] = []  # filename, role, sha256, size, created
@@ -218,12 +231,16 @@ def _catalog(
         if record.get("base_model"):
             row["base_model"] = record["base_model"]
         modules = [_module_row(m) for m in weights.modules.values()]
-        file_rows = [{"filename": fn, "role": role, "sha256": d, "size_bytes": s} for fn, role, d, s, _ in stored]
+        file_rows = [
+            {"filename": fn, "role": role, "sha256": d, "size_bytes": s} for fn, role, d, s, _ in stored
+        ]
         with hub.catalog.write() as conn:
             if queries.find_id(conn, name) is not None:
                 raise AdapterExistsError(name)
             parents = [dict(p) for p in parents]
-            queries.insert_adapter(conn, row=row, modules=modules, files=file_rows, tag_names=tags, parents=parents)
+            queries.insert_adapter(
+                conn, row=row, modules=modules, files=file_rows, tag_names=tags, parents=parents
+            )
     except IntegrityError:
         hub._drop_unreferenced(d for _, _, d, _, created in stored if created)
         raise AdapterExistsError(name) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidAdapterError, RemoteError
 from .card import model_card
@@ -20,14 +20,18 @@ log = logging.getLogger(__name__)
 RECORD_NAME = "adapterhub.json"
 
 
-def record_bytes(record: dict) -> bytes:  # type: ignore[type-arg]
+def record_bytes(record: dict[str, Any]) -> bytes:
     import jsonschema
 
     from ..resources import load_schema
 
-    errors = sorted(jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).iter_errors(record), key=str)
+    errors = sorted(
+        jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).iter_errors(record), key=str
+    )
     if errors:
-        raise InvalidAdapterError(f"the catalog record does not fit schemas/adapter.schema.json: {errors[0].message}")
+        raise InvalidAdapterError(
+            f"the catalog record does not fit schemas/adapter.schema.json: {errors[0].message}"
+        )
     return (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -77,12 +81,19 @@ def push_adapter(
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        commit = api.create_commit(
-            repo_id,
-            ops,
-            commit_message=message or f"Upload adapter {name} with adapterhub",
-            revision=branch,
-        )
+        hf_log = logging.getLogger("huggingface_hub.hf_api")
+        level = hf_log.level
+        if not log.isEnabledFor(logging.DEBUG):
+            hf_log.setLevel(logging.ERROR)  # its "No files have been modified" warning: we report `changed`
+        try:
+            commit = api.create_commit(
+                repo_id,
+                ops,
+                commit_message=message or f"Upload adapter {name} with adapterhub",
+                revision=branch,
+            )
+        finally:
+            hf_log.setLevel(level)
         changed = any(op._remote_oid is None or op._remote_oid != op._local_oid for op in ops)
         is_private = bool(api.model_info(repo_id, revision=commit.oid).private) if not private else True
     result = PushResult(

@@ -118,7 +118,12 @@ class NewToken:
     write: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"token": self.token, "id": self.id, "user": self.user, "role": "write" if self.write else "read"}
+        return {
+            "token": self.token,
+            "id": self.id,
+            "user": self.user,
+            "role": "write" if self.write else "read",
+        }
 
     def __repr__(self) -> str:  # never print the token by accident
         return f"NewToken(id={self.id}, user={self.user!r}, write={self.write}, token='***')"

@@ -26,7 +26,7 @@ def search_hub(
         for m in api.list_models(search=query or None, filter=filters, limit=limit):
             tags = tuple(m.tags or ())
             bases = [t.split(":", 2)[2] for t in tags if t.startswith("base_model:adapter:")]
-            card = m.card_data.to_dict() if getattr(m, "card_data", None) is not None else {}
+            card = m.card_data.to_dict() if m.card_data is not None else {}
             base_model = bases[0] if bases else card.get("base_model")
             out.append(
                 RemoteAdapter(

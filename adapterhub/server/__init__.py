@@ -57,7 +57,9 @@ def serve(
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise AdapterHubError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+        raise AdapterHubError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port"
+        ) from None
     sock.listen(128)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host

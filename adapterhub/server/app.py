@@ -109,12 +109,17 @@ def create_app(store: ServerStore) -> FastAPI:
     def check_write(tok: TokenInfo | None, ns: str) -> TokenInfo:
         if tok is None:
             raise HubHTTPError(
-                401, "Authentication required: send a write token of the namespace owner (adapterhub token create USER --write)"
+                401,
+                "Authentication required: send a write token of the namespace owner (adapterhub token create USER --write)",
             )
         if tok.user != ns:
-            raise HubHTTPError(403, f"You don't have the rights to write to {ns}: your token belongs to {tok.user}")
+            raise HubHTTPError(
+                403, f"You don't have the rights to write to {ns}: your token belongs to {tok.user}"
+            )
         if not tok.write:
-            raise HubHTTPError(403, "This token is read-only: create a write token (adapterhub token create USER --write)")
+            raise HubHTTPError(
+                403, "This token is read-only: create a write token (adapterhub token create USER --write)"
+            )
         return tok
 
     async def read_body(request: Request, limit: int, what: str) -> bytes:
@@ -141,7 +146,9 @@ def create_app(store: ServerStore) -> FastAPI:
     def sign(repo_id: str, oid: str, size: int, exp: int) -> str:
         return hmac.new(secret, f"{repo_id}\n{oid}\n{size}\n{exp}".encode(), hashlib.sha256).hexdigest()
 
-    def model_json(request: Request, repo: Repo, commit: Commit, files: dict[str, Entry] | None, blobs: bool) -> dict[str, Any]:
+    def model_json(
+        request: Request, repo: Repo, commit: Commit, files: dict[str, Entry] | None, blobs: bool
+    ) -> dict[str, Any]:
         tags, library = card_tags(commit.card)
         d: dict[str, Any] = {
             "_id": f"{repo.id:024x}",
@@ -193,7 +200,10 @@ def create_app(store: ServerStore) -> FastAPI:
                 "name": tok.user,
                 "fullname": tok.user,
                 "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": f"token {tok.id}", "role": role}},
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {"displayName": f"token {tok.id}", "role": role},
+                },
             }
         )
 
@@ -228,7 +238,9 @@ def create_app(store: ServerStore) -> FastAPI:
         if body.get("visibility") is not None:
             private = body.get("visibility") == "private"
         try:
-            repo = await run_in_threadpool(store.create_repo, ns, name, private=bool(private), author=writer.user)
+            repo = await run_in_threadpool(
+                store.create_repo, ns, name, private=bool(private), author=writer.user
+            )
         except HubHTTPError as exc:
             if exc.status == 409:
                 return JSONResponse({"error": exc.message, "url": url}, status_code=409)
@@ -323,8 +335,13 @@ def create_app(store: ServerStore) -> FastAPI:
             hist = await run_in_threadpool(store.history, repo, head)
             return JSONResponse(
                 [
-                    {"id": c.oid, "title": c.title, "message": c.message, "date": iso(c.created_at),
-                     "authors": [{"user": c.author or "unknown"}]}  # fmt: skip
+                    {
+                        "id": c.oid,
+                        "title": c.title,
+                        "message": c.message,
+                        "date": iso(c.created_at),
+                        "authors": [{"user": c.author or "unknown"}],
+                    }  # fmt: skip
                     for c in hist
                 ]
             )
@@ -344,14 +361,18 @@ def create_app(store: ServerStore) -> FastAPI:
             return JSONResponse({})
         raise HubHTTPError(404, f"no such endpoint: {method} {request.url.path}")
 
-    async def model_info(request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str) -> JSONResponse:
+    async def model_info(
+        request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str
+    ) -> JSONResponse:
         repo = await visible(ns, name, tok)
         head = await run_in_threadpool(store.resolve, repo, rev)
         files = await run_in_threadpool(store.files, head)
         blobs = request.query_params.get("blobs") in ("1", "true", "True")
         return JSONResponse(model_json(request, repo, head, files, blobs))
 
-    async def tree(request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str, path: str) -> JSONResponse:
+    async def tree(
+        request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str, path: str
+    ) -> JSONResponse:
         repo = await visible(ns, name, tok)
         head = await run_in_threadpool(store.resolve, repo, rev)
         files = await run_in_threadpool(store.files, head)
@@ -364,7 +385,7 @@ def create_app(store: ServerStore) -> FastAPI:
         for p, e in files.items():
             if not p.startswith(prefix):
                 continue
-            rel = p[len(prefix):]
+            rel = p[len(prefix) :]
             parts = rel.split("/")
             for i in range(1, len(parts)):
                 d = prefix + "/".join(parts[:i])
@@ -378,7 +399,9 @@ def create_app(store: ServerStore) -> FastAPI:
         out.sort(key=lambda x: x["path"])
         return JSONResponse(out)
 
-    async def preupload(request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str) -> JSONResponse:
+    async def preupload(
+        request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str
+    ) -> JSONResponse:
         repo = await writable(ns, name, tok)
         if request.query_params.get("create_pr"):
             raise bad_request("pull requests are not supported by this server")
@@ -402,7 +425,9 @@ def create_app(store: ServerStore) -> FastAPI:
             out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         return JSONResponse({"files": out, "commitOid": head.oid})
 
-    async def commit(request: Request, ns: str, name: str, tok: TokenInfo | None, branch: str) -> JSONResponse:
+    async def commit(
+        request: Request, ns: str, name: str, tok: TokenInfo | None, branch: str
+    ) -> JSONResponse:
         repo = await writable(ns, name, tok)
         assert tok is not None
         if request.query_params.get("create_pr"):
@@ -426,7 +451,9 @@ def create_app(store: ServerStore) -> FastAPI:
         tok = await auth(request)
         body = await read_json(request)
         if not isinstance(body, dict) or body.get("operation") != "upload":
-            raise bad_request("this server's LFS batch API takes operation 'upload' only; download with /resolve")
+            raise bad_request(
+                "this server's LFS batch API takes operation 'upload' only; download with /resolve"
+            )
         repo = await writable(ns, name, tok)
         objs = body.get("objects")
         if not isinstance(objs, list) or len(objs) > 10_000:
@@ -440,7 +467,13 @@ def create_app(store: ServerStore) -> FastAPI:
                             "error": {"code": 422, "message": "oid must be a sha256 (64 hex digits) and size an integer"}})  # fmt: skip
                 continue
             if size > LFS_OBJECT_LIMIT:
-                out.append({"oid": oid, "size": size, "error": {"code": 413, "message": f"object larger than {LFS_OBJECT_LIMIT} bytes"}})
+                out.append(
+                    {
+                        "oid": oid,
+                        "size": size,
+                        "error": {"code": 413, "message": f"object larger than {LFS_OBJECT_LIMIT} bytes"},
+                    }
+                )
                 continue
             path = store.blobs.path(oid)
             if path.is_file() and path.stat().st_size == size:
@@ -453,7 +486,10 @@ def create_app(store: ServerStore) -> FastAPI:
                     "size": size,
                     "authenticated": True,
                     "actions": {
-                        "upload": {"href": f"{base(request)}/lfs-upload/{repo.repo_id}/{oid}?{query}", "expires_in": UPLOAD_URL_TTL},
+                        "upload": {
+                            "href": f"{base(request)}/lfs-upload/{repo.repo_id}/{oid}?{query}",
+                            "expires_in": UPLOAD_URL_TTL,
+                        },
                         "verify": {"href": f"{base(request)}/{repo.repo_id}.git/info/lfs/objects/verify"},
                     },
                 }
@@ -483,8 +519,13 @@ def create_app(store: ServerStore) -> FastAPI:
             size, exp = int(q["size"]), int(q["exp"])
         except (KeyError, ValueError):
             raise HubHTTPError(403, "this upload URL is not signed") from None
-        if not hmac.compare_digest(sign(f"{ns}/{name}", oid, size, exp), q.get("sig", "")) or exp < time.time():
-            raise HubHTTPError(403, "this upload URL is not valid or has expired; ask the LFS batch API again")
+        if (
+            not hmac.compare_digest(sign(f"{ns}/{name}", oid, size, exp), q.get("sig", ""))
+            or exp < time.time()
+        ):
+            raise HubHTTPError(
+                403, "this upload URL is not valid or has expired; ask the LFS batch API again"
+            )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) != size:
             raise HubHTTPError(400, f"the body has {length} bytes, but the object was announced with {size}")
@@ -530,7 +571,9 @@ def create_app(store: ServerStore) -> FastAPI:
             os.close(fd)
             fd = -1
             if total != size:
-                raise HubHTTPError(400, f"the body has {total} bytes, but the object was announced with {size}")
+                raise HubHTTPError(
+                    400, f"the body has {total} bytes, but the object was announced with {size}"
+                )
             if h.hexdigest() != oid:
                 raise HubHTTPError(400, f"the body's sha256 is {h.hexdigest()}, not the announced {oid}")
             await run_in_threadpool(blobs._commit, tmp, oid, size)
@@ -571,8 +614,15 @@ def create_app(store: ServerStore) -> FastAPI:
         c = await run_in_threadpool(store.resolve, repo, oid)
         files = await run_in_threadpool(store.files, c)
         return JSONResponse(
-            {"id": c.oid, "parent": c.parent_oid, "title": c.title, "message": c.message, "author": c.author,
-             "date": iso(c.created_at), "files": [tree_entry(e) for e in files.values()]}  # fmt: skip
+            {
+                "id": c.oid,
+                "parent": c.parent_oid,
+                "title": c.title,
+                "message": c.message,
+                "author": c.author,
+                "date": iso(c.created_at),
+                "files": [tree_entry(e) for e in files.values()],
+            }  # fmt: skip
         )
 
     return app
@@ -598,7 +648,11 @@ def parse_commit(body: bytes) -> tuple[str, str, str | None, list[Op]]:
             item = json.loads(line)
         except ValueError as exc:
             raise bad_request(f"malformed NDJSON commit payload, line {n}: {exc}") from None
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not isinstance(item.get("value"), dict):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("key"), str)
+            or not isinstance(item.get("value"), dict)
+        ):
             raise bad_request(f"malformed NDJSON commit payload, line {n}: expected {{key, value}}")
         key, value = item["key"], item["value"]
         if key == "header":
@@ -636,4 +690,3 @@ def parse_commit(body: bytes) -> tuple[str, str, str | None, list[Op]]:
     if parent is not None and (not isinstance(parent, str) or not OID_RE.match(parent)):
         raise bad_request("parentCommit must be a commit id")
     return title, message, parent, ops
-

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 
 class HubHTTPError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -23,7 +25,9 @@ def repo_not_found(repo_id: str) -> HubHTTPError:
 
 
 def revision_not_found(repo_id: str, revision: str) -> HubHTTPError:
-    return HubHTTPError(404, f"Invalid rev id: {revision} is not a branch or commit of {repo_id}", code="RevisionNotFound")
+    return HubHTTPError(
+        404, f"Invalid rev id: {revision} is not a branch or commit of {repo_id}", code="RevisionNotFound"
+    )
 
 
 def entry_not_found(path: str, commit: str | None = None) -> HubHTTPError:

@@ -27,7 +27,7 @@ from ..catalog import Catalog
 from ..catalog.tables import hub_commit_files, hub_commits, hub_refs, hub_repos, hub_tokens
 from ..errors import AdapterHubError
 from ..store import Store
-from .errors import HubHTTPError, bad_request, entry_not_found, repo_not_found, revision_not_found
+from .errors import HubHTTPError, bad_request, entry_not_found, revision_not_found
 
 NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
@@ -86,7 +86,9 @@ def check_path(path: Any) -> str:
         or "\x00" in path
         or any(seg in ("", ".", "..", ".git") for seg in path.split("/"))
     ):
-        raise bad_request(f"invalid path {path!r}: paths are relative, without '..', '.', '.git' or empty parts")
+        raise bad_request(
+            f"invalid path {path!r}: paths are relative, without '..', '.', '.git' or empty parts"
+        )
     return path
 
 
@@ -202,7 +204,11 @@ class Op:
 
 def _tok(r: Any) -> TokenInfo:
     return TokenInfo(
-        r.id, r.user, bool(r.write), iso(r.created_at)[:19] + "Z", iso(r.last_used_at)[:19] + "Z" if r.last_used_at else None
+        r.id,
+        r.user,
+        bool(r.write),
+        iso(r.created_at)[:19] + "Z",
+        iso(r.last_used_at)[:19] + "Z" if r.last_used_at else None,
     )
 
 
@@ -256,7 +262,9 @@ class ServerStore:
         with self.catalog.write() as conn:
             row = conn.execute(select(hub_tokens).where(cond)).first()
             if row is None:
-                raise TokenError("no such token; `adapterhub token list` shows the ids of the tokens there are")
+                raise TokenError(
+                    "no such token; `adapterhub token list` shows the ids of the tokens there are"
+                )
             conn.execute(delete(hub_tokens).where(hub_tokens.c.id == row.id))
         return _tok(row)
 
@@ -295,8 +303,12 @@ class ServerStore:
                 .values(namespace=namespace, name=name, private=private, created_at=now, updated_at=now)
                 .returning(hub_repos.c.id)
             ).scalar_one()
-            entry = Entry(".gitattributes", gitattributes.size, git_blob_oid(GITATTRIBUTES), gitattributes.sha256, False)
-            self._insert_commit(conn, rid, "main", None, {entry.path: entry}, "initial commit", "", author, None, now)
+            entry = Entry(
+                ".gitattributes", gitattributes.size, git_blob_oid(GITATTRIBUTES), gitattributes.sha256, False
+            )
+            self._insert_commit(
+                conn, rid, "main", None, {entry.path: entry}, "initial commit", "", author, None, now
+            )
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == rid)).one()
         return _repo(row)
 
@@ -320,7 +332,9 @@ class ServerStore:
             return
         with self.catalog.read() as conn:
             keep = set(
-                conn.execute(select(hub_commit_files.c.sha256).where(hub_commit_files.c.sha256.in_(ds))).scalars()
+                conn.execute(
+                    select(hub_commit_files.c.sha256).where(hub_commit_files.c.sha256.in_(ds))
+                ).scalars()
             )
         for d in ds - keep:
             self.blobs.remove(d)
@@ -378,7 +392,9 @@ class ServerStore:
 
     def _files(self, conn: Connection, commit_id: int) -> dict[str, Entry]:
         rows = conn.execute(
-            select(hub_commit_files).where(hub_commit_files.c.commit_id == commit_id).order_by(hub_commit_files.c.path)
+            select(hub_commit_files)
+            .where(hub_commit_files.c.commit_id == commit_id)
+            .order_by(hub_commit_files.c.path)
         )
         return {r.path: Entry(r.path, r.size, r.blob_oid, r.sha256, bool(r.lfs)) for r in rows}
 
@@ -395,7 +411,8 @@ class ServerStore:
     def history(self, repo: Repo, head: Commit, *, limit: int = 1000) -> list[Commit]:
         with self.catalog.read() as conn:
             by_oid = {
-                r.oid: _commit(r) for r in conn.execute(select(hub_commits).where(hub_commits.c.repo_id == repo.id))
+                r.oid: _commit(r)
+                for r in conn.execute(select(hub_commits).where(hub_commits.c.repo_id == repo.id))
             }
         out: list[Commit] = []
         c: Commit | None = head
@@ -405,7 +422,12 @@ class ServerStore:
         return out
 
     def create_branch(self, repo: Repo, branch: str, *, starting_point: str | None) -> None:
-        if not BRANCH_RE.match(branch) or ".." in branch or branch.startswith("refs/") or branch.endswith("/"):
+        if (
+            not BRANCH_RE.match(branch)
+            or ".." in branch
+            or branch.startswith("refs/")
+            or branch.endswith("/")
+        ):
             raise bad_request(f"invalid branch name {branch!r}")
         with self.catalog.write() as conn:
             if conn.execute(
@@ -419,7 +441,9 @@ class ServerStore:
         if branch == "main":
             raise HubHTTPError(403, "The main branch cannot be deleted")
         with self.catalog.write() as conn:
-            n = conn.execute(delete(hub_refs).where(hub_refs.c.repo_id == repo.id, hub_refs.c.name == branch)).rowcount
+            n = conn.execute(
+                delete(hub_refs).where(hub_refs.c.repo_id == repo.id, hub_refs.c.name == branch)
+            ).rowcount
         if not n:
             raise revision_not_found(repo.repo_id, branch)
 
@@ -463,7 +487,9 @@ class ServerStore:
                     size = path.stat().st_size
                     if op.size is not None and op.size != size:
                         raise bad_request(f"{op.path}: LFS object {op.oid} has {size} bytes, not {op.size}")
-                    staged.append((op, Entry(op.path, size, git_blob_oid(lfs_pointer(op.oid, size)), op.oid, True)))
+                    staged.append(
+                        (op, Entry(op.path, size, git_blob_oid(lfs_pointer(op.oid, size)), op.oid, True))
+                    )
                 else:
                     staged.append((op, None))
             with self.catalog.write() as conn:
@@ -485,7 +511,9 @@ class ServerStore:
                         prefix = op.path.rstrip("/") + "/"
                         gone = [p for p in after if p.startswith(prefix)]
                         if not gone:
-                            raise entry_not_found(f"A folder with this name doesn't exist: {op.path}", head.oid)
+                            raise entry_not_found(
+                                f"A folder with this name doesn't exist: {op.path}", head.oid
+                            )
                         for p in gone:
                             del after[p]
                 if after == before:
@@ -497,9 +525,13 @@ class ServerStore:
                     try:
                         card = parse_card(self.blobs.path(after["README.md"].sha256).read_bytes())
                     except ValueError as exc:
-                        raise bad_request(f"Invalid metadata in README.md: {str(exc).splitlines()[0]}") from None
+                        raise bad_request(
+                            f"Invalid metadata in README.md: {str(exc).splitlines()[0]}"
+                        ) from None
                 now = utcnow()
-                commit = self._insert_commit(conn, repo.id, branch, head, after, title, message, author, card, now)
+                commit = self._insert_commit(
+                    conn, repo.id, branch, head, after, title, message, author, card, now
+                )
                 conn.execute(update(hub_repos).where(hub_repos.c.id == repo.id).values(updated_at=now))
             return commit, True
         except BaseException:
@@ -532,31 +564,52 @@ class ServerStore:
         now: dt.datetime,
     ) -> Commit:
         tree = hashlib.sha1(
-            "".join(f"{e.path}\0{e.blob_oid}\0{e.sha256}\0{e.size}\n" for e in sorted(files.values(), key=lambda e: e.path)).encode()
+            "".join(
+                f"{e.path}\0{e.blob_oid}\0{e.sha256}\0{e.size}\n"
+                for e in sorted(files.values(), key=lambda e: e.path)
+            ).encode()
         ).hexdigest()
         body = f"tree {tree}\nparent {parent.oid if parent else ''}\nauthor {author}\ndate {now.isoformat()}\n\n{title}\n\n{message}"
         oid = hashlib.sha1(body.encode()).hexdigest()
         cid = conn.execute(
             insert(hub_commits)
-            .values(repo_id=repo_id, oid=oid, parent_oid=parent.oid if parent else None, title=title,
-                    message=message, author=author, card=card, created_at=now)  # fmt: skip
+            .values(
+                repo_id=repo_id,
+                oid=oid,
+                parent_oid=parent.oid if parent else None,
+                title=title,
+                message=message,
+                author=author,
+                card=card,
+                created_at=now,
+            )  # fmt: skip
             .returning(hub_commits.c.id)
         ).scalar_one()
         if files:
             conn.execute(
                 insert(hub_commit_files),
                 [
-                    {"commit_id": cid, "path": e.path, "size": e.size, "blob_oid": e.blob_oid, "sha256": e.sha256,
-                     "lfs": e.lfs}  # fmt: skip
+                    {
+                        "commit_id": cid,
+                        "path": e.path,
+                        "size": e.size,
+                        "blob_oid": e.blob_oid,
+                        "sha256": e.sha256,
+                        "lfs": e.lfs,
+                    }  # fmt: skip
                     for e in files.values()
                 ],
             )
         exists = conn.execute(
-            select(func.count()).select_from(hub_refs).where(hub_refs.c.repo_id == repo_id, hub_refs.c.name == branch)
+            select(func.count())
+            .select_from(hub_refs)
+            .where(hub_refs.c.repo_id == repo_id, hub_refs.c.name == branch)
         ).scalar_one()
         if exists:
             conn.execute(
-                update(hub_refs).where(hub_refs.c.repo_id == repo_id, hub_refs.c.name == branch).values(commit_id=cid)
+                update(hub_refs)
+                .where(hub_refs.c.repo_id == repo_id, hub_refs.c.name == branch)
+                .values(commit_id=cid)
             )
         else:
             conn.execute(insert(hub_refs).values(repo_id=repo_id, name=branch, commit_id=cid))

@@ -43,7 +43,9 @@ def upgrade() -> None:
     op.create_index("ix_hub_commits_repo_id", "hub_commits", ["repo_id"])
     op.create_table(
         "hub_commit_files",
-        sa.Column("commit_id", sa.Integer, sa.ForeignKey("hub_commits.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "commit_id", sa.Integer, sa.ForeignKey("hub_commits.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("path", sa.String(1000), primary_key=True),
         sa.Column("size", sa.BigInteger, nullable=False),
         sa.Column("blob_oid", sa.String(40), nullable=False),
@@ -55,7 +57,9 @@ def upgrade() -> None:
         "hub_refs",
         sa.Column("repo_id", sa.Integer, sa.ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("name", sa.String(200), primary_key=True),
-        sa.Column("commit_id", sa.Integer, sa.ForeignKey("hub_commits.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "commit_id", sa.Integer, sa.ForeignKey("hub_commits.id", ondelete="CASCADE"), nullable=False
+        ),
     )
     op.create_table(
         "hub_tokens",
