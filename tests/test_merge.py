@@ -343,6 +343,21 @@ def test_incompatible_adapter_refused(llama, tmp_path) -> None:  # noqa: ANN001
     no_leftovers(tmp_path, tmp_path / "out")
 
 
+def test_failure_midway_leaves_nothing(llama, tmp_path) -> None:  # noqa: ANN001
+    model, base, _ = llama
+    ad = read_adapter(make_adapter(model, tmp_path / "ad", target_modules=LLAMA_ALL), load=True)
+    threads = torch.get_num_threads()
+
+    def stop(done: int, total: int) -> None:
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge_checkpoint(base, [(ad, 1.0)], tmp_path / "out", progress=stop)
+    no_leftovers(tmp_path, tmp_path / "out")
+    assert torch.get_num_threads() == threads
+
+
 def test_out_exists_and_bad_args(llama, tmp_path) -> None:  # noqa: ANN001
     model, base, root = llama
     ad = read_adapter(make_adapter(model, tmp_path / "ad", target_modules=["q_proj"]), load=True)

@@ -815,27 +815,31 @@ def _write_shards(
     n_workers = _GPU_WORKERS if cuda else max(1, min(threads_before, os.cpu_count() or 1))
     sh = _Shared(device, chunk_bytes, chunk_bytes * 2 if cuda else 0)
     work = _items(plans, chunk_bytes)
+    reported = -1
 
     def worker() -> None:
         try:
-            w = _Worker(sh)
-            while not sh.failed.is_set():
-                with sh.lock:
-                    item = next(work, None)
-                if item is None:
-                    return
-                if isinstance(item, _Copy):
-                    w.copy(item)
-                    sh.add_done(item.nbytes)
-                else:
-                    w.run(item)
-                    sh.add_done(item.out_nbytes)
+            with torch.inference_mode():
+                _work(_Worker(sh))
         except _Failed:
             pass
         except BaseException as exc:  # handed to the calling thread
             with sh.lock:
                 sh.errors.append(exc)
             sh.failed.set()
+
+    def _work(w: _Worker) -> None:
+        while not sh.failed.is_set():
+            with sh.lock:
+                item = next(work, None)
+            if item is None:
+                return
+            if isinstance(item, _Copy):
+                w.copy(item)
+                sh.add_done(item.nbytes)
+            else:
+                w.run(item)
+                sh.add_done(item.out_nbytes)
 
     try:
         for plan, header in zip(plans, headers, strict=True):
@@ -850,22 +854,20 @@ def _write_shards(
         if not cuda:
             torch.set_num_threads(1)  # parallel across workers instead (restored below)
         threads = [threading.Thread(target=worker, name=f"adapterhub-merge-{i}", daemon=True) for i in range(n_workers)]
-        with torch.inference_mode():
+        for th in threads:
+            th.start()
+        try:
             for th in threads:
-                th.start()
-            reported = -1
-            try:
-                for th in threads:
-                    while th.is_alive():
-                        th.join(0.05)
-                        if progress is not None and sh.done != reported and not sh.failed.is_set():
-                            reported = sh.done
-                            progress(reported, total)
-            except BaseException:
-                sh.failed.set()
-                for th in threads:
-                    th.join()
-                raise
+                while th.is_alive():
+                    th.join(0.05)
+                    if progress is not None and sh.done != reported and not sh.failed.is_set():
+                        reported = sh.done
+                        progress(reported, total)
+        except BaseException:  # the progress callback raised, or KeyboardInterrupt
+            sh.failed.set()
+            for th in threads:
+                th.join()
+            raise
         if sh.errors:
             raise sh.errors[0]
     finally:
