@@ -4,12 +4,14 @@
 AdapterHubError
  +-- InvalidAdapterError (ValueError)        a file or folder is not a sound adapter
  |    +-- PickleRefusedError                 weights are a pickle and --allow-pickle was not given
- +-- InvalidConfigError (ValueError)         adapter_config.json breaks the schema
+ +-- InvalidConfigError (ValueError)         adapter_config.json or a recipe breaks its schema
+ |    +-- RecipeError                        (adapterhub.compose) a recipe is malformed
  +-- IncompatibleAdapterError (ValueError)   adapters do not fit a base or each other
  +-- AdapterNotFoundError (LookupError)      no adapter of that name in the catalog
  +-- AdapterExistsError (ValueError)         the name is taken
  +-- BaseModelError (ValueError)             a base checkpoint cannot be read or matched
  +-- UnknownMethodError (LookupError)        a method name that no registry knows
+ +-- ComposeError                            a recipe step failed (its outputs were removed again)
  +-- CatalogError                            the catalog database cannot be used
  |    +-- CatalogVersionError                the catalog was written by a newer adapterhub
  +-- StoreError (OSError)                    the content-addressed store is damaged
@@ -80,6 +82,13 @@ class UnknownMethodError(AdapterHubError, LookupError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ComposeError(AdapterHubError):
+    def __init__(self, message: str, *, step: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
 
 
 class CatalogError(AdapterHubError):

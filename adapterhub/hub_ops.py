@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from .catalog import Catalog
+    from .compose import ComposeResult
     from .formats import AdapterFiles
     from .lora import LoraWeights
     from .ops.combine import AdapterExpr, CombineResult
@@ -224,13 +225,15 @@ class OpsMixin:
         device: str = "auto",
         tags: Sequence[str] = (),
         description: str | None = None,
+        base: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
     ) -> CombineSummary:
         """Combine adapters into a new cataloged adapter ``name`` (PEFT format) with its lineage.
 
         ``adapters``: cataloged names or paths with weights, ``[("sql", 0.7), ("chat", 0.3)]``, or an
         expression ``0.7 * hub.adapter("sql") + 0.3 * hub.adapter("chat")``. Methods: see
-        `adapterhub.ops.combine`. Inputs that do not fit together are refused with the validation report.
+        `adapterhub.ops.combine`. Inputs that do not fit together (or, with ``base``, do not fit that base
+        model) are refused with the validation report, and nothing is written.
         """
         from .hub import check_name, check_tags
         from .ops.combine import combine as combine_op
@@ -238,8 +241,12 @@ class OpsMixin:
         check_name(name)
         check_tags(tags)
         self._refuse_taken(name)
+        from .ops.combine import COMBINE_METHODS
+
+        COMBINE_METHODS.get(method)  # an unknown name fails before any file is read
         inputs = self._inputs(adapters, load=False)
-        self._preflight(inputs, None, subject=f"combine into {name}")
+        layout = self.base_layout(base) if base is not None else None
+        self._preflight(inputs, layout, subject=f"combine into {name}")
         loaded = [self._input(i.label, i.weight) for i in inputs]
         result = combine_op(
             [(i.weights, i.weight) for i in loaded], method=method, rank=_rank(rank), keep=keep, density=density,
@@ -315,6 +322,68 @@ class OpsMixin:
         ]  # fmt: skip
         return self._store_result(result, name, parents=parents, tags=tags, description=description,
                                   source=f"derived:extract:{Path(finetuned).resolve()}")
+
+    def compose(
+        self, recipe: str | os.PathLike[str] | dict[str, Any], *, dry_run: bool = False, device: str = "auto"
+    ) -> ComposeResult:
+        """Run a recipe (YAML/JSON file or mapping, `schemas/recipe.schema.json`) step by step.
+
+        Everything that can be checked before writing is checked first: the schema, the methods, that
+        every outside input is cataloged and no output name is taken, and that the cataloged inputs fit
+        each other and the recipe's base. ``dry_run`` stops there. If a step fails, the adapters made
+        by earlier steps are removed again, so a recipe leaves all of its outputs or none.
+        """
+        from .compose import ComposeResult, check_methods, load_recipe
+        from .errors import AdapterExistsError, AdapterNotFoundError, ComposeError
+
+        plan = load_recipe(recipe)
+        check_methods(plan)
+        for out in plan.outputs:
+            if self._exists(out):
+                raise AdapterExistsError(out)
+        external = plan.external_inputs()
+        for ext in external:
+            if not self._exists(ext):
+                raise AdapterNotFoundError(ext)
+        made = set(plan.outputs)
+        for step in plan.steps:  # what can be checked now: steps over cataloged inputs only
+            if any(a in made for a, _ in step.inputs):
+                continue
+            layout = self.base_layout(step.base) if step.base else None
+            try:
+                self._preflight(self._inputs(list(step.inputs), load=False), layout, subject=f"step {step.name}")
+            except IncompatibleAdapterError as exc:
+                raise IncompatibleAdapterError(f"{plan.path}: step {step.name!r}: {exc}", report=exc.report) from None
+        if dry_run:
+            return ComposeResult(plan, dry_run=True)
+        created: list[str] = []
+        summaries: list[CombineSummary] = []
+        current = plan.steps[0].name
+        try:
+            for step in plan.steps:
+                current = step.name
+                if step.method == "resize":
+                    if step.base:
+                        self._preflight(self._inputs(list(step.inputs), load=False), self.base_layout(step.base),
+                                        subject=f"step {step.name}")
+                    summary = self.resize_adapter(
+                        step.inputs[0][0], rank=step.rank, new_name=step.name, keep=step.keep,  # type: ignore[arg-type]
+                        device=device, tags=step.tags, description=step.description,
+                    )  # fmt: skip
+                else:
+                    summary = self.combine(
+                        list(step.inputs), name=step.name, method=step.method, rank=step.rank, keep=step.keep,
+                        density=step.density, majority_sign=step.majority_sign, seed=step.seed, device=device,
+                        tags=step.tags, description=step.description, base=step.base,
+                    )  # fmt: skip
+                created.append(step.name)
+                summaries.append(summary)
+        except (AdapterHubError, ValueError) as exc:
+            if created:
+                self.remove_adapters(created)
+            kept = f"removed {', '.join(created)} again" if created else "nothing was written"
+            raise ComposeError(f"{plan.path}: step {current!r} failed ({kept}): {exc}", step=current, cause=exc) from exc
+        return ComposeResult(plan, dry_run=False, summaries=tuple(summaries))
 
     def _refuse_taken(self, name: str) -> None:
         from .errors import AdapterExistsError

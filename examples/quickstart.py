@@ -184,7 +184,28 @@ def main() -> None:
     sh("list", "--compatible-with", base_name, home=home)
     sh("validate", "minilm-sql-r8", "--with", "minilm-chat-r4", home=home)
 
-    step("10. Bad input is refused with one line, and nothing changes")
+    step("10. Merge an adapter into the base: zero-latency inference, same outputs as base + adapter")
+    merged = tmp / "minilm-sql-merged"
+    sh("merge", base_name, "minilm-sql-r8", "--out", str(merged), home=home)
+    merged_model = AutoModel.from_pretrained(str(merged)).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(str(base)), str(made["minilm-sql-r8"])).eval()
+    with torch.no_grad():
+        diff = (merged_model(input_ids=x).last_hidden_state - with_adapter(input_ids=x).last_hidden_state).abs().max()
+    print(f"  max |merged - (base + adapter)| over the last hidden state: {diff:.2e}")
+    sh("show", "minilm-sql-r8", home=home)  # tells where it was merged
+
+    step("11. Combine: an exact weighted sum, then compressed to rank 8 (from the factors, never dense)")
+    sh("combine", "minilm-sql-r8:0.7", "minilm-chat-r4:0.3", "--name", "sql-chat-exact", home=home)
+    sh("combine", "minilm-sql-r8:0.7", "minilm-chat-r4:0.3", "--name", "sql-chat-r8", "--rank", "8", home=home)
+    sh("resize", "minilm-ffn-r16", "--rank", "auto", "--keep", "0.9", "--name", "ffn-auto", home=home)
+
+    step("12. A composition recipe (examples/recipes/minilm-mix.yaml): checked first, then run step by step")
+    recipe = Path(__file__).resolve().parent / "recipes" / "minilm-mix.yaml"
+    sh("compose", str(recipe), "--dry-run", home=home)
+    sh("compose", str(recipe), home=home)
+    sh("show", "minilm-sql-chat-r8", home=home)
+
+    step("13. Bad input is refused with one line, and nothing changes")
     broken = tmp / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
@@ -193,7 +214,7 @@ def main() -> None:
                          capture_output=True, text=True)
     print(f"$ adapterhub add {broken}\n{res.stderr.strip()}\n  (exit code {res.returncode})")
 
-    step("11. The same through the Python API")
+    step("14. The same through the Python API")
     from adapterhub import Hub
 
     with Hub(home) as hub:
@@ -202,9 +223,12 @@ def main() -> None:
         info = hub.adapter_info("minilm-chat-r4")
         print(f"  {info.name}: rslora={info.use_rslora}, tags={list(info.tags)}, scale per module="
               f"{sorted({m.scale for m in info.modules or ()})}")
+        mix = hub.combine(0.5 * hub.adapter("minilm-sql-r8") - 0.5 * hub.adapter("minilm-chat-r4"), name="sql-minus-chat")
+        print(f"  combined {mix.adapter.name} = 0.5 sql - 0.5 chat: rank {mix.adapter.rank}, error {mix.error:.1e}")
+        print(f"  minilm-sql-r8 was merged into: {[m['out'] for m in hub.adapter_info('minilm-sql-r8').merges or ()]}")
         hub.remove_adapter("minilm-dora")
 
-    step("12. Remove")
+    step("15. Remove")
     sh("rm", "--yes", "watercolor-style", home=home)
     sh("list", home=home)
 

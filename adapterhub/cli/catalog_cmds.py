@@ -87,10 +87,26 @@ def list_cmd(state: State, mode: str, **filters: Any) -> None:
 @cli.command("search")
 @click.argument("query")
 @filter_options
+@click.option("--hub", "on_hub", is_flag=True,
+              help="Search a Hub for PEFT adapter repos instead (only --base applies; see --endpoint).")
+@click.option("--endpoint", metavar="URL", help="With --hub: the server (default: $HF_ENDPOINT, else huggingface.co).")
+@click.option("--token", metavar="TOKEN", help="With --hub: access token (default: $HF_TOKEN or the stored login).")
 @output_options
 @pass_state
-def search_cmd(state: State, query: str, mode: str, **filters: Any) -> None:
+def search_cmd(state: State, query: str, mode: str, on_hub: bool, endpoint: str | None, token: str | None,
+               **filters: Any) -> None:
     """Find adapters whose name, description, tags or base model contain every word of QUERY."""
+    if on_hub:
+        others = [k for k, v in filters.items() if v is not None and k != "base"]
+        if others:
+            flag = "format" if others[0] == "fmt" else others[0].replace("_", "-")
+            raise click.UsageError(f"--hub takes only --base as a filter, not --{flag}")
+        found = [r.to_dict() for r in state.hub.search_hub(query, base=filters["base"], endpoint=endpoint, token=token)]
+        emit_records(found, [("repo_id", "repo"), ("base_model", "base model"), ("tags", "tags"),
+                             ("last_modified", "updated")], mode=mode, title="adapters on the Hub")  # fmt: skip
+        return
+    if endpoint or token:
+        raise click.UsageError("--endpoint and --token go with --hub")
     records = [a.to_dict() for a in state.hub.search_adapters(query, **_filters(filters))]
     _print_list(records, mode)
 
@@ -136,6 +152,11 @@ def show_cmd(state: State, name: str, mode: str) -> None:
     for p in d["parents"]:
         w = "" if p["weight"] is None else f" x {p['weight']:g}"
         pairs.append(("parent", f"{p['name']}{w} ({p['method']})"))
+    for m in d.get("merges") or ():
+        verb = "unmerged from" if m.get("unmerge") else "merged into"
+        pairs.append((verb, f"{m['out']} (base {m['base']}, weight {m['weight']:g}, {m['at']})"))
+    if d.get("children"):
+        pairs.append(("children", d["children"]))
     for k, v in sorted(d["metadata"].items()):
         if k.startswith(("ss_", "modelspec.")) and len(str(v)) < 200:
             pairs.append((k, str(v)))

@@ -181,3 +181,34 @@ def extract_cmd(state: State, base: str, finetuned: str, rank: str, max_rank: in
         summary = state.hub.extract_adapter(base, finetuned, rank=rank, name=name, keep=keep, max_rank=max_rank,
                                             device=device, tags=tags, description=description, progress=progress)
     _print_summary(state, summary, as_json)
+
+
+@cli.command("compose")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Check the recipe and the inputs, print the plan, write nothing.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan / results as JSON.")
+@pass_state
+def compose_cmd(state: State, recipe: str, dry_run: bool, device: str, as_json: bool) -> None:
+    """Run a composition RECIPE (YAML or JSON, schemas/recipe.schema.json) step by step.
+
+    A failing step removes what earlier steps made, so the recipe leaves all of its outputs or none.
+    """
+    result = state.hub.compose(recipe, dry_run=dry_run, device=device)
+    d = result.to_dict()
+    if as_json or state.json:
+        emit_json(d)
+        return
+    if state.quiet:
+        return
+    rows = []
+    for s in d["steps"]:
+        inputs = " + ".join(f"{i['weight']:g} x {i['adapter']}" for i in s["inputs"])
+        params = ", ".join(f"{k}={v}" for k, v in s["params"].items())
+        res = s.get("result")
+        rows.append({
+            "name": s["name"], "method": s["method"], "inputs": inputs, "params": params,
+            "outcome": "(dry run)" if dry_run else f"rank {res['adapter']['rank']}, error {res['error']:.3g}",
+        })
+    emit_records(rows, [("name", "step"), ("method", "method"), ("inputs", "inputs"), ("params", "params"),
+                        ("outcome", "outcome")], mode="table", title=f"{'plan of ' if dry_run else ''}{recipe}")
