@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,21 @@ def test_llama_sharded_matches_peft_and_transformers(llama) -> None:  # noqa: AN
     # transformers loads it and gives PEFT's outputs
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(merged), logits(peft_model(base, [(ad, 1.0)])), atol=1e-4, rtol=1e-4)
+
+
+def test_stale_weight_files_not_copied(llama, tmp_path) -> None:  # noqa: ANN001
+    model, base, _ = llama
+    src = tmp_path / "base"
+    shutil.copytree(base, src)
+    (src / "pytorch_model.bin").write_bytes(b"stale")
+    (src / "onnx").mkdir()
+    (src / "onnx" / "model.onnx").write_bytes(b"stale")
+    (src / "onnx" / "config.json").write_text("{}")
+    ad = read_adapter(make_adapter(model, tmp_path / "ad", target_modules=["q_proj"]), load=True)
+    res = merge_checkpoint(src, [(ad, 1.0)], tmp_path / "out")
+    assert not (res.out / "pytorch_model.bin").exists() and not (res.out / "onnx" / "model.onnx").exists()
+    assert (res.out / "onnx" / "config.json").read_text() == "{}"
+    assert any("pytorch_model.bin" in n and "onnx/model.onnx" in n for n in res.notes)
 
 
 def test_two_adapters_with_weights_match_peft(llama) -> None:  # noqa: ANN001

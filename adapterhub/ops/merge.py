@@ -49,7 +49,7 @@ DTYPES = ("keep", "float32", "bfloat16", "float16")
 _DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 #: weight files of other formats that would be stale beside merged safetensors: not copied
-_STALE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_STALE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
 _STALE_NAMES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
 #: names of input embeddings, most specific first, for finding what a missing lm_head is tied to
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
@@ -322,21 +322,35 @@ def _check_out(base: Path, out: Path) -> None:
         raise OutputExistsError(f"{out} is inside the base checkpoint {base}; write the merge elsewhere")
 
 
+def _stale(name: str) -> bool:
+    return name.endswith((".safetensors", *_STALE_SUFFIXES)) or name in _STALE_NAMES
+
+
 def _copy_extras(ckpt: CheckpointInfo, tmp: Path, notes: list[str], skip: set[str]) -> None:
-    """Copy every file of the base folder that is not a weight file we rewrite (config, tokenizer...)."""
+    """Copy every file of the base folder that is not a weight file we rewrite (config, tokenizer...).
+
+    Weights in other files (``pytorch_model.bin``, ``onnx/model.onnx``, a second ``.safetensors``) would
+    be stale after the merge, so they are left out and named in the notes.
+    """
+    left_out: list[str] = []
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        bad = [n for n in names if _stale(n) and not os.path.isdir(os.path.join(folder, n))]
+        left_out.extend(os.path.relpath(os.path.join(folder, n), ckpt.path) for n in bad)
+        return bad
+
     for entry in sorted(ckpt.path.iterdir()):
         name = entry.name
-        if name in skip or name in ckpt.shards or name == INDEX_NAME:
+        if name in skip or name in ckpt.shards or name == INDEX_NAME or name == ".cache":
             continue
         if entry.is_dir():
-            if name == ".cache":
-                continue
-            shutil.copytree(entry, tmp / name)
-            continue
-        if name.endswith(".safetensors") or name.endswith(_STALE_SUFFIXES) or name in _STALE_NAMES:
-            notes.append(f"not copied: {name} (weights in another file would be stale after the merge)")
-            continue
-        shutil.copy2(entry, tmp / name)
+            shutil.copytree(entry, tmp / name, ignore=ignore)
+        elif _stale(name):
+            left_out.append(name)
+        else:
+            shutil.copy2(entry, tmp / name)
+    if left_out:
+        notes.append(f"not copied (weights there would be stale after the merge): {', '.join(sorted(left_out))}")
 
 
 def _write_config(ckpt: CheckpointInfo, tmp: Path, *, untie: bool, dtype: str | None) -> bool:
