@@ -160,6 +160,10 @@ class LoraWeights(Mapping[str, LoraModule]):
     replacement_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     base_model: str | None = None
     use_rslora: bool = False
+    #: replacement key -> the tensor name it was stored under in the file
+    source_names: dict[str, str] = field(default_factory=dict)
+    #: tensors in the file that the format does not explain (reported by validation)
+    unexplained: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> LoraModule:
         return self.modules[key]

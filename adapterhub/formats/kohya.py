@@ -106,7 +106,7 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
         metadata=meta,
         base_model=meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or meta.get("ss_base_model_version"),
     )
-    weights.unexplained = unexplained  # type: ignore[attr-defined]
+    weights.unexplained = unexplained
     return weights
 
 

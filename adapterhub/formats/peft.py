@@ -223,8 +223,8 @@ def parse_peft(
         base_model=config.get("base_model_name_or_path"),
         use_rslora=use_rslora,
     )
-    weights.source_names = replacement_names  # type: ignore[attr-defined]
-    weights.unexplained = unexplained  # type: ignore[attr-defined]
+    weights.source_names = replacement_names
+    weights.unexplained = unexplained
     return weights
 
 
@@ -256,7 +256,7 @@ def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]
                 if mag is None:
                     mag = get(module + ".lora_magnitude_vector.weight")
                 m.magnitude = mag.reshape(-1)
-        names = getattr(weights, "source_names", {})
+        names = weights.source_names
         for key in weights.replacement_shapes:
             weights.replacements[key] = f.get_tensor(names[key]) if key in names else get(key)
     return weights
@@ -314,6 +314,10 @@ def derive_config(weights: LoraWeights, base: dict[str, Any] | None = None) -> d
     config.setdefault("bias", "none")
     config.setdefault("modules_to_save", None)
     config.setdefault("inference_mode", True)
+    # PEFT adds LoRA layers to every module the short target names match; a derived adapter may cover
+    # fewer. With the default init those extra layers start as exact no-ops (B = 0), whatever the
+    # source config said (PiSSA / OLoRA inits would change the base weights on load).
+    config["init_lora_weights"] = True
     return config
 
 

@@ -168,7 +168,7 @@ def check_integrity(files: AdapterFiles, *, scan_values: bool = True) -> tuple[l
         weights = read_adapter(files, problem=problem)
     except AdapterHubError as exc:
         return [*checks, Check("error", "structure", str(exc))], None
-    for name in getattr(weights, "unexplained", []):
+    for name in weights.unexplained:
         checks.append(
             Check(
                 "error",
