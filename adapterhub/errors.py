@@ -11,6 +11,7 @@ AdapterHubError
  +-- AdapterExistsError (ValueError)         the name is taken
  +-- BaseModelError (ValueError)             a base checkpoint cannot be read or matched
  +-- UnknownMethodError (LookupError)        a method name that no registry knows
+ +-- InvalidOptionError (ValueError)         an option value out of range or missing for a method
  +-- ComposeError                            a recipe step failed (its outputs were removed again)
  +-- CatalogError                            the catalog database cannot be used
  |    +-- CatalogVersionError                the catalog was written by a newer adapterhub
@@ -82,6 +83,10 @@ class UnknownMethodError(AdapterHubError, LookupError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class InvalidOptionError(AdapterHubError, ValueError):
+    pass
 
 
 class ComposeError(AdapterHubError):

@@ -262,9 +262,7 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
         return found
 
     def adapter_info(self, name: str) -> AdapterInfo:
-        from .catalog import queries
-
-        from .catalog import bases
+        from .catalog import bases, queries
 
         with self.catalog.read() as conn:
             info = queries.adapter_detail(conn, name)

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 
 
 class BasesMixin:
-    catalog: Catalog
-    store: Store
-
     if TYPE_CHECKING:
+        store: Store
+
+        @property
+        def catalog(self) -> Catalog: ...
 
         def adapter_info(self, name: str) -> AdapterInfo: ...
         def adapter_files(self, name: str) -> AdapterFiles: ...

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterHubError, BaseModelError, IncompatibleAdapterError
+from .errors import AdapterHubError, BaseModelError, IncompatibleAdapterError, InvalidOptionError
 from .records import AdapterInfo
 
 if TYPE_CHECKING:
@@ -69,17 +69,30 @@ class _Input:
 
 
 class OpsMixin:
-    catalog: Catalog
-    store: Store
-
     if TYPE_CHECKING:
+        store: Store
+
+        @property
+        def catalog(self) -> Catalog: ...
 
         def adapter_info(self, name: str) -> AdapterInfo: ...
         def adapter_files(self, name: str) -> AdapterFiles: ...
         def base_layout(self, base: str | os.PathLike[str]) -> BaseLayout: ...
         def _fingerprint_of(self, model_name: str | None) -> str | None: ...
-        def _catalog_files(self, name: str, files: AdapterFiles, weights: LoraWeights, **kw: Any) -> AdapterInfo: ...
+        def _catalog_files(
+            self,
+            name: str,
+            files: AdapterFiles,
+            weights: LoraWeights,
+            *,
+            base: str | None,
+            tags: Sequence[str],
+            description: str | None,
+            source: str | None,
+            parents: Sequence[dict[str, Any]] = (),
+        ) -> AdapterInfo: ...
         def _exists(self, name: str) -> bool: ...
+        def remove_adapters(self, names: Sequence[str]) -> list[str]: ...
 
     # ------------------------------------------------------------------ inputs
     def adapter(self, name: str) -> AdapterExpr[str]:
@@ -276,7 +289,7 @@ class OpsMixin:
         check_tags(tags)
         self._refuse_taken(new_name)
         src = self._input(name)
-        result = resize(src.weights, rank=_rank(rank), keep=keep, device=device)  # type: ignore[arg-type]
+        result = resize(src.weights, rank=_rank(rank), keep=keep, device=device)
         parents = [{"parent_name": src.label, "weight": 1.0, "method": "resize", "params": _jsonable(result.params)}]
         return self._store_result(result, new_name, parents=parents, tags=tags, description=description,
                                   source="derived:resize")
@@ -438,15 +451,16 @@ def _prefixed(c: Check, label: str) -> Check:
     return Check(c.status, c.check, f"{label}: {c.message}", c.module)
 
 
-def _rank(rank: int | str | None) -> int | str | None:
+def _rank(rank: int | str | None) -> Any:
+    """``None``, ``"auto"`` or a positive int (CLI strings are parsed)."""
     if rank is None or rank == "auto":
         return rank
     try:
         value = int(rank)
     except (TypeError, ValueError):
-        raise AdapterHubError(f"rank must be a positive integer or 'auto', got {rank!r}") from None
+        raise InvalidOptionError(f"rank must be a positive integer or 'auto', got {rank!r}") from None
     if value < 1:
-        raise AdapterHubError(f"rank must be a positive integer or 'auto', got {rank!r}")
+        raise InvalidOptionError(f"rank must be a positive integer or 'auto', got {rank!r}")
     return value
 
 

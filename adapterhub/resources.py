@@ -7,7 +7,7 @@ install, tests) they are the top-level ``schemas/`` and ``migrations/`` folders.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ def data_dir(name: str) -> Path:
     raise FileNotFoundError(f"adapterhub's {name}/ folder is missing from the installation")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict[str, Any]:
     """A schema from ``schemas/`` by file name, e.g. ``adapter.schema.json``."""
     with open(data_dir("schemas") / name, encoding="utf-8") as f:

@@ -7,6 +7,7 @@ and renamed into place with `os.replace`, so an object is either complete or abs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -96,10 +97,8 @@ class Store:
         return StoredFile(digest, size, created=True)
 
     def remove(self, sha256: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path(sha256).unlink()
-        except FileNotFoundError:
-            pass
 
     def copy_out(self, sha256: str, dest: str | os.PathLike[str]) -> Path:
         src = self.path(sha256)

@@ -137,7 +137,7 @@ def test_export_converts_between_formats(hub: Hub, made: dict[str, Path], tmp_pa
     back = read_adapter(out, load=True)
     orig = read_adapter(made["sql-r8"], load=True)
     assert back.format == "kohya" and len(back) == len(orig)
-    for key, m in orig.items():
+    for m in orig.values():
         stem = "lora_unet_" + m.module.replace(".", "_")
         assert (back[stem].delta() - m.delta()).abs().max() < 1e-6
     hub.add_adapter(out, name="sql-kohya")

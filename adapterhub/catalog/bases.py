@@ -4,8 +4,8 @@ reads instead of opening adapter files."""
 from __future__ import annotations
 
 import json
-from itertools import groupby
 from collections.abc import Sequence
+from itertools import groupby
 from typing import Any
 
 from sqlalchemy import Connection, Text, delete, func, insert, select, type_coerce

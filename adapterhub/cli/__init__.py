@@ -117,5 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # command modules register themselves on `cli`
-from . import catalog_cmds, ops_cmds, validate_cmds  # noqa: E402,F401
-from . import hub_cmds  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    catalog_cmds,
+    hub_cmds,  # noqa: E402,F401
+    ops_cmds,
+    validate_cmds,
+)

@@ -66,7 +66,7 @@ def merge_cmd(state: State, base: str, adapters: tuple[str, ...], out: str, dtyp
     pairs = [parse_weighted(a) for a in adapters]
     with progress_bar(state, "merging", unit_bytes=True) as progress:
         result = state.hub.merge(base, pairs, out=out, dtype=dtype, device=device, unmerge=unmerge, progress=progress)
-    d = {
+    d: dict[str, Any] = {
         "out": str(result.out),
         "tensors_changed": result.tensors_changed,
         "bytes_written": result.bytes_written,

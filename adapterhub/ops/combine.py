@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
-from ..errors import BaseModelError, IncompatibleAdapterError, InvalidAdapterError
+from ..errors import BaseModelError, IncompatibleAdapterError, InvalidAdapterError, InvalidOptionError
 from ..lora import LoraModule, LoraWeights, ModuleKind
 from .registry import Registry
 
@@ -266,12 +266,12 @@ def _check_rank(rank: object, *, allow_none: bool) -> None:
     if rank == "auto":
         return
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
+        raise InvalidOptionError(f"rank must be a positive integer or 'auto', got {rank!r}")
 
 
 def _check_keep(keep: float) -> None:
     if not (isinstance(keep, numbers.Real) and 0.0 < float(keep) <= 1.0):
-        raise ValueError(f"keep is the share of energy to keep, 0 < keep <= 1; got {keep!r}")
+        raise InvalidOptionError(f"keep is the share of energy to keep, 0 < keep <= 1; got {keep!r}")
 
 
 def _pick_rank(energy: torch.Tensor, rank: int | Literal["auto"], keep: float) -> int:
@@ -412,7 +412,7 @@ class LinearMethod(CombineMethod):
 
     def resolve(self, options: CombineOptions, *, max_rank: int) -> CombineOptions:
         if self.compress is False and options.rank is not None:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"method {self.name!r} keeps every input rank exactly; leave rank unset, or use "
                 "method='linear' with a rank to compress"
             )
@@ -490,7 +490,7 @@ class PruneMethod(CombineMethod):
 
     def resolve(self, options: CombineOptions, *, max_rank: int) -> CombineOptions:
         if options.rank is None:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"method {self.name!r} works on dense deltas and needs rank= (an integer, or 'auto' with "
                 "keep=) to factor the result back into a LoRA"
             )
@@ -498,12 +498,12 @@ class PruneMethod(CombineMethod):
         _check_keep(options.keep)
         d = options.density
         if d is None or not isinstance(d, numbers.Real) or not (0.0 < float(d) <= 1.0):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"method {self.name!r} needs density=, the share of each delta's entries to keep "
                 f"(0 < density <= 1, e.g. 0.5); got {d!r}"
             )
         if options.majority_sign not in ("total", "frequency"):
-            raise ValueError(f"majority_sign must be 'total' or 'frequency', got {options.majority_sign!r}")
+            raise InvalidOptionError(f"majority_sign must be 'total' or 'frequency', got {options.majority_sign!r}")
         return options
 
     def merge_dense(
@@ -571,10 +571,10 @@ def _as_pairs(adapters: object) -> list[tuple[LoraWeights, float]]:
         if not isinstance(w, LoraWeights):
             raise TypeError(f"adapters[{i}] holds a {type(w).__name__}, not LoraWeights; read it with read_adapter")
         if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not math.isfinite(float(weight)):
-            raise ValueError(f"adapters[{i}]: the weight must be a finite number, got {weight!r}")
+            raise InvalidOptionError(f"adapters[{i}]: the weight must be a finite number, got {weight!r}")
         pairs.append((w, float(weight)))
     if not pairs:
-        raise ValueError("combine needs at least one (adapter, weight) pair")
+        raise InvalidOptionError("combine needs at least one (adapter, weight) pair")
     return pairs
 
 
@@ -857,7 +857,7 @@ def resize(
     are carried over unchanged.
     """
     if rank is None:
-        raise ValueError("resize needs rank= (an integer, or 'auto' with keep=)")
+        raise InvalidOptionError("resize needs rank= (an integer, or 'auto' with keep=)")
     result = combine([(weights, 1.0)], method="linear", rank=rank, keep=keep, device=device, progress=progress)
     return replace(result, method="resize")
 
@@ -911,9 +911,9 @@ def extract(
     _check_rank(rank, allow_none=False)
     _check_keep(keep)
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+        raise InvalidOptionError(f"max_rank must be a positive integer, got {max_rank!r}")
     if svd not in ("auto", "exact", "randomized"):
-        raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
+        raise InvalidOptionError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
     dev = resolve_device(device)
     wanted = list(keys) if keys is not None else [k for k in finetuned_tensors if k in base_tensors]
     modules: dict[str, LoraModule] = {}
