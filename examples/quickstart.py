@@ -28,11 +28,11 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def sh(*args: str, home: Path) -> str:
+def sh(*args: str, home: Path, env: dict[str, str] | None = None) -> str:
     """Run the adapterhub CLI the way a user would, echoing the command and its output."""
     cmd = [sys.executable, "-m", "adapterhub", "--home", str(home), *args]
     print("$ adapterhub " + " ".join(shlex.quote(a) for a in args), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120", **(env or {})})
     out = res.stdout + res.stderr
     print(out.rstrip(), flush=True)
     if res.returncode != 0:
@@ -112,6 +112,33 @@ def make_kohya(out: Path) -> Path:
                                       "ss_output_name": "watercolor-style"})
     print(f"  made {path.name}: kohya file, rank 8, alpha 4")
     return path
+
+
+def share(tmp: Path, home: Path) -> None:
+    """Start `adapterhub serve` with its own home, make a write token, push, and pull into a new home."""
+    from adapterhub import Hub
+
+    server_home = tmp / "server-home"
+    with Hub(server_home) as server:
+        token = server.create_token("team", write=True).token  # shown once; stored hashed
+    print("  server token created for user 'team' (stored hashed in the server's catalog)")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterhub", "--home", str(server_home), "serve", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        print(f"  serving on {url}")
+        env = {"HF_TOKEN": token, "HF_HUB_OFFLINE": "0"}
+        sh("push", "minilm-sql-r8", "team/minilm-sql", "--endpoint", url, home=home, env=env)
+        sh("push", "minilm-sql-r8", "team/minilm-sql", "--endpoint", url, home=home, env=env)  # unchanged: no commit
+        elsewhere = tmp / "teammate-home"
+        sh("pull", "team/minilm-sql", "--endpoint", url, home=elsewhere, env=env)
+        sh("show", "minilm-sql-r8", home=elsewhere)  # source: team/minilm-sql@<commit>
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -205,7 +232,10 @@ def main() -> None:
     sh("compose", str(recipe), home=home)
     sh("show", "minilm-sql-chat-r8", home=home)
 
-    step("13. Bad input is refused with one line, and nothing changes")
+    step("13. Share: push to a Hub-compatible server (adapterhub serve, started here on 127.0.0.1), pull elsewhere")
+    share(tmp, home)
+
+    step("14. Bad input is refused with one line, and nothing changes")
     broken = tmp / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
@@ -214,7 +244,7 @@ def main() -> None:
                          capture_output=True, text=True)
     print(f"$ adapterhub add {broken}\n{res.stderr.strip()}\n  (exit code {res.returncode})")
 
-    step("14. The same through the Python API")
+    step("15. The same through the Python API")
     from adapterhub import Hub
 
     with Hub(home) as hub:
@@ -228,7 +258,7 @@ def main() -> None:
         print(f"  minilm-sql-r8 was merged into: {[m['out'] for m in hub.adapter_info('minilm-sql-r8').merges or ()]}")
         hub.remove_adapter("minilm-dora")
 
-    step("15. Remove")
+    step("16. Remove")
     sh("rm", "--yes", "watercolor-style", home=home)
     sh("list", home=home)
 

@@ -23,4 +23,7 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     assert "exported PEFT weights identical to the original: True" in out
     assert "error: " in out and "(exit code 1)" in out  # the refused broken adapter
     assert "Traceback" not in out + res.stderr
+    assert "max |merged - (base + adapter)|" in out and "all 12 targets fit base" in out
+    assert "(exit code 1: the adapter was trained on a 512-wide BERT)" in out
+    assert "(unchanged, no new commit)" in out and "pulled team/minilm-sql@" in out
     assert not list(tmp_path.glob("adapterhub-quickstart-*"))  # cleaned up
