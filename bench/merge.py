@@ -12,9 +12,11 @@ seven linear layers, then times, each in its own subprocess so peak RSS is measu
     python bench/merge.py --size-gb 1 2        # also check that merge memory stays flat
     python bench/merge.py --device cuda --skip-peft
 
-Seconds are the operation itself (imports and interpreter start excluded, reported separately as
-"process"); the page cache is warmed before and synced after each step so steps do not pay for each
-other's writeback. Each of copy and merge runs --repeat times; the median is shown.
+Seconds are the operation itself (imports and interpreter start excluded). Each step runs in its own
+process, which runs the operation --repeat times (PEFT once): the first run is "cold" and the median of
+the others "warm". Before each step the base is read into the page cache and the machine is left alone
+for --settle seconds; see `measure` for why that matters on a VM with free page reporting. Peak RSS is
+the step process's VmHWM.
 """
 
 from __future__ import annotations
@@ -150,7 +152,11 @@ def step_peft(base: Path, out: Path, device: str, adapter: Path) -> None:
 
 
 def run_step(args: argparse.Namespace) -> None:
-    """Child process: import what the step needs, then time the step alone; print a JSON line."""
+    """Child process: import what the step needs, then run it ``--inner`` times; print a JSON line.
+
+    Run 1 is "cold": it starts a few seconds after the previous step freed its memory (see `measure`).
+    Runs 2.. are "warm": each reuses the memory the run before freed (output deleted and synced, untimed).
+    """
     t_proc = time.perf_counter()
     base, out = Path(args.base), Path(args.out)
     if args.step in ("merge", "peft"):
@@ -163,10 +169,14 @@ def run_step(args: argparse.Namespace) -> None:
             import adapterhub.ops  # noqa: F401
     fn = {"copy": step_copy, "merge": step_merge, "peft": step_peft}[args.step]
     kwargs = {} if args.step == "copy" else {"adapter": Path(args.adapter)}
-    t0 = time.perf_counter()
-    fn(base, out, args.device, **kwargs)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"step": args.step, "seconds": seconds, "process": time.perf_counter() - t_proc,
+    runs = []
+    for _ in range(args.inner):
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+        t0 = time.perf_counter()
+        fn(base, out, args.device, **kwargs)
+        runs.append(time.perf_counter() - t0)
+    print(json.dumps({"step": args.step, "runs": runs, "process": time.perf_counter() - t_proc,
                       "peak_rss": peak_rss()}))
 
 
@@ -182,8 +192,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-
-
 def _warm(folder: Path) -> None:
     for p in folder.iterdir():
         if p.is_file():
@@ -192,21 +200,24 @@ def _warm(folder: Path) -> None:
                     pass
 
 
-def measure(step: str, base: Path, adapter: Path, work: Path, device: str) -> dict:
+def measure(step: str, base: Path, adapter: Path, work: Path, device: str, inner: int, settle: float) -> dict:
+    """Run one step in a fresh process, after the page cache holds the base and freed memory has settled.
+
+    ``settle`` seconds of quiet first: on VMs with free page reporting (Firecracker here) memory freed a
+    moment ago is cheap to reuse and memory freed seconds ago is not, so without it whichever step runs
+    right after another step's output was deleted gets an unfair head start.
+    """
     out = work / f"out-{step}"
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     _warm(base)
-    t0 = time.perf_counter()
+    time.sleep(settle)
     cmd = [sys.executable, __file__, "--step", step, "--base", str(base), "--out", str(out),
-           "--adapter", str(adapter), "--device", device]
+           "--adapter", str(adapter), "--device", device, "--inner", str(inner)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-    wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
-    res = json.loads(line)
-    res["wall"] = wall
+    res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     return res
@@ -219,7 +230,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of copy and merge (median shown)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of copy and merge in their process (1 cold + warm)")
+    ap.add_argument("--settle", type=float, default=4.0, help="seconds of quiet before each step (see measure)")
+    ap.add_argument("--inner", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help="where to build (default: a temporary folder, removed after)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
@@ -247,28 +260,20 @@ def main() -> None:
             nbytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
             print(f"\n## {nbytes / 1e9:.2f} GB bf16, {layers_for(size)} layers, "
                   f"{len(list(base.glob('*.safetensors')))} shards (built in {time.perf_counter() - t:.1f} s)")
-            runs_by: dict[str, list[dict]] = {"copy": [], "merge": []}
-            for _ in range(args.repeat):  # interleaved, so a busy moment does not hit one step only
-                for step in ("copy", "merge"):
-                    runs_by[step].append(measure(step, base, adapter, work, args.device))
-            if not args.skip_peft:
-                runs_by["peft"] = [measure("peft", base, adapter, work, args.device)]
-            rows: dict[str, dict] = {}
-            for step, runs in runs_by.items():
-                rows[step] = {
-                    "seconds": statistics.median(r["seconds"] for r in runs),
-                    "all": [round(r["seconds"], 2) for r in runs],
-                    "process": statistics.median(r["process"] for r in runs),
-                    "peak_rss": max(r["peak_rss"] for r in runs),
-                }
-            copy_s = rows["copy"]["seconds"]
-            print(f"{'step':<6} {'seconds':>8} {'vs copy':>8} {'GB/s':>6} {'process s':>10} {'peak RSS MB':>12}  runs")
+            rows = {}
+            for step in ["copy", "merge"] + ([] if args.skip_peft else ["peft"]):
+                r = measure(step, base, adapter, work, args.device, 1 if step == "peft" else args.repeat, args.settle)
+                warm = r["runs"][1:]
+                rows[step] = {"cold": r["runs"][0], "warm": statistics.median(warm) if warm else None,
+                              "all": [round(x, 2) for x in r["runs"]], "peak_rss": r["peak_rss"]}
+            c = rows["copy"]
+            print(f"{'step':<6} {'cold s':>7} {'vs copy':>8} {'warm s':>7} {'vs copy':>8} {'peak RSS MB':>12}  runs (s)")
             for step, r in rows.items():
-                print(f"{step:<6} {r['seconds']:8.2f} {r['seconds'] / copy_s:7.2f}x {nbytes / r['seconds'] / 1e9:6.2f} "
-                      f"{r['process']:10.2f} {r['peak_rss'] / 1e6:12.0f}  {r['all']}")
+                warm = f"{r['warm']:7.2f} {r['warm'] / c['warm']:7.2f}x" if r["warm"] and c["warm"] else f"{'-':>7} {'-':>8}"
+                print(f"{step:<6} {r['cold']:7.2f} {r['cold'] / c['cold']:7.2f}x {warm} {r['peak_rss'] / 1e6:12.0f}  {r['all']}")
             if "peft" in rows:
                 m, p = rows["merge"], rows["peft"]
-                print(f"merge vs peft: {p['seconds'] / m['seconds']:.1f}x faster, "
+                print(f"merge vs peft (cold): {p['cold'] / m['cold']:.1f}x faster, "
                       f"peak RSS {m['peak_rss'] / p['peak_rss']:.2f} of PEFT's")
             shutil.rmtree(work, ignore_errors=True)
     finally:
