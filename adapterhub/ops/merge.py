@@ -408,8 +408,8 @@ def _build_shards(
 
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: bytes of input per chunk, and of fp32 scratch per sub-block on the CPU
-_CPU_CHUNK = 8 << 20
-_CPU_BLOCK = 2 << 20
+_CPU_CHUNK = 4 << 20
+_CPU_BLOCK = 1 << 20
 _GPU_CHUNK = 64 << 20
 _GPU_WORKERS = 3
 
