@@ -24,8 +24,10 @@ class Catalog:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
+        """A read transaction: every query in it sees one snapshot of the catalog."""
         try:
             with self.engine.connect() as conn:
+                conn.begin()
                 yield conn
                 conn.rollback()
         except SQLAlchemyError as exc:

@@ -23,12 +23,28 @@ _LIST_FIELDS = (
 _RAW = {"rank_pattern", "alpha_pattern", "target_modules", "extra", "created_at", "updated_at"}
 _LIST_COLUMNS = [type_coerce(adapters.c[f], Text).label(f) if f in _RAW else adapters.c[f] for f in _LIST_FIELDS]
 _EMPTY_JSON: dict[str, Any] = {"{}": {}, "[]": [], "null": None}
+_NO_JSON = frozenset({None, "{}", "null"})  # stored values of an empty mapping column
 
 
 def _json(value: Any) -> Any:
     if isinstance(value, str):
         return _EMPTY_JSON[value] if value in _EMPTY_JSON else json.loads(value)
     return value
+
+
+def fetch_all(conn: Connection, stmt: Any) -> list[Any]:
+    """All rows of a SELECT as plain tuples. On SQLite the compiled SQL goes straight to the driver's
+    cursor: listing 10,000 adapters then skips SQLAlchemy's per-row result processing, which these
+    queries do not need (their JSON and time columns are selected as raw text and decoded here)."""
+    if conn.dialect.name != "sqlite":
+        return [tuple(r) for r in conn.execute(stmt)]
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = tuple(compiled.params[k] for k in compiled.positiontup or ())
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        return cursor.execute(str(compiled), params).fetchall()
+    finally:
+        cursor.close()
 
 
 def utcnow() -> dt.datetime:
@@ -142,7 +158,7 @@ def select_adapters(
     if names is not None:
         conds.append(adapters.c.name.in_(list(names)))
     stmt = select(*_LIST_COLUMNS).where(*conds).order_by(adapters.c.name)
-    rows = conn.execute(stmt).all()
+    rows = fetch_all(conn, stmt)
     if not rows:
         return []
     ids = [r[0] for r in rows]
@@ -151,14 +167,14 @@ def select_adapters(
     tag_stmt = select(tags.c.adapter_id, tags.c.tag).order_by(tags.c.tag)
     if filtered and len(ids) < 500:
         tag_stmt = tag_stmt.where(tags.c.adapter_id.in_(ids))
-    for aid, t in conn.execute(tag_stmt):
+    for aid, t in fetch_all(conn, tag_stmt):
         tag_map[aid].append(t)
     parent_map: dict[int, list[ParentInfo]] = defaultdict(list)
     lin_stmt = select(lineage.c.child_id, lineage.c.parent_name, lineage.c.weight, lineage.c.method, lineage.c.params)
     if filtered and len(ids) < 500:
         lin_stmt = lin_stmt.where(lineage.c.child_id.in_(ids))
-    for cid, pname, weight, method, params in conn.execute(lin_stmt.order_by(lineage.c.id)):
-        parent_map[cid].append(ParentInfo(pname, weight, method, params or {}))
+    for cid, pname, weight, method, params in fetch_all(conn, lin_stmt.order_by(lineage.c.id)):
+        parent_map[cid].append(ParentInfo(pname, weight, method, _json(params) or {}))
     return [_info(r, tag_map.get(r[0], []), parent_map.get(r[0], [])) for r in rows]
 
 
@@ -179,8 +195,8 @@ def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -
         "alpha": alpha,
         "use_rslora": bool(use_rslora),
         "use_dora": bool(use_dora),
-        "rank_pattern": _json(rank_pattern) or {},
-        "alpha_pattern": _json(alpha_pattern) or {},
+        "rank_pattern": {} if rank_pattern in _NO_JSON else _json(rank_pattern),
+        "alpha_pattern": {} if alpha_pattern in _NO_JSON else _json(alpha_pattern),
         "task_type": task_type,
         "target_modules": tuple(_json(target_modules) or ()),
         "num_modules": num_modules,
@@ -193,7 +209,7 @@ def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -
         "created_at": _iso(created_at) or "",
         "updated_at": _iso(updated_at),
         "parents": tuple(parents),
-        "metadata": _json(extra) or {},
+        "metadata": {} if extra in _NO_JSON else _json(extra),
         "files": None,
         "modules": None,
         "merges": None,

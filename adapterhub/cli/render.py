@@ -55,8 +55,8 @@ def emit_records(
     formatters = formatters or {}
     if mode == "json":
         # one compact record per line: readable, and json's C encoder instead of its slow indent path
-        lines = [json.dumps(r, ensure_ascii=False, default=str) for r in records]
-        sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
+        encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+        sys.stdout.write("[\n" + ",\n".join(map(encode, records)) + "\n]\n" if records else "[]\n")
         return
     if mode == "csv":
         w = csv.writer(sys.stdout)
