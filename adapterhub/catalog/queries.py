@@ -175,10 +175,27 @@ def select_adapters(
         lin_stmt = lin_stmt.where(lineage.c.child_id.in_(ids))
     for cid, pname, weight, method, params in fetch_all(conn, lin_stmt.order_by(lineage.c.id)):
         parent_map[cid].append(ParentInfo(pname, weight, method, _json(params) or {}))
-    return [_info(r, tag_map.get(r[0], []), parent_map.get(r[0], [])) for r in rows]
+    targets = _targets_of(rows)
+    return [
+        _info(r, tag_map.get(r[0], []), parent_map.get(r[0], []), targets=t)
+        for r, t in zip(rows, targets, strict=True)
+    ]
 
 
-def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -> AdapterInfo:
+_TARGETS_AT = _LIST_FIELDS.index("target_modules")
+
+
+def _targets_of(rows: Sequence[Any]) -> list[tuple[str, ...]]:
+    """Every row's target_modules, decoded in one `json.loads` call when they are stored as text."""
+    raw = [r[_TARGETS_AT] for r in rows]
+    if all(isinstance(t, str) for t in raw):
+        return [tuple(t) for t in json.loads("[" + ",".join(raw) + "]")]
+    return [tuple(_json(t) or ()) for t in raw]
+
+
+def _info(
+    r: Any, tag_list: list[str], parents: list[ParentInfo], targets: tuple[str, ...] | None = None, **more: Any
+) -> AdapterInfo:
     (
         _id, name, sha256, fmt, peft_type, base_model, base_revision, rank, alpha, use_rslora, use_dora,
         rank_pattern, alpha_pattern, task_type, dtype, num_params, size_bytes, num_modules, target_modules,
@@ -198,7 +215,7 @@ def _info(r: Any, tag_list: list[str], parents: list[ParentInfo], **more: Any) -
         "rank_pattern": {} if rank_pattern in _NO_JSON else _json(rank_pattern),
         "alpha_pattern": {} if alpha_pattern in _NO_JSON else _json(alpha_pattern),
         "task_type": task_type,
-        "target_modules": tuple(_json(target_modules) or ()),
+        "target_modules": targets if targets is not None else tuple(_json(target_modules) or ()),
         "num_modules": num_modules,
         "dtype": dtype,
         "num_params": num_params,
