@@ -238,22 +238,19 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
     ) -> list[AdapterInfo]:
         """Cataloged adapters, filtered; ``compatible_with`` keeps those whose every target fits that
         base (a registered name or a checkpoint folder), judged from the catalog alone."""
-        from .catalog import queries
-
-        with self.catalog.read() as conn:
-            found = queries.select_adapters(
-                conn, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format
-            )
-        if compatible_with is not None:
-            fits = self.compatible_names(compatible_with)
-            found = [a for a in found if a.name in fits]
-        return found
+        return self._select(
+            None, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format,
+            compatible_with=compatible_with,
+        )  # fmt: skip
 
     def search_adapters(self, query: str, **filters: Any) -> list[AdapterInfo]:
-        """Adapters whose name, description, tags or base model contain every word of ``query``."""
+        """Adapters whose name, description, tags or base model contain every word of ``query``;
+        ``filters`` are those of `list_adapters`."""
+        return self._select(query, **filters)
+
+    def _select(self, query: str | None, *, compatible_with: str | None = None, **filters: Any) -> list[AdapterInfo]:
         from .catalog import queries
 
-        compatible_with = filters.pop("compatible_with", None)
         with self.catalog.read() as conn:
             found = queries.select_adapters(conn, query=query, **filters)
         if compatible_with is not None:
