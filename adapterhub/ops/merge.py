@@ -410,7 +410,7 @@ _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": 
 #: bytes of input per chunk, and of fp32 scratch per sub-block on the CPU
 _CPU_CHUNK = 4 << 20
 _CPU_BLOCK = 1 << 20
-_GPU_CHUNK = 64 << 20
+_GPU_CHUNK = 32 << 20
 _GPU_WORKERS = 3
 
 
@@ -832,7 +832,7 @@ def _write_shards(
     total = sum(len(h) + sum(e.out_nbytes for e in p.entries) for p, h in zip(plans, headers, strict=True))
     threads_before = torch.get_num_threads()
     n_workers = _GPU_WORKERS if cuda else max(1, min(threads_before, os.cpu_count() or 1))
-    sh = _Shared(device, chunk_bytes, chunk_bytes * 2 if cuda else 0)
+    sh = _Shared(device, chunk_bytes, chunk_bytes if cuda else 0)
     work = _items(plans, chunk_bytes)
     reported = -1
 
