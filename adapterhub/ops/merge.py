@@ -83,10 +83,21 @@ class MergeResult:
 
 @dataclass
 class _Lora:
-    """One adapter's low-rank term on one tensor, in the tensor's stored layout: ``L @ R``."""
+    """One adapter's low-rank term on one tensor: ``coef * B @ A``, ``coef`` = sign * weight * scale.
 
-    L: torch.Tensor  # (rows, r), the coefficient w * s (and the sign of unmerge) folded in
-    R: torch.Tensor  # (r, cols)
+    In the tensor's stored layout it is ``L @ R``: ``(coef * B) @ A``, or ``A.T @ (coef * B).T`` for a
+    transposed (Conv1D) base. The scaled factors are built per tensor while it is merged, not up front.
+    """
+
+    a: torch.Tensor  # (r, cols or rows)
+    b: torch.Tensor  # (out, r)
+    coef: float
+    transpose: bool = False
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.transpose:
+            return self.a.T, (self.coef * self.b).T
+        return self.coef * self.b, self.a
 
 
 @dataclass
@@ -219,7 +230,7 @@ def _plan(
             except IncompatibleAdapterError as exc:
                 problems.append(f"{label}: {exc}")
                 continue
-            term = _Lora(L=a.T.contiguous(), R=(coef * b).T.contiguous()) if transpose else _Lora(L=coef * b, R=a)
+            term = _Lora(a=a, b=b, coef=coef, transpose=transpose)
             lora_terms.append((name, term))
             if m.is_dora:
                 if unmerge:
@@ -753,7 +764,8 @@ class _Shared:
             def cat(terms: list[_Lora]) -> tuple[Any, Any]:
                 if not terms:
                     return None, None
-                return mv(torch.cat([x.L for x in terms], 1)), mv(torch.cat([x.R for x in terms], 0))
+                pairs = [x.factors() for x in terms]
+                return mv(torch.cat([p[0] for p in pairs], 1)), mv(torch.cat([p[1] for p in pairs], 0))
 
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
