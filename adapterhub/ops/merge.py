@@ -6,9 +6,9 @@ rounded once to the output dtype. DoRA, ``lora_bias``, embedding, GPT-2 ``Conv1D
 
 How it streams: the output has the base's shard layout. Each shard's header is computed up front and
 written; untouched tensors are copied as bytes by the kernel (``copy_file_range``); targeted tensors are
-read in chunks of rows straight from the shard file, computed, and written at their offset. A reader
-thread, the computing thread and a writer thread overlap, with a small fixed pool of buffers (pinned,
-with a CUDA stream, on a GPU), so memory stays bounded by a few chunks whatever the model size.
+mapped (CPU) or read into pinned buffers (GPU) in chunks of rows straight from the shard file, computed,
+and written at their offset. A few worker threads each take the next chunk, so reading, computing and
+writing of different chunks overlap; memory stays bounded by a few chunks whatever the model size.
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ _STALE_NAMES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_
 #: names of input embeddings, most specific first, for finding what a missing lm_head is tied to
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
                      "embed_in.weight", "shared.weight")
-
-
 #: architectures with an output head that transformers ties to the input embeddings
 _LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead", "ForPreTraining")
 
@@ -635,16 +633,14 @@ class _Worker:
         st = self.sh.state(t, cdt, self.stream) if t is not None else None
         if st is not None and st["norm_done"] is not None:
             self.sh.wait(st["norm_done"])
+        out_t, out_view = self._out_buf(item.out_nbytes)
+        dst = out_t[: item.out_nbytes].view(out_dt).view(rows, cols)
         raw, mapped = self._source(fd, item.src_offset, item.nbytes)
         try:
-            src = raw.view(src_dt).view(rows, cols)
-            out_t, out_view = self._out_buf(item.out_nbytes)
-            dst = out_t[: item.out_nbytes].view(out_dt).view(rows, cols)
-            if self.cuda:
-                self._gpu(item, t, st, src, dst, cdt)
-            else:
-                self._cpu(item, t, st, src, dst, cdt)
+            compute = self._gpu if self.cuda else self._cpu
+            compute(item, t, st, raw.view(src_dt).view(rows, cols), dst, cdt)
         finally:
+            del raw  # the last view of a mapping: it can be unmapped now
             if mapped is not None:
                 mapped.close()
         _write_from(self.sh.dst_fds[item.shard], out_view[: item.out_nbytes], item.dst_offset)
@@ -687,22 +683,23 @@ class _Worker:
         row_bytes = cols * DTYPE_SIZES[item.entry.src_dtype]
         step = max(1, self.sh.chunk_bytes // max(1, row_bytes))
         total = None
-        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        ld, rd = st["dora"]
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             raw, mapped = self._source(fd, item.src_offset + r0 * row_bytes, (r1 - r0) * row_bytes)
             try:
-                with ctx:
-                    x = raw.view(src_dt).view(r1 - r0, cols).to(self.sh.device, cdt, non_blocking=True)
+                with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
                     if st["rep"] is not None:
-                        x = st["rep"][r0:r1].clone()
-                    ld, rd = st["dora"]
-                    y = torch.addmm(x, ld[r0:r1], rd)
-                    sq = y.square().sum(0, dtype=torch.float64)
+                        base = st["rep"][r0:r1]
+                    else:
+                        base = raw.view(src_dt).view(r1 - r0, cols).to(self.sh.device, cdt, non_blocking=True)
+                    sq = torch.addmm(base, ld[r0:r1], rd).square_().sum(0, dtype=torch.float64)
                     total = sq if total is None else total + sq
+                    del base
                 if self.stream is not None:
                     self.stream.synchronize()
             finally:
+                del raw
                 if mapped is not None:
                     mapped.close()
         assert total is not None
