@@ -951,6 +951,12 @@ def merge_checkpoint(
     When the base ties its output head to the input embeddings (no ``lm_head.weight`` in the files) and
     the merge changes either, the head is written out untied and ``tie_word_embeddings`` is set false;
     `MergeResult.untied` names it.
+
+    With several adapters, ``modules_to_save`` replacements apply first, then the LoRA terms in list
+    order. Two adapters may replace one tensor only with equal values. Files written are not fsynced.
+    On the CPU the work is spread over one worker thread per torch thread, each running torch
+    single-threaded (``torch.set_num_threads(1)`` for the duration of the call, then restored). On a GPU
+    the products are fp32 matmuls and follow torch's precision settings: leave TF32 off (the default).
     """
     t0 = time.perf_counter()
     out_dtype = _resolve_dtype(dtype)
