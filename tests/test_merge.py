@@ -227,13 +227,19 @@ def test_gpt2_conv1d_and_lora_bias_match_peft(gpt2) -> None:  # noqa: ANN001
     assert_states_close(load_folder(res.out), peft_merged_state(base, [(dora, 1.0)]), skip=("lm_head.weight",))
 
 
-def test_gpt2_tied_embedding_is_untied(gpt2) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("sharded", [False, True])
+def test_gpt2_tied_embedding_is_untied(gpt2, tmp_path, sharded) -> None:  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 
     model, base, root = gpt2
+    if sharded:
+        base = save_model(model, tmp_path / "sharded", shard_size="30KB")
     ad = make_adapter(model, root / "ad-wte", seed=4, target_modules=["wte", "c_attn"])
-    res = merge_checkpoint(base, [(read_adapter(ad, load=True), 1.0)], root / "out-wte")
+    res = merge_checkpoint(base, [(read_adapter(ad, load=True), 1.0)], tmp_path / "out-wte")
     assert res.untied == ["lm_head.weight"]
+    if sharded:
+        wmap = json.loads((res.out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert wmap["lm_head.weight"] == wmap["transformer.wte.weight"]
     assert json.loads((res.out / "config.json").read_text())["tie_word_embeddings"] is False
     got = load_folder(res.out)
     assert torch.equal(got["lm_head.weight"], load_folder(base)["transformer.wte.weight"])
@@ -382,6 +388,10 @@ def test_out_exists_and_bad_args(llama, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(OutputExistsError, match="already exists"):
         merge_checkpoint(base, [(ad, 1.0)], tmp_path / "taken")
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert (merge_checkpoint(base, [(ad, 1.0)], tmp_path / "empty").out / "config.json").is_file()
+    with pytest.raises(OutputExistsError, match="inside the base"):
+        merge_checkpoint(base, [(ad, 1.0)], base / "merged")
     with pytest.raises(ValueError, match="dtype"):
         merge_checkpoint(base, [(ad, 1.0)], tmp_path / "o", dtype="int8")
     with pytest.raises(BaseModelError, match="no such folder"):
