@@ -247,6 +247,19 @@ def test_gpt2_tied_embedding_is_untied(gpt2, tmp_path, sharded) -> None:  # noqa
     torch.testing.assert_close(logits(merged), logits(peft_model(base, [(ad, 1.0)])), atol=1e-4, rtol=1e-4)
 
 
+def test_gpt2_tied_head_replaced_by_modules_to_save(gpt2, tmp_path) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    model, base, root = gpt2
+    ad = make_adapter(model, tmp_path / "ad", seed=8, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    res = merge_checkpoint(base, [(read_adapter(ad, load=True), 1.0)], tmp_path / "out")
+    assert res.untied == ["lm_head.weight"] and res.tensors_changed == 3  # c_attn x 2, lm_head
+    got = load_folder(res.out)
+    assert torch.equal(got["transformer.wte.weight"], load_folder(base)["transformer.wte.weight"])
+    merged = AutoModelForCausalLM.from_pretrained(res.out).eval()
+    torch.testing.assert_close(logits(merged), logits(peft_model(base, [(ad, 1.0)])), atol=1e-4, rtol=1e-4)
+
+
 def test_gpt2_square_conv1d_needs_model_type(gpt2, tmp_path) -> None:  # noqa: ANN001
     model, base, root = gpt2
     nomt = save_model(model, tmp_path / "nomt")

@@ -981,8 +981,10 @@ def merge_checkpoint(
         head, emb = tied
         extra[head] = (ckpt.shard_of(emb), emb)
         untied.append(head)
+        what = " and ".join(n for n in (emb, head) if n in targets)
         notes.append(
-            f"{head} was tied to {emb}, which the merge changes; wrote it untied and set tie_word_embeddings false"
+            f"{head} was tied to {emb}; the merge changes {what}, so {head} was written untied and "
+            "tie_word_embeddings set false"
         )
     targets = {n: t for n, t in targets.items() if not t.is_identity}
 
@@ -1019,7 +1021,7 @@ def merge_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    changed = len(targets) + len(untied)
+    changed = len(set(targets) | set(untied))
     logger.info("merged %d adapter(s) into %s: %d tensors changed, %.1f MB in %.2f s on %s",
                 len(pairs), out_path, changed, written / 1e6, seconds, dev)
     return MergeResult(
