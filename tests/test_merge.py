@@ -475,6 +475,10 @@ def test_map_keys() -> None:
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text_model.encoder.layers.0.self_attn.q_proj.weight",
     }
     assert m.unmatched == ["model.layers.9.mlp.up_proj.weight"]
+    # tails too short to mean anything do not match: "conv_in" inside a longer kohya stem
+    k = map_keys(["lora_unet_down_blocks_0_resnets_0_conv_in", "extra.lm_head.weight"], ["conv_in.weight", "lm_head.weight"])
+    assert k.unmatched == ["lora_unet_down_blocks_0_resnets_0_conv_in"]
+    assert k.mapping == {"extra.lm_head.weight": "lm_head.weight"}
     assert list(m.ambiguous) == ["self_attn.q_proj.weight"] and len(m.ambiguous["self_attn.q_proj.weight"]) == 3
     assert not m.ok
 

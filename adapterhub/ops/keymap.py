@@ -84,8 +84,9 @@ def _variants(key: str) -> list[str]:
 class _SuffixIndex:
     """Dot-boundary suffixes of the base names, for unique suffix matching in both directions."""
 
-    def __init__(self, names: Iterable[str], sep: str = ".") -> None:
+    def __init__(self, names: Iterable[str], sep: str = ".", min_tail: int = 2) -> None:
         self.sep = sep
+        self.min_tail = min_tail  # parts a base name needs to match as the tail of a longer key
         self.names = set(names)
         self.by_suffix: dict[str, list[str]] = {}
         for name in self.names:
@@ -96,7 +97,7 @@ class _SuffixIndex:
     def candidates(self, key: str) -> list[str]:
         found = set(self.by_suffix.get(key, ()))  # the base name has extra leading parts
         parts = key.split(self.sep)
-        for i in range(1, len(parts)):  # the adapter key has extra leading parts
+        for i in range(1, len(parts) - self.min_tail + 1):  # the adapter key has extra leading parts
             tail = self.sep.join(parts[i:])
             if tail in self.names:
                 found.add(tail)
@@ -125,7 +126,8 @@ def map_keys(adapter_keys: Iterable[str], base_keys: Iterable[str]) -> KeyMatch:
                 for name in base:
                     if name.endswith(".weight"):
                         kohya.setdefault(name[: -len(".weight")].replace(".", "_"), []).append(name)
-                kohya_suffixes = _SuffixIndex(kohya, sep="_")
+                # underscores also join words inside names ("conv_in"), so a tail needs three parts
+                kohya_suffixes = _SuffixIndex(kohya, sep="_", min_tail=3)
             assert kohya_suffixes is not None
             stem = key
             for p in KOHYA_PREFIXES:
