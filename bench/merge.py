@@ -35,6 +35,13 @@ import time
 from pathlib import Path
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
+#: --shape: "small" (the default above) or "8b" (Llama-3-8B: 32 layers make 16 GB in bf16)
+SHAPES = {"small": (2048, 5632, 32, 4, 32000), "8b": (4096, 14336, 32, 8, 128256)}
+
+
+def set_shape(name: str) -> None:
+    global HIDDEN, INTER, HEADS, KV_HEADS, VOCAB
+    HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = SHAPES[name]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,7 +81,8 @@ def build(root: Path, size_gb: float, shard_mb: int, rank: int) -> tuple[Path, P
         shapes.update(_layer_shapes(i))
     shapes["model.norm.weight"] = (HIDDEN,)
     shapes["lm_head.weight"] = (VOCAB, HIDDEN)
-    g = torch.Generator().manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers for 16 GB are faster on a GPU
+    g = torch.Generator(device=dev).manual_seed(0)
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -92,7 +100,7 @@ def build(root: Path, size_gb: float, shard_mb: int, rank: int) -> tuple[Path, P
             if len(shapes[name]) == 1:
                 tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(shapes[name], generator=g) * 0.02).to(torch.bfloat16)
+                tensors[name] = (torch.randn(shapes[name], generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu()
             weight_map[name] = fname
             total += tensors[name].numel() * 2
         save_file(tensors, str(base / fname), metadata={"format": "pt"})
@@ -115,8 +123,8 @@ def build(root: Path, size_gb: float, shard_mb: int, rank: int) -> tuple[Path, P
         if any(f".{t}." in name for t in TARGETS):
             module = "base_model.model." + name[: -len(".weight")]
             out_f, in_f = shape
-            lora[module + ".lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.01
-            lora[module + ".lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.01
+            lora[module + ".lora_A.weight"] = (torch.randn(rank, in_f, generator=g, device=dev) * 0.01).cpu()
+            lora[module + ".lora_B.weight"] = (torch.randn(out_f, rank, generator=g, device=dev) * 0.01).cpu()
     save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
@@ -227,6 +235,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, nargs="+", default=[1.0], help="checkpoint size(s) in GB")
     ap.add_argument("--shard-mb", type=int, default=500)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                    help="small: hidden 2048 (default); 8b: Llama-3-8B-shaped (hidden 4096, 32 layers = 16 GB)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--skip-peft", action="store_true")
@@ -240,6 +250,7 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    set_shape(args.shape)
     if args.step:
         run_step(args)
         return
@@ -247,7 +258,7 @@ def main() -> None:
         build(Path(args.build), args.size_gb[0], args.shard_mb, args.rank)
         return
     root = Path(args.workdir or tempfile.mkdtemp(prefix="adapterhub-bench-"))
-    print(f"# adapterhub merge bench: device={args.device}, rank={args.rank}, cpus={os.cpu_count()}, "
+    print(f"# adapterhub merge bench: shape={args.shape}, device={args.device}, rank={args.rank}, cpus={os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}, work={root}")
     try:
         for size in args.size_gb:
@@ -255,7 +266,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             t = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--build", str(work), "--size-gb", str(size),
-                            "--shard-mb", str(args.shard_mb), "--rank", str(args.rank)], check=True)
+                            "--shard-mb", str(args.shard_mb), "--rank", str(args.rank), "--shape", args.shape],
+                           check=True)
             base, adapter = work / "base", work / "adapter"
             nbytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
             print(f"\n## {nbytes / 1e9:.2f} GB bf16, {layers_for(size)} layers, "
