@@ -15,6 +15,7 @@ AdapterHubError
  +-- ComposeError                            a recipe step failed (its outputs were removed again)
  +-- CatalogError                            the catalog database cannot be used
  |    +-- CatalogVersionError                the catalog was written by a newer adapterhub
+ +-- OutputExistsError (FileExistsError)     an output folder is already there (merge never overwrites)
  +-- StoreError (OSError)                    the content-addressed store is damaged
  +-- RemoteError                             a Hub server refused or failed a request
 ```
@@ -101,6 +102,10 @@ class CatalogError(AdapterHubError):
 
 
 class CatalogVersionError(CatalogError):
+    pass
+
+
+class OutputExistsError(AdapterHubError, FileExistsError):
     pass
 
 

@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterHubError, BaseModelError, IncompatibleAdapterError
+from ..errors import (
+    BaseModelError,
+    IncompatibleAdapterError,
+    InvalidOptionError,
+    OutputExistsError,
+)
 from ..formats.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointInfo, read_checkpoint
 from ..formats.safetensors_header import DTYPE_SIZES
 from ..lora import LoraWeights
@@ -56,10 +61,6 @@ _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weigh
                      "embed_in.weight", "shared.weight")
 #: architectures with an output head that transformers ties to the input embeddings
 _LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead", "ForPreTraining")
-
-
-class OutputExistsError(AdapterHubError, FileExistsError):
-    """The output folder is already there (merge never overwrites)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class _Target:
 
 def _resolve_dtype(dtype: str) -> str | None:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return _DTYPE_CODES.get(dtype)
 
 
@@ -967,7 +968,7 @@ def merge_checkpoint(
         (a, 1.0) if isinstance(a, LoraWeights) else (a[0], float(a[1])) for a in adapters
     ]
     if not pairs:
-        raise ValueError("no adapters given; pass a list of (LoraWeights, weight) pairs")
+        raise InvalidOptionError("no adapters given; pass a list of (LoraWeights, weight) pairs")
     for w, _ in pairs:
         if not isinstance(w, LoraWeights):
             raise TypeError(f"adapters must be LoraWeights (from read_adapter(..., load=True)), got {type(w).__name__}")
@@ -992,7 +993,7 @@ def merge_checkpoint(
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device")
+        raise InvalidOptionError(f"device {device!r} was asked for but torch sees no CUDA device")
     plans = _build_shards(ckpt, targets, out_dtype=out_dtype, extra=extra)
     if out_dtype:
         notes.append(f"float tensors converted to {dtype}")
