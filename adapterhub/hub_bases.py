@@ -8,28 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._hubcore import HubCore
 from .errors import AdapterHubError, AdapterNotFoundError, BaseModelError
 from .records import BaseInfo
 
 if TYPE_CHECKING:
-    from .catalog import Catalog
     from .formats import AdapterFiles
     from .lora import LoraWeights
     from .ops.validate import BaseLayout, Check, ValidationReport
-    from .records import AdapterInfo
-    from .store import Store
 
 
-class BasesMixin:
-    if TYPE_CHECKING:
-        store: Store
-
-        @property
-        def catalog(self) -> Catalog: ...
-
-        def adapter_info(self, name: str) -> AdapterInfo: ...
-        def adapter_files(self, name: str) -> AdapterFiles: ...
-
+class BasesMixin(HubCore):
     # ------------------------------------------------------------------ base models
     def add_base(self, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
         """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""

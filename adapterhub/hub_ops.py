@@ -15,20 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._hubcore import HubCore
 from .errors import AdapterHubError, BaseModelError, IncompatibleAdapterError, InvalidOptionError
 from .records import AdapterInfo
 
 if TYPE_CHECKING:
     import torch
 
-    from .catalog import Catalog
     from .compose import ComposeResult
-    from .formats import AdapterFiles
     from .lora import LoraWeights
     from .ops.combine import AdapterExpr, CombineResult
     from .ops.merge import MergeResult
     from .ops.validate import BaseLayout, Check, ValidationReport
-    from .store import Store
 
 AdapterRef = str | os.PathLike[str]
 Weighted = AdapterRef | tuple[AdapterRef, float]
@@ -68,32 +66,7 @@ class _Input:
     weight: float = 1.0
 
 
-class OpsMixin:
-    if TYPE_CHECKING:
-        store: Store
-
-        @property
-        def catalog(self) -> Catalog: ...
-
-        def adapter_info(self, name: str) -> AdapterInfo: ...
-        def adapter_files(self, name: str) -> AdapterFiles: ...
-        def base_layout(self, base: str | os.PathLike[str]) -> BaseLayout: ...
-        def _fingerprint_of(self, model_name: str | None) -> str | None: ...
-        def _catalog_files(
-            self,
-            name: str,
-            files: AdapterFiles,
-            weights: LoraWeights,
-            *,
-            base: str | None,
-            tags: Sequence[str],
-            description: str | None,
-            source: str | None,
-            parents: Sequence[dict[str, Any]] = (),
-        ) -> AdapterInfo: ...
-        def _exists(self, name: str) -> bool: ...
-        def remove_adapters(self, names: Sequence[str]) -> list[str]: ...
-
+class OpsMixin(HubCore):
     # ------------------------------------------------------------------ inputs
     def adapter(self, name: str) -> AdapterExpr[str]:
         """A cataloged adapter as a value for arithmetic: ``0.7 * hub.adapter("sql") + 0.3 * hub.adapter("chat")``."""

@@ -6,26 +6,17 @@ Imports nothing heavy: huggingface_hub, FastAPI and SQLAlchemy load inside the m
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._hubcore import HubCore
 from .results import NewToken, PullResult, PushRecord, PushResult, RemoteAdapter
 
 if TYPE_CHECKING:
-    from ..catalog import Catalog
     from ..server.storage import ServerStore, TokenInfo
-    from ..store import Store
 
 
-class RemoteMixin:
+class RemoteMixin(HubCore):
     """Methods of `Hub` that talk to a Hub-compatible server, or are one."""
-
-    if TYPE_CHECKING:
-        home: Path
-        store: Store
-
-        @property
-        def catalog(self) -> Catalog: ...
 
     # ------------------------------------------------------------------ client
     def push_adapter(
