@@ -1,4 +1,4 @@
-"""Combine LoRA adapters: weighted sums (exact or compressed), TIES / DARE / magnitude pruning, resize, extract.
+"""Combine LoRA adapters: weighted sums (exact or compressed), TIES / DARE / magnitude pruning, resize.
 
 Every method works module by module on `LoraWeights` (``delta = scale * B @ A`` in module-weight layout,
 conv factors flattened to ``(r, in*kh*kw)``) and returns a `CombineResult`: a new adapter with tensors,
@@ -29,6 +29,10 @@ with a truncated SVD. DARE draws its masks module by module in the order the mod
 inputs, and adapter by adapter in input order, from a generator seeded with ``seed`` (or torch's global
 generator when ``seed`` is None), one ``torch.bernoulli`` call per delta, as PEFT does.
 
+The low-rank linear algebra lives in `lowrank`, PEFT's pruning in `prune`, `CombineResult` and the
+helpers that build its modules in `result`, and `extract` (a LoRA from a full fine-tune) in `extract`;
+this module re-exports them, so everything stays importable from here.
+
 Torch is imported only when a function runs; nothing here needs more than torch.
 """
 
@@ -38,14 +42,36 @@ import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
-from ..errors import BaseModelError, IncompatibleAdapterError, InvalidAdapterError, InvalidOptionError
-from ..lora import LoraModule, LoraWeights, ModuleKind
+from ..errors import IncompatibleAdapterError, InvalidAdapterError, InvalidOptionError
+from ..lora import LoraModule, LoraWeights
+from .extract import _EMBEDDING_NAMES as _EMBEDDING_NAMES
+from .extract import _factor_dense as _factor_dense
+from .extract import _guess_kind as _guess_kind
+from .extract import extract as extract
+from .lowrank import FactoredDelta as FactoredDelta
+from .lowrank import _check_keep as _check_keep
+from .lowrank import _check_rank as _check_rank
+from .lowrank import _dense_truncate as _dense_truncate
+from .lowrank import _orthogonalize as _orthogonalize
+from .lowrank import _pad as _pad
+from .lowrank import _pick_rank as _pick_rank
+from .lowrank import _split as _split
+from .lowrank import _truncate_factored as _truncate_factored
+from .prune import _magnitude_prune as _magnitude_prune
+from .prune import _majority_sign_mask as _majority_sign_mask
+from .prune import _random_prune as _random_prune
 from .registry import Registry
+from .result import _DTYPE_NAMES as _DTYPE_NAMES
+from .result import CombineResult as CombineResult
+from .result import Progress as Progress
+from .result import _build_module as _build_module
+from .result import _dtype_name as _dtype_name
+from .result import resolve_device as resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -68,34 +94,10 @@ __all__ = [
 
 RankSpec = int | Literal["auto"] | None
 MajoritySign = Literal["total", "frequency"]
-Progress = Callable[[int, int], None]
 AdapterT = TypeVar("AdapterT")
 
-_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
-
-# --------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class CombineResult:
-    """What `combine`, `resize` and `extract` return.
-
-    ``error`` and ``module_errors`` are relative Frobenius errors ``||result - exact|| / ||exact||``
-    against the exact weighted sum of the input deltas (for `extract`: against ``W_ft - W_base``), overall
-    and per module key; rounding the factors to the output dtype is not counted.
-    """
-
-    weights: LoraWeights
-    method: str
-    error: float
-    module_errors: Mapping[str, float]
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        """The rank of each module of the new adapter."""
-        return {k: m.rank for k, m in self.weights.modules.items()}
+# --------------------------------------------------------------------------------------------- options
 
 
 @dataclass(frozen=True)
@@ -128,16 +130,6 @@ class CombineTerm:
         b = m.B.to(device=device, dtype=dtype).reshape(m.B.shape[0], -1)
         a = m.A.to(device=device, dtype=dtype).reshape(m.A.shape[0], -1)
         return b, a
-
-
-@dataclass(frozen=True)
-class FactoredDelta:
-    """A method's answer for one module: ``B @ A`` (scale 1) and its squared error against the exact sum."""
-
-    B: torch.Tensor  # (out, R)
-    A: torch.Tensor  # (R, in*kh*kw)
-    error_sq: float
-    norm_sq: float  # squared Frobenius norm of the exact weighted sum
 
 
 @dataclass(frozen=True)
@@ -260,142 +252,6 @@ def combine_methods() -> list[str]:
     return COMBINE_METHODS.names()
 
 
-def _check_rank(rank: object, *, allow_none: bool) -> None:
-    if rank is None and allow_none:
-        return
-    if rank == "auto":
-        return
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidOptionError(f"rank must be a positive integer or 'auto', got {rank!r}")
-
-
-def _check_keep(keep: float) -> None:
-    if not (isinstance(keep, numbers.Real) and 0.0 < float(keep) <= 1.0):
-        raise InvalidOptionError(f"keep is the share of energy to keep, 0 < keep <= 1; got {keep!r}")
-
-
-def _pick_rank(energy: torch.Tensor, rank: int | Literal["auto"], keep: float) -> int:
-    """How many leading singular values to keep (``energy`` = squared singular values, descending)."""
-    n = int(energy.numel())
-    if rank != "auto":
-        return min(int(rank), n)
-    e = energy.double()
-    total = float(e.sum())
-    if n == 0 or total <= 0.0:
-        return 1
-    cum = e.cumsum(0)
-    need = keep * total * (1.0 - 1e-12)
-    return max(1, min(n, int((cum < need).sum()) + 1))
-
-
-def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``: the singular values split evenly between the factors."""
-    sq = s[:r].sqrt()
-    return u[:, :r] * sq, sq[:, None] * vh[:r]
-
-
-def _dense_truncate(
-    x: torch.Tensor,
-    rank: int | Literal["auto"],
-    keep: float,
-    max_rank: int | None = None,
-    *,
-    gram: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of a dense 2-D ``x`` as ``(B, A)`` in ``x.dtype``, singular values split evenly.
-
-    On the CPU: ``torch.linalg.svd`` (LAPACK gesdd; what PEFT uses). On a GPU: an eigendecomposition of
-    the smaller fp64 Gram matrix, because cuSOLVER's default fp32 SVD (Jacobi) can miss the leading
-    subspace by 1e-3 to 1e-2 relative, while this is exact to fp32 and about as fast as gesvda.
-    ``gram`` forces one way or the other.
-    """
-    import torch
-
-    if not (gram if gram is not None else x.device.type != "cpu"):
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        r = _pick_rank(s.double() ** 2, rank, keep)
-        if max_rank is not None:
-            r = min(r, max_rank)
-        return _split(u, s, vh, r)
-    xd = x.double()
-    tall = x.shape[0] > x.shape[1]
-    w, v = torch.linalg.eigh(xd.T @ xd if tall else xd @ xd.T)
-    energy = w.flip(0).clamp_min(0.0)
-    v = v.flip(1)
-    r = _pick_rank(energy, rank, keep)
-    if max_rank is not None:
-        r = min(r, max_rank)
-    s = energy[:r].sqrt()
-    # drop directions at the fp64 Gram's noise floor rather than divide by them
-    live = s > s[0] * 1e-7
-    root = torch.where(live, s.sqrt(), torch.zeros_like(s))
-    inv_root = torch.where(live, 1.0 / s.clamp_min(1e-300).sqrt(), torch.zeros_like(s))
-    if tall:  # x = U S V^T, V from X^T X: A = sqrt(S) V^T, B = X V S^-1/2
-        a = root[:, None] * v[:, :r].T
-        b = (xd @ v[:, :r]) * inv_root
-    else:  # U from X X^T: B = U sqrt(S), A = S^-1/2 U^T X
-        b = v[:, :r] * root
-        a = inv_root[:, None] * (v[:, :r].T @ xd)
-    return b.to(x.dtype), a.to(x.dtype)
-
-
-def _pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero columns / rows so an explicit ``rank`` is met even where the exact sum has lower rank."""
-    r = b.shape[1]
-    if r >= rank:
-        return b, a
-    import torch
-
-    b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
-    a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], dim=0)
-    return b, a
-
-
-def _orthogonalize(x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """``x = Q R`` for a tall ``(n, K)`` stack: returns ``(M -> Q @ M, R)`` without necessarily forming Q.
-
-    CholeskyQR2 (two Cholesky factorisations of K x K Gram matrices; as accurate as Householder for
-    condition numbers below ~1e7 in fp64, and several times faster on tall-skinny stacks), falling back
-    to Householder QR when the stack is rank deficient or ill-conditioned (the same adapter twice, K > n).
-    """
-    import torch
-
-    n, k = x.shape
-    if n >= k:
-        l1, info1 = torch.linalg.cholesky_ex(x.T @ x)
-        d1 = l1.diagonal()
-        if int(info1) == 0 and float(d1.min()) > 1e-7 * float(d1.max()):
-            r1 = l1.T
-            q1 = torch.linalg.solve_triangular(r1, x, upper=True, left=False)  # x @ inv(r1)
-            l2, info2 = torch.linalg.cholesky_ex(q1.T @ q1)
-            if int(info2) == 0:
-                r2 = l2.T
-                return (lambda m: q1 @ torch.linalg.solve_triangular(r2, m, upper=True)), r2 @ r1
-    q, r = torch.linalg.qr(x)
-    return (lambda m: q @ m), r
-
-
-def _truncate_factored(b: torch.Tensor, a: torch.Tensor, rank: int | Literal["auto"], keep: float) -> FactoredDelta:
-    """Optimal rank reduction of ``b @ a`` (``(out, K) @ (K, in)``) without forming the product.
-
-    ``b = Qb Rb`` and ``a^T = Qa Ra``, so ``b @ a = Qb (Rb Ra^T) Qa^T``; the SVD of the small core
-    ``Rb Ra^T = U S V^T`` gives the SVD of the product, ``(Qb U) S (Qa V)^T``.
-    """
-    import torch
-
-    apply_b, rb = _orthogonalize(b)
-    apply_a, ra = _orthogonalize(a.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    energy = s.double() ** 2
-    r = _pick_rank(energy, rank, keep)
-    sq = s[:r].sqrt()
-    new_b = apply_b(u[:, :r] * sq)
-    new_a = apply_a(vh[:r].T * sq).T
-    if rank != "auto":
-        new_b, new_a = _pad(new_b, new_a, int(rank))
-    return FactoredDelta(new_b, new_a, float(energy[r:].sum()), float(energy.sum()))
-
-
 @COMBINE_METHODS.register("linear")
 @COMBINE_METHODS.register("cat", compress=False)
 @COMBINE_METHODS.register("svd", compress=True)
@@ -438,36 +294,6 @@ class LinearMethod(CombineMethod):
             norm_sq = float(((b.T @ b) * (a @ a.T)).sum())
             return FactoredDelta(b, a, 0.0, max(norm_sq, 0.0))
         return _truncate_factored(b, a, options.rank, options.keep)
-
-
-def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
-    """PEFT's ``magnitude_based_pruning``: keep the ``int(density * numel)`` largest ``|t|``."""
-    import torch
-
-    if density >= 1.0:
-        return t
-    mask = torch.zeros_like(t).reshape(-1)
-    k = int(density * t.numel())
-    top = torch.topk(t.abs().reshape(-1), k=k, largest=True)
-    mask[top[1]] = 1
-    return t * mask.reshape(t.shape)
-
-
-def _random_prune(t: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """PEFT's ``random_pruning`` with ``rescale=True``: a Bernoulli(density) mask, divided by density."""
-    import torch
-
-    if density >= 1.0:
-        return t
-    mask = torch.bernoulli(torch.full_like(t, density), generator=generator)
-    return t * mask / density
-
-
-def _majority_sign_mask(stacked: torch.Tensor, method: str) -> torch.Tensor:
-    sign = stacked.sign()
-    magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
-    majority = (magnitude >= 0).to(sign.dtype) * 2 - 1
-    return sign == majority
 
 
 @COMBINE_METHODS.register("ties", prune="magnitude", elect_sign=True)
@@ -548,15 +374,6 @@ class PruneMethod(CombineMethod):
 
 
 # ---------------------------------------------------------------------------------------------- combine
-
-
-def resolve_device(device: object = "auto") -> torch.device:
-    """``"auto"``: the first CUDA device when there is one, else the CPU."""
-    import torch
-
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)  # type: ignore[call-overload]
 
 
 def _as_pairs(adapters: object) -> list[tuple[LoraWeights, float]]:
@@ -653,43 +470,6 @@ def _common(values: Iterable[Any]) -> Any:
     if vals and all(v == vals[0] for v in vals):
         return vals[0]
     return None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch.").upper())
-
-
-def _build_module(
-    key: str,
-    template: LoraModule,
-    kind: ModuleKind,
-    b: torch.Tensor,
-    a: torch.Tensor,
-    dtype: torch.dtype,
-    *,
-    bias: torch.Tensor | None = None,
-    magnitude: torch.Tensor | None = None,
-) -> LoraModule:
-    rank = int(a.shape[0])
-    kernel = template.kernel_size
-    a_out = a.reshape(rank, template.in_features, *kernel).to(device="cpu", dtype=dtype).contiguous()
-    b_out = b.reshape(template.out_features, rank, *([1] * len(kernel))).to(device="cpu", dtype=dtype).contiguous()
-    return LoraModule(
-        key=key,
-        kind=kind,
-        rank=rank,
-        alpha=float(rank),
-        scale=1.0,
-        a_shape=tuple(a_out.shape),
-        b_shape=tuple(b_out.shape),
-        dtype=_dtype_name(dtype),
-        A=a_out,
-        B=b_out,
-        bias=bias,
-        bias_shape=tuple(bias.shape) if bias is not None else None,
-        magnitude=magnitude,
-        magnitude_shape=tuple(magnitude.shape) if magnitude is not None else None,
-    )
 
 
 def _extras(terms: Sequence[CombineTerm], dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -860,148 +640,3 @@ def resize(
         raise InvalidOptionError("resize needs rank= (an integer, or 'auto' with keep=)")
     result = combine([(weights, 1.0)], method="linear", rank=rank, keep=keep, device=device, progress=progress)
     return replace(result, method="resize")
-
-
-# ---------------------------------------------------------------------------------------------- extract
-
-_EMBEDDING_NAMES = ("wte", "wpe", "shared")
-
-
-def _guess_kind(key: str) -> ModuleKind:
-    name = key.removesuffix(".weight").rsplit(".", 1)[-1]
-    return "embedding" if "embed" in name or name in _EMBEDDING_NAMES else "linear"
-
-
-def extract(
-    base_tensors: Mapping[str, torch.Tensor],
-    finetuned_tensors: Mapping[str, torch.Tensor],
-    *,
-    rank: int | Literal["auto"],
-    keep: float = 0.99,
-    max_rank: int | None = None,
-    svd: Literal["auto", "exact", "randomized"] = "auto",
-    niter: int = 4,
-    keys: Iterable[str] | None = None,
-    kinds: Mapping[str, ModuleKind] | None = None,
-    base_model: str | None = None,
-    device: str | torch.device = "auto",
-    progress: Progress | None = None,
-) -> CombineResult:
-    """A LoRA that approximates a full fine-tune: per 2-D ``*.weight`` tensor, the truncated SVD of
-    ``W_ft - W_base`` (fp32, on the GPU when there is one).
-
-    Args:
-        base_tensors, finetuned_tensors: tensors by checkpoint key (any mapping, e.g. a lazy one over
-            ``safe_open``); tensors are fetched one key at a time.
-        rank: an integer, or ``"auto"``: per module the smallest rank keeping ``keep`` of the energy
-            (``||W_ft - W_base||_F^2``), at most ``max_rank``.
-        svd: ``"exact"`` (``torch.linalg.svd``; on a GPU an fp64 Gram eigendecomposition), ``"randomized"`` (``torch.svd_lowrank`` with
-            ``niter`` power iterations and 10 extra columns), or ``"auto"``: randomized when the target
-            rank is known and small against the matrix, exact otherwise.
-        keys: restrict to these keys (default: every key in both mappings).
-        kinds: the module kind per key; by default a key whose module name holds ``embed`` (or is
-            ``wte`` / ``wpe`` / ``shared``) is an embedding, the rest linear.
-        base_model: recorded as ``base_model_name_or_path``.
-
-    Unchanged tensors and tensors that are not 2-D floating ``*.weight`` are skipped (listed in
-    ``params["skipped"]``). Raises `BaseModelError` when a key's shapes differ between the two.
-    """
-    import torch
-
-    _check_rank(rank, allow_none=False)
-    _check_keep(keep)
-    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
-        raise InvalidOptionError(f"max_rank must be a positive integer, got {max_rank!r}")
-    if svd not in ("auto", "exact", "randomized"):
-        raise InvalidOptionError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
-    dev = resolve_device(device)
-    wanted = list(keys) if keys is not None else [k for k in finetuned_tensors if k in base_tensors]
-    modules: dict[str, LoraModule] = {}
-    errors: dict[str, float] = {}
-    skipped: list[str] = []
-    dtypes: set[torch.dtype] = set()
-    err_total = norm_total = 0.0
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, ModuleKind]] = {}
-    with torch.no_grad():
-        for done, key in enumerate(wanted, start=1):
-            if key not in base_tensors or key not in finetuned_tensors:
-                raise BaseModelError(f"{key}: not in both checkpoints; pass keys present in base and fine-tune")
-            w0, w1 = base_tensors[key], finetuned_tensors[key]
-            if tuple(w0.shape) != tuple(w1.shape):
-                raise BaseModelError(
-                    f"{key}: shape {list(w1.shape)} in the fine-tune but {list(w0.shape)} in the base; "
-                    "extract needs the fine-tune of this very base"
-                )
-            diff = None
-            if w1.dim() == 2 and key.endswith(".weight") and w1.is_floating_point():
-                diff = w1.to(dev, torch.float32) - w0.to(dev, torch.float32)
-            norm_sq = float(diff.double().pow(2).sum()) if diff is not None else 0.0
-            if diff is None or norm_sq == 0.0:
-                skipped.append(key)
-            else:
-                dtypes.add(w1.dtype)
-                b, a = _factor_dense(diff, rank, keep, max_rank, svd, niter)
-                err_sq = float(torch.addmm(diff, b, a, alpha=-1.0).double().pow(2).sum())
-                factors[key] = (b.cpu(), a.cpu(), (kinds or {}).get(key) or _guess_kind(key))
-                errors[key] = math.sqrt(err_sq / norm_sq)
-                err_total += err_sq
-                norm_total += norm_sq
-            del w0, w1, diff
-            if progress is not None:
-                progress(done, len(wanted))
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    for key, (b, a, kind) in factors.items():
-        r = int(a.shape[0])
-        template = LoraModule(key, kind, r, float(r), 1.0, (r, int(a.shape[1])), (int(b.shape[0]), r))
-        modules[key] = _build_module(key, template, kind, b, a, dtype)
-    if not modules:
-        raise BaseModelError("the fine-tune does not differ from the base in any 2-D weight; nothing to extract")
-    config: dict[str, Any] = {"peft_type": "LORA", "base_model_name_or_path": base_model, "use_rslora": False}
-    weights = LoraWeights(modules=modules, format="peft", config=config, base_model=base_model)
-    from ..formats.peft import derive_config
-
-    weights.config = derive_config(weights, config)
-    if skipped:
-        logger.info("extract: skipped %d tensors (unchanged, or not 2-D weights)", len(skipped))
-    return CombineResult(
-        weights=weights,
-        method="extract",
-        error=math.sqrt(err_total / norm_total) if norm_total > 0 else 0.0,
-        module_errors=errors,
-        params={"rank": rank, "keep": keep, "max_rank": max_rank, "svd": svd, "device": str(dev), "skipped": skipped},
-    )
-
-
-def _factor_dense(
-    d: torch.Tensor,
-    rank: int | Literal["auto"],
-    keep: float,
-    max_rank: int | None,
-    svd: str,
-    niter: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of a dense matrix, singular values split evenly: ``(B, A)``."""
-    import torch
-
-    n = min(d.shape)
-    target = rank if rank != "auto" else max_rank
-    q = None if target is None else min(int(target) + 10, n)
-    randomized = svd == "randomized" or (svd == "auto" and q is not None and q * 4 <= n)
-    if not randomized or q is None:
-        b, a = _dense_truncate(d, rank, keep, max_rank if rank == "auto" else None)
-    else:
-        u, s, v = torch.svd_lowrank(d, q=q, niter=niter)
-        energy = s.double() ** 2
-        if rank == "auto":
-            # the share is of the whole energy, which the Frobenius norm gives exactly
-            total = float(d.double().pow(2).sum())
-            r = int((energy.cumsum(0) < keep * total * (1.0 - 1e-12)).sum()) + 1
-            r = max(1, min(r, int(q)))
-            if max_rank is not None:
-                r = min(r, max_rank)
-        else:
-            r = min(int(rank), int(energy.numel()))
-        b, a = _split(u, s, v.T, r)
-    if rank != "auto":
-        b, a = _pad(b, a, int(rank))
-    return b, a
