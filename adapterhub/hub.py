@@ -6,6 +6,7 @@ the errors of `errors`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -247,6 +248,24 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
         """Adapters whose name, description, tags or base model contain every word of ``query``;
         ``filters`` are those of `list_adapters`."""
         return self._select(query, **filters)
+
+    def adapter_records_json(
+        self, query: str | None = None, *, compatible_with: str | None = None, **filters: Any
+    ) -> list[str]:
+        """`list_adapters` / `search_adapters` as JSON text, one `AdapterInfo.to_dict()` record each.
+
+        On SQLite the database writes the JSON itself, which keeps `adapterhub list --json` fast on
+        large catalogs; on other backends it is `json.dumps` of each record.
+        """
+        from .catalog import queries
+
+        names = sorted(self.compatible_names(compatible_with)) if compatible_with is not None else None
+        with self.catalog.read() as conn:
+            fast = queries.select_adapter_json(conn, query=query, names=names, **filters)
+        if fast is not None:
+            return fast
+        found = self._select(query, compatible_with=compatible_with, **filters)
+        return [json.dumps(a.to_dict(), ensure_ascii=False) for a in found]
 
     def _select(self, query: str | None, *, compatible_with: str | None = None, **filters: Any) -> list[AdapterInfo]:
         from .catalog import queries

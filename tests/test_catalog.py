@@ -344,3 +344,27 @@ def test_load_adapter_gives_tensors(hub: Hub, made: dict[str, Path]) -> None:
     orig = read_adapter(made["chat-r4"], load=True)
     for key in orig:
         assert (loaded[key].delta() - orig[key].delta()).abs().max() == 0
+
+
+def _approx_equal(a: object, b: object) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-12 * max(1.0, abs(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_approx_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_approx_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_json_records_written_by_sqlite_equal_to_dict(hub: Hub, made: dict[str, Path]) -> None:
+    """`adapter_records_json` (SQLite writes the JSON) must give exactly the records of `to_dict`."""
+    hub.add_adapter(made["sql-r8"], tags=["sql", "b-tag"], description='quotes " and \\ and ünïcode')
+    hub.add_adapter(made["chat-r4"])
+    hub.add_adapter(made["math-r16"], tags=["math"])
+    hub.add_adapter(made["kohya"], tags=["art"])
+    hub.combine([("sql-r8", 0.7), ("chat-r4", -0.3)], name="mix", tags=["mix"])
+    for filters in ({}, {"tag": "mix"}, {"target": "q_proj"}, {"min_rank": 8}, {"query": "sql"}):
+        query = filters.pop("query", None)
+        fast = [json.loads(r) for r in hub.adapter_records_json(query, **filters)]
+        slow = [a.to_dict() for a in hub._select(query, **filters)]
+        assert fast and _approx_equal(fast, slow), (filters, fast, slow)

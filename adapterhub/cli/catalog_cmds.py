@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from . import State, cli, output_options, pass_state
-from .render import emit_fields, emit_json, emit_records, human_size
+from .render import emit_fields, emit_json, emit_json_lines, emit_records, human_size
 
 LIST_COLUMNS = [
     ("name", "name"),
@@ -80,6 +80,9 @@ def add_cmd(state: State, path: str, name: str | None, base: str | None, tags: t
 @pass_state
 def list_cmd(state: State, mode: str, **filters: Any) -> None:
     """List cataloged adapters, optionally filtered."""
+    if mode == "json":
+        emit_json_lines(state.hub.adapter_records_json(**_filters(filters)))
+        return
     records = [a.to_dict() for a in state.hub.list_adapters(**_filters(filters))]
     _print_list(records, mode)
 
@@ -107,6 +110,9 @@ def search_cmd(state: State, query: str, mode: str, on_hub: bool, endpoint: str 
         return
     if endpoint or token:
         raise click.UsageError("--endpoint and --token go with --hub")
+    if mode == "json":
+        emit_json_lines(state.hub.adapter_records_json(query, **_filters(filters)))
+        return
     records = [a.to_dict() for a in state.hub.search_adapters(query, **_filters(filters))]
     _print_list(records, mode)
 

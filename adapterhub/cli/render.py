@@ -43,6 +43,12 @@ def emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def emit_json_lines(encoded: list[str]) -> None:
+    """A JSON array of already encoded records, one compact record per line (readable, and no slow
+    indenting encoder on large lists)."""
+    sys.stdout.write("[\n" + ",\n".join(encoded) + "\n]\n" if encoded else "[]\n")
+
+
 def emit_records(
     records: Sequence[dict[str, Any]],
     columns: Sequence[tuple[str, str]],
@@ -54,9 +60,8 @@ def emit_records(
     """Print records as ``mode`` (table, json or csv); ``columns`` are (key, heading) for table/CSV."""
     formatters = formatters or {}
     if mode == "json":
-        # one compact record per line: readable, and json's C encoder instead of its slow indent path
         encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
-        sys.stdout.write("[\n" + ",\n".join(map(encode, records)) + "\n]\n" if records else "[]\n")
+        emit_json_lines(list(map(encode, records)))
         return
     if mode == "csv":
         w = csv.writer(sys.stdout)
