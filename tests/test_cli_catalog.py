@@ -10,6 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from _adapters import make_all, make_kohya
+from _cli import Cli
 
 from adapterhub.cli import main
 from adapterhub.resources import load_schema
@@ -21,23 +22,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = make_all(root)
     out["kohya"] = make_kohya(root / "anime.safetensors")
     return out
-
-
-class Cli:
-    def __init__(self, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.home = home
-        self.capsys = capsys
-
-    def __call__(self, *args: str, code: int = 0) -> str:
-        self.capsys.readouterr()
-        rc = main(["--home", str(self.home), *args])
-        out, err = self.capsys.readouterr()
-        assert rc == code, f"exit {rc} != {code}\nstdout: {out}\nstderr: {err}"
-        self.err = err
-        return out
-
-    def json(self, *args: str) -> object:
-        return json.loads(self("--json", *args))
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from typing import Any
 import jsonschema
 import pytest
 from _adapters import make_adapter
+from _cli import Cli
 from test_server import Server, online_hf, start_server
 
-from adapterhub.cli import main
 from adapterhub.resources import load_schema
 
 
@@ -32,23 +32,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_adapter(tmp_path_factory.mktemp("cli-hub") / "sql", 8, 16, ["q_proj", "v_proj"], seed=5)
-
-
-class Cli:
-    def __init__(self, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.home = home
-        self.capsys = capsys
-
-    def __call__(self, *args: str, code: int = 0) -> str:
-        self.capsys.readouterr()
-        rc = main(["--home", str(self.home), *args])
-        out, err = self.capsys.readouterr()
-        assert rc == code, f"exit {rc} != {code}\nstdout: {out}\nstderr: {err}"
-        self.err = err
-        return out
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self("--json", *args))
 
 
 @pytest.fixture

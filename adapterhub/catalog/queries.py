@@ -152,8 +152,7 @@ def _filters(
     return conds
 
 
-def select_adapters(
-    conn: Connection,
+def _conditions(
     *,
     query: str | None = None,
     base: str | None = None,
@@ -164,12 +163,19 @@ def select_adapters(
     tag: str | None = None,
     format: str | None = None,
     names: Sequence[str] | None = None,
-) -> list[AdapterInfo]:
+) -> list[Any]:
+    """The WHERE clauses of a listing: `_filters`, plus a list of names."""
     conds = _filters(
         query=query, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format
     )
     if names is not None:
         conds.append(adapters.c.name.in_(list(names)))
+    return conds
+
+
+def select_adapters(conn: Connection, **filters: Any) -> list[AdapterInfo]:
+    """Adapters by name; ``filters`` are those of `_conditions` (query, base, rank, ..., names)."""
+    conds = _conditions(**filters)
     stmt = select(*_LIST_COLUMNS).where(*conds).order_by(adapters.c.name)
     rows = fetch_all(conn, stmt)
     if not rows:
@@ -236,27 +242,11 @@ _SQLITE_RECORD = f"""json_object(
  'metadata', {_json_or_empty('adapters.extra')})"""
 
 
-def select_adapter_json(
-    conn: Connection,
-    *,
-    query: str | None = None,
-    base: str | None = None,
-    rank: int | None = None,
-    min_rank: int | None = None,
-    max_rank: int | None = None,
-    target: str | None = None,
-    tag: str | None = None,
-    format: str | None = None,
-    names: Sequence[str] | None = None,
-) -> list[str] | None:
-    """The records `select_adapters(...)` would give, as JSON text, on SQLite; None on other backends."""
+def select_adapter_json(conn: Connection, **filters: Any) -> list[str] | None:
+    """The records `select_adapters(conn, **filters)` would give, as JSON text, on SQLite; None elsewhere."""
     if conn.dialect.name != "sqlite":
         return None
-    conds = _filters(
-        query=query, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format
-    )
-    if names is not None:
-        conds.append(adapters.c.name.in_(list(names)))
+    conds = _conditions(**filters)
     stmt: Any = select(literal_column(_SQLITE_RECORD)).select_from(adapters).where(*conds).order_by(adapters.c.name)
     return [r[0] for r in fetch_all(conn, stmt)]
 
