@@ -286,7 +286,10 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
                 raise AdapterNotFoundError(name)
             merges = tuple(bases.merges_of(conn, name))
             children = tuple(queries.children_of(conn, name))
-        return replace(info, merges=merges, children=children)
+        pushes = tuple(
+            {k: v for k, v in p.to_dict().items() if k != "name"} for p in self.adapter_pushes(name)
+        )
+        return replace(info, merges=merges, children=children, pushes=pushes)
 
     def adapter_files(self, name: str) -> AdapterFiles:
         """The stored files of a cataloged adapter, as `AdapterFiles` pointing into the store."""

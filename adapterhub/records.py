@@ -88,6 +88,7 @@ class AdapterInfo:
     modules: tuple[ModuleInfo, ...] | None = None
     merges: tuple[dict[str, Any], ...] | None = None  # where it was merged: base, out, weight, at
     children: tuple[str, ...] | None = None  # adapters derived from this one
+    pushes: tuple[dict[str, Any], ...] | None = None  # where it was pushed: endpoint, repo_id, commit, ...
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> AdapterInfo:
@@ -133,6 +134,8 @@ class AdapterInfo:
             d["merges"] = [dict(m) for m in self.merges]
         if self.children is not None:
             d["children"] = list(self.children)
+        if self.pushes is not None:
+            d["pushes"] = [dict(p) for p in self.pushes]
         return d
 
 

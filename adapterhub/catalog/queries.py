@@ -289,6 +289,7 @@ def _info(
         "modules": None,
         "merges": None,
         "children": None,
+        "pushes": None,
     }
     fields.update(more)
     return AdapterInfo.from_fields(fields)

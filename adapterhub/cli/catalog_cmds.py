@@ -163,6 +163,8 @@ def show_cmd(state: State, name: str, mode: str) -> None:
         pairs.append((verb, f"{m['out']} (base {m['base']}, weight {m['weight']:g}, {m['at']})"))
     if d.get("children"):
         pairs.append(("children", d["children"]))
+    for push in d.get("pushes") or ():
+        pairs.append(("pushed to", f"{push['repo_id']}@{push['commit'][:12]} on {push['endpoint']} ({push['pushed_at']})"))
     for k, v in sorted(d["metadata"].items()):
         if k.startswith(("ss_", "modelspec.")) and len(str(v)) < 200:
             pairs.append((k, str(v)))

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "adapterhub.json"
+#: parts of `AdapterInfo.to_dict()` that describe the local catalog, left out of ``adapterhub.json``
+LOCAL_HISTORY = ("merges", "pushes", "children")
 
 
 def record_bytes(record: dict[str, Any]) -> bytes:
@@ -51,7 +53,8 @@ def push_adapter(
     files = hub.adapter_files(name)
     url = resolve_endpoint(endpoint)
     branch = revision or "main"
-    record = info.to_dict()
+    # what the adapter is, not this catalog's history of it (merges, pushes, children change on their own)
+    record = {k: v for k, v in info.to_dict().items() if k not in LOCAL_HISTORY}
     payload = record_bytes(record)
     with hub_client(url, progress=progress, what=repo_id) as hf:
         from huggingface_hub import CommitOperationAdd, HfApi
