@@ -101,7 +101,10 @@ def test_push_then_pull_round_trip(
                                                 cache_dir=str(home.home / "hf-cache"))).read_text())  # fmt: skip
     jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).validate(record)
     local = ("merges", "pushes", "children")  # this catalog's history, not part of the shared record
-    assert record == json.loads(json.dumps({k: v for k, v in info.to_dict().items() if k not in local}))
+    expected = {k: v for k, v in info.to_dict().items() if k not in local}
+    assert info.source == str(made["sql"].resolve())
+    expected["source"] = None  # a local path is not published
+    assert record == json.loads(json.dumps(expected))
 
     pulled = other.pull_adapter("alice/sql-lora", endpoint=server.url)
     assert (
@@ -307,3 +310,14 @@ def test_peft_loads_from_the_server(home: Hub, server: Server, made: dict[str, P
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[:3000]
+
+
+def test_public_source_keeps_hub_origins_and_drops_local_paths() -> None:
+    from adapterhub.remote.push import public_source
+
+    assert public_source("alice/sql-lora@" + "a" * 40) == "alice/sql-lora@" + "a" * 40
+    assert public_source("derived:linear") == "derived:linear"
+    assert public_source("derived:extract:/home/me/ft") == "derived:extract"
+    assert public_source("/home/me/runs/sql@v2") is None
+    assert public_source("C:\\runs\\sql") is None
+    assert public_source(None) is None

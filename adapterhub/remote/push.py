@@ -22,6 +22,18 @@ RECORD_NAME = "adapterhub.json"
 LOCAL_HISTORY = ("merges", "pushes", "children")
 
 
+def public_source(source: str | None) -> str | None:
+    """The record's source as it may be published: Hub origins (``repo@commit``) and derivations
+    (``derived:linear``) are kept; local file system paths are not sent to a server."""
+    if not source:
+        return None
+    if source.startswith("derived:"):
+        return ":".join(source.split(":")[:2])
+    if "@" in source and not source.startswith(("/", ".", "~")) and ":\\" not in source:
+        return source
+    return None
+
+
 def record_bytes(record: dict[str, Any]) -> bytes:
     import jsonschema
 
@@ -55,6 +67,7 @@ def push_adapter(
     branch = revision or "main"
     # what the adapter is, not this catalog's history of it (merges, pushes, children change on their own)
     record = {k: v for k, v in info.to_dict().items() if k not in LOCAL_HISTORY}
+    record["source"] = public_source(record["source"])
     payload = record_bytes(record)
     with hub_client(url, progress=progress, what=repo_id) as hf:
         from huggingface_hub import CommitOperationAdd, HfApi
