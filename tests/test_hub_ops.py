@@ -156,5 +156,9 @@ def test_cli_merge_combine_resize(hub: Hub, world: dict[str, Path], tmp_path: Pa
     assert rc == 1 and "unknown method 'nope'" in err and "linear" in err
     rc, _, err = run("merge", "tiny", "d1", "d2", "--out", str(tmp_path / "dd"))
     assert rc == 1 and "DoRA" in err and not (tmp_path / "dd").exists()
+    hub.merge("tiny", ["b"], out=tmp_path / "ft-b")
+    rc, out, _ = run("extract", "tiny", str(tmp_path / "ft-b"), "--rank", "8", "--svd", "exact", "--name", "b-x", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["method"] == "extract" and doc["error"] < 1e-4 and doc["params"]["svd"] == "exact"
     rc, _, err = run("resize", "a", "--rank", "zero", "--name", "a0")
     assert rc == 1 and "rank must be a positive integer or 'auto'" in err

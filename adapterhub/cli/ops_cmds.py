@@ -171,15 +171,18 @@ def resize_cmd(state: State, adapter: str, rank: str, name: str, keep: float, de
 @click.argument("finetuned", type=click.Path(exists=True, file_okay=False))
 @click.option("--rank", required=True, metavar="R|auto", help="Rank of the LoRA (an integer, or auto with --keep).")
 @click.option("--max-rank", type=click.IntRange(min=1), help="With --rank auto: never above this rank.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="exact, randomized (svd_lowrank), or auto: randomized when the rank is small against the matrix.")
 @click.option("--name", required=True, help="Catalog name of the extracted adapter.")
 @combine_options
 @pass_state
-def extract_cmd(state: State, base: str, finetuned: str, rank: str, max_rank: int | None, name: str, keep: float,
-                device: str, tags: tuple[str, ...], description: str | None, as_json: bool) -> None:
+def extract_cmd(state: State, base: str, finetuned: str, rank: str, max_rank: int | None, svd: str, name: str,
+                keep: float, device: str, tags: tuple[str, ...], description: str | None, as_json: bool) -> None:
     """A LoRA from a full fine-tune: SVD of FINETUNED - BASE per matching weight, streamed tensor by tensor."""
     with progress_bar(state, "extracting", unit_bytes=False) as progress:
         summary = state.hub.extract_adapter(base, finetuned, rank=rank, name=name, keep=keep, max_rank=max_rank,
-                                            device=device, tags=tags, description=description, progress=progress)
+                                            svd=svd, device=device, tags=tags, description=description,
+                                            progress=progress)
     _print_summary(state, summary, as_json)
 
 
