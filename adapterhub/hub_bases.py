@@ -105,13 +105,11 @@ class BasesMixin(HubCore):
     # ------------------------------------------------------------------ validation
     def _subject(self, target: str | os.PathLike[str]) -> tuple[str, AdapterFiles | None, list[Check], str | None]:
         """(label, files, checks so far, declared base name) for a cataloged name or a path."""
-        from .catalog import queries
         from .formats import detect
         from .ops.validate import Check
 
         name = str(target)
-        with self.catalog.read() as conn:
-            cataloged = queries.find_id(conn, name) is not None
+        cataloged = self._exists(name)
         if cataloged:
             info = self.adapter_info(name)
             checks: list[Check] = []

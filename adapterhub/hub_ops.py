@@ -76,12 +76,10 @@ class OpsMixin(HubCore):
         return AdapterExpr.of(name)
 
     def _input(self, ref: AdapterRef, weight: float = 1.0, *, load: bool = True) -> _Input:
-        from .catalog import queries
         from .formats import read_adapter
 
         name = str(ref)
-        with self.catalog.read() as conn:
-            cataloged = queries.find_id(conn, name) is not None
+        cataloged = self._exists(name)
         if cataloged:
             info = self.adapter_info(name)
             files = self.adapter_files(name)

@@ -14,6 +14,11 @@ from ..records import BaseInfo
 from .queries import _iso, _json, utcnow
 from .tables import adapter_modules, adapters, base_models, base_tensors, merge_adapters, merges
 
+#: the order of the fields in each tuple of `adapter_facts(...)["modules"]` (what
+#: `ops.validate.weights_from_modules` unpacks)
+MODULE_FIELDS = ("module", "kind", "rank", "alpha", "scale", "in_features", "out_features", "kernel_size", "dora",
+                 "dtype", "lora_bias")
+
 
 def insert_base(conn: Connection, row: dict[str, Any], tensors: Sequence[tuple[str, Sequence[int], str]]) -> int:
     base_id = conn.execute(
@@ -28,10 +33,6 @@ def insert_base(conn: Connection, row: dict[str, Any], tensors: Sequence[tuple[s
 
 def find_base_id(conn: Connection, name: str) -> int | None:
     return conn.execute(select(base_models.c.id).where(base_models.c.name == name)).scalar()
-
-
-def find_by_fingerprint(conn: Connection, fingerprint: str) -> str | None:
-    return conn.execute(select(base_models.c.name).where(base_models.c.fingerprint == fingerprint)).scalar()
 
 
 def _linked_counts(conn: Connection) -> dict[str, int]:
@@ -134,17 +135,10 @@ def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[
         return []
     cols = [
         adapter_modules.c.adapter_id,
-        adapter_modules.c.module,
-        adapter_modules.c.kind,
-        adapter_modules.c.rank,
-        adapter_modules.c.alpha,
-        adapter_modules.c.scale,
-        adapter_modules.c.in_features,
-        adapter_modules.c.out_features,
-        type_coerce(adapter_modules.c.kernel_size, Text),
-        adapter_modules.c.dora,
-        adapter_modules.c.dtype,
-        adapter_modules.c.lora_bias,
+        *(
+            type_coerce(adapter_modules.c[f], Text) if f == "kernel_size" else adapter_modules.c[f]
+            for f in MODULE_FIELDS
+        ),
     ]
     mstmt = select(*cols).order_by(adapter_modules.c.adapter_id, adapter_modules.c.module)
     if names is not None:
@@ -154,10 +148,6 @@ def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[
             out[aid]["modules"] = tuple(tuple(r)[1:] for r in rows)
     return list(out.values())
 
-
-#: the order of the fields in each tuple of `adapter_facts(...)["modules"]`
-MODULE_FIELDS = ("module", "kind", "rank", "alpha", "scale", "in_features", "out_features", "kernel_size", "dora",
-                 "dtype", "lora_bias")
 
 
 def record_merge(conn: Connection, row: dict[str, Any], adapters_used: Sequence[tuple[str, float]]) -> int:

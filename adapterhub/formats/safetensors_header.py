@@ -14,7 +14,6 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import InvalidAdapterError
 
@@ -220,6 +219,3 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise InvalidAdapterError(f"{p}: permission denied", path=p) from None
     return parse_header(raw, file_size=size, path=p)
 
-
-def is_safetensors(path: str | os.PathLike[str]) -> bool:
-    return Path(path).suffix == ".safetensors"

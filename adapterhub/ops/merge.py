@@ -269,7 +269,7 @@ def _plan(
             if term is t.dora:
                 continue
             (t.post if t.dora is not None else t.pre).append(term)
-        names_src: dict[str, str] = getattr(weights, "source_names", {}) or {}
+        names_src: dict[str, str] = weights.source_names
         for key, shape in weights.replacement_shapes.items():
             name = match.mapping[key]
             is_base_layer = ".base_layer." in names_src.get(key, "")

@@ -440,13 +440,6 @@ def _typical_scale(w: LoraWeights) -> float | None:
     return scales[len(scales) // 2] if scales else None
 
 
-def merge_reports(subject: str, parts: Sequence[Iterable[Check]], *, base: str | None = None, others: Sequence[str] = ()) -> ValidationReport:
-    checks: list[Check] = []
-    for p in parts:
-        checks.extend(p)
-    return ValidationReport(subject=subject, checks=tuple(checks), base=base, others=tuple(others))
-
-
 def weights_from_modules(
     rows: Iterable[Sequence[Any]],
     *,
