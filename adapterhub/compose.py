@@ -12,11 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterHubError, InvalidConfigError
-
-
-class RecipeError(InvalidConfigError):
-    """A recipe that breaks the schema or refers to something that is not there."""
+from .errors import AdapterHubError, RecipeError
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,9 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any]) -> Recipe:
     if errors:
         err = min(errors, key=lambda e: len(list(e.absolute_path)))
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise RecipeError(f"{path}: {where}: {err.message} (schema: schemas/recipe.schema.json)", path=path, key=where)
+        raise RecipeError(
+            f"{path}: {where}: {err.message} (schema: schemas/recipe.schema.json)", path=path, key=where
+        )
     default_base = doc.get("base")
     steps: list[StepPlan] = []
     seen: set[str] = set()
@@ -142,7 +140,9 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any]) -> Recipe:
             raise RecipeError(f"{path}: steps/{i}: step name {name!r} is used twice", path=path)
         inputs = []
         for item in raw["inputs"]:
-            adapter, weight = (item, 1.0) if isinstance(item, str) else (item["adapter"], float(item.get("weight", 1.0)))
+            adapter, weight = (
+                (item, 1.0) if isinstance(item, str) else (item["adapter"], float(item.get("weight", 1.0)))
+            )
             if adapter == name:
                 raise RecipeError(f"{path}: steps/{i}: step {name!r} uses itself as an input", path=path)
             inputs.append((adapter, weight))

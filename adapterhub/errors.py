@@ -5,7 +5,7 @@ AdapterHubError
  +-- InvalidAdapterError (ValueError)        a file or folder is not a sound adapter
  |    +-- PickleRefusedError                 weights are a pickle and --allow-pickle was not given
  +-- InvalidConfigError (ValueError)         adapter_config.json or a recipe breaks its schema
- |    +-- RecipeError                        (adapterhub.compose) a recipe is malformed
+ |    +-- RecipeError                        a composition recipe is malformed
  +-- IncompatibleAdapterError (ValueError)   adapters do not fit a base or each other
  +-- AdapterNotFoundError (LookupError)      no adapter of that name in the catalog
  +-- AdapterExistsError (ValueError)         the name is taken
@@ -18,6 +18,17 @@ AdapterHubError
  +-- OutputExistsError (FileExistsError)     an output folder is already there (merge never overwrites)
  +-- StoreError (OSError)                    the content-addressed store is damaged
  +-- RemoteError                             a Hub server refused or failed a request
+ +-- TokenError (ValueError)                 a server token cannot be made, found or revoked
+ +-- RepoError                               a hosted-repo request is refused (the server maps each
+      |                                      subclass to the Hub's HTTP status and X-Error-Code)
+      +-- BadRequestError (ValueError)        400: a malformed request body, path or parameter
+      +-- UnauthorizedError (PermissionError) 401: a token is required or invalid
+      +-- ForbiddenError (PermissionError)    403: the token may not write there
+      +-- RepoNotFoundError (LookupError)     404 RepoNotFound (also for a private repo one may not read)
+      +-- RevisionNotFoundError (LookupError) 404 RevisionNotFound
+      +-- EntryNotFoundError (LookupError)    404 EntryNotFound
+      +-- ConflictError                       409: the repo, branch or tag already exists
+      +-- PayloadTooLargeError                413: a body over the server's limit
 ```
 
 Every error carries a message that says what was wrong and how to fix it. The CLI catches
@@ -66,7 +77,9 @@ class AdapterNotFoundError(AdapterHubError, LookupError):
 
 class AdapterExistsError(AdapterHubError, ValueError):
     def __init__(self, name: str) -> None:
-        super().__init__(f"an adapter named {name!r} is already cataloged; pick another --name or remove it first")
+        super().__init__(
+            f"an adapter named {name!r} is already cataloged; pick another --name or remove it first"
+        )
         self.name = name
 
 
@@ -115,3 +128,82 @@ class StoreError(AdapterHubError, OSError):
 
 class RemoteError(AdapterHubError):
     pass
+
+
+class RecipeError(InvalidConfigError):
+    """A recipe that breaks the schema or refers to something that is not there."""
+
+
+class TokenError(AdapterHubError, ValueError):
+    pass
+
+
+class RepoError(AdapterHubError):
+    """A request on a hosted repo that the server refuses; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+    code: str | None = None
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequestError(RepoError, ValueError):
+    status = 400
+
+
+class UnauthorizedError(RepoError, PermissionError):
+    status = 401
+
+
+class ForbiddenError(RepoError, PermissionError):
+    status = 403
+
+
+class RepoNotFoundError(RepoError, LookupError):
+    status = 404
+    code = "RepoNotFound"
+
+    def __init__(self, repo_id: str) -> None:
+        super().__init__(
+            f"Repository not found: {repo_id} does not exist, or it is private and the request carries no "
+            "token of its owner"
+        )
+        self.repo_id = repo_id
+
+
+class RevisionNotFoundError(RepoError, LookupError):
+    status = 404
+    code = "RevisionNotFound"
+
+    def __init__(self, repo_id: str, revision: str) -> None:
+        super().__init__(f"Invalid rev id: {revision} is not a branch, tag or commit of {repo_id}")
+        self.repo_id = repo_id
+        self.revision = revision
+
+
+class EntryNotFoundError(RepoError, LookupError):
+    status = 404
+    code = "EntryNotFound"
+
+    def __init__(self, path: str, commit: str | None = None) -> None:
+        super().__init__(f"Entry not found: {path}", headers={"X-Repo-Commit": commit} if commit else None)
+        self.path = path
+        self.commit = commit
+
+
+class ConflictError(RepoError):
+    status = 409
+
+
+class PayloadTooLargeError(RepoError):
+    status = 413
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} is larger than this server accepts ({limit:,} bytes)")
+        self.limit = limit

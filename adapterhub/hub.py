@@ -68,7 +68,9 @@ def check_tags(tags: Iterable[str]) -> list[str]:
     out = []
     for t in tags:
         if not TAG_RE.match(t):
-            raise InvalidAdapterError(f"invalid tag {t!r}: tags are 1-100 characters without spaces or commas")
+            raise InvalidAdapterError(
+                f"invalid tag {t!r}: tags are 1-100 characters without spaces or commas"
+            )
         out.append(t)
     return out
 
@@ -92,7 +94,9 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
             try:
                 self.home.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise CatalogError(f"cannot use {self.home} as the adapterhub home: {exc.strerror or exc}") from None
+                raise CatalogError(
+                    f"cannot use {self.home} as the adapterhub home: {exc.strerror or exc}"
+                ) from None
             url = self.db_url or sqlite_url(self.home / "catalog.db")
             self._catalog = Catalog(url, lock_path=self.home / ".catalog.lock")
         return self._catalog
@@ -192,7 +196,8 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
                 row["base_model"] = base
             modules = [_module_row(m) for m in weights.modules.values()]
             file_rows = [
-                {"filename": fn, "role": role, "sha256": s.sha256, "size_bytes": s.size} for fn, role, s in stored
+                {"filename": fn, "role": role, "sha256": s.sha256, "size_bytes": s.size}
+                for fn, role, s in stored
             ]
             with self.catalog.write() as conn:
                 if queries.find_id(conn, name) is not None:
@@ -267,7 +272,9 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
         found = self._select(query, compatible_with=compatible_with, **filters)
         return [json.dumps(a.to_dict(), ensure_ascii=False) for a in found]
 
-    def _select(self, query: str | None, *, compatible_with: str | None = None, **filters: Any) -> list[AdapterInfo]:
+    def _select(
+        self, query: str | None, *, compatible_with: str | None = None, **filters: Any
+    ) -> list[AdapterInfo]:
         from .catalog import queries
 
         with self.catalog.read() as conn:
@@ -299,7 +306,9 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
         by_role = {f.role: f for f in info.files or ()}
         for f in by_role.values():
             if not self.store.has(f.sha256):
-                raise StoreError(f"{name}: stored file {f.filename} ({f.sha256[:12]}) is missing from the store")
+                raise StoreError(
+                    f"{name}: stored file {f.filename} ({f.sha256[:12]}) is missing from the store"
+                )
         config = self.store.path(by_role["config"].sha256) if "config" in by_role else None
         return AdapterFiles(info.format, self.store.path(by_role["weights"].sha256), config)
 
@@ -370,8 +379,10 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
             if fmt == info.format:
                 for f in info.files or ():
                     self.store.copy_out(f.sha256, tmp / f.filename)
-                produced = tmp if fmt == "peft" else tmp / next(
-                    f.filename for f in info.files or () if f.role == "weights"
+                produced = (
+                    tmp
+                    if fmt == "peft"
+                    else tmp / next(f.filename for f in info.files or () if f.role == "weights")
                 )
             else:
                 weights = read_adapter(files, load=True)

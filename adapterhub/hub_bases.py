@@ -62,7 +62,9 @@ class BasesMixin(HubCore):
         with self.catalog.read() as conn:
             found = bases.select_bases(conn, name)
         if not found:
-            raise BaseModelError(f"no base model named {name!r} is registered; `adapterhub base list` shows them")
+            raise BaseModelError(
+                f"no base model named {name!r} is registered; `adapterhub base list` shows them"
+            )
         return found[0]
 
     def remove_base(self, name: str) -> None:
@@ -71,7 +73,9 @@ class BasesMixin(HubCore):
         with self.catalog.write() as conn:
             base_id = bases.find_base_id(conn, name)
             if base_id is None:
-                raise BaseModelError(f"no base model named {name!r} is registered; `adapterhub base list` shows them")
+                raise BaseModelError(
+                    f"no base model named {name!r} is registered; `adapterhub base list` shows them"
+                )
             bases.delete_base(conn, base_id)
 
     def base_layout(self, base: str | os.PathLike[str]) -> BaseLayout:
@@ -103,7 +107,9 @@ class BasesMixin(HubCore):
         return BaseLayout.from_checkpoint(read_checkpoint(base))
 
     # ------------------------------------------------------------------ validation
-    def _subject(self, target: str | os.PathLike[str]) -> tuple[str, AdapterFiles | None, list[Check], str | None]:
+    def _subject(
+        self, target: str | os.PathLike[str]
+    ) -> tuple[str, AdapterFiles | None, list[Check], str | None]:
         """(label, files, checks so far, declared base name) for a cataloged name or a path."""
         from .formats import detect
         from .ops.validate import Check
@@ -116,11 +122,20 @@ class BasesMixin(HubCore):
             for f in info.files or ():
                 if not self.store.verify(f.sha256):
                     checks.append(
-                        Check("error", "store", f"stored file {f.filename} is missing or does not match its sha256")
+                        Check(
+                            "error",
+                            "store",
+                            f"stored file {f.filename} is missing or does not match its sha256",
+                        )
                     )
             if checks:
                 return name, None, checks, info.base_model
-            return name, self.adapter_files(name), [Check("ok", "store", "stored files match their sha256")], info.base_model
+            return (
+                name,
+                self.adapter_files(name),
+                [Check("ok", "store", "stored files match their sha256")],
+                info.base_model,
+            )
         try:
             files = detect(target)
         except AdapterHubError as exc:

@@ -97,7 +97,7 @@ class OpsMixin(HubCore):
             raise IncompatibleAdapterError("give at least one adapter")
         out = []
         for p in pairs:
-            ref, w = (p if isinstance(p, tuple) else (p, 1.0))
+            ref, w = p if isinstance(p, tuple) else (p, 1.0)
             out.append(self._input(ref, w, load=load))
         labels = [i.label for i in out]
         dup = next((x for x in labels if labels.count(x) > 1), None)
@@ -105,7 +105,9 @@ class OpsMixin(HubCore):
             raise IncompatibleAdapterError(f"{dup} is given twice; give it once with the summed weight")
         return out
 
-    def _preflight(self, inputs: Sequence[_Input], layout: BaseLayout | None, subject: str) -> ValidationReport:
+    def _preflight(
+        self, inputs: Sequence[_Input], layout: BaseLayout | None, subject: str
+    ) -> ValidationReport:
         """Every adapter against the base, and every pair against each other; raise on any error."""
         from .ops.validate import ValidationReport, check_base, check_pair
 
@@ -238,8 +240,14 @@ class OpsMixin(HubCore):
         )  # fmt: skip
         parents = [{"parent_name": i.label, "weight": i.weight, "method": result.method, "params": _jsonable(result.params)}
                    for i in loaded]  # fmt: skip
-        return self._store_result(result, name, parents=parents, tags=tags, description=description,
-                                  source=f"derived:{result.method}")
+        return self._store_result(
+            result,
+            name,
+            parents=parents,
+            tags=tags,
+            description=description,
+            source=f"derived:{result.method}",
+        )
 
     def resize_adapter(
         self,
@@ -261,9 +269,12 @@ class OpsMixin(HubCore):
         self._refuse_taken(new_name)
         src = self._input(name)
         result = resize(src.weights, rank=_rank(rank), keep=keep, device=device)
-        parents = [{"parent_name": src.label, "weight": 1.0, "method": "resize", "params": _jsonable(result.params)}]
-        return self._store_result(result, new_name, parents=parents, tags=tags, description=description,
-                                  source="derived:resize")
+        parents = [
+            {"parent_name": src.label, "weight": 1.0, "method": "resize", "params": _jsonable(result.params)}
+        ]
+        return self._store_result(
+            result, new_name, parents=parents, tags=tags, description=description, source="derived:resize"
+        )
 
     def extract_adapter(
         self,
@@ -293,7 +304,9 @@ class OpsMixin(HubCore):
         b, f = read_checkpoint(base_dir), read_checkpoint(ft_dir)
         keys = [k for k in f.tensors if k in b.tensors]
         if not keys:
-            raise BaseModelError(f"{finetuned} and {base} share no tensor names; is it a fine-tune of that base?")
+            raise BaseModelError(
+                f"{finetuned} and {base} share no tensor names; is it a fine-tune of that base?"
+            )
         base_model = b.config.get("_name_or_path") or str(base)
         with _LazyTensors(b) as bt, _LazyTensors(f) as ft:
             result = extract(
@@ -304,8 +317,14 @@ class OpsMixin(HubCore):
             {"parent_name": str(finetuned), "weight": 1.0, "method": "extract",
              "params": _jsonable({**result.params, "base": str(base), "skipped": len(result.params.get("skipped", []))})},
         ]  # fmt: skip
-        return self._store_result(result, name, parents=parents, tags=tags, description=description,
-                                  source=f"derived:extract:{Path(finetuned).resolve()}")
+        return self._store_result(
+            result,
+            name,
+            parents=parents,
+            tags=tags,
+            description=description,
+            source=f"derived:extract:{Path(finetuned).resolve()}",
+        )
 
     def compose(
         self, recipe: str | os.PathLike[str] | dict[str, Any], *, dry_run: bool = False, device: str = "auto"
@@ -335,9 +354,13 @@ class OpsMixin(HubCore):
                 continue
             layout = self.base_layout(step.base) if step.base else None
             try:
-                self._preflight(self._inputs(list(step.inputs), load=False), layout, subject=f"step {step.name}")
+                self._preflight(
+                    self._inputs(list(step.inputs), load=False), layout, subject=f"step {step.name}"
+                )
             except IncompatibleAdapterError as exc:
-                raise IncompatibleAdapterError(f"{plan.path}: step {step.name!r}: {exc}", report=exc.report) from None
+                raise IncompatibleAdapterError(
+                    f"{plan.path}: step {step.name!r}: {exc}", report=exc.report
+                ) from None
         if dry_run:
             return ComposeResult(plan, dry_run=True)
         created: list[str] = []
@@ -348,8 +371,11 @@ class OpsMixin(HubCore):
                 current = step.name
                 if step.method == "resize":
                     if step.base:
-                        self._preflight(self._inputs(list(step.inputs), load=False), self.base_layout(step.base),
-                                        subject=f"step {step.name}")
+                        self._preflight(
+                            self._inputs(list(step.inputs), load=False),
+                            self.base_layout(step.base),
+                            subject=f"step {step.name}",
+                        )
                     summary = self.resize_adapter(
                         step.inputs[0][0], rank=step.rank, new_name=step.name, keep=step.keep,  # type: ignore[arg-type]
                         device=device, tags=step.tags, description=step.description,
@@ -366,7 +392,9 @@ class OpsMixin(HubCore):
             if created:
                 self.remove_adapters(created)
             kept = f"removed {', '.join(created)} again" if created else "nothing was written"
-            raise ComposeError(f"{plan.path}: step {current!r} failed ({kept}): {exc}", step=current, cause=exc) from exc
+            raise ComposeError(
+                f"{plan.path}: step {current!r} failed ({kept}): {exc}", step=current, cause=exc
+            ) from exc
         return ComposeResult(plan, dry_run=False, summaries=tuple(summaries))
 
     def _refuse_taken(self, name: str) -> None:
@@ -402,7 +430,14 @@ class OpsMixin(HubCore):
 
             weights = read_adapter(files)  # what was written, read back as any adapter is
             info = self._catalog_files(
-                name, files, weights, base=None, tags=tags, description=description, source=source, parents=parents
+                name,
+                files,
+                weights,
+                base=None,
+                tags=tags,
+                description=description,
+                source=source,
+                parents=parents,
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -51,7 +51,12 @@ class FileInfo:
     size_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"filename": self.filename, "role": self.role, "sha256": self.sha256, "size_bytes": self.size_bytes}
+        return {
+            "filename": self.filename,
+            "role": self.role,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+        }
 
 
 @dataclass(frozen=True)

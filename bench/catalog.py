@@ -87,7 +87,14 @@ def fill_catalog(home: Path, n: int) -> None:
                     "extra": None,
                 },
                 modules=modules,
-                files=[{"filename": "adapter_model.safetensors", "role": "weights", "sha256": digest, "size_bytes": 1}],
+                files=[
+                    {
+                        "filename": "adapter_model.safetensors",
+                        "role": "weights",
+                        "sha256": digest,
+                        "size_bytes": 1,
+                    }
+                ],
                 tag_names=[f"team{i % 7}", "bench"],
             )
 
@@ -109,7 +116,14 @@ def make_big_adapter(dest: Path, mb: int) -> Path:
         tensors[pre + ".lora_B.weight"] = torch.randn(dim, rank, generator=g).to(torch.bfloat16)
     save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
     (dest / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            }
+        )
     )
     return dest
 
@@ -128,10 +142,14 @@ def main() -> None:
         t = time.perf_counter()
         fill_catalog(home, args.adapters)
         print(f"filled a catalog with {args.adapters} adapters in {time.perf_counter() - t:.1f} s")
-        out = subprocess.run([*exe, "--home", str(home), "--json", "list"], capture_output=True, check=True).stdout
+        out = subprocess.run(
+            [*exe, "--home", str(home), "--json", "list"], capture_output=True, check=True
+        ).stdout
         assert len(json.loads(out)) == args.adapters
         t_list = wall([*exe, "--home", str(home), "--json", "list"])
-        t_list_f = wall([*exe, "--home", str(home), "--json", "list", "--target", "down_proj", "--min-rank", "16"])
+        t_list_f = wall(
+            [*exe, "--home", str(home), "--json", "list", "--target", "down_proj", "--min-rank", "16"]
+        )
         t_search = wall([*exe, "--home", str(home), "--json", "search", "team3 llama"])
         t_help = wall([*exe, "--help"])
         t_py = wall([sys.executable, "-c", "pass"])
@@ -148,10 +166,15 @@ def main() -> None:
             ref_times.append(time.perf_counter() - t)
             shutil.rmtree(dest)
             addhome = work / f"addhome{i}"
-            subprocess.run([*exe, "--home", str(addhome), "db", "upgrade"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*exe, "--home", str(addhome), "db", "upgrade"], check=True, stdout=subprocess.DEVNULL
+            )
             t = time.perf_counter()
-            subprocess.run([*exe, "--home", str(addhome), "-q", "add", str(src), "--name", "big"], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*exe, "--home", str(addhome), "-q", "add", str(src), "--name", "big"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             add_times.append(time.perf_counter() - t)
             shutil.rmtree(addhome)
         t_ref, t_add = statistics.median(ref_times), statistics.median(add_times)
@@ -170,7 +193,9 @@ def main() -> None:
             tgt = f"< {goal:.3f} s ({label})" if goal else ""
             ok = "" if goal is None else ("  ok" if secs < goal else "  MISSED")
             print(f"{what:58} {secs:8.3f}  {tgt}{ok}")
-        print(f"\nadd / (sha256sum + cp) = {t_add / t_ref:.2f}x; add throughput {size / t_add / 1e6:.0f} MB/s")
+        print(
+            f"\nadd / (sha256sum + cp) = {t_add / t_ref:.2f}x; add throughput {size / t_add / 1e6:.0f} MB/s"
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

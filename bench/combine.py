@@ -44,7 +44,16 @@ def make_adapters(mods: dict[str, tuple[int, int]], seed: int = 0) -> list[LoraW
             b = torch.randn(o, ADAPTER_RANK, generator=gen) * 0.05
             key = name + ".weight"
             modules[key] = LoraModule(
-                key, "linear", ADAPTER_RANK, alpha, alpha / ADAPTER_RANK, (ADAPTER_RANK, i), (o, ADAPTER_RANK), "F32", a, b
+                key,
+                "linear",
+                ADAPTER_RANK,
+                alpha,
+                alpha / ADAPTER_RANK,
+                (ADAPTER_RANK, i),
+                (o, ADAPTER_RANK),
+                "F32",
+                a,
+                b,
             )
         out.append(LoraWeights(modules, "peft"))
     return out
@@ -73,10 +82,16 @@ def peft_svd(mods: dict[str, tuple[int, int]], adapters: list[LoraWeights], rank
     from peft.tuners.lora import LoraLayer
 
     config = dict(r=ADAPTER_RANK, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = get_peft_model(Layer(mods), LoraConfig(lora_alpha=adapters[0].modules[next(iter(adapters[0]))].alpha, **config), adapter_name="a0")
+    model = get_peft_model(
+        Layer(mods),
+        LoraConfig(lora_alpha=adapters[0].modules[next(iter(adapters[0]))].alpha, **config),
+        adapter_name="a0",
+    )
     for k, w in enumerate(adapters[1:], start=1):
         model.add_adapter(f"a{k}", LoraConfig(lora_alpha=next(iter(w.modules.values())).alpha, **config))
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    layers = {
+        n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    }
     with torch.no_grad():
         for k, w in enumerate(adapters):
             for key, m in w.modules.items():
@@ -102,8 +117,10 @@ def main() -> None:
     mods = shapes(args.small)
     adapters = make_adapters(mods)
     pairs = list(zip(adapters, WEIGHTS, strict=True))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; modules: "
-          + ", ".join(f"{n.rsplit('.', 1)[-1]} {o}x{i}" for n, (o, i) in mods.items()))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; modules: "
+        + ", ".join(f"{n.rsplit('.', 1)[-1]} {o}x{i}" for n, (o, i) in mods.items())
+    )
 
     combine(pairs, method="linear", rank=args.rank, device="cpu")  # warm-up
     times = []
@@ -112,8 +129,10 @@ def main() -> None:
         result = combine(pairs, method="linear", rank=args.rank, device="cpu")
         times.append(time.perf_counter() - t0)
     ours = statistics.median(times)
-    print(f"adapterhub combine(linear, rank={args.rank}): {ours * 1e3:.1f} ms (median of {args.repeat}), "
-          f"relative error vs exact sum {result.error:.4f}")
+    print(
+        f"adapterhub combine(linear, rank={args.rank}): {ours * 1e3:.1f} ms (median of {args.repeat}), "
+        f"relative error vs exact sum {result.error:.4f}"
+    )
 
     theirs, peft_deltas = peft_svd(mods, adapters, args.rank)
     print(f"PEFT add_weighted_adapter(svd, svd_rank={args.rank}): {theirs:.2f} s")
@@ -125,8 +144,10 @@ def main() -> None:
     ok = worst <= 1e-4
     print(f"products agree: max relative difference {worst:.2e} ({'OK' if ok else 'FAIL'}, limit 1e-4)")
     print(f"speed-up: {theirs / ours:.0f}x")
-    print(f"whole model ({args.layers} layers, these 3 modules each): adapterhub ~{ours * args.layers:.2f} s, "
-          f"PEFT ~{theirs * args.layers / 60:.1f} min")
+    print(
+        f"whole model ({args.layers} layers, these 3 modules each): adapterhub ~{ours * args.layers:.2f} s, "
+        f"PEFT ~{theirs * args.layers / 60:.1f} min"
+    )
     if not ok:
         raise SystemExit(1)
 

@@ -42,6 +42,8 @@ SHAPES = {"small": (2048, 5632, 32, 4, 32000), "8b": (4096, 14336, 32, 8, 128256
 def set_shape(name: str) -> None:
     global HIDDEN, INTER, HEADS, KV_HEADS, VOCAB
     HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = SHAPES[name]
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -100,7 +102,9 @@ def build(root: Path, size_gb: float, shard_mb: int, rank: int) -> tuple[Path, P
             if len(shapes[name]) == 1:
                 tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(shapes[name], generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu()
+                tensors[name] = (
+                    (torch.randn(shapes[name], generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu()
+                )
             weight_map[name] = fname
             total += tensors[name].numel() * 2
         save_file(tensors, str(base / fname), metadata={"format": "pt"})
@@ -109,11 +113,21 @@ def build(root: Path, size_gb: float, shard_mb: int, rank: int) -> tuple[Path, P
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "num_hidden_layers": layers, "vocab_size": VOCAB, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": layers,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     (base / "config.json").write_text(json.dumps(config, indent=2))
     (base / "tokenizer.json").write_text('{"version": "1.0"}\n')
@@ -126,12 +140,25 @@ def build(root: Path, size_gb: float, shard_mb: int, rank: int) -> tuple[Path, P
             lora[module + ".lora_A.weight"] = (torch.randn(rank, in_f, generator=g, device=dev) * 0.01).cpu()
             lora[module + ".lora_B.weight"] = (torch.randn(out_f, rank, generator=g, device=dev) * 0.01).cpu()
     save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": TARGETS, "base_model_name_or_path": str(base), "lora_dropout": 0.0,
-        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-        "inference_mode": True,
-    }, indent=2))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": TARGETS,
+                "base_model_name_or_path": str(base),
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "use_rslora": False,
+                "use_dora": False,
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+            },
+            indent=2,
+        )
+    )
     return base, adapter
 
 
@@ -184,8 +211,11 @@ def run_step(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         fn(base, out, args.device, **kwargs)
         runs.append(time.perf_counter() - t0)
-    print(json.dumps({"step": args.step, "runs": runs, "process": time.perf_counter() - t_proc,
-                      "peak_rss": peak_rss()}))
+    print(
+        json.dumps(
+            {"step": args.step, "runs": runs, "process": time.perf_counter() - t_proc, "peak_rss": peak_rss()}
+        )
+    )
 
 
 def peak_rss() -> int:
@@ -220,9 +250,25 @@ def measure(step: str, base: Path, adapter: Path, work: Path, device: str, inner
     os.sync()
     _warm(base)
     time.sleep(settle)
-    cmd = [sys.executable, __file__, "--step", step, "--base", str(base), "--out", str(out),
-           "--adapter", str(adapter), "--device", device, "--inner", str(inner)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--step",
+        step,
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--adapter",
+        str(adapter),
+        "--device",
+        device,
+        "--inner",
+        str(inner),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    )
     if proc.returncode != 0:
         raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
     res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
@@ -235,13 +281,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, nargs="+", default=[1.0], help="checkpoint size(s) in GB")
     ap.add_argument("--shard-mb", type=int, default=500)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="small",
-                    help="small: hidden 2048 (default); 8b: Llama-3-8B-shaped (hidden 4096, 32 layers = 16 GB)")
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="small",
+        help="small: hidden 2048 (default); 8b: Llama-3-8B-shaped (hidden 4096, 32 layers = 16 GB)",
+    )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--repeat", type=int, default=5, help="runs of copy and merge in their process (1 cold + warm)")
-    ap.add_argument("--settle", type=float, default=4.0, help="seconds of quiet before each step (see measure)")
+    ap.add_argument(
+        "--repeat", type=int, default=5, help="runs of copy and merge in their process (1 cold + warm)"
+    )
+    ap.add_argument(
+        "--settle", type=float, default=4.0, help="seconds of quiet before each step (see measure)"
+    )
     ap.add_argument("--inner", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help="where to build (default: a temporary folder, removed after)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
@@ -258,35 +312,69 @@ def main() -> None:
         build(Path(args.build), args.size_gb[0], args.shard_mb, args.rank)
         return
     root = Path(args.workdir or tempfile.mkdtemp(prefix="adapterhub-bench-"))
-    print(f"# adapterhub merge bench: shape={args.shape}, device={args.device}, rank={args.rank}, cpus={os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}, work={root}")
+    print(
+        f"# adapterhub merge bench: shape={args.shape}, device={args.device}, rank={args.rank}, cpus={os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.2f}, work={root}"
+    )
     try:
         for size in args.size_gb:
             work = root / f"size-{size:g}gb"
             shutil.rmtree(work, ignore_errors=True)
             t = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--build", str(work), "--size-gb", str(size),
-                            "--shard-mb", str(args.shard_mb), "--rank", str(args.rank), "--shape", args.shape],
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--build",
+                    str(work),
+                    "--size-gb",
+                    str(size),
+                    "--shard-mb",
+                    str(args.shard_mb),
+                    "--rank",
+                    str(args.rank),
+                    "--shape",
+                    args.shape,
+                ],
+                check=True,
+            )
             base, adapter = work / "base", work / "adapter"
             nbytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-            print(f"\n## {nbytes / 1e9:.2f} GB bf16, {layers_for(size)} layers, "
-                  f"{len(list(base.glob('*.safetensors')))} shards (built in {time.perf_counter() - t:.1f} s)")
+            print(
+                f"\n## {nbytes / 1e9:.2f} GB bf16, {layers_for(size)} layers, "
+                f"{len(list(base.glob('*.safetensors')))} shards (built in {time.perf_counter() - t:.1f} s)"
+            )
             rows = {}
             for step in ["copy", "merge"] + ([] if args.skip_peft else ["peft"]):
-                r = measure(step, base, adapter, work, args.device, 1 if step == "peft" else args.repeat, args.settle)
+                r = measure(
+                    step, base, adapter, work, args.device, 1 if step == "peft" else args.repeat, args.settle
+                )
                 warm = r["runs"][1:]
-                rows[step] = {"cold": r["runs"][0], "warm": statistics.median(warm) if warm else None,
-                              "all": [round(x, 2) for x in r["runs"]], "peak_rss": r["peak_rss"]}
+                rows[step] = {
+                    "cold": r["runs"][0],
+                    "warm": statistics.median(warm) if warm else None,
+                    "all": [round(x, 2) for x in r["runs"]],
+                    "peak_rss": r["peak_rss"],
+                }
             c = rows["copy"]
-            print(f"{'step':<6} {'cold s':>7} {'vs copy':>8} {'warm s':>7} {'vs copy':>8} {'peak RSS MB':>12}  runs (s)")
+            print(
+                f"{'step':<6} {'cold s':>7} {'vs copy':>8} {'warm s':>7} {'vs copy':>8} {'peak RSS MB':>12}  runs (s)"
+            )
             for step, r in rows.items():
-                warm = f"{r['warm']:7.2f} {r['warm'] / c['warm']:7.2f}x" if r["warm"] and c["warm"] else f"{'-':>7} {'-':>8}"
-                print(f"{step:<6} {r['cold']:7.2f} {r['cold'] / c['cold']:7.2f}x {warm} {r['peak_rss'] / 1e6:12.0f}  {r['all']}")
+                warm = (
+                    f"{r['warm']:7.2f} {r['warm'] / c['warm']:7.2f}x"
+                    if r["warm"] and c["warm"]
+                    else f"{'-':>7} {'-':>8}"
+                )
+                print(
+                    f"{step:<6} {r['cold']:7.2f} {r['cold'] / c['cold']:7.2f}x {warm} {r['peak_rss'] / 1e6:12.0f}  {r['all']}"
+                )
             if "peft" in rows:
                 m, p = rows["merge"], rows["peft"]
-                print(f"merge vs peft (cold): {p['cold'] / m['cold']:.1f}x faster, "
-                      f"peak RSS {m['peak_rss'] / p['peak_rss']:.2f} of PEFT's")
+                print(
+                    f"merge vs peft (cold): {p['cold'] / m['cold']:.1f}x faster, "
+                    f"peak RSS {m['peak_rss'] / p['peak_rss']:.2f} of PEFT's"
+                )
             shutil.rmtree(work, ignore_errors=True)
     finally:
         if not args.workdir:

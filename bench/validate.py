@@ -51,8 +51,11 @@ def sparse_safetensors(path: Path, tensors: dict[str, tuple[int, ...]]) -> None:
 
 def make_base(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-                                         "lm_head.weight": (VOCAB, HIDDEN)}
+    names: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+        "lm_head.weight": (VOCAB, HIDDEN),
+    }
     for i in range(LAYERS):
         for p, shape in PROJ.items():
             names[f"model.layers.{i}.{p}.weight"] = shape
@@ -66,9 +69,17 @@ def make_base(root: Path) -> Path:
         sparse_safetensors(root / fn, shard)
         weight_map.update({n: fn for n in shard})
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (root / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                                  "vocab_size": VOCAB, "hidden_size": HIDDEN,
-                                                  "_name_or_path": "meta-llama/Llama-3.1-8B"}))
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": VOCAB,
+                "hidden_size": HIDDEN,
+                "_name_or_path": "meta-llama/Llama-3.1-8B",
+            }
+        )
+    )
     return root
 
 
@@ -85,20 +96,51 @@ def fill(home: Path, n: int) -> None:
                 for p, (out_f, in_f) in PROJ.items():
                     if wrong:
                         out_f, in_f = (5120 if out_f == HIDDEN else out_f), (5120 if in_f == HIDDEN else in_f)
-                    mods.append({"module": f"model.layers.{layer}.{p}", "short_name": p.split(".")[-1], "kind": "linear",
-                                 "rank": rank, "alpha": 2.0 * rank, "scale": 2.0, "in_features": in_f,
-                                 "out_features": out_f, "kernel_size": None, "dora": False, "dtype": "BF16",
-                                 "lora_bias": False})
+                    mods.append(
+                        {
+                            "module": f"model.layers.{layer}.{p}",
+                            "short_name": p.split(".")[-1],
+                            "kind": "linear",
+                            "rank": rank,
+                            "alpha": 2.0 * rank,
+                            "scale": 2.0,
+                            "in_features": in_f,
+                            "out_features": out_f,
+                            "kernel_size": None,
+                            "dora": False,
+                            "dtype": "BF16",
+                            "lora_bias": False,
+                        }
+                    )
             queries.insert_adapter(
                 conn,
-                row={"name": f"adapter-{i:04d}", "sha256": f"{i:064x}", "format": "peft", "peft_type": "LORA",
-                     "base_model": "meta-llama/Llama-3.1-8B", "base_revision": None, "rank": rank, "alpha": 2.0 * rank,
-                     "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
-                     "task_type": "CAUSAL_LM", "dtype": "BF16", "num_params": 0, "size_bytes": 0,
-                     "num_modules": len(mods), "target_modules": sorted({m["short_name"] for m in mods}),
-                     "description": None, "source": None, "config": {"r": rank, "lora_alpha": 2 * rank},
-                     "extra": None, "replacements": None},
-                modules=mods, files=[],
+                row={
+                    "name": f"adapter-{i:04d}",
+                    "sha256": f"{i:064x}",
+                    "format": "peft",
+                    "peft_type": "LORA",
+                    "base_model": "meta-llama/Llama-3.1-8B",
+                    "base_revision": None,
+                    "rank": rank,
+                    "alpha": 2.0 * rank,
+                    "use_rslora": False,
+                    "use_dora": False,
+                    "rank_pattern": {},
+                    "alpha_pattern": {},
+                    "task_type": "CAUSAL_LM",
+                    "dtype": "BF16",
+                    "num_params": 0,
+                    "size_bytes": 0,
+                    "num_modules": len(mods),
+                    "target_modules": sorted({m["short_name"] for m in mods}),
+                    "description": None,
+                    "source": None,
+                    "config": {"r": rank, "lora_alpha": 2 * rank},
+                    "extra": None,
+                    "replacements": None,
+                },
+                modules=mods,
+                files=[],
             )
 
 
@@ -111,14 +153,20 @@ def main() -> None:
     exe = [sys.executable, "-m", "adapterhub", "--home", str(work / "home")]
     try:
         base = make_base(work / "llama-8b")
-        subprocess.run([*exe, "base", "add", str(base), "--name", "llama-8b"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*exe, "base", "add", str(base), "--name", "llama-8b"], check=True, stdout=subprocess.DEVNULL
+        )
         t = time.perf_counter()
         fill(work / "home", args.adapters)
-        print(f"cataloged {args.adapters} adapters x {LAYERS * len(PROJ)} modules in {time.perf_counter() - t:.1f} s")
+        print(
+            f"cataloged {args.adapters} adapters x {LAYERS * len(PROJ)} modules in {time.perf_counter() - t:.1f} s"
+        )
         times, out = [], b""
         for _ in range(3):
             t = time.perf_counter()
-            res = subprocess.run([*exe, "--json", "validate", "--all", "--base", "llama-8b"], capture_output=True)
+            res = subprocess.run(
+                [*exe, "--json", "validate", "--all", "--base", "llama-8b"], capture_output=True
+            )
             times.append(time.perf_counter() - t)
             out = res.stdout
         reports = json.loads(out)
@@ -126,11 +174,17 @@ def main() -> None:
         t_list = []
         for _ in range(3):
             t = time.perf_counter()
-            subprocess.run([*exe, "--json", "list", "--compatible-with", "llama-8b"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*exe, "--json", "list", "--compatible-with", "llama-8b"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             t_list.append(time.perf_counter() - t)
         v, lst = statistics.median(times), statistics.median(t_list)
         print(f"validate --all: {len(reports)} reports, {ok} fit, {len(reports) - ok} refused")
-        print(f"{'validate --all --base llama-8b --json':45} {v:6.3f} s  (goal < 2 s: {'ok' if v < 2 else 'MISSED'})")
+        print(
+            f"{'validate --all --base llama-8b --json':45} {v:6.3f} s  (goal < 2 s: {'ok' if v < 2 else 'MISSED'})"
+        )
         print(f"{'list --compatible-with llama-8b --json':45} {lst:6.3f} s")
         print(f"per adapter: {v / len(reports) * 1e3:.2f} ms ({LAYERS * len(PROJ)} modules each)")
     finally:

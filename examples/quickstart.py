@@ -32,7 +32,9 @@ def sh(*args: str, home: Path, env: dict[str, str] | None = None) -> str:
     """Run the adapterhub CLI the way a user would, echoing the command and its output."""
     cmd = [sys.executable, "-m", "adapterhub", "--home", str(home), *args]
     print("$ adapterhub " + " ".join(shlex.quote(a) for a in args), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120", **(env or {})})
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120", **(env or {})}
+    )
     out = res.stdout + res.stderr
     print(out.rstrip(), flush=True)
     if res.returncode != 0:
@@ -58,7 +60,10 @@ def make_adapters(base_dir: Path, out: Path) -> dict[str, Path]:
         "minilm-sql-r8": dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
         "minilm-chat-r4": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value"], use_rslora=True),
         "minilm-ffn-r16": dict(
-            r=16, lora_alpha=32, target_modules=["intermediate.dense", "output.dense"], rank_pattern={"output.dense": 8}
+            r=16,
+            lora_alpha=32,
+            target_modules=["intermediate.dense", "output.dense"],
+            rank_pattern={"output.dense": 8},
         ),
         "minilm-dora-r4": dict(r=4, lora_alpha=4, target_modules=["value"], use_dora=True),
     }
@@ -88,7 +93,9 @@ def make_wrong_adapter(out: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024))
+    model = BertModel(
+        BertConfig(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024)
+    )
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
     peft_model.save_pretrained(str(out / "bert-wide-r8"))
     print("  made bert-wide-r8: LoRA r=8 on query/value of a 512-wide BERT")
@@ -108,8 +115,16 @@ def make_kohya(out: Path) -> Path:
         t[stem + ".lora_up.weight"] = torch.randn(320, 8, dtype=torch.float16) * 0.01
         t[stem + ".alpha"] = torch.tensor(4.0, dtype=torch.float16)
     path = out / "watercolor-style.safetensors"
-    save_file(t, str(path), metadata={"ss_network_dim": "8", "ss_network_alpha": "4", "ss_base_model_version": "sd_v1",
-                                      "ss_output_name": "watercolor-style"})
+    save_file(
+        t,
+        str(path),
+        metadata={
+            "ss_network_dim": "8",
+            "ss_network_alpha": "4",
+            "ss_base_model_version": "sd_v1",
+            "ss_output_name": "watercolor-style",
+        },
+    )
     print(f"  made {path.name}: kohya file, rank 8, alpha 4")
     return path
 
@@ -123,8 +138,21 @@ def share(tmp: Path, home: Path) -> None:
         token = server.create_token("team", write=True).token  # shown once; stored hashed
     print("  server token created for user 'team' (stored hashed in the server's catalog)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adapterhub", "--home", str(server_home), "serve", "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "adapterhub",
+            "--home",
+            str(server_home),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -132,7 +160,9 @@ def share(tmp: Path, home: Path) -> None:
         print(f"  serving on {url}")
         env = {"HF_TOKEN": token, "HF_HUB_OFFLINE": "0"}
         sh("push", "minilm-sql-r8", "team/minilm-sql", "--endpoint", url, home=home, env=env)
-        sh("push", "minilm-sql-r8", "team/minilm-sql", "--endpoint", url, home=home, env=env)  # unchanged: no commit
+        sh(
+            "push", "minilm-sql-r8", "team/minilm-sql", "--endpoint", url, home=home, env=env
+        )  # unchanged: no commit
         elsewhere = tmp / "teammate-home"
         sh("pull", "team/minilm-sql", "--endpoint", url, home=elsewhere, env=env)
         sh("show", "minilm-sql-r8", home=elsewhere)  # source: team/minilm-sql@<commit>
@@ -195,19 +225,39 @@ def main() -> None:
         m = PeftModel.from_pretrained(AutoModel.from_pretrained(str(base)), str(path)).eval()
         with torch.no_grad():
             outs.append(m(input_ids=x).last_hidden_state)
-    print(f"  max |difference| between original and exported adapter outputs: {(outs[0] - outs[1]).abs().max():.2e}")
+    print(
+        f"  max |difference| between original and exported adapter outputs: {(outs[0] - outs[1]).abs().max():.2e}"
+    )
 
-    step("9. Validate: does an adapter fit a base model? (from file headers and the catalog, no weights loaded)")
+    step(
+        "9. Validate: does an adapter fit a base model? (from file headers and the catalog, no weights loaded)"
+    )
     base_name = "sentence-transformers/all-MiniLM-L6-v2"
     sh("base", "add", str(base), "--name", base_name, home=home)
     sh("validate", "minilm-sql-r8", "--base", base_name, home=home)
     wrong = make_wrong_adapter(tmp / "adapters")
     sh("add", str(wrong), "--tag", "oops", home=home)
-    res = subprocess.run([sys.executable, "-m", "adapterhub", "--home", str(home), "--quiet", "validate",
-                          "bert-wide-r8", "--base", base_name], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "120"})
-    print(f"$ adapterhub --quiet validate bert-wide-r8 --base {base_name}\n{res.stdout.rstrip()}\n"
-          f"  (exit code {res.returncode}: the adapter was trained on a 512-wide BERT)")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adapterhub",
+            "--home",
+            str(home),
+            "--quiet",
+            "validate",
+            "bert-wide-r8",
+            "--base",
+            base_name,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    print(
+        f"$ adapterhub --quiet validate bert-wide-r8 --base {base_name}\n{res.stdout.rstrip()}\n"
+        f"  (exit code {res.returncode}: the adapter was trained on a 512-wide BERT)"
+    )
     sh("list", "--compatible-with", base_name, home=home)
     sh("validate", "minilm-sql-r8", "--with", "minilm-chat-r4", home=home)
 
@@ -215,15 +265,30 @@ def main() -> None:
     merged = tmp / "minilm-sql-merged"
     sh("merge", base_name, "minilm-sql-r8", "--out", str(merged), home=home)
     merged_model = AutoModel.from_pretrained(str(merged)).eval()
-    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(str(base)), str(made["minilm-sql-r8"])).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(base)), str(made["minilm-sql-r8"])
+    ).eval()
     with torch.no_grad():
-        diff = (merged_model(input_ids=x).last_hidden_state - with_adapter(input_ids=x).last_hidden_state).abs().max()
+        diff = (
+            (merged_model(input_ids=x).last_hidden_state - with_adapter(input_ids=x).last_hidden_state)
+            .abs()
+            .max()
+        )
     print(f"  max |merged - (base + adapter)| over the last hidden state: {diff:.2e}")
     sh("show", "minilm-sql-r8", home=home)  # tells where it was merged
 
     step("11. Combine: an exact weighted sum, then compressed to rank 8 (from the factors, never dense)")
     sh("combine", "minilm-sql-r8:0.7", "minilm-chat-r4:0.3", "--name", "sql-chat-exact", home=home)
-    sh("combine", "minilm-sql-r8:0.7", "minilm-chat-r4:0.3", "--name", "sql-chat-r8", "--rank", "8", home=home)
+    sh(
+        "combine",
+        "minilm-sql-r8:0.7",
+        "minilm-chat-r4:0.3",
+        "--name",
+        "sql-chat-r8",
+        "--rank",
+        "8",
+        home=home,
+    )
     sh("resize", "minilm-ffn-r16", "--rank", "auto", "--keep", "0.9", "--name", "ffn-auto", home=home)
 
     step("12. A composition recipe (examples/recipes/minilm-mix.yaml): checked first, then run step by step")
@@ -232,7 +297,9 @@ def main() -> None:
     sh("compose", str(recipe), home=home)
     sh("show", "minilm-sql-chat-r8", home=home)
 
-    step("13. Share: push to a Hub-compatible server (adapterhub serve, started here on 127.0.0.1), pull elsewhere")
+    step(
+        "13. Share: push to a Hub-compatible server (adapterhub serve, started here on 127.0.0.1), pull elsewhere"
+    )
     share(tmp, home)
 
     step("14. Bad input is refused with one line, and nothing changes")
@@ -240,8 +307,11 @@ def main() -> None:
     broken.mkdir()
     (broken / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
     (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
-    res = subprocess.run([sys.executable, "-m", "adapterhub", "--home", str(home), "add", str(broken)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "adapterhub", "--home", str(home), "add", str(broken)],
+        capture_output=True,
+        text=True,
+    )
     print(f"$ adapterhub add {broken}\n{res.stderr.strip()}\n  (exit code {res.returncode})")
 
     step("15. The same through the Python API")
@@ -249,13 +319,23 @@ def main() -> None:
 
     with Hub(home) as hub:
         for info in hub.list_adapters(min_rank=8):
-            print(f"  {info.name}: rank {info.rank}, targets {', '.join(info.target_modules)}, {info.size_bytes:,} bytes")
+            print(
+                f"  {info.name}: rank {info.rank}, targets {', '.join(info.target_modules)}, {info.size_bytes:,} bytes"
+            )
         info = hub.adapter_info("minilm-chat-r4")
-        print(f"  {info.name}: rslora={info.use_rslora}, tags={list(info.tags)}, scale per module="
-              f"{sorted({m.scale for m in info.modules or ()})}")
-        mix = hub.combine(0.5 * hub.adapter("minilm-sql-r8") - 0.5 * hub.adapter("minilm-chat-r4"), name="sql-minus-chat")
-        print(f"  combined {mix.adapter.name} = 0.5 sql - 0.5 chat: rank {mix.adapter.rank}, error {mix.error:.1e}")
-        print(f"  minilm-sql-r8 was merged into: {[m['out'] for m in hub.adapter_info('minilm-sql-r8').merges or ()]}")
+        print(
+            f"  {info.name}: rslora={info.use_rslora}, tags={list(info.tags)}, scale per module="
+            f"{sorted({m.scale for m in info.modules or ()})}"
+        )
+        mix = hub.combine(
+            0.5 * hub.adapter("minilm-sql-r8") - 0.5 * hub.adapter("minilm-chat-r4"), name="sql-minus-chat"
+        )
+        print(
+            f"  combined {mix.adapter.name} = 0.5 sql - 0.5 chat: rank {mix.adapter.rank}, error {mix.error:.1e}"
+        )
+        print(
+            f"  minilm-sql-r8 was merged into: {[m['out'] for m in hub.adapter_info('minilm-sql-r8').merges or ()]}"
+        )
         hub.remove_adapter("minilm-dora")
 
     step("16. Remove")

@@ -37,7 +37,9 @@ def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
     return LlamaForCausalLM(cfg)
 
 
-def make_adapter(dest: Path, rank: int, alpha: int, targets: list[str], seed: int = 0, **extra: object) -> Path:
+def make_adapter(
+    dest: Path, rank: int, alpha: int, targets: list[str], seed: int = 0, **extra: object
+) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 

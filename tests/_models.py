@@ -18,10 +18,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-EXTRA_FILES = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n', "README.md": "# tiny\n"}
+EXTRA_FILES = {
+    "tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n',
+    "README.md": "# tiny\n",
+}
 
 
-def tiny_llama(seed: int = 0, *, tie: bool = False, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+def tiny_llama(
+    seed: int = 0, *, tie: bool = False, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -46,7 +51,9 @@ def tiny_gpt2(seed: int = 0) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     model = GPT2LMHeadModel(cfg)
     _spread(model)
     return model.eval()
@@ -103,8 +110,11 @@ def save_model(model: Any, dest: Path, *, shard_size: str | None = None, extras:
         from safetensors.torch import save_file
 
         dest.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(dest / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (dest / "config.json").write_text(json.dumps({"model_type": "tinyconv"}) + "\n")
     else:
         kw = {"max_shard_size": shard_size} if shard_size else {}

@@ -192,7 +192,9 @@ def _copy_adapter(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_bad_inputs_leave_catalog_and_store_unchanged(hub: Hub, made: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_inputs_leave_catalog_and_store_unchanged(
+    hub: Hub, made: dict[str, Path], tmp_path: Path
+) -> None:
     import torch
 
     hub.add_adapter(made["sql-r8"])
@@ -348,7 +350,11 @@ def test_load_adapter_gives_tensors(hub: Hub, made: dict[str, Path]) -> None:
 
 def _approx_equal(a: object, b: object) -> bool:
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-12 * max(1.0, abs(b))
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and abs(a - b) <= 1e-12 * max(1.0, abs(b))
+        )
     if isinstance(a, dict) and isinstance(b, dict):
         return list(a) == list(b) and all(_approx_equal(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):

@@ -76,7 +76,9 @@ def test_export_command(cli: Cli, made: dict[str, Path], tmp_path: Path) -> None
 
 def test_errors_are_one_line_with_exit_code_1(cli: Cli, made: dict[str, Path], tmp_path: Path) -> None:
     cli("show", "missing", code=1)
-    assert cli.err == "error: no adapter named 'missing' in the catalog; `adapterhub list` shows what is there\n"
+    assert (
+        cli.err == "error: no adapter named 'missing' in the catalog; `adapterhub list` shows what is there\n"
+    )
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     cli("add", str(bad), code=1)
@@ -110,8 +112,9 @@ def test_db_upgrade_and_version(cli: Cli) -> None:
     assert "0.1.0" in cli("--version")
 
 
-def test_global_json_flag_and_home_env(tmp_path: Path, made: dict[str, Path], capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_global_json_flag_and_home_env(
+    tmp_path: Path, made: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "envhome"))
     assert main(["add", str(made["sql-r8"])]) == 0
     capsys.readouterr()
@@ -144,6 +147,8 @@ def test_light_commands_never_import_torch(tmp_path: Path, made: dict[str, Path]
     )
     for args in LIGHT:
         res = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(["--home", str(home), *args])], capture_output=True, text=True
+            [sys.executable, "-c", code, json.dumps(["--home", str(home), *args])],
+            capture_output=True,
+            text=True,
         )
         assert res.returncode == 0, (args, res.stderr)

@@ -36,7 +36,9 @@ def run(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> tuple[int
     return rc, out, err
 
 
-def test_base_commands_and_validate(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_base_commands_and_validate(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     home = tmp_path / "home"
     rc, out, _ = run(capsys, home, "--json", "base", "add", str(world["llama"]), "--name", "tiny")
     assert rc == 0 and json.loads(out)[0]["model_type"] == "llama"
@@ -62,7 +64,9 @@ def test_base_commands_and_validate(world: dict[str, Path], tmp_path: Path, caps
     assert rc == 1 and err.startswith("error: no base model named 'tiny'")
 
 
-def test_validate_errors_and_usage(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_errors_and_usage(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     home = tmp_path / "home"
     rc, _, err = run(capsys, home, "validate")
     assert rc == 2 and "give an adapter name or path" in err

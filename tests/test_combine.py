@@ -112,7 +112,9 @@ DENSE_ADAPTERS = {
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     specs = {**ADAPTERS, **DENSE_ADAPTERS}
-    return {name: make_adapter(root / name, seed, **spec) for seed, (name, spec) in enumerate(specs.items(), 1)}
+    return {
+        name: make_adapter(root / name, seed, **spec) for seed, (name, spec) in enumerate(specs.items(), 1)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +361,9 @@ def _fake(key: str, out: int, inn: int, r: int = 2, *, seed: int = 0, **extra: o
     gen = torch.Generator().manual_seed(seed)
     a, b = torch.randn(r, inn, generator=gen), torch.randn(out, r, generator=gen)
     m = LoraModule(key, "linear", r, float(r), 1.0, (r, inn), (out, r), "F32", a, b)
-    return LoraWeights({key: replace(m, **extra)}, "peft", config={"base_model_name_or_path": "x"}, base_model="x")
+    return LoraWeights(
+        {key: replace(m, **extra)}, "peft", config={"base_model_name_or_path": "x"}, base_model="x"
+    )
 
 
 def test_refuses_different_delta_shapes():
@@ -379,7 +383,9 @@ def test_refuses_dora_on_the_same_key_twice():
 
 
 def test_refuses_modules_to_save_twice_and_carries_once(tmp_path, loaded):
-    path = make_adapter(tmp_path / "mts", 11, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    path = make_adapter(
+        tmp_path / "mts", 11, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
     mts = read_adapter(path, load=True)
     assert mts.replacements
     with pytest.raises(IncompatibleAdapterError, match="lm_head.*modules_to_save"):
@@ -399,7 +405,9 @@ def test_refuses_unloaded_tensors_and_unknown_methods(folders, loaded):
     with pytest.raises(UnknownMethodError, match="known methods: cat, dare_linear") as info:
         combine([(loaded["a1"], 1.0)], method="tiez")
     assert "ties" in info.value.known
-    assert {"linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"} <= set(combine_methods())
+    assert {"linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"} <= set(
+        combine_methods()
+    )
 
 
 def test_registry_variants_are_configured_instances():
@@ -440,8 +448,18 @@ def make_tiny() -> torch.nn.Module:
 
 
 def test_embedding_and_conv_against_peft(tmp_path):
-    p1 = make_adapter(tmp_path / "t1", 21, model_factory=make_tiny, r=3, lora_alpha=6, target_modules=["emb", "conv", "fc"])
-    p2 = make_adapter(tmp_path / "t2", 22, model_factory=make_tiny, r=5, lora_alpha=5, use_rslora=True, target_modules=["emb", "conv"])
+    p1 = make_adapter(
+        tmp_path / "t1", 21, model_factory=make_tiny, r=3, lora_alpha=6, target_modules=["emb", "conv", "fc"]
+    )
+    p2 = make_adapter(
+        tmp_path / "t2",
+        22,
+        model_factory=make_tiny,
+        r=5,
+        lora_alpha=5,
+        use_rslora=True,
+        target_modules=["emb", "conv"],
+    )
     w1, w2 = read_adapter(p1, load=True), read_adapter(p2, load=True)
     assert w1["conv.weight"].kind == "conv" and w1["emb.weight"].kind == "embedding"
     model = PeftModel.from_pretrained(make_tiny(), str(p1), adapter_name="t1")
@@ -470,7 +488,9 @@ def test_embedding_and_conv_against_peft(tmp_path):
         s = torch.linalg.svdvals(d.reshape(d.shape[0], -1))
         assert small.module_errors[key] == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-5), key
     # TIES on embedding and conv modules matches PEFT's ties_svd
-    model.add_weighted_adapter(["t1", "t2"], [0.6, -1.2], "ties", combination_type="ties_svd", svd_rank=2, density=0.5)
+    model.add_weighted_adapter(
+        ["t1", "t2"], [0.6, -1.2], "ties", combination_type="ties_svd", svd_rank=2, density=0.5
+    )
     ties = combine([(w1, 0.6), (w2, -1.2)], method="ties", rank=2, density=0.5)
     for key, d in peft_deltas(model, "ties").items():
         assert rel(ties.weights[key].delta(torch.float64), d) < 1e-4, key
@@ -510,7 +530,11 @@ def test_extract_recovers_a_low_rank_finetune(tmp_path):
     base = make_base()
     tuned = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(5)
-    changed = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"]
+    changed = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ]
     with torch.no_grad():
         params = dict(tuned.named_parameters())
         for key in changed:
@@ -584,7 +608,9 @@ def test_rank_deficient_stacks_are_handled(loaded, reference):
     result = combine([(w[0], 1.0), (w[1], -2.0), (w[2], 0.5)], rank=5)
     s = torch.linalg.svdvals(d)
     assert result.module_errors[key] == pytest.approx(float(s[5:].norm() / s.norm()), rel=1e-6)
-    assert rel(result.weights[key].delta(torch.float64), d) == pytest.approx(result.module_errors[key], rel=1e-4)
+    assert rel(result.weights[key].delta(torch.float64), d) == pytest.approx(
+        result.module_errors[key], rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
@@ -599,4 +625,7 @@ def test_gram_truncation_used_on_gpus_matches_svd(shape):
             b2, a2 = _dense_truncate(x, rank, 0.99, gram=True)
             assert rel(b2 @ a2, b1 @ a1) < 1e-5
             assert float(b2.norm()) == pytest.approx(float(a2.norm()), rel=1e-4)
-        assert _dense_truncate(x, "auto", 0.9, gram=True)[0].shape == _dense_truncate(x, "auto", 0.9, gram=False)[0].shape
+        assert (
+            _dense_truncate(x, "auto", 0.9, gram=True)[0].shape
+            == _dense_truncate(x, "auto", 0.9, gram=False)[0].shape
+        )

@@ -28,7 +28,9 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"base": root / "llama"}
     for i, t in enumerate(TARGETS):
         out[f"ad{i}"] = save_adapter(llama(), root / f"ad{i}", r=4 + 4 * i, lora_alpha=8, target_modules=t)
-    out["wide"] = save_adapter(llama(hidden_size=48, intermediate_size=64), root / "wide", r=4, target_modules=["q_proj"])
+    out["wide"] = save_adapter(
+        llama(hidden_size=48, intermediate_size=64), root / "wide", r=4, target_modules=["q_proj"]
+    )
     return out
 
 
@@ -68,7 +70,11 @@ def test_example_recipes_run(recipe: Path, made: dict[str, Path], tmp_path: Path
 RECIPE = {
     "version": 1,
     "steps": [
-        {"name": "mix", "method": "linear", "inputs": [{"adapter": "x", "weight": 0.5}, {"adapter": "y", "weight": 0.5}]},
+        {
+            "name": "mix",
+            "method": "linear",
+            "inputs": [{"adapter": "x", "weight": 0.5}, {"adapter": "y", "weight": 0.5}],
+        },
         {"name": "mix-r2", "method": "resize", "inputs": ["mix"], "rank": 2},
     ],
 }
@@ -85,7 +91,9 @@ def hub(tmp_path: Path, made: dict[str, Path]):  # type: ignore[no-untyped-def]
 def test_failing_step_removes_earlier_outputs(hub: Hub) -> None:
     before = snapshot(hub)
     bad = json.loads(json.dumps(RECIPE))
-    bad["steps"].append({"name": "broken", "method": "ties", "inputs": ["mix", "x"], "density": 0.5})  # no rank
+    bad["steps"].append(
+        {"name": "broken", "method": "ties", "inputs": ["mix", "x"], "density": 0.5}
+    )  # no rank
     with pytest.raises(ComposeError, match="step 'broken' failed \\(removed mix, mix-r2 again\\)") as err:
         hub.compose(bad)
     assert err.value.step == "broken"

@@ -15,7 +15,11 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     env.pop("ADAPTERHUB_HOME", None)
     env.pop("ADAPTERHUB_DB", None)
     res = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout

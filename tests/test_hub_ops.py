@@ -31,10 +31,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "llama": root / "llama",
         "wide": root / "wide",
         "a": save_adapter(llama(), root / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "b": save_adapter(llama(), root / "b", r=8, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_rslora=True),
+        "b": save_adapter(
+            llama(), root / "b", r=8, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_rslora=True
+        ),
         "d1": save_adapter(llama(), root / "d1", r=4, target_modules=["v_proj"], use_dora=True),
         "d2": save_adapter(llama(), root / "d2", r=4, target_modules=["v_proj"], use_dora=True),
-        "w": save_adapter(llama(hidden_size=48, intermediate_size=64), root / "w", r=4, target_modules=["q_proj"]),
+        "w": save_adapter(
+            llama(hidden_size=48, intermediate_size=64), root / "w", r=4, target_modules=["q_proj"]
+        ),
     }
 
 
@@ -66,7 +70,9 @@ def peft_applied(world: dict[str, Path], weighted: list[tuple[str, float]]) -> t
     return logits(base)
 
 
-def test_merge_by_name_with_weights_matches_peft_and_is_recorded(hub: Hub, world: dict[str, Path], tmp_path: Path) -> None:
+def test_merge_by_name_with_weights_matches_peft_and_is_recorded(
+    hub: Hub, world: dict[str, Path], tmp_path: Path
+) -> None:
     result = hub.merge("tiny", [("a", 1.0), ("b", -0.5)], out=tmp_path / "merged")
     assert result.tensors_changed == 6  # q (both), v (a), o (b) in two layers
     ours = logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")))
@@ -88,12 +94,17 @@ def test_merge_refuses_misfits_before_writing(hub: Hub, world: dict[str, Path], 
     assert hub.adapter_info("d1").merges == ()
 
 
-def test_combine_exact_is_loaded_by_peft_and_keeps_lineage(hub: Hub, world: dict[str, Path], tmp_path: Path) -> None:
+def test_combine_exact_is_loaded_by_peft_and_keeps_lineage(
+    hub: Hub, world: dict[str, Path], tmp_path: Path
+) -> None:
     summary = hub.combine(0.7 * hub.adapter("a") - 0.3 * hub.adapter("b"), name="mix", tags=["mix"])
     assert summary.error == pytest.approx(0.0, abs=1e-6)
     info = summary.adapter
     assert info.tags == ("mix",) and info.source == "derived:linear"
-    assert [(p.name, p.weight, p.method) for p in info.parents] == [("a", 0.7, "linear"), ("b", -0.3, "linear")]
+    assert [(p.name, p.weight, p.method) for p in info.parents] == [
+        ("a", 0.7, "linear"),
+        ("b", -0.3, "linear"),
+    ]
     assert hub.adapter_info("a").children == ("mix",)
     out = hub.export_adapter("mix", tmp_path / "mix")
     base = LlamaForCausalLM.from_pretrained(str(world["llama"]))
@@ -132,8 +143,9 @@ def test_extract_recovers_a_merged_delta(hub: Hub, tmp_path: Path) -> None:
     assert s.adapter.parents[0].method == "extract"
 
 
-def test_cli_merge_combine_resize(hub: Hub, world: dict[str, Path], tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_merge_combine_resize(
+    hub: Hub, world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     home = str(hub.home)
 
     def run(*args: str) -> tuple[int, str, str]:
@@ -157,7 +169,9 @@ def test_cli_merge_combine_resize(hub: Hub, world: dict[str, Path], tmp_path: Pa
     rc, _, err = run("merge", "tiny", "d1", "d2", "--out", str(tmp_path / "dd"))
     assert rc == 1 and "DoRA" in err and not (tmp_path / "dd").exists()
     hub.merge("tiny", ["b"], out=tmp_path / "ft-b")
-    rc, out, _ = run("extract", "tiny", str(tmp_path / "ft-b"), "--rank", "8", "--svd", "exact", "--name", "b-x", "--json")
+    rc, out, _ = run(
+        "extract", "tiny", str(tmp_path / "ft-b"), "--rank", "8", "--svd", "exact", "--name", "b-x", "--json"
+    )
     doc = json.loads(out)
     assert rc == 0 and doc["method"] == "extract" and doc["error"] < 1e-4 and doc["params"]["svd"] == "exact"
     rc, _, err = run("resize", "a", "--rank", "zero", "--name", "a0")

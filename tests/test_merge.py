@@ -74,12 +74,19 @@ def test_llama_sharded_matches_peft_and_transformers(llama) -> None:  # noqa: AN
 
     model, base, root = llama
     ad = make_adapter(
-        model, root / "ad-full", target_modules=[*LLAMA_ALL, "embed_tokens"], use_rslora=True,
-        rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, modules_to_save=["lm_head"],
+        model,
+        root / "ad-full",
+        target_modules=[*LLAMA_ALL, "embed_tokens"],
+        use_rslora=True,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        modules_to_save=["lm_head"],
     )
     weights = read_adapter(ad, load=True)
     seen: list[tuple[int, int]] = []
-    res = merge_checkpoint(base, [(weights, 1.0)], root / "out-full", progress=lambda d, t: seen.append((d, t)))
+    res = merge_checkpoint(
+        base, [(weights, 1.0)], root / "out-full", progress=lambda d, t: seen.append((d, t))
+    )
     assert isinstance(res, MergeResult) and res.device == "cpu" and res.untied == []
     out = res.out
     # 7 linear modules x 2 layers + embed_tokens + lm_head
@@ -130,8 +137,15 @@ def test_stale_weight_files_not_copied(llama, tmp_path) -> None:  # noqa: ANN001
 def test_two_adapters_with_weights_match_peft(llama) -> None:  # noqa: ANN001
     model, base, root = llama
     a = make_adapter(model, root / "ad-a", seed=2, target_modules=["q_proj", "v_proj", "gate_proj"])
-    b = make_adapter(model, root / "ad-b", seed=3, r=8, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj"],
-                     use_rslora=True)
+    b = make_adapter(
+        model,
+        root / "ad-b",
+        seed=3,
+        r=8,
+        lora_alpha=4,
+        target_modules=["q_proj", "k_proj", "o_proj"],
+        use_rslora=True,
+    )
     pairs = [(a, 0.7), (b, -1.3)]
     res = merge_checkpoint(base, [(read_adapter(p, load=True), w) for p, w in pairs], root / "out-two")
     assert_states_close(load_folder(res.out), peft_merged_state(base, pairs))
@@ -140,8 +154,9 @@ def test_two_adapters_with_weights_match_peft(llama) -> None:  # noqa: ANN001
 def test_dora_matches_peft(llama) -> None:  # noqa: ANN001
     """Row norms (Linear) and column norms (Embedding), DoRA between plain adapters on one module."""
     model, base, root = llama
-    d = make_adapter(model, root / "ad-dora", seed=4, target_modules=["v_proj", "o_proj", "embed_tokens"],
-                     use_dora=True)
+    d = make_adapter(
+        model, root / "ad-dora", seed=4, target_modules=["v_proj", "o_proj", "embed_tokens"], use_dora=True
+    )
     p1 = make_adapter(model, root / "ad-p1", seed=5, target_modules=["v_proj"])
     p2 = make_adapter(model, root / "ad-p2", seed=6, target_modules=["v_proj", "embed_tokens"])
     res = merge_checkpoint(base, [(read_adapter(d, load=True), 1.0)], root / "out-dora")
@@ -161,7 +176,9 @@ def test_bf16_rounds_once(tmp_path) -> None:  # noqa: ANN001
     base = save_model(model.to(torch.bfloat16), tmp_path / "base")
     fp32 = tiny_llama(seed=7, hidden_size=64, intermediate_size=96)
     a = make_adapter(fp32, tmp_path / "a", seed=8, target_modules=LLAMA_ALL, r=8)
-    b = make_adapter(fp32, tmp_path / "b", seed=9, target_modules=["q_proj", "down_proj"], r=4, use_rslora=True)
+    b = make_adapter(
+        fp32, tmp_path / "b", seed=9, target_modules=["q_proj", "down_proj"], r=4, use_rslora=True
+    )
     wa, wb = read_adapter(a, load=True), read_adapter(b, load=True)
     res = merge_checkpoint(base, [(wa, 1.0), (wb, -0.45)], tmp_path / "out")
     got, base_t = load_folder(res.out), load_folder(base)
@@ -193,8 +210,10 @@ def test_unmerge_recovers_base(llama) -> None:  # noqa: ANN001
     back = merge_checkpoint(merged, pairs, root / "out-un", unmerge=True).out
     got, want = load_folder(back), load_folder(base)
     assert_states_close(got, want, atol=1e-5)
-    assert not torch.equal(load_folder(merged)["model.layers.0.self_attn.q_proj.weight"],
-                           want["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        load_folder(merged)["model.layers.0.self_attn.q_proj.weight"],
+        want["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_dtype_conversion(llama) -> None:  # noqa: ANN001
@@ -205,7 +224,9 @@ def test_dtype_conversion(llama) -> None:  # noqa: ANN001
     got, ref = load_folder(res.out), peft_merged_state(base, [(a, 1.0)])
     assert all(t.dtype == torch.bfloat16 for t in got.values())
     for name, t in got.items():
-        assert torch.equal(t, ref[name].to(torch.bfloat16)) or (t.float() - ref[name]).abs().max() < 1e-2, name
+        assert torch.equal(t, ref[name].to(torch.bfloat16)) or (t.float() - ref[name]).abs().max() < 1e-2, (
+            name
+        )
     assert json.loads((res.out / "config.json").read_text())["dtype"] == "bfloat16"
     assert any("bfloat16" in n for n in res.notes)
 
@@ -220,11 +241,15 @@ def test_gpt2_conv1d_and_lora_bias_match_peft(gpt2) -> None:  # noqa: ANN001
     got, ref = load_folder(res.out), peft_merged_state(base, [(ad, 1.0)])
     assert_states_close(got, ref, skip=("lm_head.weight",))  # tied to wte, absent from the files
     assert "lm_head.weight" not in got and res.untied == []
-    assert not torch.equal(got["transformer.h.0.attn.c_proj.bias"], load_folder(base)["transformer.h.0.attn.c_proj.bias"])
+    assert not torch.equal(
+        got["transformer.h.0.attn.c_proj.bias"], load_folder(base)["transformer.h.0.attn.c_proj.bias"]
+    )
 
     dora = make_adapter(model, root / "ad-dora", seed=3, target_modules=["c_attn", "c_proj"], use_dora=True)
     res = merge_checkpoint(base, [(read_adapter(dora, load=True), 1.0)], root / "out-dora")
-    assert_states_close(load_folder(res.out), peft_merged_state(base, [(dora, 1.0)]), skip=("lm_head.weight",))
+    assert_states_close(
+        load_folder(res.out), peft_merged_state(base, [(dora, 1.0)]), skip=("lm_head.weight",)
+    )
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -301,7 +326,9 @@ def test_bert_modules_to_save_matches_peft(tmp_path) -> None:  # noqa: ANN001
 
     model = tiny_bert()
     base = save_model(model, tmp_path / "base")
-    ad = make_adapter(model, tmp_path / "ad", target_modules=["query", "value"], modules_to_save=["classifier"])
+    ad = make_adapter(
+        model, tmp_path / "ad", target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
     res = merge_checkpoint(base, [(read_adapter(ad, load=True), 1.0)], tmp_path / "out")
     ref = peft_merged_state(base, [(ad, 1.0)], loader=Loader)
     got = load_folder(res.out)
@@ -320,7 +347,9 @@ def test_conv_lora_and_kohya_match_peft(tmp_path) -> None:  # noqa: ANN001
 
     model = tiny_convnet()
     base = save_model(model, tmp_path / "base")
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=3, target_modules=["conv_in", "mid", "conv_out"]))
+    pm = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=2, lora_alpha=3, target_modules=["conv_in", "mid", "conv_out"])
+    )
     randomize_adapter(pm, 7)
     pm.save_pretrained(tmp_path / "ad")
     ref = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
@@ -342,9 +371,17 @@ def test_kohya_linear_lora_on_1x1_conv(tmp_path) -> None:  # noqa: ANN001
     base = save_model(model, tmp_path / "base")
     g = torch.Generator().manual_seed(3)
     down, up = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
-    save_file({"lora_unet_mid.lora_down.weight": down, "lora_unet_mid.lora_up.weight": up,
-               "lora_unet_mid.alpha": torch.tensor(4.0)}, str(tmp_path / "k.safetensors"))
-    res = merge_checkpoint(base, [(read_adapter(tmp_path / "k.safetensors", load=True), 0.5)], tmp_path / "out")
+    save_file(
+        {
+            "lora_unet_mid.lora_down.weight": down,
+            "lora_unet_mid.lora_up.weight": up,
+            "lora_unet_mid.alpha": torch.tensor(4.0),
+        },
+        str(tmp_path / "k.safetensors"),
+    )
+    res = merge_checkpoint(
+        base, [(read_adapter(tmp_path / "k.safetensors", load=True), 0.5)], tmp_path / "out"
+    )
     want = model.mid.weight.detach() + 0.5 * 2.0 * (up @ down)[:, :, None, None]
     torch.testing.assert_close(load_folder(res.out)["mid.weight"], want)
 
@@ -357,8 +394,9 @@ def test_two_different_replacements_refused(llama, tmp_path) -> None:  # noqa: A
     a = make_adapter(model, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"])
     b = make_adapter(model, tmp_path / "b", seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
     with pytest.raises(IncompatibleAdapterError, match="cannot both replace") as err:
-        merge_checkpoint(base, [(read_adapter(a, load=True), 1.0), (read_adapter(b, load=True), 1.0)],
-                         tmp_path / "out")
+        merge_checkpoint(
+            base, [(read_adapter(a, load=True), 1.0), (read_adapter(b, load=True), 1.0)], tmp_path / "out"
+        )
     assert "lm_head.weight" in str(err.value)
     no_leftovers(tmp_path, tmp_path / "out")
 
@@ -373,7 +411,9 @@ def test_incompatible_adapter_refused(llama, tmp_path) -> None:  # noqa: ANN001
     no_leftovers(tmp_path, tmp_path / "out")
 
     g = make_adapter(tiny_gpt2(), tmp_path / "adg", target_modules=["c_attn"])
-    with pytest.raises(IncompatibleAdapterError, match=r"match no base tensor \(transformer\.h\.0\.attn\.c_attn"):
+    with pytest.raises(
+        IncompatibleAdapterError, match=r"match no base tensor \(transformer\.h\.0\.attn\.c_attn"
+    ):
         merge_checkpoint(base, [(read_adapter(g, load=True), 1.0)], tmp_path / "out")
     no_leftovers(tmp_path, tmp_path / "out")
 
@@ -409,7 +449,9 @@ def test_out_exists_and_bad_args(llama, tmp_path) -> None:  # noqa: ANN001
         merge_checkpoint(base, [(ad, 1.0)], tmp_path / "o", dtype="int8")
     with pytest.raises(BaseModelError, match="no such folder"):
         merge_checkpoint(tmp_path / "nope", [(ad, 1.0)], tmp_path / "o")
-    unmergeable = read_adapter(make_adapter(model, tmp_path / "d", target_modules=["q_proj"], use_dora=True), load=True)
+    unmergeable = read_adapter(
+        make_adapter(model, tmp_path / "d", target_modules=["q_proj"], use_dora=True), load=True
+    )
     with pytest.raises(IncompatibleAdapterError, match="DoRA"):
         merge_checkpoint(base, [(unmergeable, 1.0)], tmp_path / "o", unmerge=True)
     no_leftovers(tmp_path, tmp_path / "o")
@@ -423,7 +465,9 @@ def test_read_checkpoint(llama, tmp_path) -> None:  # noqa: ANN001
     single = save_model(model, tmp_path / "single")
     a, b = read_checkpoint(sharded), read_checkpoint(single)
     assert a.sharded and not b.sharded and len(a.shards) > 1 and b.shards == ("model.safetensors",)
-    assert a.fingerprint == b.fingerprint and a.num_params == b.num_params == sum(p.numel() for p in model.parameters())
+    assert a.fingerprint == b.fingerprint and a.num_params == b.num_params == sum(
+        p.numel() for p in model.parameters()
+    )
     assert a.model_type == "llama" and a.architectures == ("LlamaForCausalLM",)
     shard, info = a.tensors["model.norm.weight"]
     assert info.shape == (32,) and (sharded / shard).is_file()
@@ -476,10 +520,15 @@ def test_map_keys() -> None:
     }
     assert m.unmatched == ["model.layers.9.mlp.up_proj.weight"]
     # tails too short to mean anything do not match: "conv_in" inside a longer kohya stem
-    k = map_keys(["lora_unet_down_blocks_0_resnets_0_conv_in", "extra.lm_head.weight"], ["conv_in.weight", "lm_head.weight"])
+    k = map_keys(
+        ["lora_unet_down_blocks_0_resnets_0_conv_in", "extra.lm_head.weight"],
+        ["conv_in.weight", "lm_head.weight"],
+    )
     assert k.unmatched == ["lora_unet_down_blocks_0_resnets_0_conv_in"]
     assert k.mapping == {"extra.lm_head.weight": "lm_head.weight"}
-    assert list(m.ambiguous) == ["self_attn.q_proj.weight"] and len(m.ambiguous["self_attn.q_proj.weight"]) == 3
+    assert (
+        list(m.ambiguous) == ["self_attn.q_proj.weight"] and len(m.ambiguous["self_attn.q_proj.weight"]) == 3
+    )
     assert not m.ok
 
 
@@ -488,8 +537,14 @@ def test_needs_transpose() -> None:
     assert needs_transpose("x.c_attn.weight", (96, 32), (32, 96), model_type=None) is True  # shapes decide
     assert needs_transpose("x.q_proj.weight", (16, 32), (16, 32), model_type=None) is False
     assert needs_transpose(key, (32, 32), (32, 32), model_type="gpt2") is True
-    assert needs_transpose("transformer.h.0.attn.c_proj.weight", (32, 32), (32, 32), model_type="gpt_bigcode") is False
-    assert needs_transpose("model.layers.0.self_attn.o_proj.weight", (32, 32), (32, 32), model_type="llama") is False
+    assert (
+        needs_transpose("transformer.h.0.attn.c_proj.weight", (32, 32), (32, 32), model_type="gpt_bigcode")
+        is False
+    )
+    assert (
+        needs_transpose("model.layers.0.self_attn.o_proj.weight", (32, 32), (32, 32), model_type="llama")
+        is False
+    )
     assert needs_transpose("lm_head.weight", (64, 64), (64, 64), model_type="gpt2") is False
     assert needs_transpose(key, (32, 32), (32, 32), model_type=None, fan_in_fan_out=True) is True
     with pytest.raises(IncompatibleAdapterError, match="model_type"):
@@ -502,8 +557,17 @@ def test_ops_runs_with_only_torch_and_safetensors(llama, tmp_path) -> None:  # n
     """A GPU box may have only torch and safetensors: import adapterhub.ops and merge with the rest blocked."""
     model, base, _ = llama
     ad = make_adapter(model, tmp_path / "ad", target_modules=["q_proj"])
-    blocked = ["sqlalchemy", "jsonschema", "alembic", "click", "rich", "yaml", "huggingface_hub", "transformers",
-               "peft"]
+    blocked = [
+        "sqlalchemy",
+        "jsonschema",
+        "alembic",
+        "click",
+        "rich",
+        "yaml",
+        "huggingface_hub",
+        "transformers",
+        "peft",
+    ]
     code = (
         "import sys\n"
         f"for m in {blocked!r}: sys.modules[m] = None\n"

@@ -46,7 +46,18 @@ def test_errors_inherit_the_builtins_callers_catch() -> None:
 
 def test_wheel_ships_schemas_and_migrations_and_works_installed(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -73,7 +84,11 @@ def test_wheel_ships_schemas_and_migrations_and_works_installed(tmp_path: Path) 
         f"h = adapterhub.Hub({str(tmp_path / 'home')!r}); print(h.db_revision())\n"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target)}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target)},
     )
     assert res.returncode == 0, res.stderr
     from adapterhub.catalog.db import HEAD

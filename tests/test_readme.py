@@ -17,7 +17,9 @@ README = ROOT / "README.md"
 START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
-def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+def _commands(
+    group: click.Group, prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
     out: list[tuple[tuple[str, ...], click.Command]] = []
     ctx = click.Context(group)
     for name in group.list_commands(ctx):
@@ -55,7 +57,9 @@ def _current() -> str:
 
 
 def test_readme_cli_reference_matches_help() -> None:
-    assert _current() == reference(), "README's CLI reference is stale: run `python tests/test_readme.py --update`"
+    assert _current() == reference(), (
+        "README's CLI reference is stale: run `python tests/test_readme.py --update`"
+    )
 
 
 def test_every_command_has_help_text() -> None:

@@ -17,8 +17,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from adapterhub import Hub  # noqa: E402
 
-LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=32)
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 
 
 def llama(**over: int) -> LlamaForCausalLM:
@@ -52,13 +59,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     big = llama()
     big.resize_token_embeddings(65)
     out["vocab"] = save_adapter(big, root / "vocab", r=4, target_modules=["q_proj", "embed_tokens"])
-    out["conv1d"] = save_adapter(gpt2(), root / "conv1d", r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    out["conv1d"] = save_adapter(
+        gpt2(), root / "conv1d", r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True
+    )
     out["dora1"] = save_adapter(llama(), root / "dora1", r=4, target_modules=["v_proj"], use_dora=True)
-    out["dora2"] = save_adapter(llama(), root / "dora2", r=2, target_modules=["v_proj", "q_proj"], use_dora=True)
-    out["pattern"] = save_adapter(llama(), root / "pattern", r=8, target_modules=["q_proj", "v_proj"],
-                                  rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32})
-    out["mts1"] = save_adapter(llama(), root / "mts1", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    out["mts2"] = save_adapter(llama(), root / "mts2", r=4, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    out["dora2"] = save_adapter(
+        llama(), root / "dora2", r=2, target_modules=["v_proj", "q_proj"], use_dora=True
+    )
+    out["pattern"] = save_adapter(
+        llama(),
+        root / "pattern",
+        r=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 32},
+    )
+    out["mts1"] = save_adapter(
+        llama(), root / "mts1", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    out["mts2"] = save_adapter(
+        llama(), root / "mts2", r=4, target_modules=["v_proj"], modules_to_save=["lm_head"]
+    )
     out["bias"] = save_adapter(llama(), root / "bias", r=4, target_modules=["q_proj"], lora_bias=True)
     return out
 
@@ -157,7 +178,9 @@ def test_patterns_and_bias_and_declared_name(hub: Hub, world: dict[str, Path]) -
     assert report.ok and {c.check for c in report.warnings} == {"base.bias"}
 
 
-def _hostile(tmp_path: Path, world: dict[str, Path], name: str, tensors: dict[str, torch.Tensor], **cfg: object) -> Path:
+def _hostile(
+    tmp_path: Path, world: dict[str, Path], name: str, tensors: dict[str, torch.Tensor], **cfg: object
+) -> Path:
     d = tmp_path / name
     d.mkdir()
     config = json.loads((world["ad"] / "adapter_config.json").read_text())
@@ -173,26 +196,74 @@ PRE = "base_model.model.model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize(
     ("case", "tensors", "cfg", "check", "needle"),
     [
-        ("zero3", {f"{PRE}.lora_A.weight": torch.zeros(0), f"{PRE}.lora_B.weight": torch.zeros(0)}, {},
-         "structure", "ZeRO-3"),
-        ("one-d", {f"{PRE}.lora_A.weight": torch.zeros(4), f"{PRE}.lora_B.weight": torch.zeros(4)}, {},
-         "structure", "at least 2-D"),
-        ("ranks", {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 3)}, {},
-         "structure", "A has rank 4 but B has rank 3"),
-        ("config-r", {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 4)},
-         {"r": 8}, "structure", "the config says r=8 but the tensors have rank 4"),
+        (
+            "zero3",
+            {f"{PRE}.lora_A.weight": torch.zeros(0), f"{PRE}.lora_B.weight": torch.zeros(0)},
+            {},
+            "structure",
+            "ZeRO-3",
+        ),
+        (
+            "one-d",
+            {f"{PRE}.lora_A.weight": torch.zeros(4), f"{PRE}.lora_B.weight": torch.zeros(4)},
+            {},
+            "structure",
+            "at least 2-D",
+        ),
+        (
+            "ranks",
+            {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 3)},
+            {},
+            "structure",
+            "A has rank 4 but B has rank 3",
+        ),
+        (
+            "config-r",
+            {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 4)},
+            {"r": 8},
+            "structure",
+            "the config says r=8 but the tensors have rank 4",
+        ),
         ("no-b", {f"{PRE}.lora_A.weight": torch.zeros(4, 32)}, {}, "structure", "has no lora_B factor"),
-        ("nan", {f"{PRE}.lora_A.weight": torch.full((4, 32), float("nan")), f"{PRE}.lora_B.weight": torch.zeros(32, 4)},
-         {}, "values", "128 NaN/Inf values"),
-        ("typed", {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 4)},
-         {"lora_alpha": "sixteen"}, "config", "'sixteen' is not of type 'number'"),
-        ("stray", {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 4),
-                   "optimizer.state": torch.zeros(3)}, {}, "structure", "optimizer.state is not part of a LoRA adapter"),
+        (
+            "nan",
+            {
+                f"{PRE}.lora_A.weight": torch.full((4, 32), float("nan")),
+                f"{PRE}.lora_B.weight": torch.zeros(32, 4),
+            },
+            {},
+            "values",
+            "128 NaN/Inf values",
+        ),
+        (
+            "typed",
+            {f"{PRE}.lora_A.weight": torch.zeros(4, 32), f"{PRE}.lora_B.weight": torch.zeros(32, 4)},
+            {"lora_alpha": "sixteen"},
+            "config",
+            "'sixteen' is not of type 'number'",
+        ),
+        (
+            "stray",
+            {
+                f"{PRE}.lora_A.weight": torch.zeros(4, 32),
+                f"{PRE}.lora_B.weight": torch.zeros(32, 4),
+                "optimizer.state": torch.zeros(3),
+            },
+            {},
+            "structure",
+            "optimizer.state is not part of a LoRA adapter",
+        ),
     ],
 )
 def test_broken_adapters_get_specific_messages(
-    hub: Hub, world: dict[str, Path], tmp_path: Path, case: str, tensors: dict[str, torch.Tensor],
-    cfg: dict[str, object], check: str, needle: str,
+    hub: Hub,
+    world: dict[str, Path],
+    tmp_path: Path,
+    case: str,
+    tensors: dict[str, torch.Tensor],
+    cfg: dict[str, object],
+    check: str,
+    needle: str,
 ) -> None:
     d = _hostile(tmp_path, world, case, tensors, **cfg)
     before = {p: p.stat().st_mtime_ns for p in d.iterdir()}

@@ -16,11 +16,24 @@ from .tables import adapter_modules, adapters, base_models, base_tensors, merge_
 
 #: the order of the fields in each tuple of `adapter_facts(...)["modules"]` (what
 #: `ops.validate.weights_from_modules` unpacks)
-MODULE_FIELDS = ("module", "kind", "rank", "alpha", "scale", "in_features", "out_features", "kernel_size", "dora",
-                 "dtype", "lora_bias")
+MODULE_FIELDS = (
+    "module",
+    "kind",
+    "rank",
+    "alpha",
+    "scale",
+    "in_features",
+    "out_features",
+    "kernel_size",
+    "dora",
+    "dtype",
+    "lora_bias",
+)
 
 
-def insert_base(conn: Connection, row: dict[str, Any], tensors: Sequence[tuple[str, Sequence[int], str]]) -> int:
+def insert_base(
+    conn: Connection, row: dict[str, Any], tensors: Sequence[tuple[str, Sequence[int], str]]
+) -> int:
     base_id = conn.execute(
         insert(base_models).values(**row, created_at=utcnow()).returning(base_models.c.id)
     ).scalar_one()
@@ -85,7 +98,9 @@ def base_layout_rows(conn: Connection, name: str) -> tuple[Any, dict[str, tuple[
     shapes = {
         n: tuple(json.loads(s) if isinstance(s, str) else s)
         for n, s in conn.execute(
-            select(base_tensors.c.name, type_coerce(base_tensors.c.shape, Text)).where(base_tensors.c.base_id == r.id)
+            select(base_tensors.c.name, type_coerce(base_tensors.c.shape, Text)).where(
+                base_tensors.c.base_id == r.id
+            )
         )
     }
     return r, shapes
@@ -149,9 +164,10 @@ def adapter_facts(conn: Connection, names: Sequence[str] | None = None) -> list[
     return list(out.values())
 
 
-
 def record_merge(conn: Connection, row: dict[str, Any], adapters_used: Sequence[tuple[str, float]]) -> int:
-    merge_id = conn.execute(insert(merges).values(**row, created_at=utcnow()).returning(merges.c.id)).scalar_one()
+    merge_id = conn.execute(
+        insert(merges).values(**row, created_at=utcnow()).returning(merges.c.id)
+    ).scalar_one()
     if adapters_used:
         conn.execute(
             insert(merge_adapters),
@@ -162,8 +178,13 @@ def record_merge(conn: Connection, row: dict[str, Any], adapters_used: Sequence[
 
 def merges_of(conn: Connection, adapter_name: str) -> list[dict[str, Any]]:
     stmt = (
-        select(merges.c.base, merges.c.out_path, merges.c.unmerge, merge_adapters.c.weight,
-               type_coerce(merges.c.created_at, Text))
+        select(
+            merges.c.base,
+            merges.c.out_path,
+            merges.c.unmerge,
+            merge_adapters.c.weight,
+            type_coerce(merges.c.created_at, Text),
+        )
         .join(merge_adapters, merge_adapters.c.merge_id == merges.c.id)
         .where(merge_adapters.c.adapter_name == adapter_name)
         .order_by(merges.c.id)

@@ -34,7 +34,9 @@ _LIST_FIELDS = (
 #: JSON and time columns come back as the stored text and are decoded by `_info` (a fast path that
 #: matters when listing 10,000 adapters); drivers that decode them themselves are handled too
 _RAW = {"rank_pattern", "alpha_pattern", "target_modules", "extra", "created_at", "updated_at"}
-_LIST_COLUMNS = [type_coerce(adapters.c[f], Text).label(f) if f in _RAW else adapters.c[f] for f in _LIST_FIELDS]
+_LIST_COLUMNS = [
+    type_coerce(adapters.c[f], Text).label(f) if f in _RAW else adapters.c[f] for f in _LIST_FIELDS
+]
 _EMPTY_JSON: dict[str, Any] = {"{}": {}, "[]": [], "null": None}
 _NO_JSON = frozenset({None, "{}", "null"})  # stored values of an empty mapping column
 
@@ -166,7 +168,14 @@ def _conditions(
 ) -> list[Any]:
     """The WHERE clauses of a listing: `_filters`, plus a list of names."""
     conds = _filters(
-        query=query, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format
+        query=query,
+        base=base,
+        rank=rank,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        target=target,
+        tag=tag,
+        format=format,
     )
     if names is not None:
         conds.append(adapters.c.name.in_(list(names)))
@@ -189,7 +198,9 @@ def select_adapters(conn: Connection, **filters: Any) -> list[AdapterInfo]:
     for aid, t in fetch_all(conn, tag_stmt):
         tag_map[aid].append(t)
     parent_map: dict[int, list[ParentInfo]] = defaultdict(list)
-    lin_stmt = select(lineage.c.child_id, lineage.c.parent_name, lineage.c.weight, lineage.c.method, lineage.c.params)
+    lin_stmt = select(
+        lineage.c.child_id, lineage.c.parent_name, lineage.c.weight, lineage.c.method, lineage.c.params
+    )
     if filtered and len(ids) < 500:
         lin_stmt = lin_stmt.where(lineage.c.child_id.in_(ids))
     for cid, pname, weight, method, params in fetch_all(conn, lin_stmt.order_by(lineage.c.id)):
@@ -226,8 +237,8 @@ _SQLITE_RECORD = f"""json_object(
  'name', adapters.name, 'sha256', adapters.sha256, 'format', adapters.format,
  'peft_type', adapters.peft_type, 'base_model', adapters.base_model, 'base_revision', adapters.base_revision,
  'rank', adapters.rank, 'alpha', adapters.alpha,
- 'use_rslora', {_bool('adapters.use_rslora')}, 'use_dora', {_bool('adapters.use_dora')},
- 'rank_pattern', {_json_or_empty('adapters.rank_pattern')}, 'alpha_pattern', {_json_or_empty('adapters.alpha_pattern')},
+ 'use_rslora', {_bool("adapters.use_rslora")}, 'use_dora', {_bool("adapters.use_dora")},
+ 'rank_pattern', {_json_or_empty("adapters.rank_pattern")}, 'alpha_pattern', {_json_or_empty("adapters.alpha_pattern")},
  'task_type', adapters.task_type, 'target_modules', json(adapters.target_modules),
  'num_modules', adapters.num_modules, 'dtype', adapters.dtype, 'num_params', adapters.num_params,
  'size_bytes', adapters.size_bytes,
@@ -237,9 +248,9 @@ _SQLITE_RECORD = f"""json_object(
  'created_at', strftime('%Y-%m-%dT%H:%M:%SZ', adapters.created_at),
  'updated_at', strftime('%Y-%m-%dT%H:%M:%SZ', adapters.updated_at),
  'parents', (SELECT json_group_array(json_object('name', l.parent_name, 'weight', l.weight, 'method', l.method,
-             'params', {_json_or_empty('l.params')}))
+             'params', {_json_or_empty("l.params")}))
              FROM (SELECT * FROM lineage WHERE lineage.child_id = adapters.id ORDER BY lineage.id) AS l),
- 'metadata', {_json_or_empty('adapters.extra')})"""
+ 'metadata', {_json_or_empty("adapters.extra")})"""
 
 
 def select_adapter_json(conn: Connection, **filters: Any) -> list[str] | None:
@@ -247,12 +258,18 @@ def select_adapter_json(conn: Connection, **filters: Any) -> list[str] | None:
     if conn.dialect.name != "sqlite":
         return None
     conds = _conditions(**filters)
-    stmt: Any = select(literal_column(_SQLITE_RECORD)).select_from(adapters).where(*conds).order_by(adapters.c.name)
+    stmt: Any = (
+        select(literal_column(_SQLITE_RECORD)).select_from(adapters).where(*conds).order_by(adapters.c.name)
+    )
     return [r[0] for r in fetch_all(conn, stmt)]
 
 
 def _info(
-    r: Any, tag_list: list[str], parents: list[ParentInfo], targets: tuple[str, ...] | None = None, **more: Any
+    r: Any,
+    tag_list: list[str],
+    parents: list[ParentInfo],
+    targets: tuple[str, ...] | None = None,
+    **more: Any,
 ) -> AdapterInfo:
     (
         _id, name, sha256, fmt, peft_type, base_model, base_revision, rank, alpha, use_rslora, use_dora,
@@ -299,7 +316,9 @@ def adapter_detail(conn: Connection, name: str) -> AdapterInfo | None:
     r = conn.execute(select(*_LIST_COLUMNS).where(adapters.c.name == name)).first()
     if r is None:
         return None
-    tag_list = list(conn.execute(select(tags.c.tag).where(tags.c.adapter_id == r[0]).order_by(tags.c.tag)).scalars())
+    tag_list = list(
+        conn.execute(select(tags.c.tag).where(tags.c.adapter_id == r[0]).order_by(tags.c.tag)).scalars()
+    )
     parents = [
         ParentInfo(p.parent_name, p.weight, p.method, p.params or {})
         for p in conn.execute(select(lineage).where(lineage.c.child_id == r[0]).order_by(lineage.c.id))
@@ -311,9 +330,21 @@ def adapter_detail(conn: Connection, name: str) -> AdapterInfo | None:
         )
     )
     modules = tuple(
-        ModuleInfo(m.module, m.short_name, m.kind, m.rank, m.alpha, m.scale, m.in_features, m.out_features, bool(m.dora))
+        ModuleInfo(
+            m.module,
+            m.short_name,
+            m.kind,
+            m.rank,
+            m.alpha,
+            m.scale,
+            m.in_features,
+            m.out_features,
+            bool(m.dora),
+        )
         for m in conn.execute(
-            select(adapter_modules).where(adapter_modules.c.adapter_id == r[0]).order_by(adapter_modules.c.module)
+            select(adapter_modules)
+            .where(adapter_modules.c.adapter_id == r[0])
+            .order_by(adapter_modules.c.module)
         )
     )
     return _info(r, tag_list, parents, files=files, modules=modules)
@@ -333,7 +364,9 @@ def children_of(conn: Connection, name: str) -> list[str]:
 
 
 def file_digests(conn: Connection, adapter_id: int) -> list[str]:
-    return list(conn.execute(select(adapter_files.c.sha256).where(adapter_files.c.adapter_id == adapter_id)).scalars())
+    return list(
+        conn.execute(select(adapter_files.c.sha256).where(adapter_files.c.adapter_id == adapter_id)).scalars()
+    )
 
 
 def delete_adapter(conn: Connection, adapter_id: int) -> None:
@@ -356,7 +389,9 @@ def referenced_digests(conn: Connection, digests: Iterable[str]) -> set[str]:
     return set(conn.execute(select(adapter_files.c.sha256).where(adapter_files.c.sha256.in_(ds))).scalars())
 
 
-def change_tags(conn: Connection, adapter_id: int, *, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
+def change_tags(
+    conn: Connection, adapter_id: int, *, add: Iterable[str] = (), remove: Iterable[str] = ()
+) -> None:
     have = set(conn.execute(select(tags.c.tag).where(tags.c.adapter_id == adapter_id)).scalars())
     new = sorted(set(add) - have)
     if new:

@@ -39,7 +39,9 @@ class State:
         return self._hub
 
     def progress_enabled(self) -> bool:
-        return not (self.quiet or self.json or os.environ.get("ADAPTERHUB_NO_PROGRESS") or not sys.stderr.isatty())
+        return not (
+            self.quiet or self.json or os.environ.get("ADAPTERHUB_NO_PROGRESS") or not sys.stderr.isatty()
+        )
 
 
 def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,16 +64,26 @@ pass_state = click.make_pass_decorator(State)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--home", type=click.Path(file_okay=False), envvar="ADAPTERHUB_HOME",
-              help="Home folder (catalog.db and the store). [env: ADAPTERHUB_HOME]")
-@click.option("--db", metavar="URL", envvar="ADAPTERHUB_DB",
-              help="SQLAlchemy URL of the catalog instead of HOME/catalog.db. [env: ADAPTERHUB_DB]")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    envvar="ADAPTERHUB_HOME",
+    help="Home folder (catalog.db and the store). [env: ADAPTERHUB_HOME]",
+)
+@click.option(
+    "--db",
+    metavar="URL",
+    envvar="ADAPTERHUB_DB",
+    help="SQLAlchemy URL of the catalog instead of HOME/catalog.db. [env: ADAPTERHUB_DB]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(__version__, "--version", prog_name="adapterhub")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, db: str | None, as_json: bool, quiet: bool, debug: bool) -> None:
+def cli(
+    ctx: click.Context, home: str | None, db: str | None, as_json: bool, quiet: bool, debug: bool
+) -> None:
     """adapterhub: catalog, validate, merge, combine and share LoRA adapters."""
     ctx.obj = State(home=home, db=db, json=as_json, quiet=quiet, debug=debug)
     logging.basicConfig(
@@ -111,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        click.echo(f"error: unexpected {exc.__class__.__name__}: {exc} (run with --debug for the traceback)", err=True)
+        click.echo(
+            f"error: unexpected {exc.__class__.__name__}: {exc} (run with --debug for the traceback)",
+            err=True,
+        )
         return 1
     return 0
 

@@ -27,15 +27,28 @@ def filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The filters `list` and `search` share."""
     for opt in reversed(
         [
-            click.option("--base", metavar="MODEL", help="Only adapters for this base model (case-insensitive)."),
+            click.option(
+                "--base", metavar="MODEL", help="Only adapters for this base model (case-insensitive)."
+            ),
             click.option("--rank", type=click.IntRange(min=1), help="Only adapters of exactly this rank."),
-            click.option("--min-rank", type=click.IntRange(min=1), help="Only adapters of at least this rank."),
-            click.option("--max-rank", type=click.IntRange(min=1), help="Only adapters of at most this rank."),
-            click.option("--target", metavar="MODULE", help="Only adapters that target this module (e.g. q_proj)."),
+            click.option(
+                "--min-rank", type=click.IntRange(min=1), help="Only adapters of at least this rank."
+            ),
+            click.option(
+                "--max-rank", type=click.IntRange(min=1), help="Only adapters of at most this rank."
+            ),
+            click.option(
+                "--target", metavar="MODULE", help="Only adapters that target this module (e.g. q_proj)."
+            ),
             click.option("--tag", metavar="TAG", help="Only adapters with this tag."),
-            click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Only this file format."),
-            click.option("--compatible-with", metavar="BASE",
-                         help="Only adapters whose every target fits this base (registered name or folder)."),
+            click.option(
+                "--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Only this file format."
+            ),
+            click.option(
+                "--compatible-with",
+                metavar="BASE",
+                help="Only adapters whose every target fits this base (registered name or folder).",
+            ),
         ]
     ):
         f = opt(f)
@@ -59,15 +72,27 @@ def _print_list(records: list[dict[str, Any]], mode: str) -> None:
 @click.option("--base", metavar="MODEL", help="Base model name, overriding base_model_name_or_path.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag; repeat for more.")
 @click.option("--description", metavar="TEXT", help="A description to search by.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Convert adapter_model.bin with torch.load(weights_only=True) into safetensors.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Convert adapter_model.bin with torch.load(weights_only=True) into safetensors.",
+)
 @output_options
 @pass_state
-def add_cmd(state: State, path: str, name: str | None, base: str | None, tags: tuple[str, ...],
-            description: str | None, allow_pickle: bool, mode: str) -> None:
+def add_cmd(
+    state: State,
+    path: str,
+    name: str | None,
+    base: str | None,
+    tags: tuple[str, ...],
+    description: str | None,
+    allow_pickle: bool,
+    mode: str,
+) -> None:
     """Check an adapter (PEFT folder or .safetensors file) and add it to the catalog."""
-    info = state.hub.add_adapter(path, name=name, base=base, tags=tags, description=description,
-                                 allow_pickle=allow_pickle)
+    info = state.hub.add_adapter(
+        path, name=name, base=base, tags=tags, description=description, allow_pickle=allow_pickle
+    )
     if mode == "json":
         emit_json(info.to_dict())
     else:
@@ -90,21 +115,33 @@ def list_cmd(state: State, mode: str, **filters: Any) -> None:
 @cli.command("search")
 @click.argument("query")
 @filter_options
-@click.option("--hub", "on_hub", is_flag=True,
-              help="Search a Hub for PEFT adapter repos instead (only --base applies; see --endpoint).")
-@click.option("--endpoint", metavar="URL", help="With --hub: the server (default: $HF_ENDPOINT, else huggingface.co).")
-@click.option("--token", metavar="TOKEN", help="With --hub: access token (default: $HF_TOKEN or the stored login).")
+@click.option(
+    "--hub",
+    "on_hub",
+    is_flag=True,
+    help="Search a Hub for PEFT adapter repos instead (only --base applies; see --endpoint).",
+)
+@click.option(
+    "--endpoint", metavar="URL", help="With --hub: the server (default: $HF_ENDPOINT, else huggingface.co)."
+)
+@click.option(
+    "--token", metavar="TOKEN", help="With --hub: access token (default: $HF_TOKEN or the stored login)."
+)
 @output_options
 @pass_state
-def search_cmd(state: State, query: str, mode: str, on_hub: bool, endpoint: str | None, token: str | None,
-               **filters: Any) -> None:
+def search_cmd(
+    state: State, query: str, mode: str, on_hub: bool, endpoint: str | None, token: str | None, **filters: Any
+) -> None:
     """Find adapters whose name, description, tags or base model contain every word of QUERY."""
     if on_hub:
         others = [k for k, v in filters.items() if v is not None and k != "base"]
         if others:
             flag = "format" if others[0] == "fmt" else others[0].replace("_", "-")
             raise click.UsageError(f"--hub takes only --base as a filter, not --{flag}")
-        found = [r.to_dict() for r in state.hub.search_hub(query, base=filters["base"], endpoint=endpoint, token=token)]
+        found = [
+            r.to_dict()
+            for r in state.hub.search_hub(query, base=filters["base"], endpoint=endpoint, token=token)
+        ]
         emit_records(found, [("repo_id", "repo"), ("base_model", "base model"), ("tags", "tags"),
                              ("last_modified", "updated")], mode=mode, title="adapters on the Hub")  # fmt: skip
         return
@@ -129,8 +166,24 @@ def show_cmd(state: State, name: str, mode: str) -> None:
         emit_json(d)
         return
     if mode == "csv":
-        emit_records(d["modules"], [(k, k) for k in ("module", "short_name", "kind", "rank", "alpha", "scale",
-                                                     "in_features", "out_features", "dora")], mode="csv")
+        emit_records(
+            d["modules"],
+            [
+                (k, k)
+                for k in (
+                    "module",
+                    "short_name",
+                    "kind",
+                    "rank",
+                    "alpha",
+                    "scale",
+                    "in_features",
+                    "out_features",
+                    "dora",
+                )
+            ],
+            mode="csv",
+        )
         return
     pairs: list[tuple[str, Any]] = [
         ("name", d["name"]),
@@ -164,7 +217,12 @@ def show_cmd(state: State, name: str, mode: str) -> None:
     if d.get("children"):
         pairs.append(("children", d["children"]))
     for push in d.get("pushes") or ():
-        pairs.append(("pushed to", f"{push['repo_id']}@{push['commit'][:12]} on {push['endpoint']} ({push['pushed_at']})"))
+        pairs.append(
+            (
+                "pushed to",
+                f"{push['repo_id']}@{push['commit'][:12]} on {push['endpoint']} ({push['pushed_at']})",
+            )
+        )
     for k, v in sorted(d["metadata"].items()):
         if k.startswith(("ss_", "modelspec.")) and len(str(v)) < 200:
             pairs.append((k, str(v)))
@@ -206,8 +264,12 @@ def rm_cmd(state: State, names: tuple[str, ...], yes: bool) -> None:
 @cli.command("export")
 @click.argument("name")
 @click.argument("dest", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]),
-              help="Output format (default: the adapter's own; same format copies the stored files).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["peft", "kohya"]),
+    help="Output format (default: the adapter's own; same format copies the stored files).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
 @pass_state
 def export_cmd(state: State, name: str, dest: str, fmt: str | None, overwrite: bool) -> None:

@@ -58,7 +58,10 @@ def base_show_cmd(state: State, name: str, mode: str) -> None:
         _print_bases([d], mode)
     else:
         emit_fields(
-            [(k, human_size(v) if k == "size_bytes" else (f"{v:,}" if k == "num_params" else v)) for k, v in d.items()],
+            [
+                (k, human_size(v) if k == "size_bytes" else (f"{v:,}" if k == "num_params" else v))
+                for k, v in d.items()
+            ],
             title=f"base {name}",
         )
 
@@ -81,7 +84,11 @@ def _print_bases(records: list[dict[str, Any]], mode: str) -> None:
         BASE_COLUMNS,
         mode=mode,
         title="base models",
-        formatters={"size_bytes": human_size, "num_params": lambda v: f"{v:,}", "fingerprint": lambda v: v[:12]},
+        formatters={
+            "size_bytes": human_size,
+            "num_params": lambda v: f"{v:,}",
+            "fingerprint": lambda v: v[:12],
+        },
     )
 
 
@@ -91,16 +98,34 @@ STATUS_STYLE = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]"
 
 @cli.command("validate")
 @click.argument("targets", nargs=-1)
-@click.option("--base", metavar="NAME|PATH", help="Check the fit to this base (registered name or checkpoint folder).")
-@click.option("--with", "others", multiple=True, metavar="NAME",
-              help="Check that this adapter fits together with it; repeat for more.")
-@click.option("--all", "all_", is_flag=True,
-              help="Check every cataloged adapter against --base from the catalog alone (no file is opened).")
+@click.option(
+    "--base", metavar="NAME|PATH", help="Check the fit to this base (registered name or checkpoint folder)."
+)
+@click.option(
+    "--with",
+    "others",
+    multiple=True,
+    metavar="NAME",
+    help="Check that this adapter fits together with it; repeat for more.",
+)
+@click.option(
+    "--all",
+    "all_",
+    is_flag=True,
+    help="Check every cataloged adapter against --base from the catalog alone (no file is opened).",
+)
 @click.option("--no-values", is_flag=True, help="Skip the NaN/Inf scan of tensor values.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_state
-def validate_cmd(state: State, targets: tuple[str, ...], base: str | None, others: tuple[str, ...], all_: bool,
-                 no_values: bool, as_json: bool) -> None:
+def validate_cmd(
+    state: State,
+    targets: tuple[str, ...],
+    base: str | None,
+    others: tuple[str, ...],
+    all_: bool,
+    no_values: bool,
+    as_json: bool,
+) -> None:
     """Is an adapter sound, does it fit a base model, do adapters fit each other? Exit 1 on any error.
 
     TARGETS are cataloged names or adapter paths. Nothing is written.
@@ -135,7 +160,9 @@ def _print_reports(reports: list[Any], *, quiet: bool) -> None:
             console.print(f"{len(reports) - len(bad)} of {len(reports)} adapters fit {reports[0].base}")
         return
     r = reports[0]
-    table = Table(title=f"validate {r.subject}" + (f" against {r.base}" if r.base else ""), header_style="bold")
+    table = Table(
+        title=f"validate {r.subject}" + (f" against {r.base}" if r.base else ""), header_style="bold"
+    )
     for col in ("status", "check", "module", "message"):
         table.add_column(col, overflow="fold")
     shown: dict[tuple[str, str], int] = {}
@@ -147,6 +174,11 @@ def _print_reports(reports: list[Any], *, quiet: bool) -> None:
             table.add_row(STATUS_STYLE[c.status], c.check, c.module or "", c.message)
     for (status, check), n in shown.items():
         if n > MAX_ROWS_PER_CHECK:
-            table.add_row(STATUS_STYLE[status], check, "", f"... and {n - MAX_ROWS_PER_CHECK} more like these (--json lists all)")
+            table.add_row(
+                STATUS_STYLE[status],
+                check,
+                "",
+                f"... and {n - MAX_ROWS_PER_CHECK} more like these (--json lists all)",
+            )
     console.print(table)
     console.print("[green]ok[/green]" if r.ok else f"[red]{len(r.errors)} error(s)[/red]")

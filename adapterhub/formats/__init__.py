@@ -78,7 +78,9 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
             raise PickleRefusedError(_pickle_message(p), path=str(p))
         cfg = p.parent / CONFIG_NAME
         if not cfg.is_file():
-            raise InvalidAdapterError(f"{p}: a pickled PEFT adapter needs {CONFIG_NAME} beside it", path=str(p))
+            raise InvalidAdapterError(
+                f"{p}: a pickled PEFT adapter needs {CONFIG_NAME} beside it", path=str(p)
+            )
         return AdapterFiles("peft", p, cfg, pickle=True)
     if p.name == CONFIG_NAME:
         return detect(p.parent, allow_pickle=allow_pickle)
@@ -175,7 +177,9 @@ def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     out = Path(dest)
     tmp = out.with_name(out.name + ".tmp")
     # clone: tensors of a pickle may share storage (tied or sliced), which safetensors refuses to save
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"}
+    )
     os.replace(tmp, out)
     return out
 

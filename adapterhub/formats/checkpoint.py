@@ -134,8 +134,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     if index_path.is_file():
         index = _read_json(index_path, INDEX_NAME)
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
         ):
             raise BaseModelError(
                 f"{index_path}: weight_map must be a non-empty object from tensor names to shard files",
@@ -147,7 +149,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
                 shards.append(shard)
         for shard in shards:
             if Path(shard).is_absolute() or ".." in Path(shard).parts or os.sep in shard or "/" in shard:
-                raise BaseModelError(f"{index_path}: shard name {shard!r} must be a plain file name", path=str(index_path))
+                raise BaseModelError(
+                    f"{index_path}: shard name {shard!r} must be a plain file name", path=str(index_path)
+                )
             if not (root / shard).is_file():
                 raise BaseModelError(
                     f"{index_path}: names shard {shard!r}, which is not in {root} (incomplete download?)",
@@ -160,7 +164,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
         else:
             found = sorted(p.name for p in root.glob("*.safetensors"))
             if len(found) != 1:
-                what = "no .safetensors file" if not found else f"{len(found)} .safetensors files but no {INDEX_NAME}"
+                what = (
+                    "no .safetensors file"
+                    if not found
+                    else f"{len(found)} .safetensors files but no {INDEX_NAME}"
+                )
                 raise BaseModelError(
                     f"{root}: {what}; a base checkpoint holds {SINGLE_NAME} or shards listed in {INDEX_NAME}"
                     " (convert .bin checkpoints with save_pretrained(safe_serialization=True))",
@@ -176,7 +184,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
         for name, info in header.tensors.items():
             if name in tensors:
                 raise BaseModelError(
-                    f"{root}: tensor {name!r} is in both {tensors[name][0]} and {shard}", path=str(root / shard)
+                    f"{root}: tensor {name!r} is in both {tensors[name][0]} and {shard}",
+                    path=str(root / shard),
                 )
             tensors[name] = (shard, info)
     if weight_map is not None:
@@ -187,7 +196,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
                 )
             if tensors[name][0] != shard:
                 raise BaseModelError(
-                    f"{index_path}: lists {name!r} in {shard}, but it is in {tensors[name][0]}", path=str(index_path)
+                    f"{index_path}: lists {name!r} in {shard}, but it is in {tensors[name][0]}",
+                    path=str(index_path),
                 )
         extra = sorted(set(tensors) - set(weight_map))
         if extra:

@@ -67,7 +67,10 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
             report(f"module {stem} has no {'lora_down' if a is None else 'lora_up'} factor", stem)
             continue
         if len(a.shape) < 2 or len(b.shape) < 2 or 0 in a.shape or 0 in b.shape:
-            report(f"module {stem}: factors must be non-empty and at least 2-D, got {list(a.shape)} / {list(b.shape)}", stem)
+            report(
+                f"module {stem}: factors must be non-empty and at least 2-D, got {list(a.shape)} / {list(b.shape)}",
+                stem,
+            )
             continue
         rank = a.shape[0]
         if b.shape[1] != rank:
@@ -82,7 +85,9 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
             continue
         extra = sorted(n for n in unexplained if n.startswith(stem + "."))
         if extra:  # e.g. lora_mid (LoCon's Tucker core): dropping it would silently change the update
-            report(f"module {stem}: tensor {extra[0]} is not a plain LoRA factor; adapterhub cannot use it", stem)
+            report(
+                f"module {stem}: tensor {extra[0]} is not a plain LoRA factor; adapterhub cannot use it", stem
+            )
             continue
         mag = got.get("magnitude")
         modules[stem] = LoraModule(
@@ -104,7 +109,9 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
         format="kohya",
         config={},
         metadata=meta,
-        base_model=meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or meta.get("ss_base_model_version"),
+        base_model=meta.get("ss_sd_model_name")
+        or meta.get("modelspec.architecture")
+        or meta.get("ss_base_model_version"),
     )
     weights.unexplained = unexplained
     return weights
@@ -122,7 +129,9 @@ def load_kohya_tensors(weights: LoraWeights, path: str | os.PathLike[str]) -> Lo
     return weights
 
 
-def read_kohya(path: str | os.PathLike[str], *, load_tensors: bool = False, problem: Problem | None = None) -> LoraWeights:
+def read_kohya(
+    path: str | os.PathLike[str], *, load_tensors: bool = False, problem: Problem | None = None
+) -> LoraWeights:
     header = read_header(path)
     weights = parse_kohya(header, problem=problem)
     if load_tensors:
@@ -148,7 +157,9 @@ def write_kohya(
     import torch
     from safetensors.torch import save_file
 
-    bad = [m.key for m in weights.modules.values() if m.kind == "embedding" or m.is_dora or m.bias is not None]
+    bad = [
+        m.key for m in weights.modules.values() if m.kind == "embedding" or m.is_dora or m.bias is not None
+    ]
     if bad or weights.replacement_shapes:
         what = bad[0] if bad else next(iter(weights.replacement_shapes))
         raise InvalidAdapterError(

@@ -50,13 +50,17 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
     peft_type = config.get("peft_type", "LORA")
     if isinstance(peft_type, str) and peft_type.upper() != "LORA":
         raise InvalidConfigError(
-            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA adapters only", path=path, key="peft_type"
+            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA adapters only",
+            path=path,
+            key="peft_type",
         )
     try:
         import jsonschema
     except ImportError:  # a GPU box with only torch + safetensors: check the keys the math needs
         for key, types in (("r", (int,)), ("lora_alpha", (int, float)), ("use_rslora", (bool,))):
-            if key in config and (not isinstance(config[key], types) or isinstance(config[key], bool) != (types == (bool,))):
+            if key in config and (
+                not isinstance(config[key], types) or isinstance(config[key], bool) != (types == (bool,))
+            ):
                 raise InvalidConfigError(
                     f"{path}: {key} has the wrong type ({config[key]!r})", path=path, key=key
                 ) from None
@@ -198,7 +202,9 @@ def parse_peft(
         mag_len = int(a_shape[1]) if kind == "embedding" else int(b_shape[0])
         if mag is not None and (math.prod(mag.shape) != mag_len or max(mag.shape, default=1) != mag_len):
             what = "embedding dims" if kind == "embedding" else "outputs"
-            report(f"module {module}: DoRA magnitude {list(mag.shape)} does not match {mag_len} {what}", module)
+            report(
+                f"module {module}: DoRA magnitude {list(mag.shape)} does not match {mag_len} {what}", module
+            )
             continue
         modules[module + ".weight"] = LoraModule(
             key=module + ".weight",
@@ -262,7 +268,9 @@ def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]
     return weights
 
 
-def _pinned(pattern: dict[str, Any], mods: list[LoraModule], value: Callable[[LoraModule], Any]) -> dict[str, Any]:
+def _pinned(
+    pattern: dict[str, Any], mods: list[LoraModule], value: Callable[[LoraModule], Any]
+) -> dict[str, Any]:
     """PEFT matches a pattern key against every module whose name ends in ``.KEY``: a key ``lin`` also hits
     ``block.lin``. Give every module such a key would hit its own entry, and put longer (more specific)
     keys first, since PEFT takes the first key that matches."""
@@ -362,7 +370,11 @@ def write_peft(
     """
     from safetensors.torch import save_file
 
-    cfg = config if config is not None else derive_config(weights, weights.config if weights.format == "peft" else None)
+    cfg = (
+        config
+        if config is not None
+        else derive_config(weights, weights.config if weights.format == "peft" else None)
+    )
     tensors = peft_state_dict(weights)  # checks every module before anything is written
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)

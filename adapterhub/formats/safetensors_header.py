@@ -218,4 +218,3 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except PermissionError:
         raise InvalidAdapterError(f"{p}: permission denied", path=p) from None
     return parse_header(raw, file_size=size, path=p)
-

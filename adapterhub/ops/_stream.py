@@ -92,7 +92,11 @@ def _header_bytes(plan: _ShardPlan) -> bytes:
     offset = 0
     for e in plan.entries:
         e.out_offset = offset
-        doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.out_nbytes]}
+        doc[e.name] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.out_nbytes],
+        }
         offset += e.out_nbytes
     raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -146,7 +150,9 @@ class _Mapped:
         self.map = mmap.mmap(fd, offset + nbytes - start, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=start)
         with warnings.catch_warnings():  # read-only on purpose: nothing writes to it
             warnings.simplefilter("ignore", UserWarning)
-            self.tensor: Any = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset - start)
+            self.tensor: Any = torch.frombuffer(
+                self.map, dtype=torch.uint8, count=nbytes, offset=offset - start
+            )
 
     def close(self) -> None:
         self.tensor = None
@@ -170,7 +176,9 @@ def _read_into(fd: int, view: memoryview, offset: int) -> None:
     while done < n:
         got = os.preadv(fd, [view[done : done + _IO_PIECE]], offset + done)
         if got <= 0:
-            raise BaseModelError(f"unexpected end of file while reading a base shard at offset {offset + done}")
+            raise BaseModelError(
+                f"unexpected end of file while reading a base shard at offset {offset + done}"
+            )
         done += got
 
 
@@ -221,7 +229,9 @@ class _Worker:
         if _HAS_COPY_RANGE and not self.sh.no_copy_range:
             try:
                 while done < n:
-                    got = os.copy_file_range(src, dst, n - done, item.src_offset + done, item.dst_offset + done)
+                    got = os.copy_file_range(
+                        src, dst, n - done, item.src_offset + done, item.dst_offset + done
+                    )
                     if got <= 0:
                         break
                     done += got
@@ -276,7 +286,11 @@ class _Worker:
             return
         rows, cols = src.shape
         block = max(1, _CPU_BLOCK // max(1, cols * 4))
-        if self.scratch is None or self.scratch.numel() < min(block, rows) * cols or self.scratch.dtype != cdt:
+        if (
+            self.scratch is None
+            or self.scratch.numel() < min(block, rows) * cols
+            or self.scratch.dtype != cdt
+        ):
             self.scratch = torch.empty(min(block, rows) * cols, dtype=cdt)
         for s0 in range(0, rows, block):
             s1 = min(rows, s0 + block)
@@ -385,12 +399,21 @@ class _Shared:
 
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
-                st = {"pre": cat(t.pre), "post": cat(t.post), "dora": cat([t.dora] if t.dora else []),
-                      "mag": mv(t.magnitude), "rep": mv(t.replacement), "bias": mv(t.bias), "colnorm": None,
-                      "norm_done": threading.Event() if t.dora is not None and t.dora_columns else None}
+                st = {
+                    "pre": cat(t.pre),
+                    "post": cat(t.post),
+                    "dora": cat([t.dora] if t.dora else []),
+                    "mag": mv(t.magnitude),
+                    "rep": mv(t.replacement),
+                    "bias": mv(t.bias),
+                    "colnorm": None,
+                    "norm_done": threading.Event() if t.dora is not None and t.dora_columns else None,
+                }
             if stream is not None:
                 stream.synchronize()  # other workers' streams use these tensors
-            st["plain"] = bool(t.pre) and not (t.post or t.dora or t.replacement is not None or t.bias is not None)
+            st["plain"] = bool(t.pre) and not (
+                t.post or t.dora or t.replacement is not None or t.bias is not None
+            )
             self._state[t.name] = st
             return st
 
@@ -433,8 +456,18 @@ def _items(plans: list[_ShardPlan], chunk_bytes: int) -> Iterator[_Copy | _Chunk
                 yield _Chunk(si, e, 0, rows, "norm", e.src_offset, rows * in_row, dst, 0, n)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                yield _Chunk(si, e, r0, r1, "apply", e.src_offset + r0 * in_row, (r1 - r0) * in_row,
-                             dst + r0 * out_row, (r1 - r0) * out_row, n)
+                yield _Chunk(
+                    si,
+                    e,
+                    r0,
+                    r1,
+                    "apply",
+                    e.src_offset + r0 * in_row,
+                    (r1 - r0) * in_row,
+                    dst + r0 * out_row,
+                    (r1 - r0) * out_row,
+                    n,
+                )
 
 
 def _write_shards(
@@ -500,7 +533,10 @@ def _write_shards(
             sh.add_done(len(header))
         if not cuda:
             torch.set_num_threads(1)  # parallel across workers instead (restored below)
-        threads = [threading.Thread(target=worker, name=f"adapterhub-merge-{i}", daemon=True) for i in range(n_workers)]
+        threads = [
+            threading.Thread(target=worker, name=f"adapterhub-merge-{i}", daemon=True)
+            for i in range(n_workers)
+        ]
         for th in threads:
             th.start()
         try:

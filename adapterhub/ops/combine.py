@@ -329,7 +329,9 @@ class PruneMethod(CombineMethod):
                 f"(0 < density <= 1, e.g. 0.5); got {d!r}"
             )
         if options.majority_sign not in ("total", "frequency"):
-            raise InvalidOptionError(f"majority_sign must be 'total' or 'frequency', got {options.majority_sign!r}")
+            raise InvalidOptionError(
+                f"majority_sign must be 'total' or 'frequency', got {options.majority_sign!r}"
+            )
         return options
 
     def merge_dense(
@@ -386,8 +388,14 @@ def _as_pairs(adapters: object) -> list[tuple[LoraWeights, float]]:
             raise TypeError(f"adapters[{i}] must be a (LoraWeights, weight) pair, got {type(item).__name__}")
         w, weight = item
         if not isinstance(w, LoraWeights):
-            raise TypeError(f"adapters[{i}] holds a {type(w).__name__}, not LoraWeights; read it with read_adapter")
-        if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not math.isfinite(float(weight)):
+            raise TypeError(
+                f"adapters[{i}] holds a {type(w).__name__}, not LoraWeights; read it with read_adapter"
+            )
+        if (
+            not isinstance(weight, numbers.Real)
+            or isinstance(weight, bool)
+            or not math.isfinite(float(weight))
+        ):
             raise InvalidOptionError(f"adapters[{i}]: the weight must be a finite number, got {weight!r}")
         pairs.append((w, float(weight)))
     if not pairs:
@@ -472,7 +480,9 @@ def _common(values: Iterable[Any]) -> Any:
     return None
 
 
-def _extras(terms: Sequence[CombineTerm], dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _extras(
+    terms: Sequence[CombineTerm], dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The combined lora_B bias (``sum_i w_i s_i b_i``, linear in every method) and a DoRA magnitude."""
     import torch
 
@@ -593,7 +603,14 @@ def combine(
             out = impl.combine_module(terms, options, ctx)
             bias, magnitude = _extras(terms, plan.dtype)
             modules[key] = _build_module(
-                key, terms[0].module, terms[0].module.kind, out.B, out.A, plan.dtype, bias=bias, magnitude=magnitude
+                key,
+                terms[0].module,
+                terms[0].module.kind,
+                out.B,
+                out.A,
+                plan.dtype,
+                bias=bias,
+                magnitude=magnitude,
             )
             errors[key] = math.sqrt(out.error_sq / out.norm_sq) if out.norm_sq > 0 else 0.0
             err_total += out.error_sq
@@ -638,5 +655,7 @@ def resize(
     """
     if rank is None:
         raise InvalidOptionError("resize needs rank= (an integer, or 'auto' with keep=)")
-    result = combine([(weights, 1.0)], method="linear", rank=rank, keep=keep, device=device, progress=progress)
+    result = combine(
+        [(weights, 1.0)], method="linear", rank=rank, keep=keep, device=device, progress=progress
+    )
     return replace(result, method="resize")

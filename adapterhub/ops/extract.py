@@ -87,7 +87,9 @@ def extract(
     with torch.no_grad():
         for done, key in enumerate(wanted, start=1):
             if key not in base_tensors or key not in finetuned_tensors:
-                raise BaseModelError(f"{key}: not in both checkpoints; pass keys present in base and fine-tune")
+                raise BaseModelError(
+                    f"{key}: not in both checkpoints; pass keys present in base and fine-tune"
+                )
             w0, w1 = base_tensors[key], finetuned_tensors[key]
             if tuple(w0.shape) != tuple(w1.shape):
                 raise BaseModelError(
@@ -117,7 +119,9 @@ def extract(
         template = LoraModule(key, kind, r, float(r), 1.0, (r, int(a.shape[1])), (int(b.shape[0]), r))
         modules[key] = _build_module(key, template, kind, b, a, dtype)
     if not modules:
-        raise BaseModelError("the fine-tune does not differ from the base in any 2-D weight; nothing to extract")
+        raise BaseModelError(
+            "the fine-tune does not differ from the base in any 2-D weight; nothing to extract"
+        )
     config: dict[str, Any] = {"peft_type": "LORA", "base_model_name_or_path": base_model, "use_rslora": False}
     weights = LoraWeights(modules=modules, format="peft", config=config, base_model=base_model)
     from ..formats.peft import derive_config
@@ -130,7 +134,14 @@ def extract(
         method="extract",
         error=math.sqrt(err_total / norm_total) if norm_total > 0 else 0.0,
         module_errors=errors,
-        params={"rank": rank, "keep": keep, "max_rank": max_rank, "svd": svd, "device": str(dev), "skipped": skipped},
+        params={
+            "rank": rank,
+            "keep": keep,
+            "max_rank": max_rank,
+            "svd": svd,
+            "device": str(dev),
+            "skipped": skipped,
+        },
     )
 
 

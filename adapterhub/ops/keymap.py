@@ -210,7 +210,7 @@ def needs_transpose(
     raise IncompatibleAdapterError(
         f"{name}: cannot tell whether the square base weight {list(b)} is stored (out, in) as in nn.Linear or "
         "(in, out) as in GPT-2's Conv1D, because the base's config.json has no model_type; add model_type to "
-        "config.json (for example \"gpt2\" or \"llama\")"
+        'config.json (for example "gpt2" or "llama")'
     )
 
 

@@ -149,7 +149,9 @@ def _orthogonalize(x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tens
     return (lambda m: q @ m), r
 
 
-def _truncate_factored(b: torch.Tensor, a: torch.Tensor, rank: int | Literal["auto"], keep: float) -> FactoredDelta:
+def _truncate_factored(
+    b: torch.Tensor, a: torch.Tensor, rank: int | Literal["auto"], keep: float
+) -> FactoredDelta:
     """Optimal rank reduction of ``b @ a`` (``(out, K) @ (K, in)``) without forming the product.
 
     ``b = Qb Rb`` and ``a^T = Qa Ra``, so ``b @ a = Qb (Rb Ra^T) Qa^T``; the SVD of the small core

@@ -45,10 +45,23 @@ _FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 _STALE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
 _STALE_NAMES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
 #: names of input embeddings, most specific first, for finding what a missing lm_head is tied to
-_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
-                     "embed_in.weight", "shared.weight")
+_INPUT_EMBEDDINGS = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+    "embed_in.weight",
+    "shared.weight",
+)
 #: architectures with an output head that transformers ties to the input embeddings
-_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead", "ForPreTraining")
+_LM_HEADS = (
+    "ForCausalLM",
+    "LMHeadModel",
+    "ForConditionalGeneration",
+    "ForMaskedLM",
+    "WithLMHead",
+    "ForPreTraining",
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,9 @@ class _Target:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.pre or self.post or self.dora or self.replacement is not None or self.bias is not None)
+        return not (
+            self.pre or self.post or self.dora or self.replacement is not None or self.bias is not None
+        )
 
 
 def _resolve_dtype(dtype: str) -> str | None:
@@ -172,13 +187,17 @@ def _plan(
         if not match.ok:
             problems.append(f"{label}: {describe_problems(match)}")
             continue
-        clashes = [
-            f"{a} and {b} both match {match.mapping[a]}"
-            for group in (list(weights.modules), list(weights.replacement_shapes))
-            for i, a in enumerate(group)
-            for b in group[i + 1 :]
-            if match.mapping[a] == match.mapping[b]
-        ] if len(match.mapping) != len(set(match.mapping.values())) else []
+        clashes = (
+            [
+                f"{a} and {b} both match {match.mapping[a]}"
+                for group in (list(weights.modules), list(weights.replacement_shapes))
+                for i, a in enumerate(group)
+                for b in group[i + 1 :]
+                if match.mapping[a] == match.mapping[b]
+            ]
+            if len(match.mapping) != len(set(match.mapping.values()))
+            else []
+        )
         if clashes:
             problems.append(f"{label}: {'; '.join(clashes[:5])}")
             continue
@@ -204,8 +223,12 @@ def _plan(
             try:
                 if m.kind == "linear" and len(bshape) == 2:
                     transpose = needs_transpose(
-                        m.key, m.delta_shape, bshape, model_type=ckpt.model_type,
-                        fan_in_fan_out=fan_in_fan_out, base_key=name,
+                        m.key,
+                        m.delta_shape,
+                        bshape,
+                        model_type=ckpt.model_type,
+                        fan_in_fan_out=fan_in_fan_out,
+                        base_key=name,
                     )
                 elif m.kind == "linear" and tuple(bshape) == (*m.delta_shape, *(1,) * (len(bshape) - 2)):
                     pass  # a linear LoRA on a 1x1 conv (kohya does this for proj_in / proj_out)
@@ -275,7 +298,9 @@ def _plan(
             is_base_layer = ".base_layer." in names_src.get(key, "")
             if unmerge:
                 if is_base_layer:
-                    notes.append(f"{name}: the adapter's saved base layer was ignored (unmerge subtracts the LoRA)")
+                    notes.append(
+                        f"{name}: the adapter's saved base layer was ignored (unmerge subtracts the LoRA)"
+                    )
                     continue
                 problems.append(
                     f"{label}: {name} is a full replacement (modules_to_save), which cannot be unmerged"
@@ -305,7 +330,9 @@ def _plan(
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise IncompatibleAdapterError(f"cannot merge into {ckpt.path}; nothing was written:\n  {shown}{more}")
+        raise IncompatibleAdapterError(
+            f"cannot merge into {ckpt.path}; nothing was written:\n  {shown}{more}"
+        )
     return targets
 
 
@@ -348,7 +375,9 @@ def _copy_extras(ckpt: CheckpointInfo, tmp: Path, notes: list[str], skip: set[st
         else:
             shutil.copy2(entry, tmp / name)
     if left_out:
-        notes.append(f"not copied (weights there would be stale after the merge): {', '.join(sorted(left_out))}")
+        notes.append(
+            f"not copied (weights there would be stale after the merge): {', '.join(sorted(left_out))}"
+        )
 
 
 def _write_config(ckpt: CheckpointInfo, tmp: Path, *, untie: bool, dtype: str | None) -> bool:
@@ -397,8 +426,9 @@ def _build_shards(
                     target=targets.get(name),
                 )
             )
-        plans.append(_ShardPlan(name=shard, src=ckpt.path / shard, metadata=dict(header.metadata),
-                                       entries=entries))
+        plans.append(
+            _ShardPlan(name=shard, src=ckpt.path / shard, metadata=dict(header.metadata), entries=entries)
+        )
     return plans
 
 
@@ -464,7 +494,9 @@ def merge_checkpoint(
         raise InvalidOptionError("no adapters given; pass a list of (LoraWeights, weight) pairs")
     for w, _ in pairs:
         if not isinstance(w, LoraWeights):
-            raise TypeError(f"adapters must be LoraWeights (from read_adapter(..., load=True)), got {type(w).__name__}")
+            raise TypeError(
+                f"adapters must be LoraWeights (from read_adapter(..., load=True)), got {type(w).__name__}"
+            )
     notes: list[str] = []
     tied = _find_tied(ckpt)
     targets = _plan(ckpt, pairs, unmerge=unmerge, tied=tied, notes=notes)
@@ -516,8 +548,15 @@ def merge_checkpoint(
         raise
     seconds = time.perf_counter() - t0
     changed = len(set(targets) | set(untied))
-    logger.info("merged %d adapter(s) into %s: %d tensors changed, %.1f MB in %.2f s on %s",
-                len(pairs), out_path, changed, written / 1e6, seconds, dev)
+    logger.info(
+        "merged %d adapter(s) into %s: %d tensors changed, %.1f MB in %.2f s on %s",
+        len(pairs),
+        out_path,
+        changed,
+        written / 1e6,
+        seconds,
+        dev,
+    )
     return MergeResult(
         out=out_path,
         tensors_changed=changed,

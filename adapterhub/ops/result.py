@@ -71,7 +71,11 @@ def _build_module(
     rank = int(a.shape[0])
     kernel = template.kernel_size
     a_out = a.reshape(rank, template.in_features, *kernel).to(device="cpu", dtype=dtype).contiguous()
-    b_out = b.reshape(template.out_features, rank, *([1] * len(kernel))).to(device="cpu", dtype=dtype).contiguous()
+    b_out = (
+        b.reshape(template.out_features, rank, *([1] * len(kernel)))
+        .to(device="cpu", dtype=dtype)
+        .contiguous()
+    )
     return LoraModule(
         key=key,
         kind=kind,

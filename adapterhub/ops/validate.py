@@ -148,7 +148,9 @@ class BaseLayout:
 # --------------------------------------------------------------------------- integrity
 
 
-def check_integrity(files: AdapterFiles, *, scan_values: bool = True) -> tuple[list[Check], LoraWeights | None]:
+def check_integrity(
+    files: AdapterFiles, *, scan_values: bool = True
+) -> tuple[list[Check], LoraWeights | None]:
     """Config against the schema, the header, every module's factors, leftovers, dtypes, NaN/Inf."""
     checks: list[Check] = []
     if files.config is not None:
@@ -180,7 +182,9 @@ def check_integrity(files: AdapterFiles, *, scan_values: bool = True) -> tuple[l
         )
     dtypes = sorted({m.dtype for m in weights.modules.values()})
     if len(dtypes) > 1:
-        checks.append(Check("warning", "dtype", f"factors are stored in several dtypes ({', '.join(dtypes)})"))
+        checks.append(
+            Check("warning", "dtype", f"factors are stored in several dtypes ({', '.join(dtypes)})")
+        )
     if scan_values and not any(c.status == "error" for c in checks):
         checks += _scan_values(files)
     if not any(c.status == "error" for c in checks):
@@ -203,7 +207,12 @@ def _scan_values(files: AdapterFiles) -> list[Check]:
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 out.append(
-                    Check("error", "values", f"{key} holds {bad} NaN/Inf value{'s' * (bad != 1)} of {t.numel()}", key)
+                    Check(
+                        "error",
+                        "values",
+                        f"{key} holds {bad} NaN/Inf value{'s' * (bad != 1)} of {t.numel()}",
+                        key,
+                    )
                 )
     return out
 
@@ -229,7 +238,9 @@ def check_base(weights: LoraWeights, base: BaseLayout, *, declared: str | None =
     for key, hits in ambiguous.items():
         shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
         checks.append(
-            Check("error", "base.target", f"{_strip(key)} matches several base tensors ({shown})", _strip(key))
+            Check(
+                "error", "base.target", f"{_strip(key)} matches several base tensors ({shown})", _strip(key)
+            )
         )
     fan_in_fan_out = bool(weights.config.get("fan_in_fan_out")) if weights.config else None
     vocab = base.config.get("vocab_size") if base.config else None
@@ -255,10 +266,21 @@ def check_base(weights: LoraWeights, base: BaseLayout, *, declared: str | None =
                 )
         else:
             try:
-                needs_transpose(key, delta, bshape, model_type=base.model_type, fan_in_fan_out=fan_in_fan_out, base_key=bkey)
+                needs_transpose(
+                    key,
+                    delta,
+                    bshape,
+                    model_type=base.model_type,
+                    fan_in_fan_out=fan_in_fan_out,
+                    base_key=bkey,
+                )
             except IncompatibleAdapterError as exc:
                 checks.append(Check("error", "base.shape", str(exc), m.module))
-        if m.bias_shape is not None and bkey.endswith(".weight") and bkey[: -len("weight")] + "bias" not in base.shapes:
+        if (
+            m.bias_shape is not None
+            and bkey.endswith(".weight")
+            and bkey[: -len("weight")] + "bias" not in base.shapes
+        ):
             checks.append(
                 Check(
                     "warning",
@@ -350,7 +372,11 @@ def check_pair(
     if a_base and b_base:
         if a_base != b_base:
             checks.append(
-                Check("error", "together.base", f"{label}: the adapters belong to different registered base models")
+                Check(
+                    "error",
+                    "together.base",
+                    f"{label}: the adapters belong to different registered base models",
+                )
             )
         else:
             checks.append(Check("ok", "together.base", f"{label}: same registered base model"))
@@ -410,7 +436,11 @@ def check_pair(
     only_a, only_b = len(set(a.modules) - set(b.modules)), len(set(b.modules) - set(a.modules))
     if not shared:
         checks.append(
-            Check("warning", "together.overlap", f"{label}: no target modules in common; together they act as a union")
+            Check(
+                "warning",
+                "together.overlap",
+                f"{label}: no target modules in common; together they act as a union",
+            )
         )
     else:
         checks.append(
@@ -421,7 +451,13 @@ def check_pair(
             )
         )
     if a.rank != b.rank:
-        checks.append(Check("ok", "together.rank", f"{label}: ranks differ ({a.rank} vs {b.rank}); fine for merge and combine"))
+        checks.append(
+            Check(
+                "ok",
+                "together.rank",
+                f"{label}: ranks differ ({a.rank} vs {b.rank}); fine for merge and combine",
+            )
+        )
     sa, sb = _typical_scale(a), _typical_scale(b)
     if sa and sb and max(sa, sb) / min(sa, sb) > 10:
         checks.append(

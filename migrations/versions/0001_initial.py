@@ -79,7 +79,9 @@ def upgrade() -> None:
     op.create_index("ix_adapter_modules_short_name", "adapter_modules", ["short_name"])
     op.create_table(
         "tags",
-        sa.Column("adapter_id", sa.Integer, sa.ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "adapter_id", sa.Integer, sa.ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("tag", sa.String(100), primary_key=True),
     )
     op.create_index("ix_tags_tag", "tags", ["tag"])

@@ -41,7 +41,9 @@ def upgrade() -> None:
     op.create_index("ix_base_models_fingerprint", "base_models", ["fingerprint"])
     op.create_table(
         "base_tensors",
-        sa.Column("base_id", sa.Integer, sa.ForeignKey("base_models.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "base_id", sa.Integer, sa.ForeignKey("base_models.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("name", sa.String(500), primary_key=True),
         sa.Column("shape", sa.JSON, nullable=False),
         sa.Column("dtype", sa.String(16), nullable=False),
