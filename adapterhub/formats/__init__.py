@@ -14,13 +14,17 @@ from ..errors import InvalidAdapterError, PickleRefusedError
 from ..lora import LoraWeights
 from .peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Problem, parse_peft, read_config
 from .safetensors_header import SafetensorsHeader, read_header
+from .values import NonFinite, check_finite, non_finite, refuse_non_finite
 
 __all__ = [
     "AdapterFiles",
-    "detect",
-    "read_adapter",
-    "load_tensors",
+    "NonFinite",
+    "check_finite",
     "convert_pickle",
+    "detect",
+    "load_tensors",
+    "non_finite",
+    "read_adapter",
     "write_adapter",
 ]
 
@@ -112,7 +116,7 @@ def _parse(files: AdapterFiles, header: SafetensorsHeader, problem: Problem | No
 
         return parse_kohya(header, problem=problem)
     assert files.config is not None
-    return parse_peft(read_config(files.config), header, problem=problem)
+    return parse_peft(read_config(files.config), header, problem=problem, config_path=str(files.config))
 
 
 def read_adapter(
@@ -121,7 +125,10 @@ def read_adapter(
     load: bool = False,
     problem: Problem | None = None,
 ) -> LoraWeights:
-    """Read an adapter into `LoraWeights` (metadata only unless ``load``)."""
+    """Read an adapter into `LoraWeights` (metadata only unless ``load``).
+
+    With ``load`` the tensors are read too, and an adapter whose values are not all finite is refused.
+    """
     files = path if isinstance(path, AdapterFiles) else detect(path)
     if files.pickle:
         raise PickleRefusedError(_pickle_message(files.weights), path=str(files.weights))
@@ -133,13 +140,17 @@ def read_adapter(
 
 
 def load_tensors(weights: LoraWeights, files: AdapterFiles) -> LoraWeights:
+    """Fill the tensors of metadata-only ``weights``; refuse NaN / Inf values (`InvalidAdapterError`)."""
     if files.format == "kohya":
         from .kohya import load_kohya_tensors
 
-        return load_kohya_tensors(weights, files.weights)
-    from .peft import load_peft_tensors
+        load_kohya_tensors(weights, files.weights)
+    else:
+        from .peft import load_peft_tensors
 
-    return load_peft_tensors(weights, files.weights)
+        load_peft_tensors(weights, files.weights)
+    refuse_non_finite(weights, path=str(files.weights))
+    return weights
 
 
 def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

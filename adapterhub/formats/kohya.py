@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import InvalidAdapterError
 from ..lora import LoraModule, LoraWeights, lora_scale
-from .peft import Problem, _raise
+from .peft import FLOAT_DTYPES, Problem, _raise
 from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -79,10 +79,25 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
         if tuple(b.shape[2:]) != (1,) * (len(b.shape) - 2):
             report(f"module {stem}: lora_up must be a 1x1 kernel, got {list(b.shape)}", stem)
             continue
+        odd = next(
+            (t for t in (a, b, got.get("magnitude")) if t is not None and t.dtype not in FLOAT_DTYPES), None
+        )
+        if odd is not None:
+            report(
+                f"module {stem}: {odd.name} is stored as {odd.dtype}; LoRA tensors must be floating point "
+                f"({', '.join(sorted(FLOAT_DTYPES))})",
+                stem,
+            )
+            continue
         alpha = _read_scalar(header.path, header, got["alpha"]) if "alpha" in got else float(rank)
         if not math.isfinite(alpha):
             report(f"module {stem}: alpha is {alpha}, not a finite number", stem)
             continue
+        if alpha < 0:
+            report(f"module {stem}: alpha is {alpha}; it must be positive (the scale is alpha / rank)", stem)
+            continue
+        if alpha == 0:  # sd-scripts (kohya) reads an alpha of 0 as "alpha = rank": scale 1
+            alpha = float(rank)
         extra = sorted(n for n in unexplained if n.startswith(stem + "."))
         if extra:  # e.g. lora_mid (LoCon's Tucker core): dropping it would silently change the update
             report(

@@ -15,7 +15,23 @@ from typing import Any
 
 from ..errors import InvalidAdapterError, InvalidConfigError
 from ..lora import PEFT_PREFIX, LoraModule, LoraWeights, lora_scale, pattern_key
+from .peft_config import read_config, target_selects, validate_config
 from .safetensors_header import SafetensorsHeader, read_header
+
+__all__ = [
+    "CONFIG_NAME",
+    "PICKLE_NAME",
+    "WEIGHTS_NAME",
+    "derive_config",
+    "load_peft_tensors",
+    "parse_peft",
+    "peft_state_dict",
+    "read_config",
+    "read_peft",
+    "split_key",
+    "validate_config",
+    "write_peft",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,61 +59,55 @@ def _raise(path: str) -> Problem:
     return report
 
 
-def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
-    """Check a parsed ``adapter_config.json`` against ``schemas/lora_config.schema.json``."""
-    if not isinstance(config, dict):
-        raise InvalidConfigError(f"{path}: adapter config must be a JSON object", path=path)
-    peft_type = config.get("peft_type", "LORA")
-    if isinstance(peft_type, str) and peft_type.upper() != "LORA":
-        raise InvalidConfigError(
-            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA adapters only",
-            path=path,
-            key="peft_type",
-        )
-    try:
-        import jsonschema
-    except ImportError:  # a GPU box with only torch + safetensors: check the keys the math needs
-        for key, types in (("r", (int,)), ("lora_alpha", (int, float)), ("use_rslora", (bool,))):
-            if key in config and (
-                not isinstance(config[key], types) or isinstance(config[key], bool) != (types == (bool,))
-            ):
-                raise InvalidConfigError(
-                    f"{path}: {key} has the wrong type ({config[key]!r})", path=path, key=key
-                ) from None
-        return config
-    from ..resources import load_schema
-
-    validator = jsonschema.Draft202012Validator(load_schema("lora_config.schema.json"))
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.path))
-    if errors:
-        err = errors[0]
-        where = ".".join(str(p) for p in err.path) or "(top level)"
-        raise InvalidConfigError(
-            f"{path}: {where}: {err.message} (the LoRA config schema is schemas/lora_config.schema.json)",
-            path=path,
-            key=where,
-        )
-    return config
-
-
-def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = str(path)
-    try:
-        with open(p, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise InvalidAdapterError(f"{p}: no such file", path=p) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidConfigError(f"{p}: not valid JSON ({exc})", path=p) from None
-    return validate_config(config, path=p)
-
-
 def split_key(name: str) -> tuple[str, str] | None:
     """``base_model.model.x.q_proj.lora_A.weight`` -> (``x.q_proj``, ``A``)."""
     stem = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
     for suffix, role in _SUFFIXES:
         if stem.endswith(suffix):
             return stem[: -len(suffix)], role
+    return None
+
+
+#: PEFT's default rank when a config has no ``r``
+PEFT_DEFAULT_R = 8
+#: dtypes LoRA tensors may have (PEFT's layers are float; integers would be cast or refused)
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _not_loaded_by_peft(
+    config: dict[str, Any], module: str, kind: str, has_magnitude: bool, has_bias: bool
+) -> str | None:
+    """Why PEFT would load this module's tensors differently from what they say, or None."""
+    selected = target_selects(config, module, kind=kind)
+    if selected is False:
+        targets = config.get("target_modules")
+        return (
+            f"the weights adapt it but the config's target_modules={targets!r}"
+            + (f" / exclude_modules={config['exclude_modules']!r}" if config.get("exclude_modules") else "")
+            + (
+                f" / layers_to_transform={config['layers_to_transform']!r}"
+                if config.get("layers_to_transform") is not None
+                else ""
+            )
+            + " does not select it, so PEFT would load the adapter without it; fix target_modules in "
+            "adapter_config.json"
+        )
+    use_dora = bool(config.get("use_dora"))
+    if use_dora and not has_magnitude:
+        return (
+            "use_dora is true but there is no lora_magnitude_vector for it; PEFT would apply DoRA with a "
+            "magnitude taken from the base weight, which is not this adapter's update"
+        )
+    if has_magnitude and not use_dora:
+        return (
+            "has a DoRA magnitude (lora_magnitude_vector) but use_dora is false, so PEFT would ignore it; set "
+            "use_dora to true if the adapter was trained with DoRA"
+        )
+    if has_bias and not config.get("lora_bias"):
+        return (
+            "has a lora_B bias but lora_bias is false, so PEFT would ignore it; set lora_bias to true if the "
+            "adapter was trained with it"
+        )
     return None
 
 
@@ -110,10 +120,17 @@ def parse_peft(
     header: SafetensorsHeader,
     *,
     problem: Problem | None = None,
+    config_path: str | None = None,
 ) -> LoraWeights:
-    """Build metadata-only `LoraWeights` from a validated config and a checked header."""
+    """Build metadata-only `LoraWeights` from a validated config and a checked header.
+
+    Beyond the factors' shapes, the weights are checked against what PEFT would do with the config:
+    every module must be one PEFT adapts (``target_modules`` / ``exclude_modules`` /
+    ``layers_to_transform``), DoRA magnitudes and ``lora_B`` biases must agree with ``use_dora`` and
+    ``lora_bias``, and factors must be floating point; otherwise PEFT would load a different adapter.
+    """
     report = problem or _raise(header.path)
-    r_default = int(config["r"])
+    r_default = int(config.get("r", PEFT_DEFAULT_R))
     alpha_default = float(config.get("lora_alpha", 8))
     use_rslora = bool(config.get("use_rslora", False))
     rank_pattern = config.get("rank_pattern") or {}
@@ -152,6 +169,7 @@ def parse_peft(
             a_shape, b_shape = tuple(reversed(eb.shape)), tuple(reversed(ea.shape))  # stored transposed
             kind = "embedding"
             dtype = ea.dtype
+            fa, fb = ea, eb
         else:
             a, b = got.get("A"), got.get("B")
             if a is None or b is None:
@@ -162,6 +180,7 @@ def parse_peft(
                     report(f"module {module} has no {missing} factor", module)
                 continue
             a_shape, b_shape, dtype = a.shape, b.shape, a.dtype
+            fa, fb = a, b
             kind = "linear" if len(a_shape) == 2 else "conv"
         if len(a_shape) < 2 or len(b_shape) < 2:
             report(
@@ -188,6 +207,17 @@ def parse_peft(
         akey = pattern_key(alpha_pattern, module)
         cfg_rank = int(rank_pattern[rkey]) if rkey is not None else r_default
         alpha = float(alpha_pattern[akey]) if akey is not None else alpha_default
+        if cfg_rank != rank and rkey is None and "r" not in config:
+            cpath = config_path or CONFIG_NAME
+            message = (
+                f"(top level): 'r' is a required property here: without it PEFT uses r={PEFT_DEFAULT_R}, but "
+                f"module {module} has rank {rank}; set r in adapter_config.json (the LoRA config schema is "
+                "schemas/lora_config.schema.json)"
+            )
+            if problem is None:
+                raise InvalidConfigError(f"{cpath}: {message}", path=cpath, key="r")
+            report(message, module)
+            continue
         if cfg_rank != rank:
             report(
                 f"module {module}: the config says r={cfg_rank} but the tensors have rank {rank}"
@@ -197,6 +227,21 @@ def parse_peft(
             continue
         bias = got.get("bias")
         mag = got.get("magnitude")
+        odd = next(
+            (
+                (what, t.dtype)
+                for what, t in (("A", fa), ("B", fb), ("bias", bias), ("magnitude", mag))
+                if t is not None and t.dtype not in FLOAT_DTYPES
+            ),
+            None,
+        )
+        if odd is not None:
+            report(
+                f"module {module}: the {odd[0]} tensor is stored as {odd[1]}; LoRA tensors must be floating "
+                f"point ({', '.join(sorted(FLOAT_DTYPES))})",
+                module,
+            )
+            continue
         # PEFT's magnitude is (out,) for Linear, (1, out, 1, 1) for Conv2d, and (dim,) for Embedding
         # (one per column of the (num_embeddings, dim) weight)
         mag_len = int(a_shape[1]) if kind == "embedding" else int(b_shape[0])
@@ -205,6 +250,10 @@ def parse_peft(
             report(
                 f"module {module}: DoRA magnitude {list(mag.shape)} does not match {mag_len} {what}", module
             )
+            continue
+        why = _not_loaded_by_peft(config, module, kind, mag is not None, bias is not None)
+        if why:
+            report(f"module {module}: {why}", module)
             continue
         modules[module + ".weight"] = LoraModule(
             key=module + ".weight",
@@ -217,6 +266,16 @@ def parse_peft(
             dtype=dtype,
             bias_shape=tuple(bias.shape) if bias is not None else None,
             magnitude_shape=tuple(mag.shape) if mag is not None else None,
+        )
+    bias_mode = config.get("bias", "none")
+    trained_biases = [n for n in unexplained if n.endswith(".bias")]
+    if bias_mode in ("all", "lora_only") and trained_biases:
+        report(
+            f"bias is {bias_mode!r} and the file holds trained base biases ({trained_biases[0]}"
+            + (f" and {len(trained_biases) - 1} more" if len(trained_biases) > 1 else "")
+            + "), which PEFT loads into the base model; adapterhub cannot apply them yet, so it refuses "
+            "the adapter rather than drop them",
+            None,
         )
     if not modules and not replacement_shapes:
         report("holds no LoRA tensors (no lora_A/lora_B or lora_embedding_A/B keys)", None)
@@ -396,7 +455,7 @@ def read_peft(
 ) -> LoraWeights:
     config = read_config(config_path)
     header = read_header(weights_path)
-    weights = parse_peft(config, header, problem=problem)
+    weights = parse_peft(config, header, problem=problem, config_path=str(config_path))
     if load_tensors:
         load_peft_tensors(weights, weights_path)
     return weights

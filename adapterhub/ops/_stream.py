@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BaseModelError
+from ..errors import BaseModelError, IncompatibleAdapterError
 from ..formats.safetensors_header import DTYPE_SIZES
 
 if TYPE_CHECKING:
@@ -267,7 +267,10 @@ class _Worker:
         raw, mapped = self._source(fd, item.src_offset, item.nbytes)
         try:
             compute = self._gpu if self.cuda else self._cpu
-            compute(item, t, st, raw.view(src_dt).view(rows, cols), dst, cdt)
+            src = raw.view(src_dt).view(rows, cols)
+            if not compute(item, t, st, src, dst, cdt):
+                _refuse_non_finite(torch, item, src, dst)
+            del src
         finally:
             del raw  # the last view of a mapping: it can be unmapped now
             if mapped is not None:
@@ -276,14 +279,15 @@ class _Worker:
         if t is not None:
             self.sh.chunk_done(t, item.chunks)
 
-    def _cpu(self, item: _Chunk, t: _Target | None, st: Any, src: Any, dst: Any, cdt: Any) -> None:
+    def _cpu(self, item: _Chunk, t: _Target | None, st: Any, src: Any, dst: Any, cdt: Any) -> bool:
+        """Compute rows of ``dst``; return whether every value written is finite."""
         torch = self.torch
         if t is None:  # a dtype conversion only
             dst.copy_(src)
-            return
+            return bool(torch.isfinite(dst).all())
         if src.dtype == cdt == dst.dtype and st["plain"]:  # fp32 in and out, plain LoRA: one op
             torch.addmm(src, st["pre"][0][item.r0 : item.r1], st["pre"][1], out=dst)
-            return
+            return bool(torch.isfinite(dst).all())
         rows, cols = src.shape
         block = max(1, _CPU_BLOCK // max(1, cols * 4))
         if (
@@ -297,16 +301,20 @@ class _Worker:
             x = self.scratch[: (s1 - s0) * cols].view(s1 - s0, cols)
             x.copy_(src[s0:s1])
             dst[s0:s1].copy_(_apply(torch, t, st, x, item.r0 + s0, item.r0 + s1))
+        return bool(torch.isfinite(dst).all())
 
-    def _gpu(self, item: _Chunk, t: _Target | None, st: Any, src: Any, dst: Any, cdt: Any) -> None:
+    def _gpu(self, item: _Chunk, t: _Target | None, st: Any, src: Any, dst: Any, cdt: Any) -> bool:
         torch = self.torch
         assert self.stream is not None
         with torch.cuda.stream(self.stream):
             x = src.to(self.sh.device, non_blocking=True).to(cdt)
             if t is not None:
                 x = _apply(torch, t, st, x, item.r0, item.r1)
-            dst.copy_(x.to(dst.dtype), non_blocking=True)
+            y = x.to(dst.dtype)
+            finite = torch.isfinite(y).all()
+            dst.copy_(y, non_blocking=True)
         self.stream.synchronize()
+        return bool(finite)
 
     def _norms(self, item: _Chunk, t: _Target, fd: int, src_dt: Any, cdt: Any) -> None:
         """Column sums of squares of ``W0 + d`` over the whole tensor, block by block."""
@@ -338,6 +346,25 @@ class _Worker:
         assert total is not None
         st["colnorm"] = total.sqrt().to(cdt)
         st["norm_done"].set()
+
+
+def _refuse_non_finite(torch: Any, item: _Chunk, src: Any, dst: Any) -> None:
+    """Raise when the merge made a value that is not finite (a NaN / Inf already in the base is kept)."""
+    made = ~torch.isfinite(dst) & torch.isfinite(src)
+    n = int(made.sum())
+    if not n:
+        return
+    e = item.entry
+    row = item.r0 + int(made.any(1).nonzero()[0, 0])
+    why = (
+        "the merged values overflow float16; merge with dtype float32 or bfloat16"
+        if e.dtype == "F16"
+        else "the adapter's update is too large for the base's values (check its alpha and weights)"
+    )
+    raise IncompatibleAdapterError(
+        f"{e.name}: the merged weight would hold {n} non-finite value{'s' * (n != 1)} (first in row {row}): "
+        f"{why}; nothing was written"
+    )
 
 
 def _apply(torch: Any, t: _Target, st: dict[str, Any], x: Any, g0: int, g1: int) -> Any:

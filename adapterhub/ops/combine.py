@@ -48,6 +48,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from ..errors import IncompatibleAdapterError, InvalidAdapterError, InvalidOptionError
+from ..formats.values import non_finite
 from ..lora import LoraModule, LoraWeights
 from .extract import _EMBEDDING_NAMES as _EMBEDDING_NAMES
 from .extract import _factor_dense as _factor_dense
@@ -425,6 +426,12 @@ def _plan(pairs: Sequence[tuple[LoraWeights, float]]) -> _Plan:
     modules: dict[str, list[CombineTerm]] = {}
     dtypes: set[torch.dtype] = set()
     for i, (w, weight) in enumerate(pairs):
+        bad = non_finite(w)
+        if bad:
+            raise InvalidAdapterError(
+                f"adapter #{i + 1}: {bad[0].describe()}; a combination with it would not be finite",
+                module=bad[0].name,
+            )
         for key, m in w.modules.items():
             if not m.has_tensors():
                 raise InvalidAdapterError(
@@ -629,8 +636,15 @@ def combine(
         params.update(density=options.density, seed=options.seed)
         if getattr(impl, "elect_sign", False):
             params["majority_sign"] = options.majority_sign
+    result_weights = _result_weights(pairs, modules, plan)
+    bad = non_finite(result_weights)
+    if bad:
+        raise IncompatibleAdapterError(
+            f"the combination is not finite: {bad[0].describe()} (the {_dtype_name(plan.dtype)} factors "
+            "overflow; combine float32 copies of the adapters)",
+        )
     return CombineResult(
-        weights=_result_weights(pairs, modules, plan),
+        weights=result_weights,
         method=impl.name,
         error=math.sqrt(err_total / norm_total) if norm_total > 0 else 0.0,
         module_errors=errors,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError, OutputExistsError
 from ..formats.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointInfo, read_checkpoint
+from ..formats.values import non_finite
 from ..lora import LoraWeights
 from ._stream import _Entry, _ShardPlan, _write_shards
 from .keymap import describe_problems, map_keys, needs_transpose
@@ -201,6 +202,11 @@ def _plan(
         if clashes:
             problems.append(f"{label}: {'; '.join(clashes[:5])}")
             continue
+        bad = non_finite(weights)
+        if bad:
+            more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+            problems.append(f"{label}: {bad[0].describe()}{more}; a merge with it would not be finite")
+            continue
         sign = -1.0 if unmerge else 1.0
         fan_in_fan_out = bool(weights.config.get("fan_in_fan_out")) if weights.config else None
         lora_terms: list[tuple[str, _Lora]] = []
@@ -217,6 +223,11 @@ def _plan(
                 )
                 continue
             coef = sign * float(w) * float(m.scale)
+            if not math.isfinite(coef):
+                problems.append(
+                    f"{label}: {m.module}: its scale ({m.scale}) times the weight ({w}) is not a finite number"
+                )
+                continue
             a = m.A.detach().to("cpu", torch.float32).reshape(m.rank, -1)
             b = m.B.detach().to("cpu", torch.float32).reshape(-1, m.rank)
             transpose = False

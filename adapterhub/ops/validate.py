@@ -20,6 +20,7 @@ from ..formats import AdapterFiles, read_adapter
 from ..formats.checkpoint import CheckpointInfo
 from ..formats.peft import read_config
 from ..formats.safetensors_header import read_header
+from ..formats.values import scan_file
 from ..lora import LoraModule, LoraWeights
 from .keymap import map_keys, needs_transpose
 
@@ -195,26 +196,7 @@ def check_integrity(
 
 
 def _scan_values(files: AdapterFiles) -> list[Check]:
-    import torch
-    from safetensors import safe_open
-
-    out: list[Check] = []
-    with safe_open(str(files.weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            t = f.get_tensor(key)
-            if not t.is_floating_point():
-                continue
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                out.append(
-                    Check(
-                        "error",
-                        "values",
-                        f"{key} holds {bad} NaN/Inf value{'s' * (bad != 1)} of {t.numel()}",
-                        key,
-                    )
-                )
-    return out
+    return [Check("error", "values", bad.describe(), bad.name) for bad in scan_file(files.weights)]
 
 
 # --------------------------------------------------------------------------- against a base
