@@ -475,8 +475,9 @@ def create_app(store: ServerStore) -> FastAPI:
                     }
                 )
                 continue
-            path = store.blobs.path(oid)
-            if path.is_file() and path.stat().st_size == size:
+            # "already there" only for what this commit could reference anyway: never a probe of other repos
+            have = await run_in_threadpool(store.referable_size, repo, tok.user if tok else None, oid)
+            if have == size:
                 out.append({"oid": oid, "size": size, "authenticated": True})
                 continue
             query = urlencode({"size": size, "exp": exp, "sig": sign(repo.repo_id, oid, size, exp)})
@@ -502,13 +503,13 @@ def create_app(store: ServerStore) -> FastAPI:
         if not repo_git.endswith(".git"):
             raise HubHTTPError(404, "not found")
         tok = await auth(request)
-        await writable(ns, repo_git[: -len(".git")], tok)
+        repo = await writable(ns, repo_git[: -len(".git")], tok)
         body = await read_json(request)
         oid, size = (body.get("oid"), body.get("size")) if isinstance(body, dict) else (None, None)
         if not isinstance(oid, str) or not SHA256_RE.match(oid):
             raise bad_request("give {oid, size}")
-        path = store.blobs.path(oid)
-        if not path.is_file() or (isinstance(size, int) and path.stat().st_size != size):
+        have = await run_in_threadpool(store.referable_size, repo, tok.user if tok else None, oid)
+        if have is None or (isinstance(size, int) and have != size):
             raise HubHTTPError(404, f"LFS object {oid} was not uploaded")
         return JSONResponse({})
 
@@ -529,26 +530,34 @@ def create_app(store: ServerStore) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) != size:
             raise HubHTTPError(400, f"the body has {length} bytes, but the object was announced with {size}")
-        if store.blobs.has(oid):
-            async for _ in request.stream():
-                pass
-            return JSONResponse({})
-        await receive_object(request, oid, size)
+        repo = await run_in_threadpool(store.get_repo, ns, name)
+        if repo is None:
+            raise repo_not_found(f"{ns}/{name}")
+        # the bytes are read and checked even when the store holds them already: the upload is the proof
+        # that the uploader has the content, which is what lets this repo reference the object
+        await receive_object(request, oid, size, keep=not store.blobs.has(oid))
+        await run_in_threadpool(store.record_upload, repo, oid)
         return JSONResponse({})
 
-    async def receive_object(request: Request, oid: str, size: int) -> None:
-        """Stream the body to a temporary file, hashing it; keep it only if it has the announced sha256 and size."""
+    async def receive_object(request: Request, oid: str, size: int, *, keep: bool) -> None:
+        """Stream the body, hashing it (to a temporary file when ``keep``); keep it only if it has the
+        announced sha256 and size."""
         blobs = store.blobs
         blobs.tmp.mkdir(parents=True, exist_ok=True)
         blobs.objects.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=blobs.tmp, prefix="lfs-")
+        if not keep:
+            os.close(fd)
+            os.unlink(tmp)
+            fd = -1
         h = hashlib.sha256()
         total = 0
         buf = bytearray()
 
         def flush(data: bytes | bytearray) -> None:
             h.update(data)
-            _write_all(fd, data)
+            if fd >= 0:
+                _write_all(fd, data)
 
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = None  # hashing + writing overlap with receiving the next chunk
@@ -568,15 +577,17 @@ def create_app(store: ServerStore) -> FastAPI:
                 pending = None
             if buf:
                 await run_in_threadpool(flush, buf)
-            os.close(fd)
-            fd = -1
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
             if total != size:
                 raise HubHTTPError(
                     400, f"the body has {total} bytes, but the object was announced with {size}"
                 )
             if h.hexdigest() != oid:
                 raise HubHTTPError(400, f"the body's sha256 is {h.hexdigest()}, not the announced {oid}")
-            await run_in_threadpool(blobs._commit, tmp, oid, size)
+            if keep:
+                await run_in_threadpool(blobs._commit, tmp, oid, size)
         finally:
             if pending is not None:
                 await asyncio.wait([pending])

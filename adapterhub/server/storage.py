@@ -17,8 +17,10 @@ import hashlib
 import json
 import re
 import secrets
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
@@ -226,6 +228,49 @@ class ServerStore:
     def __init__(self, catalog: Catalog, blobs: Store) -> None:
         self.catalog = catalog
         self.blobs = blobs
+        self.uploads = blobs.root / "uploads"
+
+    # ------------------------------------------------------------------ who may reference which blob
+    # The blob store is shared by every repo (content-addressed, deduplicated), so knowing a sha256 must
+    # never be enough to reach its content. A commit may reference an LFS object only when it was uploaded
+    # to that repo (the uploader sent the bytes, which the server hashed), or when a repo the committer can
+    # read already holds it. Upload proofs are empty files ``uploads/<repo key>/<sha256>`` beside the
+    # objects they prove.
+
+    def _upload_dir(self, repo: Repo) -> Path:
+        return self.uploads / f"{repo.id}-{repo.created_at:%Y%m%d%H%M%S%f}"
+
+    def record_upload(self, repo: Repo, sha256: str) -> None:
+        """Note that the bytes of ``sha256`` were uploaded to ``repo`` (and checked against the digest)."""
+        if not SHA256_RE.match(sha256):
+            raise bad_request(f"not a sha256 digest: {sha256!r}")
+        d = self._upload_dir(repo)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / sha256).touch()
+
+    def referable_size(self, repo: Repo, user: str | None, sha256: str) -> int | None:
+        """The size of the stored object ``sha256`` if a commit to ``repo`` by ``user`` may point at it, else
+        None (the same answer whether the object is absent or held only by repos ``user`` cannot read)."""
+        if not SHA256_RE.match(sha256):
+            return None
+        try:
+            size = self.blobs.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+        if (self._upload_dir(repo) / sha256).is_file():
+            return size
+        readable = (hub_repos.c.id == repo.id) | hub_repos.c.private.is_(False)
+        if user is not None:
+            readable = readable | (hub_repos.c.namespace == user)
+        stmt = (
+            select(hub_commit_files.c.sha256)
+            .join(hub_commits, hub_commits.c.id == hub_commit_files.c.commit_id)
+            .join(hub_repos, hub_repos.c.id == hub_commits.c.repo_id)
+            .where(hub_commit_files.c.sha256 == sha256, readable)
+            .limit(1)
+        )
+        with self.catalog.read() as conn:
+            return size if conn.execute(stmt).first() is not None else None
 
     # ------------------------------------------------------------------ tokens
     def create_token(self, user: str, *, write: bool = False) -> tuple[str, TokenInfo]:
@@ -324,6 +369,7 @@ class ServerStore:
             conn.execute(delete(hub_commit_files).where(hub_commit_files.c.commit_id.in_(commit_ids)))
             conn.execute(delete(hub_commits).where(hub_commits.c.repo_id == repo.id))
             conn.execute(delete(hub_repos).where(hub_repos.c.id == repo.id))
+        shutil.rmtree(self._upload_dir(repo), ignore_errors=True)
         self._drop_unreferenced(digests)
 
     def _drop_unreferenced(self, digests: Iterable[str]) -> None:
@@ -478,13 +524,13 @@ class ServerStore:
                 elif op.kind == "lfs":
                     if not op.oid or not SHA256_RE.match(op.oid):
                         raise bad_request(f"{op.path}: lfsFile needs a sha256 oid (64 hex digits)")
-                    path = self.blobs.path(op.oid)
-                    if not path.is_file():
+                    # one answer whether the object is absent or belongs to repos the author cannot read
+                    size = self.referable_size(repo, author, op.oid)
+                    if size is None:
                         raise bad_request(
-                            f"{op.path}: LFS object {op.oid} was never uploaded; upload it through the LFS batch "
-                            "API before committing"
+                            f"{op.path}: LFS object {op.oid} was not uploaded to {repo.repo_id}; upload it through "
+                            "the LFS batch API before committing"
                         )
-                    size = path.stat().st_size
                     if op.size is not None and op.size != size:
                         raise bad_request(f"{op.path}: LFS object {op.oid} has {size} bytes, not {op.size}")
                     staged.append(
