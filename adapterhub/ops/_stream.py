@@ -6,7 +6,7 @@ mapped (CPU) or read into pinned buffers (GPU) in chunks of rows straight from t
 and written at their offset. A few worker threads each take the next chunk, so reading, computing and
 writing of different chunks overlap; memory stays bounded by a few chunks whatever the model size.
 
-`merge` decides what each output tensor gets (a `_Target` for every changed tensor, a `_ShardPlan` for
+`merge` decides what each output tensor gets (a `_targets._Target` for every changed tensor, a `_ShardPlan` for
 every output file); this module only reads, computes and writes them, through `_write_shards`.
 """
 
@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BaseModelError, IncompatibleAdapterError
 from ..formats.safetensors_header import DTYPE_SIZES
+from ._targets import _Lora, _Target
 
 if TYPE_CHECKING:
     import torch
-
-    from .merge import _Lora, _Target
 
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: bytes of input per chunk, and of fp32 scratch per sub-block on the CPU

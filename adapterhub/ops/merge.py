@@ -22,17 +22,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError, OutputExistsError
 from ..formats.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointInfo, read_checkpoint
 from ..formats.values import non_finite
 from ..lora import LoraWeights
 from ._stream import _Entry, _ShardPlan, _write_shards
+from ._targets import _Lora, _Target
 from .keymap import describe_problems, map_keys, needs_transpose
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["merge_checkpoint", "MergeResult", "OutputExistsError", "DTYPES"]
 
@@ -80,49 +77,6 @@ class MergeResult:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-
-
-@dataclass
-class _Lora:
-    """One adapter's low-rank term on one tensor: ``coef * B @ A``, ``coef`` = sign * weight * scale.
-
-    In the tensor's stored layout it is ``L @ R``: ``(coef * B) @ A``, or ``A.T @ (coef * B).T`` for a
-    transposed (Conv1D) base. The scaled factors are built per tensor while it is merged, not up front.
-    """
-
-    a: torch.Tensor  # (r, cols or rows)
-    b: torch.Tensor  # (out, r)
-    coef: float
-    transpose: bool = False
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.transpose:
-            return self.a.T, (self.coef * self.b).T
-        return self.coef * self.b, self.a
-
-
-@dataclass
-class _Target:
-    """A base tensor the merge changes, with everything that changes it."""
-
-    name: str
-    src: str  # base tensor its bytes come from (differs for an untied lm_head)
-    rows: int
-    cols: int
-    pre: list[_Lora] = field(default_factory=list)  # plain LoRA terms before the DoRA one (adapter order)
-    post: list[_Lora] = field(default_factory=list)
-    dora: _Lora | None = None
-    magnitude: torch.Tensor | None = None
-    dora_columns: bool = False  # norm per column (Conv1D, embedding) rather than per row
-    replacement: torch.Tensor | None = None  # (rows, cols)
-    bias: torch.Tensor | None = None  # summed lora_B bias terms, for a 1-D bias target
-    adapters: set[int] = field(default_factory=set)
-
-    @property
-    def is_identity(self) -> bool:
-        return not (
-            self.pre or self.post or self.dora or self.replacement is not None or self.bias is not None
-        )
 
 
 def _resolve_dtype(dtype: str) -> str | None:
