@@ -1,58 +1,135 @@
-"""adapterhub: catalog, validate, merge, combine and share LoRA adapters.
+"""adapterhub: catalog, validate, merge, combine, share and run LoRA adapters.
 
-Importing this package imports neither torch nor SQLAlchemy; they load when a call needs them.
+Every public name is exported here, lazily (PEP 562): importing this package imports neither torch nor
+SQLAlchemy; each name's module loads on first use.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    AdapterExistsError,
-    AdapterHubError,
-    AdapterNotFoundError,
-    BaseModelError,
-    CatalogError,
-    CatalogVersionError,
-    ComposeError,
-    IncompatibleAdapterError,
-    InvalidAdapterError,
-    InvalidConfigError,
-    InvalidOptionError,
-    OutputExistsError,
-    PickleRefusedError,
-    RemoteError,
-    StoreError,
-    UnknownMethodError,
-)
-from .hub import Hub, default_home
-from .lora import LoraModule, LoraWeights
-from .records import AdapterInfo, FileInfo, ModuleInfo, ParentInfo
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterExistsError",
-    "AdapterHubError",
-    "AdapterInfo",
-    "AdapterNotFoundError",
-    "BaseModelError",
-    "CatalogError",
-    "CatalogVersionError",
-    "ComposeError",
-    "FileInfo",
-    "Hub",
-    "IncompatibleAdapterError",
-    "InvalidAdapterError",
-    "InvalidConfigError",
-    "InvalidOptionError",
-    "OutputExistsError",
-    "LoraModule",
-    "LoraWeights",
-    "ModuleInfo",
-    "ParentInfo",
-    "PickleRefusedError",
-    "RemoteError",
-    "StoreError",
-    "UnknownMethodError",
-    "__version__",
-    "default_home",
-]
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    # the API
+    "Hub": "hub",
+    "default_home": "home",
+    # the in-memory adapter
+    "LoraModule": "lora",
+    "LoraWeights": "lora",
+    # records and results
+    "AdapterFilter": "records",
+    "AdapterInfo": "records",
+    "BaseInfo": "records",
+    "FileInfo": "records",
+    "MergeRecord": "records",
+    "ModuleInfo": "records",
+    "ParentInfo": "records",
+    "PushRecord": "records",
+    "BaseLayout": "ops.validate",
+    "Check": "ops.validate",
+    "ValidationReport": "ops.validate",
+    "MergeResult": "ops.merge",
+    "CombineResult": "ops.result",
+    "CombineSummary": "services.compute",
+    "ComposeResult": "compose",
+    "NewToken": "remote.results",
+    "PullResult": "remote.results",
+    "PushResult": "remote.results",
+    "RemoteAdapter": "remote.results",
+    # errors
+    "AdapterExistsError": "errors",
+    "AdapterHubError": "errors",
+    "AdapterNotFoundError": "errors",
+    "BadRequestError": "errors",
+    "BaseModelError": "errors",
+    "CatalogError": "errors",
+    "CatalogVersionError": "errors",
+    "ComposeError": "errors",
+    "ConflictError": "errors",
+    "EntryNotFoundError": "errors",
+    "ForbiddenError": "errors",
+    "IncompatibleAdapterError": "errors",
+    "InvalidAdapterError": "errors",
+    "InvalidConfigError": "errors",
+    "InvalidOptionError": "errors",
+    "OutputExistsError": "errors",
+    "PayloadTooLargeError": "errors",
+    "PickleRefusedError": "errors",
+    "RecipeError": "errors",
+    "RemoteError": "errors",
+    "RepoError": "errors",
+    "RepoNotFoundError": "errors",
+    "RevisionNotFoundError": "errors",
+    "StoreError": "errors",
+    "TokenError": "errors",
+    "UnauthorizedError": "errors",
+    "UnknownMethodError": "errors",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:
+    from .compose import ComposeResult
+    from .errors import (
+        AdapterExistsError,
+        AdapterHubError,
+        AdapterNotFoundError,
+        BadRequestError,
+        BaseModelError,
+        CatalogError,
+        CatalogVersionError,
+        ComposeError,
+        ConflictError,
+        EntryNotFoundError,
+        ForbiddenError,
+        IncompatibleAdapterError,
+        InvalidAdapterError,
+        InvalidConfigError,
+        InvalidOptionError,
+        OutputExistsError,
+        PayloadTooLargeError,
+        PickleRefusedError,
+        RecipeError,
+        RemoteError,
+        RepoError,
+        RepoNotFoundError,
+        RevisionNotFoundError,
+        StoreError,
+        TokenError,
+        UnauthorizedError,
+        UnknownMethodError,
+    )
+    from .home import default_home
+    from .hub import Hub
+    from .lora import LoraModule, LoraWeights
+    from .ops.merge import MergeResult
+    from .ops.result import CombineResult
+    from .ops.validate import BaseLayout, Check, ValidationReport
+    from .records import (
+        AdapterFilter,
+        AdapterInfo,
+        BaseInfo,
+        FileInfo,
+        MergeRecord,
+        ModuleInfo,
+        ParentInfo,
+        PushRecord,
+    )
+    from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
+    from .services.compute import CombineSummary
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adapterhub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({n for n in globals() if n.startswith("__")} | set(__all__))

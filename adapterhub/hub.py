@@ -1,110 +1,69 @@
-"""`Hub`: the Python API. Composes the catalog, the store, the formats and the ops.
+"""`Hub`: the Python API, a facade over a `Library` (catalog + store) and the services that use it.
 
-Every CLI command is one call here; every method returns frozen dataclasses from `records` and raises
-the errors of `errors`.
+Every CLI command is one call here, and every method here is one call into `adapterhub.services`,
+`adapterhub.remote` or `adapterhub.server`; they return frozen dataclasses from `records` (and the result
+types of `ops`, `remote`) and raise the errors of `errors`. Nothing heavy is imported until a method needs
+it: ``Hub()`` itself opens nothing.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
-import shutil
-import sys
-import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    AdapterExistsError,
-    AdapterHubError,
-    AdapterNotFoundError,
-    CatalogError,
-    InvalidAdapterError,
-    StoreError,
-)
-from .hub_bases import BasesMixin
-from .hub_ops import OpsMixin
-from .records import AdapterInfo
-from .remote.api import RemoteMixin
-from .store import Store
+from .home import default_home
+from .records import AdapterFilter
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .catalog.library import Library
+    from .compose import ComposeResult
     from .formats import AdapterFiles
     from .lora import LoraWeights
+    from .ops.combine import AdapterExpr
+    from .ops.merge import MergeResult
+    from .ops.validate import BaseLayout, ValidationReport
+    from .records import AdapterInfo, BaseInfo, MergeRecord, PushRecord
+    from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
+    from .server.storage import ServerStore, TokenInfo
+    from .services.compute import CombineSummary, Progress, Weighted
+    from .store import Store
 
-log = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
-TAG_RE = re.compile(r"^[^\s,]{1,100}$")
-
-
-def default_home() -> Path:
-    """``$ADAPTERHUB_HOME``, else the platform's user data folder."""
-    env = os.environ.get("ADAPTERHUB_HOME")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "adapterhub"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "adapterhub"
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "adapterhub"
+__all__ = ["Hub", "default_home"]
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name) or ".." in name:
-        raise InvalidAdapterError(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' and '/', starting with a "
-            "letter or digit (at most 200 characters)"
-        )
-    return name
-
-
-def check_tags(tags: Iterable[str]) -> list[str]:
-    out = []
-    for t in tags:
-        if not TAG_RE.match(t):
-            raise InvalidAdapterError(
-                f"invalid tag {t!r}: tags are 1-100 characters without spaces or commas"
-            )
-        out.append(t)
-    return out
-
-
-class Hub(OpsMixin, BasesMixin, RemoteMixin):
+class Hub:
     """A catalog of adapters in one home folder (or one database URL)."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *, db: str | None = None) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.db_url = db or os.environ.get("ADAPTERHUB_DB") or None
-        self.store = Store(self.home / "store")
-        self._catalog: Catalog | None = None
+        self._library: Library | None = None
 
     # ------------------------------------------------------------------ plumbing
     @property
-    def catalog(self) -> Catalog:
-        if self._catalog is None:
-            from .catalog import Catalog
-            from .catalog.db import sqlite_url
+    def library(self) -> Library:
+        """The catalog and store this Hub works on."""
+        if self._library is None:
+            from .catalog.library import Library
 
-            try:
-                self.home.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise CatalogError(
-                    f"cannot use {self.home} as the adapterhub home: {exc.strerror or exc}"
-                ) from None
-            url = self.db_url or sqlite_url(self.home / "catalog.db")
-            self._catalog = Catalog(url, lock_path=self.home / ".catalog.lock")
-        return self._catalog
+            self._library = Library(self.home, db=self.db_url)
+        return self._library
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.library.catalog
+
+    @property
+    def store(self) -> Store:
+        return self.library.store
 
     def close(self) -> None:
-        if self._catalog is not None:
-            self._catalog.close()
-            self._catalog = None
+        if self._library is not None:
+            self._library.close()
 
     def __enter__(self) -> Hub:
         return self
@@ -119,7 +78,7 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
     def db_revision(self) -> str | None:
         return self.catalog.revision()
 
-    # ------------------------------------------------------------------ add
+    # ------------------------------------------------------------------ adapters
     def add_adapter(
         self,
         path: str | os.PathLike[str],
@@ -132,104 +91,19 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
         source: str | None = None,
     ) -> AdapterInfo:
         """Check an adapter, copy its files into the store and catalog it, all or nothing."""
-        from .formats import AdapterFiles, convert_pickle, detect, read_adapter
+        from .services.adapters import add_adapter
 
-        src = Path(path)
-        files = detect(src, allow_pickle=allow_pickle)
-        name = check_name(name if name is not None else _default_name(src, files))
-        tag_list = check_tags(tags)
-        if self._exists(name):
-            raise AdapterExistsError(name)
-        tmpdir: str | None = None
-        try:
-            if files.pickle:
-                self.store.tmp.mkdir(parents=True, exist_ok=True)
-                tmpdir = tempfile.mkdtemp(dir=self.store.tmp, prefix="pickle-")
-                converted = convert_pickle(files.weights, Path(tmpdir) / "adapter_model.safetensors")
-                files = AdapterFiles("peft", converted, files.config)
-            weights = read_adapter(files)
-            return self._catalog_files(
-                name,
-                files,
-                weights,
-                base=base,
-                tags=tag_list,
-                description=description,
-                source=source or str(src.resolve()),
-            )
-        finally:
-            if tmpdir is not None:
-                shutil.rmtree(tmpdir, ignore_errors=True)
+        return add_adapter(
+            self.library,
+            path,
+            name=name,
+            base=base,
+            tags=tags,
+            description=description,
+            allow_pickle=allow_pickle,
+            source=source,
+        )
 
-    def _exists(self, name: str) -> bool:
-        from .catalog import queries
-
-        with self.catalog.read() as conn:
-            return queries.find_id(conn, name) is not None
-
-    def _catalog_files(
-        self,
-        name: str,
-        files: AdapterFiles,
-        weights: LoraWeights,
-        *,
-        base: str | None,
-        tags: Sequence[str],
-        description: str | None,
-        source: str | None,
-        parents: Sequence[dict[str, Any]] = (),
-    ) -> AdapterInfo:
-        from sqlalchemy.exc import IntegrityError
-
-        from .catalog import queries
-
-        stored: list[tuple[str, str, Any]] = []  # (filename, role, StoredFile)
-        try:
-            if files.config is not None:
-                stored.append(("adapter_config.json", "config", self.store.put_file(files.config)))
-            wname = "adapter_model.safetensors" if files.format == "peft" else files.weights.name
-            stored.append((wname, "weights", self.store.put_file(files.weights)))
-            weights_digest = stored[-1][2].sha256
-            row = _adapter_row(weights, files.format, weights_digest, sum(s.size for _, _, s in stored))
-            row.update(name=name, description=description, source=source)
-            if base:
-                row["base_model"] = base
-            modules = [_module_row(m) for m in weights.modules.values()]
-            file_rows = [
-                {"filename": fn, "role": role, "sha256": s.sha256, "size_bytes": s.size}
-                for fn, role, s in stored
-            ]
-            with self.catalog.write() as conn:
-                if queries.find_id(conn, name) is not None:
-                    raise AdapterExistsError(name)
-                queries.insert_adapter(
-                    conn, row=row, modules=modules, files=file_rows, tag_names=tags, parents=parents
-                )
-        except IntegrityError:
-            self._drop_unreferenced(s.sha256 for _, _, s in stored if s.created)
-            raise AdapterExistsError(name) from None
-        except BaseException:
-            self._drop_unreferenced(s.sha256 for _, _, s in stored if s.created)
-            raise
-        log.info("cataloged %s (%s, %d modules)", name, files.format, len(weights))
-        return self.adapter_info(name)
-
-    def _drop_unreferenced(self, digests: Iterable[str]) -> None:
-        """Remove store objects that no catalog row points at (after a failed add or a removal)."""
-        from .catalog import queries
-
-        ds = set(digests)
-        if not ds:
-            return
-        try:
-            with self.catalog.read() as conn:
-                keep = queries.referenced_digests(conn, ds)
-        except AdapterHubError:
-            return  # better a stray object than a missing one
-        for d in ds - keep:
-            self.store.remove(d)
-
-    # ------------------------------------------------------------------ read
     def list_adapters(
         self,
         *,
@@ -244,209 +118,396 @@ class Hub(OpsMixin, BasesMixin, RemoteMixin):
     ) -> list[AdapterInfo]:
         """Cataloged adapters, filtered; ``compatible_with`` keeps those whose every target fits that
         base (a registered name or a checkpoint folder), judged from the catalog alone."""
-        return self._select(
-            None, base=base, rank=rank, min_rank=min_rank, max_rank=max_rank, target=target, tag=tag, format=format,
-            compatible_with=compatible_with,
-        )  # fmt: skip
+        where = AdapterFilter(base, rank, min_rank, max_rank, target, tag, format)
+        return self.library.select(None, where, names=self._fitting(compatible_with))
 
-    def search_adapters(self, query: str, **filters: Any) -> list[AdapterInfo]:
-        """Adapters whose name, description, tags or base model contain every word of ``query``;
-        ``filters`` are those of `list_adapters`."""
-        return self._select(query, **filters)
+    def search_adapters(
+        self,
+        query: str,
+        *,
+        base: str | None = None,
+        rank: int | None = None,
+        min_rank: int | None = None,
+        max_rank: int | None = None,
+        target: str | None = None,
+        tag: str | None = None,
+        format: str | None = None,
+        compatible_with: str | None = None,
+    ) -> list[AdapterInfo]:
+        """Adapters whose name, description, tags or base model contain every word of ``query``,
+        filtered as by `list_adapters`."""
+        where = AdapterFilter(base, rank, min_rank, max_rank, target, tag, format)
+        return self.library.select(query, where, names=self._fitting(compatible_with))
 
     def adapter_records_json(
-        self, query: str | None = None, *, compatible_with: str | None = None, **filters: Any
+        self,
+        query: str | None = None,
+        *,
+        base: str | None = None,
+        rank: int | None = None,
+        min_rank: int | None = None,
+        max_rank: int | None = None,
+        target: str | None = None,
+        tag: str | None = None,
+        format: str | None = None,
+        compatible_with: str | None = None,
     ) -> list[str]:
         """`list_adapters` / `search_adapters` as JSON text, one `AdapterInfo.to_dict()` record each.
 
         On SQLite the database writes the JSON itself, which keeps `adapterhub list --json` fast on
         large catalogs; on other backends it is `json.dumps` of each record.
         """
-        from .catalog import queries
-
-        names = sorted(self.compatible_names(compatible_with)) if compatible_with is not None else None
-        with self.catalog.read() as conn:
-            fast = queries.select_adapter_json(conn, query=query, names=names, **filters)
+        where = AdapterFilter(base, rank, min_rank, max_rank, target, tag, format)
+        names = self._fitting(compatible_with)
+        fast = self.library.select_json(query, where, names=names)
         if fast is not None:
             return fast
-        found = self._select(query, compatible_with=compatible_with, **filters)
-        return [json.dumps(a.to_dict(), ensure_ascii=False) for a in found]
+        found = self.library.select(query, where, names=names)
+        return [json.dumps(a.to_dict(), ensure_ascii=False, allow_nan=False) for a in found]
 
-    def _select(
-        self, query: str | None, *, compatible_with: str | None = None, **filters: Any
-    ) -> list[AdapterInfo]:
-        from .catalog import queries
-
-        with self.catalog.read() as conn:
-            found = queries.select_adapters(conn, query=query, **filters)
-        if compatible_with is not None:
-            fits = self.compatible_names(compatible_with)
-            found = [a for a in found if a.name in fits]
-        return found
+    def _fitting(self, base: str | None) -> set[str] | None:
+        return None if base is None else self.compatible_names(base)
 
     def adapter_info(self, name: str) -> AdapterInfo:
-        from .catalog import bases, queries
-
-        with self.catalog.read() as conn:
-            info = queries.adapter_detail(conn, name)
-            if info is None:
-                raise AdapterNotFoundError(name)
-            merges = tuple(bases.merges_of(conn, name))
-            children = tuple(queries.children_of(conn, name))
-        pushes = tuple(
-            {k: v for k, v in p.to_dict().items() if k != "name"} for p in self.adapter_pushes(name)
-        )
-        return replace(info, merges=merges, children=children, pushes=pushes)
+        """One adapter with its files, modules, merges, children and pushes."""
+        return self.library.info(name)
 
     def adapter_files(self, name: str) -> AdapterFiles:
         """The stored files of a cataloged adapter, as `AdapterFiles` pointing into the store."""
-        from .formats import AdapterFiles
-
-        info = self.adapter_info(name)
-        by_role = {f.role: f for f in info.files or ()}
-        for f in by_role.values():
-            if not self.store.has(f.sha256):
-                raise StoreError(
-                    f"{name}: stored file {f.filename} ({f.sha256[:12]}) is missing from the store"
-                )
-        config = self.store.path(by_role["config"].sha256) if "config" in by_role else None
-        return AdapterFiles(info.format, self.store.path(by_role["weights"].sha256), config)
+        return self.library.files(name)
 
     def load_adapter(self, name: str) -> LoraWeights:
         """A cataloged adapter with its tensors loaded."""
-        from .formats import read_adapter
+        from .services.adapters import load_adapter
 
-        return read_adapter(self.adapter_files(name), load=True)
+        return load_adapter(self.library, name)
 
-    # ------------------------------------------------------------------ change
     def tag_adapter(self, name: str, tags: Sequence[str], *, remove: bool = False) -> AdapterInfo:
-        from .catalog import queries
+        """Add (or with ``remove``, take away) tags."""
+        from .names import check_tags
 
-        tag_list = check_tags(tags)
-        with self.catalog.write() as conn:
-            adapter_id = queries.find_id(conn, name)
-            if adapter_id is None:
-                raise AdapterNotFoundError(name)
-            if remove:
-                queries.change_tags(conn, adapter_id, remove=tag_list)
-            else:
-                queries.change_tags(conn, adapter_id, add=tag_list)
-        return self.adapter_info(name)
+        self.library.tag(name, check_tags(tags), remove=remove)
+        return self.library.info(name)
 
     def remove_adapter(self, name: str) -> None:
-        self.remove_adapters([name])
+        self.library.remove([name])
 
     def remove_adapters(self, names: Sequence[str]) -> list[str]:
         """Remove adapters (all or none) and the stored files no other adapter uses."""
-        from .catalog import queries
-
-        digests: list[str] = []
-        with self.catalog.write() as conn:
-            ids = []
-            for n in dict.fromkeys(names):
-                adapter_id = queries.find_id(conn, n)
-                if adapter_id is None:
-                    raise AdapterNotFoundError(n)
-                ids.append(adapter_id)
-            for adapter_id in ids:
-                digests += queries.file_digests(conn, adapter_id)
-                queries.delete_adapter(conn, adapter_id)
-        self._drop_unreferenced(digests)
-        return list(dict.fromkeys(names))
+        return self.library.remove(names)
 
     def export_adapter(
         self, name: str, dest: str | os.PathLike[str], *, format: str | None = None, overwrite: bool = False
     ) -> Path:
-        """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file.
+        """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file. In its own format
+        the stored files are copied byte for byte; ``overwrite`` replaces only an earlier export."""
+        from .services.adapters import export_adapter
 
-        In its own format the stored files are copied byte for byte; otherwise it is converted.
+        return export_adapter(self.library, name, dest, format=format, overwrite=overwrite)
+
+    # ------------------------------------------------------------------ bases and validation
+    def add_base(self, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
+        """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""
+        from .services.bases import add_base
+
+        return add_base(self.library, path, name=name)
+
+    def list_bases(self) -> list[BaseInfo]:
+        return self.library.bases()
+
+    def base_info(self, name: str) -> BaseInfo:
+        from .services.bases import base_info
+
+        return base_info(self.library, name)
+
+    def remove_base(self, name: str) -> None:
+        from .services.bases import remove_base
+
+        remove_base(self.library, name)
+
+    def base_layout(self, base: str | os.PathLike[str]) -> BaseLayout:
+        """A registered base by name, else a checkpoint folder read from its headers."""
+        from .services.bases import base_layout
+
+        return base_layout(self.library, base)
+
+    def validate(
+        self,
+        target: str | os.PathLike[str],
+        *,
+        base: str | os.PathLike[str] | None = None,
+        with_: Sequence[str | os.PathLike[str]] = (),
+        scan_values: bool = True,
+    ) -> ValidationReport:
+        """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``.
+        Nothing is written. ``report.ok`` is False when any check is an error."""
+        from .services.bases import validate
+
+        return validate(self.library, target, base=base, with_=with_, scan_values=scan_values)
+
+    def validate_catalog(
+        self, *, base: str | os.PathLike[str], names: Sequence[str] | None = None
+    ) -> list[ValidationReport]:
+        """Check cataloged adapters against a base from the catalog's module rows alone."""
+        from .services.bases import validate_catalog
+
+        return validate_catalog(self.library, base=base, names=names)
+
+    def compatible_names(self, base: str | os.PathLike[str]) -> set[str]:
+        """Names of the cataloged adapters that fit ``base``."""
+        from .services.bases import compatible_names
+
+        return compatible_names(self.library, base)
+
+    def merges_of(self, name: str) -> list[MergeRecord]:
+        """Where a cataloged adapter was merged (base, output folder, weight, when)."""
+        return self.library.merges_of(name)
+
+    # ------------------------------------------------------------------ compute
+    def adapter(self, name: str) -> AdapterExpr[str]:
+        """A cataloged adapter as a value for arithmetic: ``0.7 * hub.adapter("sql") + 0.3 * hub.adapter("chat")``."""
+        from .services.compute import adapter
+
+        return adapter(self.library, name)
+
+    def merge(
+        self,
+        base: str | os.PathLike[str],
+        adapters: Sequence[Weighted] | AdapterExpr[Any],
+        *,
+        out: str | os.PathLike[str],
+        dtype: str = "keep",
+        device: str = "auto",
+        unmerge: bool = False,
+        progress: Progress | None = None,
+    ) -> MergeResult:
+        """Fold adapters into a base checkpoint (registered name or folder), writing ``out``:
+        ``W0 + sum_i w_i * s_i * B_i A_i`` per targeted tensor, in fp32, rounded once. Checked first;
+        on any problem nothing is written. Recorded in the catalog (`adapter_info(...).merges`)."""
+        from .services.compute import merge
+
+        return merge(
+            self.library,
+            base,
+            adapters,
+            out=out,
+            dtype=dtype,
+            device=device,
+            unmerge=unmerge,
+            progress=progress,
+        )
+
+    def combine(
+        self,
+        adapters: Sequence[Weighted] | AdapterExpr[Any],
+        *,
+        name: str,
+        method: str = "linear",
+        rank: int | str | None = None,
+        keep: float = 0.99,
+        density: float | None = None,
+        majority_sign: str = "total",
+        seed: int | None = None,
+        device: str = "auto",
+        tags: Sequence[str] = (),
+        description: str | None = None,
+        base: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> CombineSummary:
+        """Combine adapters (``[("sql", 0.7), ("chat", 0.3)]`` or an `adapter` expression) into a new
+        cataloged adapter ``name`` with its lineage; methods: `adapterhub.ops.combine`."""
+        from .services.compute import combine
+
+        return combine(
+            self.library,
+            adapters,
+            name=name,
+            method=method,
+            rank=rank,
+            keep=keep,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            device=device,
+            tags=tags,
+            description=description,
+            base=base,
+            progress=progress,
+        )
+
+    def resize_adapter(
+        self,
+        name: str,
+        *,
+        rank: int | str,
+        new_name: str,
+        keep: float = 0.99,
+        device: str = "auto",
+        tags: Sequence[str] = (),
+        description: str | None = None,
+    ) -> CombineSummary:
+        """The optimal rank-``rank`` (or ``"auto"`` with ``keep``) reduction of an adapter, cataloged as ``new_name``."""
+        from .services.compute import resize_adapter
+
+        return resize_adapter(
+            self.library,
+            name,
+            rank=rank,
+            new_name=new_name,
+            keep=keep,
+            device=device,
+            tags=tags,
+            description=description,
+        )
+
+    def extract_adapter(
+        self,
+        base: str | os.PathLike[str],
+        finetuned: str | os.PathLike[str],
+        *,
+        rank: int | str,
+        name: str,
+        keep: float = 0.99,
+        max_rank: int | None = None,
+        svd: str = "auto",
+        device: str = "auto",
+        tags: Sequence[str] = (),
+        description: str | None = None,
+        progress: Progress | None = None,
+    ) -> CombineSummary:
+        """A LoRA from a full fine-tune: per matching 2-D weight, the truncated SVD of ``W_ft - W_base``."""
+        from .services.compute import extract_adapter
+
+        return extract_adapter(
+            self.library,
+            base,
+            finetuned,
+            rank=rank,
+            name=name,
+            keep=keep,
+            max_rank=max_rank,
+            svd=svd,
+            device=device,
+            tags=tags,
+            description=description,
+            progress=progress,
+        )
+
+    def compose(
+        self, recipe: str | os.PathLike[str] | dict[str, Any], *, dry_run: bool = False, device: str = "auto"
+    ) -> ComposeResult:
+        """Run a recipe (`schemas/recipe.schema.json`) step by step, everything checkable checked first;
+        a recipe leaves all of its outputs or none."""
+        from .services.recipes import compose
+
+        return compose(self.library, recipe, dry_run=dry_run, device=device)
+
+    # ------------------------------------------------------------------ sharing
+    def push_adapter(
+        self,
+        name: str,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        message: str | None = None,
+        endpoint: str | None = None,
+        token: str | None = None,
+        progress: bool = False,
+    ) -> PushResult:
+        """Upload a cataloged adapter to ``repo_id`` (created if missing): its PEFT files, a model card and
+        ``adapterhub.json``. An unchanged adapter makes no new commit. The push is recorded.
+
+        ``endpoint`` defaults to ``$HF_ENDPOINT``, else huggingface.co; ``token`` to ``$HF_TOKEN``, else
+        huggingface_hub's stored login.
         """
-        from .formats import FORMATS, read_adapter, write_adapter
+        from .remote.push import push_adapter
 
-        info = self.adapter_info(name)
-        fmt = format or info.format
-        if fmt not in FORMATS:
-            raise InvalidAdapterError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        files = self.adapter_files(name)
-        out = Path(dest)
-        if fmt == "kohya" and out.is_dir():
-            out = out / (Path(name).name + ".safetensors")
-        if out.exists() and not (overwrite or (out.is_dir() and not any(out.iterdir()))):
-            raise InvalidAdapterError(f"{out} already exists; choose another destination", path=str(out))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
-            if fmt == info.format:
-                for f in info.files or ():
-                    self.store.copy_out(f.sha256, tmp / f.filename)
-                produced = (
-                    tmp
-                    if fmt == "peft"
-                    else tmp / next(f.filename for f in info.files or () if f.role == "weights")
-                )
-            else:
-                weights = read_adapter(files, load=True)
-                target = tmp if fmt == "peft" else tmp / out.name
-                produced = write_adapter(weights, target, format=fmt)
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            os.replace(produced, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return push_adapter(
+            self.library,
+            name,
+            repo_id,
+            private=private,
+            revision=revision,
+            message=message,
+            endpoint=endpoint,
+            token=token,
+            progress=progress,
+        )
 
+    def pull_adapter(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        name: str | None = None,
+        endpoint: str | None = None,
+        token: str | None = None,
+        allow_pickle: bool = False,
+        progress: bool = False,
+    ) -> PullResult:
+        """Download an adapter from ``repo_id`` (``"user/repo"`` or ``"user/repo@revision"``), check every
+        file against the server's hashes, validate it and catalog it with source ``repo@commit``. Pulling a
+        commit that is already cataloged is a no-op."""
+        from .remote.pull import pull_adapter
 
-def _default_name(src: Path, files: AdapterFiles) -> str:
-    stem = src.name if src.is_dir() else src.stem
-    if src.name in ("adapter_model.safetensors", "adapter_config.json"):
-        stem = src.parent.name
-    cleaned = re.sub(r"[^A-Za-z0-9._\-]+", "-", stem).strip("-.") or "adapter"
-    return cleaned
+        spec = repo_id if revision is None else f"{repo_id.split('@', 1)[0]}@{revision}"
+        return pull_adapter(
+            self.library,
+            spec,
+            name=name,
+            endpoint=endpoint,
+            token=token,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
 
+    def search_hub(
+        self,
+        query: str | None = None,
+        *,
+        base: str | None = None,
+        endpoint: str | None = None,
+        token: str | None = None,
+        limit: int = 50,
+    ) -> list[RemoteAdapter]:
+        """Adapter repos on a Hub: PEFT models whose id matches ``query``, optionally for one base model."""
+        from .remote.search import search_hub
 
-def _adapter_row(weights: LoraWeights, fmt: str, digest: str, size: int) -> dict[str, Any]:
-    cfg = weights.config
-    meta = {k: v for k, v in weights.metadata.items() if not (k == "format" and v == "pt")}
-    alphas = {m.alpha for m in weights.modules.values()}
-    alpha = float(cfg["lora_alpha"]) if "lora_alpha" in cfg else (alphas.pop() if len(alphas) == 1 else None)
-    if fmt == "kohya" and len(alphas) > 1:
-        alpha = None
-    return {
-        "sha256": digest,
-        "format": fmt,
-        "peft_type": cfg.get("peft_type", "LORA") if fmt == "peft" else None,
-        "base_model": weights.base_model,
-        "base_revision": cfg.get("revision"),
-        "rank": weights.rank,
-        "alpha": alpha,
-        "use_rslora": weights.use_rslora,
-        "use_dora": weights.has_dora,
-        "rank_pattern": cfg.get("rank_pattern") or {},
-        "alpha_pattern": cfg.get("alpha_pattern") or {},
-        "task_type": cfg.get("task_type"),
-        "dtype": weights.dtype,
-        "num_params": weights.num_params,
-        "size_bytes": size,
-        "num_modules": len(weights.modules),
-        "target_modules": weights.target_modules,
-        "config": cfg or None,
-        "extra": meta or None,
-        "replacements": {k: list(v) for k, v in weights.replacement_shapes.items()} or None,
-    }
+        return search_hub(query, base=base, endpoint=endpoint, token=token, limit=limit)
 
+    def adapter_pushes(self, name: str) -> list[PushRecord]:
+        """Where and at which commit an adapter was pushed, oldest first."""
+        return self.library.pushes_of(name)
 
-def _module_row(m: Any) -> dict[str, Any]:
-    return {
-        "module": m.module,
-        "short_name": m.short_name,
-        "kind": m.kind,
-        "rank": m.rank,
-        "alpha": m.alpha,
-        "scale": m.scale,
-        "in_features": m.in_features,
-        "out_features": m.out_features,
-        "kernel_size": list(m.kernel_size) or None,
-        "dora": m.is_dora,
-        "dtype": m.dtype,
-        "lora_bias": m.bias_shape is not None,
-    }
+    # ------------------------------------------------------------------ this home's server
+    def create_token(self, user: str, *, write: bool = False) -> NewToken:
+        """A token for this home's server; returned once, stored only as its sha256."""
+        from .remote.results import NewToken
+
+        token, info = self._server_store().create_token(user, write=write)
+        return NewToken(token, info.id, info.user, info.write)
+
+    def list_tokens(self, *, user: str | None = None) -> list[TokenInfo]:
+        return self._server_store().list_tokens(user=user)
+
+    def revoke_token(self, token_or_id: str) -> TokenInfo:
+        return self._server_store().revoke_token(token_or_id)
+
+    def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        ready: Callable[[str], None] | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        """Run the Hub-compatible server on this home until interrupted (needs the ``serve`` extra)."""
+        from .server import serve
+
+        serve(self.catalog, self.home, host=host, port=port, ready=ready, log_level=log_level)
+
+    def _server_store(self) -> ServerStore:
+        from .server import server_store
+
+        return server_store(self.catalog, self.home)

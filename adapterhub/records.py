@@ -60,6 +60,74 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
+class MergeRecord:
+    """One merge of a cataloged adapter into a base checkpoint."""
+
+    base: str
+    out: str
+    unmerge: bool
+    weight: float
+    at: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "out": self.out,
+            "unmerge": self.unmerge,
+            "weight": self.weight,
+            "at": self.at,
+        }
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    """Where and at which commit a cataloged adapter was pushed."""
+
+    name: str
+    endpoint: str
+    repo_id: str
+    revision: str
+    commit: str
+    commit_url: str | None
+    pushed_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "endpoint": self.endpoint,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "commit_url": self.commit_url,
+            "pushed_at": self.pushed_at,
+        }
+
+
+@dataclass(frozen=True)
+class AdapterFilter:
+    """What `list_adapters` / `search_adapters` keep: every field that is set must hold."""
+
+    base: str | None = None
+    rank: int | None = None
+    min_rank: int | None = None
+    max_rank: int | None = None
+    target: str | None = None
+    tag: str | None = None
+    format: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "rank": self.rank,
+            "min_rank": self.min_rank,
+            "max_rank": self.max_rank,
+            "target": self.target,
+            "tag": self.tag,
+            "format": self.format,
+        }
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     """A cataloged adapter. `to_dict` gives the record of ``schemas/adapter.schema.json``."""
 
@@ -91,9 +159,9 @@ class AdapterInfo:
     #: filled by `Hub.adapter_info` (show), not by list/search
     files: tuple[FileInfo, ...] | None = None
     modules: tuple[ModuleInfo, ...] | None = None
-    merges: tuple[dict[str, Any], ...] | None = None  # where it was merged: base, out, weight, at
+    merges: tuple[MergeRecord, ...] | None = None  # where it was merged: base, out, weight, at
     children: tuple[str, ...] | None = None  # adapters derived from this one
-    pushes: tuple[dict[str, Any], ...] | None = None  # where it was pushed: endpoint, repo_id, commit, ...
+    pushes: tuple[PushRecord, ...] | None = None  # where it was pushed: endpoint, repo_id, commit, ...
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> AdapterInfo:
@@ -136,11 +204,11 @@ class AdapterInfo:
         if self.modules is not None:
             d["modules"] = [m.to_dict() for m in self.modules]
         if self.merges is not None:
-            d["merges"] = [dict(m) for m in self.merges]
+            d["merges"] = [m.to_dict() for m in self.merges]
         if self.children is not None:
             d["children"] = list(self.children)
         if self.pushes is not None:
-            d["pushes"] = [dict(p) for p in self.pushes]
+            d["pushes"] = [{k: v for k, v in p.to_dict().items() if k != "name"} for p in self.pushes]
         return d
 
 

@@ -1,8 +1,11 @@
 """The content-addressed file store: every file kept once, under its sha256.
 
-Layout under the store root: ``objects/ab/cdef...`` (the first two hex digits make a folder) and
-``tmp/`` for files being written. A file is hashed while it is copied (one read), written to ``tmp/``
-and renamed into place with `os.replace`, so an object is either complete or absent.
+Layout under the store root: ``objects/ab/cdef...`` (the first two hex digits make a folder),
+``tmp/`` for files being written and ``trash/`` for objects being removed. A file is hashed while it is
+copied (one read), written to ``tmp/`` and renamed into place with `os.replace`, so an object is either
+complete or absent. Removal is two-phase: `trash` renames an object out of ``objects/`` inside the
+catalog transaction that stops referencing it (so `restore` can undo it if that transaction fails), and
+`purge` deletes it after the commit.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ class Store:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self.trash_dir = self.root / "trash"
 
     def _ensure(self) -> None:
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -54,9 +59,24 @@ class Store:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put_file(self, src: str | os.PathLike[str]) -> StoredFile:
-        """Copy ``src`` into the store, hashing it on the way."""
+    def put_file(
+        self, src: str | os.PathLike[str], *, digest: str | None = None, size: int | None = None
+    ) -> StoredFile:
+        """Copy ``src`` into the store, hashing it on the way.
+
+        With ``digest`` (and ``size``) already verified by the caller, which also owns ``src`` (a download
+        in the store's ``tmp/``), the file is hard-linked in without a second read where it can be.
+        """
         self._ensure()
+        if digest is not None and size is not None:
+            if self.has(digest):
+                return StoredFile(digest, size, created=False)
+            tmp_name = str(self.tmp / f"in-{uuid.uuid4().hex}")
+            try:
+                os.link(src, tmp_name)
+            except OSError:
+                shutil.copyfile(src, tmp_name)
+            return self.commit(tmp_name, digest, size)
         h = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-")
@@ -68,7 +88,7 @@ class Store:
                     h.update(view[:n])
                     fout.write(view[:n])
                     size += n
-            return self._commit(tmp_name, h.hexdigest(), size)
+            return self.commit(tmp_name, h.hexdigest(), size)
         except BaseException:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
@@ -80,13 +100,14 @@ class Store:
         try:
             with os.fdopen(fd, "wb") as fout:
                 fout.write(data)
-            return self._commit(tmp_name, hashlib.sha256(data).hexdigest(), len(data))
+            return self.commit(tmp_name, hashlib.sha256(data).hexdigest(), len(data))
         except BaseException:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
             raise
 
-    def _commit(self, tmp_name: str, digest: str, size: int) -> StoredFile:
+    def commit(self, tmp_name: str, digest: str, size: int) -> StoredFile:
+        """Rename a complete, checked file ``tmp_name`` into place as object ``digest``."""
         dest = self.path(digest)
         if dest.is_file():
             os.unlink(tmp_name)
@@ -96,9 +117,34 @@ class Store:
         os.replace(tmp_name, dest)
         return StoredFile(digest, size, created=True)
 
+    _commit = commit  # the older name, still used by the server until its split lands
+
     def remove(self, sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(sha256).unlink()
+
+    def trash(self, sha256: str) -> Path | None:
+        """Move an object out of ``objects/`` (undo with `restore`, finish with `purge`); None if absent."""
+        self.trash_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.trash_dir / f"{sha256}.{uuid.uuid4().hex[:12]}"
+        try:
+            os.replace(self.path(sha256), dest)
+        except FileNotFoundError:
+            return None
+        return dest
+
+    def restore(self, trashed: Path, sha256: str) -> None:
+        dest = self.path(sha256)
+        if dest.is_file():
+            trashed.unlink(missing_ok=True)
+        else:
+            os.replace(trashed, dest)
+
+    @staticmethod
+    def purge(trashed: Iterable[Path]) -> None:
+        for t in trashed:
+            with contextlib.suppress(FileNotFoundError):
+                t.unlink()
 
     def copy_out(self, sha256: str, dest: str | os.PathLike[str]) -> Path:
         src = self.path(sha256)

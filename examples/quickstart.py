@@ -334,7 +334,7 @@ def main() -> None:
             f"  combined {mix.adapter.name} = 0.5 sql - 0.5 chat: rank {mix.adapter.rank}, error {mix.error:.1e}"
         )
         print(
-            f"  minilm-sql-r8 was merged into: {[m['out'] for m in hub.adapter_info('minilm-sql-r8').merges or ()]}"
+            f"  minilm-sql-r8 was merged into: {[m.out for m in hub.adapter_info('minilm-sql-r8').merges or ()]}"
         )
         hub.remove_adapter("minilm-dora")
 

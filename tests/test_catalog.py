@@ -20,6 +20,7 @@ from adapterhub import (
     Hub,
     InvalidAdapterError,
     InvalidConfigError,
+    OutputExistsError,
     PickleRefusedError,
 )
 
@@ -121,7 +122,7 @@ def test_export_copies_stored_files_byte_for_byte(hub: Hub, made: dict[str, Path
     out = hub.export_adapter("math-r16", tmp_path / "out")
     for fn in ("adapter_config.json", "adapter_model.safetensors"):
         assert (out / fn).read_bytes() == (made["math-r16"] / fn).read_bytes()
-    with pytest.raises(InvalidAdapterError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         hub.export_adapter("math-r16", tmp_path / "out")
     hub.add_adapter(made["kohya"])
     k = hub.export_adapter("anime", tmp_path)
@@ -372,5 +373,6 @@ def test_json_records_written_by_sqlite_equal_to_dict(hub: Hub, made: dict[str, 
     for filters in ({}, {"tag": "mix"}, {"target": "q_proj"}, {"min_rank": 8}, {"query": "sql"}):
         query = filters.pop("query", None)
         fast = [json.loads(r) for r in hub.adapter_records_json(query, **filters)]
-        slow = [a.to_dict() for a in hub._select(query, **filters)]
+        found = hub.search_adapters(query, **filters) if query else hub.list_adapters(**filters)
+        slow = [a.to_dict() for a in found]
         assert fast and _approx_equal(fast, slow), (filters, fast, slow)

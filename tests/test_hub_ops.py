@@ -78,8 +78,8 @@ def test_merge_by_name_with_weights_matches_peft_and_is_recorded(
     ours = logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")))
     torch.testing.assert_close(ours, peft_applied(world, [("a", 1.0), ("b", -0.5)]), rtol=1e-4, atol=1e-5)
     info = hub.adapter_info("b")
-    assert [(m["base"], m["weight"]) for m in info.merges or ()] == [("tiny", -0.5)]
-    assert info.merges[0]["out"] == str((tmp_path / "merged").resolve())  # type: ignore[index]
+    assert [(m.base, m.weight) for m in info.merges or ()] == [("tiny", -0.5)]
+    assert info.merges[0].out == str((tmp_path / "merged").resolve())  # type: ignore[index]
     jsonschema.validate(info.to_dict(), load_schema("adapter.schema.json"))
 
 

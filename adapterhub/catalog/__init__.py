@@ -15,6 +15,9 @@ from .db import HEAD, REVISIONS, current_revision, open_catalog, upgrade
 
 __all__ = ["Catalog", "HEAD", "REVISIONS", "queries"]
 
+#: the PostgreSQL advisory lock every catalog write transaction takes (any fixed 64-bit number)
+WRITE_LOCK_KEY = 0x4164_6170_4875_62
+
 
 class Catalog:
     def __init__(self, url: str, *, lock_path: Path | None = None) -> None:
@@ -35,9 +38,13 @@ class Catalog:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
-        """One transaction; on SQLite it holds the write lock from its start (BEGIN IMMEDIATE)."""
+        """One transaction that holds the catalog's write lock from its start: BEGIN IMMEDIATE on SQLite,
+        a transaction-scoped advisory lock elsewhere (PostgreSQL). Writers are serialized, which is what
+        lets `Library` decide safely, inside the transaction, which store objects are still referenced."""
         try:
             with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
                 yield conn
         except IntegrityError:
             raise

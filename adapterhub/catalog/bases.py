@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Text, delete, func, insert, select, type_coerce
 
-from ..records import BaseInfo
+from ..records import BaseInfo, MergeRecord
 from .queries import _iso, _json, utcnow
 from .tables import adapter_modules, adapters, base_models, base_tensors, merge_adapters, merges
 
@@ -90,8 +90,10 @@ def select_bases(conn: Connection, name: str | None = None) -> list[BaseInfo]:
     return [_base_info(r, counts) for r in rows]
 
 
-def base_layout_rows(conn: Connection, name: str) -> tuple[Any, dict[str, tuple[int, ...]]] | None:
-    """(the base_models row, tensor name -> shape) of a registered base."""
+def base_layout_rows(
+    conn: Connection, name: str
+) -> tuple[Any, dict[str, tuple[int, ...]], dict[str, Any]] | None:
+    """(the base_models row, tensor name -> shape, its decoded config) of a registered base."""
     r = conn.execute(select(*_BASE_COLUMNS).where(base_models.c.name == name)).first()
     if r is None:
         return None
@@ -103,7 +105,7 @@ def base_layout_rows(conn: Connection, name: str) -> tuple[Any, dict[str, tuple[
             )
         )
     }
-    return r, shapes
+    return r, shapes, _json(r.config) or {}
 
 
 def base_for_model_name(conn: Connection, model_name: str | None) -> str | None:
@@ -176,7 +178,7 @@ def record_merge(conn: Connection, row: dict[str, Any], adapters_used: Sequence[
     return merge_id
 
 
-def merges_of(conn: Connection, adapter_name: str) -> list[dict[str, Any]]:
+def merges_of(conn: Connection, adapter_name: str) -> list[MergeRecord]:
     stmt = (
         select(
             merges.c.base,
@@ -189,7 +191,4 @@ def merges_of(conn: Connection, adapter_name: str) -> list[dict[str, Any]]:
         .where(merge_adapters.c.adapter_name == adapter_name)
         .order_by(merges.c.id)
     )
-    return [
-        {"base": b, "out": o, "unmerge": bool(u), "weight": w, "at": _iso(t)}
-        for b, o, u, w, t in conn.execute(stmt)
-    ]
+    return [MergeRecord(b, o, bool(u), w, _iso(t)) for b, o, u, w, t in conn.execute(stmt)]

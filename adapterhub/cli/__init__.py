@@ -5,91 +5,15 @@ Nothing heavy is imported here: torch and SQLAlchemy load only inside the comman
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import __version__
+# the command modules register themselves on the group when imported
+from . import catalog_cmds, hub_cmds, ops_cmds, validate_cmds  # noqa: F401
+from .base import State, cli, output_options, pass_state
 
-if TYPE_CHECKING:
-    from ..hub import Hub
-
-
-@dataclass
-class State:
-    home: str | None = None
-    db: str | None = None
-    json: bool = False
-    quiet: bool = False
-    debug: bool = False
-    _hub: Any = field(default=None, repr=False)
-
-    @property
-    def hub(self) -> Hub:
-        if self._hub is None:
-            from ..hub import Hub
-
-            self._hub = Hub(self.home, db=self.db)
-        return self._hub
-
-    def progress_enabled(self) -> bool:
-        return not (
-            self.quiet or self.json or os.environ.get("ADAPTERHUB_NO_PROGRESS") or not sys.stderr.isatty()
-        )
-
-
-def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--json`` / ``--csv`` on a command that prints records; resolves to ``mode`` (table|json|csv)."""
-
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON records (schemas/adapter.schema.json).")
-    @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
-    @functools.wraps(f)
-    def wrapper(*args: Any, as_json: bool, as_csv: bool, **kwargs: Any) -> Any:
-        state = click.get_current_context().find_object(State)
-        use_json = as_json or bool(state and state.json)
-        if use_json and as_csv:
-            raise click.UsageError("--json and --csv cannot be used together")
-        return f(*args, mode="json" if use_json else "csv" if as_csv else "table", **kwargs)
-
-    return wrapper
-
-
-pass_state = click.make_pass_decorator(State)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False),
-    envvar="ADAPTERHUB_HOME",
-    help="Home folder (catalog.db and the store). [env: ADAPTERHUB_HOME]",
-)
-@click.option(
-    "--db",
-    metavar="URL",
-    envvar="ADAPTERHUB_DB",
-    help="SQLAlchemy URL of the catalog instead of HOME/catalog.db. [env: ADAPTERHUB_DB]",
-)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes.")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.version_option(__version__, "--version", prog_name="adapterhub")
-@click.pass_context
-def cli(
-    ctx: click.Context, home: str | None, db: str | None, as_json: bool, quiet: bool, debug: bool
-) -> None:
-    """adapterhub: catalog, validate, merge, combine and share LoRA adapters."""
-    ctx.obj = State(home=home, db=db, json=as_json, quiet=quiet, debug=debug)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    ctx.call_on_close(lambda: ctx.obj._hub.close() if ctx.obj._hub is not None else None)
+__all__ = ["State", "cli", "main", "output_options", "pass_state"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +53,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
-
-
-# command modules register themselves on `cli`
-from . import (  # noqa: E402,F401
-    catalog_cmds,
-    hub_cmds,  # noqa: E402,F401
-    ops_cmds,
-    validate_cmds,
-)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from . import State, cli, output_options, pass_state
+from .base import State, cli, output_options, pass_state
 from .render import emit_json, emit_records
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from . import State, cli, output_options, pass_state
+from .base import State, cli, output_options, pass_state
 from .render import emit_fields, emit_json, emit_records, human_size
 
 BASE_COLUMNS = [

@@ -3,7 +3,7 @@ model cards that go with pushed adapters. Importing this package does not import
 
 from __future__ import annotations
 
-from .api import RemoteMixin
-from .results import NewToken, PullResult, PushRecord, PushResult, RemoteAdapter
+from ..records import PushRecord
+from .results import NewToken, PullResult, PushResult, RemoteAdapter
 
-__all__ = ["NewToken", "PullResult", "PushRecord", "PushResult", "RemoteAdapter", "RemoteMixin"]
+__all__ = ["NewToken", "PullResult", "PushRecord", "PushResult", "RemoteAdapter"]

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterExistsError, InvalidAdapterError, PickleRefusedError, RemoteError
+from ..names import check_name, check_tags, is_valid_name
 from .client import check_repo_id, download, hub_client, resolve_endpoint
 from .push import RECORD_NAME
 from .results import PullResult
 
 if TYPE_CHECKING:
-    from ..hub import Hub
+    from ..catalog.library import Library
     from ..records import AdapterInfo
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,8 @@ def is_traversal(path: str) -> bool:
     )
 
 
-def find_by_source(hub: Hub, source: str) -> list[str]:
-    from sqlalchemy import select
-
-    from ..catalog.tables import adapters
-
-    with hub.catalog.read() as conn:
-        return list(
-            conn.execute(
-                select(adapters.c.name).where(adapters.c.source == source).order_by(adapters.c.id)
-            ).scalars()
-        )
-
-
 def pull_adapter(
-    hub: Hub,
+    lib: Library,
     spec: str,
     *,
     name: str | None = None,
@@ -69,8 +57,6 @@ def pull_adapter(
     allow_pickle: bool = False,
     progress: bool = False,
 ) -> PullResult:
-    from ..hub import check_name
-
     repo_id, revision = parse_spec(spec)
     url = resolve_endpoint(endpoint)
     if name is not None:
@@ -84,9 +70,9 @@ def pull_adapter(
         if not isinstance(commit, str) or len(commit) != 40:
             raise RemoteError(f"{spec} at {url}: the server gave no commit id for this revision")
         source = f"{repo_id}@{commit}"
-        already = find_by_source(hub, source)
+        already = lib.names_by_source(source)
         if already and (name is None or name in already):
-            info = hub.adapter_info(name or already[0])
+            info = lib.info(name or already[0])
             return PullResult(info, repo_id, url, commit, changed=False)
         entries = {
             f.path: f
@@ -101,8 +87,8 @@ def pull_adapter(
             )
         wanted = _choose_files(source, entries, allow_pickle=allow_pickle)
         with_record = RECORD_NAME in entries and entries[RECORD_NAME].size <= RECORD_LIMIT
-        hub.store.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=hub.store.tmp, prefix="pull-"))
+        lib.store.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix="pull-"))
         try:
             digests: dict[str, tuple[str, int]] = {}
             for path in [*wanted, *([RECORD_NAME] if with_record else [])]:
@@ -123,9 +109,9 @@ def pull_adapter(
             if name is None:
                 name = _default_name(record, repo_id)
             check_name(name)
-            if hub._exists(name):
+            if lib.exists(name):
                 raise AdapterExistsError(name)
-            info = _catalog(hub, tmp, name, source, record, digests, allow_pickle=allow_pickle)
+            info = _catalog(lib, tmp, name, source, record, digests, allow_pickle=allow_pickle)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("pulled %s as %s", source, info.name)
@@ -174,15 +160,13 @@ def _read_record(path: Path, source: str) -> dict[str, Any] | None:
 
 
 def _default_name(record: dict[str, Any] | None, repo_id: str) -> str:
-    from ..hub import NAME_RE
-
-    if record and isinstance(record.get("name"), str) and NAME_RE.match(record["name"]):
+    if record and isinstance(record.get("name"), str) and is_valid_name(record["name"]):
         return str(record["name"])
     return repo_id.split("/")[-1]
 
 
 def _catalog(
-    hub: Hub,
+    lib: Library,
     folder: Path,
     name: str,
     source: str,
@@ -191,20 +175,16 @@ def _catalog(
     *,
     allow_pickle: bool,
 ) -> AdapterInfo:
-    """Validate the downloaded folder like `add`, move the checked files into the store and write the rows."""
-    from sqlalchemy.exc import IntegrityError
-
-    from ..catalog import queries
+    """Validate the downloaded folder like `add`, then ingest it with the digests already verified."""
+    from ..catalog.library import Verified
     from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
-    from ..hub import _adapter_row, _module_row, check_tags
+    from ..store import sha256_file
 
     files = detect(folder, allow_pickle=allow_pickle)
     if files.pickle:
         converted = convert_pickle(files.weights, folder / WEIGHTS)
         files.weights.unlink()
         files = AdapterFiles("peft", converted, files.config)
-        from ..store import sha256_file
-
         digests[WEIGHTS] = (sha256_file(converted), converted.stat().st_size)
     weights = read_adapter(files)
     record = record or {}
@@ -218,39 +198,17 @@ def _catalog(
         }
         for p in record.get("parents") or []
     ]
-    stored: list[tuple[str, str, str, int, bool]] = []  # filename, role, sha256, size, created
-    try:
-        for role, path in (("config", files.config), ("weights", files.weights)):
-            if path is None:
-                continue
-            digest, size = digests[path.name]
-            stored.append((path.name, role, digest, size, _move_into_store(hub, path, digest, size)))
-        weights_digest = next(d for _, role, d, _, _ in stored if role == "weights")
-        row = _adapter_row(weights, files.format, weights_digest, sum(s for _, _, _, s, _ in stored))
-        row.update(name=name, description=record.get("description"), source=source)
-        if record.get("base_model"):
-            row["base_model"] = record["base_model"]
-        modules = [_module_row(m) for m in weights.modules.values()]
-        file_rows = [
-            {"filename": fn, "role": role, "sha256": d, "size_bytes": s} for fn, role, d, s, _ in stored
-        ]
-        with hub.catalog.write() as conn:
-            if queries.find_id(conn, name) is not None:
-                raise AdapterExistsError(name)
-            parents = [dict(p) for p in parents]
-            queries.insert_adapter(
-                conn, row=row, modules=modules, files=file_rows, tag_names=tags, parents=parents
-            )
-    except IntegrityError:
-        hub._drop_unreferenced(d for _, _, d, _, created in stored if created)
-        raise AdapterExistsError(name) from None
-    except BaseException:
-        hub._drop_unreferenced(d for _, _, d, _, created in stored if created)
-        raise
-    return hub.adapter_info(name)
-
-
-def _move_into_store(hub: Hub, path: Path, digest: str, size: int) -> bool:
-    """Rename an already checked file into the store (no copy, no second hash). True if it was new there."""
-    hub.store.objects.mkdir(parents=True, exist_ok=True)
-    return hub.store._commit(str(path), digest, size).created
+    verified = {
+        path: Verified(*digests[path.name]) for path in (files.config, files.weights) if path is not None
+    }
+    return lib.ingest(
+        name,
+        files,
+        weights,
+        base=record.get("base_model") or None,
+        tags=tags,
+        description=record.get("description"),
+        source=source,
+        parents=parents,
+        verified=verified,
+    )

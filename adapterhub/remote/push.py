@@ -13,7 +13,7 @@ from .client import check_repo_id, hub_client, resolve_endpoint
 from .results import PushResult
 
 if TYPE_CHECKING:
-    from ..hub import Hub
+    from ..catalog.library import Library
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def record_bytes(record: dict[str, Any]) -> bytes:
 
 
 def push_adapter(
-    hub: Hub,
+    lib: Library,
     name: str,
     repo_id: str,
     *,
@@ -61,8 +61,8 @@ def push_adapter(
     token: str | None = None,
     progress: bool = False,
 ) -> PushResult:
-    info = hub.adapter_info(name)
-    files = hub.adapter_files(name)
+    info = lib.info(name)
+    files = lib.files(name)
     url = resolve_endpoint(endpoint)
     branch = revision or "main"
     # what the adapter is, not this catalog's history of it (merges, pushes, children change on their own)
@@ -122,29 +122,13 @@ def push_adapter(
         changed=changed,
         private=is_private,
     )
-    _record_push(hub, result)
+    lib.record_push(
+        name,
+        endpoint=url,
+        repo_id=repo_id,
+        revision=branch,
+        commit=commit.oid,
+        commit_url=commit.commit_url,
+    )
     log.info("pushed %s to %s@%s (%s)", name, repo_id, commit.oid, "new commit" if changed else "unchanged")
     return result
-
-
-def _record_push(hub: Hub, result: PushResult) -> None:
-    from sqlalchemy import insert
-
-    from ..catalog import queries
-    from ..catalog.tables import remote_pushes
-
-    with hub.catalog.write() as conn:
-        adapter_id = queries.find_id(conn, result.name)
-        if adapter_id is None:  # removed meanwhile
-            return
-        conn.execute(
-            insert(remote_pushes).values(
-                adapter_id=adapter_id,
-                endpoint=result.endpoint,
-                repo_id=result.repo_id,
-                revision=result.revision,
-                commit_oid=result.commit,
-                commit_url=result.commit_url,
-                pushed_at=queries.utcnow(),
-            )
-        )

@@ -58,30 +58,6 @@ class PullResult:
 
 
 @dataclass(frozen=True)
-class PushRecord:
-    """Where and at which commit a cataloged adapter was pushed."""
-
-    name: str
-    endpoint: str
-    repo_id: str
-    revision: str
-    commit: str
-    commit_url: str | None
-    pushed_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "endpoint": self.endpoint,
-            "repo_id": self.repo_id,
-            "revision": self.revision,
-            "commit": self.commit,
-            "commit_url": self.commit_url,
-            "pushed_at": self.pushed_at,
-        }
-
-
-@dataclass(frozen=True)
 class RemoteAdapter:
     """An adapter repo found on a Hub by `search_hub`."""
 

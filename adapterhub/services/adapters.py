@@ -1,0 +1,180 @@
+"""Adding adapters to a Library and exporting them out of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import AdapterExistsError, InvalidAdapterError, OutputExistsError
+from ..names import check_name, check_tags, name_from_path
+
+if TYPE_CHECKING:
+    from ..catalog.library import Library
+    from ..lora import LoraWeights
+    from ..records import AdapterInfo
+
+#: what an exported PEFT folder holds; `export --overwrite` replaces only a folder holding nothing else
+EXPORT_FILES = frozenset(
+    {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md", "adapterhub.json"}
+)
+
+
+def add_adapter(
+    lib: Library,
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    base: str | None = None,
+    tags: Sequence[str] = (),
+    description: str | None = None,
+    allow_pickle: bool = False,
+    source: str | None = None,
+) -> AdapterInfo:
+    """Check an adapter, copy its files into the store and catalog it, all or nothing."""
+    from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
+
+    src = Path(path)
+    files = detect(src, allow_pickle=allow_pickle)
+    name = check_name(name if name is not None else name_from_path(src))
+    tag_list = check_tags(tags)
+    if lib.exists(name):
+        raise AdapterExistsError(name)
+    tmpdir: str | None = None
+    try:
+        if files.pickle:
+            lib.store.tmp.mkdir(parents=True, exist_ok=True)
+            tmpdir = tempfile.mkdtemp(dir=lib.store.tmp, prefix="pickle-")
+            converted = convert_pickle(files.weights, Path(tmpdir) / "adapter_model.safetensors")
+            files = AdapterFiles("peft", converted, files.config)
+        weights = read_adapter(files)
+        return lib.ingest(
+            name,
+            files,
+            weights,
+            base=base,
+            tags=tag_list,
+            description=description,
+            source=source or str(src.resolve()),
+        )
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def load_adapter(lib: Library, name: str) -> LoraWeights:
+    """A cataloged adapter with its tensors loaded."""
+    from ..formats import read_adapter
+
+    return read_adapter(lib.files(name), load=True)
+
+
+def export_adapter(
+    lib: Library,
+    name: str,
+    dest: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file.
+
+    In its own format the stored files are copied byte for byte; otherwise it is converted. With
+    ``overwrite`` an earlier export is replaced once the new one is complete; anything else (the current
+    folder, the home, a folder holding other files) is refused.
+    """
+    from ..formats import FORMATS, read_adapter, write_adapter
+
+    info = lib.info(name)
+    fmt = format or info.format
+    if fmt not in FORMATS:
+        raise InvalidAdapterError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    files = lib.files(name)
+    out = Path(dest)
+    as_folder = str(dest).endswith(("/", os.sep)) or out.is_dir()
+    if fmt == "kohya" and as_folder:
+        out = out / (Path(name).name + ".safetensors")
+    _check_destination(lib, out, fmt=fmt, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old: Path | None = None
+    try:
+        if fmt == info.format:
+            for f in info.files or ():
+                lib.store.copy_out(f.sha256, tmp / f.filename)
+            weights_name = next(f.filename for f in info.files or () if f.role == "weights")
+            produced = tmp if fmt == "peft" else tmp / weights_name
+        else:
+            weights = read_adapter(files, load=True)
+            target = tmp if fmt == "peft" else tmp / out.name
+            produced = write_adapter(weights, target, format=fmt)
+        _apply_umask(produced)
+        if out.is_dir():  # an earlier export, checked above: set it aside, then swap the new one in
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+        try:
+            os.replace(produced, out)  # a file replaces a file atomically
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _check_destination(lib: Library, out: Path, *, fmt: str, overwrite: bool) -> None:
+    """Refuse a destination whose replacement could lose anything but an earlier export."""
+    resolved = out.resolve()
+    home = lib.home.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputExistsError(f"{out} is the current folder (or holds it); export into a new folder")
+    if resolved == home or resolved in home.parents or home in resolved.parents:
+        raise OutputExistsError(
+            f"{out} is or is inside the adapterhub home {lib.home}; export somewhere else"
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink():
+        entries = list(out.iterdir())
+        if not entries:
+            return
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists; choose another destination or pass --overwrite")
+        if fmt != "peft":
+            raise OutputExistsError(f"{out} is a folder; a kohya export is one .safetensors file")
+        names = {e.name for e in entries}
+        foreign = sorted(n for n in names if n not in EXPORT_FILES or (out / n).is_dir())
+        if foreign or not names & {"adapter_config.json", "adapter_model.safetensors"}:
+            shown = ", ".join(foreign[:3]) or "no adapter files"
+            raise OutputExistsError(
+                f"{out} is not an earlier adapter export (it holds {shown}); --overwrite replaces only an "
+                "exported adapter folder"
+            )
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another destination or pass --overwrite")
+    if fmt == "peft" or out.is_symlink() or not out.is_file() or out.suffix != ".safetensors":
+        raise OutputExistsError(
+            f"{out} is not an earlier adapter export; --overwrite replaces only an exported adapter"
+        )
+
+
+def _apply_umask(path: Path) -> None:
+    """Temporary folders are made 0700; the export gets the modes the user's umask gives new files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for f in path.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)

@@ -1,0 +1,220 @@
+"""Base models in a Library, and validation of adapters against them and against each other."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AdapterHubError, AdapterNotFoundError, BaseModelError
+from ..names import check_name
+
+if TYPE_CHECKING:
+    from ..catalog.library import Library
+    from ..formats import AdapterFiles
+    from ..lora import LoraWeights
+    from ..ops.validate import BaseLayout, Check, ValidationReport
+    from ..records import BaseInfo
+
+
+def _not_registered(name: str) -> BaseModelError:
+    return BaseModelError(f"no base model named {name!r} is registered; `adapterhub base list` shows them")
+
+
+def add_base(lib: Library, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
+    """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""
+    from ..formats.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    base_name = check_name(name if name is not None else Path(path).resolve().name)
+    dtypes = Counter(info.dtype for _, info in ckpt.tensors.values())
+    row = {
+        "name": base_name,
+        "path": str(Path(path).resolve()),
+        "model_type": ckpt.model_type,
+        "architectures": list(ckpt.architectures),
+        "num_params": ckpt.num_params,
+        "num_tensors": len(ckpt.tensors),
+        "size_bytes": ckpt.total_bytes,
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "fingerprint": ckpt.fingerprint,
+        "config": dict(ckpt.config) or None,
+    }
+    tensors = [(n, info.shape, info.dtype) for n, (_, info) in sorted(ckpt.tensors.items())]
+    if not lib.insert_base(row, tensors):
+        raise BaseModelError(
+            f"a base model named {base_name!r} is already registered; pick another --name or remove it first"
+        )
+    return base_info(lib, base_name)
+
+
+def base_info(lib: Library, name: str) -> BaseInfo:
+    found = lib.bases(name)
+    if not found:
+        raise _not_registered(name)
+    return found[0]
+
+
+def remove_base(lib: Library, name: str) -> None:
+    if not lib.delete_base(name):
+        raise _not_registered(name)
+
+
+def base_layout(lib: Library, base: str | os.PathLike[str]) -> BaseLayout:
+    """A registered base by name, else a checkpoint folder read from its headers."""
+    from ..formats.checkpoint import read_checkpoint
+    from ..ops.validate import BaseLayout
+
+    found = lib.base_layout(str(base))
+    if found is not None:
+        alias = found.config.get("_name_or_path")
+        return BaseLayout(
+            name=found.name,
+            shapes=found.shapes,
+            model_type=found.model_type,
+            fingerprint=found.fingerprint,
+            config=found.config,
+            aliases=(alias,) if isinstance(alias, str) and alias else (),
+        )
+    if not Path(base).is_dir():
+        raise BaseModelError(
+            f"{base!s} is neither a registered base model nor a checkpoint folder; "
+            "`adapterhub base list` shows the registered ones"
+        )
+    return BaseLayout.from_checkpoint(read_checkpoint(base))
+
+
+def base_dir(lib: Library, base: str | os.PathLike[str]) -> Path:
+    """A registered base's folder, or the folder given."""
+    if Path(base).is_dir():
+        return Path(base)
+    found = lib.bases(str(base))
+    if not found:
+        raise BaseModelError(
+            f"{base!s} is neither a registered base model nor a checkpoint folder; "
+            "`adapterhub base list` shows the registered ones"
+        )
+    path = found[0].path
+    if not path or not Path(path).is_dir():
+        raise BaseModelError(f"base {base!s} was registered from {path}, which is no longer there")
+    return Path(path)
+
+
+def _subject(
+    lib: Library, target: str | os.PathLike[str]
+) -> tuple[str, AdapterFiles | None, list[Check], str | None]:
+    """(label, files, checks so far, declared base name) for a cataloged name or a path."""
+    from ..formats import detect
+    from ..ops.validate import Check
+
+    name = str(target)
+    if lib.exists(name):
+        info = lib.info(name)
+        checks: list[Check] = []
+        for f in info.files or ():
+            if not lib.store.verify(f.sha256):
+                checks.append(
+                    Check(
+                        "error", "store", f"stored file {f.filename} is missing or does not match its sha256"
+                    )
+                )
+        if checks:
+            return name, None, checks, info.base_model
+        return (
+            name,
+            lib.files(name),
+            [Check("ok", "store", "stored files match their sha256")],
+            info.base_model,
+        )
+    try:
+        files = detect(target)
+    except AdapterHubError as exc:
+        if not Path(target).exists():
+            raise AdapterNotFoundError(name) from None
+        return name, None, [Check("error", "files", str(exc))], None
+    return name, files, [], None
+
+
+def validate(
+    lib: Library,
+    target: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    with_: Sequence[str | os.PathLike[str]] = (),
+    scan_values: bool = True,
+) -> ValidationReport:
+    """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``."""
+    from ..formats import read_adapter
+    from ..ops.validate import Check, ValidationReport, check_base, check_integrity, check_pair
+
+    label, files, checks, declared = _subject(lib, target)
+    weights: LoraWeights | None = None
+    if files is not None:
+        more, weights = check_integrity(files, scan_values=scan_values)
+        checks += more
+    base_label = None
+    if base is not None:
+        layout = base_layout(lib, base)
+        base_label = layout.name
+        if weights is not None:
+            checks += check_base(weights, layout, declared=declared)
+    for other in with_:
+        olabel, ofiles, ochecks, odeclared = _subject(lib, other)
+        bad = [c for c in ochecks if c.status == "error"]
+        if ofiles is None or bad:
+            checks += [Check(c.status, c.check, f"{olabel}: {c.message}", c.module) for c in bad]
+            continue
+        try:
+            oweights = read_adapter(ofiles)
+        except AdapterHubError as exc:
+            checks.append(Check("error", "together.read", f"{olabel}: {exc}"))
+            continue
+        if weights is not None:
+            checks += check_pair(
+                label,
+                weights,
+                olabel,
+                oweights,
+                a_base=lib.fingerprint_of(declared or weights.base_model),
+                b_base=lib.fingerprint_of(odeclared or oweights.base_model),
+            )
+    return ValidationReport(
+        subject=label, checks=tuple(checks), base=base_label, others=tuple(str(o) for o in with_)
+    )
+
+
+def validate_catalog(
+    lib: Library, *, base: str | os.PathLike[str], names: Sequence[str] | None = None
+) -> list[ValidationReport]:
+    """Check cataloged adapters against a base from the catalog's module rows alone (no file is opened)."""
+    from ..ops.validate import ValidationReport, check_base, weights_from_modules
+
+    layout = base_layout(lib, base)
+    facts = lib.adapter_facts(names)
+    if names is not None:
+        missing = sorted(set(names) - {f["name"] for f in facts})
+        if missing:
+            raise AdapterNotFoundError(missing[0])
+    reports = []
+    done: dict[Any, tuple[Check, ...]] = {}  # adapters with identical layouts are checked once
+    for f in facts:
+        fan = bool(f["config"].get("fan_in_fan_out"))
+        repl = tuple(sorted((k, tuple(v)) for k, v in f["replacements"].items()))
+        key = (f["format"], f["base_model"], fan, repl, f["modules"])
+        if key not in done:
+            w = weights_from_modules(
+                f["modules"],
+                fmt=f["format"],
+                config=f["config"],
+                replacements=f["replacements"],
+                base_model=f["base_model"],
+            )
+            done[key] = tuple(check_base(w, layout))
+        reports.append(ValidationReport(subject=f["name"], checks=done[key], base=layout.name))
+    return reports
+
+
+def compatible_names(lib: Library, base: str | os.PathLike[str]) -> set[str]:
+    return {r.subject for r in validate_catalog(lib, base=base) if r.ok}

@@ -1,0 +1,174 @@
+"""The Library's guarantees: removal never takes what an unfinished add needs, and export --overwrite
+replaces only an earlier export (regression tests of issue 15's data-loss defects 1 and 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _adapters import make_all
+
+from adapterhub import Hub, OutputExistsError
+from adapterhub.store import Store
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_all(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture
+def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with Hub(tmp_path / "home") as h:
+        yield h
+
+
+def _stored_files_intact(hub: Hub, name: str) -> bool:
+    info = hub.adapter_info(name)
+    return all(hub.store.verify(f.sha256) for f in info.files or ())
+
+
+# ---------------------------------------------------------------------- rm racing add
+def test_rm_between_put_and_commit_of_an_add_of_the_same_content(
+    hub: Hub, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`add -n x1` finds the objects of x0 already stored; `rm x0` commits before x1's rows do. x1 must
+    keep its files: the add re-checks its objects inside its own write transaction."""
+    hub.add_adapter(made["sql-r8"], name="x0")
+    real_put = Store.put_file
+    removed = []
+
+    def put_then_remove(self: Store, src, **kw):  # type: ignore[no-untyped-def]
+        stored = real_put(self, src, **kw)
+        if not removed and not stored.created and Path(src).name == "adapter_model.safetensors":
+            removed.append(hub.remove_adapters(["x0"]))  # the race, made certain
+        return stored
+
+    monkeypatch.setattr(Store, "put_file", put_then_remove)
+    info = hub.add_adapter(made["sql-r8"], name="x1")
+    monkeypatch.undo()
+    assert removed == [["x0"]]
+    assert [a.name for a in hub.list_adapters()] == ["x1"]
+    assert _stored_files_intact(hub, "x1")
+    assert hub.load_adapter("x1").rank == info.rank
+    assert not list((hub.store.root / "trash").iterdir())
+
+
+def test_rm_then_failed_add_restores_nothing_it_should_not(hub: Hub, made: dict[str, Path]) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    hub.add_adapter(made["sql-r8"], name="b")  # same content, shared objects
+    hub.remove_adapter("a")
+    assert _stored_files_intact(hub, "b")
+    hub.remove_adapter("b")
+    assert sorted(hub.store) == []
+
+
+RACER = """
+import sys
+from adapterhub import Hub
+home, src, name = sys.argv[1:4]
+with Hub(home) as hub:
+    hub.add_adapter(src, name=name)
+"""
+
+
+def test_rm_racing_add_in_other_processes(hub: Hub, made: dict[str, Path], tmp_path: Path) -> None:
+    """The race of the issue with real processes: add x1 in the background while x0 is removed."""
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "adapter_config.json").write_bytes((made["math-r16"] / "adapter_config.json").read_bytes())
+    (big / "adapter_model.safetensors").write_bytes(
+        (made["math-r16"] / "adapter_model.safetensors").read_bytes()
+    )
+    for i in range(4):
+        hub.add_adapter(big, name=f"x{i}-0")
+        proc = subprocess.Popen([sys.executable, "-c", RACER, str(hub.home), str(big), f"x{i}-1"])
+        hub.remove_adapter(f"x{i}-0")
+        assert proc.wait(timeout=120) == 0
+        assert [a.name for a in hub.list_adapters()] == [f"x{i}-1"]
+        assert _stored_files_intact(hub, f"x{i}-1")
+        hub.remove_adapter(f"x{i}-1")
+
+
+# ---------------------------------------------------------------------- export --overwrite
+def test_export_overwrite_refuses_the_current_folder(
+    hub: Hub, made: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputExistsError, match="current folder"):
+        hub.export_adapter("a", ".", overwrite=True)
+    with pytest.raises(OutputExistsError, match="current folder"):
+        hub.export_adapter("a", tmp_path, overwrite=True)  # holds the current folder
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_export_overwrite_refuses_the_home(hub: Hub, made: dict[str, Path]) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    before = sorted(p.name for p in hub.home.iterdir())
+    with pytest.raises(OutputExistsError, match="adapterhub home"):
+        hub.export_adapter("a", hub.home, overwrite=True)
+    with pytest.raises(OutputExistsError, match="adapterhub home"):
+        hub.export_adapter("a", hub.home / "store", overwrite=True)
+    assert sorted(p.name for p in hub.home.iterdir()) == before
+    assert _stored_files_intact(hub, "a")
+
+
+def test_export_overwrite_refuses_a_folder_that_is_not_an_export(
+    hub: Hub, made: dict[str, Path], tmp_path: Path
+) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    dest = tmp_path / "project"
+    dest.mkdir()
+    (dest / "adapter_config.json").write_text("{}")
+    (dest / "train.py").write_text("print('mine')")
+    with pytest.raises(OutputExistsError, match="not an earlier adapter export"):
+        hub.export_adapter("a", dest, overwrite=True)
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "train.py"]
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    with pytest.raises(OutputExistsError, match="not an earlier adapter export"):
+        hub.export_adapter("a", other, overwrite=True, format="kohya")
+    assert other.read_text() == "mine"
+
+
+def test_export_overwrite_replaces_an_earlier_export(hub: Hub, made: dict[str, Path], tmp_path: Path) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    hub.add_adapter(made["chat-r4"], name="b")
+    out = hub.export_adapter("a", tmp_path / "out")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        hub.export_adapter("b", out)
+    hub.export_adapter("b", out, overwrite=True)
+    digest = hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert digest == hub.adapter_info("b").sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "out"]  # no temporary or old folder left
+    k = hub.export_adapter("a", tmp_path / "a.safetensors", format="kohya")
+    hub.export_adapter("b", k, overwrite=True, format="kohya")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "home", "out"]
+
+
+def test_export_kohya_into_a_new_folder_given_with_a_slash(
+    hub: Hub, made: dict[str, Path], tmp_path: Path
+) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    out = hub.export_adapter("a", f"{tmp_path / 'newdir'}/", format="kohya")
+    assert out == tmp_path / "newdir" / "a.safetensors" and out.is_file()
+
+
+def test_export_follows_the_umask(hub: Hub, made: dict[str, Path], tmp_path: Path) -> None:
+    hub.add_adapter(made["sql-r8"], name="a")
+    old = os.umask(0o022)
+    try:
+        out = hub.export_adapter("a", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o644
