@@ -24,10 +24,12 @@ from urllib.parse import unquote, urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import FileResponse
 
 from .errors import HubHTTPError, bad_request, entry_not_found, repo_not_found, too_large
 from .storage import (
+    NAME_RE,
     OID_RE,
     SHA256_RE,
     Commit,
@@ -47,6 +49,22 @@ from .storage import (
 
 log = logging.getLogger(__name__)
 
+
+class _AnyPath(Convertor[str]):
+    """Like Starlette's ``path``, but matching control characters too (a percent-encoded newline in a
+    file name must reach the route and get the Hub's EntryNotFound, not fall through to a bare 404)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
+
 JSON_LIMIT = 16 * 1024 * 1024
 COMMIT_LIMIT = 512 * 1024 * 1024
 REGULAR_FILE_LIMIT = 64 * 1024 * 1024
@@ -59,12 +77,50 @@ class _BlobResponse(FileResponse):
     chunk_size = 4 * 1024 * 1024
 
 
+def header_safe(value: str, limit: int = 1000) -> str:
+    """``value`` as an HTTP header value: printable ASCII only (control characters escaped, others '?'),
+    at most ``limit`` characters. A raw NUL or newline in a header would make the server drop the reply."""
+    out = []
+    for ch in value[:limit]:
+        o = ord(ch)
+        if 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\x{o:02x}")
+        else:
+            out.append("?")
+    return "".join(out)
+
+
 def _error(exc: HubHTTPError) -> JSONResponse:
-    headers = dict(exc.headers)
+    headers = {k: header_safe(v) for k, v in exc.headers.items()}
     if exc.code:
         headers["X-Error-Code"] = exc.code
-    headers["X-Error-Message"] = exc.message.encode("ascii", "replace").decode()
+    headers["X-Error-Message"] = header_safe(exc.message)
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"{name} must be an integer, not {raw!r}") from None
+    if not low <= value <= high:
+        raise bad_request(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def loads(data: bytes | str, what: str) -> Any:
+    """JSON that is malformed or nested too deeply for the parser is the client's error."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise bad_request(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise bad_request(f"{what} is not valid JSON: {exc}") from None
 
 
 def create_app(store: ServerStore) -> FastAPI:
@@ -96,6 +152,8 @@ def create_app(store: ServerStore) -> FastAPI:
         return [unquote(p) for p in parts[skip:]]
 
     async def visible(ns: str, name: str, tok: TokenInfo | None) -> Repo:
+        if not NAME_RE.match(ns) or not NAME_RE.match(name):
+            raise repo_not_found(f"{ns}/{name}")
         repo = await run_in_threadpool(store.get_repo, ns, name)
         if repo is None or (repo.private and (tok is None or tok.user != repo.namespace)):
             raise repo_not_found(f"{ns}/{name}")
@@ -135,10 +193,7 @@ def create_app(store: ServerStore) -> FastAPI:
 
     async def read_json(request: Request, limit: int = JSON_LIMIT) -> Any:
         body = await read_body(request, limit, "the request body")
-        try:
-            return json.loads(body or b"{}")
-        except ValueError as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from None
+        return await run_in_threadpool(loads, body or b"{}", "the request body")
 
     def base(request: Request) -> str:
         return str(request.base_url).rstrip("/")
@@ -264,9 +319,9 @@ def create_app(store: ServerStore) -> FastAPI:
         content = body.get("content") if isinstance(body, dict) else None
         if not isinstance(content, str):
             raise bad_request("give {content: <README.md text>}")
-        try:
-            parse_card(content.encode())
-        except Exception as exc:  # yaml.YAMLError and ValueError
+        try:  # off the event loop: a hostile card must not stall other requests
+            await run_in_threadpool(parse_card, content.encode())
+        except ValueError as exc:
             msg = f"Invalid YAML in the metadata block of README.md: {str(exc).splitlines()[0]}"
             return JSONResponse({"errors": [{"message": msg}], "warnings": [], "error": msg}, status_code=400)
         return JSONResponse({"errors": [], "warnings": []})
@@ -281,10 +336,7 @@ def create_app(store: ServerStore) -> FastAPI:
         filters = [f for f in q.getlist("filter") if f]
         library = q.get("library")
         base_model = (q.get("base_model") or "").lower()
-        try:
-            limit = min(int(q.get("limit") or 1000), 1000)
-        except ValueError:
-            raise bad_request("limit must be an integer") from None
+        limit = query_int(request, "limit", 1000, low=1, high=1000)
         full = q.get("full") in ("1", "true", "True")
         rows = await run_in_threadpool(store.visible_repos, tok.user if tok else None)
         out = []
@@ -310,7 +362,7 @@ def create_app(store: ServerStore) -> FastAPI:
         return JSONResponse(out)
 
     # ------------------------------------------------------------------ /api/models/{ns}/{name}/...
-    @app.api_route("/api/models/{rest:path}", methods=["GET", "POST", "DELETE"])
+    @app.api_route("/api/models/{rest:anypath}", methods=["GET", "POST", "DELETE"])
     async def model_api(request: Request, rest: str) -> Response:
         seg = segments(request, 2)
         if len(seg) < 2:
@@ -433,7 +485,7 @@ def create_app(store: ServerStore) -> FastAPI:
         if request.query_params.get("create_pr"):
             raise bad_request("pull requests are not supported by this server")
         body = await read_body(request, COMMIT_LIMIT, "the commit payload")
-        title, message, parent, ops = parse_commit(body)
+        title, message, parent, ops = await run_in_threadpool(parse_commit, body)
         new, _changed = await run_in_threadpool(
             lambda: store.commit(
                 repo, branch, ops, title=title, message=message, author=tok.user, parent_commit=parent
@@ -597,7 +649,7 @@ def create_app(store: ServerStore) -> FastAPI:
                 os.unlink(tmp)
 
     # ------------------------------------------------------------------ downloads
-    @app.api_route("/{ns}/{name}/resolve/{rest:path}", methods=["GET", "HEAD"])
+    @app.api_route("/{ns}/{name}/resolve/{rest:anypath}", methods=["GET", "HEAD"])
     async def resolve(request: Request, ns: str, name: str, rest: str) -> Response:
         seg = segments(request, 3)
         if len(seg) < 2:
@@ -655,10 +707,7 @@ def parse_commit(body: bytes) -> tuple[str, str, str | None, list[Op]]:
     for n, line in enumerate(body.split(b"\n"), 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            raise bad_request(f"malformed NDJSON commit payload, line {n}: {exc}") from None
+        item = loads(line, f"malformed NDJSON commit payload: line {n}")
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("key"), str)

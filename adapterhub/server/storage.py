@@ -94,20 +94,82 @@ def check_path(path: Any) -> str:
     return path
 
 
+CARD_TEXT_LIMIT = 1024 * 1024
+CARD_EXPANDED_LIMIT = 2_000_000
+
+
 def parse_card(readme: bytes) -> dict[str, Any] | None:
-    """The YAML front matter of a README.md, or None. Raises ValueError when the YAML is broken."""
+    """The YAML front matter of a README.md, or None. Raises ValueError when the YAML is broken, or
+    too large once its aliases are expanded (a "billion laughs" card is refused before it is built)."""
     import yaml
 
     text = readme.decode("utf-8", errors="replace")
     m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not m:
         return None
-    data = yaml.safe_load(m.group(1))
+    block = m.group(1)
+    if len(block) > CARD_TEXT_LIMIT:
+        raise ValueError(f"the metadata block of README.md is larger than {CARD_TEXT_LIMIT:,} characters")
+    loader = yaml.SafeLoader(block)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, CARD_EXPANDED_LIMIT)
+        data = loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+    except RecursionError:
+        raise ValueError("the metadata block of README.md is nested too deeply") from None
+    finally:
+        loader.dispose()
     if data is None:
         return None
     if not isinstance(data, dict):
         raise ValueError("the metadata block of README.md must be a YAML mapping")
     return json.loads(json.dumps(data, default=str))
+
+
+def _check_expanded_size(root: Any, limit: int) -> None:
+    """Refuse a composed YAML node graph whose tree, with every alias expanded, would exceed ``limit``
+    (nodes plus scalar characters), or that refers to itself. Linear in the graph, never expanding it."""
+    import yaml
+
+    def children(node: Any) -> list[Any]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            if isinstance(node, yaml.ScalarNode):
+                total = 1 + len(node.value)
+            else:
+                total = 1 + sum(size[id(c)] for c in children(node))
+            if total > limit:
+                raise ValueError(
+                    "the metadata block of README.md expands to more than "
+                    f"{limit:,} nodes and characters once its aliases are resolved"
+                )
+            size[key] = total
+            continue
+        if key in size:
+            continue
+        open_.add(key)
+        stack.append((node, True))
+        for c in children(node):
+            if id(c) in open_:
+                raise ValueError("the metadata block of README.md refers to itself through an alias")
+            if id(c) not in size:
+                stack.append((c, False))
 
 
 def card_tags(card: dict[str, Any] | None) -> tuple[list[str], str | None]:
