@@ -1,0 +1,215 @@
+"""Check an adapter against a live model and plan where each of its tensors goes; hash its content.
+
+The layout is built from the model itself (parameter names and shapes, GPT-2 ``Conv1D`` weights shown
+in ``torch.nn`` orientation since the module class says how they are stored), and the adapter is
+checked with `adapterhub.ops.validate.check_base`, then with what only a live model can tell: the
+module each key lands on, and whether the runtime can adapt that kind of module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lora import LoraModule, LoraWeights
+from ..ops.validate import BaseLayout, Check, ValidationReport, check_base
+from ._layers import LayerKind, layer_kind, logical_shape
+
+_KIND_FITS: dict[str, tuple[LayerKind, ...]] = {
+    "linear": ("linear", "conv1d"),
+    "embedding": ("embedding",),
+    "conv": ("conv",),
+}
+
+
+@dataclass
+class ModulePlan:
+    """One LoRA module of an adapter, placed on a module of the model."""
+
+    module_name: str
+    module: nn.Module
+    kind: LayerKind
+    lora: LoraModule
+
+
+@dataclass
+class ReplacementPlan:
+    """Full replacement parameters (``modules_to_save``) for one leaf module of the model."""
+
+    module_name: str
+    module: nn.Module
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> tensor
+
+
+@dataclass
+class Plan:
+    report: ValidationReport
+    loras: list[ModulePlan]
+    replacements: list[ReplacementPlan]
+
+
+def model_layout(model: nn.Module) -> BaseLayout:
+    """A `BaseLayout` of the live model: every parameter (tied names too) in ``torch.nn`` orientation."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = pname.rpartition(".")
+        mod = modules.get(owner)
+        shapes[pname] = (
+            logical_shape(mod, p) if mod is not None and leaf == "weight" else tuple(int(d) for d in p.shape)
+        )
+    cfg = getattr(model, "config", None)
+    config: dict[str, Any] = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
+    name = str(config.get("_name_or_path") or type(model).__name__)
+    # orientation is known from the module classes, so a neutral model_type: never a guess from names
+    return BaseLayout(
+        name=name,
+        shapes=shapes,
+        model_type="torch.nn",
+        config=config,
+        aliases=(type(model).__name__,),
+    )
+
+
+def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, subject: str) -> Plan:
+    """Check ``weights`` against the live model; the report says what is wrong if anything is."""
+    checks = list(check_base(weights, layout))
+    mapping, _, _ = layout.match(list(weights.modules) + list(weights.replacement_shapes))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loras: list[ModulePlan] = []
+    replacements: dict[str, ReplacementPlan] = {}
+
+    def error(check: str, message: str, module: str | None = None) -> None:
+        checks.append(Check("error", check, message, module))
+
+    if not weights.modules and not weights.replacement_shapes:
+        error(
+            "runtime.targets",
+            f"{subject} holds no LoRA modules and no replacement weights: it would change nothing",
+        )
+    targeted: dict[str, str] = {}
+    for key, m in weights.modules.items():
+        bkey = mapping.get(key)
+        if bkey is None:
+            continue
+        owner, _, leaf = bkey.rpartition(".")
+        mod = modules.get(owner)
+        if mod is None or leaf != "weight":
+            error(
+                "runtime.module", f"{m.module}: {bkey} is not the weight of a module of this model", m.module
+            )
+            continue
+        kind = layer_kind(mod)
+        if kind is None or kind not in _KIND_FITS[m.kind]:
+            what = type(mod).__name__
+            error(
+                "runtime.module",
+                f"{m.module}: a {m.kind} LoRA cannot be applied to {owner} ({what}); the runtime adapts "
+                "nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d",
+                m.module,
+            )
+            continue
+        if m.A is None or m.B is None:
+            error(
+                "runtime.tensors",
+                f"{m.module}: tensors were not loaded (read the adapter with load=True)",
+                m.module,
+            )
+            continue
+        if kind == "conv":
+            conv: Any = mod
+            if conv.groups != 1 or conv.padding_mode != "zeros":
+                error(
+                    "runtime.module",
+                    f"{m.module}: conv LoRA needs groups=1 and zero padding (the layer has groups={conv.groups}, "
+                    f"padding_mode={conv.padding_mode!r})",
+                    m.module,
+                )
+                continue
+        if m.is_dora and m.magnitude is None:
+            error("runtime.tensors", f"{m.module}: DoRA magnitude was not loaded", m.module)
+            continue
+        if owner in targeted:
+            error("runtime.module", f"{m.module} and {targeted[owner]} both land on {owner}", m.module)
+            continue
+        targeted[owner] = m.module
+        loras.append(ModulePlan(module_name=owner, module=mod, kind=kind, lora=m))
+    for key in weights.replacement_shapes:
+        bkey = mapping.get(key)
+        if bkey is None:
+            continue
+        tensor = weights.replacements.get(key)
+        if tensor is None:
+            error("runtime.tensors", f"{key}: replacement tensor was not loaded (read with load=True)", key)
+            continue
+        owner, _, leaf = bkey.rpartition(".")
+        mod = modules.get(owner)
+        base = params.get(bkey)
+        if mod is None or base is None:
+            error("runtime.module", f"{key}: {bkey} is not a parameter of this model", key)
+            continue
+        if owner in targeted and any(p.module_name == owner and p.lora.is_dora for p in loras):
+            error(
+                "runtime.module",
+                f"{owner}: DoRA and a replaced base weight on one module is not supported",
+                owner,
+            )
+            continue
+        rp = replacements.setdefault(owner, ReplacementPlan(module_name=owner, module=mod))
+        t = tensor.detach()
+        if layer_kind(mod) == "conv1d" and leaf == "weight" and tuple(t.shape) != tuple(base.shape):
+            t = t.T  # saved in the module's own (in, out) layout normally; accept the nn layout too
+        if tuple(t.shape) != tuple(base.shape):
+            error("runtime.shape", f"{key}: replacement {list(t.shape)} for {bkey} {list(base.shape)}", key)
+            continue
+        rp.params[leaf] = t
+    if not any(c.status == "error" for c in checks) and not loras and not replacements:
+        error("runtime.targets", f"{subject} targets nothing in this model: loading it would change nothing")
+    report = ValidationReport(subject=subject, checks=tuple(checks), base=layout.name)
+    return Plan(report=report, loras=loras, replacements=list(replacements.values()))
+
+
+def _update(h: Any, t: torch.Tensor | None) -> None:
+    if t is None:
+        h.update(b"-")
+        return
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def content_sha256(plan: Plan) -> str:
+    """sha256 of what the adapter does to this model: per target, its kind, scale and tensor bytes."""
+    h = hashlib.sha256(b"adapterhub.runtime/1\n")
+    for p in sorted(plan.loras, key=lambda p: p.module_name):
+        m = p.lora
+        h.update(f"{p.module_name}|{m.kind}|{m.rank}|{float(m.scale)!r}|".encode())
+        for t in (m.A, m.B, m.bias, m.magnitude):
+            _update(h, t)
+    for r in sorted(plan.replacements, key=lambda r: r.module_name):
+        for leaf in sorted(r.params):
+            h.update(f"{r.module_name}.{leaf}=".encode())
+            _update(h, r.params[leaf])
+    return h.hexdigest()
+
+
+def plan_bytes(plan: Plan, dtype_of: Any) -> int:
+    """Bytes the adapter occupies once resident (its own factors, without rank padding)."""
+    n = 0
+    for p in plan.loras:
+        m = p.lora
+        size = torch.empty((), dtype=dtype_of(p.module)).element_size()
+        count = math.prod(m.a_shape) + math.prod(m.b_shape)
+        count += sum(t.numel() for t in (m.bias, m.magnitude) if t is not None)
+        n += count * size
+    for r in plan.replacements:
+        for leaf, t in r.params.items():
+            n += t.numel() * getattr(r.module, leaf).element_size()
+    return n

@@ -1,0 +1,84 @@
+"""What the layer hooks apply in one forward pass: a `Selection` of resident slots and coefficients.
+
+A selection names ``K`` slots of the resident set (``idx``) and a coefficient matrix ``coef`` of shape
+``(R, K)``: ``R == 1`` applies the same combination to every row (`Runtime.activate`), ``R`` = the
+number of rows gives each row its own (`Runtime.rows`). Every layer computes, for the ``K`` slots at
+once, ``x @ A_cat.T`` -> times the per-row coefficients -> ``@ B_cat`` (two GEMMs), so the cost does not
+grow with a Python loop over adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(eq=False)
+class Selection:
+    """Slots and coefficients for the hooks (private to the runtime package)."""
+
+    slots: tuple[int, ...]
+    coef: torch.Tensor  # (R, K) float32 on the runtime's device
+    idx: torch.Tensor  # (K,) long on the runtime's device
+    rows: int | None  # None: one combination for every row
+    unit: bool  # a single slot with coefficient exactly 1 (nothing to scale)
+    dora: bool  # some slot carries DoRA magnitudes
+    #: slot -> the rows it covers (None: every row), for slots that replace whole weights
+    replace: dict[int, list[int] | None] = field(default_factory=dict)
+    version: int = 0
+    #: ``len(slots)``, kept apart so a compiled graph guards on the count, not on which slots
+    k: int = -1
+    _expanded: dict[tuple[int, int], object] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.k = len(self.slots)
+
+    def coef_for(self, n: int) -> torch.Tensor:
+        """Coefficients for a batch of ``n`` rows: ``(1, K)`` when uniform, else ``(n, K)``.
+
+        ``n`` may be a multiple of the rows given (``generate`` with ``num_return_sequences`` or beams
+        repeats each row in place), and each row's coefficients are repeated likewise.
+        """
+        if self.rows is None or n == self.rows:
+            return self.coef
+        key = (n, -1)
+        hit = self._expanded.get(key)
+        if hit is None:
+            if n % self.rows:
+                from ..errors import InvalidOptionError
+
+                raise InvalidOptionError(
+                    f"the batch has {n} rows but rt.rows() was given {self.rows} row specs; give one spec per "
+                    "row of the batch"
+                )
+            hit = self.coef.repeat_interleave(n // self.rows, dim=0)
+            self._expanded[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def mask_for(self, n: int, r: int) -> torch.Tensor:
+        """Per-row column scales ``(n or 1, K * r)`` for a layer of padded rank ``r``."""
+        key = (n, r)
+        hit = self._expanded.get(key)
+        if hit is None:
+            hit = self.coef_for(n).repeat_interleave(r, dim=1)
+            self._expanded[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def rows_for(self, slot: int, n: int, device: torch.device) -> torch.Tensor | None:
+        """Indices of the batch rows that ``slot`` covers (None: all of them)."""
+        rows = self.replace.get(slot)
+        if rows is None:
+            return None
+        key = (n, -2 - slot)
+        hit = self._expanded.get(key)
+        if hit is None:
+            import torch
+
+            assert self.rows is not None
+            m = n // self.rows
+            hit = torch.tensor([i * m + j for i in rows for j in range(m)], dtype=torch.long, device=device)
+            self._expanded[key] = hit
+        return hit  # type: ignore[return-value]

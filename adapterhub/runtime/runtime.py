@@ -1,0 +1,678 @@
+"""`Runtime`: adapters on a live torch / transformers model.
+
+``rt = attach(model)`` hooks nothing yet; ``rt.load(path_or_weights, name=...)`` checks the adapter
+against the model, keeps its factors resident (on the layers' device) and hooks each module it targets
+once. Then ``rt.activate(name | None | {name: weight})`` switches what every forward applies, and
+``with rt.rows([...]):`` gives each row of a batch its own adapter or combination. ``rt.merge`` folds a
+spec into the weights (fp32, rounded once); ``rt.unmerge`` copies the original tensors back bit for bit.
+``rt.detach()`` leaves the model exactly as given.
+
+Resident adapters are keyed by content: the sha256 of what they do to this model (targets, scales and
+tensor bytes; `content_sha256`). Loading the same content under a second name shares it; loading new
+content under a name in use rebinds the name, and every selection that named it follows at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    InvalidAdapterError,
+    InvalidOptionError,
+)
+from ..lora import LoraWeights
+from ._layers import Layer, RuntimeState
+from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes
+from ._select import Selection
+
+__all__ = ["Runtime", "ResidentAdapter", "AdapterSpec", "attach"]
+
+logger = logging.getLogger(__name__)
+
+#: what `Runtime.activate` and `Runtime.rows` take for one row: a resident name, None for the base
+#: model, or an exact linear combination ``{name: weight}`` of resident adapters
+AdapterSpec = str | None | Mapping[str, float]
+
+_INITIAL_SLOTS = 8
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """One name bound to resident content."""
+
+    name: str
+    sha256: str  # content hash (see `content_sha256`), or the one given to `Runtime.load`
+    bytes: int  # device memory of its own factors (shared with other names of the same content)
+    device: str
+    modules: int  # modules it adapts or replaces
+    rank: int
+    dora: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "device": self.device,
+            "modules": self.modules,
+            "rank": self.rank,
+            "dora": self.dora,
+        }
+
+
+@dataclass
+class _Content:
+    sha256: str
+    slot: int
+    bytes: int
+    device: str
+    modules: int
+    rank: int
+    dora: bool
+    replaces: bool
+    layers: list[Layer] = field(default_factory=list)
+
+
+@dataclass
+class _Merged:
+    spec: dict[str, float]
+    key: tuple[tuple[int, float], ...]
+    backups: list[tuple[torch.Tensor, torch.Tensor]]  # (live parameter, original copy)
+
+
+def attach(model: nn.Module, *, dtype: torch.dtype | None = None) -> Runtime:
+    """Attach a runtime to ``model`` (a plain torch / transformers model); nothing changes until a load.
+
+    Args:
+        model: the live model. Its modules stay where they are: the runtime adds forward hooks to the
+            modules an adapter targets, and `Runtime.detach` removes them again.
+        dtype: dtype of the resident factors. None (default) keeps each layer's own weight dtype, the
+            fast choice on a bf16 / fp16 GPU model; ``torch.float32`` keeps factors in fp32 as PEFT does
+            (the input is then cast to fp32 for the low-rank product).
+
+    Raises:
+        InvalidOptionError: a runtime is already attached to this model.
+    """
+    if model in _ATTACHED:
+        raise InvalidOptionError(
+            "a runtime is already attached to this model; use it, or call its detach() before attaching again"
+        )
+    rt = Runtime(model, dtype=dtype)
+    _ATTACHED[model] = rt
+    return rt
+
+
+def _not_resident(name: str, known: Sequence[str]) -> AdapterNotFoundError:
+    err = AdapterNotFoundError(name)
+    shown = ", ".join(sorted(known)[:10]) or "none"
+    err.args = (f"no adapter named {name!r} is resident; load it with rt.load() first (resident: {shown})",)
+    return err
+
+
+class Runtime:
+    """Adapters on one live model. Make it with `attach`."""
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None) -> None:
+        self._model = model
+        self._dtype = dtype
+        self._state = RuntimeState()
+        self._layers: dict[str, Layer] = {}
+        self._contents: dict[str, _Content] = {}  # sha256 -> content
+        self._names: dict[str, str] = {}  # name -> sha256, in load order
+        self._cap = _INITIAL_SLOTS
+        self._free: list[int] = list(range(_INITIAL_SLOTS - 1, -1, -1))
+        self._active: dict[str, float] | None = None
+        self._rows_stack: list[list[dict[str, float] | None]] = []
+        self._merged: _Merged | None = None
+        self._layout = model_layout(model)
+        self._detached = False
+        first = next(iter(model.parameters()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def resident(self) -> list[ResidentAdapter]:
+        """Every resident name, in load order."""
+        out = []
+        for name, sha in self._names.items():
+            c = self._contents[sha]
+            out.append(
+                ResidentAdapter(
+                    name=name,
+                    sha256=sha,
+                    bytes=c.bytes,
+                    device=c.device,
+                    modules=c.modules,
+                    rank=c.rank,
+                    dora=c.dora,
+                )
+            )
+        return out
+
+    @property
+    def active(self) -> dict[str, float] | None:
+        """The combination every forward applies outside `rows` (None: the base model)."""
+        return dict(self._active) if self._active is not None else None
+
+    @property
+    def merged(self) -> dict[str, float] | None:
+        """The combination folded into the weights by `merge`, if any."""
+        return dict(self._merged.spec) if self._merged is not None else None
+
+    # ------------------------------------------------------------------------------------ load
+
+    def load(
+        self,
+        adapter: str | os.PathLike[str] | LoraWeights,
+        *,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+        sha256: str | None = None,
+    ) -> ResidentAdapter:
+        """Check an adapter against the model and keep it resident under ``name``.
+
+        Args:
+            adapter: a PEFT folder or adapter file (read with ``read_adapter(path, load=True)``), or
+                loaded `LoraWeights`.
+            name: the name to activate it by; defaults to the folder or file name for a path (required
+                for `LoraWeights`). A name in use is rebound to the new content.
+            device: where the factors live; they must live where the targeted layers compute, so this
+                only checks (None: the layers' device).
+            sha256: the content key when the caller knows one already (the store's sha256); computed from
+                the tensors otherwise.
+
+        Raises:
+            IncompatibleAdapterError: the adapter does not fit this model (``report`` holds the
+                `ValidationReport`), or targets nothing in it; nothing was loaded.
+            InvalidAdapterError: the path is not an adapter, or tensors were not loaded.
+            InvalidOptionError: no name for `LoraWeights`, a device the layers are not on, or the name is
+                merged into the weights right now.
+        """
+        self._check_live()
+        weights, name = self._read(adapter, name)
+        plan = plan_adapter(self._model, self._layout, weights, name)
+        if not plan.report.ok:
+            errors = plan.report.errors
+            shown = "\n  ".join(c.message for c in errors[:10])
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise IncompatibleAdapterError(
+                f"{name} does not fit this model; nothing was loaded:\n  {shown}{more}", report=plan.report
+            )
+        devices = {p.module.weight.device for p in plan.loras} | {  # type: ignore[union-attr]
+            next(iter(r.module.parameters())).device for r in plan.replacements
+        }
+        if device is not None and any(d != torch.device(device) for d in devices):
+            raise InvalidOptionError(
+                f"device {str(device)!r}: the layers {name} targets are on {', '.join(sorted(map(str, devices)))}; "
+                "factors must live where the layers compute (leave device out)"
+            )
+        if len(devices | {self._device}) > 1:
+            raise InvalidOptionError(
+                f"{name} targets layers on several devices ({', '.join(sorted(map(str, devices)))}); the runtime "
+                "serves a model on one device"
+            )
+        key = sha256 or content_sha256(plan)
+        old = self._names.get(name)
+        if self._merged is not None and name in self._merged.spec and old != key:
+            raise InvalidOptionError(
+                f"{name} is merged into the weights; call rt.unmerge() before reloading it"
+            )
+        if key not in self._contents:
+            self._contents[key] = self._place(plan, key)
+        self._names.pop(name, None)
+        self._names[name] = key
+        if old is not None and old != key:
+            self._release(old)
+            self._reselect()  # selections naming it now serve the new content
+        logger.info("resident: %s (%s)", name, key[:12])
+        return next(r for r in self.resident if r.name == name)
+
+    def _read(
+        self, adapter: str | os.PathLike[str] | LoraWeights, name: str | None
+    ) -> tuple[LoraWeights, str]:
+        if isinstance(adapter, LoraWeights):
+            if not name:
+                raise InvalidOptionError(
+                    "give name= when loading LoraWeights (there is no path to name it by)"
+                )
+            missing = [m.key for m in adapter.modules.values() if not m.has_tensors()]
+            missing += [k for k in adapter.replacement_shapes if adapter.replacements.get(k) is None]
+            if missing:
+                raise InvalidAdapterError(
+                    f"{name}: tensors of {missing[0]} were not loaded; read the adapter with "
+                    "read_adapter(path, load=True)",
+                    module=missing[0],
+                )
+            return adapter, name
+        if isinstance(adapter, (str, os.PathLike)):
+            from ..formats import read_adapter
+
+            path = Path(adapter)
+            weights = read_adapter(path, load=True)
+            if not name:
+                stem = path.parent if path.is_file() and path.name.startswith("adapter_") else path
+                name = stem.name[: -len(".safetensors")] if stem.name.endswith(".safetensors") else stem.name
+            return weights, name
+        raise TypeError(f"load() takes a path or LoraWeights, got {type(adapter).__name__}")
+
+    def _slot(self) -> int:
+        if not self._free:
+            cap = self._cap * 2
+            for layer in self._layers.values():
+                layer.grow(cap)
+            self._free = list(range(cap - 1, self._cap - 1, -1))
+            self._cap = cap
+        return self._free.pop()
+
+    def _layer(self, module_name: str, module: nn.Module, kind: Any) -> Layer:
+        layer = self._layers.get(module_name)
+        if layer is None:
+            dtype = self._dtype or next(iter(module.parameters())).dtype
+            layer = Layer(module_name, module, kind, self._state, cap=self._cap, dtype=dtype)
+            self._layers[module_name] = layer
+        return layer
+
+    def _original(self, t: torch.Tensor) -> torch.Tensor:
+        if self._merged is not None:
+            for live, orig in self._merged.backups:
+                if live is t:
+                    return orig
+        return t
+
+    def _place(self, plan: Plan, key: str) -> _Content:
+        slot = self._slot()
+        layers: list[Layer] = []
+        try:
+            with torch.no_grad():
+                for p in plan.loras:
+                    m = p.lora
+                    layer = self._layer(p.module_name, p.module, p.kind)
+                    assert m.A is not None and m.B is not None
+                    gm1 = self._dora_gm1(layer, m) if m.is_dora else None
+                    layer.write(slot, a=m.A, b=m.B, scale=float(m.scale), bias=m.bias, gm1=gm1)
+                    layers.append(layer)
+                for r in plan.replacements:
+                    layer = self._layer(r.module_name, r.module, "replace")
+                    params = {
+                        leaf: t.to(getattr(r.module, leaf).device, getattr(r.module, leaf).dtype).clone()
+                        for leaf, t in r.params.items()
+                    }
+                    layer.write_replacement(slot, params)
+                    layers.append(layer)
+        except BaseException:
+            for layer in layers:
+                layer.clear(slot)
+            self._drop_unused()
+            self._free.append(slot)
+            raise
+        ranks = [p.lora.rank for p in plan.loras]
+        return _Content(
+            sha256=key,
+            slot=slot,
+            bytes=plan_bytes(plan, lambda mod: self._dtype or next(iter(mod.parameters())).dtype),
+            device=str(self._device),
+            modules=len({p.module_name for p in plan.loras} | {r.module_name for r in plan.replacements}),
+            rank=max(ranks, default=0),
+            dora=any(p.lora.is_dora for p in plan.loras),
+            replaces=bool(plan.replacements),
+            layers=list(dict.fromkeys(layers)),
+        )
+
+    def _dora_gm1(self, layer: Layer, m: Any) -> torch.Tensor:
+        """``m / ||W0 + s B A|| - 1`` per output feature, in fp32 (PEFT's DoRA forward)."""
+        w0 = self._original(layer.weight).detach().to(torch.float32)
+        a = m.A.detach().to(w0.device, torch.float32).reshape(m.rank, -1)
+        b = m.B.detach().to(w0.device, torch.float32).reshape(-1, m.rank)
+        mag = m.magnitude.detach().to(w0.device, torch.float32).reshape(-1)
+        delta = float(m.scale) * (b @ a)
+        if layer.kind == "conv1d":
+            norm = torch.linalg.norm(w0.T + delta, dim=1)
+        elif layer.kind == "embedding":
+            norm = torch.linalg.norm(w0 + delta, dim=0)
+        elif layer.kind == "conv":
+            norm = torch.linalg.norm((w0 + delta.reshape(w0.shape)).reshape(w0.shape[0], -1), dim=1)
+        else:
+            norm = torch.linalg.norm(w0 + delta, dim=1)
+        return mag / norm - 1
+
+    def unload(self, name: str) -> None:
+        """Drop ``name``; its content leaves the device when no other name shares it.
+
+        Raises:
+            AdapterNotFoundError: no such resident name.
+            InvalidOptionError: the name is active, used by an open `rows` block, or merged.
+        """
+        self._check_live()
+        if name not in self._names:
+            raise _not_resident(name, list(self._names))
+        if self._merged is not None and name in self._merged.spec:
+            raise InvalidOptionError(f"{name} is merged into the weights; call rt.unmerge() first")
+        if self._active is not None and name in self._active:
+            raise InvalidOptionError(f"{name} is active; call rt.activate() with something else first")
+        if any(spec and name in spec for specs in self._rows_stack for spec in specs):
+            raise InvalidOptionError(f"{name} is used by an open rt.rows() block; leave it first")
+        sha = self._names.pop(name)
+        self._release(sha)
+
+    def _release(self, sha: str) -> None:
+        if sha in self._names.values():
+            return
+        c = self._contents.pop(sha)
+        for layer in c.layers:
+            layer.clear(c.slot)
+        self._free.append(c.slot)
+        self._drop_unused()
+
+    def _drop_unused(self) -> None:
+        for module_name in [n for n, layer in self._layers.items() if not layer.users]:
+            self._layers.pop(module_name).remove()
+
+    # ------------------------------------------------------------------------------------ selection
+
+    def _normalize(self, spec: AdapterSpec) -> dict[str, float] | None:
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            spec = {spec: 1.0}
+        if not isinstance(spec, Mapping):
+            raise TypeError(
+                f"an adapter spec is a name, None or a {{name: weight}} mapping, got {type(spec).__name__}"
+            )
+        out: dict[str, float] = {}
+        for n, w in spec.items():
+            if n not in self._names:
+                raise _not_resident(str(n), list(self._names))
+            wf = float(w)
+            if not math.isfinite(wf):
+                raise InvalidOptionError(f"weight of {n} must be a finite number, got {w!r}")
+            out[n] = out.get(n, 0.0) + wf
+        return out or None
+
+    def _slots(self, spec: dict[str, float] | None) -> dict[int, float]:
+        """slot -> weight; checks what can be combined."""
+        if not spec:
+            return {}
+        slots: dict[int, float] = {}
+        for n, w in spec.items():
+            c = self._contents[self._names[n]]
+            slots[c.slot] = slots.get(c.slot, 0.0) + w
+        for n in spec:
+            c = self._contents[self._names[n]]
+            if (c.dora or c.replaces) and (len(slots) > 1 or slots[c.slot] != 1.0):
+                what = "DoRA magnitudes" if c.dora else "full replacement weights (modules_to_save)"
+                raise IncompatibleAdapterError(
+                    f"{n} carries {what}, which have no exact linear combination; use it alone with weight 1"
+                )
+        return {s: w for s, w in slots.items() if w != 0.0}
+
+    def _selection(self, row_specs: Sequence[dict[str, float] | None] | None) -> Selection | None:
+        if row_specs is None:
+            per_row = [self._slots(self._active)]
+            rows = None
+        else:
+            per_row = [self._slots(s) for s in row_specs]
+            rows = len(per_row)
+        order: list[int] = list(dict.fromkeys(s for r in per_row for s in r))
+        if not order:
+            return None
+        pos = {s: i for i, s in enumerate(order)}
+        coef = torch.zeros(len(per_row), len(order), dtype=torch.float32)
+        for i, r in enumerate(per_row):
+            for s, w in r.items():
+                coef[i, pos[s]] = w
+        by_slot = {c.slot: c for c in self._contents.values()}
+        replace: dict[int, list[int] | None] = {}
+        for s in order:
+            if by_slot[s].replaces:
+                replace[s] = None if rows is None else [i for i, r in enumerate(per_row) if s in r]
+        dev = self._device
+        return Selection(
+            slots=tuple(order),
+            coef=coef.to(dev),
+            idx=torch.tensor(order, dtype=torch.long, device=dev),
+            rows=rows,
+            unit=rows is None and len(order) == 1 and float(coef[0, 0]) == 1.0,
+            dora=any(by_slot[s].dora for s in order),
+            replace=replace,
+        )
+
+    def _apply(self, sel: Selection | None) -> None:
+        cur = self._state.sel
+        if (
+            sel is not None
+            and cur is not None
+            and cur.rows is None
+            and sel.rows is None
+            and not cur.replace
+            and not sel.replace
+            and (cur.k, cur.unit, cur.dora) == (sel.k, sel.unit, sel.dora)
+        ):
+            # same structure: refill the tensors in place, so a compiled graph keeps running unchanged
+            cur.idx.copy_(sel.idx)
+            cur.coef.copy_(sel.coef)
+            cur.slots = sel.slots
+            cur.version += 1
+            cur._expanded.clear()
+            return
+        self._state.sel = sel
+
+    def _reselect(self) -> None:
+        if self._merged is not None:
+            self._state.sel = None
+        elif self._rows_stack:
+            self._apply(self._selection(self._rows_stack[-1]))
+        else:
+            self._apply(self._selection(None))
+
+    def activate(self, spec: AdapterSpec) -> None:
+        """What every forward applies from now on: a resident name, None (the base model), or an exact
+        linear combination ``{"a": 0.7, "b": -0.3}``, i.e. ``sum_i w_i s_i B_i A_i x``.
+
+        Switching among resident adapters changes only small index and weight tensors (in place when the
+        number of adapters stays the same), so it costs microseconds whatever is resident.
+
+        Raises:
+            AdapterNotFoundError: a name is not resident.
+            IncompatibleAdapterError: a DoRA or modules_to_save adapter inside a combination.
+            InvalidOptionError: something else is merged into the weights (unmerge first).
+        """
+        self._check_live()
+        norm = self._normalize(spec)
+        self._slots(norm)  # check combinability before changing anything
+        if self._merged is not None:
+            if norm != self._merged.spec:
+                raise InvalidOptionError(
+                    f"{self._merged.spec} is merged into the weights; call rt.unmerge() before activating "
+                    "something else"
+                )
+            self._active = norm
+            return
+        self._active = norm
+        if not self._rows_stack:
+            self._apply(self._selection(None))
+
+    @contextlib.contextmanager
+    def rows(self, specs: Sequence[AdapterSpec]) -> Iterator[None]:
+        """Give each row of the batch its own adapter, combination or None, inside a ``with`` block::
+
+            with rt.rows(["a", "b", None, {"a": 0.5, "b": 0.5}]):
+                logits = model(input_ids).logits   # row i equals row i run alone with specs[i]
+                out = model.generate(input_ids, max_new_tokens=8)
+
+        Layers must see the batch in dimension 0 (every dense transformers layer does). A batch whose
+        size is a multiple of ``len(specs)`` (``generate`` with beams or ``num_return_sequences``)
+        repeats each spec for its copies of the row.
+        """
+        self._check_live()
+        if self._merged is not None:
+            raise InvalidOptionError(
+                f"{self._merged.spec} is merged into the weights; call rt.unmerge() before using per-row adapters"
+            )
+        normalized = [self._normalize(s) for s in specs]
+        if not normalized:
+            raise InvalidOptionError("rows() needs one spec per row of the batch; got none")
+        sel = self._selection(normalized)
+        self._rows_stack.append(normalized)
+        prev = self._state.sel
+        self._state.sel = sel
+        try:
+            yield
+        finally:
+            self._rows_stack.pop()
+            self._state.sel = prev
+            if not self._detached:
+                self._reselect()
+
+    # ------------------------------------------------------------------------------------ merge
+
+    def merge(self, spec: AdapterSpec = ...) -> None:  # type: ignore[assignment]
+        """Fold ``spec`` (default: the active one) into the live weights: ``W0 + sum_i w_i s_i B_i A_i``
+        computed in fp32 and rounded once to the weight dtype (DoRA: ``g * (W0 + dW)``;
+        ``modules_to_save``: the replacement; ``lora_bias``: added into the layer's bias).
+
+        While merged, the hooks add nothing (the merge is never applied twice), and the same spec stays
+        the active one; `unmerge` restores the original tensors bit for bit and leaves the spec active
+        through the hooks.
+
+        Raises:
+            InvalidOptionError: something is merged already, a rows() block is open, or spec is the base.
+            IncompatibleAdapterError: a targeted weight is tied to another module (merging would change
+                both), or a lora_bias needs a bias the layer lacks; nothing was changed.
+        """
+        self._check_live()
+        norm = self._active if spec is ... else self._normalize(spec)
+        if not norm:
+            raise InvalidOptionError("nothing to merge: give a resident name or a combination")
+        if self._rows_stack:
+            raise InvalidOptionError("cannot merge inside an open rt.rows() block")
+        slots = self._slots(norm)
+        key = tuple(sorted(slots.items()))
+        if self._merged is not None:
+            if self._merged.key == key:
+                return
+            raise InvalidOptionError(f"{self._merged.spec} is merged already; call rt.unmerge() first")
+        touched = [layer for layer in self._layers.values() if layer.users & set(slots)]
+        owners: dict[int, list[str]] = {}
+        for pname, p in self._model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        problems: list[str] = []
+        for layer in touched:
+            for leaf in _written(layer, slots):
+                t = getattr(layer.module, leaf, None)
+                names = owners.get(id(t), []) if isinstance(t, torch.Tensor) else []
+                if len(names) > 1:
+                    problems.append(
+                        f"{names[0]} is tied to {', '.join(names[1:])}; merging into it would change those too "
+                        "(activate it instead, or untie the weights)"
+                    )
+                if leaf == "bias" and not isinstance(t, torch.Tensor):
+                    problems.append(
+                        f"{layer.name} has a lora_bias but the layer has no bias to merge it into"
+                    )
+        if problems:
+            raise IncompatibleAdapterError(
+                "cannot merge; nothing was changed:\n  " + "\n  ".join(sorted(set(problems)))
+            )
+        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for layer in touched:
+                self._merge_layer(layer, slots, backups)
+        self._merged = _Merged(spec=norm, key=key, backups=backups)
+        self._active = norm
+        self._state.sel = None
+
+    def _merge_layer(
+        self, layer: Layer, slots: dict[int, float], backups: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        mod = layer.module
+        new: dict[str, torch.Tensor] = {}
+        for s in slots:
+            for leaf, t in layer.replacements.get(s, {}).items():
+                new[leaf] = t.to(torch.float32)
+        lora = [sl for sl in slots if sl in layer.lora_slots]
+        if lora:
+            w = new.get("weight", layer.weight.detach().to(torch.float32))
+            for sl in lora:
+                w = w + slots[sl] * layer.lora_delta(sl)
+                if layer.gm1 is not None:
+                    g = 1 + layer.gm1[sl].to(torch.float32)
+                    if layer.kind in ("conv1d", "embedding"):
+                        w = w * g[None, :]
+                    else:
+                        w = w * g.view(-1, *(1,) * (w.dim() - 1))
+            new["weight"] = w
+            if layer.bias is not None and "bias" in _written(layer, slots):
+                bias = mod.bias
+                b = new.get("bias", bias.detach().to(torch.float32))
+                for sl in lora:
+                    b = b + slots[sl] * layer.bias[sl].to(torch.float32)
+                new["bias"] = b
+        for leaf, value in new.items():
+            live = getattr(mod, leaf)
+            backups.append((live, live.detach().clone()))
+            live.copy_(value.to(live.dtype))
+
+    def unmerge(self) -> None:
+        """Copy the original tensors back (bit for bit); the merged spec stays active through the hooks."""
+        self._check_live()
+        if self._merged is None:
+            return
+        with torch.no_grad():
+            for live, orig in reversed(self._merged.backups):
+                live.copy_(orig)
+        self._merged = None
+        self._reselect()
+
+    # ------------------------------------------------------------------------------------ detach
+
+    def detach(self) -> None:
+        """Unmerge, remove every hook and drop every resident adapter: the model is as it was given."""
+        if self._detached:
+            return
+        self.unmerge()
+        self._state.sel = None
+        for layer in self._layers.values():
+            layer.remove()
+        self._layers.clear()
+        self._contents.clear()
+        self._names.clear()
+        self._active = None
+        self._detached = True
+        _ATTACHED.pop(self._model, None)
+
+    def _check_live(self) -> None:
+        if self._detached:
+            raise InvalidOptionError("this runtime was detached; attach() the model again")
+
+    def __repr__(self) -> str:
+        return f"<Runtime {len(self._names)} resident, active={self._active}, merged={self.merged}>"
+
+
+def _written(layer: Layer, slots: dict[int, float]) -> set[str]:
+    """Parameter names of ``layer.module`` that merging ``slots`` writes."""
+    out = {leaf for s in slots for leaf in layer.replacements.get(s, {})}
+    lora = [s for s in slots if s in layer.lora_slots]
+    if lora:
+        out.add("weight")
+        if layer.bias is not None and any(bool(layer.bias[s].any()) for s in lora):
+            out.add("bias")
+    return out
