@@ -11,6 +11,11 @@ import pytest
 from adapterhub.cli import main
 
 
+def home_args(hub: Any) -> list[str]:
+    """The global options that point the CLI at ``hub``'s home and catalog."""
+    return ["--home", str(hub.home), *(["--db", hub.db_url] if hub.db_url else [])]
+
+
 class Cli:
     def __init__(self, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
         self.home = home

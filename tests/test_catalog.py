@@ -33,12 +33,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture
-def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
-    with Hub(tmp_path / "home") as h:
-        yield h
-
-
 def snapshot(hub: Hub) -> tuple[list[str], list[str]]:
     """What a failed operation must leave untouched: the catalog's names and the store's objects."""
     return [a.name for a in hub.list_adapters()], sorted(hub.store)

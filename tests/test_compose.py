@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from _cli import home_args  # noqa: E402
 from test_validate import llama, save_adapter  # noqa: E402
 
 from adapterhub import AdapterExistsError, AdapterNotFoundError, ComposeError, Hub, IncompatibleAdapterError  # noqa: E402
@@ -81,11 +82,11 @@ RECIPE = {
 
 
 @pytest.fixture
-def hub(tmp_path: Path, made: dict[str, Path]):  # type: ignore[no-untyped-def]
-    with Hub(tmp_path / "home") as h:
-        catalog_for(h, made, ["x", "y"], None)
-        h.add_adapter(made["wide"], name="wide")
-        yield h
+def hub(new_hub, made: dict[str, Path]) -> Hub:  # type: ignore[no-untyped-def]
+    h = new_hub()
+    catalog_for(h, made, ["x", "y"], None)
+    h.add_adapter(made["wide"], name="wide")
+    return h
 
 
 def test_failing_step_removes_earlier_outputs(hub: Hub) -> None:
@@ -123,13 +124,13 @@ def test_compose_cli(hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str
     path = tmp_path / "r.yaml"
     path.write_text("steps:\n  - name: mix\n    method: linear\n    inputs: [x, {adapter: y, weight: -1}]\n")
     capsys.readouterr()
-    assert main(["--home", str(hub.home), "compose", str(path), "--dry-run"]) == 0
+    assert main([*home_args(hub), "compose", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "plan of" in out and "1 x x + -1 x y" in out and "(dry run)" in out
-    assert main(["--home", str(hub.home), "--json", "compose", str(path)]) == 0
+    assert main([*home_args(hub), "--json", "compose", str(path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["steps"][0]["result"]["adapter"]["name"] == "mix"
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [\n")
-    assert main(["--home", str(hub.home), "compose", str(bad)]) == 1
+    assert main([*home_args(hub), "compose", str(bad)]) == 1
     assert "not valid YAML" in capsys.readouterr().err

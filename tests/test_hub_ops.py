@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from _cli import home_args  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from test_validate import llama, save_adapter  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
@@ -43,12 +44,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, world: dict[str, Path]):  # type: ignore[no-untyped-def]
-    with Hub(tmp_path / "home") as h:
-        h.add_base(world["llama"], name="tiny")
-        for n in ("a", "b", "d1", "d2"):
-            h.add_adapter(world[n], base="tiny")
-        yield h
+def hub(new_hub, world: dict[str, Path]) -> Hub:  # type: ignore[no-untyped-def]
+    h = new_hub()
+    h.add_base(world["llama"], name="tiny")
+    for n in ("a", "b", "d1", "d2"):
+        h.add_adapter(world[n], base="tiny")
+    return h
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -146,11 +147,9 @@ def test_extract_recovers_a_merged_delta(hub: Hub, tmp_path: Path) -> None:
 def test_cli_merge_combine_resize(
     hub: Hub, world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    home = str(hub.home)
-
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        rc = main(["--home", home, *args])
+        rc = main([*home_args(hub), *args])
         out, err = capsys.readouterr()
         return rc, out, err
 

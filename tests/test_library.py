@@ -22,12 +22,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_all(tmp_path_factory.mktemp("adapters"))
 
 
-@pytest.fixture
-def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
-    with Hub(tmp_path / "home") as h:
-        yield h
-
-
 def _stored_files_intact(hub: Hub, name: str) -> bool:
     info = hub.adapter_info(name)
     return all(hub.store.verify(f.sha256) for f in info.files or ())
@@ -71,8 +65,8 @@ def test_rm_then_failed_add_restores_nothing_it_should_not(hub: Hub, made: dict[
 RACER = """
 import sys
 from adapterhub import Hub
-home, src, name = sys.argv[1:4]
-with Hub(home) as hub:
+home, src, name, db = sys.argv[1:5]
+with Hub(home, db=db or None) as hub:
     hub.add_adapter(src, name=name)
 """
 
@@ -87,7 +81,9 @@ def test_rm_racing_add_in_other_processes(hub: Hub, made: dict[str, Path], tmp_p
     )
     for i in range(4):
         hub.add_adapter(big, name=f"x{i}-0")
-        proc = subprocess.Popen([sys.executable, "-c", RACER, str(hub.home), str(big), f"x{i}-1"])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", RACER, str(hub.home), str(big), f"x{i}-1", hub.db_url or ""]
+        )
         hub.remove_adapter(f"x{i}-0")
         assert proc.wait(timeout=120) == 0
         assert [a.name for a in hub.list_adapters()] == [f"x{i}-1"]

@@ -46,15 +46,13 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def home(tmp_path: Path, hf: Any) -> Iterator[Hub]:
-    with Hub(tmp_path / "home") as h:
-        yield h
+def home(new_hub: Any, hf: Any) -> Hub:
+    return new_hub("home")
 
 
 @pytest.fixture
-def other(tmp_path: Path) -> Iterator[Hub]:
-    with Hub(tmp_path / "other") as h:
-        yield h
+def other(new_hub: Any) -> Hub:
+    return new_hub("other")
 
 
 def snapshot(hub: Hub) -> tuple[list[str], list[str]]:

@@ -47,6 +47,13 @@ def _json(value: Any) -> Any:
     return value
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """A JSON mapping column: stored text (SQLite), or already decoded by the driver (PostgreSQL)."""
+    if value is None or (isinstance(value, str) and value in _NO_JSON):
+        return {}
+    return dict(_json(value) or {})
+
+
 def fetch_all(conn: Connection, stmt: Any) -> list[Any]:
     """All rows of a SELECT as plain tuples. On SQLite the compiled SQL goes straight to the driver's
     cursor: listing 10,000 adapters then skips SQLAlchemy's per-row result processing, which these
@@ -287,8 +294,8 @@ def _info(
         "alpha": alpha,
         "use_rslora": bool(use_rslora),
         "use_dora": bool(use_dora),
-        "rank_pattern": {} if rank_pattern in _NO_JSON else _json(rank_pattern),
-        "alpha_pattern": {} if alpha_pattern in _NO_JSON else _json(alpha_pattern),
+        "rank_pattern": _mapping(rank_pattern),
+        "alpha_pattern": _mapping(alpha_pattern),
         "task_type": task_type,
         "target_modules": targets if targets is not None else tuple(_json(target_modules) or ()),
         "num_modules": num_modules,
@@ -301,7 +308,7 @@ def _info(
         "created_at": _iso(created_at) or "",
         "updated_at": _iso(updated_at),
         "parents": tuple(parents),
-        "metadata": {} if extra in _NO_JSON else _json(extra),
+        "metadata": _mapping(extra),
         "files": None,
         "modules": None,
         "merges": None,
