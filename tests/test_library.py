@@ -168,3 +168,49 @@ def test_export_follows_the_umask(hub: Hub, made: dict[str, Path], tmp_path: Pat
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o644
+
+
+WRITER = """
+import sys
+from adapterhub import Hub
+home, db, proc, *paths = sys.argv[1:]
+with Hub(home, db=db or None) as hub:
+    for round in range(2):
+        for i, p in enumerate(paths):
+            hub.add_adapter(p, name=f"p{proc}-{round}-{i}", tags=[f"proc{proc}"])
+        if round == 0:
+            hub.remove_adapters([f"p{proc}-0-{i}" for i in range(len(paths))])
+"""
+
+
+def test_eight_concurrent_writers_lose_nothing(hub: Hub, made: dict[str, Path]) -> None:
+    """8 processes add and remove adapters of the same content at once, on SQLite and PostgreSQL."""
+    paths = [str(made[n]) for n in ("sql-r8", "chat-r4", "math-r16")]
+    hub.add_adapter(made["sql-r8"], name="keep")  # shares its objects with every writer's first adapter
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(hub.home), hub.db_url or "", str(i), *paths],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, errs
+    names = sorted(a.name for a in hub.list_adapters())
+    assert names == sorted(["keep", *(f"p{p}-1-{i}" for p in range(8) for i in range(3))])
+    assert all(_stored_files_intact(hub, n) for n in names)
+    assert len(list(hub.store)) == 6  # 3 adapters x (config + weights), each stored once
+
+
+def test_migrations_match_the_tables_on_every_backend(hub: Hub) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from adapterhub.catalog.db import HEAD
+    from adapterhub.catalog.tables import metadata
+
+    assert hub.db_revision() == HEAD
+    with hub.catalog.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    assert diffs == []
