@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .home import default_home
-from .records import AdapterFilter
+from .records import AdapterFilter, finite
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -163,7 +163,7 @@ class Hub:
         if fast is not None:
             return fast
         found = self.library.select(query, where, names=names)
-        return [json.dumps(a.to_dict(), ensure_ascii=False, allow_nan=False) for a in found]
+        return [json.dumps(finite(a.to_dict()), ensure_ascii=False, allow_nan=False) for a in found]
 
     def _fitting(self, base: str | None) -> set[str] | None:
         return None if base is None else self.compatible_names(base)

@@ -214,3 +214,28 @@ def test_migrations_match_the_tables_on_every_backend(hub: Hub) -> None:
     with hub.catalog.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diffs == []
+
+
+def test_json_output_is_standard_even_with_a_non_finite_value_in_an_old_row(
+    hub: Hub, made: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Older versions accepted ``lora_alpha: Infinity``; such a row must not make `list --json` invalid."""
+    import json
+
+    from _cli import home_args
+    from sqlalchemy import update
+
+    from adapterhub.catalog.tables import adapters
+    from adapterhub.cli import main
+
+    hub.add_adapter(made["sql-r8"], name="a")
+    hub.add_adapter(made["chat-r4"], name="b")
+    with hub.catalog.write() as conn:
+        conn.execute(update(adapters).where(adapters.c.name == "a").values(alpha=float("inf")))
+    for args in (["list", "--json"], ["search", "a", "--json"], ["show", "a", "--json"]):
+        capsys.readouterr()
+        assert main([*home_args(hub), *args]) == 0
+        out = capsys.readouterr().out
+        doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"{args}: non-standard JSON {c}"))
+        records = doc if isinstance(doc, list) else [doc]
+        assert next(r for r in records if r["name"] == "a")["alpha"] is None

@@ -234,6 +234,11 @@ def _json_or_empty(col: str) -> str:
     return f"json(CASE WHEN {col} IS NULL OR {col} = 'null' THEN '{{}}' ELSE {col} END)"
 
 
+def _finite(col: str) -> str:
+    """A REAL column as JSON: SQLite would write ``Inf`` for an infinite value (not JSON); NaN is NULL."""
+    return f"(CASE WHEN abs({col}) <= 1.7976931348623157e308 THEN {col} END)"
+
+
 def _bool(col: str) -> str:
     return f"json(CASE WHEN {col} THEN 'true' ELSE 'false' END)"
 
@@ -243,7 +248,7 @@ def _bool(col: str) -> str:
 _SQLITE_RECORD = f"""json_object(
  'name', adapters.name, 'sha256', adapters.sha256, 'format', adapters.format,
  'peft_type', adapters.peft_type, 'base_model', adapters.base_model, 'base_revision', adapters.base_revision,
- 'rank', adapters.rank, 'alpha', adapters.alpha,
+ 'rank', adapters.rank, 'alpha', {_finite("adapters.alpha")},
  'use_rslora', {_bool("adapters.use_rslora")}, 'use_dora', {_bool("adapters.use_dora")},
  'rank_pattern', {_json_or_empty("adapters.rank_pattern")}, 'alpha_pattern', {_json_or_empty("adapters.alpha_pattern")},
  'task_type', adapters.task_type, 'target_modules', json(adapters.target_modules),
@@ -254,7 +259,7 @@ _SQLITE_RECORD = f"""json_object(
  'description', adapters.description, 'source', adapters.source,
  'created_at', strftime('%Y-%m-%dT%H:%M:%SZ', adapters.created_at),
  'updated_at', strftime('%Y-%m-%dT%H:%M:%SZ', adapters.updated_at),
- 'parents', (SELECT json_group_array(json_object('name', l.parent_name, 'weight', l.weight, 'method', l.method,
+ 'parents', (SELECT json_group_array(json_object('name', l.parent_name, 'weight', {_finite("l.weight")}, 'method', l.method,
              'params', {_json_or_empty("l.params")}))
              FROM (SELECT * FROM lineage WHERE lineage.child_id = adapters.id ORDER BY lineage.id) AS l),
  'metadata', {_json_or_empty("adapters.extra")})"""

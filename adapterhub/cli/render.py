@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from ..records import finite
+
 
 def human_size(n: int | None) -> str:
     if n is None:
@@ -40,7 +42,9 @@ def _fmt(value: Any) -> str:
 
 
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(
+        json.dumps(finite(doc), indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n"
+    )
 
 
 def emit_json_lines(encoded: list[str]) -> None:
@@ -60,8 +64,8 @@ def emit_records(
     """Print records as ``mode`` (table, json or csv); ``columns`` are (key, heading) for table/CSV."""
     formatters = formatters or {}
     if mode == "json":
-        encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
-        emit_json_lines(list(map(encode, records)))
+        encode = json.JSONEncoder(ensure_ascii=False, default=str, allow_nan=False).encode
+        emit_json_lines([encode(finite(r)) for r in records])
         return
     if mode == "csv":
         w = csv.writer(sys.stdout)
