@@ -265,3 +265,47 @@ def test_layers_to_transform_only_restricts_the_weights_present(tmp_path: Path) 
     case = next(c for c in CASES if c["file"] == "layers_pattern_subset.json")
     weights = read_adapter(build(case, tmp_path / "ad"))
     assert {m.module.split(".")[2] for m in weights.values()} == {"1"}
+
+
+def test_other_tools_weights_get_a_hint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from adapterhub.errors import InvalidAdapterError
+
+    mlx = tmp_path / "mlx"
+    mlx.mkdir()
+    shutil.copyfile(DATA / "mlx_lm.json", mlx / "adapter_config.json")
+    save_file(
+        {"model.layers.0.self_attn.q_proj.lora_a": torch.zeros(16, 4)}, str(mlx / "adapters.safetensors")
+    )
+    with pytest.raises(InvalidConfigError, match="MLX-LM LoRA config"):
+        detect(mlx)
+    (mlx / "adapter_config.json").unlink()
+    with pytest.raises(
+        InvalidAdapterError, match="no LoRA tensors found .*lora_a / lora_b keys are MLX-LM's"
+    ):
+        detect(mlx)
+    lyco = tmp_path / "lyco.safetensors"
+    save_file(
+        {"lora_unet_x.hada_w1_a": torch.zeros(4, 4), "lora_unet_x.hada_w1_b": torch.zeros(4, 4)}, str(lyco)
+    )
+    with pytest.raises(InvalidAdapterError, match="LyCORIS LoHa / LoKr file, and adapterhub handles LoRA"):
+        detect(lyco)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({"model.norm.weight": torch.ones(4)}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    with pytest.raises(
+        InvalidAdapterError, match="looks like a model checkpoint: register it as a base model"
+    ):
+        detect(ckpt)
+
+
+def test_kohya_base_name_is_capped(tmp_path: Path) -> None:
+    from _formats_fixtures import kohya_file
+
+    from adapterhub.errors import InvalidAdapterError
+
+    kohya_file(tmp_path / "k.safetensors", metadata={"ss_sd_model_name": "m" * 2000})
+    with pytest.raises(InvalidAdapterError, match="2000 characters long, over the 512-character limit"):
+        read_adapter(tmp_path / "k.safetensors")

@@ -76,6 +76,7 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
             if not allow_pickle:
                 raise PickleRefusedError(_pickle_message(p / PICKLE_NAME), path=str(p))
             return AdapterFiles("peft", p / PICKLE_NAME, cfg, pickle=True)
+        read_config(cfg)  # a config of another tool says so, which explains the missing weights best
         raise InvalidAdapterError(f"{p}: has {CONFIG_NAME} but no {WEIGHTS_NAME}", path=str(p))
     if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         if not allow_pickle:
@@ -106,8 +107,21 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
             path=str(p),
         )
     raise InvalidAdapterError(
-        f"{p}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)", path=str(p)
+        f"{p}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys){_what_else(p, header)}",
+        path=str(p),
     )
+
+
+def _what_else(path: Path, header: SafetensorsHeader) -> str:
+    """A hint at what a .safetensors file without LoRA tensors is instead."""
+    names = list(header.tensors)
+    if any(n.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lokr_w2")) for n in names):
+        return "; it is a LyCORIS LoHa / LoKr file, and adapterhub handles LoRA adapters only"
+    if any(n.endswith((".lora_a", ".lora_b")) for n in names):
+        return "; its lora_a / lora_b keys are MLX-LM's: convert the adapter to PEFT format first"
+    if (path.parent / "config.json").is_file() and not (path.parent / CONFIG_NAME).is_file():
+        return "; with config.json beside it this looks like a model checkpoint: register it as a base model"
+    return ""
 
 
 def _parse(files: AdapterFiles, header: SafetensorsHeader, problem: Problem | None) -> LoraWeights:

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import InvalidAdapterError
 from ..lora import LoraModule, LoraWeights, lora_scale
 from .peft import FLOAT_DTYPES, Problem, _raise
+from .peft_config import MAX_BASE_NAME_CHARS
 from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -119,15 +120,19 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
     if not modules:
         report("holds no LoRA tensors (no lora_down/lora_up keys)", None)
     meta = dict(header.metadata)
-    weights = LoraWeights(
-        modules=modules,
-        format="kohya",
-        config={},
-        metadata=meta,
-        base_model=meta.get("ss_sd_model_name")
+    base = (
+        meta.get("ss_sd_model_name")
         or meta.get("modelspec.architecture")
-        or meta.get("ss_base_model_version"),
+        or meta.get("ss_base_model_version")
     )
+    if base is not None and len(base) > MAX_BASE_NAME_CHARS:
+        report(
+            f"the base model name in the file's metadata is {len(base)} characters long, over the "
+            f"{MAX_BASE_NAME_CHARS}-character limit; fix ss_sd_model_name / modelspec.architecture",
+            None,
+        )
+        base = None
+    weights = LoraWeights(modules=modules, format="kohya", config={}, metadata=meta, base_model=base)
     weights.unexplained = unexplained
     return weights
 
