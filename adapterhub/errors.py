@@ -29,6 +29,8 @@ AdapterHubError
       +-- EntryNotFoundError (LookupError)    404 EntryNotFound
       +-- ConflictError                       409: the repo, branch or tag already exists
       +-- PayloadTooLargeError                413: a body over the server's limit
+      +-- PreconditionFailedError             412: the parent commit is no longer the branch head
+      +-- EndpointNotFoundError (LookupError) 404: no such route on this server
 ```
 
 Every error carries a message that says what was wrong and how to fix it. The CLI catches
@@ -207,3 +209,15 @@ class PayloadTooLargeError(RepoError):
     def __init__(self, what: str, limit: int) -> None:
         super().__init__(f"{what} is larger than this server accepts ({limit:,} bytes)")
         self.limit = limit
+
+
+class PreconditionFailedError(RepoError):
+    """412: the commit names a parent commit that is no longer the head of its branch."""
+
+    status = 412
+
+
+class EndpointNotFoundError(RepoError, LookupError):
+    """404 with no X-Error-Code: the server has no such route (the Hub answers so too)."""
+
+    status = 404

@@ -16,10 +16,12 @@ from ..errors import AdapterHubError
 from ..store import Store
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from ..catalog import Catalog
     from .storage import ServerStore
 
-__all__ = ["server_store", "serve"]
+__all__ = ["create_app", "serve", "server_store"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,13 @@ def server_store(catalog: Catalog, home: Path) -> ServerStore:
     from .storage import ServerStore
 
     return ServerStore(catalog, Store(home / "server"))
+
+
+def create_app(store: ServerStore) -> FastAPI:
+    """The FastAPI app of the Hub-compatible API over ``store`` (needs the ``serve`` extra)."""
+    from .app import create_app as make
+
+    return make(store)
 
 
 def serve(

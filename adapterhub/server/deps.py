@@ -1,0 +1,146 @@
+"""What every route shares: the server's state, the caller's token, visibility and write checks, bodies
+read under a limit, JSON parsed off the event loop, query integers, and the raw path split so that a
+percent-encoded '/' (``refs%2Fpr%2F1``) stays inside one part."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import (
+    BadRequestError,
+    ForbiddenError,
+    PayloadTooLargeError,
+    RepoNotFoundError,
+    UnauthorizedError,
+)
+from .checks import is_name, loads
+from .records import Repo, TokenInfo
+from .storage import ServerStore
+
+JSON_LIMIT = 16 * 1024 * 1024
+INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+
+
+@dataclass
+class Server:
+    """The state of one running app: its store and the key that signs LFS upload URLs."""
+
+    store: ServerStore
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+
+def server(request: Request) -> Server:
+    state: Server = request.app.state.server
+    return state
+
+
+async def auth(request: Request) -> TokenInfo | None:
+    """The caller's token, None when the request carries none; a bad token is a 401."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise UnauthorizedError(INVALID_CREDENTIALS)
+    info = await run_in_threadpool(server(request).store.authenticate, token)
+    if info is None:
+        raise UnauthorizedError(INVALID_CREDENTIALS)
+    return info
+
+
+def may_read(repo: Repo, tok: TokenInfo | None) -> bool:
+    return not repo.private or (tok is not None and tok.user == repo.namespace)
+
+
+async def visible(request: Request, ns: str, name: str, tok: TokenInfo | None) -> Repo:
+    """The repo, if the caller may read it; else RepoNotFound (a private repo is not revealed)."""
+    if not is_name(ns) or not is_name(name):
+        raise RepoNotFoundError(f"{ns}/{name}")
+    repo = await run_in_threadpool(server(request).store.get_repo, ns, name)
+    if repo is None or not may_read(repo, tok):
+        raise RepoNotFoundError(f"{ns}/{name}")
+    return repo
+
+
+async def writable(request: Request, ns: str, name: str, tok: TokenInfo | None) -> Repo:
+    repo = await visible(request, ns, name, tok)
+    check_write(tok, repo.namespace)
+    return repo
+
+
+def check_write(tok: TokenInfo | None, ns: str) -> TokenInfo:
+    if tok is None:
+        raise UnauthorizedError(
+            "Authentication required: send a write token of the namespace owner "
+            "(adapterhub token create USER --write)"
+        )
+    if tok.user != ns:
+        raise ForbiddenError(f"You don't have the rights to write to {ns}: your token belongs to {tok.user}")
+    if not tok.write:
+        raise ForbiddenError(
+            "This token is read-only: create a write token (adapterhub token create USER --write)"
+        )
+    return tok
+
+
+def raw_parts(request: Request, skip: int) -> list[str]:
+    """The request path split on '/' before percent-decoding, less its first ``skip`` parts."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    parts = raw.decode("latin-1").split("?", 1)[0].split("/")[1:]
+    return [unquote(p) for p in parts[skip:]]
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(what, limit)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLargeError(what, limit)
+    return bytes(buf)
+
+
+async def read_json(request: Request, limit: int = JSON_LIMIT) -> Any:
+    body = await read_body(request, limit, "the request body")
+    return await run_in_threadpool(loads, body or b"{}", "the request body")
+
+
+async def read_form_or_json(request: Request) -> dict[str, list[str]] | Any:
+    """A form-encoded body as ``{key: [values]}`` (what the client sends to paths-info), else JSON."""
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        body = await read_body(request, JSON_LIMIT, "the request body")
+        try:
+            return parse_qs(body.decode(), keep_blank_values=True, max_num_fields=10_000)
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequestError("the form body is not valid") from None
+    return await read_json(request)
+
+
+def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequestError(f"{name} must be an integer, not {raw!r}") from None
+    if not low <= value <= high:
+        raise BadRequestError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def query_flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "").lower() in ("1", "true")

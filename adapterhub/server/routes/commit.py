@@ -1,0 +1,70 @@
+"""Writing files: ``preupload`` (regular or LFS, per file) and the NDJSON ``commit``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import BadRequestError
+from ..checks import check_path, decode_base64, upload_mode
+from ..deps import auth, base_url, raw_parts, read_body, read_json, server, writable
+from ..payload import parse_commit
+from ..records import TokenInfo
+
+router = APIRouter()
+COMMIT_LIMIT = 512 * 1024 * 1024
+PREUPLOAD_FILES = 1000
+
+
+def _no_pull_requests(request: Request) -> None:
+    if request.query_params.get("create_pr"):
+        raise BadRequestError("pull requests are not supported by this server")
+
+
+@router.post("/api/models/{ns}/{name}/preupload/{rest:anypath}")
+async def preupload(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    store = server(request).store
+    repo = await writable(request, ns, name, tok)
+    _no_pull_requests(request)
+    body = await read_json(request)
+    files = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(files, list) or len(files) > PREUPLOAD_FILES:
+        raise BadRequestError(
+            f"give {{files: [{{path, sample, size}}, ...]}} (at most {PREUPLOAD_FILES} files)"
+        )
+    head = await run_in_threadpool(store.resolve, repo, "/".join(raw_parts(request, 5)))
+    current = await run_in_threadpool(store.files, head)
+    out = []
+    for f in files:
+        size = f.get("size") if isinstance(f, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequestError("each file needs a path, a base64 sample and an integer size")
+        path = check_path(f.get("path"))
+        mode = upload_mode(path, size, decode_base64(f.get("sample", ""), path))
+        existing = current.get(path)
+        oid = None
+        if existing is not None:
+            oid = existing.sha256 if mode == "lfs" else existing.blob_oid
+        out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+    return JSONResponse({"files": out, "commitOid": head.oid})
+
+
+@router.post("/api/models/{ns}/{name}/commit/{rest:anypath}")
+async def commit(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    store = server(request).store
+    repo = await writable(request, ns, name, tok)
+    assert tok is not None
+    _no_pull_requests(request)
+    branch = "/".join(raw_parts(request, 5))
+    body = await read_body(request, COMMIT_LIMIT, "the commit payload")
+    title, message, parent, ops = await run_in_threadpool(parse_commit, body)
+    new, _changed = await run_in_threadpool(
+        lambda: store.commit(
+            repo, branch, ops, title=title, message=message, author=tok.user, parent_commit=parent
+        )
+    )
+    url = f"{base_url(request)}/{repo.repo_id}/commit/{new.oid}"
+    return JSONResponse({"success": True, "commitOid": new.oid, "commitUrl": url, "pullRequestUrl": None})

@@ -1,0 +1,68 @@
+"""Downloads: ``resolve`` (HEAD/GET of a file at a revision, with ranges) and a commit's listing."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse
+
+from ...errors import EntryNotFoundError, RepoNotFoundError, StoreError
+from ..deps import auth, raw_parts, server, visible
+from ..records import TokenInfo, iso
+from ..views import file_json
+
+router = APIRouter()
+
+
+class _BlobResponse(FileResponse):
+    chunk_size = 4 * 1024 * 1024
+
+
+@router.api_route("/{ns}/{name}/resolve/{rest:anypath}", methods=["GET", "HEAD"])
+async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> Response:
+    store = server(request).store
+    parts = raw_parts(request, 3)
+    if len(parts) < 2:
+        raise EntryNotFoundError("/".join(parts))
+    rev, path = parts[0], "/".join(parts[1:])
+    repo = await visible(request, ns, name, tok)
+    head = await run_in_threadpool(store.resolve, repo, rev)
+    files = await run_in_threadpool(store.files, head)
+    e = files.get(path)
+    if e is None:
+        raise EntryNotFoundError(path, head.oid)
+    blob = store.blobs.path(e.sha256)
+    if not blob.is_file():
+        raise StoreError(f"{path}: the stored object {e.sha256} is missing on the server")
+    headers = {"ETag": f'"{e.etag}"', "X-Repo-Commit": head.oid, "Cache-Control": "private, max-age=0"}
+    if e.lfs:
+        headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
+    return _BlobResponse(blob, headers=headers, media_type="application/octet-stream")
+
+
+@router.api_route("/{name}/resolve/{rest:anypath}", methods=["GET", "HEAD"])
+async def resolve_without_namespace(name: str) -> Response:
+    """``gpt2/resolve/main/config.json``: this server's repos all have a namespace."""
+    raise RepoNotFoundError(name)
+
+
+@router.get("/{ns}/{name}/commit/{oid}")
+async def show_commit(
+    request: Request, ns: str, name: str, oid: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    store = server(request).store
+    repo = await visible(request, ns, name, tok)
+    c = await run_in_threadpool(store.resolve, repo, oid)
+    files = await run_in_threadpool(store.files, c)
+    return JSONResponse(
+        {
+            "id": c.oid,
+            "parent": c.parent_oid,
+            "title": c.title,
+            "message": c.message,
+            "author": c.author,
+            "date": iso(c.created_at),
+            "files": [file_json(e) for e in files.values()],
+        }
+    )

@@ -1,0 +1,214 @@
+"""Reading model repos: listing and search, model info at a revision, the file tree, paths-info, refs and
+commit history; and moving refs: branches and tags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import BadRequestError, EndpointNotFoundError, EntryNotFoundError, RepoNotFoundError
+from ..cards import card_tags
+from ..checks import is_name
+from ..deps import (
+    auth,
+    may_read,
+    query_flag,
+    query_int,
+    raw_parts,
+    read_form_or_json,
+    read_json,
+    server,
+    visible,
+    writable,
+)
+from ..records import Commit, Entry, Repo, TokenInfo
+from ..views import commit_json, file_json, folder_json, model_json, tree_json
+
+router = APIRouter()
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+PATHS_INFO_LIMIT = 1000
+# what follows a namespace-less id (``gpt2/revision/main``): the id is the first part alone
+NAMESPACE_LESS_ACTIONS = (
+    "revision",
+    "tree",
+    "refs",
+    "commits",
+    "paths-info",
+    "preupload",
+    "commit",
+    "branch",
+    "tag",
+)
+
+
+def _rest(request: Request) -> str:
+    """What follows ``/api/models/{ns}/{name}/{action}/`` (a revision, possibly with '/')."""
+    return "/".join(raw_parts(request, 5))
+
+
+def _matches(repo: Repo, head: Commit, q: Any) -> bool:
+    tags, lib = card_tags(head.card)
+    if (search := (q.get("search") or "").lower()) and search not in repo.repo_id.lower():
+        return False
+    if (author := q.get("author")) and repo.namespace.lower() != author.lower():
+        return False
+    if (library := q.get("library")) and (lib or "").lower() != library.lower() and library not in tags:
+        return False
+    if any(f not in tags and f != lib for f in q.getlist("filter") if f):
+        return False
+    if base_model := (q.get("base_model") or "").lower():
+        bases = (head.card or {}).get("base_model") or []
+        bases = bases if isinstance(bases, list) else [bases]
+        if base_model not in [str(b).lower() for b in bases]:
+            return False
+    return True
+
+
+@router.get("/api/models")
+async def list_models(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    store = server(request).store
+    limit = query_int(request, "limit", 1000, low=1, high=1000)
+    full = query_flag(request, "full")
+    rows = await run_in_threadpool(store.visible_repos, tok.user if tok else None)
+    out = []
+    for repo, head in rows:
+        if not _matches(repo, head, request.query_params):
+            continue
+        files = await run_in_threadpool(store.files, head) if full else None
+        out.append(model_json(repo, head, files, False))
+        if len(out) >= limit:
+            break
+    return JSONResponse(out)
+
+
+async def _at(
+    request: Request, ns: str, name: str, tok: TokenInfo | None, rev: str
+) -> tuple[Repo, Commit, dict[str, Entry]]:
+    store = server(request).store
+    repo = await visible(request, ns, name, tok)
+    head = await run_in_threadpool(store.resolve, repo, rev)
+    files = await run_in_threadpool(store.files, head)
+    return repo, head, files
+
+
+@router.get("/api/models/{ns}/{name}")
+async def model_info(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    repo, head, files = await _at(request, ns, name, tok, "main")
+    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs")))
+
+
+@router.get("/api/models/{ns}/{name}/revision/{rest:anypath}")
+async def model_info_at(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    repo, head, files = await _at(request, ns, name, tok, _rest(request))
+    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs")))
+
+
+@router.get("/api/models/{ns}/{name}/tree/{rest:anypath}")
+async def tree(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    parts = raw_parts(request, 5)
+    path = "/".join(parts[1:]).strip("/")
+    repo, head, files = await _at(request, ns, name, tok, parts[0])
+    prefix = path + "/" if path else ""
+    if prefix and not any(p.startswith(prefix) for p in files):
+        raise EntryNotFoundError(path, head.oid)
+    return JSONResponse(tree_json(head, files, prefix, query_flag(request, "recursive")))
+
+
+@router.post("/api/models/{ns}/{name}/paths-info/{rest:anypath}")
+async def paths_info(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    body = await read_form_or_json(request)
+    paths = body.get("paths") if isinstance(body, dict) else None
+    if isinstance(paths, str):
+        paths = [paths]
+    if (
+        not isinstance(paths, list)
+        or len(paths) > PATHS_INFO_LIMIT
+        or not all(isinstance(p, str) for p in paths)
+    ):
+        raise BadRequestError(f"give paths: a list of at most {PATHS_INFO_LIMIT} paths in the repo")
+    repo, head, files = await _at(request, ns, name, tok, _rest(request))
+    out: list[dict[str, Any]] = []
+    for raw in dict.fromkeys(p.strip("/") for p in paths):
+        if raw in files:
+            out.append(file_json(files[raw]))
+        elif raw and any(p.startswith(raw + "/") for p in files):
+            out.append(folder_json(head, raw))
+    return JSONResponse(out)
+
+
+@router.get("/api/models/{ns}/{name}/refs")
+async def refs(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    repo = await visible(request, ns, name, tok)
+    found = await run_in_threadpool(server(request).store.refs, repo)
+    shown = {
+        kind: [{"name": r.name, "ref": r.ref, "targetCommit": r.commit_oid} for r in found if r.kind == kind]
+        for kind in ("branch", "tag")
+    }
+    return JSONResponse(
+        {"branches": shown["branch"], "converts": [], "tags": shown["tag"], "pullRequests": []}
+    )
+
+
+@router.get("/api/models/{ns}/{name}/commits/{rest:anypath}")
+async def commits(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    repo, head, _ = await _at(request, ns, name, tok, _rest(request))
+    hist = await run_in_threadpool(server(request).store.history, repo, head)
+    return JSONResponse([commit_json(c) for c in hist])
+
+
+@router.api_route("/api/models/{ns}/{name}/branch/{rest:anypath}", methods=["POST", "DELETE"])
+async def branch(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    store = server(request).store
+    repo = await writable(request, ns, name, tok)
+    branch = _rest(request)
+    if request.method == "POST":
+        body = await read_json(request)
+        start = body.get("startingPoint") if isinstance(body, dict) else None
+        if start is not None and not isinstance(start, str):
+            raise BadRequestError("startingPoint must be a revision")
+        await run_in_threadpool(lambda: store.create_branch(repo, branch, starting_point=start))
+    else:
+        await run_in_threadpool(store.delete_branch, repo, branch)
+    return JSONResponse({})
+
+
+@router.api_route("/api/models/{ns}/{name}/tag/{rest:anypath}", methods=["POST", "DELETE"])
+async def tag(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    """POST ``tag/{revision}`` with ``{tag, message}`` tags a revision; DELETE ``tag/{tag}`` removes it."""
+    store = server(request).store
+    repo = await writable(request, ns, name, tok)
+    if request.method == "POST":
+        body = await read_json(request)
+        tag = body.get("tag") if isinstance(body, dict) else None
+        if not isinstance(tag, str):
+            raise BadRequestError("give the tag as JSON {tag, message}")
+        revision = _rest(request)
+        await run_in_threadpool(lambda: store.create_tag(repo, tag, revision=revision))
+    else:
+        await run_in_threadpool(store.delete_tag, repo, _rest(request))
+    return JSONResponse({})
+
+
+@router.api_route("/api/models/{rest:anypath}", methods=ALL_METHODS)
+async def not_a_model_route(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    """Anything else under /api/models: an id without a namespace (``gpt2``) or a repo this server does
+    not have is RepoNotFound, as the Hub answers; an unknown action on a repo one can read is a 404."""
+    parts = raw_parts(request, 2)
+    if len(parts) >= 2 and is_name(parts[0]) and is_name(parts[1]):
+        repo = await run_in_threadpool(server(request).store.get_repo, parts[0], parts[1])
+        if repo is not None and may_read(repo, tok):
+            raise EndpointNotFoundError(f"no such endpoint: {request.method} {request.url.path}")
+        if parts[1] not in NAMESPACE_LESS_ACTIONS:
+            raise RepoNotFoundError(f"{parts[0]}/{parts[1]}")
+    raise RepoNotFoundError(parts[0] if parts else "")

@@ -1,0 +1,83 @@
+"""The JSON shapes the Hub answers with, built from the server's records."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from .cards import card_tags
+from .records import Commit, Entry, Repo, iso
+
+
+def model_json(repo: Repo, commit: Commit, files: dict[str, Entry] | None, blobs: bool) -> dict[str, Any]:
+    """``/api/models/{id}``: the repo at ``commit``, with its files (``siblings``) when given."""
+    tags, library = card_tags(commit.card)
+    d: dict[str, Any] = {
+        "_id": f"{repo.id:024x}",
+        "id": repo.repo_id,
+        "modelId": repo.repo_id,
+        "author": repo.namespace,
+        "sha": commit.oid,
+        "lastModified": iso(commit.created_at),
+        "createdAt": iso(repo.created_at),
+        "private": repo.private,
+        "gated": False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": tags,
+        "library_name": library,
+    }
+    if commit.card is not None:
+        d["cardData"] = commit.card
+    if files is not None:
+        sib = []
+        for e in files.values():
+            s: dict[str, Any] = {"rfilename": e.path}
+            if blobs:
+                s.update(size=e.size, blobId=e.blob_oid)
+                if e.lfs:
+                    s["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": e.pointer_size}
+            sib.append(s)
+        d["siblings"] = sib
+    return d
+
+
+def file_json(e: Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {"type": "file", "oid": e.blob_oid, "size": e.size, "path": e.path}
+    if e.lfs:
+        d["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": e.pointer_size}
+    return d
+
+
+def folder_json(commit: Commit, path: str) -> dict[str, Any]:
+    oid = hashlib.sha1(f"{commit.oid}:{path}".encode()).hexdigest()
+    return {"type": "directory", "oid": oid, "size": 0, "path": path}
+
+
+def tree_json(commit: Commit, files: dict[str, Entry], prefix: str, recursive: bool) -> list[dict[str, Any]]:
+    """The entries under ``prefix`` ('' or 'dir/'): files and folders, one level or all of them."""
+    out: list[dict[str, Any]] = []
+    dirs: dict[str, None] = {}
+    for p, e in files.items():
+        if not p.startswith(prefix):
+            continue
+        parts = p[len(prefix) :].split("/")
+        for i in range(1, len(parts)):
+            if recursive or i == 1:
+                dirs.setdefault(prefix + "/".join(parts[:i]))
+        if recursive or len(parts) == 1:
+            out.append(file_json(e))
+    out += [folder_json(commit, d) for d in dirs]
+    out.sort(key=lambda x: x["path"])
+    return out
+
+
+def commit_json(c: Commit) -> dict[str, Any]:
+    return {
+        "id": c.oid,
+        "title": c.title,
+        "message": c.message,
+        "date": iso(c.created_at),
+        "authors": [{"user": c.author or "unknown"}],
+    }
