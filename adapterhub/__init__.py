@@ -23,6 +23,9 @@ _EXPORTS: dict[str, str] = {
     "AdapterFilter": "records",
     "AdapterInfo": "records",
     "BaseInfo": "records",
+    "CheckReport": "records",
+    "GcReport": "records",
+    "Problem": "records",
     "FileInfo": "records",
     "MergeRecord": "records",
     "ModuleInfo": "records",
@@ -112,10 +115,13 @@ if TYPE_CHECKING:
         AdapterFilter,
         AdapterInfo,
         BaseInfo,
+        CheckReport,
         FileInfo,
+        GcReport,
         MergeRecord,
         ModuleInfo,
         ParentInfo,
+        Problem,
         PushRecord,
     )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter

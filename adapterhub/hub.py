@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .ops.combine import AdapterExpr
     from .ops.merge import MergeResult
     from .ops.validate import BaseLayout, ValidationReport
-    from .records import AdapterInfo, BaseInfo, MergeRecord, PushRecord
+    from .records import AdapterInfo, BaseInfo, CheckReport, GcReport, MergeRecord, PushRecord
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
     from .server.storage import ServerStore, TokenInfo
     from .services.compute import CombineSummary, Progress, Weighted
@@ -77,6 +77,19 @@ class Hub:
 
     def db_revision(self) -> str | None:
         return self.catalog.revision()
+
+    def check_db(self, *, verify: bool = True) -> CheckReport:
+        """Every row's files present and (with ``verify``) matching their sha256; objects no row references;
+        leftovers of killed runs; values JSON cannot hold; the database's own integrity check. Writes nothing."""
+        from .services.maintenance import check
+
+        return check(self.library, verify=verify)
+
+    def gc(self, *, dry_run: bool = True) -> GcReport:
+        """Remove store objects no row references and what dead runs left behind; a dry run by default."""
+        from .services.maintenance import gc
+
+        return gc(self.library, dry_run=dry_run)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(

@@ -225,6 +225,69 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """One finding of `db check`: ``kind`` is missing, corrupt, orphan, leftover, value or database."""
+
+    kind: str
+    subject: str  # an adapter name, or a path for orphans and leftovers
+    message: str
+    size_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "subject": self.subject,
+            "message": self.message,
+            "size_bytes": self.size_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What `Hub.check_db` found; ``ok`` when nothing."""
+
+    problems: tuple[Problem, ...]
+    files_checked: int
+    verified: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return sum(p.size_bytes for p in self.problems if p.kind in ("orphan", "leftover"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "files_checked": self.files_checked,
+            "verified": self.verified,
+            "reclaimable_bytes": self.reclaimable_bytes,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What `Hub.gc` removed (or, in a dry run, would remove)."""
+
+    items: tuple[Problem, ...]
+    dry_run: bool
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.size_bytes for p in self.items)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "size_bytes": self.size_bytes,
+            "items": [p.to_dict() for p in self.items],
+        }
+
+
+@dataclass(frozen=True)
 class BaseInfo:
     """A registered base checkpoint (layout read from its safetensors headers)."""
 

@@ -25,6 +25,21 @@ from .errors import StoreError
 CHUNK = 4 * 1024 * 1024
 
 
+def scratch_prefix(kind: str) -> str:
+    """The name prefix of a scratch file or folder this process makes (``in-1234-``): `db gc` tells from
+    the process id whether its writer is still alive."""
+    return f"{kind}-{os.getpid()}-"
+
+
+def scratch_owner(name: str) -> int | None:
+    """The process id a scratch name was made with (`scratch_prefix`, or a trashed ``digest.pid.x``)."""
+    parts = name.replace(".", "-").split("-")
+    for p in parts[1:3]:
+        if p.isdigit():
+            return int(p)
+    return None
+
+
 @dataclass(frozen=True)
 class StoredFile:
     sha256: str
@@ -71,7 +86,7 @@ class Store:
         if digest is not None and size is not None:
             if self.has(digest):
                 return StoredFile(digest, size, created=False)
-            tmp_name = str(self.tmp / f"in-{uuid.uuid4().hex}")
+            tmp_name = str(self.tmp / f"{scratch_prefix('in')}{uuid.uuid4().hex}")
             try:
                 os.link(src, tmp_name)
             except OSError:
@@ -79,7 +94,7 @@ class Store:
             return self.commit(tmp_name, digest, size)
         h = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-")
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=scratch_prefix("in"))
         try:
             with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                 buf = bytearray(CHUNK)
@@ -96,7 +111,7 @@ class Store:
 
     def put_bytes(self, data: bytes) -> StoredFile:
         self._ensure()
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-")
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=scratch_prefix("in"))
         try:
             with os.fdopen(fd, "wb") as fout:
                 fout.write(data)
@@ -126,7 +141,7 @@ class Store:
     def trash(self, sha256: str) -> Path | None:
         """Move an object out of ``objects/`` (undo with `restore`, finish with `purge`); None if absent."""
         self.trash_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.trash_dir / f"{sha256}.{uuid.uuid4().hex[:12]}"
+        dest = self.trash_dir / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         try:
             os.replace(self.path(sha256), dest)
         except FileNotFoundError:

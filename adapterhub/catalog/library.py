@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
+from .. import faults
 from ..errors import AdapterExistsError, AdapterNotFoundError, CatalogError, StoreError
 from ..records import AdapterFilter, AdapterInfo, BaseInfo, MergeRecord, PushRecord
 from ..store import Store, StoredFile
@@ -171,6 +172,7 @@ class Library:
         try:
             for filename, role, path in wanted:
                 stored.append((filename, role, path, self._put(path, verified.get(path))))
+            faults.point("add.stored")
             weights_digest = stored[-1][3].sha256
             row = adapter_row(weights, files.format, weights_digest, sum(s.size for *_, s in stored))
             row.update(name=name, description=description, source=source)
@@ -239,6 +241,7 @@ class Library:
                     t = self.store.trash(d)
                     if t is not None:
                         trashed.append((d, t))
+                faults.point("remove.trashed")
         except BaseException:
             for d, t in trashed:
                 self.store.restore(t, d)

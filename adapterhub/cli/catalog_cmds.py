@@ -295,3 +295,51 @@ def db_upgrade_cmd(state: State) -> None:
         emit_json({"revision": rev})
     elif not state.quiet:
         click.echo(f"catalog schema at revision {rev}")
+
+
+@db_group.command("check")
+@click.option("--quick", is_flag=True, help="Check that stored files exist, without re-hashing them.")
+@output_options
+@pass_state
+def db_check_cmd(state: State, quick: bool, mode: str) -> None:
+    """Check the catalog and store: files present with the right sha256, orphans, leftovers of killed
+    runs, the database's own integrity. Exits with code 1 when anything is wrong."""
+    report = state.hub.check_db(verify=not quick)
+    if mode == "json":
+        emit_json(report.to_dict())
+    elif report.problems:
+        emit_records([p.to_dict() for p in report.problems], PROBLEM_COLUMNS, mode=mode,
+                     formatters={"size_bytes": human_size})  # fmt: skip
+    if mode != "json" and not state.quiet:
+        summary = "no problems" if report.ok else f"{len(report.problems)} problem(s)"
+        reclaim = (
+            f"; `adapterhub db gc` reclaims {human_size(report.reclaimable_bytes)}"
+            if report.reclaimable_bytes
+            else ""
+        )
+        click.echo(f"checked {report.files_checked} stored files: {summary}{reclaim}", err=True)
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@db_group.command("gc")
+@click.option("--yes", "-y", is_flag=True, help="Remove them; without it, only list what would go.")
+@output_options
+@pass_state
+def db_gc_cmd(state: State, yes: bool, mode: str) -> None:
+    """Remove store objects no catalog row references and what killed runs left behind (never what a
+    live process is writing). A dry run unless --yes."""
+    report = state.hub.gc(dry_run=not yes)
+    if mode == "json":
+        emit_json(report.to_dict())
+        return
+    if report.items:
+        emit_records([p.to_dict() for p in report.items], PROBLEM_COLUMNS, mode=mode,
+                     formatters={"size_bytes": human_size})  # fmt: skip
+    if not state.quiet:
+        verb = "would remove" if report.dry_run else "removed"
+        hint = " (run with --yes to remove them)" if report.dry_run and report.items else ""
+        click.echo(f"{verb} {len(report.items)} item(s), {human_size(report.size_bytes)}{hint}", err=True)
+
+
+PROBLEM_COLUMNS = [("kind", "kind"), ("subject", "what"), ("message", "problem"), ("size_bytes", "size")]

@@ -11,8 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import faults
 from ..errors import AdapterExistsError, InvalidAdapterError, PickleRefusedError, RemoteError
 from ..names import check_name, check_tags, is_valid_name
+from ..store import scratch_prefix
 from .client import check_repo_id, download, hub_client, resolve_endpoint
 from .push import RECORD_NAME
 from .results import PullResult
@@ -88,7 +90,7 @@ def pull_adapter(
         wanted = _choose_files(source, entries, allow_pickle=allow_pickle)
         with_record = RECORD_NAME in entries and entries[RECORD_NAME].size <= RECORD_LIMIT
         lib.store.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix="pull-"))
+        tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("pull")))
         try:
             digests: dict[str, tuple[str, int]] = {}
             for path in [*wanted, *([RECORD_NAME] if with_record else [])]:
@@ -103,6 +105,7 @@ def pull_adapter(
                     label=f"{repo_id}/{path}",
                     progress=progress and e.size > 1_000_000,
                 )
+            faults.point("pull.downloaded")
             record = _read_record(tmp / RECORD_NAME, source) if with_record else None
             if record is not None:
                 (tmp / RECORD_NAME).unlink()

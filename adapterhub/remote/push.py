@@ -7,6 +7,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .. import faults
 from ..errors import InvalidAdapterError, RemoteError
 from .card import model_card
 from .client import check_repo_id, hub_client, resolve_endpoint
@@ -101,6 +102,7 @@ def push_adapter(
         level = hf_log.level
         if not log.isEnabledFor(logging.DEBUG):
             hf_log.setLevel(logging.ERROR)  # its "No files have been modified" warning: we report `changed`
+        faults.point("push.uploading")
         try:
             commit = api.create_commit(
                 repo_id,

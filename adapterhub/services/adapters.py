@@ -10,11 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import faults
 from ..errors import AdapterExistsError, InvalidAdapterError, OutputExistsError
 from ..names import check_name, check_tags, name_from_path
+from ..store import scratch_prefix
+from .maintenance import journal
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
+    from ..formats import AdapterFiles
     from ..lora import LoraWeights
     from ..records import AdapterInfo
 
@@ -48,7 +52,7 @@ def add_adapter(
     try:
         if files.pickle:
             lib.store.tmp.mkdir(parents=True, exist_ok=True)
-            tmpdir = tempfile.mkdtemp(dir=lib.store.tmp, prefix="pickle-")
+            tmpdir = tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("pickle"))
             converted = convert_pickle(files.weights, Path(tmpdir) / "adapter_model.safetensors")
             files = AdapterFiles("peft", converted, files.config)
         weights = read_adapter(files)
@@ -87,7 +91,7 @@ def export_adapter(
     ``overwrite`` an earlier export is replaced once the new one is complete; anything else (the current
     folder, the home, a folder holding other files) is refused.
     """
-    from ..formats import FORMATS, read_adapter, write_adapter
+    from ..formats import FORMATS
 
     info = lib.info(name)
     fmt = format or info.format
@@ -100,6 +104,15 @@ def export_adapter(
         out = out / (Path(name).name + ".safetensors")
     _check_destination(lib, out, fmt=fmt, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with journal(lib, out):
+        return _write_export(lib, name, info, files, out, fmt)
+
+
+def _write_export(
+    lib: Library, name: str, info: AdapterInfo, files: AdapterFiles, out: Path, fmt: str
+) -> Path:
+    from ..formats import read_adapter, write_adapter
+
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     old: Path | None = None
     try:
@@ -113,6 +126,7 @@ def export_adapter(
             target = tmp if fmt == "peft" else tmp / out.name
             produced = write_adapter(weights, target, format=fmt)
         _apply_umask(produced)
+        faults.point("export.writing")
         if out.is_dir():  # an earlier export, checked above: set it aside, then swap the new one in
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import faults
 from ..errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -24,6 +25,7 @@ from ..errors import (
 )
 from ..names import check_name, check_tags
 from ..records import AdapterInfo
+from ..store import scratch_prefix
 from .bases import base_dir, base_layout
 
 if TYPE_CHECKING:
@@ -167,10 +169,18 @@ def merge(
     inputs = _inputs(lib, adapters, load=False)
     _preflight(lib, inputs, layout, subject=f"merge into {base}")
     loaded = [_input(lib, i.label, i.weight) for i in inputs]
-    result = merge_checkpoint(
-        bdir, [(i.weights, i.weight) for i in loaded], out, dtype=dtype, device=device, unmerge=unmerge,
-        progress=progress,
-    )  # fmt: skip
+    from .maintenance import journal
+
+    def step(done: int, total: int) -> None:
+        faults.point("merge.writing")
+        if progress is not None:
+            progress(done, total)
+
+    with journal(lib, Path(out)):
+        result = merge_checkpoint(
+            bdir, [(i.weights, i.weight) for i in loaded], out, dtype=dtype, device=device, unmerge=unmerge,
+            progress=step,
+        )  # fmt: skip
     used = [(i.label, i.weight) for i in loaded if i.cataloged]
     if used:
         row = {
@@ -339,7 +349,7 @@ def _store_result(
     from ..formats import AdapterFiles, read_adapter, write_adapter
 
     lib.store.tmp.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix="derived-"))
+    tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("derived")))
     try:
         fmt = "kohya" if result.weights.format == "kohya" else "peft"
         target = tmp / (Path(name).name + ".safetensors") if fmt == "kohya" else tmp
@@ -348,6 +358,7 @@ def _store_result(
             files = AdapterFiles("kohya", written)
         else:
             files = AdapterFiles("peft", tmp / "adapter_model.safetensors", tmp / "adapter_config.json")
+        faults.point("combine.written")
         weights = read_adapter(files)  # what was written, read back as any adapter is
         info = lib.ingest(
             name,
