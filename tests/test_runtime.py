@@ -215,11 +215,14 @@ def test_modules_to_save_matches_peft(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------- mixed batches
 
 
-def test_rows_equal_single_runs_and_peft(llama: Any, llama_adapters: dict[str, Path], rt: Runtime) -> None:
+@pytest.mark.parametrize("seq", [3, 12])  # short rows: concatenated factors + mask; long: per-row GEMMs
+def test_rows_equal_single_runs_and_peft(
+    llama: Any, llama_adapters: dict[str, Path], rt: Runtime, seq: int
+) -> None:
     names = ["a", "b", "dora", "emb", "bias"]
     for n in names:
         rt.load(llama_adapters[n])
-    x = _ids(batch=6)
+    x = _ids(batch=6, seq=seq)
     rows = ["a", "b", None, "dora", "emb", "bias"]
     with rt.rows(rows):
         mixed = _out(rt.model, x)
@@ -242,23 +245,29 @@ def test_rows_with_combinations_and_generate(
         rt.load(llama_adapters[n])
     combo = {"a": 0.7, "b": -0.3}
     rows: list[Any] = ["a", combo, None, "c"]
-    x = _ids(batch=4, seq=5)
+    x = _ids(batch=4, seq=9)
     with rt.rows(rows):
         mixed = _out(rt.model, x)
-        gen = rt.model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        gen = rt.model.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert rt.active is None
     for i, spec in enumerate(rows):
         rt.activate(spec)
         _close(mixed[i : i + 1], _out(rt.model, x[i : i + 1]))
-        alone = rt.model.generate(x[i : i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        alone = rt.model.generate(
+            x[i : i + 1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+        )
         assert torch.equal(gen[i : i + 1], alone)
     # beams repeat each row: the specs follow
     rt.activate(None)
     with rt.rows(["a", "c"]):
-        beams = rt.model.generate(x[:2], max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+        beams = rt.model.generate(
+            x[:2], max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0
+        )
     for i, spec in enumerate(["a", "c"]):
         rt.activate(spec)
-        one = rt.model.generate(x[i : i + 1], max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+        one = rt.model.generate(
+            x[i : i + 1], max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0
+        )
         assert torch.equal(beams[i : i + 1], one)
     with rt.rows(["a", "b", "c"]), pytest.raises(InvalidOptionError, match="one spec per row"):
         _out(rt.model, x)

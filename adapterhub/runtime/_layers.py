@@ -115,6 +115,7 @@ class Layer:
         self.lora_slots: set[int] = set()  # slots with low-rank factors here
         self.version = 0
         self._cache: tuple[Any, ...] | None = None
+        self._rcache: tuple[Any, ...] | None = None
         self.handle: RemovableHandle | None = module.register_forward_hook(self, with_kwargs=True)
 
     # ----------------------------------------------------------------------------------------- banks
@@ -218,11 +219,11 @@ class Layer:
             self.handle = None
         self.first = self.second = self.bias = self.gm1 = None
         self.replacements.clear()
-        self._cache = None
+        self._cache = self._rcache = None
 
     def _changed(self) -> None:
         self.version += 1
-        self._cache = None
+        self._cache = self._rcache = None
 
     # ----------------------------------------------------------------------------------------- math
 
@@ -258,6 +259,24 @@ class Layer:
             self._cache = (sel, self.version, sel.version, first, second)
         return first, second
 
+    def _row_factors(self, sel: Selection, n: int, compiling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, its own slots' factors: ``(n, M*r, in)`` and ``(n, M*r, out)`` with the row's weights
+        folded into the second."""
+        if not compiling and self._rcache is not None:
+            c_sel, c_ver, c_sver, c_n, first, second = self._rcache
+            if c_sel is sel and c_ver == self.version and c_sver == sel.version and c_n == n:
+                return first, second
+        assert self.first is not None and self.second is not None
+        slots, coef = sel.rows_of(n)
+        flat = slots.reshape(-1)
+        m, r = int(slots.shape[1]), self.rank
+        first = self.first.index_select(0, flat).reshape(n, m * r, self.in_f)
+        second = self.second.index_select(0, flat).reshape(n, m, r, self.out_f)
+        second = (second * coef.to(second.dtype).view(n, m, 1, 1)).reshape(n, m * r, self.out_f)
+        if not compiling:
+            self._rcache = (sel, self.version, sel.version, n, first, second)
+        return first, second
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         state = self.state
         sel = state.sel
@@ -270,10 +289,18 @@ class Layer:
         if self.first is None:
             return output
         compiling = torch.compiler.is_compiling()
-        first, second = self._gathered(sel, compiling)
-        k, r = sel.k, self.rank
         kind = self.kind
         masked = sel.rows is not None
+        if (
+            masked
+            and kind in ("linear", "conv1d")
+            and sel.row_slots is not None
+            and sel.k > sel.row_slots.shape[1]
+            and x.numel() >= _LONG_ROWS * n * self.in_f
+        ):
+            return self._per_row(sel, x, output, n, compiling)
+        first, second = self._gathered(sel, compiling)
+        k, r = sel.k, self.rank
         if kind == "embedding":
             table = self.first
             h = table[sel.idx.view(*(1,) * x.dim(), k), x.unsqueeze(-1)]  # (..., K, r)
@@ -308,6 +335,21 @@ class Layer:
                 return output
             delta = (h @ second).view(*output.shape)
         return self._finish(sel, module, output, delta, n)
+
+    def _per_row(
+        self, sel: Selection, x: torch.Tensor, output: torch.Tensor, n: int, compiling: bool
+    ) -> torch.Tensor:
+        """Long rows over several adapters: two batched GEMMs, each row with only its own factors."""
+        first, second = self._row_factors(sel, n, compiling)
+        xin = x.reshape(n, -1, self.in_f)
+        if xin.dtype != first.dtype:
+            xin = xin.to(first.dtype)
+        h = torch.bmm(xin, first.transpose(1, 2))  # (n, tokens, M*r)
+        if self.bias is None and not (sel.dora and self.gm1 is not None) and _inplace_ok(output, h):
+            output.view(n, -1, self.out_f).baddbmm_(h, second)
+            return output
+        delta = torch.bmm(h, second).view(*output.shape)
+        return self._finish(sel, self.module, output, delta, n)
 
     def _finish(
         self, sel: Selection, module: nn.Module, output: torch.Tensor, delta: torch.Tensor, n: int
@@ -362,6 +404,11 @@ class Layer:
                 self.state.passthrough = False
             output = y if rows is None else output.index_copy(0, rows, y.to(output.dtype))
         return output
+
+
+#: tokens per row from which rows over several adapters take the per-row batched GEMMs (below it, the
+#: concatenated factors of all the batch's adapters with a per-row mask cost less)
+_LONG_ROWS = 8
 
 
 def _inplace_ok(output: torch.Tensor, other: torch.Tensor) -> bool:

@@ -28,6 +28,10 @@ class Selection:
     dora: bool  # some slot carries DoRA magnitudes
     #: slot -> the rows it covers (None: every row), for slots that replace whole weights
     replace: dict[int, list[int] | None] = field(default_factory=dict)
+    #: per row, the slots it uses (padded with slot 0 at weight 0) and their weights: ``(R, M)`` each,
+    #: ``M`` the most slots any row combines; for the per-row batched GEMMs of long rows
+    row_slots: torch.Tensor | None = None
+    row_coef: torch.Tensor | None = None
     version: int = 0
     #: ``len(slots)``, kept apart so a compiled graph guards on the count, not on which slots
     k: int = -1
@@ -55,6 +59,20 @@ class Selection:
                     "row of the batch"
                 )
             hit = self.coef.repeat_interleave(n // self.rows, dim=0)
+            self._expanded[key] = hit
+        return hit  # type: ignore[return-value]
+
+    def rows_of(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row_slots, row_coef)`` for a batch of ``n`` rows (each row's copies repeat it)."""
+        assert self.row_slots is not None and self.row_coef is not None and self.rows is not None
+        if n == self.rows:
+            return self.row_slots, self.row_coef
+        key = (n, -3)
+        hit = self._expanded.get(key)
+        if hit is None:
+            self.coef_for(n)  # checks that n is a multiple of the rows
+            m = n // self.rows
+            hit = (self.row_slots.repeat_interleave(m, dim=0), self.row_coef.repeat_interleave(m, dim=0))
             self._expanded[key] = hit
         return hit  # type: ignore[return-value]
 

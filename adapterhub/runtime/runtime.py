@@ -445,6 +445,15 @@ class Runtime:
             if by_slot[s].replaces:
                 replace[s] = None if rows is None else [i for i, r in enumerate(per_row) if s in r]
         dev = self._device
+        row_slots = row_coef = None
+        if rows is not None:
+            width = max(1, max(len(r) for r in per_row))
+            rs = torch.zeros(len(per_row), width, dtype=torch.long)
+            rc = torch.zeros(len(per_row), width, dtype=torch.float32)
+            for i, r in enumerate(per_row):
+                for j, (s, w) in enumerate(r.items()):
+                    rs[i, j], rc[i, j] = s, w
+            row_slots, row_coef = rs.to(dev), rc.to(dev)
         return Selection(
             slots=tuple(order),
             coef=coef.to(dev),
@@ -453,6 +462,8 @@ class Runtime:
             unit=rows is None and len(order) == 1 and float(coef[0, 0]) == 1.0,
             dora=any(by_slot[s].dora for s in order),
             replace=replace,
+            row_slots=row_slots,
+            row_coef=row_coef,
         )
 
     def _apply(self, sel: Selection | None) -> None:
