@@ -1,0 +1,185 @@
+"""Parts of the Hub API that real clients call beyond push and pull: tags, paths-info and
+`CommitOperationCopy`, repo settings, case-insensitive repo ids, both folder-delete idioms, ids without a
+namespace, and the error shape of routes the server does not have. Real huggingface_hub client against a
+real ``adapterhub serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_server import Server, online_hf, start_server
+
+
+@pytest.fixture
+def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return online_hf(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory)
+
+
+def test_tags(server: Server, hf: Any, tmp_path: Path) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/tagged")
+    first = api.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id="alice/tagged")
+    api.create_tag("alice/tagged", tag="v1.0", tag_message="first release")
+    second = api.upload_file(path_or_fileobj=b"v2", path_in_repo="notes.txt", repo_id="alice/tagged")
+    api.create_tag("alice/tagged", tag="v0.9", revision=first.oid)
+    refs = api.list_repo_refs("alice/tagged")
+    assert {(t.name, t.ref, t.target_commit) for t in refs.tags} == {
+        ("v1.0", "refs/tags/v1.0", first.oid),
+        ("v0.9", "refs/tags/v0.9", first.oid),
+    }
+    assert [(b.name, b.target_commit) for b in refs.branches] == [("main", second.oid)]
+    assert api.model_info("alice/tagged", revision="v1.0").sha == first.oid
+    got = hf.hf_hub_download("alice/tagged", "notes.txt", revision="v1.0", endpoint=server.url, token=False,
+                             cache_dir=str(tmp_path / "c1"))  # fmt: skip
+    assert Path(got).read_bytes() == b"v1"
+    assert api.model_info("alice/tagged", revision="refs/tags/v1.0").sha == first.oid
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:
+        api.create_tag("alice/tagged", tag="v1.0")
+    assert exc.value.response.status_code == 409
+    api.create_tag("alice/tagged", tag="v1.0", exist_ok=True)
+    # only branches move: a commit to a tag is refused and the tag stays where it was
+    with pytest.raises(hf.errors.RevisionNotFoundError):
+        api.upload_file(
+            path_or_fileobj=b"v3", path_in_repo="notes.txt", repo_id="alice/tagged", revision="v1.0"
+        )
+    assert api.model_info("alice/tagged", revision="v1.0").sha == first.oid
+    with pytest.raises(hf.errors.HfHubHTTPError):
+        hf.HfApi(endpoint=server.url, token=server.bob).create_tag("alice/tagged", tag="bobs")
+    api.delete_tag("alice/tagged", tag="v1.0")
+    assert [t.name for t in api.list_repo_refs("alice/tagged").tags] == ["v0.9"]
+    with pytest.raises(hf.errors.RevisionNotFoundError):
+        api.model_info("alice/tagged", revision="v1.0")
+    with pytest.raises(hf.errors.RevisionNotFoundError):
+        api.delete_tag("alice/tagged", tag="v1.0")
+    with pytest.raises(hf.errors.RevisionNotFoundError):
+        api.create_tag("alice/tagged", tag="v2", revision="no-such-branch")
+    with pytest.raises(hf.errors.BadRequestError):
+        api.create_tag("alice/tagged", tag="bad..name")
+
+
+def test_paths_info_and_commit_operation_copy(server: Server, hf: Any, tmp_path: Path) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/paths")
+    weights = os.urandom(2000)
+    ops = [
+        hf.CommitOperationAdd(path_in_repo="w.safetensors", path_or_fileobj=weights),
+        hf.CommitOperationAdd(path_in_repo="sub/config.json", path_or_fileobj=b'{"a": 1}'),
+    ]
+    api.create_commit("alice/paths", operations=ops, commit_message="add")
+    info = {p.path: p for p in api.get_paths_info("alice/paths", ["w.safetensors", "sub", "sub/", "missing"])}
+    assert set(info) == {"w.safetensors", "sub"}
+    assert isinstance(info["sub"], hf.hf_api.RepoFolder)
+    assert info["w.safetensors"].lfs.sha256 == __import__("hashlib").sha256(weights).hexdigest()
+    copies = [
+        hf.CommitOperationCopy(src_path_in_repo="w.safetensors", path_in_repo="copy/w.safetensors"),
+        hf.CommitOperationCopy(src_path_in_repo="sub/config.json", path_in_repo="copy/config.json"),
+    ]
+    api.create_commit("alice/paths", operations=copies, commit_message="copy")
+    assert {"copy/w.safetensors", "copy/config.json"} <= set(api.list_repo_files("alice/paths"))
+    # across repos: from a public repo anyone may copy; from a private repo of another user nobody else may.
+    # (huggingface_hub 2.4 copies LFS files across repos only through Xet's lfs-files/duplicate, which this
+    # server does not speak; regular files it downloads and re-sends. The server side of an LFS reference
+    # across repos is tested in test_server_security.py.)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    bob.create_repo("bob/copies")
+    bob.create_commit(
+        "bob/copies", commit_message="copy",
+        operations=[hf.CommitOperationCopy(src_path_in_repo="sub/config.json", path_in_repo="config.json",
+                                           src_repo_id="alice/paths", src_repo_type="model")],
+    )  # fmt: skip
+    got = hf.hf_hub_download("bob/copies", "config.json", endpoint=server.url, token=False,
+                             cache_dir=str(tmp_path / "c"))  # fmt: skip
+    assert Path(got).read_bytes() == b'{"a": 1}'
+    api.update_repo_settings("alice/paths", private=True)
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        bob.create_commit(
+            "bob/copies", commit_message="copy again",
+            operations=[hf.CommitOperationCopy(src_path_in_repo="sub/config.json", path_in_repo="c.json",
+                                               src_repo_id="alice/paths", src_repo_type="model")],
+        )  # fmt: skip
+
+
+def test_repo_settings_visibility(server: Server, hf: Any) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    anon = hf.HfApi(endpoint=server.url, token=False)
+    alice.create_repo("alice/toggle", private=True)
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        anon.model_info("alice/toggle")
+    alice.update_repo_settings("alice/toggle", private=False)
+    assert anon.model_info("alice/toggle").private is False
+    alice.update_repo_settings("alice/toggle", private=True)
+    assert alice.model_info("alice/toggle").private is True
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        anon.model_info("alice/toggle")
+    with pytest.raises(hf.errors.RepositoryNotFoundError):  # bob does not learn it exists
+        hf.HfApi(endpoint=server.url, token=server.bob).update_repo_settings("alice/toggle", private=False)
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:
+        hf.HfApi(endpoint=server.url, token=server.alice_read).update_repo_settings(
+            "alice/toggle", private=False
+        )
+    assert exc.value.response.status_code == 403
+    assert alice.model_info("alice/toggle").private is True
+
+
+def test_repo_ids_ignore_case(server: Server, hf: Any, tmp_path: Path) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    assert api.create_repo("alice/CaseRepo").repo_id == "alice/CaseRepo"
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:
+        api.create_repo("alice/caserepo")
+    assert exc.value.response.status_code == 409
+    assert api.create_repo("alice/caserepo", exist_ok=True).repo_id == "alice/CaseRepo"
+    api.upload_file(path_or_fileobj=b"hi", path_in_repo="a.txt", repo_id="alice/caserepo")
+    assert api.model_info("ALICE/CASEREPO").id == "alice/CaseRepo"
+    got = hf.hf_hub_download(
+        "alice/caserepo", "a.txt", endpoint=server.url, token=False, cache_dir=str(tmp_path)
+    )
+    assert Path(got).read_bytes() == b"hi"
+    assert [m.id for m in api.list_models(search="caserepo")] == ["alice/CaseRepo"]
+
+
+def test_both_folder_delete_idioms(server: Server, hf: Any) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/folders")
+    ops = [hf.CommitOperationAdd(path_in_repo=p, path_or_fileobj=p.encode())
+           for p in ("one/a.txt", "one/b/c.txt", "two/a.txt", "keep/x.txt")]  # fmt: skip
+    api.create_commit("alice/folders", operations=ops, commit_message="add")
+    api.create_commit(
+        "alice/folders", operations=[hf.CommitOperationDelete("one/")], commit_message="rm one/"
+    )
+    api.create_commit("alice/folders", operations=[hf.CommitOperationDelete("two")], commit_message="rm two")
+    assert sorted(api.list_repo_files("alice/folders")) == [".gitattributes", "keep/x.txt"]
+    with pytest.raises(hf.errors.EntryNotFoundError):
+        api.create_commit("alice/folders", operations=[hf.CommitOperationDelete("gone/")], commit_message="x")
+    api.delete_folder("keep", repo_id="alice/folders")
+    assert api.list_repo_files("alice/folders") == [".gitattributes"]
+
+
+def test_ids_without_a_namespace_and_unknown_routes(server: Server, hf: Any, tmp_path: Path) -> None:
+    api = hf.HfApi(endpoint=server.url, token=False)
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        api.model_info("gpt2")
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        api.model_info("gpt2", revision="main")
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        hf.hf_hub_download("gpt2", "config.json", endpoint=server.url, token=False, cache_dir=str(tmp_path))
+    for path in ("/api/models/gpt2", "/api/models/gpt2/revision/main", "/gpt2/resolve/main/config.json"):
+        status, headers, body = server.request("GET", path)
+        assert status == 404 and headers["X-Error-Code"] == "RepoNotFound", path
+        assert "gpt2" in json.loads(body)["error"]
+    # a route this server does not have gets the Hub's error shape too, without an error code
+    status, headers, body = server.request("GET", "/api/spaces/alice/x")
+    assert status == 404 and "X-Error-Code" not in headers and "no such endpoint" in json.loads(body)["error"]
+    # datasets and spaces are refused by design
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:
+        hf.HfApi(endpoint=server.url, token=server.alice).create_repo("alice/data", repo_type="dataset")
+    assert exc.value.response.status_code == 400 and "model repos only" in str(exc.value)
