@@ -101,6 +101,23 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def interleaved(self, cases: dict[str, Callable[[], Any]], warmup: int = 1) -> dict[str, float]:
+        """Run every case once per round, ``reps`` rounds; per case as in `__call__`."""
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        with torch.no_grad():
+            for fn in cases.values():
+                for _ in range(warmup):
+                    fn()
+            self.sync()
+            for _ in range(self.reps):
+                for k, fn in cases.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    self.sync()
+                    times[k].append(time.perf_counter() - t0)
+        pick = statistics.median if self.device.type == "cuda" else min
+        return {k: pick(v) for k, v in times.items()}
+
     def __call__(self, fn: Callable[[], Any], reps: int | None = None, warmup: int = 2) -> float:
         """Seconds of ``fn``: the median on a GPU, the minimum on a CPU (shared cores are noisy)."""
         with torch.no_grad():
@@ -178,42 +195,56 @@ def main() -> None:
     def fwd(m: Any, x: Any = ids, **kw: Any) -> Callable[[], Any]:
         return lambda: m(x, use_cache=False, **kw).logits
 
-    base_t = t(fwd(model))
-    say(f"\n## prefill forward {rows}x{seq}")
-    say(f"base                          {fmt(base_t)}   1.00x base")
-
+    say(f"\n## prefill forward {rows}x{seq} (our cases interleaved round by round, so they share the noise)")
+    plain_t = t(fwd(model))
     spare = copy.deepcopy(model) if peft_counts else None  # PEFT wraps its own copy
     rt = attach(model)
     for i, w in enumerate(adapters):
         rt.load(w, name=f"a{i}", sha256=f"bench-{i}")  # content keys given: hashing is timed below
-    rt.activate("a0")
-    one_t = t(fwd(model))
+
+    def with_spec(spec: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            rt.activate(spec)
+            return model(ids, use_cache=False).logits
+
+        return run
+
+    def with_rows(names: list[str]) -> Callable[[], Any]:
+        def run() -> Any:
+            with rt.rows(names):  # a new batch composition every call: the gathers are timed too
+                return model(ids, use_cache=False).logits
+
+        return run
+
+    cases: dict[str, Callable[[], Any]] = {"base": with_spec(None), "one": with_spec("a0")}
+    for n in counts:
+        cases[f"mixed{n}"] = with_rows([f"a{i % n}" for i in range(rows)])
+    res = t.interleaved(cases)
     rt.activate(None)
+    base_t = res["base"]
+    say(f"base, no runtime attached     {fmt(plain_t)}")
+    say(f"base, runtime attached        {fmt(base_t)}   1.00x base")
     peft: Any = None
-    res: dict[str, float] = {"base": base_t, "one": one_t}
+    one_t = res["one"]
+    line = f"one adapter                   {fmt(one_t)}   {one_t / base_t:.2f}x base"
     if peft_counts:
         peft = peft_from(spare, adapters[: max(peft_counts)], rank)
         peft.set_adapter("a0")
-        p_one = t(fwd(peft))
-        res["peft_one"] = p_one
         with torch.no_grad():
             rt.activate("a0")
             ours = model(ids[:2], use_cache=False).logits.float()
             rt.activate(None)
             theirs = peft(ids[:2], use_cache=False).logits.float()
         say(
-            f"(check: |ours - PEFT| max {float((ours - theirs).abs().max()):.2e} on logits of scale {float(theirs.abs().max()):.1f})"
+            f"(check: |ours - PEFT| max {float((ours - theirs).abs().max()):.2e} on logits of scale "
+            f"{float(theirs.abs().max()):.1f})"
         )
-        say(
-            f"one adapter                   {fmt(one_t)}   {one_t / base_t:.2f}x base   PEFT {fmt(p_one)} ({p_one / base_t:.2f}x base, {p_one / one_t:.1f}x ours)"
-        )
-    else:
-        say(f"one adapter                   {fmt(one_t)}   {one_t / base_t:.2f}x base")
+        p_one = t(fwd(peft))
+        line += f"   PEFT {fmt(p_one)} ({p_one / base_t:.2f}x base, {p_one / one_t:.1f}x ours)"
+    say(line)
     for n in counts:
         names = [f"a{i % n}" for i in range(rows)]
-        with rt.rows(names):
-            mixed = t(fwd(model))
-        res[f"mixed{n}"] = mixed
+        mixed = res[f"mixed{n}"]
         line = (
             f"mixed, {n:3d} resident ({min(n, rows):2d} in batch) {fmt(mixed)}   {mixed / base_t:.2f}x base"
         )
@@ -221,6 +252,8 @@ def main() -> None:
             pm = t(fwd(peft, adapter_names=names), reps=max(2, reps // 3), warmup=1)
             line += f"   PEFT {fmt(pm)} ({pm / base_t:.1f}x base, {pm / mixed:.1f}x ours)"
         say(line)
+    flat = max(res[f"mixed{n}"] for n in counts) / min(res[f"mixed{n}"] for n in counts)
+    say(f"mixed batch, slowest / fastest over 1..{max(counts)} adapters: {flat:.2f}x")
 
     # decode step: 64 rows x 1 token over a 64-token cache
     say("\n## decode step 64 rows x 1 token (KV cache of 64 tokens), rows over 32 adapters")
@@ -249,7 +282,6 @@ def main() -> None:
         d_peft = decode_case(peft, adapter_names=names32)
         line += f"   PEFT {fmt(d_peft)} ({d_peft / d_base:.1f}x base, {d_peft / d_mixed:.1f}x ours)"
     say(line)
-    res.update(d_base=d_base, d_mixed=d_mixed)
 
     # switching
     say("\n## switching: activate(name) with N resident (median of 200)")

@@ -25,7 +25,10 @@ from adapterhub.runtime import ResidentAdapter, Runtime, attach  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import make_adapter, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama  # noqa: E402
 
-DEVICE = os.environ.get("ADAPTERHUB_TEST_DEVICE", "cpu")
+DEVICE = os.environ.get("ADAPTERHUB_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU
+if DEVICE.startswith("cuda"):  # exact fp32 comparisons: no TF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 ATOL = 1e-5
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
