@@ -19,7 +19,6 @@ No FastAPI here (the CLI's ``token`` commands use this module too): errors are t
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -89,16 +88,6 @@ class ServerStore:
         d = self._upload_dir(repo)
         d.mkdir(parents=True, exist_ok=True)
         (d / sha256).touch()
-
-    def adopt_upload(self, tmp: str, sha256: str) -> None:
-        """Move a received and checked temporary file into the store as object ``sha256``."""
-        dest = self.blobs.path(sha256)
-        if dest.is_file():
-            os.unlink(tmp)
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
 
     def referable_size(self, repo: Repo, user: str | None, sha256: str) -> int | None:
         """The size of the stored object ``sha256`` if a commit to ``repo`` by ``user`` may point at it, else

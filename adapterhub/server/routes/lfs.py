@@ -30,6 +30,7 @@ from ...errors import (
     ForbiddenError,
     RepoNotFoundError,
 )
+from ...store import scratch_prefix
 from ..checks import SHA256_RE
 from ..deps import Server, auth, base_url, read_json, server, writable
 from ..records import Repo, TokenInfo
@@ -154,7 +155,7 @@ async def receive_object(request: Request, srv: Server, oid: str, size: int, *, 
     tmp = ""
     fd = -1
     if keep:
-        fd, tmp = tempfile.mkstemp(dir=blobs.tmp, prefix="lfs-")
+        fd, tmp = tempfile.mkstemp(dir=blobs.tmp, prefix=scratch_prefix("lfs"))
     h = hashlib.sha256()
     total = 0
     buf = bytearray()
@@ -190,7 +191,7 @@ async def receive_object(request: Request, srv: Server, oid: str, size: int, *, 
         if h.hexdigest() != oid:
             raise BadRequestError(f"the body's sha256 is {h.hexdigest()}, not the announced {oid}")
         if keep:
-            await run_in_threadpool(srv.store.adopt_upload, tmp, oid)
+            await run_in_threadpool(blobs.commit, tmp, oid, size)
     finally:
         if pending is not None:
             await asyncio.wait([pending])
