@@ -61,6 +61,11 @@ class Hub:
     def store(self) -> Store:
         return self.library.store
 
+    @property
+    def created_home(self) -> bool:
+        """True when this Hub made a new, empty catalog (a mistyped ``--home`` does that)."""
+        return self._library is not None and self._library.created_home
+
     def close(self) -> None:
         if self._library is not None:
             self._library.close()

@@ -169,7 +169,11 @@ class Store:
             )
         out = Path(dest)
         tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as exc:  # the failing side is the destination (a full disk, a size limit)
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, str(out)) from None
         os.replace(tmp, out)
         return out
 

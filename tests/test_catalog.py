@@ -220,7 +220,11 @@ def test_bad_inputs_leave_catalog_and_store_unchanged(
     assert snapshot(hub) == before
     assert not list(hub.store.tmp.iterdir())
     info = hub.add_adapter(pick, name="pickled", allow_pickle=True)
-    assert info.sha256 == sha(made["sql-r8"] / "adapter_model.safetensors") or info.num_modules == 4
+    assert info.num_modules == 4
+    converted = load_file(str(hub.adapter_files("pickled").weights))
+    original = load_file(str(made["sql-r8"] / "adapter_model.safetensors"))
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[k], original[k]) for k in original)
     assert not list(hub.store.tmp.iterdir())
 
 

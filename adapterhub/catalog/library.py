@@ -65,6 +65,8 @@ class Library:
         self.db_url = db
         self.store = Store(home / "store")
         self._catalog: Catalog | None = None
+        #: True once this Library made the home folder and a new SQLite catalog in it
+        self.created_home = False
 
     @property
     def catalog(self) -> Catalog:
@@ -72,6 +74,7 @@ class Library:
             from . import Catalog
             from .db import sqlite_url
 
+            fresh = self.db_url is None and not (self.home / "catalog.db").exists()
             try:
                 self.home.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -80,6 +83,7 @@ class Library:
                 ) from None
             url = self.db_url or sqlite_url(self.home / "catalog.db")
             self._catalog = Catalog(url, lock_path=self.home / ".catalog.lock")
+            self.created_home = fresh
         return self._catalog
 
     def close(self) -> None:

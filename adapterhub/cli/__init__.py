@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a full disk, a read-only folder, a file too large: say which file
+        if debug:
+            raise
+        where = exc.filename or exc.filename2
+        what = exc.strerror or str(exc)
+        click.echo(f"error: {what}: {where}" if where else f"error: {what}", err=True)
+        return 1
     except Exception as exc:
         if debug:
             raise

@@ -36,6 +36,14 @@ class State:
             self._hub = Hub(self.home, db=self.db)
         return self._hub
 
+    def close(self) -> None:
+        if self._hub is None:
+            return
+        failed = sys.exc_info()[0] is not None  # an error line is printed instead; keep it the only line
+        if self._hub.created_home and not self.quiet and not failed:
+            click.echo(f"note: made a new, empty adapterhub home at {self._hub.home}", err=True)
+        self._hub.close()
+
     def progress_enabled(self) -> bool:
         return not (
             self.quiet or self.json or os.environ.get("ADAPTERHUB_NO_PROGRESS") or not sys.stderr.isatty()
@@ -87,4 +95,4 @@ def cli(
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    ctx.call_on_close(lambda: ctx.obj._hub.close() if ctx.obj._hub is not None else None)
+    ctx.call_on_close(ctx.obj.close)

@@ -67,7 +67,7 @@ def _print_list(records: list[dict[str, Any]], mode: str) -> None:
 
 
 @cli.command("add")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @click.option("--name", help="Catalog name (default: the folder or file name).")
 @click.option("--base", metavar="MODEL", help="Base model name, overriding base_model_name_or_path.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag; repeat for more.")

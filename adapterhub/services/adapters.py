@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import shutil
 import tempfile
 import uuid
@@ -43,6 +45,7 @@ def add_adapter(
     from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
 
     src = Path(path)
+    _check_source(src)
     files = detect(src, allow_pickle=allow_pickle)
     name = check_name(name if name is not None else name_from_path(src))
     tag_list = check_tags(tags)
@@ -68,6 +71,22 @@ def add_adapter(
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _check_source(src: Path) -> None:
+    """A clear line for what is not a readable folder or regular file (a symlink loop, a FIFO, a device)."""
+    try:
+        st = os.stat(src)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidAdapterError(f"{src} is a symbolic link that loops back on itself", path=str(src)) from None
+        raise InvalidAdapterError(f"cannot read {src}: {exc.strerror}", path=str(src)) from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise InvalidAdapterError(
+            f"{src} is not a regular file or folder (a pipe or a device); give an adapter folder or a "
+            ".safetensors file",
+            path=str(src),
+        )
 
 
 def load_adapter(lib: Library, name: str) -> LoraWeights:

@@ -1,0 +1,78 @@
+"""User-facing error paths of the CLI: one line on stderr naming what was wrong, exit code 1, and the
+catalog and files left as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _adapters import make_all
+from _cli import Cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_all(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(tmp_path / "home", capsys)
+
+
+def one_error_line(cli: Cli, *args: str) -> str:
+    cli(*args, code=1)
+    lines = cli.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), cli.err
+    return lines[0]
+
+
+def test_add_of_what_is_not_a_file(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    assert "loops back on itself" in one_error_line(cli, "add", str(tmp_path / "loop1"))
+    assert "a pipe or a device" in one_error_line(cli, "add", str(tmp_path / "pipe.safetensors"))
+    assert "a pipe or a device" in one_error_line(cli, "add", "/dev/zero")
+    assert "No such file or directory" in one_error_line(cli, "add", str(tmp_path / "nowhere"))
+    assert json.loads(cli("list", "--json")) == []
+
+
+def test_a_new_home_is_announced(cli: Cli) -> None:
+    assert cli("list") == ""
+    assert "made a new, empty adapterhub home" in cli.err
+    cli("list")
+    assert "made a new" not in cli.err  # only the first time
+
+
+def test_a_file_too_large_names_the_file(made: dict[str, Path], tmp_path: Path) -> None:
+    """A write error (here EFBIG under a file size limit, as ENOSPC or EROFS would be) is one line with the
+    path, and the export leaves nothing behind."""
+    from _adapters import make_adapter
+
+    big = make_adapter(tmp_path / "big", 128, 128, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+    assert (big / "adapter_model.safetensors").stat().st_size > 300_000
+    home = tmp_path / "home"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "from adapterhub.cli import main\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "sys.exit(main(['--home', sys.argv[1], 'export', 'a', sys.argv[2]]))\n"
+    )
+    from adapterhub.cli import main
+
+    assert main(["--home", str(home), "--quiet", "add", str(big), "--name", "a"]) == 0
+    out = tmp_path / "exports" / "a"
+    res = subprocess.run([sys.executable, "-c", code, str(home), str(out)], capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: File too large: "), res.stderr
+    assert str(out.parent) in lines[0]
+    assert list(out.parent.iterdir()) == []  # the scratch folder is gone
