@@ -5,7 +5,8 @@ config (an MLX-LM or ``adapters``-library config, a transformers ``config.json``
 refuses values no adapter can hold (NaN / Infinity, alpha <= 0, a huge base name), normalises what PEFT
 reads loosely (``null`` booleans read as false, as PEFT does), refuses by name the fields that change the
 math in ways adapterhub cannot reproduce yet, and checks the rest against
-``schemas/lora_config.schema.json``. Unknown fields (newer PEFT versions) are kept and logged once.
+``schemas/lora_config.schema.json``. Unknown fields (newer PEFT versions) are kept and logged once
+(a warning naming them, the first time each is seen in the process).
 
 `target_selects` is PEFT's rule for which modules a config adapts (``check_target_module_exists``):
 the readers use it to refuse weights that PEFT would silently not load.
@@ -181,7 +182,11 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
     unknown = sorted(set(config) - KNOWN_FIELDS - _warned_fields)
     if unknown:
         _warned_fields.update(unknown)
-        logger.info("%s: fields unknown to adapterhub kept as they are: %s", path, ", ".join(unknown))
+        logger.warning(
+            "%s: fields unknown to adapterhub (a newer PEFT?) are kept but not used: %s",
+            path,
+            ", ".join(unknown),
+        )
     return _schema(config, path)
 
 

@@ -436,6 +436,9 @@ def merge_checkpoint(
             shape; lists every problem, and nothing is written.
         BaseModelError: the base folder cannot be read.
         OutputExistsError: ``out`` exists.
+        IncompatibleAdapterError: also when a factor, scale or weight is not finite, or a merged value
+            would not be (an overflow of float16, say): every merged chunk is checked before it is
+            written, and nothing is left behind.
 
     When the base ties its output head to the input embeddings (no ``lm_head.weight`` in the files) and
     the merge changes either, the head is written out untied and ``tie_word_embeddings`` is set false;
