@@ -183,3 +183,68 @@ def test_ids_without_a_namespace_and_unknown_routes(server: Server, hf: Any, tmp
     with pytest.raises(hf.errors.HfHubHTTPError) as exc:
         hf.HfApi(endpoint=server.url, token=server.alice).create_repo("alice/data", repo_type="dataset")
     assert exc.value.response.status_code == 400 and "model repos only" in str(exc.value)
+
+
+def test_move_and_duplicate_repos(server: Server, hf: Any, tmp_path: Path) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    alice.create_repo("alice/before")
+    ci = alice.upload_file(
+        path_or_fileobj=os.urandom(500), path_in_repo="w.safetensors", repo_id="alice/before"
+    )
+    alice.move_repo("alice/before", "alice/after")
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        alice.model_info("alice/before")
+    assert alice.model_info("alice/after").sha == ci.oid  # the history came along
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:  # not into someone else's namespace
+        alice.move_repo("alice/after", "bob/after")
+    assert exc.value.response.status_code == 403
+    alice.create_repo("alice/taken")
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:
+        alice.move_repo("alice/after", "alice/Taken")
+    assert exc.value.response.status_code == 409
+
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    url = bob.duplicate_repo("alice/after", to_id="bob/copy")
+    assert url.repo_id == "bob/copy"
+    assert sorted(bob.list_repo_files("bob/copy")) == [".gitattributes", "w.safetensors"]
+    got = hf.hf_hub_download(
+        "bob/copy", "w.safetensors", endpoint=server.url, token=False, cache_dir=str(tmp_path)
+    )
+    assert Path(got).read_bytes() == Path(hf.hf_hub_download("alice/after", "w.safetensors", endpoint=server.url,
+                                                              token=False, cache_dir=str(tmp_path))).read_bytes()  # fmt: skip
+    assert bob.duplicate_repo("alice/after", to_id="bob/copy", exist_ok=True).repo_id == "bob/copy"
+    alice.create_repo("alice/hidden", private=True)
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        bob.duplicate_repo("alice/hidden", to_id="bob/stolen")
+
+
+def test_auth_check(server: Server, hf: Any) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    alice.create_repo("alice/checked", private=True)
+    alice.auth_check("alice/checked")
+    alice.auth_check("alice/checked", write=True)
+    with pytest.raises(hf.errors.RepositoryNotFoundError):
+        hf.HfApi(endpoint=server.url, token=server.bob).auth_check("alice/checked")
+    reader = hf.HfApi(endpoint=server.url, token=server.alice_read)
+    reader.auth_check("alice/checked")
+    with pytest.raises(hf.errors.HfHubHTTPError) as exc:
+        reader.auth_check("alice/checked", write=True)
+    assert exc.value.response.status_code == 403
+
+
+def test_list_models_pages_through_link_headers(server: Server, hf: Any) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    for i in range(5):
+        alice.create_repo(f"alice/paged-{i}")
+    status, headers, first = server.json("GET", "/api/models?search=paged-&limit=2")
+    assert status == 200 and len(first) == 2 and 'rel="next"' in headers["Link"]
+    from huggingface_hub.utils import paginate
+
+    every = [
+        m["id"]
+        for m in paginate(f"{server.url}/api/models", params={"search": "paged-", "limit": 2}, headers={})
+    ]
+    assert sorted(every) == [f"alice/paged-{i}" for i in range(5)] and len(every) == 5
+    assert len(list(hf.HfApi(endpoint=server.url).list_models(search="paged-", limit=3))) == 3
+    status, headers, last = server.json("GET", "/api/models?search=paged-&limit=2&cursor=4")
+    assert len(last) == 1 and "Link" not in headers

@@ -148,6 +148,36 @@ class ServerStore:
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == rid)).one()
         return _repo(row)
 
+    def rename_repo(self, repo: Repo, namespace: str, name: str) -> Repo:
+        """Move ``repo`` to ``namespace/name`` with its whole history (``move_repo``)."""
+        check_name("namespace", namespace)
+        check_name("repo name", name)
+        with self.catalog.write() as conn:
+            clash = conn.execute(
+                select(hub_repos.c.id).where(self._same_id(namespace, name), hub_repos.c.id != repo.id)
+            ).first()
+            if clash:
+                raise ConflictError(f"A model repo {namespace}/{name} already exists")
+            conn.execute(
+                update(hub_repos)
+                .where(hub_repos.c.id == repo.id)
+                .values(namespace=namespace, name=name, updated_at=utcnow())
+            )
+            row = conn.execute(select(hub_repos).where(hub_repos.c.id == repo.id)).one()
+        return _repo(row)
+
+    def duplicate_repo(self, source: Repo, namespace: str, name: str, *, private: bool, author: str) -> Repo:
+        """A new repo ``namespace/name`` whose main branch holds the files of ``source``'s main, in one commit
+        (the objects are shared, not copied)."""
+        repo = self.create_repo(namespace, name, private=private, author=author)
+        head = self.resolve(source, "main")
+        with self.catalog.write() as conn:
+            initial = self.resolve_branch(conn, repo, "main")
+            files = self.files_of(conn, head.id)
+            insert_commit(conn, repo.id, "main", initial, files, f"Duplicate from {source.repo_id}", "", author,
+                          head.card, utcnow())  # fmt: skip
+        return repo
+
     def set_private(self, repo: Repo, private: bool) -> Repo:
         with self.catalog.write() as conn:
             conn.execute(update(hub_repos).where(hub_repos.c.id == repo.id).values(private=private))

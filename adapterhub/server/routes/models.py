@@ -3,7 +3,9 @@ commit history; and moving refs: branches and tags."""
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -14,6 +16,7 @@ from ..cards import card_tags
 from ..checks import is_name
 from ..deps import (
     auth,
+    base_url,
     may_read,
     query_flag,
     query_int,
@@ -30,6 +33,7 @@ from ..views import commit_json, file_json, folder_json, model_json, tree_json
 router = APIRouter()
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 PATHS_INFO_LIMIT = 1000
+PAGE_SIZE = 1000
 # what follows a namespace-less id (``gpt2/revision/main``): the id is the first part alone
 NAMESPACE_LESS_ACTIONS = (
     "revision",
@@ -69,19 +73,26 @@ def _matches(repo: Repo, head: Commit, q: Any) -> bool:
 
 @router.get("/api/models")
 async def list_models(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    """Pages of at most `PAGE_SIZE`; a ``Link: <...>; rel="next"`` header (what the client follows) while
+    more match. ``limit`` caps one page; ``cursor`` is where the next page starts."""
     store = server(request).store
-    limit = query_int(request, "limit", 1000, low=1, high=1000)
+    page = query_int(request, "limit", PAGE_SIZE, low=1, high=10**9)
+    page = min(page, PAGE_SIZE)
+    start = query_int(request, "cursor", 0, low=0, high=10**9)
     full = query_flag(request, "full")
     rows = await run_in_threadpool(store.visible_repos, tok.user if tok else None)
+    matching = (pair for pair in rows if _matches(*pair, request.query_params))
+    picked = list(islice(matching, start, start + page + 1))
     out = []
-    for repo, head in rows:
-        if not _matches(repo, head, request.query_params):
-            continue
+    for repo, head in picked[:page]:
         files = await run_in_threadpool(store.files, head) if full else None
         out.append(model_json(repo, head, files, False))
-        if len(out) >= limit:
-            break
-    return JSONResponse(out)
+    headers = {}
+    if len(picked) > page:
+        query = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
+        query.append(("cursor", str(start + page)))
+        headers["Link"] = f'<{base_url(request)}/api/models?{urlencode(query)}>; rel="next"'
+    return JSONResponse(out, headers=headers)
 
 
 async def _at(

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import BadRequestError, ConflictError, UnauthorizedError
 from ..cards import parse_card
 from ..checks import check_name
-from ..deps import auth, base_url, check_write, may_read, read_json, server, writable
+from ..deps import auth, base_url, check_write, may_read, read_json, server, visible, writable
 from ..records import TokenInfo
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,75 @@ async def delete_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -
     repo = await writable(request, ns, name, tok)
     await run_in_threadpool(server(request).store.delete_repo, repo)
     log.info("deleted repo %s", repo.repo_id)
+    return JSONResponse({})
+
+
+def _split_id(value: Any, what: str) -> tuple[str, str]:
+    if not isinstance(value, str) or value.count("/") != 1:
+        raise BadRequestError(f"{what} must be a repo id NAMESPACE/NAME")
+    ns, name = value.split("/")
+    return ns, name
+
+
+@router.post("/api/repos/move")
+async def move_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    """``{fromRepo, toRepo, type}``: rename a repo (its history comes along). The caller must be able to
+    write to both namespaces."""
+    body = await read_json(request)
+    if not isinstance(body, dict) or body.get("type", "model") not in ("model", None):
+        raise BadRequestError("give {fromRepo, toRepo} of model repos")
+    src_ns, src_name = _split_id(body.get("fromRepo"), "fromRepo")
+    ns, name = _split_id(body.get("toRepo"), "toRepo")
+    repo = await writable(request, src_ns, src_name, tok)
+    check_write(tok, ns)
+    moved = await run_in_threadpool(server(request).store.rename_repo, repo, ns, name)
+    log.info("moved repo %s to %s", repo.repo_id, moved.repo_id)
+    return JSONResponse({"url": f"{base_url(request)}/{moved.repo_id}"})
+
+
+@router.post("/api/models/{ns}/{name}/duplicate")
+async def duplicate_repo(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    """``{repository, visibility}``: a new repo with the files of this one's main branch."""
+    store = server(request).store
+    source = await visible(request, ns, name, tok)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequestError("give {repository: NAMESPACE/NAME}")
+    to_ns, to_name = _split_id(body.get("repository"), "repository")
+    writer = check_write(tok, to_ns)
+    private = visibility(body)
+    url = f"{base_url(request)}/{to_ns}/{to_name}"
+    try:
+        repo = await run_in_threadpool(
+            lambda: store.duplicate_repo(
+                source,
+                to_ns,
+                to_name,
+                private=source.private if private is None else private,
+                author=writer.user,
+            )  # fmt: skip
+        )
+    except ConflictError as exc:
+        return JSONResponse({"error": exc.message, "url": url}, status_code=409)
+    log.info("duplicated repo %s as %s", source.repo_id, repo.repo_id)
+    return JSONResponse({"url": f"{base_url(request)}/{repo.repo_id}", "filesCopyPending": False})
+
+
+@router.get("/api/models/{ns}/{name}/auth-check")
+async def auth_check(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    await visible(request, ns, name, tok)
+    return JSONResponse({})
+
+
+@router.get("/api/models/{ns}/{name}/auth-check/write")
+async def auth_check_write(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    await writable(request, ns, name, tok)
     return JSONResponse({})
 
 
