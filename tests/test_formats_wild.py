@@ -309,3 +309,12 @@ def test_kohya_base_name_is_capped(tmp_path: Path) -> None:
     kohya_file(tmp_path / "k.safetensors", metadata={"ss_sd_model_name": "m" * 2000})
     with pytest.raises(InvalidAdapterError, match="2000 characters long, over the 512-character limit"):
         read_adapter(tmp_path / "k.safetensors")
+
+
+def test_a_broken_regex_is_refused_by_name(tmp_path: Path) -> None:
+    for key, value in (("target_modules", ".*(q_proj"), ("exclude_modules", "[")):
+        cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], key: value}
+        folder = save_peft_tensors(tmp_path / key, peft_linear_tensors(), cfg)
+        with pytest.raises(InvalidConfigError, match=f"{key} is not a valid regular expression") as info:
+            read_adapter(folder)
+        assert info.value.key == key

@@ -81,20 +81,17 @@ _RESIDUAL_INITS = ("pissa", "corda", "olora", "loftq")
 _warned_fields: set[str] = set()
 
 
-def _find_non_finite(value: Any, where: str = "") -> str | None:
-    """The path of the first NaN / Infinity in a parsed JSON value, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where or "(top level)"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            hit = _find_non_finite(v, f"{where}.{k}" if where else str(k))
-            if hit:
-                return hit
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            hit = _find_non_finite(v, f"{where}[{i}]")
-            if hit:
-                return hit
+def _find_non_finite(value: Any) -> str | None:
+    """The path of the first NaN / Infinity in a parsed JSON value, or None (iterative: any depth)."""
+    todo: list[tuple[str, Any]] = [("", value)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return where or "(top level)"
+        if isinstance(v, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), x) for k, x in reversed(list(v.items())))
+        elif isinstance(v, list):
+            todo.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
     return None
 
 
@@ -206,6 +203,26 @@ def _check_values(config: dict[str, Any], path: str) -> None:
                 path=path,
                 key=where,
             )
+    patterns: list[tuple[str, str]] = []
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        v = config.get(key)
+        if isinstance(v, str) and v.lower() != "all-linear":
+            patterns.append((key, v))
+        elif key == "layers_pattern" and isinstance(v, list):
+            patterns += [(key, x) for x in v if isinstance(x, str)]
+    saved = config.get("modules_to_save")
+    if isinstance(saved, list):
+        patterns += [("modules_to_save", rf"(^|.*\.){m}($|\..*)") for m in saved if isinstance(m, str)]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise InvalidConfigError(
+                f"{path}: {key} is not a valid regular expression ({exc}); PEFT could not load this adapter "
+                "either, so fix it in adapter_config.json",
+                path=path,
+                key=key,
+            ) from None
     base = config.get("base_model_name_or_path")
     if isinstance(base, str) and len(base) > MAX_BASE_NAME_CHARS:
         raise InvalidConfigError(
@@ -305,30 +322,31 @@ def target_selects(config: dict[str, Any], module: str, *, kind: str = "linear")
     the base's model type). ``"all-linear"`` selects every Linear / Conv1D layer but the output head.
     A regex that does not compile also gives None.
     """
-    exclude = config.get("exclude_modules")
     try:
-        if isinstance(exclude, str) and exclude:
-            if re.fullmatch(exclude, module):
-                return False
-        elif exclude:
-            names = _listish(exclude) or []
-            if module in names or any(module.endswith("." + e) for e in names):
-                return False
-        for m in config.get("modules_to_save") or []:
-            if re.match(rf"(^|.*\.){m}($|\..*)", module):
-                return False
-    except re.error:
+        return _selects(config, module, kind)
+    except re.error:  # PEFT would fail on the same pattern when it loads the adapter
         return None
+
+
+def _selects(config: dict[str, Any], module: str, kind: str) -> bool | None:
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and exclude:
+        if re.fullmatch(exclude, module):
+            return False
+    elif exclude:
+        names = _listish(exclude) or []
+        if module in names or any(module.endswith("." + e) for e in names):
+            return False
+    for m in config.get("modules_to_save") or []:
+        if re.match(rf"(^|.*\.){m}($|\..*)", module):
+            return False
     targets = config.get("target_modules")
     if targets is None:
         return None
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
             return kind == "linear" and module.rsplit(".", 1)[-1] not in ("lm_head", "embed_out")
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
-            return None
+        return re.fullmatch(targets, module) is not None
     names = _listish(targets) or []
     if module in names:
         return True
