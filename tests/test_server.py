@@ -28,15 +28,21 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 class Server:
     """A running ``adapterhub serve`` with a home of its own and tokens for alice (write, read) and bob."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, db: str | None = None) -> None:
         from adapterhub import Hub
 
         self.home = home
-        with Hub(home) as hub:
+        with Hub(home, db=db) as hub:
             self.alice = hub.create_token("alice", write=True).token
             self.alice_read = hub.create_token("alice").token
             self.bob = hub.create_token("bob", write=True).token
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME", "ADAPTERHUB_DB")
+        }
+        if db is not None:  # the server's repos, commits and tokens in that database
+            env["ADAPTERHUB_DB"] = db
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -78,8 +84,8 @@ class Server:
         return status, h, json.loads(data) if data else None
 
 
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("server-home"))
+def start_server(tmp_path_factory: pytest.TempPathFactory, db: str | None = None) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("server-home"), db=db)
     try:
         yield srv
     finally:
@@ -91,6 +97,22 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from start_server(tmp_path_factory)
+
+
+def server_on(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """For a module fixture with ``params=("sqlite", "postgresql")``: a server whose repos are in SQLite
+    (the home's catalog.db) or in a fresh PostgreSQL database (skipped where PostgreSQL is not installed)."""
+    db = None
+    if request.param == "postgresql":
+        pg = request.getfixturevalue("pg_server")
+        if pg is None:
+            if os.environ.get("ADAPTERHUB_REQUIRE_PG"):
+                pytest.fail(
+                    "PostgreSQL is required (ADAPTERHUB_REQUIRE_PG) but its binaries are not installed"
+                )
+            pytest.skip("PostgreSQL is not installed here (apt-get install postgresql)")
+        db = pg.new_database()
+    yield from start_server(tmp_path_factory, db)
 
 
 def online_hf(monkeypatch: pytest.MonkeyPatch) -> Any:

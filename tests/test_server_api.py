@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server import Server, online_hf, start_server
+from test_server import Server, online_hf, server_on
 
 
 @pytest.fixture
@@ -20,9 +20,9 @@ def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
     return online_hf(monkeypatch)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(tmp_path_factory)
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from server_on(request, tmp_path_factory)
 
 
 def test_tags(server: Server, hf: Any, tmp_path: Path) -> None:

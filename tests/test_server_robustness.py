@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from test_server import Server, head_of, ndjson, online_hf, start_server
+from test_server import Server, head_of, ndjson, online_hf, server_on
 
 
 @pytest.fixture
@@ -21,9 +21,9 @@ def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
     return online_hf(monkeypatch)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(tmp_path_factory)
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from server_on(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
