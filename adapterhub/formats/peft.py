@@ -80,15 +80,15 @@ def _not_loaded_by_peft(
     """Why PEFT would load this module's tensors differently from what they say, or None."""
     selected = target_selects(config, module, kind=kind)
     if selected is False:
-        targets = config.get("target_modules")
+
+        def shown(key: str) -> str:
+            text = repr(config.get(key))
+            return f"{key}={text if len(text) <= 120 else text[:117] + '...'}"
+
         return (
-            f"the weights adapt it but the config's target_modules={targets!r}"
-            + (f" / exclude_modules={config['exclude_modules']!r}" if config.get("exclude_modules") else "")
-            + (
-                f" / layers_to_transform={config['layers_to_transform']!r}"
-                if config.get("layers_to_transform") is not None
-                else ""
-            )
+            f"the weights adapt it but the config's {shown('target_modules')}"
+            + (f" / {shown('exclude_modules')}" if config.get("exclude_modules") else "")
+            + (f" / {shown('layers_to_transform')}" if config.get("layers_to_transform") is not None else "")
             + " does not select it, so PEFT would load the adapter without it; fix target_modules in "
             "adapter_config.json"
         )
