@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from .ops.combine import AdapterExpr
     from .ops.merge import MergeResult
     from .ops.validate import BaseLayout, ValidationReport
-    from .records import AdapterInfo, BaseInfo, CheckReport, GcReport, MergeRecord, PushRecord
+    from .records import (
+        AdapterInfo,
+        BaseInfo,
+        BulkAddResult,
+        BulkItem,
+        CheckReport,
+        GcReport,
+        MergeRecord,
+        PushRecord,
+    )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
     from .server.storage import ServerStore, TokenInfo
     from .services.compute import CombineSummary, Progress, Weighted
@@ -107,8 +116,10 @@ class Hub:
         description: str | None = None,
         allow_pickle: bool = False,
         source: str | None = None,
+        progress: Progress | None = None,
     ) -> AdapterInfo:
-        """Check an adapter, copy its files into the store and catalog it, all or nothing."""
+        """Check an adapter, copy its files into the store and catalog it, all or nothing;
+        ``progress(bytes_done, bytes_total)`` follows the copy of the weights."""
         from .services.adapters import add_adapter
 
         return add_adapter(
@@ -120,7 +131,35 @@ class Hub:
             description=description,
             allow_pickle=allow_pickle,
             source=source,
+            progress=progress,
         )
+
+    def add_tree(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        base: str | None = None,
+        tags: Sequence[str] = (),
+        allow_pickle: bool = False,
+        on_item: Callable[[BulkItem], None] | None = None,
+    ) -> BulkAddResult:
+        """Catalog every adapter under a folder tree (PEFT folders, kohya files), each named by its path
+        below ``root``; each is added, skipped (name taken) or reported as failed with its reason."""
+        from .services.bulk import add_tree
+
+        return add_tree(self.library, root, base=base, tags=tags, allow_pickle=allow_pickle, on_item=on_item)
+
+    def add_hf_cache(
+        self,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        tags: Sequence[str] = (),
+        on_item: Callable[[BulkItem], None] | None = None,
+    ) -> BulkAddResult:
+        """Catalog the LoRA adapters in the Hugging Face cache (``$HF_HUB_CACHE``), named ``owner/name``."""
+        from .services.bulk import add_hf_cache
+
+        return add_hf_cache(self.library, cache_dir=cache_dir, tags=tags, on_item=on_item)
 
     def list_adapters(
         self,
@@ -215,13 +254,19 @@ class Hub:
         return self.library.remove(names)
 
     def export_adapter(
-        self, name: str, dest: str | os.PathLike[str], *, format: str | None = None, overwrite: bool = False
+        self,
+        name: str,
+        dest: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        overwrite: bool = False,
+        progress: Progress | None = None,
     ) -> Path:
         """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file. In its own format
         the stored files are copied byte for byte; ``overwrite`` replaces only an earlier export."""
         from .services.adapters import export_adapter
 
-        return export_adapter(self.library, name, dest, format=format, overwrite=overwrite)
+        return export_adapter(self.library, name, dest, format=format, overwrite=overwrite, progress=progress)
 
     # ------------------------------------------------------------------ bases and validation
     def add_base(self, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:

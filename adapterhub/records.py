@@ -288,6 +288,38 @@ class GcReport:
 
 
 @dataclass(frozen=True)
+class BulkItem:
+    """One adapter found by a bulk import: ``status`` is added, skipped or failed (with ``message``)."""
+
+    path: str
+    name: str
+    status: str
+    message: str | None = None
+    adapter: AdapterInfo | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "name": self.name, "status": self.status, "message": self.message}
+
+
+@dataclass(frozen=True)
+class BulkAddResult:
+    """What `Hub.add_tree` / `Hub.add_hf_cache` did, adapter by adapter."""
+
+    items: tuple[BulkItem, ...]
+
+    def count(self, status: str) -> int:
+        return sum(1 for i in self.items if i.status == status)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "added": self.count("added"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "items": [i.to_dict() for i in self.items],
+        }
+
+
+@dataclass(frozen=True)
 class BaseInfo:
     """A registered base checkpoint (layout read from its safetensors headers)."""
 

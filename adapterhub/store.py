@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,19 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+def _copy_with_progress(src: Path, dest: Path, progress: Progress) -> None:
+    total = src.stat().st_size
+    done = 0
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            fout.write(chunk)
+            done += len(chunk)
+            progress(done, total)
+
+
 class Store:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -75,7 +88,12 @@ class Store:
         return self.path(sha256).is_file()
 
     def put_file(
-        self, src: str | os.PathLike[str], *, digest: str | None = None, size: int | None = None
+        self,
+        src: str | os.PathLike[str],
+        *,
+        digest: str | None = None,
+        size: int | None = None,
+        progress: Progress | None = None,
     ) -> StoredFile:
         """Copy ``src`` into the store, hashing it on the way.
 
@@ -94,6 +112,7 @@ class Store:
             return self.commit(tmp_name, digest, size)
         h = hashlib.sha256()
         size = 0
+        total = os.stat(src).st_size
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=scratch_prefix("in"))
         try:
             with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
@@ -103,6 +122,8 @@ class Store:
                     h.update(view[:n])
                     fout.write(view[:n])
                     size += n
+                    if progress is not None:
+                        progress(size, total)
             return self.commit(tmp_name, h.hexdigest(), size)
         except BaseException:
             if os.path.exists(tmp_name):
@@ -161,7 +182,9 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 t.unlink()
 
-    def copy_out(self, sha256: str, dest: str | os.PathLike[str]) -> Path:
+    def copy_out(
+        self, sha256: str, dest: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> Path:
         src = self.path(sha256)
         if not src.is_file():
             raise StoreError(
@@ -170,7 +193,10 @@ class Store:
         out = Path(dest)
         tmp = out.with_name(out.name + ".tmp")
         try:
-            shutil.copyfile(src, tmp)
+            if progress is None:
+                shutil.copyfile(src, tmp)
+            else:
+                _copy_with_progress(src, tmp, progress)
         except OSError as exc:  # the failing side is the destination (a full disk, a size limit)
             tmp.unlink(missing_ok=True)
             raise OSError(exc.errno, exc.strerror, str(out)) from None

@@ -236,6 +236,70 @@ def test_json_output_is_standard_even_with_a_non_finite_value_in_an_old_row(
         capsys.readouterr()
         assert main([*home_args(hub), *args]) == 0
         out = capsys.readouterr().out
-        doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"{args}: non-standard JSON {c}"))
+        doc = json.loads(out, parse_constant=lambda c, a=args: pytest.fail(f"{a}: non-standard JSON {c}"))
         records = doc if isinstance(doc, list) else [doc]
         assert next(r for r in records if r["name"] == "a")["alpha"] is None
+
+
+def test_add_tree_catalogs_every_adapter_or_says_why_not(
+    hub: Hub, made: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from _adapters import make_kohya
+
+    root = tmp_path / "runs"
+    shutil.copytree(made["sql-r8"], root / "sql" / "final")
+    shutil.copytree(made["chat-r4"], root / "chat")
+    (root / "images").mkdir(parents=True)
+    make_kohya(root / "images" / "anime style.safetensors")
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    shutil.copytree(made["sql-r8"], root / ".git" / "hidden")  # never looked into
+    (root / "model").mkdir()  # a full checkpoint's weights are not LoRAs
+    (root / "model" / "config.json").write_text("{}")
+    (root / "model" / "model.safetensors").write_bytes(b"x")
+    result = hub.add_tree(root, tags=["bulk"])
+    status = {i.name: i.status for i in result.items}
+    assert status == {
+        "broken": "failed",
+        "chat": "added",
+        "images/anime-style": "added",
+        "sql/final": "added",
+    }
+    assert "not valid JSON" in next(i.message or "" for i in result.items if i.name == "broken")
+    assert sorted(a.name for a in hub.list_adapters(tag="bulk")) == [
+        "chat",
+        "images/anime-style",
+        "sql/final",
+    ]
+    again = hub.add_tree(root)
+    assert again.count("skipped") == 3 and again.count("added") == 0
+
+
+def test_add_hf_cache_reads_a_real_cache(
+    hub: Hub, made: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A cache laid out by huggingface_hub itself (snapshot_download from a local adapterhub server)."""
+    from test_server import Server, online_hf
+
+    hf = online_hf(monkeypatch)
+    server = Server(tmp_path / "server-home")
+    try:
+        api = hf.HfApi(endpoint=server.url, token=server.alice)
+        api.create_repo("alice/sql-lora")
+        api.upload_folder(repo_id="alice/sql-lora", folder_path=str(made["sql-r8"]))
+        cache = tmp_path / "hf-cache"
+        snap = hf.snapshot_download(
+            "alice/sql-lora", cache_dir=str(cache), endpoint=server.url, token=server.alice
+        )
+    finally:
+        server.stop()
+    result = hub.add_hf_cache(cache_dir=cache)
+    assert [(i.name, i.status) for i in result.items] == [("alice/sql-lora", "added")]
+    info = hub.adapter_info("alice/sql-lora")
+    assert info.source == f"alice/sql-lora@{Path(snap).name}"
+    assert (
+        info.sha256 == hashlib.sha256((made["sql-r8"] / "adapter_model.safetensors").read_bytes()).hexdigest()
+    )
+    assert hub.add_hf_cache(cache_dir=cache).items[0].status == "skipped"

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from .. import faults
 from ..errors import AdapterExistsError, AdapterNotFoundError, CatalogError, StoreError
 from ..records import AdapterFilter, AdapterInfo, BaseInfo, MergeRecord, PushRecord
-from ..store import Store, StoredFile
+from ..store import Progress, Store, StoredFile
 from . import bases, queries, sharing
 from .rows import adapter_row, module_row
 
@@ -155,6 +155,7 @@ class Library:
         source: str | None = None,
         parents: Sequence[Mapping[str, Any]] = (),
         verified: Mapping[Path, Verified] | None = None,
+        progress: Progress | None = None,
     ) -> AdapterInfo:
         """Copy ``files`` into the store and catalog them as ``name``, all or nothing.
 
@@ -175,7 +176,7 @@ class Library:
         stored: list[tuple[str, str, Path, StoredFile]] = []
         try:
             for filename, role, path in wanted:
-                stored.append((filename, role, path, self._put(path, verified.get(path))))
+                stored.append((filename, role, path, self._put(path, verified.get(path), progress)))
             faults.point("add.stored")
             weights_digest = stored[-1][3].sha256
             row = adapter_row(weights, files.format, weights_digest, sum(s.size for *_, s in stored))
@@ -210,10 +211,10 @@ class Library:
         log.info("cataloged %s (%s, %d modules)", name, files.format, len(weights))
         return self.info(name)
 
-    def _put(self, path: Path, known: Verified | None) -> StoredFile:
+    def _put(self, path: Path, known: Verified | None, progress: Progress | None = None) -> StoredFile:
         if known is not None:
             return self.store.put_file(path, digest=known.sha256, size=known.size)
-        return self.store.put_file(path)
+        return self.store.put_file(path, progress=progress)
 
     def tag(self, name: str, tags: Sequence[str], *, remove: bool = False) -> None:
         with self.catalog.write() as conn:

@@ -3,11 +3,12 @@ output options and the Hub it opens lazily. Command modules import this one; not
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,3 +97,23 @@ def cli(
         level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     ctx.call_on_close(ctx.obj.close)
+
+
+@contextlib.contextmanager
+def progress_bar(state: State, what: str, *, unit_bytes: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr, or None when output is not a terminal, --quiet, --json, or
+    ADAPTERHUB_NO_PROGRESS is set."""
+    if not state.progress_enabled():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = [BarColumn(), DownloadColumn() if unit_bytes else MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(f"[bold]{what}", *columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .base import State, cli, output_options, pass_state
+from .base import State, cli, output_options, pass_state, progress_bar
 from .render import emit_fields, emit_json, emit_json_lines, emit_records, human_size
 
 LIST_COLUMNS = [
@@ -67,7 +68,16 @@ def _print_list(records: list[dict[str, Any]], mode: str) -> None:
 
 
 @cli.command("add")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(), required=False)
+@click.option("--recursive", "-r", is_flag=True, help="PATH is a folder tree: add every adapter found in it.")
+@click.option(
+    "--hf-cache", is_flag=True, help="Add the LoRA adapters in the Hugging Face cache (no PATH needed)."
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="With --hf-cache: the cache folder (default: $HF_HUB_CACHE).",
+)
 @click.option("--name", help="Catalog name (default: the folder or file name).")
 @click.option("--base", metavar="MODEL", help="Base model name, overriding base_model_name_or_path.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag; repeat for more.")
@@ -81,7 +91,10 @@ def _print_list(records: list[dict[str, Any]], mode: str) -> None:
 @pass_state
 def add_cmd(
     state: State,
-    path: str,
+    path: str | None,
+    recursive: bool,
+    hf_cache: bool,
+    cache_dir: str | None,
     name: str | None,
     base: str | None,
     tags: tuple[str, ...],
@@ -89,14 +102,70 @@ def add_cmd(
     allow_pickle: bool,
     mode: str,
 ) -> None:
-    """Check an adapter (PEFT folder or .safetensors file) and add it to the catalog."""
-    info = state.hub.add_adapter(
-        path, name=name, base=base, tags=tags, description=description, allow_pickle=allow_pickle
-    )
+    """Check an adapter (PEFT folder or .safetensors file) and add it to the catalog; with --recursive,
+    every adapter under a folder; with --hf-cache, those in the Hugging Face cache."""
+    if hf_cache or recursive:
+        if hf_cache and (path or recursive):
+            raise click.UsageError("--hf-cache takes no PATH and no --recursive")
+        if recursive and not path:
+            raise click.UsageError("--recursive needs a PATH to walk")
+        if name or description:
+            raise click.UsageError(
+                "--name and --description name one adapter; bulk imports name each by its path"
+            )
+        if cache_dir and not hf_cache:
+            raise click.UsageError("--cache-dir goes with --hf-cache")
+        _bulk_add(state, path, hf_cache=hf_cache, cache_dir=cache_dir, base=base, tags=tags,
+                  allow_pickle=allow_pickle, mode=mode)  # fmt: skip
+        return
+    if not path:
+        raise click.UsageError("give the PATH of an adapter (or --hf-cache)")
+    if not os.path.lexists(path):  # a symlink loop exists as a link: the add says what is wrong with it
+        raise click.BadParameter(f"Path {path!r} does not exist.", param_hint="'PATH'")
+    with progress_bar(state, "adding", unit_bytes=True) as progress:
+        info = state.hub.add_adapter(
+            path, name=name, base=base, tags=tags, description=description, allow_pickle=allow_pickle,
+            progress=progress,
+        )  # fmt: skip
     if mode == "json":
         emit_json(info.to_dict())
     else:
         _print_list([info.to_dict()], mode)
+
+
+def _bulk_add(
+    state: State,
+    path: str | None,
+    *,
+    hf_cache: bool,
+    cache_dir: str | None,
+    base: str | None,
+    tags: tuple[str, ...],
+    allow_pickle: bool,
+    mode: str,
+) -> None:
+    def report(item: Any) -> None:
+        if mode == "table" and not state.quiet:
+            why = f": {item.message}" if item.message else ""
+            click.echo(f"{item.status:8} {item.name}{why}", err=True)
+
+    if hf_cache:
+        result = state.hub.add_hf_cache(cache_dir=cache_dir, tags=tags, on_item=report)
+    else:
+        assert path is not None
+        result = state.hub.add_tree(path, base=base, tags=tags, allow_pickle=allow_pickle, on_item=report)
+    if mode == "json":
+        emit_json(result.to_dict())
+    elif mode == "csv":
+        emit_records([i.to_dict() for i in result.items], BULK_COLUMNS, mode=mode)
+    elif not state.quiet:
+        counts = ", ".join(f"{result.count(s)} {s}" for s in ("added", "skipped", "failed"))
+        click.echo(f"{len(result.items)} adapters found: {counts}", err=True)
+    if result.count("failed"):
+        raise click.exceptions.Exit(1)
+
+
+BULK_COLUMNS = [("path", "path"), ("name", "name"), ("status", "status"), ("message", "message")]
 
 
 @cli.command("list")
@@ -274,7 +343,8 @@ def rm_cmd(state: State, names: tuple[str, ...], yes: bool) -> None:
 @pass_state
 def export_cmd(state: State, name: str, dest: str, fmt: str | None, overwrite: bool) -> None:
     """Write an adapter out as a PEFT folder or a kohya .safetensors file."""
-    out = state.hub.export_adapter(name, dest, format=fmt, overwrite=overwrite)
+    with progress_bar(state, "exporting", unit_bytes=True) as progress:
+        out = state.hub.export_adapter(name, dest, format=fmt, overwrite=overwrite, progress=progress)
     if state.json:
         emit_json({"name": name, "path": str(out)})
     elif not state.quiet:

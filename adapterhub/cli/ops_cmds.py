@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .base import State, cli, pass_state
+from .base import State, cli, pass_state, progress_bar
 from .render import emit_fields, emit_json, emit_records, human_size
 
 
@@ -21,26 +20,6 @@ def parse_weighted(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
-
-
-@contextlib.contextmanager
-def progress_bar(state: State, what: str, *, unit_bytes: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr, or None when output is not a terminal, --quiet, --json, or
-    ADAPTERHUB_NO_PROGRESS is set."""
-    if not state.progress_enabled():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    columns = [BarColumn(), DownloadColumn() if unit_bytes else MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(f"[bold]{what}", *columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 WEIGHT_HELP = (

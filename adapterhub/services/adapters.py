@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .. import faults
 from ..errors import AdapterExistsError, InvalidAdapterError, OutputExistsError
 from ..names import check_name, check_tags, name_from_path
-from ..store import scratch_prefix
+from ..store import Progress, scratch_prefix
 from .maintenance import journal
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def add_adapter(
     description: str | None = None,
     allow_pickle: bool = False,
     source: str | None = None,
+    progress: Progress | None = None,
 ) -> AdapterInfo:
     """Check an adapter, copy its files into the store and catalog it, all or nothing."""
     from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
@@ -67,6 +68,7 @@ def add_adapter(
             tags=tag_list,
             description=description,
             source=source or str(src.resolve()),
+            progress=progress,
         )
     finally:
         if tmpdir is not None:
@@ -79,7 +81,9 @@ def _check_source(src: Path) -> None:
         st = os.stat(src)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise InvalidAdapterError(f"{src} is a symbolic link that loops back on itself", path=str(src)) from None
+            raise InvalidAdapterError(
+                f"{src} is a symbolic link that loops back on itself", path=str(src)
+            ) from None
         raise InvalidAdapterError(f"cannot read {src}: {exc.strerror}", path=str(src)) from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise InvalidAdapterError(
@@ -103,6 +107,7 @@ def export_adapter(
     *,
     format: str | None = None,
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
     """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file.
 
@@ -124,11 +129,11 @@ def export_adapter(
     _check_destination(lib, out, fmt=fmt, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     with journal(lib, out):
-        return _write_export(lib, name, info, files, out, fmt)
+        return _write_export(lib, info, files, out, fmt, progress)
 
 
 def _write_export(
-    lib: Library, name: str, info: AdapterInfo, files: AdapterFiles, out: Path, fmt: str
+    lib: Library, info: AdapterInfo, files: AdapterFiles, out: Path, fmt: str, progress: Progress | None
 ) -> Path:
     from ..formats import read_adapter, write_adapter
 
@@ -137,7 +142,9 @@ def _write_export(
     try:
         if fmt == info.format:
             for f in info.files or ():
-                lib.store.copy_out(f.sha256, tmp / f.filename)
+                lib.store.copy_out(
+                    f.sha256, tmp / f.filename, progress=progress if f.role == "weights" else None
+                )
             weights_name = next(f.filename for f in info.files or () if f.role == "weights")
             produced = tmp if fmt == "peft" else tmp / weights_name
         else:
