@@ -248,3 +248,56 @@ def test_list_models_pages_through_link_headers(server: Server, hf: Any) -> None
     assert len(list(hf.HfApi(endpoint=server.url).list_models(search="paged-", limit=3))) == 3
     status, headers, last = server.json("GET", "/api/models?search=paged-&limit=2&cursor=4")
     assert len(last) == 1 and "Link" not in headers
+
+
+def test_gitignore_and_gitattributes_of_the_repo_are_honoured(server: Server, hf: Any) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/rules")
+    api.upload_file(
+        path_or_fileobj=b"*.log\nbuild/\n!keep.log\n", path_in_repo=".gitignore", repo_id="alice/rules"
+    )
+    ops = [hf.CommitOperationAdd(path_in_repo=p, path_or_fileobj=b"x")
+           for p in ("debug.log", "keep.log", "build/out.txt", "src/build/o.txt", "ok.txt")]  # fmt: skip
+    api.create_commit("alice/rules", operations=ops, commit_message="add")
+    assert sorted(api.list_repo_files("alice/rules")) == [
+        ".gitattributes",
+        ".gitignore",
+        "keep.log",
+        "ok.txt",
+    ]
+    # a .gitignore in the same commit applies to that commit (the client sends it with preupload)
+    ops = [hf.CommitOperationAdd(path_in_repo=".gitignore", path_or_fileobj=b"secret/\n"),
+           hf.CommitOperationAdd(path_in_repo="secret/key.txt", path_or_fileobj=b"k"),
+           hf.CommitOperationAdd(path_in_repo="debug.log", path_or_fileobj=b"now allowed")]  # fmt: skip
+    api.create_commit("alice/rules", operations=ops, commit_message="new rules")
+    files = set(api.list_repo_files("alice/rules"))
+    assert "secret/key.txt" not in files and "debug.log" in files
+    # .gitattributes decides what goes through LFS
+    attrs = b"*.dat filter=lfs diff=lfs merge=lfs -text\n"
+    api.upload_file(path_or_fileobj=attrs, path_in_repo=".gitattributes", repo_id="alice/rules")
+    api.upload_file(path_or_fileobj=b"small text", path_in_repo="table.dat", repo_id="alice/rules")
+    api.upload_file(path_or_fileobj=b"small text", path_in_repo="table.txt", repo_id="alice/rules")
+    info = {s.rfilename: s for s in api.model_info("alice/rules", files_metadata=True).siblings}
+    assert info["table.dat"].lfs is not None and info["table.txt"].lfs is None
+
+
+@pytest.mark.parametrize(
+    ("rules", "path", "ignored"),
+    [
+        ("*.log", "a/b/c.log", True),
+        ("/top.txt", "top.txt", True),
+        ("/top.txt", "sub/top.txt", False),
+        ("build/", "build", False),  # a file named like an ignored folder
+        ("build/", "x/build/y.txt", True),
+        ("docs/**/*.tmp", "docs/a/b/c.tmp", True),
+        ("*.log\n!keep.log", "keep.log", False),
+        ("[ab].txt", "b.txt", True),
+        ("[!ab].txt", "b.txt", False),
+        ("# comment\n\n", "# comment", False),
+        ("a?c", "a/c", False),
+    ],
+)
+def test_gitignore_patterns(rules: str, path: str, ignored: bool) -> None:
+    from adapterhub.server.gitfiles import compile_rules, is_ignored
+
+    assert is_ignored(compile_rules(rules), path) is ignored

@@ -9,8 +9,10 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import BadRequestError
 from ..checks import check_path, decode_base64, upload_mode
 from ..deps import auth, base_url, raw_parts, read_body, read_json, server, writable
+from ..gitfiles import RULES_FILE_LIMIT, Pattern, compile_rules, is_ignored, is_lfs, lfs_patterns
 from ..payload import parse_commit
-from ..records import TokenInfo
+from ..records import Entry, TokenInfo
+from ..storage import ServerStore
 
 router = APIRouter()
 COMMIT_LIMIT = 512 * 1024 * 1024
@@ -20,6 +22,23 @@ PREUPLOAD_FILES = 1000
 def _no_pull_requests(request: Request) -> None:
     if request.query_params.get("create_pr"):
         raise BadRequestError("pull requests are not supported by this server")
+
+
+def _rules(
+    store: ServerStore, files: dict[str, Entry], gitignore: str | None
+) -> tuple[list[Pattern], list[Pattern]]:
+    """The ignore rules (the client's pending .gitignore, else the revision's) and the LFS rules of the
+    revision's .gitattributes."""
+
+    def text(path: str) -> str:
+        e = files.get(path)
+        if e is None or e.size > RULES_FILE_LIMIT:
+            return ""
+        return store.blobs.path(e.sha256).read_bytes().decode("utf-8", errors="replace")
+
+    return compile_rules(gitignore if gitignore is not None else text(".gitignore")), lfs_patterns(
+        text(".gitattributes")
+    )
 
 
 @router.post("/api/models/{ns}/{name}/preupload/{rest:anypath}")
@@ -35,8 +54,14 @@ async def preupload(
         raise BadRequestError(
             f"give {{files: [{{path, sample, size}}, ...]}} (at most {PREUPLOAD_FILES} files)"
         )
+    gitignore = body.get("gitIgnore")
+    if gitignore is not None and (not isinstance(gitignore, str) or len(gitignore) > RULES_FILE_LIMIT):
+        raise BadRequestError(
+            f"gitIgnore must be the text of a .gitignore of at most {RULES_FILE_LIMIT:,} characters"
+        )
     head = await run_in_threadpool(store.resolve, repo, "/".join(raw_parts(request, 5)))
     current = await run_in_threadpool(store.files, head)
+    ignore, lfs = await run_in_threadpool(_rules, store, current, gitignore)
     out = []
     for f in files:
         size = f.get("size") if isinstance(f, dict) else None
@@ -44,11 +69,13 @@ async def preupload(
             raise BadRequestError("each file needs a path, a base64 sample and an integer size")
         path = check_path(f.get("path"))
         mode = upload_mode(path, size, decode_base64(f.get("sample", ""), path))
+        if mode == "regular" and size and is_lfs(lfs, path):
+            mode = "lfs"
         existing = current.get(path)
         oid = None
         if existing is not None:
             oid = existing.sha256 if mode == "lfs" else existing.blob_oid
-        out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        out.append({"path": path, "uploadMode": mode, "shouldIgnore": is_ignored(ignore, path), "oid": oid})
     return JSONResponse({"files": out, "commitOid": head.oid})
 
 
