@@ -126,3 +126,15 @@ def test_light_commands_import_no_hub_client_or_server(tmp_path: Path) -> None:
             text=True,
         )
         assert res.returncode == 0, (args, res.stderr)
+
+
+def test_push_into_another_users_namespace_says_forbidden(cli: Cli, server: Server, adapter: Path) -> None:
+    remote = ["--endpoint", server.url]
+    cli("add", str(adapter), "--name", "sql")
+    cli("push", "sql", "alice/owned-by-alice", *remote, "--token", server.alice)
+    for repo in ("alice/owned-by-alice", "alice/not-yet-there"):
+        cli("push", "sql", repo, *remote, "--token", server.bob, code=1)
+        line = cli.err.strip()
+        assert line.count("\n") == 0 and line.startswith("error: "), cli.err
+        assert "403" in line or "may not write" in line or "Forbidden" in line, line
+        assert "Invalid HF URI" not in line and "Unrecognized host" not in line

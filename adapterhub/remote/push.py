@@ -95,7 +95,7 @@ def push_adapter(
             ops.append(op)
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
         ops.append(CommitOperationAdd(path_in_repo=RECORD_NAME, path_or_fileobj=payload))
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        _ensure_repo(api, repo_id, private=private)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         hf_log = logging.getLogger("huggingface_hub.hf_api")
@@ -134,3 +134,15 @@ def push_adapter(
     )
     log.info("pushed %s to %s@%s (%s)", name, repo_id, commit.oid, "new commit" if changed else "unchanged")
     return result
+
+
+def _ensure_repo(api: Any, repo_id: str, *, private: bool) -> None:
+    """Create ``repo_id`` unless it exists. (``create_repo(exist_ok=True)`` turns a server's 403 into an
+    "Invalid HF URI" error for any endpoint but huggingface.co, so a 409 is handled here instead.)"""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=False)
+    except HfHubHTTPError as exc:
+        if exc.response is None or exc.response.status_code != 409:
+            raise
