@@ -301,3 +301,26 @@ def test_gitignore_patterns(rules: str, path: str, ignored: bool) -> None:
     from adapterhub.server.gitfiles import compile_rules, is_ignored
 
     assert is_ignored(compile_rules(rules), path) is ignored
+
+
+def test_tree_and_paths_info_expand_give_each_entrys_last_commit(server: Server, hf: Any) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/expand")
+    first = api.create_commit("alice/expand", commit_message="first", operations=[
+        hf.CommitOperationAdd(path_in_repo="a.txt", path_or_fileobj=b"a"),
+        hf.CommitOperationAdd(path_in_repo="sub/b.txt", path_or_fileobj=b"b"),
+        hf.CommitOperationAdd(path_in_repo="sub/c.txt", path_or_fileobj=b"c"),
+    ])  # fmt: skip
+    second = api.upload_file(path_or_fileobj=b"c2", path_in_repo="sub/c.txt", repo_id="alice/expand")
+    third = api.upload_file(path_or_fileobj=b"d", path_in_repo="d.txt", repo_id="alice/expand")
+    tree = {e.path: e for e in api.list_repo_tree("alice/expand", expand=True)}
+    assert tree["a.txt"].last_commit.oid == first.oid and tree["a.txt"].last_commit.title == "first"
+    assert tree["sub"].last_commit.oid == second.oid
+    assert tree["d.txt"].last_commit.oid == third.oid
+    deep = {e.path: e for e in api.list_repo_tree("alice/expand", recursive=True, expand=True)}
+    assert deep["sub/b.txt"].last_commit.oid == first.oid and deep["sub/c.txt"].last_commit.oid == second.oid
+    assert all(e.last_commit is None for e in api.list_repo_tree("alice/expand"))
+    info = {e.path: e for e in api.get_paths_info("alice/expand", ["sub/b.txt", "sub"], expand=True)}
+    assert info["sub/b.txt"].last_commit.oid == first.oid and info["sub"].last_commit.oid == second.oid
+    at_first = {e.path: e for e in api.list_repo_tree("alice/expand", revision=first.oid, expand=True)}
+    assert at_first["sub"].last_commit.oid == first.oid and "d.txt" not in at_first

@@ -321,6 +321,25 @@ class ServerStore:
             c = by_oid.get(c.parent_oid) if c.parent_oid else None
         return out
 
+    def last_commits(self, repo: Repo, head: Commit, paths: Iterable[str]) -> dict[str, Commit]:
+        """For each file in ``paths`` (files of ``head``), the newest commit up to ``head`` that changed it:
+        walks the history back until the file's entry differs in the parent (one listing per commit)."""
+        history = self.history(repo, head)
+        with self.catalog.read() as conn:
+            current = self.files_of(conn, head.id)
+            todo = {p: current[p] for p in paths if p in current}
+            out: dict[str, Commit] = {}
+            for i, c in enumerate(history):
+                if not todo:
+                    break
+                parent = self.files_of(conn, history[i + 1].id) if i + 1 < len(history) else {}
+                for p in [p for p, e in todo.items() if parent.get(p) != e]:
+                    out[p] = c
+                    del todo[p]
+            for p in todo:  # older than the history walked: the oldest commit seen
+                out[p] = history[-1]
+        return out
+
     def _add_ref(self, repo: Repo, stored: str, shown: str, starting_point: str) -> None:
         with self.catalog.write() as conn:
             if conn.execute(

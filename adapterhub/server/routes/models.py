@@ -28,7 +28,15 @@ from ..deps import (
     writable,
 )
 from ..records import Commit, Entry, Repo, TokenInfo
-from ..views import commit_json, file_json, folder_json, model_json, tree_json
+from ..views import (
+    commit_json,
+    file_json,
+    folder_json,
+    folder_last_commits,
+    model_json,
+    tree_json,
+    tree_paths,
+)
 
 router = APIRouter()
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -129,7 +137,22 @@ async def tree(request: Request, ns: str, name: str, tok: TokenInfo | None = Dep
     prefix = path + "/" if path else ""
     if prefix and not any(p.startswith(prefix) for p in files):
         raise EntryNotFoundError(path, head.oid)
-    return JSONResponse(tree_json(head, files, prefix, query_flag(request, "recursive")))
+    recursive = query_flag(request, "recursive")
+    last = None
+    if query_flag(request, "expand"):
+        last = await run_in_threadpool(_last_commits, request, repo, head, files, prefix, recursive)
+    return JSONResponse(tree_json(head, files, prefix, recursive, last))
+
+
+def _last_commits(
+    request: Request, repo: Repo, head: Commit, files: dict[str, Entry], prefix: str, recursive: bool
+) -> dict[str, Commit]:
+    """Last commits of what a listing shows: its files, and its folders (from every file under them)."""
+    folders = tree_paths(files, prefix, recursive, folders=True)
+    wanted = tree_paths(files, prefix, recursive, folders=False)
+    wanted += [p for p in files if any(p.startswith(d + "/") for d in folders)]
+    by_file = server(request).store.last_commits(repo, head, dict.fromkeys(wanted))
+    return {**by_file, **folder_last_commits(by_file, folders)}
 
 
 @router.post("/api/models/{ns}/{name}/paths-info/{rest:anypath}")
@@ -146,14 +169,22 @@ async def paths_info(
         or not all(isinstance(p, str) for p in paths)
     ):
         raise BadRequestError(f"give paths: a list of at most {PATHS_INFO_LIMIT} paths in the repo")
+    expand = body.get("expand") if isinstance(body, dict) else None
+    expand = (expand[-1] if isinstance(expand, list) and expand else expand) in (True, "True", "true", "1")
     repo, head, files = await _at(request, ns, name, tok, _rest(request))
-    out: list[dict[str, Any]] = []
-    for raw in dict.fromkeys(p.strip("/") for p in paths):
-        if raw in files:
-            out.append(file_json(files[raw]))
-        elif raw and any(p.startswith(raw + "/") for p in files):
-            out.append(folder_json(head, raw))
-    return JSONResponse(out)
+    wanted = [p for p in dict.fromkeys(p.strip("/") for p in paths) if p]
+    found_files = [p for p in wanted if p in files]
+    found_dirs = [p for p in wanted if p not in files and any(f.startswith(p + "/") for f in files)]
+    last: dict[str, Commit] = {}
+    if expand:
+        under = [f for f in files if any(f.startswith(d + "/") for d in found_dirs)]
+        by_file = await run_in_threadpool(
+            server(request).store.last_commits, repo, head, dict.fromkeys(found_files + under)
+        )
+        last = {**by_file, **folder_last_commits(by_file, found_dirs)}
+    out = [file_json(files[p], last.get(p)) for p in found_files]
+    out += [folder_json(head, p, last.get(p)) for p in found_dirs]
+    return JSONResponse(sorted(out, key=lambda d: wanted.index(d["path"])))
 
 
 @router.get("/api/models/{ns}/{name}/refs")
