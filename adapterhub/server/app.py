@@ -13,6 +13,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterHubError, CatalogError, EndpointNotFoundError, RepoError, StoreError
 from .deps import Server
@@ -60,17 +61,24 @@ async def _on_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (no route: 404, wrong method: 405) in the same shape, through the same
+    mapping. A handler rather than a catch-all route, so that routers mounted later still match."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(EndpointNotFoundError(f"no such endpoint: {request.method} {request.url.path}"))
+    err = RepoError(f"{exc.detail}: {request.method} {request.url.path}")
+    err.status = exc.status_code
+    return error_response(err)
+
+
 def create_app(store: ServerStore) -> FastAPI:
     """The server's app over ``store``; each app signs its LFS upload URLs with a key of its own."""
     app = FastAPI(title="adapterhub server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = Server(store)
     app.add_exception_handler(AdapterHubError, _on_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
     # order matters: models.py ends with its catch-all for /api/models/..., after commit's routes
     for module in (auth, repos, commit, lfs, models, files):
         app.include_router(module.router)
-
-    @app.api_route("/{rest:anypath}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    async def no_such_endpoint(request: Request) -> JSONResponse:
-        raise EndpointNotFoundError(f"no such endpoint: {request.method} {request.url.path}")
-
     return app
