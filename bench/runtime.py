@@ -222,7 +222,6 @@ def main() -> None:
     res = t.interleaved(cases)
     rt.activate(None)
     base_t = res["base"]
-    say(f"base, no runtime attached     {fmt(plain_t)}")
     say(f"base, runtime attached        {fmt(base_t)}   1.00x base")
     peft: Any = None
     one_t = res["one"]
@@ -310,35 +309,51 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # merged vs unmerged, one row decoding
-    say("\n## per-token latency, 1 row x 1 token (KV cache of 64 tokens)")
+    say(
+        "\n## per-token latency, 1 row x 1 token (KV cache of 64 tokens; base / unmerged / merged interleaved)"
+    )
     one = dids[:1]
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(one[:, :ctx], past_key_values=cache, use_cache=True)
 
-    def one_row() -> float:
-        cache = DynamicCache()
-        with torch.no_grad():
-            model(one[:, :ctx], past_key_values=cache, use_cache=True)
+    def step() -> float:
+        t.sync()
+        t0 = time.perf_counter()
+        model(one[:, ctx:], past_key_values=cache, use_cache=True)
+        t.sync()
+        dt = time.perf_counter() - t0
+        cache.crop(-1)
+        return dt
 
-        def step() -> None:
-            model(one[:, ctx:], past_key_values=cache, use_cache=True)
-            cache.crop(-1)
-
-        return t(step, reps=reps * 5)
-
-    b1 = one_row()
-    rt.activate("a0")
-    u1 = one_row()
-    t0 = time.perf_counter()
-    rt.merge()
-    t.sync()
-    merge_s = time.perf_counter() - t0
-    m1 = one_row()
-    t0 = time.perf_counter()
-    rt.unmerge()
-    t.sync()
-    unmerge_s = time.perf_counter() - t0
+    lat: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+    merge_times: list[float] = []
+    unmerge_times: list[float] = []
+    with torch.no_grad():
+        for rnd in range(reps * 3):
+            rt.activate(None)
+            b = [step() for _ in range(5)]
+            rt.activate("a0")
+            u = [step() for _ in range(5)]
+            t0 = time.perf_counter()
+            rt.merge()
+            t.sync()
+            merge_times.append(time.perf_counter() - t0)
+            m = [step() for _ in range(5)]
+            t0 = time.perf_counter()
+            rt.unmerge()
+            t.sync()
+            unmerge_times.append(time.perf_counter() - t0)
+            if rnd:  # the first round warms up
+                lat["base"] += b
+                lat["unmerged"] += u
+                lat["merged"] += m
+    pick = statistics.median if cuda else min
+    b1, u1, m1 = (pick(lat[k]) for k in ("base", "unmerged", "merged"))
     say(f"base {fmt(b1)}   unmerged {fmt(u1)} ({u1 / b1:.2f}x)   merged {fmt(m1)} ({m1 / b1:.2f}x)")
     say(
-        f"merge {merge_s * 1e3:.1f} ms, unmerge {unmerge_s * 1e3:.1f} ms (fp32 fold, rounded once; unmerge copies back)"
+        f"merge {statistics.median(merge_times) * 1e3:.1f} ms, unmerge {statistics.median(unmerge_times) * 1e3:.1f} ms "
+        "(all seven projections of every layer; fp32 fold, rounded once; unmerge copies the originals back)"
     )
     rt.activate(None)
 
@@ -383,6 +398,10 @@ def main() -> None:
             f"place) {fmt(load_s)} ({load_s / raw_s:.2f}x)"
         )
     rt.detach()
+    plain_again = t(fwd(model))
+    say(
+        f"\n(base with no runtime attached: {fmt(min(plain_t, plain_again))}, before attach and after detach)"
+    )
     out = os.environ.get("BENCH_OUT")
     if out:
         Path(out).write_text("\n".join(lines) + "\n")

@@ -318,8 +318,12 @@ class Layer:
             m = module
             h = conv(xin, first, None, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
             if masked:
-                mask = sel.mask_for(n, r) if not compiling else sel.coef_for(n).repeat_interleave(r, dim=1)
-                h = h * mask.to(h.dtype).view(mask.shape[0], k * r, *(1,) * len(self.kernel))
+                mask = (
+                    sel.mask_for(n, r, h.dtype)
+                    if not compiling
+                    else sel.coef_for(n).repeat_interleave(r, dim=1).to(h.dtype)
+                )
+                h = h * mask.view(mask.shape[0], k * r, *(1,) * len(self.kernel))
             delta = conv(h, second)
         else:
             assert first is not None
@@ -328,8 +332,12 @@ class Layer:
                 xin = xin.to(first.dtype)
             h = xin @ first.T
             if masked:
-                mask = sel.mask_for(n, r) if not compiling else sel.coef_for(n).repeat_interleave(r, dim=1)
-                h = (h.view(n, -1, k * r) * mask.to(h.dtype).unsqueeze(1)).view(-1, k * r)
+                mask = (
+                    sel.mask_for(n, r, h.dtype)
+                    if not compiling
+                    else sel.coef_for(n).repeat_interleave(r, dim=1).to(h.dtype)
+                )
+                h = (h.view(n, -1, k * r) * mask.unsqueeze(1)).view(-1, k * r)
             if self.bias is None and not (sel.dora and self.gm1 is not None) and _inplace_ok(output, h):
                 output.view(-1, self.out_f).addmm_(h, second)
                 return output

@@ -10,7 +10,7 @@ grow with a Python loop over adapters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +35,7 @@ class Selection:
     version: int = 0
     #: ``len(slots)``, kept apart so a compiled graph guards on the count, not on which slots
     k: int = -1
-    _expanded: dict[tuple[int, int], object] = field(default_factory=dict, repr=False)
+    _expanded: dict[tuple[Any, ...], object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.k = len(self.slots)
@@ -76,12 +76,12 @@ class Selection:
             self._expanded[key] = hit
         return hit  # type: ignore[return-value]
 
-    def mask_for(self, n: int, r: int) -> torch.Tensor:
-        """Per-row column scales ``(n or 1, K * r)`` for a layer of padded rank ``r``."""
-        key = (n, r)
+    def mask_for(self, n: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """Per-row column scales ``(n or 1, K * r)`` for a layer of padded rank ``r``, in ``dtype``."""
+        key = (n, r, dtype)
         hit = self._expanded.get(key)
         if hit is None:
-            hit = self.coef_for(n).repeat_interleave(r, dim=1)
+            hit = self.coef_for(n).repeat_interleave(r, dim=1).to(dtype)
             self._expanded[key] = hit
         return hit  # type: ignore[return-value]
 

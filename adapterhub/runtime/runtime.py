@@ -605,8 +605,13 @@ class Runtime:
             )
         backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
-            for layer in touched:
-                self._merge_layer(layer, slots, backups)
+            try:
+                for layer in touched:
+                    self._merge_layer(layer, slots, backups)
+            except BaseException:  # out of memory, say: put back what was written
+                for live, orig in reversed(backups):
+                    live.copy_(orig)
+                raise
         self._merged = _Merged(spec=norm, key=key, backups=backups)
         self._active = norm
         self._state.sel = None
