@@ -166,3 +166,45 @@ def test_bad_query_integers_are_a_400(server: Server, value: str) -> None:
     status, _, reply = server.json("GET", f"/api/models?limit={value}")
     assert status == 400 and "limit" in reply["error"]
     assert server.json("GET", "/api/models?limit=2")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ("model-index: {name: x}", "model-index must be a list"),
+        ("model-index:\n- results: []", "needs a name"),
+        ("model-index:\n- name: m\n  results:\n  - task: {name: t}", "task needs a type"),
+        ("model-index:\n- name: m\n  results:\n  - task: {type: t}\n    metrics: [{type: acc}]", "metrics"),
+        ("tags: [{a: 1}]", "tags must be a string or a list of strings"),
+        ("library_name: [peft]", "library_name must be a string"),
+    ],
+)
+def test_card_metadata_of_the_wrong_shape_is_refused(
+    server: Server, repo: str, meta: str, reason: str
+) -> None:
+    status, _, reply = server.json("POST", "/api/validate-yaml", {"content": f"---\n{meta}\n---\n"})
+    assert status == 400 and reason in reply["error"], reply
+    before = head_of(server, repo)
+    status, _, data = server.request(
+        "POST",
+        f"/api/models/{repo}/commit/main",
+        body=readme_commit(f"---\n{meta}\n---\n"),
+        token=server.alice,
+    )
+    assert status == 400 and reason in json.loads(data)["error"]
+    assert head_of(server, repo) == before
+
+
+def test_a_sound_model_index_is_accepted(server: Server) -> None:
+    card = """---
+tags: [lora, 2024]
+base_model: org/base
+model-index:
+- name: my-lora
+  results:
+  - task: {type: text-generation}
+    dataset: {name: wiki, type: wikitext}
+    metrics: [{type: perplexity, value: 12.5}]
+---
+"""
+    assert server.json("POST", "/api/validate-yaml", {"content": card})[0] == 200

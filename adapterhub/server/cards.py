@@ -52,7 +52,64 @@ def parse_card(readme: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict):
         raise _invalid("the metadata block must be a YAML mapping")
-    return json.loads(json.dumps(data, default=str))
+    card = json.loads(json.dumps(data, default=str))
+    check_card(card)
+    return card
+
+
+def _strings(card: dict[str, Any], key: str) -> None:
+    """A string or a list of strings (numbers pass too: YAML reads an unquoted ``2024`` as one)."""
+    v = card.get(key)
+    scalar = (str, int, float)
+    if (
+        v is not None
+        and not isinstance(v, scalar)
+        and not (isinstance(v, list) and all(isinstance(x, scalar) for x in v))
+    ):
+        raise _invalid(f"{key} must be a string or a list of strings")
+
+
+def check_card(card: dict[str, Any]) -> None:
+    """The fields the Hub checks: ``tags``, ``base_model``, ``datasets`` and ``language`` are strings or
+    lists of strings; ``library_name`` and ``license`` strings; ``model-index`` a list of models, each with
+    a ``name`` and ``results`` of ``{task: {type}, dataset: {name, type}, metrics: [{type, value}]}``."""
+    for key in ("tags", "base_model", "datasets", "language"):
+        _strings(card, key)
+    for key in ("library_name", "license", "base_model_relation", "pipeline_tag"):
+        if card.get(key) is not None and not isinstance(card[key], str):
+            raise _invalid(f"{key} must be a string")
+    index = card.get("model-index")
+    if index is None:
+        return
+    if not isinstance(index, list):
+        raise _invalid("model-index must be a list of models")
+    for i, model in enumerate(index):
+        where = f"model-index[{i}]"
+        if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+            raise _invalid(f"{where} needs a name")
+        results = model.get("results")
+        if not isinstance(results, list):
+            raise _invalid(f"{where}.results must be a list")
+        for j, result in enumerate(results):
+            at = f"{where}.results[{j}]"
+            task = result.get("task") if isinstance(result, dict) else None
+            if not isinstance(task, dict) or not isinstance(task.get("type"), str):
+                raise _invalid(f"{at}.task needs a type")
+            dataset = result.get("dataset")
+            if dataset is not None and (
+                not isinstance(dataset, dict)
+                or not isinstance(dataset.get("name"), str)
+                or not isinstance(dataset.get("type"), str)
+            ):
+                raise _invalid(f"{at}.dataset needs a name and a type")
+            metrics = result.get("metrics")
+            if metrics is not None and (
+                not isinstance(metrics, list)
+                or not all(
+                    isinstance(m, dict) and isinstance(m.get("type"), str) and "value" in m for m in metrics
+                )
+            ):
+                raise _invalid(f"{at}.metrics must be a list of {{type, value}}")
 
 
 def check_expanded_size(root: Any, limit: int) -> None:
