@@ -86,21 +86,17 @@ def _bad(path: str, why: str) -> InvalidAdapterError:
     return InvalidAdapterError(f"{path}: not a valid safetensors file: {why}", path=path)
 
 
-class _StrictJSONError(ValueError):
-    pass
-
-
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
-            raise _StrictJSONError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {k!r}")
         out[k] = v
     return out
 
 
 def _no_constant(name: str) -> object:
-    raise _StrictJSONError(f"{name} is not JSON")
+    raise ValueError(f"{name} is not JSON")
 
 
 def _strict_int(text: str) -> object:

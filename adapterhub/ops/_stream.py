@@ -127,10 +127,6 @@ class _Chunk:
     chunks: int  # apply chunks of this tensor, so the last one to finish frees its factors
 
 
-class _Failed(Exception):
-    """Raised in one worker when another one failed."""
-
-
 def _buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, memoryview]:
     """A uint8 tensor (pinned for a GPU) and a writable memoryview of the same memory."""
     import torch
@@ -259,8 +255,8 @@ class _Worker:
             self._norms(item, t, fd, src_dt, cdt)
             return
         st = self.sh.state(t, cdt, self.stream) if t is not None else None
-        if st is not None and st["norm_done"] is not None:
-            self.sh.wait(st["norm_done"])
+        if st is not None and st["norm_done"] is not None and not self.sh.wait(st["norm_done"]):
+            return  # another worker failed
         out_t, out_view = self._out_buf(item.out_nbytes)
         dst = out_t[: item.out_nbytes].view(out_dt).view(rows, cols)
         raw, mapped = self._source(fd, item.src_offset, item.nbytes)
@@ -452,10 +448,12 @@ class _Shared:
             else:
                 self._left[t.name] = left
 
-    def wait(self, event: threading.Event) -> None:
+    def wait(self, event: threading.Event) -> bool:
+        """Wait for ``event``; False when another worker failed first (then stop)."""
         while not event.wait(0.05):
             if self.failed.is_set():
-                raise _Failed
+                return False
+        return True
 
     def add_done(self, n: int) -> None:
         with self.lock:
@@ -527,8 +525,6 @@ def _write_shards(
         try:
             with torch.inference_mode():
                 _work(_Worker(sh))
-        except _Failed:
-            pass
         except BaseException as exc:  # handed to the calling thread
             with sh.lock:
                 sh.errors.append(exc)
