@@ -22,6 +22,11 @@ batch: they are whole weights, not low-rank terms).
 
 In eager mode the gathered ``A_cat`` / ``Bs_cat`` of a selection are cached per layer, so decode steps
 under one selection gather once; under ``torch.compile`` they are gathered in the graph.
+
+Room for trainable adapters (``Runtime.create``, not built yet): the banks are plain inference buffers
+(scale folded in, no autograd). A trainable adapter would keep its own ``A`` / ``B`` as ``nn.Parameter``
+on the `Layer` and add ``s * (x @ A.T) @ B.T`` as one more term in the same hook (every hook already
+works out of place when autograd records); saving it reads those parameters back into `LoraWeights`.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def conv1d_class() -> type | None:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is optional for the runtime
         return None
-    return Conv1D  # type: ignore[no-any-return]
+    return Conv1D
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
@@ -248,7 +253,7 @@ class Layer:
         assert self.first is not None and self.second is not None
         idx, k, r = sel.idx, sel.k, self.rank
         second = self.second.index_select(0, idx).reshape(k * r, self.out_f)
-        first: torch.Tensor | None = None
+        first = None
         if self.kind != "embedding":
             first = self.first.index_select(0, idx).reshape(k * r, self.in_f, *self.kernel)
         if sel.rows is None and not sel.unit:  # one combination for all rows: fold it in
@@ -315,8 +320,8 @@ class Layer:
             assert first is not None
             conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel) - 1]
             xin = x if x.dtype == first.dtype else x.to(first.dtype)
-            m = module
-            h = conv(xin, first, None, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
+            m: Any = module
+            h = conv(xin, first, None, m.stride, m.padding, m.dilation)
             if masked:
                 mask = (
                     sel.mask_for(n, r, h.dtype)

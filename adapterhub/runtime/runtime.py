@@ -217,7 +217,7 @@ class Runtime:
             raise IncompatibleAdapterError(
                 f"{name} does not fit this model; nothing was loaded:\n  {shown}{more}", report=plan.report
             )
-        devices = {p.module.weight.device for p in plan.loras} | {  # type: ignore[union-attr]
+        devices = {next(iter(p.module.parameters())).device for p in plan.loras} | {
             next(iter(r.module.parameters())).device for r in plan.replacements
         }
         if device is not None and any(d != torch.device(device) for d in devices):
@@ -637,7 +637,7 @@ class Runtime:
                         w = w * g.view(-1, *(1,) * (w.dim() - 1))
             new["weight"] = w
             if layer.bias is not None and "bias" in _written(layer, slots):
-                bias = mod.bias
+                bias: Any = mod.bias
                 b = new.get("bias", bias.detach().to(torch.float32))
                 for sl in lora:
                     b = b + slots[sl] * layer.bias[sl].to(torch.float32)
