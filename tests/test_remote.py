@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 import yaml
 from _adapters import BASE_NAME, make_adapter, make_kohya
+from conftest import BACKENDS
 from test_server import Server, online_hf, start_server
 
 from adapterhub import AdapterExistsError, Hub, InvalidAdapterError, PickleRefusedError, RemoteError
@@ -30,8 +31,14 @@ def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
     return online_hf(monkeypatch)
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Module-scoped here, so that each backend's tests get a server (and its repos) of their own."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[Server]:
     yield from start_server(tmp_path_factory)
 
 
