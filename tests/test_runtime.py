@@ -505,3 +505,23 @@ def test_public_surface() -> None:
     assert {n for n in dir(r) if not n.startswith("_") and n not in {"annotations", "runtime"}} >= set(
         r.__all__
     )
+
+
+def test_many_resident_grow_the_banks(llama_adapters: dict[str, Path], rt: Runtime) -> None:
+    import dataclasses
+
+    rt.load(llama_adapters["a"])
+    base = read_adapter(llama_adapters["a"], load=True)
+    n = 11  # more than the first bank capacity (8 slots)
+    for i in range(n):
+        mods = {k: dataclasses.replace(m, scale=m.scale * (i + 2)) for k, m in base.modules.items()}
+        rt.load(dataclasses.replace(base, modules=mods), name=f"s{i}")
+    assert len({r.sha256 for r in rt.resident}) == n + 1
+    x = _ids(batch=3, seq=10)
+    with rt.rows(["s10", None, "s3"]):
+        mixed = _out(rt.model, x)
+    for row, w in ((0, 12.0), (2, 5.0)):
+        rt.activate({"a": w})
+        _close(mixed[row : row + 1], _out(rt.model, x[row : row + 1]), 1e-4)
+    rt.activate(None)
+    _close(mixed[1:2], _out(rt.model, x[1:2]), 0.0)
