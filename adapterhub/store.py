@@ -153,8 +153,6 @@ class Store:
         os.replace(tmp_name, dest)
         return StoredFile(digest, size, created=True)
 
-    _commit = commit  # the older name, still used by the server until its split lands
-
     def remove(self, sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(sha256).unlink()
