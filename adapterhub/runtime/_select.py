@@ -100,3 +100,49 @@ class Selection:
             hit = torch.tensor([i * m + j for i in rows for j in range(m)], dtype=torch.long, device=device)
             self._expanded[key] = hit
         return hit  # type: ignore[return-value]
+
+
+def build_selection(
+    per_row: list[dict[int, float]],
+    rows: int | None,
+    *,
+    dora: set[int],
+    replaces: set[int],
+    device: torch.device,
+) -> Selection | None:
+    """A selection from per-row ``{slot: weight}`` (one entry and ``rows=None`` for every row alike);
+    None when no row uses any slot. ``dora`` / ``replaces``: the slots with DoRA or replacements."""
+    import torch
+
+    order: list[int] = list(dict.fromkeys(s for r in per_row for s in r))
+    if not order:
+        return None
+    pos = {s: i for i, s in enumerate(order)}
+    coef = torch.zeros(len(per_row), len(order), dtype=torch.float32)
+    for i, r in enumerate(per_row):
+        for s, w in r.items():
+            coef[i, pos[s]] = w
+    replace: dict[int, list[int] | None] = {}
+    for s in order:
+        if s in replaces:
+            replace[s] = None if rows is None else [i for i, r in enumerate(per_row) if s in r]
+    row_slots = row_coef = None
+    if rows is not None:
+        width = max(1, max(len(r) for r in per_row))
+        rs = torch.zeros(len(per_row), width, dtype=torch.long)
+        rc = torch.zeros(len(per_row), width, dtype=torch.float32)
+        for i, r in enumerate(per_row):
+            for j, (s, w) in enumerate(r.items()):
+                rs[i, j], rc[i, j] = s, w
+        row_slots, row_coef = rs.to(device), rc.to(device)
+    return Selection(
+        slots=tuple(order),
+        coef=coef.to(device),
+        idx=torch.tensor(order, dtype=torch.long, device=device),
+        rows=rows,
+        unit=rows is None and len(order) == 1 and float(coef[0, 0]) == 1.0,
+        dora=any(s in dora for s in order),
+        replace=replace,
+        row_slots=row_slots,
+        row_coef=row_coef,
+    )

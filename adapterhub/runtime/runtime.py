@@ -35,8 +35,9 @@ from ..errors import (
 )
 from ..lora import LoraWeights
 from ._layers import Layer, RuntimeState
+from ._merge import dora_gm1, merge_layer, merge_problems
 from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes
-from ._select import Selection
+from ._select import Selection, build_selection
 
 __all__ = ["Runtime", "ResidentAdapter", "AdapterSpec", "attach"]
 
@@ -307,7 +308,7 @@ class Runtime:
                     m = p.lora
                     layer = self._layer(p.module_name, p.module, p.kind)
                     assert m.A is not None and m.B is not None
-                    gm1 = self._dora_gm1(layer, m) if m.is_dora else None
+                    gm1 = dora_gm1(layer, self._original(layer.weight), m) if m.is_dora else None
                     layer.write(slot, a=m.A, b=m.B, scale=float(m.scale), bias=m.bias, gm1=gm1)
                     layers.append(layer)
                 for r in plan.replacements:
@@ -336,23 +337,6 @@ class Runtime:
             replaces=bool(plan.replacements),
             layers=list(dict.fromkeys(layers)),
         )
-
-    def _dora_gm1(self, layer: Layer, m: Any) -> torch.Tensor:
-        """``m / ||W0 + s B A|| - 1`` per output feature, in fp32 (PEFT's DoRA forward)."""
-        w0 = self._original(layer.weight).detach().to(torch.float32)
-        a = m.A.detach().to(w0.device, torch.float32).reshape(m.rank, -1)
-        b = m.B.detach().to(w0.device, torch.float32).reshape(-1, m.rank)
-        mag = m.magnitude.detach().to(w0.device, torch.float32).reshape(-1)
-        delta = float(m.scale) * (b @ a)
-        if layer.kind == "conv1d":
-            norm = torch.linalg.norm(w0.T + delta, dim=1)
-        elif layer.kind == "embedding":
-            norm = torch.linalg.norm(w0 + delta, dim=0)
-        elif layer.kind == "conv":
-            norm = torch.linalg.norm((w0 + delta.reshape(w0.shape)).reshape(w0.shape[0], -1), dim=1)
-        else:
-            norm = torch.linalg.norm(w0 + delta, dim=1)
-        return mag / norm - 1
 
     def unload(self, name: str) -> None:
         """Drop ``name``; its content leaves the device when no other name shares it.
@@ -431,39 +415,13 @@ class Runtime:
         else:
             per_row = [self._slots(s) for s in row_specs]
             rows = len(per_row)
-        order: list[int] = list(dict.fromkeys(s for r in per_row for s in r))
-        if not order:
-            return None
-        pos = {s: i for i, s in enumerate(order)}
-        coef = torch.zeros(len(per_row), len(order), dtype=torch.float32)
-        for i, r in enumerate(per_row):
-            for s, w in r.items():
-                coef[i, pos[s]] = w
         by_slot = {c.slot: c for c in self._contents.values()}
-        replace: dict[int, list[int] | None] = {}
-        for s in order:
-            if by_slot[s].replaces:
-                replace[s] = None if rows is None else [i for i, r in enumerate(per_row) if s in r]
-        dev = self._device
-        row_slots = row_coef = None
-        if rows is not None:
-            width = max(1, max(len(r) for r in per_row))
-            rs = torch.zeros(len(per_row), width, dtype=torch.long)
-            rc = torch.zeros(len(per_row), width, dtype=torch.float32)
-            for i, r in enumerate(per_row):
-                for j, (s, w) in enumerate(r.items()):
-                    rs[i, j], rc[i, j] = s, w
-            row_slots, row_coef = rs.to(dev), rc.to(dev)
-        return Selection(
-            slots=tuple(order),
-            coef=coef.to(dev),
-            idx=torch.tensor(order, dtype=torch.long, device=dev),
-            rows=rows,
-            unit=rows is None and len(order) == 1 and float(coef[0, 0]) == 1.0,
-            dora=any(by_slot[s].dora for s in order),
-            replace=replace,
-            row_slots=row_slots,
-            row_coef=row_coef,
+        return build_selection(
+            per_row,
+            rows,
+            dora={s for s, c in by_slot.items() if c.dora},
+            replaces={s for s, c in by_slot.items() if c.replaces},
+            device=self._device,
         )
 
     def _apply(self, sel: Selection | None) -> None:
@@ -582,23 +540,7 @@ class Runtime:
                 return
             raise InvalidOptionError(f"{self._merged.spec} is merged already; call rt.unmerge() first")
         touched = [layer for layer in self._layers.values() if layer.users & set(slots)]
-        owners: dict[int, list[str]] = {}
-        for pname, p in self._model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(p), []).append(pname)
-        problems: list[str] = []
-        for layer in touched:
-            for leaf in _written(layer, slots):
-                t = getattr(layer.module, leaf, None)
-                names = owners.get(id(t), []) if isinstance(t, torch.Tensor) else []
-                if len(names) > 1:
-                    problems.append(
-                        f"{names[0]} is tied to {', '.join(names[1:])}; merging into it would change those too "
-                        "(activate it instead, or untie the weights)"
-                    )
-                if leaf == "bias" and not isinstance(t, torch.Tensor):
-                    problems.append(
-                        f"{layer.name} has a lora_bias but the layer has no bias to merge it into"
-                    )
+        problems = merge_problems(self._model, touched, slots)
         if problems:
             raise IncompatibleAdapterError(
                 "cannot merge; nothing was changed:\n  " + "\n  ".join(sorted(set(problems)))
@@ -607,7 +549,7 @@ class Runtime:
         with torch.no_grad():
             try:
                 for layer in touched:
-                    self._merge_layer(layer, slots, backups)
+                    merge_layer(layer, slots, backups)
             except BaseException:  # out of memory, say: put back what was written
                 for live, orig in reversed(backups):
                     live.copy_(orig)
@@ -615,37 +557,6 @@ class Runtime:
         self._merged = _Merged(spec=norm, key=key, backups=backups)
         self._active = norm
         self._state.sel = None
-
-    def _merge_layer(
-        self, layer: Layer, slots: dict[int, float], backups: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> None:
-        mod = layer.module
-        new: dict[str, torch.Tensor] = {}
-        for s in slots:
-            for leaf, t in layer.replacements.get(s, {}).items():
-                new[leaf] = t.to(torch.float32)
-        lora = [sl for sl in slots if sl in layer.lora_slots]
-        if lora:
-            w = new.get("weight", layer.weight.detach().to(torch.float32))
-            for sl in lora:
-                w = w + slots[sl] * layer.lora_delta(sl)
-                if layer.gm1 is not None:
-                    g = 1 + layer.gm1[sl].to(torch.float32)
-                    if layer.kind in ("conv1d", "embedding"):
-                        w = w * g[None, :]
-                    else:
-                        w = w * g.view(-1, *(1,) * (w.dim() - 1))
-            new["weight"] = w
-            if layer.bias is not None and "bias" in _written(layer, slots):
-                bias: Any = mod.bias
-                b = new.get("bias", bias.detach().to(torch.float32))
-                for sl in lora:
-                    b = b + slots[sl] * layer.bias[sl].to(torch.float32)
-                new["bias"] = b
-        for leaf, value in new.items():
-            live = getattr(mod, leaf)
-            backups.append((live, live.detach().clone()))
-            live.copy_(value.to(live.dtype))
 
     def unmerge(self) -> None:
         """Copy the original tensors back (bit for bit); the merged spec stays active through the hooks."""
@@ -681,14 +592,3 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"<Runtime {len(self._names)} resident, active={self._active}, merged={self.merged}>"
-
-
-def _written(layer: Layer, slots: dict[int, float]) -> set[str]:
-    """Parameter names of ``layer.module`` that merging ``slots`` writes."""
-    out = {leaf for s in slots for leaf in layer.replacements.get(s, {})}
-    lora = [s for s in slots if s in layer.lora_slots]
-    if lora:
-        out.add("weight")
-        if layer.bias is not None and any(bool(layer.bias[s].any()) for s in lora):
-            out.add("bias")
-    return out
