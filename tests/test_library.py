@@ -303,3 +303,22 @@ def test_add_hf_cache_reads_a_real_cache(
         info.sha256 == hashlib.sha256((made["sql-r8"] / "adapter_model.safetensors").read_bytes()).hexdigest()
     )
     assert hub.add_hf_cache(cache_dir=cache).items[0].status == "skipped"
+
+
+def test_add_refuses_nan_factors_and_writes_nothing(hub: Hub, made: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub import InvalidAdapterError
+
+    bad = tmp_path / "nan"
+    shutil.copytree(made["sql-r8"], bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(iter(tensors))
+    tensors[key][0, 0] = torch.nan
+    save_file(tensors, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidAdapterError, match="NaN"):
+        hub.add_adapter(bad)
+    assert hub.list_adapters() == [] and sorted(hub.store) == []

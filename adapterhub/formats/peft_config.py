@@ -356,5 +356,6 @@ def _selects(config: dict[str, Any], module: str, kind: str) -> bool | None:
         idx = _layer_index(module, config.get("layers_pattern"))
         if idx is None:
             return False
-        return idx == layers if isinstance(layers, int) else idx in layers
+        # JSON Schema's "integer" admits 0.0, so a number may come as a float here
+        return idx == int(layers) if isinstance(layers, int | float) else idx in layers
     return found

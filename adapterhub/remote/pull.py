@@ -180,7 +180,7 @@ def _catalog(
 ) -> AdapterInfo:
     """Validate the downloaded folder like `add`, then ingest it with the digests already verified."""
     from ..catalog.library import Verified
-    from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
+    from ..formats import AdapterFiles, check_finite, convert_pickle, detect, read_adapter
     from ..store import sha256_file
 
     files = detect(folder, allow_pickle=allow_pickle)
@@ -190,6 +190,7 @@ def _catalog(
         files = AdapterFiles("peft", converted, files.config)
         digests[WEIGHTS] = (sha256_file(converted), converted.stat().st_size)
     weights = read_adapter(files)
+    check_finite(files)
     record = record or {}
     tags = check_tags([t for t in record.get("tags") or [] if isinstance(t, str)])
     parents = [

@@ -43,7 +43,7 @@ def add_adapter(
     progress: Progress | None = None,
 ) -> AdapterInfo:
     """Check an adapter, copy its files into the store and catalog it, all or nothing."""
-    from ..formats import AdapterFiles, convert_pickle, detect, read_adapter
+    from ..formats import AdapterFiles, check_finite, convert_pickle, detect, read_adapter
 
     src = Path(path)
     _check_source(src)
@@ -60,6 +60,7 @@ def add_adapter(
             converted = convert_pickle(files.weights, Path(tmpdir) / "adapter_model.safetensors")
             files = AdapterFiles("peft", converted, files.config)
         weights = read_adapter(files)
+        check_finite(files)  # NaN/Inf factors: refused now, not at the first merge
         return lib.ingest(
             name,
             files,
