@@ -8,6 +8,7 @@ AdapterHubError
  |    +-- RecipeError                        a composition recipe is malformed
  +-- IncompatibleAdapterError (ValueError)   adapters do not fit a base or each other
  +-- AdapterNotFoundError (LookupError)      no adapter of that name in the catalog
+ |    +-- NotResidentError                    no adapter of that name is loaded in a runtime
  +-- AdapterExistsError (ValueError)         the name is taken
  +-- BaseModelError (ValueError)             a base checkpoint cannot be read or matched
  +-- UnknownMethodError (LookupError)        a method name that no registry knows
@@ -75,6 +76,18 @@ class AdapterNotFoundError(AdapterHubError, LookupError):
 
     def __str__(self) -> str:  # LookupError would repr() the message otherwise
         return str(self.args[0])
+
+
+class NotResidentError(AdapterNotFoundError):
+    """A runtime was asked for an adapter that is not loaded in it."""
+
+    def __init__(self, name: str, resident: tuple[str, ...] = ()) -> None:
+        shown = ", ".join(sorted(resident)[:10]) or "none"
+        AdapterHubError.__init__(
+            self, f"no adapter named {name!r} is resident; load it with rt.load() first (resident: {shown})"
+        )
+        self.name = name
+        self.resident = resident
 
 
 class AdapterExistsError(AdapterHubError, ValueError):

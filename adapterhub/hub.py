@@ -275,6 +275,13 @@ class Hub:
 
         return add_base(self.library, path, name=name)
 
+    def import_gguf(self, gguf: str | os.PathLike[str], *, name: str, dtype: str = "bfloat16") -> BaseInfo:
+        """Dequantize a GGUF checkpoint (llama.cpp / ollama) into a safetensors checkpoint with its
+        tokenizer under ``HOME/bases/`` and register it as base ``name`` (needs gguf and accelerate)."""
+        from .services.bases import import_gguf
+
+        return import_gguf(self.library, gguf, name=name, dtype=dtype)
+
     def list_bases(self) -> list[BaseInfo]:
         return self.library.bases()
 

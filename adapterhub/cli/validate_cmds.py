@@ -37,6 +37,27 @@ def base_add_cmd(state: State, path: str, name: str | None, mode: str) -> None:
     _print_bases([info.to_dict()], mode)
 
 
+@base_group.command("import-gguf")
+@click.argument("gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Name to register the base under.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="dtype of the dequantized checkpoint.",
+)
+@output_options
+@pass_state
+def base_import_gguf_cmd(state: State, gguf: str, name: str, dtype: str, mode: str) -> None:
+    """Dequantize a GGUF model (llama.cpp / ollama) into a safetensors checkpoint under the home and
+    register it as a base (needs the gguf and accelerate packages)."""
+    if not state.quiet and mode == "table":
+        click.echo(f"converting {gguf} (this reads and dequantizes every tensor) ...", err=True)
+    info = state.hub.import_gguf(gguf, name=name, dtype=dtype)
+    _print_bases([info.to_dict()], mode)
+
+
 @base_group.command("list")
 @output_options
 @pass_state

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ..errors import (
-    AdapterNotFoundError,
     IncompatibleAdapterError,
     InvalidAdapterError,
     InvalidOptionError,
+    NotResidentError,
 )
 from ..lora import LoraWeights
 from ._layers import Layer, RuntimeState
@@ -117,11 +117,8 @@ def attach(model: nn.Module, *, dtype: torch.dtype | None = None) -> Runtime:
     return rt
 
 
-def _not_resident(name: str, known: Sequence[str]) -> AdapterNotFoundError:
-    err = AdapterNotFoundError(name)
-    shown = ", ".join(sorted(known)[:10]) or "none"
-    err.args = (f"no adapter named {name!r} is resident; load it with rt.load() first (resident: {shown})",)
-    return err
+def _not_resident(name: str, known: Sequence[str]) -> NotResidentError:
+    return NotResidentError(name, tuple(known))
 
 
 class Runtime:

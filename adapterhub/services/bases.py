@@ -218,3 +218,67 @@ def validate_catalog(
 
 def compatible_names(lib: Library, base: str | os.PathLike[str]) -> set[str]:
     return {r.subject for r in validate_catalog(lib, base=base) if r.ok}
+
+
+def import_gguf(
+    lib: Library, gguf: str | os.PathLike[str], *, name: str, dtype: str = "bfloat16"
+) -> BaseInfo:
+    """Dequantize a GGUF checkpoint (llama.cpp's format) with transformers, save it as a safetensors
+    checkpoint with its tokenizer under ``HOME/bases/``, and register it as base ``name``."""
+    import shutil
+    import tempfile
+
+    from ..store import scratch_prefix
+
+    src = Path(gguf)
+    check_name(name)
+    if lib.bases(name):
+        raise BaseModelError(
+            f"a base model named {name!r} is already registered; pick another --name or remove it first"
+        )
+    if not src.is_file():
+        raise BaseModelError(f"{src} is not a file; give the path of a .gguf checkpoint", path=str(src))
+    with open(src, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise BaseModelError(f"{src} is not a GGUF file (it does not start with 'GGUF')", path=str(src))
+    dest = lib.home / "bases" / name.replace("/", "--")
+    if dest.exists():
+        raise BaseModelError(f"{dest} already exists; remove it or pick another --name", path=str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=scratch_prefix(".import")))
+    try:
+        _convert_gguf(src, tmp, dtype=dtype)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return add_base(lib, dest, name=name)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _convert_gguf(src: Path, out: Path, *, dtype: str) -> None:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    except ImportError as exc:  # transformers itself, or gguf / accelerate that it needs for GGUF
+        raise BaseModelError(f"importing a GGUF needs transformers, gguf and accelerate: {exc}") from None
+    torch_dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+                   "float16": torch.float16, "fp16": torch.float16}.get(dtype)  # fmt: skip
+    if torch_dtype is None:
+        raise BaseModelError(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(src.parent),
+            gguf_file=src.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch_dtype,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise BaseModelError(
+            f"transformers cannot read {src} as a GGUF model: {str(exc).splitlines()[0]}"
+        ) from None
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
