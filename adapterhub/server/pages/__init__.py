@@ -1,0 +1,167 @@
+"""Web pages beside the API: ``/`` (hosted repos and the catalog), ``/{owner}/{name}`` (a hosted repo),
+``/adapters/{name}`` (a cataloged adapter), ``/login`` and ``/logout``, and ``/static/...`` (this
+package's own CSS, script and icon; nothing comes from another site).
+
+Pages see exactly what the API shows the same token: the login form keeps the token in an HttpOnly,
+SameSite=Strict cookie and every page resolves it through `ServerStore.authenticate`.
+
+`mount_pages` adds them to an app made by `adapterhub.server.create_app`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import ForbiddenError
+from ..records import TokenInfo
+from .adapter import adapter_body
+from .html import render
+from .index import index_body
+from .layout import message_page, page
+from .listing import Listing
+from .repo import repo_body
+from .security import (
+    CSRF_FIELD,
+    csrf_token,
+    finish,
+    html_response,
+    login_cookie,
+    logout_cookie,
+    page_user,
+    read_form,
+    redirect,
+    safe_next,
+)
+from .state import CatalogHub, store_of
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["mount_pages", "router"]
+
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "favicon.svg": "image/svg+xml"}  # fmt: skip
+
+router = APIRouter()
+
+
+@router.get("/static/{asset}", include_in_schema=False)
+async def static(request: Request, asset: str) -> Response:
+    kind = ASSETS.get(asset)
+    if kind is None:
+        return html_response(request, message_page(request, "Not found", "No such file.", None), status=404)
+    data = await run_in_threadpool((STATIC / asset).read_bytes)
+    response = finish(request, Response(data, media_type=kind))
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
+
+
+@router.get("/", include_in_schema=False)
+async def index(request: Request) -> Response:
+    started = time.perf_counter()
+    user = await page_user(request)
+    body = await index_body(request, user)
+    return html_response(request, page(request, "Adapters", body, user), started=started)
+
+
+def login_form(request: Request, next_: str, error: str | None = None) -> str:
+    return page(
+        request,
+        "Log in",
+        render(
+            '<h1>Log in</h1>{err}<form class="login" method="post" action="/login">'
+            '<input type="hidden" name="{field}" value="{csrf}"><input type="hidden" name="next" value="{next}">'
+            '<label for="token">Access token</label><input id="token" name="token" type="password" required '
+            'autocomplete="current-password" spellcheck="false">'
+            '<p class="muted">A token of this server (<code>adapterhub token create USER</code>). It is kept in a '
+            'cookie scripts cannot read, sent only to this server.</p><button type="submit">Log in</button></form>',
+            err=render('<p class="notice" role="alert">{e}</p>', e=error) if error else "",
+            field=CSRF_FIELD,
+            csrf=csrf_token(request),
+            next=next_,
+        ),  # fmt: skip
+        None,
+    )
+
+
+@router.get("/login", include_in_schema=False)
+async def login_page(request: Request) -> Response:
+    return html_response(request, login_form(request, safe_next(request.query_params.get("next"))))
+
+
+@router.post("/login", include_in_schema=False)
+async def login(request: Request) -> Response:
+    try:
+        form = await read_form(request)
+    except ForbiddenError as exc:
+        return html_response(request, login_form(request, "/", str(exc)), status=403)
+    token = form.get("token", "").strip()
+    next_ = safe_next(form.get("next"))
+    info = await run_in_threadpool(store_of(request).authenticate, token) if 0 < len(token) <= 512 else None
+    if info is None:
+        return html_response(request, login_form(request, next_, "That token is not valid here."), status=401)
+    response = redirect(request, next_)
+    login_cookie(request, response, token)
+    return response
+
+
+@router.post("/logout", include_in_schema=False)
+async def logout(request: Request) -> Response:
+    try:
+        await read_form(request)
+    except ForbiddenError as exc:
+        user = await page_user(request)
+        return html_response(request, message_page(request, "Not logged out", str(exc), user), status=403)
+    response = redirect(request, "/")
+    logout_cookie(response)
+    return response
+
+
+def not_found(request: Request, user: TokenInfo | None, what: str) -> Response:
+    text = f"There is no {what} here, or you may not see it" + (" (log in?)." if user is None else ".")
+    return html_response(request, message_page(request, "Not found", text, user), status=404)
+
+
+@router.get("/adapters/{name:path}", include_in_schema=False)
+async def adapter(request: Request, name: str) -> Response:
+    started = time.perf_counter()
+    user = await page_user(request)
+    found = await adapter_body(request, name)
+    if found is None:
+        if name.count("/") == 0:  # a hosted repo in a namespace called "adapters"
+            shown = await repo_body(request, "adapters", name, user)
+            if shown is not None:
+                return html_response(request, page(request, shown[0], shown[1], user), started=started)
+        return not_found(request, user, f"adapter called {name!r}")
+    return html_response(request, page(request, found[0], found[1], user), started=started)
+
+
+@router.get("/{owner}/{name}", include_in_schema=False)
+async def repo(request: Request, owner: str, name: str) -> Response:
+    started = time.perf_counter()
+    user = await page_user(request)
+    shown = await repo_body(request, owner, name, user)
+    if shown is None:
+        return not_found(request, user, f"repo {owner}/{name}")
+    return html_response(request, page(request, shown[0], shown[1], user), started=started)
+
+
+def mount_pages(app: FastAPI, hub: CatalogHub) -> None:
+    """Serve the pages from ``app`` over the catalog of ``hub`` (an `adapterhub.Hub`): its routes go after
+    the API's and before the app's final catch-all."""
+    app.state.hub = hub
+    app.state.pages_listing = Listing()
+    before = list(app.router.routes)
+    app.include_router(router)
+    added = app.router.routes[len(before) :]
+    catch_all = next(
+        (i for i, r in enumerate(before) if getattr(r, "path", None) == "/{rest:anypath}"), len(before)
+    )
+    app.router.routes[:] = before[:catch_all] + added + before[catch_all:]

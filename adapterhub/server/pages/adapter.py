@@ -1,0 +1,174 @@
+"""``/adapters/{name}``: a cataloged adapter: metadata, files, the modules table, its lineage as a
+picture, the registered bases it fits, and the singular-value spectra of its modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import AdapterHubError, AdapterNotFoundError
+from ...records import AdapterInfo
+from .html import Safe, definition_list, human_size, join, number, render, table, when
+from .spectra import spectra
+from .state import CatalogHub, hub_of
+from .svg import Node, energy_svg, lineage_svg, sparkline
+
+log = logging.getLogger(__name__)
+MODULES_SHOWN = 2000
+
+
+def adapter_href(name: str) -> str:
+    return "/adapters/" + quote(name, safe="/")
+
+
+def metadata(info: AdapterInfo) -> Safe:
+    return definition_list(
+        [
+            ("Format", f"{info.format}" + (f" ({info.peft_type})" if info.peft_type else "")),
+            ("Base model", info.base_model),
+            ("Rank", info.rank),
+            ("Alpha", number(info.alpha)),
+            ("rsLoRA", "yes" if info.use_rslora else None),
+            ("DoRA", "yes" if info.use_dora else None),
+            ("Rank pattern", ", ".join(f"{k}: {v}" for k, v in info.rank_pattern.items())),
+            ("Targets", ", ".join(info.target_modules)),
+            ("Modules", number(info.num_modules)),
+            ("Parameters", number(info.num_params)),
+            ("dtype", info.dtype),
+            ("Size", human_size(info.size_bytes)),
+            ("Task", info.task_type),
+            ("Tags", join((render('<a class="chip" href="/?tag={t}">{t}</a>', t=t) for t in info.tags), " ")),
+            ("Source", info.source),
+            ("Added", when(info.created_at)),
+            ("sha256", render('<code class="hash">{h}</code>', h=info.sha256)),
+        ]
+    )
+
+
+def modules_table(info: AdapterInfo) -> Safe:
+    mods = list(info.modules or ())
+    rows = [
+        (render("<code>{m}</code>", m=m.module), m.kind, render('<span class="num">{v}</span>', v=m.in_features),
+         render('<span class="num">{v}</span>', v=m.out_features), render('<span class="num">{v}</span>', v=m.rank),
+         number(m.alpha), number(m.scale), "yes" if m.dora else "")
+        for m in mods[:MODULES_SHOWN]
+    ]  # fmt: skip
+    cap = f"{len(mods)} modules" + (f" (first {MODULES_SHOWN} shown)" if len(mods) > MODULES_SHOWN else "")
+    return table(
+        cap, ("Module", "Kind", "In", "Out", "Rank", "Alpha", "Scale", "DoRA"), rows, css="grid modules"
+    )
+
+
+def lineage(info: AdapterInfo, endpoint: str) -> Safe:
+    parents = [Node(p.name, f"{p.method}" + (f" × {p.weight:g}" if p.weight is not None else ""),
+                    adapter_href(p.name)) for p in info.parents]  # fmt: skip
+    after = [Node(c, "child", adapter_href(c)) for c in info.children or ()]
+    after += [Node(m.out.rstrip("/").rsplit("/", 1)[-1] or m.out, f"{'unmerged from' if m.unmerge else 'merged into'} {m.base} × {m.weight:g}", None, "merge", f"{m.out}: {'unmerged from' if m.unmerge else 'merged into'} {m.base}")
+              for m in info.merges or ()]  # fmt: skip
+    for p in info.pushes or ():
+        local = p.endpoint.rstrip("/") == endpoint
+        after.append(Node(p.repo_id, f"pushed {p.commit[:10]} to {p.endpoint}", "/" + quote(p.repo_id, safe="/") if local else None, "push"))  # fmt: skip
+    me = Node(info.name, f"{info.format}, rank {info.rank}", None, "self")
+    items = [
+        render("<li>parent <a href='{h}'>{n}</a> ({d})</li>", h=n.href, n=n.label, d=n.detail)
+        for n in parents
+    ]
+    items += [render("<li>{k} {t}</li>", k=n.kind, t=n.title or f"{n.label}: {n.detail}") for n in after]
+    listing = (
+        render("<ul class='lineage-list'>{i}</ul>", i=join(items))
+        if items
+        else Safe("<p class='muted'>No parents, children, merges or pushes recorded.</p>")
+    )
+    return render('<section aria-labelledby="lin-h"><h2 id="lin-h">Lineage</h2><figure>{svg}'
+                  "<figcaption>{listing}</figcaption></figure></section>",
+                  svg=lineage_svg(me, parents, after), listing=listing)  # fmt: skip
+
+
+def fits(hub: CatalogHub, info: AdapterInfo) -> Safe:
+    bases = hub.list_bases()
+    if not bases:
+        return Safe(
+            '<p class="muted">No base checkpoints are registered (<code>adapterhub base add</code>).</p>'
+        )
+    rows = []
+    for b in bases:
+        try:
+            (report,) = hub.validate_catalog(base=b.name, names=[info.name])
+        except AdapterHubError as exc:
+            rows.append((b.name, Safe('<span class="bad">cannot check</span>'), str(exc)))
+            continue
+        verdict = Safe(
+            '<span class="ok">fits</span>' if report.ok else '<span class="bad">does not fit</span>'
+        )
+        problems = report.errors or report.warnings
+        detail = "; ".join(c.message for c in problems[:3]) + (
+            f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        )
+        rows.append((b.name, verdict, detail))
+    return table("Registered bases", ("Base", "Verdict", "Details"), rows, css="grid fits")
+
+
+def spectra_section(modules: list[dict[str, Any]] | None, error: str | None) -> Safe:
+    if error is not None:
+        return render('<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p class="notice">{e}</p></section>',
+                      e=error)  # fmt: skip
+    assert modules is not None
+    if not modules:
+        return Safe(
+            '<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p>No factored modules.</p></section>'
+        )
+    options = join(
+        render('<option value="{i}">{m}</option>', i=i, m=m["module"]) for i, m in enumerate(modules)
+    )
+    rows = [
+        (render("<code>{m}</code>", m=m["module"]), render('<span class="num">{v}</span>', v=m["rank"]),
+         f"{m['effective_rank']:.2f}", m["rank90"], m["rank99"], f"{m['sigma'][0]:.4g}" if m["sigma"] else "",
+         sparkline(m["sigma"], f"singular values of {m['module']}"))
+        for m in modules
+    ]  # fmt: skip
+    return render(
+        '<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p>Singular values of each module\'s '
+        "<code>scale · B A</code>, from a QR of each factor and the SVD of the small core. The effective rank is "
+        "<code>exp(entropy)</code> of the normalized singular values.</p>"
+        '<figure class="plot">{plot}<figcaption><label hidden id="hl-label">Highlight a module '
+        '<select id="highlight" data-plot="energy-plot"><option value="">none</option>{options}</select></label>'
+        "</figcaption></figure>{table}</section>",
+        plot=energy_svg(modules), options=options,
+        table=table("Per-module spectra", ("Module", "Rank", "Effective rank", "Rank for 90%", "Rank for 99%",
+                                           "Largest σ", "Singular values"), rows, css="grid spectra"),
+    )  # fmt: skip
+
+
+def load(hub: CatalogHub, name: str) -> tuple[AdapterInfo, Safe, list[dict[str, Any]] | None, str | None]:
+    info = hub.adapter_info(name)
+    fit = fits(hub, info)
+    try:
+        return info, fit, spectra(hub, name, info.sha256), None
+    except (AdapterHubError, OSError, RuntimeError, ValueError) as exc:
+        log.warning("no spectra for %s: %s", name, exc)
+        return info, fit, None, f"The spectra could not be computed: {exc}"
+
+
+async def adapter_body(request: Request, name: str) -> tuple[str, Safe] | None:
+    hub = hub_of(request)
+    try:
+        info, fit, mods, error = await run_in_threadpool(load, hub, name)
+    except AdapterNotFoundError:
+        return None
+    endpoint = str(request.base_url).rstrip("/")
+    files = table("Stored files", ("File", "Role", "Size", "sha256"),
+                  [(f.filename, f.role, human_size(f.size_bytes), render('<code class="hash">{h}</code>', h=f.sha256))
+                   for f in info.files or ()])  # fmt: skip
+    body = render(
+        '<h1>{name}</h1><p class="lead">{desc}</p><div class="adapter-meta">{meta}</div>'
+        '<section aria-labelledby="mod-h"><h2 id="mod-h">Modules</h2>{mods}</section>{lineage}'
+        '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
+        '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
+        name=info.name, desc=info.description or "", meta=metadata(info), mods=modules_table(info),
+        lineage=lineage(info, endpoint), fit=fit, spec=spectra_section(mods, error), files=files,
+    )  # fmt: skip
+    return info.name, body
