@@ -1,9 +1,10 @@
 """The Hub-compatible HTTP API (FastAPI): the routers of `adapterhub.server.routes` over one
 `ServerStore`, and the one place where domain errors become the Hub's HTTP error shapes.
 
-It speaks what the huggingface_hub client calls, without Xet: whoami, repo create/delete/settings, model
+It speaks what the huggingface_hub client calls: whoami, repo create/delete/settings, model
 info and listing, tree, paths-info, refs (branches and tags) and commits, preupload, the git-LFS batch
-API (upload by ``PUT`` to a signed URL, then verify), NDJSON commits, ``resolve`` (HEAD/GET with ranges)
+API (upload by ``PUT`` to a signed URL, then verify), the Xet upload protocol (a write token, then xorbs
+and shards; see `adapterhub.server.routes.xet`), NDJSON commits, ``resolve`` (HEAD/GET with ranges)
 and ``validate-yaml``. A private repo is a 404 to anyone but its owner.
 """
 
@@ -17,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterHubError, CatalogError, EndpointNotFoundError, RepoError, StoreError
 from .deps import Server
-from .routes import auth, commit, files, lfs, models, repos
+from .routes import auth, commit, files, lfs, models, repos, xet
 from .storage import ServerStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,6 @@ def create_app(store: ServerStore) -> FastAPI:
     app.add_exception_handler(AdapterHubError, _on_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     # order matters: models.py ends with its catch-all for /api/models/..., after commit's routes
-    for module in (auth, repos, commit, lfs, models, files):
+    for module in (auth, repos, commit, lfs, xet, models, files):
         app.include_router(module.router)
     return app

@@ -22,6 +22,7 @@ from ..errors import (
 from .checks import is_name, loads
 from .records import Repo, TokenInfo
 from .storage import ServerStore
+from .xetstore import XetStore
 
 JSON_LIMIT = 16 * 1024 * 1024
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
@@ -29,10 +30,15 @@ INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 
 @dataclass
 class Server:
-    """The state of one running app: its store and the key that signs LFS upload URLs."""
+    """The state of one running app: its store, its Xet objects and the key that signs LFS upload URLs
+    and Xet access tokens."""
 
     store: ServerStore
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    xet: XetStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.xet = XetStore(self.store)
 
 
 def server(request: Request) -> Server:

@@ -78,14 +78,15 @@ class ServerStore:
         return self.tokens.authenticate(token)
 
     # ------------------------------------------------------------------ who may reference which blob
-    def _upload_dir(self, repo: Repo) -> Path:
+    def upload_dir(self, repo: Repo) -> Path:
+        """The folder of ``repo``'s upload proofs (LFS objects; Xet xorbs under ``xorbs/``)."""
         return self.uploads / f"{repo.id}-{repo.created_at:%Y%m%d%H%M%S%f}"
 
     def record_upload(self, repo: Repo, sha256: str) -> None:
         """Note that the bytes of ``sha256`` were uploaded to ``repo`` (and checked against the digest)."""
         if not SHA256_RE.match(sha256):
             raise BadRequestError(f"not a sha256 digest: {sha256!r}")
-        d = self._upload_dir(repo)
+        d = self.upload_dir(repo)
         d.mkdir(parents=True, exist_ok=True)
         (d / sha256).touch()
 
@@ -98,7 +99,7 @@ class ServerStore:
             size = self.blobs.path(sha256).stat().st_size
         except FileNotFoundError:
             return None
-        if (self._upload_dir(repo) / sha256).is_file():
+        if (self.upload_dir(repo) / sha256).is_file():
             return size
         readable = (hub_repos.c.id == repo.id) | hub_repos.c.private.is_(False)
         if user is not None:
@@ -196,7 +197,7 @@ class ServerStore:
             conn.execute(delete(hub_commit_files).where(hub_commit_files.c.commit_id.in_(commit_ids)))
             conn.execute(delete(hub_commits).where(hub_commits.c.repo_id == repo.id))
             conn.execute(delete(hub_repos).where(hub_repos.c.id == repo.id))
-        shutil.rmtree(self._upload_dir(repo), ignore_errors=True)
+        shutil.rmtree(self.upload_dir(repo), ignore_errors=True)
         self.drop_unreferenced(digests)
 
     def drop_unreferenced(self, digests: Iterable[str]) -> None:

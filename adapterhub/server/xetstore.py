@@ -1,0 +1,135 @@
+"""What the Xet upload path keeps: xorbs, and the files rebuilt from them when a shard arrives.
+
+A xorb is stored under the sha256 of its bytes in a store of its own (``HOME/server/xorbs``, outside the
+objects that `db gc` weighs against commits: a client's local shard cache may refer to a xorb weeks later).
+Which repo received which xorb is an empty-or-not file ``uploads/<repo key>/xorbs/<xorb hash>`` holding
+that sha256, beside the LFS upload proofs. A shard names each file as chunk ranges of xorbs; the server
+rebuilds every file from xorbs the repo may use (uploaded to it, else to a repo the committer can read:
+its own first), computes the sha256, stores the file in the server's object store and records an upload
+proof for the repo, exactly as a checked LFS upload does. Only then can a commit reference it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import BadRequestError
+from ..store import Store, scratch_prefix
+from .checks import SHA256_RE
+from .records import Repo
+from .storage import ServerStore
+from .xetformat import Chunk, ShardFile, chunk_bytes, parse_shard, parse_xorb
+
+XORB_CACHE = 4  # parsed xorbs kept while one shard is rebuilt (each at most 64 MiB)
+
+
+class XetStore:
+    """Xorbs and shards of the Xet upload protocol over a `ServerStore`."""
+
+    def __init__(self, store: ServerStore) -> None:
+        self.store = store
+        self.xorbs = Store(store.blobs.root / "xorbs")
+
+    def _record(self, repo: Repo, xorb: str) -> Path:
+        return self.store.upload_dir(repo) / "xorbs" / xorb
+
+    def add_xorb(self, repo: Repo, xorb: str, data: bytes) -> bool:
+        """Keep a serialized xorb sent to ``repo``; True when the repo had no xorb of that hash before."""
+        if not SHA256_RE.match(xorb):
+            raise BadRequestError(f"not a xorb hash (64 hex digits): {xorb!r}")
+        parse_xorb(data)
+        stored = self.xorbs.put_bytes(data)
+        record = self._record(repo, xorb)
+        inserted = not record.is_file()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=scratch_prefix("xorb"))
+        with os.fdopen(fd, "w") as f:
+            f.write(stored.sha256)
+        os.replace(tmp, record)
+        return inserted
+
+    def _find(self, repo: Repo, user: str, xorb: str) -> Path | None:
+        """The stored bytes of ``xorb`` as a commit to ``repo`` by ``user`` may use them, or None."""
+        candidates = [repo]
+        others = [r for r, _ in self.store.visible_repos(user) if r.id != repo.id]
+        candidates += sorted(others, key=lambda r: r.namespace != user)  # the user's own repos first
+        for r in candidates:
+            try:
+                digest = self._record(r, xorb).read_text().strip()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if SHA256_RE.match(digest) and self.xorbs.has(digest):
+                return self.xorbs.path(digest)
+        return None
+
+    def add_shard(self, repo: Repo, user: str, data: bytes) -> list[tuple[str, int]]:
+        """Rebuild every file of a shard sent to ``repo`` by ``user``; returns (sha256, size) of each, now
+        stored and referable by a commit to ``repo``. Nothing is recorded unless every file checks out."""
+        files = parse_shard(data)
+        cache: OrderedDict[str, tuple[bytes, list[Chunk]]] = OrderedDict()
+        built = [self._rebuild(repo, user, f, cache) for f in files]
+        for sha256, _ in built:
+            self.store.record_upload(repo, sha256)
+        return built
+
+    def _xorb(
+        self, repo: Repo, user: str, xorb: str, cache: OrderedDict[str, tuple[bytes, list[Chunk]]]
+    ) -> tuple[bytes, list[Chunk]]:
+        if xorb in cache:
+            cache.move_to_end(xorb)
+            return cache[xorb]
+        path = self._find(repo, user, xorb)
+        if path is None:
+            raise BadRequestError(
+                f"xorb {xorb} was not uploaded to {repo.repo_id} (nor to a repo you can read); upload it "
+                "before the shard that uses it"
+            )
+        data = path.read_bytes()
+        cache[xorb] = (data, parse_xorb(data))
+        while len(cache) > XORB_CACHE:
+            cache.popitem(last=False)
+        return cache[xorb]
+
+    def _rebuild(
+        self, repo: Repo, user: str, f: ShardFile, cache: OrderedDict[str, tuple[bytes, list[Chunk]]]
+    ) -> tuple[str, int]:
+        blobs = self.store.blobs
+        blobs.tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=blobs.tmp, prefix=scratch_prefix("xet"))
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for seg in f.segments:
+                    data, chunks = self._xorb(repo, user, seg.xorb, cache)
+                    if seg.end > len(chunks):
+                        raise BadRequestError(
+                            f"file {f.file_hash}: chunks {seg.start}..{seg.end} of xorb {seg.xorb}, which has "
+                            f"{len(chunks)}"
+                        )
+                    got = 0
+                    for c in chunks[seg.start : seg.end]:
+                        piece = chunk_bytes(data, c)
+                        h.update(piece)
+                        out.write(piece)
+                        got += len(piece)
+                    if got != seg.size:
+                        raise BadRequestError(
+                            f"file {f.file_hash}: a segment of xorb {seg.xorb} holds {got} bytes, the shard "
+                            f"says {seg.size}"
+                        )
+                    size += got
+            digest = h.hexdigest()
+            if f.sha256 is not None and f.sha256 != digest:
+                raise BadRequestError(
+                    f"file {f.file_hash}: its chunks have sha256 {digest}, the shard says {f.sha256}"
+                )
+            blobs.commit(tmp, digest, size)
+            return digest, size
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
