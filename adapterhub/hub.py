@@ -37,6 +37,8 @@ if TYPE_CHECKING:
         PushRecord,
     )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
+    from .runtime import Runtime
+    from .runtime.generate import Generation
     from .server.storage import ServerStore, TokenInfo
     from .services.compute import CombineSummary, Progress, Weighted
     from .store import Store
@@ -471,6 +473,58 @@ class Hub:
         from .services.recipes import compose
 
         return compose(self.library, recipe, dry_run=dry_run, device=device)
+
+    # ------------------------------------------------------------------ running
+    def load_base(
+        self, base: str | os.PathLike[str], *, device: str | None = None, dtype: str = "auto"
+    ) -> tuple[Any, Any]:
+        """(transformers model, tokenizer) of a registered base or checkpoint folder, on ``device``
+        (default: CUDA when there is one): a causal LM, or an encoder for embedding models."""
+        from .services.running import load_base
+
+        return load_base(self.library, base, device=device, dtype=dtype)
+
+    def attach(self, model: Any, *, dtype: Any = None) -> Runtime:
+        """A runtime on a live model whose ``load`` also takes catalog names (keyed by the store's sha256):
+        ``rt = hub.attach(model); rt.load("sql"); rt.activate("sql")``. See `adapterhub.runtime`."""
+        from .services.running import attach
+
+        return attach(self.library, model, dtype=dtype)
+
+    def generate(
+        self,
+        base: str | os.PathLike[str],
+        prompt: str,
+        *,
+        adapters: Sequence[tuple[str, float]] = (),
+        system: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        device: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Answer ``prompt`` with a causal-LM base and the chat template, ``adapters`` active (several:
+        their exact weighted combination); ``on_text`` streams the text as it comes."""
+        from .services.running import generate_text
+
+        return generate_text(
+            self.library, base, prompt, adapters=adapters, system=system, max_tokens=max_tokens,
+            temperature=temperature, seed=seed, device=device, on_text=on_text,
+        )  # fmt: skip
+
+    def embed(
+        self,
+        base: str | os.PathLike[str],
+        texts: Sequence[str],
+        *,
+        adapters: Sequence[tuple[str, float]] = (),
+        device: str | None = None,
+    ) -> list[list[float]]:
+        """Sentence embeddings of ``texts`` from an encoder base (MiniLM, say), ``adapters`` active."""
+        from .services.running import embed_texts
+
+        return embed_texts(self.library, base, texts, adapters=adapters, device=device)
 
     # ------------------------------------------------------------------ sharing
     def push_adapter(

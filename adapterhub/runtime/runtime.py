@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,41 +38,15 @@ from ._layers import Layer, RuntimeState
 from ._merge import dora_gm1, merge_layer, merge_problems
 from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes
 from ._select import Selection, build_selection
+from .types import AdapterSpec, ResidentAdapter
 
 __all__ = ["Runtime", "ResidentAdapter", "AdapterSpec", "attach"]
 
 logger = logging.getLogger(__name__)
 
-#: what `Runtime.activate` and `Runtime.rows` take for one row: a resident name, None for the base
-#: model, or an exact linear combination ``{name: weight}`` of resident adapters
-AdapterSpec = str | None | Mapping[str, float]
 
 _INITIAL_SLOTS = 8
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class ResidentAdapter:
-    """One name bound to resident content."""
-
-    name: str
-    sha256: str  # content hash (see `content_sha256`), or the one given to `Runtime.load`
-    bytes: int  # device memory of its own factors (shared with other names of the same content)
-    device: str
-    modules: int  # modules it adapts or replaces
-    rank: int
-    dora: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "sha256": self.sha256,
-            "bytes": self.bytes,
-            "device": self.device,
-            "modules": self.modules,
-            "rank": self.rank,
-            "dora": self.dora,
-        }
 
 
 @dataclass
@@ -95,7 +69,11 @@ class _Merged:
     backups: list[tuple[torch.Tensor, torch.Tensor]]  # (live parameter, original copy)
 
 
-def attach(model: nn.Module, *, dtype: torch.dtype | None = None) -> Runtime:
+#: name -> (loaded weights, content sha256), or None: how a runtime finds adapters beyond paths
+Resolver = Callable[[str], "tuple[LoraWeights, str] | None"]
+
+
+def attach(model: nn.Module, *, dtype: torch.dtype | None = None, resolve: Resolver | None = None) -> Runtime:
     """Attach a runtime to ``model`` (a plain torch / transformers model); nothing changes until a load.
 
     Args:
@@ -104,6 +82,7 @@ def attach(model: nn.Module, *, dtype: torch.dtype | None = None) -> Runtime:
         dtype: dtype of the resident factors. None (default) keeps each layer's own weight dtype, the
             fast choice on a bf16 / fp16 GPU model; ``torch.float32`` keeps factors in fp32 as PEFT does
             (the input is then cast to fp32 for the low-rank product).
+        resolve: tried first when `Runtime.load` gets a string (`Hub.attach` resolves catalog names).
 
     Raises:
         InvalidOptionError: a runtime is already attached to this model.
@@ -112,7 +91,7 @@ def attach(model: nn.Module, *, dtype: torch.dtype | None = None) -> Runtime:
         raise InvalidOptionError(
             "a runtime is already attached to this model; use it, or call its detach() before attaching again"
         )
-    rt = Runtime(model, dtype=dtype)
+    rt = Runtime(model, dtype=dtype, resolve=resolve)
     _ATTACHED[model] = rt
     return rt
 
@@ -124,8 +103,11 @@ def _not_resident(name: str, known: Sequence[str]) -> NotResidentError:
 class Runtime:
     """Adapters on one live model. Make it with `attach`."""
 
-    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, dtype: torch.dtype | None = None, resolve: Resolver | None = None
+    ) -> None:
         self._model = model
+        self._resolve = resolve
         self._dtype = dtype
         self._state = RuntimeState()
         self._layers: dict[str, Layer] = {}
@@ -206,6 +188,12 @@ class Runtime:
                 merged into the weights right now.
         """
         self._check_live()
+        found = (
+            self._resolve(str(adapter)) if self._resolve is not None and isinstance(adapter, str) else None
+        )
+        if found is not None:
+            name = name or str(adapter)
+            adapter, sha256 = found[0], sha256 or found[1]
         weights, name = self._read(adapter, name)
         plan = plan_adapter(self._model, self._layout, weights, name)
         if not plan.report.ok:

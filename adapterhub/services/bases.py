@@ -268,6 +268,9 @@ def _convert_gguf(src: Path, out: Path, *, dtype: str) -> None:
                    "float16": torch.float16, "fp16": torch.float16}.get(dtype)  # fmt: skip
     if torch_dtype is None:
         raise BaseModelError(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(src.parent),
