@@ -56,8 +56,8 @@ def module_sigma(a: Any, b: Any, scale: float) -> list[float]:
 
     a2 = a.detach().to(torch.float64).reshape(a.shape[0], -1)  # r x in
     b2 = b.detach().to(torch.float64).reshape(b.shape[0], -1)  # out x r
-    _, rb = torch.linalg.qr(b2)
-    _, ra = torch.linalg.qr(a2.T)
+    _, rb = torch.linalg.qr(b2, mode="r")  # only the r x r factors are needed, never Q
+    _, ra = torch.linalg.qr(a2.T, mode="r")
     s = torch.linalg.svdvals(rb @ ra.T) * abs(scale)
     return [float(v) for v in s]
 
