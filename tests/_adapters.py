@@ -21,20 +21,10 @@ BASE_NAME = "tiny-llama"
 
 
 def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """`_models.tiny_llama` with the catalog tests' shape (vocab 96, intermediate 64)."""
+    from _models import tiny_llama as build
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+    return build(seed, spread=False, vocab_size=96, intermediate_size=64)
 
 
 def make_adapter(

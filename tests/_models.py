@@ -25,8 +25,15 @@ EXTRA_FILES = {
 
 
 def tiny_llama(
-    seed: int = 0, *, tie: bool = False, dtype: torch.dtype = torch.float32, **overrides: Any
+    seed: int = 0,
+    *,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    spread: bool = True,
+    **overrides: Any,
 ) -> Any:
+    """The one tiny random Llama of the tests: 2 layers, hidden 32 unless ``overrides`` say otherwise.
+    ``spread`` widens the random init so that merged and unmerged outputs differ clearly."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -42,7 +49,8 @@ def tiny_llama(
     )
     kw.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**kw))
-    _spread(model)
+    if spread:
+        _spread(model)
     return model.to(dtype).eval()
 
 

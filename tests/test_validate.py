@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402
 
 from adapterhub import Hub  # noqa: E402
 
@@ -29,8 +29,9 @@ LLAMA = dict(
 
 
 def llama(**over: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**LLAMA, **over}))
+    from _models import tiny_llama
+
+    return tiny_llama(0, spread=False, **{**LLAMA, **over})
 
 
 def gpt2() -> GPT2LMHeadModel:
