@@ -43,6 +43,21 @@ tags: ["<img src=x onerror=alert(1)>"]
 [a link](javascript:alert('link')) and ![a picture](https://evil.example/p.png)
 """
 
+SECRET = "# Secret card\n\nonly alice reads this\n\n![the plot](plot.png) and [the plot file](./plot.png)\n"
+
+
+def png() -> bytes:
+    """A valid 2 x 2 PNG."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))  # fmt: skip
+
 
 @dataclass
 class Site:
@@ -75,9 +90,9 @@ class Site:
         opener = urllib.request.build_opener(NoRedirect)
         try:
             with opener.open(req, timeout=30) as resp:
-                return resp.status, resp.headers, resp.read().decode()
+                return resp.status, resp.headers, resp.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.headers, exc.read().decode()
+            return exc.code, exc.headers, exc.read().decode(errors="replace")
 
     def login_cookie(self, token: str) -> str:
         """A browser's cookies after logging in with ``token`` (CSRF cookie first, as a form needs)."""
@@ -136,12 +151,17 @@ def fill_repos(site: Site) -> None:
             hub.push_adapter("sql-r8", "alice/sql-r8", endpoint=site.url, token=site.alice)
         api = huggingface_hub.HfApi(endpoint=site.url)
         api.create_repo("alice/secret-notes", private=True, token=site.alice)
-        api.upload_file(path_or_fileobj=b"# Secret card\n\nonly alice reads this\n", path_in_repo="README.md",
-                        repo_id="alice/secret-notes", token=site.alice)  # fmt: skip
+        api.upload_file(
+            path_or_fileobj=png(), path_in_repo="plot.png", repo_id="alice/secret-notes", token=site.alice
+        )
+        api.upload_file(path_or_fileobj=SECRET.encode(), path_in_repo="README.md", repo_id="alice/secret-notes",
+                        token=site.alice)  # fmt: skip
         api.create_repo("bob/hostile", token=site.bob)
         api.upload_file(path_or_fileobj=HOSTILE.encode(), path_in_repo="README.md", repo_id="bob/hostile",
                         token=site.bob)  # fmt: skip
         api.create_tag("bob/hostile", tag="v1", token=site.bob)
+        api.upload_file(path_or_fileobj=b"<script>alert(1)</script>", path_in_repo="page.html", repo_id="bob/hostile",
+                        token=site.bob)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +278,23 @@ def test_private_repos_are_absent_without_a_login_that_may_read_them(site: Site)
     status, _, body = site.get("/alice/secret-notes", cookie=alice)
     assert status == 200 and "<h1>Secret card</h1>" in body and "private" in body
     assert "--token $HF_TOKEN" in body  # the snippet says a token is needed
+
+
+def test_repo_files_are_served_to_whoever_may_read_them_and_never_run(site: Site) -> None:
+    alice = site.login_cookie(site.alice)
+    for cookie in (None, site.login_cookie(site.bob)):
+        assert site.get("/alice/secret-notes/raw/plot.png", cookie=cookie)[0] == 404
+    status, h, _ = site.get("/alice/secret-notes/raw/plot.png", cookie=alice)
+    assert status == 200 and h["Content-Type"] == "image/png" and "sandbox" in h["Content-Security-Policy"]
+    body = site.get("/alice/secret-notes", cookie=alice)[2]
+    assert '<img src="/alice/secret-notes/raw/plot.png?rev=main" alt="the plot"' in body
+    assert 'href="/alice/secret-notes/raw/plot.png?rev=main"' in body
+    status, h, data = site.get("/bob/hostile/raw/page.html?rev=v1")
+    assert status == 404  # not at the tag v1, which came before it
+    status, h, data = site.get("/bob/hostile/raw/page.html")
+    assert status == 200 and h["Content-Type"] == "application/octet-stream"
+    assert h["Content-Disposition"].startswith("attachment") and h["X-Content-Type-Options"] == "nosniff"
+    assert h["Content-Security-Policy"] == "default-src 'none'; sandbox"
 
 
 def test_index_filters_sorts_and_paginates(site: Site) -> None:
@@ -468,6 +505,7 @@ def test_login_and_logout_around_a_private_repo(tab: Tab, site: Site, artifacts:
     p.get_by_role("button", name="Log in").click()
     p.wait_for_url("**/alice/secret-notes")
     assert p.get_by_role("heading", name="Secret card").is_visible()
+    assert p.locator("article.card img").evaluate("img => img.complete && img.naturalWidth") == 2
     shot(tab, artifacts, "private-repo")
     cookies = {c["name"]: c for c in p.context.cookies()}
     assert cookies["adapterhub_session"]["httpOnly"] and cookies["adapterhub_session"]["sameSite"] == "Strict"

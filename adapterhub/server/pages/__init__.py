@@ -1,5 +1,6 @@
 """Web pages beside the API: ``/`` (hosted repos and the catalog), ``/{owner}/{name}`` (a hosted repo),
-``/adapters/{name}`` (a cataloged adapter), ``/login`` and ``/logout``, and ``/static/...`` (this
+``/{owner}/{name}/raw/{path}`` (one of its files, read with the login cookie), ``/adapters/{name}``
+(a cataloged adapter), ``/login`` and ``/logout``, and ``/static/...`` (this
 package's own CSS, script and icon; nothing comes from another site).
 
 Pages see exactly what the API shows the same token: the login form keeps the token in an HttpOnly,
@@ -25,6 +26,7 @@ from .html import render
 from .index import index_body
 from .layout import message_page, page
 from .listing import Listing
+from .raw import raw_file
 from .repo import repo_body
 from .security import (
     CSRF_FIELD,
@@ -141,6 +143,13 @@ async def adapter(request: Request, name: str) -> Response:
                 return html_response(request, page(request, shown[0], shown[1], user), started=started)
         return not_found(request, user, f"adapter called {name!r}")
     return html_response(request, page(request, found[0], found[1], user), started=started)
+
+
+@router.get("/{owner}/{name}/raw/{path:path}", include_in_schema=False)
+async def raw(request: Request, owner: str, name: str, path: str) -> Response:
+    user = await page_user(request)
+    found = await raw_file(request, owner, name, path, user)
+    return found if found is not None else not_found(request, user, f"file {path!r} in {owner}/{name}")
 
 
 @router.get("/{owner}/{name}", include_in_schema=False)

@@ -8,11 +8,15 @@ import json
 import re
 from functools import lru_cache
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from .html import Safe, definition_list, esc, join, render
 
 FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*(\n|$)", re.S)
 CARD_LIMIT = 1024 * 1024
+RELATIVE_NOT = re.compile(
+    r"^([a-zA-Z][a-zA-Z0-9+.-]*:|/|#|\?)"
+)  # a scheme, an absolute path, a fragment, a query
 
 
 @lru_cache(maxsize=1)
@@ -23,13 +27,18 @@ def _parser() -> Any:
     md.enable("table").enable("strikethrough")
 
     def link_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
-        tokens[idx].attrSet("rel", "nofollow noopener noreferrer")
+        tok = tokens[idx]
+        tok.attrSet("href", in_repo(str(tok.attrGet("href") or ""), env))
+        tok.attrSet("rel", "nofollow noopener noreferrer")
         return str(self.renderToken(tokens, idx, options, env))
 
     def image(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
         tok = tokens[idx]
         alt = self.renderInlineAsText(tok.children or [], options, env) or "image"
         src = str(tok.attrGet("src") or "")
+        local = in_repo(src, env)
+        if local != src:  # a file of this repo, served by this server: shown
+            return str(render('<img src="{src}" alt="{alt}" loading="lazy">', src=local, alt=alt))
         return str(render('<a class="image-link" href="{src}" rel="nofollow noopener noreferrer">[image: {alt}]</a>',
                           src=src, alt=alt))  # fmt: skip
 
@@ -38,14 +47,26 @@ def _parser() -> Any:
     return md
 
 
+def in_repo(url: str, env: Any) -> str:
+    """A relative link of a card made to point at that file of the repo (``env["raw"]``, ``env["rev"]``)."""
+    raw = env.get("raw") if isinstance(env, dict) else None
+    if not raw or not url or RELATIVE_NOT.match(url):
+        return url
+    path = url.split("#", 1)[0].split("?", 1)[0]
+    while path.startswith("./"):
+        path = path[2:]
+    return f"{raw}{quote(path, safe='/')}?{urlencode({'rev': env.get('rev', 'main')})}" if path else url
+
+
 def split_card(text: str) -> str:
     """The Markdown body of a README (its front matter taken off)."""
     m = FRONT_MATTER.match(text)
     return text[m.end() :] if m else text
 
 
-def render_markdown(text: str) -> Safe:
-    return Safe(_parser().render(text[:CARD_LIMIT]))
+def render_markdown(text: str, *, raw: str | None = None, rev: str = "main") -> Safe:
+    """``text`` as HTML; with ``raw`` (``/owner/name/raw/``), relative links and images point into the repo."""
+    return Safe(_parser().render(text[:CARD_LIMIT], {"raw": raw, "rev": rev}))
 
 
 def card_value(value: Any) -> Safe:

@@ -51,7 +51,7 @@ def snippets(endpoint: str, repo: Repo, base: str | None, private: bool) -> Safe
 def files_table(repo: Repo, rev: str, files: dict[str, Entry]) -> Safe:
     rows = []
     for e in files.values():
-        href = f"/{quote(repo.repo_id, safe='/')}/resolve/{quote(rev, safe='')}/{quote(e.path, safe='/')}"
+        href = f"/{quote(repo.repo_id, safe='/')}/raw/{quote(e.path, safe='/')}?{urlencode({'rev': rev})}"
         rows.append(
             (
                 render(
@@ -145,7 +145,7 @@ async def repo_body(
     base = str(base[0] if isinstance(base, list) and base else base) if base else None
     endpoint = str(request.base_url).rstrip("/")
     card_html = (
-        render('<article class="card markdown" aria-label="Model card">{c}</article>', c=render_markdown(split_card(readme)))
+        render('<article class="card markdown" aria-label="Model card">{c}</article>', c=render_markdown(split_card(readme), raw=f"/{quote(repo.repo_id, safe='/')}/raw/", rev=rev))
         if readme.strip()
         else Safe('<p class="muted">This repo has no README.md.</p>')
     )  # fmt: skip
