@@ -204,6 +204,8 @@ def test_every_page_has_a_strict_csp_and_the_api_still_answers(site: Site) -> No
         assert "default-src 'self'" in h["Content-Security-Policy"], path
         assert "script-src 'self'" in h["Content-Security-Policy"]
         assert h["X-Content-Type-Options"] == "nosniff" and h["X-Frame-Options"] == "DENY"
+    status, h, body = site.send(urllib.request.Request(site.url + "/adapters/sql-r8", method="HEAD"))
+    assert status == 200 and body == "" and h["Content-Type"].startswith("text/html")
     status, h, body = site.get("/static/app.js")
     assert status == 200 and h["Content-Type"].startswith("text/javascript")
     assert site.get("/static/../__init__.py")[0] == 404

@@ -52,9 +52,10 @@ ASSETS = {"style.css": "text/css; charset=utf-8", "app.js": "text/javascript; ch
           "favicon.svg": "image/svg+xml"}  # fmt: skip
 
 router = APIRouter()
+READ = ["GET", "HEAD"]
 
 
-@router.get("/static/{asset}", include_in_schema=False)
+@router.api_route("/static/{asset}", methods=READ, include_in_schema=False)
 async def static(request: Request, asset: str) -> Response:
     kind = ASSETS.get(asset)
     if kind is None:
@@ -65,7 +66,7 @@ async def static(request: Request, asset: str) -> Response:
     return response
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=READ, include_in_schema=False)
 async def index(request: Request) -> Response:
     started = time.perf_counter()
     user = await page_user(request)
@@ -93,7 +94,7 @@ def login_form(request: Request, next_: str, error: str | None = None) -> str:
     )
 
 
-@router.get("/login", include_in_schema=False)
+@router.api_route("/login", methods=READ, include_in_schema=False)
 async def login_page(request: Request) -> Response:
     return html_response(request, login_form(request, safe_next(request.query_params.get("next"))))
 
@@ -131,7 +132,7 @@ def not_found(request: Request, user: TokenInfo | None, what: str) -> Response:
     return html_response(request, message_page(request, "Not found", text, user), status=404)
 
 
-@router.get("/adapters/{name:path}", include_in_schema=False)
+@router.api_route("/adapters/{name:path}", methods=READ, include_in_schema=False)
 async def adapter(request: Request, name: str) -> Response:
     started = time.perf_counter()
     user = await page_user(request)
@@ -145,14 +146,14 @@ async def adapter(request: Request, name: str) -> Response:
     return html_response(request, page(request, found[0], found[1], user), started=started)
 
 
-@router.get("/{owner}/{name}/raw/{path:path}", include_in_schema=False)
+@router.api_route("/{owner}/{name}/raw/{path:path}", methods=READ, include_in_schema=False)
 async def raw(request: Request, owner: str, name: str, path: str) -> Response:
     user = await page_user(request)
     found = await raw_file(request, owner, name, path, user)
     return found if found is not None else not_found(request, user, f"file {path!r} in {owner}/{name}")
 
 
-@router.get("/{owner}/{name}", include_in_schema=False)
+@router.api_route("/{owner}/{name}", methods=READ, include_in_schema=False)
 async def repo(request: Request, owner: str, name: str) -> Response:
     started = time.perf_counter()
     user = await page_user(request)
@@ -166,6 +167,7 @@ def mount_pages(app: FastAPI, hub: CatalogHub) -> None:
     """Serve the pages from ``app`` over the catalog of ``hub`` (an `adapterhub.Hub`): its routes go after
     the API's and before the app's final catch-all."""
     app.state.hub = hub
+    getattr(hub, "catalog", None)  # open the catalog now, not in two request threads at once
     app.state.pages_listing = Listing()
     before = list(app.router.routes)
     app.include_router(router)

@@ -112,7 +112,10 @@ def fits(hub: CatalogHub, info: AdapterInfo) -> Safe:
     return table("Registered bases", ("Base", "Verdict", "Details"), rows, css="grid fits")
 
 
-def spectra_section(modules: list[dict[str, Any]] | None, error: str | None) -> Safe:
+DORA_NOTE = " For DoRA modules this is the low-rank update alone; the magnitude vector is not in it."
+
+
+def spectra_section(modules: list[dict[str, Any]] | None, error: str | None, *, dora: bool = False) -> Safe:
     if error is not None:
         return render('<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p class="notice">{e}</p></section>',
                       e=error)  # fmt: skip
@@ -133,11 +136,11 @@ def spectra_section(modules: list[dict[str, Any]] | None, error: str | None) -> 
     return render(
         '<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p>Singular values of each module\'s '
         "<code>scale · B A</code>, from a QR of each factor and the SVD of the small core. The effective rank is "
-        "<code>exp(entropy)</code> of the normalized singular values.</p>"
+        "<code>exp(entropy)</code> of the normalized singular values.{dora}</p>"
         '<figure class="plot">{plot}<figcaption><label hidden id="hl-label">Highlight a module '
         '<select id="highlight" data-plot="energy-plot"><option value="">none</option>{options}</select></label>'
         "</figcaption></figure>{table}</section>",
-        plot=energy_svg(modules), options=options,
+        plot=energy_svg(modules), options=options, dora=Safe(DORA_NOTE if dora else ""),
         table=table("Per-module spectra", ("Module", "Rank", "Effective rank", "Rank for 90%", "Rank for 99%",
                                            "Largest σ", "Singular values"), rows, css="grid spectra"),
     )  # fmt: skip
@@ -169,6 +172,6 @@ async def adapter_body(request: Request, name: str) -> tuple[str, Safe] | None:
         '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
         '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
         name=info.name, desc=info.description or "", meta=metadata(info), mods=modules_table(info),
-        lineage=lineage(info, endpoint), fit=fit, spec=spectra_section(mods, error), files=files,
+        lineage=lineage(info, endpoint), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,
     )  # fmt: skip
     return info.name, body
