@@ -532,3 +532,24 @@ def test_a_hostile_card_is_inert(tab: Tab, site: Site, artifacts: Path) -> None:
     snippet = p.locator("figure.snippet code").nth(2).inner_text()
     assert 'PeftModel.from_pretrained(base, "bob/hostile")' in snippet and site.url in snippet
     shot(tab, artifacts, "repo")
+
+
+def test_pages_read_and_filter_without_javascript(browser: Any, site: Site) -> None:
+    context = browser.new_context(java_script_enabled=False, base_url=site.url)
+    p = context.new_page()
+    requests: list[str] = []
+    p.on("request", lambda r: requests.append(r.url))
+    try:
+        p.goto("/")
+        p.get_by_label("Format").select_option("kohya")  # no script: nothing happens until Apply
+        assert "format=" not in p.url
+        p.get_by_role("button", name="Apply").click()
+        p.wait_for_url("**format=kohya**")
+        assert [t.strip() for t in p.locator("#adapters tbody th a").all_inner_texts()] == ["anime-style"]
+        p.goto("/adapters/sql-r8")
+        assert p.locator("svg.lineage").is_visible() and p.locator("#energy-plot polyline").count() == 4
+        assert p.locator("#hl-label").is_hidden()  # the highlighter needs the script, so it stays hidden
+        assert p.locator("figure.snippet button").count() == 0
+    finally:
+        context.close()
+    assert {urlsplit(u).hostname for u in requests} <= {"127.0.0.1"}
