@@ -33,7 +33,7 @@ def snippets(endpoint: str, repo: Repo, base: str | None, private: bool) -> Safe
         f'os.environ["HF_ENDPOINT"] = "{endpoint}"  # before importing transformers and peft\n\n'
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}")\n'
-        f'model = PeftModel.from_pretrained(base, "{rid}")'
+        f'model = PeftModel.from_pretrained(base, "{rid}"{token_py})'
     )
     blocks = join(
         render(
