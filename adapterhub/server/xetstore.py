@@ -2,10 +2,10 @@
 
 A xorb is stored under the sha256 of its bytes in a store of its own (``HOME/server/xorbs``, outside the
 objects that `db gc` weighs against commits: a client's local shard cache may refer to a xorb weeks later).
-Which repo received which xorb is an empty-or-not file ``uploads/<repo key>/xorbs/<xorb hash>`` holding
-that sha256, beside the LFS upload proofs. A shard names each file as chunk ranges of xorbs; the server
-rebuilds every file from xorbs the repo may use (uploaded to it, else to a repo the committer can read:
-its own first), computes the sha256, stores the file in the server's object store and records an upload
+Which repo received which xorb is a file ``uploads/<repo key>/xorbs/<xorb hash>`` holding that sha256,
+beside the LFS upload proofs; ``uploads/users/<user>/xorbs/<xorb hash>`` records who sent it. A shard
+names each file as chunk ranges of xorbs; the server rebuilds every file from xorbs the committer may
+use (sent to the repo or by the committer, else held by a repo the committer can read: own ones first), computes the sha256, stores the file in the server's object store and records an upload
 proof for the repo, exactly as a checked LFS upload does. Only then can a commit reference it.
 """
 
@@ -37,29 +37,35 @@ class XetStore:
     def _record(self, repo: Repo, xorb: str) -> Path:
         return self.store.upload_dir(repo) / "xorbs" / xorb
 
-    def add_xorb(self, repo: Repo, xorb: str, data: bytes) -> bool:
-        """Keep a serialized xorb sent to ``repo``; True when the repo had no xorb of that hash before."""
+    def _user_record(self, user: str, xorb: str) -> Path:
+        return self.store.uploads / "users" / user / "xorbs" / xorb
+
+    def add_xorb(self, repo: Repo, user: str, xorb: str, data: bytes) -> bool:
+        """Keep a serialized xorb sent to ``repo`` by ``user``; True when the repo had no xorb of that
+        hash before. The user's own record outlives the repo: the client's local shard cache lets it
+        refer to this xorb again, weeks later and from any repo, without sending it again."""
         if not SHA256_RE.match(xorb):
             raise BadRequestError(f"not a xorb hash (64 hex digits): {xorb!r}")
         parse_xorb(data)
         stored = self.xorbs.put_bytes(data)
-        record = self._record(repo, xorb)
-        inserted = not record.is_file()
-        record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=scratch_prefix("xorb"))
-        with os.fdopen(fd, "w") as f:
-            f.write(stored.sha256)
-        os.replace(tmp, record)
+        inserted = not self._record(repo, xorb).is_file()
+        for record in (self._record(repo, xorb), self._user_record(user, xorb)):
+            record.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=scratch_prefix("xorb"))
+            with os.fdopen(fd, "w") as f:
+                f.write(stored.sha256)
+            os.replace(tmp, record)
         return inserted
 
     def _find(self, repo: Repo, user: str, xorb: str) -> Path | None:
-        """The stored bytes of ``xorb`` as a commit to ``repo`` by ``user`` may use them, or None."""
-        candidates = [repo]
+        """The stored bytes of ``xorb`` as a commit to ``repo`` by ``user`` may use them (sent to the repo
+        or by the user, else held by a repo the user can read: the user's own first), or None."""
+        records = [self._record(repo, xorb), self._user_record(user, xorb)]
         others = [r for r, _ in self.store.visible_repos(user) if r.id != repo.id]
-        candidates += sorted(others, key=lambda r: r.namespace != user)  # the user's own repos first
-        for r in candidates:
+        records += [self._record(r, xorb) for r in sorted(others, key=lambda r: r.namespace != user)]
+        for record in records:
             try:
-                digest = self._record(r, xorb).read_text().strip()
+                digest = record.read_text().strip()
             except (FileNotFoundError, NotADirectoryError):
                 continue
             if SHA256_RE.match(digest) and self.xorbs.has(digest):
@@ -85,8 +91,9 @@ class XetStore:
         path = self._find(repo, user, xorb)
         if path is None:
             raise BadRequestError(
-                f"xorb {xorb} was not uploaded to {repo.repo_id} (nor to a repo you can read); upload it "
-                "before the shard that uses it"
+                f"xorb {xorb} was not uploaded by {user} nor to a repo {user} can read. If another user "
+                "uploaded it from this machine, the Xet cache refers to it: clear it (HF_XET_CACHE, by "
+                "default ~/.cache/huggingface/xet) and upload again"
             )
         data = path.read_bytes()
         cache[xorb] = (data, parse_xorb(data))

@@ -107,7 +107,7 @@ async def upload_xorb(
     if prefix != "default":
         raise BadRequestError(f"xorbs are uploaded under the prefix 'default', not {prefix!r}")
     body = await read_body(request, XORB_LIMIT, "a xorb")
-    inserted = await run_in_threadpool(server(request).xet.add_xorb, caller.repo, xorb, body)
+    inserted = await run_in_threadpool(server(request).xet.add_xorb, caller.repo, caller.user, xorb, body)
     return JSONResponse({"was_inserted": inserted})
 
 
