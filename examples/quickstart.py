@@ -29,17 +29,33 @@ def step(title: str) -> None:
 
 
 def sh(*args: str, home: Path, env: dict[str, str] | None = None) -> str:
-    """Run the adapterhub CLI the way a user would, echoing the command and its output."""
-    cmd = [sys.executable, "-m", "adapterhub", "--home", str(home), *args]
+    """Run the adapterhub CLI as a user would, echoing the command and its output. Commands run in this
+    process (the same `main` the console script calls, which saves a Python start per command); the
+    ones that talk to the server, which need an environment of their own, run as real processes."""
     print("$ adapterhub " + " ".join(shlex.quote(a) for a in args), flush=True)
-    res = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120", **(env or {})}
-    )
-    out = res.stdout + res.stderr
-    print(out.rstrip(), flush=True)
-    if res.returncode != 0:
-        raise SystemExit(f"command failed with exit code {res.returncode}")
-    return res.stdout
+    if env is not None:
+        cmd = [sys.executable, "-m", "adapterhub", "--home", str(home), *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120", **env})
+        code, stdout, stderr = res.returncode, res.stdout, res.stderr
+    else:
+        code, stdout, stderr = _in_process(["--home", str(home), *args])
+    print((stdout + stderr).rstrip(), flush=True)
+    if code != 0:
+        raise SystemExit(f"command failed with exit code {code}")
+    return stdout
+
+
+def _in_process(argv: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from adapterhub.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    os.environ["COLUMNS"] = "120"
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
 
 
 def base_model_dir() -> Path:
