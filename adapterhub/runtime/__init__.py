@@ -11,6 +11,10 @@ with rt.rows(["sql", "chat", None, {"sql": 0.5, "chat": 0.5}]):
     logits = model(input_ids).logits     # each row equals that row run alone with its spec
 rt.merge("sql"); rt.unmerge()            # fp32, rounded once; unmerge is bit-exact
 rt.detach()                              # the model is exactly as given
+
+ad = rt.create("new", rank=8, targets=["q_proj", "v_proj"])   # trainable: A random, B = 0, base frozen
+...                                      # train ad.parameters() with any optimizer
+rt.save("new", path="adapters/new")      # a PEFT folder; rt.activate("new") serves it like a loaded one
 ```
 
 Needs torch (and transformers only for GPT-2 ``Conv1D`` layers); no database, no catalog.
@@ -20,5 +24,14 @@ from __future__ import annotations
 
 from ._plan import content_sha256, model_layout
 from .runtime import AdapterSpec, ResidentAdapter, Runtime, attach
+from .train import TrainableAdapter
 
-__all__ = ["AdapterSpec", "ResidentAdapter", "Runtime", "attach", "content_sha256", "model_layout"]
+__all__ = [
+    "AdapterSpec",
+    "ResidentAdapter",
+    "Runtime",
+    "TrainableAdapter",
+    "attach",
+    "content_sha256",
+    "model_layout",
+]

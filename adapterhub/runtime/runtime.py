@@ -20,8 +20,6 @@ import math
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,15 +27,16 @@ from torch import nn
 
 from ..errors import (
     IncompatibleAdapterError,
-    InvalidAdapterError,
     InvalidOptionError,
     NotResidentError,
 )
 from ..lora import LoraWeights
 from ._layers import Layer, RuntimeState
 from ._merge import dora_gm1, merge_layer, merge_problems
+from ._parts import Content, Merged, read_weights
 from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes
 from ._select import Selection, build_selection
+from .train import TrainableAdapter, Trainer, save_trained
 from .types import AdapterSpec, ResidentAdapter
 
 __all__ = ["Runtime", "ResidentAdapter", "AdapterSpec", "attach"]
@@ -49,31 +48,20 @@ _INITIAL_SLOTS = 8
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
 
 
-@dataclass
-class _Content:
-    sha256: str
-    slot: int
-    bytes: int
-    device: str
-    modules: int
-    rank: int
-    dora: bool
-    replaces: bool
-    layers: list[Layer] = field(default_factory=list)
-
-
-@dataclass
-class _Merged:
-    spec: dict[str, float]
-    key: tuple[tuple[int, float], ...]
-    backups: list[tuple[torch.Tensor, torch.Tensor]]  # (live parameter, original copy)
-
-
 #: name -> (loaded weights, content sha256), or None: how a runtime finds adapters beyond paths
 Resolver = Callable[[str], "tuple[LoraWeights, str] | None"]
+#: (name, weights, tags=, description=, lineage=) -> what the catalog made of it: how `Runtime.save`
+#: lands a trained adapter somewhere other than a folder (`Hub.attach` ingests it into the catalog)
+Saver = Callable[..., Any]
 
 
-def attach(model: nn.Module, *, dtype: torch.dtype | None = None, resolve: Resolver | None = None) -> Runtime:
+def attach(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    resolve: Resolver | None = None,
+    save: Saver | None = None,
+) -> Runtime:
     """Attach a runtime to ``model`` (a plain torch / transformers model); nothing changes until a load.
 
     Args:
@@ -83,6 +71,7 @@ def attach(model: nn.Module, *, dtype: torch.dtype | None = None, resolve: Resol
             fast choice on a bf16 / fp16 GPU model; ``torch.float32`` keeps factors in fp32 as PEFT does
             (the input is then cast to fp32 for the low-rank product).
         resolve: tried first when `Runtime.load` gets a string (`Hub.attach` resolves catalog names).
+        save: where `Runtime.save` without a path sends a trained adapter (`Hub.attach`: the catalog).
 
     Raises:
         InvalidOptionError: a runtime is already attached to this model.
@@ -91,7 +80,7 @@ def attach(model: nn.Module, *, dtype: torch.dtype | None = None, resolve: Resol
         raise InvalidOptionError(
             "a runtime is already attached to this model; use it, or call its detach() before attaching again"
         )
-    rt = Runtime(model, dtype=dtype, resolve=resolve)
+    rt = Runtime(model, dtype=dtype, resolve=resolve, save=save)
     _ATTACHED[model] = rt
     return rt
 
@@ -104,22 +93,29 @@ class Runtime:
     """Adapters on one live model. Make it with `attach`."""
 
     def __init__(
-        self, model: nn.Module, *, dtype: torch.dtype | None = None, resolve: Resolver | None = None
+        self,
+        model: nn.Module,
+        *,
+        dtype: torch.dtype | None = None,
+        resolve: Resolver | None = None,
+        save: Saver | None = None,
     ) -> None:
         self._model = model
         self._resolve = resolve
+        self._save = save
         self._dtype = dtype
         self._state = RuntimeState()
         self._layers: dict[str, Layer] = {}
-        self._contents: dict[str, _Content] = {}  # sha256 -> content
+        self._contents: dict[str, Content] = {}  # sha256 -> content
         self._names: dict[str, str] = {}  # name -> sha256, in load order
         self._cap = _INITIAL_SLOTS
         self._free: list[int] = list(range(_INITIAL_SLOTS - 1, -1, -1))
         self._active: dict[str, float] | None = None
         self._rows_stack: list[list[dict[str, float] | None]] = []
-        self._merged: _Merged | None = None
+        self._merged: Merged | None = None
         self._layout = model_layout(model)
         self._detached = False
+        self._trainer = Trainer(model, self._state, dtype)
         first = next(iter(model.parameters()), None)
         self._device = first.device if first is not None else torch.device("cpu")
 
@@ -194,7 +190,7 @@ class Runtime:
         if found is not None:
             name = name or str(adapter)
             adapter, sha256 = found[0], sha256 or found[1]
-        weights, name = self._read(adapter, name)
+        weights, name = read_weights(adapter, name)
         plan = plan_adapter(self._model, self._layout, weights, name)
         if not plan.report.ok:
             errors = plan.report.errors
@@ -232,34 +228,6 @@ class Runtime:
         logger.info("resident: %s (%s)", name, key[:12])
         return next(r for r in self.resident if r.name == name)
 
-    def _read(
-        self, adapter: str | os.PathLike[str] | LoraWeights, name: str | None
-    ) -> tuple[LoraWeights, str]:
-        if isinstance(adapter, LoraWeights):
-            if not name:
-                raise InvalidOptionError(
-                    "give name= when loading LoraWeights (there is no path to name it by)"
-                )
-            missing = [m.key for m in adapter.modules.values() if not m.has_tensors()]
-            missing += [k for k in adapter.replacement_shapes if adapter.replacements.get(k) is None]
-            if missing:
-                raise InvalidAdapterError(
-                    f"{name}: tensors of {missing[0]} were not loaded; read the adapter with "
-                    "read_adapter(path, load=True)",
-                    module=missing[0],
-                )
-            return adapter, name
-        if isinstance(adapter, (str, os.PathLike)):
-            from ..formats import read_adapter
-
-            path = Path(adapter)
-            weights = read_adapter(path, load=True)
-            if not name:
-                stem = path.parent if path.is_file() and path.name.startswith("adapter_") else path
-                name = stem.name[: -len(".safetensors")] if stem.name.endswith(".safetensors") else stem.name
-            return weights, name
-        raise TypeError(f"load() takes a path or LoraWeights, got {type(adapter).__name__}")
-
     def _slot(self) -> int:
         if not self._free:
             cap = self._cap * 2
@@ -284,7 +252,7 @@ class Runtime:
                     return orig
         return t
 
-    def _place(self, plan: Plan, key: str) -> _Content:
+    def _place(self, plan: Plan, key: str) -> Content:
         slot = self._slot()
         layers: list[Layer] = []
         try:
@@ -311,7 +279,7 @@ class Runtime:
             self._free.append(slot)
             raise
         ranks = [p.lora.rank for p in plan.loras]
-        return _Content(
+        return Content(
             sha256=key,
             slot=slot,
             bytes=plan_bytes(plan, lambda mod: self._dtype or next(iter(mod.parameters())).dtype),
@@ -368,6 +336,8 @@ class Runtime:
             )
         out: dict[str, float] = {}
         for n, w in spec.items():
+            if n not in self._names and n in self._trainer.adapters:
+                self.freeze(str(n))  # using a trained adapter ends its training
             if n not in self._names:
                 raise _not_resident(str(n), list(self._names))
             wf = float(w)
@@ -539,7 +509,7 @@ class Runtime:
                 for live, orig in reversed(backups):
                     live.copy_(orig)
                 raise
-        self._merged = _Merged(spec=norm, key=key, backups=backups)
+        self._merged = Merged(spec=norm, key=key, backups=backups)
         self._active = norm
         self._state.sel = None
 
@@ -554,6 +524,55 @@ class Runtime:
         self._merged = None
         self._reselect()
 
+    # ------------------------------------------------------------------------------------ training
+
+    def create(
+        self, name: str, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q_proj", "v_proj"),
+        init: str = "kaiming", rslora: bool = False, dropout: float = 0.0, seed: int | None = None,
+    ) -> TrainableAdapter:  # fmt: skip
+        """A new trainable adapter on ``targets`` (short names, module names or ``"all-linear"``): A as PEFT
+        initialises it, B = 0, the base frozen; it applies to every forward until frozen. See `.train`."""
+        self._check_live()
+        if name in self._names or name in self._trainer.adapters:
+            raise InvalidOptionError(f"{name} is in use in this runtime; pick another name or unload it")
+        if self._merged is not None:
+            raise InvalidOptionError(f"{self._merged.spec} is merged; call rt.unmerge() before training")
+        return self._trainer.create(
+            name, rank=rank, alpha=alpha, targets=targets, init=init, rslora=rslora, dropout=dropout, seed=seed,
+        )  # fmt: skip
+
+    def freeze(self, name: str) -> ResidentAdapter:
+        """End training of ``name``: its factors become a resident adapter like a loaded one."""
+        ad = self._trainer.adapters.get(name)
+        if ad is None or not ad.trainable:
+            return next(r for r in self.resident if r.name == name) if ad else self._unknown(name)
+        self._trainer.release(name)
+        try:
+            return self.load(ad.weights(), name=name)
+        except BaseException:
+            self._trainer.discard(name)
+            raise
+
+    def save(
+        self, name: str, *, path: str | os.PathLike[str] | None = None, tags: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Any:  # fmt: skip
+        """Write an adapter ``create`` made as a PEFT folder (factors only) at ``path`` and return the path,
+        or else through the ``save`` hook of `attach` (`Hub.attach`: the catalog, with lineage)."""
+        self._check_live()
+        ad = self._trainer.adapters.get(name)
+        if ad is None:
+            return self._unknown(name)
+        return save_trained(ad, self._model, path, self._save, tags, description)
+
+    def _unknown(self, name: str) -> Any:
+        raise _not_resident(name, list(self._trainer.adapters))
+
+    @property
+    def training(self) -> TrainableAdapter | None:
+        """The adapter being trained, if any."""
+        return self._trainer.current
+
     # ------------------------------------------------------------------------------------ detach
 
     def detach(self) -> None:
@@ -561,6 +580,7 @@ class Runtime:
         if self._detached:
             return
         self.unmerge()
+        self._trainer.close()
         self._state.sel = None
         for layer in self._layers.values():
             layer.remove()
