@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from .home import default_home
 from .records import AdapterFilter, finite
+from .services import adapters as adapter_service
+from .services import bases, bulk, compute, maintenance, recipes, running
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .catalog import Catalog
     from .catalog.library import Library
     from .compose import ComposeResult
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
         BulkAddResult,
         BulkItem,
         CheckReport,
+        FilterKeywords,
         GcReport,
         MergeRecord,
         PushRecord,
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
     from .runtime.generate import Generation
     from .server.storage import ServerStore, TokenInfo
     from .services.compute import CombineSummary, Progress, Weighted
+    from .services.training import StepCallback, TrainResult
     from .store import Store
 
 __all__ = ["Hub", "default_home"]
@@ -97,15 +103,11 @@ class Hub:
     def check_db(self, *, verify: bool = True) -> CheckReport:
         """Every row's files present and (with ``verify``) matching their sha256; objects no row references;
         leftovers of killed runs; values JSON cannot hold; the database's own integrity check. Writes nothing."""
-        from .services.maintenance import check
-
-        return check(self.library, verify=verify)
+        return maintenance.check(self.library, verify=verify)
 
     def gc(self, *, dry_run: bool = True) -> GcReport:
         """Remove store objects no row references and what dead runs left behind; a dry run by default."""
-        from .services.maintenance import gc
-
-        return gc(self.library, dry_run=dry_run)
+        return maintenance.gc(self.library, dry_run=dry_run)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -122,9 +124,7 @@ class Hub:
     ) -> AdapterInfo:
         """Check an adapter, copy its files into the store and catalog it, all or nothing;
         ``progress(bytes_done, bytes_total)`` follows the copy of the weights."""
-        from .services.adapters import add_adapter
-
-        return add_adapter(
+        return adapter_service.add_adapter(
             self.library,
             path,
             name=name,
@@ -147,9 +147,9 @@ class Hub:
     ) -> BulkAddResult:
         """Catalog every adapter under a folder tree (PEFT folders, kohya files), each named by its path
         below ``root``; each is added, skipped (name taken) or reported as failed with its reason."""
-        from .services.bulk import add_tree
-
-        return add_tree(self.library, root, base=base, tags=tags, allow_pickle=allow_pickle, on_item=on_item)
+        return bulk.add_tree(
+            self.library, root, base=base, tags=tags, allow_pickle=allow_pickle, on_item=on_item
+        )
 
     def add_hf_cache(
         self,
@@ -159,64 +159,44 @@ class Hub:
         on_item: Callable[[BulkItem], None] | None = None,
     ) -> BulkAddResult:
         """Catalog the LoRA adapters in the Hugging Face cache (``$HF_HUB_CACHE``), named ``owner/name``."""
-        from .services.bulk import add_hf_cache
-
-        return add_hf_cache(self.library, cache_dir=cache_dir, tags=tags, on_item=on_item)
+        return bulk.add_hf_cache(self.library, cache_dir=cache_dir, tags=tags, on_item=on_item)
 
     def list_adapters(
         self,
         *,
-        base: str | None = None,
-        rank: int | None = None,
-        min_rank: int | None = None,
-        max_rank: int | None = None,
-        target: str | None = None,
-        tag: str | None = None,
-        format: str | None = None,
         compatible_with: str | None = None,
+        **filters: Unpack[FilterKeywords],
     ) -> list[AdapterInfo]:
         """Cataloged adapters, filtered; ``compatible_with`` keeps those whose every target fits that
         base (a registered name or a checkpoint folder), judged from the catalog alone."""
-        where = AdapterFilter(base, rank, min_rank, max_rank, target, tag, format)
+        where = AdapterFilter(**filters)
         return self.library.select(None, where, names=self._fitting(compatible_with))
 
     def search_adapters(
         self,
         query: str,
         *,
-        base: str | None = None,
-        rank: int | None = None,
-        min_rank: int | None = None,
-        max_rank: int | None = None,
-        target: str | None = None,
-        tag: str | None = None,
-        format: str | None = None,
         compatible_with: str | None = None,
+        **filters: Unpack[FilterKeywords],
     ) -> list[AdapterInfo]:
         """Adapters whose name, description, tags or base model contain every word of ``query``,
         filtered as by `list_adapters`."""
-        where = AdapterFilter(base, rank, min_rank, max_rank, target, tag, format)
+        where = AdapterFilter(**filters)
         return self.library.select(query, where, names=self._fitting(compatible_with))
 
     def adapter_records_json(
         self,
         query: str | None = None,
         *,
-        base: str | None = None,
-        rank: int | None = None,
-        min_rank: int | None = None,
-        max_rank: int | None = None,
-        target: str | None = None,
-        tag: str | None = None,
-        format: str | None = None,
         compatible_with: str | None = None,
+        **filters: Unpack[FilterKeywords],
     ) -> list[str]:
         """`list_adapters` / `search_adapters` as JSON text, one `AdapterInfo.to_dict()` record each.
 
         On SQLite the database writes the JSON itself, which keeps `adapterhub list --json` fast on
         large catalogs; on other backends it is `json.dumps` of each record.
         """
-        where = AdapterFilter(base, rank, min_rank, max_rank, target, tag, format)
+        where = AdapterFilter(**filters)
         names = self._fitting(compatible_with)
         fast = self.library.select_json(query, where, names=names)
         if fast is not None:
@@ -237,9 +217,7 @@ class Hub:
 
     def load_adapter(self, name: str) -> LoraWeights:
         """A cataloged adapter with its tensors loaded."""
-        from .services.adapters import load_adapter
-
-        return load_adapter(self.library, name)
+        return adapter_service.load_adapter(self.library, name)
 
     def tag_adapter(self, name: str, tags: Sequence[str], *, remove: bool = False) -> AdapterInfo:
         """Add (or with ``remove``, take away) tags."""
@@ -266,42 +244,32 @@ class Hub:
     ) -> Path:
         """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file. In its own format
         the stored files are copied byte for byte; ``overwrite`` replaces only an earlier export."""
-        from .services.adapters import export_adapter
-
-        return export_adapter(self.library, name, dest, format=format, overwrite=overwrite, progress=progress)
+        return adapter_service.export_adapter(
+            self.library, name, dest, format=format, overwrite=overwrite, progress=progress
+        )
 
     # ------------------------------------------------------------------ bases and validation
     def add_base(self, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
         """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""
-        from .services.bases import add_base
-
-        return add_base(self.library, path, name=name)
+        return bases.add_base(self.library, path, name=name)
 
     def import_gguf(self, gguf: str | os.PathLike[str], *, name: str, dtype: str = "bfloat16") -> BaseInfo:
         """Dequantize a GGUF checkpoint (llama.cpp / ollama) into a safetensors checkpoint with its
         tokenizer under ``HOME/bases/`` and register it as base ``name`` (needs gguf and accelerate)."""
-        from .services.bases import import_gguf
-
-        return import_gguf(self.library, gguf, name=name, dtype=dtype)
+        return bases.import_gguf(self.library, gguf, name=name, dtype=dtype)
 
     def list_bases(self) -> list[BaseInfo]:
         return self.library.bases()
 
     def base_info(self, name: str) -> BaseInfo:
-        from .services.bases import base_info
-
-        return base_info(self.library, name)
+        return bases.base_info(self.library, name)
 
     def remove_base(self, name: str) -> None:
-        from .services.bases import remove_base
-
-        remove_base(self.library, name)
+        bases.remove_base(self.library, name)
 
     def base_layout(self, base: str | os.PathLike[str]) -> BaseLayout:
         """A registered base by name, else a checkpoint folder read from its headers."""
-        from .services.bases import base_layout
-
-        return base_layout(self.library, base)
+        return bases.base_layout(self.library, base)
 
     def validate(
         self,
@@ -313,23 +281,17 @@ class Hub:
     ) -> ValidationReport:
         """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``.
         Nothing is written. ``report.ok`` is False when any check is an error."""
-        from .services.bases import validate
-
-        return validate(self.library, target, base=base, with_=with_, scan_values=scan_values)
+        return bases.validate(self.library, target, base=base, with_=with_, scan_values=scan_values)
 
     def validate_catalog(
         self, *, base: str | os.PathLike[str], names: Sequence[str] | None = None
     ) -> list[ValidationReport]:
         """Check cataloged adapters against a base from the catalog's module rows alone."""
-        from .services.bases import validate_catalog
-
-        return validate_catalog(self.library, base=base, names=names)
+        return bases.validate_catalog(self.library, base=base, names=names)
 
     def compatible_names(self, base: str | os.PathLike[str]) -> set[str]:
         """Names of the cataloged adapters that fit ``base``."""
-        from .services.bases import compatible_names
-
-        return compatible_names(self.library, base)
+        return bases.compatible_names(self.library, base)
 
     def merges_of(self, name: str) -> list[MergeRecord]:
         """Where a cataloged adapter was merged (base, output folder, weight, when)."""
@@ -338,9 +300,7 @@ class Hub:
     # ------------------------------------------------------------------ compute
     def adapter(self, name: str) -> AdapterExpr[str]:
         """A cataloged adapter as a value for arithmetic: ``0.7 * hub.adapter("sql") + 0.3 * hub.adapter("chat")``."""
-        from .services.compute import adapter
-
-        return adapter(self.library, name)
+        return compute.adapter(self.library, name)
 
     def merge(
         self,
@@ -356,9 +316,7 @@ class Hub:
         """Fold adapters into a base checkpoint (registered name or folder), writing ``out``:
         ``W0 + sum_i w_i * s_i * B_i A_i`` per targeted tensor, in fp32, rounded once. Checked first;
         on any problem nothing is written. Recorded in the catalog (`adapter_info(...).merges`)."""
-        from .services.compute import merge
-
-        return merge(
+        return compute.merge(
             self.library,
             base,
             adapters,
@@ -388,9 +346,7 @@ class Hub:
     ) -> CombineSummary:
         """Combine adapters (``[("sql", 0.7), ("chat", 0.3)]`` or an `adapter` expression) into a new
         cataloged adapter ``name`` with its lineage; methods: `adapterhub.ops.combine`."""
-        from .services.compute import combine
-
-        return combine(
+        return compute.combine(
             self.library,
             adapters,
             name=name,
@@ -419,9 +375,7 @@ class Hub:
         description: str | None = None,
     ) -> CombineSummary:
         """The optimal rank-``rank`` (or ``"auto"`` with ``keep``) reduction of an adapter, cataloged as ``new_name``."""
-        from .services.compute import resize_adapter
-
-        return resize_adapter(
+        return compute.resize_adapter(
             self.library,
             name,
             rank=rank,
@@ -448,9 +402,7 @@ class Hub:
         progress: Progress | None = None,
     ) -> CombineSummary:
         """A LoRA from a full fine-tune: per matching 2-D weight, the truncated SVD of ``W_ft - W_base``."""
-        from .services.compute import extract_adapter
-
-        return extract_adapter(
+        return compute.extract_adapter(
             self.library,
             base,
             finetuned,
@@ -470,9 +422,7 @@ class Hub:
     ) -> ComposeResult:
         """Run a recipe (`schemas/recipe.schema.json`) step by step, everything checkable checked first;
         a recipe leaves all of its outputs or none."""
-        from .services.recipes import compose
-
-        return compose(self.library, recipe, dry_run=dry_run, device=device)
+        return recipes.compose(self.library, recipe, dry_run=dry_run, device=device)
 
     # ------------------------------------------------------------------ running
     def load_base(
@@ -480,16 +430,12 @@ class Hub:
     ) -> tuple[Any, Any]:
         """(transformers model, tokenizer) of a registered base or checkpoint folder, on ``device``
         (default: CUDA when there is one): a causal LM, or an encoder for embedding models."""
-        from .services.running import load_base
-
-        return load_base(self.library, base, device=device, dtype=dtype)
+        return running.load_base(self.library, base, device=device, dtype=dtype)
 
     def attach(self, model: Any, *, dtype: Any = None) -> Runtime:
         """A runtime on a live model whose ``load`` also takes catalog names (keyed by the store's sha256):
         ``rt = hub.attach(model); rt.load("sql"); rt.activate("sql")``. See `adapterhub.runtime`."""
-        from .services.running import attach
-
-        return attach(self.library, model, dtype=dtype)
+        return running.attach(self.library, model, dtype=dtype)
 
     def generate(
         self,
@@ -506,9 +452,7 @@ class Hub:
     ) -> Generation:
         """Answer ``prompt`` with a causal-LM base and the chat template, ``adapters`` active (several:
         their exact weighted combination); ``on_text`` streams the text as it comes."""
-        from .services.running import generate_text
-
-        return generate_text(
+        return running.generate_text(
             self.library, base, prompt, adapters=adapters, system=system, max_tokens=max_tokens,
             temperature=temperature, seed=seed, device=device, on_text=on_text,
         )  # fmt: skip
@@ -522,9 +466,39 @@ class Hub:
         device: str | None = None,
     ) -> list[list[float]]:
         """Sentence embeddings of ``texts`` from an encoder base (MiniLM, say), ``adapters`` active."""
-        from .services.running import embed_texts
+        return running.embed_texts(self.library, base, texts, adapters=adapters, device=device)
 
-        return embed_texts(self.library, base, texts, adapters=adapters, device=device)
+    def train(
+        self,
+        base: str | os.PathLike[str],
+        data: str | os.PathLike[str],
+        *,
+        name: str,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: Sequence[str] | str = ("q_proj", "v_proj"),
+        steps: int | None = None,
+        epochs: float | None = None,
+        lr: float = 2e-4,
+        batch_size: int = 4,
+        max_length: int = 512,
+        init: str = "kaiming",
+        seed: int = 0,
+        device: str | None = None,
+        tags: Sequence[str] = (),
+        description: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> TrainResult:
+        """Train a new LoRA adapter ``name`` on a causal-LM base from JSONL ``data`` (``messages``,
+        ``prompt``/``completion`` or ``text`` rows; loss on the answers) and catalog it with its lineage;
+        ``on_step(step, total, running_loss)`` follows it. Bad data fails before training starts."""
+        from .services.training import train
+
+        return train(
+            self.library, base, data, name=name, rank=rank, alpha=alpha, targets=targets, steps=steps,
+            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, init=init, seed=seed,
+            device=device, tags=tags, description=description, on_step=on_step,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ sharing
     def push_adapter(
@@ -629,7 +603,12 @@ class Hub:
         """Run the Hub-compatible server on this home until interrupted (needs the ``serve`` extra)."""
         from .server import serve
 
-        serve(self.catalog, self.home, host=host, port=port, ready=ready, log_level=log_level)
+        def mount(app: Any) -> None:
+            from .server.pages import mount_pages
+
+            mount_pages(app, self)
+
+        serve(self.catalog, self.home, host=host, port=port, ready=ready, log_level=log_level, mount=mount)
 
     def _server_store(self) -> ServerStore:
         from .server import server_store

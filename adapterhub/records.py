@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 
 def finite(doc: Any) -> Any:
@@ -113,6 +113,18 @@ class PushRecord:
             "commit_url": self.commit_url,
             "pushed_at": self.pushed_at,
         }
+
+
+class FilterKeywords(TypedDict, total=False):
+    """The filter keywords of `Hub.list_adapters` / `search_adapters` (the fields of `AdapterFilter`)."""
+
+    base: str | None
+    rank: int | None
+    min_rank: int | None
+    max_rank: int | None
+    target: str | None
+    tag: str | None
+    format: str | None
 
 
 @dataclass(frozen=True)

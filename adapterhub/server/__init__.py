@@ -48,8 +48,10 @@ def serve(
     port: int = 8000,
     ready: Callable[[str], None] | None = None,
     log_level: str = "warning",
+    mount: Callable[[FastAPI], None] | None = None,
 ) -> None:
-    """Serve until interrupted. ``port=0`` picks a free port; ``ready`` gets the URL once it listens."""
+    """Serve until interrupted. ``port=0`` picks a free port; ``ready`` gets the URL once it listens;
+    ``mount`` adds more to the app first (the Hub mounts the web pages and the /v1 inference API)."""
     try:
         import uvicorn
 
@@ -59,6 +61,8 @@ def serve(
             f"adapterhub serve needs the 'serve' extra ({exc.name} is missing): pip install 'adapterhub[serve]'"
         ) from None
     app = create_app(server_store(catalog, home))
+    if mount is not None:
+        mount(app)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
