@@ -336,13 +336,16 @@ def rm_cmd(state: State, names: tuple[str, ...], yes: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["peft", "kohya"]),
-    help="Output format (default: the adapter's own; same format copies the stored files).",
+    type=click.Choice(["peft", "kohya", "gguf", "diffusers"]),
+    help="Output format (default: the adapter's own; same format copies the stored files). gguf: a "
+    "llama.cpp / ollama LoRA for a Llama-family base; diffusers: the key layout of diffusers' "
+    "load_lora_weights (a kohya UNet LoRA, mapped with its registered base's keys). Both need the "
+    "adapter's base registered.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
 @pass_state
 def export_cmd(state: State, name: str, dest: str, fmt: str | None, overwrite: bool) -> None:
-    """Write an adapter out as a PEFT folder or a kohya .safetensors file."""
+    """Write an adapter out as a PEFT folder, a kohya or diffusers .safetensors file, or a GGUF LoRA."""
     with progress_bar(state, "exporting", unit_bytes=True) as progress:
         out = state.hub.export_adapter(name, dest, format=fmt, overwrite=overwrite, progress=progress)
     if state.json:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidAdapterError, PickleRefusedError
 from ..lora import LoraWeights
 from .peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Problem, parse_peft, read_config
 from .safetensors_header import SafetensorsHeader, read_header
-from .values import NonFinite, check_finite, non_finite, refuse_non_finite
+from .values import NonFinite, non_finite, refuse_non_finite
+from .values import check_finite as _check_safetensors_finite
 
 __all__ = [
     "AdapterFiles",
@@ -28,14 +31,14 @@ __all__ = [
     "write_adapter",
 ]
 
-FORMATS = ("peft", "kohya")
+FORMATS = ("peft", "kohya", "gguf", "diffusers")
 
 
 @dataclass(frozen=True)
 class AdapterFiles:
     """Where an adapter's files are and which format they are in."""
 
-    format: str  # "peft" | "kohya"
+    format: str  # "peft" | "kohya" | "gguf" | "diffusers"
     weights: Path
     config: Path | None = None
     pickle: bool = False  # weights are adapter_model.bin (a pickle)
@@ -89,15 +92,25 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
         return AdapterFiles("peft", p, cfg, pickle=True)
     if p.name == CONFIG_NAME:
         return detect(p.parent, allow_pickle=allow_pickle)
+    if p.suffix == ".gguf":
+        from .gguf_lora import is_gguf
+
+        if not is_gguf(p):
+            raise InvalidAdapterError(f"{p}: not a GGUF file (it does not start with 'GGUF')", path=str(p))
+        return AdapterFiles("gguf", p)
     if p.suffix != ".safetensors":
         raise InvalidAdapterError(
-            f"{p}: not an adapter; give a PEFT folder or a .safetensors file", path=str(p)
+            f"{p}: not an adapter; give a PEFT folder or a .safetensors file (or a llama.cpp .gguf LoRA)",
+            path=str(p),
         )
     header = read_header(p)
+    from .diffusers import is_diffusers_header
     from .kohya import is_kohya_header
 
     if is_kohya_header(header):
         return AdapterFiles("kohya", p)
+    if is_diffusers_header(header) and not (p.parent / CONFIG_NAME).is_file():
+        return AdapterFiles("diffusers", p)
     cfg = p.parent / CONFIG_NAME
     if any(".lora_A." in k or ".lora_embedding_A" in k for k in header.tensors):
         if cfg.is_file():
@@ -129,6 +142,10 @@ def _parse(files: AdapterFiles, header: SafetensorsHeader, problem: Problem | No
         from .kohya import parse_kohya
 
         return parse_kohya(header, problem=problem)
+    if files.format == "diffusers":
+        from .diffusers import parse_diffusers
+
+        return parse_diffusers(header, problem=problem)
     assert files.config is not None
     return parse_peft(read_config(files.config), header, problem=problem, config_path=str(files.config))
 
@@ -146,6 +163,11 @@ def read_adapter(
     files = path if isinstance(path, AdapterFiles) else detect(path)
     if files.pickle:
         raise PickleRefusedError(_pickle_message(files.weights), path=str(files.weights))
+    if files.format == "gguf":
+        from .gguf_lora import read_gguf_lora
+
+        weights = read_gguf_lora(files.weights)
+        return load_tensors(weights, files) if load else weights
     header = read_header(files.weights)
     weights = _parse(files, header, problem)
     if load:
@@ -159,12 +181,30 @@ def load_tensors(weights: LoraWeights, files: AdapterFiles) -> LoraWeights:
         from .kohya import load_kohya_tensors
 
         load_kohya_tensors(weights, files.weights)
+    elif files.format == "gguf":
+        from .gguf_lora import load_gguf_tensors
+
+        load_gguf_tensors(weights, files.weights)
+    elif files.format == "diffusers":
+        from .diffusers import load_diffusers_tensors
+
+        load_diffusers_tensors(weights, files.weights)
     else:
         from .peft import load_peft_tensors
 
         load_peft_tensors(weights, files.weights)
     refuse_non_finite(weights, path=str(files.weights))
     return weights
+
+
+def check_finite(files: AdapterFiles) -> None:
+    """Refuse an adapter whose weights hold NaN or Infinity (`InvalidAdapterError`), reading every tensor."""
+    if files.format == "gguf":
+        from .gguf_lora import read_gguf_lora
+
+        refuse_non_finite(read_gguf_lora(files.weights, load_tensors=True), path=str(files.weights))
+        return
+    _check_safetensors_finite(files)
 
 
 def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
@@ -209,8 +249,32 @@ def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     return out
 
 
-def write_adapter(weights: LoraWeights, dest: str | os.PathLike[str], *, format: str = "peft") -> Path:
-    """Write loaded `LoraWeights` as a PEFT folder or a kohya file."""
+def write_adapter(
+    weights: LoraWeights,
+    dest: str | os.PathLike[str],
+    *,
+    format: str = "peft",
+    base_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write loaded `LoraWeights` as a PEFT folder, a kohya file, a llama.cpp GGUF LoRA (needs the base's
+    ``base_config``: model type and head counts) or a diffusers file (keys already diffusers paths)."""
+    if format == "gguf":
+        from .gguf_lora import write_gguf_lora
+
+        if base_config is None:
+            raise InvalidAdapterError("a GGUF export needs the base model's config (model type, head counts)")
+        return write_gguf_lora(weights, dest, base_config=base_config)
+    if format == "diffusers":
+        from .diffusers import write_diffusers
+
+        return write_diffusers(weights, dest)
+    if weights.format == "diffusers":
+        if format == "kohya":
+            from .diffusers import to_kohya
+            from .kohya import write_kohya
+
+            return write_kohya(to_kohya(weights), dest)
+        raise InvalidAdapterError("a diffusers LoRA exports as diffusers or kohya, not as a PEFT folder")
     if format == "peft":
         if weights.format == "kohya":
             raise InvalidAdapterError(

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import faults
-from ..errors import AdapterExistsError, InvalidAdapterError, OutputExistsError
+from ..errors import AdapterExistsError, BaseModelError, InvalidAdapterError, OutputExistsError
 from ..names import check_name, check_tags, name_from_path
 from ..store import Progress, scratch_prefix
 from .maintenance import journal
 
 if TYPE_CHECKING:
-    from ..catalog.library import Library
+    from ..catalog.library import BaseLayoutRow, Library
     from ..formats import AdapterFiles
     from ..lora import LoraWeights
     from ..records import AdapterInfo
@@ -110,7 +110,9 @@ def export_adapter(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Write a cataloged adapter out: a PEFT folder or a kohya ``.safetensors`` file.
+    """Write a cataloged adapter out: a PEFT folder, a kohya or diffusers ``.safetensors`` file, or a
+    llama.cpp / ollama GGUF LoRA (``.gguf``; needs the adapter's base registered, for its head counts).
+    A kohya UNet LoRA converts to diffusers with its registered base's (the UNet's) key list.
 
     In its own format the stored files are copied byte for byte; otherwise it is converted. With
     ``overwrite`` an earlier export is replaced once the new one is complete; anything else (the current
@@ -125,16 +127,47 @@ def export_adapter(
     files = lib.files(name)
     out = Path(dest)
     as_folder = str(dest).endswith(("/", os.sep)) or out.is_dir()
-    if fmt == "kohya" and as_folder:
-        out = out / (Path(name).name + ".safetensors")
+    if fmt != "peft" and as_folder:
+        out = out / (Path(name).name + SINGLE_FILE_SUFFIX[fmt])
+    base = _export_base(lib, info, fmt) if fmt != info.format else None
     _check_destination(lib, out, fmt=fmt, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     with journal(lib, out):
-        return _write_export(lib, info, files, out, fmt, progress)
+        return _write_export(lib, info, files, out, fmt, progress, base)
+
+
+#: the file name ending of each single-file export format
+SINGLE_FILE_SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "gguf": ".gguf"}
+
+
+def _export_base(lib: Library, info: AdapterInfo, fmt: str) -> BaseLayoutRow | None:
+    """The registered base a GGUF or diffusers export needs (head counts; the UNet's key list)."""
+    if fmt not in ("gguf", "diffusers") or (fmt == "diffusers" and info.format != "kohya"):
+        return None
+    declared = info.base_model
+    found = lib.base_layout(declared) if declared else None
+    if found is None and declared:  # a base whose config's _name_or_path is the declared name
+        fingerprint = lib.fingerprint_of(declared)
+        name = next((b.name for b in lib.bases() if fingerprint and b.fingerprint == fingerprint), None)
+        found = lib.base_layout(name) if name else None
+    if found is None:
+        need = "its config (model type, attention heads)" if fmt == "gguf" else "the UNet's tensor names"
+        raise BaseModelError(
+            f"{info.name}: a {fmt} export needs {need} from a registered base, and the adapter's base "
+            f"{declared!r} is not registered; `adapterhub base add FOLDER --name NAME` registers it, then add "
+            "the adapter with --base NAME"
+        )
+    return found
 
 
 def _write_export(
-    lib: Library, info: AdapterInfo, files: AdapterFiles, out: Path, fmt: str, progress: Progress | None
+    lib: Library,
+    info: AdapterInfo,
+    files: AdapterFiles,
+    out: Path,
+    fmt: str,
+    progress: Progress | None,
+    base: BaseLayoutRow | None = None,
 ) -> Path:
     from ..formats import read_adapter, write_adapter
 
@@ -150,8 +183,16 @@ def _write_export(
             produced = tmp if fmt == "peft" else tmp / weights_name
         else:
             weights = read_adapter(files, load=True)
+            weights.base_model = info.base_model or weights.base_model  # the catalog's word (add --base)
             target = tmp if fmt == "peft" else tmp / out.name
-            produced = write_adapter(weights, target, format=fmt)
+            base_config = None
+            if base is not None and fmt == "gguf":
+                base_config = {"model_type": base.model_type, **dict(base.config or {})}
+            elif base is not None and fmt == "diffusers":
+                from ..ops.diffusers_keys import kohya_to_diffusers
+
+                weights = kohya_to_diffusers(weights, base.shapes)
+            produced = write_adapter(weights, target, format=fmt, base_config=base_config)
         _apply_umask(produced)
         faults.point("export.writing")
         if out.is_dir():  # an earlier export, checked above: set it aside, then swap the new one in
@@ -191,7 +232,9 @@ def _check_destination(lib: Library, out: Path, *, fmt: str, overwrite: bool) ->
         if not overwrite:
             raise OutputExistsError(f"{out} already exists; choose another destination or pass --overwrite")
         if fmt != "peft":
-            raise OutputExistsError(f"{out} is a folder; a kohya export is one .safetensors file")
+            raise OutputExistsError(
+                f"{out} is a folder; a {fmt} export is one {SINGLE_FILE_SUFFIX[fmt]} file"
+            )
         names = {e.name for e in entries}
         foreign = sorted(n for n in names if n not in EXPORT_FILES or (out / n).is_dir())
         if foreign or not names & {"adapter_config.json", "adapter_model.safetensors"}:
@@ -203,7 +246,7 @@ def _check_destination(lib: Library, out: Path, *, fmt: str, overwrite: bool) ->
         return
     if not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another destination or pass --overwrite")
-    if fmt == "peft" or out.is_symlink() or not out.is_file() or out.suffix != ".safetensors":
+    if fmt == "peft" or out.is_symlink() or not out.is_file() or out.suffix != SINGLE_FILE_SUFFIX[fmt]:
         raise OutputExistsError(
             f"{out} is not an earlier adapter export; --overwrite replaces only an exported adapter"
         )

