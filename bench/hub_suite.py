@@ -7,7 +7,7 @@ CHECKOUT is a checkout of https://github.com/huggingface/huggingface_hub (nothin
 
 - ``tests/testing_constants.py`` gets the local server's URL as ``ENDPOINT_STAGING`` and the users and
   tokens made with ``adapterhub --home H token create USER --write`` (valid user names: the Hub's test
-  names start with ``__``, which this server refuses);
+  names start with ``__``, which this server refuses; a user's full name is its name here);
 - the pytest ``env`` setting ``HUGGINGFACE_CO_STAGING=1`` becomes ``HF_ENDPOINT=<server>``, so that code
   under test that uses the default endpoint talks to the local server too;
 - the checkout's ``src/`` is not copied, so the tests import the INSTALLED huggingface_hub (the one next
@@ -146,7 +146,8 @@ def make_tokens(adapterhub: list[str], home: Path) -> dict[str, str]:
 
 def patch_constants(path: Path, url: str, tokens: dict[str, str]) -> None:
     text = path.read_text()
-    values = {"ENDPOINT_STAGING": url, **USERS, **tokens, "ENTERPRISE_ORG": "enterpriseorg"}
+    values = {"ENDPOINT_STAGING": url, **USERS, **tokens, "ENTERPRISE_ORG": "enterpriseorg",
+              "FULL_NAME": USERS["USER"]}  # fmt: skip
     for name, value in values.items():
         text, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, flags=re.M)
         if n != 1:

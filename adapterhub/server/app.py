@@ -11,14 +11,16 @@ and ``validate-yaml``. A private repo is a 404 to anyone but its owner.
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AdapterHubError, CatalogError, EndpointNotFoundError, RepoError, StoreError
 from .deps import Server
-from .routes import auth, commit, files, lfs, models, repos, xet
+from .routes import access, auth, commit, files, lfs, models, repos, xet
 from .storage import ServerStore
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,34 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(err)
 
 
+class RequestIdMiddleware:
+    """Every reply carries an ``X-Request-Id`` (the client quotes it in its error messages)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = f"Root=1-{uuid.uuid4().hex}".encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(store: ServerStore) -> FastAPI:
     """The server's app over ``store``; each app signs its LFS upload URLs with a key of its own."""
     app = FastAPI(title="adapterhub server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = Server(store)
     app.add_exception_handler(AdapterHubError, _on_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_middleware(RequestIdMiddleware)
     # order matters: models.py ends with its catch-all for /api/models/..., after commit's routes
-    for module in (auth, repos, commit, lfs, xet, models, files):
+    for module in (auth, repos, commit, lfs, xet, access, models, files):
         app.include_router(module.router)
     return app

@@ -65,7 +65,8 @@ def check_path(path: Any, *, folder: bool = False) -> str:
         or any(seg in ("", ".", "..", ".git") for seg in path.split("/"))
     ):
         raise BadRequestError(
-            f"invalid path {path!r}: paths are relative, without '..', '.', '.git' or empty parts"
+            f"invalid path {path!r}: paths are relative, without '..', '.', '.git' or empty parts, and "
+            "without backslashes"
         )
     return path
 

@@ -16,9 +16,11 @@ from ..errors import (
     BadRequestError,
     ForbiddenError,
     PayloadTooLargeError,
+    RepoError,
     RepoNotFoundError,
     UnauthorizedError,
 )
+from .access import AccessRequests
 from .checks import is_name, loads
 from .records import Repo, TokenInfo
 from .storage import ServerStore
@@ -36,9 +38,11 @@ class Server:
     store: ServerStore
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     xet: XetStore = field(init=False)
+    access: AccessRequests = field(init=False)
 
     def __post_init__(self) -> None:
         self.xet = XetStore(self.store)
+        self.access = AccessRequests(self.store)
 
 
 def server(request: Request) -> Server:
@@ -72,6 +76,26 @@ async def visible(request: Request, ns: str, name: str, tok: TokenInfo | None) -
     repo = await run_in_threadpool(server(request).store.get_repo, ns, name)
     if repo is None or not may_read(repo, tok):
         raise RepoNotFoundError(f"{ns}/{name}")
+    return repo
+
+
+async def downloadable(request: Request, ns: str, name: str, tok: TokenInfo | None) -> Repo:
+    """The repo, if the caller may read its files: a gated repo's files are for its owner and the users
+    whose access request the owner accepted (or who were granted access); others get the Hub's GatedRepo
+    error."""
+    repo = await visible(request, ns, name, tok)
+    if tok is not None and tok.user == repo.namespace:
+        return repo
+    srv = server(request)
+    if await run_in_threadpool(srv.store.gated, repo) and not (
+        tok is not None and await run_in_threadpool(srv.access.accepted, repo, tok.user)
+    ):
+        err: RepoError = (ForbiddenError if tok is not None else UnauthorizedError)(
+            f"Access to model {repo.repo_id} is restricted and you are not in the authorized list: ask "
+            f"{repo.namespace} to grant you access"
+        )
+        err.code = "GatedRepo"
+        raise err
     return repo
 
 

@@ -44,6 +44,7 @@ from .tokens import Tokens
 
 __all__ = ["ServerStore", "TokenInfo"]
 
+GATE_MODES = ("auto", "manual")
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 
 
@@ -78,9 +79,36 @@ class ServerStore:
         return self.tokens.authenticate(token)
 
     # ------------------------------------------------------------------ who may reference which blob
+    @staticmethod
+    def repo_key(repo: Repo) -> str:
+        """A name for ``repo`` on disk that a later repo of the same id cannot share."""
+        return f"{repo.id}-{repo.created_at:%Y%m%d%H%M%S%f}"
+
     def upload_dir(self, repo: Repo) -> Path:
         """The folder of ``repo``'s upload proofs (LFS objects; Xet xorbs under ``xorbs/``)."""
-        return self.uploads / f"{repo.id}-{repo.created_at:%Y%m%d%H%M%S%f}"
+        return self.uploads / self.repo_key(repo)
+
+    # ------------------------------------------------------------------ gating
+    def _gate_file(self, repo: Repo) -> Path:
+        return self.blobs.root / "gated" / self.repo_key(repo)
+
+    def gated(self, repo: Repo) -> str | bool:
+        """``"auto"`` or ``"manual"`` when ``repo`` is gated (its files are for its owner only), else False."""
+        try:
+            value = self._gate_file(repo).read_text().strip()
+        except FileNotFoundError:
+            return False
+        return value if value in GATE_MODES else False
+
+    def set_gated(self, repo: Repo, gated: str | bool) -> None:
+        if gated not in (False, *GATE_MODES):
+            raise BadRequestError(f"gated must be 'auto', 'manual' or false, not {gated!r}")
+        path = self._gate_file(repo)
+        if gated is False:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(gated))
 
     def record_upload(self, repo: Repo, sha256: str) -> None:
         """Note that the bytes of ``sha256`` were uploaded to ``repo`` (and checked against the digest)."""
@@ -158,7 +186,7 @@ class ServerStore:
                 select(hub_repos.c.id).where(self._same_id(namespace, name), hub_repos.c.id != repo.id)
             ).first()
             if clash:
-                raise ConflictError(f"A model repo {namespace}/{name} already exists")
+                raise ConflictError(f"A model repository called {namespace}/{name} already exists")
             conn.execute(
                 update(hub_repos)
                 .where(hub_repos.c.id == repo.id)
@@ -198,6 +226,8 @@ class ServerStore:
             conn.execute(delete(hub_commits).where(hub_commits.c.repo_id == repo.id))
             conn.execute(delete(hub_repos).where(hub_repos.c.id == repo.id))
         shutil.rmtree(self.upload_dir(repo), ignore_errors=True)
+        for gate in self._gate_file(repo).parent.glob(self.repo_key(repo) + "*"):
+            gate.unlink(missing_ok=True)  # the gate and its access requests
         self.drop_unreferenced(digests)
 
     def drop_unreferenced(self, digests: Iterable[str]) -> None:
@@ -346,7 +376,7 @@ class ServerStore:
             if conn.execute(
                 select(hub_refs.c.name).where(hub_refs.c.repo_id == repo.id, hub_refs.c.name == stored)
             ).first():
-                raise ConflictError(f"Reference already exists: {shown}")
+                raise ConflictError(f"Reference {shown} already exists")
             start = self._resolve(conn, repo, starting_point)
             conn.execute(insert(hub_refs).values(repo_id=repo.id, name=stored, commit_id=start.id))
 
@@ -359,23 +389,34 @@ class ServerStore:
             raise RevisionNotFoundError(repo.repo_id, shown)
 
     def create_branch(self, repo: Repo, branch: str, *, starting_point: str | None) -> None:
+        self.resolve(repo, starting_point or "main")  # a missing start is named before a bad name
         check_ref_name("branch", branch)
-        self._add_ref(repo, branch, branch, starting_point or "main")
+        self._add_ref(repo, branch, f"refs/heads/{branch}", starting_point or "main")
 
     def delete_branch(self, repo: Repo, branch: str) -> None:
         if branch == "main":
-            raise ForbiddenError("The main branch cannot be deleted")
+            raise ForbiddenError("Cannot delete refs/heads/main: the main branch cannot be deleted")
         if branch.startswith("refs/"):
             raise RevisionNotFoundError(repo.repo_id, branch)
         self._drop_ref(repo, branch, branch)
 
     def create_tag(self, repo: Repo, tag: str, *, revision: str) -> None:
+        self.resolve(repo, revision)  # as on the Hub, a missing revision is named before a bad tag name
         check_ref_name("tag", tag)
-        self._add_ref(repo, TAG_PREFIX + tag, tag, revision)
+        self._add_ref(repo, TAG_PREFIX + tag, TAG_PREFIX + tag, revision)
 
     def delete_tag(self, repo: Repo, tag: str) -> None:
         name = tag[len(TAG_PREFIX) :] if tag.startswith(TAG_PREFIX) else tag
         self._drop_ref(repo, TAG_PREFIX + name, tag)
+
+    def squash(self, repo: Repo, branch: str, *, message: str, author: str) -> Commit:
+        """Replace ``branch``'s history by one commit with its current files (``super_squash_history``);
+        other branches and tags keep theirs."""
+        with self.catalog.write() as conn:
+            head = self.resolve_branch(conn, repo, branch)
+            files = self.files_of(conn, head.id)
+            name = branch[len("refs/heads/") :] if branch.startswith("refs/heads/") else branch
+            return insert_commit(conn, repo.id, name, None, files, message, "", author, head.card, utcnow())
 
     # ------------------------------------------------------------------ commits
     def commit(
@@ -402,7 +443,8 @@ class ServerStore:
                 head = self.resolve_branch(conn, repo, branch)
                 if parent_commit is not None and not head.oid.startswith(parent_commit):
                     raise PreconditionFailedError(
-                        f"A commit has happened since {parent_commit}: {branch} is now at {head.oid}"
+                        "The branch was updated since you opened this page. Please refresh and try again. "
+                        f"({branch} is now at {head.oid}, not {parent_commit}: commit on top of it)"
                     )
                 before = self.files_of(conn, head.id)
                 after = edit_tree(before, staged, head.oid)

@@ -9,7 +9,9 @@ from .cards import card_tags
 from .records import Commit, Entry, Repo, iso
 
 
-def model_json(repo: Repo, commit: Commit, files: dict[str, Entry] | None, blobs: bool) -> dict[str, Any]:
+def model_json(
+    repo: Repo, commit: Commit, files: dict[str, Entry] | None, blobs: bool, gated: str | bool = False
+) -> dict[str, Any]:
     """``/api/models/{id}``: the repo at ``commit``, with its files (``siblings``) when given."""
     tags, library = card_tags(commit.card)
     d: dict[str, Any] = {
@@ -21,7 +23,7 @@ def model_json(repo: Repo, commit: Commit, files: dict[str, Entry] | None, blobs
         "lastModified": iso(commit.created_at),
         "createdAt": iso(repo.created_at),
         "private": repo.private,
-        "gated": False,
+        "gated": gated,
         "disabled": False,
         "downloads": 0,
         "likes": 0,

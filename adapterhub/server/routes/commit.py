@@ -67,7 +67,11 @@ async def preupload(
         size = f.get("size") if isinstance(f, dict) else None
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadRequestError("each file needs a path, a base64 sample and an integer size")
-        path = check_path(f.get("path"))
+        try:
+            path = check_path(f.get("path"))
+        except BadRequestError as exc:
+            exc.status = 422  # what the Hub answers when preupload names a path it will not take
+            raise
         mode = upload_mode(path, size, decode_base64(f.get("sample", ""), path))
         if mode == "regular" and size and is_lfs(lfs, path):
             mode = "lfs"

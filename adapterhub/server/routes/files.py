@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from ...errors import EntryNotFoundError, RepoNotFoundError, StoreError
-from ..deps import auth, raw_parts, server, visible
+from ..deps import auth, downloadable, raw_parts, server, visible
 from ..records import TokenInfo, iso
 from ..views import file_json
 
@@ -26,7 +26,7 @@ async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = 
     if len(parts) < 2:
         raise EntryNotFoundError("/".join(parts))
     rev, path = parts[0], "/".join(parts[1:])
-    repo = await visible(request, ns, name, tok)
+    repo = await downloadable(request, ns, name, tok)
     head = await run_in_threadpool(store.resolve, repo, rev)
     files = await run_in_threadpool(store.files, head)
     e = files.get(path)

@@ -94,7 +94,7 @@ async def list_models(request: Request, tok: TokenInfo | None = Depends(auth)) -
     out = []
     for repo, head in picked[:page]:
         files = await run_in_threadpool(store.files, head) if full else None
-        out.append(model_json(repo, head, files, False))
+        out.append(model_json(repo, head, files, False, store.gated(repo)))
     headers = {}
     if len(picked) > page:
         query = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
@@ -118,7 +118,8 @@ async def model_info(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     repo, head, files = await _at(request, ns, name, tok, "main")
-    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs")))
+    gated = await run_in_threadpool(server(request).store.gated, repo)
+    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs"), gated))
 
 
 @router.get("/api/models/{ns}/{name}/revision/{rest:anypath}")
@@ -126,7 +127,8 @@ async def model_info_at(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     repo, head, files = await _at(request, ns, name, tok, _rest(request))
-    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs")))
+    gated = await run_in_threadpool(server(request).store.gated, repo)
+    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs"), gated))
 
 
 @router.get("/api/models/{ns}/{name}/tree/{rest:anypath}")
@@ -240,6 +242,25 @@ async def tag(request: Request, ns: str, name: str, tok: TokenInfo | None = Depe
     else:
         await run_in_threadpool(store.delete_tag, repo, _rest(request))
     return JSONResponse({})
+
+
+@router.post("/api/models/{ns}/{name}/super-squash/{rest:anypath}")
+async def super_squash(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    """``{message}``: the branch keeps its files in one new commit without parents."""
+    store = server(request).store
+    repo = await writable(request, ns, name, tok)
+    assert tok is not None
+    body = await read_json(request)
+    branch = _rest(request)
+    message = body.get("message") if isinstance(body, dict) else None
+    if message is None:
+        message = f"Super-squash branch '{branch}'"
+    if not isinstance(message, str):
+        raise BadRequestError("message must be a string")
+    squashed = await run_in_threadpool(lambda: store.squash(repo, branch, message=message, author=tok.user))
+    return JSONResponse({"commitId": squashed.oid})
 
 
 @router.api_route("/api/models/{rest:anypath}", methods=ALL_METHODS)

@@ -13,11 +13,15 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import BadRequestError, ConflictError, UnauthorizedError
 from ..cards import parse_card
 from ..checks import check_name
-from ..deps import auth, base_url, check_write, may_read, read_json, server, visible, writable
+from ..deps import auth, base_url, check_write, downloadable, may_read, read_json, server, visible, writable
 from ..records import TokenInfo
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+EMPTY_CARD_WARNING = (
+    "Empty or missing yaml metadata in repo card: add a YAML block between '---' lines at the top of "
+    "README.md (base_model, library_name: peft, tags) so that the adapter can be found"
+)
 
 
 def repo_target(body: Any, tok: TokenInfo | None) -> tuple[str, str]:
@@ -143,7 +147,7 @@ async def duplicate_repo(
 async def auth_check(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
-    await visible(request, ns, name, tok)
+    await downloadable(request, ns, name, tok)
     return JSONResponse({})
 
 
@@ -163,13 +167,15 @@ async def update_settings(
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequestError("give the settings as JSON {visibility: 'private' | 'public'}")
-    if body.get("gated") not in (None, False):
-        raise BadRequestError("gated repos are not supported by this server")
+    gated = body.get("gated")
+    if gated is not None:
+        await run_in_threadpool(server(request).store.set_gated, repo, gated)
     private = visibility(body)
     if private is not None and private != repo.private:
         repo = await run_in_threadpool(server(request).store.set_private, repo, private)
         log.info("repo %s is now %s", repo.repo_id, "private" if private else "public")
-    return JSONResponse({"private": repo.private})
+    gated = await run_in_threadpool(server(request).store.gated, repo)
+    return JSONResponse({"private": repo.private, "gated": gated})
 
 
 @router.post("/api/validate-yaml")
@@ -179,8 +185,9 @@ async def validate_yaml(request: Request) -> JSONResponse:
     if not isinstance(content, str):
         raise BadRequestError("give {content: <README.md text>}")
     try:  # off the event loop: a hostile card must not stall other requests
-        await run_in_threadpool(parse_card, content.encode())
+        card = await run_in_threadpool(parse_card, content.encode())
     except BadRequestError as exc:
         msg = exc.message
         return JSONResponse({"errors": [{"message": msg}], "warnings": [], "error": msg}, status_code=400)
-    return JSONResponse({"errors": [], "warnings": []})
+    warnings = [] if card else [{"message": EMPTY_CARD_WARNING}]
+    return JSONResponse({"errors": [], "warnings": warnings})

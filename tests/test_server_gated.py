@@ -1,0 +1,116 @@
+"""Gated repos and access requests, super-squash, and the Hub's wording where the client or its users
+match on it (found with huggingface_hub's own test suite, bench/hub_suite.py). Real client, real server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_server import Server, online_hf, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory)
+
+
+@pytest.fixture
+def hf(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return online_hf(monkeypatch)
+
+
+def test_a_gated_repos_files_are_for_its_owner_and_the_users_let_in(
+    server: Server, hf: Any, tmp_path: Path
+) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    alice.create_repo("alice/gated")
+    alice.upload_file(path_or_fileobj=b"weights", path_in_repo="w.bin", repo_id="alice/gated")
+    alice.update_repo_settings("alice/gated", gated="auto")
+    assert alice.model_info("alice/gated").gated == "auto"
+    assert bob.model_info("alice/gated").gated == "auto"  # the card is public, the files are not
+    with pytest.raises(
+        hf.errors.GatedRepoError, match="is restricted and you are not in the authorized list"
+    ):
+        bob.auth_check("alice/gated")
+    with pytest.raises(hf.errors.GatedRepoError):
+        hf.hf_hub_download(
+            "alice/gated", "w.bin", endpoint=server.url, token=server.bob, cache_dir=str(tmp_path)
+        )
+    status, headers, _ = server.request("GET", "/alice/gated/resolve/main/w.bin")
+    assert status == 401 and headers["X-Error-Code"] == "GatedRepo"
+    assert Path(hf.hf_hub_download("alice/gated", "w.bin", endpoint=server.url, token=server.alice,
+                                   cache_dir=str(tmp_path / "a"))).read_bytes() == b"weights"  # fmt: skip
+
+    assert list(alice.list_accepted_access_requests("alice/gated")) == []
+    alice.grant_access("alice/gated", "bob")
+    with pytest.raises(hf.errors.HfHubHTTPError):
+        alice.grant_access("alice/gated", "bob")
+    (req,) = alice.list_accepted_access_requests("alice/gated")
+    assert req.username == "bob" and req.status == "accepted"
+    bob.auth_check("alice/gated")
+    assert Path(hf.hf_hub_download("alice/gated", "w.bin", endpoint=server.url, token=server.bob,
+                                   cache_dir=str(tmp_path / "b"))).read_bytes() == b"weights"  # fmt: skip
+    alice.reject_access_request("alice/gated", "bob", rejection_reason="not yet")
+    with pytest.raises(hf.errors.HfHubHTTPError):
+        alice.reject_access_request("alice/gated", "bob", rejection_reason="not yet")
+    with pytest.raises(hf.errors.GatedRepoError):
+        bob.auth_check("alice/gated")
+    alice.cancel_access_request("alice/gated", "bob")
+    assert [r.username for r in alice.list_pending_access_requests("alice/gated")] == ["bob"]
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:  # only the owner sees and handles requests
+        list(bob.list_pending_access_requests("alice/gated"))
+    assert err.value.response.status_code == 403
+
+    alice.update_repo_settings("alice/gated", gated=False)
+    assert bob.model_info("alice/gated").gated is False
+    bob.auth_check("alice/gated")
+
+
+def test_super_squash_keeps_the_files_in_one_commit(server: Server, hf: Any) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/squash")
+    for i in range(3):
+        api.upload_file(path_or_fileobj=f"v{i}".encode(), path_in_repo="f.txt", repo_id="alice/squash")
+    api.create_branch("alice/squash", branch="dev")
+    api.super_squash_history("alice/squash")
+    (only,) = api.list_repo_commits("alice/squash")
+    assert only.title == "Super-squash branch 'main' using huggingface_hub"
+    assert len(api.list_repo_commits("alice/squash", revision="dev")) == 4
+    status, _, body = server.request("GET", "/alice/squash/resolve/main/f.txt")
+    assert status == 200 and body == b"v2"
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        bob.super_squash_history("alice/squash")
+    assert err.value.response.status_code == 403
+
+
+def test_the_hubs_wording(server: Server, hf: Any) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/wording")
+    api.create_branch("alice/wording", branch="b1")
+    with pytest.raises(hf.errors.HfHubHTTPError, match="Reference refs/heads/b1 already exists"):
+        api.create_branch("alice/wording", branch="b1")
+    with pytest.raises(hf.errors.HfHubHTTPError, match="Cannot delete refs/heads/main"):
+        api.delete_branch("alice/wording", branch="main")
+    with pytest.raises(hf.errors.RevisionNotFoundError):  # the missing revision is named first
+        api.create_tag("alice/wording", tag="not a tag", revision="nope")
+    head = api.model_info("alice/wording").sha
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/wording")
+    with pytest.raises(hf.errors.HfHubHTTPError, match="The branch was updated since you opened this page"):
+        api.upload_file(
+            path_or_fileobj=b"y", path_in_repo="y.txt", repo_id="alice/wording", parent_commit=head
+        )
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        api.upload_file(path_or_fileobj=b"z", path_in_repo="..\\z", repo_id="alice/wording")
+    assert err.value.response.status_code == 422
+    assert "(Request ID: " in str(err.value)
+    with pytest.warns(UserWarning, match="Empty or missing yaml metadata"):
+        api.upload_file(path_or_fileobj=b"# no metadata\n", path_in_repo="README.md", repo_id="alice/wording")
+    api.create_repo("alice/wording-2")
+    with pytest.raises(
+        hf.errors.HfHubHTTPError, match="A model repository called alice/wording-2 already exists"
+    ):
+        api.move_repo("alice/wording", "alice/wording-2")
