@@ -1,0 +1,105 @@
+"""OpenAI-compatible inference beside the Hub API: one base model, every cataloged adapter that fits it.
+
+``mount_inference(app, hub, model=BASE)`` loads the base, attaches a runtime and adds
+
+- ``GET /v1/models``: the base under its name, and each cataloged adapter that fits it with
+  ``parent`` = the base (vLLM's shape); private adapters only to tokens that may read them;
+- ``POST /v1/chat/completions`` and ``POST /v1/completions``: ``max_tokens``, ``temperature``,
+  ``top_p``, ``seed``, ``stop``, ``stream`` (SSE chunks, then ``data: [DONE]``),
+  ``stream_options.include_usage``; ``usage`` in every answer;
+- ``POST /v1/embeddings`` for encoder bases (floats, or base64 little-endian float32);
+- ``GET /metrics`` in the Prometheus text format.
+
+``model`` is the base's name, an adapter's name, or an exact combination ``a:0.7+b:0.3`` (see
+`service`). Requests for any mix of adapters share the forward steps of one scheduler thread
+(continuous batching, `engine`); adapters are loaded on demand and kept resident in an LRU under a
+memory budget, keyed by content (`pool`). Private adapters are those tagged ``private`` (`pool`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .service import Inference, parse_size
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["Inference", "mount_inference", "parse_size"]
+
+
+def mount_inference(
+    app: FastAPI,
+    hub: Any,
+    *,
+    model: str,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_batch: int = 32,
+    adapter_memory: int | str | None = None,
+    require_token: bool = False,
+    max_queue: int = 512,
+    factor_dtype: str = "float32",
+) -> Inference:
+    """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
+    it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
+
+    Args:
+        device, dtype: where and in what dtype the base runs (as `Hub.load_base`).
+        max_batch: most requests decoded together.
+        adapter_memory: budget for resident adapter factors (bytes, or ``"2GB"``); None: unbounded.
+        require_token: refuse requests without one of this server's tokens (401).
+        max_queue: most requests waiting to start; more are answered 429 with Retry-After.
+        factor_dtype: ``float32`` keeps adapter factors in fp32 (as PEFT and ``adapterhub run`` compute, so
+            answers equal theirs); ``model`` keeps them in the model's dtype (faster on a bf16 GPU).
+
+    The scheduler thread starts with the app's lifespan, or with the first request when the server runs
+    without lifespan events, and stops at shutdown.
+    """
+    import torch
+
+    from ...errors import InvalidOptionError
+
+    if factor_dtype not in ("float32", "model"):
+        raise InvalidOptionError(f"factor_dtype is 'float32' or 'model', not {factor_dtype!r}")
+    if max_batch < 1:
+        raise InvalidOptionError(f"--max-batch must be at least 1, got {max_batch}")
+    budget = parse_size(adapter_memory)
+    live, tokenizer = hub.load_base(model, device=device, dtype=dtype)
+    rt = hub.attach(live, dtype=torch.float32 if factor_dtype == "float32" else None)
+    registered = {b.name for b in hub.list_bases()}
+    name = model if model in registered else Path(model).name
+    first = next(iter(live.parameters()))
+    svc = Inference(
+        hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
+        adapter_memory=budget, require_token=require_token,
+        factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
+    )  # fmt: skip
+    app.state.inference = svc
+    _include_first(app)
+    previous = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        svc.start()
+        try:
+            async with previous(a) as state:
+                yield state
+        finally:
+            svc.stop()
+
+    app.router.lifespan_context = lifespan
+    return svc
+
+
+def _include_first(app: FastAPI) -> None:
+    """Add the routes before the app's own (and so before any final catch-all)."""
+    from .routes import router
+
+    before = list(app.router.routes)
+    app.include_router(router)
+    added = app.router.routes[len(before) :]
+    app.router.routes[:] = added + before

@@ -1,0 +1,449 @@
+"""The scheduler: one thread owns the model and runs continuous batching over every request.
+
+Each step it (1) drops cancelled requests, (2) installs adapters whose files finished reading, (3) admits
+waiting requests whose adapters are resident (a request waiting on a cold adapter never holds up the
+others), prefills them together (left-padded, each row with its own adapter through ``rt.rows``) and
+(4) runs one decode step over every active request, whatever adapter each uses.
+
+The batch's KV cache is one left-padded ``DynamicCache``: a joining group is padded to the batch's
+length (or the batch to the group's), finished rows are cut out with ``index_select`` and leading columns
+that no row uses any more are trimmed. Each row keeps its own positions (``position_ids``), and padding
+is masked, so a row's tokens equal the same request run alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import Metrics
+from .pool import AdapterPool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request asks of generation."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Job:
+    """One request in the scheduler. ``sink`` gets ``("text", str)``, then ``("done", dict)`` or
+    ``("error", exception)``; it is called from the scheduler thread."""
+
+    prompt: list[int]
+    sampling: Sampling
+    spec: dict[str, float] | None  # content sha256 -> weight (None: the base)
+    sink: Callable[[tuple[str, Any]], None]
+    queued_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    sent: str = ""
+    finish: str | None = None
+    gen: torch.Generator | None = None
+
+    @property
+    def shas(self) -> tuple[str, ...]:
+        return tuple(self.spec or ())
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Batch:
+    """The active rows: their jobs, the left-padded KV cache, mask, next positions and last tokens."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (B, L) long
+        self.pos: torch.Tensor | None = None  # (B,) long
+        self.last: torch.Tensor | None = None  # (B,) long
+
+    def join(
+        self, jobs: list[Job], cache: Any, mask: torch.Tensor, pos: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        if not self.jobs:
+            self.jobs, self.cache, self.mask, self.pos, self.last = list(jobs), cache, mask, pos, last
+            return
+        assert self.mask is not None and self.pos is not None and self.last is not None
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left(mine.keys, width - old), _left(theirs.keys, width - new)], 0)
+            mine.values = torch.cat([_left(mine.values, width - old), _left(theirs.values, width - new)], 0)
+        self.mask = torch.cat([F.pad(self.mask, (width - old, 0)), F.pad(mask, (width - new, 0))], 0)
+        self.pos = torch.cat([self.pos, pos])
+        self.last = torch.cat([self.last, last])
+        self.jobs += jobs
+
+    def keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.jobs):
+            return
+        if not rows:
+            self.__init__()  # type: ignore[misc]
+            return
+        assert self.mask is not None and self.pos is not None and self.last is not None
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        used = (mask.sum(0) > 0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        self.mask = mask[:, start:]
+        self.pos, self.last = self.pos.index_select(0, idx), self.last.index_select(0, idx)
+        self.jobs = [self.jobs[i] for i in rows]
+
+
+def _left(t: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+class Engine:
+    """Continuous batching over one model (see the module docstring). ``submit`` is thread-safe."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        pool: AdapterPool,
+        metrics: Metrics,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_tokens: int = 4096,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
+        self.device = next(model.parameters()).device
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.eos = _eos_ids(model, tokenizer)
+        self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
+        self._waiting: list[Job] = []
+        self._batch = _Batch()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._rows_key: tuple[Any, ...] | None = None
+        self._rows = contextlib.ExitStack()
+        self._exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]] = []
+        pool.wake = self.wake
+
+    # ----------------------------------------------------------------------------- outside the thread
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="adapterhub-inference", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, job: Job) -> bool:
+        """Queue ``job``; False when the queue is full (the caller answers 429)."""
+        self.start()
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                return False
+            self._waiting.append(job)
+            self.metrics.queue_length = len(self._waiting)
+            self._cond.notify_all()
+        return True
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def run_exclusive(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` on the scheduler thread between steps (embeddings); returns its result."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def sink(event: tuple[str, Any]) -> None:
+            box["event"] = event
+            done.set()
+
+        self.start()
+        with self._cond:
+            self._exclusive.append((work, sink))
+            self._cond.notify_all()
+        done.wait()
+        kind, value = box["event"]
+        if kind == "error":
+            raise value
+        return value
+
+    @property
+    def active(self) -> int:
+        return len(self._batch.jobs)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # ----------------------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._stopping and not self._exclusive and not self._batch.jobs:
+                    self._cond.wait(timeout=0.05 if self._waiting else 0.5)
+                if self._stopping:
+                    break
+                exclusive, self._exclusive = self._exclusive, []
+            try:
+                self._step(exclusive)
+            except Exception as exc:  # never leave requests hanging: fail the batch, keep serving
+                logger.exception("inference step failed")
+                self.close_rows()
+                for job in self._batch.jobs:
+                    self._fail(job, exc)
+                self._batch = _Batch()
+        self.close_rows()
+        for job in self._batch.jobs + self._waiting:
+            self._fail(job, RuntimeError("the server is shutting down"))
+
+    def _step(self, exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]]) -> None:
+        for work, sink in exclusive:
+            self.close_rows()
+            try:
+                sink(("done", work()))
+            except Exception as exc:
+                sink(("error", exc))
+        self._drop_cancelled()
+        if self._waiting:
+            self.pool.install(self.close_rows, self._batch.jobs)
+            new = self._admit()
+            if new:
+                self._prefill(new)
+        if self._batch.jobs:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [j for j in self._waiting if j.cancelled]
+            self._waiting = [j for j in self._waiting if not j.cancelled]
+        for j in gone:
+            self.pool.failed_wait(j)
+        rows = [i for i, j in enumerate(self._batch.jobs) if not j.cancelled]
+        if len(rows) != len(self._batch.jobs):
+            for j in self._batch.jobs:
+                if j.cancelled:
+                    self.pool.unpin(j.shas)
+                    self.metrics.cancelled += 1
+            self.close_rows()
+            self._batch.keep(rows)
+
+    def _admit(self) -> list[Job]:
+        room = self.max_batch - len(self._batch.jobs)
+        admitted: list[Job] = []
+        tokens = 0
+        with self._cond:
+            waiting = list(self._waiting)
+        for job in waiting:
+            if room <= 0 or (admitted and tokens + len(job.prompt) > self.prefill_tokens):
+                break
+            problem = self.pool.problem(job.shas)
+            if problem is not None:
+                self._remove_waiting(job)
+                self._fail(job, problem)
+                continue
+            if not self.pool.ready(job.shas):
+                continue
+            self.pool.pin(job.shas)
+            self._remove_waiting(job)
+            admitted.append(job)
+            tokens += len(job.prompt)
+            room -= 1
+        return admitted
+
+    def _remove_waiting(self, job: Job) -> None:
+        with self._cond:
+            self._waiting = [j for j in self._waiting if j is not job]
+            self.metrics.queue_length = len(self._waiting)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        job.finish = "error"
+        with contextlib.suppress(Exception):  # the client is gone
+            job.sink(("error", exc))
+
+    # ----------------------------------------------------------------------------- model steps
+
+    def _set_rows(self, specs: Sequence[dict[str, float] | None]) -> None:
+        key = tuple(tuple(sorted(s.items())) if s else None for s in specs)
+        if key == self._rows_key:
+            return
+        self.close_rows()
+        self._rows.enter_context(self.pool.runtime.rows(list(specs)))
+        self._rows_key = key
+
+    def close_rows(self) -> None:
+        self._rows.close()
+        self._rows = contextlib.ExitStack()
+        self._rows_key = None
+
+    @torch.no_grad()
+    def _prefill(self, jobs: list[Job]) -> None:
+        from transformers import DynamicCache
+
+        started = time.perf_counter()
+        width = max(len(j.prompt) for j in jobs)
+        ids = torch.full((len(jobs), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, j in enumerate(jobs):
+            ids[i, width - len(j.prompt) :] = torch.tensor(j.prompt, dtype=torch.long)
+            mask[i, width - len(j.prompt) :] = 1
+            if j.sampling.temperature > 0:
+                j.gen = torch.Generator(device=self.device)
+                j.gen.manual_seed(
+                    j.sampling.seed if j.sampling.seed is not None else int(torch.seed() % (1 << 62))
+                )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        self.close_rows()
+        with self.pool.runtime.rows([j.spec for j in jobs]):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+        logits = out.logits[:, -1, :].float()
+        nxt = self._pick(logits, jobs)
+        pos = mask.sum(1)
+        for j in jobs:
+            self.metrics.first_token(time.perf_counter() - j.queued_at)
+        self.metrics.prefill(len(jobs), int(mask.sum()), time.perf_counter() - started)
+        start = len(self._batch.jobs)
+        self._batch.join(jobs, cache, mask, pos, nxt)
+        self._advance(nxt.tolist(), start)
+
+    @torch.no_grad()
+    def _decode(self) -> None:
+        b = self._batch
+        assert b.mask is not None and b.pos is not None and b.last is not None
+        self._set_rows([j.spec for j in b.jobs])
+        mask = torch.cat(
+            [b.mask, torch.ones((b.mask.shape[0], 1), dtype=b.mask.dtype, device=b.mask.device)], 1
+        )
+        out = self.model(
+            input_ids=b.last[:, None], attention_mask=mask, position_ids=b.pos[:, None], cache=b.cache,
+            use_cache=True,
+        )  # fmt: skip
+        b.mask = mask
+        b.pos = b.pos + 1
+        nxt = self._pick(out.logits[:, -1, :].float(), b.jobs)
+        b.last = nxt
+        self.metrics.decode(len(b.jobs))
+        self._advance(nxt.tolist(), 0)
+
+    def _pick(self, logits: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
+        nxt = logits.argmax(-1)
+        for i, j in enumerate(jobs):
+            s = j.sampling
+            if s.temperature <= 0:
+                continue
+            row = logits[i] / s.temperature
+            if s.top_p < 1.0:
+                order = torch.sort(row, descending=False)
+                probs = order.values.softmax(-1).cumsum(-1)
+                drop = probs <= 1 - s.top_p
+                drop[-1] = False
+                row = row.clone()
+                row[order.indices[drop]] = float("-inf")
+            nxt[i] = torch.multinomial(row.softmax(-1), 1, generator=j.gen)[0]
+        return nxt
+
+    def _advance(self, tokens: list[int], start: int) -> None:
+        """Give rows ``start...`` their new tokens: stream text, decide whether each is finished, let finished
+        rows go."""
+        b = self._batch
+        keep: list[int] = list(range(start))
+        assert b.pos is not None
+        positions = b.pos.tolist()
+        for i, (job, tok) in enumerate(zip(b.jobs[start:], tokens, strict=True), start):
+            job.generated.append(tok)
+            self.metrics.tokens_out += 1
+            finish = self._emit(job, tok)
+            if finish is None and positions[i] >= self.max_context:
+                finish = "length"
+            if finish is None:
+                keep.append(i)
+                continue
+            job.finish = finish
+            self.pool.unpin(job.shas)
+            self.metrics.finished += 1
+            done = {"finish_reason": finish, "text": job.sent, "prompt_tokens": len(job.prompt),
+                    "completion_tokens": len(job.generated)}  # fmt: skip
+            with contextlib.suppress(Exception):
+                job.sink(("done", done))
+        if len(keep) != len(b.jobs):
+            self.close_rows()
+            b.keep(keep)
+
+    def _emit(self, job: Job, tok: int) -> str | None:
+        ended = tok in self.eos
+        ids = job.generated[:-1] if ended else job.generated
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        finish = "stop" if ended else None
+        cut = _stop_at(text, job.sampling.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        elif finish is None and len(job.generated) >= job.sampling.max_tokens:
+            finish = "length"
+        if finish is None and text.endswith("\ufffd"):
+            return None  # an incomplete character: wait for the rest of its bytes
+        if text.startswith(job.sent) and len(text) > len(job.sent):
+            piece = text[len(job.sent) :]
+            job.sent = text
+            try:
+                job.sink(("text", piece))
+            except Exception:
+                job.cancelled = True
+        elif finish is not None:
+            job.sent = text
+        return finish
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """What ``generate`` stops at: the generation config's end tokens, else the tokenizer's."""
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            return {value}
+        if isinstance(value, (list, tuple)) and value:
+            return {int(v) for v in value}
+    return set()

@@ -1,0 +1,250 @@
+"""Adapters for the inference server: names resolved against the catalog on every request, content kept
+resident in the runtime under its store sha256, in an LRU under a memory budget.
+
+A request names adapters; each name is looked up in the catalog (one indexed query) for its current
+sha256, so a new version pushed under an old name is served from the next request on; the old content
+stays resident only while requests that started with it run, then ages out of the LRU. Files are read
+(parsed into `LoraWeights`) on a worker thread, so a cold adapter never stalls the decode steps of the
+others; the scheduler thread then places the factors with ``rt.load(weights, name=sha256)``.
+
+Private adapters: a cataloged adapter tagged ``private`` is listed and served only to a token that may
+read it: for a name ``owner/...``, a token of user ``owner``; for a name without a namespace, any token
+of this server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...errors import AdapterHubError, InvalidOptionError
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from ...lora import LoraWeights
+    from ...runtime import Runtime
+    from ..records import TokenInfo
+
+logger = logging.getLogger(__name__)
+
+PRIVATE_TAG = "private"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A cataloged adapter as a request sees it."""
+
+    name: str
+    sha256: str
+    private: bool
+    num_params: int
+
+
+def may_use(entry: Entry, token: TokenInfo | None) -> bool:
+    """Whether ``token`` may list and use ``entry`` (see the module docstring)."""
+    if not entry.private:
+        return True
+    if token is None:
+        return False
+    owner, sep, _ = entry.name.partition("/")
+    return not sep or token.user == owner
+
+
+def entry_of(info: Any) -> Entry:
+    return Entry(info.name, info.sha256, PRIVATE_TAG in (info.tags or ()), int(info.num_params or 0))
+
+
+class AdapterPool:
+    """Resolution, fit checks (cached per content) and the resident LRU of one runtime."""
+
+    def __init__(
+        self,
+        hub: Any,
+        runtime: Runtime,
+        base: str,
+        *,
+        budget: int | None,
+        metrics: Metrics,
+        factor_bytes: int = 4,
+    ) -> None:
+        self.hub = hub
+        self.factor_bytes = factor_bytes
+        self.runtime = runtime
+        self.base = base
+        self.budget = budget
+        self.metrics = metrics
+        self.wake: Any = lambda: None
+        self._lock = threading.Lock()
+        self._fits: dict[str, str | None] = {}  # sha256 -> None (fits) or the validation message
+        self._names: dict[str, str] = {}  # sha256 -> a name to read it by
+        self._reads: dict[str, Future[tuple[LoraWeights, float]]] = {}
+        self._read: dict[str, tuple[LoraWeights, float]] = {}  # read, waiting for room
+        self._problems: dict[str, AdapterHubError] = {}
+        self._lru: OrderedDict[str, int] = OrderedDict()  # sha256 -> resident bytes, oldest first
+        self._pins: Counter[str] = Counter()
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapterhub-adapter-read")
+
+    # ------------------------------------------------------------------ request side (any thread)
+
+    def resolve(self, name: str) -> Entry | None:
+        """The adapter called ``name`` now (one catalog query), or None."""
+        from ...records import AdapterFilter
+
+        found = self.hub.library.select(None, AdapterFilter(), names=[name])
+        return entry_of(found[0]) if found else None
+
+    def entries(self) -> list[Entry]:
+        """Every cataloged adapter that fits the base, by name."""
+        names = self.hub.compatible_names(self.base)
+        return [entry_of(a) for a in self.hub.list_adapters() if a.name in names]
+
+    def misfit(self, entry: Entry) -> str | None:
+        """None when ``entry`` fits the base (judged from the catalog, cached per content), else why not."""
+        with self._lock:
+            if entry.sha256 in self._fits:
+                return self._fits[entry.sha256]
+        reports = self.hub.validate_catalog(base=self.base, names=[entry.name])
+        report = reports[0] if reports else None
+        why = None
+        if report is not None and not report.ok:
+            shown = "; ".join(c.message for c in report.errors[:5])
+            why = f"adapter {entry.name} does not fit base {self.base}: {shown}"
+        with self._lock:
+            self._fits[entry.sha256] = why
+        return why
+
+    def request(self, entry: Entry) -> None:
+        """Make sure ``entry``'s content is resident or on its way."""
+        with self._lock:
+            self._names[entry.sha256] = entry.name
+            self._problems.pop(entry.sha256, None)
+            self._start_read(entry.sha256)
+
+    def _start_read(self, sha: str) -> None:  # under the lock
+        if sha in self._lru or sha in self._reads or sha in self._read:
+            return
+        name = self._names[sha]
+        fut = self._executor.submit(self._read_files, name, sha)
+        self._reads[sha] = fut
+        fut.add_done_callback(lambda _f: self.wake())
+
+    def _read_files(self, name: str, sha: str) -> tuple[LoraWeights, float]:
+        from ...formats import read_adapter
+
+        started = time.perf_counter()
+        weights = read_adapter(self.hub.adapter_files(name), load=True)
+        return weights, time.perf_counter() - started
+
+    # ------------------------------------------------------------------ scheduler side (its thread)
+
+    def problem(self, shas: tuple[str, ...]) -> AdapterHubError | None:
+        with self._lock:
+            return next((self._problems[s] for s in shas if s in self._problems), None)
+
+    def ready(self, shas: tuple[str, ...]) -> bool:
+        with self._lock:
+            missing = [s for s in shas if s not in self._lru]
+            for s in missing:
+                if s in self._names:
+                    self._start_read(s)
+        return not missing
+
+    def pin(self, shas: tuple[str, ...]) -> None:
+        with self._lock:
+            for s in shas:
+                self._pins[s] += 1
+                self._lru.move_to_end(s)
+
+    def unpin(self, shas: tuple[str, ...]) -> None:
+        with self._lock:
+            for s in shas:
+                self._pins[s] -= 1
+                if self._pins[s] <= 0:
+                    del self._pins[s]
+
+    def failed_wait(self, job: Any) -> None:
+        """A waiting request went away (nothing was pinned for it)."""
+
+    def install(self, close_rows: Any, active: Any) -> None:
+        """Place the adapters whose files are read, evicting unpinned LRU content to stay in budget."""
+        with self._lock:
+            done = [s for s, f in self._reads.items() if f.done()]
+            for s in done:
+                fut = self._reads.pop(s)
+                try:
+                    self._read[s] = fut.result()
+                except AdapterHubError as exc:
+                    self._problems[s] = exc
+                except Exception as exc:  # an unreadable file: refuse the requests that need it
+                    self._problems[s] = InvalidOptionError(f"cannot read adapter {self._names.get(s)}: {exc}")
+            pending = list(self._read.items())
+        for sha, (weights, read_s) in pending:
+            need = _estimate(weights, self.factor_bytes)
+            if self.budget is not None and need > self.budget:
+                self._refuse(sha, InvalidOptionError(
+                    f"adapter {self._names.get(sha)} needs {need} bytes of adapter memory, more than the "
+                    f"server's budget of {self.budget} (--adapter-memory)"
+                ))  # fmt: skip
+                continue
+            if not self._make_room(need, close_rows):
+                continue  # everything resident is in use: try again when a request finishes
+            close_rows()
+            started = time.perf_counter()
+            try:
+                r = self.runtime.load(weights, name=sha, sha256=sha)
+            except AdapterHubError as exc:
+                self._refuse(sha, exc)
+                continue
+            place_s = time.perf_counter() - started
+            with self._lock:
+                self._read.pop(sha, None)
+                self._lru[sha] = r.bytes
+            self.metrics.adapter_loaded(read_s + place_s)
+            logger.info(
+                "adapter %s (%s) resident in %.1f ms",
+                self._names.get(sha),
+                sha[:12],
+                1e3 * (read_s + place_s),
+            )
+        self._publish()
+
+    def _refuse(self, sha: str, exc: AdapterHubError) -> None:
+        with self._lock:
+            self._read.pop(sha, None)
+            self._problems[sha] = exc
+
+    def _make_room(self, need: int, close_rows: Any) -> bool:
+        if self.budget is None:
+            return True
+        while sum(self._lru.values()) + need > self.budget:
+            victim = next((s for s in self._lru if not self._pins.get(s)), None)
+            if victim is None:
+                return False
+            close_rows()
+            self.runtime.unload(victim)
+            with self._lock:
+                self._lru.pop(victim)
+            self.metrics.evictions += 1
+        return True
+
+    def _publish(self) -> None:
+        with self._lock:
+            self.metrics.resident = {self._names.get(s, s): (s, b) for s, b in self._lru.items()}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _estimate(weights: LoraWeights, size: int) -> int:
+    """Bytes the factors will take on the device (the runtime pads ranks per layer; this is a floor)."""
+    total = 0
+    for m in weights.modules.values():
+        for t in (m.A, m.B):
+            if t is not None:
+                total += t.numel()
+    return total * size

@@ -1,0 +1,172 @@
+"""The inference service of one app: the live base model, its runtime, the adapter pool, the scheduler,
+and the rules that turn a request's ``model`` field and token into what the scheduler runs.
+
+The ``model`` field is one of
+
+- the base's name (as registered, or the checkpoint folder's name): the base alone;
+- a cataloged adapter's name: that adapter, weight 1;
+- an exact weighted combination, ``NAME:WEIGHT+NAME:WEIGHT...`` (``sql:0.7+chat:0.3``; a term without
+  ``:WEIGHT`` has weight 1; weights may be negative): ``sum_i w_i s_i B_i A_i x`` at run time.
+  Adapter names cannot contain ``:`` or ``+``, so the spelling is never ambiguous.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .engine import Engine
+from .metrics import Metrics
+from .pool import AdapterPool, Entry, may_use
+
+if TYPE_CHECKING:
+    from ..records import TokenInfo
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """``2GB``, ``512MiB``, ``1.5g``, ``1000000`` -> bytes (powers of 1024 for every unit); None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if m is None:
+        from ...errors import InvalidOptionError
+
+        raise InvalidOptionError(
+            f"--adapter-memory {value!r}: give a size such as 2GB, 512MB or 1000000 (bytes)"
+        )
+    unit = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
+    return int(float(m.group(1)) * unit)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused, in OpenAI's error shape."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    retry_after: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs on: the spec for the runtime (content sha256 -> weight) and its adapters."""
+
+    spec: dict[str, float] | None
+    entries: tuple[Entry, ...]
+
+
+class Inference:
+    """Everything `mount_inference` sets up for one app."""
+
+    def __init__(
+        self,
+        hub: Any,
+        model: Any,
+        tokenizer: Any,
+        runtime: Any,
+        *,
+        name: str,
+        base_ref: str,
+        max_batch: int,
+        max_queue: int,
+        adapter_memory: int | None,
+        require_token: bool,
+        factor_bytes: int,
+    ) -> None:
+        self.hub = hub
+        self.model = model
+        self.tokenizer = tokenizer
+        self.runtime = runtime
+        self.name = name
+        self.base_ref = base_ref
+        self.require_token = require_token
+        self.created = int(time.time())
+        self.causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        self.metrics = Metrics()
+        self.pool = AdapterPool(
+            hub, runtime, base_ref, budget=adapter_memory, metrics=self.metrics, factor_bytes=factor_bytes
+        )
+        self.engine = Engine(
+            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue
+        )
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.pool.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def target(self, model: Any, token: TokenInfo | None) -> Target | Refusal:
+        """Resolve a request's ``model`` (see the module docstring) for ``token``; runs catalog queries."""
+        if not isinstance(model, str) or not model:
+            return Refusal(
+                400, "model is required: the base's name, an adapter's name or NAME:W+NAME:W", param="model"
+            )
+        if model == self.name:
+            return Target(None, ())
+        terms = _terms(model)
+        if isinstance(terms, Refusal):
+            return terms
+        spec: dict[str, float] = {}
+        entries: list[Entry] = []
+        for name, weight in terms:
+            entry = self.pool.resolve(name)
+            if entry is None or not may_use(entry, token):
+                return _unknown(model if len(terms) == 1 else name)
+            why = self.pool.misfit(entry)
+            if why is not None:
+                return Refusal(400, why, param="model", code="adapter_incompatible")
+            spec[entry.sha256] = spec.get(entry.sha256, 0.0) + weight
+            entries.append(entry)
+        return Target(spec, tuple(entries))
+
+    def listing(self, token: TokenInfo | None) -> list[dict[str, Any]]:
+        rows = [
+            {"id": self.name, "object": "model", "created": self.created, "owned_by": "adapterhub",
+             "root": self.base_ref, "parent": None, "max_model_len": self.engine.max_context},
+        ]  # fmt: skip
+        for e in sorted(self.pool.entries(), key=lambda e: e.name):
+            if may_use(e, token):
+                rows.append(
+                    {"id": e.name, "object": "model", "created": self.created, "owned_by": "adapterhub",
+                     "root": f"sha256:{e.sha256}", "parent": self.name},
+                )  # fmt: skip
+        return rows
+
+
+def _unknown(model: str) -> Refusal:
+    return Refusal(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def _terms(model: str) -> list[tuple[str, float]] | Refusal:
+    out: list[tuple[str, float]] = []
+    for raw in model.split("+"):
+        name, sep, w = raw.strip().partition(":")
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(w)
+            except ValueError:
+                return Refusal(
+                    400, f"weight {w!r} of {name} in model {model!r} is not a number", param="model"
+                )
+            if not math.isfinite(weight):
+                return Refusal(400, f"weight of {name} in model {model!r} must be finite", param="model")
+        if not name:
+            return _unknown(model)
+        out.append((name, weight))
+    return out
