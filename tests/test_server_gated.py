@@ -114,3 +114,36 @@ def test_the_hubs_wording(server: Server, hf: Any) -> None:
         hf.errors.HfHubHTTPError, match="A model repository called alice/wording-2 already exists"
     ):
         api.move_repo("alice/wording", "alice/wording-2")
+
+
+def test_a_moved_repos_old_links_still_resolve(server: Server, hf: Any, tmp_path: Path) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/before", private=True)
+    api.upload_file(path_or_fileobj=b"content", path_in_repo="file.txt", repo_id="alice/before")
+    api.move_repo("alice/before", "alice/after")
+    got = hf.hf_hub_download("alice/before", "file.txt", endpoint=server.url, token=server.alice,
+                             cache_dir=str(tmp_path))  # fmt: skip
+    assert Path(got).read_bytes() == b"content"
+    status, _, _ = server.request("GET", "/alice/before/resolve/main/file.txt", token=server.bob)
+    assert status == 404  # a private repo's new name is not revealed
+    api.create_repo("alice/before")  # a repo that takes the old name wins over the redirect
+    status, _, _ = server.request("GET", "/alice/before/resolve/main/file.txt", token=server.alice)
+    assert status == 404
+
+
+def test_lfs_files_are_listed_and_purged_from_the_history(server: Server, hf: Any) -> None:
+    api = hf.HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/purge")
+    api.upload_file(path_or_fileobj=b"LFS 1", path_in_repo="a.bin", repo_id="alice/purge")
+    api.upload_file(path_or_fileobj=b"text", path_in_repo="t.txt", repo_id="alice/purge")
+    api.create_branch("alice/purge", branch="dev")
+    api.upload_file(path_or_fileobj=b"LFS 2", path_in_repo="b.bin", repo_id="alice/purge", revision="dev")
+    files = list(api.list_lfs_files("alice/purge"))
+    assert {(f.filename, f.ref) for f in files} == {("a.bin", "main"), ("b.bin", "dev")}
+    api.permanently_delete_lfs_files("alice/purge", [f for f in files if f.ref == "main"])
+    assert [f.filename for f in api.list_lfs_files("alice/purge")] == ["b.bin"]
+    assert set(api.list_repo_files("alice/purge")) == {".gitattributes", "t.txt"}
+    assert set(api.list_repo_files("alice/purge", revision="dev")) == {".gitattributes", "t.txt", "b.bin"}
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        list(hf.HfApi(endpoint=server.url, token=server.bob).list_lfs_files("alice/purge"))
+    assert err.value.response.status_code == 403

@@ -22,6 +22,7 @@ from ..errors import (
 )
 from .access import AccessRequests
 from .checks import is_name, loads
+from .history import RepoHistory
 from .records import Repo, TokenInfo
 from .storage import ServerStore
 from .xetstore import XetStore
@@ -39,10 +40,12 @@ class Server:
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     xet: XetStore = field(init=False)
     access: AccessRequests = field(init=False)
+    history: RepoHistory = field(init=False)
 
     def __post_init__(self) -> None:
         self.xet = XetStore(self.store)
         self.access = AccessRequests(self.store)
+        self.history = RepoHistory(self.store)
 
 
 def server(request: Request) -> Server:

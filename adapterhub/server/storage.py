@@ -48,7 +48,8 @@ GATE_MODES = ("auto", "manual")
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 
 
-def _repo(r: Any) -> Repo:
+def repo_of_row(r: Any) -> Repo:
+    """A ``hub_repos`` row as a `Repo`."""
     return Repo(r.id, r.namespace, r.name, bool(r.private), r.created_at, r.updated_at)
 
 
@@ -153,7 +154,7 @@ class ServerStore:
         """The repo ``namespace/name``, matched without regard to case, or None."""
         with self.catalog.read() as conn:
             r = conn.execute(select(hub_repos).where(self._same_id(namespace, name))).first()
-        return _repo(r) if r else None
+        return repo_of_row(r) if r else None
 
     def create_repo(self, namespace: str, name: str, *, private: bool, author: str) -> Repo:
         check_name("namespace", namespace)
@@ -175,7 +176,7 @@ class ServerStore:
                 conn, rid, "main", None, {entry.path: entry}, "initial commit", "", author, None, now
             )
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == rid)).one()
-        return _repo(row)
+        return repo_of_row(row)
 
     def rename_repo(self, repo: Repo, namespace: str, name: str) -> Repo:
         """Move ``repo`` to ``namespace/name`` with its whole history (``move_repo``)."""
@@ -193,7 +194,7 @@ class ServerStore:
                 .values(namespace=namespace, name=name, updated_at=utcnow())
             )
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == repo.id)).one()
-        return _repo(row)
+        return repo_of_row(row)
 
     def duplicate_repo(self, source: Repo, namespace: str, name: str, *, private: bool, author: str) -> Repo:
         """A new repo ``namespace/name`` whose main branch holds the files of ``source``'s main, in one commit
@@ -211,7 +212,7 @@ class ServerStore:
         with self.catalog.write() as conn:
             conn.execute(update(hub_repos).where(hub_repos.c.id == repo.id).values(private=private))
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == repo.id)).one()
-        return _repo(row)
+        return repo_of_row(row)
 
     def delete_repo(self, repo: Repo) -> None:
         with self.catalog.write() as conn:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from ...errors import EntryNotFoundError, RepoNotFoundError, StoreError
-from ..deps import auth, downloadable, raw_parts, server, visible
+from ..deps import auth, downloadable, may_read, raw_parts, server, visible
 from ..records import TokenInfo, iso
 from ..views import file_json
 
@@ -26,7 +26,17 @@ async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = 
     if len(parts) < 2:
         raise EntryNotFoundError("/".join(parts))
     rev, path = parts[0], "/".join(parts[1:])
-    repo = await downloadable(request, ns, name, tok)
+    try:
+        repo = await downloadable(request, ns, name, tok)
+    except RepoNotFoundError:
+        moved = await run_in_threadpool(server(request).history.renamed, ns, name)
+        if moved is None or not may_read(moved, tok):
+            raise
+        # the repo was moved: send the client on to its new name, as the Hub does
+        rest = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+        rest = rest.split("/", 3)[3]
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"/{moved.repo_id}/{rest}{query}", status_code=307)
     head = await run_in_threadpool(store.resolve, repo, rev)
     files = await run_in_threadpool(store.files, head)
     e = files.get(path)

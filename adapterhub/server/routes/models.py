@@ -263,6 +263,32 @@ async def super_squash(
     return JSONResponse({"commitId": squashed.oid})
 
 
+@router.get("/api/models/{ns}/{name}/lfs-files")
+async def lfs_files(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    """The repo's LFS objects, for its owner (who may purge them)."""
+    repo = await writable(request, ns, name, tok)
+    return JSONResponse(await run_in_threadpool(server(request).history.lfs_files, repo))
+
+
+@router.post("/api/models/{ns}/{name}/lfs-files/batch")
+async def purge_lfs_files(
+    request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    """``{deletions: {sha: [...], rewriteHistory}}``: remove those LFS objects from every commit."""
+    repo = await writable(request, ns, name, tok)
+    body = await read_json(request)
+    deletions = body.get("deletions") if isinstance(body, dict) else None
+    shas = deletions.get("sha") if isinstance(deletions, dict) else None
+    if not isinstance(shas, list) or len(shas) > PATHS_INFO_LIMIT:
+        raise BadRequestError(f"give {{deletions: {{sha: [at most {PATHS_INFO_LIMIT} sha256 digests]}}}}")
+    if deletions.get("rewriteHistory") is False:  # type: ignore[union-attr]
+        raise BadRequestError("this server purges LFS files from the whole history only (rewriteHistory)")
+    await run_in_threadpool(server(request).history.purge_lfs_files, repo, shas)
+    return JSONResponse({})
+
+
 @router.api_route("/api/models/{rest:anypath}", methods=ALL_METHODS)
 async def not_a_model_route(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
     """Anything else under /api/models: an id without a namespace (``gpt2``) or a repo this server does

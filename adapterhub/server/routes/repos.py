@@ -109,6 +109,7 @@ async def move_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -> 
     repo = await writable(request, src_ns, src_name, tok)
     check_write(tok, ns)
     moved = await run_in_threadpool(server(request).store.rename_repo, repo, ns, name)
+    await run_in_threadpool(server(request).history.record_rename, repo.repo_id, moved)
     log.info("moved repo %s to %s", repo.repo_id, moved.repo_id)
     return JSONResponse({"url": f"{base_url(request)}/{moved.repo_id}"})
 
