@@ -324,3 +324,17 @@ def test_formats() -> None:
     assert [(c.size, c.scheme) for c in chunks] == [(5, 0), (6, 0)]
     (f,) = parse_shard(shard_of("34" * 32, 11, "56" * 32))
     assert f.sha256 == "56" * 32 and f.size == 11 and f.segments[0].xorb == "34" * 32
+
+
+def test_a_xet_token_dies_with_the_token_it_was_made_from(server: Server) -> None:
+    from adapterhub import Hub
+
+    with Hub(server.home) as hub:
+        made = hub.create_token("alice", write=True)
+    xet = xet_token(server, made.token, "alice/xet-revoked")
+    status, _, _ = server.request("GET", f"/xet-cas/v1/chunks/default-merkledb/{'0' * 64}", token=xet)
+    assert status == 404  # accepted (and no global dedup)
+    with Hub(server.home) as hub:
+        hub.revoke_token(made.token)
+    status, _, body = server.request("GET", f"/xet-cas/v1/chunks/default-merkledb/{'0' * 64}", token=xet)
+    assert status == 401 and b"xet-write-token" in body

@@ -24,7 +24,7 @@ from .records import Repo
 from .storage import ServerStore
 from .xetformat import Chunk, ShardFile, chunk_bytes, parse_shard, parse_xorb
 
-XORB_CACHE = 4  # parsed xorbs kept while one shard is rebuilt (each at most 64 MiB)
+XORB_CACHE = 2  # parsed xorbs kept while one shard is rebuilt (each at most 64 MiB)
 
 
 class XetStore:

@@ -51,9 +51,10 @@ def _sign(srv: Server, payload: str) -> str:
     return hmac.new(srv.secret, b"xet\n" + payload.encode(), hashlib.sha256).hexdigest()
 
 
-def make_token(srv: Server, repo: Repo, user: str, exp: int) -> str:
-    """An access token for writing to ``repo`` as ``user`` until ``exp``, signed with the app's key."""
-    doc = {"repo": repo.repo_id, "id": repo.id, "user": user, "exp": exp}
+def make_token(srv: Server, repo: Repo, tok: TokenInfo, exp: int) -> str:
+    """An access token for writing to ``repo`` as ``tok``'s user until ``exp`` (or until that token is
+    revoked), signed with the app's key."""
+    doc = {"repo": repo.repo_id, "id": repo.id, "user": tok.user, "tok": tok.id, "exp": exp}
     payload = base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode().rstrip("=")
     return f"{payload}.{_sign(srv, payload)}"
 
@@ -68,7 +69,7 @@ async def xet_caller(request: Request) -> XetCaller:
     try:
         doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         ns, name = doc["repo"].split("/")
-        rid, user, exp = int(doc["id"]), str(doc["user"]), int(doc["exp"])
+        rid, user, tid, exp = int(doc["id"]), str(doc["user"]), int(doc["tok"]), int(doc["exp"])
     except (binascii.Error, ValueError, KeyError, TypeError, AttributeError):
         raise UnauthorizedError(BAD_XET_TOKEN) from None
     if exp < time.time():
@@ -78,6 +79,9 @@ async def xet_caller(request: Request) -> XetCaller:
         raise UnauthorizedError(BAD_XET_TOKEN)
     if user != repo.namespace:
         raise ForbiddenError(f"You don't have the rights to write to {repo.namespace}")
+    tokens = await run_in_threadpool(lambda: srv.store.list_tokens(user=user))
+    if not any(t.id == tid and t.write for t in tokens):  # revoked since
+        raise UnauthorizedError(BAD_XET_TOKEN)
     return XetCaller(repo, user)
 
 
@@ -94,7 +98,7 @@ async def xet_write_token(
     if revision and revision != "None":
         await run_in_threadpool(srv.store.resolve, repo, revision)
     exp = int(time.time()) + XET_TOKEN_TTL
-    token = make_token(srv, repo, tok.user, exp)
+    token = make_token(srv, repo, tok, exp)
     cas = base_url(request) + CAS_PREFIX
     headers = {"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(exp)}
     return JSONResponse({"casUrl": cas, "accessToken": token, "exp": exp}, headers=headers)
