@@ -166,7 +166,7 @@ def start_server(adapterhub: list[str], home: Path, log: Path) -> tuple[subproce
     env = {k: v for k, v in os.environ.items() if k not in ("ADAPTERHUB_DB", "ADAPTERHUB_HOME")}
     proc = subprocess.Popen(
         [*adapterhub, "--home", str(home), "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env,
+        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env, cwd=home,
     )  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -175,8 +175,10 @@ def start_server(adapterhub: list[str], home: Path, log: Path) -> tuple[subproce
     return proc, line.split()[-1]
 
 
-def summarize(results: dict[str, dict[str, object]]) -> dict[str, object]:
-    need = {k: v for k, v in results.items() if v["server"]}
+def summarize(results: dict[str, dict[str, object]], also: set[str] | None = None) -> dict[str, object]:
+    """Counts over the tests that sent a request to the server (in this run, or in the run ``also`` names:
+    a class fixture that fails marks only its first test as having asked)."""
+    need = {k: v for k, v in results.items() if v["server"] or k in (also or set())}
     counts = Counter(str(v["outcome"]) for v in need.values())
     failing = {k: str(v["error"]) for k, v in need.items() if v["outcome"] in ("failed", "error")}
     return {
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the per-test results and counts here")
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--union-with", type=Path, default=None,
+                    help="an earlier --out file: count the tests that needed the server there too")  # fmt: skip
     args = ap.parse_args()
     checkout = args.checkout.resolve()
     if not (checkout / "tests" / "testing_constants.py").is_file():
@@ -226,11 +230,16 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     results = json.loads((scratch / "results.json").read_text())
-    summary = summarize(results)
+    also: set[str] = set()
+    if args.union_with:
+        earlier = json.loads(args.union_with.read_text())["results"]
+        also = {k for k, v in earlier.items() if v["server"]}
+    summary = summarize(results, also)
     summary["seconds"] = round(took)
     summary["server"] = "adapterhub serve (SQLite), Xet on"
     print(json.dumps({k: v for k, v in summary.items() if k != "failing"}, indent=1))
-    for nodeid, err in sorted(summary["failing"].items()):  # type: ignore[union-attr]
+    failing: dict[str, str] = summary["failing"]  # type: ignore[assignment]
+    for nodeid, err in sorted(failing.items()):
         print(f"FAIL {nodeid}: {err.splitlines()[0][:200] if err else ''}")
     if args.out:
         args.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1, sort_keys=True))
