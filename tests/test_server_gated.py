@@ -1,5 +1,6 @@
-"""Gated repos and access requests, super-squash, and the Hub's wording where the client or its users
-match on it (found with huggingface_hub's own test suite, bench/hub_suite.py). Real client, real server."""
+"""Gated repos and access requests, super-squash, moved repos, LFS-file purges, likes, and the Hub's
+wording where the client or its users match on it (found with huggingface_hub's own test suite,
+bench/hub_suite.py). Real client, real server."""
 
 from __future__ import annotations
 
@@ -147,3 +148,24 @@ def test_lfs_files_are_listed_and_purged_from_the_history(server: Server, hf: An
     with pytest.raises(hf.errors.HfHubHTTPError) as err:
         list(hf.HfApi(endpoint=server.url, token=server.bob).list_lfs_files("alice/purge"))
     assert err.value.response.status_code == 403
+
+
+def test_likes(server: Server, hf: Any) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    alice.create_repo("alice/liked")
+    alice.create_repo("alice/liked-private", private=True)
+    # the client has no like() (the Hub likes from its web page): POST /api/models/{repo}/like
+    assert server.request("POST", "/api/models/alice/liked/like", token=server.bob)[0] == 200
+    assert server.request("POST", "/api/models/alice/liked-private/like", token=server.alice)[0] == 200
+    assert server.request("POST", "/api/models/alice/liked-private/like", token=server.bob)[0] == 404
+    assert bob.list_liked_repos().models == ["alice/liked"]
+    assert alice.list_liked_repos("bob").models == ["alice/liked"]
+    assert alice.list_liked_repos().models == ["alice/liked-private"]
+    assert bob.list_liked_repos("alice").models == []  # a private repo's likes are not shown to others
+    assert [u.username for u in alice.list_repo_likers("alice/liked")] == ["bob"]
+    assert alice.model_info("alice/liked").likes == 1
+    alice.move_repo("alice/liked", "alice/liked-moved")
+    assert bob.list_liked_repos().models == ["alice/liked-moved"]
+    bob.unlike("alice/liked-moved")
+    assert bob.list_liked_repos().total == 0

@@ -23,6 +23,7 @@ from ..errors import (
 from .access import AccessRequests
 from .checks import is_name, loads
 from .history import RepoHistory
+from .likes import Likes
 from .records import Repo, TokenInfo
 from .storage import ServerStore
 from .xetstore import XetStore
@@ -41,11 +42,13 @@ class Server:
     xet: XetStore = field(init=False)
     access: AccessRequests = field(init=False)
     history: RepoHistory = field(init=False)
+    likes: Likes = field(init=False)
 
     def __post_init__(self) -> None:
         self.xet = XetStore(self.store)
         self.access = AccessRequests(self.store)
         self.history = RepoHistory(self.store)
+        self.likes = Likes(self.store)
 
 
 def server(request: Request) -> Server:

@@ -113,13 +113,20 @@ async def _at(
     return repo, head, files
 
 
+async def _info(request: Request, repo: Repo, head: Commit, files: dict[str, Entry]) -> dict[str, Any]:
+    srv = server(request)
+    gated = await run_in_threadpool(srv.store.gated, repo)
+    info = model_json(repo, head, files, query_flag(request, "blobs"), gated)
+    info["likes"] = len(await run_in_threadpool(srv.likes.likers, repo))
+    return info
+
+
 @router.get("/api/models/{ns}/{name}")
 async def model_info(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     repo, head, files = await _at(request, ns, name, tok, "main")
-    gated = await run_in_threadpool(server(request).store.gated, repo)
-    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs"), gated))
+    return JSONResponse(await _info(request, repo, head, files))
 
 
 @router.get("/api/models/{ns}/{name}/revision/{rest:anypath}")
@@ -127,8 +134,7 @@ async def model_info_at(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     repo, head, files = await _at(request, ns, name, tok, _rest(request))
-    gated = await run_in_threadpool(server(request).store.gated, repo)
-    return JSONResponse(model_json(repo, head, files, query_flag(request, "blobs"), gated))
+    return JSONResponse(await _info(request, repo, head, files))
 
 
 @router.get("/api/models/{ns}/{name}/tree/{rest:anypath}")
