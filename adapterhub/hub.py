@@ -278,10 +278,13 @@ class Hub:
         base: str | os.PathLike[str] | None = None,
         with_: Sequence[str | os.PathLike[str]] = (),
         scan_values: bool = True,
+        for_: str | None = None,
+        max_lora_rank: int | None = None,
     ) -> ValidationReport:
-        """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``.
-        Nothing is written. ``report.ok`` is False when any check is an error."""
-        return bases.validate(self.library, target, base=base, with_=with_, scan_values=scan_values)
+        """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``, what
+        ``for_="vllm"`` would refuse. Nothing is written. ``report.ok`` is False when any check is an error."""
+        return bases.validate(self.library, target, base=base, with_=with_, scan_values=scan_values,
+                              for_=for_, max_lora_rank=max_lora_rank)  # fmt: skip
 
     def validate_catalog(
         self, *, base: str | os.PathLike[str], names: Sequence[str] | None = None

@@ -206,3 +206,91 @@ def test_add_refuses_a_gguf_model_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(InvalidAdapterError, match="import-gguf"):
         hub.add_adapter(found[0], name="smol")
     assert hub.list_adapters() == []
+
+
+# --------------------------------------------------------------------------- kohya <-> diffusers
+
+#: a UNet-like key set: names with underscores inside them, a ModuleList index, convs and linears
+UNET = {
+    "conv_in.weight": (8, 4, 3, 3),
+    "down_blocks.0.attentions.0.proj_in.weight": (8, 8),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": (8, 8),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": (8, 8),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": (8, 12),
+    "down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3),
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight": (16, 8),
+    "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_v.weight": (8, 12),
+    "down_blocks.0.attentions.0.proj_in.bias": (8,),
+}
+TARGETS = [k[: -len(".weight")] for k in UNET if k.endswith(".weight") and k != "conv_in.weight"]
+
+
+def _unet(dest: Path) -> Path:
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True)
+    save_file({k: torch.zeros(s) for k, s in UNET.items()}, str(dest / "diffusion_pytorch_model.safetensors"))
+    (dest / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4}))
+    return dest
+
+
+def _kohya_lora(dest: Path, *, extra: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """A kohya UNet LoRA over TARGETS: rank 4, alpha 2 (scale 0.5), convs with a 3x3 lora_down."""
+    from adapterhub.formats.kohya import write_kohya
+    from adapterhub.lora import LoraModule, LoraWeights
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {k[: -len(".weight")]: s for k, s in UNET.items() if k.endswith(".weight")}
+    shapes.update(extra or {})
+    modules = {}
+    for module in [*TARGETS, *(extra or {})]:
+        shape = shapes[module]
+        a_shape, b_shape = (4, shape[1], *shape[2:]), (shape[0], 4, *(1,) * (len(shape) - 2))
+        modules[module] = LoraModule(
+            module, "conv" if len(shape) > 2 else "linear", 4, 2.0, 0.5, a_shape, b_shape,
+            A=torch.randn(a_shape, generator=g), B=torch.randn(b_shape, generator=g),
+        )  # fmt: skip
+    write_kohya(LoraWeights(modules=modules, format="kohya"), dest)
+    return dest
+
+
+def test_kohya_to_diffusers_and_back(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    hub = Hub(tmp_path / "home")
+    hub.add_base(_unet(tmp_path / "unet"), name="unet")
+    src = _kohya_lora(tmp_path / "style.safetensors")
+    hub.add_adapter(src, name="style", base="unet")
+    out = hub.export_adapter("style", tmp_path / "out" / "style-diffusers.safetensors", format="diffusers")
+    with safe_open(str(out), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == {f"unet.{t}.lora_{x}.weight" for t in TARGETS for x in "AB"}
+    assert detect(out).format == "diffusers"
+    # diffusers assumes lora_alpha = r (scale 1), so the kohya scale 0.5 is folded into lora_B
+    kohya = read_adapter(src, load=True)
+    got = read_adapter(out, load=True)
+    for t in TARGETS:
+        stem = "lora_unet_" + t.replace(".", "_")
+        assert got[f"unet.{t}.weight"].scale == 1.0
+        torch.testing.assert_close(got[f"unet.{t}.weight"].delta(), kohya[stem].delta())
+    info = hub.add_adapter(out, name="style-diffusers")
+    assert info.format == "diffusers"
+    assert hub.validate("style-diffusers").ok
+    back = hub.export_adapter("style-diffusers", tmp_path / "back.safetensors", format="kohya")
+    again = read_adapter(back, load=True)
+    assert set(again.modules) == set(kohya.modules)
+    for stem, m in kohya.modules.items():
+        torch.testing.assert_close(again[stem].delta(), m.delta())
+
+
+def test_diffusers_export_needs_the_unet_keys(tmp_path: Path) -> None:
+    hub = Hub(tmp_path / "home")
+    hub.add_adapter(_kohya_lora(tmp_path / "style.safetensors"), name="style")
+    with pytest.raises(AdapterHubError, match="UNet's tensor names.*base add"):
+        hub.export_adapter("style", tmp_path / "x.safetensors", format="diffusers")
+    hub.add_base(_unet(tmp_path / "unet"), name="unet")
+    extra = {"up_blocks_9_attentions_0_nowhere": (8, 8)}
+    hub.add_adapter(_kohya_lora(tmp_path / "odd.safetensors", extra=extra), name="odd", base="unet")
+    with pytest.raises(InvalidAdapterError, match="nowhere matches no weight of the UNet"):
+        hub.export_adapter("odd", tmp_path / "y.safetensors", format="diffusers")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -136,6 +136,18 @@ STATUS_STYLE = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]"
     help="Check every cataloged adapter against --base from the catalog alone (no file is opened).",
 )
 @click.option("--no-values", is_flag=True, help="Skip the NaN/Inf scan of tensor values.")
+@click.option(
+    "--for",
+    "for_",
+    type=click.Choice(["vllm"]),
+    help="Also check what this server would refuse (vllm: rank, modules_to_save, DoRA, bias, targets).",
+)
+@click.option(
+    "--max-lora-rank",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --for vllm: the server's --max-lora-rank (vLLM's default is 16).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_state
 def validate_cmd(
@@ -145,12 +157,19 @@ def validate_cmd(
     others: tuple[str, ...],
     all_: bool,
     no_values: bool,
+    for_: str | None,
+    max_lora_rank: int | None,
     as_json: bool,
 ) -> None:
     """Is an adapter sound, does it fit a base model, do adapters fit each other? Exit 1 on any error.
 
-    TARGETS are cataloged names or adapter paths. Nothing is written.
+    TARGETS are cataloged names or adapter paths. Nothing is written. With --for vllm the report also
+    says what vLLM's LoRA loader would refuse, before the adapter is deployed.
     """
+    if max_lora_rank is not None and not for_:
+        raise click.UsageError("--max-lora-rank needs --for vllm")
+    if for_ and all_:
+        raise click.UsageError("--for checks adapters one by one; give names instead of --all")
     if all_ and not base:
         raise click.UsageError("--all needs --base")
     if not targets and not all_:
@@ -158,7 +177,12 @@ def validate_cmd(
     if all_:
         reports = state.hub.validate_catalog(base=base, names=list(targets) or None)  # type: ignore[arg-type]
     else:
-        reports = [state.hub.validate(t, base=base, with_=others, scan_values=not no_values) for t in targets]
+        reports = [
+            state.hub.validate(
+                t, base=base, with_=others, scan_values=not no_values, for_=for_, max_lora_rank=max_lora_rank
+            )
+            for t in targets
+        ]
     if as_json or state.json:
         docs = [r.to_dict() for r in reports]
         emit_json(docs[0] if len(docs) == 1 and not all_ else docs)

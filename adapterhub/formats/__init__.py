@@ -31,7 +31,9 @@ __all__ = [
     "write_adapter",
 ]
 
-FORMATS = ("peft", "kohya", "gguf", "diffusers")
+#: what `write_adapter` writes; `detect` / `read_adapter` also read diffusers files
+WRITE_FORMATS = ("peft", "kohya", "gguf")
+FORMATS = (*WRITE_FORMATS, "diffusers")
 
 
 @dataclass(frozen=True)
@@ -256,18 +258,15 @@ def write_adapter(
     format: str = "peft",
     base_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write loaded `LoraWeights` as a PEFT folder, a kohya file, a llama.cpp GGUF LoRA (needs the base's
-    ``base_config``: model type and head counts) or a diffusers file (keys already diffusers paths)."""
+    """Write loaded `LoraWeights` as a PEFT folder, a kohya file or a llama.cpp GGUF LoRA (needs the
+    base's ``base_config``: model type and head counts). diffusers files need a UNet's key list first:
+    `formats.diffusers.write_diffusers` after `ops.diffusers_keys.kohya_to_diffusers`."""
     if format == "gguf":
         from .gguf_lora import write_gguf_lora
 
         if base_config is None:
             raise InvalidAdapterError("a GGUF export needs the base model's config (model type, head counts)")
         return write_gguf_lora(weights, dest, base_config=base_config)
-    if format == "diffusers":
-        from .diffusers import write_diffusers
-
-        return write_diffusers(weights, dest)
     if weights.format == "diffusers":
         if format == "kohya":
             from .diffusers import to_kohya
@@ -288,4 +287,4 @@ def write_adapter(
         from .kohya import write_kohya
 
         return write_kohya(weights, dest)
-    raise InvalidAdapterError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    raise InvalidAdapterError(f"unknown format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")

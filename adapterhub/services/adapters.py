@@ -188,11 +188,15 @@ def _write_export(
             base_config = None
             if base is not None and fmt == "gguf":
                 base_config = {"model_type": base.model_type, **dict(base.config or {})}
-            elif base is not None and fmt == "diffusers":
+            if fmt == "diffusers":  # a kohya UNet LoRA, its stems mapped with the UNet's keys
+                from ..formats.diffusers import write_diffusers
                 from ..ops.diffusers_keys import kohya_to_diffusers
 
-                weights = kohya_to_diffusers(weights, base.shapes)
-            produced = write_adapter(weights, target, format=fmt, base_config=base_config)
+                if base is None:
+                    raise InvalidAdapterError(f"a {info.format} adapter does not convert to diffusers")
+                produced = write_diffusers(kohya_to_diffusers(weights, base.shapes), target)
+            else:
+                produced = write_adapter(weights, target, format=fmt, base_config=base_config)
         _apply_umask(produced)
         faults.point("export.writing")
         if out.is_dir():  # an earlier export, checked above: set it aside, then swap the new one in

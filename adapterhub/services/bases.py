@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterHubError, AdapterNotFoundError, BaseModelError
+from ..errors import AdapterHubError, AdapterNotFoundError, BaseModelError, InvalidOptionError
 from ..names import check_name
 
 if TYPE_CHECKING:
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from ..lora import LoraWeights
     from ..ops.validate import BaseLayout, Check, ValidationReport
     from ..records import BaseInfo
+
+
+#: what ``validate(for_=...)`` checks an adapter for
+SERVING_TARGETS = ("vllm",)
 
 
 def _not_registered(name: str) -> BaseModelError:
@@ -144,22 +148,37 @@ def validate(
     base: str | os.PathLike[str] | None = None,
     with_: Sequence[str | os.PathLike[str]] = (),
     scan_values: bool = True,
+    for_: str | None = None,
+    max_lora_rank: int | None = None,
 ) -> ValidationReport:
-    """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``."""
+    """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``, and
+    with ``for_="vllm"`` what vLLM's loader would refuse (``max_lora_rank``: the server's
+    ``--max-lora-rank``)."""
     from ..formats import read_adapter
     from ..ops.validate import Check, ValidationReport, check_base, check_integrity, check_pair
 
+    if for_ is not None and for_ not in SERVING_TARGETS:
+        raise InvalidOptionError(
+            f"unknown serving target {for_!r}; choose one of {', '.join(SERVING_TARGETS)}"
+        )
+    if max_lora_rank is not None and for_ != "vllm":
+        raise InvalidOptionError("max_lora_rank applies to for_='vllm' (--for vllm) only")
     label, files, checks, declared = _subject(lib, target)
     weights: LoraWeights | None = None
     if files is not None:
         more, weights = check_integrity(files, scan_values=scan_values)
         checks += more
     base_label = None
+    layout: BaseLayout | None = None
     if base is not None:
         layout = base_layout(lib, base)
         base_label = layout.name
         if weights is not None:
             checks += check_base(weights, layout, declared=declared)
+    if for_ == "vllm" and weights is not None:
+        from ..ops.targets_vllm import check_vllm
+
+        checks += check_vllm(weights, max_lora_rank=max_lora_rank, base=layout)
     for other in with_:
         olabel, ofiles, ochecks, odeclared = _subject(lib, other)
         bad = [c for c in ochecks if c.status == "error"]
