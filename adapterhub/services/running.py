@@ -15,6 +15,7 @@ from .bases import base_dir
 if TYPE_CHECKING:
     from ..catalog.library import Library
     from ..lora import LoraWeights
+    from ..records import AdapterInfo, BaseInfo
     from ..runtime import Runtime
     from ..runtime.generate import Generation
 
@@ -77,10 +78,66 @@ def resolver(lib: Library) -> Callable[[str], tuple[LoraWeights, str] | None]:
     return resolve
 
 
-def attach(lib: Library, model: Any, *, dtype: Any = None) -> Runtime:
+def attach(lib: Library, model: Any, *, dtype: Any = None, base: str | None = None) -> Runtime:
+    """A runtime whose ``load`` takes catalog names and whose ``save`` catalogs trained adapters."""
     from ..runtime import attach as attach_runtime
 
-    return attach_runtime(model, dtype=dtype, resolve=resolver(lib))
+    return attach_runtime(model, dtype=dtype, resolve=resolver(lib), save=saver(lib, model, base=base))
+
+
+def registered_base(lib: Library, model: Any) -> BaseInfo | None:
+    """The registered base a live model was loaded from (by its folder), if any."""
+    cfg = getattr(model, "config", None)
+    where = getattr(cfg, "_name_or_path", None)
+    if not where or not Path(where).is_dir():
+        return None
+    here = Path(where).resolve()
+    return next((b for b in lib.bases() if b.path and Path(b.path).resolve() == here), None)
+
+
+def saver(lib: Library, model: Any, *, base: str | None = None) -> Callable[..., AdapterInfo]:
+    """`Runtime.save` into the catalog: PEFT files through `Library.ingest`, one lineage row from the base
+    (method ``train``, params: the base fingerprint plus what the runtime and the training loop recorded)."""
+
+    def save(
+        name: str,
+        weights: LoraWeights,
+        *,
+        tags: Sequence[str] = (),
+        description: str | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> AdapterInfo:
+        import shutil
+        import tempfile
+
+        from ..errors import AdapterExistsError
+        from ..formats import AdapterFiles, read_adapter, write_adapter
+        from ..names import check_name, check_tags
+        from ..store import scratch_prefix
+
+        check_name(name)
+        tags = check_tags(tags)
+        if lib.exists(name):
+            raise AdapterExistsError(name)
+        info = lib.bases(base)[0] if base and lib.bases(base) else registered_base(lib, model)
+        params = {"base_fingerprint": info.fingerprint if info else None, **(lineage or {})}
+        parent = info.name if info else (weights.base_model or "unknown")
+        if info is not None:
+            weights.base_model = weights.config["base_model_name_or_path"] = info.name
+        lib.store.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("trained")))
+        try:
+            write_adapter(weights, tmp)
+            files = AdapterFiles("peft", tmp / "adapter_model.safetensors", tmp / "adapter_config.json")
+            return lib.ingest(
+                name, files, read_adapter(files), base=info.name if info else None, tags=tags,
+                description=description, source="trained",
+                parents=[{"parent_name": parent, "weight": 1.0, "method": "train", "params": params}],
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return save
 
 
 def _activate(lib: Library, model: Any, adapters: Sequence[tuple[str, float]]) -> Runtime | None:
