@@ -339,13 +339,19 @@ def test_new_version_under_the_same_name_is_served(tiny: dict[str, Any]) -> None
 
 
 def test_require_token_refuses_anonymous_and_overload_is_429(tiny: dict[str, Any]) -> None:
-    s = Server(tiny["root"] / "home", "tiny", "--require-token", "--max-batch", "1", "--max-queue", "1")
+    s = Server(tiny["root"] / "home", "tiny", "--require-token", "--max-batch", "1", "--max-queue", "1",
+               "--adapter-memory", "8KB")  # fmt: skip
     try:
         with pytest.raises(openai.AuthenticationError) as e:
             _chat(s.client(), "a0")
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert s.get("/v1/models")[0] == 401
         c = s.client(tiny["token"])
-        assert _chat(c, "a0").choices[0].message.content == _alone(tiny, "a0")
+        for name in ("a0", "a1", "a0", "a2"):  # 8 KB holds a0 or a1 or a2, never two: each evicts the last
+            assert _chat(c, name).choices[0].message.content == _alone(tiny, name)
+        metrics = s.get("/metrics")[1]
+        evictions = [ln for ln in metrics.splitlines() if ln.startswith("adapterhub_adapter_evictions_total")]
+        assert int(evictions[0].split()[-1]) >= 2
         codes: list[int] = []
 
         def one() -> None:

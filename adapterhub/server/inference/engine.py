@@ -139,6 +139,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.eos = _eos_ids(model, tokenizer)
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
         self._batch = _Batch()
@@ -244,9 +248,24 @@ class Engine:
             self.pool.install(self.close_rows, self._batch.jobs)
             new = self._admit()
             if new:
-                self._prefill(new)
+                self._start(new)
         if self._batch.jobs:
             self._decode()
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` together; if that fails, each alone, so one bad request fails only itself."""
+        try:
+            self._prefill(jobs)
+            return
+        except Exception as exc:
+            self.close_rows()
+            if len(jobs) == 1:
+                logger.info("request refused at prefill: %s", exc)
+                self.pool.unpin(jobs[0].shas)
+                self._fail(jobs[0], exc)
+                return
+        for job in jobs:
+            self._start([job])
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -333,8 +352,8 @@ class Engine:
         self.close_rows()
         with self.pool.runtime.rows([j.spec for j in jobs]):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1,
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{self._cache_kw: cache},
             )  # fmt: skip
         logits = out.logits[:, -1, :].float()
         nxt = self._pick(logits, jobs)
@@ -355,8 +374,8 @@ class Engine:
             [b.mask, torch.ones((b.mask.shape[0], 1), dtype=b.mask.dtype, device=b.mask.device)], 1
         )
         out = self.model(
-            input_ids=b.last[:, None], attention_mask=mask, position_ids=b.pos[:, None], cache=b.cache,
-            use_cache=True,
+            input_ids=b.last[:, None], attention_mask=mask, position_ids=b.pos[:, None], use_cache=True,
+            **{self._cache_kw: b.cache},
         )  # fmt: skip
         b.mask = mask
         b.pos = b.pos + 1
