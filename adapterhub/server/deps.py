@@ -22,6 +22,7 @@ from ..errors import (
 )
 from .access import AccessRequests
 from .checks import is_name, loads
+from .discussions import Discussions
 from .history import RepoHistory
 from .likes import Likes
 from .records import Repo, TokenInfo
@@ -43,12 +44,14 @@ class Server:
     access: AccessRequests = field(init=False)
     history: RepoHistory = field(init=False)
     likes: Likes = field(init=False)
+    discussions: Discussions = field(init=False)
 
     def __post_init__(self) -> None:
         self.xet = XetStore(self.store)
         self.access = AccessRequests(self.store)
         self.history = RepoHistory(self.store)
         self.likes = Likes(self.store)
+        self.discussions = Discussions(self.store)
 
 
 def server(request: Request) -> Server:
@@ -109,6 +112,33 @@ async def writable(request: Request, ns: str, name: str, tok: TokenInfo | None) 
     repo = await visible(request, ns, name, tok)
     check_write(tok, repo.namespace)
     return repo
+
+
+async def writable_for(request: Request, ns: str, name: str, tok: TokenInfo | None, revision: str) -> Repo:
+    """The repo, if the caller may write ``revision`` of it: its owner anything; with ``create_pr`` (a new
+    pull request) anyone with a token who can read it; a pull request's branch ``refs/pr/N`` its author
+    too, while it is open."""
+    if request.query_params.get("create_pr") in ("1", "true", "True") or revision.startswith("refs/pr/"):
+        repo = await visible(request, ns, name, tok)
+        if tok is None:
+            check_write(tok, repo.namespace)
+        assert tok is not None
+        if tok.user == repo.namespace or revision in ("", "None") or not revision.startswith("refs/pr/"):
+            if tok.user == repo.namespace:
+                check_write(tok, repo.namespace)
+            elif not tok.write:
+                raise ForbiddenError(
+                    "This token is read-only: create a write token (adapterhub token create USER --write)"
+                )
+            return repo
+        num = revision[len("refs/pr/") :]
+        d = await run_in_threadpool(server(request).discussions.get, repo, int(num) if num.isdigit() else -1)
+        if d["author"]["name"] != tok.user or d["status"] != "open" or not tok.write:
+            raise ForbiddenError(
+                f"only the author of open pull request {num} or {repo.namespace} may push to it"
+            )
+        return repo
+    return await writable(request, ns, name, tok)
 
 
 def check_write(tok: TokenInfo | None, ns: str) -> TokenInfo:

@@ -102,12 +102,15 @@ class Op:
 
 @dataclass(frozen=True)
 class Ref:
-    """A branch (``refs/heads/NAME``) or a tag (``refs/tags/NAME``) and the commit it points at."""
+    """A branch (``refs/heads/NAME``), a tag (``refs/tags/NAME``) or a pull request's branch (``refs/pr/N``)
+    and the commit it points at."""
 
     name: str
-    kind: str  # "branch" | "tag"
+    kind: str  # "branch" | "tag" | "pr"
     commit_oid: str
 
     @property
     def ref(self) -> str:
+        if self.kind == "pr":
+            return self.name  # refs/pr/N
         return f"refs/{'heads' if self.kind == 'branch' else 'tags'}/{self.name}"

@@ -45,6 +45,7 @@ from .tokens import Tokens
 __all__ = ["ServerStore", "TokenInfo"]
 
 GATE_MODES = ("auto", "manual")
+PR_PREFIX = "refs/pr/"
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 
 
@@ -229,6 +230,7 @@ class ServerStore:
         shutil.rmtree(self.upload_dir(repo), ignore_errors=True)
         for gate in self._gate_file(repo).parent.glob(self.repo_key(repo) + "*"):
             gate.unlink(missing_ok=True)  # the gate and its access requests
+        (self.blobs.root / "discussions" / f"{self.repo_key(repo)}.json").unlink(missing_ok=True)
         self.drop_unreferenced(digests)
 
     def drop_unreferenced(self, digests: Iterable[str]) -> None:
@@ -308,7 +310,8 @@ class ServerStore:
     def resolve_branch(self, conn: Connection, repo: Repo, branch: str) -> Commit:
         """The head of a branch (not a tag nor a commit: only branches move)."""
         name = branch[len("refs/heads/") :] if branch.startswith("refs/heads/") else branch
-        c = None if name.startswith("refs/") else self._ref_commit(conn, repo, name)
+        moves = not name.startswith("refs/") or name.startswith(PR_PREFIX)  # a pull request's branch moves
+        c = self._ref_commit(conn, repo, name) if moves else None
         if c is None:
             raise RevisionNotFoundError(repo.repo_id, branch)
         return c
@@ -336,7 +339,11 @@ class ServerStore:
                 .order_by(hub_refs.c.name)
             )
             return [
-                Ref(n[len(TAG_PREFIX) :], "tag", o) if n.startswith(TAG_PREFIX) else Ref(n, "branch", o)
+                Ref(n[len(TAG_PREFIX) :], "tag", o)
+                if n.startswith(TAG_PREFIX)
+                else Ref(n, "pr", o)
+                if n.startswith(PR_PREFIX)
+                else Ref(n, "branch", o)
                 for n, o in rows
             ]
 
@@ -418,6 +425,46 @@ class ServerStore:
             files = self.files_of(conn, head.id)
             name = branch[len("refs/heads/") :] if branch.startswith("refs/heads/") else branch
             return insert_commit(conn, repo.id, name, None, files, message, "", author, head.card, utcnow())
+
+    # ------------------------------------------------------------------ pull requests
+    def create_pr_ref(self, repo: Repo, name: str, base: str) -> Commit:
+        """The branch ``name`` (``refs/pr/N``) of a new pull request, at the head of ``base``."""
+        with self.catalog.write() as conn:
+            start = self.resolve_branch(conn, repo, base)
+            conn.execute(insert(hub_refs).values(repo_id=repo.id, name=name, commit_id=start.id))
+        return start
+
+    def merge_pr(
+        self, repo: Repo, pr_ref: str, base_oid: str, target: str, *, title: str, author: str
+    ) -> Commit:
+        """Apply what ``pr_ref`` changed since ``base_oid`` onto ``target``, as one commit; a file both
+        sides changed since is a conflict (409) and nothing is written."""
+        with self.catalog.write() as conn:
+            head = self.resolve_branch(conn, repo, target)
+            pr = self.resolve_branch(conn, repo, pr_ref)
+            base = self.files_of(conn, self._resolve(conn, repo, base_oid).id)
+            theirs, ours = self.files_of(conn, pr.id), self.files_of(conn, head.id)
+            changed = [p for p in sorted(set(base) | set(theirs)) if base.get(p) != theirs.get(p)]
+            both = [p for p in changed if ours.get(p) not in (base.get(p), theirs.get(p))]
+            if both:
+                raise ConflictError(
+                    f"{pr_ref} and {target} both changed {', '.join(both[:10])}: merge by hand"
+                )
+            after = dict(ours)
+            for p in changed:
+                if p in theirs:
+                    after[p] = theirs[p]
+                else:
+                    after.pop(p, None)
+            card = head.card
+            if "README.md" not in after:
+                card = None
+            elif after["README.md"] != ours.get("README.md"):
+                card = parse_card(self.blobs.path(after["README.md"].sha256).read_bytes())
+            now = utcnow()
+            commit = insert_commit(conn, repo.id, target, head, after, title, "", author, card, now)
+            conn.execute(update(hub_repos).where(hub_repos.c.id == repo.id).values(updated_at=now))
+        return commit
 
     # ------------------------------------------------------------------ commits
     def commit(

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...errors import BadRequestError
 from ..checks import check_path, decode_base64, upload_mode
-from ..deps import auth, base_url, raw_parts, read_body, read_json, server, writable
+from ..deps import auth, base_url, raw_parts, read_body, read_json, server, writable_for
 from ..gitfiles import RULES_FILE_LIMIT, Pattern, compile_rules, is_ignored, is_lfs, lfs_patterns
 from ..payload import parse_commit
 from ..records import Entry, TokenInfo
@@ -19,9 +19,8 @@ COMMIT_LIMIT = 512 * 1024 * 1024
 PREUPLOAD_FILES = 1000
 
 
-def _no_pull_requests(request: Request) -> None:
-    if request.query_params.get("create_pr"):
-        raise BadRequestError("pull requests are not supported by this server")
+def wants_pr(request: Request) -> bool:
+    return request.query_params.get("create_pr") in ("1", "true", "True")
 
 
 def _rules(
@@ -46,8 +45,7 @@ async def preupload(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     store = server(request).store
-    repo = await writable(request, ns, name, tok)
-    _no_pull_requests(request)
+    repo = await writable_for(request, ns, name, tok, "/".join(raw_parts(request, 5)))
     body = await read_json(request)
     files = body.get("files") if isinstance(body, dict) else None
     if not isinstance(files, list) or len(files) > PREUPLOAD_FILES:
@@ -85,17 +83,28 @@ async def preupload(
 
 @router.post("/api/models/{ns}/{name}/commit/{rest:anypath}")
 async def commit(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
-    store = server(request).store
-    repo = await writable(request, ns, name, tok)
-    assert tok is not None
-    _no_pull_requests(request)
+    srv = server(request)
+    store = srv.store
     branch = "/".join(raw_parts(request, 5))
+    repo = await writable_for(request, ns, name, tok, branch)
+    assert tok is not None
     body = await read_body(request, COMMIT_LIMIT, "the commit payload")
     title, message, parent, ops = await run_in_threadpool(parse_commit, body)
-    new, _changed = await run_in_threadpool(
+    pr_url = None
+    if wants_pr(request):  # a new pull request: its branch starts at the head of the one named
+        d = await run_in_threadpool(
+            lambda: srv.discussions.create(repo, tok.user, title, message, pull_request=True, base=branch)
+        )
+        branch = f"refs/pr/{d['num']}"
+    new, changed = await run_in_threadpool(
         lambda: store.commit(
             repo, branch, ops, title=title, message=message, author=tok.user, parent_commit=parent
         )
     )
+    if branch.startswith("refs/pr/"):
+        num = int(branch[len("refs/pr/") :])
+        pr_url = f"{base_url(request)}/{repo.repo_id}/discussions/{num}"
+        if changed:
+            await run_in_threadpool(srv.discussions.add_commit, repo, num, tok.user, new)
     url = f"{base_url(request)}/{repo.repo_id}/commit/{new.oid}"
-    return JSONResponse({"success": True, "commitOid": new.oid, "commitUrl": url, "pullRequestUrl": None})
+    return JSONResponse({"success": True, "commitOid": new.oid, "commitUrl": url, "pullRequestUrl": pr_url})

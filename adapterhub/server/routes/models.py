@@ -201,10 +201,11 @@ async def refs(request: Request, ns: str, name: str, tok: TokenInfo | None = Dep
     found = await run_in_threadpool(server(request).store.refs, repo)
     shown = {
         kind: [{"name": r.name, "ref": r.ref, "targetCommit": r.commit_oid} for r in found if r.kind == kind]
-        for kind in ("branch", "tag")
+        for kind in ("branch", "tag", "pr")
     }
+    prs = shown["pr"] if query_flag(request, "include_prs") else []
     return JSONResponse(
-        {"branches": shown["branch"], "converts": [], "tags": shown["tag"], "pullRequests": []}
+        {"branches": shown["branch"], "converts": [], "tags": shown["tag"], "pullRequests": prs}
     )
 
 

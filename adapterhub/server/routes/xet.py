@@ -1,8 +1,8 @@
 """The Xet upload protocol, which huggingface_hub 2.x uses for every LFS file whenever hf_xet is installed
 (it has no fallback to the LFS batch API), served by this server itself.
 
-- ``GET /api/models/{repo}/xet-write-token/{rev}``: for a caller who may write to the repo, a short-lived
-  access token bound to that repo and user, and the CAS address (``{casUrl, accessToken, exp}``, also as
+- ``GET /api/models/{repo}/xet-write-token/{rev}``: for a caller who may write to the repo (or open or
+  push to a pull request of it), a short-lived access token bound to that repo and user, and the CAS address (``{casUrl, accessToken, exp}``, also as
   ``X-Xet-*`` headers).
 - the CAS under ``/xet-cas``: ``POST /v1/xorbs/default/{hash}`` keeps a xorb for the token's repo;
   ``POST /v1/shards`` rebuilds each file a shard describes from xorbs the repo may use, checks its sha256
@@ -28,8 +28,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import BadRequestError, ForbiddenError, UnauthorizedError
-from ..deps import Server, auth, base_url, raw_parts, read_body, server, writable
+from ...errors import BadRequestError, UnauthorizedError
+from ..deps import Server, auth, base_url, raw_parts, read_body, server, writable_for
 from ..records import Repo, TokenInfo
 
 router = APIRouter()
@@ -77,8 +77,6 @@ async def xet_caller(request: Request) -> XetCaller:
     repo = await run_in_threadpool(srv.store.get_repo, ns, name)
     if repo is None or repo.id != rid:
         raise UnauthorizedError(BAD_XET_TOKEN)
-    if user != repo.namespace:
-        raise ForbiddenError(f"You don't have the rights to write to {repo.namespace}")
     tokens = await run_in_threadpool(lambda: srv.store.list_tokens(user=user))
     if not any(t.id == tid and t.write for t in tokens):  # revoked since
         raise UnauthorizedError(BAD_XET_TOKEN)
@@ -90,11 +88,9 @@ async def xet_write_token(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     srv = server(request)
-    repo = await writable(request, ns, name, tok)
-    assert tok is not None
-    if request.query_params.get("create_pr"):
-        raise BadRequestError("pull requests are not supported by this server")
     revision = "/".join(raw_parts(request, 5))
+    repo = await writable_for(request, ns, name, tok, revision)  # a pull request's author may upload too
+    assert tok is not None
     if revision and revision != "None":
         await run_in_threadpool(srv.store.resolve, repo, revision)
     exp = int(time.time()) + XET_TOKEN_TTL
