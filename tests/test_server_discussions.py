@@ -1,0 +1,107 @@
+"""Discussions and pull requests with the real client, Xet on: a teammate opens a pull request on
+someone else's adapter repo (uploading weights through Xet), pushes to it, the owner merges; a pull
+request whose files the base branch changed meanwhile is refused; only the right people may act."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_server import Server, start_server
+from test_server_xet import hf, weights  # noqa: F401  (the Xet-on client fixture)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory)
+
+
+def test_a_pull_request_from_another_user_through_xet_is_merged_by_the_owner(server: Server, hf: Any) -> None:  # noqa: F811
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    alice.create_repo("alice/pr-repo")
+    alice.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id="alice/pr-repo")
+    info = bob.upload_file(path_or_fileobj=weights(11), path_in_repo="adapter_model.safetensors",
+                           repo_id="alice/pr-repo", create_pr=True, commit_message="better weights")  # fmt: skip
+    assert info.pr_num == 1 and info.pr_revision == "refs/pr/1"
+    assert "adapter_model.safetensors" not in alice.list_repo_files("alice/pr-repo")
+    assert "adapter_model.safetensors" in alice.list_repo_files("alice/pr-repo", revision="refs/pr/1")
+    bob.upload_file(
+        path_or_fileobj=b"more", path_in_repo="more.txt", repo_id="alice/pr-repo", revision="refs/pr/1"
+    )
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:  # bob may push to his PR, not to main
+        bob.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/pr-repo")
+    assert err.value.response.status_code == 403
+    pr = alice.get_discussion_details("alice/pr-repo", 1)
+    assert (
+        pr.is_pull_request
+        and pr.author == "bob"
+        and pr.status == "open"
+        and pr.target_branch == "refs/heads/main"
+    )
+    assert [e.summary for e in pr.events if e.type == "commit"] == [
+        "better weights",
+        "Upload more.txt with huggingface_hub",
+    ]
+    refs = alice.list_repo_refs("alice/pr-repo", include_pull_requests=True)
+    assert [r.ref for r in refs.pull_requests or []] == ["refs/pr/1"] and [b.name for b in refs.branches] == [
+        "main"
+    ]
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        bob.merge_pull_request("alice/pr-repo", 1)
+    assert err.value.response.status_code == 403
+    alice.comment_discussion("alice/pr-repo", 1, "looks good")
+    alice.merge_pull_request("alice/pr-repo", 1)
+    merged = alice.get_discussion_details("alice/pr-repo", 1)
+    assert merged.status == "merged" and merged.merge_commit_oid == alice.model_info("alice/pr-repo").sha
+    status, _, body = server.request("GET", "/alice/pr-repo/resolve/main/adapter_model.safetensors")
+    assert status == 200 and body == weights(11)
+    assert set(alice.list_repo_files("alice/pr-repo")) == {
+        ".gitattributes",
+        "notes.txt",
+        "adapter_model.safetensors",
+        "more.txt",
+    }
+
+
+def test_a_conflicting_pull_request_is_not_merged(server: Server, hf: Any) -> None:  # noqa: F811
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    alice.create_repo("alice/pr-conflict")
+    alice.upload_file(path_or_fileobj=b"base", path_in_repo="f.txt", repo_id="alice/pr-conflict")
+    pr = alice.upload_file(
+        path_or_fileobj=b"theirs", path_in_repo="f.txt", repo_id="alice/pr-conflict", create_pr=True
+    )
+    alice.upload_file(path_or_fileobj=b"ours", path_in_repo="f.txt", repo_id="alice/pr-conflict")
+    head = alice.model_info("alice/pr-conflict").sha
+    with pytest.raises(hf.errors.HfHubHTTPError, match="both changed f.txt") as err:
+        alice.merge_pull_request("alice/pr-conflict", pr.pr_num)
+    assert err.value.response.status_code == 409
+    assert alice.model_info("alice/pr-conflict").sha == head
+    assert alice.get_discussion_details("alice/pr-conflict", pr.pr_num).status == "open"
+
+
+def test_discussions(server: Server, hf: Any) -> None:  # noqa: F811
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    alice.create_repo("alice/talk")
+    alice.create_repo("alice/talk-private", private=True)
+    d = bob.create_discussion("alice/talk", title="  Which base?  ", description="Llama or Qwen?")
+    assert d.num == 1 and d.title == "Which base?" and not d.is_pull_request and d.author == "bob"
+    first = d.events[0]
+    assert first.type == "comment" and first.content == "Llama or Qwen?"
+    edited = bob.edit_discussion_comment("alice/talk", 1, first.id, "Llama 3 or Qwen 2?")
+    assert edited.edited and edited.content == "Llama 3 or Qwen 2?"
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:  # only its author edits a comment
+        alice.edit_discussion_comment("alice/talk", 1, first.id, "changed")
+    assert err.value.response.status_code == 403
+    alice.comment_discussion("alice/talk", 1, "Llama")
+    assert alice.rename_discussion("alice/talk", 1, "Base model").new_title == "Base model"
+    assert alice.change_discussion_status("alice/talk", 1, "closed").new_status == "closed"
+    assert [x.num for x in alice.get_repo_discussions("alice/talk", discussion_status="closed")] == [1]
+    assert list(alice.get_repo_discussions("alice/talk", discussion_status="open")) == []
+    assert list(alice.get_repo_discussions("alice/talk", author="carol")) == []
+    with pytest.raises(hf.errors.RepositoryNotFoundError):  # a private repo's threads are not shown
+        list(bob.get_repo_discussions("alice/talk-private"))
+    status, _, _ = server.json("POST", "/api/models/alice/talk/discussions", {"title": "anonymous"})
+    assert status == 401
