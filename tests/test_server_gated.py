@@ -110,6 +110,8 @@ def test_the_hubs_wording(server: Server, hf: Any) -> None:
     assert "(Request ID: " in str(err.value)
     with pytest.warns(UserWarning, match="Empty or missing yaml metadata"):
         api.upload_file(path_or_fileobj=b"# no metadata\n", path_in_repo="README.md", repo_id="alice/wording")
+    (latest, *_) = api.list_repo_commits("alice/wording", formatted=True)
+    assert latest.formatted_title == "Upload README.md with huggingface_hub"
     api.create_repo("alice/wording-2")
     with pytest.raises(
         hf.errors.HfHubHTTPError, match="A model repository called alice/wording-2 already exists"

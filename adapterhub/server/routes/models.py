@@ -3,6 +3,7 @@ commit history; and moving refs: branches and tags."""
 
 from __future__ import annotations
 
+import html
 from itertools import islice
 from typing import Any
 from urllib.parse import urlencode
@@ -215,7 +216,11 @@ async def commits(
 ) -> JSONResponse:
     repo, head, _ = await _at(request, ns, name, tok, _rest(request))
     hist = await run_in_threadpool(server(request).store.history, repo, head)
-    return JSONResponse([commit_json(c) for c in hist])
+    out = [commit_json(c) for c in hist]
+    if "formatted" in request.query_params.getlist("expand[]"):  # title and message as (escaped) HTML
+        for d in out:
+            d["formatted"] = {"title": html.escape(d["title"]), "message": html.escape(d["message"])}
+    return JSONResponse(out)
 
 
 @router.api_route("/api/models/{ns}/{name}/branch/{rest:anypath}", methods=["POST", "DELETE"])
