@@ -362,3 +362,17 @@ def test_interrupted_training_catalogs_nothing(smol_home: Hub, tmp_path: Path) -
     assert not smol_home.library.exists("cut")
     after = sorted(p.name for p in store.rglob("*") if p.is_file()) if store.exists() else []
     assert after == before
+
+
+def test_unloaded_trained_adapter_is_gone_but_still_saves(tmp_path: Path) -> None:
+    from adapterhub.errors import NotResidentError
+
+    model = tiny_llama(0)
+    rt = attach(model)
+    rt.create("t", seed=0)
+    rt.freeze("t")
+    rt.unload("t")
+    with pytest.raises(NotResidentError):
+        rt.activate("t")
+    assert (rt.save("t", path=tmp_path / "t") / "adapter_config.json").is_file()
+    rt.detach()

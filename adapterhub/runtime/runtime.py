@@ -544,8 +544,8 @@ class Runtime:
     def freeze(self, name: str) -> ResidentAdapter:
         """End training of ``name``: its factors become a resident adapter like a loaded one."""
         ad = self._trainer.adapters.get(name)
-        if ad is None or not ad.trainable:
-            return next(r for r in self.resident if r.name == name) if ad else self._unknown(name)
+        if ad is None or not ad.trainable:  # made and frozen already: resident unless unloaded since
+            return next((r for r in self.resident if r.name == name), None) or self._unknown(name)
         self._trainer.release(name)
         try:
             return self.load(ad.weights(), name=name)
