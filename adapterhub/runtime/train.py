@@ -52,7 +52,7 @@ class _LoraTerm(torch.autograd.Function):
     """``scale * (x @ A.T) @ B.T`` over the last dimension, computed in ``dtype``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -65,7 +65,7 @@ class _LoraTerm(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], b.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x, h, a, b = ctx.saved_tensors
         dt = ctx.dtype
         g = grad.reshape(-1, grad.shape[-1])
@@ -86,7 +86,7 @@ def lora_term(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """``scale * x A^T B^T`` (``a`` ``(r, in)``, ``b`` ``(out, r)``) with a lean backward; see the module."""
-    return _LoraTerm.apply(x, a, b, scale, dtype)  # type: ignore[no-any-return]
+    return _LoraTerm.apply(x, a, b, scale, dtype)
 
 
 @dataclass(eq=False)
@@ -179,7 +179,8 @@ def _matches(module_name: str, targets: Sequence[str]) -> bool:
 def select_targets(model: nn.Module, targets: Sequence[str] | str) -> list[tuple[str, nn.Module, str]]:
     """(name, module, kind) of every module ``targets`` selects: short names (``q_proj``), full module
     names, or ``"all-linear"`` (every Linear / GPT-2 Conv1D but the output layer, as PEFT chooses)."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    m: Any = model
+    out_emb = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
     found: list[tuple[str, nn.Module, str]] = []
     names = [targets] if isinstance(targets, str) else list(targets)
     if not names:
@@ -286,10 +287,10 @@ class Trainer:
     def _hook_inputs(self) -> None:
         """Under gradient checkpointing, the embeddings' output must require grad (reentrant checkpoints
         otherwise see no graph: "element 0 of tensors does not require grad")."""
-        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        model: Any = self.model
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if emb is None or self._input_hook is not None:
             return
-        model = self.model
         flag = next(
             (
                 f

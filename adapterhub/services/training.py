@@ -169,7 +169,8 @@ def _encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -
     """Token ids of ``text`` and labels: the id where a token starts inside one of ``spans``, else -100."""
     ids, offsets = _offsets(tokenizer, text)
     if offsets is None:  # a slow tokenizer: tokenize the pieces one after another
-        ids, labels, at = [], [], 0
+        labels: list[int] = []
+        ids, at = [], 0
         for a, b in [*spans, (len(text), len(text))]:
             for piece, learn in ((text[at:a], False), (text[a:b], True)):
                 if piece:
