@@ -304,6 +304,9 @@ def test_completions_stop_seed_and_sampling(tiny: dict[str, Any]) -> None:
     )
     assert cut.choices[0].finish_reason == "stop" and full.startswith(cut.choices[0].text)
     assert word not in cut.choices[0].text.split()[1:] or len(full.split()) == 1
+    streamed = client.completions.create(model="a2", prompt="hello world", max_tokens=8, temperature=0,
+                                         stop=[" " + word], stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
     a = [client.completions.create(model="a3", prompt="hello", max_tokens=10, temperature=1.0, seed=7).choices[0].text
          for _ in range(2)]  # fmt: skip
     assert a[0] == a[1]

@@ -440,9 +440,11 @@ class Engine:
             finish = "length"
         if finish is None and text.endswith("\ufffd"):
             return None  # an incomplete character: wait for the rest of its bytes
-        if text.startswith(job.sent) and len(text) > len(job.sent):
-            piece = text[len(job.sent) :]
-            job.sent = text
+        # while unfinished, hold back a tail that could begin a stop string (it may yet be cut)
+        shown = text if finish is not None else text[: len(text) - _stop_prefix(text, job.sampling.stop)]
+        if shown.startswith(job.sent) and len(shown) > len(job.sent):
+            piece = shown[len(job.sent) :]
+            job.sent = shown
             try:
                 job.sink(("text", piece))
             except Exception:
@@ -450,6 +452,17 @@ class Engine:
         elif finish is not None:
             job.sent = text
         return finish
+
+
+def _stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
 
 
 def _stop_at(text: str, stop: Sequence[str]) -> int | None:
