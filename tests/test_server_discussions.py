@@ -1,6 +1,7 @@
 """Discussions and pull requests with the real client, Xet on: a teammate opens a pull request on
 someone else's adapter repo (uploading weights through Xet), pushes to it, the owner merges; a pull
-request whose files the base branch changed meanwhile is refused; only the right people may act."""
+request whose files the base branch changed meanwhile is refused; only the right people may act; webhooks
+are told of commits and discussions."""
 
 from __future__ import annotations
 
@@ -105,3 +106,57 @@ def test_discussions(server: Server, hf: Any) -> None:  # noqa: F811
         list(bob.get_repo_discussions("alice/talk-private"))
     status, _, _ = server.json("POST", "/api/models/alice/talk/discussions", {"title": "anonymous"})
     assert status == 401
+
+
+def test_webhooks_are_told_of_commits_and_discussions(server: Server, hf: Any) -> None:  # noqa: F811
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    got: list[tuple[str | None, dict[str, Any]]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.headers.get("X-Webhook-Secret"), json.loads(body)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    try:
+        alice = hf.HfApi(endpoint=server.url, token=server.alice)
+        bob = hf.HfApi(endpoint=server.url, token=server.bob)
+        alice.create_repo("alice/hooked")
+        alice.create_repo("alice/hooked-private", private=True)
+        hook = alice.create_webhook(url=url, watched=[{"type": "model", "name": "alice/hooked"}], secret="s3")
+        bobs = bob.create_webhook(url=url, watched=[{"type": "user", "name": "alice"}], domains=["repo"])
+        assert [h.id for h in alice.list_webhooks()] == [hook.id] and alice.get_webhook(hook.id).url == url
+        with pytest.raises(hf.errors.HfHubHTTPError):  # another user's webhook is not found
+            bob.get_webhook(hook.id)
+        alice.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/hooked")
+        alice.upload_file(path_or_fileobj=b"y", path_in_repo="y.txt", repo_id="alice/hooked-private")
+        bob.create_discussion("alice/hooked", title="hello")
+        deadline = time.time() + 10
+        while len(got) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        events = sorted((secret or "", p["event"]["scope"], p["repo"]["name"]) for secret, p in got)
+        assert events == [
+            ("", "repo.content", "alice/hooked"),  # bob's (no secret); not the private repo's commit
+            ("s3", "discussion", "alice/hooked"),
+            ("s3", "repo.content", "alice/hooked"),
+        ], events
+        assert alice.disable_webhook(hook.id).disabled and not alice.enable_webhook(hook.id).disabled
+        assert alice.update_webhook(hook.id, url=url + "2", watched=[]).url == url + "2"
+        alice.delete_webhook(hook.id)
+        bob.delete_webhook(bobs.id)
+        with pytest.raises(hf.errors.HfHubHTTPError):
+            alice.get_webhook(hook.id)
+    finally:
+        receiver.shutdown()

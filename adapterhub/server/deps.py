@@ -27,6 +27,7 @@ from .history import RepoHistory
 from .likes import Likes
 from .records import Repo, TokenInfo
 from .storage import ServerStore
+from .webhooks import Webhooks
 from .xetstore import XetStore
 
 JSON_LIMIT = 16 * 1024 * 1024
@@ -45,6 +46,7 @@ class Server:
     history: RepoHistory = field(init=False)
     likes: Likes = field(init=False)
     discussions: Discussions = field(init=False)
+    webhooks: Webhooks = field(init=False)
 
     def __post_init__(self) -> None:
         self.xet = XetStore(self.store)
@@ -52,6 +54,7 @@ class Server:
         self.history = RepoHistory(self.store)
         self.likes = Likes(self.store)
         self.discussions = Discussions(self.store)
+        self.webhooks = Webhooks(self.store.blobs.root)
 
 
 def server(request: Request) -> Server:

@@ -13,6 +13,7 @@ from ..gitfiles import RULES_FILE_LIMIT, Pattern, compile_rules, is_ignored, is_
 from ..payload import parse_commit
 from ..records import Entry, TokenInfo
 from ..storage import ServerStore
+from ..webhooks import repo_payload
 
 router = APIRouter()
 COMMIT_LIMIT = 512 * 1024 * 1024
@@ -107,4 +108,9 @@ async def commit(request: Request, ns: str, name: str, tok: TokenInfo | None = D
         if changed:
             await run_in_threadpool(srv.discussions.add_commit, repo, num, tok.user, new)
     url = f"{base_url(request)}/{repo.repo_id}/commit/{new.oid}"
+    if changed:
+        payload = repo_payload(repo, base_url(request), "update", "repo.content",
+                               updatedRefs=[{"ref": branch if branch.startswith("refs/") else f"refs/heads/{branch}",
+                                             "newSha": new.oid}])  # fmt: skip
+        await run_in_threadpool(srv.webhooks.notify, repo, "repo", payload)
     return JSONResponse({"success": True, "commitOid": new.oid, "commitUrl": url, "pullRequestUrl": pr_url})

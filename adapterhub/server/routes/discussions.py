@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import BadRequestError, UnauthorizedError
-from ..deps import auth, query_int, read_json, server, visible
+from ..deps import auth, base_url, query_int, read_json, server, visible
 from ..discussions import details, summary
 from ..records import Repo, TokenInfo
+from ..webhooks import repo_payload
 
 router = APIRouter()
 BASE = "/api/models/{ns}/{name}/discussions"
@@ -25,6 +26,12 @@ async def _caller(request: Request, ns: str, name: str, tok: TokenInfo | None) -
     if tok is None:
         raise UnauthorizedError("Authentication required: send a token to take part in discussions")
     return repo, tok.user
+
+
+async def _notify(request: Request, repo: Repo, num: int, action: str, scope: str) -> None:
+    d = await run_in_threadpool(server(request).discussions.get, repo, num)
+    payload = repo_payload(repo, base_url(request), action, scope, discussion=summary(d))
+    await run_in_threadpool(server(request).webhooks.notify, repo, "discussion", payload)
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -43,6 +50,7 @@ async def create(request: Request, ns: str, name: str, tok: TokenInfo | None = D
             repo, user, body.get("title"), body.get("description"), pull_request=bool(body.get("pullRequest"))
         )
     )
+    await _notify(request, repo, d["num"], "create", "discussion")
     return JSONResponse(summary(d))
 
 
@@ -81,6 +89,7 @@ async def comment(
     repo, user = await _caller(request, ns, name, tok)
     body = await _body(request)
     e = await run_in_threadpool(server(request).discussions.comment, repo, num, user, body.get("comment"))
+    await _notify(request, repo, num, "create", "discussion.comment")
     return JSONResponse({"newMessage": e})
 
 
@@ -124,6 +133,7 @@ async def status(
     e = await run_in_threadpool(
         server(request).discussions.set_status, repo, num, user, body.get("status"), body.get("comment")
     )
+    await _notify(request, repo, num, "update", "discussion")
     return JSONResponse({"newStatus": e})
 
 
@@ -134,4 +144,5 @@ async def merge(
     repo, user = await _caller(request, ns, name, tok)
     body = await _body(request)
     await run_in_threadpool(server(request).discussions.merge, repo, num, user, body.get("comment"))
+    await _notify(request, repo, num, "update", "discussion")
     return JSONResponse({})
