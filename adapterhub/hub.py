@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .runtime import Runtime
     from .runtime.generate import Generation
     from .server.storage import ServerStore, TokenInfo
-    from .services.compute import CombineSummary, Progress, Weighted
+    from .services.compute import CombineOptions, CombineSummary, ExtractOptions, Progress, Weighted
     from .services.training import StepCallback, TrainResult
     from .store import Store
 
@@ -331,40 +331,12 @@ class Hub:
         )
 
     def combine(
-        self,
-        adapters: Sequence[Weighted] | AdapterExpr[Any],
-        *,
-        name: str,
-        method: str = "linear",
-        rank: int | str | None = None,
-        keep: float = 0.99,
-        density: float | None = None,
-        majority_sign: str = "total",
-        seed: int | None = None,
-        device: str = "auto",
-        tags: Sequence[str] = (),
-        description: str | None = None,
-        base: str | os.PathLike[str] | None = None,
-        progress: Progress | None = None,
+        self, adapters: Sequence[Weighted] | AdapterExpr[Any], *, name: str, **options: Unpack[CombineOptions]
     ) -> CombineSummary:
         """Combine adapters (``[("sql", 0.7), ("chat", 0.3)]`` or an `adapter` expression) into a new
-        cataloged adapter ``name`` with its lineage; methods: `adapterhub.ops.combine`."""
-        return compute.combine(
-            self.library,
-            adapters,
-            name=name,
-            method=method,
-            rank=rank,
-            keep=keep,
-            density=density,
-            majority_sign=majority_sign,
-            seed=seed,
-            device=device,
-            tags=tags,
-            description=description,
-            base=base,
-            progress=progress,
-        )
+        cataloged adapter ``name`` with its lineage; ``options`` (method, rank, keep, density, seed, device,
+        tags, base, ...) as `adapterhub.services.compute.combine` documents them."""
+        return compute.combine(self.library, adapters, name=name, **options)
 
     def resize_adapter(
         self,
@@ -396,29 +368,11 @@ class Hub:
         *,
         rank: int | str,
         name: str,
-        keep: float = 0.99,
-        max_rank: int | None = None,
-        svd: str = "auto",
-        device: str = "auto",
-        tags: Sequence[str] = (),
-        description: str | None = None,
-        progress: Progress | None = None,
+        **options: Unpack[ExtractOptions],
     ) -> CombineSummary:
-        """A LoRA from a full fine-tune: per matching 2-D weight, the truncated SVD of ``W_ft - W_base``."""
-        return compute.extract_adapter(
-            self.library,
-            base,
-            finetuned,
-            rank=rank,
-            name=name,
-            keep=keep,
-            max_rank=max_rank,
-            svd=svd,
-            device=device,
-            tags=tags,
-            description=description,
-            progress=progress,
-        )
+        """A LoRA from a full fine-tune: per matching 2-D weight, the truncated SVD of ``W_ft - W_base``
+        (``options``: keep, max_rank, svd, device, tags, description, progress)."""
+        return compute.extract_adapter(self.library, base, finetuned, rank=rank, name=name, **options)
 
     def compose(
         self, recipe: str | os.PathLike[str] | dict[str, Any], *, dry_run: bool = False, device: str = "auto"
@@ -602,14 +556,22 @@ class Hub:
         port: int = 8000,
         ready: Callable[[str], None] | None = None,
         log_level: str = "warning",
+        model: str | None = None,
+        **inference: Any,
     ) -> None:
-        """Run the Hub-compatible server on this home until interrupted (needs the ``serve`` extra)."""
+        """Run the Hub-compatible server and its web pages on this home until interrupted (the ``serve``
+        extra); with ``model``, also the OpenAI-compatible /v1 API over that base and the adapters that
+        fit it (``inference``: the options of `adapterhub.server.inference.mount_inference`)."""
         from .server import serve
 
         def mount(app: Any) -> None:
             from .server.pages import mount_pages
 
             mount_pages(app, self)
+            if model is not None:
+                from .server.inference import mount_inference
+
+                mount_inference(app, self, model=model, **inference)
 
         serve(self.catalog, self.home, host=host, port=port, ready=ready, log_level=log_level, mount=mount)
 

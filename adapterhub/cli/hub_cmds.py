@@ -126,18 +126,63 @@ def pull_cmd(
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="Server log level.",
 )
+@click.option("--model", metavar="BASE", help="Also serve the OpenAI-compatible /v1 API over this base.")
+@click.option(
+    "--device", metavar="DEV", help="With --model: cpu, cuda, ... (default: CUDA when there is one)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="With --model: the dtype the base runs in.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="With --model: requests decoded together at most.",
+)
+@click.option(
+    "--adapter-memory",
+    metavar="SIZE",
+    help="With --model: budget for resident adapters (e.g. 2GB; default unbounded).",
+)
+@click.option(
+    "--require-token", is_flag=True, help="With --model: refuse inference requests without a token."
+)
 @pass_state
-def serve_cmd(state: State, host: str, port: int, serve_home: str | None, log_level: str) -> None:
-    """Run a Hub-compatible adapter server on this home (needs the 'serve' extra)."""
+def serve_cmd(
+    state: State,
+    host: str,
+    port: int,
+    serve_home: str | None,
+    log_level: str,
+    model: str | None,
+    device: str | None,
+    dtype: str,
+    max_batch: int,
+    adapter_memory: str | None,
+    require_token: bool,
+) -> None:
+    """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
+    --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
     if serve_home is not None:
         state.home = serve_home
+    if model is None and (device or dtype != "auto" or adapter_memory or require_token or max_batch != 32):
+        raise click.UsageError(
+            "--device, --dtype, --max-batch, --adapter-memory and --require-token go with --model"
+        )
     hub = state.hub
 
     def ready(url: str) -> None:
-        click.echo(f"adapterhub serving {hub.home} on {url}")
+        click.echo(f"adapterhub serving {hub.home} on {url}" + (f" (/v1: {model})" if model else ""))
         sys.stdout.flush()
 
-    hub.serve(host=host, port=port, ready=ready, log_level=log_level)
+    inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
+                 "require_token": require_token} if model else {}  # fmt: skip
+    hub.serve(host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
 
 
 @cli.group("token")

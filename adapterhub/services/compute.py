@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .. import faults
 from ..errors import (
@@ -198,6 +198,34 @@ def merge(
 
 
 # ------------------------------------------------------------------ combine, resize, extract
+class CombineOptions(TypedDict, total=False):
+    """The keywords of `combine` after ``name`` (what `Hub.combine` passes on)."""
+
+    method: str
+    rank: int | str | None
+    keep: float
+    density: float | None
+    majority_sign: str
+    seed: int | None
+    device: str
+    tags: Sequence[str]
+    description: str | None
+    base: str | os.PathLike[str] | None
+    progress: Progress | None
+
+
+class ExtractOptions(TypedDict, total=False):
+    """The keywords of `extract_adapter` after ``rank`` and ``name``."""
+
+    keep: float
+    max_rank: int | None
+    svd: str
+    device: str
+    tags: Sequence[str]
+    description: str | None
+    progress: Progress | None
+
+
 def combine(
     lib: Library,
     adapters: Sequence[Weighted] | AdapterExpr[Any],
