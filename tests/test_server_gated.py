@@ -1,6 +1,6 @@
-"""Gated repos and access requests, super-squash, moved repos, LFS-file purges, likes, and the Hub's
-wording where the client or its users match on it (found with huggingface_hub's own test suite,
-bench/hub_suite.py). Real client, real server."""
+"""Gated repos and access requests, super-squash, moved repos, LFS-file purges, likes, collections, and
+the Hub's wording where the client or its users match on it (found with huggingface_hub's own test
+suite, bench/hub_suite.py). Real client, real server."""
 
 from __future__ import annotations
 
@@ -171,3 +171,27 @@ def test_likes(server: Server, hf: Any) -> None:
     assert bob.list_liked_repos().models == ["alice/liked-moved"]
     bob.unlike("alice/liked-moved")
     assert bob.list_liked_repos().total == 0
+
+
+def test_collections(server: Server, hf: Any) -> None:
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    alice.create_repo("alice/for-llama")
+    c = alice.create_collection("Llama adapters", description="r=8 and r=16", private=True)
+    assert c.slug.startswith("alice/llama-adapters-") and c.items == [] and c.private
+    with pytest.raises(hf.errors.HfHubHTTPError):
+        bob.get_collection(c.slug)
+    c = alice.add_collection_item(c.slug, item_id="alice/for-llama", item_type="model", note="the r=8 one")
+    (item,) = c.items
+    assert item.item_id == "alice/for-llama" and item.note == "the r=8 one"
+    renamed = alice.update_collection_metadata(c.slug, title="Llama 3 adapters", private=False)
+    assert renamed.slug != c.slug and renamed.slug.split("-")[-1] == c.slug.split("-")[-1]
+    assert bob.get_collection(c.slug).slug == renamed.slug  # the old slug still works, now public
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        bob.delete_collection(renamed.slug)
+    assert err.value.response.status_code == 403
+    alice.delete_collection_item(renamed.slug, item.item_object_id)
+    assert alice.get_collection(renamed.slug).items == []
+    alice.delete_collection(renamed.slug)
+    with pytest.raises(hf.errors.HfHubHTTPError):
+        alice.get_collection(renamed.slug)

@@ -20,7 +20,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AdapterHubError, CatalogError, EndpointNotFoundError, RepoError, StoreError
 from .deps import Server
-from .routes import access, auth, commit, discussions, files, lfs, likes, models, repos, webhooks, xet
+from .routes import (
+    access,
+    auth,
+    collections,
+    commit,
+    discussions,
+    files,
+    lfs,
+    likes,
+    models,
+    repos,
+    webhooks,
+    xet,
+)
 from .storage import ServerStore
 
 log = logging.getLogger(__name__)
@@ -103,6 +116,19 @@ def create_app(store: ServerStore) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_middleware(RequestIdMiddleware)
     # order matters: models.py ends with its catch-all for /api/models/..., after commit's routes
-    for module in (auth, repos, commit, lfs, xet, access, likes, discussions, webhooks, models, files):
+    for module in (
+        auth,
+        repos,
+        commit,
+        lfs,
+        xet,
+        access,
+        likes,
+        discussions,
+        webhooks,
+        collections,
+        models,
+        files,
+    ):
         app.include_router(module.router)
     return app

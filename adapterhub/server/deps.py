@@ -22,6 +22,7 @@ from ..errors import (
 )
 from .access import AccessRequests
 from .checks import is_name, loads
+from .collections import Collections
 from .discussions import Discussions
 from .history import RepoHistory
 from .likes import Likes
@@ -47,6 +48,7 @@ class Server:
     likes: Likes = field(init=False)
     discussions: Discussions = field(init=False)
     webhooks: Webhooks = field(init=False)
+    collections: Collections = field(init=False)
 
     def __post_init__(self) -> None:
         self.xet = XetStore(self.store)
@@ -55,6 +57,7 @@ class Server:
         self.likes = Likes(self.store)
         self.discussions = Discussions(self.store)
         self.webhooks = Webhooks(self.store.blobs.root)
+        self.collections = Collections(self.store.blobs.root)
 
 
 def server(request: Request) -> Server:
