@@ -299,9 +299,19 @@ def train(
     folder = base_dir(lib, base)
     if not is_causal_lm(folder):
         raise BaseModelError(f"{base} is not a causal LM; adapterhub train fine-tunes causal LMs")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(
+            f"transformers cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}"
+        ) from None
+    encoded = encode_rows(
+        tokenizer, rows, kind, max_length=max_length, path=path
+    )  # all checked before loading
     dev = pick_device(device)
-    model, tokenizer = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32")
-    encoded = encode_rows(tokenizer, rows, kind, max_length=max_length, path=path)
+    model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32")
     per_epoch = math.ceil(len(encoded) / batch_size)
     total = steps if steps is not None else max(1, round((epochs or 1.0) * per_epoch))
     info = registered_base(lib, model)
