@@ -160,3 +160,35 @@ def test_webhooks_are_told_of_commits_and_discussions(server: Server, hf: Any) -
             alice.get_webhook(hook.id)
     finally:
         receiver.shutdown()
+
+
+def test_a_pull_request_cannot_reach_what_the_owner_uploaded_but_never_committed(
+    server: Server,
+    hf: Any,  # noqa: F811
+) -> None:
+    import hashlib
+    import json
+    import os
+
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    alice.create_repo("alice/open")
+    secret = os.urandom(300_000)  # no chunk in common with what bob sent from this process's Xet cache
+    op = hf.CommitOperationAdd("w.safetensors", secret)
+    alice.preupload_lfs_files("alice/open", additions=[op])  # uploaded (through Xet), never committed
+    digest = hashlib.sha256(secret).hexdigest()
+    line = {
+        "key": "lfsFile",
+        "value": {"path": "w.safetensors", "algo": "sha256", "oid": digest, "size": len(secret)},
+    }
+    body = b"".join(
+        json.dumps(x).encode() + b"\n" for x in ({"key": "header", "value": {"summary": "take"}}, line)
+    )
+    status, _, reply = server.request("POST", "/api/models/alice/open/commit/main?create_pr=1", body=body,
+                                      token=server.bob, headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert status == 400, reply
+    status, _, _ = server.request("GET", "/alice/open/resolve/refs%2Fpr%2F1/w.safetensors", token=server.bob)
+    assert status == 404
+    # the owner herself may commit it
+    status, _, reply = server.request("POST", "/api/models/alice/open/commit/main", body=body, token=server.alice,
+                                      headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert status == 200, reply

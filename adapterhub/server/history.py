@@ -102,4 +102,6 @@ class RepoHistory:
             )
         for sha in shas:
             (self.store.upload_dir(repo) / sha).unlink(missing_ok=True)
+            for proof in self.store.upload_dir(repo).glob(f"by/*/{sha}"):
+                proof.unlink(missing_ok=True)
         self.store.drop_unreferenced(shas)

@@ -112,13 +112,20 @@ class ServerStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(str(gated))
 
-    def record_upload(self, repo: Repo, sha256: str) -> None:
-        """Note that the bytes of ``sha256`` were uploaded to ``repo`` (and checked against the digest)."""
+    def _proof(self, repo: Repo, user: str | None, sha256: str) -> Path:
+        """Where the proof of an upload to ``repo`` by ``user`` lives: the owner's (or a user-less one) in
+        the repo's folder, another user's (a pull request's author) in ``by/<user>/``, usable by that user
+        only."""
+        d = self.upload_dir(repo)
+        return d / sha256 if user is None or user == repo.namespace else d / "by" / user / sha256
+
+    def record_upload(self, repo: Repo, sha256: str, user: str | None = None) -> None:
+        """Note that ``user`` uploaded the bytes of ``sha256`` to ``repo`` (checked against the digest)."""
         if not SHA256_RE.match(sha256):
             raise BadRequestError(f"not a sha256 digest: {sha256!r}")
-        d = self.upload_dir(repo)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / sha256).touch()
+        proof = self._proof(repo, user, sha256)
+        proof.parent.mkdir(parents=True, exist_ok=True)
+        proof.touch()
 
     def referable_size(self, repo: Repo, user: str | None, sha256: str) -> int | None:
         """The size of the stored object ``sha256`` if a commit to ``repo`` by ``user`` may point at it, else
@@ -129,7 +136,7 @@ class ServerStore:
             size = self.blobs.path(sha256).stat().st_size
         except FileNotFoundError:
             return None
-        if (self.upload_dir(repo) / sha256).is_file():
+        if user is not None and self._proof(repo, user, sha256).is_file():
             return size
         readable = (hub_repos.c.id == repo.id) | hub_repos.c.private.is_(False)
         if user is not None:

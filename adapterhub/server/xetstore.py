@@ -48,8 +48,11 @@ class XetStore:
             raise BadRequestError(f"not a xorb hash (64 hex digits): {xorb!r}")
         parse_xorb(data)
         stored = self.xorbs.put_bytes(data)
-        inserted = not self._record(repo, xorb).is_file()
-        for record in (self._record(repo, xorb), self._user_record(user, xorb)):
+        inserted = not self._user_record(user, xorb).is_file()
+        records = [self._user_record(user, xorb)]
+        if user == repo.namespace:  # a pull request's author keeps the xorbs he sends to himself
+            records.append(self._record(repo, xorb))
+        for record in records:
             record.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=scratch_prefix("xorb"))
             with os.fdopen(fd, "w") as f:
@@ -60,7 +63,9 @@ class XetStore:
     def _find(self, repo: Repo, user: str, xorb: str) -> Path | None:
         """The stored bytes of ``xorb`` as a commit to ``repo`` by ``user`` may use them (sent to the repo
         or by the user, else held by a repo the user can read: the user's own first), or None."""
-        records = [self._record(repo, xorb), self._user_record(user, xorb)]
+        records = [self._user_record(user, xorb)]
+        if user == repo.namespace:
+            records.append(self._record(repo, xorb))
         others = [r for r, _ in self.store.visible_repos(user) if r.id != repo.id]
         records += [self._record(r, xorb) for r in sorted(others, key=lambda r: r.namespace != user)]
         for record in records:
@@ -79,7 +84,7 @@ class XetStore:
         cache: OrderedDict[str, tuple[bytes, list[Chunk]]] = OrderedDict()
         built = [self._rebuild(repo, user, f, cache) for f in files]
         for sha256, _ in built:
-            self.store.record_upload(repo, sha256)
+            self.store.record_upload(repo, sha256, user)
         return built
 
     def _xorb(

@@ -32,7 +32,7 @@ from ...errors import (
 )
 from ...store import scratch_prefix
 from ..checks import SHA256_RE
-from ..deps import Server, auth, base_url, read_json, server, writable
+from ..deps import Server, auth, base_url, check_write, read_json, server, visible, writable
 from ..records import Repo, TokenInfo
 
 router = APIRouter()
@@ -43,8 +43,20 @@ WRITE_CHUNK = 4 * 1024 * 1024
 LFS_MEDIA_TYPE = "application/vnd.git-lfs+json"
 
 
-def sign(srv: Server, repo_id: str, oid: str, size: int, exp: int) -> str:
-    return hmac.new(srv.secret, f"{repo_id}\n{oid}\n{size}\n{exp}".encode(), hashlib.sha256).hexdigest()
+def sign(srv: Server, repo_id: str, oid: str, size: int, exp: int, user: str) -> str:
+    msg = f"{repo_id}\n{oid}\n{size}\n{exp}\n{user}"
+    return hmac.new(srv.secret, msg.encode(), hashlib.sha256).hexdigest()
+
+
+async def uploader(request: Request, ns: str, name: str, tok: TokenInfo | None) -> Repo:
+    """The repo, if the caller may upload objects to it: its owner, or (for a pull request, which the
+    batch call does not name) anyone with a write token who can read it. Uploading only proves having the
+    bytes; what reaches a branch is still decided by the commit."""
+    repo = await visible(request, ns, name, tok)
+    if tok is None or tok.user == repo.namespace:
+        return await writable(request, ns, name, tok)
+    check_write(tok, tok.user)  # a write token, of its own user
+    return repo
 
 
 def _repo_name(repo_git: str) -> str:
@@ -68,10 +80,15 @@ async def _answer(request: Request, repo: Repo, tok: TokenInfo | None, o: Any, e
         return _object_error(oid, size, 422, "oid must be a sha256 (64 hex digits) and size an integer")
     if size > LFS_OBJECT_LIMIT:
         return _object_error(oid, size, 413, f"object larger than {LFS_OBJECT_LIMIT} bytes")
-    have = await run_in_threadpool(srv.store.referable_size, repo, tok.user if tok else None, oid)
+    owner = tok is not None and tok.user == repo.namespace
+    # a pull request's author (not the owner) always sends the bytes: no "already there" for others' repos
+    have = await run_in_threadpool(srv.store.referable_size, repo, tok.user, oid) if owner and tok else None
     if have == size:
         return {"oid": oid, "size": size, "authenticated": True}
-    query = urlencode({"size": size, "exp": exp, "sig": sign(srv, repo.repo_id, oid, size, exp)})
+    user = tok.user if tok else ""
+    query = urlencode(
+        {"size": size, "exp": exp, "user": user, "sig": sign(srv, repo.repo_id, oid, size, exp, user)}
+    )
     base = base_url(request)
     return {
         "oid": oid,
@@ -97,7 +114,7 @@ async def batch(
         raise BadRequestError(
             "this server's LFS batch API takes operation 'upload' only; download with /resolve"
         )
-    repo = await writable(request, ns, name, tok)
+    repo = await uploader(request, ns, name, tok)
     objs = body.get("objects")
     if not isinstance(objs, list) or len(objs) > LFS_BATCH_OBJECTS:
         raise BadRequestError(f"give objects: [{{oid, size}}, ...] (at most {LFS_BATCH_OBJECTS})")
@@ -112,7 +129,7 @@ async def batch(
 async def verify(
     request: Request, ns: str, repo_git: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
-    repo = await writable(request, ns, _repo_name(repo_git), tok)
+    repo = await uploader(request, ns, _repo_name(repo_git), tok)
     body = await read_json(request)
     oid, size = (body.get("oid"), body.get("size")) if isinstance(body, dict) else (None, None)
     if not isinstance(oid, str) or not SHA256_RE.match(oid):
@@ -132,7 +149,9 @@ async def upload(request: Request, ns: str, name: str, oid: str) -> JSONResponse
     except (KeyError, ValueError):
         raise ForbiddenError("this upload URL is not signed") from None
     if (
-        not hmac.compare_digest(sign(srv, f"{ns}/{name}", oid, size, exp), q.get("sig", ""))
+        not hmac.compare_digest(
+            sign(srv, f"{ns}/{name}", oid, size, exp, q.get("user", "")), q.get("sig", "")
+        )
         or exp < time.time()
     ):
         raise ForbiddenError("this upload URL is not valid or has expired; ask the LFS batch API again")
@@ -143,7 +162,7 @@ async def upload(request: Request, ns: str, name: str, oid: str) -> JSONResponse
     if repo is None or repo.repo_id != f"{ns}/{name}":
         raise RepoNotFoundError(f"{ns}/{name}")
     await receive_object(request, srv, oid, size, keep=not srv.store.blobs.has(oid))
-    await run_in_threadpool(srv.store.record_upload, repo, oid)
+    await run_in_threadpool(srv.store.record_upload, repo, oid, q.get("user") or None)
     return JSONResponse({})
 
 
