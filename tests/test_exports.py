@@ -411,3 +411,97 @@ def test_llama_cpp_applies_the_export_like_peft(tmp_path: Path) -> None:
     cos = float(moved_hf @ moved_cpp / np.linalg.norm(moved_hf) / np.linalg.norm(moved_cpp))
     assert cos > 0.99, cos
     assert np.abs(got["lora"] - hf_lora).max() < 0.25 * np.abs(moved_hf).max()
+
+
+# --------------------------------------------------------------------------- reading foreign GGUF LoRAs
+
+
+def _gguf_file(path: Path, tensors: dict[str, Any], *, arch: str = "llama", heads: bool = True,
+               kind: str = "adapter") -> Path:  # fmt: skip
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_type(kind)
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    if heads:
+        w.add_head_count(4)
+        w.add_head_count_kv(2)
+    for name, shape in tensors.items():
+        w.add_tensor(name, np.ones(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+V_PAIR = {"blk.0.attn_v.weight.lora_a": (4, 32), "blk.0.attn_v.weight.lora_b": (16, 4)}
+Q_PAIR = {"blk.0.attn_q.weight.lora_a": (4, 32), "blk.0.attn_q.weight.lora_b": (32, 4)}
+
+
+def test_reads_a_converter_style_gguf_lora(tmp_path: Path) -> None:
+    """llama.cpp's converter writes no head counts; an adapter that leaves attn_q / attn_k alone reads."""
+    path = _gguf_file(tmp_path / "v.gguf", {**V_PAIR, "blk.0.attn_norm.weight": (32,)}, heads=False)
+    w = read_adapter(path, load=True)
+    (m,) = w.modules.values()
+    assert m.key == "model.layers.0.self_attn.v_proj.weight" and m.rank == 4 and m.scale == 2.0
+    assert m.a_shape == (4, 32) and m.b_shape == (16, 4)
+
+
+@pytest.mark.parametrize(
+    "tensors,kw,message",
+    [
+        (Q_PAIR, {"heads": False}, "no llama.attention.head_count to undo it"),
+        (V_PAIR, {"arch": "qwen2"}, "architecture 'qwen2'"),
+        (V_PAIR, {"kind": "model"}, "general.type 'model'.*import-gguf"),
+        ({**V_PAIR, "blk.0.attn_v.weight.lora_c": (4, 4)}, {}, "lora_c is not a lora_a / lora_b factor"),
+        ({"blk.0.attn_v.weight.lora_a": (4, 32)}, {}, "only one of lora_a / lora_b"),
+        ({"blk.0.ssm_in.weight.lora_a": (4, 32), "blk.0.ssm_in.weight.lora_b": (8, 4)}, {}, "ssm_in"),
+        ({"blk.0.attn_v.weight.lora_a": (4, 32), "blk.0.attn_v.weight.lora_b": (16, 2)}, {}, "share a rank"),
+    ],
+)
+def test_gguf_read_refusals(
+    tmp_path: Path, tensors: dict[str, Any], kw: dict[str, Any], message: str
+) -> None:
+    path = _gguf_file(tmp_path / "x.gguf", tensors, **kw)
+    hub = Hub(tmp_path / "home")
+    with pytest.raises(InvalidAdapterError, match=message):
+        hub.add_adapter(path, name="x")
+    assert hub.list_adapters() == []
+
+
+def test_cli_export_gguf_into_a_folder_and_overwrite(
+    tmp_path: Path, world: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from _cli import Cli
+
+    cli = Cli(tmp_path / "home", capsys)
+    cli("base", "add", str(world["llama"]), "--name", "tiny")
+    cli("add", str(world["all"]), "--name", "all", "--base", "tiny")
+    (tmp_path / "out").mkdir()
+    out = cli("export", "all", str(tmp_path / "out"), "--format", "gguf")
+    assert (tmp_path / "out" / "all.gguf").is_file() and "all.gguf" in out
+    cli("export", "all", str(tmp_path / "out" / "all.gguf"), "--format", "gguf", code=1)
+    assert "already exists" in cli.err
+    cli("export", "all", str(tmp_path / "out" / "all.gguf"), "--format", "gguf", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["all.gguf"]
+
+
+def test_reads_diffusers_lora_adapter_metadata(tmp_path: Path) -> None:
+    """Newer diffusers save the LoraConfig in the header (lora_adapter_metadata): its lora_alpha counts."""
+    from safetensors.torch import save_file
+
+    key = "unet.down_blocks.0.attentions.0.proj_in"
+    tensors = {f"{key}.lora_A.weight": torch.ones(4, 8), f"{key}.lora_B.weight": torch.ones(8, 4)}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=meta)
+    (m,) = read_adapter(tmp_path / "a.safetensors").modules.values()
+    assert m.scale == 2.0
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.rank_pattern": {"proj_in": 2}})}
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
+    with pytest.raises(InvalidAdapterError, match="unet.rank_pattern"):
+        read_adapter(tmp_path / "b.safetensors")
+    save_file(tensors, str(tmp_path / "c.safetensors"))
+    (m,) = read_adapter(tmp_path / "c.safetensors").modules.values()
+    assert m.scale == 1.0  # diffusers' own reading without alphas: lora_alpha = r
