@@ -9,7 +9,9 @@ the branch moves, or nothing changes. File contents live in a `Store` of their o
 The blob store is shared by every repo (deduplicated), so knowing a sha256 must never be enough to reach
 its content: a commit may reference an LFS object only when it was uploaded to that repo (the uploader
 sent the bytes, which the server hashed) or when a repo the committer can read already holds it. Upload
-proofs are empty files ``uploads/<repo key>/<sha256>`` beside the objects they prove.
+proofs are empty files ``uploads/<repo key>/<sha256>`` beside the objects they prove (the owner's); a pull
+request's author, who may upload to a repo he does not own, gets his own, ``uploads/<repo key>/by/<user>/``,
+which only his commits may use.
 
 Repo ids are case-insensitive, as on the Hub: look-ups ignore case and answer with the id as created.
 
