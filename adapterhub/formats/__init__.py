@@ -28,6 +28,7 @@ __all__ = [
     "load_tensors",
     "non_finite",
     "read_adapter",
+    "scan_values",
     "write_adapter",
 ]
 
@@ -207,6 +208,17 @@ def check_finite(files: AdapterFiles) -> None:
         refuse_non_finite(read_gguf_lora(files.weights, load_tensors=True), path=str(files.weights))
         return
     _check_safetensors_finite(files)
+
+
+def scan_values(files: AdapterFiles) -> list[NonFinite]:
+    """Every tensor of an adapter's weights file that holds NaN or Infinity, whatever its format."""
+    if files.format == "gguf":
+        from .gguf_lora import read_gguf_lora
+
+        return non_finite(read_gguf_lora(files.weights, load_tensors=True))
+    from .values import scan_file
+
+    return scan_file(files.weights)
 
 
 def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
