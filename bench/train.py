@@ -124,10 +124,13 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared, oversubscribed CPU)")
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
 
     cuda = torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if cuda else "cpu"
     name = args.shape or ("small" if args.small else "1b" if cuda else "smollm2")
     shape = SHAPES[name]
