@@ -505,3 +505,21 @@ def test_reads_diffusers_lora_adapter_metadata(tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "c.safetensors"))
     (m,) = read_adapter(tmp_path / "c.safetensors").modules.values()
     assert m.scale == 1.0  # diffusers' own reading without alphas: lora_alpha = r
+
+
+def test_gguf_negative_and_mixed_scales_fold_exactly(tmp_path: Path) -> None:
+    from adapterhub.formats.gguf_lora import write_gguf_lora
+    from adapterhub.lora import LoraModule, LoraWeights
+
+    g = torch.Generator().manual_seed(1)
+    mods = {}
+    for i, scale in enumerate((-0.5, 2.0, 2.0, 0.25)):
+        key = f"model.layers.{i}.mlp.up_proj.weight"
+        mods[key] = LoraModule(key, "linear", 4, scale * 4, scale, (4, 8), (12, 4),
+                               A=torch.randn(4, 8, generator=g), B=torch.randn(12, 4, generator=g))  # fmt: skip
+    w = LoraWeights(modules=mods, format="peft")
+    out = write_gguf_lora(w, tmp_path / "n.gguf", base_config={"model_type": "llama"})
+    assert gguf.GGUFReader(str(out)).fields["adapter.lora.alpha"].contents() == pytest.approx(8.0)
+    back = read_adapter(out, load=True)
+    for key, m in mods.items():
+        torch.testing.assert_close(back[key].delta(), m.delta())

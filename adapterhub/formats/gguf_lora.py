@@ -189,7 +189,9 @@ def write_gguf_lora(
     import torch
 
     # one alpha for the file: the most common scale * rank; other modules fold their ratio into lora_b
-    alpha = Counter(m.scale * m.rank for m in weights.modules.values()).most_common(1)[0][0]
+    # (positive: a combination with a negative weight keeps its sign in lora_b)
+    alphas = Counter(m.scale * m.rank for m in weights.modules.values() if m.scale > 0)
+    alpha = alphas.most_common(1)[0][0] if alphas else 1.0
     arrays: list[tuple[str, Any]] = []
     for m in weights.modules.values():
         assert m.A is not None and m.B is not None
