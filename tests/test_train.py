@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,8 @@ def test_create_refusals() -> None:
         rt.create("t", seed=0)
     with pytest.raises(InvalidOptionError, match="give path="):
         rt.save("t")
+    with pytest.raises(InvalidOptionError, match="being trained"):
+        rt.load(rt.save("t", path=Path(tempfile.mkdtemp()) / "t"), name="t")
     rt.detach()
 
 

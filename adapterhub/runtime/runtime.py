@@ -50,8 +50,7 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictio
 
 #: name -> (loaded weights, content sha256), or None: how a runtime finds adapters beyond paths
 Resolver = Callable[[str], "tuple[LoraWeights, str] | None"]
-#: (name, weights, tags=, description=, lineage=) -> what the catalog made of it: how `Runtime.save`
-#: lands a trained adapter somewhere other than a folder (`Hub.attach` ingests it into the catalog)
+#: (name, weights, tags=, description=, lineage=) -> a record: `Runtime.save` into a catalog (`Hub.attach`)
 Saver = Callable[..., Any]
 
 
@@ -191,6 +190,8 @@ class Runtime:
             name = name or str(adapter)
             adapter, sha256 = found[0], sha256 or found[1]
         weights, name = read_weights(adapter, name)
+        if self.training is not None and self.training.name == name:
+            raise InvalidOptionError(f"{name} is being trained; freeze it first or load another name")
         plan = plan_adapter(self._model, self._layout, weights, name)
         if not plan.report.ok:
             errors = plan.report.errors
@@ -560,9 +561,7 @@ class Runtime:
         """Write an adapter ``create`` made as a PEFT folder (factors only) at ``path`` and return the path,
         or else through the ``save`` hook of `attach` (`Hub.attach`: the catalog, with lineage)."""
         self._check_live()
-        ad = self._trainer.adapters.get(name)
-        if ad is None:
-            return self._unknown(name)
+        ad = self._trainer.adapters.get(name) or self._unknown(name)
         return save_trained(ad, self._model, path, self._save, tags, description)
 
     def _unknown(self, name: str) -> Any:
