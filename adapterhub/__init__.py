@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "PullResult": "remote.results",
     "PushResult": "remote.results",
     "RemoteAdapter": "remote.results",
+    "TrainResult": "services.training",
+    "Generation": "runtime.generate",
     # errors
     "AdapterExistsError": "errors",
     "AdapterHubError": "errors",
@@ -73,6 +75,7 @@ _EXPORTS: dict[str, str] = {
     "RevisionNotFoundError": "errors",
     "StoreError": "errors",
     "TokenError": "errors",
+    "TrainingDataError": "errors",
     "UnauthorizedError": "errors",
     "UnknownMethodError": "errors",
 }
@@ -110,6 +113,7 @@ if TYPE_CHECKING:
         RevisionNotFoundError,
         StoreError,
         TokenError,
+        TrainingDataError,
         UnauthorizedError,
         UnknownMethodError,
     )
@@ -135,7 +139,9 @@ if TYPE_CHECKING:
         PushRecord,
     )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
+    from .runtime.generate import Generation
     from .services.compute import CombineSummary
+    from .services.training import TrainResult
 
 
 def __getattr__(name: str) -> Any:

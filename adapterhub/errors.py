@@ -13,6 +13,7 @@ AdapterHubError
  +-- BaseModelError (ValueError)             a base checkpoint cannot be read or matched
  +-- UnknownMethodError (LookupError)        a method name that no registry knows
  +-- InvalidOptionError (ValueError)         an option value out of range or missing for a method
+ |    +-- TrainingDataError                  a training data file has a bad line (``path``, ``line``)
  +-- ComposeError                            a recipe step failed (its outputs were removed again)
  +-- CatalogError                            the catalog database cannot be used
  |    +-- CatalogVersionError                the catalog was written by a newer adapterhub
@@ -116,6 +117,13 @@ class UnknownMethodError(AdapterHubError, LookupError):
 
 class InvalidOptionError(AdapterHubError, ValueError):
     pass
+
+
+class TrainingDataError(InvalidOptionError):
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
 
 
 class ComposeError(AdapterHubError):

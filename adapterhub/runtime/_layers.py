@@ -23,10 +23,9 @@ batch: they are whole weights, not low-rank terms).
 In eager mode the gathered ``A_cat`` / ``Bs_cat`` of a selection are cached per layer, so decode steps
 under one selection gather once; under ``torch.compile`` they are gathered in the graph.
 
-Room for trainable adapters (``Runtime.create``, not built yet): the banks are plain inference buffers
-(scale folded in, no autograd). A trainable adapter would keep its own ``A`` / ``B`` as ``nn.Parameter``
-on the `Layer` and add ``s * (x @ A.T) @ B.T`` as one more term in the same hook (every hook already
-works out of place when autograd records); saving it reads those parameters back into `LoraWeights`.
+The banks are plain inference buffers (scale folded in, no autograd). Trainable adapters
+(``Runtime.create``) live in `adapterhub.runtime.train`, as hooks of their own holding ``A`` / ``B`` as
+``nn.Parameter``; freezing one turns it into resident banks like any loaded adapter.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterExistsError, BaseModelError, InvalidOptionError
+from ..errors import AdapterExistsError, BaseModelError, InvalidOptionError, TrainingDataError
 from ..names import check_name, check_tags
 from .bases import base_dir
 
@@ -96,8 +96,8 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------ data
-def _bad(path: Path, line: int, why: str) -> InvalidOptionError:
-    return InvalidOptionError(f"{path}, line {line}: {why}")
+def _bad(path: Path, line: int, why: str) -> TrainingDataError:
+    return TrainingDataError(f"{path}, line {line}: {why}", path=str(path), line=line)
 
 
 def read_rows(path: str | os.PathLike[str]) -> tuple[list[tuple[int, dict[str, Any]]], str, str]:
