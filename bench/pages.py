@@ -8,7 +8,7 @@ real 100 MB PEFT adapter added through `Hub.add_adapter` (for the spectra); 200 
 are created through `ServerStore.create_repo`. The server is tests/_pages_server.py (create_app +
 mount_pages) in a subprocess on 127.0.0.1.
 
-Usage: python bench/pages.py [--adapters 10000] [--repeat 15] [--workdir DIR] [--write bench/PAGES_RESULTS.md]
+Usage: python bench/pages.py [--adapters 10000] [--repeat 15] [--workdir DIR] [--write FILE]
 """
 
 from __future__ import annotations
