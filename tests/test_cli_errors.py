@@ -77,3 +77,28 @@ def test_a_file_too_large_names_the_file(made: dict[str, Path], tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith("error: File too large: "), res.stderr
     assert str(out.parent) in lines[0]
     assert list(out.parent.iterdir()) == []  # the scratch folder is gone
+
+
+def test_combine_method_options_are_named_as_flags(cli: Cli, made: dict[str, Path]) -> None:
+    cli("add", str(made["sql-r8"]), "--name", "a")
+    cli("add", str(made["chat-r4"]), "--name", "b")
+    line = one_error_line(cli, "combine", "a", "b", "--name", "x", "--method", "dare_ties")
+    assert "--rank" in line
+    assert [r["name"] for r in json.loads(cli("list", "--json"))] == ["a", "b"]
+
+
+def test_write_adapter_refuses_to_overwrite(made: dict[str, Path], tmp_path: Path) -> None:
+    from adapterhub import OutputExistsError
+    from adapterhub.formats import read_adapter, write_adapter
+
+    w = read_adapter(made["sql-r8"], load=True)
+    out = write_adapter(w, tmp_path / "k.safetensors", format="kohya")
+    before = out.read_bytes()
+    with pytest.raises(OutputExistsError, match="already exists"):
+        write_adapter(w, out, format="kohya")
+    assert out.read_bytes() == before
+    folder = tmp_path / "peft"
+    write_adapter(w, folder)
+    with pytest.raises(OutputExistsError):
+        write_adapter(w, folder)
+    write_adapter(w, folder, overwrite=True)

@@ -134,7 +134,7 @@ def test_training_lowers_the_loss_deterministically_and_leaves_the_base_alone(tm
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
         runs.append(losses)
-        rt.save("t", path=tmp_path / "t")
+        rt.save("t", path=tmp_path / f"t{len(runs)}")  # a save never overwrites
         rt.detach()
     assert runs[0] == runs[1]
     assert runs[0][-1] < runs[0][0] - 0.2

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidAdapterError, PickleRefusedError
+from ..errors import InvalidAdapterError, OutputExistsError, PickleRefusedError
 from ..lora import LoraWeights
 from .peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Problem, parse_peft, read_config
 from .safetensors_header import SafetensorsHeader, read_header
@@ -269,10 +269,15 @@ def write_adapter(
     *,
     format: str = "peft",
     base_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write loaded `LoraWeights` as a PEFT folder, a kohya file or a llama.cpp GGUF LoRA (needs the
     base's ``base_config``: model type and head counts). diffusers files need a UNet's key list first:
-    `formats.diffusers.write_diffusers` after `ops.diffusers_keys.kohya_to_diffusers`."""
+    `formats.diffusers.write_diffusers` after `ops.diffusers_keys.kohya_to_diffusers`. An existing file,
+    or a folder that is not empty, is refused (`OutputExistsError`) unless ``overwrite``."""
+    out = Path(dest)
+    if not overwrite and (out.is_file() or out.is_symlink() or (out.is_dir() and any(out.iterdir()))):
+        raise OutputExistsError(f"{out} already exists; choose another destination or pass overwrite=True")
     if format == "gguf":
         from .gguf_lora import write_gguf_lora
 

@@ -177,8 +177,8 @@ class PruneMethod(CombineMethod):
     def resolve(self, options: CombineOptions, *, max_rank: int) -> CombineOptions:
         if options.rank is None:
             raise InvalidOptionError(
-                f"method {self.name!r} works on dense deltas and needs rank= (an integer, or 'auto' with "
-                "keep=) to factor the result back into a LoRA"
+                f"method {self.name!r} works on dense deltas and needs rank= (--rank N, or --rank auto with "
+                "--keep, on the command line) to factor the result back into a LoRA"
             )
         _check_rank(options.rank, allow_none=False)
         _check_keep(options.keep)
