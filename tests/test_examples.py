@@ -30,5 +30,8 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     assert "max |merged - (base + adapter)|" in out and "all 12 targets fit base" in out
     assert "(exit code 1: the adapter was trained on a 512-wide BERT)" in out
     assert "(unchanged, no new commit)" in out and "pulled team/minilm-sql@" in out
-    assert "uploaded with huggingface_hub's defaults (Xet on)" in out and "downloaded back identical: True" in out
+    assert (
+        "uploaded with huggingface_hub's defaults (Xet on)" in out
+        and "downloaded back identical: True" in out
+    )
     assert not list(tmp_path.glob("adapterhub-quickstart-*"))  # cleaned up

@@ -94,3 +94,16 @@ def test_wheel_ships_schemas_and_migrations_and_works_installed(tmp_path: Path) 
     from adapterhub.catalog.db import HEAD
 
     assert res.stdout.strip() == HEAD
+
+
+def test_ruff_format_and_lint_are_clean() -> None:
+    """`ruff format` is the formatting (of the Python sources; README's examples keep their aligned comments)."""
+    paths = ["adapterhub", "tests", "bench", "examples", "migrations"]
+    fmt = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    lint = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
