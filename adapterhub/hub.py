@@ -280,11 +280,12 @@ class Hub:
         scan_values: bool = True,
         for_: str | None = None,
         max_lora_rank: int | None = None,
+        progress: Progress | None = None,
     ) -> ValidationReport:
         """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``, what
         ``for_="vllm"`` would refuse. Nothing is written. ``report.ok`` is False when any check is an error."""
         return bases.validate(self.library, target, base=base, with_=with_, scan_values=scan_values,
-                              for_=for_, max_lora_rank=max_lora_rank)  # fmt: skip
+                              for_=for_, max_lora_rank=max_lora_rank, progress=progress)  # fmt: skip
 
     def validate_catalog(
         self, *, base: str | os.PathLike[str], names: Sequence[str] | None = None

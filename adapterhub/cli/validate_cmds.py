@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .base import State, cli, output_options, pass_state
+from .base import State, cli, output_options, pass_state, progress_bar
 from .render import emit_fields, emit_json, emit_records, human_size
 
 BASE_COLUMNS = [
@@ -177,12 +177,20 @@ def validate_cmd(
     if all_:
         reports = state.hub.validate_catalog(base=base, names=list(targets) or None)  # type: ignore[arg-type]
     else:
-        reports = [
-            state.hub.validate(
-                t, base=base, with_=others, scan_values=not no_values, for_=for_, max_lora_rank=max_lora_rank
-            )
-            for t in targets
-        ]
+        reports = []
+        for t in targets:
+            with progress_bar(state, f"checking {t}", unit_bytes=True) as progress:
+                reports.append(
+                    state.hub.validate(
+                        t,
+                        base=base,
+                        with_=others,
+                        scan_values=not no_values,
+                        for_=for_,
+                        max_lora_rank=max_lora_rank,
+                        progress=progress,
+                    )  # fmt: skip
+                )
     if as_json or state.json:
         docs = [r.to_dict() for r in reports]
         emit_json(docs[0] if len(docs) == 1 and not all_ else docs)

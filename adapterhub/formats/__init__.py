@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,9 @@ def check_finite(files: AdapterFiles) -> None:
     _check_safetensors_finite(files)
 
 
-def scan_values(files: AdapterFiles) -> list[NonFinite]:
+def scan_values(
+    files: AdapterFiles, *, progress: Callable[[int, int], None] | None = None
+) -> list[NonFinite]:
     """Every tensor of an adapter's weights file that holds NaN or Infinity, whatever its format."""
     if files.format == "gguf":
         from .gguf_lora import read_gguf_lora
@@ -218,7 +220,7 @@ def scan_values(files: AdapterFiles) -> list[NonFinite]:
         return non_finite(read_gguf_lora(files.weights, load_tensors=True))
     from .values import scan_file
 
-    return scan_file(files.weights)
+    return scan_file(files.weights, progress=progress)
 
 
 def convert_pickle(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

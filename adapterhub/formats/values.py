@@ -8,7 +8,7 @@ in memory. `check_finite` is the one call for "refuse this adapter file if any v
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,17 +45,25 @@ def _count(t: Any) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def scan_file(path: str | os.PathLike[str]) -> list[NonFinite]:
-    """Every floating-point tensor of a safetensors file that holds a NaN or Infinity."""
+def scan_file(
+    path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+) -> list[NonFinite]:
+    """Every floating-point tensor of a safetensors file that holds a NaN or Infinity; ``progress``
+    gets (bytes scanned, bytes in all) after each tensor."""
     from safetensors import safe_open
 
     out: list[NonFinite] = []
+    total = os.path.getsize(path)
+    done = 0
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             t = f.get_tensor(key)
             bad = _count(t)
             if bad:
                 out.append(NonFinite(key, bad, t.numel()))
+            if progress is not None:
+                done += t.numel() * t.element_size()
+                progress(min(done, total), total)
     return out
 
 

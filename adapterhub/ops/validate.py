@@ -11,7 +11,7 @@ person can act on), gathered in a `ValidationReport`. No database here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -149,7 +149,7 @@ class BaseLayout:
 
 
 def check_integrity(
-    files: AdapterFiles, *, scan_values: bool = True
+    files: AdapterFiles, *, scan_values: bool = True, progress: Callable[[int, int], None] | None = None
 ) -> tuple[list[Check], LoraWeights | None]:
     """Config against the schema, the header, every module's factors, leftovers, dtypes, NaN/Inf."""
     checks: list[Check] = []
@@ -187,7 +187,7 @@ def check_integrity(
             Check("warning", "dtype", f"factors are stored in several dtypes ({', '.join(dtypes)})")
         )
     if scan_values and not any(c.status == "error" for c in checks):
-        checks += _scan_values(files)
+        checks += _scan_values(files, progress)
     if not any(c.status == "error" for c in checks):
         n = len(weights.modules)
         what = "values finite" if scan_values else "values not scanned"
@@ -195,8 +195,10 @@ def check_integrity(
     return checks, weights
 
 
-def _scan_values(files: AdapterFiles) -> list[Check]:
-    return [Check("error", "values", bad.describe(), bad.name) for bad in scan_values(files)]
+def _scan_values(files: AdapterFiles, progress: Callable[[int, int], None] | None = None) -> list[Check]:
+    return [
+        Check("error", "values", bad.describe(), bad.name) for bad in scan_values(files, progress=progress)
+    ]
 
 
 # --------------------------------------------------------------------------- against a base

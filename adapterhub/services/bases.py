@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,7 @@ def validate(
     scan_values: bool = True,
     for_: str | None = None,
     max_lora_rank: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ValidationReport:
     """Check an adapter (cataloged name or path): integrity, fit to ``base``, fit with ``with_``, and
     with ``for_="vllm"`` what vLLM's loader would refuse (``max_lora_rank``: the server's
@@ -166,7 +167,7 @@ def validate(
     label, files, checks, declared = _subject(lib, target)
     weights: LoraWeights | None = None
     if files is not None:
-        more, weights = check_integrity(files, scan_values=scan_values)
+        more, weights = check_integrity(files, scan_values=scan_values, progress=progress)
         checks += more
     base_label = None
     layout: BaseLayout | None = None
