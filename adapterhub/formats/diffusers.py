@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import InvalidAdapterError
 from ..lora import LoraModule, LoraWeights, lora_scale
 from .peft import FLOAT_DTYPES, Problem, _raise
-from .safetensors_header import SafetensorsHeader, TensorInfo
+from .safetensors_header import SafetensorsHeader, group_by_suffix
 
 __all__ = ["COMPONENTS", "is_diffusers_header", "load_diffusers_tensors", "parse_diffusers", "to_kohya",
            "write_diffusers"]  # fmt: skip
@@ -74,15 +74,7 @@ def _alphas(header: SafetensorsHeader) -> dict[str, float]:
 
 def parse_diffusers(header: SafetensorsHeader, *, problem: Problem | None = None) -> LoraWeights:
     report = problem or _raise(header.path)
-    parts: dict[str, dict[str, TensorInfo]] = {}
-    unexplained: list[str] = []
-    for name, info in header.tensors.items():
-        for suffix, role in _SUFFIXES:
-            if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[role] = info
-                break
-        else:
-            unexplained.append(name)
+    parts, unexplained = group_by_suffix(header, _SUFFIXES)
     alphas = _alphas(header)
     modules: dict[str, LoraModule] = {}
     for module, got in sorted(parts.items()):

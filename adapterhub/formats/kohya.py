@@ -19,7 +19,7 @@ from ..errors import InvalidAdapterError
 from ..lora import LoraModule, LoraWeights, lora_scale
 from .peft import FLOAT_DTYPES, Problem, _raise
 from .peft_config import MAX_BASE_NAME_CHARS
-from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from .safetensors_header import SafetensorsHeader, TensorInfo, group_by_suffix, read_header
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_down.weight", "A"),
@@ -52,15 +52,7 @@ def _read_scalar(path: str, header: SafetensorsHeader, info: TensorInfo) -> floa
 
 def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) -> LoraWeights:
     report = problem or _raise(header.path)
-    parts: dict[str, dict[str, TensorInfo]] = {}
-    unexplained: list[str] = []
-    for name, info in header.tensors.items():
-        for suffix, role in _SUFFIXES:
-            if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[role] = info
-                break
-        else:
-            unexplained.append(name)
+    parts, unexplained = group_by_suffix(header, _SUFFIXES)
     modules: dict[str, LoraModule] = {}
     for stem, got in sorted(parts.items()):
         a, b = got.get("A"), got.get("B")

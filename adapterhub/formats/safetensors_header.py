@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InvalidAdapterError
@@ -214,3 +215,20 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except PermissionError:
         raise InvalidAdapterError(f"{p}: permission denied", path=p) from None
     return parse_header(raw, file_size=size, path=p)
+
+
+def group_by_suffix(
+    header: SafetensorsHeader, suffixes: Sequence[tuple[str, str]]
+) -> tuple[dict[str, dict[str, TensorInfo]], list[str]]:
+    """Tensors grouped by stem: ``{stem: {role: info}}`` for names ending in one of ``suffixes``
+    (``(suffix, role)``, first match wins), and the names that matched none."""
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    unexplained: list[str] = []
+    for name, info in header.tensors.items():
+        for suffix, role in suffixes:
+            if name.endswith(suffix):
+                parts.setdefault(name[: -len(suffix)], {})[role] = info
+                break
+        else:
+            unexplained.append(name)
+    return parts, unexplained
