@@ -158,10 +158,13 @@ def read_adapter(
     *,
     load: bool = False,
     problem: Problem | None = None,
+    check_values: bool = True,
 ) -> LoraWeights:
     """Read an adapter into `LoraWeights` (metadata only unless ``load``).
 
-    With ``load`` the tensors are read too, and an adapter whose values are not all finite is refused.
+    With ``load`` the tensors are read too, and an adapter whose values are not all finite is refused
+    (``check_values=False`` leaves that to the caller: the runtime checks on the device, where it costs
+    one kernel, before anything is attached).
     """
     files = path if isinstance(path, AdapterFiles) else detect(path)
     if files.pickle:
@@ -170,16 +173,17 @@ def read_adapter(
         from .gguf_lora import read_gguf_lora
 
         weights = read_gguf_lora(files.weights)
-        return load_tensors(weights, files) if load else weights
+        return load_tensors(weights, files, check_values=check_values) if load else weights
     header = read_header(files.weights)
     weights = _parse(files, header, problem)
     if load:
-        load_tensors(weights, files)
+        load_tensors(weights, files, check_values=check_values)
     return weights
 
 
-def load_tensors(weights: LoraWeights, files: AdapterFiles) -> LoraWeights:
-    """Fill the tensors of metadata-only ``weights``; refuse NaN / Inf values (`InvalidAdapterError`)."""
+def load_tensors(weights: LoraWeights, files: AdapterFiles, *, check_values: bool = True) -> LoraWeights:
+    """Fill the tensors of metadata-only ``weights``; refuse NaN / Inf values (`InvalidAdapterError`)
+    unless ``check_values`` is False."""
     if files.format == "kohya":
         from .kohya import load_kohya_tensors
 
@@ -196,7 +200,8 @@ def load_tensors(weights: LoraWeights, files: AdapterFiles) -> LoraWeights:
         from .peft import load_peft_tensors
 
         load_peft_tensors(weights, files.weights)
-    refuse_non_finite(weights, path=str(files.weights))
+    if check_values:
+        refuse_non_finite(weights, path=str(files.weights))
     return weights
 
 

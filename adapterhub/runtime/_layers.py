@@ -30,12 +30,14 @@ The banks are plain inference buffers (scale folded in, no autograd). Trainable 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fused import LONG_ROWS, Family, fused_linear
 from ._select import Selection
 
 if TYPE_CHECKING:
@@ -80,6 +82,19 @@ class RuntimeState:
     def __init__(self) -> None:
         self.sel: Selection | None = None
         self.passthrough = False  # set while a replacement recomputes a module (its own hook must not fire)
+        #: (parent module name, input width, dtype, device) -> the fused linears that may share ``x @ A.T``
+        self.families: dict[tuple[Any, ...], Family] = {}
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is torch's own (no subclass override, no instance wrapper)."""
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+        and "forward" not in module.__dict__
+        and not module._forward_pre_hooks
+        and module.weight.device.type != "meta"
+    )
 
 
 class Layer:
@@ -120,7 +135,19 @@ class Layer:
         self.version = 0
         self._cache: tuple[Any, ...] | None = None
         self._rcache: tuple[Any, ...] | None = None
-        self.handle: RemovableHandle | None = module.register_forward_hook(self, with_kwargs=True)
+        self.family: Family | None = None
+        self.handle: RemovableHandle | None = None
+        self._forward: Any = None
+        if kind == "linear" and _plain_linear(module):
+            # the fused path (`_fused`): the low-rank term first, the base GEMM accumulating onto it
+            self._forward = functools.partial(fused_linear, self, module.forward)
+            module.forward = self._forward
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            key = (parent, self.in_f, str(dtype), str(self.device))
+            self.family = state.families.setdefault(key, Family())
+            self.family.join(self)
+        else:
+            self.handle = module.register_forward_hook(self, with_kwargs=True)
 
     # ----------------------------------------------------------------------------------------- banks
 
@@ -221,6 +248,12 @@ class Layer:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        if self._forward is not None:
+            if self.module.__dict__.get("forward") is self._forward:
+                del self.module.__dict__["forward"]
+            self._forward = None
+        if self.family is not None:
+            self.family.leave(self)
         self.first = self.second = self.bias = self.gm1 = None
         self.replacements.clear()
         self._cache = self._rcache = None
@@ -228,6 +261,8 @@ class Layer:
     def _changed(self) -> None:
         self.version += 1
         self._cache = self._rcache = None
+        if self.family is not None:
+            self.family.reset()
 
     # ----------------------------------------------------------------------------------------- math
 
@@ -288,6 +323,8 @@ class Layer:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
         n = int(x.shape[0])
+        if sel.same_rows is not None:
+            sel.check_rows(n)
         if sel.replace and self.replacements:
             output = self._replace(sel, x, args, kwargs, output, n)
         if self.first is None:
@@ -300,7 +337,7 @@ class Layer:
             and kind in ("linear", "conv1d")
             and sel.row_slots is not None
             and sel.k > sel.row_slots.shape[1]
-            and x.numel() >= _LONG_ROWS * n * self.in_f
+            and x.numel() >= LONG_ROWS * n * self.in_f
         ):
             return self._per_row(sel, x, output, n, compiling)
         first, second = self._gathered(sel, compiling)
@@ -416,11 +453,6 @@ class Layer:
                 self.state.passthrough = False
             output = y if rows is None else output.index_copy(0, rows, y.to(output.dtype))
         return output
-
-
-#: tokens per row from which rows over several adapters take the per-row batched GEMMs (below it, the
-#: concatenated factors of all the batch's adapters with a per-row mask cost less)
-_LONG_ROWS = 8
 
 
 def _inplace_ok(output: torch.Tensor, other: torch.Tensor) -> bool:

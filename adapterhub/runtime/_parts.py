@@ -37,9 +37,12 @@ class Merged:
     backups: list[tuple[torch.Tensor, torch.Tensor]]  # (live parameter, original copy)
 
 
-def read_weights(adapter: str | os.PathLike[str] | LoraWeights, name: str | None) -> tuple[LoraWeights, str]:
-    """(weights with tensors, name): a PEFT folder or adapter file read with ``load=True`` (named by the
-    folder or file), or `LoraWeights` whose tensors are all there (``name`` required)."""
+def read_weights(
+    adapter: str | os.PathLike[str] | LoraWeights, name: str | None
+) -> tuple[LoraWeights, str, str | None]:
+    """(weights with tensors, name, path): a PEFT folder or adapter file read with ``load=True`` (named
+    by the folder or file; its values are checked by `upload`), or `LoraWeights` whose tensors are all
+    there (``name`` required)."""
     if isinstance(adapter, LoraWeights):
         if not name:
             raise InvalidOptionError("give name= when loading LoraWeights (there is no path to name it by)")
@@ -51,14 +54,54 @@ def read_weights(adapter: str | os.PathLike[str] | LoraWeights, name: str | None
                 "read_adapter(path, load=True)",
                 module=missing[0],
             )
-        return adapter, name
+        return adapter, name, None
     if isinstance(adapter, (str, os.PathLike)):
         from ..formats import read_adapter
 
         path = Path(adapter)
-        weights = read_adapter(path, load=True)
+        weights = read_adapter(path, load=True, check_values=False)
         if not name:
             stem = path.parent if path.is_file() and path.name.startswith("adapter_") else path
             name = stem.name[: -len(".safetensors")] if stem.name.endswith(".safetensors") else stem.name
-        return weights, name
+        return weights, name, str(path)
     raise TypeError(f"load() takes a path or LoraWeights, got {type(adapter).__name__}")
+
+
+def upload(
+    tensors: list[torch.Tensor], device: torch.device, weights: LoraWeights, path: str | None
+) -> dict[int, torch.Tensor]:
+    """Put ``tensors`` on ``device`` and refuse NaN / Inf values (`InvalidAdapterError`, nothing placed).
+
+    On a GPU the tensors of one dtype travel as one pinned buffer in one copy, and are checked there by
+    one kernel (a pageable copy per tensor, and a CPU scan of every value, cost more than reading the
+    file). Returns ``id(tensor) -> its copy on the device``; empty on the CPU, where nothing moves.
+    """
+    import torch
+
+    from ..formats.values import refuse_non_finite
+
+    if device.type != "cuda":
+        refuse_non_finite(weights, path=path)
+        return {}
+    out: dict[int, torch.Tensor] = {}
+    flags = []
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.device == device:
+            out[id(t)] = t
+            if t.is_floating_point():
+                flags.append(torch.isfinite(t).all())
+        else:
+            by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, ts in by_dtype.items():
+        sizes = [t.numel() for t in ts]
+        buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+        torch.cat([t.detach().reshape(-1) for t in ts], out=buf)
+        flat = buf.to(device, non_blocking=True)
+        if flat.is_floating_point():
+            flags.append(torch.isfinite(flat).all())
+        for t, part in zip(ts, flat.split(sizes), strict=True):
+            out[id(t)] = part.view(t.shape)
+    if flags and not bool(torch.stack(flags).all()):
+        refuse_non_finite(weights, path=path)  # names the tensors (slow path, only when refusing)
+    return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,28 +177,47 @@ def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, sub
     return Plan(report=report, loras=loras, replacements=list(replacements.values()))
 
 
-def _update(h: Any, t: torch.Tensor | None) -> None:
+def plan_tensors(plan: Plan) -> list[torch.Tensor]:
+    """The factor tensors a plan places (A, B, bias, DoRA magnitude of every target), each once."""
+    seen: dict[int, torch.Tensor] = {}
+    for p in plan.loras:
+        for t in (p.lora.A, p.lora.B, p.lora.bias, p.lora.magnitude):
+            if t is not None:
+                seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _digest(t: torch.Tensor | None) -> bytes:
     if t is None:
-        h.update(b"-")
-        return
+        return b"-"
     t = t.detach().to("cpu").contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # hashlib lets the GIL go here
+    return h.digest()
 
 
 def content_sha256(plan: Plan) -> str:
-    """sha256 of what the adapter does to this model: per target, its kind, scale and tensor bytes."""
-    h = hashlib.sha256(b"adapterhub.runtime/1\n")
+    """sha256 of what the adapter does to this model: per target, its kind and scale, and the sha256 of
+    each tensor's dtype, shape and bytes (hashed on several threads: a 7B-class adapter is 40+ MB)."""
+    entries: list[tuple[bytes, list[torch.Tensor | None]]] = []
     for p in sorted(plan.loras, key=lambda p: p.module_name):
         m = p.lora
-        h.update(f"{p.module_name}|{m.kind}|{m.rank}|{float(m.scale)!r}|".encode())
-        for t in (m.A, m.B, m.bias, m.magnitude):
-            _update(h, t)
+        label = f"{p.module_name}|{m.kind}|{m.rank}|{float(m.scale)!r}|".encode()
+        entries.append((label, [m.A, m.B, m.bias, m.magnitude]))
     for r in sorted(plan.replacements, key=lambda r: r.module_name):
-        for leaf in sorted(r.params):
-            h.update(f"{r.module_name}.{leaf}=".encode())
-            _update(h, r.params[leaf])
+        entries += [(f"{r.module_name}.{leaf}=".encode(), [r.params[leaf]]) for leaf in sorted(r.params)]
+    tensors = [t for _, ts in entries for t in ts]
+    if sum(t.numel() * t.element_size() for t in tensors if t is not None) > 4 << 20:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            digests = iter(list(pool.map(_digest, tensors)))
+    else:
+        digests = iter([_digest(t) for t in tensors])
+    h = hashlib.sha256(b"adapterhub.runtime/2\n")
+    for label, ts in entries:
+        h.update(label)
+        for _ in ts:
+            h.update(next(digests))
     return h.hexdigest()
 
 

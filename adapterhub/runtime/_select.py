@@ -33,12 +33,26 @@ class Selection:
     row_slots: torch.Tensor | None = None
     row_coef: torch.Tensor | None = None
     version: int = 0
+    #: rows given to `Runtime.rows` that all asked for the same thing: applied like ``activate`` (no
+    #: per-row mask), the batch still has to have a multiple of this many rows
+    same_rows: int | None = None
     #: ``len(slots)``, kept apart so a compiled graph guards on the count, not on which slots
     k: int = -1
     _expanded: dict[tuple[Any, ...], object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.k = len(self.slots)
+
+    def check_rows(self, n: int) -> None:
+        """Raise when a batch of ``n`` rows does not fit the row specs this selection was made from."""
+        specs = self.rows if self.rows is not None else self.same_rows
+        if specs is not None and n % specs:
+            from ..errors import InvalidOptionError
+
+            raise InvalidOptionError(
+                f"the batch has {n} rows but rt.rows() was given {specs} row specs; give one spec per "
+                "row of the batch"
+            )
 
     def coef_for(self, n: int) -> torch.Tensor:
         """Coefficients for a batch of ``n`` rows: ``(1, K)`` when uniform, else ``(n, K)``.
@@ -51,13 +65,7 @@ class Selection:
         key = (n, -1)
         hit = self._expanded.get(key)
         if hit is None:
-            if n % self.rows:
-                from ..errors import InvalidOptionError
-
-                raise InvalidOptionError(
-                    f"the batch has {n} rows but rt.rows() was given {self.rows} row specs; give one spec per "
-                    "row of the batch"
-                )
+            self.check_rows(n)
             hit = self.coef.repeat_interleave(n // self.rows, dim=0)
             self._expanded[key] = hit
         return hit  # type: ignore[return-value]
@@ -117,6 +125,10 @@ def build_selection(
     order: list[int] = list(dict.fromkeys(s for r in per_row for s in r))
     if not order:
         return None
+    same_rows = None
+    if rows is not None and all(r == per_row[0] for r in per_row):
+        # every row asks for the same: no mask, no per-row gathers (the batch still has to fit)
+        per_row, same_rows, rows = per_row[:1], rows, None
     pos = {s: i for i, s in enumerate(order)}
     coef = torch.zeros(len(per_row), len(order), dtype=torch.float32)
     for i, r in enumerate(per_row):
@@ -134,15 +146,24 @@ def build_selection(
         for i, r in enumerate(per_row):
             for j, (s, w) in enumerate(r.items()):
                 rs[i, j], rc[i, j] = s, w
-        row_slots, row_coef = rs.to(device), rc.to(device)
+        row_slots, row_coef = _to(rs, device), _to(rc, device)
     return Selection(
         slots=tuple(order),
-        coef=coef.to(device),
-        idx=torch.tensor(order, dtype=torch.long, device=device),
+        coef=_to(coef, device),
+        idx=_to(torch.tensor(order, dtype=torch.long), device),
         rows=rows,
         unit=rows is None and len(order) == 1 and float(coef[0, 0]) == 1.0,
         dora=any(s in dora for s in order),
         replace=replace,
         row_slots=row_slots,
         row_coef=row_coef,
+        same_rows=same_rows,
     )
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting for the GPU: a pageable host-to-device copy synchronizes
+    the stream, a pinned one does not (the caching host allocator keeps the buffer until it is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

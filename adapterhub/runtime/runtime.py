@@ -20,6 +20,7 @@ import math
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -33,8 +34,8 @@ from ..errors import (
 from ..lora import LoraWeights
 from ._layers import Layer, RuntimeState
 from ._merge import dora_gm1, merge_layer, merge_problems
-from ._parts import Content, Merged, read_weights
-from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes
+from ._parts import Content, Merged, read_weights, upload
+from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes, plan_tensors
 from ._select import Selection, build_selection
 from .train import TrainableAdapter, Trainer, save_trained
 from .types import AdapterSpec, ResidentAdapter
@@ -82,6 +83,10 @@ def attach(
     rt = Runtime(model, dtype=dtype, resolve=resolve, save=save)
     _ATTACHED[model] = rt
     return rt
+
+
+def _roles(m: Any) -> list[tuple[str, torch.Tensor]]:
+    return [(r, t) for r in ("A", "B", "bias", "magnitude") if (t := getattr(m, r)) is not None]
 
 
 def _not_resident(name: str, known: Sequence[str]) -> NotResidentError:
@@ -189,7 +194,7 @@ class Runtime:
         if found is not None:
             name = name or str(adapter)
             adapter, sha256 = found[0], sha256 or found[1]
-        weights, name = read_weights(adapter, name)
+        weights, name, path = read_weights(adapter, name)
         if self.training is not None and self.training.name == name:
             raise InvalidOptionError(f"{name} is being trained; freeze it first or load another name")
         plan = plan_adapter(self._model, self._layout, weights, name)
@@ -213,14 +218,23 @@ class Runtime:
                 f"{name} targets layers on several devices ({', '.join(sorted(map(str, devices)))}); the runtime "
                 "serves a model on one device"
             )
-        key = sha256 or content_sha256(plan)
+        hashing = None
+        if sha256 is None:  # the content key is hashed on other threads while the tensors travel
+            hashing = ThreadPoolExecutor(max_workers=1)
+            key_future = hashing.submit(content_sha256, plan)
+        try:
+            on_device = upload(plan_tensors(plan), self._device, weights, path)
+            key = sha256 if hashing is None else key_future.result()
+        finally:
+            if hashing is not None:
+                hashing.shutdown(wait=True)
         old = self._names.get(name)
         if self._merged is not None and name in self._merged.spec and old != key:
             raise InvalidOptionError(
                 f"{name} is merged into the weights; call rt.unmerge() before reloading it"
             )
         if key not in self._contents:
-            self._contents[key] = self._place(plan, key)
+            self._contents[key] = self._place(plan, key, on_device)
         self._names.pop(name, None)
         self._names[name] = key
         if old is not None and old != key:
@@ -253,7 +267,7 @@ class Runtime:
                     return orig
         return t
 
-    def _place(self, plan: Plan, key: str) -> Content:
+    def _place(self, plan: Plan, key: str, on_device: dict[int, torch.Tensor]) -> Content:
         slot = self._slot()
         layers: list[Layer] = []
         try:
@@ -262,6 +276,7 @@ class Runtime:
                     m = p.lora
                     layer = self._layer(p.module_name, p.module, p.kind)
                     assert m.A is not None and m.B is not None
+                    m = m.with_tensors(**{r: on_device.get(id(t), t) for r, t in _roles(m)})
                     gm1 = dora_gm1(layer, self._original(layer.weight), m) if m.is_dora else None
                     layer.write(slot, a=m.A, b=m.B, scale=float(m.scale), bias=m.bias, gm1=gm1)
                     layers.append(layer)
