@@ -30,14 +30,12 @@ The banks are plain inference buffers (scale folded in, no autograd). Trainable 
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fused import LONG_ROWS, Family, fused_linear
 from ._select import Selection
 
 if TYPE_CHECKING:
@@ -82,19 +80,9 @@ class RuntimeState:
     def __init__(self) -> None:
         self.sel: Selection | None = None
         self.passthrough = False  # set while a replacement recomputes a module (its own hook must not fire)
-        #: (parent module name, input width, dtype, device) -> the fused linears that may share ``x @ A.T``
-        self.families: dict[tuple[Any, ...], Family] = {}
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose forward is torch's own (no subclass override, no instance wrapper)."""
-    return (
-        isinstance(module, nn.Linear)
-        and type(module).forward is nn.Linear.forward
-        and "forward" not in module.__dict__
-        and not module._forward_pre_hooks
-        and module.weight.device.type != "meta"
-    )
+        #: (parent module name, input width, dtype, device) -> the `_fused.Family` of fused linears
+        #: that may share ``x @ A.T``
+        self.families: dict[tuple[Any, ...], Any] = {}
 
 
 class Layer:
@@ -135,19 +123,13 @@ class Layer:
         self.version = 0
         self._cache: tuple[Any, ...] | None = None
         self._rcache: tuple[Any, ...] | None = None
-        self.family: Family | None = None
-        self.handle: RemovableHandle | None = None
-        self._forward: Any = None
-        if kind == "linear" and _plain_linear(module):
-            # the fused path (`_fused`): the low-rank term first, the base GEMM accumulating onto it
-            self._forward = functools.partial(fused_linear, self, module.forward)
-            module.forward = self._forward
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            key = (parent, self.in_f, str(dtype), str(self.device))
-            self.family = state.families.setdefault(key, Family())
-            self.family.join(self)
-        else:
-            self.handle = module.register_forward_hook(self, with_kwargs=True)
+        self.family: Any = None  # the `_fused.Family` of a fused linear
+        self.handle: RemovableHandle | None = None  # the forward hook (`hook`), or
+        self.forward: Any = None  # the module's fused forward (`_fused.install`)
+
+    def hook(self) -> None:
+        """Apply through a forward hook (every kind of layer; `_fused.install` does plain linears)."""
+        self.handle = self.module.register_forward_hook(self, with_kwargs=True)
 
     # ----------------------------------------------------------------------------------------- banks
 
@@ -248,10 +230,10 @@ class Layer:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        if self._forward is not None:
-            if self.module.__dict__.get("forward") is self._forward:
+        if self.forward is not None:
+            if self.module.__dict__.get("forward") is self.forward:
                 del self.module.__dict__["forward"]
-            self._forward = None
+            self.forward = None
         if self.family is not None:
             self.family.leave(self)
         self.first = self.second = self.bias = self.gm1 = None
@@ -453,6 +435,11 @@ class Layer:
                 self.state.passthrough = False
             output = y if rows is None else output.index_copy(0, rows, y.to(output.dtype))
         return output
+
+
+#: tokens per row from which rows over several adapters take the per-row batched GEMMs (below it, the
+#: concatenated factors of all the batch's adapters with a per-row mask cost less)
+LONG_ROWS = 8
 
 
 def _inplace_ok(output: torch.Tensor, other: torch.Tensor) -> bool:

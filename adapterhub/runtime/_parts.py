@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidAdapterError, InvalidOptionError
 from ..lora import LoraWeights
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from ._layers import Layer
+    from ._plan import Plan
 
 
 @dataclass
@@ -105,3 +106,26 @@ def upload(
     if flags and not bool(torch.stack(flags).all()):
         refuse_non_finite(weights, path=path)  # names the tensors (slow path, only when refusing)
     return out
+
+
+def keyed_upload(
+    plan: Plan, weights: LoraWeights, path: str | None, device: torch.device, sha256: str | None
+) -> tuple[str, dict[int, torch.Tensor]]:
+    """(content key, `upload` of the plan's tensors): without a known ``sha256`` the key is hashed on
+    other threads while the tensors travel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ._plan import content_sha256, plan_tensors
+
+    if sha256 is not None:
+        return sha256, upload(plan_tensors(plan), device, weights, path)
+    with ThreadPoolExecutor(max_workers=1) as hashing:
+        key = hashing.submit(content_sha256, plan)
+        on_device = upload(plan_tensors(plan), device, weights, path)
+        return key.result(), on_device
+
+
+def on_device_module(m: Any, on_device: dict[int, torch.Tensor]) -> Any:
+    """``m`` (a `LoraModule`) with its tensors swapped for their `upload` copies."""
+    roles = {r: t for r in ("A", "B", "bias", "magnitude") if (t := getattr(m, r)) is not None}
+    return m.with_tensors(**{r: on_device.get(id(t), t) for r, t in roles.items()}) if on_device else m

@@ -20,22 +20,18 @@ import math
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import (
-    IncompatibleAdapterError,
-    InvalidOptionError,
-    NotResidentError,
-)
+from ..errors import IncompatibleAdapterError, InvalidOptionError, NotResidentError
 from ..lora import LoraWeights
+from ._fused import install
 from ._layers import Layer, RuntimeState
 from ._merge import dora_gm1, merge_layer, merge_problems
-from ._parts import Content, Merged, read_weights, upload
-from ._plan import Plan, content_sha256, model_layout, plan_adapter, plan_bytes, plan_tensors
+from ._parts import Content, Merged, keyed_upload, on_device_module, read_weights
+from ._plan import Plan, model_layout, plan_adapter, plan_bytes
 from ._select import Selection, build_selection
 from .train import TrainableAdapter, Trainer, save_trained
 from .types import AdapterSpec, ResidentAdapter
@@ -83,10 +79,6 @@ def attach(
     rt = Runtime(model, dtype=dtype, resolve=resolve, save=save)
     _ATTACHED[model] = rt
     return rt
-
-
-def _roles(m: Any) -> list[tuple[str, torch.Tensor]]:
-    return [(r, t) for r in ("A", "B", "bias", "magnitude") if (t := getattr(m, r)) is not None]
 
 
 def _not_resident(name: str, known: Sequence[str]) -> NotResidentError:
@@ -218,16 +210,7 @@ class Runtime:
                 f"{name} targets layers on several devices ({', '.join(sorted(map(str, devices)))}); the runtime "
                 "serves a model on one device"
             )
-        hashing = None
-        if sha256 is None:  # the content key is hashed on other threads while the tensors travel
-            hashing = ThreadPoolExecutor(max_workers=1)
-            key_future = hashing.submit(content_sha256, plan)
-        try:
-            on_device = upload(plan_tensors(plan), self._device, weights, path)
-            key = sha256 if hashing is None else key_future.result()
-        finally:
-            if hashing is not None:
-                hashing.shutdown(wait=True)
+        key, on_device = keyed_upload(plan, weights, path, self._device, sha256)
         old = self._names.get(name)
         if self._merged is not None and name in self._merged.spec and old != key:
             raise InvalidOptionError(
@@ -257,6 +240,7 @@ class Runtime:
         if layer is None:
             dtype = self._dtype or next(iter(module.parameters())).dtype
             layer = Layer(module_name, module, kind, self._state, cap=self._cap, dtype=dtype)
+            install(layer)
             self._layers[module_name] = layer
         return layer
 
@@ -276,7 +260,7 @@ class Runtime:
                     m = p.lora
                     layer = self._layer(p.module_name, p.module, p.kind)
                     assert m.A is not None and m.B is not None
-                    m = m.with_tensors(**{r: on_device.get(id(t), t) for r, t in _roles(m)})
+                    m = on_device_module(m, on_device)
                     gm1 = dora_gm1(layer, self._original(layer.weight), m) if m.is_dora else None
                     layer.write(slot, a=m.A, b=m.B, scale=float(m.scale), bias=m.bias, gm1=gm1)
                     layers.append(layer)
