@@ -189,16 +189,25 @@ class Layer:
         self._alloc(r)
         assert self.first is not None and self.second is not None
         dev, dt = self.device, self.dtype
-        a32 = a.detach().to(dev, torch.float32)
-        b32 = b.detach().to(dev, torch.float32).reshape(b.shape[0], r)
-        self.first[slot].zero_()
-        self.second[slot].zero_()
+        a, b = a.detach().to(dev), b.detach().to(dev).reshape(b.shape[0], r)
+        if r < self.rank:  # (a full-rank write overwrites the whole slot)
+            self.first[slot].zero_()
+            self.second[slot].zero_()
+        # the first factor is copied as it is (rounded once to the bank's dtype); the second is scaled
+        # in fp32 and rounded once: in place when it already has the bank's dtype (elementwise ops
+        # compute in fp32 and round once), else through an fp32 copy
         if self.kind == "embedding":
-            self.first[slot, :, :r] = b32.to(dt)
-            self.second[slot, :r] = (scale * a32).to(dt)
+            self.first[slot, :, :r].copy_(b)
+            scaled = self.second[slot, :r]
+            src = a
         else:
-            self.first[slot, :r] = a32.reshape(r, self.in_f, *self.kernel).to(dt)
-            self.second[slot, :r] = (scale * b32).T.to(dt)
+            self.first[slot, :r].copy_(a.reshape(r, self.in_f, *self.kernel))
+            scaled = self.second[slot, :r]
+            src = b.T
+        if src.dtype == dt:
+            scaled.copy_(src).mul_(scale)
+        else:
+            scaled.copy_(src.to(torch.float32) * scale)
         if bias is not None:
             if self.bias is None:
                 self.bias = self._zeros(self.cap, self.out_f)

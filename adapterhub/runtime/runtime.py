@@ -61,8 +61,9 @@ def attach(
     """Attach a runtime to ``model`` (a plain torch / transformers model); nothing changes until a load.
 
     Args:
-        model: the live model. Its modules stay where they are: the runtime adds forward hooks to the
-            modules an adapter targets, and `Runtime.detach` removes them again.
+        model: the live model. Its modules stay where they are: the runtime gives each plain
+            ``nn.Linear`` an adapter targets a forward of its own (an instance attribute) and every
+            other targeted module a forward hook; `Runtime.detach` removes both again.
         dtype: dtype of the resident factors. None (default) keeps each layer's own weight dtype, the
             fast choice on a bf16 / fp16 GPU model; ``torch.float32`` keeps factors in fp32 as PEFT does
             (the input is then cast to fp32 for the low-rank product).
