@@ -407,9 +407,19 @@ class Hub:
         seed: int | None = None,
         device: str | None = None,
         on_text: Callable[[str], None] | None = None,
+        server: str | None = None,
+        token: str | None = None,
     ) -> Generation:
         """Answer ``prompt`` with a causal-LM base and the chat template, ``adapters`` active (several:
-        their exact weighted combination); ``on_text`` streams the text as it comes."""
+        their exact weighted combination); ``on_text`` streams the text as it comes. With ``server``
+        (the URL of ``adapterhub serve --model``, or any OpenAI-compatible server) the server answers."""
+        if server is not None:
+            from .remote.inference import chat
+
+            return chat(
+                server, str(base), adapters, prompt, system=system, max_tokens=max_tokens, temperature=temperature,
+                seed=seed, token=token, on_text=on_text,
+            )  # fmt: skip
         return running.generate_text(
             self.library, base, prompt, adapters=adapters, system=system, max_tokens=max_tokens,
             temperature=temperature, seed=seed, device=device, on_text=on_text,
@@ -422,8 +432,16 @@ class Hub:
         *,
         adapters: Sequence[tuple[str, float]] = (),
         device: str | None = None,
+        server: str | None = None,
+        token: str | None = None,
     ) -> list[list[float]]:
         """Sentence embeddings of ``texts`` from an encoder base (MiniLM, say), ``adapters`` active."""
+        if server is not None:
+            from .remote import inference
+
+            return inference.embeddings(
+                server, inference.model_field(str(base), adapters), texts, token=token
+            )
         return running.embed_texts(self.library, base, texts, adapters=adapters, device=device)
 
     def train(

@@ -421,3 +421,43 @@ def test_smollm2_end_to_end(smol: dict[str, Any]) -> None:  # noqa: F811
         assert got == _peft_answer(smol["base"], smol["adapters"]["pirate"], QUESTION, 16)
     finally:
         s.close()
+
+
+def test_run_server_is_a_thin_client(tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """`adapterhub run --server URL` (and `Hub.generate(server=)`) ask the server: the same answers as the
+    openai client gets, streamed; errors are one line with a non-zero exit."""
+    from _cli import Cli
+
+    s = tiny["server"]
+    cli = Cli(tiny["root"] / "home", capsys)
+    client = s.client()
+    want = _chat(client, "a0").choices[0].message.content
+    out = cli("run", "tiny", "-a", "a0", PROMPT, "--max-tokens", "12", "--server", s.url)
+    assert out == want + "\n"
+    combo = _chat(client, "a0:0.5+a1:0.5").choices[0].message.content
+    assert cli("run", "tiny", "-a", "a0:0.5", "-a", "a1:0.5", PROMPT, "--max-tokens", "12",
+               "--server", s.url) == combo + "\n"  # fmt: skip
+    doc = json.loads(cli("run", "tiny", PROMPT, "--max-tokens", "12", "--server", s.url, "--json"))
+    assert doc["text"] == _chat(client, "tiny").choices[0].message.content
+    assert (
+        doc["completion_tokens"] >= 1
+        and doc["prompt_tokens"] >= 1
+        and doc["finish_reason"] in ("stop", "length")
+    )
+    pieces: list[str] = []
+    g = tiny["hub"].generate(
+        "tiny", PROMPT, adapters=[("a0", 1.0)], max_tokens=12, server=s.url, on_text=pieces.append
+    )
+    assert g.text == want == "".join(pieces) and len(pieces) > 1
+    # private adapters need a token that may read them
+    private = _chat(s.client(tiny["token"]), "secret/x").choices[0].message.content
+    assert cli("run", "tiny", "-a", "secret/x", PROMPT, "--max-tokens", "12", "--server", s.url,
+               "--token", tiny["token"]) == private + "\n"  # fmt: skip
+    cli("run", "tiny", "-a", "secret/x", PROMPT, "--server", s.url, code=1)
+    assert "does not exist" in cli.err and "(404)" in cli.err and len(cli.err.strip().splitlines()) == 1
+    cli("run", "tiny", "-a", "wide", PROMPT, "--server", s.url, code=1)
+    assert "(400)" in cli.err and len(cli.err.strip().splitlines()) == 1
+    cli("run", "tiny", PROMPT, "--server", "http://127.0.0.1:9", code=1)
+    assert "cannot reach the server" in cli.err
+    cli("run", "tiny", PROMPT, "--server", "ftp://x", code=1)
+    assert "not an http(s) URL" in cli.err

@@ -41,6 +41,16 @@ from .render import emit_json
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming."
 )
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a running `adapterhub serve --model` (or any OpenAI-compatible server) instead of loading BASE here.",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    help="With --server: access token (default: $ADAPTERHUB_TOKEN, else $HF_TOKEN).",
+)
 @pass_state
 def run_cmd(
     state: State,
@@ -54,9 +64,12 @@ def run_cmd(
     device: str | None,
     embed: bool,
     as_json: bool,
+    server: str | None,
+    token: str | None,
 ) -> None:
     """Answer PROMPT (or stdin with '-') with BASE and the chat template, adapters active, streamed to
-    the terminal; with --embed, print the embedding instead."""
+    the terminal; with --embed, print the embedding instead. With --server a running server answers
+    (BASE is then the served base's name)."""
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
@@ -64,7 +77,7 @@ def run_cmd(
     pairs = [parse_weighted(a) for a in adapters]
     use_json = as_json or state.json
     if embed:
-        (vector,) = state.hub.embed(base, [prompt], adapters=pairs, device=device)
+        (vector,) = state.hub.embed(base, [prompt], adapters=pairs, device=device, server=server, token=token)
         if use_json:
             emit_json({"model": base, "adapters": dict(pairs), "embedding": vector})
         else:
@@ -73,7 +86,7 @@ def run_cmd(
     stream = None if use_json else (lambda text: (click.echo(text, nl=False), sys.stdout.flush()))
     result = state.hub.generate(
         base, prompt, adapters=pairs, system=system, max_tokens=max_tokens, temperature=temperature,
-        seed=seed, device=device, on_text=stream,
+        seed=seed, device=device, on_text=stream, server=server, token=token,
     )  # fmt: skip
     if use_json:
         emit_json({"model": base, "adapters": dict(pairs), **result.to_dict()})
