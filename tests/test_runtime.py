@@ -531,4 +531,5 @@ def test_many_resident_grow_the_banks(llama_adapters: dict[str, Path], rt: Runti
         rt.activate({"a": w})
         _close(mixed[row : row + 1], _out(rt.model, x[row : row + 1]), 1e-4)
     rt.activate(None)
-    _close(mixed[1:2], _out(rt.model, x[1:2]), 0.0)
+    # a base row adds nothing: bit-exact on the CPU; a GPU's GEMM kernels depend on the batch size
+    _close(mixed[1:2], _out(rt.model, x[1:2]), 0.0 if DEVICE == "cpu" else ATOL)
