@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "PushResult": "remote.results",
     "RemoteAdapter": "remote.results",
     "TrainResult": "services.training",
-    "Generation": "runtime.generate",
+    "Generation": "records",
     # errors
     "AdapterExistsError": "errors",
     "AdapterHubError": "errors",
@@ -132,6 +132,7 @@ if TYPE_CHECKING:
         CheckReport,
         FileInfo,
         GcReport,
+        Generation,
         MergeRecord,
         ModuleInfo,
         ParentInfo,
@@ -139,7 +140,6 @@ if TYPE_CHECKING:
         PushRecord,
     )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
-    from .runtime.generate import Generation
     from .services.compute import CombineSummary
     from .services.training import TrainResult
 

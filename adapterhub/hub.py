@@ -38,12 +38,12 @@ if TYPE_CHECKING:
         CheckReport,
         FilterKeywords,
         GcReport,
+        Generation,
         MergeRecord,
         PushRecord,
     )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
     from .runtime import Runtime
-    from .runtime.generate import Generation
     from .server.storage import ServerStore, TokenInfo
     from .services.compute import CombineOptions, CombineSummary, ExtractOptions, Progress, Weighted
     from .services.training import StepCallback, TrainResult

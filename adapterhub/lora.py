@@ -132,6 +132,11 @@ class LoraModule:
     def has_tensors(self) -> bool:
         return self.A is not None and self.B is not None
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The loaded tensors by role: ``A``, ``B``, ``bias``, ``magnitude`` (those that are there)."""
+        roles = {"A": self.A, "B": self.B, "bias": self.bias, "magnitude": self.magnitude}
+        return {role: t for role, t in roles.items() if t is not None}
+
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scale * B @ A`` in module-weight layout (dense; for tests and small modules)."""
         if self.A is None or self.B is None:

@@ -361,3 +361,21 @@ class BaseInfo:
             "created_at": self.created_at,
             "num_adapters": self.num_adapters,
         }
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: the text, why it stopped, and its token counts."""
+
+    text: str
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }

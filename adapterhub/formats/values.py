@@ -69,9 +69,8 @@ def scan_file(
 
 def _tensors(weights: LoraWeights) -> Iterator[tuple[str, Any]]:
     for m in weights.modules.values():
-        for role, t in (("A", m.A), ("B", m.B), ("bias", m.bias), ("magnitude", m.magnitude)):
-            if t is not None:
-                yield f"{m.module} ({role})", t
+        for role, t in m.tensors().items():
+            yield f"{m.module} ({role})", t
     for key, t in weights.replacements.items():
         if t is not None:
             yield key, t

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import RemoteError
-from ..runtime.generate import Generation
+from ..records import Generation
 
 TIMEOUT_S = 600.0
 

@@ -26,21 +26,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._layers import LONG_ROWS, Layer
+from ._layers import Layer, scale_rows
 
 if TYPE_CHECKING:
     from ._select import Selection
-
-#: False: every layer applies through a forward hook (what the fused path is measured against)
-FUSED = True
 
 
 def install(layer: Layer) -> None:
     """Give ``layer`` its fused forward when it is a plain ``nn.Linear``, else its forward hook."""
     module = layer.module
     plain = (
-        FUSED
-        and layer.kind == "linear"
+        layer.kind == "linear"
         and isinstance(module, nn.Linear)
         and type(module).forward is nn.Linear.forward
         and "forward" not in module.__dict__
@@ -95,18 +91,14 @@ class Family:
         offsets: dict[int, int] = {}
         parts = []
         col = 0
+        dim = 1 if per_row else 0  # (n, M*r, in) per row, else (K*r, in)
         for m in live:
-            if per_row:
-                first = m._row_factors(sel, n, False)[0]  # (n, M*r, in)
-                offsets[id(m)] = col
-                col += int(first.shape[1])
-            else:
-                first = m._gathered(sel, False)[0]  # (K*r, in)
-                assert first is not None
-                offsets[id(m)] = col
-                col += int(first.shape[0])
+            first = m._row_factors(sel, n, False)[0] if per_row else m._gathered(sel, False)[0]
+            assert first is not None
+            offsets[id(m)] = col
+            col += int(first.shape[dim])
             parts.append(first)
-        cat = torch.cat(parts, dim=1 if per_row else 0) if len(parts) > 1 else parts[0]
+        cat = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
         self._cache = (key, cat, offsets)
         return cat, offsets
 
@@ -131,7 +123,7 @@ class Family:
         else:
             h = torch.mm(xin, first.T)
             if sel.rows is not None:
-                h = _masked(h, n, self._mask(sel, n, h.dtype))
+                h = scale_rows(h, n, self._mask(sel, n, h.dtype))
         self._left = {k for k in offsets if k != lid}
         self._x, self._x_version, self._h, self._offsets = x, x._version, h, offsets
         if not self._left:
@@ -153,13 +145,6 @@ def _columns(h: torch.Tensor, off: int, layer: Layer, sel: Selection, per_row: b
     return h[..., off : off + m * layer.rank]
 
 
-def _masked(h: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
-    """``h`` (n * tokens, C) times the per-row column scales ``mask`` (n, C), in place."""
-    if h.shape[0] == n:
-        return h.mul_(mask)
-    return h.view(n, -1, h.shape[-1]).mul_(mask.unsqueeze(1)).view(h.shape)
-
-
 def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
     """The adapted forward of a plain ``nn.Linear`` (see the module docstring)."""
     state = layer.state
@@ -167,13 +152,12 @@ def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
     module = layer.module
     if sel is None or state.passthrough or layer.first is None:
         return original(x)
-    w = module.weight
     if (
         (sel.replace and layer.replacements)
         or layer.bias is not None
         or (sel.dora and layer.gm1 is not None)
         or x.dim() < 2
-        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))
     ):
         out = original(x)
         res = layer(module, (x,), {}, out)
@@ -182,40 +166,14 @@ def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
     n = int(x.shape[0])
     if sel.same_rows is not None:
         sel.check_rows(n)
-    x2d = x.reshape(-1, layer.in_f)
-    xin = x2d if x2d.dtype == layer.dtype else x2d.to(layer.dtype)
-    masked = sel.rows is not None
-    per_row = bool(
-        masked
-        and sel.row_slots is not None
-        and sel.k > sel.row_slots.shape[1]
-        and x2d.shape[0] >= LONG_ROWS * n
-    )
+    xin = layer.lin_input(x)
+    per_row = layer.per_row_wanted(sel, x, n)
     h = None
     if not compiling:  # (a compiled graph computes each member's own: no Python state to guard on)
         fam = layer.family
         if fam is not None and len(fam.members) > 1:
             h = fam.h(layer, sel, x, xin, n, per_row)
-    if per_row:
-        first, second = layer._row_factors(sel, n, compiling)
-        if h is None:
-            h = torch.bmm(xin.view(n, -1, layer.in_f), first.transpose(1, 2))
-        out = original(x)
-        if second.dtype == out.dtype and out.is_contiguous():
-            out.view(n, -1, layer.out_f).baddbmm_(h, second)
-            return out
-        return out + torch.bmm(h, second).to(out.dtype).view(out.shape)
-    first, second = layer._gathered(sel, compiling)
-    assert first is not None
-    if h is None:
-        h = torch.mm(xin, first.T)
-        if masked and compiling:
-            mask = sel.coef_for(n).repeat_interleave(layer.rank, dim=1).to(h.dtype)
-            h = (h.view(n, -1, h.shape[-1]) * mask.unsqueeze(1)).view(h.shape)
-        elif masked:
-            h = _masked(h, n, sel.mask_for(n, layer.rank, h.dtype))
     out = original(x)
-    if second.dtype == out.dtype and out.is_contiguous():
-        out.view(-1, layer.out_f).addmm_(h, second)
-        return out
-    return out + torch.mm(h, second).to(out.dtype).view(out.shape)
+    if per_row:
+        return layer.per_row(sel, x, out, n, compiling, h)
+    return layer.concat(sel, xin, out, n, compiling, h)

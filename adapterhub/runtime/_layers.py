@@ -323,14 +323,10 @@ class Layer:
         compiling = torch.compiler.is_compiling()
         kind = self.kind
         masked = sel.rows is not None
-        if (
-            masked
-            and kind in ("linear", "conv1d")
-            and sel.row_slots is not None
-            and sel.k > sel.row_slots.shape[1]
-            and x.numel() >= LONG_ROWS * n * self.in_f
-        ):
-            return self._per_row(sel, x, output, n, compiling)
+        if kind in ("linear", "conv1d") and self.per_row_wanted(sel, x, n):
+            return self.per_row(sel, x, output, n, compiling)
+        if kind in ("linear", "conv1d"):
+            return self.concat(sel, self.lin_input(x), output, n, compiling)
         first, second = self._gathered(sel, compiling)
         k, r = sel.k, self.rank
         if kind == "embedding":
@@ -343,7 +339,7 @@ class Layer:
             scale = getattr(module, "embed_scale", None)
             if scale is not None:
                 delta = delta * scale.to(delta.dtype) if isinstance(scale, torch.Tensor) else delta * scale
-        elif kind == "conv":
+        else:  # conv
             assert first is not None
             conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel) - 1]
             xin = x if x.dtype == first.dtype else x.to(first.dtype)
@@ -357,34 +353,71 @@ class Layer:
                 )
                 h = h * mask.view(mask.shape[0], k * r, *(1,) * len(self.kernel))
             delta = conv(h, second)
-        else:
-            assert first is not None
-            xin = x.reshape(-1, self.in_f)
-            if xin.dtype != first.dtype:
-                xin = xin.to(first.dtype)
-            h = xin @ first.T
-            if masked:
-                mask = (
-                    sel.mask_for(n, r, h.dtype)
-                    if not compiling
-                    else sel.coef_for(n).repeat_interleave(r, dim=1).to(h.dtype)
-                )
-                h = (h.view(n, -1, k * r) * mask.unsqueeze(1)).view(-1, k * r)
-            if self.bias is None and not (sel.dora and self.gm1 is not None) and _inplace_ok(output, h):
-                output.view(-1, self.out_f).addmm_(h, second)
-                return output
-            delta = (h @ second).view(*output.shape)
         return self._finish(sel, module, output, delta, n)
 
-    def _per_row(
-        self, sel: Selection, x: torch.Tensor, output: torch.Tensor, n: int, compiling: bool
+    # linear and Conv1D layers (the hook above and `_fused.fused_linear` share these)
+
+    def lin_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(tokens, in)`` in the banks' dtype."""
+        xin = x.reshape(-1, self.in_f)
+        return xin if xin.dtype == self.dtype else xin.to(self.dtype)
+
+    def per_row_wanted(self, sel: Selection, x: torch.Tensor, n: int) -> bool:
+        """Long rows over more adapters than any row uses: `per_row` (else `concat`) costs less."""
+        return (
+            sel.rows is not None
+            and sel.row_slots is not None
+            and sel.k > sel.row_slots.shape[1]
+            and x.numel() >= LONG_ROWS * n * self.in_f
+        )
+
+    def first_product(
+        self, sel: Selection, xin: torch.Tensor, first: torch.Tensor, n: int, compiling: bool
     ) -> torch.Tensor:
-        """Long rows over several adapters: two batched GEMMs, each row with only its own factors."""
+        """``xin @ first.T``, each row's columns scaled by its coefficients when rows differ."""
+        h = torch.mm(xin, first.T)
+        if sel.rows is None:
+            return h
+        if compiling:
+            mask = sel.coef_for(n).repeat_interleave(self.rank, dim=1).to(h.dtype)
+            return (h.view(n, -1, h.shape[-1]) * mask.unsqueeze(1)).view(h.shape)
+        return scale_rows(h, n, sel.mask_for(n, self.rank, h.dtype))
+
+    def concat(
+        self,
+        sel: Selection,
+        xin: torch.Tensor,
+        output: torch.Tensor,
+        n: int,
+        compiling: bool,
+        h: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Add the selection's term through the concatenated factors of its slots (``h``: the first
+        product when a `_fused.Family` has made it already)."""
+        first, second = self._gathered(sel, compiling)
+        if h is None:
+            assert first is not None
+            h = self.first_product(sel, xin, first, n, compiling)
+        if self.bias is None and not (sel.dora and self.gm1 is not None) and _inplace_ok(output, h):
+            output.view(-1, self.out_f).addmm_(h, second)
+            return output
+        delta = (h @ second).view(*output.shape)
+        return self._finish(sel, self.module, output, delta, n)
+
+    def per_row(
+        self,
+        sel: Selection,
+        x: torch.Tensor,
+        output: torch.Tensor,
+        n: int,
+        compiling: bool,
+        h: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Long rows over several adapters: two batched GEMMs, each row with only its own factors
+        (``h``: the first one, when a `_fused.Family` has made it already)."""
         first, second = self._row_factors(sel, n, compiling)
-        xin = x.reshape(n, -1, self.in_f)
-        if xin.dtype != first.dtype:
-            xin = xin.to(first.dtype)
-        h = torch.bmm(xin, first.transpose(1, 2))  # (n, tokens, M*r)
+        if h is None:
+            h = torch.bmm(self.lin_input(x).view(n, -1, self.in_f), first.transpose(1, 2))  # (n, tokens, M*r)
         if self.bias is None and not (sel.dora and self.gm1 is not None) and _inplace_ok(output, h):
             output.view(n, -1, self.out_f).baddbmm_(h, second)
             return output
@@ -449,6 +482,13 @@ class Layer:
 #: tokens per row from which rows over several adapters take the per-row batched GEMMs (below it, the
 #: concatenated factors of all the batch's adapters with a per-row mask cost less)
 LONG_ROWS = 8
+
+
+def scale_rows(h: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
+    """``h`` (n * tokens, C) times the per-row column scales ``mask`` (n, C), in place."""
+    if h.shape[0] == n:
+        return h.mul_(mask)
+    return h.view(n, -1, h.shape[-1]).mul_(mask.unsqueeze(1)).view(h.shape)
 
 
 def _inplace_ok(output: torch.Tensor, other: torch.Tensor) -> bool:

@@ -127,5 +127,4 @@ def keyed_upload(
 
 def on_device_module(m: Any, on_device: dict[int, torch.Tensor]) -> Any:
     """``m`` (a `LoraModule`) with its tensors swapped for their `upload` copies."""
-    roles = {r: t for r in ("A", "B", "bias", "magnitude") if (t := getattr(m, r)) is not None}
-    return m.with_tensors(**{r: on_device.get(id(t), t) for r, t in roles.items()}) if on_device else m
+    return m.with_tensors(**{r: on_device.get(id(t), t) for r, t in m.tensors().items()}) if on_device else m

@@ -179,12 +179,7 @@ def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, sub
 
 def plan_tensors(plan: Plan) -> list[torch.Tensor]:
     """The factor tensors a plan places (A, B, bias, DoRA magnitude of every target), each once."""
-    seen: dict[int, torch.Tensor] = {}
-    for p in plan.loras:
-        for t in (p.lora.A, p.lora.B, p.lora.bias, p.lora.magnitude):
-            if t is not None:
-                seen.setdefault(id(t), t)
-    return list(seen.values())
+    return list({id(t): t for p in plan.loras for t in p.lora.tensors().values()}.values())
 
 
 def _digest(t: torch.Tensor | None) -> bytes:

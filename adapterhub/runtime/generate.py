@@ -5,30 +5,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import InvalidOptionError
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One completion: the text, why it stopped, and its token counts."""
-
-    text: str
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-        }
+from ..records import Generation
 
 
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:

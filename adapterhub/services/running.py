@@ -15,9 +15,8 @@ from .bases import base_dir
 if TYPE_CHECKING:
     from ..catalog.library import Library
     from ..lora import LoraWeights
-    from ..records import AdapterInfo, BaseInfo
+    from ..records import AdapterInfo, BaseInfo, Generation
     from ..runtime import Runtime
-    from ..runtime.generate import Generation
 
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}  # fmt: skip
