@@ -18,6 +18,18 @@ def finite(doc: Any) -> Any:
     return doc
 
 
+def human_size(n: int | None) -> str:
+    """Bytes for people, in powers of 1000 (``""`` for None): what the CLI and the pages show."""
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class ModuleInfo:
     module: str

@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
+from ..records import human_size
 from .base import State, cli, output_options, pass_state, progress_bar
-from .render import emit_fields, emit_json, emit_json_lines, emit_records, human_size
+from .render import emit_fields, emit_json, emit_json_lines, emit_records
 
 LIST_COLUMNS = [
     ("name", "name"),

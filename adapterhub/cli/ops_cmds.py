@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
+from ..records import human_size
 from .base import State, cli, pass_state, progress_bar
-from .render import emit_fields, emit_json, emit_records, human_size
+from .render import emit_fields, emit_json, emit_records
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:

@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
+from ..records import human_size
 from .base import State, cli, output_options, pass_state, progress_bar
-from .render import emit_fields, emit_json, emit_records, human_size
+from .render import emit_fields, emit_json, emit_records
 
 BASE_COLUMNS = [
     ("name", "name"),

@@ -11,8 +11,8 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import AdapterHubError, AdapterNotFoundError
-from ...records import AdapterInfo
-from .html import Safe, definition_list, human_size, join, number, render, table, when
+from ...records import AdapterInfo, human_size
+from .html import Safe, definition_list, join, number, render, table, when
 from .spectra import spectra
 from .state import CatalogHub, hub_of
 from .svg import Node, energy_svg, lineage_svg, sparkline

@@ -33,17 +33,6 @@ def join(parts: Iterable[Any], sep: str = "") -> Safe:
     return Safe(sep.join(esc(p) for p in parts))
 
 
-def human_size(n: int | None) -> str:
-    if n is None:
-        return ""
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
 def when(value: dt.datetime | str | None) -> Safe:
     """A timestamp as a ``<time>`` element (UTC, to the minute)."""
     if value is None:

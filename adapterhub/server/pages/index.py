@@ -9,8 +9,9 @@ from urllib.parse import quote, urlencode
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from ...records import human_size
 from ..records import Commit, Repo, TokenInfo
-from .html import Safe, human_size, join, render, when
+from .html import Safe, join, render, when
 from .listing import SORTS, Facets, PageOfAdapters, Query, listing_of
 from .state import hub_of, store_of
 

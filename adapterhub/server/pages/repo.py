@@ -10,10 +10,11 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import RevisionNotFoundError
+from ...records import human_size
 from ..checks import is_name
 from ..deps import may_read
 from ..records import Commit, Entry, Ref, Repo, TokenInfo
-from .html import Safe, human_size, join, render, table, when
+from .html import Safe, join, render, table, when
 from .markdown import metadata_box, render_markdown, split_card
 from .state import store_of
 
