@@ -395,7 +395,9 @@ def test_content_keys_and_stale_names(llama: Any, llama_adapters: dict[str, Path
     _close(now, _out(rt2.model, x), 0.0)
     rt2.detach()
     rt.activate("twin")
-    _close(_out(rt.model, x), first, 0.0)
+    # the old content still serves under "twin" (b's larger rank pads the banks: a GEMM of other
+    # widths, so equal up to rounding, not bit for bit)
+    _close(_out(rt.model, x), first)
     rt.activate(None)
     rt.unload("twin")
     rt.unload("x")
@@ -531,5 +533,6 @@ def test_many_resident_grow_the_banks(llama_adapters: dict[str, Path], rt: Runti
         rt.activate({"a": w})
         _close(mixed[row : row + 1], _out(rt.model, x[row : row + 1]), 1e-4)
     rt.activate(None)
-    # a base row adds nothing: bit-exact on the CPU; a GPU's GEMM kernels depend on the batch size
-    _close(mixed[1:2], _out(rt.model, x[1:2]), 0.0 if DEVICE == "cpu" else ATOL)
+    # a base row adds nothing: bit-exact against the base model on the same batch (not against a
+    # batch of one: CPU and GPU GEMM kernels both pick their blocking by the batch size)
+    _close(mixed[1:2], _out(rt.model, x)[1:2], 0.0)

@@ -66,7 +66,7 @@ def test_linears_take_the_fused_forward_and_detach_removes_it(setup: tuple[Any, 
     _out(model, _ids(2, 5))
     # o_proj sees the attention output, not the hidden states q, k, v share: it left the family
     assert {m.name.rsplit(".", 1)[-1] for m in fam.members} == {"q_proj", "k_proj", "v_proj"}
-    assert fam._h is None and fam._x is None  # no activation held after the forward
+    assert fam._pending is None and fam._x is None  # no activation held after the forward
     rt.detach()
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert all(not m._forward_hooks for m in model.modules())
@@ -100,6 +100,39 @@ def test_mixed_rows_equal_single_runs_and_peft(setup: tuple[Any, dict[str, Path]
         theirs = pm(x[keep], adapter_names=[rows[i] or "__base__" for i in keep]).logits
     _close(mixed[keep], theirs)
     rt.detach()
+
+
+def test_plans_follow_the_selection_the_banks_the_shape_and_grad_mode(
+    setup: tuple[Any, dict[str, Path]],
+) -> None:
+    """A layer's `Plan` (its work for one selection and input shape, made on the first call) is never
+    used for another selection, other bank contents, another shape or with gradients on."""
+    llama, paths = setup
+    model = copy.deepcopy(llama).eval()
+    rt = attach(model)
+    rt.load(paths["b"])
+    rt.load(paths["d"])
+    x = _ids(3, 5)
+    with rt.rows(["b", "d", None]):
+        first = _out(model, x)
+        layers = [layer for layer in rt._layers.values() if layer.forward is not None]
+        assert layers and all(layer.plan is not None for layer in layers)
+        _close(_out(model, x), first, 0.0)  # through the plans
+        short = _out(model, x[:, :2])  # another shape: new plans
+        _close(short, _out(model, x[:, :2]), 0.0)
+        with torch.enable_grad():  # gradients on: the general path, same numbers
+            _close(model(x).logits.detach(), first)
+    rt.activate("b")
+    _close(_out(model, x)[:1], first[:1])
+    _close(_out(model, x)[:1], first[:1])
+    rt.load(paths["c"], name="b")  # new content under the active name: the plans are dropped
+    fresh = attach(copy.deepcopy(llama).eval())
+    fresh.load(paths["c"], name="b")
+    fresh.activate("b")
+    _close(_out(model, x), _out(fresh.model, x))  # (banks padded to d's rank here: rounding only)
+    fresh.detach()
+    rt.detach()
+    assert all(layer.plan is None for layer in layers)
 
 
 def test_same_spec_on_every_row_is_activate(setup: tuple[Any, dict[str, Path]]) -> None:

@@ -9,6 +9,12 @@ up) share ``h = x @ A.T``: a `Family` computes it once for all of them, as one G
 concatenated A factors (masked per row once), and each member takes its columns. A member that turns
 out to see another input (cross attention), or an input changed in place, leaves its family for good.
 
+The first call under a selection (and input shape) goes through every check and leaves a `Plan`: the
+factors, mask and views it needs; later calls with the same selection, banks and shape (each decode
+step) run straight through it, a few attribute reads and the kernels. Plans are keyed by the selection
+object and its version, the layer's bank version, the input's shape and dtype, and are never used with
+gradients on or under ``torch.compile``.
+
 Measured on an H200 and kept out: writing the low-rank term first and letting the base GEMM accumulate
 onto it (``delta.addmm_(x, W.T)``, one pass over the output less) was no faster there (its base GEMMs,
 with ``beta=1``, ran 3% slower, which ate the pass saved), and rows without an adapter would no longer
@@ -59,11 +65,11 @@ class Family:
 
     def __init__(self) -> None:
         self.members: list[Layer] = []
-        self._x: torch.Tensor | None = None  # the input the pending ``h`` was computed from
+        self.version = 0  # bumped whenever a member's banks change (their factors are re-gathered)
+        self._x: torch.Tensor | None = None  # the input the pending slices were computed from
         self._x_version = -1
-        self._h: torch.Tensor | None = None
-        self._offsets: dict[int, int] = {}  # id(layer) -> first column of its slice in ``h``
-        self._left: set[int] = set()  # members that have not taken their slice of ``h`` yet
+        #: id(member) -> its slice of the pending ``h``, for the members that have not taken theirs
+        self._pending: dict[int, torch.Tensor] | None = None
         self._cache: tuple[Any, ...] | None = None
 
     def join(self, layer: Layer) -> None:
@@ -74,33 +80,43 @@ class Family:
         if layer in self.members:
             self.members.remove(layer)
         layer.family = None
+        layer.plan = None
         self.reset()
 
     def reset(self) -> None:
-        self._x = self._h = None
+        self.version += 1
+        self._x = self._pending = None
         self._cache = None
-        self._left = set()
 
-    def _factors(self, sel: Selection, n: int, per_row: bool) -> tuple[torch.Tensor, dict[int, int]]:
-        """The members' first factors concatenated along the rank (masked rows: with their masks)."""
-        live = [m for m in self.members if m.first is not None]
-        key = (sel, sel.version, n, per_row, tuple((id(m), m.version) for m in live))
+    def _factors(
+        self, sel: Selection, n: int, per_row: bool, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[int]]:
+        """The members' first factors concatenated along the rank, transposed for the GEMM; the
+        per-row column scales (masked rows), each member's width and id."""
+        key = (sel, sel.version, n, per_row, self.version, dtype)
         c = self._cache
         if c is not None and c[0] == key:
-            return c[1], c[2]
-        offsets: dict[int, int] = {}
-        parts = []
-        col = 0
+            return c[1]
+        live = [m for m in self.members if m.first is not None]
         dim = 1 if per_row else 0  # (n, M*r, in) per row, else (K*r, in)
+        parts: list[torch.Tensor] = []
         for m in live:
             first = m._row_factors(sel, n, False)[0] if per_row else m._gathered(sel, False)[0]
             assert first is not None
-            offsets[id(m)] = col
-            col += int(first.shape[dim])
             parts.append(first)
         cat = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-        self._cache = (key, cat, offsets)
-        return cat, offsets
+        mask = None
+        if not per_row and sel.rows is not None:
+            masks = [sel.mask_for(n, m.rank, dtype) for m in live]
+            mask = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]
+        hit = (
+            cat.transpose(1, 2) if per_row else cat.T,
+            mask,
+            [int(p.shape[dim]) for p in parts],
+            [id(m) for m in live],
+        )
+        self._cache = (key, hit)
+        return hit
 
     def h(
         self, layer: Layer, sel: Selection, x: torch.Tensor, xin: torch.Tensor, n: int, per_row: bool
@@ -108,56 +124,107 @@ class Family:
         """``x @ A.T`` of ``layer`` (masked per row where the selection is), shared with its siblings;
         None when ``layer`` has just left the family (it saw another input than its siblings)."""
         lid = id(layer)
-        if self._h is not None and lid in self._left:
+        pending = self._pending
+        if pending is not None and lid in pending:
             if self._x is not x or x._version != self._x_version:
                 self.leave(layer)
                 return None
-            self._left.discard(lid)
-            h = self._h
-            if not self._left:
-                self._x = self._h = None  # every member took its part: hold no activation
-            return _columns(h, self._offsets[lid], layer, sel, per_row)
-        first, offsets = self._factors(sel, n, per_row)
+            mine = pending.pop(lid)
+            if not pending:
+                self._x = self._pending = None  # every member took its part: hold no activation
+            return mine
+        first_t, mask, widths, ids = self._factors(sel, n, per_row, xin.dtype)
         if per_row:
-            h = torch.bmm(xin.view(n, -1, layer.in_f), first.transpose(1, 2))
+            h = torch.bmm(xin.view(n, -1, layer.in_f), first_t)
         else:
-            h = torch.mm(xin, first.T)
-            if sel.rows is not None:
-                h = scale_rows(h, n, self._mask(sel, n, h.dtype))
-        self._left = {k for k in offsets if k != lid}
-        self._x, self._x_version, self._h, self._offsets = x, x._version, h, offsets
-        if not self._left:
-            self._x = self._h = None
-        return _columns(h, offsets[lid], layer, sel, per_row)
-
-    def _mask(self, sel: Selection, n: int, dtype: torch.dtype) -> torch.Tensor:
-        key = ("mask", n, dtype, tuple((id(m), m.rank) for m in self.members if m.first is not None))
-        hit = sel._expanded.get(key)
-        if hit is None:
-            masks = [sel.mask_for(n, m.rank, dtype) for m in self.members if m.first is not None]
-            hit = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]
-            sel._expanded[key] = hit
-        return hit  # type: ignore[return-value]
+            h = torch.mm(xin, first_t)
+            if mask is not None:
+                h = scale_rows(h, n, mask)
+        pending = dict(zip(ids, h.split(widths, dim=-1), strict=True))
+        mine = pending.pop(lid)
+        if pending:
+            self._pending, self._x, self._x_version = pending, x, x._version
+        else:
+            self._x = self._pending = None
+        return mine
 
 
-def _columns(h: torch.Tensor, off: int, layer: Layer, sel: Selection, per_row: bool) -> torch.Tensor:
-    m = int(sel.row_slots.shape[1]) if per_row and sel.row_slots is not None else sel.k
-    return h[..., off : off + m * layer.rank]
+class Plan:
+    """What `fused_linear` does for one layer under one selection and input shape, worked out once
+    (every later call with the same selection, banks and shape runs straight through it)."""
+
+    __slots__ = ("sel", "key", "n", "per_row", "first_t", "mask", "second", "family", "flat", "rows_view")
+
+    def __init__(self, layer: Layer, sel: Selection, x: torch.Tensor, n: int, per_row: bool) -> None:
+        self.sel = sel
+        self.key = (sel.version, layer.version, x.shape, x.dtype)
+        self.n = n
+        self.per_row = per_row
+        if per_row:
+            first, self.second = layer._row_factors(sel, n, False)
+            self.first_t = first.transpose(1, 2)
+            self.mask = None
+        else:
+            first, self.second = layer._gathered(sel, False)  # type: ignore[assignment]
+            assert first is not None
+            self.first_t = first.T
+            self.mask = sel.mask_for(n, layer.rank, layer.dtype) if sel.rows is not None else None
+        fam = layer.family
+        self.family = fam if fam is not None and len(fam.members) > 1 else None
+        self.flat = (-1, layer.in_f)
+        self.rows_view = (n, -1, layer.out_f) if per_row else (-1, layer.out_f)
 
 
 def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
     """The adapted forward of a plain ``nn.Linear`` (see the module docstring)."""
     state = layer.state
     sel = state.sel
-    module = layer.module
     if sel is None or state.passthrough or layer.first is None:
         return original(x)
+    if torch.compiler.is_compiling():  # first: a compiled graph must not guard on the plan
+        return _general(layer, original, x)
+    plan = layer.plan
+    if (
+        plan is None
+        or plan.sel is not sel
+        or torch.is_grad_enabled()
+        or plan.key != (sel.version, layer.version, x.shape, x.dtype)
+    ):
+        return _general(layer, original, x)
+    n = plan.n
+    xin = x.reshape(plan.flat)
+    h = None
+    if plan.family is not None:
+        h = plan.family.h(layer, sel, x, xin, n, plan.per_row)
+    out = original(x)
+    if h is None:
+        if plan.per_row:
+            h = torch.bmm(xin.view(n, -1, layer.in_f), plan.first_t)
+        else:
+            h = torch.mm(xin, plan.first_t)
+            if plan.mask is not None:
+                h = scale_rows(h, n, plan.mask)
+    if not out.is_contiguous():  # (F.linear makes a contiguous output; never seen otherwise)
+        return out + (torch.bmm(h, plan.second) if plan.per_row else h @ plan.second).view(out.shape)
+    if plan.per_row:
+        out.view(plan.rows_view).baddbmm_(h, plan.second)
+    else:
+        out.view(plan.rows_view).addmm_(h, plan.second)
+    return out
+
+
+def _general(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
+    """Every case, and the first call under a selection (which leaves a `Plan` for the next ones)."""
+    sel = layer.state.sel
+    assert sel is not None
+    module = layer.module
+    grad = torch.is_grad_enabled()
     if (
         (sel.replace and layer.replacements)
         or layer.bias is not None
         or (sel.dora and layer.gm1 is not None)
         or x.dim() < 2
-        or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))
+        or (grad and (x.requires_grad or module.weight.requires_grad))
     ):
         out = original(x)
         res = layer(module, (x,), {}, out)
@@ -173,6 +240,8 @@ def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
         fam = layer.family
         if fam is not None and len(fam.members) > 1:
             h = fam.h(layer, sel, x, xin, n, per_row)
+        if not grad and x.dtype == layer.dtype:
+            layer.plan = Plan(layer, sel, x, n, per_row)
     out = original(x)
     if per_row:
         return layer.per_row(sel, x, out, n, compiling, h)

@@ -124,6 +124,7 @@ class Layer:
         self._cache: tuple[Any, ...] | None = None
         self._rcache: tuple[Any, ...] | None = None
         self.family: Any = None  # the `_fused.Family` of a fused linear
+        self.plan: Any = None  # the `_fused.Plan` of its last selection and input shape
         self.handle: RemovableHandle | None = None  # the forward hook (`hook`), or
         self.forward: Any = None  # the module's fused forward (`_fused.install`)
 
@@ -247,11 +248,11 @@ class Layer:
             self.family.leave(self)
         self.first = self.second = self.bias = self.gm1 = None
         self.replacements.clear()
-        self._cache = self._rcache = None
+        self._cache = self._rcache = self.plan = None
 
     def _changed(self) -> None:
         self.version += 1
-        self._cache = self._rcache = None
+        self._cache = self._rcache = self.plan = None
         if self.family is not None:
             self.family.reset()
 
