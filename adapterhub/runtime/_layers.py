@@ -195,8 +195,9 @@ class Layer:
             self.first[slot].zero_()
             self.second[slot].zero_()
         # the first factor is copied as it is (rounded once to the bank's dtype); the second is scaled
-        # in fp32 and rounded once: in place when it already has the bank's dtype (elementwise ops
-        # compute in fp32 and round once), else through an fp32 copy
+        # in fp32 and rounded once, by one kernel writing into the bank (elementwise ops compute in
+        # fp32 and round once; a factor of another dtype is made fp32 first, so a bf16 factor in an fp32
+        # bank is not rounded to bf16 on the way)
         if self.kind == "embedding":
             self.first[slot, :, :r].copy_(b)
             scaled = self.second[slot, :r]
@@ -205,10 +206,7 @@ class Layer:
             self.first[slot, :r].copy_(a.reshape(r, self.in_f, *self.kernel))
             scaled = self.second[slot, :r]
             src = b.T
-        if src.dtype == dt:
-            scaled.copy_(src).mul_(scale)
-        else:
-            scaled.copy_(src.to(torch.float32) * scale)
+        torch.mul(src if src.dtype == dt else src.to(torch.float32), scale, out=scaled)
         if bias is not None:
             if self.bias is None:
                 self.bias = self._zeros(self.cap, self.out_f)
