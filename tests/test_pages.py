@@ -282,6 +282,51 @@ def test_private_repos_are_absent_without_a_login_that_may_read_them(site: Site)
     assert "--token $HF_TOKEN" in body  # the snippet says a token is needed
 
 
+def test_private_catalog_adapters_are_shown_only_to_who_may_read_them(site: Site, tmp_path: Path) -> None:
+    """A cataloged adapter tagged ``private`` (the rule the inference API follows) is not in the index,
+    its rows, total or facets, has no page, and is not named as another adapter's child, unless the login
+    may read it: ``owner/...`` its owner, a name without a namespace any token of the server."""
+    from _adapters import make_adapter
+
+    make_adapter(tmp_path / "hidden", 4, 8, ["q_proj"], seed=5)
+    make_adapter(tmp_path / "shared", 4, 8, ["v_proj"], seed=6)
+    with Hub(site.home) as hub:
+        hub.add_adapter(tmp_path / "hidden", name="alice/hidden-r4", tags=["private", "secretproject"],
+                        description="alice keeps this to herself")  # fmt: skip
+        hub.add_adapter(tmp_path / "shared", name="shared-private", tags=["private"])
+        hub.combine([("sql-r8", 0.5), ("alice/hidden-r4", 0.5)], name="alice/secret-mix", tags=["private"],
+                    device="cpu")  # fmt: skip
+    private = ("alice/hidden-r4", "shared-private", "alice/secret-mix")
+    try:
+        alice, bob = site.login_cookie(site.alice), site.login_cookie(site.bob)
+        total = len(site.names)
+        for cookie in (None, "adapterhub_session=not-a-token"):
+            body = site.get("/", cookie=cookie)[2]
+            assert not any(n in body for n in private) and "secretproject" not in body
+            assert f'Catalog <span class="count">{total}</span>' in body
+            assert "hidden-r4" not in site.get("/?q=hidden", cookie=cookie)[2]
+            assert "No cataloged adapter matches" in site.get("/?tag=private", cookie=cookie)[2]
+            for name in private:
+                status, _, page = site.get(f"/adapters/{name}", cookie=cookie)
+                assert status == 404 and "keeps this to herself" not in page
+            status, _, page = site.get("/adapters/sql-r8", cookie=cookie)
+            assert status == 200 and "secret-mix" not in page and "hidden-r4" not in page
+        body = site.get("/", cookie=bob)[2]  # bob: the un-namespaced one, not alice's
+        assert "shared-private" in body and "alice/hidden-r4" not in body and "secret-mix" not in body
+        assert f'Catalog <span class="count">{total + 1}</span>' in body
+        assert site.get("/adapters/shared-private", cookie=bob)[0] == 200
+        assert site.get("/adapters/alice/hidden-r4", cookie=bob)[0] == 404
+        body = site.get("/", cookie=alice)[2]
+        assert all(n in body for n in private) and f'Catalog <span class="count">{total + 3}</span>' in body
+        status, _, page = site.get("/adapters/alice/hidden-r4", cookie=alice)
+        assert status == 200 and "keeps this to herself" in page
+        assert "alice/secret-mix" in site.get("/adapters/sql-r8", cookie=alice)[2]
+    finally:
+        with Hub(site.home) as hub:
+            hub.remove_adapters(["alice/secret-mix"])
+            hub.remove_adapters(["alice/hidden-r4", "shared-private"])
+
+
 def test_repo_files_are_served_to_whoever_may_read_them_and_never_run(site: Site) -> None:
     alice = site.login_cookie(site.alice)
     for cookie in (None, site.login_cookie(site.bob)):

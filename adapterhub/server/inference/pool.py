@@ -8,8 +8,7 @@ stays resident only while requests that started with it run, then ages out of th
 others; the scheduler thread then places the factors with ``rt.load(weights, name=sha256)``.
 
 Private adapters: a cataloged adapter tagged ``private`` is listed and served only to a token that may
-read it: for a name ``owner/...``, a token of user ``owner``; for a name without a namespace, any token
-of this server.
+read it (`adapterhub.server.privacy`, the rule the web pages follow too).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import AdapterHubError, InvalidOptionError
+from ..privacy import is_private, may_see
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from ..records import TokenInfo
 
 logger = logging.getLogger(__name__)
-
-PRIVATE_TAG = "private"
 
 
 @dataclass(frozen=True)
@@ -46,17 +44,12 @@ class Entry:
 
 
 def may_use(entry: Entry, token: TokenInfo | None) -> bool:
-    """Whether ``token`` may list and use ``entry`` (see the module docstring)."""
-    if not entry.private:
-        return True
-    if token is None:
-        return False
-    owner, sep, _ = entry.name.partition("/")
-    return not sep or token.user == owner
+    """Whether ``token`` may list and use ``entry`` (`adapterhub.server.privacy`)."""
+    return may_see(entry.name, entry.private, token)
 
 
 def entry_of(info: Any) -> Entry:
-    return Entry(info.name, info.sha256, PRIVATE_TAG in (info.tags or ()), int(info.num_params or 0))
+    return Entry(info.name, info.sha256, is_private(info.tags), int(info.num_params or 0))
 
 
 class AdapterPool:

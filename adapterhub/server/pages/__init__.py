@@ -136,7 +136,7 @@ def not_found(request: Request, user: TokenInfo | None, what: str) -> Response:
 async def adapter(request: Request, name: str) -> Response:
     started = time.perf_counter()
     user = await page_user(request)
-    found = await adapter_body(request, name)
+    found = await adapter_body(request, name, user)
     if found is None:
         if name.count("/") == 0:  # a hosted repo in a namespace called "adapters"
             shown = await repo_body(request, "adapters", name, user)

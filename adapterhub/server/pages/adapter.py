@@ -4,6 +4,7 @@ picture, the registered bases it fits, and the singular-value spectra of its mod
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -12,6 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ...errors import AdapterHubError, AdapterNotFoundError
 from ...records import AdapterInfo, human_size
+from ..privacy import is_private, may_see
+from ..records import TokenInfo
 from .html import Safe, definition_list, join, number, render, table, when
 from .spectra import spectra
 from .state import CatalogHub, hub_of
@@ -63,10 +66,12 @@ def modules_table(info: AdapterInfo) -> Safe:
     )
 
 
-def lineage(info: AdapterInfo, endpoint: str) -> Safe:
+def lineage(info: AdapterInfo, endpoint: str, visible: Callable[[str], bool] = lambda name: True) -> Safe:
+    """Parents, children, merges and pushes; parents and children that the viewer may not see (private
+    ones) are left out."""
     parents = [Node(p.name, f"{p.method}" + (f" × {p.weight:g}" if p.weight is not None else ""),
-                    adapter_href(p.name)) for p in info.parents]  # fmt: skip
-    after = [Node(c, "child", adapter_href(c)) for c in info.children or ()]
+                    adapter_href(p.name)) for p in info.parents if visible(p.name)]  # fmt: skip
+    after = [Node(c, "child", adapter_href(c)) for c in info.children or () if visible(c)]
     after += [Node(m.out.rstrip("/").rsplit("/", 1)[-1] or m.out, f"{'unmerged from' if m.unmerge else 'merged into'} {m.base} × {m.weight:g}", None, "merge", f"{m.out}: {'unmerged from' if m.unmerge else 'merged into'} {m.base}")
               for m in info.merges or ()]  # fmt: skip
     for p in info.pushes or ():
@@ -146,8 +151,28 @@ def spectra_section(modules: list[dict[str, Any]] | None, error: str | None, *, 
     )  # fmt: skip
 
 
-def load(hub: CatalogHub, name: str) -> tuple[AdapterInfo, Safe, list[dict[str, Any]] | None, str | None]:
+def visible_to(hub: CatalogHub, user: TokenInfo | None) -> Callable[[str], bool]:
+    """Whether ``user`` may see a cataloged adapter by name (one no longer cataloged has no tags to
+    make it private)."""
+
+    def visible(name: str) -> bool:
+        try:
+            other = hub.adapter_info(name)
+        except AdapterNotFoundError:
+            return True
+        return may_see(other.name, is_private(other.tags), user)
+
+    return visible
+
+
+def load(
+    hub: CatalogHub, name: str, user: TokenInfo | None
+) -> tuple[AdapterInfo, Safe, list[dict[str, Any]] | None, str | None]:
+    """What the page shows; `AdapterNotFoundError` for an adapter ``user`` may not see, as for one that
+    is not there (nothing about it is computed)."""
     info = hub.adapter_info(name)
+    if not may_see(info.name, is_private(info.tags), user):
+        raise AdapterNotFoundError(name)
     fit = fits(hub, info)
     try:
         return info, fit, spectra(hub, name, info.sha256), None
@@ -156,10 +181,10 @@ def load(hub: CatalogHub, name: str) -> tuple[AdapterInfo, Safe, list[dict[str, 
         return info, fit, None, f"The spectra could not be computed: {exc}"
 
 
-async def adapter_body(request: Request, name: str) -> tuple[str, Safe] | None:
+async def adapter_body(request: Request, name: str, user: TokenInfo | None) -> tuple[str, Safe] | None:
     hub = hub_of(request)
     try:
-        info, fit, mods, error = await run_in_threadpool(load, hub, name)
+        info, fit, mods, error = await run_in_threadpool(load, hub, name, user)
     except AdapterNotFoundError:
         return None
     endpoint = str(request.base_url).rstrip("/")
@@ -172,6 +197,6 @@ async def adapter_body(request: Request, name: str) -> tuple[str, Safe] | None:
         '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
         '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
         name=info.name, desc=info.description or "", meta=metadata(info), mods=modules_table(info),
-        lineage=lineage(info, endpoint), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,
+        lineage=lineage(info, endpoint, visible_to(hub, user)), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,
     )  # fmt: skip
     return info.name, body

@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi import Request
 
+from ..privacy import is_private, may_see
+from ..records import TokenInfo
 from .state import CatalogHub
 
 SORTS = {
@@ -87,8 +89,10 @@ class Listing:
                 self._parsed = {t: parsed[t] for t in texts if t in parsed}
         return out
 
-    def page(self, hub: CatalogHub, query: Query) -> PageOfAdapters:
-        rows = self.records(hub, query)
+    def page(self, hub: CatalogHub, query: Query, user: TokenInfo | None) -> PageOfAdapters:
+        """The page ``query`` asks for, of the adapters ``user`` may see (private ones are left out of
+        the rows, the total and the facet counts alike)."""
+        rows = [r for r in self.records(hub, query) if may_see(r["name"], is_private(r["tags"]), user)]
         facets = count_facets(rows)
         if query.sort != "name" or query.order != "asc":
             rows = sorted(rows, key=SORTS.get(query.sort, SORTS["name"]), reverse=query.order == "desc")
