@@ -217,6 +217,10 @@ def test_errors_have_openai_shapes(tiny: dict[str, Any]) -> None:
         _chat(tiny["server"].client(tiny["other"]), "secret/x")
     r = _chat(tiny["server"].client(tiny["token"]), "secret/x")
     assert r.choices[0].message.content == _alone(tiny, "secret/x")
+    # resident now; /metrics (no token needed) counts it but does not name it
+    status, metrics = tiny["server"].get("/metrics")
+    shown = [ln for ln in metrics.splitlines() if ln.startswith("adapterhub_resident_adapter_bytes{")]
+    assert status == 200 and "secret" not in metrics and any('adapter="(private)"' in ln for ln in shown)
     with pytest.raises(openai.BadRequestError):
         _chat(client, "a0:abc")
     with pytest.raises(openai.BadRequestError):

@@ -49,7 +49,8 @@ class Metrics:
         self.evictions = 0
         self.queue_length = 0
         self.active = 0
-        self.resident: dict[str, tuple[str, int]] = {}  # name -> (sha256, bytes)
+        #: sha256 -> (the name shown, "(private)" for a private adapter; bytes)
+        self.resident: dict[str, tuple[str, int]] = {}
         self.batch = _Histogram(_BATCH)
         self.prefill_batch = _Histogram(_BATCH)
         self.ttft = _Histogram(_SECONDS)
@@ -95,7 +96,7 @@ class Metrics:
         ):
             out += [f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
         out.append(f"# TYPE {p}resident_adapter_bytes gauge")
-        for name, (sha, b) in sorted(self.resident.items()):
+        for sha, (name, b) in sorted(self.resident.items(), key=lambda kv: (kv[1][0], kv[0])):
             out.append(f'{p}resident_adapter_bytes{{adapter="{_label(name)}",sha256="{sha[:12]}"}} {b}')
         out += self.batch.lines(f"{p}decode_batch_size")
         out += self.prefill_batch.lines(f"{p}prefill_batch_size")

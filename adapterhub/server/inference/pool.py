@@ -75,6 +75,7 @@ class AdapterPool:
         self._lock = threading.Lock()
         self._fits: dict[str, str | None] = {}  # sha256 -> None (fits) or the validation message
         self._names: dict[str, str] = {}  # sha256 -> a name to read it by
+        self._private: dict[str, bool] = {}  # sha256 -> whether a name it was asked by is private
         self._reads: dict[str, Future[tuple[LoraWeights, float]]] = {}
         self._read: dict[str, tuple[LoraWeights, float]] = {}  # read, waiting for room
         self._problems: dict[str, AdapterHubError] = {}
@@ -115,6 +116,7 @@ class AdapterPool:
         """Make sure ``entry``'s content is resident or on its way."""
         with self._lock:
             self._names[entry.sha256] = entry.name
+            self._private[entry.sha256] = entry.private
             self._problems.pop(entry.sha256, None)
             self._start_read(entry.sha256)
 
@@ -229,7 +231,11 @@ class AdapterPool:
 
     def _publish(self) -> None:
         with self._lock:
-            self.metrics.resident = {self._names.get(s, s): (s, b) for s, b in self._lru.items()}
+            # /metrics answers without a token: a private adapter's name is not shown there
+            self.metrics.resident = {
+                s: ("(private)" if self._private.get(s, True) else self._names.get(s, s), b)
+                for s, b in self._lru.items()
+            }
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
