@@ -190,7 +190,26 @@ def test_collections(server: Server, hf: Any) -> None:
     with pytest.raises(hf.errors.HfHubHTTPError) as err:
         bob.delete_collection(renamed.slug)
     assert err.value.response.status_code == 403
+    # a private repo in a public collection is shown only to who may read it (the Hub hides it too)
+    alice.create_repo("alice/for-llama-private", private=True)
+    alice.add_collection_item(renamed.slug, item_id="alice/for-llama-private", item_type="model")
+    assert [i.item_id for i in alice.get_collection(renamed.slug).items] == [
+        "alice/for-llama",
+        "alice/for-llama-private",
+    ]
+    for api in (bob, hf.HfApi(endpoint=server.url, token=False)):
+        assert [i.item_id for i in api.get_collection(renamed.slug).items] == ["alice/for-llama"]
+        listed = [
+            i.item_id for c in api.list_collections(owner="alice", item="alice/for-llama") for i in c.items
+        ]
+        assert "alice/for-llama-private" not in listed
+    status, _, raw = server.request("GET", "/api/collections?owner=alice")
+    assert status == 200 and b"for-llama-private" not in raw
+    assert [c.slug for c in bob.list_collections(item="models/alice/for-llama")] == [renamed.slug]
+    assert list(bob.list_collections(item="models/alice/for-llama-private")) == []
+    alice.delete_repo("alice/for-llama-private")
     alice.delete_collection_item(renamed.slug, item.item_object_id)
+    alice.delete_collection_item(renamed.slug, alice.get_collection(renamed.slug).items[-1].item_object_id)
     assert alice.get_collection(renamed.slug).items == []
     alice.delete_collection(renamed.slug)
     with pytest.raises(hf.errors.HfHubHTTPError):

@@ -10,6 +10,7 @@ import re
 import secrets
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,42 @@ class Collections:
             raise RepoNotFoundError(f"collection {slug}")
         return owner, slug.rsplit("-", 1)[-1]
 
-    def get(self, slug: str, viewer: str | None) -> dict[str, Any]:
+    def get(
+        self, slug: str, viewer: str | None, may_see_model: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
+        """The collection, as ``viewer`` may see it: a private one only by its owner, and (given
+        ``may_see_model``) without the items that ``viewer`` may not see (private repos and
+        collections), as the Hub hides them."""
         owner, cid = self._owner(slug)
         c = self._load(owner).get(cid)
         if c is None or (c["private"] and viewer != owner):
             raise RepoNotFoundError(f"collection {slug}")
-        return c
+        return c if may_see_model is None else self._shown(c, viewer, may_see_model)
 
-    def listing(self, owner: str | None, viewer: str | None) -> list[dict[str, Any]]:
+    def listing(
+        self, owner: str | None, viewer: str | None, may_see_model: Callable[[str], bool] | None = None
+    ) -> list[dict[str, Any]]:
         owners = [owner] if owner else [p.stem for p in sorted(self.root.glob("*.json"))]
         out = [c for o in owners for c in self._load(o).values() if not c["private"] or viewer == o]
+        if may_see_model is not None:
+            out = [self._shown(c, viewer, may_see_model) for c in out]
         return sorted(out, key=lambda c: c["lastUpdated"], reverse=True)
+
+    def _shown(
+        self, c: dict[str, Any], viewer: str | None, may_see_model: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        def visible(item: dict[str, Any]) -> bool:
+            if item["type"] == "model":
+                return may_see_model(item["id"])
+            if item["type"] == "collection":
+                try:
+                    self.get(item["id"], viewer)
+                except RepoNotFoundError:
+                    return False
+            return True
+
+        items = [i for i in c["items"] if visible(i)]
+        return c if len(items) == len(c["items"]) else {**c, "items": items}
 
     def create(self, user: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import UnauthorizedError
-from ..deps import auth, read_json, server
+from ..deps import auth, may_read, read_json, server
 from ..records import TokenInfo
 
 router = APIRouter()
@@ -20,11 +22,30 @@ def _user(tok: TokenInfo | None) -> str:
     return tok.user
 
 
+def _may_see_model(request: Request, tok: TokenInfo | None) -> Callable[[str], bool]:
+    """Whether ``tok`` may see a model repo by id (one not hosted here is not ours to hide)."""
+    store = server(request).store
+
+    def visible(repo_id: str) -> bool:
+        ns, _, name = repo_id.partition("/")
+        repo = store.get_repo(ns, name) if ns and name else None
+        return repo is None or may_read(repo, tok)
+
+    return visible
+
+
 @router.get(BASE)
 async def list_collections(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
     owner = request.query_params.get("owner")
-    found = await run_in_threadpool(server(request).collections.listing, owner, tok.user if tok else None)
-    return JSONResponse(found)
+    found = await run_in_threadpool(
+        server(request).collections.listing, owner, tok.user if tok else None, _may_see_model(request, tok)
+    )
+    item = request.query_params.get("item")  # "models/ns/name" (the Hub's spelling) or "ns/name"
+    if item:
+        wanted = item.split("/", 1)[1] if item.count("/") >= 2 else item
+        found = [c for c in found if any(i["id"] == wanted for i in c["items"])]
+    # the client numbers the listing itself (Collection(position=..., **each)): no position of ours
+    return JSONResponse([{k: v for k, v in c.items() if k != "position"} for c in found])
 
 
 @router.post(BASE)
@@ -39,7 +60,8 @@ async def one(request: Request, owner: str, slug: str, tok: TokenInfo | None = D
     c = server(request).collections
     full = f"{owner}/{slug}"
     if request.method == "GET":
-        return JSONResponse(await run_in_threadpool(c.get, full, tok.user if tok else None))
+        viewer = tok.user if tok else None
+        return JSONResponse(await run_in_threadpool(c.get, full, viewer, _may_see_model(request, tok)))
     user = _user(tok)
     if request.method == "DELETE":
         await run_in_threadpool(c.delete, full, user)
