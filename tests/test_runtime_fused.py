@@ -135,6 +135,41 @@ def test_plans_follow_the_selection_the_banks_the_shape_and_grad_mode(
     assert all(layer.plan is None for layer in layers)
 
 
+def test_a_sibling_that_joins_later_shares_h_and_no_activation_is_held(
+    setup: tuple[Any, dict[str, Path]], tmp_path: Path
+) -> None:
+    """q's plan was made while it had no siblings; when k and v join its family, q shares ``h`` with
+    them (its plan is dropped), so nothing is left pending after a forward."""
+    llama, _ = setup
+    model = copy.deepcopy(llama).eval()
+    rt = attach(model)
+    rt.load(make_adapter(llama, tmp_path / "q", seed=21, r=4, target_modules=["q_proj"]), name="q")
+    x = _ids(2, 3)
+    rt.activate("q")
+    _out(model, x)
+    _out(model, x)  # through q's plan
+    rt.load(
+        make_adapter(llama, tmp_path / "kv", seed=22, r=4, target_modules=["k_proj", "v_proj"]), name="kv"
+    )
+    fam = rt._layers[next(n for n in rt._layers if n.endswith("layers.0.self_attn.q_proj"))].family
+    assert fam is not None and len(fam.members) == 3
+    alone = _out(model, x)  # the same selection ("q" is still active): q's old plan must not be used
+    assert fam._pending is None and fam._x is None
+    rt.activate({"q": 1.0, "kv": 1.0})
+    ours = _out(model, x)
+    _out(model, x)
+    assert fam._pending is None
+    fresh = attach(copy.deepcopy(llama).eval())
+    fresh.load(tmp_path / "q", name="q")
+    fresh.load(tmp_path / "kv", name="kv")
+    fresh.activate("q")
+    _close(alone, _out(fresh.model, x))
+    fresh.activate({"q": 1.0, "kv": 1.0})
+    _close(ours, _out(fresh.model, x))
+    fresh.detach()
+    rt.detach()
+
+
 def test_same_spec_on_every_row_is_activate(setup: tuple[Any, dict[str, Path]]) -> None:
     llama, paths = setup
     model = copy.deepcopy(llama).eval()

@@ -74,13 +74,19 @@ class Family:
 
     def join(self, layer: Layer) -> None:
         self.members.append(layer)
-        self.reset()
+        self._replan()
 
     def leave(self, layer: Layer) -> None:
         if layer in self.members:
             self.members.remove(layer)
         layer.family = None
         layer.plan = None
+        self._replan()
+
+    def _replan(self) -> None:
+        """The membership changed: every member's `Plan` says whether it shares ``h``, so drop them."""
+        for m in self.members:
+            m.plan = None
         self.reset()
 
     def reset(self) -> None:
