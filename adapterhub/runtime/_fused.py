@@ -74,19 +74,16 @@ class Family:
 
     def join(self, layer: Layer) -> None:
         self.members.append(layer)
-        self._replan()
+        for m in self.members:  # a member planned alone would go on computing its own ``h``
+            m.plan = None
+        self.reset()
 
     def leave(self, layer: Layer) -> None:
+        """(The others' plans stay good: they ask the family, which now leaves this one out.)"""
         if layer in self.members:
             self.members.remove(layer)
         layer.family = None
         layer.plan = None
-        self._replan()
-
-    def _replan(self) -> None:
-        """The membership changed: every member's `Plan` says whether it shares ``h``, so drop them."""
-        for m in self.members:
-            m.plan = None
         self.reset()
 
     def reset(self) -> None:
