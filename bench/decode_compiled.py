@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from runtime import build_model, random_adapter  # noqa: E402
+from runtime import Timer, build_model, random_adapter  # noqa: E402
 
 from adapterhub.runtime import attach  # noqa: E402
 
@@ -51,17 +50,7 @@ def main() -> None:
     def step() -> Any:  # the cache's own length gives the position (each call writes one column)
         return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
 
-    def median(fn: Any, reps: int = 20) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    median = Timer(dev, 20)  # the median of 20 timed calls after warm-up, as runtime.py times
 
     print(f"# decode step {rows} x 1 on a {ctx}-token static cache, {torch.cuda.get_device_name(0)}, "
           f"torch {torch.__version__}")  # fmt: skip

@@ -137,12 +137,7 @@ class Family:
                 self._x = self._pending = None  # every member took its part: hold no activation
             return mine
         first_t, mask, widths, ids = self._factors(sel, n, per_row, xin.dtype)
-        if per_row:
-            h = torch.bmm(xin.view(n, -1, layer.in_f), first_t)
-        else:
-            h = torch.mm(xin, first_t)
-            if mask is not None:
-                h = scale_rows(h, n, mask)
+        h = _first_product(xin, first_t, mask, n, per_row)
         pending = dict(zip(ids, h.split(widths, dim=-1), strict=True))
         mine = pending.pop(lid)
         if pending:
@@ -201,19 +196,23 @@ def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
         h = plan.family.h(layer, sel, x, xin, n, plan.per_row)
     out = original(x)
     if h is None:
-        if plan.per_row:
-            h = torch.bmm(xin.view(n, -1, layer.in_f), plan.first_t)
-        else:
-            h = torch.mm(xin, plan.first_t)
-            if plan.mask is not None:
-                h = scale_rows(h, n, plan.mask)
-    if not out.is_contiguous():  # (F.linear makes a contiguous output; never seen otherwise)
-        return out + (torch.bmm(h, plan.second) if plan.per_row else h @ plan.second).view(out.shape)
+        h = _first_product(xin, plan.first_t, plan.mask, n, plan.per_row)
     if plan.per_row:
         out.view(plan.rows_view).baddbmm_(h, plan.second)
     else:
         out.view(plan.rows_view).addmm_(h, plan.second)
     return out
+
+
+def _first_product(
+    xin: torch.Tensor, first_t: torch.Tensor, mask: torch.Tensor | None, n: int, per_row: bool
+) -> torch.Tensor:
+    """``x @ A.T``: per row (``first_t`` ``(n, in, M*r)``), or over the concatenated factors with each
+    row's columns scaled by ``mask`` when rows differ."""
+    if per_row:
+        return torch.bmm(xin.view(n, -1, first_t.shape[1]), first_t)
+    h = torch.mm(xin, first_t)
+    return h if mask is None else scale_rows(h, n, mask)
 
 
 def _general(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:

@@ -74,8 +74,7 @@ class AdapterPool:
         self.wake: Any = lambda: None
         self._lock = threading.Lock()
         self._fits: dict[str, str | None] = {}  # sha256 -> None (fits) or the validation message
-        self._names: dict[str, str] = {}  # sha256 -> a name to read it by
-        self._private: dict[str, bool] = {}  # sha256 -> whether a name it was asked by is private
+        self._asked: dict[str, Entry] = {}  # sha256 -> the entry it was last asked by (a name to read it by)
         self._reads: dict[str, Future[tuple[LoraWeights, float]]] = {}
         self._read: dict[str, tuple[LoraWeights, float]] = {}  # read, waiting for room
         self._problems: dict[str, AdapterHubError] = {}
@@ -115,15 +114,14 @@ class AdapterPool:
     def request(self, entry: Entry) -> None:
         """Make sure ``entry``'s content is resident or on its way."""
         with self._lock:
-            self._names[entry.sha256] = entry.name
-            self._private[entry.sha256] = entry.private
+            self._asked[entry.sha256] = entry
             self._problems.pop(entry.sha256, None)
             self._start_read(entry.sha256)
 
     def _start_read(self, sha: str) -> None:  # under the lock
         if sha in self._lru or sha in self._reads or sha in self._read:
             return
-        name = self._names[sha]
+        name = self._asked[sha].name
         fut = self._executor.submit(self._read_files, name, sha)
         self._reads[sha] = fut
         fut.add_done_callback(lambda _f: self.wake())
@@ -147,7 +145,7 @@ class AdapterPool:
         with self._lock:
             missing = [s for s in shas if s not in self._lru]
             for s in missing:
-                if s in self._names:
+                if s in self._asked:
                     self._start_read(s)
         return not missing
 
@@ -178,13 +176,13 @@ class AdapterPool:
                 except AdapterHubError as exc:
                     self._problems[s] = exc
                 except Exception as exc:  # an unreadable file: refuse the requests that need it
-                    self._problems[s] = InvalidOptionError(f"cannot read adapter {self._names.get(s)}: {exc}")
+                    self._problems[s] = InvalidOptionError(f"cannot read adapter {self._name(s)}: {exc}")
             pending = list(self._read.items())
         for sha, (weights, read_s) in pending:
             need = _estimate(weights, self.factor_bytes)
             if self.budget is not None and need > self.budget:
                 self._refuse(sha, InvalidOptionError(
-                    f"adapter {self._names.get(sha)} needs {need} bytes of adapter memory, more than the "
+                    f"adapter {self._name(sha)} needs {need} bytes of adapter memory, more than the "
                     f"server's budget of {self.budget} (--adapter-memory)"
                 ))  # fmt: skip
                 continue
@@ -204,7 +202,7 @@ class AdapterPool:
             self.metrics.adapter_loaded(read_s + place_s)
             logger.info(
                 "adapter %s (%s) resident in %.1f ms",
-                self._names.get(sha),
+                self._name(sha),
                 sha[:12],
                 1e3 * (read_s + place_s),
             )
@@ -232,10 +230,14 @@ class AdapterPool:
     def _publish(self) -> None:
         with self._lock:
             # /metrics answers without a token: a private adapter's name is not shown there
-            self.metrics.resident = {
-                s: ("(private)" if self._private.get(s, True) else self._names.get(s, s), b)
-                for s, b in self._lru.items()
-            }
+            self.metrics.resident = {s: (self._name(s, public_only=True), b) for s, b in self._lru.items()}
+
+    def _name(self, sha: str, *, public_only: bool = False) -> str:
+        """The name ``sha`` was asked by (``"(private)"`` for a private one when ``public_only``)."""
+        entry = self._asked.get(sha)
+        if entry is None:
+            return "(private)" if public_only else sha
+        return "(private)" if public_only and entry.private else entry.name
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

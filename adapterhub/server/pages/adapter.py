@@ -66,7 +66,7 @@ def modules_table(info: AdapterInfo) -> Safe:
     )
 
 
-def lineage(info: AdapterInfo, endpoint: str, visible: Callable[[str], bool] = lambda name: True) -> Safe:
+def lineage(info: AdapterInfo, endpoint: str, visible: Callable[[str], bool]) -> Safe:
     """Parents, children, merges and pushes; parents and children that the viewer may not see (private
     ones) are left out."""
     parents = [Node(p.name, f"{p.method}" + (f" × {p.weight:g}" if p.weight is not None else ""),
