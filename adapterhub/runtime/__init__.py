@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from ._plan import content_sha256, model_layout
 from .runtime import AdapterSpec, ResidentAdapter, Runtime, attach
+from .table import RowTable
 from .train import TrainableAdapter
 
 __all__ = [
     "AdapterSpec",
     "ResidentAdapter",
+    "RowTable",
     "Runtime",
     "TrainableAdapter",
     "attach",

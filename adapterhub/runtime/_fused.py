@@ -52,6 +52,7 @@ def install(layer: Layer) -> None:
     if not plain:
         layer.hook()
         return
+    layer.state.layout += 1
     layer.forward = functools.partial(fused_linear, layer, module.forward)
     module.forward = layer.forward
     parent = layer.name.rsplit(".", 1)[0] if "." in layer.name else ""
@@ -179,6 +180,8 @@ def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
     sel = state.sel
     if sel is None or state.passthrough or layer.first is None:
         return original(x)
+    if sel.table:
+        return layer.table_term(sel, x, original(x))
     if torch.compiler.is_compiling():  # first: a compiled graph must not guard on the plan
         return _general(layer, original, x)
     plan = layer.plan

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidOptionError
+from ._rowkernel import rows_term
 from ._select import Selection
 
 if TYPE_CHECKING:
@@ -83,6 +85,8 @@ class RuntimeState:
         #: (parent module name, input width, dtype, device) -> the `_fused.Family` of fused linears
         #: that may share ``x @ A.T``
         self.families: dict[tuple[Any, ...], Any] = {}
+        #: bumped whenever a layer comes or goes or its banks are reallocated (`table.RowTable.current`)
+        self.layout = 0
 
 
 class Layer:
@@ -120,6 +124,7 @@ class Layer:
         self.replacements: dict[int, dict[str, torch.Tensor]] = {}  # slot -> param name -> tensor
         self.users: set[int] = set()  # slots that wrote anything here
         self.lora_slots: set[int] = set()  # slots with low-rank factors here
+        self.extras: set[int] = set()  # slots with a lora_bias or DoRA magnitudes here
         self.version = 0
         self._cache: tuple[Any, ...] | None = None
         self._rcache: tuple[Any, ...] | None = None
@@ -130,6 +135,7 @@ class Layer:
 
     def hook(self) -> None:
         """Apply through a forward hook (every kind of layer; `_fused.install` does plain linears)."""
+        self.state.layout += 1
         self.handle = self.module.register_forward_hook(self, with_kwargs=True)
 
     # ----------------------------------------------------------------------------------------- banks
@@ -155,6 +161,7 @@ class Layer:
         if self.second is not None:
             second[:, :old_r] = self.second
         self.first, self.second, self.rank = first, second, rank
+        self.state.layout += 1
         self._changed()
 
     def grow(self, cap: int) -> None:
@@ -172,6 +179,7 @@ class Layer:
         self.first, self.second = more(self.first), more(self.second)
         self.bias, self.gm1 = more(self.bias), more(self.gm1)
         self.cap = cap
+        self.state.layout += 1
         self._changed()
 
     def write(
@@ -215,6 +223,8 @@ class Layer:
             if self.gm1 is None:
                 self.gm1 = self._zeros(self.cap, self.out_f)
             self.gm1[slot] = gm1.to(dev, dt)
+        if bias is not None or gm1 is not None:
+            self.extras.add(slot)
         self.users.add(slot)
         self.lora_slots.add(slot)
         self._changed()
@@ -232,9 +242,11 @@ class Layer:
         self.replacements.pop(slot, None)
         self.users.discard(slot)
         self.lora_slots.discard(slot)
+        self.extras.discard(slot)
         self._changed()
 
     def remove(self) -> None:
+        self.state.layout += 1
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
@@ -319,6 +331,8 @@ class Layer:
             output = self._replace(sel, x, args, kwargs, output, n)
         if self.first is None:
             return output
+        if sel.table:
+            return self.table_term(sel, x, output)
         compiling = torch.compiler.is_compiling()
         kind = self.kind
         masked = sel.rows is not None
@@ -355,6 +369,18 @@ class Layer:
         return self._finish(sel, module, output, delta, n)
 
     # linear and Conv1D layers (the hook above and `_fused.fused_linear` share these)
+
+    def table_term(self, sel: Selection, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Each row's term from the banks through a `table.RowTable`'s buffers (`_rowkernel`)."""
+        assert self.first is not None and self.second is not None and sel.rows is not None
+        if self.kind not in ("linear", "conv1d"):  # (`RowTable.set` refuses adapters that reach here)
+            raise InvalidOptionError(f"a row table cannot serve the {self.kind} layer {self.name}")
+        xin = self.lin_input(x)
+        if xin.shape[0] % sel.rows or not output.is_contiguous():
+            raise InvalidOptionError(f"the batch does not have the row table's {sel.rows} rows")
+        assert sel.row_slots is not None and sel.row_coef is not None
+        rows_term(xin, self.first, self.second, sel.row_slots, sel.row_coef, output.view(-1, self.out_f))
+        return output
 
     def lin_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(tokens, in)`` in the banks' dtype."""

@@ -36,6 +36,8 @@ class Selection:
     #: rows given to `Runtime.rows` that all asked for the same thing: applied like ``activate`` (no
     #: per-row mask), the batch still has to have a multiple of this many rows
     same_rows: int | None = None
+    #: a `table.RowTable`'s: ``row_slots`` / ``row_coef`` are fixed buffers read by `_rowkernel`
+    table: bool = False
     #: ``len(slots)``, kept apart so a compiled graph guards on the count, not on which slots
     k: int = -1
     _expanded: dict[tuple[Any, ...], object] = field(default_factory=dict, repr=False)

@@ -1,0 +1,141 @@
+"""Each row's own low-rank term straight from the banks: ``out[t] += sum_m c[row, m] * S[slot] (A[slot] x[t])``
+with ``slot = slots[row, m]`` (a negative slot adds nothing), for the decode steps of `table.RowTable`.
+
+One kernel per adapted linear reads, for every token, only the factors of its row's slots (the gathered
+matrix-vector products of Punica's BGMV, shrink and expand in one program): no concatenated factors, no
+per-row mask, and no shape that depends on which adapters the rows use, so a step captured in a CUDA graph
+serves any mix of resident adapters by refilling the ``slots`` / ``coef`` buffers in place.
+
+On CUDA with Triton the kernel is Triton's; elsewhere (and as the tests' oracle) the same arithmetic runs
+in torch: gather the row's factors, two batched products in fp32, one rounding into ``out``. Both
+compute the term in fp32 and round ``out + term`` once to ``out``'s dtype, so a row whose slots are all
+negative stays bit for bit what the base computed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def rows_term(
+    x: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    slots: torch.Tensor,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Add each row's term into ``out`` in place.
+
+    ``x`` ``(tokens, in)``, ``out`` ``(tokens, out)`` (contiguous rows), tokens a multiple of the rows;
+    ``first`` ``(cap, r, in)`` and ``second`` ``(cap, r, out)`` the banks (``s * B`` transposed);
+    ``slots`` ``(rows, M)`` long and ``coef`` ``(rows, M)`` float32.
+    """
+    kernel = _triton() if x.is_cuda else None
+    if kernel is not None:
+        kernel(x, first, second, slots, coef, out)
+    else:
+        _torch(x, first, second, slots, coef, out)
+
+
+def _torch(
+    x: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    slots: torch.Tensor,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    n, m = slots.shape
+    tokens, r = x.shape[0], first.shape[1]
+    per = tokens // n
+    flat = slots.clamp(min=0).reshape(-1)
+    weight = (coef * (slots >= 0)).to(torch.float32)  # (n, M)
+    a = first.index_select(0, flat).to(torch.float32).view(n, m * r, -1)  # (n, M*r, in)
+    s = second.index_select(0, flat).to(torch.float32).view(n, m, r, -1)
+    s = (s * weight.view(n, m, 1, 1)).view(n, m * r, -1)  # (n, M*r, out)
+    h = torch.bmm(x.view(n, per, -1).to(torch.float32), a.transpose(1, 2))  # (n, per, M*r)
+    term = torch.bmm(h, s).view(tokens, -1)
+    out.copy_(out.to(torch.float32).add_(term))
+
+
+@functools.cache
+def _triton() -> Any:
+    """The Triton launcher, or None where Triton is missing (then `_torch` runs)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def kernel(
+        x_ptr, a_ptr, s_ptr, y_ptr, slots_ptr, coef_ptr,
+        per, n_in, n_out, sx, sy, sa0, sa1, ss0, ss1,
+        M: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MR: tl.constexpr,
+        BK: tl.constexpr, BO: tl.constexpr, SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        part = tl.program_id(1)
+        row = t // per
+        j = tl.arange(0, MR)  # (slot m, rank j) pairs of this row: one "virtual rank" of M * RP
+        m = j // RP
+        rr = j % RP
+        ok = (m < M) & (rr < R)
+        slot = tl.load(slots_ptr + row * M + m, mask=m < M, other=-1)
+        ok = ok & (slot >= 0)
+        c = tl.load(coef_ptr + row * M + m, mask=ok, other=0.0)
+        slot = tl.where(ok, slot, 0).to(tl.int64)
+        a_row = a_ptr + slot * sa0 + rr * sa1
+        h = tl.zeros([MR], dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < n_in
+            xv = tl.load(x_ptr + t * sx + kk, mask=km, other=0.0).to(tl.float32)
+            av = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & km[None, :], other=0.0)
+            h += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+        h = h * c
+        s_row = s_ptr + slot * ss0 + rr * ss1
+        for o0 in range(part * BO, n_out, SPLIT * BO):
+            oo = o0 + tl.arange(0, BO)
+            om = oo < n_out
+            sv = tl.load(s_row[:, None] + oo[None, :], mask=ok[:, None] & om[None, :], other=0.0)
+            d = tl.sum(h[:, None] * sv.to(tl.float32), axis=0)
+            yp = y_ptr + t * sy + oo
+            yv = tl.load(yp, mask=om, other=0.0).to(tl.float32)
+            tl.store(yp, (yv + d).to(y_ptr.dtype.element_ty), mask=om)
+
+    sms: dict[int, int] = {}
+
+    def launch(
+        x: torch.Tensor,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        slots: torch.Tensor,
+        coef: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        n, m = slots.shape
+        tokens, n_in = x.shape
+        n_out, r = out.shape[1], first.shape[1]
+        assert first.stride(2) == 1 and second.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
+        rp = triton.next_power_of_2(r)
+        mr = triton.next_power_of_2(m) * rp
+        bk = max(16, min(256, 4096 // mr, triton.next_power_of_2(n_in)))
+        bo = max(16, min(256, 4096 // mr, triton.next_power_of_2(n_out)))
+        dev = x.device.index or 0
+        if dev not in sms:
+            sms[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 8
+        # enough programs to fill the GPU twice over; each part recomputes its row's A x (from L2)
+        split = max(1, min(triton.cdiv(n_out, bo), triton.cdiv(2 * sms[dev], tokens)))
+        kernel[(tokens, split)](
+            x, first, second, out, slots, coef,
+            tokens // n, n_in, n_out, x.stride(0), out.stride(0),
+            first.stride(0), first.stride(1), second.stride(0), second.stride(1),
+            M=m, R=r, RP=rp, MR=mr, BK=bk, BO=bo, SPLIT=split, num_warps=4,
+        )  # fmt: skip
+
+    return launch
