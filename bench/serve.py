@@ -174,6 +174,11 @@ def main() -> None:
     ap.add_argument("--factor-dtype", default="model", choices=("model", "float32"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip PEFT cases once the run is this old")
+    ap.add_argument(
+        "--graphs", default="auto", choices=("auto", "static", "off", "both"),
+        help="decode steps: static buffers + CUDA graphs where covered (auto), the dynamic eager batch "
+        "(off), static buffers without graphs off a GPU (static), or auto and off in the same run",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from adapterhub.runtime import attach
@@ -195,17 +200,13 @@ def main() -> None:
     pool = AdapterPool(
         FolderHub(dict(zip(names, folders, strict=True))), rt, "bench", budget=None, metrics=metrics
     )
-    engine = Engine(
-        model, tok, pool, metrics, max_batch=args.requests, max_queue=100_000, prefill_tokens=1 << 20
-    )
-    engine.eos = set()  # fixed-length answers, as PEFT's min_new_tokens
     g = torch.Generator().manual_seed(3)
     prompts = [
         torch.randint(1, PRESETS[args.preset]["vocab"], (args.prompt,), generator=g).tolist()
         for _ in range(args.requests)
     ]
     entry = {n: Entry(n, f"sha-{n}", False, 0) for n in names}
-    results: dict[str, Any] = {"config": vars(args) | PRESETS[args.preset], "ours": {}, "peft": {}}
+    results: dict[str, Any] = {"config": vars(args) | PRESETS[args.preset], "peft": {}}
 
     def plan(k: int) -> tuple[list[Any], list[Any], list[str | None]]:
         if k == 0:
@@ -213,27 +214,42 @@ def main() -> None:
         used = [names[i % k] for i in range(args.requests)]
         return [{entry[n].sha256: 1.0} for n in used], [entry[n] for n in used], list(used)
 
-    # warm up the model, then make every adapter resident once (cold loads measured here)
-    run_round(engine, pool, prompts[:4], [None] * 4, [], 4)
-    specs, ents, _ = plan(max(counts))
-    t = time.perf_counter()
-    for e in {e.name: e for e in ents}.values():
-        pool.request(e)
-    cold = run_round(engine, pool, prompts, specs, ents, 2)
-    results["cold_load_ms_mean"] = 1e3 * metrics.load.total / max(1, metrics.load.n)
-    results["cold_loads"] = metrics.load.n
-    results["first_round_with_cold_loads_s"] = time.perf_counter() - t
-    del cold
-    for rep in range(args.rounds):  # interleaved rounds; the best of each case is kept (shared CPUs)
-        for k in [0, *counts]:
-            specs, ents, _ = plan(k)
-            run_round(engine, pool, prompts, specs, ents, 4)  # warm this batch shape
-            r = run_round(engine, pool, prompts, specs, ents, args.tokens)
-            if str(k) not in results["ours"] or r["tok_s"] > results["ours"][str(k)]["tok_s"]:
-                results["ours"][str(k)] = r
-            print(f"round {rep} ours k={k}: {r['tok_s']:.0f} tok/s ttft p50 {r['ttft_p50_ms']:.0f} ms",
-                  file=sys.stderr)  # fmt: skip
-    engine.stop()
+    modes = {"auto": [None], "static": [True], "off": [False], "both": [None, False]}[args.graphs]
+    for mode in modes:
+        label = "ours_eager" if mode is False else "ours"
+        results.setdefault(label, {})
+        engine = Engine(
+            model, tok, pool, metrics, max_batch=args.requests, max_queue=100_000, prefill_tokens=1 << 20,
+            graphs=mode,
+        )  # fmt: skip
+        engine.eos = set()  # fixed-length answers, as PEFT's min_new_tokens
+        static = engine.graphs is not None
+        results[f"{label}_static"] = static
+        print(f"# {label}: decode steps {'static (CUDA graphs where on a GPU)' if static else 'dynamic'}",
+              file=sys.stderr)  # fmt: skip
+        # warm up the model, then make every adapter resident once (cold loads measured here)
+        run_round(engine, pool, prompts[:4], [None] * 4, [], 4)
+        specs, ents, _ = plan(max(counts))
+        t = time.perf_counter()
+        for e in {e.name: e for e in ents}.values():
+            pool.request(e)
+        run_round(engine, pool, prompts, specs, ents, 2)
+        if "cold_load_ms_mean" not in results:
+            results["cold_load_ms_mean"] = 1e3 * metrics.load.total / max(1, metrics.load.n)
+            results["cold_loads"] = metrics.load.n
+            results["first_round_with_cold_loads_s"] = time.perf_counter() - t
+        for rep in range(args.rounds):  # interleaved rounds; the best of each case is kept (shared CPUs)
+            for k in [0, *counts]:
+                specs, ents, _ = plan(k)
+                run_round(engine, pool, prompts, specs, ents, 4)  # warm this batch shape
+                r = run_round(engine, pool, prompts, specs, ents, args.tokens)
+                if str(k) not in results[label] or r["tok_s"] > results[label][str(k)]["tok_s"]:
+                    results[label][str(k)] = r
+                print(f"round {rep} {label} k={k}: {r['tok_s']:.0f} tok/s ttft p50 {r['ttft_p50_ms']:.0f} ms",
+                      file=sys.stderr)  # fmt: skip
+        if engine.graphs is not None:
+            results[f"{label}_captures"] = engine.graphs.captures
+        engine.stop()
     rt.detach()
     from peft import LoraConfig, get_peft_model
 
@@ -260,19 +276,22 @@ def main() -> None:
             results["peft"][str(k)] = peft_round(pm, prompts, used, args.tokens, args.device)
             print(f"peft k={k}: {results['peft'][str(k)]:.0f} tok/s (adding adapters {time.perf_counter() - t:.1f}s)",
                   file=sys.stderr)  # fmt: skip
-    base = results["ours"]["0"]["tok_s"]
-    print(
-        "| distinct adapters | ours tok/s | x base-only | PEFT tok/s | x PEFT | TTFT p50 ms | TTFT p99 ms |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for k in ["0", *map(str, counts)]:
-        r = results["ours"][k]
-        peft = results["peft"].get(k)
-        shown = f"{peft:.0f}" if peft else "not run"
-        ratio = f"{r['tok_s'] / peft:.1f}" if peft else "-"
-        label = "base only" if k == "0" else k
-        print(f"| {label} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f} | {shown} | {ratio} | "
-              f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")  # fmt: skip
+    for label in [m for m in ("ours", "ours_eager") if results.get(m)]:
+        base = results[label]["0"]["tok_s"]
+        how = "static + CUDA graphs" if results.get(f"{label}_static") else "dynamic, eager"
+        print(f"\n{label} (decode steps {how}):\n")
+        print(
+            "| distinct adapters | ours tok/s | x base-only | PEFT tok/s | x PEFT | TTFT p50 ms | TTFT p99 ms |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for k in ["0", *map(str, counts)]:
+            r = results[label][k]
+            peft = results["peft"].get(k)
+            shown = f"{peft:.0f}" if peft else "not run"
+            ratio = f"{r['tok_s'] / peft:.1f}" if peft else "-"
+            row = "base only" if k == "0" else k
+            print(f"| {row} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f} | {shown} | {ratio} | "
+                  f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")  # fmt: skip
     print(
         f"cold adapter load (read + place), mean of {results['cold_loads']}: {results['cold_load_ms_mean']:.1f} ms"
     )

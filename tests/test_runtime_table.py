@@ -63,7 +63,9 @@ def test_the_row_kernel_adds_each_rows_own_term(dtype: str, shape: tuple[int, ..
         assert torch.equal(out[:per], out0[:per]), label  # rows without a slot stay bit for bit
     out = out0.clone()
     rows_term(x, first, second, slots, coef, out)  # the dispatcher picks one of the above
-    assert (out.cpu().double() - ref).abs().max().item() <= (1e-4 if dt == torch.float32 else ref.abs().max().item() / 64)
+    assert (out.cpu().double() - ref).abs().max().item() <= (
+        1e-4 if dt == torch.float32 else ref.abs().max().item() / 64
+    )
 
 
 @pytest.fixture(scope="module")

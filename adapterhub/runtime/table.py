@@ -72,7 +72,9 @@ class RowTable:
         rt = self._rt
         rt._check_live()
         if not self.current:
-            raise InvalidOptionError("the runtime's banks changed since this row table was made; make a new one")
+            raise InvalidOptionError(
+                "the runtime's banks changed since this row table was made; make a new one"
+            )
         if rt._merged is not None:
             raise InvalidOptionError(f"{rt._merged.spec} is merged into the weights; call rt.unmerge() first")
         if len(specs) > self.rows:
@@ -83,12 +85,16 @@ class RowTable:
         for i, spec in enumerate(specs):
             row = rt._slots(rt._normalize(spec))
             if len(row) > self.width:
-                raise InvalidOptionError(f"row {i} combines {len(row)} adapters; this table holds {self.width}")
+                raise InvalidOptionError(
+                    f"row {i} combines {len(row)} adapters; this table holds {self.width}"
+                )
             for j, (slot, w) in enumerate(row.items()):
                 name, c = by_slot[slot]
                 why = _unservable(c)
                 if why:
-                    raise IncompatibleAdapterError(f"{name} {why}; a row table serves plain LoRA only (use rt.rows)")
+                    raise IncompatibleAdapterError(
+                        f"{name} {why}; a row table serves plain LoRA only (use rt.rows)"
+                    )
                 slots[i, j], coef[i, j] = slot, w
         self.slots.copy_(slots.to(self.slots.device, non_blocking=False))
         self.coef.copy_(coef.to(self.coef.device, non_blocking=False))
@@ -99,7 +105,9 @@ class RowTable:
         rt = self._rt
         rt._check_live()
         if not self.current:
-            raise InvalidOptionError("the runtime's banks changed since this row table was made; make a new one")
+            raise InvalidOptionError(
+                "the runtime's banks changed since this row table was made; make a new one"
+            )
         prev = rt._state.sel
         rt._state.sel = self._sel
         try:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .graphs import GraphDecoder, StaticBatch
 from .metrics import Metrics
 from .pool import AdapterPool
 
@@ -128,6 +129,7 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 256,
         prefill_tokens: int = 4096,
+        graphs: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -145,7 +147,16 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
-        self._batch = _Batch()
+        why = GraphDecoder.supported(model) if graphs is not False else "turned off"
+        if graphs and why:
+            logger.warning("decode steps stay dynamic: %s", why)
+        #: static buffers (and CUDA graphs on a GPU) for the decode steps; None: a growing DynamicCache
+        self.graphs: GraphDecoder | None = None
+        if why is None and (graphs or self.device.type == "cuda"):
+            self.graphs = GraphDecoder(
+                model, pool.runtime, self._cache_kw, max_batch=max_batch, pad=self._pad
+            )
+        self._batch = self._new_batch()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -153,6 +164,9 @@ class Engine:
         self._rows = contextlib.ExitStack()
         self._exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]] = []
         pool.wake = self.wake
+
+    def _new_batch(self) -> _Batch | StaticBatch:
+        return StaticBatch(self.graphs) if self.graphs is not None else _Batch()
 
     # ----------------------------------------------------------------------------- outside the thread
 
@@ -231,7 +245,7 @@ class Engine:
                 self.close_rows()
                 for job in self._batch.jobs:
                     self._fail(job, exc)
-                self._batch = _Batch()
+                self._batch = self._new_batch()
         self.close_rows()
         for job in self._batch.jobs + self._waiting:
             self._fail(job, RuntimeError("the server is shutting down"))
@@ -326,6 +340,9 @@ class Engine:
         self._rows_key = key
 
     def close_rows(self) -> None:
+        """Leave the decode steps' rows (before the resident adapters change, or the batch does)."""
+        if isinstance(self._batch, StaticBatch):
+            self._batch.table_key = None
         self._rows.close()
         self._rows = contextlib.ExitStack()
         self._rows_key = None
@@ -368,6 +385,14 @@ class Engine:
     @torch.no_grad()
     def _decode(self) -> None:
         b = self._batch
+        if isinstance(b, StaticBatch):
+            assert self.graphs is not None and b.pos is not None
+            logits = self.graphs.step(b, [j.spec for j in b.jobs])
+            b.pos = b.pos + 1
+            b.last = nxt = self._pick(logits.float(), b.jobs)
+            self.metrics.decode(len(b.jobs))
+            self._advance(nxt.tolist(), 0)
+            return
         assert b.mask is not None and b.pos is not None and b.last is not None
         self._set_rows([j.spec for j in b.jobs])
         mask = torch.cat(
