@@ -200,7 +200,7 @@ class Library:
                     modules=modules,
                     files=file_rows,
                     tag_names=list(tags),
-                    parents=list(parents),
+                    parents=[dict(p) for p in parents],
                 )
         except IntegrityError:
             self.drop_unreferenced(s.sha256 for *_, s in stored if s.created)

@@ -83,7 +83,12 @@ def run_cmd(
         else:
             click.echo(" ".join(f"{v:.6f}" for v in vector))
         return
-    stream = None if use_json else (lambda text: (click.echo(text, nl=False), sys.stdout.flush()))
+
+    def show(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    stream = None if use_json else show
     result = state.hub.generate(
         base, prompt, adapters=pairs, system=system, max_tokens=max_tokens, temperature=temperature,
         seed=seed, device=device, on_text=stream, server=server, token=token,

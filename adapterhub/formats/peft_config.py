@@ -20,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import InvalidAdapterError, InvalidConfigError
 
@@ -188,7 +188,7 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
 
 
 def _check_values(config: dict[str, Any], path: str) -> None:
-    def number(v: Any) -> bool:
+    def number(v: Any) -> TypeGuard[float]:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     alphas = [("lora_alpha", config.get("lora_alpha"))]

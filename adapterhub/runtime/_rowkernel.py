@@ -72,7 +72,7 @@ def _triton() -> Any:
         return None
 
     @triton.jit
-    def kernel(
+    def lora_rows_kernel(
         x_ptr, a_ptr, s_ptr, y_ptr, slots_ptr, coef_ptr,
         per, n_in, n_out, sx, sy, sa0, sa1, ss0, ss1,
         M: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MR: tl.constexpr,
@@ -131,7 +131,7 @@ def _triton() -> Any:
             sms[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 8
         # enough programs to fill the GPU twice over; each part recomputes its row's A x (from L2)
         split = max(1, min(triton.cdiv(n_out, bo), triton.cdiv(2 * sms[dev], tokens)))
-        kernel[(tokens, split)](
+        lora_rows_kernel[(tokens, split)](
             x, first, second, out, slots, coef,
             tokens // n, n_in, n_out, x.stride(0), out.stride(0),
             first.stride(0), first.stride(1), second.stride(0), second.stride(1),

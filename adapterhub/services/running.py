@@ -54,9 +54,10 @@ def load_base(
         raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     folder = base_dir(lib, base)
     cls = AutoModelForCausalLM if is_causal_lm(folder) else AutoModel
-    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else "auto"
+    wanted = DTYPES[dtype]
+    torch_dtype: Any = getattr(torch, wanted) if wanted else "auto"
     try:
-        model = cls.from_pretrained(str(folder), dtype=torch_dtype)
+        model: Any = cls.from_pretrained(str(folder), dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None

@@ -209,6 +209,8 @@ class GraphDecoder:
                 self._cum.fill_(width)
                 self._forward(step, bucket)
         torch.cuda.current_stream().wait_stream(side)
+        if not any(s.graph is not None for s in self._steps.values()):
+            self._pool = None  # the last graph of the old pool is gone, and the pool with it
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

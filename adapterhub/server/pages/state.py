@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ...lora import LoraWeights
     from ...ops.validate import ValidationReport
-    from ...records import AdapterInfo, BaseInfo
+    from ...records import AdapterInfo, BaseInfo, FilterKeywords
     from ..storage import ServerStore
 
 
@@ -21,7 +23,13 @@ class CatalogHub(Protocol):
 
     home: Path
 
-    def adapter_records_json(self, query: str | None = None, **filters: Any) -> list[str]: ...
+    def adapter_records_json(
+        self,
+        query: str | None = None,
+        *,
+        compatible_with: str | None = None,
+        **filters: Unpack[FilterKeywords],
+    ) -> list[str]: ...
     def adapter_info(self, name: str) -> AdapterInfo: ...
     def load_adapter(self, name: str) -> LoraWeights: ...
     def list_bases(self) -> list[BaseInfo]: ...
