@@ -152,6 +152,12 @@ def pull_cmd(
 @click.option(
     "--require-token", is_flag=True, help="With --model: refuse inference requests without a token."
 )
+@click.option(
+    "--graphs/--no-graphs",
+    default=None,
+    help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
+    "is covered); --no-graphs keeps a growing cache, eager.",
+)
 @pass_state
 def serve_cmd(
     state: State,
@@ -165,14 +171,17 @@ def serve_cmd(
     max_batch: int,
     adapter_memory: str | None,
     require_token: bool,
+    graphs: bool | None,
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
     if serve_home is not None:
         state.home = serve_home
-    if model is None and (device or dtype != "auto" or adapter_memory or require_token or max_batch != 32):
+    if model is None and (
+        device or dtype != "auto" or adapter_memory or require_token or max_batch != 32 or graphs is not None
+    ):
         raise click.UsageError(
-            "--device, --dtype, --max-batch, --adapter-memory and --require-token go with --model"
+            "--device, --dtype, --max-batch, --adapter-memory, --require-token and --graphs go with --model"
         )
     hub = state.hub
 
@@ -181,7 +190,7 @@ def serve_cmd(
         sys.stdout.flush()
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
-                 "require_token": require_token} if model else {}  # fmt: skip
+                 "require_token": require_token, "graphs": graphs} if model else {}  # fmt: skip
     hub.serve(host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
 
 

@@ -43,6 +43,7 @@ def mount_inference(
     require_token: bool = False,
     max_queue: int = 512,
     factor_dtype: str = "float32",
+    graphs: bool | None = None,
 ) -> Inference:
     """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
     it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
@@ -55,6 +56,9 @@ def mount_inference(
         max_queue: most requests waiting to start; more are answered 429 with Retry-After.
         factor_dtype: ``float32`` keeps adapter factors in fp32 (as PEFT and ``adapterhub run`` compute, so
             answers equal theirs); ``model`` keeps them in the model's dtype (faster on a bf16 GPU).
+        graphs: decode steps over static buffers, captured in CUDA graphs (`graphs`); None: on a GPU
+            where the model is covered, False: never (a growing cache, eager), True: also off a GPU
+            (static buffers, eager).
 
     The scheduler thread starts with the app's lifespan, or with the first request when the server runs
     without lifespan events, and stops at shutdown.
@@ -75,7 +79,7 @@ def mount_inference(
     first = next(iter(live.parameters()))
     svc = Inference(
         hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
-        adapter_memory=budget, require_token=require_token,
+        adapter_memory=budget, require_token=require_token, graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
     )  # fmt: skip
     app.state.inference = svc

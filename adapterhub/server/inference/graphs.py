@@ -6,7 +6,8 @@ the adapters' low-rank terms add more. Here the batch lives in fixed buffers ins
 and the step's inputs. Rows share columns, left-padded as in the dynamic batch: history in columns
 ``[0, width)``, each step writes column ``width`` for every row. Rows of a batch of ``n`` run in the
 smallest bucket (a power of two, or ``max_batch``) that holds them; the rows past ``n`` are dead (the
-base, a pad token, attending only to themselves).
+base, a pad token, attending only to themselves). A batch of base rows only takes a step captured without
+any adapter, so it costs what the base costs.
 
 Adapters go through a `adapterhub.runtime.RowTable` (each row's slots in a fixed buffer, read by one
 kernel per linear), so the step captured for a bucket serves every mix of resident adapters; only a
@@ -35,7 +36,7 @@ class _Step:
     """One captured (or eager) step: its cache object over views of the shared buffers, table, inputs."""
 
     cache: Any
-    table: Any
+    table: Any  # the `RowTable` the step reads its rows' adapters from; None: base rows only
     ids: torch.Tensor  # (bucket, 1)
     pos: torch.Tensor  # (bucket, 1)
     serial: int
@@ -170,7 +171,7 @@ class GraphDecoder:
 
         key = (bucket, self.L, width)
         step = self._steps.get(key)
-        if step is not None and step.table.current:
+        if step is not None and (step.table is None or step.table.current):
             return step
         self._steps.pop(key, None)
         assert self._cum is not None
@@ -182,7 +183,7 @@ class GraphDecoder:
             layer.cumulative_length = self._cum[i]
         step = _Step(
             cache=cache,
-            table=RowTable(self.runtime, bucket, width),
+            table=RowTable(self.runtime, bucket, width) if width else None,
             ids=torch.full((bucket, 1), self.pad, dtype=torch.long, device=self.device),
             pos=torch.zeros((bucket, 1), dtype=torch.long, device=self.device),
             serial=self._serial,
@@ -193,7 +194,8 @@ class GraphDecoder:
 
     def _forward(self, step: _Step, bucket: int) -> torch.Tensor:
         mask = self.mask[:bucket].view(bucket, 1, 1, self.L)
-        with step.table.applied():
+        # (a batch of base rows only runs the base: no selection at all while it is captured)
+        with step.table.applied() if step.table is not None else self.runtime.rows([None] * bucket):
             out = self.model(
                 input_ids=step.ids, attention_mask=mask, position_ids=step.pos, use_cache=True,
                 **{self.cache_kw: step.cache},
@@ -226,11 +228,11 @@ class GraphDecoder:
         assert batch.pos is not None and batch.last is not None
         self.room(batch, batch.width + 1)
         bucket = self.bucket(n)
-        per_row = max([len(s) for s in specs if s] or [1])
-        slots = 1 << (per_row - 1).bit_length()
+        per_row = max([len(s) for s in specs if s] or [0])
+        slots = 1 << (per_row - 1).bit_length() if per_row else 0
         step = self._step_for(bucket, slots)
         key = (step.serial, tuple(tuple(sorted(s.items())) if s else None for s in specs))
-        if batch.table_key != key:
+        if batch.table_key != key and step.table is not None:
             step.table.set([dict(s) if s else None for s in specs])
             batch.table_key = key
         w = batch.width

@@ -83,6 +83,7 @@ class Inference:
         adapter_memory: int | None,
         require_token: bool,
         factor_bytes: int,
+        graphs: bool | None = None,
     ) -> None:
         self.hub = hub
         self.model = model
@@ -98,7 +99,7 @@ class Inference:
             hub, runtime, base_ref, budget=adapter_memory, metrics=self.metrics, factor_bytes=factor_bytes
         )
         self.engine = Engine(
-            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue
+            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs
         )
 
     def start(self) -> None:
