@@ -23,7 +23,7 @@ from adapterhub.server.inference.metrics import Metrics  # noqa: E402
 from adapterhub.server.inference.pool import AdapterPool, Entry  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import make_adapter, tiny_llama  # noqa: E402
+from _models import make_adapter, tiny_bert, tiny_llama  # noqa: E402
 
 DEVICE = os.environ.get("ADAPTERHUB_TEST_DEVICE", "cpu")
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,3 +140,4 @@ def test_models_the_static_path_does_not_cover_stay_dynamic() -> None:
     eager.config._attn_implementation = "eager"
     assert "eager" in (GraphDecoder.supported(eager) or "")
     assert GraphDecoder.supported(llama) is None
+    assert "causal LM" in (GraphDecoder.supported(tiny_bert()) or "")

@@ -84,8 +84,12 @@ class GraphDecoder:
     def supported(model: Any) -> str | None:
         """None when the static path covers ``model``, else why not (one line)."""
         cfg = getattr(model, "config", None)
-        if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-            return "not a decoder-only transformers model"
+        if (
+            cfg is None
+            or getattr(cfg, "is_encoder_decoder", False)
+            or not type(model).__name__.endswith("ForCausalLM")
+        ):
+            return "not a decoder-only transformers causal LM"
         impl = getattr(cfg, "_attn_implementation", None)
         if impl != "sdpa":
             return f"attention implementation {impl!r} (the static path takes sdpa's bool mask)"
