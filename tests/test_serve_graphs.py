@@ -55,6 +55,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, P
         "a": dict(seed=51, r=4, lora_alpha=8, target_modules=LLAMA_ALL),
         "b": dict(seed=52, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
         "c": dict(seed=53, r=2, lora_alpha=2, target_modules=["gate_proj", "up_proj", "o_proj"]),
+        "dora": dict(seed=54, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
     }
     return llama, {n: make_adapter(llama, root / n, **kw) for n, kw in specs.items()}
 
@@ -108,6 +109,14 @@ def test_static_decode_steps_equal_the_dynamic_ones(
         move(self, rows, src, dst, count)
 
     monkeypatch.setattr(GraphDecoder, "move_cols", counted)
+    eager: list[int] = []
+    forward = GraphDecoder._forward
+
+    def seen(self: GraphDecoder, step: Any, bucket: int, rows: Any = None) -> Any:
+        eager.append(rows is not None)
+        return forward(self, step, bucket, rows)
+
+    monkeypatch.setattr(GraphDecoder, "_forward", seen)
     g = torch.Generator().manual_seed(9)
 
     def prompt(n: int) -> list[int]:
@@ -122,14 +131,16 @@ def test_static_decode_steps_equal_the_dynamic_ones(
         ],
         [(prompt(21), "c", 25), (prompt(2), "a", 5)],  # longer than the batch's columns; a short one
         [(prompt(4), None, 20), (prompt(11), {"b": -0.5, "c": 1.0}, 18), (prompt(6), "b", 9)],
+        [(prompt(5), "dora", 6), (prompt(3), "a", 4)],  # a table cannot take DoRA: rt.rows, eagerly
     ]
     dynamic, _ = _run(llama, folders, False, waves)
     static, engine = _run(llama, folders, True, waves)
     assert static == dynamic
-    assert [len(t) for t in static] == [30, 6, 40, 12, 25, 5, 20, 18, 9]
+    assert [len(t) for t in static] == [30, 6, 40, 12, 25, 5, 20, 18, 9, 6, 4]
     d = engine.graphs
     assert d is not None and d.L >= 32  # grew past the first capacity
     assert any(dst > src for src, dst in moves)  # a joining prompt longer than the batch's columns
+    assert any(eager) and not all(eager)  # the DoRA batch stepped through rt.rows, the others not
     if DEVICE == "cuda":
         assert d.captures >= 1 and d.capture
 

@@ -15,6 +15,9 @@ change of the runtime's banks (a new module, a higher rank, more slots) or of th
 new capture. On CUDA the step of each ``(bucket, L, slots per row)`` is captured once (a few eager runs,
 then ``torch.cuda.graph``) and replayed; elsewhere, or where capture fails, the same step runs eagerly.
 
+Rows that a table cannot serve (an adapter with DoRA magnitudes, a ``lora_bias``, replacements) make
+their batch step eagerly over the same buffers through ``rt.rows``, until the batch changes.
+
 Covered: models whose transformers ``StaticCache`` is all full-attention ``StaticLayer`` s, under the
 ``sdpa`` attention (it takes the bool mask as it is). Anything else keeps the dynamic batch
 (`Engine` asks `GraphDecoder.supported`).
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ...errors import IncompatibleAdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +201,16 @@ class GraphDecoder:
         self._steps[key] = step
         return step
 
-    def _forward(self, step: _Step, bucket: int) -> torch.Tensor:
+    def _forward(self, step: _Step, bucket: int, rows: list[Any] | None = None) -> torch.Tensor:
+        """The step's forward: through its table, or (``rows``, eagerly) through ``rt.rows``."""
         mask = self.mask[:bucket].view(bucket, 1, 1, self.L)
-        # (a batch of base rows only runs the base: no selection at all while it is captured)
-        with step.table.applied() if step.table is not None else self.runtime.rows([None] * bucket):
+        if rows is not None:
+            ctx = self.runtime.rows(rows + [None] * (bucket - len(rows)))
+        elif step.table is not None:
+            ctx = step.table.applied()
+        else:  # a batch of base rows only runs the base: no selection at all while it is captured
+            ctx = self.runtime.rows([None] * bucket)
+        with ctx:
             out = self.model(
                 input_ids=step.ids, attention_mask=mask, position_ids=step.pos, use_cache=True,
                 **{self.cache_kw: step.cache},
@@ -237,8 +248,12 @@ class GraphDecoder:
         step = self._step_for(bucket, slots)
         key = (step.serial, tuple(tuple(sorted(s.items())) if s else None for s in specs))
         if batch.table_key != key and step.table is not None:
-            step.table.set([dict(s) if s else None for s in specs])
-            batch.table_key = key
+            try:
+                step.table.set([dict(s) if s else None for s in specs])
+                batch.table_key = key
+            except IncompatibleAdapterError:  # DoRA, lora_bias, ...: this batch steps eagerly, rt.rows
+                batch.table_key = ("rows", key)
+        eager_rows = batch.table_key == ("rows", key)
         w = batch.width
         step.ids[:n, 0] = batch.last
         step.pos[:n, 0] = batch.pos
@@ -249,14 +264,16 @@ class GraphDecoder:
             self.mask[n:bucket] = False
             self.mask[n:bucket, w] = True
         assert self._cum is not None
-        if self.capture and step.graph is None:
+        if self.capture and step.graph is None and not eager_rows:
             try:
                 self._capture(step, bucket, w)
             except Exception as exc:
                 logger.warning("decode steps run eagerly: capturing one in a CUDA graph failed (%s)", exc)
                 self.capture = False
         self._cum.fill_(w)
-        if step.graph is not None:
+        if eager_rows:
+            logits = self._forward(step, bucket, [dict(s) if s else None for s in specs])
+        elif step.graph is not None:
             step.graph.replay()
             assert step.logits is not None
             logits = step.logits
