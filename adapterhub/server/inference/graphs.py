@@ -76,7 +76,6 @@ class GraphDecoder:
         self.mask = torch.zeros((max_batch, 0), dtype=torch.bool, device=self.device)
         self._cum: torch.Tensor | None = None  # each layer's write column (StaticLayer.cumulative_length)
         self._steps: dict[tuple[int, int, int], _Step] = {}
-        self._pool: Any = None
         self._shape: tuple[int, list[tuple[int, ...]]] | None = (
             None  # layers, per-layer (heads, dim) of K and V
         )
@@ -226,13 +225,11 @@ class GraphDecoder:
                 self._cum.fill_(width)
                 self._forward(step, bucket)
         torch.cuda.current_stream().wait_stream(side)
-        if not any(s.graph is not None for s in self._steps.values()):
-            self._pool = None  # the last graph of the old pool is gone, and the pool with it
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        # each graph its own memory pool: a decode step's activations are small, and a pool shared with
+        # graphs that are dropped later (new banks, new capacity) tripped an allocator assertion
         graph = torch.cuda.CUDAGraph()
         self._cum.fill_(width)
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):
             logits = self._forward(step, bucket)
         step.graph, step.logits = graph, logits
         self.captures += 1
