@@ -15,6 +15,7 @@ negative stays bit for bit what the base computed.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -126,6 +127,10 @@ def _triton() -> Any:
         yv = tl.load(yp, mask=om, other=0.0).to(tl.float32)
         tl.store(yp, (yv + d).to(y_ptr.dtype.element_ty), mask=om)
 
+    # tile sizes: ADAPTERHUB_ROWKERNEL="BO,WARPS,BK" (the most output columns per expand program, its warps,
+    # the most input columns per shrink program) for tuning on other GPUs; the defaults were measured on an H200
+    bo_max, warps, bk_max = (int(v) for v in os.environ.get("ADAPTERHUB_ROWKERNEL", "256,4,512").split(","))
+
     def launch(
         x: torch.Tensor,
         first: torch.Tensor,
@@ -140,9 +145,9 @@ def _triton() -> Any:
         assert first.stride(2) == 1 and second.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
         rp = triton.next_power_of_2(r)
         mr = triton.next_power_of_2(m) * rp
-        bk = max(16, min(512, 8192 // mr, triton.next_power_of_2(n_in)))
+        bk = max(16, min(bk_max, 8192 // mr, triton.next_power_of_2(n_in)))
         n_parts = triton.cdiv(n_in, bk)
-        bo = max(16, min(256, 8192 // mr, triton.next_power_of_2(n_out)))
+        bo = max(16, min(bo_max, 8192 // mr, triton.next_power_of_2(n_out)))
         part = torch.empty((tokens, n_parts, mr), dtype=torch.float32, device=x.device)
         per = tokens // n
         lora_rows_shrink[(tokens, n_parts)](
@@ -151,7 +156,7 @@ def _triton() -> Any:
         )  # fmt: skip
         lora_rows_expand[(tokens, triton.cdiv(n_out, bo))](
             part, second, out, slots, coef, per, n_out, n_parts, out.stride(0), second.stride(0),
-            second.stride(1), M=m, R=r, RP=rp, MR=mr, KP=triton.next_power_of_2(n_parts), BO=bo, num_warps=4,
+            second.stride(1), M=m, R=r, RP=rp, MR=mr, KP=triton.next_power_of_2(n_parts), BO=bo, num_warps=warps,
         )  # fmt: skip
 
     return launch
