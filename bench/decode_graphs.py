@@ -67,6 +67,7 @@ def static_step(
     label: str,
     *,
     capture: bool,
+    profile: bool = True,
 ) -> float:
     """Seconds of `GraphDecoder.step` over ``ids`` prefilled with ``names`` per row."""
     from transformers import DynamicCache
@@ -93,7 +94,8 @@ def static_step(
     took = timer(step, warmup=3)
     if capture:
         assert dec.captures >= 1 and dec.capture, "the step was not captured"
-        prof_kernels(label, step)
+        if profile:
+            prof_kernels(label, step)
     return took
 
 
