@@ -129,7 +129,7 @@ def _triton() -> Any:
 
     # tile sizes: ADAPTERHUB_ROWKERNEL="BO,WARPS,BK" (the most output columns per expand program, its warps,
     # the most input columns per shrink program) for tuning on other GPUs; the defaults were measured on an H200
-    bo_max, warps, bk_max = (int(v) for v in os.environ.get("ADAPTERHUB_ROWKERNEL", "256,4,512").split(","))
+    bo_max, warps, bk_max = (int(v) for v in os.environ.get("ADAPTERHUB_ROWKERNEL", "512,4,512").split(","))
 
     def launch(
         x: torch.Tensor,
