@@ -152,3 +152,24 @@ def test_gpt2_conv1d_layers_take_the_table_too(tmp_path: Path) -> None:
     got = _decode(model, ids, table.applied)
     assert (got - ref).abs().max().item() <= 1e-5
     rt.detach()
+
+
+def test_an_unused_resident_adapter_on_another_layer_kind_does_not_stop_a_table(
+    setup: tuple[Any, dict[str, Path]], tmp_path: Path
+) -> None:
+    llama, paths = setup
+    model = copy.deepcopy(llama).eval()
+    rt = attach(model)
+    rt.load(paths["a"], name="a")
+    emb = make_adapter(llama, tmp_path / "emb", seed=61, r=4, target_modules=["embed_tokens", "q_proj"])
+    rt.load(emb, name="emb")  # an embedding layer is hooked now; no table row may use it
+    table = RowTable(rt, rows=2)
+    assert any(layer.kind == "embedding" and layer.first is not None for layer in rt._layers.values())
+    with pytest.raises(IncompatibleAdapterError, match="serves plain LoRA only"):
+        table.set(["emb", None])
+    table.set(["a", None])
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    got = _decode(model, ids, table.applied)
+    ref = _decode(model, ids, lambda: rt.rows(["a", None]))
+    assert (got - ref).abs().max().item() <= 1e-5
+    rt.detach()

@@ -373,8 +373,8 @@ class Layer:
     def table_term(self, sel: Selection, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Each row's term from the banks through a `table.RowTable`'s buffers (`_rowkernel`)."""
         assert self.first is not None and self.second is not None and sel.rows is not None
-        if self.kind not in ("linear", "conv1d"):  # (`RowTable.set` refuses adapters that reach here)
-            raise InvalidOptionError(f"a row table cannot serve the {self.kind} layer {self.name}")
+        if self.kind not in ("linear", "conv1d"):
+            return output  # `RowTable.set` refuses adapters with factors here: no row has a term
         xin = self.lin_input(x)
         if xin.shape[0] % sel.rows or not output.is_contiguous():
             raise InvalidOptionError(f"the batch does not have the row table's {sel.rows} rows")

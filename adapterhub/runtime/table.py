@@ -69,12 +69,7 @@ class RowTable:
             InvalidOptionError: more specs than rows, a row with more adapters than ``width``, an
                 adapter merged into the weights, or a table made before the banks last changed.
         """
-        rt = self._rt
-        rt._check_live()
-        if not self.current:
-            raise InvalidOptionError(
-                "the runtime's banks changed since this row table was made; make a new one"
-            )
+        rt = self._check()
         if rt._merged is not None:
             raise InvalidOptionError(f"{rt._merged.spec} is merged into the weights; call rt.unmerge() first")
         if len(specs) > self.rows:
@@ -96,24 +91,28 @@ class RowTable:
                         f"{name} {why}; a row table serves plain LoRA only (use rt.rows)"
                     )
                 slots[i, j], coef[i, j] = slot, w
-        self.slots.copy_(slots.to(self.slots.device, non_blocking=False))
-        self.coef.copy_(coef.to(self.coef.device, non_blocking=False))
+        self.slots.copy_(slots)
+        self.coef.copy_(coef)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Forwards inside the block apply the table's rows (the batch must have ``rows`` rows)."""
-        rt = self._rt
-        rt._check_live()
-        if not self.current:
-            raise InvalidOptionError(
-                "the runtime's banks changed since this row table was made; make a new one"
-            )
+        rt = self._check()
         prev = rt._state.sel
         rt._state.sel = self._sel
         try:
             yield
         finally:
             rt._state.sel = prev
+
+    def _check(self) -> Runtime:
+        rt = self._rt
+        rt._check_live()
+        if not self.current:
+            raise InvalidOptionError(
+                "the runtime's banks changed since this row table was made; make a new one"
+            )
+        return rt
 
 
 def _unservable(c: Content) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .graphs import GraphDecoder, StaticBatch
+from .graphs import GraphDecoder, StaticBatch, spec_key
 from .metrics import Metrics
 from .pool import AdapterPool
 
@@ -332,7 +332,7 @@ class Engine:
     # ----------------------------------------------------------------------------- model steps
 
     def _set_rows(self, specs: Sequence[dict[str, float] | None]) -> None:
-        key = tuple(tuple(sorted(s.items())) if s else None for s in specs)
+        key = spec_key(specs)
         if key == self._rows_key:
             return
         self.close_rows()
@@ -385,16 +385,23 @@ class Engine:
     @torch.no_grad()
     def _decode(self) -> None:
         b = self._batch
+        specs = [j.spec for j in b.jobs]
         if isinstance(b, StaticBatch):
-            assert self.graphs is not None and b.pos is not None
-            logits = self.graphs.step(b, [j.spec for j in b.jobs])
-            b.pos = b.pos + 1
-            b.last = nxt = self._pick(logits.float(), b.jobs)
-            self.metrics.decode(len(b.jobs))
-            self._advance(nxt.tolist(), 0)
-            return
+            assert self.graphs is not None
+            logits = self.graphs.step(b, specs)
+        else:
+            logits = self._dynamic_step(b, specs)
+        assert b.pos is not None
+        b.pos = b.pos + 1
+        nxt = self._pick(logits.float(), b.jobs)
+        b.last = nxt
+        self.metrics.decode(len(b.jobs))
+        self._advance(nxt.tolist(), 0)
+
+    def _dynamic_step(self, b: _Batch, specs: list[dict[str, float] | None]) -> torch.Tensor:
+        """The step's logits over the growing DynamicCache (the batch's mask grows by one column)."""
         assert b.mask is not None and b.pos is not None and b.last is not None
-        self._set_rows([j.spec for j in b.jobs])
+        self._set_rows(specs)
         mask = torch.cat(
             [b.mask, torch.ones((b.mask.shape[0], 1), dtype=b.mask.dtype, device=b.mask.device)], 1
         )
@@ -403,11 +410,7 @@ class Engine:
             **{self._cache_kw: b.cache},
         )  # fmt: skip
         b.mask = mask
-        b.pos = b.pos + 1
-        nxt = self._pick(out.logits[:, -1, :].float(), b.jobs)
-        b.last = nxt
-        self.metrics.decode(len(b.jobs))
-        self._advance(nxt.tolist(), 0)
+        return out.logits[:, -1, :]
 
     def _pick(self, logits: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
         nxt = logits.argmax(-1)

@@ -26,12 +26,16 @@ Covered: models whose transformers ``StaticCache`` is all full-attention ``Stati
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...errors import IncompatibleAdapterError
+
+if TYPE_CHECKING:
+    from adapterhub.runtime import RowTable
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class _Step:
     """One captured (or eager) step: its cache object over views of the shared buffers, table, inputs."""
 
     cache: Any
-    table: Any  # the `RowTable` the step reads its rows' adapters from; None: base rows only
+    table: RowTable | None  # where the step reads its rows' adapters; None: base rows only
     ids: torch.Tensor  # (bucket, 1)
     pos: torch.Tensor  # (bucket, 1)
     serial: int
@@ -76,9 +80,9 @@ class GraphDecoder:
         self.mask = torch.zeros((max_batch, 0), dtype=torch.bool, device=self.device)
         self._cum: torch.Tensor | None = None  # each layer's write column (StaticLayer.cumulative_length)
         self._steps: dict[tuple[int, int, int], _Step] = {}
-        self._shape: tuple[int, list[tuple[int, ...]]] | None = (
-            None  # layers, per-layer (heads, dim) of K and V
-        )
+        #: per layer (K heads, K dim, V heads, V dim), and their dtype, learnt from the first prefill
+        self._shapes: list[tuple[int, int, int, int]] = []
+        self._dtype = torch.float32
         self.captures = 0
         self._serial = 0
 
@@ -110,20 +114,24 @@ class GraphDecoder:
 
     def _layout(self, cache: Any) -> None:
         """Learn each layer's K / V shape from a prefill's DynamicCache."""
-        if self._shape is None:
-            shapes = []
-            for layer in cache.layers:
-                k, v = layer.keys, layer.values
-                shapes.append((int(k.shape[1]), int(k.shape[3]), int(v.shape[1]), int(v.shape[3])))
-            self._shape = (len(shapes), shapes)  # type: ignore[assignment]
+        if not self._shapes:
+            self._shapes = [
+                (
+                    int(la.keys.shape[1]),
+                    int(la.keys.shape[3]),
+                    int(la.values.shape[1]),
+                    int(la.values.shape[3]),
+                )
+                for la in cache.layers
+            ]
             self._dtype = cache.layers[0].keys.dtype
 
     def _alloc(self, cols: int, keep_rows: int, keep_cols: int) -> None:
         """Capacity ``cols`` (rounded up to a power of two); rows / columns in use are copied over."""
-        assert self._shape is not None
+        assert self._shapes
         cap = 1 << max(4, (cols - 1).bit_length())
         keys, values = [], []
-        for i, (hk, dk, hv, dv) in enumerate(self._shape[1]):
+        for i, (hk, dk, hv, dv) in enumerate(self._shapes):
             k = torch.zeros((self.max_batch, hk, cap, dk), dtype=self._dtype, device=self.device)
             v = torch.zeros((self.max_batch, hv, cap, dv), dtype=self._dtype, device=self.device)
             if self.keys and keep_rows and keep_cols:
@@ -234,7 +242,7 @@ class GraphDecoder:
         step.graph, step.logits = graph, logits
         self.captures += 1
 
-    def step(self, batch: StaticBatch, specs: list[dict[str, float] | None]) -> torch.Tensor:
+    def step(self, batch: StaticBatch, specs: Sequence[dict[str, float] | None]) -> torch.Tensor:
         """One decode step over ``batch`` (rows with their specs); the logits ``(n, vocab)``."""
         n = len(batch.jobs)
         assert batch.pos is not None and batch.last is not None
@@ -243,10 +251,10 @@ class GraphDecoder:
         per_row = max([len(s) for s in specs if s] or [0])
         slots = 1 << (per_row - 1).bit_length() if per_row else 0
         step = self._step_for(bucket, slots)
-        key = (step.serial, tuple(tuple(sorted(s.items())) if s else None for s in specs))
+        key = (step.serial, spec_key(specs))
         if batch.table_key != key and step.table is not None:
             try:
-                step.table.set([dict(s) if s else None for s in specs])
+                step.table.set(specs)
                 batch.table_key = key
             except IncompatibleAdapterError:  # DoRA, lora_bias, ...: this batch steps eagerly, rt.rows
                 batch.table_key = ("rows", key)
@@ -269,7 +277,7 @@ class GraphDecoder:
                 self.capture = False
         self._cum.fill_(w)
         if eager_rows:
-            logits = self._forward(step, bucket, [dict(s) if s else None for s in specs])
+            logits = self._forward(step, bucket, list(specs))
         elif step.graph is not None:
             step.graph.replay()
             assert step.logits is not None
@@ -338,6 +346,11 @@ class StaticBatch:
         else:
             self.pos, self.last = self.pos[:k], self.last[:k]
         self.jobs = [self.jobs[i] for i in rows]
+
+
+def spec_key(specs: Sequence[dict[str, float] | None]) -> tuple[Any, ...]:
+    """A hashable key of the rows' specs (what the rows apply, in order)."""
+    return tuple(tuple(sorted(s.items())) if s else None for s in specs)
 
 
 def _static_cache(config: Any, cols: int) -> Any:
