@@ -164,7 +164,7 @@ def test_an_unused_resident_adapter_on_another_layer_kind_does_not_stop_a_table(
     emb = make_adapter(llama, tmp_path / "emb", seed=61, r=4, target_modules=["embed_tokens", "q_proj"])
     rt.load(emb, name="emb")  # an embedding layer is hooked now; no table row may use it
     table = RowTable(rt, rows=2)
-    assert any(layer.kind == "embedding" and layer.first is not None for layer in rt._layers.values())
+    assert any(layer.kind == "embedding" and layer.lora_A is not None for layer in rt._layers.values())
     with pytest.raises(IncompatibleAdapterError, match="serves plain LoRA only"):
         table.set(["emb", None])
     table.set(["a", None])

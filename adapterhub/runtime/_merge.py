@@ -1,7 +1,9 @@
 """Merging resident adapters into the live weights, and the DoRA factors a load computes.
 
 Everything is computed in fp32 from the resident factors and rounded once to each parameter's dtype;
-the original tensors are copied first, so unmerging copies them back bit for bit.
+the original tensors are copied first, so unmerging copies them back bit for bit. The layout of each
+kind's weight (GPT-2 ``Conv1D`` stored ``(in, out)``, an embedding's ``(num, dim)``) is its layer's
+business (`Layer.lora_delta`, `Layer.scale_features`, `Layer.feature_norm`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,23 @@ import torch
 from torch import nn
 
 from ._layers import Layer
+from ._variants import Dora
 
 
 def dora_gm1(layer: Layer, w0: torch.Tensor, m: Any) -> torch.Tensor:
-    """``m / ||W0 + s B A|| - 1`` per output feature, in fp32 (PEFT's DoRA forward)."""
-    w0 = w0.detach().to(torch.float32)
-    a = m.A.detach().to(w0.device, torch.float32).reshape(m.rank, -1)
-    b = m.B.detach().to(w0.device, torch.float32).reshape(-1, m.rank)
-    mag = m.magnitude.detach().to(w0.device, torch.float32).reshape(-1)
-    delta = float(m.scale) * (b @ a)
-    if layer.kind == "conv1d":
-        norm = torch.linalg.norm(w0.T + delta, dim=1)
-    elif layer.kind == "embedding":
-        norm = torch.linalg.norm(w0 + delta, dim=0)
-    elif layer.kind == "conv":
-        norm = torch.linalg.norm((w0 + delta.reshape(w0.shape)).reshape(w0.shape[0], -1), dim=1)
-    else:
-        norm = torch.linalg.norm(w0 + delta, dim=1)
-    return mag / norm - 1
+    """``m / ||W0 + s B A|| - 1`` per output feature, in fp32 (PEFT's DoRA forward); ``w0`` the fp32 base
+    weight in the module's layout."""
+    return Dora.gm1(layer.feature_norm(w0 + layer.factor_delta(m)), m.magnitude)
+
+
+def merge_refusal(layers: list[Layer]) -> str | None:
+    """One line saying why these layers cannot take a merge at all (a quantized base), or None."""
+    refused = [layer for layer in layers if layer.unmergeable]
+    if not refused:
+        return None
+    first = refused[0]
+    more = f" (and {len(refused) - 1} more layers)" if len(refused) > 1 else ""
+    return f"cannot merge: {first.name}{more} {first.unmergeable}"
 
 
 def merge_problems(model: nn.Module, layers: list[Layer], slots: dict[int, float]) -> list[str]:
@@ -59,26 +60,19 @@ def merge_layer(
     mod = layer.module
     new: dict[str, torch.Tensor] = {}
     for s in slots:
-        for leaf, t in layer.replacements.get(s, {}).items():
+        for leaf, t in layer.save.params.get(s, {}).items():
             new[leaf] = t.to(torch.float32)
     lora = [sl for sl in slots if sl in layer.lora_slots]
     if lora:
         w = new.get("weight", layer.weight.detach().to(torch.float32))
         for sl in lora:
             w = w + slots[sl] * layer.lora_delta(sl)
-            if layer.gm1 is not None:
-                g = 1 + layer.gm1[sl].to(torch.float32)
-                if layer.kind in ("conv1d", "embedding"):
-                    w = w * g[None, :]
-                else:
-                    w = w * g.view(-1, *(1,) * (w.dim() - 1))
+            if layer.dora is not None:
+                w = layer.scale_features(w, layer.dora.g(sl))
         new["weight"] = w
         if layer.bias is not None and "bias" in written(layer, slots):
             bias: Any = mod.bias
-            b = new.get("bias", bias.detach().to(torch.float32))
-            for sl in lora:
-                b = b + slots[sl] * layer.bias[sl].to(torch.float32)
-            new["bias"] = b
+            new["bias"] = layer.bias.merged_bias(new.get("bias", bias), {sl: slots[sl] for sl in lora})
     for leaf, value in new.items():
         live = getattr(mod, leaf)
         backups.append((live, live.detach().clone()))
@@ -87,10 +81,10 @@ def merge_layer(
 
 def written(layer: Layer, slots: dict[int, float]) -> set[str]:
     """Parameter names of ``layer.module`` that merging ``slots`` writes."""
-    out = {leaf for s in slots for leaf in layer.replacements.get(s, {})}
+    out = {leaf for s in slots for leaf in layer.save.params.get(s, {})}
     lora = [s for s in slots if s in layer.lora_slots]
     if lora:
         out.add("weight")
-        if layer.bias is not None and any(bool(layer.bias[s].any()) for s in lora):
+        if layer.bias is not None and layer.bias.used_by(lora):
             out.add("bias")
     return out

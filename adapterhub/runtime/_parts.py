@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from ._layers import Layer
-    from ._plan import Plan
+    from ._plan import LoadPlan
 
 
 @dataclass
@@ -109,7 +109,7 @@ def upload(
 
 
 def keyed_upload(
-    plan: Plan, weights: LoraWeights, path: str | None, device: torch.device, sha256: str | None
+    plan: LoadPlan, weights: LoraWeights, path: str | None, device: torch.device, sha256: str | None
 ) -> tuple[str, dict[int, torch.Tensor]]:
     """(content key, `upload` of the plan's tensors): without a known ``sha256`` the key is hashed on
     other threads while the tensors travel."""

@@ -20,10 +20,10 @@ from torch import nn
 
 from ..lora import LoraModule, LoraWeights
 from ..ops.validate import BaseLayout, Check, ValidationReport, check_base
-from ._layers import LayerKind, layer_kind, logical_shape
+from ._layers import LINEAR_KINDS, LayerKind, layer_kind, logical_shape
 
 _KIND_FITS: dict[str, tuple[LayerKind, ...]] = {
-    "linear": ("linear", "conv1d"),
+    "linear": LINEAR_KINDS,
     "embedding": ("embedding",),
     "conv": ("conv",),
 }
@@ -49,7 +49,9 @@ class ReplacementPlan:
 
 
 @dataclass
-class Plan:
+class LoadPlan:
+    """Where an adapter's tensors go in a live model, and the report of checking it there."""
+
     report: ValidationReport
     loras: list[ModulePlan]
     replacements: list[ReplacementPlan]
@@ -78,7 +80,7 @@ def model_layout(model: nn.Module) -> BaseLayout:
     )
 
 
-def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, subject: str) -> Plan:
+def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, subject: str) -> LoadPlan:
     """Check ``weights`` against the live model; the report says what is wrong if anything is."""
     checks = list(check_base(weights, layout))
     mapping, _, _ = layout.match(list(weights.modules) + list(weights.replacement_shapes))
@@ -113,7 +115,7 @@ def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, sub
             error(
                 "runtime.module",
                 f"{m.module}: a {m.kind} LoRA cannot be applied to {owner} ({what}); the runtime adapts "
-                "nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d",
+                "nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit/Linear8bitLt, nn.Embedding and nn.Conv1d/2d/3d",
                 m.module,
             )
             continue
@@ -174,10 +176,10 @@ def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, sub
     if not any(c.status == "error" for c in checks) and not loras and not replacements:
         error("runtime.targets", f"{subject} targets nothing in this model: loading it would change nothing")
     report = ValidationReport(subject=subject, checks=tuple(checks), base=layout.name)
-    return Plan(report=report, loras=loras, replacements=list(replacements.values()))
+    return LoadPlan(report=report, loras=loras, replacements=list(replacements.values()))
 
 
-def plan_tensors(plan: Plan) -> list[torch.Tensor]:
+def plan_tensors(plan: LoadPlan) -> list[torch.Tensor]:
     """The factor tensors a plan places (A, B, bias, DoRA magnitude of every target), each once."""
     return list({id(t): t for p in plan.loras for t in p.lora.tensors().values()}.values())
 
@@ -192,7 +194,7 @@ def _digest(t: torch.Tensor | None) -> bytes:
     return h.digest()
 
 
-def content_sha256(plan: Plan) -> str:
+def content_sha256(plan: LoadPlan) -> str:
     """sha256 of what the adapter does to this model: per target, its kind and scale, and the sha256 of
     each tensor's dtype, shape and bytes (hashed on several threads: a 7B-class adapter is 40+ MB)."""
     entries: list[tuple[bytes, list[torch.Tensor | None]]] = []
@@ -216,7 +218,7 @@ def content_sha256(plan: Plan) -> str:
     return h.hexdigest()
 
 
-def plan_bytes(plan: Plan, dtype_of: Any) -> int:
+def plan_bytes(plan: LoadPlan, dtype_of: Any) -> int:
     """Bytes the adapter occupies once resident (its own factors, without rank padding)."""
     n = 0
     for p in plan.loras:

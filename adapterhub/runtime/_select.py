@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     import torch
 
 
+class RuntimeState:
+    """What every layer of one runtime reads: the current selection and a re-entrancy flag."""
+
+    def __init__(self) -> None:
+        self.sel: Selection | None = None
+        self.passthrough = False  # set while a replacement recomputes a module (its own hook must not fire)
+        #: (parent module name, input width, dtype, device) -> the `_linear.Family` of fused linears
+        #: that may share ``x @ lora_A.T``
+        self.families: dict[tuple[Any, ...], Any] = {}
+        #: bumped whenever a layer comes or goes or its banks are reallocated (`table.RowTable.current`)
+        self.layout = 0
+
+
 @dataclass(eq=False)
 class Selection:
     """Slots and coefficients for the hooks (private to the runtime package)."""
@@ -40,10 +53,34 @@ class Selection:
     table: bool = False
     #: ``len(slots)``, kept apart so a compiled graph guards on the count, not on which slots
     k: int = -1
+    #: the `_term.LoraTerm` linear layers compute this selection's term with, chosen once by
+    #: `_term.term_for` when the selection is made (`Runtime`, `table.RowTable`)
+    term: Any = field(default=None, repr=False)
     _expanded: dict[tuple[Any, ...], object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.k = len(self.slots)
+
+    def same_structure(self, other: Selection) -> bool:
+        """Whether ``other`` can be copied into this one in place (`refill`): both one combination for
+        every row, no replacements, the same number of slots, unit-ness and DoRA."""
+        return (
+            self.rows is None
+            and other.rows is None
+            and not self.replace
+            and not other.replace
+            and not self.table
+            and (self.k, self.unit, self.dora) == (other.k, other.unit, other.dora)
+        )
+
+    def refill(self, other: Selection) -> None:
+        """Take ``other``'s slots and coefficients in place (a compiled graph keeps reading the same
+        tensors); every layer's cache of this selection is dropped by the version bump."""
+        self.idx.copy_(other.idx)
+        self.coef.copy_(other.coef)
+        self.slots = other.slots
+        self.version += 1
+        self._expanded.clear()
 
     def check_rows(self, n: int) -> None:
         """Raise when a batch of ``n`` rows does not fit the row specs this selection was made from."""

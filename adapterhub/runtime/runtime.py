@@ -27,12 +27,13 @@ from torch import nn
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError, NotResidentError
 from ..lora import LoraWeights
-from ._fused import install
-from ._layers import Layer, RuntimeState
-from ._merge import dora_gm1, merge_layer, merge_problems
-from ._parts import Content, Merged, keyed_upload, on_device_module, read_weights
-from ._plan import Plan, model_layout, plan_adapter, plan_bytes
-from ._select import Selection, build_selection
+from ._kinds import Layers
+from ._merge import merge_layer, merge_problems, merge_refusal
+from ._parts import Content, Merged, keyed_upload, read_weights
+from ._plan import LoadPlan, model_layout, plan_adapter, plan_bytes
+from ._residency import Residency
+from ._select import RuntimeState, Selection, build_selection
+from ._term import term_for
 from .train import TrainableAdapter, Trainer, save_trained
 from .types import AdapterSpec, ResidentAdapter
 
@@ -86,6 +87,10 @@ def _not_resident(name: str, known: Sequence[str]) -> NotResidentError:
     return NotResidentError(name, tuple(known))
 
 
+def _unknown(name: str, known: Sequence[str]) -> Any:
+    raise _not_resident(name, known)
+
+
 class Runtime:
     """Adapters on one live model. Make it with `attach`."""
 
@@ -102,11 +107,10 @@ class Runtime:
         self._save = save
         self._dtype = dtype
         self._state = RuntimeState()
-        self._layers: dict[str, Layer] = {}
-        self._contents: dict[str, Content] = {}  # sha256 -> content
-        self._names: dict[str, str] = {}  # name -> sha256, in load order
-        self._cap = _INITIAL_SLOTS
-        self._free: list[int] = list(range(_INITIAL_SLOTS - 1, -1, -1))
+        self._layers = Layers(self._state, dtype)
+        self._residency = Residency(_INITIAL_SLOTS, self._layers.grow)
+        self._contents = self._residency.contents  # sha256 -> content
+        self._names = self._residency.names  # name -> sha256, in load order
         self._active: dict[str, float] | None = None
         self._rows_stack: list[list[dict[str, float] | None]] = []
         self._merged: Merged | None = None
@@ -121,6 +125,12 @@ class Runtime:
     @property
     def model(self) -> nn.Module:
         return self._model
+
+    @property
+    def residency(self) -> Residency:
+        """The resident set's bookkeeping: slots, contents by key, names, LRU order and a byte budget
+        (``residency.budget``; `Residency.victims` says what to unload to fit more)."""
+        return self._residency
 
     @property
     def resident(self) -> list[ResidentAdapter]:
@@ -218,78 +228,38 @@ class Runtime:
                 f"{name} is merged into the weights; call rt.unmerge() before reloading it"
             )
         if key not in self._contents:
-            self._contents[key] = self._place(plan, key, on_device)
-        self._names.pop(name, None)
-        self._names[name] = key
+            self._residency.add(self._place(plan, key, on_device))
+        self._residency.bind(name, key)
         if old is not None and old != key:
             self._release(old)
             self._reselect()  # selections naming it now serve the new content
         logger.info("resident: %s (%s)", name, key[:12])
         return next(r for r in self.resident if r.name == name)
 
-    def _slot(self) -> int:
-        if not self._free:
-            cap = self._cap * 2
-            for layer in self._layers.values():
-                layer.grow(cap)
-            self._free = list(range(cap - 1, self._cap - 1, -1))
-            self._cap = cap
-        return self._free.pop()
+    def _place(self, plan: LoadPlan, key: str, on_device: dict[int, torch.Tensor]) -> Content:
+        slot = self._residency.take_slot()
 
-    def _layer(self, module_name: str, module: nn.Module, kind: Any) -> Layer:
-        layer = self._layers.get(module_name)
-        if layer is None:
-            dtype = self._dtype or next(iter(module.parameters())).dtype
-            layer = Layer(module_name, module, kind, self._state, cap=self._cap, dtype=dtype)
-            install(layer)
-            self._layers[module_name] = layer
-        return layer
+        def original(t: torch.Tensor) -> torch.Tensor:  # the unmerged copy of a live tensor
+            backups = self._merged.backups if self._merged is not None else []
+            return next((orig for live, orig in backups if live is t), t)
 
-    def _original(self, t: torch.Tensor) -> torch.Tensor:
-        if self._merged is not None:
-            for live, orig in self._merged.backups:
-                if live is t:
-                    return orig
-        return t
-
-    def _place(self, plan: Plan, key: str, on_device: dict[int, torch.Tensor]) -> Content:
-        slot = self._slot()
-        layers: list[Layer] = []
         try:
-            with torch.no_grad():
-                for p in plan.loras:
-                    m = p.lora
-                    layer = self._layer(p.module_name, p.module, p.kind)
-                    assert m.A is not None and m.B is not None
-                    m = on_device_module(m, on_device)
-                    gm1 = dora_gm1(layer, self._original(layer.weight), m) if m.is_dora else None
-                    layer.write(slot, a=m.A, b=m.B, scale=float(m.scale), bias=m.bias, gm1=gm1)
-                    layers.append(layer)
-                for r in plan.replacements:
-                    layer = self._layer(r.module_name, r.module, "replace")
-                    params = {
-                        leaf: t.to(getattr(r.module, leaf).device, getattr(r.module, leaf).dtype).clone()
-                        for leaf, t in r.params.items()
-                    }
-                    layer.write_replacement(slot, params)
-                    layers.append(layer)
+            layers = self._layers.place(plan, slot, self._residency.cap, on_device, original)
         except BaseException:
-            for layer in layers:
-                layer.clear(slot)
-            self._drop_unused()
-            self._free.append(slot)
+            self._residency.give_slot(slot)
             raise
         ranks = [p.lora.rank for p in plan.loras]
+        dtypes = {id(layer.module): layer.dtype for layer in layers}  # the banks' (quantized layers: fp32)
         return Content(
             sha256=key,
             slot=slot,
-            bytes=plan_bytes(plan, lambda mod: self._dtype or next(iter(mod.parameters())).dtype),
+            bytes=plan_bytes(plan, lambda mod: dtypes[id(mod)]),
             device=str(self._device),
             modules=len({p.module_name for p in plan.loras} | {r.module_name for r in plan.replacements}),
             rank=max(ranks, default=0),
             dora=any(p.lora.is_dora for p in plan.loras),
             replaces=bool(plan.replacements),
-            layers=list(dict.fromkeys(layers)),
+            layers=layers,
         )
 
     def unload(self, name: str) -> None:
@@ -308,21 +278,13 @@ class Runtime:
             raise InvalidOptionError(f"{name} is active; call rt.activate() with something else first")
         if any(spec and name in spec for specs in self._rows_stack for spec in specs):
             raise InvalidOptionError(f"{name} is used by an open rt.rows() block; leave it first")
-        sha = self._names.pop(name)
-        self._release(sha)
+        self._release(self._residency.unbind(name))
 
     def _release(self, sha: str) -> None:
-        if sha in self._names.values():
-            return
-        c = self._contents.pop(sha)
-        for layer in c.layers:
-            layer.clear(c.slot)
-        self._free.append(c.slot)
-        self._drop_unused()
-
-    def _drop_unused(self) -> None:
-        for module_name in [n for n, layer in self._layers.items() if not layer.users]:
-            self._layers.pop(module_name).remove()
+        """Drop content ``sha`` from the layers once no name is bound to it."""
+        c = self._residency.release(sha)
+        if c is not None:
+            self._layers.clear_slot(c.slot, c.layers)
 
     # ------------------------------------------------------------------------------------ selection
 
@@ -371,42 +333,30 @@ class Runtime:
         else:
             per_row = [self._slots(s) for s in row_specs]
             rows = len(per_row)
-        by_slot = {c.slot: c for c in self._contents.values()}
-        return build_selection(
+        by_slot = self._residency.by_slot()
+        sel = build_selection(
             per_row,
             rows,
             dora={s for s, c in by_slot.items() if c.dora},
             replaces={s for s, c in by_slot.items() if c.replaces},
             device=self._device,
         )
-
-    def _apply(self, sel: Selection | None) -> None:
-        cur = self._state.sel
-        if (
-            sel is not None
-            and cur is not None
-            and cur.rows is None
-            and sel.rows is None
-            and not cur.replace
-            and not sel.replace
-            and (cur.k, cur.unit, cur.dora) == (sel.k, sel.unit, sel.dora)
-        ):
-            # same structure: refill the tensors in place, so a compiled graph keeps running unchanged
-            cur.idx.copy_(sel.idx)
-            cur.coef.copy_(sel.coef)
-            cur.slots = sel.slots
-            cur.version += 1
-            cur._expanded.clear()
-            return
-        self._state.sel = sel
+        if sel is not None:
+            sel.term = term_for(sel)  # how linear layers compute its term, chosen once
+            self._residency.touch(by_slot[s].sha256 for s in sel.slots)
+        return sel
 
     def _reselect(self) -> None:
+        """Make the current selection follow the active spec or the innermost open rows() block."""
         if self._merged is not None:
             self._state.sel = None
-        elif self._rows_stack:
-            self._apply(self._selection(self._rows_stack[-1]))
+            return
+        sel = self._selection(self._rows_stack[-1] if self._rows_stack else None)
+        cur = self._state.sel
+        if sel is not None and cur is not None and cur.same_structure(sel):
+            cur.refill(sel)  # in place, so a compiled graph keeps running unchanged
         else:
-            self._apply(self._selection(None))
+            self._state.sel = sel
 
     def activate(self, spec: AdapterSpec) -> None:
         """What every forward applies from now on: a resident name, None (the base model), or an exact
@@ -433,7 +383,7 @@ class Runtime:
             return
         self._active = norm
         if not self._rows_stack:
-            self._apply(self._selection(None))
+            self._reselect()
 
     @contextlib.contextmanager
     def rows(self, specs: Sequence[AdapterSpec]) -> Iterator[None]:
@@ -496,6 +446,9 @@ class Runtime:
                 return
             raise InvalidOptionError(f"{self._merged.spec} is merged already; call rt.unmerge() first")
         touched = [layer for layer in self._layers.values() if layer.users & set(slots)]
+        refusal = merge_refusal(touched)
+        if refusal:
+            raise IncompatibleAdapterError(refusal)
         problems = merge_problems(self._model, touched, slots)
         if problems:
             raise IncompatibleAdapterError(
@@ -513,6 +466,7 @@ class Runtime:
         self._merged = Merged(spec=norm, key=key, backups=backups)
         self._active = norm
         self._state.sel = None
+        self._layers.suspend()  # everything is in the weights: the base's own forwards, at its speed
 
     def unmerge(self) -> None:
         """Copy the original tensors back (bit for bit); the merged spec stays active through the hooks."""
@@ -523,6 +477,7 @@ class Runtime:
             for live, orig in reversed(self._merged.backups):
                 live.copy_(orig)
         self._merged = None
+        self._layers.engage()
         self._reselect()
 
     # ------------------------------------------------------------------------------------ training
@@ -546,7 +501,9 @@ class Runtime:
         """End training of ``name``: its factors become a resident adapter like a loaded one."""
         ad = self._trainer.adapters.get(name)
         if ad is None or not ad.trainable:  # made and frozen already: resident unless unloaded since
-            return next((r for r in self.resident if r.name == name), None) or self._unknown(name)
+            return next((r for r in self.resident if r.name == name), None) or _unknown(
+                name, list(self._trainer.adapters)
+            )
         self._trainer.release(name)
         try:
             return self.load(ad.weights(), name=name)
@@ -561,11 +518,8 @@ class Runtime:
         """Write an adapter ``create`` made as a PEFT folder (factors only) at ``path`` and return the path,
         or else through the ``save`` hook of `attach` (`Hub.attach`: the catalog, with lineage)."""
         self._check_live()
-        ad = self._trainer.adapters.get(name) or self._unknown(name)
+        ad = self._trainer.adapters.get(name) or _unknown(name, list(self._trainer.adapters))
         return save_trained(ad, self._model, path, self._save, tags, description)
-
-    def _unknown(self, name: str) -> Any:
-        raise _not_resident(name, list(self._trainer.adapters))
 
     @property
     def training(self) -> TrainableAdapter | None:
@@ -581,11 +535,8 @@ class Runtime:
         self.unmerge()
         self._trainer.close()
         self._state.sel = None
-        for layer in self._layers.values():
-            layer.remove()
-        self._layers.clear()
-        self._contents.clear()
-        self._names.clear()
+        self._layers.remove_all()
+        self._residency.clear()
         self._active = None
         self._detached = True
         _ATTACHED.pop(self._model, None)

@@ -12,7 +12,8 @@ mix of resident adapters, the base (no slot) included::
         graph = capture(step)                                  # or run it eagerly, anywhere
     table.set([...]); graph.replay()                           # another mix, the same graph
 
-A table serves plain LoRA on linear layers (and GPT-2 ``Conv1D``); ``set`` refuses adapters with DoRA
+A table serves plain LoRA on the linear kinds (``nn.Linear``, GPT-2 ``Conv1D``, bitsandbytes ``Linear4bit`` /
+``Linear8bitLt``); ``set`` refuses adapters with DoRA
 magnitudes, ``lora_bias``, ``modules_to_save`` replacements or other layer kinds (use `Runtime.rows`
 for those). A graph captured under a table stays right while `current` is true: loading an adapter
 that needs new banks (a new module, a higher rank, more slots) or removing a layer ends it.
@@ -28,6 +29,7 @@ import torch
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError
 from ._select import Selection
+from ._term import TABLE
 
 if TYPE_CHECKING:
     from ._parts import Content
@@ -50,9 +52,17 @@ class RowTable:
         self.coef = torch.zeros((rows, width), dtype=torch.float32, device=dev)
         empty = torch.zeros((1, 0), dtype=torch.float32, device=dev)
         self._sel = Selection(
-            slots=(), coef=empty, idx=torch.zeros(0, dtype=torch.long, device=dev), rows=rows,
-            unit=False, dora=False, row_slots=self.slots, row_coef=self.coef, table=True,
-        )  # fmt: skip
+            slots=(),
+            coef=empty,
+            idx=torch.zeros(0, dtype=torch.long, device=dev),
+            rows=rows,
+            unit=False,
+            dora=False,
+            row_slots=self.slots,
+            row_coef=self.coef,
+            table=True,
+            term=TABLE,
+        )
 
     @property
     def current(self) -> bool:
@@ -76,7 +86,9 @@ class RowTable:
             raise InvalidOptionError(f"{len(specs)} specs for a row table of {self.rows} rows")
         slots = torch.full((self.rows, self.width), -1, dtype=torch.long)
         coef = torch.zeros((self.rows, self.width), dtype=torch.float32)
-        by_slot = {c.slot: (n, c) for n, sha in rt._names.items() for c in [rt._contents[sha]]}
+        by_slot = {
+            c.slot: (n, c) for n, sha in rt.residency.names.items() for c in [rt.residency.contents[sha]]
+        }
         for i, spec in enumerate(specs):
             row = rt._slots(rt._normalize(spec))
             if len(row) > self.width:
@@ -121,7 +133,7 @@ def _unservable(c: Content) -> str | None:
     if c.replaces:
         return "carries modules_to_save replacements"
     for layer in c.layers:
-        if layer.kind not in ("linear", "conv1d"):
+        if not layer.tabled:
             return f"adapts a {layer.kind} layer ({layer.name})"
         if c.slot in layer.extras:
             return "carries a lora_bias"

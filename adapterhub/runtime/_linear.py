@@ -1,4 +1,12 @@
-"""The fast path of adapted ``nn.Linear`` modules: a forward of their own instead of a forward hook.
+"""The linear layer kinds, and the fast path of plain ``nn.Linear`` modules (a forward of their own).
+
+`LinearLayer` (``nn.Linear``), `Conv1DLayer` (GPT-2's ``Conv1D``: a linear whose weight is stored
+``(in, out)``) and `QuantizedLinearLayer` (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: a linear whose
+weight is packed) add, for the selection's ``K`` slots (``lora_B`` holding ``s_k * B_k.T``)::
+
+    y[t] += sum_k c[row(t), k] * (x[t] @ lora_A[k].T) @ lora_B[k]
+
+through the selection's `_term.LoraTerm`; the variants (`_variants`) follow in `Layer.finish`.
 
 For a plain ``nn.Linear`` the runtime replaces the module's ``forward`` (an instance attribute,
 removed again on detach) with `fused_linear`, which runs torch's own forward and adds the low-rank
@@ -9,7 +17,7 @@ up) share ``h = x @ A.T``: a `Family` computes it once for all of them, as one G
 concatenated A factors (masked per row once), and each member takes its columns. A member that turns
 out to see another input (cross attention), or an input changed in place, leaves its family for good.
 
-The first call under a selection (and input shape) goes through every check and leaves a `Plan`: the
+The first call under a selection (and input shape) goes through every check and leaves a `CallPlan`: the
 factors, mask and views it needs; later calls with the same selection, banks and shape (each decode
 step) run straight through it, a few attribute reads and the kernels. Plans are keyed by the selection
 object and its version, the layer's bank version, the input's shape and dtype, and are never used with
@@ -21,28 +29,127 @@ with ``beta=1``, ran 3% slower, which ate the pass saved), and rows without an a
 equal the base bit for bit.
 
 Anything this path does not cover (DoRA, ``lora_bias``, replacements, gradients through the base, a
-selection of none) runs the module's own forward and then the general hook math of `Layer`.
+selection of none) runs the module's own forward and then the general math of `Layer`. The term itself
+is the selection's `_term.LoraTerm` (``shrink`` / ``expand``) in both.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._layers import Layer, scale_rows
+from ._layers import Layer, LayerKind
+from ._select import RuntimeState, Selection
+from ._term import TABLE, LoraTerm, scale_rows
 
-if TYPE_CHECKING:
-    from ._select import Selection
+
+class LinearLayer(Layer):
+    """``nn.Linear``: ``y[t] += sum_k c[row, k] * (x[t] @ lora_A[k].T) @ lora_B[k]`` (see the module)."""
+
+    kind: LayerKind = "linear"
+    fusable = True
+    tabled = True
+
+    def __init__(
+        self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__(name, module, state, cap=cap, dtype=dtype)
+        self.family: Family | None = None  # the siblings sharing ``x @ lora_A.T`` (fused forwards)
+        self.plan: CallPlan | None = None  # the fused forward's plan for its last selection and shape
+
+    def engage(self) -> None:
+        install(self)
+
+    def suspend(self) -> None:
+        super().suspend()
+        if self.family is not None:
+            self.family.leave(self)
+
+    def _changed(self) -> None:
+        super()._changed()
+        self.plan = None
+        if self.family is not None:
+            self.family.reset()
+
+    def remove(self) -> None:
+        super().remove()
+        self.plan = None
+
+    def lin_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(tokens, in)`` in the banks' dtype."""
+        xin = x.reshape(-1, self.in_f)
+        return xin if xin.dtype == self.dtype else xin.to(self.dtype)
+
+    def add_term(self, sel: Selection, x: torch.Tensor, output: torch.Tensor, n: int) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        return sel.term.add_lora_linear(self, sel, self.lin_input(x), output, n, compiling)
 
 
-def install(layer: Layer) -> None:
+class Conv1DLayer(LinearLayer):
+    """GPT-2's ``Conv1D``: the linear it is, its weight stored ``(in, out)`` (only merging and DoRA's norms
+    see the layout)."""
+
+    kind: LayerKind = "conv1d"
+    fusable = False
+
+    def lora_delta(self, slot: int) -> torch.Tensor:
+        assert self.lora_A is not None and self.lora_B is not None
+        d = self.lora_B[slot].to(torch.float32).T @ self.lora_A[slot].to(torch.float32)  # (out, in)
+        return d.T.contiguous()
+
+    def factor_delta(self, m: Any) -> torch.Tensor:
+        a = m.A.detach().to(self.device, torch.float32).reshape(m.rank, -1)
+        b = m.B.detach().to(self.device, torch.float32).reshape(-1, m.rank)
+        return (float(m.scale) * (b @ a)).T
+
+    def feature_norm(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(w, dim=0)
+
+    def scale_features(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return w * g[None, :]
+
+
+class QuantizedLinearLayer(LinearLayer):
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: the linear term on the dequantized product the
+    module computes. Its shapes come from ``in_features`` / ``out_features`` (the weight is packed); it
+    keeps its own forward (a hook adds the term), its factors are fp32 unless the runtime's dtype is given
+    (as PEFT's), and nothing is merged into it."""
+
+    fusable = False
+    unmergeable = (
+        "is quantized (bitsandbytes); merging into a quantized base is not supported: merge into the "
+        "full-precision checkpoint instead (hub.merge on the full checkpoint), then quantize that"
+    )
+
+    def __init__(
+        self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__(name, module, state, cap=cap, dtype=dtype)
+        self.kind = "linear4bit" if type(module).__name__ == "Linear4bit" else "linear8bit"
+        self.weight_shape = (self.out_f, self.in_f)
+
+    def base_weight(self, original: Any) -> torch.Tensor:
+        """The dequantized weight in fp32 ``(out, in)`` (DoRA's norms)."""
+        import bitsandbytes.functional as bnbf
+
+        w: Any = self.weight
+        if self.kind == "linear4bit":
+            return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32).reshape(self.weight_shape)
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            module: Any = self.module
+            scb = module.state.SCB
+        return w.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
+
+
+def install(layer: LinearLayer) -> None:
     """Give ``layer`` its fused forward when it is a plain ``nn.Linear``, else its forward hook."""
     module = layer.module
     plain = (
-        layer.kind == "linear"
+        layer.fusable
         and isinstance(module, nn.Linear)
         and type(module).forward is nn.Linear.forward
         and "forward" not in module.__dict__
@@ -50,9 +157,8 @@ def install(layer: Layer) -> None:
         and module.weight.device.type != "meta"
     )
     if not plain:
-        layer.hook()
+        Layer.engage(layer)  # a forward hook
         return
-    layer.state.layout += 1
     layer.forward = functools.partial(fused_linear, layer, module.forward)
     module.forward = layer.forward
     parent = layer.name.rsplit(".", 1)[0] if "." in layer.name else ""
@@ -65,7 +171,7 @@ class Family:
     """Adapted sibling linears with the same input width: one GEMM over their A factors."""
 
     def __init__(self) -> None:
-        self.members: list[Layer] = []
+        self.members: list[LinearLayer] = []
         self.version = 0  # bumped whenever a member's banks change (their factors are re-gathered)
         self._x: torch.Tensor | None = None  # the input the pending slices were computed from
         self._x_version = -1
@@ -73,13 +179,13 @@ class Family:
         self._pending: dict[int, torch.Tensor] | None = None
         self._cache: tuple[Any, ...] | None = None
 
-    def join(self, layer: Layer) -> None:
+    def join(self, layer: LinearLayer) -> None:
         self.members.append(layer)
         for m in self.members:  # a member planned alone would go on computing its own ``h``
             m.plan = None
         self.reset()
 
-    def leave(self, layer: Layer) -> None:
+    def leave(self, layer: LinearLayer) -> None:
         """(The others' plans stay good: they ask the family, which now leaves this one out.)"""
         if layer in self.members:
             self.members.remove(layer)
@@ -101,13 +207,13 @@ class Family:
         c = self._cache
         if c is not None and c[0] == key:
             return c[1]
-        live = [m for m in self.members if m.first is not None]
+        live = [m for m in self.members if m.lora_A is not None]
         dim = 1 if per_row else 0  # (n, M*r, in) per row, else (K*r, in)
         parts: list[torch.Tensor] = []
         for m in live:
-            first = m._row_factors(sel, n, False)[0] if per_row else m._gathered(sel, False)[0]
-            assert first is not None
-            parts.append(first)
+            lora_a = m.row_factors(sel, n, False)[0] if per_row else m.gathered(sel, False)[0]
+            assert lora_a is not None
+            parts.append(lora_a)
         cat = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
         mask = None
         if not per_row and sel.rows is not None:
@@ -123,9 +229,9 @@ class Family:
         return hit
 
     def h(
-        self, layer: Layer, sel: Selection, x: torch.Tensor, xin: torch.Tensor, n: int, per_row: bool
+        self, layer: LinearLayer, sel: Selection, x: torch.Tensor, xin: torch.Tensor, n: int, per_row: bool
     ) -> torch.Tensor | None:
-        """``x @ A.T`` of ``layer`` (masked per row where the selection is), shared with its siblings;
+        """``x @ lora_A.T`` of ``layer`` (masked per row where the selection is), shared with its siblings;
         None when ``layer`` has just left the family (it saw another input than its siblings)."""
         lid = id(layer)
         pending = self._pending
@@ -148,25 +254,25 @@ class Family:
         return mine
 
 
-class Plan:
+class CallPlan:
     """What `fused_linear` does for one layer under one selection and input shape, worked out once
     (every later call with the same selection, banks and shape runs straight through it)."""
 
-    __slots__ = ("sel", "key", "n", "per_row", "first_t", "mask", "second", "family", "flat", "rows_view")
+    __slots__ = ("sel", "key", "n", "per_row", "lora_a_t", "mask", "lora_b", "family", "flat", "rows_view")
 
-    def __init__(self, layer: Layer, sel: Selection, x: torch.Tensor, n: int, per_row: bool) -> None:
+    def __init__(self, layer: LinearLayer, sel: Selection, x: torch.Tensor, n: int, term: LoraTerm) -> None:
         self.sel = sel
         self.key = (sel.version, layer.version, x.shape, x.dtype)
         self.n = n
-        self.per_row = per_row
+        self.per_row = per_row = term.per_row
         if per_row:
-            first, self.second = layer._row_factors(sel, n, False)
-            self.first_t = first.transpose(1, 2)
+            lora_a, self.lora_b = layer.row_factors(sel, n, False)
+            self.lora_a_t = lora_a.transpose(1, 2)
             self.mask = None
         else:
-            first, self.second = layer._gathered(sel, False)  # type: ignore[assignment]
-            assert first is not None
-            self.first_t = first.T
+            lora_a, self.lora_b = layer.gathered(sel, False)  # type: ignore[assignment]
+            assert lora_a is not None
+            self.lora_a_t = lora_a.T
             self.mask = sel.mask_for(n, layer.rank, layer.dtype) if sel.rows is not None else None
         fam = layer.family
         self.family = fam if fam is not None and len(fam.members) > 1 else None
@@ -174,14 +280,14 @@ class Plan:
         self.rows_view = (n, -1, layer.out_f) if per_row else (-1, layer.out_f)
 
 
-def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
+def fused_linear(layer: LinearLayer, original: Any, x: torch.Tensor) -> torch.Tensor:
     """The adapted forward of a plain ``nn.Linear`` (see the module docstring)."""
     state = layer.state
     sel = state.sel
-    if sel is None or state.passthrough or layer.first is None:
+    if sel is None or state.passthrough or layer.lora_A is None:
         return original(x)
-    if sel.table:
-        return layer.table_term(sel, x, original(x))
+    if sel.term is TABLE:
+        return TABLE.add_lora_linear(layer, sel, layer.lin_input(x), original(x), 0, False)
     if torch.compiler.is_compiling():  # first: a compiled graph must not guard on the plan
         return _general(layer, original, x)
     plan = layer.plan
@@ -199,35 +305,34 @@ def fused_linear(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
         h = plan.family.h(layer, sel, x, xin, n, plan.per_row)
     out = original(x)
     if h is None:
-        h = _first_product(xin, plan.first_t, plan.mask, n, plan.per_row)
+        h = _first_product(xin, plan.lora_a_t, plan.mask, n, plan.per_row)
     if plan.per_row:
-        out.view(plan.rows_view).baddbmm_(h, plan.second)
+        out.view(plan.rows_view).baddbmm_(h, plan.lora_b)
     else:
-        out.view(plan.rows_view).addmm_(h, plan.second)
+        out.view(plan.rows_view).addmm_(h, plan.lora_b)
     return out
 
 
 def _first_product(
-    xin: torch.Tensor, first_t: torch.Tensor, mask: torch.Tensor | None, n: int, per_row: bool
+    xin: torch.Tensor, lora_a_t: torch.Tensor, mask: torch.Tensor | None, n: int, per_row: bool
 ) -> torch.Tensor:
-    """``x @ A.T``: per row (``first_t`` ``(n, in, M*r)``), or over the concatenated factors with each
+    """``x @ lora_A.T``: per row (``lora_a_t`` ``(n, in, M*r)``), or over the concatenated factors with each
     row's columns scaled by ``mask`` when rows differ."""
     if per_row:
-        return torch.bmm(xin.view(n, -1, first_t.shape[1]), first_t)
-    h = torch.mm(xin, first_t)
+        return torch.bmm(xin.view(n, -1, lora_a_t.shape[1]), lora_a_t)
+    h = torch.mm(xin, lora_a_t)
     return h if mask is None else scale_rows(h, n, mask)
 
 
-def _general(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
-    """Every case, and the first call under a selection (which leaves a `Plan` for the next ones)."""
+def _general(layer: LinearLayer, original: Any, x: torch.Tensor) -> torch.Tensor:
+    """Every case, and the first call under a selection (which leaves a `CallPlan` for the next ones)."""
     sel = layer.state.sel
     assert sel is not None
     module = layer.module
     grad = torch.is_grad_enabled()
     if (
-        (sel.replace and layer.replacements)
-        or layer.bias is not None
-        or (sel.dora and layer.gm1 is not None)
+        (sel.replace and layer.save)
+        or not layer.plain(sel)
         or x.dim() < 2
         or (grad and (x.requires_grad or module.weight.requires_grad))
     ):
@@ -239,15 +344,13 @@ def _general(layer: Layer, original: Any, x: torch.Tensor) -> torch.Tensor:
     if sel.same_rows is not None:
         sel.check_rows(n)
     xin = layer.lin_input(x)
-    per_row = layer.per_row_wanted(sel, x, n)
+    term = sel.term.pick(layer, sel, x, n)
     h = None
     if not compiling:  # (a compiled graph computes each member's own: no Python state to guard on)
         fam = layer.family
         if fam is not None and len(fam.members) > 1:
-            h = fam.h(layer, sel, x, xin, n, per_row)
+            h = fam.h(layer, sel, x, xin, n, term.per_row)
         if not grad and x.dtype == layer.dtype:
-            layer.plan = Plan(layer, sel, x, n, per_row)
+            layer.plan = CallPlan(layer, sel, x, n, term)
     out = original(x)
-    if per_row:
-        return layer.per_row(sel, x, out, n, compiling, h)
-    return layer.concat(sel, xin, out, n, compiling, h)
+    return term.add_lora_linear(layer, sel, xin, out, n, compiling, h)
