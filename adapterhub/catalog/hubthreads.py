@@ -67,7 +67,7 @@ class ThreadRows:
             events[e.discussion_id].append(_event(e))
         return [(r.id, _thread(repo, r, events[r.id])) for r in rows]
 
-    def list(self, repo: Repo) -> list[dict[str, Any]]:
+    def threads(self, repo: Repo) -> list[dict[str, Any]]:
         """Every thread, newest first."""
         with self.catalog.read() as conn:
             return [d for _, d in self._load(conn, repo)]

@@ -321,7 +321,11 @@ hub_discussion_events = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column(
-        "discussion_id", Integer, ForeignKey("hub_discussions.id", ondelete="CASCADE"), nullable=False, index=True
+        "discussion_id",
+        Integer,
+        ForeignKey("hub_discussions.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
     ),
     Column("event_id", String(32), nullable=False),
     Column("kind", String(32), nullable=False),
@@ -346,7 +350,9 @@ hub_collections = Table(
 hub_collection_items = Table(
     "hub_collection_items",
     metadata,
-    Column("collection_id", String(32), ForeignKey("hub_collections.id", ondelete="CASCADE"), primary_key=True),
+    Column(
+        "collection_id", String(32), ForeignKey("hub_collections.id", ondelete="CASCADE"), primary_key=True
+    ),
     Column("item_id", String(32), primary_key=True),
     Column("position", Integer, nullable=False),
     Column("kind", String(16), nullable=False),

@@ -2,6 +2,28 @@
 
 from __future__ import annotations
 
-from ..catalog.hubrecords import Commit, Entry, Op, Ref, Repo, TokenInfo, git_blob_oid, iso, lfs_pointer, utcnow
+from ..catalog.hubrecords import (
+    Commit,
+    Entry,
+    Op,
+    Ref,
+    Repo,
+    TokenInfo,
+    git_blob_oid,
+    iso,
+    lfs_pointer,
+    utcnow,
+)
 
-__all__ = ["Commit", "Entry", "Op", "Ref", "Repo", "TokenInfo", "git_blob_oid", "iso", "lfs_pointer", "utcnow"]
+__all__ = [
+    "Commit",
+    "Entry",
+    "Op",
+    "Ref",
+    "Repo",
+    "TokenInfo",
+    "git_blob_oid",
+    "iso",
+    "lfs_pointer",
+    "utcnow",
+]
