@@ -1,7 +1,7 @@
 """`Hub`: the Python API, a facade over a `Library` (catalog + store) and the services that use it.
 
-Every CLI command is one call here, and every method here is one call into `adapterhub.services`,
-`adapterhub.remote` or `adapterhub.server`; they return frozen dataclasses from `records` (and the result
+Every CLI command is one call here (but ``serve`` and ``token``, which call `adapterhub.server` with a
+Hub), and every method here is one call into `adapterhub.services` or `adapterhub.remote`; they return frozen dataclasses from `records` (and the result
 types of `ops`, `remote`) and raise the errors of `errors`. Nothing heavy is imported until a method needs
 it: ``Hub()`` itself opens nothing.
 """
@@ -42,9 +42,8 @@ if TYPE_CHECKING:
         MergeRecord,
         PushRecord,
     )
-    from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
+    from .remote.results import PullResult, PushResult, RemoteAdapter
     from .runtime import Runtime
-    from .server.storage import ServerStore, TokenInfo
     from .services.compute import CombineOptions, CombineSummary, ExtractOptions, Progress, Weighted
     from .services.training import StepCallback, TrainResult
     from .store import Store
@@ -553,48 +552,3 @@ class Hub:
     def adapter_pushes(self, name: str) -> list[PushRecord]:
         """Where and at which commit an adapter was pushed, oldest first."""
         return self.library.pushes_of(name)
-
-    # ------------------------------------------------------------------ this home's server
-    def create_token(self, user: str, *, write: bool = False) -> NewToken:
-        """A token for this home's server; returned once, stored only as its sha256."""
-        from .remote.results import NewToken
-
-        token, info = self._server_store().create_token(user, write=write)
-        return NewToken(token, info.id, info.user, info.write)
-
-    def list_tokens(self, *, user: str | None = None) -> list[TokenInfo]:
-        return self._server_store().list_tokens(user=user)
-
-    def revoke_token(self, token_or_id: str) -> TokenInfo:
-        return self._server_store().revoke_token(token_or_id)
-
-    def serve(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 8000,
-        ready: Callable[[str], None] | None = None,
-        log_level: str = "warning",
-        model: str | None = None,
-        **inference: Any,
-    ) -> None:
-        """Run the Hub-compatible server and its web pages on this home until interrupted (the ``serve``
-        extra); with ``model``, also the OpenAI-compatible /v1 API over that base and the adapters that
-        fit it (``inference``: the options of `adapterhub.server.inference.mount_inference`)."""
-        from .server import serve
-
-        def mount(app: Any) -> None:
-            from .server.pages import mount_pages
-
-            mount_pages(app, self)
-            if model is not None:
-                from .server.inference import mount_inference
-
-                mount_inference(app, self, model=model, **inference)
-
-        serve(self.catalog, self.home, host=host, port=port, ready=ready, log_level=log_level, mount=mount)
-
-    def _server_store(self) -> ServerStore:
-        from .server import server_store
-
-        return server_store(self.catalog, self.home)

@@ -69,6 +69,7 @@ def main() -> None:
     from huggingface_hub import HfApi, snapshot_download
 
     from adapterhub import Hub
+    from adapterhub.server.tokens import create_token
 
     work = Path(tempfile.mkdtemp(prefix="bench-hub-"))
     proc = None
@@ -78,7 +79,7 @@ def main() -> None:
         mb = size / 1e6
         server_home = work / "server"
         with Hub(server_home) as sh:
-            token = sh.create_token("bench", write=True).token
+            token = create_token(sh, "bench", write=True).token
         proc, url = start_server(server_home)
         api = HfApi(endpoint=url, token=token)
         client = Hub(work / "client")

@@ -63,7 +63,7 @@ def fill(home: Path, n: int, repos: int) -> None:
         )
         store = server_store(hub.catalog, home)
         for i in range(repos):
-            store.create_repo("team", f"repo-{i:03d}", private=i % 10 == 0, author="team")
+            store.repos.create_repo("team", f"repo-{i:03d}", private=i % 10 == 0, author="team")
 
 
 def fetch(url: str) -> tuple[float, float]:

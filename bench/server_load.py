@@ -115,9 +115,10 @@ def verify(url: str, token: str, stats: Stats) -> list[str]:
 
 def start_server(home: Path, users: list[str]) -> tuple[subprocess.Popen[str], str, dict[str, str]]:
     from adapterhub import Hub
+    from adapterhub.server.tokens import create_token
 
     with Hub(home) as hub:
-        tokens = {u: hub.create_token(u, write=True).token for u in users}
+        tokens = {u: create_token(hub, u, write=True).token for u in users}
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],

@@ -163,10 +163,11 @@ def make_kohya(out: Path) -> Path:
 def share(tmp: Path, home: Path) -> None:
     """Start `adapterhub serve` with its own home, make a write token, push, and pull into a new home."""
     from adapterhub import Hub
+    from adapterhub.server.tokens import create_token
 
     server_home = tmp / "server-home"
     with Hub(server_home) as server:
-        token = server.create_token("team", write=True).token  # shown once; stored hashed
+        token = create_token(server, "team", write=True).token  # shown once; stored hashed
     print("  server token created for user 'team' (stored hashed in the server's catalog)")
     proc = subprocess.Popen(
         [

@@ -27,6 +27,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from adapterhub import Hub
+from adapterhub.server.tokens import create_token
 
 HERE = Path(__file__).parent
 CHROMIUM = "/usr/bin/chromium"
@@ -132,8 +133,8 @@ def build_home(home: Path, work: Path) -> tuple[list[str], str, str]:
         hub.add_adapter(make_kohya(work / "anime.safetensors"), name="anime-style", tags=["style"])
         hub.combine([("sql-r8", 0.5), ("chat-r4", 0.5)], name="mix", tags=["sql", "chat"], device="cpu")
         hub.merge(BASE_NAME, [("sql-r8", 1.0)], out=work / "merged", device="cpu")
-        alice = hub.create_token("alice", write=True).token
-        bob = hub.create_token("bob", write=True).token
+        alice = create_token(hub, "alice", write=True).token
+        bob = create_token(hub, "bob", write=True).token
         names = sorted(a.name for a in hub.list_adapters())
     return names, alice, bob
 

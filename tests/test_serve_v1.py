@@ -23,6 +23,7 @@ import torch
 from test_run import QUESTION, _peft_answer, smol  # noqa: F401  (the session's SmolLM2 home)
 
 from adapterhub import Hub
+from adapterhub.server.tokens import create_token
 
 openai = pytest.importorskip("openai")
 
@@ -128,8 +129,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     hub.tag_adapter("secret/x", ["private"])
     wide = _tiny_base(root / "wide", hidden=48)
     hub.add_adapter(_adapter(wide, root / "wide-a", seed=5, targets=("q_proj",)), name="wide")
-    token = hub.create_token("secret").token
-    other = hub.create_token("bob").token
+    token = create_token(hub, "secret").token
+    other = create_token(hub, "bob").token
     server = Server(root / "home", "tiny", "--adapter-memory", "1MB")
     yield {
         "hub": hub,

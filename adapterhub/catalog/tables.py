@@ -234,3 +234,141 @@ merge_adapters = Table(
     Column("weight", Float, nullable=False),
     Index("ix_merge_adapters_adapter_name", "adapter_name"),
 )
+
+# ---------------------------------------------------------------- the server's other state (migration 0005)
+# Gating, access requests, upload proofs and Xet xorb records, old repo names, likes, discussions (with
+# their events), collections (with their items) and webhooks: everything `adapterhub serve` keeps, so
+# that replicas on one database agree. Rows of a repo go with it (ON DELETE CASCADE).
+
+hub_gates = Table(
+    "hub_gates",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
+    Column("mode", String(16), nullable=False),
+)
+
+hub_access_requests = Table(
+    "hub_access_requests",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
+    Column("user", String(100), primary_key=True),
+    Column("request_id", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+hub_upload_proofs = Table(
+    "hub_upload_proofs",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
+    Column("user", String(100), primary_key=True),  # "" for the owner's (or a user-less) proof
+    Column("sha256", String(64), primary_key=True),
+)
+
+hub_repo_xorbs = Table(
+    "hub_repo_xorbs",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
+    Column("xorb", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+)
+
+hub_user_xorbs = Table(
+    "hub_user_xorbs",
+    metadata,
+    Column("user", String(100), primary_key=True),
+    Column("xorb", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+)
+
+hub_renames = Table(
+    "hub_renames",
+    metadata,
+    Column("old_id", String(201), primary_key=True),  # lower-cased namespace/name
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), nullable=False, index=True),
+)
+
+hub_likes = Table(
+    "hub_likes",
+    metadata,
+    Column("user", String(100), primary_key=True),
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True),
+    Column("created_at", DateTime, nullable=False),
+    Index("ix_hub_likes_repo_id", "repo_id"),
+)
+
+hub_discussions = Table(
+    "hub_discussions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("repo_id", Integer, ForeignKey("hub_repos.id", ondelete="CASCADE"), nullable=False),
+    Column("num", Integer, nullable=False),
+    Column("title", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("is_pull_request", Boolean, nullable=False),
+    Column("author", String(100), nullable=False),
+    Column("pinned", Boolean, nullable=False),
+    Column("base", String(300)),  # a pull request's base branch, its start and its merge commit
+    Column("base_oid", String(40)),
+    Column("merge_oid", String(40)),
+    Column("created_at", DateTime, nullable=False),
+    UniqueConstraint("repo_id", "num", name="uq_hub_discussions_num"),
+)
+
+hub_discussion_events = Table(
+    "hub_discussion_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "discussion_id",
+        Integer,
+        ForeignKey("hub_discussions.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("event_id", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("author", String(100), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+hub_collections = Table(
+    "hub_collections",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("owner", String(100), nullable=False, index=True),
+    Column("title", String(200), nullable=False),
+    Column("description", Text),
+    Column("private", Boolean, nullable=False),
+    Column("theme", String(40), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+hub_collection_items = Table(
+    "hub_collection_items",
+    metadata,
+    Column(
+        "collection_id", String(32), ForeignKey("hub_collections.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("item_id", String(32), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ref", String(300), nullable=False),
+    Column("note", Text),
+)
+
+hub_webhooks = Table(
+    "hub_webhooks",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user", String(100), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("watched", JSON, nullable=False),
+    Column("domains", JSON, nullable=False),
+    Column("secret", Text),
+    Column("disabled", Boolean, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)

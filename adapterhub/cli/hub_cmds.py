@@ -191,7 +191,9 @@ def serve_cmd(
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
                  "require_token": require_token, "graphs": graphs} if model else {}  # fmt: skip
-    hub.serve(host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
+    from ..server import serve
+
+    serve(hub, host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
 
 
 @cli.group("token")
@@ -205,7 +207,9 @@ def token_group() -> None:
 @pass_state
 def token_create_cmd(state: State, user: str, write: bool) -> None:
     """Make a token for USER; it is shown once and only its hash is kept."""
-    new = state.hub.create_token(user, write=write)
+    from ..server.tokens import create_token
+
+    new = create_token(state.hub, user, write=write)
     if state.json:
         emit_json(new.to_dict())
         return
@@ -220,7 +224,9 @@ def token_create_cmd(state: State, user: str, write: bool) -> None:
 @pass_state
 def token_list_cmd(state: State, mode: str) -> None:
     """List the server's tokens (ids, users, roles; never the tokens)."""
-    rows = [t.to_dict() for t in state.hub.list_tokens()]
+    from ..server.tokens import list_tokens
+
+    rows = [t.to_dict() for t in list_tokens(state.hub)]
     cols = [("id", "id"), ("user", "user"), ("role", "role"), ("created_at", "created"),
             ("last_used_at", "last used")]  # fmt: skip
     emit_records(rows, cols, mode=mode, title="tokens")
@@ -231,7 +237,9 @@ def token_list_cmd(state: State, mode: str) -> None:
 @pass_state
 def token_revoke_cmd(state: State, token_or_id: str) -> None:
     """Revoke a token, by the id `token list` shows or by the token itself."""
-    info = state.hub.revoke_token(token_or_id)
+    from ..server.tokens import revoke_token
+
+    info = revoke_token(state.hub, token_or_id)
     if state.json:
         emit_json({"revoked": info.id, "user": info.user})
     elif not state.quiet:

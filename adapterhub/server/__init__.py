@@ -1,4 +1,9 @@
-"""``adapterhub serve``: a Hub-compatible adapter server over the catalog database of a home folder.
+"""``adapterhub serve``: a Hub-compatible adapter server over the catalog database of a home folder,
+built on that home's `adapterhub.Hub` (the CLI's ``serve`` command calls `serve` with it, its ``token``
+commands `adapterhub.server.tokens`).
+
+All of the server's state is in the catalog (`adapterhub.catalog.hub*`) and its blob store, so two
+``adapterhub serve`` processes on one database and one store act as one hub.
 
 Importing this package is light; FastAPI and uvicorn (the ``serve`` extra) load in `serve` and `app`.
 """
@@ -10,7 +15,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterHubError
 from ..store import Store
@@ -19,9 +24,10 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from ..catalog import Catalog
+    from ..hub import Hub
     from .storage import ServerStore
 
-__all__ = ["create_app", "serve", "server_store"]
+__all__ = ["create_app", "serve", "serve_app", "server_store"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,33 @@ def create_app(store: ServerStore) -> FastAPI:
 
 
 def serve(
+    hub: Hub,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ready: Callable[[str], None] | None = None,
+    log_level: str = "warning",
+    model: str | None = None,
+    **inference: Any,
+) -> None:
+    """Run the Hub-compatible server and its web pages on ``hub``'s home until interrupted (the ``serve``
+    extra); with ``model``, also the OpenAI-compatible /v1 API over that base and the adapters that fit
+    it (``inference``: the options of `adapterhub.server.inference.mount_inference`). ``port=0`` picks a
+    free port; ``ready`` gets the URL once it listens."""
+
+    def mount(app: FastAPI) -> None:
+        from .pages import mount_pages
+
+        mount_pages(app, hub)
+        if model is not None:
+            from .inference import mount_inference
+
+            mount_inference(app, hub, model=model, **inference)
+
+    serve_app(hub.catalog, hub.home, host=host, port=port, ready=ready, log_level=log_level, mount=mount)
+
+
+def serve_app(
     catalog: Catalog,
     home: Path,
     *,
@@ -50,8 +83,8 @@ def serve(
     log_level: str = "warning",
     mount: Callable[[FastAPI], None] | None = None,
 ) -> None:
-    """Serve until interrupted. ``port=0`` picks a free port; ``ready`` gets the URL once it listens;
-    ``mount`` adds more to the app first (the Hub mounts the web pages and the /v1 inference API)."""
+    """Serve the Hub API over ``catalog`` and ``home`` until interrupted; ``mount`` adds more to the app
+    first (`serve` mounts the web pages and the /v1 inference API)."""
     try:
         import uvicorn
 

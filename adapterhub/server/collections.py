@@ -1,31 +1,19 @@
 """Collections: a user's named, ordered lists of repos (say, the adapters that go with one base model),
-public or private. One JSON file per owner (``HOME/server/collections/<owner>.json``), rewritten whole
-through a temporary file under a lock."""
+public or private. Rows of the catalog (`adapterhub.catalog.hubsocial`); each change is one transaction."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import secrets
-import tempfile
-import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from ..catalog.hubsocial import CollectionRows, slugify
 from ..errors import BadRequestError, ConflictError, ForbiddenError, RepoNotFoundError
-from ..store import scratch_prefix
 from .checks import is_name
 from .records import iso, utcnow
 
 ITEM_TYPES = ("model", "dataset", "space", "paper", "collection")
 ITEMS_LIMIT = 1000
-_LOCK = threading.Lock()
-
-
-def _slugify(title: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:80] or "collection"
 
 
 def _str(body: dict[str, Any], key: str, limit: int) -> str | None:
@@ -36,25 +24,8 @@ def _str(body: dict[str, Any], key: str, limit: int) -> str | None:
 
 
 class Collections:
-    def __init__(self, root: Path) -> None:
-        self.root = root / "collections"
-
-    def _file(self, owner: str) -> Path:
-        return self.root / f"{owner}.json"
-
-    def _load(self, owner: str) -> dict[str, dict[str, Any]]:
-        try:
-            data: dict[str, dict[str, Any]] = json.loads(self._file(owner).read_text())
-            return data
-        except FileNotFoundError:
-            return {}
-
-    def _save(self, owner: str, data: dict[str, dict[str, Any]]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=scratch_prefix("collections"))
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self._file(owner))
+    def __init__(self, rows: CollectionRows) -> None:
+        self.rows = rows
 
     @staticmethod
     def _owner(slug: str) -> tuple[str, str]:
@@ -71,7 +42,7 @@ class Collections:
         ``may_see_model``) without the items that ``viewer`` may not see (private repos and
         collections), as the Hub hides them."""
         owner, cid = self._owner(slug)
-        c = self._load(owner).get(cid)
+        c = self.rows.get(owner, cid)
         if c is None or (c["private"] and viewer != owner):
             raise RepoNotFoundError(f"collection {slug}")
         return c if may_see_model is None else self._shown(c, viewer, may_see_model)
@@ -79,11 +50,10 @@ class Collections:
     def listing(
         self, owner: str | None, viewer: str | None, may_see_model: Callable[[str], bool] | None = None
     ) -> list[dict[str, Any]]:
-        owners = [owner] if owner else [p.stem for p in sorted(self.root.glob("*.json"))]
-        out = [c for o in owners for c in self._load(o).values() if not c["private"] or viewer == o]
+        out = [c for c in self.rows.listing(owner) if not c["private"] or viewer == c["owner"]["name"]]
         if may_see_model is not None:
             out = [self._shown(c, viewer, may_see_model) for c in out]
-        return sorted(out, key=lambda c: c["lastUpdated"], reverse=True)
+        return out
 
     def _shown(
         self, c: dict[str, Any], viewer: str | None, may_see_model: Callable[[str], bool]
@@ -111,31 +81,15 @@ class Collections:
         if namespace != user:
             raise ForbiddenError(f"You don't have the rights to create a collection in {namespace}")
         cid = secrets.token_hex(12)
-        slug = f"{user}/{_slugify(title)}-{cid}"
+        slug = f"{user}/{slugify(title)}-{cid}"
         c: dict[str, Any] = {"slug": slug, "title": title, "description": _str(body, "description", 5000),
              "owner": {"name": user, "type": "user"}, "items": [], "lastUpdated": iso(utcnow()),
              "position": 0, "private": bool(body.get("private")), "theme": "default", "upvotes": 0}  # fmt: skip
-        with _LOCK:
-            data = self._load(user)
-            if any(x["title"] == title for x in data.values()):
-                raise ConflictError(f"a collection called {title!r} already exists")
-            data[cid] = c
-            self._save(user, data)
-        return c
+        return self.rows.insert(user, cid, c)
 
-    def _change(self, slug: str, user: str, change: Any) -> dict[str, Any]:
+    def _change(self, slug: str, user: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         owner, cid = self._owner(slug)
-        with _LOCK:
-            data = self._load(owner)
-            c = data.get(cid)
-            if c is None or (c["private"] and user != owner):
-                raise RepoNotFoundError(f"collection {slug}")
-            if user != owner:
-                raise ForbiddenError(f"only {owner} may change collection {slug}")
-            change(c)
-            c["lastUpdated"] = iso(utcnow())
-            self._save(owner, data)
-            return c
+        return self.rows.change(owner, cid, change, slug=slug, user=user)
 
     def update(self, slug: str, user: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -145,10 +99,7 @@ class Collections:
             for key, limit in (("title", 200), ("description", 5000), ("theme", 40)):
                 if body.get(key) is not None:
                     c[key] = _str(body, key, limit)
-            owner, cid = self._owner(c["slug"])
-            c["slug"] = (
-                f"{owner}/{_slugify(c['title'])}-{cid}"  # a new title, a new slug; the old one still works
-            )
+            # a new title, a new slug (made from it when read back); the old one still works
             if body.get("private") is not None:
                 c["private"] = bool(body["private"])
             if isinstance(body.get("position"), int):
@@ -158,11 +109,7 @@ class Collections:
 
     def delete(self, slug: str, user: str) -> None:
         owner, cid = self._owner(slug)
-        self._change(slug, user, lambda c: None)
-        with _LOCK:
-            data = self._load(owner)
-            data.pop(cid, None)
-            self._save(owner, data)
+        self.rows.delete(owner, cid, slug=slug, user=user)
 
     def add_item(self, slug: str, user: str, body: Any) -> dict[str, Any]:
         item = body.get("item") if isinstance(body, dict) else None

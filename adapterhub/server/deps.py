@@ -12,6 +12,8 @@ from urllib.parse import parse_qs, unquote
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from ..catalog.hubsocial import CollectionRows, LikeRows, WebhookRows
+from ..catalog.hubthreads import ThreadRows
 from ..errors import (
     BadRequestError,
     ForbiddenError,
@@ -24,7 +26,6 @@ from .access import AccessRequests
 from .checks import is_name, loads
 from .collections import Collections
 from .discussions import Discussions
-from .history import RepoHistory
 from .likes import Likes
 from .records import Repo, TokenInfo
 from .storage import ServerStore
@@ -37,27 +38,28 @@ INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 
 @dataclass
 class Server:
-    """The state of one running app: its store, its Xet objects and the key that signs LFS upload URLs
-    and Xet access tokens."""
+    """What one running app works on: its store (repos, commits, tokens, gates), the social state
+    (discussions, collections, likes, webhooks: all in the catalog), its Xet objects and the key that
+    signs LFS upload URLs and Xet access tokens. Nothing here is state of its own: replicas on one
+    catalog and one store agree."""
 
     store: ServerStore
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     xet: XetStore = field(init=False)
     access: AccessRequests = field(init=False)
-    history: RepoHistory = field(init=False)
     likes: Likes = field(init=False)
     discussions: Discussions = field(init=False)
     webhooks: Webhooks = field(init=False)
     collections: Collections = field(init=False)
 
     def __post_init__(self) -> None:
+        catalog = self.store.catalog
         self.xet = XetStore(self.store)
-        self.access = AccessRequests(self.store)
-        self.history = RepoHistory(self.store)
-        self.likes = Likes(self.store)
-        self.discussions = Discussions(self.store)
-        self.webhooks = Webhooks(self.store.blobs.root)
-        self.collections = Collections(self.store.blobs.root)
+        self.access = AccessRequests(self.store.gate_rows)
+        self.likes = Likes(LikeRows(catalog), self.store.repos)
+        self.discussions = Discussions(ThreadRows(catalog), self.store.repos)
+        self.webhooks = Webhooks(WebhookRows(catalog))
+        self.collections = Collections(CollectionRows(catalog))
 
 
 def server(request: Request) -> Server:
@@ -74,7 +76,7 @@ async def auth(request: Request) -> TokenInfo | None:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise UnauthorizedError(INVALID_CREDENTIALS)
-    info = await run_in_threadpool(server(request).store.authenticate, token)
+    info = await run_in_threadpool(server(request).store.tokens.authenticate, token)
     if info is None:
         raise UnauthorizedError(INVALID_CREDENTIALS)
     return info
@@ -88,7 +90,7 @@ async def visible(request: Request, ns: str, name: str, tok: TokenInfo | None) -
     """The repo, if the caller may read it; else RepoNotFound (a private repo is not revealed)."""
     if not is_name(ns) or not is_name(name):
         raise RepoNotFoundError(f"{ns}/{name}")
-    repo = await run_in_threadpool(server(request).store.get_repo, ns, name)
+    repo = await run_in_threadpool(server(request).store.repos.get_repo, ns, name)
     if repo is None or not may_read(repo, tok):
         raise RepoNotFoundError(f"{ns}/{name}")
     return repo
@@ -102,7 +104,7 @@ async def downloadable(request: Request, ns: str, name: str, tok: TokenInfo | No
     if tok is not None and tok.user == repo.namespace:
         return repo
     srv = server(request)
-    if await run_in_threadpool(srv.store.gated, repo) and not (
+    if await run_in_threadpool(srv.store.gates.gated, repo) and not (
         tok is not None and await run_in_threadpool(srv.access.accepted, repo, tok.user)
     ):
         err: RepoError = (ForbiddenError if tok is not None else UnauthorizedError)(

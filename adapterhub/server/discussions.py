@@ -3,29 +3,22 @@ changes, commits). A pull request is a discussion with a branch of its own, ``re
 ``hub_refs``), started at the head of its base branch; merging applies its changes since that start onto
 the base branch, refusing files that both sides changed.
 
-The threads of a repo are one JSON file (``HOME/server/discussions/<repo key>.json``), rewritten whole
-through a temporary file under a lock (the server is one process).
+Threads and their events are rows of the catalog (`adapterhub.catalog.hubthreads`); each change, a pull
+request's branch with its thread and a merge with its status change, is one transaction.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import tempfile
-import threading
-from pathlib import Path
 from typing import Any
 
+from ..catalog.hubthreads import ThreadRows
 from ..errors import BadRequestError, EntryNotFoundError, ForbiddenError
-from ..store import scratch_prefix
 from .records import Commit, Repo, iso, utcnow
-from .storage import ServerStore
+from .storage import Repos
 
-PR_PREFIX = "refs/pr/"
 TITLE_LIMIT = 200
 TEXT_LIMIT = 65_536
-_LOCK = threading.Lock()
 
 
 def event(kind: str, author: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -45,41 +38,20 @@ def _text(value: Any, what: str, limit: int) -> str:
 
 
 class Discussions:
-    def __init__(self, store: ServerStore) -> None:
-        self.store = store
-        self.root = store.blobs.root / "discussions"
-
-    def _file(self, repo: Repo) -> Path:
-        return self.root / f"{self.store.repo_key(repo)}.json"
-
-    def _load(self, repo: Repo) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self._file(repo).read_text())
-            return data
-        except FileNotFoundError:
-            return {"next": 1, "items": {}}
-
-    def _save(self, repo: Repo, data: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=scratch_prefix("discussions"))
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self._file(repo))
-
-    def drop(self, repo: Repo) -> None:
-        self._file(repo).unlink(missing_ok=True)
+    def __init__(self, rows: ThreadRows, repos: Repos) -> None:
+        self.rows = rows
+        self.repos = repos
 
     # ------------------------------------------------------------------ reading
     def list(self, repo: Repo) -> list[dict[str, Any]]:
         """Every thread, newest first."""
-        items = self._load(repo)["items"]
-        return [items[k] for k in sorted(items, key=int, reverse=True)]
+        return self.rows.threads(repo)
 
     def get(self, repo: Repo, num: int) -> dict[str, Any]:
-        d = self._load(repo)["items"].get(str(num))
+        d = self.rows.get(repo, num)
         if d is None:
             raise EntryNotFoundError(f"Discussion {num} of {repo.repo_id}")
-        return dict(d)
+        return d
 
     # ------------------------------------------------------------------ writing
     def create(
@@ -90,33 +62,11 @@ class Discussions:
         if not title:
             raise BadRequestError("a discussion needs a title")
         text = _text(description or "", "description", TEXT_LIMIT)
-        with _LOCK:
-            data = self._load(repo)
-            num = int(data["next"])
-            d: dict[str, Any] = {
-                "num": num, "title": title, "status": "open", "isPullRequest": pull_request,
-                "createdAt": iso(utcnow()), "author": {"name": author},
-                "repo": {"name": repo.repo_id, "type": "model"}, "pinned": False,
-                "events": [comment_event(author, text)] if text else [],
-            }  # fmt: skip
-            if pull_request:
-                name = base[len("refs/heads/") :] if base.startswith("refs/heads/") else base
-                start = self.store.create_pr_ref(repo, f"{PR_PREFIX}{num}", name)
-                d["changes"] = {"base": f"refs/heads/{name}", "baseOid": start.oid, "mergeCommitId": None}
-            data["items"][str(num)] = d
-            data["next"] = num + 1
-            self._save(repo, data)
-        return d
+        events = [comment_event(author, text)] if text else []
+        return self.rows.create(repo, author, title, events, pull_request=pull_request, base=base)
 
     def _update(self, repo: Repo, num: int, change: Any) -> dict[str, Any]:
-        with _LOCK:
-            data = self._load(repo)
-            d = data["items"].get(str(num))
-            if d is None:
-                raise EntryNotFoundError(f"Discussion {num} of {repo.repo_id}")
-            out = change(d)
-            self._save(repo, data)
-        return dict(out)
+        return dict(self.rows.change(repo, num, change))
 
     @staticmethod
     def _may_edit(d: dict[str, Any], repo: Repo, user: str) -> None:
@@ -213,24 +163,12 @@ class Discussions:
         if user != repo.namespace:
             raise ForbiddenError(f"only {repo.namespace} may merge pull requests into {repo.repo_id}")
         note = _text(text or "", "comment", TEXT_LIMIT)
-        with _LOCK:
-            data = self._load(repo)
-            d = data["items"].get(str(num))
-            if d is None or not d["isPullRequest"]:
-                raise EntryNotFoundError(f"Pull request {num} of {repo.repo_id}")
-            if d["status"] != "open":
-                raise BadRequestError(f"pull request {num} is {d['status']}, not open")
-            changes = d["changes"]
-            base = changes["base"][len("refs/heads/") :]
-            merged = self.store.merge_pr(repo, f"{PR_PREFIX}{num}", changes["baseOid"], base,
-                                         title=f"Merge {PR_PREFIX}{num}: {d['title']}", author=user)  # fmt: skip
-            if note:
-                d["events"].append(comment_event(user, note))
-            d["events"].append(event("status-change", user, {"status": "merged"}))
-            d["status"] = "merged"
-            changes["mergeCommitId"] = merged.oid
-            self._save(repo, data)
-        return d
+
+        def events() -> list[dict[str, Any]]:
+            made = [comment_event(user, note)] if note else []
+            return [*made, event("status-change", user, {"status": "merged"})]
+
+        return self.rows.merge(repo, num, user, events, self.repos.card_of)
 
 
 def summary(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,18 +1,24 @@
-"""The server's access tokens: made once, shown once, kept only as their sha256."""
+"""The server's access tokens: made once, shown once, kept only as their sha256 (in the catalog:
+`adapterhub.catalog.hubtokens`). The CLI's ``token`` commands call `create_token`, `list_tokens` and
+`revoke_token` with the home's `Hub`."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
-
-from sqlalchemy import delete, insert, select, update
+from typing import TYPE_CHECKING
 
 from ..catalog import Catalog
-from ..catalog.tables import hub_tokens
+from ..catalog.hubtokens import TokenRows
 from ..errors import BadRequestError, TokenError
 from .checks import check_name
-from .records import TokenInfo, iso, utcnow
+from .records import TokenInfo
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+    from ..remote.results import NewToken
+
+__all__ = ["TOKEN_PREFIX", "Tokens", "create_token", "hash_token", "list_tokens", "revoke_token"]
 
 TOKEN_PREFIX = "ahub_"
 
@@ -21,21 +27,11 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _tok(r: Any) -> TokenInfo:
-    return TokenInfo(
-        r.id,
-        r.user,
-        bool(r.write),
-        iso(r.created_at)[:19] + "Z",
-        iso(r.last_used_at)[:19] + "Z" if r.last_used_at else None,
-    )
-
-
 class Tokens:
     """Create, list, revoke and check tokens in one catalog."""
 
     def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
+        self.rows = TokenRows(catalog)
 
     def create(self, user: str, *, write: bool = False) -> tuple[str, TokenInfo]:
         """A new token for ``user``; the token itself is returned once and only its sha256 is kept."""
@@ -44,47 +40,36 @@ class Tokens:
         except BadRequestError as exc:
             raise TokenError(exc.message) from None
         token = TOKEN_PREFIX + secrets.token_urlsafe(30)
-        now = utcnow().replace(microsecond=0)
-        with self.catalog.write() as conn:
-            tid = conn.execute(
-                insert(hub_tokens)
-                .values(user=user, token_hash=hash_token(token), write=write, created_at=now)
-                .returning(hub_tokens.c.id)
-            ).scalar_one()
-            row = conn.execute(select(hub_tokens).where(hub_tokens.c.id == tid)).one()
-        return token, _tok(row)
+        return token, self.rows.insert(user, hash_token(token), write=write)
 
     def list(self, *, user: str | None = None) -> list[TokenInfo]:
-        stmt = select(hub_tokens).order_by(hub_tokens.c.id)
-        if user is not None:
-            stmt = stmt.where(hub_tokens.c.user == user)
-        with self.catalog.read() as conn:
-            return [_tok(r) for r in conn.execute(stmt)]
+        return self.rows.list(user=user)
 
     def revoke(self, token_or_id: str) -> TokenInfo:
         """Revoke by the id `token list` shows, or by the token itself."""
-        cond = (
-            hub_tokens.c.id == int(token_or_id)
-            if token_or_id.isdigit()
-            else hub_tokens.c.token_hash == hash_token(token_or_id)
-        )
-        with self.catalog.write() as conn:
-            row = conn.execute(select(hub_tokens).where(cond)).first()
-            if row is None:
-                raise TokenError(
-                    "no such token; `adapterhub token list` shows the ids of the tokens there are"
-                )
-            conn.execute(delete(hub_tokens).where(hub_tokens.c.id == row.id))
-        return _tok(row)
+        if token_or_id.isdigit():
+            info = self.rows.delete(token_id=int(token_or_id))
+        else:
+            info = self.rows.delete(token_hash=hash_token(token_or_id))
+        if info is None:
+            raise TokenError("no such token; `adapterhub token list` shows the ids of the tokens there are")
+        return info
 
     def authenticate(self, token: str) -> TokenInfo | None:
-        h = hash_token(token)
-        with self.catalog.read() as conn:
-            row = conn.execute(select(hub_tokens).where(hub_tokens.c.token_hash == h)).first()
-        if row is None:
-            return None
-        now = utcnow().replace(microsecond=0)
-        if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
-            with self.catalog.write() as conn:
-                conn.execute(update(hub_tokens).where(hub_tokens.c.id == row.id).values(last_used_at=now))
-        return _tok(row)
+        return self.rows.find(hash_token(token))
+
+
+def create_token(hub: Hub, user: str, *, write: bool = False) -> NewToken:
+    """A token for the server of ``hub``'s home; returned once, stored only as its sha256."""
+    from ..remote.results import NewToken
+
+    token, info = Tokens(hub.catalog).create(user, write=write)
+    return NewToken(token, info.id, info.user, info.write)
+
+
+def list_tokens(hub: Hub, *, user: str | None = None) -> list[TokenInfo]:
+    return Tokens(hub.catalog).list(user=user)
+
+
+def revoke_token(hub: Hub, token_or_id: str) -> TokenInfo:
+    return Tokens(hub.catalog).revoke(token_or_id)

@@ -1,7 +1,7 @@
 """Webhooks: a user asks to be told (an HTTP POST to a URL of theirs) when something happens to the repos
 they watch: a repo by id, or every repo of a namespace. Domains: ``repo`` (a new commit) and
 ``discussion`` (a thread opened, commented, closed, merged). Events of a private repo go only to
-webhooks of its owner. Each user's webhooks are one JSON file (``HOME/server/webhooks/<user>.json``).
+webhooks of its owner. Webhooks are rows of the catalog (`adapterhub.catalog.hubsocial`).
 
 Delivery is fire-and-forget from a background thread (a timeout of a few seconds, no retries), with the
 webhook's secret in ``X-Webhook-Secret`` as on the Hub.
@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequestError, EntryNotFoundError
-from ..store import scratch_prefix
-from .records import Repo, iso, utcnow
+from ..catalog.hubsocial import WebhookRows
+from ..errors import BadRequestError
+from .records import Repo
 
 log = logging.getLogger(__name__)
 DOMAINS = ("repo", "discussion")
 WATCH_TYPES = ("user", "org", "model", "dataset", "space")
 PER_USER = 100
 DELIVERY_TIMEOUT = 5
-_LOCK = threading.Lock()
 
 
 def _check(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
@@ -61,91 +57,43 @@ def _check(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
 
 
 class Webhooks:
-    def __init__(self, root: Path) -> None:
-        self.root = root / "webhooks"
-
-    def _file(self, user: str) -> Path:
-        return self.root / f"{user}.json"
-
-    def _load(self, user: str) -> dict[str, dict[str, Any]]:
-        try:
-            data: dict[str, dict[str, Any]] = json.loads(self._file(user).read_text())
-            return data
-        except FileNotFoundError:
-            return {}
-
-    def _save(self, user: str, hooks: dict[str, dict[str, Any]]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=scratch_prefix("webhooks"))
-        with os.fdopen(fd, "w") as f:
-            json.dump(hooks, f)
-        os.replace(tmp, self._file(user))
+    def __init__(self, rows: WebhookRows) -> None:
+        self.rows = rows
 
     def of_user(self, user: str) -> list[dict[str, Any]]:
-        return list(self._load(user).values())
+        return self.rows.of_user(user)
 
     def get(self, user: str, hook_id: str) -> dict[str, Any]:
-        hook = self._load(user).get(hook_id)
-        if hook is None:
-            raise EntryNotFoundError(f"webhook {hook_id}")
-        return hook
+        return self.rows.get(user, hook_id)
 
     def create(self, user: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise BadRequestError("give {url, watched, domains, secret}")
-        hook = {"id": secrets.token_hex(12), "secret": None, "disabled": False, "createdAt": iso(utcnow()),
-                **_check(body, partial=False)}  # fmt: skip
-        with _LOCK:
-            hooks = self._load(user)
-            if len(hooks) >= PER_USER:
-                raise BadRequestError(f"at most {PER_USER} webhooks per user")
-            hooks[hook["id"]] = hook
-            self._save(user, hooks)
-        return hook
+        return self.rows.insert(user, secrets.token_hex(12), _check(body, partial=False), limit=PER_USER)
 
     def update(self, user: str, hook_id: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise BadRequestError("give {url, watched, domains, secret}")
-        change = _check(body, partial=True)
-        return self._change(user, hook_id, change)
+        return self.rows.change(user, hook_id, _check(body, partial=True))
 
     def set_disabled(self, user: str, hook_id: str, disabled: bool) -> dict[str, Any]:
-        return self._change(user, hook_id, {"disabled": disabled})
-
-    def _change(self, user: str, hook_id: str, change: dict[str, Any]) -> dict[str, Any]:
-        with _LOCK:
-            hooks = self._load(user)
-            if hook_id not in hooks:
-                raise EntryNotFoundError(f"webhook {hook_id}")
-            hooks[hook_id].update(change)
-            self._save(user, hooks)
-            return hooks[hook_id]
+        return self.rows.change(user, hook_id, {"disabled": disabled})
 
     def delete(self, user: str, hook_id: str) -> None:
-        with _LOCK:
-            hooks = self._load(user)
-            if hooks.pop(hook_id, None) is None:
-                raise EntryNotFoundError(f"webhook {hook_id}")
-            self._save(user, hooks)
+        self.rows.delete(user, hook_id)
 
     # ------------------------------------------------------------------ delivery
     def targets(self, repo: Repo, domain: str) -> list[dict[str, Any]]:
         """The enabled webhooks that watch ``repo`` (or its namespace) for ``domain`` and may see it."""
-        if not self.root.is_dir():
-            return []
         out = []
-        for path in sorted(self.root.glob("*.json")):
-            owner = path.stem
-            if repo.private and owner != repo.namespace:
-                continue
-            for hook in self._load(owner).values():
-                watches = any(
-                    (w["type"] == "model" and w["name"].lower() == repo.repo_id.lower())
-                    or (w["type"] in ("user", "org") and w["name"].lower() == repo.namespace.lower())
-                    for w in hook["watched"]
-                )
-                if watches and domain in hook["domains"] and not hook["disabled"]:
-                    out.append(hook)
+        for hook in self.rows.watching(repo):
+            watches = any(
+                (w["type"] == "model" and w["name"].lower() == repo.repo_id.lower())
+                or (w["type"] in ("user", "org") and w["name"].lower() == repo.namespace.lower())
+                for w in hook["watched"]
+            )
+            if watches and domain in hook["domains"]:
+                out.append(hook)
         return out
 
     def notify(self, repo: Repo, domain: str, payload: dict[str, Any]) -> int:

@@ -2,8 +2,8 @@
 
 A xorb is stored under the sha256 of its bytes in a store of its own (``HOME/server/xorbs``, outside the
 objects that `db gc` weighs against commits: a client's local shard cache may refer to a xorb weeks later).
-Which repo received which xorb is a file ``uploads/<repo key>/xorbs/<xorb hash>`` holding that sha256,
-beside the LFS upload proofs; ``uploads/users/<user>/xorbs/<xorb hash>`` records who sent it. A shard
+Which repo received which xorb, and which user sent it, are rows of the catalog (``hub_repo_xorbs``,
+``hub_user_xorbs``: xorb hash -> that sha256), beside the LFS upload proofs. A shard
 names each file as chunk ranges of xorbs; the server rebuilds every file from xorbs the committer may
 use (sent to the repo or by the committer, else held by a repo the committer can read: own ones first), computes the sha256, stores the file in the server's object store and records an upload
 proof for the repo, exactly as a checked LFS upload does. Only then can a commit reference it.
@@ -34,45 +34,23 @@ class XetStore:
         self.store = store
         self.xorbs = Store(store.blobs.root / "xorbs")
 
-    def _record(self, repo: Repo, xorb: str) -> Path:
-        return self.store.upload_dir(repo) / "xorbs" / xorb
-
-    def _user_record(self, user: str, xorb: str) -> Path:
-        return self.store.uploads / "users" / user / "xorbs" / xorb
-
     def add_xorb(self, repo: Repo, user: str, xorb: str, data: bytes) -> bool:
-        """Keep a serialized xorb sent to ``repo`` by ``user``; True when the repo had no xorb of that
+        """Keep a serialized xorb sent to ``repo`` by ``user``; True when the user had no xorb of that
         hash before. The user's own record outlives the repo: the client's local shard cache lets it
-        refer to this xorb again, weeks later and from any repo, without sending it again."""
+        refer to this xorb again, weeks later and from any repo, without sending it again. A pull
+        request's author keeps the xorbs he sends to himself (only the owner's go to the repo)."""
         if not SHA256_RE.match(xorb):
             raise BadRequestError(f"not a xorb hash (64 hex digits): {xorb!r}")
         parse_xorb(data)
         stored = self.xorbs.put_bytes(data)
-        inserted = not self._user_record(user, xorb).is_file()
-        records = [self._user_record(user, xorb)]
-        if user == repo.namespace:  # a pull request's author keeps the xorbs he sends to himself
-            records.append(self._record(repo, xorb))
-        for record in records:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=scratch_prefix("xorb"))
-            with os.fdopen(fd, "w") as f:
-                f.write(stored.sha256)
-            os.replace(tmp, record)
-        return inserted
+        return self.store.gate_rows.record_xorb(repo, user, xorb, stored.sha256)
 
     def _find(self, repo: Repo, user: str, xorb: str) -> Path | None:
         """The stored bytes of ``xorb`` as a commit to ``repo`` by ``user`` may use them (sent to the repo
         or by the user, else held by a repo the user can read: the user's own first), or None."""
-        records = [self._user_record(user, xorb)]
-        if user == repo.namespace:
-            records.append(self._record(repo, xorb))
-        others = [r for r, _ in self.store.visible_repos(user) if r.id != repo.id]
-        records += [self._record(r, xorb) for r in sorted(others, key=lambda r: r.namespace != user)]
-        for record in records:
-            try:
-                digest = record.read_text().strip()
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+        others = [r for r, _ in self.store.repos.visible_repos(user) if r.id != repo.id]
+        others.sort(key=lambda r: r.namespace != user)
+        for digest in self.store.gate_rows.xorb_digests(repo, user, xorb, others):
             if SHA256_RE.match(digest) and self.xorbs.has(digest):
                 return self.xorbs.path(digest)
         return None
@@ -84,7 +62,7 @@ class XetStore:
         cache: OrderedDict[str, tuple[bytes, list[Chunk]]] = OrderedDict()
         built = [self._rebuild(repo, user, f, cache) for f in files]
         for sha256, _ in built:
-            self.store.record_upload(repo, sha256, user)
+            self.store.gates.record_upload(repo, sha256, user)
         return built
 
     def _xorb(

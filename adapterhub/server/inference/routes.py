@@ -49,7 +49,7 @@ async def _token(request: Request, svc: Inference) -> Any:
     value = value.strip()
     info = None
     if scheme.lower() == "bearer" and value and len(value) <= 512:
-        info = await run_in_threadpool(request.app.state.server.store.authenticate, value)
+        info = await run_in_threadpool(request.app.state.server.store.tokens.authenticate, value)
     if info is None and svc.require_token:
         return Refusal(
             401,

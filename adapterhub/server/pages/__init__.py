@@ -40,10 +40,12 @@ from .security import (
     redirect,
     safe_next,
 )
-from .state import CatalogHub, store_of
+from .state import store_of
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from ...hub import Hub
 
 __all__ = ["mount_pages", "router"]
 
@@ -107,7 +109,11 @@ async def login(request: Request) -> Response:
         return html_response(request, login_form(request, "/", str(exc)), status=403)
     token = form.get("token", "").strip()
     next_ = safe_next(form.get("next"))
-    info = await run_in_threadpool(store_of(request).authenticate, token) if 0 < len(token) <= 512 else None
+    info = (
+        await run_in_threadpool(store_of(request).tokens.authenticate, token)
+        if 0 < len(token) <= 512
+        else None
+    )
     if info is None:
         return html_response(request, login_form(request, next_, "That token is not valid here."), status=401)
     response = redirect(request, next_)
@@ -163,7 +169,7 @@ async def repo(request: Request, owner: str, name: str) -> Response:
     return html_response(request, page(request, shown[0], shown[1], user), started=started)
 
 
-def mount_pages(app: FastAPI, hub: CatalogHub) -> None:
+def mount_pages(app: FastAPI, hub: Hub) -> None:
     """Serve the pages from ``app`` over the catalog of ``hub`` (an `adapterhub.Hub`): its routes go after
     the API's and before the app's final catch-all."""
     app.state.hub = hub

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import Request
@@ -17,8 +17,11 @@ from ..privacy import is_private, may_see
 from ..records import TokenInfo
 from .html import Safe, definition_list, join, number, render, table, when
 from .spectra import spectra
-from .state import CatalogHub, hub_of
+from .state import hub_of
 from .svg import Node, energy_svg, lineage_svg, sparkline
+
+if TYPE_CHECKING:
+    from ...hub import Hub
 
 log = logging.getLogger(__name__)
 MODULES_SHOWN = 2000
@@ -93,7 +96,7 @@ def lineage(info: AdapterInfo, endpoint: str, visible: Callable[[str], bool]) ->
                   svg=lineage_svg(me, parents, after), listing=listing)  # fmt: skip
 
 
-def fits(hub: CatalogHub, info: AdapterInfo) -> Safe:
+def fits(hub: Hub, info: AdapterInfo) -> Safe:
     bases = hub.list_bases()
     if not bases:
         return Safe(
@@ -151,7 +154,7 @@ def spectra_section(modules: list[dict[str, Any]] | None, error: str | None, *, 
     )  # fmt: skip
 
 
-def visible_to(hub: CatalogHub, user: TokenInfo | None) -> Callable[[str], bool]:
+def visible_to(hub: Hub, user: TokenInfo | None) -> Callable[[str], bool]:
     """Whether ``user`` may see a cataloged adapter by name (one no longer cataloged has no tags to
     make it private)."""
 
@@ -166,7 +169,7 @@ def visible_to(hub: CatalogHub, user: TokenInfo | None) -> Callable[[str], bool]
 
 
 def load(
-    hub: CatalogHub, name: str, user: TokenInfo | None
+    hub: Hub, name: str, user: TokenInfo | None
 ) -> tuple[AdapterInfo, Safe, list[dict[str, Any]] | None, str | None]:
     """What the page shows; `AdapterNotFoundError` for an adapter ``user`` may not see, as for one that
     is not there (nothing about it is computed)."""

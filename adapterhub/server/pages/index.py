@@ -236,7 +236,7 @@ async def index_body(request: Request, user: TokenInfo | None) -> Safe:
     query, notes = parse_query(request)
     hub, store = hub_of(request), store_of(request)
     result = await run_in_threadpool(listing_of(request).page, hub, query, user)
-    repos = await run_in_threadpool(store.visible_repos, user.user if user else None)
+    repos = await run_in_threadpool(store.repos.visible_repos, user.user if user else None)
     note = join(render('<p class="notice" role="status">{n}</p>', n=n) for n in notes)
     empty = Safe("") if result.total else Safe('<p class="notice">No cataloged adapter matches.</p>')
     return render(

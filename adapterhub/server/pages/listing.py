@@ -8,13 +8,15 @@ import json
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from ..privacy import is_private, may_see
 from ..records import TokenInfo
-from .state import CatalogHub
+
+if TYPE_CHECKING:
+    from ...hub import Hub
 
 SORTS = {
     "name": lambda r: r["name"].lower(),
@@ -73,7 +75,7 @@ class Listing:
         self._parsed: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def records(self, hub: CatalogHub, query: Query) -> list[dict[str, Any]]:
+    def records(self, hub: Hub, query: Query) -> list[dict[str, Any]]:
         texts = hub.adapter_records_json(query.q or None, **query.filters())
         parsed = self._parsed
         out = []
@@ -89,7 +91,7 @@ class Listing:
                 self._parsed = {t: parsed[t] for t in texts if t in parsed}
         return out
 
-    def page(self, hub: CatalogHub, query: Query, user: TokenInfo | None) -> PageOfAdapters:
+    def page(self, hub: Hub, query: Query, user: TokenInfo | None) -> PageOfAdapters:
         """The page ``query`` asks for, of the adapters ``user`` may see (private ones are left out of
         the rows, the total and the facet counts alike)."""
         rows = [r for r in self.records(hub, query) if may_see(r["name"], is_private(r["tags"]), user)]

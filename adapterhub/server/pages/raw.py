@@ -30,11 +30,11 @@ def locate(
     if not is_name(owner) or not is_name(name):
         return None
     store = store_of(request)
-    repo = store.get_repo(owner, name)
+    repo = store.repos.get_repo(owner, name)
     if repo is None or not may_read(repo, user):
         return None
     try:
-        entry = store.files(store.resolve(repo, rev)).get(path)
+        entry = store.repos.files(store.repos.resolve(repo, rev)).get(path)
     except RevisionNotFoundError:
         return None
     return None if entry is None else store.blobs.path(entry.sha256)

@@ -107,20 +107,20 @@ def load_repo(
     if not is_name(owner) or not is_name(name):
         return None
     store = store_of(request)
-    repo = store.get_repo(owner, name)
+    repo = store.repos.get_repo(owner, name)
     if repo is None or not may_read(repo, user):
         return None
     try:
-        head = store.resolve(repo, rev)
+        head = store.repos.resolve(repo, rev)
     except RevisionNotFoundError:
         return {"repo": repo, "missing_rev": rev}
-    files = store.files(head)
+    files = store.repos.files(head)
     readme = ""
     if "README.md" in files:
         with store.blobs.path(files["README.md"].sha256).open("rb") as fh:
             readme = fh.read(README_LIMIT).decode("utf-8", errors="replace")
-    return {"repo": repo, "head": head, "files": files, "readme": readme, "refs": store.refs(repo),
-            "commits": store.history(repo, head, limit=COMMITS_SHOWN)}  # fmt: skip
+    return {"repo": repo, "head": head, "files": files, "readme": readme, "refs": store.repos.refs(repo),
+            "commits": store.repos.history(repo, head, limit=COMMITS_SHOWN)}  # fmt: skip
 
 
 async def repo_body(

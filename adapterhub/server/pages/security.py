@@ -50,7 +50,7 @@ async def page_user(request: Request) -> TokenInfo | None:
     if not token or len(token) > 512:
         return None
     store = request.app.state.server.store
-    info: TokenInfo | None = await run_in_threadpool(store.authenticate, token)
+    info: TokenInfo | None = await run_in_threadpool(store.tokens.authenticate, token)
     return info
 
 

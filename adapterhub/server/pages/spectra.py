@@ -17,9 +17,11 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .state import CatalogHub
+if TYPE_CHECKING:
+    from ...hub import Hub
+
 
 CACHE_VERSION = 1
 
@@ -62,7 +64,7 @@ def module_sigma(a: Any, b: Any, scale: float) -> list[float]:
     return [float(v) for v in s]
 
 
-def compute(hub: CatalogHub, name: str) -> list[dict[str, Any]]:
+def compute(hub: Hub, name: str) -> list[dict[str, Any]]:
     weights = hub.load_adapter(name)
     out = []
     for key in sorted(weights.modules):
@@ -75,7 +77,7 @@ def compute(hub: CatalogHub, name: str) -> list[dict[str, Any]]:
     return out
 
 
-def spectra(hub: CatalogHub, name: str, sha256: str) -> list[dict[str, Any]]:
+def spectra(hub: Hub, name: str, sha256: str) -> list[dict[str, Any]]:
     """The spectra of cataloged adapter ``name`` (content ``sha256``), from the cache when it has them."""
     path = cache_path(hub.home, sha256)
     try:

@@ -17,7 +17,7 @@ BASE = "/api/models/{ns}/{name}/user-access-request"
 
 async def _gated(request: Request, ns: str, name: str, tok: TokenInfo | None) -> Repo:
     repo = await writable(request, ns, name, tok)
-    if not await run_in_threadpool(server(request).store.gated, repo):
+    if not await run_in_threadpool(server(request).store.gates.gated, repo):
         raise BadRequestError(f"{repo.repo_id} is not gated: update its settings with gated='auto' first")
     return repo
 

@@ -28,7 +28,7 @@ def _may_see_model(request: Request, tok: TokenInfo | None) -> Callable[[str], b
 
     def visible(repo_id: str) -> bool:
         ns, _, name = repo_id.partition("/")
-        repo = store.get_repo(ns, name) if ns and name else None
+        repo = store.repos.get_repo(ns, name) if ns and name else None
         return repo is None or may_read(repo, tok)
 
     return visible

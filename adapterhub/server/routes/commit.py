@@ -58,8 +58,8 @@ async def preupload(
         raise BadRequestError(
             f"gitIgnore must be the text of a .gitignore of at most {RULES_FILE_LIMIT:,} characters"
         )
-    head = await run_in_threadpool(store.resolve, repo, "/".join(raw_parts(request, 5)))
-    current = await run_in_threadpool(store.files, head)
+    head = await run_in_threadpool(store.repos.resolve, repo, "/".join(raw_parts(request, 5)))
+    current = await run_in_threadpool(store.repos.files, head)
     ignore, lfs = await run_in_threadpool(_rules, store, current, gitignore)
     out = []
     for f in files:
@@ -98,7 +98,7 @@ async def commit(request: Request, ns: str, name: str, tok: TokenInfo | None = D
         )
         branch = f"refs/pr/{d['num']}"
     new, changed = await run_in_threadpool(
-        lambda: store.commit(
+        lambda: store.commits.commit(
             repo, branch, ops, title=title, message=message, author=tok.user, parent_commit=parent
         )
     )

@@ -29,7 +29,7 @@ async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = 
     try:
         repo = await downloadable(request, ns, name, tok)
     except RepoNotFoundError:
-        moved = await run_in_threadpool(server(request).history.renamed, ns, name)
+        moved = await run_in_threadpool(server(request).store.repos.renamed, ns, name)
         if moved is None or not may_read(moved, tok):
             raise
         # the repo was moved: send the client on to its new name, as the Hub does
@@ -37,8 +37,8 @@ async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = 
         rest = rest.split("/", 3)[3]
         query = f"?{request.url.query}" if request.url.query else ""
         return RedirectResponse(f"/{moved.repo_id}/{rest}{query}", status_code=307)
-    head = await run_in_threadpool(store.resolve, repo, rev)
-    files = await run_in_threadpool(store.files, head)
+    head = await run_in_threadpool(store.repos.resolve, repo, rev)
+    files = await run_in_threadpool(store.repos.files, head)
     e = files.get(path)
     if e is None:
         raise EntryNotFoundError(path, head.oid)
@@ -63,8 +63,8 @@ async def show_commit(
 ) -> JSONResponse:
     store = server(request).store
     repo = await visible(request, ns, name, tok)
-    c = await run_in_threadpool(store.resolve, repo, oid)
-    files = await run_in_threadpool(store.files, c)
+    c = await run_in_threadpool(store.repos.resolve, repo, oid)
+    files = await run_in_threadpool(store.repos.files, c)
     return JSONResponse(
         {
             "id": c.oid,

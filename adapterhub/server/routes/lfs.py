@@ -82,7 +82,11 @@ async def _answer(request: Request, repo: Repo, tok: TokenInfo | None, o: Any, e
         return _object_error(oid, size, 413, f"object larger than {LFS_OBJECT_LIMIT} bytes")
     owner = tok is not None and tok.user == repo.namespace
     # a pull request's author (not the owner) always sends the bytes: no "already there" for others' repos
-    have = await run_in_threadpool(srv.store.referable_size, repo, tok.user, oid) if owner and tok else None
+    have = (
+        await run_in_threadpool(srv.store.gates.referable_size, repo, tok.user, oid)
+        if owner and tok
+        else None
+    )
     if have == size:
         return {"oid": oid, "size": size, "authenticated": True}
     user = tok.user if tok else ""
@@ -134,7 +138,9 @@ async def verify(
     oid, size = (body.get("oid"), body.get("size")) if isinstance(body, dict) else (None, None)
     if not isinstance(oid, str) or not SHA256_RE.match(oid):
         raise BadRequestError("give {oid, size}")
-    have = await run_in_threadpool(server(request).store.referable_size, repo, tok.user if tok else None, oid)
+    have = await run_in_threadpool(
+        server(request).store.gates.referable_size, repo, tok.user if tok else None, oid
+    )
     if have is None or (isinstance(size, int) and have != size):
         raise EntryNotFoundError(f"LFS object {oid} (it was not uploaded to {repo.repo_id})")
     return JSONResponse({})
@@ -158,11 +164,11 @@ async def upload(request: Request, ns: str, name: str, oid: str) -> JSONResponse
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) != size:
         raise BadRequestError(f"the body has {length} bytes, but the object was announced with {size}")
-    repo = await run_in_threadpool(srv.store.get_repo, ns, name)
+    repo = await run_in_threadpool(srv.store.repos.get_repo, ns, name)
     if repo is None or repo.repo_id != f"{ns}/{name}":
         raise RepoNotFoundError(f"{ns}/{name}")
     await receive_object(request, srv, oid, size, keep=not srv.store.blobs.has(oid))
-    await run_in_threadpool(srv.store.record_upload, repo, oid, q.get("user") or None)
+    await run_in_threadpool(srv.store.gates.record_upload, repo, oid, q.get("user") or None)
     return JSONResponse({})
 
 

@@ -89,13 +89,13 @@ async def list_models(request: Request, tok: TokenInfo | None = Depends(auth)) -
     page = min(page, PAGE_SIZE)
     start = query_int(request, "cursor", 0, low=0, high=10**9)
     full = query_flag(request, "full")
-    rows = await run_in_threadpool(store.visible_repos, tok.user if tok else None)
+    rows = await run_in_threadpool(store.repos.visible_repos, tok.user if tok else None)
     matching = (pair for pair in rows if _matches(*pair, request.query_params))
     picked = list(islice(matching, start, start + page + 1))
     out = []
     for repo, head in picked[:page]:
-        files = await run_in_threadpool(store.files, head) if full else None
-        out.append(model_json(repo, head, files, False, store.gated(repo)))
+        files = await run_in_threadpool(store.repos.files, head) if full else None
+        out.append(model_json(repo, head, files, False, store.gates.gated(repo)))
     headers = {}
     if len(picked) > page:
         query = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
@@ -109,14 +109,14 @@ async def _at(
 ) -> tuple[Repo, Commit, dict[str, Entry]]:
     store = server(request).store
     repo = await visible(request, ns, name, tok)
-    head = await run_in_threadpool(store.resolve, repo, rev)
-    files = await run_in_threadpool(store.files, head)
+    head = await run_in_threadpool(store.repos.resolve, repo, rev)
+    files = await run_in_threadpool(store.repos.files, head)
     return repo, head, files
 
 
 async def _info(request: Request, repo: Repo, head: Commit, files: dict[str, Entry]) -> dict[str, Any]:
     srv = server(request)
-    gated = await run_in_threadpool(srv.store.gated, repo)
+    gated = await run_in_threadpool(srv.store.gates.gated, repo)
     info = model_json(repo, head, files, query_flag(request, "blobs"), gated)
     info["likes"] = len(await run_in_threadpool(srv.likes.likers, repo))
     return info
@@ -160,7 +160,7 @@ def _last_commits(
     folders = tree_paths(files, prefix, recursive, folders=True)
     wanted = tree_paths(files, prefix, recursive, folders=False)
     wanted += [p for p in files if any(p.startswith(d + "/") for d in folders)]
-    by_file = server(request).store.last_commits(repo, head, dict.fromkeys(wanted))
+    by_file = server(request).store.repos.last_commits(repo, head, dict.fromkeys(wanted))
     return {**by_file, **folder_last_commits(by_file, folders)}
 
 
@@ -188,7 +188,7 @@ async def paths_info(
     if expand:
         under = [f for f in files if any(f.startswith(d + "/") for d in found_dirs)]
         by_file = await run_in_threadpool(
-            server(request).store.last_commits, repo, head, dict.fromkeys(found_files + under)
+            server(request).store.repos.last_commits, repo, head, dict.fromkeys(found_files + under)
         )
         last = {**by_file, **folder_last_commits(by_file, found_dirs)}
     out = [file_json(files[p], last.get(p)) for p in found_files]
@@ -199,7 +199,7 @@ async def paths_info(
 @router.get("/api/models/{ns}/{name}/refs")
 async def refs(request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
     repo = await visible(request, ns, name, tok)
-    found = await run_in_threadpool(server(request).store.refs, repo)
+    found = await run_in_threadpool(server(request).store.repos.refs, repo)
     shown = {
         kind: [{"name": r.name, "ref": r.ref, "targetCommit": r.commit_oid} for r in found if r.kind == kind]
         for kind in ("branch", "tag", "pr")
@@ -215,7 +215,7 @@ async def commits(
     request: Request, ns: str, name: str, tok: TokenInfo | None = Depends(auth)
 ) -> JSONResponse:
     repo, head, _ = await _at(request, ns, name, tok, _rest(request))
-    hist = await run_in_threadpool(server(request).store.history, repo, head)
+    hist = await run_in_threadpool(server(request).store.repos.history, repo, head)
     out = [commit_json(c) for c in hist]
     if "formatted" in request.query_params.getlist("expand[]"):  # title and message as (escaped) HTML
         for d in out:
@@ -233,9 +233,9 @@ async def branch(request: Request, ns: str, name: str, tok: TokenInfo | None = D
         start = body.get("startingPoint") if isinstance(body, dict) else None
         if start is not None and not isinstance(start, str):
             raise BadRequestError("startingPoint must be a revision")
-        await run_in_threadpool(lambda: store.create_branch(repo, branch, starting_point=start))
+        await run_in_threadpool(lambda: store.repos.create_branch(repo, branch, starting_point=start))
     else:
-        await run_in_threadpool(store.delete_branch, repo, branch)
+        await run_in_threadpool(store.repos.delete_branch, repo, branch)
     return JSONResponse({})
 
 
@@ -250,9 +250,9 @@ async def tag(request: Request, ns: str, name: str, tok: TokenInfo | None = Depe
         if not isinstance(tag, str):
             raise BadRequestError("give the tag as JSON {tag, message}")
         revision = _rest(request)
-        await run_in_threadpool(lambda: store.create_tag(repo, tag, revision=revision))
+        await run_in_threadpool(lambda: store.repos.create_tag(repo, tag, revision=revision))
     else:
-        await run_in_threadpool(store.delete_tag, repo, _rest(request))
+        await run_in_threadpool(store.repos.delete_tag, repo, _rest(request))
     return JSONResponse({})
 
 
@@ -271,7 +271,9 @@ async def super_squash(
         message = f"Super-squash branch '{branch}'"
     if not isinstance(message, str):
         raise BadRequestError("message must be a string")
-    squashed = await run_in_threadpool(lambda: store.squash(repo, branch, message=message, author=tok.user))
+    squashed = await run_in_threadpool(
+        lambda: store.commits.squash(repo, branch, message=message, author=tok.user)
+    )
     return JSONResponse({"commitId": squashed.oid})
 
 
@@ -281,7 +283,7 @@ async def lfs_files(
 ) -> JSONResponse:
     """The repo's LFS objects, for its owner (who may purge them)."""
     repo = await writable(request, ns, name, tok)
-    return JSONResponse(await run_in_threadpool(server(request).history.lfs_files, repo))
+    return JSONResponse(await run_in_threadpool(server(request).store.repos.lfs_files, repo))
 
 
 @router.post("/api/models/{ns}/{name}/lfs-files/batch")
@@ -297,7 +299,7 @@ async def purge_lfs_files(
         raise BadRequestError(f"give {{deletions: {{sha: [at most {PATHS_INFO_LIMIT} sha256 digests]}}}}")
     if deletions.get("rewriteHistory") is False:  # type: ignore[union-attr]
         raise BadRequestError("this server purges LFS files from the whole history only (rewriteHistory)")
-    await run_in_threadpool(server(request).history.purge_lfs_files, repo, shas)
+    await run_in_threadpool(server(request).store.repos.purge_lfs, repo, shas)
     return JSONResponse({})
 
 
@@ -307,7 +309,7 @@ async def not_a_model_route(request: Request, tok: TokenInfo | None = Depends(au
     not have is RepoNotFound, as the Hub answers; an unknown action on a repo one can read is a 404."""
     parts = raw_parts(request, 2)
     if len(parts) >= 2 and is_name(parts[0]) and is_name(parts[1]):
-        repo = await run_in_threadpool(server(request).store.get_repo, parts[0], parts[1])
+        repo = await run_in_threadpool(server(request).store.repos.get_repo, parts[0], parts[1])
         if repo is not None and may_read(repo, tok):
             raise EndpointNotFoundError(f"no such endpoint: {request.method} {request.url.path}")
         if parts[1] not in NAMESPACE_LESS_ACTIONS:

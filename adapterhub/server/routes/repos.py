@@ -60,7 +60,7 @@ async def create_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -
     check_name("namespace", ns)
     check_name("repo name", name)
     private = bool(visibility(body))
-    existing = await run_in_threadpool(store.get_repo, ns, name)
+    existing = await run_in_threadpool(store.repos.get_repo, ns, name)
     if existing is not None and may_read(existing, tok):
         check_write(tok, existing.namespace)
         url = f"{base_url(request)}/{existing.repo_id}"
@@ -68,7 +68,7 @@ async def create_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -
     writer = check_write(tok, ns)
     try:
         repo = await run_in_threadpool(
-            lambda: store.create_repo(ns, name, private=private, author=writer.user)
+            lambda: store.repos.create_repo(ns, name, private=private, author=writer.user)
         )
     except ConflictError as exc:
         return JSONResponse(
@@ -85,7 +85,7 @@ async def delete_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -
     body = await read_json(request)
     ns, name = repo_target(body, tok)
     repo = await writable(request, ns, name, tok)
-    await run_in_threadpool(server(request).store.delete_repo, repo)
+    await run_in_threadpool(server(request).store.repos.delete_repo, repo)
     log.info("deleted repo %s", repo.repo_id)
     return JSONResponse({})
 
@@ -108,8 +108,7 @@ async def move_repo(request: Request, tok: TokenInfo | None = Depends(auth)) -> 
     ns, name = _split_id(body.get("toRepo"), "toRepo")
     repo = await writable(request, src_ns, src_name, tok)
     check_write(tok, ns)
-    moved = await run_in_threadpool(server(request).store.rename_repo, repo, ns, name)
-    await run_in_threadpool(server(request).history.record_rename, repo.repo_id, moved)
+    moved = await run_in_threadpool(server(request).store.repos.rename_repo, repo, ns, name)
     log.info("moved repo %s to %s", repo.repo_id, moved.repo_id)
     return JSONResponse({"url": f"{base_url(request)}/{moved.repo_id}"})
 
@@ -130,7 +129,7 @@ async def duplicate_repo(
     url = f"{base_url(request)}/{to_ns}/{to_name}"
     try:
         repo = await run_in_threadpool(
-            lambda: store.duplicate_repo(
+            lambda: store.commits.duplicate_repo(
                 source,
                 to_ns,
                 to_name,
@@ -170,12 +169,12 @@ async def update_settings(
         raise BadRequestError("give the settings as JSON {visibility: 'private' | 'public'}")
     gated = body.get("gated")
     if gated is not None:
-        await run_in_threadpool(server(request).store.set_gated, repo, gated)
+        await run_in_threadpool(server(request).store.gates.set_gated, repo, gated)
     private = visibility(body)
     if private is not None and private != repo.private:
-        repo = await run_in_threadpool(server(request).store.set_private, repo, private)
+        repo = await run_in_threadpool(server(request).store.repos.set_private, repo, private)
         log.info("repo %s is now %s", repo.repo_id, "private" if private else "public")
-    gated = await run_in_threadpool(server(request).store.gated, repo)
+    gated = await run_in_threadpool(server(request).store.gates.gated, repo)
     return JSONResponse({"private": repo.private, "gated": gated})
 
 

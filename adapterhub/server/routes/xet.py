@@ -74,10 +74,10 @@ async def xet_caller(request: Request) -> XetCaller:
         raise UnauthorizedError(BAD_XET_TOKEN) from None
     if exp < time.time():
         raise UnauthorizedError(BAD_XET_TOKEN)
-    repo = await run_in_threadpool(srv.store.get_repo, ns, name)
+    repo = await run_in_threadpool(srv.store.repos.get_repo, ns, name)
     if repo is None or repo.id != rid:
         raise UnauthorizedError(BAD_XET_TOKEN)
-    tokens = await run_in_threadpool(lambda: srv.store.list_tokens(user=user))
+    tokens = await run_in_threadpool(lambda: srv.store.tokens.list(user=user))
     if not any(t.id == tid and t.write for t in tokens):  # revoked since
         raise UnauthorizedError(BAD_XET_TOKEN)
     return XetCaller(repo, user)
@@ -92,7 +92,7 @@ async def xet_write_token(
     repo = await writable_for(request, ns, name, tok, revision)  # a pull request's author may upload too
     assert tok is not None
     if revision and revision != "None":
-        await run_in_threadpool(srv.store.resolve, repo, revision)
+        await run_in_threadpool(srv.store.repos.resolve, repo, revision)
     exp = int(time.time()) + XET_TOKEN_TTL
     token = make_token(srv, repo, tok, exp)
     cas = base_url(request) + CAS_PREFIX
