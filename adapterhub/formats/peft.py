@@ -15,7 +15,9 @@ from typing import Any
 
 from ..errors import InvalidAdapterError, InvalidConfigError
 from ..lora import PEFT_PREFIX, LoraModule, LoraWeights, lora_scale, pattern_key
+from .lycoris import lycoris_factors
 from .peft_config import read_config, target_selects, validate_config
+from .peft_variants import bd_side, expand_blocks, kasa_problem
 from .safetensors_header import SafetensorsHeader, read_header
 
 __all__ = [
@@ -47,6 +49,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_magnitude_vector.weight", "magnitude"),
     (".lora_magnitude_vector", "magnitude"),
     (".base_layer.weight", "base_layer"),
+    (".lora_diag", "diag"),
 )
 
 Problem = Callable[[str, "str | None"], None]
@@ -196,6 +199,21 @@ def parse_peft(
                 module,
             )
             continue
+        side = bd_side(config, module, kind, "magnitude" in got)
+        if isinstance(side, str):
+            report(f"module {module}: {side}", module)
+            continue
+        bd, nblocks = side
+        stored_params = math.prod(a_shape) + math.prod(b_shape) if bd else None
+        if bd is not None:
+            rows = int(a_shape[0]) if bd == "A" else int(b_shape[0])
+            if rows % nblocks:
+                report(f"module {module}: {rows} rows do not split into {nblocks} blocks", module)
+                continue
+            if bd == "A":
+                a_shape = (int(a_shape[0]), int(a_shape[1]) * nblocks)
+            else:
+                b_shape = (int(b_shape[0]), int(b_shape[1]) * nblocks)
         rank = int(a_shape[0])
         if int(b_shape[1]) != rank:
             report(f"module {module}: A has rank {rank} but B has rank {b_shape[1]}", module)
@@ -252,9 +270,17 @@ def parse_peft(
             )
             continue
         why = _not_loaded_by_peft(config, module, kind, mag is not None, bias is not None)
+        diag = got.get("diag")
+        kasa = bool(config.get("kasa_config"))
+        if why is None and kasa:
+            why = kasa_problem(config, kind, rank, diag, mag is not None, bias is not None)
+        elif why is None and diag is not None:
+            why = "has a lora_diag (KaSA) but the config has no kasa_config, so PEFT would ignore it"
         if why:
             report(f"module {module}: {why}", module)
             continue
+        if kasa:
+            stored_params = math.prod(a_shape) + math.prod(b_shape) + rank
         modules[module + ".weight"] = LoraModule(
             key=module + ".weight",
             kind=kind,  # type: ignore[arg-type]
@@ -266,6 +292,10 @@ def parse_peft(
             dtype=dtype,
             bias_shape=tuple(bias.shape) if bias is not None else None,
             magnitude_shape=tuple(mag.shape) if mag is not None else None,
+            variant="kasa" if kasa else ("bdlora" if bd else "lora"),
+            stored_params=stored_params,
+            base_svd_drop=rank if kasa else 0,
+            recipe={"blocks": bd, "nblocks": nblocks} if bd else {},
         )
     bias_mode = config.get("bias", "none")
     trained_biases = [n for n in unexplained if n.endswith(".bias")]
@@ -311,9 +341,18 @@ def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]
             if m.kind == "embedding":
                 m.A = get(module + ".lora_embedding_B").T.contiguous()
                 m.B = get(module + ".lora_embedding_A").T.contiguous()
+            elif m.variant in ("loha", "lokr"):
+                m.A, m.B = lycoris_factors(m, lambda name: f.get_tensor(name))
             else:
                 m.A = get(module + ".lora_A.weight")
                 m.B = get(module + ".lora_B.weight")
+                if m.recipe.get("blocks") == "A":
+                    m.A = expand_blocks(m.A, m.recipe["nblocks"])
+                elif m.recipe.get("blocks") == "B":
+                    m.B = expand_blocks(m.B, m.recipe["nblocks"])
+                if m.variant == "kasa":  # scale * B @ diag(d) @ A, in fp32 as PEFT computes it
+                    m.A = m.A.float()
+                    m.B = m.B.float() * get(module + ".lora_diag").float()
             if m.bias_shape is not None:
                 m.bias = get(module + ".lora_B.bias")
             if m.magnitude_shape is not None:
