@@ -7,6 +7,7 @@ asked for. Writing produces a folder that ``PeftModel.from_pretrained`` loads.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -34,6 +35,8 @@ __all__ = [
     "validate_config",
     "write_peft",
 ]
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -420,6 +423,20 @@ def derive_config(weights: LoraWeights, base: dict[str, Any] | None = None) -> d
     config.setdefault("bias", "none")
     config.setdefault("modules_to_save", None)
     config.setdefault("inference_mode", True)
+    # block-diagonal factors are written expanded (their zeros included): plain LoRA of the same rank
+    config.pop("use_bdlora", None)
+    kasa = [m for m in mods if m.needs_base]
+    if kasa:
+        odd = next((m for m in mods if not m.needs_base or m.base_svd_drop != m.rank), None)
+        if odd is not None:
+            raise InvalidAdapterError(
+                f"{odd.key}: a KaSA adapter is written as PEFT KaSA, where every module removes as many "
+                "singular components of its base as its rank; this one does not (merge it instead)"
+            )
+        given = (base or {}).get("kasa_config")
+        config["kasa_config"] = given if isinstance(given, dict) else {"beta": 1e-4, "gamma": 1e-3}
+    else:
+        config.pop("kasa_config", None)
     # PEFT adds LoRA layers to every module the short target names match; a derived adapter may cover
     # fewer. With the default init those extra layers start as exact no-ops (B = 0), whatever the
     # source config said (PiSSA / OLoRA inits would change the base weights on load).
@@ -441,6 +458,10 @@ def peft_state_dict(weights: LoraWeights) -> dict[str, Any]:
         else:
             out[pre + ".lora_A.weight"] = m.A.contiguous()  # type: ignore[union-attr]
             out[pre + ".lora_B.weight"] = m.B.contiguous()  # type: ignore[union-attr]
+        if m.needs_base:  # KaSA: diag(d) was folded into lora_B when read
+            import torch
+
+            out[pre + ".lora_diag"] = torch.ones(m.rank, dtype=m.B.dtype)  # type: ignore[union-attr]
         if m.bias is not None:
             out[pre + ".lora_B.bias"] = m.bias.contiguous()
         if m.magnitude is not None:
@@ -468,16 +489,23 @@ def write_peft(
     """
     from safetensors.torch import save_file
 
-    cfg = (
-        config
-        if config is not None
-        else derive_config(weights, weights.config if weights.format == "peft" else None)
-    )
+    lora_config = weights.format == "peft" and str(weights.config.get("peft_type", "LORA")).upper() == "LORA"
+    cfg = config if config is not None else derive_config(weights, weights.config if lora_config else None)
     tensors = peft_state_dict(weights)  # checks every module before anything is written
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    converted = [v for v in weights.variants if v in ("loha", "lokr", "bdlora")]
+    if converted:  # say what the plain LoRA factors were read from
+        metadata["adapterhub.converted_from"] = ", ".join(converted)
+        logger.info(
+            "%s: %s written as PEFT LoRA with the exact factors of the same update (rank %d)",
+            out,
+            weights.describe_kind().split(" (")[0],
+            weights.rank,
+        )
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, out / WEIGHTS_NAME)
     tmpc = out / (CONFIG_NAME + ".tmp")
     tmpc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
