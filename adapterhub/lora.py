@@ -260,6 +260,19 @@ class LoraWeights(Mapping[str, LoraModule]):
 # ------------------------------------------------------------------------------ exact factor forms
 
 
+def flat_conv_fits(m: LoraModule, base_shape: tuple[int, ...]) -> bool:
+    """True when ``m`` is a LoHa / LoKr update stored flat, ``(out, in * kh * kw)``, for a conv weight
+    ``(out, in, kh, kw)`` (PEFT without ``use_effective_conv2d``, LyCORIS without Tucker): the same
+    numbers in the same order, so it applies row for row."""
+    return (
+        m.variant in ("loha", "lokr")
+        and m.kind == "linear"
+        and len(base_shape) > 2
+        and int(base_shape[0]) == m.out_features
+        and math.prod(int(d) for d in base_shape[1:]) == m.in_features
+    )
+
+
 def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors ``(A, B)`` with ``B @ A == delta`` exactly, of rank ``min(out, in * kernel)``.
 

@@ -57,7 +57,7 @@ def _lycoris(
     stem: str, got: dict[str, TensorInfo], header: SafetensorsHeader, report: Problem
 ) -> LoraModule | None:
     """A LoHa / LoKr module of a LyCORIS file, or None (reported)."""
-    odd = next((t for t in got.values() if t.dtype not in FLOAT_DTYPES), None)
+    odd = next((t for r, t in got.items() if r != "alpha" and t.dtype not in FLOAT_DTYPES), None)
     if odd is not None:
         report(f"module {stem}: {odd.name} is stored as {odd.dtype}, not floating point", stem)
         return None

@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import IncompatibleAdapterError, InvalidOptionError, OutputExistsError
 from ..formats.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointInfo, read_checkpoint
 from ..formats.values import non_finite
-from ..lora import LoraWeights, resolve_kasa
+from ..lora import LoraWeights, flat_conv_fits, resolve_kasa
 from ._stream import _Entry, _ShardPlan, _write_shards
 from ._targets import _Lora, _Target
 from .keymap import describe_problems, map_keys, needs_transpose
@@ -221,6 +221,8 @@ def _plan(
                     )
                 elif m.kind == "linear" and tuple(bshape) == (*m.delta_shape, *(1,) * (len(bshape) - 2)):
                     pass  # a linear LoRA on a 1x1 conv (kohya does this for proj_in / proj_out)
+                elif flat_conv_fits(m, bshape):
+                    pass  # LoHa / LoKr store a conv's update as (out, in * kh * kw): the same rows
                 elif tuple(m.delta_shape) != tuple(bshape):
                     raise IncompatibleAdapterError(
                         f"{name}: the adapter's {m.kind} update has shape {list(m.delta_shape)} but the base "

@@ -20,7 +20,7 @@ from ..formats import AdapterFiles, read_adapter, scan_values
 from ..formats.checkpoint import CheckpointInfo
 from ..formats.peft import read_config
 from ..formats.safetensors_header import read_header
-from ..lora import LoraModule, LoraWeights
+from ..lora import LoraModule, LoraWeights, flat_conv_fits
 from .keymap import map_keys, needs_transpose
 
 __all__ = [
@@ -248,6 +248,8 @@ def check_base(weights: LoraWeights, base: BaseLayout, *, declared: str | None =
                         m.module,
                     )
                 )
+        elif flat_conv_fits(m, bshape):
+            pass  # LoHa / LoKr store a conv's update as (out, in * kh * kw)
         else:
             try:
                 needs_transpose(
