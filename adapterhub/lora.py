@@ -14,6 +14,13 @@ alone. Conventions, whatever the file format:
 - ``scale`` is resolved per module (``alpha / r`` or ``alpha / sqrt(r)`` with rslora, after
   ``rank_pattern`` / ``alpha_pattern``), so ``delta = scale * B @ A``.
 - Tensors are optional: metadata-only reads fill shapes and leave ``A``/``B`` as ``None``.
+- Variants that are not stored as two LoRA factors are held EXACTLY as LoRA factors all the same,
+  and say so in ``variant``: LoHa (a Hadamard product of two low-rank products: factors of rank
+  ``r1 * r2``), LoKr (a Kronecker product: ``kron(B1, B2) @ kron(A1, A2)``), block-diagonal LoRA (the
+  blocks with their zeros), each of them as a dense ``(out, in)`` update times an identity when that is
+  smaller (`exact_factors`). KaSA also removes the base weight's ``r`` smallest singular components,
+  which depend on the base: ``base_svd_drop`` says how many, and `resolve_kasa` folds them in as
+  further exact factors once the base weight is known.
 
 This module does not import torch at import time.
 """
@@ -30,6 +37,15 @@ if TYPE_CHECKING:
     import torch
 
 ModuleKind = Literal["linear", "embedding", "conv"]
+#: what a module was stored as: plain LoRA, or a variant held as exact LoRA factors
+Variant = Literal["lora", "bdlora", "kasa", "loha", "lokr"]
+VARIANT_NAMES: dict[str, str] = {
+    "lora": "LoRA",
+    "bdlora": "block-diagonal LoRA",
+    "kasa": "KaSA",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+}
 
 PEFT_PREFIX = "base_model.model."
 
@@ -91,6 +107,14 @@ class LoraModule:
     bias_shape: tuple[int, ...] | None = None
     magnitude: torch.Tensor | None = None  # DoRA magnitude vector: (out,), or (dim,) for an Embedding
     magnitude_shape: tuple[int, ...] | None = None
+    #: what the file stored; anything but "lora" is held here as exact LoRA factors
+    variant: Variant = "lora"
+    #: parameters as stored in the file, when that differs from the factors' size (LoHa, LoKr, BD-LoRA)
+    stored_params: int | None = None
+    #: KaSA: how many of the base weight's smallest singular components the adapter removes (0: none)
+    base_svd_drop: int = 0
+    #: the reader's own notes on where the stored tensors are (tensor names, block counts)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def module(self) -> str:
@@ -121,8 +145,14 @@ class LoraModule:
         return self.magnitude_shape is not None
 
     @property
+    def needs_base(self) -> bool:
+        """True when the update depends on the base weight's values (KaSA), see `resolve_kasa`."""
+        return self.base_svd_drop > 0
+
+    @property
     def num_params(self) -> int:
-        n = math.prod(self.a_shape) + math.prod(self.b_shape)
+        stored = self.stored_params
+        n = stored if stored is not None else math.prod(self.a_shape) + math.prod(self.b_shape)
         if self.bias_shape:
             n += math.prod(self.bias_shape)
         if self.magnitude_shape:
@@ -138,7 +168,9 @@ class LoraModule:
         return {role: t for role, t in roles.items() if t is not None}
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scale * B @ A`` in module-weight layout (dense; for tests and small modules)."""
+        """``scale * B @ A`` in module-weight layout (dense; for tests and small modules). For a KaSA
+        module not yet resolved against its base this is the adapter's own part only (PEFT's
+        ``get_delta_weight``), without the base's removed singular components."""
         if self.A is None or self.B is None:
             raise ValueError(f"{self.key}: tensors were not loaded")
         import torch
@@ -201,3 +233,123 @@ class LoraWeights(Mapping[str, LoraModule]):
     @property
     def has_dora(self) -> bool:
         return any(m.is_dora for m in self.modules.values())
+
+    @property
+    def variants(self) -> list[str]:
+        """The variants other than plain LoRA that the modules were stored as (sorted)."""
+        return sorted({m.variant for m in self.modules.values()} - {"lora"})
+
+    @property
+    def needs_base(self) -> bool:
+        """True when some module's update depends on the base weight's values (KaSA)."""
+        return any(m.needs_base for m in self.modules.values())
+
+    def describe_kind(self) -> str:
+        """One line saying what the adapter is, e.g. ``LoHa (held as exact LoRA factors)``."""
+        names = [VARIANT_NAMES[v] for v in self.variants]
+        if not names:
+            return "LoRA"
+        plain = any(m.variant == "lora" for m in self.modules.values())
+        what = " + ".join((["LoRA"] if plain else []) + names)
+        note = "held as exact LoRA factors"
+        if self.needs_base:
+            note += "; removes the base weight's smallest singular components (computed from the base)"
+        return f"{what} ({note})"
+
+
+# ------------------------------------------------------------------------------ exact factor forms
+
+
+def flat_conv_fits(m: LoraModule, base_shape: tuple[int, ...]) -> bool:
+    """True when ``m`` is a LoHa / LoKr update stored flat, ``(out, in * kh * kw)``, for a conv weight
+    ``(out, in, kh, kw)`` (PEFT without ``use_effective_conv2d``, LyCORIS without Tucker): the same
+    numbers in the same order, so it applies row for row."""
+    return (
+        m.variant in ("loha", "lokr")
+        and m.kind == "linear"
+        and len(base_shape) > 2
+        and int(base_shape[0]) == m.out_features
+        and math.prod(int(d) for d in base_shape[1:]) == m.in_features
+    )
+
+
+def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors ``(A, B)`` with ``B @ A == delta`` exactly, of rank ``min(out, in * kernel)``.
+
+    ``delta`` is ``(out, in[, kh, kw])``; one factor is the update itself and the other an identity
+    (A is ``(R, in[, kh, kw])``, B is ``(out, R[, 1, 1])`` as for a conv LoRA).
+    """
+    import torch
+
+    out = int(delta.shape[0])
+    tail = tuple(int(d) for d in delta.shape[1:])
+    cols = math.prod(tail)
+    ones = (1,) * (len(tail) - 1)
+    if out <= cols:
+        eye = torch.eye(out, dtype=delta.dtype, device=delta.device)
+        return delta.reshape(out, *tail).contiguous(), eye.reshape(out, out, *ones)
+    eye = torch.eye(cols, dtype=delta.dtype, device=delta.device).reshape(cols, *tail)
+    return eye, delta.reshape(out, cols, *ones).contiguous()
+
+
+def exact_rank(out: int, cols: int, rank: int) -> int:
+    """The rank of the factors `lowrank_or_exact` gives: ``rank`` when smaller than ``min(out, cols)``."""
+    return rank if rank < min(out, cols) else min(out, cols)
+
+
+def lowrank_or_exact(
+    a: torch.Tensor, b: torch.Tensor, tail: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``a`` ``(R, cols)`` and ``b`` ``(out, R)`` in module layout (A ``(R, *tail)``, B ``(out, R,
+    1, ...)``), or `exact_factors` of their product when ``R`` is not below ``min(out, cols)``."""
+    out, rank = int(b.shape[0]), int(a.shape[0])
+    cols = int(a.reshape(rank, -1).shape[1])
+    ones = (1,) * (len(tail) - 1)
+    if rank < min(out, cols):
+        return a.reshape(rank, *tail).contiguous(), b.reshape(out, rank, *ones).contiguous()
+    return exact_factors((b.reshape(out, rank) @ a.reshape(rank, cols)).reshape(out, *tail))
+
+
+def resolve_kasa(m: LoraModule, base_weight: torch.Tensor) -> LoraModule:
+    """A KaSA module made base-independent: its update on ``base_weight`` ``(out, in)``, exactly.
+
+    PEFT replaces the base weight ``W0`` by its SVD truncated to the ``k - r`` largest components
+    (``k = min(out, in)``, in fp32) and adds ``scale * B @ diag(d) @ A``. Relative to ``W0`` that is
+    ``scale * B' @ A - U_r S_r Vh_r`` (the removed components), so the result is an ordinary module of
+    rank ``2r``: ``A = [A; Vh_r]``, ``B = [B'; -U_r S_r / scale]``. Modules that need no base come back
+    as they are.
+    """
+    if not m.needs_base:
+        return m
+    import torch
+
+    if m.A is None or m.B is None:
+        raise ValueError(f"{m.key}: tensors were not loaded")
+    w = base_weight.detach().to(torch.float32)
+    if w.dim() != 2 or tuple(w.shape) != (m.out_features, m.in_features):
+        raise ValueError(
+            f"{m.key}: KaSA needs the base weight of shape {[m.out_features, m.in_features]}, got {list(w.shape)}"
+        )
+    r = m.base_svd_drop
+    k = min(w.shape)
+    if r >= k:
+        raise ValueError(f"{m.key}: KaSA removes {r} singular components but the base weight has only {k}")
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    keep = k - r
+    dev = m.A.device
+    a = torch.cat([m.A.detach().to(torch.float32), vh[keep:, :].to(dev)], dim=0)
+    dropped = (u[:, keep:] * s[keep:]).to(dev) / float(m.scale)
+    b = torch.cat([m.B.detach().to(torch.float32), -dropped], dim=1)
+    rank = int(a.shape[0])
+    return replace(
+        m,
+        A=a,
+        B=b,
+        rank=rank,
+        alpha=m.scale * rank,
+        a_shape=tuple(int(d) for d in a.shape),
+        b_shape=tuple(int(d) for d in b.shape),
+        dtype="F32",
+        base_svd_drop=0,
+        stored_params=m.stored_params if m.stored_params is not None else m.num_params,
+    )

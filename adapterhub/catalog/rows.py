@@ -12,6 +12,8 @@ def adapter_row(weights: LoraWeights, fmt: str, digest: str, size: int) -> dict[
     """The ``adapters`` row of an adapter whose weights file has sha256 ``digest`` (files total ``size``)."""
     cfg = weights.config
     meta = {k: v for k, v in weights.metadata.items() if not (k == "format" and v == "pt")}
+    if weights.variants:  # LoHa / LoKr / block-diagonal / KaSA, held as exact LoRA factors
+        meta["adapterhub.kind"] = weights.describe_kind()
     alphas = {m.alpha for m in weights.modules.values()}
     alpha = float(cfg["lora_alpha"]) if "lora_alpha" in cfg else (alphas.pop() if len(alphas) == 1 else None)
     if fmt == "kohya" and len(alphas) > 1:

@@ -258,6 +258,7 @@ def show_cmd(state: State, name: str, mode: str) -> None:
     pairs: list[tuple[str, Any]] = [
         ("name", d["name"]),
         ("format", d["format"]),
+        *([("kind", d["metadata"]["adapterhub.kind"])] if "adapterhub.kind" in d["metadata"] else []),
         ("base model", d["base_model"] or "(unknown)"),
         ("rank", d["rank"]),
         ("alpha", d["alpha"]),

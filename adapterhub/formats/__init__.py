@@ -108,8 +108,11 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
         )
     header = read_header(p)
     from .diffusers import is_diffusers_header
-    from .kohya import is_kohya_header
+    from .kohya import is_kohya_header, is_lycoris_header
 
+    cfg = p.parent / CONFIG_NAME
+    if is_lycoris_header(header) and cfg.is_file() and any(k.startswith("base_model.") for k in header.tensors):
+        return AdapterFiles("peft", p, cfg)  # PEFT's LoHa / LoKr weights file
     if is_kohya_header(header):
         return AdapterFiles("kohya", p)
     if is_diffusers_header(header) and not (p.parent / CONFIG_NAME).is_file():
@@ -132,7 +135,7 @@ def _what_else(path: Path, header: SafetensorsHeader) -> str:
     """A hint at what a .safetensors file without LoRA tensors is instead."""
     names = list(header.tensors)
     if any(n.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lokr_w2")) for n in names):
-        return "; it is a LyCORIS LoHa / LoKr file, and adapterhub handles LoRA adapters only"
+        return f"; its LoHa / LoKr tensors are PEFT's layout: put {CONFIG_NAME} beside it"
     if any(n.endswith((".lora_a", ".lora_b")) for n in names):
         return "; its lora_a / lora_b keys are MLX-LM's: convert the adapter to PEFT format first"
     if (path.parent / "config.json").is_file() and not (path.parent / CONFIG_NAME).is_file():
@@ -150,7 +153,13 @@ def _parse(files: AdapterFiles, header: SafetensorsHeader, problem: Problem | No
 
         return parse_diffusers(header, problem=problem)
     assert files.config is not None
-    return parse_peft(read_config(files.config), header, problem=problem, config_path=str(files.config))
+    config = read_config(files.config)
+    if str(config.get("peft_type", "LORA")).upper() in ("LOHA", "LOKR"):
+        from .lycoris import parse_peft_lycoris
+        from .peft import _raise
+
+        return parse_peft_lycoris(config, header, report=problem or _raise(header.path))
+    return parse_peft(config, header, problem=problem, config_path=str(files.config))
 
 
 def read_adapter(

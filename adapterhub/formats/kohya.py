@@ -5,6 +5,11 @@ and a scalar ``<stem>.alpha`` (scale ``alpha / r``; without it the scale is 1), 
 ``<stem>.dora_scale``. Stems are module paths with dots turned into underscores behind a
 ``lora_unet_`` / ``lora_te[12]_`` prefix, so they stay stems until matched against a base's keys.
 The safetensors ``__metadata__`` (``ss_*``, ``modelspec.*``) is kept as the adapter's metadata.
+
+LyCORIS files (sd-scripts with ``--network_module lycoris.kohya``) use the same stems with LoHa
+(``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, ``hada_t1``, ``hada_t2``) or LoKr
+(``lokr_w1[_a|_b]``, ``lokr_w2[_a|_b]``, ``lokr_t2``) tensors; they are read as exact LoRA factors
+(`adapterhub.formats.lycoris`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 from ..errors import InvalidAdapterError
 from ..lora import LoraModule, LoraWeights, lora_scale
 from .peft import FLOAT_DTYPES, Problem, _raise
+from .lycoris import SUFFIXES as LYCORIS_SUFFIXES
+from .lycoris import kohya_lycoris_module, lycoris_factors
 from .peft_config import MAX_BASE_NAME_CHARS
 from .safetensors_header import SafetensorsHeader, TensorInfo, group_by_suffix, read_header
 
@@ -26,13 +33,52 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", "B"),
     (".alpha", "alpha"),
     (".dora_scale", "magnitude"),
+    *LYCORIS_SUFFIXES,
 )
 
 _SCALAR_FORMATS = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
 
 
+_LYCORIS_MARKS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a")
+
+
 def is_kohya_header(header: SafetensorsHeader) -> bool:
-    return any(name.endswith((".lora_down.weight", ".lora_up.weight")) for name in header.tensors)
+    return any(
+        name.endswith((".lora_down.weight", ".lora_up.weight", *_LYCORIS_MARKS)) for name in header.tensors
+    )
+
+
+def is_lycoris_header(header: SafetensorsHeader) -> bool:
+    """Whether the file holds LoHa / LoKr tensors (in PEFT's or LyCORIS's layout)."""
+    return any(name.endswith(_LYCORIS_MARKS) for name in header.tensors)
+
+
+def _lycoris(
+    stem: str, got: dict[str, TensorInfo], header: SafetensorsHeader, report: Problem
+) -> LoraModule | None:
+    """A LoHa / LoKr module of a LyCORIS file, or None (reported)."""
+    odd = next((t for r, t in got.items() if r != "alpha" and t.dtype not in FLOAT_DTYPES), None)
+    if odd is not None:
+        report(f"module {stem}: {odd.name} is stored as {odd.dtype}, not floating point", stem)
+        return None
+    if "magnitude" in got:
+        report(
+            f"module {stem}: LyCORIS weight decomposition (dora_scale) on LoHa / LoKr is not supported; "
+            "adapterhub refuses the adapter rather than drop it",
+            stem,
+        )
+        return None
+    alpha = _read_scalar(header.path, header, got["alpha"]) if "alpha" in got else None
+    if alpha is not None and (not math.isfinite(alpha) or alpha < 0):
+        report(f"module {stem}: alpha is {alpha}; it must be a positive number", stem)
+        return None
+    parts = {role: t for role, t in got.items() if role != "alpha"}
+    # LyCORIS reads an alpha of 0 (or none) as "alpha = rank": scale 1
+    m = kohya_lycoris_module(stem, parts, alpha or None)
+    if isinstance(m, str):
+        report(f"module {stem}: {m}", stem)
+        return None
+    return m
 
 
 def _read_scalar(path: str, header: SafetensorsHeader, info: TensorInfo) -> float:
@@ -55,6 +101,16 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
     parts, unexplained = group_by_suffix(header, _SUFFIXES)
     modules: dict[str, LoraModule] = {}
     for stem, got in sorted(parts.items()):
+        if any(role.startswith(("hada_", "lokr_")) for role in got):
+            extra = sorted(n for n in unexplained if n.startswith(stem + "."))
+            if "A" in got or "B" in got or extra:
+                what = extra[0] if extra else "lora_down / lora_up"
+                report(f"module {stem}: {what} beside LoHa / LoKr tensors; adapterhub cannot use it", stem)
+                continue
+            lm = _lycoris(stem, got, header, report)
+            if lm is not None:
+                modules[stem] = lm
+            continue
         a, b = got.get("A"), got.get("B")
         if a is None or b is None:
             report(f"module {stem} has no {'lora_down' if a is None else 'lora_up'} factor", stem)
@@ -110,7 +166,7 @@ def parse_kohya(header: SafetensorsHeader, *, problem: Problem | None = None) ->
             magnitude_shape=mag.shape if mag is not None else None,
         )
     if not modules:
-        report("holds no LoRA tensors (no lora_down/lora_up keys)", None)
+        report("holds no LoRA tensors (no lora_down/lora_up, LoHa or LoKr keys)", None)
     meta = dict(header.metadata)
     base = (
         meta.get("ss_sd_model_name")
@@ -134,6 +190,9 @@ def load_kohya_tensors(weights: LoraWeights, path: str | os.PathLike[str]) -> Lo
 
     with safe_open(str(path), framework="pt") as f:
         for stem, m in weights.modules.items():
+            if m.variant in ("loha", "lokr"):
+                m.A, m.B = lycoris_factors(m, f.get_tensor)
+                continue
             m.A = f.get_tensor(stem + ".lora_down.weight")
             m.B = f.get_tensor(stem + ".lora_up.weight")
             if m.magnitude_shape is not None:
@@ -178,6 +237,12 @@ def write_kohya(
             f"{what}: kohya files hold plain linear/conv LoRA only (no embedding LoRA, DoRA, lora_bias or "
             "modules_to_save); export this adapter in PEFT format instead"
         )
+    kasa = next((m.key for m in weights.modules.values() if m.needs_base), None)
+    if kasa is not None:
+        raise InvalidAdapterError(
+            f"{kasa}: KaSA removes singular components of the base weight, which a kohya file cannot say; "
+            "export it in PEFT format (or merge it into its base)"
+        )
     tensors: dict[str, Any] = {}
     for m in weights.modules.values():
         if not m.has_tensors():
@@ -188,6 +253,11 @@ def write_kohya(
         tensors[stem + ".alpha"] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
     meta = dict(weights.metadata if weights.format == "kohya" else {})
     meta.update(metadata or {})
+    if weights.variants:  # LoHa / LoKr read from a LyCORIS file are written as the plain LoRA they equal
+        meta["ss_network_module"] = "networks.lora"
+        meta.pop("ss_network_args", None)
+        meta.pop("ss_network_dim", None)
+        meta.pop("ss_network_alpha", None)
     meta.setdefault("ss_network_module", "networks.lora")
     ranks = {m.rank for m in weights.modules.values()}
     if len(ranks) == 1:

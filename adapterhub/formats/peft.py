@@ -7,6 +7,7 @@ asked for. Writing produces a folder that ``PeftModel.from_pretrained`` loads.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -15,7 +16,9 @@ from typing import Any
 
 from ..errors import InvalidAdapterError, InvalidConfigError
 from ..lora import PEFT_PREFIX, LoraModule, LoraWeights, lora_scale, pattern_key
+from .lycoris import lycoris_factors
 from .peft_config import read_config, target_selects, validate_config
+from .peft_variants import bd_side, expand_blocks, kasa_problem
 from .safetensors_header import SafetensorsHeader, read_header
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "write_peft",
 ]
 
+logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -47,6 +52,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_magnitude_vector.weight", "magnitude"),
     (".lora_magnitude_vector", "magnitude"),
     (".base_layer.weight", "base_layer"),
+    (".lora_diag", "diag"),
 )
 
 Problem = Callable[[str, "str | None"], None]
@@ -196,6 +202,21 @@ def parse_peft(
                 module,
             )
             continue
+        side = bd_side(config, module, kind, "magnitude" in got)
+        if isinstance(side, str):
+            report(f"module {module}: {side}", module)
+            continue
+        bd, nblocks = side
+        stored_params = math.prod(a_shape) + math.prod(b_shape) if bd else None
+        if bd is not None:
+            rows = int(a_shape[0]) if bd == "A" else int(b_shape[0])
+            if rows % nblocks:
+                report(f"module {module}: {rows} rows do not split into {nblocks} blocks", module)
+                continue
+            if bd == "A":
+                a_shape = (int(a_shape[0]), int(a_shape[1]) * nblocks)
+            else:
+                b_shape = (int(b_shape[0]), int(b_shape[1]) * nblocks)
         rank = int(a_shape[0])
         if int(b_shape[1]) != rank:
             report(f"module {module}: A has rank {rank} but B has rank {b_shape[1]}", module)
@@ -252,9 +273,17 @@ def parse_peft(
             )
             continue
         why = _not_loaded_by_peft(config, module, kind, mag is not None, bias is not None)
+        diag = got.get("diag")
+        kasa = bool(config.get("kasa_config"))
+        if why is None and kasa:
+            why = kasa_problem(config, kind, rank, diag, mag is not None, bias is not None)
+        elif why is None and diag is not None:
+            why = "has a lora_diag (KaSA) but the config has no kasa_config, so PEFT would ignore it"
         if why:
             report(f"module {module}: {why}", module)
             continue
+        if kasa:
+            stored_params = math.prod(a_shape) + math.prod(b_shape) + rank
         modules[module + ".weight"] = LoraModule(
             key=module + ".weight",
             kind=kind,  # type: ignore[arg-type]
@@ -266,6 +295,10 @@ def parse_peft(
             dtype=dtype,
             bias_shape=tuple(bias.shape) if bias is not None else None,
             magnitude_shape=tuple(mag.shape) if mag is not None else None,
+            variant="kasa" if kasa else ("bdlora" if bd else "lora"),
+            stored_params=stored_params,
+            base_svd_drop=rank if kasa else 0,
+            recipe={"blocks": bd, "nblocks": nblocks} if bd else {},
         )
     bias_mode = config.get("bias", "none")
     trained_biases = [n for n in unexplained if n.endswith(".bias")]
@@ -311,9 +344,18 @@ def load_peft_tensors(weights: LoraWeights, weights_path: str | os.PathLike[str]
             if m.kind == "embedding":
                 m.A = get(module + ".lora_embedding_B").T.contiguous()
                 m.B = get(module + ".lora_embedding_A").T.contiguous()
+            elif m.variant in ("loha", "lokr"):
+                m.A, m.B = lycoris_factors(m, lambda name: f.get_tensor(name))
             else:
                 m.A = get(module + ".lora_A.weight")
                 m.B = get(module + ".lora_B.weight")
+                if m.recipe.get("blocks") == "A":
+                    m.A = expand_blocks(m.A, m.recipe["nblocks"])
+                elif m.recipe.get("blocks") == "B":
+                    m.B = expand_blocks(m.B, m.recipe["nblocks"])
+                if m.variant == "kasa":  # scale * B @ diag(d) @ A, in fp32 as PEFT computes it
+                    m.A = m.A.float()
+                    m.B = m.B.float() * get(module + ".lora_diag").float()
             if m.bias_shape is not None:
                 m.bias = get(module + ".lora_B.bias")
             if m.magnitude_shape is not None:
@@ -381,6 +423,20 @@ def derive_config(weights: LoraWeights, base: dict[str, Any] | None = None) -> d
     config.setdefault("bias", "none")
     config.setdefault("modules_to_save", None)
     config.setdefault("inference_mode", True)
+    # block-diagonal factors are written expanded (their zeros included): plain LoRA of the same rank
+    config.pop("use_bdlora", None)
+    kasa = [m for m in mods if m.needs_base]
+    if kasa:
+        odd = next((m for m in mods if not m.needs_base or m.base_svd_drop != m.rank), None)
+        if odd is not None:
+            raise InvalidAdapterError(
+                f"{odd.key}: a KaSA adapter is written as PEFT KaSA, where every module removes as many "
+                "singular components of its base as its rank; this one does not (merge it instead)"
+            )
+        given = (base or {}).get("kasa_config")
+        config["kasa_config"] = given if isinstance(given, dict) else {"beta": 1e-4, "gamma": 1e-3}
+    else:
+        config.pop("kasa_config", None)
     # PEFT adds LoRA layers to every module the short target names match; a derived adapter may cover
     # fewer. With the default init those extra layers start as exact no-ops (B = 0), whatever the
     # source config said (PiSSA / OLoRA inits would change the base weights on load).
@@ -402,6 +458,10 @@ def peft_state_dict(weights: LoraWeights) -> dict[str, Any]:
         else:
             out[pre + ".lora_A.weight"] = m.A.contiguous()  # type: ignore[union-attr]
             out[pre + ".lora_B.weight"] = m.B.contiguous()  # type: ignore[union-attr]
+        if m.needs_base:  # KaSA: diag(d) was folded into lora_B when read
+            import torch
+
+            out[pre + ".lora_diag"] = torch.ones(m.rank, dtype=m.B.dtype)  # type: ignore[union-attr]
         if m.bias is not None:
             out[pre + ".lora_B.bias"] = m.bias.contiguous()
         if m.magnitude is not None:
@@ -429,16 +489,23 @@ def write_peft(
     """
     from safetensors.torch import save_file
 
-    cfg = (
-        config
-        if config is not None
-        else derive_config(weights, weights.config if weights.format == "peft" else None)
-    )
+    lora_config = weights.format == "peft" and str(weights.config.get("peft_type", "LORA")).upper() == "LORA"
+    cfg = config if config is not None else derive_config(weights, weights.config if lora_config else None)
     tensors = peft_state_dict(weights)  # checks every module before anything is written
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    converted = [v for v in weights.variants if v in ("loha", "lokr", "bdlora")]
+    if converted:  # say what the plain LoRA factors were read from
+        metadata["adapterhub.converted_from"] = ", ".join(converted)
+        logger.info(
+            "%s: %s written as PEFT LoRA with the exact factors of the same update (rank %d)",
+            out,
+            weights.describe_kind().split(" (")[0],
+            weights.rank,
+        )
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, out / WEIGHTS_NAME)
     tmpc = out / (CONFIG_NAME + ".tmp")
     tmpc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -52,6 +52,9 @@ KNOWN_FIELDS = frozenset(
         "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
         "qalora_group_size", "monteclora_config", "layer_replication", "runtime_config", "lora_bias",
         "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
+        # LoHa / LoKr (peft_type LOHA / LOKR)
+        "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+        "decompose_both", "decompose_factor", "rank_dropout_scale",
         # older PEFT versions (0.2 - 0.10)
         "enable_lora", "merge_weights", "layers_to_save",
     }
@@ -62,8 +65,6 @@ _LOOSE_BOOLEANS = ("fan_in_fan_out", "use_dora", "use_rslora", "lora_bias", "inf
 
 #: fields that change what the adapter computes in ways adapterhub cannot reproduce: field -> why
 _UNSUPPORTED: dict[str, str] = {
-    "kasa_config": "KaSA (a lora_diag scaling and a truncated base weight)",
-    "use_bdlora": "block-diagonal LoRA (compact lora_A / lora_B blocks)",
     "alora_invocation_tokens": "activated LoRA (applies only after the invocation tokens, which no merge "
     "can represent)",
     "arrow_config": "Arrow routing between several LoRA experts",
@@ -154,9 +155,11 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
     if foreign is not None:
         raise foreign
     peft_type = config.get("peft_type", "LORA")
+    if isinstance(peft_type, str) and peft_type.upper() in ("LOHA", "LOKR"):
+        return _lycoris_config(config, path)
     if isinstance(peft_type, str) and peft_type.upper() != "LORA":
         raise InvalidConfigError(
-            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA adapters only",
+            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA, LoHa and LoKr adapters only",
             path=path,
             key="peft_type",
         )
@@ -185,6 +188,29 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
             ", ".join(unknown),
         )
     return _schema(config, path)
+
+
+def _lycoris_config(config: dict[str, Any], path: str) -> dict[str, Any]:
+    """A PEFT LoHa / LoKr config: the fields its math reads, checked by hand (the schema is LoRA's)."""
+    bad = _find_non_finite(config)
+    if bad is not None:
+        raise InvalidConfigError(f"{path}: {bad} is not a finite number", path=path, key=bad)
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise InvalidConfigError(f"{path}: r is {r!r}; it must be a positive integer", path=path, key="r")
+    if not number(config.get("alpha", 8)):
+        raise InvalidConfigError(f"{path}: alpha must be a number", path=path, key="alpha")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, dict) or not all(number(x) for x in v.values())):
+            raise InvalidConfigError(f"{path}: {key} must map names to numbers", path=path, key=key)
+    config = dict(config)
+    _check_values({**config, "lora_alpha": config.get("alpha")}, path)
+    return config
 
 
 def _check_values(config: dict[str, Any], path: str) -> None:

@@ -165,6 +165,12 @@ def _plan(pairs: Sequence[tuple[LoraWeights, float]]) -> _Plan:
                     f"adapter #{i + 1}, module {key}: tensors were not loaded; read it with read_adapter(path, load=True)",
                     module=key,
                 )
+            if m.needs_base:
+                raise IncompatibleAdapterError(
+                    f"adapter #{i + 1}, module {key}: KaSA removes the base weight's smallest singular "
+                    "components, so its update depends on the base; resolve it against the base first "
+                    "(adapterhub.ops.resolve_with_base) or merge it"
+                )
             assert m.A is not None
             dtypes.add(m.A.dtype)
             modules.setdefault(key, []).append(CombineTerm(m, weight, i))

@@ -22,11 +22,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError, OutputExistsError
 from ..formats.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointInfo, read_checkpoint
 from ..formats.values import non_finite
-from ..lora import LoraWeights
+from ..lora import LoraWeights, flat_conv_fits, resolve_kasa
 from ._stream import _Entry, _ShardPlan, _write_shards
 from ._targets import _Lora, _Target
 from .keymap import describe_problems, map_keys, needs_transpose
@@ -101,6 +102,15 @@ def _find_tied(ckpt: CheckpointInfo) -> tuple[str, str] | None:
         if hits:
             return None
     return None
+
+
+def _base_tensor(ckpt: CheckpointInfo, name: str) -> Any:
+    """One tensor of the base checkpoint (for updates that depend on the base's values: KaSA)."""
+    from safetensors import safe_open
+
+    shard, _ = ckpt.tensors[name]
+    with safe_open(str(ckpt.path / shard), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _plan(
@@ -182,6 +192,20 @@ def _plan(
                     f"{label}: {m.module}: its scale ({m.scale}) times the weight ({w}) is not a finite number"
                 )
                 continue
+            if m.needs_base:
+                if unmerge:
+                    problems.append(
+                        f"{label}: {m.module} is KaSA, which removed singular components of the base "
+                        "weight; they cannot be recovered from a merged one, so it cannot be unmerged"
+                    )
+                    continue
+                if tuple(m.delta_shape) != tuple(bshape):
+                    problems.append(
+                        f"{label}: {name}: the KaSA update has shape {list(m.delta_shape)} but the base "
+                        f"tensor is {list(bshape)}"
+                    )
+                    continue
+                m = resolve_kasa(m, _base_tensor(ckpt, tied[1] if tied and name == tied[0] else name))
             a = m.A.detach().to("cpu", torch.float32).reshape(m.rank, -1)
             b = m.B.detach().to("cpu", torch.float32).reshape(-1, m.rank)
             transpose = False
@@ -197,6 +221,8 @@ def _plan(
                     )
                 elif m.kind == "linear" and tuple(bshape) == (*m.delta_shape, *(1,) * (len(bshape) - 2)):
                     pass  # a linear LoRA on a 1x1 conv (kohya does this for proj_in / proj_out)
+                elif flat_conv_fits(m, bshape):
+                    pass  # LoHa / LoKr store a conv's update as (out, in * kh * kw): the same rows
                 elif tuple(m.delta_shape) != tuple(bshape):
                     raise IncompatibleAdapterError(
                         f"{name}: the adapter's {m.kind} update has shape {list(m.delta_shape)} but the base "

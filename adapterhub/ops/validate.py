@@ -20,7 +20,7 @@ from ..formats import AdapterFiles, read_adapter, scan_values
 from ..formats.checkpoint import CheckpointInfo
 from ..formats.peft import read_config
 from ..formats.safetensors_header import read_header
-from ..lora import LoraModule, LoraWeights
+from ..lora import LoraModule, LoraWeights, flat_conv_fits
 from .keymap import map_keys, needs_transpose
 
 __all__ = [
@@ -248,6 +248,8 @@ def check_base(weights: LoraWeights, base: BaseLayout, *, declared: str | None =
                         m.module,
                     )
                 )
+        elif flat_conv_fits(m, bshape):
+            pass  # LoHa / LoKr store a conv's update as (out, in * kh * kw)
         else:
             try:
                 needs_transpose(
@@ -260,6 +262,10 @@ def check_base(weights: LoraWeights, base: BaseLayout, *, declared: str | None =
                 )
             except IncompatibleAdapterError as exc:
                 checks.append(Check("error", "base.shape", str(exc), m.module))
+        if m.needs_base:
+            kasa = _kasa_check(m, bshape, base)
+            if kasa is not None:
+                checks.append(kasa)
         if (
             m.bias_shape is not None
             and bkey.endswith(".weight")
@@ -306,6 +312,40 @@ def check_base(weights: LoraWeights, base: BaseLayout, *, declared: str | None =
         n = len(keys)
         checks.append(Check("ok", "base", f"all {n} target{'s' * (n != 1)} fit base {base.name}"))
     return checks
+
+
+#: the model_type of a live model's layout (`adapterhub.runtime`): orientation comes from module classes
+LIVE_MODEL_TYPE = "torch.nn"
+
+
+def _kasa_check(m: LoraModule, bshape: tuple[int, ...], base: BaseLayout) -> Check | None:
+    """KaSA needs an (out, in) base weight with more than r singular components; the runtime cannot
+    apply it yet (it would need the SVD of the live weight), so a live model's layout refuses it."""
+    if len(bshape) != 2 or bshape != tuple(m.delta_shape):
+        return Check(
+            "error",
+            "base.kasa",
+            f"{m.module}: KaSA adapts (out, in) linear weights of shape {list(m.delta_shape)}; the base "
+            f"weight is {list(bshape)}",
+            m.module,
+        )
+    if m.base_svd_drop >= min(bshape):
+        return Check(
+            "error",
+            "base.kasa",
+            f"{m.module}: KaSA removes {m.base_svd_drop} singular components, but the base weight has only "
+            f"{min(bshape)}; PEFT refuses such an adapter",
+            m.module,
+        )
+    if base.model_type == LIVE_MODEL_TYPE:
+        return Check(
+            "error",
+            "runtime.kasa",
+            f"{m.module}: KaSA removes the base weight's smallest singular components, which the runtime "
+            "does not compute yet; merge the adapter into its base (adapterhub merge) and run that",
+            m.module,
+        )
+    return None
 
 
 def _strip(key: str) -> str:
