@@ -126,11 +126,11 @@ class _Options:
     def check(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise InvalidOptionError("give --steps or --epochs, not both")
-        for what, v in (("batch size", self.batch_size), ("max length", self.max_length), ("steps", self.steps or 1),
+        for what, n in (("batch size", self.batch_size), ("max length", self.max_length), ("steps", self.steps or 1),
                         ("grad accum", self.grad_accum), ("eval every", self.eval_every or 1),
                         ("save every", self.save_every or 1)):  # fmt: skip
-            if v < 1:
-                raise InvalidOptionError(f"{what} must be at least 1, got {v}")
+            if n < 1:
+                raise InvalidOptionError(f"{what} must be at least 1, got {n}")
         if self.warmup < 0:
             raise InvalidOptionError(f"warmup must be 0 or more steps, got {self.warmup}")
         if self.epochs is not None and not self.epochs > 0:
