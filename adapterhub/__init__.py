@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "PushResult": "remote.results",
     "RemoteAdapter": "remote.results",
     "TrainResult": "services.training",
+    "MemoryPlan": "services.train_plan",
     "Generation": "records",
     # errors
     "AdapterExistsError": "errors",
@@ -141,6 +142,7 @@ if TYPE_CHECKING:
     )
     from .remote.results import NewToken, PullResult, PushResult, RemoteAdapter
     from .services.compute import CombineSummary
+    from .services.train_plan import MemoryPlan
     from .services.training import TrainResult
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .remote.results import PullResult, PushResult, RemoteAdapter
     from .runtime import Runtime
     from .services.compute import CombineOptions, CombineSummary, ExtractOptions, Progress, Weighted
+    from .services.train_plan import MemoryPlan
     from .services.training import StepCallback, TrainResult
     from .store import Store
 
@@ -383,11 +384,18 @@ class Hub:
 
     # ------------------------------------------------------------------ running
     def load_base(
-        self, base: str | os.PathLike[str], *, device: str | None = None, dtype: str = "auto"
+        self,
+        base: str | os.PathLike[str],
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        quantize: str | None = None,
     ) -> tuple[Any, Any]:
         """(transformers model, tokenizer) of a registered base or checkpoint folder, on ``device``
-        (default: CUDA when there is one): a causal LM, or an encoder for embedding models."""
-        return running.load_base(self.library, base, device=device, dtype=dtype)
+        (default: CUDA when there is one): a causal LM, or an encoder for embedding models. ``quantize``
+        ``"nf4"`` or ``"int8"`` loads its linear layers through bitsandbytes (QLoRA's 4-bit base). The
+        tokenizer is ``None`` when the folder has no tokenizer files."""
+        return running.load_base(self.library, base, device=device, dtype=dtype, quantize=quantize)
 
     def attach(self, model: Any, *, dtype: Any = None) -> Runtime:
         """A runtime on a live model whose ``load`` also takes catalog names (keyed by the store's sha256):
@@ -408,6 +416,7 @@ class Hub:
         on_text: Callable[[str], None] | None = None,
         server: str | None = None,
         token: str | None = None,
+        quantize: str | None = None,
     ) -> Generation:
         """Answer ``prompt`` with a causal-LM base and the chat template, ``adapters`` active (several:
         their exact weighted combination); ``on_text`` streams the text as it comes. With ``server``
@@ -421,7 +430,7 @@ class Hub:
             )  # fmt: skip
         return running.generate_text(
             self.library, base, prompt, adapters=adapters, system=system, max_tokens=max_tokens,
-            temperature=temperature, seed=seed, device=device, on_text=on_text,
+            temperature=temperature, seed=seed, device=device, on_text=on_text, quantize=quantize,
         )  # fmt: skip
 
     def embed(
@@ -449,31 +458,43 @@ class Hub:
         data: str | os.PathLike[str],
         *,
         name: str,
-        rank: int = 8,
-        alpha: float = 16.0,
-        targets: Sequence[str] | str = ("q_proj", "v_proj"),
-        steps: int | None = None,
-        epochs: float | None = None,
-        lr: float = 2e-4,
-        batch_size: int = 4,
-        max_length: int = 512,
-        init: str = "kaiming",
-        seed: int = 0,
         device: str | None = None,
         tags: Sequence[str] = (),
         description: str | None = None,
+        resume: bool = False,
+        nproc: int = 1,
+        log_every: int = 10,
         on_step: StepCallback | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+        on_plan: Callable[[MemoryPlan], None] | None = None,
+        **options: Any,
     ) -> TrainResult:
         """Train a new LoRA adapter ``name`` on a causal-LM base from JSONL ``data`` (``messages``,
         ``prompt``/``completion`` or ``text`` rows; loss on the answers) and catalog it with its lineage;
-        ``on_step(step, total, running_loss)`` follows it. Bad data fails before training starts."""
+        ``on_step(step, total, running_loss)`` follows it, ``on_log`` gets a record every ``log_every``
+        steps, ``on_plan`` the memory plan before it starts. Bad data fails before training starts.
+
+        ``options``: ``rank`` (8), ``alpha`` (16), ``targets`` (q_proj, v_proj; or "all-linear"),
+        ``steps`` or ``epochs``, ``lr`` (2e-4), ``batch_size`` (4, the global batch), ``max_length`` (512),
+        ``init``, ``seed``, ``schedule`` (linear|cosine|constant), ``warmup`` (steps), ``max_grad_norm``
+        (1.0), ``grad_accum``, ``gradient_checkpointing``, ``optim`` (adamw|adamw8bit|paged_adamw8bit),
+        ``bf16`` (None: where the device supports it), ``eval_data`` or ``eval_fraction``, ``eval_every``,
+        ``save_every`` (checkpoints under the home; ``resume=True`` continues a stopped run),
+        ``group_by_length`` (True), ``quantize`` (nf4|int8). ``nproc`` > 1 trains data-parallel."""
         from .services.training import train
 
         return train(
-            self.library, base, data, name=name, rank=rank, alpha=alpha, targets=targets, steps=steps,
-            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, init=init, seed=seed,
-            device=device, tags=tags, description=description, on_step=on_step,
+            self.library, base, data, name=name, device=device, tags=tags, description=description, resume=resume,
+            nproc=nproc, log_every=log_every, on_step=on_step, on_log=on_log, on_plan=on_plan, **options,
         )  # fmt: skip
+
+    def plan_training(
+        self, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None, **options: Any
+    ) -> MemoryPlan:
+        """The memory plan of a `train` run with these options, from the base's config alone."""
+        from .services.training import plan
+
+        return plan(self.library, base, nproc=nproc, device=device, **options)
 
     # ------------------------------------------------------------------ sharing
     def push_adapter(

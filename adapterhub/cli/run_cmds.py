@@ -36,6 +36,11 @@ from .render import emit_json
 @click.option("--system", metavar="TEXT", help="A system message before the prompt.")
 @click.option("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: CUDA when there is one).")
 @click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "int8"]),
+    help="Load the base quantized through bitsandbytes (nf4: 4-bit, as QLoRA trains).",
+)
+@click.option(
     "--embed", is_flag=True, help="Print the embedding of PROMPT (an encoder base, such as MiniLM)."
 )
 @click.option(
@@ -62,6 +67,7 @@ def run_cmd(
     seed: int | None,
     system: str | None,
     device: str | None,
+    quantize: str | None,
     embed: bool,
     as_json: bool,
     server: str | None,
@@ -76,6 +82,8 @@ def run_cmd(
         raise click.UsageError("give a PROMPT (or '-' to read it from stdin)")
     pairs = [parse_weighted(a) for a in adapters]
     use_json = as_json or state.json
+    if quantize is not None and (server is not None or embed):
+        raise click.UsageError("--quantize loads a causal LM here; it goes with neither --server nor --embed")
     if embed:
         (vector,) = state.hub.embed(base, [prompt], adapters=pairs, device=device, server=server, token=token)
         if use_json:
@@ -91,7 +99,7 @@ def run_cmd(
     stream = None if use_json else show
     result = state.hub.generate(
         base, prompt, adapters=pairs, system=system, max_tokens=max_tokens, temperature=temperature,
-        seed=seed, device=device, on_text=stream, server=server, token=token,
+        seed=seed, device=device, on_text=stream, server=server, token=token, quantize=quantize,
     )  # fmt: skip
     if use_json:
         emit_json({"model": base, "adapters": dict(pairs), **result.to_dict()})

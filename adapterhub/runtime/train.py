@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from ._layers import RuntimeState
 
-__all__ = ["INITS", "TrainableAdapter", "Trainer", "lora_term"]
+__all__ = ["INITS", "TrainableAdapter", "Trainer", "adaptable_names", "lora_term", "select_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +200,24 @@ def select_targets(model: nn.Module, targets: Sequence[str] | str) -> list[tuple
                 "nn.Embedding (conv layers are not supported for training)"
             )
         found.append((mname, mod, kind))
-    if not found:
-        raise InvalidOptionError(f"targets {', '.join(names)} match no module of this model")
     missing = [t for t in names if not everything and not any(_matches(n, [t]) for n, _, _ in found)]
-    if missing:
-        raise InvalidOptionError(f"targets {', '.join(missing)} match no module of this model")
+    if not found or missing:
+        raise InvalidOptionError(
+            f"targets {', '.join(missing or names)} match no module of this model; its adaptable modules are "
+            f"{', '.join(adaptable_names(model))} (or all-linear)"
+        )
     return found
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The short names (``q_proj``, ``embed_tokens``, ...) of the modules a trainable adapter can target."""
+    return sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, mod in model.named_modules()
+            if n and layer_kind(mod) in ("linear", "conv1d", "embedding")
+        }
+    )
 
 
 class Trainer:
@@ -254,7 +266,14 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
         for mname, mod, kind in found:
             w: Any = mod.weight
-            shape = (int(w.shape[1]), int(w.shape[0])) if kind == "conv1d" else tuple(int(d) for d in w.shape)
+            lin: Any = mod
+            shape: tuple[int, ...]
+            if kind == "conv1d":
+                shape = (int(w.shape[1]), int(w.shape[0]))
+            elif kind == "linear":  # bitsandbytes' Linear4bit packs its weight: the features give the shape
+                shape = (int(lin.out_features), int(lin.in_features))
+            else:
+                shape = tuple(int(d) for d in w.shape)
             dev = w.device
             if (
                 kind == "embedding"

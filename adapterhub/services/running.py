@@ -22,12 +22,75 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "
           "float32": "float32", "fp32": "float32"}  # fmt: skip
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "merges.txt")  # fmt: skip
+QUANTIZE = ("nf4", "int8")
+
+
 def pick_device(device: str | None) -> str:
+    """``device`` checked against this torch (``None`` / ``auto``: CUDA when there is one)."""
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no usable GPU here"
+        raise InvalidOptionError(
+            f"--device {device}: this torch ({torch.__version__}) has {build}; use --device cpu"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InvalidOptionError(f"--device {device}: MPS is not available here; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InvalidOptionError(f"unknown device {device!r}; give cpu, cuda, cuda:1, ...") from None
     return device
+
+
+def load_tokenizer(folder: Path, *, needed_for: str | None = None) -> Any:
+    """The tokenizer of a checkpoint folder; ``None`` when the folder has no tokenizer files (a model is
+    still a model), unless ``needed_for`` names what needs one (then a one-line `BaseModelError`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        if any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise BaseModelError(
+                f"transformers cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}"
+            ) from None
+    if needed_for is not None:
+        raise BaseModelError(require_tokenizer_message(folder, needed_for))
+    return None
+
+
+def require_tokenizer_message(folder: Path | str, needed_for: str) -> str:
+    """The one line that says a base without tokenizer files cannot be used for ``needed_for``."""
+    return (
+        f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); {needed_for} needs one: "
+        "copy the tokenizer of the model it was made from into that folder"
+    )
+
+
+def _quantization(quantize: str, device: str) -> dict[str, Any]:
+    import torch
+
+    if quantize not in QUANTIZE:
+        raise InvalidOptionError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise InvalidOptionError(
+            f"--quantize {quantize} needs bitsandbytes: pip install 'adapterhub[quant]'"
+        ) from None
+    if quantize == "nf4":
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    else:
+        cfg = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": cfg, "device_map": device}
 
 
 def is_causal_lm(folder: Path) -> bool:
@@ -41,12 +104,20 @@ def is_causal_lm(folder: Path) -> bool:
 
 
 def load_base(
-    lib: Library, base: str | os.PathLike[str], *, device: str | None = None, dtype: str = "auto"
+    lib: Library,
+    base: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a registered base or a checkpoint folder: a causal LM when its config says
-    so, else an encoder (an embedding model such as MiniLM). ``dtype`` ``auto`` keeps the checkpoint's."""
+    so, else an encoder (an embedding model such as MiniLM). ``dtype`` ``auto`` keeps the checkpoint's.
+    ``quantize`` ``nf4`` (4-bit NormalFloat, double quantization, bf16 compute: QLoRA's) or ``int8``
+    loads the linear layers through bitsandbytes (the rest in bf16). The tokenizer is ``None`` when the
+    folder has none."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -56,13 +127,20 @@ def load_base(
     cls = AutoModelForCausalLM if is_causal_lm(folder) else AutoModel
     wanted = DTYPES[dtype]
     torch_dtype: Any = getattr(torch, wanted) if wanted else "auto"
+    dev = pick_device(device)
+    extra: dict[str, Any] = {}
+    if quantize is not None:
+        extra = _quantization(quantize, dev)
+        if wanted is None or wanted == "float32":
+            torch_dtype = torch.bfloat16
     try:
-        model: Any = cls.from_pretrained(str(folder), dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model: Any = cls.from_pretrained(str(folder), dtype=torch_dtype, **extra)
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
-    model.to(pick_device(device)).eval()
-    return model, tokenizer
+    if quantize is None:
+        model.to(dev)
+    model.eval()
+    return model, load_tokenizer(folder)
 
 
 def resolver(lib: Library) -> Callable[[str], tuple[LoraWeights, str] | None]:
@@ -171,6 +249,7 @@ def generate_text(
     seed: int | None = None,
     device: str | None = None,
     on_text: Callable[[str], None] | None = None,
+    quantize: str | None = None,
 ) -> Generation:
     """Answer ``prompt`` with the base's chat template, with ``adapters`` (an exact combination when
     several) active."""
@@ -179,7 +258,8 @@ def generate_text(
     folder = base_dir(lib, base)
     if not is_causal_lm(folder):
         raise BaseModelError(f"{base} is an encoder, not a causal LM; use --embed to get its embeddings")
-    model, tokenizer = load_base(lib, base, device=device)
+    load_tokenizer(folder, needed_for="generating text")  # before the model loads
+    model, tokenizer = load_base(lib, base, device=device, quantize=quantize)
     rt = _activate(lib, model, adapters)
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -205,6 +285,7 @@ def embed_texts(
     """Sentence embeddings (mean-pooled, normalized) of ``texts`` from an encoder base."""
     from ..runtime.generate import embed
 
+    load_tokenizer(base_dir(lib, base), needed_for="embedding text")
     model, tokenizer = load_base(lib, base, device=device)
     rt = _activate(lib, model, adapters)
     try:

@@ -1,52 +1,46 @@
 """Supervised fine-tuning of a new LoRA adapter on a cataloged base: `train` (``adapterhub train``).
 
-Data is JSONL, one example a line, in one of three shapes (the first line decides; every line must match):
+The data (`train_data`: JSONL of ``messages``, ``prompt``/``completion`` or ``text`` rows) is read and
+encoded before the model is loaded: a bad line is one `InvalidOptionError` naming the file and the line,
+and nothing is cataloged. `plan` prints what the run will take (`train_plan.MemoryPlan`). The loop
+(`train_loop.Loop`) runs AdamW (or bitsandbytes' 8-bit AdamW) on the factors only with a linear / cosine
+/ constant schedule after ``warmup`` steps, gradient clipping, accumulation, optional gradient
+checkpointing and bf16 autocast, evaluation every ``eval_every`` steps, and a checkpoint under
+``HOME/training/NAME/`` every ``save_every`` steps (``resume=True`` continues a stopped run exactly). The
+base may be quantized (``quantize="nf4"|"int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the
+run is data-parallel over ``torch.distributed``; ``batch_size`` stays the global batch.
 
-- ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the base's chat template; the loss
-  is on the assistant turns only (their text and the end-of-turn marker the template puts after them);
-- ``{"prompt": ..., "completion": ...}``: prompt and completion joined, loss on the completion (and EOS);
-- ``{"text": ...}``: loss on every token (and EOS).
-
-Everything is checked before the model is loaded: a malformed line, an empty file, unknown keys, a row
-with nothing to learn from or longer than ``max_length`` tokens is one `InvalidOptionError` naming the
-line. Training is AdamW on the factors only (constant learning rate, no weight decay), batches shuffled
-with the seed; the adapter reaches the catalog only after the last step, through `Library.ingest` with a
-lineage row (``method: train``; base fingerprint, data sha256, steps, final loss, seed). An interrupted
-run (Ctrl-C) catalogs nothing.
+The adapter reaches the catalog only after the last step, through `Library.ingest` with a lineage row
+(``method: train``; base fingerprint, data sha256, steps, losses, eval loss, hyperparameters,
+quantization); a run killed at any moment catalogs nothing and keeps its last checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
-import time
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterExistsError, BaseModelError, InvalidOptionError, TrainingDataError
+from ..errors import AdapterExistsError, AdapterHubError, BaseModelError, InvalidOptionError
 from ..names import check_name, check_tags
 from .bases import base_dir
+from .train_data import batches, encode_rows, read_rows, split_eval
+from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
+from .train_plan import QUANTIZE, MemoryPlan, memory_plan
+from .train_state import RunFolder
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
     from ..records import AdapterInfo
 
-__all__ = ["TrainResult", "encode_rows", "read_rows", "train"]
+__all__ = ["TrainResult", "encode_rows", "plan", "read_rows", "train", "usable_threads"]
 
-SHAPES: dict[str, frozenset[str]] = {
-    "messages": frozenset({"messages"}),
-    "prompt": frozenset({"prompt", "completion"}),
-    "text": frozenset({"text"}),
-}
-ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-#: on_step(step, total_steps, running_loss)
-StepCallback = Callable[[int, int, float], None]
+PlanCallback = Callable[[MemoryPlan], None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +60,9 @@ class TrainResult:
     data_sha256: str
     device: str
     losses: tuple[float, ...] = field(default=(), repr=False)
+    eval_losses: tuple[tuple[int, float], ...] = ()
+    resumed_from: int = 0
+    processes: int = 1
 
     @property
     def trainable_share(self) -> float:
@@ -76,287 +73,343 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "adapter": self.adapter.to_dict(),
-            "steps": self.steps,
-            "epochs": self.epochs,
-            "first_loss": self.first_loss,
-            "last_loss": self.last_loss,
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "trainable_share": self.trainable_share,
-            "seconds": self.seconds,
-            "tokens": self.tokens,
-            "tokens_per_second": self.tokens_per_second,
-            "examples": self.examples,
-            "data_sha256": self.data_sha256,
-            "device": self.device,
-            "losses": list(self.losses),
-        }
+        keys = ("steps", "epochs", "first_loss", "last_loss", "trainable_params", "total_params", "trainable_share",
+                "seconds", "tokens", "tokens_per_second", "examples", "data_sha256", "device", "resumed_from",
+                "processes")  # fmt: skip
+        return {"adapter": self.adapter.to_dict(), **{k: getattr(self, k) for k in keys},
+                "losses": list(self.losses), "eval_losses": [list(e) for e in self.eval_losses]}  # fmt: skip
 
 
-# ------------------------------------------------------------------ data
-def _bad(path: Path, line: int, why: str) -> TrainingDataError:
-    return TrainingDataError(f"{path}, line {line}: {why}", path=str(path), line=line)
-
-
-def read_rows(path: str | os.PathLike[str]) -> tuple[list[tuple[int, dict[str, Any]]], str, str]:
-    """((line number, row) for every non-blank line, the shape, the file's sha256); checked throughout."""
-    p = Path(path)
+def usable_threads(nproc: int = 1) -> int:
+    """Torch threads for one of ``nproc`` training processes: the cores this process may run on
+    (``os.sched_getaffinity``) less those other work keeps busy (the 1-minute load average), shared out;
+    at least one. ``OMP_NUM_THREADS`` given by the user wins."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise InvalidOptionError(f"cannot read training data {p}: {exc.strerror or exc}") from None
-    rows: list[tuple[int, dict[str, Any]]] = []
-    shape: str | None = None
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _bad(p, n, f"not valid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise _bad(p, n, f"each line must be a JSON object, got {type(row).__name__}")
-        keys = frozenset(row)
-        kind = next((k for k, ks in SHAPES.items() if keys == ks), None)
-        if kind is None:
-            unknown = sorted(keys - {k for ks in SHAPES.values() for k in ks})
-            what = (
-                f"unknown keys {', '.join(unknown)}"
-                if unknown
-                else f"keys {', '.join(sorted(keys)) or '(none)'}"
-            )
-            raise _bad(
-                p, n, f'{what}; a row is {{"messages": [...]}}, {{"prompt", "completion"}} or {{"text"}}'
-            )
-        if shape is not None and kind != shape:
-            raise _bad(p, n, f"a {kind!r} row in a file of {shape!r} rows; use one shape per file")
-        shape = kind
-        _check_row(p, n, kind, row)
-        rows.append((n, row))
-    if not rows or shape is None:
-        raise InvalidOptionError(f"{p} holds no training examples (one JSON object per line)")
-    return rows, shape, hashlib.sha256(raw).hexdigest()
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, (cores - min(busy, cores - 1)) // max(1, nproc))
 
 
-def _check_row(p: Path, n: int, kind: str, row: dict[str, Any]) -> None:
-    if kind == "messages":
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise _bad(p, n, "messages must be a non-empty list of {role, content} objects")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or set(m) - {"role", "content"} or not {"role", "content"} <= set(m):
-                raise _bad(p, n, f"message {i} must be an object with exactly role and content")
-            if m["role"] not in ROLES or not isinstance(m["content"], str):
-                raise _bad(p, n, f"message {i}: role must be one of {', '.join(sorted(ROLES))}, content text")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise _bad(p, n, "no assistant message: nothing to learn from")
-    else:
-        for k, v in row.items():
-            if not isinstance(v, str):
-                raise _bad(p, n, f"{k} must be text, got {type(v).__name__}")
-        if not (row.get("completion") if kind == "prompt" else row.get("text")):
-            raise _bad(p, n, "empty completion: nothing to learn from" if kind == "prompt" else "empty text")
+@dataclass(frozen=True)
+class _Options:
+    """Everything that defines a run (``--resume`` must match it)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Sequence[str] | str = ("q_proj", "v_proj")
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    batch_size: int = 4
+    max_length: int = 512
+    init: str = "kaiming"
+    seed: int = 0
+    schedule: str = "linear"
+    warmup: int = 0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    optim: str = "adamw"
+    bf16: bool | None = None
+    eval_data: str | None = None
+    eval_fraction: float | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    group_by_length: bool = True
+    quantize: str | None = None
+
+    def check(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise InvalidOptionError("give --steps or --epochs, not both")
+        for what, n in (("batch size", self.batch_size), ("max length", self.max_length), ("steps", self.steps or 1),
+                        ("grad accum", self.grad_accum), ("eval every", self.eval_every or 1),
+                        ("save every", self.save_every or 1)):  # fmt: skip
+            if n < 1:
+                raise InvalidOptionError(f"{what} must be at least 1, got {n}")
+        if self.warmup < 0:
+            raise InvalidOptionError(f"warmup must be 0 or more steps, got {self.warmup}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise InvalidOptionError(f"epochs must be positive, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidOptionError(f"learning rate must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise InvalidOptionError(f"max grad norm must be 0 (off) or positive, got {self.max_grad_norm}")
+        choices: tuple[tuple[str, str, Sequence[str]], ...] = (
+            ("schedule", self.schedule, SCHEDULES), ("optimizer", self.optim, OPTIMS),
+            ("quantization", self.quantize or QUANTIZE[0], QUANTIZE))  # fmt: skip
+        for what, v, known in choices:
+            if v not in known:
+                raise InvalidOptionError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
+        if self.eval_data is not None and self.eval_fraction is not None:
+            raise InvalidOptionError("give --eval-data or --eval-fraction, not both")
+
+    def record(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
+        return d
 
 
-def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
-    return list(enc["input_ids"]), (list(map(tuple, enc["offset_mapping"])) if tokenizer.is_fast else None)
+@dataclass
+class _Data:
+    encoded: list[tuple[list[int], list[int]]]
+    eval_encoded: list[tuple[list[int], list[int]]]
+    digest: str
+    eval_digest: str | None
+    tokenizer: Any
 
 
-def _encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Token ids of ``text`` and labels: the id where a token starts inside one of ``spans``, else -100."""
-    ids, offsets = _offsets(tokenizer, text)
-    if offsets is None:  # a slow tokenizer: tokenize the pieces one after another
-        labels: list[int] = []
-        ids, at = [], 0
-        for a, b in [*spans, (len(text), len(text))]:
-            for piece, learn in ((text[at:a], False), (text[a:b], True)):
-                if piece:
-                    t = tokenizer(piece, add_special_tokens=False)["input_ids"]
-                    ids += t
-                    labels += t if learn else [-100] * len(t)
-            at = b
-        return ids, labels
-    labels = [
-        i if any(a <= s < b for a, b in spans) else -100 for i, (s, _) in zip(ids, offsets, strict=True)
-    ]
-    return ids, labels
+def _read(lib: Library, base: str | os.PathLike[str], data: str | os.PathLike[str], o: _Options) -> _Data:
+    from .running import is_causal_lm, load_tokenizer
+
+    path = Path(data)
+    rows, kind, digest = read_rows(path, max_length=o.max_length)
+    eval_rows: list[tuple[int, dict[str, Any]]] = []
+    eval_kind, eval_digest, eval_path = kind, None, path
+    if o.eval_data is not None:
+        eval_path = Path(o.eval_data)
+        eval_rows, eval_kind, eval_digest = read_rows(eval_path, max_length=o.max_length)
+    elif o.eval_fraction is not None:
+        rows, eval_rows = split_eval(rows, o.eval_fraction, o.seed)
+    folder = base_dir(lib, base)
+    if not is_causal_lm(folder):
+        raise BaseModelError(f"{base} is not a causal LM; adapterhub train fine-tunes causal LMs")
+    tokenizer = load_tokenizer(folder, needed_for="training")
+    encoded = encode_rows(tokenizer, rows, kind, max_length=o.max_length, path=path)
+    ev = (
+        encode_rows(tokenizer, eval_rows, eval_kind, max_length=o.max_length, path=eval_path)
+        if eval_rows
+        else []
+    )
+    return _Data(encoded, ev, digest, eval_digest, tokenizer)
 
 
-def _encode(tokenizer: Any, kind: str, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-    eos = tokenizer.eos_token or ""
-    if kind == "messages":
-        msgs = row["messages"]
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            before = (
-                tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-                if i
-                else ""
-            )
-            upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
-            if not full.startswith(upto) or not upto.startswith(before):
-                raise InvalidOptionError(
-                    "the base's chat template does not render conversations turn by turn; use prompt/completion rows"
-                )
-            spans.append((len(before), len(upto)))
-        return _encode_spans(tokenizer, full, spans)
-    if kind == "prompt":
-        text = row["prompt"] + row["completion"] + eos
-        return _encode_spans(tokenizer, text, [(len(row["prompt"]), len(text))])
-    text = row["text"] + eos
-    return _encode_spans(tokenizer, text, [(0, len(text))])
+def _options(**kw: Any) -> _Options:
+    unknown = sorted(set(kw) - set(_Options.__dataclass_fields__))
+    if unknown:
+        raise InvalidOptionError(f"unknown training option {unknown[0]!r}")
+    fixed: dict[str, Any] = {
+        k: (tuple(v) if k == "targets" and not isinstance(v, str) else v) for k, v in kw.items()
+    }
+    o = _Options(**fixed)
+    o.check()
+    return o
 
 
-def encode_rows(
-    tokenizer: Any, rows: Sequence[tuple[int, dict[str, Any]]], kind: str, *, max_length: int, path: Path
-) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per row; a row over ``max_length`` tokens or without a label is refused."""
-    if getattr(tokenizer, "bos_token_id", None) is not None and kind != "messages":
-        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
-    else:
-        bos = []
-    out = []
-    for n, row in rows:
-        ids, labels = _encode(tokenizer, kind, row)
-        ids, labels = bos + ids, [-100] * len(bos) + labels
-        if len(ids) > max_length:
-            raise _bad(
-                path, n, f"{len(ids)} tokens, over --max-length {max_length}; shorten it or raise the limit"
-            )
-        if sum(1 for x in labels[1:] if x != -100) == 0:
-            raise _bad(path, n, "no token to learn from after tokenization")
-        out.append((ids, labels))
-    return out
+def _total_steps(o: _Options, examples: int) -> int:
+    per_epoch = math.ceil(examples / o.batch_size)
+    return o.steps if o.steps is not None else max(1, round((o.epochs or 1.0) * per_epoch))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
+def plan(lib: Library, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None,
+         **options: Any) -> MemoryPlan:  # fmt: skip
+    """The memory plan of a run with these options (nothing is loaded but the base's config)."""
+    from transformers import AutoConfig
+
+    from .running import pick_device
+
+    o = _options(**options)
+    folder = base_dir(lib, base)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(
+            f"transformers cannot read the config of {folder}: {str(exc).splitlines()[0]}"
+        ) from None
+    dev = pick_device(device)
+    micro = max(1, math.ceil(o.batch_size / max(1, nproc) / o.grad_accum))
+    return memory_plan(
+        config, targets=o.targets, rank=o.rank, quantize=o.quantize, micro_batch=micro, max_length=o.max_length,
+        gradient_checkpointing=o.gradient_checkpointing, optim=o.optim, device=dev,
+        dtype=None if dev.startswith("cuda") else "float32",
+    )  # fmt: skip
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    order: list[int] = []
-    out = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(n))
-            rng.shuffle(fresh)
-            order += fresh
-        out.append(order[:batch_size])
-        del order[:batch_size]
-    return out
-
-
-# ------------------------------------------------------------------ training
 def train(
     lib: Library,
     base: str | os.PathLike[str],
     data: str | os.PathLike[str],
     *,
     name: str,
-    rank: int = 8,
-    alpha: float = 16.0,
-    targets: Sequence[str] | str = ("q_proj", "v_proj"),
-    steps: int | None = None,
-    epochs: float | None = None,
-    lr: float = 2e-4,
-    batch_size: int = 4,
-    max_length: int = 512,
-    init: str = "kaiming",
-    seed: int = 0,
     device: str | None = None,
     tags: Sequence[str] = (),
     description: str | None = None,
+    resume: bool = False,
+    nproc: int = 1,
+    log_every: int = 10,
     on_step: StepCallback | None = None,
+    on_log: LogCallback | None = None,
+    on_plan: PlanCallback | None = None,
+    **options: Any,
 ) -> TrainResult:
-    """Train a new adapter ``name`` on ``base`` (a registered base or a checkpoint folder) and catalog it."""
-    import torch
-
-    from .running import attach, is_causal_lm, load_base, pick_device, registered_base
+    """Train a new adapter ``name`` on ``base`` (a registered base or a checkpoint folder) and catalog it.
+    ``options``: the fields of `_Options` (rank, alpha, targets, steps, epochs, lr, batch_size, ...)."""
+    from .running import pick_device
 
     check_name(name)
     tags = check_tags(tags)
+    o = _options(**options)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc < 1:
+        raise InvalidOptionError(f"nproc must be at least 1, got {nproc}")
+    if world > 1 and nproc > 1:
+        raise InvalidOptionError("give --nproc or run under torchrun, not both")
     if lib.exists(name):
         raise AdapterExistsError(name)
-    if steps is not None and epochs is not None:
-        raise InvalidOptionError("give --steps or --epochs, not both")
-    for what, v in (("batch size", batch_size), ("max length", max_length), ("steps", steps or 1)):
-        if v < 1:
-            raise InvalidOptionError(f"{what} must be at least 1, got {v}")
-    if epochs is not None and not epochs > 0:
-        raise InvalidOptionError(f"epochs must be positive, got {epochs}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InvalidOptionError(f"learning rate must be a positive number, got {lr}")
-    path = Path(data)
-    rows, kind, digest = read_rows(path)
-    folder = base_dir(lib, base)
-    if not is_causal_lm(folder):
-        raise BaseModelError(f"{base} is not a causal LM; adapterhub train fine-tunes causal LMs")
-    from transformers import AutoTokenizer
+    d = _read(lib, base, data, o)
+    pick_device(device)  # a device this torch cannot use fails here, before any process starts
+    if o.batch_size < max(nproc, world):
+        raise InvalidOptionError(
+            f"--batch-size {o.batch_size} is smaller than the {max(nproc, world)} processes"
+        )
+    if on_plan is not None and int(os.environ.get("RANK", "0")) == 0:
+        on_plan(plan(lib, base, nproc=max(nproc, world), device=device, **options))
+    if nproc > 1:
+        return _spawn(lib, base, data, name=name, nproc=nproc, device=device, tags=tags, description=description,
+                      resume=resume, options=options)  # fmt: skip
+    return _train(lib, base, d, o, name=name, device=device, tags=tags, description=description, resume=resume,
+                  log_every=log_every, on_step=on_step, on_log=on_log)  # fmt: skip
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(
-            f"transformers cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}"
-        ) from None
-    encoded = encode_rows(
-        tokenizer, rows, kind, max_length=max_length, path=path
-    )  # all checked before loading
+
+def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *, name: str, device: str | None,
+           tags: Sequence[str], description: str | None, resume: bool, log_every: int = 10,
+           on_step: StepCallback | None = None, on_log: LogCallback | None = None) -> TrainResult:  # fmt: skip
+    import torch
+
+    from .running import attach, load_base, pick_device, registered_base
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)
-    model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32")
-    per_epoch = math.ceil(len(encoded) / batch_size)
-    total = steps if steps is not None else max(1, round((epochs or 1.0) * per_epoch))
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    torch.set_num_threads(usable_threads(world))
+    folder = RunFolder(lib.home, name)
+    record = {**o.record(), "data_sha256": d.digest, "eval_sha256": d.eval_digest, "processes": world}
+    start = folder.start(record, resume=resume) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+        start = folder.latest() if resume else None
+    bf16 = o.bf16 if o.bf16 is not None else (dev.startswith("cuda") and torch.cuda.is_bf16_supported())
+    model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32",
+                         quantize=o.quantize)  # fmt: skip
+    if o.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    total = _total_steps(o, len(d.encoded))
     info = registered_base(lib, model)
     rt = attach(lib, model, base=info.name if info else None)
     try:
-        ad = rt.create(name, rank=rank, alpha=alpha, targets=targets, init=init, seed=seed)
+        ad = rt.create(name, rank=o.rank, alpha=o.alpha, targets=o.targets, init=o.init, seed=o.seed)
         total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
-        opt = torch.optim.AdamW(ad.parameters(), lr=lr, weight_decay=0.0)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        model.train()
-        torch.manual_seed(seed)
-        losses: list[float] = []
-        tokens = 0
-        start = time.perf_counter()
-        for step, idx in enumerate(_batches(len(encoded), min(batch_size, len(encoded)), total, seed), 1):
-            batch = [encoded[i] for i in idx]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (i, lab) in enumerate(batch):
-                ids[r, : len(i)] = torch.tensor(i)
-                labels[r, : len(lab)] = torch.tensor(lab)
-                mask[r, : len(i)] = 1
-            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev))
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss = float(out.loss.detach())
-            if not math.isfinite(loss):
-                raise InvalidOptionError(f"the loss became {loss} at step {step}; lower --lr")
-            losses.append(loss)
-            tokens += int(mask.sum())
-            if on_step is not None:
-                on_step(step, total, sum(losses[-10:]) / len(losses[-10:]))
-        seconds = time.perf_counter() - start
-        model.eval()
-        ad.lineage.update(steps=total, loss=losses[-1], first_loss=losses[0], data_sha256=digest,
-                          lr=lr, batch_size=batch_size, examples=len(encoded), data=str(path.name))  # fmt: skip
-        adapter = rt.save(name, tags=tags, description=description)
+        tok = d.tokenizer
+        names = [n for n, _ in ad.named_parameters()]
+        loop = Loop(
+            model=model, params=[p for _, p in ad.named_parameters()], encoded=d.encoded, eval_encoded=d.eval_encoded,
+            plan=batches([len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length),
+            device=dev, pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+            lr=o.lr, optim=o.optim, schedule=o.schedule, warmup=o.warmup, max_grad_norm=o.max_grad_norm,
+            grad_accum=o.grad_accum, bf16=bf16, eval_every=o.eval_every or (total if d.eval_encoded else None),
+            save_every=o.save_every, log_every=log_every, seed=o.seed, rank=rank, world=world, folder=folder,
+            factor_names=names, on_step=on_step, on_log=on_log,
+        )  # fmt: skip
+        if start is not None:
+            loop.resume(start)
+        resumed_from = loop.progress.step
+        p = loop.run()
+        ad.lineage.update(
+            steps=total, loss=p.losses[-1], first_loss=p.losses[0], data_sha256=d.digest, lr=o.lr,
+            batch_size=o.batch_size, examples=len(d.encoded), schedule=o.schedule, warmup=o.warmup,
+            max_grad_norm=o.max_grad_norm, grad_accum=o.grad_accum, optim=o.optim, quantize=o.quantize,
+            gradient_checkpointing=o.gradient_checkpointing, bf16=bf16, processes=world, max_length=o.max_length,
+            eval_loss=p.eval_losses[-1][1] if p.eval_losses else None, eval_sha256=d.eval_digest,
+        )  # fmt: skip
+        if rank == 0:
+            adapter = rt.save(name, tags=tags, description=description)
+            folder.remove()
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            adapter = lib.info(name)
         return TrainResult(
-            adapter=adapter, steps=total, epochs=total * min(batch_size, len(encoded)) / len(encoded),
-            first_loss=losses[0], last_loss=losses[-1], trainable_params=ad.num_params,
-            total_params=total_params, seconds=seconds, tokens=tokens, examples=len(encoded),
-            data_sha256=digest, device=dev, losses=tuple(losses),
+            adapter=adapter, steps=total, epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
+            first_loss=p.losses[0], last_loss=p.losses[-1], trainable_params=ad.num_params,
+            total_params=total_params, seconds=p.seconds, tokens=p.tokens, examples=len(d.encoded),
+            data_sha256=d.digest, device=dev, losses=tuple(p.losses), eval_losses=tuple(p.eval_losses),
+            resumed_from=resumed_from, processes=world,
         )  # fmt: skip
     finally:
         rt.detach()
+
+
+# ------------------------------------------------------------------ many processes
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, job: dict[str, Any]) -> None:
+    from ..catalog.library import Library
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["nproc"]),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))  # fmt: skip
+    lib = Library(Path(job["home"]), db=job["db"])
+    try:
+        o = _options(**job["options"])
+        result = _train(lib, job["base"], _read(lib, job["base"], job["data"], o), o, name=job["name"],
+                        device=job["device"], tags=job["tags"], description=job["description"],
+                        resume=job["resume"])  # fmt: skip
+        if rank == 0:
+            Path(job["out"]).write_text(
+                json.dumps({k: v for k, v in result.to_dict().items() if k != "adapter"})
+            )
+    except AdapterHubError as exc:
+        Path(f"{job['out']}.error{rank}").write_text(str(exc))
+        raise SystemExit(1) from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(lib: Library, base: str | os.PathLike[str], data: str | os.PathLike[str], *, name: str, nproc: int,
+           device: str | None, tags: Sequence[str], description: str | None, resume: bool,
+           options: dict[str, Any]) -> TrainResult:  # fmt: skip
+    import torch.multiprocessing as mp
+
+    lib.store.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.store.tmp, prefix=f"train-{os.getpid()}-") as tmp:
+        out = Path(tmp) / "result.json"
+        job = {"home": str(lib.home), "db": lib.db_url, "base": str(base), "data": str(data), "name": name,
+               "nproc": nproc, "port": _free_port(), "device": device, "tags": list(tags),
+               "description": description, "resume": resume, "out": str(out),
+               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}}  # fmt: skip
+        try:
+            mp.start_processes(_worker, args=(job,), nprocs=nproc, start_method="spawn")
+        except mp.ProcessRaisedException as exc:
+            raise InvalidOptionError(
+                f"a training process failed: {str(exc).strip().splitlines()[-1]}"
+            ) from None
+        except mp.ProcessExitedException:
+            errors = sorted(Path(tmp).glob("result.json.error*"))
+            why = errors[0].read_text() if errors else "a training process died"
+            raise InvalidOptionError(why) from None
+        doc = json.loads(out.read_text())
+    doc["losses"] = tuple(doc["losses"])
+    doc["eval_losses"] = tuple(tuple(e) for e in doc["eval_losses"])
+    for k in ("trainable_share", "tokens_per_second"):
+        doc.pop(k)
+    return TrainResult(adapter=lib.info(name), **doc)

@@ -1,0 +1,274 @@
+"""Training data for `training.train`: JSONL rows read with bounded memory, encoded to (ids, labels),
+split for evaluation and put into length-grouped batches.
+
+Data is JSONL, one example a line, in one of three shapes (the first line decides; every line must match):
+
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the base's chat template; the loss
+  is on the assistant turns only (their text and the end-of-turn marker the template puts after them);
+- ``{"prompt": ..., "completion": ...}``: prompt and completion joined, loss on the completion (and EOS);
+- ``{"text": ...}``: loss on every token (and EOS).
+
+Hostile files fail in one line that names the file and the line, before anything is loaded: only a
+regular file is opened (a FIFO would block, ``/dev/zero`` never ends), a line is read at most
+`line_limit` bytes at a time (a 200 MB line is refused after the first megabyte, never tokenized), and
+JSON nested past the parser's depth is refused with its line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidOptionError, TrainingDataError
+
+__all__ = ["batches", "encode_rows", "line_limit", "read_rows", "split_eval"]
+
+SHAPES: dict[str, frozenset[str]] = {
+    "messages": frozenset({"messages"}),
+    "prompt": frozenset({"prompt", "completion"}),
+    "text": frozenset({"text"}),
+}
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+Rows = list[tuple[int, dict[str, Any]]]
+Encoded = list[tuple[list[int], list[int]]]
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def line_limit(max_length: int) -> int:
+    """The most bytes a data line may take: 1 MiB, or 256 bytes a token for a larger ``max_length``
+    (far above what ``max_length`` tokens of any text take, even JSON-escaped)."""
+    return max(1 << 20, 256 * max_length)
+
+
+def _bad(path: Path, line: int, why: str) -> TrainingDataError:
+    return TrainingDataError(f"{path}, line {line}: {why}", path=str(path), line=line)
+
+
+def _open(p: Path) -> Any:
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise InvalidOptionError(f"cannot read training data {p}: {exc.strerror or exc}") from None
+    for test, what in _KINDS:
+        if test(st.st_mode):
+            raise InvalidOptionError(f"training data {p} is {what}, not a file; give a JSONL file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidOptionError(f"training data {p} is not a regular file; give a JSONL file")
+    try:
+        return open(p, "rb")  # noqa: SIM115 - closed by the caller's with
+    except OSError as exc:
+        raise InvalidOptionError(f"cannot read training data {p}: {exc.strerror or exc}") from None
+
+
+def read_rows(path: str | os.PathLike[str], *, max_length: int = 512) -> tuple[Rows, str, str]:
+    """((line number, row) for every non-blank line, the shape, the file's sha256); checked throughout."""
+    p = Path(path)
+    limit = line_limit(max_length)
+    rows: Rows = []
+    shape: str | None = None
+    digest = hashlib.sha256()
+    with _open(p) as f:
+        n = 0
+        while True:
+            line = f.readline(limit + 1)
+            if not line:
+                break
+            n += 1
+            digest.update(line)
+            if len(line) > limit and not line.endswith(b"\n"):
+                raise _bad(
+                    p,
+                    n,
+                    f"longer than {limit >> 10} KiB; no row within --max-length {max_length} is that long",
+                )
+            if not line.strip():
+                continue
+            row = _parse(p, n, line)
+            kind = _shape(p, n, row)
+            if shape is not None and kind != shape:
+                raise _bad(p, n, f"a {kind!r} row in a file of {shape!r} rows; use one shape per file")
+            shape = kind
+            _check_row(p, n, kind, row)
+            rows.append((n, row))
+    if not rows or shape is None:
+        raise InvalidOptionError(f"{p} holds no training examples (one JSON object per line)")
+    return rows, shape, digest.hexdigest()
+
+
+def _parse(p: Path, n: int, line: bytes) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except RecursionError:
+        raise _bad(p, n, "JSON nested too deeply; a row is a flat object") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(p, n, f"not valid JSON ({exc})") from None
+    if not isinstance(row, dict):
+        raise _bad(p, n, f"each line must be a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _shape(p: Path, n: int, row: dict[str, Any]) -> str:
+    keys = frozenset(row)
+    kind = next((k for k, ks in SHAPES.items() if keys == ks), None)
+    if kind is None:
+        unknown = sorted(keys - {k for ks in SHAPES.values() for k in ks})
+        what = (
+            f"unknown keys {', '.join(unknown)}" if unknown else f"keys {', '.join(sorted(keys)) or '(none)'}"
+        )
+        raise _bad(p, n, f'{what}; a row is {{"messages": [...]}}, {{"prompt", "completion"}} or {{"text"}}')
+    return kind
+
+
+def _check_row(p: Path, n: int, kind: str, row: dict[str, Any]) -> None:
+    if kind == "messages":
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad(p, n, "messages must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or set(m) - {"role", "content"} or not {"role", "content"} <= set(m):
+                raise _bad(p, n, f"message {i} must be an object with exactly role and content")
+            if m["role"] not in ROLES or not isinstance(m["content"], str):
+                raise _bad(p, n, f"message {i}: role must be one of {', '.join(sorted(ROLES))}, content text")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise _bad(p, n, "no assistant message: nothing to learn from")
+    else:
+        for k, v in row.items():
+            if not isinstance(v, str):
+                raise _bad(p, n, f"{k} must be text, got {type(v).__name__}")
+        if not (row.get("completion") if kind == "prompt" else row.get("text")):
+            raise _bad(p, n, "empty completion: nothing to learn from" if kind == "prompt" else "empty text")
+
+
+# ------------------------------------------------------------------ encoding
+def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    return list(enc["input_ids"]), (list(map(tuple, enc["offset_mapping"])) if tokenizer.is_fast else None)
+
+
+def _encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and labels: the id where a token starts inside one of ``spans``, else -100."""
+    ids, offsets = _offsets(tokenizer, text)
+    if offsets is None:  # a slow tokenizer: tokenize the pieces one after another
+        labels: list[int] = []
+        ids, at = [], 0
+        for a, b in [*spans, (len(text), len(text))]:
+            for piece, learn in ((text[at:a], False), (text[a:b], True)):
+                if piece:
+                    t = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                    ids += t
+                    labels += t if learn else [-100] * len(t)
+            at = b
+        return ids, labels
+    labels = [
+        i if any(a <= s < b for a, b in spans) else -100 for i, (s, _) in zip(ids, offsets, strict=True)
+    ]
+    return ids, labels
+
+
+def _encode(tokenizer: Any, kind: str, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+    eos = tokenizer.eos_token or ""
+    if kind == "messages":
+        msgs = row["messages"]
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = (
+                tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+                if i
+                else ""
+            )
+            upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+            if not full.startswith(upto) or not upto.startswith(before):
+                raise InvalidOptionError(
+                    "the base's chat template does not render conversations turn by turn; use prompt/completion rows"
+                )
+            spans.append((len(before), len(upto)))
+        return _encode_spans(tokenizer, full, spans)
+    if kind == "prompt":
+        text = row["prompt"] + row["completion"] + eos
+        return _encode_spans(tokenizer, text, [(len(row["prompt"]), len(text))])
+    text = row["text"] + eos
+    return _encode_spans(tokenizer, text, [(0, len(text))])
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[tuple[int, dict[str, Any]]], kind: str, *, max_length: int,
+                path: Path) -> Encoded:  # fmt: skip
+    """(input ids, labels) per row; a row over ``max_length`` tokens or without a label is refused."""
+    if getattr(tokenizer, "bos_token_id", None) is not None and kind != "messages":
+        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    else:
+        bos = []
+    out = []
+    for n, row in rows:
+        ids, labels = _encode(tokenizer, kind, row)
+        ids, labels = bos + ids, [-100] * len(bos) + labels
+        if len(ids) > max_length:
+            raise _bad(
+                path, n, f"{len(ids)} tokens, over --max-length {max_length}; shorten it or raise the limit"
+            )
+        if sum(1 for x in labels[1:] if x != -100) == 0:
+            raise _bad(path, n, "no token to learn from after tokenization")
+        out.append((ids, labels))
+    return out
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+# ------------------------------------------------------------------ splits and batches
+def split_eval(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """(train rows, eval rows): a seeded ``fraction`` of the rows (at least one) held out."""
+    if not 0 < fraction < 1:
+        raise InvalidOptionError(f"--eval-fraction must be between 0 and 1, got {fraction}")
+    if len(rows) < 2:
+        raise InvalidOptionError("--eval-fraction needs at least two examples; give --eval-data instead")
+    order = list(range(len(rows)))
+    random.Random(seed ^ 0x5EED).shuffle(order)
+    k = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def batches(
+    lengths: Sequence[int], batch_size: int, steps: int, seed: int, *, group: bool = True
+) -> list[list[int]]:
+    """``steps`` batches of row indices: the rows shuffled with ``seed`` epoch after epoch; with ``group``,
+    each run of 16 batches sorted by length before it is cut (so a batch pads little, as transformers'
+    ``group_by_length``), the batches' order shuffled again. Deterministic: a resumed run skips the same
+    list's first steps."""
+    rng = random.Random(seed)
+    n = len(lengths)
+    size = min(batch_size, n)
+    order: list[int] = []
+    out: list[list[int]] = []
+    while len(out) < steps:
+        fresh = list(range(n))
+        rng.shuffle(fresh)
+        order += fresh
+        while len(order) >= size and len(out) < steps:
+            take = min(len(order) // size, 16) * size
+            chunk, order = order[:take], order[take:]
+            if group:
+                chunk.sort(key=lambda i: -lengths[i])
+            cut = [chunk[i : i + size] for i in range(0, take, size)]
+            if group:
+                rng.shuffle(cut)
+            out += cut[: steps - len(out)]
+    return out

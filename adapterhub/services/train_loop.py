@@ -1,0 +1,261 @@
+"""The optimizer loop of `training.train`, on one process or as one rank of a data-parallel group.
+
+Written over torch and transformers' pieces rather than around transformers' ``Trainer``: the adapter's
+factors live in the runtime's hooks, not in the model's parameters, and a checkpoint here is the
+factors and the optimizer's state in safetensors (the ``Trainer`` saves the whole model and pickles its
+state). What it uses: ``transformers.get_scheduler`` (linear / cosine / constant with warm-up), torch's
+``clip_grad_norm_``, bitsandbytes' 8-bit AdamW, ``torch.autocast`` for bf16, and ``torch.distributed``
+(gloo on CPU, NCCL on GPUs) for the gradient all-reduce.
+
+Every step's loss is the mean over the label tokens of the whole global batch (``--batch-size`` rows
+over ``--grad-accum`` micro-batches and all ranks): each micro-batch's summed loss is divided by that
+count (transformers' ``num_items_in_batch``) and the ranks' gradients are summed, so a run on N
+processes or with accumulation computes the step a single process computes on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidOptionError
+from .train_state import RunFolder
+
+__all__ = ["Loop", "Progress", "make_optimizer"]
+
+OPTIMS = ("adamw", "adamw8bit", "paged_adamw8bit")
+SCHEDULES = ("linear", "cosine", "constant")
+
+#: on_step(step, total_steps, mean loss of the last 10 steps)
+StepCallback = Callable[[int, int, float], None]
+#: on_log(record): one dict every log_every steps (step, loss, lr, eval_loss, tokens_per_second, ...)
+LogCallback = Callable[[dict[str, Any]], None]
+
+
+def make_optimizer(name: str, params: Sequence[Any], lr: float) -> Any:
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name not in OPTIMS:
+        raise InvalidOptionError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMS)}")
+    try:
+        import warnings
+
+        import bitsandbytes as bnb
+    except ImportError:
+        raise InvalidOptionError(
+            f"--optim {name} needs bitsandbytes: pip install 'adapterhub[quant]'"
+        ) from None
+    cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU": it pages nothing there
+        return cls(params, lr=lr, weight_decay=0.0)
+
+
+@dataclass
+class Progress:
+    """What a run has done so far (saved with each checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Loop:
+    """One run's loop; ``rank`` / ``world`` > 1 when it is one process of a data-parallel group."""
+
+    model: Any
+    params: list[Any]
+    encoded: list[tuple[list[int], list[int]]]
+    eval_encoded: list[tuple[list[int], list[int]]]
+    plan: list[list[int]]  # the global batches, one list of row indices a step
+    device: str
+    pad: int
+    lr: float
+    optim: str = "adamw"
+    schedule: str = "linear"
+    warmup: int = 0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    bf16: bool = False
+    eval_every: int | None = None
+    save_every: int | None = None
+    log_every: int = 10
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    folder: RunFolder | None = None
+    factor_names: list[str] = field(default_factory=list)
+    on_step: StepCallback | None = None
+    on_log: LogCallback | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    def __post_init__(self) -> None:
+        from transformers import get_scheduler
+
+        if self.schedule not in SCHEDULES:
+            raise InvalidOptionError(
+                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        self.opt = make_optimizer(self.optim, self.params, self.lr)
+        kind = "constant_with_warmup" if self.schedule == "constant" else self.schedule
+        self.sched = get_scheduler(
+            kind, self.opt, num_warmup_steps=self.warmup, num_training_steps=len(self.plan)
+        )
+
+    # -------------------------------------------------------------- checkpoints
+    def resume(self, where: Any) -> None:
+        import torch
+
+        factors, opt_state, state = RunFolder.load(where)
+        with torch.no_grad():
+            for n, p in zip(self.factor_names, self.params, strict=True):
+                p.copy_(factors[n].to(p.device, p.dtype))
+        self.opt.load_state_dict(opt_state)
+        self.sched.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"], torch.device(self.device))
+        self.progress = Progress(step=state["step"], tokens=state["tokens"], losses=state["losses"],
+                                 eval_losses=[tuple(e) for e in state["eval_losses"]], seconds=state["seconds"])  # fmt: skip
+
+    def _checkpoint(self) -> None:
+        import torch
+
+        if self.folder is None or self.rank != 0:
+            return
+        p = self.progress
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
+        self.folder.save(
+            p.step, dict(zip(self.factor_names, self.params, strict=True)), self.opt.state_dict(),
+            {"step": p.step, "tokens": p.tokens, "losses": p.losses, "eval_losses": p.eval_losses,
+             "seconds": p.seconds, "schedule": self.sched.state_dict(), "rng": rng},
+        )  # fmt: skip
+
+    # -------------------------------------------------------------- steps
+    def _tensors(self, rows: Sequence[int], source: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+        import torch
+
+        batch = [source[i] for i in rows]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (i, lab) in enumerate(batch):
+            ids[r, : len(i)] = torch.tensor(i)
+            labels[r, : len(lab)] = torch.tensor(lab)
+            mask[r, : len(i)] = 1
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "labels": labels.to(self.device),
+        }
+
+    @staticmethod
+    def _counted(labels: list[int]) -> int:
+        return sum(1 for x in labels[1:] if x != -100)
+
+    def _loss_sum(self, rows: Sequence[int], source: list[tuple[list[int], list[int]]], count: int) -> Any:
+        """The model's loss on ``rows`` summed over their tokens and divided by ``count``."""
+        import torch
+
+        dev = self.device.split(":")[0]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(**self._tensors(rows, source), num_items_in_batch=torch.tensor(count))
+        return out.loss
+
+    def _all_reduce(self, tensors: list[Any]) -> None:
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        at = 0
+        for t in tensors:
+            t.copy_(flat[at : at + t.numel()].view_as(t))
+            at += t.numel()
+
+    def step(self, rows: list[int]) -> float:
+        import torch
+
+        count = sum(self._counted(self.encoded[i][1]) for i in rows)
+        mine = rows[self.rank :: self.world]
+        size = max(1, math.ceil(len(mine) / self.grad_accum))
+        total = torch.zeros((), dtype=torch.float64)
+        for at in range(0, len(mine), size):
+            loss = self._loss_sum(mine[at : at + size], self.encoded, count)
+            loss.backward()
+            total += float(loss.detach())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self._all_reduce([*grads, total.reshape(1)])
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.progress.tokens += sum(len(self.encoded[i][0]) for i in rows)
+        return float(total)
+
+    def evaluate(self) -> float:
+        import torch
+
+        rows = list(range(len(self.eval_encoded)))[self.rank :: self.world]
+        count = sum(self._counted(lab) for _, lab in self.eval_encoded)
+        size = max(1, len(self.plan[0]) // self.world // self.grad_accum)
+        total = torch.zeros(1, dtype=torch.float64)
+        self.model.eval()
+        with torch.no_grad():
+            for at in range(0, len(rows), size):
+                total += float(self._loss_sum(rows[at : at + size], self.eval_encoded, count))
+        self.model.train()
+        self._all_reduce([total])
+        return float(total)
+
+    def run(self) -> Progress:
+        import torch
+
+        p = self.progress
+        if p.step == 0:
+            torch.manual_seed(self.seed)
+        self.model.train()
+        start = time.perf_counter() - p.seconds
+        last_log = (time.perf_counter(), p.tokens)
+        total = len(self.plan)
+        for step in range(p.step + 1, total + 1):
+            loss = self.step(self.plan[step - 1])
+            if not math.isfinite(loss):
+                raise InvalidOptionError(f"the loss became {loss} at step {step}; lower --lr")
+            p.step, p.seconds = step, time.perf_counter() - start
+            p.losses.append(loss)
+            record: dict[str, Any] = {}
+            if self.eval_encoded and self.eval_every and (step % self.eval_every == 0 or step == total):
+                record["eval_loss"] = ev = self.evaluate()
+                p.eval_losses.append((step, ev))
+            if self.save_every and step % self.save_every == 0 and step < total:
+                self._checkpoint()
+            recent = p.losses[-10:]
+            if self.on_step is not None:
+                self.on_step(step, total, sum(recent) / len(recent))
+            if self.on_log is not None and (step % self.log_every == 0 or step == total or record):
+                now = time.perf_counter()
+                record = {"step": step, "steps": total, "loss": loss, "loss_mean10": sum(recent) / len(recent),
+                          "lr": float(self.sched.get_last_lr()[0]),
+                          "tokens_per_second": (p.tokens - last_log[1]) / max(now - last_log[0], 1e-9),
+                          "seconds": round(p.seconds, 3), **record}  # fmt: skip
+                last_log = (now, p.tokens)
+                self.on_log(record)
+        self.model.eval()
+        return p

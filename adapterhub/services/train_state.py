@@ -1,0 +1,144 @@
+"""Checkpoints of a training run under ``HOME/training/<name>/``, written atomically.
+
+``run.json`` holds the options that define the run (a ``--resume`` must give the same ones); each
+checkpoint is a folder ``step-00000040/`` written under a scratch name and renamed into place, so a
+folder with a step name is always whole: the factors and the optimizer's tensors as safetensors, the
+rest (optimizer scalars, the schedule, the random state, the losses so far) as JSON. Nothing is ever
+unpickled. After a new checkpoint lands the older ones are removed; a kill -9 in between leaves two, and
+resuming takes the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidOptionError
+
+__all__ = ["RunFolder"]
+
+_TENSOR = "__tensor__"
+
+
+def _pack(obj: Any, tensors: dict[str, Any], at: str) -> Any:
+    """``obj`` as JSON, its tensors moved into ``tensors`` (named by their path)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors[at] = obj.detach().cpu().contiguous()
+        return {_TENSOR: at}
+    if isinstance(obj, dict):
+        return {"__items__": [[k, _pack(v, tensors, f"{at}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, tensors, f"{at}/{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _unpack(obj: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        return {k: _unpack(v, tensors) for k, v in obj["__items__"]}
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    return obj
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class RunFolder:
+    """The checkpoint folder of the run that trains adapter ``name``."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.path = home / "training" / name.replace("/", "--")
+
+    def options(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads((self.path / "run.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+
+    def latest(self) -> Path | None:
+        if not self.path.is_dir():
+            return None
+        steps = sorted(p for p in self.path.iterdir() if p.name.startswith("step-") and p.is_dir())
+        return steps[-1] if steps else None
+
+    def start(self, options: dict[str, Any], *, resume: bool) -> Path | None:
+        """Check ``options`` against a run left here; the checkpoint to resume from (``resume``), or None
+        for a fresh run (which clears what a dead run without a checkpoint left)."""
+        old, last = self.options(), self.latest()
+        if resume:
+            if last is None or old is None:
+                raise InvalidOptionError(
+                    f"no checkpoint of this run to resume under {self.path}; run without --resume"
+                )
+            changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+            if changed:
+                raise InvalidOptionError(
+                    f"--resume needs the same command line; changed since the checkpoint: {', '.join(changed)}"
+                )
+            return last
+        if last is not None:
+            raise InvalidOptionError(
+                f"a stopped run of this adapter left a checkpoint ({last.name}) under {self.path}; "
+                "add --resume to continue it, or remove that folder to start over"
+            )
+        if self.path.exists():
+            shutil.rmtree(self.path)  # a run killed before its first checkpoint: only its run.json
+        self.path.mkdir(parents=True)
+        tmp = self.path / f".run.json.{os.getpid()}"
+        _fsync_write(tmp, json.dumps(options, indent=1, sort_keys=True).encode())
+        os.replace(tmp, self.path / "run.json")
+        return None
+
+    def save(
+        self, step: int, factors: dict[str, Any], optimizer: dict[str, Any], state: dict[str, Any]
+    ) -> Path:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, Any] = {}
+        packed = _pack(optimizer, tensors, "opt")
+        rng = _pack(state.pop("rng"), tensors, "rng")
+        tmp = self.path / f".step-{step:08d}.{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in factors.items()}, str(tmp / "adapter.safetensors")
+        )
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _fsync_write(tmp / "state.json", json.dumps({**state, "optimizer": packed, "rng": rng}).encode())
+        dest = self.path / f"step-{step:08d}"
+        os.replace(tmp, dest)
+        for old in self.path.iterdir():
+            if old.name.startswith("step-") and old != dest:
+                shutil.rmtree(old, ignore_errors=True)
+        return dest
+
+    @staticmethod
+    def load(where: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(factors, optimizer state dict, state) of a checkpoint folder."""
+        from safetensors.torch import load_file
+
+        try:
+            factors = load_file(str(where / "adapter.safetensors"))
+            tensors = load_file(str(where / "optimizer.safetensors"))
+            state = json.loads((where / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidOptionError(
+                f"the checkpoint {where} cannot be read ({exc}); remove it to start over"
+            ) from None
+        state["rng"] = _unpack(state["rng"], tensors)
+        return factors, _unpack(state.pop("optimizer"), tensors), state
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
