@@ -46,7 +46,9 @@ def main() -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(app, log_level="warning", http="h11", lifespan="on", access_log=False)
+    from adapterhub.server.timed import TimedH11
+
+    config = uvicorn.Config(app, log_level="warning", http=TimedH11, lifespan="on", access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
 
 

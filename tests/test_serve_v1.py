@@ -218,10 +218,10 @@ def test_errors_have_openai_shapes(tiny: dict[str, Any]) -> None:
         _chat(tiny["server"].client(tiny["other"]), "secret/x")
     r = _chat(tiny["server"].client(tiny["token"]), "secret/x")
     assert r.choices[0].message.content == _alone(tiny, "secret/x")
-    # resident now; /metrics (no token needed) counts it but does not name it
+    # resident now; /metrics shows an anonymous caller no private row (nor its count or sha), its owner all
     status, metrics = tiny["server"].get("/metrics")
-    shown = [ln for ln in metrics.splitlines() if ln.startswith("adapterhub_resident_adapter_bytes{")]
-    assert status == 200 and "secret" not in metrics and any('adapter="(private)"' in ln for ln in shown)
+    assert status == 200 and "secret" not in metrics and "(private)" not in metrics
+    assert 'adapter="secret/x"' in tiny["server"].get("/metrics", tiny["token"])[1]
     with pytest.raises(openai.BadRequestError):
         _chat(client, "a0:abc")
     with pytest.raises(openai.BadRequestError):
@@ -357,7 +357,8 @@ def test_require_token_refuses_anonymous_and_overload_is_429(tiny: dict[str, Any
         c = s.client(tiny["token"])
         for name in ("a0", "a1", "a0", "a2"):  # 8 KB holds a0 or a1 or a2, never two: each evicts the last
             assert _chat(c, name).choices[0].message.content == _alone(tiny, name)
-        metrics = s.get("/metrics")[1]
+        assert s.get("/metrics")[0] == 401
+        metrics = s.get("/metrics", tiny["token"])[1]
         evictions = [ln for ln in metrics.splitlines() if ln.startswith("adapterhub_adapter_evictions_total")]
         assert int(evictions[0].split()[-1]) >= 2
         codes: list[int] = []

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .service import Inference, parse_size
+from .service import MAX_REQUEST_BYTES, Inference, parse_size
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -44,6 +44,7 @@ def mount_inference(
     max_queue: int = 512,
     factor_dtype: str = "float32",
     graphs: bool | None = None,
+    max_request_bytes: int | str | None = None,
 ) -> Inference:
     """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
     it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
@@ -59,6 +60,7 @@ def mount_inference(
         graphs: decode steps over static buffers, captured in CUDA graphs (`graphs`); None: on a GPU
             where the model is covered, False: never (a growing cache, eager), True: also off a GPU
             (static buffers, eager).
+        max_request_bytes: largest request body (bytes, or ``"4MB"``); larger ones are a 413 unread.
 
     The scheduler thread starts with the app's lifespan, or with the first request when the server runs
     without lifespan events, and stops at shutdown.
@@ -81,6 +83,7 @@ def mount_inference(
         hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
         adapter_memory=budget, require_token=require_token, graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
+        max_request_bytes=parse_size(max_request_bytes) or MAX_REQUEST_BYTES,
     )  # fmt: skip
     app.state.inference = svc
     _include_first(app)

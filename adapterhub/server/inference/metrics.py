@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Any
 
 #: histogram bucket bounds, seconds
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -49,8 +50,8 @@ class Metrics:
         self.evictions = 0
         self.queue_length = 0
         self.active = 0
-        #: sha256 -> (the name shown, "(private)" for a private adapter; bytes)
-        self.resident: dict[str, tuple[str, int]] = {}
+        #: sha256 -> (the entries it was asked by, bytes); `render` shows only what its caller may read
+        self.resident: dict[str, tuple[tuple[Any, ...], int]] = {}
         self.batch = _Histogram(_BATCH)
         self.prefill_batch = _Histogram(_BATCH)
         self.ttft = _Histogram(_SECONDS)
@@ -76,8 +77,11 @@ class Metrics:
     def adapter_loaded(self, seconds: float) -> None:
         self.load.observe(seconds)
 
-    def render(self) -> str:
+    def render(self, shown: dict[str, str]) -> str:
+        """The text format; ``shown`` (sha256 -> name) are the resident adapters the caller may read: no
+        other resident content is counted, summed or listed."""
         p = "adapterhub_"
+        resident = {s: (shown[s], b) for s, (_, b) in dict(self.resident).items() if s in shown}
         out = [f"# TYPE {p}requests_total counter"]
         with self.lock:
             reqs = sorted(self.requests.items())
@@ -91,12 +95,12 @@ class Metrics:
             ("adapter_evictions_total", "counter", self.evictions),
             ("queue_length", "gauge", self.queue_length),
             ("active_requests", "gauge", self.active),
-            ("resident_adapters", "gauge", len(self.resident)),
-            ("resident_adapter_bytes_total", "gauge", sum(b for _, b in self.resident.values())),
+            ("resident_adapters", "gauge", len(resident)),
+            ("resident_adapter_bytes_total", "gauge", sum(b for _, b in resident.values())),
         ):
             out += [f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
         out.append(f"# TYPE {p}resident_adapter_bytes gauge")
-        for sha, (name, b) in sorted(self.resident.items(), key=lambda kv: (kv[1][0], kv[0])):
+        for sha, (name, b) in sorted(resident.items(), key=lambda kv: (kv[1][0], kv[0])):
             out.append(f'{p}resident_adapter_bytes{{adapter="{_label(name)}",sha256="{sha[:12]}"}} {b}')
         out += self.batch.lines(f"{p}decode_batch_size")
         out += self.prefill_batch.lines(f"{p}prefill_batch_size")

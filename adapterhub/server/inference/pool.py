@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -73,8 +74,10 @@ class AdapterPool:
         self.metrics = metrics
         self.wake: Any = lambda: None
         self._lock = threading.Lock()
-        self._fits: dict[str, str | None] = {}  # sha256 -> None (fits) or the validation message
-        self._asked: dict[str, Entry] = {}  # sha256 -> the entry it was last asked by (a name to read it by)
+        #: sha256 -> None (fits) or why not, without any name (the next asker may know it by another)
+        self._fits: dict[str, str | None] = {}
+        #: sha256 -> name -> the entries it was asked by (names to read it by; /metrics filters them)
+        self._asked: dict[str, dict[str, Entry]] = {}
         self._reads: dict[str, Future[tuple[LoraWeights, float]]] = {}
         self._read: dict[str, tuple[LoraWeights, float]] = {}  # read, waiting for room
         self._problems: dict[str, AdapterHubError] = {}
@@ -86,10 +89,16 @@ class AdapterPool:
 
     def resolve(self, name: str) -> Entry | None:
         """The adapter called ``name`` now (one catalog query), or None."""
+        return self.resolve_many([name]).get(name)
+
+    def resolve_many(self, names: Iterable[str]) -> dict[str, Entry]:
+        """The adapters called ``names`` now, by name, in one catalog query (absent names are left out)."""
         from ...records import AdapterFilter
 
-        found = self.hub.library.select(None, AdapterFilter(), names=[name])
-        return entry_of(found[0]) if found else None
+        wanted = sorted(set(names))
+        if not wanted:
+            return {}
+        return {a.name: entry_of(a) for a in self.hub.library.select(None, AdapterFilter(), names=wanted)}
 
     def entries(self) -> list[Entry]:
         """Every cataloged adapter that fits the base, by name."""
@@ -97,31 +106,43 @@ class AdapterPool:
         return [entry_of(a) for a in self.hub.list_adapters() if a.name in names]
 
     def misfit(self, entry: Entry) -> str | None:
-        """None when ``entry`` fits the base (judged from the catalog, cached per content), else why not."""
+        """None when ``entry`` fits the base, else why not (see `misfits`)."""
+        return self.misfits([entry])
+
+    def misfits(self, entries: list[Entry]) -> str | None:
+        """None when every entry fits the base (judged from the catalog in one pass for those not seen
+        before, cached per content), else why the first that does not, naming it as its asker knows it
+        (the cache keeps only the reasons: the same content may be private under one name and public
+        under another)."""
         with self._lock:
-            if entry.sha256 in self._fits:
-                return self._fits[entry.sha256]
-        reports = self.hub.validate_catalog(base=self.base, names=[entry.name])
-        report = reports[0] if reports else None
-        why = None
-        if report is not None and not report.ok:
-            shown = "; ".join(c.message for c in report.errors[:5])
-            why = f"adapter {entry.name} does not fit base {self.base}: {shown}"
+            new = {e.sha256: e.name for e in entries if e.sha256 not in self._fits}
+        if new:
+            by_name = {
+                r.subject: r
+                for r in self.hub.validate_catalog(base=self.base, names=sorted(set(new.values())))
+            }
+            with self._lock:
+                for sha, name in new.items():
+                    report = by_name.get(name)
+                    errors = report.errors[:5] if report is not None and not report.ok else []
+                    self._fits[sha] = "; ".join(c.message for c in errors) or None
         with self._lock:
-            self._fits[entry.sha256] = why
-        return why
+            why = next(((e, self._fits.get(e.sha256)) for e in entries if self._fits.get(e.sha256)), None)
+        if why is None:
+            return None
+        return f"adapter {why[0].name} does not fit base {self.base}: {why[1]}"
 
     def request(self, entry: Entry) -> None:
         """Make sure ``entry``'s content is resident or on its way."""
         with self._lock:
-            self._asked[entry.sha256] = entry
+            self._asked.setdefault(entry.sha256, {})[entry.name] = entry
             self._problems.pop(entry.sha256, None)
             self._start_read(entry.sha256)
 
     def _start_read(self, sha: str) -> None:  # under the lock
         if sha in self._lru or sha in self._reads or sha in self._read:
             return
-        name = self._asked[sha].name
+        name = next(iter(self._asked[sha]))
         fut = self._executor.submit(self._read_files, name, sha)
         self._reads[sha] = fut
         fut.add_done_callback(lambda _f: self.wake())
@@ -176,13 +197,13 @@ class AdapterPool:
                 except AdapterHubError as exc:
                     self._problems[s] = exc
                 except Exception as exc:  # an unreadable file: refuse the requests that need it
-                    self._problems[s] = InvalidOptionError(f"cannot read adapter {self._name(s)}: {exc}")
+                    self._problems[s] = InvalidOptionError(f"cannot read adapter {_content(s)}: {exc}")
             pending = list(self._read.items())
         for sha, (weights, read_s) in pending:
             need = _estimate(weights, self.factor_bytes)
             if self.budget is not None and need > self.budget:
                 self._refuse(sha, InvalidOptionError(
-                    f"adapter {self._name(sha)} needs {need} bytes of adapter memory, more than the "
+                    f"adapter {_content(sha)} needs {need} bytes of adapter memory, more than the "
                     f"server's budget of {self.budget} (--adapter-memory)"
                 ))  # fmt: skip
                 continue
@@ -202,7 +223,7 @@ class AdapterPool:
             self.metrics.adapter_loaded(read_s + place_s)
             logger.info(
                 "adapter %s (%s) resident in %.1f ms",
-                self._name(sha),
+                ", ".join(self._asked.get(sha, ())),
                 sha[:12],
                 1e3 * (read_s + place_s),
             )
@@ -229,18 +250,32 @@ class AdapterPool:
 
     def _publish(self) -> None:
         with self._lock:
-            # /metrics answers without a token: a private adapter's name is not shown there
-            self.metrics.resident = {s: (self._name(s, public_only=True), b) for s, b in self._lru.items()}
+            self.metrics.resident = {
+                s: (tuple(self._asked.get(s, {}).values()), b) for s, b in self._lru.items()
+            }
 
-    def _name(self, sha: str, *, public_only: bool = False) -> str:
-        """The name ``sha`` was asked by (``"(private)"`` for a private one when ``public_only``)."""
-        entry = self._asked.get(sha)
-        if entry is None:
-            return "(private)" if public_only else sha
-        return "(private)" if public_only and entry.private else entry.name
+    def visible_resident(self, token: TokenInfo | None) -> dict[str, str]:
+        """sha256 -> the name to show ``token`` for each resident content it may read: one it was asked by
+        that is readable to ``token`` both as asked and as cataloged now (one catalog query). Content only
+        private names reach is left out, so /metrics shows nobody a private row, its count or its sha."""
+        resident = dict(self.metrics.resident)
+        now = self.resolve_many(e.name for entries, _ in resident.values() for e in entries)
+        shown: dict[str, str] = {}
+        for sha, (entries, _) in resident.items():
+            names = sorted(
+                e.name for e in entries if may_use(e, token) and may_use(now.get(e.name, e), token)
+            )
+            if names:
+                shown[sha] = names[0]
+        return shown
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _content(sha: str) -> str:
+    """How problems name content: by its hash, never by the name of whoever asked first."""
+    return f"sha256:{sha[:12]}"
 
 
 def _estimate(weights: LoraWeights, size: int) -> int:

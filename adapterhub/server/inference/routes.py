@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import AdapterHubError, RepoError
-from ..deps import read_json
 from .engine import Job, Sampling
+from .http import read_body
 from .service import Inference, Refusal, Target
 
 router = APIRouter()
@@ -66,10 +66,9 @@ async def _prepare(
     token = await _token(request, svc)
     if isinstance(token, Refusal):
         return token
-    try:
-        body = await read_json(request)
-    except AdapterHubError as exc:
-        return _from_error(exc)
+    body = await read_body(request, svc.max_request_bytes, svc.body_timeout)
+    if isinstance(body, Refusal):
+        return body
     if not isinstance(body, dict):
         return Refusal(400, "the request body must be a JSON object")
     target = await run_in_threadpool(svc.target, body.get("model"), token)
@@ -262,19 +261,32 @@ def _prompt_ids(svc: Inference, body: dict[str, Any], chat: bool) -> list[int] |
             if not isinstance(content, str):
                 return Refusal(400, "message content must be text", param="messages")
             flat.append({"role": m["role"], "content": content})
-        return chat_ids(tok, flat)
+        if sum(len(m["content"]) for m in flat) > svc.max_chars:
+            return _too_long(svc, "messages")
+        return _bounded(svc, chat_ids(tok, flat), "messages")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = list(tok(prompt)["input_ids"])
+        if len(prompt) > svc.max_chars:
+            return _too_long(svc, "prompt")
+        ids = list(tok(prompt, truncation=True, max_length=svc.engine.max_context + 1)["input_ids"])
     elif isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
         ids = [int(i) for i in prompt]
     else:
         return Refusal(400, "prompt must be one string or one list of token ids", param="prompt")
     if not ids:
         return Refusal(400, "the prompt is empty", param="prompt")
-    return ids
+    return _bounded(svc, ids, "prompt")
+
+
+def _too_long(svc: Inference, param: str) -> Refusal:
+    return Refusal(400, f"the prompt is longer than this model's context of {svc.engine.max_context} tokens",
+                   param=param, code="context_length_exceeded")  # fmt: skip
+
+
+def _bounded(svc: Inference, ids: list[int], param: str) -> list[int] | Refusal:
+    return ids if len(ids) < svc.engine.max_context else _too_long(svc, param)
 
 
 @router.get("/v1/models")
@@ -379,5 +391,9 @@ def _embed(svc: Inference, target: Target, texts: list[str]) -> tuple[list[list[
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     svc = _svc(request)
+    token = await _token(request, svc)
+    if isinstance(token, Refusal):
+        return refuse(svc, "metrics", token)
     svc.metrics.queue_length = svc.engine.waiting
-    return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    shown = await run_in_threadpool(svc.pool.visible_resident, token)
+    return Response(svc.metrics.render(shown), media_type="text/plain; version=0.0.4; charset=utf-8")

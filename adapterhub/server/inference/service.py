@@ -25,6 +25,15 @@ from .pool import AdapterPool, Entry, may_use
 if TYPE_CHECKING:
     from ..records import TokenInfo
 
+#: most terms in a combination ``a:w+b:w...``, and the largest weight (a factor in fp32 stays finite)
+MAX_TERMS = 64
+MAX_WEIGHT = 1000.0
+#: the default cap on a request body (--max-request-bytes), and the seconds a body may take to arrive
+MAX_REQUEST_BYTES = 4 << 20
+BODY_TIMEOUT = 60.0
+#: a text over (context + 1) * this many characters has more tokens than the context (refused untokenized)
+CHARS_PER_TOKEN = 64
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -84,8 +93,12 @@ class Inference:
         require_token: bool,
         factor_bytes: int,
         graphs: bool | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        body_timeout: float = BODY_TIMEOUT,
     ) -> None:
         self.hub = hub
+        self.max_request_bytes = max_request_bytes
+        self.body_timeout = body_timeout
         self.model = model
         self.tokenizer = tokenizer
         self.runtime = runtime
@@ -101,6 +114,8 @@ class Inference:
         self.engine = Engine(
             model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs
         )
+        #: longest text tokenized at all: any longer one is over the context whatever its tokens
+        self.max_chars = (self.engine.max_context + 1) * CHARS_PER_TOKEN
 
     def start(self) -> None:
         self.engine.start()
@@ -122,17 +137,21 @@ class Inference:
         terms = _terms(model)
         if isinstance(terms, Refusal):
             return terms
+        found = self.pool.resolve_many(name for name, _ in terms)  # one catalog query for every term
         spec: dict[str, float] = {}
         entries: list[Entry] = []
         for name, weight in terms:
-            entry = self.pool.resolve(name)
+            entry = found.get(name)
             if entry is None or not may_use(entry, token):
                 return _unknown(model if len(terms) == 1 else name)
-            why = self.pool.misfit(entry)
-            if why is not None:
-                return Refusal(400, why, param="model", code="adapter_incompatible")
             spec[entry.sha256] = spec.get(entry.sha256, 0.0) + weight
-            entries.append(entry)
+            if entry not in entries:
+                entries.append(entry)
+        why = self.pool.misfits(entries)
+        if why is not None:
+            return Refusal(400, why, param="model", code="adapter_incompatible")
+        if any(abs(w) > MAX_WEIGHT for w in spec.values()):
+            return Refusal(400, f"a combination's weights are at most {MAX_WEIGHT:g} in size", param="model")
         return Target(spec, tuple(entries))
 
     def listing(self, token: TokenInfo | None) -> list[dict[str, Any]]:
@@ -154,6 +173,8 @@ def _unknown(model: str) -> Refusal:
 
 
 def _terms(model: str) -> list[tuple[str, float]] | Refusal:
+    if model.count("+") >= MAX_TERMS:
+        return Refusal(400, f"a combination has at most {MAX_TERMS} terms", param="model")
     out: list[tuple[str, float]] = []
     for raw in model.split("+"):
         name, sep, w = raw.strip().partition(":")
