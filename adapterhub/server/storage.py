@@ -37,7 +37,7 @@ from ..errors import (
     PreconditionFailedError,
     RevisionNotFoundError,
 )
-from ..store import Store
+from ..store import BlobStore
 from .cards import parse_card
 from .checks import LFS_SUFFIXES, OID_RE, SHA256_RE, TAG_PREFIX, check_name, check_path, check_ref_name
 from .commits import edit_tree, insert_commit
@@ -63,7 +63,7 @@ def _commit(r: Any) -> Commit:
 class ServerStore:
     """Repos, commits, refs and tokens over one catalog and one blob store."""
 
-    def __init__(self, catalog: Catalog, blobs: Store) -> None:
+    def __init__(self, catalog: Catalog, blobs: BlobStore) -> None:
         self.catalog = catalog
         self.blobs = blobs
         self.uploads = blobs.root / "uploads"

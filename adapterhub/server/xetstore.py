@@ -18,7 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import BadRequestError
-from ..store import Store, scratch_prefix
+from ..store import scratch_prefix
 from .checks import SHA256_RE
 from .records import Repo
 from .storage import ServerStore
@@ -32,7 +32,7 @@ class XetStore:
 
     def __init__(self, store: ServerStore) -> None:
         self.store = store
-        self.xorbs = Store(store.blobs.root / "xorbs")
+        self.xorbs = store.blobs.child("xorbs")
 
     def _record(self, repo: Repo, xorb: str) -> Path:
         return self.store.upload_dir(repo) / "xorbs" / xorb
