@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .services.compute import CombineOptions, CombineSummary, ExtractOptions, Progress, Weighted
     from .services.train_plan import MemoryPlan
     from .services.training import StepCallback, TrainResult
-    from .store import Store
+    from .store import BlobStore
 
 __all__ = ["Hub", "default_home"]
 
@@ -75,7 +75,7 @@ class Hub:
         return self.library.catalog
 
     @property
-    def store(self) -> Store:
+    def store(self) -> BlobStore:
         return self.library.store
 
     @property

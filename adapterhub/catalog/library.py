@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from .. import faults
 from ..errors import AdapterExistsError, AdapterNotFoundError, CatalogError, StoreError
 from ..records import AdapterFilter, AdapterInfo, BaseInfo, MergeRecord, PushRecord
-from ..store import Progress, Store, StoredFile
+from ..store import BlobStore, Progress, StoredFile, open_store
 from . import bases, queries, sharing
 from .rows import adapter_row, module_row
 
@@ -63,7 +63,7 @@ class Library:
     def __init__(self, home: Path, *, db: str | None = None) -> None:
         self.home = home
         self.db_url = db
-        self.store = Store(home / "store")
+        self.store: BlobStore = open_store(home / "store", name="store")
         self._catalog: Catalog | None = None
         #: True once this Library made the home folder and a new SQLite catalog in it
         self.created_home = False
@@ -229,7 +229,7 @@ class Library:
     def remove(self, names: Sequence[str]) -> list[str]:
         """Remove adapters (all or none) and the stored files no other adapter uses."""
         unique = list(dict.fromkeys(names))
-        trashed: list[tuple[str, Path]] = []
+        trashed: list[tuple[str, object]] = []
         try:
             with self.catalog.write() as conn:
                 ids = []

@@ -89,6 +89,9 @@ def pull_adapter(
             )
         wanted = _choose_files(source, entries, allow_pickle=allow_pickle)
         with_record = RECORD_NAME in entries and entries[RECORD_NAME].size <= RECORD_LIMIT
+        from ..services.maintenance import sweep
+
+        sweep(lib, "pull")
         lib.store.tmp.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("pull")))
         try:

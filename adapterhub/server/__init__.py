@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterHubError
-from ..store import Store
+from ..store import open_store
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -36,7 +36,7 @@ def server_store(catalog: Catalog, home: Path) -> ServerStore:
     """The server's repos and tokens in ``catalog``, file contents under ``HOME/server``."""
     from .storage import ServerStore
 
-    return ServerStore(catalog, Store(home / "server"))
+    return ServerStore(catalog, open_store(home / "server", name="server"))
 
 
 def create_app(store: ServerStore) -> FastAPI:

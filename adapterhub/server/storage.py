@@ -29,7 +29,7 @@ from ..catalog.hubcommits import CommitRows
 from ..catalog.hubgates import GateRows
 from ..catalog.hubrepos import RepoRows
 from ..errors import BadRequestError, ForbiddenError, RevisionNotFoundError
-from ..store import Store
+from ..store import BlobStore
 from .cards import parse_card
 from .checks import LFS_SUFFIXES, SHA256_RE, TAG_PREFIX, check_name, check_path, check_ref_name
 from .records import Commit, Entry, Op, Repo, git_blob_oid, lfs_pointer
@@ -44,7 +44,7 @@ GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in L
 class Repos(RepoRows):
     """Repos and refs: the catalog's rows, with the server's checks of names and its blob store."""
 
-    def __init__(self, catalog: Catalog, blobs: Store) -> None:
+    def __init__(self, catalog: Catalog, blobs: BlobStore) -> None:
         super().__init__(catalog)
         self.blobs = blobs
 
@@ -214,7 +214,7 @@ class ServerStore:
     ``commits``, ``tokens``, ``gates`` (gating, upload proofs). The social state (discussions, collections,
     likes, webhooks) is built on the same catalog by `adapterhub.server.deps.Server`."""
 
-    def __init__(self, catalog: Catalog, blobs: Store) -> None:
+    def __init__(self, catalog: Catalog, blobs: BlobStore) -> None:
         self.catalog = catalog
         self.blobs = blobs
         self.repos = Repos(catalog, blobs)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import BadRequestError
-from ..store import Store, scratch_prefix
+from ..store import scratch_prefix
 from .checks import SHA256_RE
 from .records import Repo
 from .storage import ServerStore
@@ -32,7 +32,7 @@ class XetStore:
 
     def __init__(self, store: ServerStore) -> None:
         self.store = store
-        self.xorbs = Store(store.blobs.root / "xorbs")
+        self.xorbs = store.blobs.child("xorbs")
 
     def add_xorb(self, repo: Repo, user: str, xorb: str, data: bytes) -> bool:
         """Keep a serialized xorb sent to ``repo`` by ``user``; True when the user had no xorb of that

@@ -52,6 +52,9 @@ def add_adapter(
     tag_list = check_tags(tags)
     if lib.exists(name):
         raise AdapterExistsError(name)
+    from .maintenance import sweep
+
+    sweep(lib, "add")
     tmpdir: str | None = None
     try:
         if files.pickle:
@@ -132,7 +135,7 @@ def export_adapter(
     base = _export_base(lib, info, fmt) if fmt != info.format else None
     _check_destination(lib, out, fmt=fmt, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with journal(lib, out):
+    with journal(lib, out, kind="export"):
         return _write_export(lib, info, files, out, fmt, progress, base)
 
 

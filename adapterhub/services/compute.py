@@ -169,14 +169,16 @@ def merge(
     inputs = _inputs(lib, adapters, load=False)
     _preflight(lib, inputs, layout, subject=f"merge into {base}")
     loaded = [_input(lib, i.label, i.weight) for i in inputs]
-    from .maintenance import journal
+    from .maintenance import journal, sweep
+
+    sweep(lib, "merge")
 
     def step(done: int, total: int) -> None:
         faults.point("merge.writing")
         if progress is not None:
             progress(done, total)
 
-    with journal(lib, Path(out)):
+    with journal(lib, Path(out), kind="merge"):
         result = merge_checkpoint(
             bdir, [(i.weights, i.weight) for i in loaded], out, dtype=dtype, device=device, unmerge=unmerge,
             progress=step,
@@ -261,6 +263,9 @@ def combine(
     inputs = _inputs(lib, adapters, load=False)
     layout = base_layout(lib, base) if base is not None else None
     _preflight(lib, inputs, layout, subject=f"combine into {name}")
+    from .maintenance import sweep
+
+    sweep(lib, "combine")
     loaded = [_input(lib, i.label, i.weight) for i in inputs]
     result = combine_op(
         [(i.weights, i.weight) for i in loaded], method=method, rank=_rank(rank), keep=keep, density=density,

@@ -9,55 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..records import CheckReport, GcReport, Problem
-from ..store import Store, scratch_owner
+from ..store import STALE_AFTER, BlobStore, open_store, pid_alive, scratch_owner
+from ..store.base import tree_size
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
 
-#: scratch without a process id in its name is a leftover once it is this old (seconds)
-STALE_AFTER = 3600
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _size(path: Path) -> int:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-        return path.lstat().st_size
-    except OSError:
-        return 0
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def journal(lib: Library, out: Path) -> Iterator[None]:
-    """Note in the home that this process is writing ``out`` (and its hidden scratch beside it)."""
+def journal(lib: Library, out: Path, *, kind: str = "write") -> Iterator[None]:
+    """Note in the home that this process (a ``kind`` run: merge, export) is writing ``out`` (and its
+    hidden scratch beside it)."""
     work = lib.home / "work"
     try:
         work.mkdir(parents=True, exist_ok=True)
         entry = work / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        entry.write_text(json.dumps({"out": str(Path(out).resolve()), "pid": os.getpid()}))
+        entry.write_text(json.dumps({"out": str(Path(out).resolve()), "pid": os.getpid(), "kind": kind}))
     except OSError:
         entry = None  # a read-only home: the output is still written, only not journaled
     try:
@@ -67,106 +46,152 @@ def journal(lib: Library, out: Path) -> Iterator[None]:
             entry.unlink(missing_ok=True)
 
 
-def _older(path: Path, now: float) -> bool:
-    try:
-        return now - path.lstat().st_mtime > STALE_AFTER
-    except OSError:
-        return False
+#: the scratch each kind of run makes in the store's ``tmp/`` (`scratch_prefix`) and, for runs that
+#: write outside the home, the journal kind; a run clears only these of dead runs (`sweep`)
+SCRATCH_KINDS: dict[str, tuple[str, ...]] = {
+    "add": ("in", "pickle"),
+    "combine": ("derived", "in"),
+    "pull": ("pull", "in"),
+    "merge": (),
+    "export": (),
+}
 
 
-def _is_stale(entry: Path, now: float) -> bool:
-    pid = scratch_owner(entry.name)
-    return not _alive(pid) if pid is not None else _older(entry, now)
+@dataclass(frozen=True)
+class _Finding:
+    problem: Problem
+    fix: Callable[[], None] | None = None  # what gc does about it (orphans: see `gc`)
+    orphan: tuple[BlobStore, str] | None = None
 
 
-def _leftovers(lib: Library, referenced: dict[Store, set[str]]) -> list[Problem]:
-    """Scratch of dead processes: store and server tmp/ and trash/, and journaled outputs' scratch. A
-    trashed object that a row still references (its removal was killed before it committed) is reported
-    as ``trashed``: gc puts it back."""
-    found: list[Problem] = []
-    now = time.time()
-    for store, refs in referenced.items():
-        for folder in (store.tmp, store.trash_dir):
-            if not folder.is_dir():
-                continue
-            for entry in sorted(folder.iterdir()):
-                if not _is_stale(entry, now):
-                    continue
-                digest = entry.name.split(".")[0]
-                if folder == store.trash_dir and digest in refs and not store.has(digest):
-                    found.append(
-                        Problem("trashed", str(entry), "a removal that never committed took this object")
-                    )
-                else:
-                    found.append(
-                        Problem("leftover", str(entry), "scratch of a process that is gone", _size(entry))
-                    )
+def _journaled(lib: Library, kind: str | None = None) -> list[tuple[Path, list[Path]]]:
+    """Journals of dead processes (of ``kind`` only, when given) and the scratch beside their outputs."""
     work = lib.home / "work"
-    if work.is_dir():
-        for entry in sorted(work.glob("*.json")):
-            pid = scratch_owner("x-" + entry.name)
-            if _alive(pid):
-                continue
-            try:
-                out = Path(json.loads(entry.read_text())["out"])
-            except (OSError, ValueError, KeyError, TypeError):
-                out = None
-            if out is not None and out.parent.is_dir():
-                for scratch in sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(
-                    out.parent.glob(f".{out.name}.old-*")
-                ):
-                    found.append(
-                        Problem("leftover", str(scratch), f"unfinished output of {out}", _size(scratch))
-                    )
-            found.append(Problem("leftover", str(entry), "journal of a process that is gone", _size(entry)))
+    found: list[tuple[Path, list[Path]]] = []
+    if not work.is_dir():
+        return found
+    for entry in sorted(work.glob("*.json")):
+        if pid_alive(scratch_owner("x-" + entry.name)):
+            continue
+        try:
+            doc = json.loads(entry.read_text())
+            out = Path(doc["out"])
+        except (OSError, ValueError, KeyError, TypeError):
+            doc, out = {}, None
+        if kind is not None and (not isinstance(doc, dict) or doc.get("kind") != kind):
+            continue
+        scratch: list[Path] = []
+        if out is not None and out.parent.is_dir():
+            scratch = sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(
+                out.parent.glob(f".{out.name}.old-*")
+            )
+        found.append((entry, scratch))
     return found
+
+
+def _rm(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _leftovers(stores: list[tuple[BlobStore, set[str]]], lib: Library) -> list[_Finding]:
+    """Scratch of dead processes: the stores' tmp/ and trash (and, in a bucket, unfinished uploads), and
+    journaled outputs' scratch. A trashed object that a row still references (its removal was killed
+    before it committed) is reported as ``trashed``: gc puts it back."""
+    found: list[_Finding] = []
+    for store, refs in stores:
+        for item in store.leftovers():
+            if not item.stale:
+                continue
+            if item.digest is not None and item.digest in refs and not store.has(item.digest):
+                found.append(_Finding(
+                    Problem("trashed", item.subject, "a removal that never committed took this object"),
+                    lambda s=store, i=item: s.restore(i.handle, i.digest or ""),
+                ))  # fmt: skip
+            else:
+                found.append(_Finding(
+                    Problem("leftover", item.subject, "scratch of a process that is gone", item.size),
+                    lambda s=store, i=item: s.discard(i),
+                ))  # fmt: skip
+    for entry, scratch in _journaled(lib):
+        for p in scratch:
+            found.append(_Finding(Problem("leftover", str(p), "unfinished output of a run that is gone", tree_size(p)),
+                                  lambda p=p: _rm(p)))  # fmt: skip
+        found.append(_Finding(Problem("leftover", str(entry), "journal of a process that is gone", tree_size(entry)),
+                              lambda e=entry: _rm(e)))  # fmt: skip
+    return found
+
+
+def _objects(store: BlobStore, refs: set[str], what: str, *, grace: float = 0.0) -> list[_Finding]:
+    """Objects no row references (younger than ``grace`` seconds are left alone: an upload waits a
+    while for the commit that references it), and cached copies of objects gone from the bucket."""
+    now = time.time()
+    found: list[_Finding] = []
+    present: set[str] = set()
+    for digest, size, mtime in store.listing():
+        present.add(digest)
+        if digest not in refs and now - mtime > grace:
+            found.append(_Finding(
+                Problem("orphan", store.object_name(digest), f"no {what} references this object", size),
+                orphan=(store, digest),
+            ))  # fmt: skip
+    for digest, path in store.cached():
+        if digest not in present or digest not in refs:
+            found.append(_Finding(
+                Problem("leftover", str(path), "a cached copy of an object no row references", tree_size(path)),
+                lambda p=path: _rm(p),
+            ))  # fmt: skip
+    return found
+
+
+def _survey(lib: Library, *, verify: bool) -> tuple[list[_Finding], int]:
+    from ..catalog import health
+
+    found: list[_Finding] = []
+    with lib.catalog.read() as conn:
+        files = health.adapter_files(conn)
+        server_refs = health.server_digests(conn)
+        found += [_Finding(Problem("database", "catalog", msg)) for msg in health.integrity(conn)]
+        found += [_Finding(Problem("value", name, msg)) for name, msg in health.non_finite(conn)]
+    referenced = {d for _, _, d in files}
+    server = open_store(lib.home / "server", name="server")
+    leftovers = _leftovers([(lib.store, referenced), (server, server_refs)], lib)
+    trashed = {
+        f.problem.subject.rsplit("/", 1)[-1].split(".")[0] for f in leftovers if f.problem.kind == "trashed"
+    }
+    present = set(lib.store)
+    for name, filename, digest in files:
+        if digest in trashed:
+            continue  # reported with the trash entry it can be restored from
+        if digest not in present:
+            found.append(
+                _Finding(Problem("missing", name, f"stored file {filename} ({digest[:12]}) is missing"))
+            )
+        elif verify and not lib.store.verify(digest):
+            found.append(_Finding(
+                Problem("corrupt", name, f"stored file {filename} ({digest[:12]}) does not match its sha256")
+            ))  # fmt: skip
+    found += _objects(lib.store, referenced, "catalog row")
+    found += _objects(server, server_refs, "hosted repo", grace=STALE_AFTER)
+    server_present = set(server)
+    for digest in sorted(server_refs):
+        if digest not in server_present and digest not in trashed:
+            found.append(
+                _Finding(Problem("missing", "server", f"a hosted repo's file {digest[:12]} is missing"))
+            )
+    return found + leftovers, len(files)
 
 
 def check(lib: Library, *, verify: bool = True) -> CheckReport:
     """Every row's files present (and, with ``verify``, matching their sha256), objects no row
-    references, leftovers of killed runs, values JSON cannot hold, and the database's own check."""
-    from ..catalog import health
-
-    problems: list[Problem] = []
-    with lib.catalog.read() as conn:
-        files = health.adapter_files(conn)
-        server_refs = health.server_digests(conn)
-        problems += [Problem("database", "catalog", msg) for msg in health.integrity(conn)]
-        problems += [Problem("value", name, msg) for name, msg in health.non_finite(conn)]
-    referenced = {d for _, _, d in files}
-    server = Store(lib.home / "server")
-    leftovers = _leftovers(lib, {lib.store: referenced, server: server_refs})
-    trashed = {Path(p.subject).name.split(".")[0] for p in leftovers if p.kind == "trashed"}
-    checked = 0
-    for name, filename, digest in files:
-        checked += 1
-        path = lib.store.path(digest)
-        if digest in trashed:
-            continue  # reported with the trash entry it can be restored from
-        if not path.is_file():
-            problems.append(Problem("missing", name, f"stored file {filename} ({digest[:12]}) is missing"))
-        elif verify and not lib.store.verify(digest):
-            problems.append(
-                Problem("corrupt", name, f"stored file {filename} ({digest[:12]}) does not match its sha256")
-            )
-    for digest in lib.store:
-        if digest not in referenced:
-            path = lib.store.path(digest)
-            problems.append(
-                Problem("orphan", str(path), "no catalog row references this object", _size(path))
-            )
-    now = time.time()
-    for digest in server:  # an upload waits a while for the commit that references it
-        path = server.path(digest)
-        if digest not in server_refs and _older(path, now):
-            problems.append(
-                Problem("orphan", str(path), "no hosted repo references this object", _size(path))
-            )
-    for digest in sorted(server_refs):
-        if not server.has(digest) and digest not in trashed:
-            problems.append(Problem("missing", "server", f"a hosted repo's file {digest[:12]} is missing"))
-    problems += leftovers
-    return CheckReport(problems=tuple(problems), files_checked=checked, verified=verify)
+    references, leftovers of killed runs, values JSON cannot hold, and the database's own check; in the
+    bucket too when the store is one."""
+    found, checked = _survey(lib, verify=verify)
+    return CheckReport(problems=tuple(f.problem for f in found), files_checked=checked, verified=verify)
 
 
 def gc(lib: Library, *, dry_run: bool = True) -> GcReport:
@@ -174,35 +199,47 @@ def gc(lib: Library, *, dry_run: bool = True) -> GcReport:
     writing). Orphans are re-checked under the catalog's write lock before they go."""
     from ..catalog import health
 
-    report = check(lib, verify=False)
-    candidates = [p for p in report.problems if p.kind in ("orphan", "leftover", "trashed")]
-    removed: list[Problem] = []
+    found, _ = _survey(lib, verify=False)
+    candidates = [f for f in found if f.problem.kind in ("orphan", "leftover", "trashed")]
     if dry_run:
-        return GcReport(items=tuple(candidates), dry_run=True)
-    orphans = [p for p in candidates if p.kind == "orphan"]
+        return GcReport(items=tuple(f.problem for f in candidates), dry_run=True)
+    removed: list[Problem] = []
+    orphans = [f for f in candidates if f.orphan is not None]
     if orphans:
         with lib.catalog.write() as conn:  # an add that committed meanwhile keeps its objects
             keep = {d for _, _, d in health.adapter_files(conn)} | health.server_digests(conn)
-            for p in orphans:
-                path = Path(p.subject)
-                digest = path.parent.name + path.name
+            for f in orphans:
+                store, digest = f.orphan  # type: ignore[misc]
                 if digest in keep:
                     continue
-                path.unlink(missing_ok=True)
-                removed.append(p)
-    for p in candidates:
-        if p.kind == "trashed":
-            path = Path(p.subject)
-            owner = lib.store if path.parent == lib.store.trash_dir else Store(lib.home / "server")
-            owner.restore(path, path.name.split(".")[0])
-            removed.append(p)
-            continue
-        if p.kind != "leftover":
-            continue
-        path = Path(p.subject)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(p)
+                store.remove(digest)
+                removed.append(f.problem)
+    for f in candidates:
+        if f.fix is not None:
+            f.fix()
+            removed.append(f.problem)
     return GcReport(items=tuple(removed), dry_run=False)
+
+
+def sweep(lib: Library, kind: str) -> int:
+    """Clear what dead runs of ``kind`` (add, combine, pull, merge, export) left: scratch in the store's
+    ``tmp/`` whose name says it is that kind's and whose process is gone, and the journaled scratch of
+    dead runs of that kind. Returns the bytes freed. Anything else is left to `db gc`."""
+    freed = 0
+    prefixes = SCRATCH_KINDS.get(kind, ())
+    tmp = lib.store.tmp
+    if prefixes and tmp.is_dir():
+        for entry in tmp.iterdir():
+            head, _, rest = entry.name.partition("-")
+            pid = rest.split("-", 1)[0]
+            if head in prefixes and pid.isdigit() and not pid_alive(int(pid)):
+                freed += tree_size(entry)
+                _rm(entry)
+    for entry, scratch in _journaled(lib, kind):
+        for p in scratch:
+            freed += tree_size(p)
+            _rm(p)
+        entry.unlink(missing_ok=True)
+    if freed:
+        log.info("cleared %d bytes that killed %s runs left", freed, kind)
+    return freed

@@ -1,4 +1,4 @@
-"""The content-addressed file store: every file kept once, under its sha256.
+"""The local folder store (the default): every file kept once, under its sha256.
 
 Layout under the store root: ``objects/ab/cdef...`` (the first two hex digits make a folder),
 ``tmp/`` for files being written and ``trash/`` for objects being removed. A file is hashed while it is
@@ -16,46 +16,20 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import StoreError
-
-CHUNK = 4 * 1024 * 1024
-
-
-def scratch_prefix(kind: str) -> str:
-    """The name prefix of a scratch file or folder this process makes (``in-1234-``): `db gc` tells from
-    the process id whether its writer is still alive."""
-    return f"{kind}-{os.getpid()}-"
-
-
-def scratch_owner(name: str) -> int | None:
-    """The process id a scratch name was made with (`scratch_prefix`, or a trashed ``digest.pid.x``)."""
-    parts = name.replace(".", "-").split("-")
-    for p in parts[1:3]:
-        if p.isdigit():
-            return int(p)
-    return None
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    sha256: str
-    size: int
-    created: bool  # False when the store already held this content
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+from .. import faults
+from ..errors import StoreError
+from .base import (
+    CHUNK,
+    BlobStore,
+    Progress,
+    StoredFile,
+    check_digest,
+    scratch_prefix,
+    sha256_file,
+)
 
 
 def _copy_with_progress(src: Path, dest: Path, progress: Progress) -> None:
@@ -68,21 +42,41 @@ def _copy_with_progress(src: Path, dest: Path, progress: Progress) -> None:
             progress(done, total)
 
 
-class Store:
+class LocalStore(BlobStore):
+    """Objects as read-only files under ``root/objects/``."""
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
-        self.tmp = self.root / "tmp"
-        self.trash_dir = self.root / "trash"
+
+    def child(self, name: str) -> LocalStore:
+        return LocalStore(self.root / name)
+
+    def object_name(self, sha256: str) -> str:
+        return str(self.path(sha256))
 
     def _ensure(self) -> None:
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise StoreError(f"not a sha256 digest: {sha256!r}")
+        """Where object ``sha256`` is (or would be): callers check it is there."""
+        check_digest(sha256)
         return self.objects / sha256[:2] / sha256[2:]
+
+    def size(self, sha256: str) -> int | None:
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read_range(self, sha256: str, start: int, length: int) -> bytes:
+        try:
+            with open(self.path(sha256), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise StoreError(f"store object {sha256} is missing from {self.objects}") from None
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
@@ -124,6 +118,7 @@ class Store:
                     size += n
                     if progress is not None:
                         progress(size, total)
+                    faults.point("add.copying")
             return self.commit(tmp_name, h.hexdigest(), size)
         except BaseException:
             if os.path.exists(tmp_name):
@@ -159,6 +154,7 @@ class Store:
 
     def trash(self, sha256: str) -> Path | None:
         """Move an object out of ``objects/`` (undo with `restore`, finish with `purge`); None if absent."""
+        self.path(sha256)
         self.trash_dir.mkdir(parents=True, exist_ok=True)
         dest = self.trash_dir / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         try:
@@ -167,18 +163,18 @@ class Store:
             return None
         return dest
 
-    def restore(self, trashed: Path, sha256: str) -> None:
+    def restore(self, trashed: object, sha256: str) -> None:
         dest = self.path(sha256)
+        src = Path(str(trashed))
         if dest.is_file():
-            trashed.unlink(missing_ok=True)
+            src.unlink(missing_ok=True)
         else:
-            os.replace(trashed, dest)
+            os.replace(src, dest)
 
-    @staticmethod
-    def purge(trashed: Iterable[Path]) -> None:
+    def purge(self, trashed: Iterable[object]) -> None:
         for t in trashed:
             with contextlib.suppress(FileNotFoundError):
-                t.unlink()
+                Path(str(t)).unlink()
 
     def copy_out(
         self, sha256: str, dest: str | os.PathLike[str], *, progress: Progress | None = None
@@ -205,9 +201,17 @@ class Store:
         p = self.path(sha256)
         return p.is_file() and sha256_file(p) == sha256
 
-    def __iter__(self) -> Iterator[str]:
+    def listing(self) -> Iterator[tuple[str, int, float]]:
         if not self.objects.is_dir():
             return
         for sub in sorted(self.objects.iterdir()):
             for f in sorted(sub.iterdir()):
-                yield sub.name + f.name
+                try:
+                    st = f.stat()
+                except FileNotFoundError:
+                    continue
+                yield sub.name + f.name, st.st_size, st.st_mtime
+
+
+#: the name the local store has always had
+Store = LocalStore
