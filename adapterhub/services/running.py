@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BaseModelError, InvalidOptionError
+from .adapters import check_refs
 from .bases import base_dir
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ def generate_text(
     several) active."""
     from ..runtime.generate import chat_ids, generate
 
+    check_refs(lib, [n for n, _ in adapters])
     folder = base_dir(lib, base)
     if not is_causal_lm(folder):
         raise BaseModelError(f"{base} is an encoder, not a causal LM; use --embed to get its embeddings")
@@ -205,6 +207,7 @@ def embed_texts(
     """Sentence embeddings (mean-pooled, normalized) of ``texts`` from an encoder base."""
     from ..runtime.generate import embed
 
+    check_refs(lib, [n for n, _ in adapters])
     model, tokenizer = load_base(lib, base, device=device)
     rt = _activate(lib, model, adapters)
     try:
