@@ -71,8 +71,11 @@ class IncompatibleAdapterError(AdapterHubError, ValueError):
 
 
 class AdapterNotFoundError(AdapterHubError, LookupError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no adapter named {name!r} in the catalog; `adapterhub list` shows what is there")
+    def __init__(self, name: str, *, path_too: bool = False) -> None:
+        where = " and no file or folder at that path" if path_too else ""
+        super().__init__(
+            f"no adapter named {name!r} in the catalog{where}; `adapterhub list` shows what is there"
+        )
         self.name = name
 
     def __str__(self) -> str:  # LookupError would repr() the message otherwise

@@ -102,3 +102,22 @@ def test_write_adapter_refuses_to_overwrite(made: dict[str, Path], tmp_path: Pat
     with pytest.raises(OutputExistsError):
         write_adapter(w, folder)
     write_adapter(w, folder, overwrite=True)
+
+
+def test_an_unknown_adapter_or_a_weight_that_is_not_a_number_is_named(
+    cli: Cli, made: dict[str, Path], tmp_path: Path
+) -> None:
+    """`run -a nosuch` says there is no cataloged adapter of that name (nor a path); `-a shout:abc` says
+    the weight is not a number, not that there is no such file (issue 28, item 3)."""
+    cli("add", str(made["sql-r8"]), "--name", "shout")
+    nosuch = "error: no adapter named 'nosuch' in the catalog and no file or folder at that path"
+    assert one_error_line(cli, "run", "any-base", "hi", "-a", "nosuch").startswith(nosuch)
+    assert one_error_line(cli, "run", "any-base", "hi", "--embed", "-a", "nosuch").startswith(nosuch)
+    weight = "error: shout:abc: the weight 'abc' is not a number (give NAME:WEIGHT, as shout:0.5)"
+    assert one_error_line(cli, "run", "any-base", "hi", "-a", "shout:abc") == weight
+    path = str(made["chat-r4"])
+    assert "the weight 'x' is not a number" in one_error_line(cli, "run", "any-base", "hi", "-a", f"{path}:x")
+    # combine (and merge, through the same inputs) name them the same way
+    assert one_error_line(cli, "combine", "nosuch", "shout", "--name", "c").startswith(nosuch)
+    assert one_error_line(cli, "combine", "shout:abc", "shout", "--name", "c") == weight
+    assert [a["name"] for a in cli.json("list")] == ["shout"]

@@ -324,3 +324,43 @@ def test_tree_and_paths_info_expand_give_each_entrys_last_commit(server: Server,
     assert info["sub/b.txt"].last_commit.oid == first.oid and info["sub"].last_commit.oid == second.oid
     at_first = {e.path: e for e in api.list_repo_tree("alice/expand", revision=first.oid, expand=True)}
     assert at_first["sub"].last_commit.oid == first.oid and "d.txt" not in at_first
+
+
+def test_hf_repos_list_cli(server: Server, hf: Any, tmp_path: Path) -> None:
+    """huggingface_hub 2.4's ``hf repos list`` (GET /api/settings/repositories): the caller's repos,
+    private ones included, with the bytes their files take; others' repos are not listed (issue 28, 7)."""
+    import subprocess
+    import sys
+
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    alice.create_repo("alice/sized")
+    alice.upload_file(path_or_fileobj=b"x" * 1000, path_in_repo="w.safetensors", repo_id="alice/sized")
+    alice.upload_file(path_or_fileobj=b"y" * 500, path_in_repo="w.safetensors", repo_id="alice/sized")
+    alice.create_repo("alice/sized-private", private=True)
+    alice.upload_file(path_or_fileobj=b"z" * 300, path_in_repo="a.bin", repo_id="alice/sized-private")
+    hf.HfApi(endpoint=server.url, token=server.bob).create_repo("bob/not-alices")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(
+        HF_ENDPOINT=server.url, HF_TOKEN=server.alice, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"
+    )
+    res = subprocess.run([str(Path(sys.executable).parent / "hf"), "repos", "list", "--json", "--limit", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["id"]: r for r in json.loads(res.stdout)}
+    assert "alice/sized" in rows and "alice/sized-private" in rows and "bob/not-alices" not in rows
+    assert all(r["type"] == "model" for r in rows.values())
+    assert (
+        rows["alice/sized-private"]["visibility"] == "private"
+        and rows["alice/sized"]["visibility"] == "public"
+    )
+    mine = {r.id: r for r in alice.list_user_repos()}
+    # both versions of w.safetensors are kept (every revision stays downloadable), plus .gitattributes
+    assert mine["alice/sized"].storage >= 1500 and mine["alice/sized-private"].storage >= 300
+    assert sum(r.storage_percent for r in mine.values()) == pytest.approx(100, abs=0.1)
+    assert [r.id for r in alice.list_user_repos(namespace="alice")] == list(mine)
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        list(alice.list_user_repos(namespace="bob"))
+    assert err.value.response.status_code == 403
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        list(hf.HfApi(endpoint=server.url, token=False).list_user_repos())
+    assert err.value.response.status_code == 401

@@ -185,3 +185,52 @@ def test_deleting_the_public_holder_takes_the_permission_with_it(server: Server,
     status, _ = lfs_commit(server, "bob/public", server.bob, "late.safetensors", sha(data), len(data))
     assert status == 400
     assert "upload" in batch(server, "bob/public", server.bob, sha(data), len(data))["actions"]
+
+
+def batch_status(server: Server, repo: str, token: str, ref: str | None) -> tuple[int, Any]:
+    doc: dict[str, Any] = {
+        "operation": "upload",
+        "transfers": ["basic"],
+        "objects": [{"oid": "3" * 64, "size": 5}],
+    }
+    if ref is not None:
+        doc["ref"] = {"name": ref}
+    status, _, reply = server.json("POST", f"/{repo}.git/info/lfs/objects/batch", doc, token=token)
+    return status, reply
+
+
+def test_the_lfs_batch_hands_out_no_upload_url_for_a_branch_the_caller_cannot_write(
+    server: Server, hf: Any, secret: bytes
+) -> None:
+    """A write token of bob asking to upload to a branch of alice's repo gets the Hub's 403 (404 for a
+    private repo), not an upload action; without a ref (huggingface_hub's ``create_pr``) he may still
+    upload for a pull request, and push to his own pull request's ref."""
+    alice = hf.HfApi(endpoint=server.url, token=server.alice)
+    bob = hf.HfApi(endpoint=server.url, token=server.bob)
+    alice.create_repo("alice/shop")
+    for ref in ("main", "refs/heads/main"):
+        status, reply = batch_status(server, "alice/shop", server.bob, ref)
+        assert status == 403 and "actions" not in json.dumps(reply), reply
+        assert "rights to write to alice" in reply["error"]
+    status, reply = batch_status(server, "alice/vault", server.bob, "main")
+    assert status == 404 and reply.get("error_code", reply.get("error")) and "objects" not in reply
+    assert batch_status(server, "alice/shop", server.alice, "main")[0] == 200
+    assert batch_status(server, "alice/shop", server.alice_read, "main")[0] == 403
+    assert batch_status(server, "alice/shop", server.bob, "")[0] == 400
+    # the real client, as bob: refused at the batch call, nothing reaches alice's repo
+    weights = os.urandom(3000)
+    with pytest.raises(hf.errors.HfHubHTTPError) as err:
+        bob.upload_file(path_or_fileobj=weights, path_in_repo="w.safetensors", repo_id="alice/shop")
+    assert err.value.response.status_code == 403
+    assert "w.safetensors" not in alice.list_repo_files("alice/shop")
+    # a pull request from bob still uploads its weights through LFS (no ref), and he may push to it
+    pr = bob.upload_file(path_or_fileobj=weights, path_in_repo="w.safetensors", repo_id="alice/shop",
+                         create_pr=True)  # fmt: skip
+    assert "w.safetensors" in alice.list_repo_files("alice/shop", revision=pr.pr_revision)
+    info = bob.model_info("alice/shop", revision=pr.pr_revision, files_metadata=True)
+    assert {s.rfilename: s.lfs for s in info.siblings or []}["w.safetensors"].sha256 == sha(weights)
+    assert batch_status(server, "alice/shop", server.bob, pr.pr_revision)[0] == 200
+    more = os.urandom(2000)
+    bob.upload_file(path_or_fileobj=more, path_in_repo="more.safetensors", repo_id="alice/shop",
+                    revision=pr.pr_revision)  # fmt: skip
+    assert "more.safetensors" in alice.list_repo_files("alice/shop", revision=pr.pr_revision)

@@ -156,6 +156,28 @@ class RepoRows:
                 out.append((repo, commit))
         return out
 
+    def namespace_storage(self, namespace: str) -> list[tuple[Repo, int]]:
+        """The repos of ``namespace``, newest change first, each with the bytes its files take: every
+        distinct file content any of its commits holds (what deleting the repo would free, at most)."""
+        mine = func.lower(hub_repos.c.namespace) == namespace.lower()
+        distinct = (
+            select(hub_commits.c.repo_id, hub_commit_files.c.blob_oid, hub_commit_files.c.size)
+            .join(hub_commits, hub_commits.c.id == hub_commit_files.c.commit_id)
+            .join(hub_repos, hub_repos.c.id == hub_commits.c.repo_id)
+            .where(mine)
+            .distinct()
+            .subquery()
+        )
+        sizes = select(distinct.c.repo_id, func.sum(distinct.c.size).label("bytes")).group_by(
+            distinct.c.repo_id
+        )
+        with self.catalog.read() as conn:
+            used = {r.repo_id: int(r.bytes or 0) for r in conn.execute(sizes)}
+            rows = conn.execute(
+                select(hub_repos).where(mine).order_by(hub_repos.c.updated_at.desc(), hub_repos.c.id.desc())
+            ).all()
+        return [(repo_of_row(r), used.get(r.id, 0)) for r in rows]
+
     def may_reference(self, repo: Repo, user: str | None, sha256: str) -> bool:
         """Whether a commit to ``repo`` by ``user`` may point at the stored object ``sha256``: ``user``
         uploaded it to ``repo``, or a repo ``user`` can read holds it."""

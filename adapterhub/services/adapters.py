@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import faults
-from ..errors import AdapterExistsError, BaseModelError, InvalidAdapterError, OutputExistsError
+from ..errors import (
+    AdapterExistsError,
+    AdapterHubError,
+    AdapterNotFoundError,
+    BaseModelError,
+    InvalidAdapterError,
+    InvalidOptionError,
+    OutputExistsError,
+)
 from ..names import check_name, check_tags, name_from_path
 from ..store import Progress, scratch_prefix
 from .maintenance import journal
@@ -28,6 +36,24 @@ if TYPE_CHECKING:
 EXPORT_FILES = frozenset(
     {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md", "adapterhub.json"}
 )
+
+
+def check_refs(lib: Library, refs: Sequence[str | os.PathLike[str]]) -> None:
+    """Fail early, before a base is loaded, on a reference that is neither a cataloged adapter nor a path."""
+    for ref in refs:
+        if not lib.exists(str(ref)) and not Path(ref).exists():
+            raise unknown_ref(lib, str(ref))
+
+
+def unknown_ref(lib: Library, ref: str) -> AdapterHubError:
+    """The error for ``ref``, neither a cataloged adapter nor a path: a ``NAME:WEIGHT`` whose weight is not a
+    number (when NAME is an adapter) says so; anything else is not found, in the catalog or on disk."""
+    head, sep, tail = ref.rpartition(":")
+    if sep and head and (lib.exists(head) or Path(head).exists()):
+        return InvalidOptionError(
+            f"{ref}: the weight {tail!r} is not a number (give NAME:WEIGHT, as {head}:0.5)"
+        )
+    return AdapterNotFoundError(ref, path_too=True)
 
 
 def add_adapter(

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from .. import faults
 from ..errors import (
     AdapterExistsError,
-    AdapterNotFoundError,
     BaseModelError,
     IncompatibleAdapterError,
     InvalidOptionError,
@@ -26,6 +25,7 @@ from ..errors import (
 from ..names import check_name, check_tags
 from ..records import AdapterInfo
 from ..store import scratch_prefix
+from .adapters import unknown_ref
 from .bases import base_dir, base_layout
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def _input(lib: Library, ref: AdapterRef, weight: float = 1.0, *, load: bool = T
         files = lib.files(name)
         return _Input(name, read_adapter(files, load=load), info.base_model, True, float(weight))
     if not Path(ref).exists():
-        raise AdapterNotFoundError(name)
+        raise unknown_ref(lib, name)
     w = read_adapter(ref, load=load)
     return _Input(name, w, w.base_model, False, float(weight))
 

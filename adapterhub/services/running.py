@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BaseModelError, InvalidOptionError
+from .adapters import check_refs
 from .bases import base_dir
 
 if TYPE_CHECKING:
@@ -255,6 +256,7 @@ def generate_text(
     several) active."""
     from ..runtime.generate import chat_ids, generate
 
+    check_refs(lib, [n for n, _ in adapters])
     folder = base_dir(lib, base)
     if not is_causal_lm(folder):
         raise BaseModelError(f"{base} is an encoder, not a causal LM; use --embed to get its embeddings")
@@ -285,6 +287,7 @@ def embed_texts(
     """Sentence embeddings (mean-pooled, normalized) of ``texts`` from an encoder base."""
     from ..runtime.generate import embed
 
+    check_refs(lib, [n for n, _ in adapters])
     load_tokenizer(base_dir(lib, base), needed_for="embedding text")
     model, tokenizer = load_base(lib, base, device=device)
     rt = _activate(lib, model, adapters)

@@ -1,6 +1,7 @@
 """The git-LFS batch API for uploads: ``batch`` hands out signed upload URLs, the upload ``PUT`` streams
 the body into the store (hashing it; kept only if it has the announced sha256 and size), ``verify``
-confirms. Downloads go through ``resolve``.
+confirms. Downloads go through ``resolve``. An upload for a branch (the batch call's ``ref``) is for those
+who may write it; one without a ref is for a pull request, as on the Hub.
 
 "Already there" is answered only for objects that a commit to the repo could reference anyway (uploaded
 to it, or held by a repo the caller can read), so the batch call never tells whether other repos hold an
@@ -32,7 +33,17 @@ from ...errors import (
 )
 from ...store import scratch_prefix
 from ..checks import SHA256_RE
-from ..deps import Server, auth, base_url, check_write, read_json, server, visible, writable
+from ..deps import (
+    Server,
+    auth,
+    base_url,
+    check_write,
+    read_json,
+    server,
+    visible,
+    writable,
+    writable_for,
+)
 from ..records import Repo, TokenInfo
 
 router = APIRouter()
@@ -48,10 +59,16 @@ def sign(srv: Server, repo_id: str, oid: str, size: int, exp: int, user: str) ->
     return hmac.new(srv.secret, msg.encode(), hashlib.sha256).hexdigest()
 
 
-async def uploader(request: Request, ns: str, name: str, tok: TokenInfo | None) -> Repo:
-    """The repo, if the caller may upload objects to it: its owner, or (for a pull request, which the
-    batch call does not name) anyone with a write token who can read it. Uploading only proves having the
-    bytes; what reaches a branch is still decided by the commit."""
+async def uploader(
+    request: Request, ns: str, name: str, tok: TokenInfo | None, ref: str | None = None
+) -> Repo:
+    """The repo, if the caller may upload objects to it for ``ref`` (the batch call's ``ref.name``): a
+    branch only its owner (others get a 403, or a 404 for a private repo, as on the Hub), a pull request's
+    ``refs/pr/N`` its author too. Without a ref (what huggingface_hub sends for ``create_pr``, so that a
+    reader may open a pull request) anyone with a write token who can read it. Uploading only proves having
+    the bytes; what reaches a branch is still decided by the commit."""
+    if ref is not None:
+        return await writable_for(request, ns, name, tok, ref)
     repo = await visible(request, ns, name, tok)
     if tok is None or tok.user == repo.namespace:
         return await writable(request, ns, name, tok)
@@ -63,6 +80,17 @@ def _repo_name(repo_git: str) -> str:
     if not repo_git.endswith(".git"):
         raise EndpointNotFoundError("not found")
     return repo_git[: -len(".git")]
+
+
+def _ref_name(body: dict[str, Any]) -> str | None:
+    """The branch or pull request the upload is for, or None when the batch call names none."""
+    ref = body.get("ref")
+    if ref is None:
+        return None
+    name = ref.get("name") if isinstance(ref, dict) else None
+    if not isinstance(name, str) or not name:
+        raise BadRequestError('ref must be {"name": "<branch or refs/pr/N>"}')
+    return name.removeprefix("refs/heads/")
 
 
 def _object_error(oid: Any, size: Any, code: int, message: str) -> dict[str, Any]:
@@ -118,7 +146,7 @@ async def batch(
         raise BadRequestError(
             "this server's LFS batch API takes operation 'upload' only; download with /resolve"
         )
-    repo = await uploader(request, ns, name, tok)
+    repo = await uploader(request, ns, name, tok, _ref_name(body))
     objs = body.get("objects")
     if not isinstance(objs, list) or len(objs) > LFS_BATCH_OBJECTS:
         raise BadRequestError(f"give objects: [{{oid, size}}, ...] (at most {LFS_BATCH_OBJECTS})")

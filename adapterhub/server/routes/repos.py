@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import BadRequestError, ConflictError, UnauthorizedError
+from ...errors import BadRequestError, ConflictError, ForbiddenError, UnauthorizedError
 from ..cards import parse_card
 from ..checks import check_name
 from ..deps import auth, base_url, check_write, downloadable, may_read, read_json, server, visible, writable
-from ..records import TokenInfo
+from ..records import TokenInfo, iso
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -176,6 +176,44 @@ async def update_settings(
         log.info("repo %s is now %s", repo.repo_id, "private" if private else "public")
     gated = await run_in_threadpool(server(request).store.gates.gated, repo)
     return JSONResponse({"private": repo.private, "gated": gated})
+
+
+@router.get("/api/settings/repositories")
+async def my_repositories(request: Request, tok: TokenInfo | None = Depends(auth)) -> JSONResponse:
+    """The caller's repos with the storage each takes (``hf repos list``), private ones included."""
+    if tok is None:
+        raise UnauthorizedError("Authentication required: send a token (adapterhub token create USER)")
+    return await _repositories(request, tok.user)
+
+
+@router.get("/api/organizations/{ns}/settings/repositories")
+async def namespace_repositories(
+    request: Request, ns: str, tok: TokenInfo | None = Depends(auth)
+) -> JSONResponse:
+    """The same for a namespace: only its own user may list it (this server has no organizations)."""
+    if tok is None:
+        raise UnauthorizedError("Authentication required: send a token of that namespace's user")
+    if ns.lower() != tok.user.lower():
+        raise ForbiddenError(f"only {ns} may list the repositories of {ns}: your token belongs to {tok.user}")
+    return await _repositories(request, ns)
+
+
+async def _repositories(request: Request, ns: str) -> JSONResponse:
+    rows = await run_in_threadpool(server(request).store.repos.namespace_storage, ns)
+    total = sum(size for _, size in rows)
+    return JSONResponse(
+        [
+            {
+                "id": repo.repo_id,
+                "type": "model",
+                "updatedAt": iso(repo.updated_at),
+                "visibility": "private" if repo.private else "public",
+                "storage": size,
+                "storagePercent": round(100 * size / total, 2) if total else 0,
+            }
+            for repo, size in rows
+        ]
+    )
 
 
 @router.post("/api/validate-yaml")
