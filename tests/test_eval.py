@@ -115,7 +115,8 @@ def test_choice_rows_and_errors(kit: dict[str, Any], tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(kit["base"])
-    assert encode_choice(tok, "q: 2+2= ", "4")[1] == tok(" 4", add_special_tokens=False)["input_ids"]
+    ctx, cont = encode_choice(tok, "q: 2+2= ", "4")
+    assert cont == tok(" 4", add_special_tokens=False)["input_ids"] and ctx[0] == tok.bos_token_id
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "choices": ["a", "b"], "answer": 2}])
     with pytest.raises(InvalidOptionError, match="line 1: answer must be"):
         read_eval_data(bad)

@@ -13,8 +13,8 @@ Metrics (`parse_metric`):
   with the reference answer after whitespace and case normalization: equal, or holding it;
 - ``regex:PATTERN``: the share of generations in which ``re.search(PATTERN)`` finds a match;
 - ``choice``: multiple-choice accuracy by the log-likelihood of each choice given the prompt, as
-  lm-evaluation-harness's ``acc`` scores it (the prompt's trailing whitespace moves to the choice, no BOS
-  added, the sum of the choice tokens' log-probabilities, the highest wins).
+  lm-evaluation-harness's ``acc`` scores it (the prompt's trailing whitespace moves to the choice, the
+  tokenizer's own BOS, the sum of the choice tokens' log-probabilities, the highest wins).
 
 `score` runs every subject (None for the base, a resident name, or a ``{name: weight}`` combination)
 over the same rows through the runtime's per-row adapters (``rt.rows``): the rows of all subjects share
@@ -158,12 +158,15 @@ def _read_choices(p: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
 def encode_choice(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-evaluation-harness's HF model encodes a loglikelihood
     request: trailing whitespace of the context moves to the continuation; the pair is encoded whole
-    and the context's own encoding is cut off its front; no special tokens."""
+    and the context's own encoding is cut off its front; the tokenizer's own special tokens (its BOS)
+    unless the text starts with the BOS already."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         continuation, context = context[-spaces:] + continuation, context[:-spaces]
-    whole = list(tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
-    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and context.startswith(bos))
+    whole = list(tokenizer(context + continuation, add_special_tokens=special)["input_ids"])
+    ctx = list(tokenizer(context, add_special_tokens=special)["input_ids"])
     return ctx, whole[len(ctx) :]
 
 
