@@ -80,7 +80,12 @@ CHOICE_ROWS = [
 ]
 MESSAGE_ROWS = [
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
-    {"messages": [{"role": "system", "content": "be short"}, {"role": "user", "content": "2+2?"},
-                  {"role": "assistant", "content": "4"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "be short"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
 ]
 TEXT_ROWS = [{"text": "the quick brown fox"}, {"text": "jumps over the lazy dog."}]

@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from _evalkit import CHOICE_ROWS, MESSAGE_ROWS, PROMPT_ROWS, TEXT_ROWS, adapters_for, tiny_checkpoint, write_jsonl
+from _evalkit import (
+    CHOICE_ROWS,
+    MESSAGE_ROWS,
+    PROMPT_ROWS,
+    TEXT_ROWS,
+    adapters_for,
+    tiny_checkpoint,
+    write_jsonl,
+)
 from _models import peft_model
 
 from adapterhub import InvalidOptionError
@@ -86,10 +94,14 @@ def test_greedy_generations_equal_peft(kit: dict[str, Any], tmp_path: Path) -> N
     for s, ref in enumerate([[], [(a[0], 1.0)], [(a[1], 0.5), (a[2], -0.5)]]):
         from transformers import AutoModelForCausalLM
 
-        model = peft_model(kit["base"], ref) if ref else AutoModelForCausalLM.from_pretrained(kit["base"]).eval()
+        model = (
+            peft_model(kit["base"], ref) if ref else AutoModelForCausalLM.from_pretrained(kit["base"]).eval()
+        )
         for q, row in enumerate(PROMPT_ROWS):
             ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
-            out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=3)
+            out = model.generate(
+                input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=3
+            )
             new = out[0, ids.shape[1] :].tolist()
             new = new[: new.index(2)] if 2 in new else new
             assert details["generations"][s][q] == tok.decode(new, skip_special_tokens=True)

@@ -58,7 +58,11 @@ def test_choice_agrees_with_lm_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     refs = [[], [(ads[0], 1.0)], [(ads[0], 0.6), (ads[1], 0.4)]]
     accs = []
     for s, ref in enumerate(refs):
-        m = peft_model(base, ref).merge_and_unload() if ref else AutoModelForCausalLM.from_pretrained(base).eval()
+        m = (
+            peft_model(base, ref).merge_and_unload()
+            if ref
+            else AutoModelForCausalLM.from_pretrained(base).eval()
+        )
         acc, lls = _lm_eval(m, tok, tmp_path / "task")
         flat = [x for d in sorted(lls) for x in lls[d]]
         assert details["choice_logprobs"][s] == pytest.approx(flat, abs=1e-4)

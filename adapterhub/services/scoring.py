@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ def _bad(path: Path, line: int, why: str) -> TrainingDataError:
     return TrainingDataError(f"{path}, line {line}: {why}", path=str(path), line=line)
 
 
-def read_eval_data(path: str | Path, *, limit: int | None = None, name: str | None = None) -> EvalData:
+def read_eval_data(
+    path: str | os.PathLike[str], *, limit: int | None = None, name: str | None = None
+) -> EvalData:
     """Read and check an evaluation file; the first ``limit`` rows when given."""
     p = Path(path)
     try:
@@ -140,7 +143,11 @@ def _read_choices(p: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
         prompt, choices, answer = row["prompt"], row["choices"], row["answer"]
         if not isinstance(prompt, str) or not prompt:
             raise _bad(p, n, "prompt must be non-empty text")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
             raise _bad(p, n, "choices must be a list of at least two non-empty texts")
         if isinstance(answer, str):
             if answer not in choices:
@@ -355,9 +362,11 @@ def score(
         sums = _logprob_sums(model, rt, subjects, seqs, pad, batch_tokens)
         picks: list[list[int]] = []
         for s, per in enumerate(sums):
-            got = [max(range(n), key=lambda c, a=a: per[a + c][0]) for a, n, _ in spans]
+            got = [_argmax([per[a + c][0] for c in range(n)]) for a, n, _ in spans]
             picks.append(got)
-            results[s]["choice"] = sum(g == ans for g, (_, _, ans) in zip(got, spans, strict=True)) / len(spans)
+            results[s]["choice"] = sum(g == ans for g, (_, _, ans) in zip(got, spans, strict=True)) / len(
+                spans
+            )
         details["choice_logprobs"] = [[x[0] for x in per] for per in sums]
         details["picks"] = picks
     gen_metrics = [m for m in metrics if m in GENERATION_METRICS or m.startswith("regex:")]
@@ -370,6 +379,11 @@ def score(
                 hits = [_hit(m, o, ref) for o, (_, ref) in zip(outs, prompts, strict=True)]
                 results[s][m] = sum(hits) / len(hits)
     return results, details
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """The first index of the largest value (numpy's argmax, which lm-eval uses)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def _hit(metric: str, output: str, reference: str) -> bool:
@@ -395,7 +409,9 @@ def parse_combination(text: str) -> dict[str, float]:
     for part in text.split("+"):
         name, sep, w = part.strip().rpartition(":")
         if not sep or not name:
-            raise InvalidOptionError(f"combination {text!r}: write it as NAME:WEIGHT+NAME:WEIGHT, e.g. a:0.7+b:0.3")
+            raise InvalidOptionError(
+                f"combination {text!r}: write it as NAME:WEIGHT+NAME:WEIGHT, e.g. a:0.7+b:0.3"
+            )
         try:
             weight = float(w)
         except ValueError:
