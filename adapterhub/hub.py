@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         BulkAddResult,
         BulkItem,
         CheckReport,
+        EvaluationRecord,
         FilterKeywords,
         GcReport,
         Generation,
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from .remote.results import PullResult, PushResult, RemoteAdapter
     from .runtime import Runtime
     from .services.compute import CombineOptions, CombineSummary, ExtractOptions, Progress, Weighted
+    from .services.evaluation import EvaluationResult, RankedAdapter
+    from .services.mixing import MixResult
     from .services.train_plan import MemoryPlan
     from .services.training import StepCallback, TrainResult
     from .store import BlobStore
@@ -573,3 +576,54 @@ class Hub:
     def adapter_pushes(self, name: str) -> list[PushRecord]:
         """Where and at which commit an adapter was pushed, oldest first."""
         return self.library.pushes_of(name)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        adapters: Sequence[str],
+        *,
+        base: str | os.PathLike[str],
+        data: str | os.PathLike[str],
+        metrics: Sequence[str] = ("loss",),
+        combinations: Sequence[str | dict[str, float]] = (),
+        **options: Any,
+    ) -> EvaluationResult:
+        """Score the base alone, each cataloged adapter and each combination (``"a:0.7+b:0.3"``) on JSONL
+        ``data`` in one pass of mixed batches, and keep every (subject, metric) as an evaluation record;
+        ``options`` (max_tokens, max_length, limit, dataset, seed, device, record) as
+        `adapterhub.services.evaluation.evaluate` documents them."""
+        from .services.evaluation import evaluate
+
+        return evaluate(self.library, adapters, base=base, data=data, metrics=metrics,
+                        combinations=combinations, **options)  # fmt: skip
+
+    def evaluations(
+        self, adapter: str | None = None, *, dataset: str | None = None, metric: str | None = None,
+        base: str | None = None,
+    ) -> list[EvaluationRecord]:  # fmt: skip
+        """Evaluation records, oldest first: those of one adapter (by its content) and/or filtered."""
+        from .services.evaluation import evaluations
+
+        return evaluations(self.library, adapter, dataset=dataset, metric=metric, base=base)
+
+    def rank_adapters(
+        self, sort: str, *, compatible_with: str | None = None, **filters: Unpack[FilterKeywords]
+    ) -> list[RankedAdapter]:
+        """`list_adapters`, best first by the latest ``DATASET:METRIC`` record (``"qa:loss"``)."""
+        from .services.evaluation import parse_sort, rank_adapters
+
+        parse_sort(sort)
+        return rank_adapters(
+            self.library, self.list_adapters(compatible_with=compatible_with, **filters), sort
+        )
+
+    def mix(
+        self, adapters: Sequence[str], *, base: str | os.PathLike[str], data: str | os.PathLike[str], name: str,
+        **options: Any,
+    ) -> MixResult:  # fmt: skip
+        """Learn the weights of an exact combination of ``adapters`` that minimize the loss on ``data`` (the
+        factors frozen) and catalog it as ``name`` with its lineage and evaluation record; ``options`` (steps,
+        lr, rank, search, limit, seed, device, tags, description) as `adapterhub.services.mixing.mix` says."""
+        from .services.mixing import mix
+
+        return mix(self.library, adapters, base=base, data=data, name=name, **options)

@@ -391,3 +391,47 @@ class Generation:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """One metric of one subject (an adapter, a combination, or the base alone) in one evaluation run."""
+
+    id: int
+    run: str
+    subject: str  # "base", the adapter's name when it was evaluated, or "a:0.7+b:0.3"
+    adapter_sha256: str | None  # None for the base and for combinations
+    combination: dict[str, float] | None
+    base: str
+    base_fingerprint: str | None
+    dataset: str
+    dataset_sha256: str
+    metric: str
+    value: float | None
+    rows: int
+    seed: int | None
+    version: str
+    source: str  # eval, train, mix, or the repo@commit a pull read it from
+    created_at: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "run": self.run,
+            "subject": self.subject,
+            "adapter_sha256": self.adapter_sha256,
+            "combination": self.combination,
+            "base": self.base,
+            "base_fingerprint": self.base_fingerprint,
+            "dataset": self.dataset,
+            "dataset_sha256": self.dataset_sha256,
+            "metric": self.metric,
+            "value": self.value,
+            "rows": self.rows,
+            "seed": self.seed,
+            "version": self.version,
+            "source": self.source,
+            "created_at": self.created_at,
+            "params": self.params,
+        }

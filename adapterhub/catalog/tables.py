@@ -372,3 +372,31 @@ hub_webhooks = Table(
     Column("disabled", Boolean, nullable=False),
     Column("created_at", DateTime, nullable=False),
 )
+
+
+# ---------------------------------------------------------------- evaluation records (migration 0004)
+# One row per (subject, metric) of an evaluation run: the adapter by content (sha256; its name as it was
+# then), or a combination of adapters, or the base alone (adapter_sha256 NULL); never updated in place,
+# so reruns stay visible side by side.
+
+evaluations = Table(
+    "evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run", String(32), nullable=False, index=True),  # one id per evaluation run
+    Column("subject", String(500), nullable=False),  # "base", an adapter name, or "a:0.7+b:0.3"
+    Column("adapter_sha256", String(64), index=True),
+    Column("combination", JSON),  # {name: weight} for a combination
+    Column("base", String(300), nullable=False),
+    Column("base_fingerprint", String(64)),
+    Column("dataset", String(300), nullable=False, index=True),
+    Column("dataset_sha256", String(64), nullable=False),
+    Column("metric", String(200), nullable=False),
+    Column("value", Float),
+    Column("rows", Integer, nullable=False),
+    Column("seed", Integer),
+    Column("version", String(40), nullable=False),  # adapterhub version
+    Column("source", String(32), nullable=False),  # eval, train, mix or a pull's repo@commit
+    Column("params", JSON),  # max_tokens, device, dtype, seconds, ...
+    Column("created_at", DateTime, nullable=False),
+)

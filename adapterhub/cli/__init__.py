@@ -10,7 +10,7 @@ import sys
 import click
 
 # the command modules register themselves on the group when imported
-from . import catalog_cmds, hub_cmds, ops_cmds, run_cmds, train_cmds, validate_cmds  # noqa: F401
+from . import catalog_cmds, eval_cmds, hub_cmds, ops_cmds, run_cmds, train_cmds, validate_cmds  # noqa: F401
 from .base import State, cli, output_options, pass_state
 
 __all__ = ["State", "cli", "main", "output_options", "pass_state"]

@@ -171,10 +171,25 @@ BULK_COLUMNS = [("path", "path"), ("name", "name"), ("status", "status"), ("mess
 
 @cli.command("list")
 @filter_options
+@click.option(
+    "--sort",
+    metavar="DATASET:METRIC",
+    help="Best first by the latest evaluation record of METRIC on DATASET (e.g. qa:loss).",
+)
 @output_options
 @pass_state
-def list_cmd(state: State, mode: str, **filters: Any) -> None:
+def list_cmd(state: State, mode: str, sort: str | None, **filters: Any) -> None:
     """List cataloged adapters, optionally filtered."""
+    if sort is not None:
+        ranked = [r.to_dict() for r in state.hub.rank_adapters(sort, **_filters(filters))]
+        for r in ranked:
+            r["score"] = r["evaluation"]["value"]
+        if mode == "json":
+            emit_json(ranked)
+            return
+        emit_records(ranked, [*LIST_COLUMNS[:1], ("score", sort), *LIST_COLUMNS[1:]], mode=mode,
+                     formatters={"size_bytes": human_size})  # fmt: skip
+        return
     if mode == "json":
         emit_json_lines(state.hub.adapter_records_json(**_filters(filters)))
         return
@@ -232,6 +247,7 @@ def show_cmd(state: State, name: str, mode: str) -> None:
     """Everything the catalog knows about one adapter: metadata, files, modules, lineage."""
     info = state.hub.adapter_info(name)
     d = info.to_dict()
+    d["evaluations"] = [e.to_dict() for e in state.hub.evaluations(name)]
     if mode == "json":
         emit_json(d)
         return
@@ -294,6 +310,10 @@ def show_cmd(state: State, name: str, mode: str) -> None:
                 f"{push['repo_id']}@{push['commit'][:12]} on {push['endpoint']} ({push['pushed_at']})",
             )
         )
+    for e in d["evaluations"]:
+        value = "" if e["value"] is None else f"{e['value']:.4g}"
+        pairs.append(("evaluation", f"{e['dataset']} {e['metric']} = {value} ({e['rows']} rows, base {e['base']}, "
+                      f"{e['source']}, {e['created_at']})"))  # fmt: skip
     for k, v in sorted(d["metadata"].items()):
         if k.startswith(("ss_", "modelspec.")) and len(str(v)) < 200:
             pairs.append((k, str(v)))
