@@ -249,14 +249,28 @@ class Hub:
         )
 
     # ------------------------------------------------------------------ bases and validation
-    def add_base(self, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
-        """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""
-        return bases.add_base(self.library, path, name=name)
+    def add_base(
+        self, path: str | os.PathLike[str], *, name: str | None = None, hub_id: str | None = None
+    ) -> BaseInfo:
+        """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only.
+        ``hub_id`` (``owner/name``; default: the config's ``_name_or_path`` when it is one) is what
+        exports and pushes name as the base of adapters trained on it."""
+        return bases.add_base(self.library, path, name=name, hub_id=hub_id)
 
-    def import_gguf(self, gguf: str | os.PathLike[str], *, name: str, dtype: str = "bfloat16") -> BaseInfo:
+    def import_gguf(
+        self,
+        gguf: str | os.PathLike[str],
+        *,
+        name: str,
+        dtype: str = "bfloat16",
+        hub_id: str | None = None,
+        progress: Progress | None = None,
+    ) -> BaseInfo:
         """Dequantize a GGUF checkpoint (llama.cpp / ollama) into a safetensors checkpoint with its
-        tokenizer under ``HOME/bases/`` and register it as base ``name`` (needs gguf and accelerate)."""
-        return bases.import_gguf(self.library, gguf, name=name, dtype=dtype)
+        tokenizer under ``HOME/bases/`` and register it as base ``name`` (needs gguf and accelerate).
+        Its real id is ``hub_id``, else the GGUF's source repo or ``general.name``; ``progress(done,
+        total)`` follows the whole import."""
+        return bases.import_gguf(self.library, gguf, name=name, dtype=dtype, hub_id=hub_id, progress=progress)
 
     def list_bases(self) -> list[BaseInfo]:
         return self.library.bases()
