@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ...lora import LoraWeights
-    from ...ops.validate import ValidationReport
+    from ...ops.validate import BaseLayout, ValidationReport
     from ...records import AdapterInfo, BaseInfo, FilterKeywords
     from ..storage import ServerStore
 
@@ -33,6 +33,7 @@ class CatalogHub(Protocol):
     def adapter_info(self, name: str) -> AdapterInfo: ...
     def load_adapter(self, name: str) -> LoraWeights: ...
     def list_bases(self) -> list[BaseInfo]: ...
+    def base_layout(self, base: str) -> BaseLayout: ...
     def validate_catalog(
         self, *, base: str, names: Sequence[str] | None = None
     ) -> list[ValidationReport]: ...
