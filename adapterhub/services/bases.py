@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..errors import AdapterHubError, AdapterNotFoundError, BaseModelError, InvalidOptionError
 from ..names import check_name
@@ -300,6 +300,14 @@ def gguf_hub_id(gguf: str | os.PathLike[str]) -> str | None:
     if url and HUB_ID_RE.match(url.group(1)):
         return url.group(1)
     return text("general.name")
+
+
+class GgufOptions(TypedDict, total=False):
+    """The options of `import_gguf` beside the file and the name."""
+
+    dtype: str
+    hub_id: str | None
+    progress: Progress | None
 
 
 def import_gguf(
