@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import faults
 from ..errors import InvalidAdapterError, RemoteError
+from ..services.adapters import config_naming_public_base
 from .card import model_card
 from .client import check_repo_id, hub_client, resolve_endpoint
 from .results import PushResult
@@ -100,6 +101,10 @@ def push_adapter(
             if path is None:
                 continue
             f = by_role[role]
+            renamed = config_naming_public_base(lib, path.read_bytes()) if role == "config" else None
+            if renamed is not None:  # it names the base by its real id, as an export does
+                ops.append(CommitOperationAdd(path_in_repo=f.filename, path_or_fileobj=renamed))
+                continue
             op = CommitOperationAdd(path_in_repo=f.filename, path_or_fileobj=str(path))
             op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known from the store: no second hashing pass
             ops.append(op)

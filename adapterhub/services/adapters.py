@@ -254,19 +254,26 @@ def public_base_id(lib: Library, declared: str | None) -> str | None:
 
 
 def _name_the_base(lib: Library, config: Path) -> None:
-    """Rewrite an exported adapter_config.json whose base_model_name_or_path is a registered base's local
-    name to the base's real id (PEFT and the Hub cannot resolve a local name); else leave it untouched."""
+    renamed = config_naming_public_base(lib, config.read_bytes())
+    if renamed is not None:
+        config.write_bytes(renamed)
+
+
+def config_naming_public_base(lib: Library, config: bytes) -> bytes | None:
+    """An adapter_config.json whose base_model_name_or_path is a registered base's local name, rewritten
+    to name the base's real id (PEFT and the Hub cannot resolve a local name); None when it needs no change."""
     import json
 
     try:
-        doc = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
+        doc = json.loads(config)
+    except ValueError:
+        return None
     declared = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
     public = public_base_id(lib, declared) if isinstance(declared, str) else None
-    if public is not None and public != declared:
-        doc["base_model_name_or_path"] = public
-        config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if public is None or public == declared:
+        return None
+    doc["base_model_name_or_path"] = public
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _check_destination(lib: Library, out: Path, *, fmt: str, overwrite: bool) -> None:
