@@ -128,16 +128,9 @@ class Hub:
         """Check an adapter, copy its files into the store and catalog it, all or nothing;
         ``progress(bytes_done, bytes_total)`` follows the copy of the weights."""
         return adapter_service.add_adapter(
-            self.library,
-            path,
-            name=name,
-            base=base,
-            tags=tags,
-            description=description,
-            allow_pickle=allow_pickle,
-            source=source,
-            progress=progress,
-        )
+            self.library, path, name=name, base=base, tags=tags, description=description,
+            allow_pickle=allow_pickle, source=source, progress=progress,
+        )  # fmt: skip
 
     def add_tree(
         self,
@@ -252,14 +245,19 @@ class Hub:
         )
 
     # ------------------------------------------------------------------ bases and validation
-    def add_base(self, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
-        """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""
-        return bases.add_base(self.library, path, name=name)
+    def add_base(
+        self, path: str | os.PathLike[str], *, name: str | None = None, hub_id: str | None = None
+    ) -> BaseInfo:
+        """Register a base checkpoint folder (headers only). ``hub_id``: its real id, which exports name as
+        the base of adapters trained on it (default: config.json's ``_name_or_path`` if it is a repo id)."""
+        return bases.add_base(self.library, path, name=name, hub_id=hub_id)
 
-    def import_gguf(self, gguf: str | os.PathLike[str], *, name: str, dtype: str = "bfloat16") -> BaseInfo:
-        """Dequantize a GGUF checkpoint (llama.cpp / ollama) into a safetensors checkpoint with its
-        tokenizer under ``HOME/bases/`` and register it as base ``name`` (needs gguf and accelerate)."""
-        return bases.import_gguf(self.library, gguf, name=name, dtype=dtype)
+    def import_gguf(
+        self, gguf: str | os.PathLike[str], *, name: str, **options: Unpack[bases.GgufOptions]
+    ) -> BaseInfo:
+        """Dequantize a GGUF checkpoint (llama.cpp / ollama) into a checkpoint with its tokenizer under
+        ``HOME/bases/`` and register it as base ``name`` (``options``: dtype, hub_id, progress)."""
+        return bases.import_gguf(self.library, gguf, name=name, **options)
 
     def list_bases(self) -> list[BaseInfo]:
         return self.library.bases()

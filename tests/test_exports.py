@@ -525,3 +525,65 @@ def test_gguf_negative_and_mixed_scales_fold_exactly(tmp_path: Path) -> None:
     back = read_adapter(out, load=True)
     for key, m in mods.items():
         torch.testing.assert_close(back[key].delta(), m.delta())
+
+
+# ---------------------------------------------------------------------- the base's real id (issue 28, 5)
+
+
+def test_exports_name_the_base_by_its_real_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trained adapter, exported, names its base by the id PEFT and the Hub resolve (``base add
+    --hub-id``, or the folder's ``_name_or_path``), not by the base's local name; the catalog still links
+    it to the local base and `validate` still finds it fits, without a base-name warning."""
+    from _cli import Cli
+    from transformers import AutoModelForCausalLM
+
+    folder = save_model(tiny_llama(), tmp_path / "base")
+    home = tmp_path / "home"
+    cli = Cli(home, capsys)
+    line = cli("base", "add", str(folder), "--name", "smollm2", "--hub-id", "no such id", code=1)
+    assert (
+        line == "" and "is not a Hub repo id; give OWNER/NAME" in cli.err and cli.json("base", "list") == []
+    )
+    info = cli.json("base", "add", str(folder), "--name", "smollm2", "--hub-id", "HuggingFaceTB/SmolLM2-135M")
+    assert info[0]["hub_id"] == "HuggingFaceTB/SmolLM2-135M"
+    with Hub(home) as hub:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        rt = hub.attach(model)
+        rt.create("shout", rank=4, targets=["q_proj", "v_proj"], seed=1)
+        rt.save("shout")
+        rt.detach()
+        assert hub.adapter_info("shout").base_model == "smollm2"  # the catalog links the local base
+        assert hub.base_info("smollm2").num_adapters == 1
+    cli("export", "shout", str(tmp_path / "out"))
+    exported = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M"
+    report = cli.json("validate", "shout", "--base", "smollm2")
+    assert report["ok"] and report["warnings"] == 0, report
+    report = cli.json("validate", str(tmp_path / "out"), "--base", "smollm2")  # the file, by its hub id
+    assert report["ok"] and report["warnings"] == 0, report
+    cli("add", str(tmp_path / "out"), "--name", "shout-again")  # back in: linked to the local base again
+    assert cli.json("base", "show", "smollm2")["num_adapters"] == 2
+    # an adapter stored before (its config naming the base's local name) is exported with the real id too
+    old = make_adapter(model, tmp_path / "old")
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "smollm2"}))
+    cli("add", str(old), "--name", "old")
+    cli("export", "old", str(tmp_path / "old-out"))
+    exported = json.loads((tmp_path / "old-out" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M"
+    assert {k: v for k, v in exported.items() if k != "base_model_name_or_path"} == {
+        k: v for k, v in cfg.items() if k != "base_model_name_or_path"
+    }
+
+
+def test_a_folder_names_its_real_id_in_its_config(tmp_path: Path) -> None:
+    folder = save_model(tiny_llama(), tmp_path / "base")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "acme/tiny-llama"}))
+    local = save_model(tiny_llama(), tmp_path / "local")
+    cfg = json.loads((local / "config.json").read_text())
+    (local / "config.json").write_text(json.dumps({**cfg, "_name_or_path": str(tmp_path / "base")}))
+    with Hub(tmp_path / "home") as hub:
+        assert hub.add_base(folder, name="tiny").hub_id == "acme/tiny-llama"
+        assert hub.add_base(local, name="local").hub_id is None  # a local path is no id
+        assert hub.base_info("local").public_id == "local"

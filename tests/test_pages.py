@@ -404,6 +404,61 @@ def test_adapter_page_and_cached_spectra_match_a_dense_svd(site: Site) -> None:
     assert site.get("/adapters/no-such-adapter")[0] == 404
 
 
+@pytest.fixture
+def trained(site: Site, tmp_path: Path) -> Iterator[list[str]]:
+    """For one test: ``tuned`` (made by `Runtime.create` / `save` on the site's base: its lineage parent
+    is the base), ``deep`` (12 layers, for the module order) and ``alice/tuned-private`` (tagged private)."""
+    from _adapters import BASE_NAME
+    from _models import make_adapter as make
+    from _models import tiny_llama as build
+    from transformers import AutoModelForCausalLM
+
+    added = ["tuned", "deep", "alice/tuned-private"]
+    with Hub(site.home) as hub:
+        base = hub.base_info(BASE_NAME)
+        model = AutoModelForCausalLM.from_pretrained(str(base.path))
+        rt = hub.attach(model)
+        rt.create("tuned", rank=4, targets=["q_proj", "v_proj"], seed=3)
+        rt.save("tuned", description="trained here")
+        rt.freeze("tuned")
+        rt.create("alice/tuned-private", rank=2, targets=["v_proj"], seed=4)
+        rt.save("alice/tuned-private", tags=["private"])
+        rt.detach()
+        deep = make(build(0, num_hidden_layers=12), tmp_path / "deep", target_modules=["q_proj"])
+        hub.add_adapter(deep, name="deep")
+    try:
+        yield added
+    finally:
+        with Hub(site.home) as hub:
+            hub.remove_adapters(added)
+
+
+def test_a_trained_adapter_links_its_base_page_and_modules_sort_by_number(
+    site: Site, trained: list[str]
+) -> None:
+    """Issue 28, items 4 and 10: the base of a trained adapter is linked to its page (``/bases/NAME``: its
+    config, size and the adapters that fit it, private ones only for who may see them), never to
+    ``/adapters/NAME``; the modules table sorts layer 2 before layer 10."""
+    status, _, body = site.get("/adapters/tuned")
+    assert status == 200
+    assert 'href="/bases/tiny-llama"' in body and 'href="/adapters/tiny-llama"' not in body
+    assert '<dt>Base model</dt><dd><a href="/bases/tiny-llama">tiny-llama</a></dd>' in body
+    status, _, page = site.get("/bases/tiny-llama")
+    assert status == 200 and "<h1>tiny-llama</h1>" in page
+    assert "<dt>Model type</dt><dd>llama</dd>" in page and "<code>hidden_size</code>" in page
+    fitting = re.findall(r'<a href="/adapters/([^"]+)">', page)
+    assert fitting == ["chat-r4", "mix", "sql-r8", "tuned"]  # not the kohya one, nor 12 layers, nor private
+    alice = site.login_cookie(site.alice)
+    assert "alice/tuned-private" in re.findall(
+        r'<a href="/adapters/([^"]+)">', site.get("/bases/tiny-llama", cookie=alice)[2]
+    )
+    assert site.get("/bases/no-such-base")[0] == 404
+    body = site.get("/adapters/deep")[2]
+    modules = body.split('id="mod-h"', 1)[1].split("</section>", 1)[0]
+    layers = [int(n) for n in re.findall(r"<code>[\w.]*?layers\.(\d+)\.", modules)]
+    assert layers == list(range(12)), layers
+
+
 # ---------------------------------------------------------------------- in Chromium
 
 
@@ -538,6 +593,22 @@ def test_adapter_page_in_the_browser(tab: Tab, site: Site, artifacts: Path) -> N
     p.wait_for_url("**/adapters/mix")
     assert p.locator("svg.lineage a.node[href='/adapters/sql-r8']").count() == 1
     shot(tab, artifacts, "adapter-mix")
+
+
+def test_the_base_page_in_the_browser(tab: Tab, site: Site, trained: list[str], artifacts: Path) -> None:
+    p = tab.page
+    p.goto("/adapters/tuned")
+    assert p.locator("svg.lineage a.node[href='/bases/tiny-llama']").count() == 1
+    p.locator(".adapter-meta").get_by_role("link", name="tiny-llama").click()
+    p.wait_for_url("**/bases/tiny-llama")
+    assert p.get_by_role("heading", level=1).inner_text() == "tiny-llama"
+    fits = p.locator("table.fits tbody tr th a, table.fits tbody tr td:first-child a")
+    assert fits.all_inner_texts() == ["chat-r4", "mix", "sql-r8", "tuned"]
+    assert p.locator("table.config").is_visible()
+    shot(tab, artifacts, "base", full_page=True)
+    p.get_by_role("link", name="tuned", exact=True).click()
+    p.wait_for_url("**/adapters/tuned")
+    assert p.get_by_role("heading", level=1).inner_text() == "tuned"
 
 
 def test_login_and_logout_around_a_private_repo(tab: Tab, site: Site, artifacts: Path) -> None:

@@ -326,3 +326,25 @@ def test_public_source_keeps_hub_origins_and_drops_local_paths() -> None:
     assert public_source("/home/me/runs/sql@v2") is None
     assert public_source("C:\\runs\\sql") is None
     assert public_source(None) is None
+
+
+def test_a_push_names_the_base_by_its_real_id(
+    home: Hub, server: Server, made: dict[str, Path], hf: Any, tmp_path: Path
+) -> None:
+    """An adapter whose config names a registered base by its local name is pushed naming the base's real
+    id, in adapter_config.json and in the card's base_model, as an export does (issue 28, item 5)."""
+    from _adapters import tiny_llama
+
+    tiny_llama().save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    home.add_base(tmp_path / "base", name=BASE_NAME, hub_id="acme/tiny-llama")
+    home.add_adapter(made["sql"], name="sql")  # its config says base_model_name_or_path: tiny-llama
+    home.push_adapter("sql", "alice/sql-real-base", endpoint=server.url, token=server.alice)
+
+    def get(name: str) -> str:
+        return Path(hf.hf_hub_download("alice/sql-real-base", name, endpoint=server.url,
+                                       cache_dir=str(tmp_path / "cache"))).read_text()  # fmt: skip
+
+    assert json.loads(get("adapter_config.json"))["base_model_name_or_path"] == "acme/tiny-llama"
+    meta = yaml.safe_load(get("README.md").split("---")[1])
+    assert meta["base_model"] == "acme/tiny-llama"
+    assert home.adapter_info("sql").base_model == BASE_NAME  # the catalog still links the local base

@@ -13,7 +13,7 @@ import torch
 from _cli import Cli
 from conftest import smollm2_gguf
 
-from adapterhub import BaseModelError, Hub
+from adapterhub import BaseModelError, Hub, InvalidOptionError
 
 pytestmark = pytest.mark.xdist_group("smollm2")  # one worker imports the GGUF once
 
@@ -83,6 +83,25 @@ def test_import_gguf_refusals(smol: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(BaseModelError, match="not a GGUF file"):
         hub.import_gguf(fake, name="other")
     assert [b.name for b in hub.list_bases()] == ["smollm2"]
+
+
+def test_import_gguf_reports_progress_over_the_whole_import(smollm2_checkpoint: Path, tmp_path: Path) -> None:
+    """One progress for the whole import (issue 28, 9): a step per tensor dequantized, then the tokenizer,
+    the save and the registration, every step reported once and in order (recorded by the session's one
+    import, `conftest.smollm2_checkpoint`); the base keeps the GGUF's own name as its real id (item 5), or
+    the --hub-id given, which is checked before any conversion."""
+    from conftest import IMPORT_RECORD
+
+    record = json.loads((smollm2_checkpoint.parent / IMPORT_RECORD).read_text())
+    calls = [tuple(c) for c in record["progress"]]
+    (total,) = {t for _, t in calls}
+    assert total == 272 + 3  # SmolLM2-135M's tensors, then the tokenizer, the save and the registration
+    assert [d for d, _ in calls] == list(range(total + 1))
+    assert record["hub_id"] == "Smollm2 135M 8k Lc100K Mix1 Ep2"  # its general.name (no source repo in it)
+    with Hub(tmp_path / "home") as hub:
+        with pytest.raises(InvalidOptionError, match="not a Hub repo id"):
+            hub.import_gguf(smollm2_gguf(), name="smol", hub_id="SmolLM2 135M")  # type: ignore[arg-type]
+        assert hub.list_bases() == [] and not (tmp_path / "home" / "bases" / "smol").exists()
 
 
 def test_run_with_an_adapter_equals_peft_generate(

@@ -54,10 +54,7 @@ def _linked_counts(conn: Connection) -> dict[str, int]:
 
 
 def _base_info(r: Any, counts: dict[str, int]) -> BaseInfo:
-    aliases = {r.name.lower()}
-    cfg = _json(r.config) or {}
-    if isinstance(cfg.get("_name_or_path"), str):
-        aliases.add(cfg["_name_or_path"].lower())
+    aliases = set(_aliases(r.name, r.config, r.hub_id))
     return BaseInfo(
         name=r.name,
         path=r.path,
@@ -70,7 +67,16 @@ def _base_info(r: Any, counts: dict[str, int]) -> BaseInfo:
         fingerprint=r.fingerprint,
         created_at=_iso(r.created_at) or "",
         num_adapters=sum(counts.get(a, 0) for a in aliases),
+        hub_id=r.hub_id,
     )
+
+
+def _aliases(name: str, config: Any, hub_id: str | None) -> list[str]:
+    """The names an adapter may declare a base by: its registered name, its real id, its config's
+    ``_name_or_path`` (lower case)."""
+    cfg = _json(config) or {}
+    found = [name, hub_id, cfg.get("_name_or_path")]
+    return [a.strip().lower().rstrip("/") for a in found if isinstance(a, str) and a.strip()]
 
 
 _BASE_COLUMNS = [
@@ -113,10 +119,15 @@ def base_for_model_name(conn: Connection, model_name: str | None) -> str | None:
     if not model_name:
         return None
     want = model_name.strip().lower().rstrip("/")
-    for name, cfg in conn.execute(select(base_models.c.name, type_coerce(base_models.c.config, Text))):
-        cfg = _json(cfg) or {}
-        if want in (name.lower(), str(cfg.get("_name_or_path") or "").lower()):
-            return str(name)
+    rows = conn.execute(
+        select(base_models.c.name, type_coerce(base_models.c.config, Text), base_models.c.hub_id).order_by(
+            base_models.c.name
+        )
+    ).all()
+    for aliases_of in (lambda r: [r[0].lower()], lambda r: _aliases(*r)):  # its own name first
+        found = next((r[0] for r in rows if want in aliases_of(r)), None)
+        if found is not None:
+            return str(found)
     return None
 
 

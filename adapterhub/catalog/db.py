@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 #: every migration revision this version of adapterhub knows, oldest first (a test checks it
 #: against migrations/versions)
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005")
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD = REVISIONS[-1]
 
 BUSY_TIMEOUT_MS = 60_000

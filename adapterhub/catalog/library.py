@@ -55,6 +55,7 @@ class BaseLayoutRow:
     fingerprint: str
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
+    hub_id: str | None = None
 
 
 class Library:
@@ -332,7 +333,7 @@ class Library:
         if found is None:
             return None
         r, shapes, config = found
-        return BaseLayoutRow(r.name, r.model_type, r.fingerprint, config, shapes)
+        return BaseLayoutRow(r.name, r.model_type, r.fingerprint, config, shapes, r.hub_id)
 
     def fingerprint_of(self, model_name: str | None) -> str | None:
         """The fingerprint of the registered base an adapter's declared base model names, if any."""

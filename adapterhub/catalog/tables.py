@@ -199,6 +199,7 @@ base_models = Table(
     Column("fingerprint", String(64), nullable=False, index=True),
     Column("config", JSON),
     Column("created_at", DateTime, nullable=False),
+    Column("hub_id", String(300)),  # its real id (a Hub repo id, a GGUF's name), for exports
     UniqueConstraint("name", name="uq_base_models_name"),
 )
 

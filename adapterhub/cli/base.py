@@ -51,10 +51,19 @@ class State:
         )
 
 
-def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--json`` / ``--csv`` on a command that prints records; resolves to ``mode`` (table|json|csv)."""
+#: the ``--json`` help of a command whose records are adapters
+ADAPTER_JSON = "Print JSON records (schemas/adapter.schema.json)."
 
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON records (schemas/adapter.schema.json).")
+
+def output_options(
+    f: Callable[..., Any] | None = None, *, json_help: str = "Print JSON."
+) -> Callable[..., Any]:
+    """``--json`` / ``--csv`` on a command that prints records; resolves to ``mode`` (table|json|csv).
+    ``@output_options(json_help=ADAPTER_JSON)`` on a command whose records are adapters."""
+    if f is None:
+        return functools.partial(output_options, json_help=json_help)
+
+    @click.option("--json", "as_json", is_flag=True, help=json_help)
     @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
     @functools.wraps(f)
     def wrapper(*args: Any, as_json: bool, as_csv: bool, **kwargs: Any) -> Any:
@@ -70,7 +79,25 @@ def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
 pass_state = click.make_pass_decorator(State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Group(click.Group):
+    """A group whose list of commands shows each command's summary (``short_help``, else the first
+    sentence of its help) whole: a long one wraps rather than being cut with "...". Its subgroups are
+    of this class too."""
+
+    group_class = type
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [
+            (name, cmd.get_short_help_str(limit=10_000))
+            for name in self.list_commands(ctx)
+            if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden
+        ]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--home",
     type=click.Path(file_okay=False),

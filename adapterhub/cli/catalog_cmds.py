@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..records import human_size
-from .base import State, cli, output_options, pass_state, progress_bar
+from .base import ADAPTER_JSON, State, cli, output_options, pass_state, progress_bar
 from .render import emit_fields, emit_json, emit_json_lines, emit_records
 
 LIST_COLUMNS = [
@@ -68,7 +68,7 @@ def _print_list(records: list[dict[str, Any]], mode: str) -> None:
     emit_records(records, LIST_COLUMNS, mode=mode, formatters={"size_bytes": human_size})
 
 
-@cli.command("add")
+@cli.command("add", short_help="Check adapters and add them to the catalog.")
 @click.argument("path", type=click.Path(), required=False)
 @click.option("--recursive", "-r", is_flag=True, help="PATH is a folder tree: add every adapter found in it.")
 @click.option(
@@ -88,7 +88,7 @@ def _print_list(records: list[dict[str, Any]], mode: str) -> None:
     is_flag=True,
     help="Convert adapter_model.bin with torch.load(weights_only=True) into safetensors.",
 )
-@output_options
+@output_options(json_help=ADAPTER_JSON)
 @pass_state
 def add_cmd(
     state: State,
@@ -176,7 +176,7 @@ BULK_COLUMNS = [("path", "path"), ("name", "name"), ("status", "status"), ("mess
     metavar="DATASET:METRIC",
     help="Best first by the latest evaluation record of METRIC on DATASET (e.g. qa:loss).",
 )
-@output_options
+@output_options(json_help=ADAPTER_JSON)
 @pass_state
 def list_cmd(state: State, mode: str, sort: str | None, **filters: Any) -> None:
     """List cataloged adapters, optionally filtered."""
@@ -197,7 +197,7 @@ def list_cmd(state: State, mode: str, sort: str | None, **filters: Any) -> None:
     _print_list(records, mode)
 
 
-@cli.command("search")
+@cli.command("search", short_help="Find adapters by name, description, tags or base model.")
 @click.argument("query")
 @filter_options
 @click.option(
@@ -212,7 +212,7 @@ def list_cmd(state: State, mode: str, sort: str | None, **filters: Any) -> None:
 @click.option(
     "--token", metavar="TOKEN", help="With --hub: access token (default: $HF_TOKEN or the stored login)."
 )
-@output_options
+@output_options(json_help=ADAPTER_JSON)
 @pass_state
 def search_cmd(
     state: State, query: str, mode: str, on_hub: bool, endpoint: str | None, token: str | None, **filters: Any
@@ -239,9 +239,9 @@ def search_cmd(
     _print_list(records, mode)
 
 
-@cli.command("show")
+@cli.command("show", short_help="Everything the catalog knows about one adapter.")
 @click.argument("name")
-@output_options
+@output_options(json_help=ADAPTER_JSON)
 @pass_state
 def show_cmd(state: State, name: str, mode: str) -> None:
     """Everything the catalog knows about one adapter: metadata, files, modules, lineage."""
@@ -324,7 +324,7 @@ def show_cmd(state: State, name: str, mode: str) -> None:
 @click.argument("name")
 @click.argument("tags", nargs=-1, required=True)
 @click.option("--remove", is_flag=True, help="Remove these tags instead of adding them.")
-@output_options
+@output_options(json_help=ADAPTER_JSON)
 @pass_state
 def tag_cmd(state: State, name: str, tags: tuple[str, ...], remove: bool, mode: str) -> None:
     """Add tags to an adapter (or remove them with --remove)."""
@@ -335,7 +335,7 @@ def tag_cmd(state: State, name: str, tags: tuple[str, ...], remove: bool, mode: 
         click.echo(f"{info.name}: tags {', '.join(info.tags) or '(none)'}")
 
 
-@cli.command("rm")
+@cli.command("rm", short_help="Remove adapters from the catalog (and unshared files).")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_state
@@ -352,7 +352,7 @@ def rm_cmd(state: State, names: tuple[str, ...], yes: bool) -> None:
         click.echo(f"removed {', '.join(removed)}")
 
 
-@cli.command("export")
+@cli.command("export", short_help="Write an adapter out as PEFT, kohya, diffusers or GGUF.")
 @click.argument("name")
 @click.argument("dest", type=click.Path())
 @click.option(
@@ -381,7 +381,7 @@ def db_group() -> None:
     """Catalog database maintenance."""
 
 
-@db_group.command("upgrade")
+@db_group.command("upgrade", short_help="Apply pending schema migrations.")
 @pass_state
 def db_upgrade_cmd(state: State) -> None:
     """Apply pending schema migrations (adapterhub also does this when it opens a catalog)."""
@@ -392,7 +392,7 @@ def db_upgrade_cmd(state: State) -> None:
         click.echo(f"catalog schema at revision {rev}")
 
 
-@db_group.command("check")
+@db_group.command("check", short_help="Check the catalog and the store (exit 1 if wrong).")
 @click.option("--quick", is_flag=True, help="Check that stored files exist, without re-hashing them.")
 @output_options
 @pass_state
@@ -417,7 +417,7 @@ def db_check_cmd(state: State, quick: bool, mode: str) -> None:
         raise click.exceptions.Exit(1)
 
 
-@db_group.command("gc")
+@db_group.command("gc", short_help="Remove unreferenced objects and leftovers of runs.")
 @click.option("--yes", "-y", is_flag=True, help="Remove them; without it, only list what would go.")
 @output_options
 @pass_state

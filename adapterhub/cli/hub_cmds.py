@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .base import State, cli, output_options, pass_state
+from .base import ADAPTER_JSON, State, cli, output_options, pass_state
 from .render import emit_json, emit_records
 
 
@@ -27,7 +27,7 @@ def remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@cli.command("push")
+@cli.command("push", short_help="Upload an adapter to a Hub repo.")
 @click.argument("name")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
@@ -65,7 +65,7 @@ def push_cmd(
     click.echo(res.commit_url)
 
 
-@cli.command("pull")
+@cli.command("pull", short_help="Download an adapter from a Hub repo and catalog it.")
 @click.argument("repo_id", metavar="REPO_ID[@REVISION]")
 @click.option("--name", help="Catalog name (default: the name in adapterhub.json, else the repo name).")
 @click.option(
@@ -74,7 +74,7 @@ def push_cmd(
     help="Accept adapter_model.bin, converted with torch.load(weights_only=True) into safetensors.",
 )
 @remote_options
-@output_options
+@output_options(json_help=ADAPTER_JSON)
 @pass_state
 def pull_cmd(
     state: State,
@@ -104,7 +104,7 @@ def pull_cmd(
             click.echo(f"{res.source} is already cataloged as {res.adapter.name}; nothing to do")
 
 
-@cli.command("serve")
+@cli.command("serve", short_help="Run a Hub-compatible adapter server with web pages.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -232,7 +232,7 @@ def token_list_cmd(state: State, mode: str) -> None:
     emit_records(rows, cols, mode=mode, title="tokens")
 
 
-@token_group.command("revoke")
+@token_group.command("revoke", short_help="Revoke a token, by its id or the token itself.")
 @click.argument("token_or_id", metavar="ID_OR_TOKEN")
 @pass_state
 def token_revoke_cmd(state: State, token_or_id: str) -> None:

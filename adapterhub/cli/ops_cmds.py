@@ -28,7 +28,7 @@ WEIGHT_HELP = (
 )
 
 
-@cli.command("merge")
+@cli.command("merge", short_help="Fold adapters into a base and write a new checkpoint.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option(
@@ -44,7 +44,7 @@ WEIGHT_HELP = (
     show_default=True,
     help="Output dtype of the weights.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--unmerge",
     is_flag=True,
@@ -108,7 +108,13 @@ def combine_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 show_default=True,
                 help="With --rank auto: the share of energy (squared Frobenius norm) each module keeps.",
             ),
-            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+            click.option(
+                "--device",
+                metavar="DEV",
+                default="auto",
+                show_default=True,
+                help="auto, cpu, cuda or cuda:N.",
+            ),
             click.option(
                 "--tag", "tags", multiple=True, metavar="TAG", help="Tag the new adapter; repeat for more."
             ),
@@ -150,7 +156,7 @@ def _print_summary(state: State, summary: Any, as_json: bool) -> None:
         )
 
 
-@cli.command("combine")
+@cli.command("combine", short_help="Combine adapters into a new cataloged adapter.")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--name", required=True, help="Catalog name of the new adapter.")
 @click.option(
@@ -208,7 +214,7 @@ def combine_cmd(
     _print_summary(state, summary, as_json)
 
 
-@cli.command("resize")
+@cli.command("resize", short_help="Reduce an adapter's rank (truncated SVD per module).")
 @click.argument("adapter")
 @click.option("--rank", required=True, metavar="R|auto", help="New rank (an integer, or auto with --keep).")
 @click.option("--name", required=True, help="Catalog name of the resized adapter.")
@@ -232,7 +238,7 @@ def resize_cmd(
     _print_summary(state, summary, as_json)
 
 
-@cli.command("extract")
+@cli.command("extract", short_help="Extract a LoRA from a full fine-tune (SVD of the change).")
 @click.argument("base")
 @click.argument("finetuned", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -281,12 +287,12 @@ def extract_cmd(
     _print_summary(state, summary, as_json)
 
 
-@cli.command("compose")
+@cli.command("compose", short_help="Run a composition recipe step by step.")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--dry-run", is_flag=True, help="Check the recipe and the inputs, print the plan, write nothing."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan / results as JSON.")
 @pass_state
 def compose_cmd(state: State, recipe: str, dry_run: bool, device: str, as_json: bool) -> None:

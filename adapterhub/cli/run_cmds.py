@@ -11,7 +11,7 @@ from .ops_cmds import parse_weighted
 from .render import emit_json
 
 
-@cli.command("run")
+@cli.command("run", short_help="Answer a prompt with a base and adapters, or embed it.")
 @click.argument("base")
 @click.argument("prompt", required=False)
 @click.option(

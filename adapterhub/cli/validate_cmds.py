@@ -10,6 +10,8 @@ from ..records import human_size
 from .base import State, cli, output_options, pass_state, progress_bar
 from .render import emit_fields, emit_json, emit_records
 
+HUB_ID_HELP = "Its Hub repo id, which exports name as the base of adapters trained on it"
+
 BASE_COLUMNS = [
     ("name", "name"),
     ("model_type", "model type"),
@@ -22,23 +24,24 @@ BASE_COLUMNS = [
 ]
 
 
-@cli.group("base")
+@cli.group("base", short_help="Register base checkpoints to check adapters against.")
 def base_group() -> None:
     """Register base checkpoints so adapters can be checked against them from the catalog."""
 
 
-@base_group.command("add")
+@base_group.command("add", short_help="Register a base checkpoint folder (headers only).")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--name", help="Name to register it under (default: the folder name).")
+@click.option("--hub-id", metavar="OWNER/NAME", help=HUB_ID_HELP + " (default: config.json's _name_or_path).")
 @output_options
 @pass_state
-def base_add_cmd(state: State, path: str, name: str | None, mode: str) -> None:
+def base_add_cmd(state: State, path: str, name: str | None, hub_id: str | None, mode: str) -> None:
     """Register a base checkpoint folder (safetensors shards + config.json), reading headers only."""
-    info = state.hub.add_base(path, name=name)
+    info = state.hub.add_base(path, name=name, hub_id=hub_id)
     _print_bases([info.to_dict()], mode)
 
 
-@base_group.command("import-gguf")
+@base_group.command("import-gguf", short_help="Dequantize a GGUF model and register it as a base.")
 @click.argument("gguf", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", required=True, help="Name to register the base under.")
 @click.option(
@@ -48,14 +51,20 @@ def base_add_cmd(state: State, path: str, name: str | None, mode: str) -> None:
     show_default=True,
     help="dtype of the dequantized checkpoint.",
 )
+@click.option(
+    "--hub-id", metavar="OWNER/NAME", help=HUB_ID_HELP + " (default: the GGUF's source repo or general.name)."
+)
 @output_options
 @pass_state
-def base_import_gguf_cmd(state: State, gguf: str, name: str, dtype: str, mode: str) -> None:
+def base_import_gguf_cmd(
+    state: State, gguf: str, name: str, dtype: str, hub_id: str | None, mode: str
+) -> None:
     """Dequantize a GGUF model (llama.cpp / ollama) into a safetensors checkpoint under the home and
     register it as a base (needs the gguf and accelerate packages)."""
     if not state.quiet and mode == "table":
         click.echo(f"converting {gguf} (this reads and dequantizes every tensor) ...", err=True)
-    info = state.hub.import_gguf(gguf, name=name, dtype=dtype)
+    with progress_bar(state, f"importing {name}", unit_bytes=False) as bar:
+        info = state.hub.import_gguf(gguf, name=name, dtype=dtype, hub_id=hub_id, progress=bar)
     _print_bases([info.to_dict()], mode)
 
 
@@ -118,7 +127,7 @@ MAX_ROWS_PER_CHECK = 4
 STATUS_STYLE = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]", "error": "[red]error[/red]"}
 
 
-@cli.command("validate")
+@cli.command("validate", short_help="Check adapters: sound, fit a base, free of conflicts.")
 @click.argument("targets", nargs=-1)
 @click.option(
     "--base", metavar="NAME|PATH", help="Check the fit to this base (registered name or checkpoint folder)."

@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import faults
 from ..errors import InvalidAdapterError, RemoteError
+from ..services.adapters import config_naming_public_base
 from .card import model_card
 from .client import check_repo_id, hub_client, resolve_endpoint
 from .results import PushResult
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
+    from ..records import AdapterInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,15 @@ def public_source(source: str | None) -> str | None:
     if "@" in source and not source.startswith(("/", ".", "~")) and ":\\" not in source:
         return source
     return None
+
+
+def _with_public_base(lib: Library, info: AdapterInfo) -> AdapterInfo:
+    """``info`` naming its base by the real id when its declared base is a registered base's local name
+    (the card's ``base_model`` must be something the Hub resolves)."""
+    import dataclasses
+
+    found = lib.bases(info.base_model) if info.base_model else []
+    return dataclasses.replace(info, base_model=found[0].public_id) if found else info
 
 
 def record_bytes(record: dict[str, Any]) -> bytes:
@@ -83,13 +94,17 @@ def push_adapter(
         if "/" not in repo_id:
             repo_id = f"{api.whoami()['name']}/{repo_id}"
         check_repo_id(repo_id)
-        readme = model_card(info, repo_id).encode()
+        readme = model_card(_with_public_base(lib, info), repo_id).encode()
         ops = []
         by_role = {f.role: f for f in info.files or ()}
         for role, path in (("config", files.config), ("weights", files.weights)):
             if path is None:
                 continue
             f = by_role[role]
+            renamed = config_naming_public_base(lib, path.read_bytes()) if role == "config" else None
+            if renamed is not None:  # it names the base by its real id, as an export does
+                ops.append(CommitOperationAdd(path_in_repo=f.filename, path_or_fileobj=renamed))
+                continue
             op = CommitOperationAdd(path_in_repo=f.filename, path_or_fileobj=str(path))
             op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known from the store: no second hashing pass
             ops.append(op)

@@ -143,7 +143,8 @@ def export_adapter(
     llama.cpp / ollama GGUF LoRA (``.gguf``; needs the adapter's base registered, for its head counts).
     A kohya UNet LoRA converts to diffusers with its registered base's (the UNet's) key list.
 
-    In its own format the stored files are copied byte for byte; otherwise it is converted. With
+    In its own format the stored files are copied byte for byte (but for a PEFT config naming a registered
+    base by its local name: it names the base's real id, as conversions do); otherwise it is converted. With
     ``overwrite`` an earlier export is replaced once the new one is complete; anything else (the current
     folder, the home, a folder holding other files) is refused.
     """
@@ -208,11 +209,14 @@ def _write_export(
                 lib.store.copy_out(
                     f.sha256, tmp / f.filename, progress=progress if f.role == "weights" else None
                 )
+                if f.role == "config" and fmt == "peft":
+                    _name_the_base(lib, tmp / f.filename)
             weights_name = next(f.filename for f in info.files or () if f.role == "weights")
             produced = tmp if fmt == "peft" else tmp / weights_name
         else:
             weights = read_adapter(files, load=True)
-            weights.base_model = info.base_model or weights.base_model  # the catalog's word (add --base)
+            # the catalog's word (add --base), by the base's real id when it is a registered one's name
+            weights.base_model = public_base_id(lib, info.base_model or weights.base_model)
             target = tmp if fmt == "peft" else tmp / out.name
             base_config = None
             if base is not None and fmt == "gguf":
@@ -243,6 +247,36 @@ def _write_export(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def public_base_id(lib: Library, declared: str | None) -> str | None:
+    """What an adapter should name as its base outside this home: for the local name of a registered base
+    whose real id is known (`BaseInfo.hub_id`), that id; anything else as it is."""
+    found = lib.bases(declared) if declared else []
+    return found[0].public_id if found else declared
+
+
+def _name_the_base(lib: Library, config: Path) -> None:
+    renamed = config_naming_public_base(lib, config.read_bytes())
+    if renamed is not None:
+        config.write_bytes(renamed)
+
+
+def config_naming_public_base(lib: Library, config: bytes) -> bytes | None:
+    """An adapter_config.json whose base_model_name_or_path is a registered base's local name, rewritten
+    to name the base's real id (PEFT and the Hub cannot resolve a local name); None when it needs no change."""
+    import json
+
+    try:
+        doc = json.loads(config)
+    except ValueError:
+        return None
+    declared = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
+    public = public_base_id(lib, declared) if isinstance(declared, str) else None
+    if public is None or public == declared:
+        return None
+    doc["base_model_name_or_path"] = public
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _check_destination(lib: Library, out: Path, *, fmt: str, overwrite: bool) -> None:

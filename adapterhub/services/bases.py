@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..errors import AdapterHubError, AdapterNotFoundError, BaseModelError, InvalidOptionError
 from ..names import check_name
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from ..lora import LoraWeights
     from ..ops.validate import BaseLayout, Check, ValidationReport
     from ..records import BaseInfo
+    from ..store import Progress
 
 
 #: what ``validate(for_=...)`` checks an adapter for
@@ -27,8 +30,39 @@ def _not_registered(name: str) -> BaseModelError:
     return BaseModelError(f"no base model named {name!r} is registered; `adapterhub base list` shows them")
 
 
-def add_base(lib: Library, path: str | os.PathLike[str], *, name: str | None = None) -> BaseInfo:
-    """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only."""
+#: a Hugging Face Hub repo id, ``owner/name``
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def check_hub_id(hub_id: str) -> str:
+    if not HUB_ID_RE.match(hub_id) or ".." in hub_id or hub_id.endswith((".", "-")):
+        raise InvalidOptionError(
+            f"--hub-id {hub_id!r} is not a Hub repo id; give OWNER/NAME, as HuggingFaceTB/SmolLM2-135M"
+        )
+    return hub_id
+
+
+def _hub_id_of(config: dict[str, Any]) -> str | None:
+    """A folder's own record of where it came from: its config's ``_name_or_path`` when that is a Hub
+    repo id (not a local path)."""
+    where = config.get("_name_or_path")
+    if isinstance(where, str) and HUB_ID_RE.match(where) and not Path(where).exists():
+        return where
+    return None
+
+
+def add_base(
+    lib: Library, path: str | os.PathLike[str], *, name: str | None = None, hub_id: str | None = None
+) -> BaseInfo:
+    """Register a base checkpoint folder: tensor names, shapes and dtypes from its headers only.
+    ``hub_id`` is its real id (default: the config's ``_name_or_path`` when that is a Hub repo id),
+    which exports write as the base of the adapters trained on it."""
+    return _register(lib, path, name=name, hub_id=check_hub_id(hub_id) if hub_id is not None else None)
+
+
+def _register(
+    lib: Library, path: str | os.PathLike[str], *, name: str | None, hub_id: str | None
+) -> BaseInfo:
     from ..formats.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(path)
@@ -45,6 +79,7 @@ def add_base(lib: Library, path: str | os.PathLike[str], *, name: str | None = N
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
         "fingerprint": ckpt.fingerprint,
         "config": dict(ckpt.config) or None,
+        "hub_id": hub_id if hub_id is not None else _hub_id_of(dict(ckpt.config)),
     }
     tensors = [(n, info.shape, info.dtype) for n, (_, info) in sorted(ckpt.tensors.items())]
     if not lib.insert_base(row, tensors):
@@ -80,7 +115,7 @@ def base_layout(lib: Library, base: str | os.PathLike[str]) -> BaseLayout:
             model_type=found.model_type,
             fingerprint=found.fingerprint,
             config=found.config,
-            aliases=(alias,) if isinstance(alias, str) and alias else (),
+            aliases=tuple(a for a in (found.hub_id, alias) if isinstance(a, str) and a),
         )
     if not Path(base).is_dir():
         raise BaseModelError(
@@ -240,11 +275,55 @@ def compatible_names(lib: Library, base: str | os.PathLike[str]) -> set[str]:
     return {r.subject for r in validate_catalog(lib, base=base) if r.ok}
 
 
+def gguf_hub_id(gguf: str | os.PathLike[str]) -> str | None:
+    """A GGUF model's own record of what it is: its Hub source repo (``general.source.huggingface
+    .repository``, or a ``general.source.url`` on huggingface.co), else its ``general.name``."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(gguf)).fields
+    except (ImportError, OSError, ValueError, KeyError, IndexError):
+        return None
+
+    def text(key: str) -> str | None:
+        f = fields.get(key)
+        try:
+            value = f.contents() if f is not None else None
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return None
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    repo = text("general.source.huggingface.repository")
+    if repo and HUB_ID_RE.match(repo):
+        return repo
+    url = re.match(r"^https://huggingface\.co/([^/?#]+/[^/?#]+)/?$", text("general.source.url") or "")
+    if url and HUB_ID_RE.match(url.group(1)):
+        return url.group(1)
+    return text("general.name")
+
+
+class GgufOptions(TypedDict, total=False):
+    """The options of `import_gguf` beside the file and the name."""
+
+    dtype: str
+    hub_id: str | None
+    progress: Progress | None
+
+
 def import_gguf(
-    lib: Library, gguf: str | os.PathLike[str], *, name: str, dtype: str = "bfloat16"
+    lib: Library,
+    gguf: str | os.PathLike[str],
+    *,
+    name: str,
+    dtype: str = "bfloat16",
+    hub_id: str | None = None,
+    progress: Progress | None = None,
 ) -> BaseInfo:
     """Dequantize a GGUF checkpoint (llama.cpp's format) with transformers, save it as a safetensors
-    checkpoint with its tokenizer under ``HOME/bases/``, and register it as base ``name``."""
+    checkpoint with its tokenizer under ``HOME/bases/``, and register it as base ``name``; its real id
+    is ``hub_id``, else what the GGUF says it is (`gguf_hub_id`). ``progress(done, total)`` follows the
+    whole import in steps: one per tensor dequantized, then the tokenizer, the save and the registration
+    (the first report comes once transformers has read the GGUF's metadata and starts on the tensors)."""
     import shutil
     import tempfile
 
@@ -252,6 +331,8 @@ def import_gguf(
 
     src = Path(gguf)
     check_name(name)
+    if hub_id is not None:
+        check_hub_id(hub_id)
     if lib.bases(name):
         raise BaseModelError(
             f"a base model named {name!r} is already registered; pick another --name or remove it first"
@@ -266,19 +347,75 @@ def import_gguf(
         raise BaseModelError(f"{dest} already exists; remove it or pick another --name", path=str(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=scratch_prefix(".import")))
+    steps = _Steps(progress)
     try:
-        _convert_gguf(src, tmp, dtype=dtype)
+        _convert_gguf(src, tmp, dtype=dtype, steps=steps)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     try:
-        return add_base(lib, dest, name=name)
+        info = _register(lib, dest, name=name, hub_id=hub_id or gguf_hub_id(src))
+        steps.step()
+        return info
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
 
 
-def _convert_gguf(src: Path, out: Path, *, dtype: str) -> None:
+class _Steps:
+    """The import's progress: ``tensors`` steps of dequantization (known once they start), then
+    `AFTER_TENSORS` more (tokenizer, save, registration)."""
+
+    AFTER_TENSORS = 3
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.tensors = 0
+        self.done = 0
+
+    def tensor(self, done: int, total: int) -> None:
+        self.tensors, self.done = total, done
+        self._report()
+
+    def step(self) -> None:
+        self.done += 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.tensors + self.AFTER_TENSORS)
+
+
+@contextlib.contextmanager
+def _tensor_progress(report: Callable[[int, int], None]) -> Iterator[None]:
+    """Count the tensors transformers dequantizes while loading a GGUF: its loop runs over
+    ``tqdm(reader.tensors)`` in `transformers.modeling_gguf_pytorch_utils`, which this swaps for a counter
+    for the duration (and so for the one bar of the import rather than a tqdm bar of its own)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # a transformers that loads GGUF tensors otherwise: no per-tensor steps
+        yield
+        return
+
+    def counted(items: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(items)
+        for i, item in enumerate(items):
+            report(i, len(items))
+            yield item
+        report(len(items), len(items))
+
+    gguf_utils.tqdm = counted
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _convert_gguf(src: Path, out: Path, *, dtype: str, steps: _Steps) -> None:
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -292,16 +429,19 @@ def _convert_gguf(src: Path, out: Path, *, dtype: str) -> None:
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(src.parent),
-            gguf_file=src.name,
-            quantization_config=GgufConfig(dequantize=True),
-            dtype=torch_dtype,
-        )
+        with _tensor_progress(steps.tensor):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.parent),
+                gguf_file=src.name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch_dtype,
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        steps.step()
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise BaseModelError(
             f"transformers cannot read {src} as a GGUF model: {str(exc).splitlines()[0]}"
         ) from None
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    steps.step()

@@ -340,9 +340,9 @@ def extract_adapter(
     keys = [k for k in f.tensors if k in b.tensors]
     if not keys:
         raise BaseModelError(f"{finetuned} and {base} share no tensor names; is it a fine-tune of that base?")
-    # a registered base is recorded under the name it was given; a folder under its checkpoint's own name
-    registered = not Path(base).is_dir()
-    base_model = str(base) if registered else (b.config.get("_name_or_path") or str(base))
+    # a registered base is recorded under its real id (else its name); a folder under its checkpoint's own name
+    registered = lib.bases(str(base)) if not Path(base).is_dir() else []
+    base_model = registered[0].public_id if registered else (b.config.get("_name_or_path") or str(base))
     with _LazyTensors(b) as bt, _LazyTensors(f) as ft:
         result = extract(
             bt, ft, rank=_rank(rank), keep=keep, max_rank=max_rank, svd=svd, keys=keys,  # type: ignore[arg-type]

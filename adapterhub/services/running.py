@@ -202,8 +202,8 @@ def saver(lib: Library, model: Any, *, base: str | None = None) -> Callable[...,
         info = lib.bases(base)[0] if base and lib.bases(base) else registered_base(lib, model)
         params = {"base_fingerprint": info.fingerprint if info else None, **(lineage or {})}
         parent = info.name if info else (weights.base_model or "unknown")
-        if info is not None:
-            weights.base_model = weights.config["base_model_name_or_path"] = info.name
+        if info is not None:  # its real id: what PEFT and the Hub resolve (the catalog links the local name)
+            weights.base_model = weights.config["base_model_name_or_path"] = info.public_id
         lib.store.tmp.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("trained")))
         try:

@@ -1,6 +1,6 @@
 """Web pages beside the API: ``/`` (hosted repos and the catalog), ``/{owner}/{name}`` (a hosted repo),
 ``/{owner}/{name}/raw/{path}`` (one of its files, read with the login cookie), ``/adapters/{name}``
-(a cataloged adapter), ``/login`` and ``/logout``, and ``/static/...`` (this
+(a cataloged adapter), ``/bases/{name}`` (a registered base and the adapters that fit it), ``/login`` and ``/logout``, and ``/static/...`` (this
 package's own CSS, script and icon; nothing comes from another site).
 
 Pages see exactly what the API shows the same token: the login form keeps the token in an HttpOnly,
@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import ForbiddenError
 from ..records import TokenInfo
 from .adapter import adapter_body
+from .base import base_body
 from .html import render
 from .index import index_body
 from .layout import message_page, page
@@ -149,6 +150,20 @@ async def adapter(request: Request, name: str) -> Response:
             if shown is not None:
                 return html_response(request, page(request, shown[0], shown[1], user), started=started)
         return not_found(request, user, f"adapter called {name!r}")
+    return html_response(request, page(request, found[0], found[1], user), started=started)
+
+
+@router.api_route("/bases/{name:path}", methods=READ, include_in_schema=False)
+async def base(request: Request, name: str) -> Response:
+    started = time.perf_counter()
+    user = await page_user(request)
+    found = await base_body(request, name, user)
+    if found is None:
+        if name.count("/") == 0:  # a hosted repo in a namespace called "bases"
+            shown = await repo_body(request, "bases", name, user)
+            if shown is not None:
+                return html_response(request, page(request, shown[0], shown[1], user), started=started)
+        return not_found(request, user, f"base model called {name!r}")
     return html_response(request, page(request, found[0], found[1], user), started=started)
 
 

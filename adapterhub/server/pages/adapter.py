@@ -4,6 +4,7 @@ picture, the registered bases it fits, and the singular-value spectra of its mod
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -12,9 +13,10 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import AdapterHubError, AdapterNotFoundError
-from ...records import AdapterInfo, human_size
+from ...records import AdapterInfo, BaseInfo, human_size
 from ..privacy import is_private, may_see
 from ..records import TokenInfo
+from .base import base_href, base_link, registered_base
 from .html import Safe, definition_list, join, number, render, table, when
 from .spectra import spectra
 from .state import hub_of
@@ -31,11 +33,12 @@ def adapter_href(name: str) -> str:
     return "/adapters/" + quote(name, safe="/")
 
 
-def metadata(info: AdapterInfo) -> Safe:
+def metadata(info: AdapterInfo, bases: list[BaseInfo] | None = None) -> Safe:
+    base = registered_base(bases or [], info.base_model)
     return definition_list(
         [
             ("Format", f"{info.format}" + (f" ({info.peft_type})" if info.peft_type else "")),
-            ("Base model", info.base_model),
+            ("Base model", _base_cell(info.base_model, base)),
             ("Rank", info.rank),
             ("Alpha", number(info.alpha)),
             ("rsLoRA", "yes" if info.use_rslora else None),
@@ -55,8 +58,22 @@ def metadata(info: AdapterInfo) -> Safe:
     )
 
 
+def _base_cell(declared: str | None, base: BaseInfo | None) -> Any:
+    """The declared base, linked to the page of the registered base it names (if any)."""
+    if base is None:
+        return declared
+    if base.name == declared:
+        return base_link(base.name)
+    return render("{d} ({link})", d=declared, link=base_link(base.name))
+
+
+def module_order(module: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key: the numbers in a module name as numbers (layer 2 before layer 10)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", module) if p)
+
+
 def modules_table(info: AdapterInfo) -> Safe:
-    mods = list(info.modules or ())
+    mods = sorted(info.modules or (), key=lambda m: module_order(m.module))
     rows = [
         (render("<code>{m}</code>", m=m.module), m.kind, render('<span class="num">{v}</span>', v=m.in_features),
          render('<span class="num">{v}</span>', v=m.out_features), render('<span class="num">{v}</span>', v=m.rank),
@@ -69,11 +86,19 @@ def modules_table(info: AdapterInfo) -> Safe:
     )
 
 
-def lineage(info: AdapterInfo, endpoint: str, visible: Callable[[str], bool]) -> Safe:
+def lineage(
+    info: AdapterInfo, endpoint: str, visible: Callable[[str], bool], bases: frozenset[str] = frozenset()
+) -> Safe:
     """Parents, children, merges and pushes; parents and children that the viewer may not see (private
-    ones) are left out."""
+    ones) are left out. A trained adapter's parent is its base: linked to the base's page when registered."""
+
+    def parent_href(name: str, method: str) -> str | None:
+        if method == "train":
+            return base_href(name) if name in bases else None
+        return adapter_href(name)
+
     parents = [Node(p.name, f"{p.method}" + (f" × {p.weight:g}" if p.weight is not None else ""),
-                    adapter_href(p.name)) for p in info.parents if visible(p.name)]  # fmt: skip
+                    parent_href(p.name, p.method)) for p in info.parents if visible(p.name)]  # fmt: skip
     after = [Node(c, "child", adapter_href(c)) for c in info.children or () if visible(c)]
     after += [Node(m.out.rstrip("/").rsplit("/", 1)[-1] or m.out, f"{'unmerged from' if m.unmerge else 'merged into'} {m.base} × {m.weight:g}", None, "merge", f"{m.out}: {'unmerged from' if m.unmerge else 'merged into'} {m.base}")
               for m in info.merges or ()]  # fmt: skip
@@ -83,6 +108,8 @@ def lineage(info: AdapterInfo, endpoint: str, visible: Callable[[str], bool]) ->
     me = Node(info.name, f"{info.format}, rank {info.rank}", None, "self")
     items = [
         render("<li>parent <a href='{h}'>{n}</a> ({d})</li>", h=n.href, n=n.label, d=n.detail)
+        if n.href
+        else render("<li>parent {n} ({d})</li>", n=n.label, d=n.detail)
         for n in parents
     ]
     items += [render("<li>{k} {t}</li>", k=n.kind, t=n.title or f"{n.label}: {n.detail}") for n in after]
@@ -107,7 +134,7 @@ def fits(hub: Hub, info: AdapterInfo) -> Safe:
         try:
             (report,) = hub.validate_catalog(base=b.name, names=[info.name])
         except AdapterHubError as exc:
-            rows.append((b.name, Safe('<span class="bad">cannot check</span>'), str(exc)))
+            rows.append((base_link(b.name), Safe('<span class="bad">cannot check</span>'), str(exc)))
             continue
         verdict = Safe(
             '<span class="ok">fits</span>' if report.ok else '<span class="bad">does not fit</span>'
@@ -116,7 +143,7 @@ def fits(hub: Hub, info: AdapterInfo) -> Safe:
         detail = "; ".join(c.message for c in problems[:3]) + (
             f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         )
-        rows.append((b.name, verdict, detail))
+        rows.append((base_link(b.name), verdict, detail))
     return table("Registered bases", ("Base", "Verdict", "Details"), rows, css="grid fits")
 
 
@@ -191,6 +218,7 @@ async def adapter_body(request: Request, name: str, user: TokenInfo | None) -> t
     except AdapterNotFoundError:
         return None
     endpoint = str(request.base_url).rstrip("/")
+    bases = await run_in_threadpool(hub.list_bases)
     files = table("Stored files", ("File", "Role", "Size", "sha256"),
                   [(f.filename, f.role, human_size(f.size_bytes), render('<code class="hash">{h}</code>', h=f.sha256))
                    for f in info.files or ()])  # fmt: skip
@@ -199,7 +227,7 @@ async def adapter_body(request: Request, name: str, user: TokenInfo | None) -> t
         '<section aria-labelledby="mod-h"><h2 id="mod-h">Modules</h2>{mods}</section>{lineage}'
         '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
         '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
-        name=info.name, desc=info.description or "", meta=metadata(info), mods=modules_table(info),
-        lineage=lineage(info, endpoint, visible_to(hub, user)), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,
+        name=info.name, desc=info.description or "", meta=metadata(info, bases), mods=modules_table(info),
+        lineage=lineage(info, endpoint, visible_to(hub, user), frozenset(b.name for b in bases)), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,
     )  # fmt: skip
     return info.name, body
