@@ -4,7 +4,7 @@ config, and the cataloged adapters that fit it (those the viewer may see)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import Request
@@ -15,7 +15,10 @@ from ...records import BaseInfo, human_size
 from ..privacy import is_private, may_see
 from ..records import TokenInfo
 from .html import Safe, definition_list, number, render, table, when
-from .state import CatalogHub, hub_of
+from .state import hub_of
+
+if TYPE_CHECKING:
+    from ...hub import Hub
 
 CONFIG_VALUE_CHARS = 300
 
@@ -70,7 +73,7 @@ def adapters_table(records: list[dict[str, Any]]) -> Safe:
 
 
 def load(
-    hub: CatalogHub, name: str, user: TokenInfo | None
+    hub: Hub, name: str, user: TokenInfo | None
 ) -> tuple[BaseInfo, dict[str, Any], list[dict[str, Any]]] | None:
     """What the page shows, or None when no base ``name`` is registered."""
     info = next((b for b in hub.list_bases() if b.name == name), None)
