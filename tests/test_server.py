@@ -33,7 +33,7 @@ class Server:
     def __init__(self, home: Path, db: str | None = None) -> None:
         from adapterhub import Hub
 
-        self.home = home
+        self.home, self.db = home, db
         with Hub(home, db=db) as hub:
             self.alice = create_token(hub, "alice", write=True).token
             self.alice_read = create_token(hub, "alice").token

@@ -364,3 +364,22 @@ def test_hf_repos_list_cli(server: Server, hf: Any, tmp_path: Path) -> None:
     with pytest.raises(hf.errors.HfHubHTTPError) as err:
         list(hf.HfApi(endpoint=server.url, token=False).list_user_repos())
     assert err.value.response.status_code == 401
+
+
+def test_repos_list_matches_the_user_exactly(server: Server) -> None:
+    """Users differ by case (a token of ALICE reads none of alice's private repos), so the storage
+    listing of ``alice`` is not ALICE's either (the review found it listed them, case-folded)."""
+    from adapterhub import Hub
+    from adapterhub.server.tokens import create_token
+
+    with Hub(server.home, db=server.db) as hub:
+        upper = create_token(hub, "ALICE", write=True).token
+    status, _, _ = server.json("POST", "/api/repos/create", {"name": "case-secret", "private": True},
+                               token=server.alice)  # fmt: skip
+    assert status == 200
+    status, _, _ = server.json("GET", "/api/models/alice/case-secret", token=upper)
+    assert status == 404
+    status, _, rows = server.json("GET", "/api/settings/repositories", token=upper)
+    assert status == 200 and all(not r["id"].startswith("alice/") for r in rows), rows
+    status, _, _ = server.json("GET", "/api/organizations/alice/settings/repositories", token=upper)
+    assert status == 403

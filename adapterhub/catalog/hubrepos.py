@@ -159,7 +159,7 @@ class RepoRows:
     def namespace_storage(self, namespace: str) -> list[tuple[Repo, int]]:
         """The repos of ``namespace``, newest change first, each with the bytes its files take: every
         distinct file content any of its commits holds (what deleting the repo would free, at most)."""
-        mine = func.lower(hub_repos.c.namespace) == namespace.lower()
+        mine = hub_repos.c.namespace == namespace  # exact: users differ by case (as `may_read` has it)
         distinct = (
             select(hub_commits.c.repo_id, hub_commit_files.c.blob_oid, hub_commit_files.c.size)
             .join(hub_commits, hub_commits.c.id == hub_commit_files.c.commit_id)

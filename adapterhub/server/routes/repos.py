@@ -193,7 +193,7 @@ async def namespace_repositories(
     """The same for a namespace: only its own user may list it (this server has no organizations)."""
     if tok is None:
         raise UnauthorizedError("Authentication required: send a token of that namespace's user")
-    if ns.lower() != tok.user.lower():
+    if ns != tok.user:
         raise ForbiddenError(f"only {ns} may list the repositories of {ns}: your token belongs to {tok.user}")
     return await _repositories(request, ns)
 
