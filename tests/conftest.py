@@ -10,19 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _pg import PostgresServer, postgres_server  # noqa: E402
+from helpers.pg import PostgresServer, postgres_server
 
-from adapterhub import Hub  # noqa: E402
+from adapterhub import Hub
 
 BACKENDS = ("sqlite", "postgresql")
 

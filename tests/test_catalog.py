@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _adapters import BASE_NAME, make_all, make_kohya
+from helpers.adapters import BASE_NAME, make_all, make_kohya
 
 from adapterhub import (
     AdapterExistsError,

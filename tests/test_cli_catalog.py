@@ -9,8 +9,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from _adapters import make_all, make_kohya
-from _cli import Cli
+from helpers.adapters import make_all, make_kohya
+from helpers.cli import Cli
 
 from adapterhub.cli import main
 from adapterhub.resources import load_schema

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _adapters import make_all
-from _cli import Cli
+from helpers.adapters import make_all
+from helpers.cli import Cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +55,11 @@ def test_a_new_home_is_announced(cli: Cli) -> None:
 def test_a_file_too_large_names_the_file(made: dict[str, Path], tmp_path: Path) -> None:
     """A write error (here EFBIG under a file size limit, as ENOSPC or EROFS would be) is one line with the
     path, and the export leaves nothing behind."""
-    from _adapters import make_adapter
+    from helpers.adapters import make_catalog_adapter
 
-    big = make_adapter(tmp_path / "big", 128, 128, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+    big = make_catalog_adapter(
+        tmp_path / "big", 128, 128, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
+    )
     assert (big / "adapter_model.safetensors").stat().st_size > 300_000
     home = tmp_path / "home"
     code = (

@@ -12,8 +12,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-from _adapters import make_adapter
-from _cli import Cli
+from helpers.adapters import make_catalog_adapter
+from helpers.cli import Cli
 from test_server import Server, online_hf, start_server
 
 from adapterhub.resources import load_schema
@@ -31,7 +31,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_adapter(tmp_path_factory.mktemp("cli-hub") / "sql", 8, 16, ["q_proj", "v_proj"], seed=5)
+    return make_catalog_adapter(
+        tmp_path_factory.mktemp("cli-hub") / "sql", 8, 16, ["q_proj", "v_proj"], seed=5
+    )
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from test_validate import llama, save_adapter  # noqa: E402
+from test_validate import llama, save_adapter
 
-from adapterhub.cli import main  # noqa: E402
+from adapterhub.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _cli import home_args  # noqa: E402
-from test_validate import llama, save_adapter  # noqa: E402
+from helpers.cli import home_args
+from test_validate import llama, save_adapter
 
-from adapterhub import AdapterExistsError, AdapterNotFoundError, ComposeError, Hub, IncompatibleAdapterError  # noqa: E402
-from adapterhub.cli import main  # noqa: E402
-from adapterhub.compose import RecipeError, load_recipe  # noqa: E402
+from adapterhub import AdapterExistsError, AdapterNotFoundError, ComposeError, Hub, IncompatibleAdapterError
+from adapterhub.cli import main
+from adapterhub.compose import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.*"))

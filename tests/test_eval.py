@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from _evalkit import (
+from helpers.evalkit import (
     CHOICE_ROWS,
     MESSAGE_ROWS,
     PROMPT_ROWS,
@@ -18,7 +18,7 @@ from _evalkit import (
     tiny_checkpoint,
     write_jsonl,
 )
-from _models import peft_model
+from helpers.models import peft_model
 
 from adapterhub import InvalidOptionError
 from adapterhub.runtime import attach

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from _evalkit import CHOICE_ROWS, adapters_for, tiny_checkpoint, write_jsonl
-from _models import peft_model
+from helpers.evalkit import CHOICE_ROWS, adapters_for, tiny_checkpoint, write_jsonl
+from helpers.models import peft_model
 
 from adapterhub.runtime import attach
 from adapterhub.services.scoring import read_eval_data, score

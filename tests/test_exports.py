@@ -13,12 +13,12 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _models import make_adapter, save_model, tiny_llama  # noqa: E402
+from helpers.models import make_adapter, save_model, tiny_llama
 
-from adapterhub import Hub  # noqa: E402
-from adapterhub.errors import AdapterHubError, InvalidAdapterError  # noqa: E402
-from adapterhub.formats import detect, read_adapter  # noqa: E402
-from adapterhub.formats.gguf_lora import gguf_name, hf_name  # noqa: E402
+from adapterhub import Hub
+from adapterhub.errors import AdapterHubError, InvalidAdapterError
+from adapterhub.formats import detect, read_adapter
+from adapterhub.formats.gguf_lora import gguf_name, hf_name
 
 gguf = pytest.importorskip("gguf")
 
@@ -56,7 +56,7 @@ def _embedding_adapter(model: Any, dest: Path) -> Path:
     """An embed_tokens + lm_head LoRA saved without copies of the base layers."""
     import copy
 
-    from _models import randomize_adapter
+    from helpers.models import randomize_adapter
     from peft import LoraConfig, get_peft_model
 
     pm = get_peft_model(
@@ -185,7 +185,7 @@ def test_gguf_refusals(tmp_path: Path, world: dict[str, Path], name: str, expect
 
 
 def test_gguf_refuses_non_llama_and_unregistered_base(tmp_path: Path, world: dict[str, Path]) -> None:
-    from _models import tiny_gpt2
+    from helpers.models import tiny_gpt2
 
     hub = _hub(tmp_path, world)
     hub.add_adapter(world["all"], name="nobase")  # declared base is not registered
@@ -381,7 +381,7 @@ def test_llama_cpp_applies_the_export_like_peft(tmp_path: Path) -> None:
     import subprocess
 
     import numpy as np
-    from _models import randomize_adapter
+    from helpers.models import randomize_adapter
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -476,7 +476,7 @@ def test_gguf_read_refusals(
 def test_cli_export_gguf_into_a_folder_and_overwrite(
     tmp_path: Path, world: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from _cli import Cli
+    from helpers.cli import Cli
 
     cli = Cli(tmp_path / "home", capsys)
     cli("base", "add", str(world["llama"]), "--name", "tiny")
@@ -534,7 +534,7 @@ def test_exports_name_the_base_by_its_real_id(tmp_path: Path, capsys: pytest.Cap
     """A trained adapter, exported, names its base by the id PEFT and the Hub resolve (``base add
     --hub-id``, or the folder's ``_name_or_path``), not by the base's local name; the catalog still links
     it to the local base and `validate` still finds it fits, without a base-name warning."""
-    from _cli import Cli
+    from helpers.cli import Cli
     from transformers import AutoModelForCausalLM
 
     folder = save_model(tiny_llama(), tmp_path / "base")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _adapters import make_adapter, tiny_llama
+from helpers.adapters import make_catalog_adapter, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tiny_llama().save_pretrained(str(root / "base"))
     return {
         "base": root / "base",
-        "a": make_adapter(root / "a", 4, 8, ["q_proj", "v_proj"], seed=1),
-        "b": make_adapter(root / "b", 4, 8, ["q_proj"], seed=2),
+        "a": make_catalog_adapter(root / "a", 4, 8, ["q_proj", "v_proj"], seed=1),
+        "b": make_catalog_adapter(root / "b", 4, 8, ["q_proj"], seed=2),
     }
 
 

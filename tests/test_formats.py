@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from _formats_fixtures import (
+from helpers.formats_fixtures import (
     ConvNet,
     image_input,
     kohya_file,

@@ -13,17 +13,17 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _formats_fixtures import kohya_file, peft_linear_tensors, save_peft_tensors  # noqa: E402
-from _models import make_adapter, save_model, tiny_llama  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from helpers.formats_fixtures import kohya_file, peft_linear_tensors, save_peft_tensors
+from helpers.models import make_adapter, save_model, tiny_llama
+from safetensors.torch import save_file
 
-from adapterhub.errors import (  # noqa: E402
+from adapterhub.errors import (
     IncompatibleAdapterError,
     InvalidAdapterError,
     InvalidConfigError,
 )
-from adapterhub.formats import check_finite, detect, non_finite, read_adapter  # noqa: E402
-from adapterhub.ops import check_integrity, combine, merge_checkpoint  # noqa: E402
+from adapterhub.formats import check_finite, detect, non_finite, read_adapter
+from adapterhub.ops import check_integrity, combine, merge_checkpoint
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),

@@ -24,13 +24,13 @@ from torch import nn
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _formats_fixtures import lora_layers, peft_linear_tensors, save_peft_tensors  # noqa: E402
-from _models import randomize_adapter  # noqa: E402
+from helpers.formats_fixtures import lora_layers, peft_linear_tensors, save_peft_tensors
+from helpers.models import randomize_adapter
 
-from adapterhub.errors import InvalidConfigError  # noqa: E402
-from adapterhub.formats import detect, read_adapter  # noqa: E402
-from adapterhub.lora import LoraWeights  # noqa: E402
-from adapterhub.ops import check_integrity  # noqa: E402
+from adapterhub.errors import InvalidConfigError
+from adapterhub.formats import detect, read_adapter
+from adapterhub.lora import LoraWeights
+from adapterhub.ops import check_integrity
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -302,7 +302,7 @@ def test_other_tools_weights_get_a_hint(tmp_path: Path) -> None:
 
 
 def test_kohya_base_name_is_capped(tmp_path: Path) -> None:
-    from _formats_fixtures import kohya_file
+    from helpers.formats_fixtures import kohya_file
 
     from adapterhub.errors import InvalidAdapterError
 

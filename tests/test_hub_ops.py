@@ -13,14 +13,14 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _cli import home_args  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from test_validate import llama, save_adapter  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from helpers.cli import home_args
+from peft import PeftModel
+from test_validate import llama, save_adapter
+from transformers import LlamaForCausalLM
 
-from adapterhub import AdapterExistsError, Hub, IncompatibleAdapterError  # noqa: E402
-from adapterhub.cli import main  # noqa: E402
-from adapterhub.resources import load_schema  # noqa: E402
+from adapterhub import AdapterExistsError, Hub, IncompatibleAdapterError
+from adapterhub.cli import main
+from adapterhub.resources import load_schema
 
 
 @pytest.fixture(scope="module")

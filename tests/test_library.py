@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _adapters import make_all
+from helpers.adapters import make_all
 
 from adapterhub import Hub, OutputExistsError
 from adapterhub.store import Store
@@ -222,7 +222,7 @@ def test_json_output_is_standard_even_with_a_non_finite_value_in_an_old_row(
     """Older versions accepted ``lora_alpha: Infinity``; such a row must not make `list --json` invalid."""
     import json
 
-    from _cli import home_args
+    from helpers.cli import home_args
     from sqlalchemy import update
 
     from adapterhub.catalog.tables import adapters
@@ -246,7 +246,7 @@ def test_add_tree_catalogs_every_adapter_or_says_why_not(
 ) -> None:
     import shutil
 
-    from _adapters import make_kohya
+    from helpers.adapters import make_kohya
 
     root = tmp_path / "runs"
     shutil.copytree(made["sql-r8"], root / "sql" / "final")

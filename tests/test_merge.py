@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import (
+from helpers.models import (
     EXTRA_FILES,
     load_folder,
     make_adapter,

@@ -118,14 +118,14 @@ def csrf_of(headers: Any, body: str) -> str:
 
 def build_home(home: Path, work: Path) -> tuple[list[str], str, str]:
     """Two PEFT adapters, their combination (lineage), a merge, a kohya adapter, a registered base."""
-    from _adapters import BASE_NAME, make_adapter, make_kohya, tiny_llama
+    from helpers.adapters import BASE_NAME, make_catalog_adapter, make_kohya, tiny_llama
 
     base_dir = work / "base"
     tiny_llama().save_pretrained(str(base_dir), safe_serialization=True)
     with Hub(home) as hub:
         hub.add_base(base_dir, name=BASE_NAME)
-        make_adapter(work / "sql", 8, 16, ["q_proj", "v_proj"], seed=0)
-        make_adapter(work / "chat", 4, 8, ["q_proj", "k_proj", "v_proj", "o_proj"], seed=1)
+        make_catalog_adapter(work / "sql", 8, 16, ["q_proj", "v_proj"], seed=0)
+        make_catalog_adapter(work / "chat", 4, 8, ["q_proj", "k_proj", "v_proj", "o_proj"], seed=1)
         hub.add_adapter(work / "sql", name="sql-r8", tags=["sql"], description="Text to SQL <b>bold</b>")
         hub.add_adapter(
             work / "chat", name="chat-r4", tags=["chat"], description="<script>alert('desc')</script>"
@@ -169,7 +169,6 @@ def fill_repos(site: Site) -> None:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("pages")
     home = work / "home"
-    sys.path.insert(0, str(HERE))
     names, alice, bob = build_home(home, work)
     env = {
         k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME", "ADAPTERHUB_DB")
@@ -287,10 +286,10 @@ def test_private_catalog_adapters_are_shown_only_to_who_may_read_them(site: Site
     """A cataloged adapter tagged ``private`` (the rule the inference API follows) is not in the index,
     its rows, total or facets, has no page, and is not named as another adapter's child, unless the login
     may read it: ``owner/...`` its owner, a name without a namespace any token of the server."""
-    from _adapters import make_adapter
+    from helpers.adapters import make_catalog_adapter
 
-    make_adapter(tmp_path / "hidden", 4, 8, ["q_proj"], seed=5)
-    make_adapter(tmp_path / "shared", 4, 8, ["v_proj"], seed=6)
+    make_catalog_adapter(tmp_path / "hidden", 4, 8, ["q_proj"], seed=5)
+    make_catalog_adapter(tmp_path / "shared", 4, 8, ["v_proj"], seed=6)
     with Hub(site.home) as hub:
         hub.add_adapter(tmp_path / "hidden", name="alice/hidden-r4", tags=["private", "secretproject"],
                         description="alice keeps this to herself")  # fmt: skip
@@ -408,9 +407,9 @@ def test_adapter_page_and_cached_spectra_match_a_dense_svd(site: Site) -> None:
 def trained(site: Site, tmp_path: Path) -> Iterator[list[str]]:
     """For one test: ``tuned`` (made by `Runtime.create` / `save` on the site's base: its lineage parent
     is the base), ``deep`` (12 layers, for the module order) and ``alice/tuned-private`` (tagged private)."""
-    from _adapters import BASE_NAME
-    from _models import make_adapter as make
-    from _models import tiny_llama as build
+    from helpers.adapters import BASE_NAME
+    from helpers.models import make_adapter as make
+    from helpers.models import tiny_llama as build
     from transformers import AutoModelForCausalLM
 
     added = ["tuned", "deep", "alice/tuned-private"]

@@ -47,9 +47,9 @@ def _snapshot(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------- PEFT config reader
 @pytest.fixture(scope="module")
 def peft_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from _adapters import make_adapter
+    from helpers.adapters import make_catalog_adapter
 
-    return make_adapter(tmp_path_factory.mktemp("prop") / "sql", 4, 8, ["q_proj", "v_proj"], seed=3)
+    return make_catalog_adapter(tmp_path_factory.mktemp("prop") / "sql", 4, 8, ["q_proj", "v_proj"], seed=3)
 
 
 CONFIG_KEYS = [
@@ -104,7 +104,7 @@ def test_peft_config_random_bytes(
 # ---------------------------------------------------------------------- kohya reader
 @pytest.fixture(scope="module")
 def kohya_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from _adapters import make_kohya
+    from helpers.adapters import make_kohya
 
     return make_kohya(tmp_path_factory.mktemp("prop-kohya") / "anime.safetensors")
 

@@ -16,8 +16,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from _adapters import BASE_NAME, make_adapter, make_kohya
 from conftest import BACKENDS
+from helpers.adapters import BASE_NAME, make_catalog_adapter, make_kohya
 from test_server import Server, online_hf, start_server
 
 from adapterhub import AdapterExistsError, Hub, InvalidAdapterError, PickleRefusedError, RemoteError
@@ -46,8 +46,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[S
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("remote-adapters")
     return {
-        "sql": make_adapter(root / "sql", 8, 16, ["q_proj", "v_proj"], seed=1),
-        "chat": make_adapter(root / "chat", 4, 8, ["q_proj", "k_proj"], seed=2, use_rslora=True),
+        "sql": make_catalog_adapter(root / "sql", 8, 16, ["q_proj", "v_proj"], seed=1),
+        "chat": make_catalog_adapter(root / "chat", 4, 8, ["q_proj", "k_proj"], seed=2, use_rslora=True),
         "kohya": make_kohya(root / "anime.safetensors"),
     }
 
@@ -333,7 +333,7 @@ def test_a_push_names_the_base_by_its_real_id(
 ) -> None:
     """An adapter whose config names a registered base by its local name is pushed naming the base's real
     id, in adapter_config.json and in the card's base_model, as an export does (issue 28, item 5)."""
-    from _adapters import tiny_llama
+    from helpers.adapters import tiny_llama
 
     tiny_llama().save_pretrained(str(tmp_path / "base"), safe_serialization=True)
     home.add_base(tmp_path / "base", name=BASE_NAME, hub_id="acme/tiny-llama")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from _cli import Cli
 from conftest import smollm2_gguf
+from helpers.cli import Cli
 
 from adapterhub import BaseModelError, Hub, InvalidOptionError
 

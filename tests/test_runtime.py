@@ -14,6 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from helpers.models import make_adapter, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama  # noqa: E402
+
 from adapterhub.errors import (  # noqa: E402
     AdapterNotFoundError,
     IncompatibleAdapterError,
@@ -21,9 +23,6 @@ from adapterhub.errors import (  # noqa: E402
 )
 from adapterhub.formats import read_adapter  # noqa: E402
 from adapterhub.runtime import ResidentAdapter, Runtime, attach  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _models import make_adapter, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama  # noqa: E402
 
 DEVICE = os.environ.get("ADAPTERHUB_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU
 if DEVICE.startswith("cuda"):  # exact fp32 comparisons: no TF32
@@ -282,7 +281,7 @@ def test_rows_with_combinations_and_generate(
 def test_combination_equals_merge_and_peft(
     tmp_path: Path, llama: Any, llama_adapters: dict[str, Path], rt: Runtime
 ) -> None:
-    from _models import peft_model, save_model
+    from helpers.models import peft_model, save_model
 
     for n in ("a", "b", "rs"):
         rt.load(llama_adapters[n])

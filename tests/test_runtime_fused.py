@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from helpers.models import make_adapter, tiny_llama  # noqa: E402
 from torch import nn  # noqa: E402
 
 from adapterhub.errors import InvalidOptionError  # noqa: E402
 from adapterhub.lora import LoraModule, LoraWeights  # noqa: E402
 from adapterhub.runtime import attach  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _models import make_adapter, tiny_llama  # noqa: E402
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _formats_fixtures import safetensors_bytes, write_bytes
+from helpers.formats_fixtures import safetensors_bytes, write_bytes
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from helpers.models import make_adapter, tiny_bert, tiny_llama  # noqa: E402
+
 from adapterhub.runtime import attach  # noqa: E402
 from adapterhub.server.inference.engine import Engine, Job, Sampling  # noqa: E402
 from adapterhub.server.inference.graphs import GraphDecoder, StaticBatch  # noqa: E402
 from adapterhub.server.inference.metrics import Metrics  # noqa: E402
 from adapterhub.server.inference.pool import AdapterPool, Entry  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _models import make_adapter, tiny_bert, tiny_llama  # noqa: E402
 
 DEVICE = os.environ.get("ADAPTERHUB_TEST_DEVICE", "cpu")
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

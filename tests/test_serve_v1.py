@@ -104,7 +104,7 @@ def _tiny_base(dest: Path, *, hidden: int = 32, seed: int = 0) -> Path:
 
 
 def _adapter(base_dir: Path, dest: Path, seed: int, targets: tuple[str, ...]) -> Path:
-    from _models import make_adapter
+    from helpers.models import make_adapter
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(base_dir)
@@ -408,7 +408,7 @@ def test_embeddings_with_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[st
             torch.allclose(torch.tensor(r), torch.tensor(w), atol=1e-5)
             for r, w in zip(remote, want, strict=True)
         )
-        from _cli import Cli
+        from helpers.cli import Cli
 
         printed = Cli(tmp_path / "home", capsys)("run", "minilm", "hello", "--embed", "--server", s.url)
         assert [float(v) for v in printed.split()][:1] == pytest.approx([want_hello], abs=1e-5)
@@ -441,7 +441,7 @@ def test_smollm2_end_to_end(smol: dict[str, Any]) -> None:  # noqa: F811
 def test_run_server_is_a_thin_client(tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     """`adapterhub run --server URL` (and `Hub.generate(server=)`) ask the server: the same answers as the
     openai client gets, streamed; errors are one line with a non-zero exit."""
-    from _cli import Cli
+    from helpers.cli import Cli
 
     s = tiny["server"]
     cli = Cli(tiny["root"] / "home", capsys)

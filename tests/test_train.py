@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-from _cli import Cli
-from _models import save_model, tiny_llama
+from helpers.cli import Cli
+from helpers.models import save_model, tiny_llama
 
 from adapterhub import Hub, InvalidOptionError
 from adapterhub.runtime import attach

@@ -1,7 +1,7 @@
 """Hostile training data (issue 23) and the rough edges of issue 28 around `train` and `load_base`.
 
 Every hostile file is one line naming the file (and the line), bounded in memory and time, with nothing
-cataloged; the cases run against a tiny random Llama with a real tiny tokenizer (tests/_trainkit.py).
+cataloged; the cases run against a tiny random Llama with a real tiny tokenizer (tests/helpers/trainkit.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import Cli
-from _trainkit import jsonl, text_rows, tiny_base
+from helpers.cli import Cli
+from helpers.trainkit import jsonl, text_rows, tiny_base
 
 from adapterhub import BaseModelError, Hub, InvalidOptionError
 from adapterhub.services.train_data import batches, read_rows

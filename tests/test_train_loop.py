@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _trainkit import jsonl, text_rows, tiny_base
+from helpers.trainkit import jsonl, text_rows, tiny_base
 
 from adapterhub import Hub, InvalidOptionError
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cli import Cli
-from _trainkit import jsonl, text_rows, tiny_base
+from helpers.cli import Cli
+from helpers.trainkit import jsonl, text_rows, tiny_base
 
 from adapterhub import Hub
 from adapterhub.services.train_plan import memory_plan

@@ -11,11 +11,11 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from adapterhub import Hub  # noqa: E402
+from adapterhub import Hub
 
 LLAMA = dict(
     vocab_size=64,
@@ -29,7 +29,7 @@ LLAMA = dict(
 
 
 def llama(**over: int) -> LlamaForCausalLM:
-    from _models import tiny_llama
+    from helpers.models import tiny_llama
 
     return tiny_llama(0, spread=False, **{**LLAMA, **over})
 

@@ -10,14 +10,14 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _cli import Cli  # noqa: E402
-from _models import make_adapter, save_model, tiny_llama  # noqa: E402
+from helpers.cli import Cli
+from helpers.models import make_adapter, save_model, tiny_llama
 
-from adapterhub import Hub  # noqa: E402
-from adapterhub.errors import InvalidOptionError  # noqa: E402
-from adapterhub.lora import LoraModule, LoraWeights  # noqa: E402
-from adapterhub.ops.targets_vllm import check_vllm  # noqa: E402
-from adapterhub.ops.validate import BaseLayout  # noqa: E402
+from adapterhub import Hub
+from adapterhub.errors import InvalidOptionError
+from adapterhub.lora import LoraModule, LoraWeights
+from adapterhub.ops.targets_vllm import check_vllm
+from adapterhub.ops.validate import BaseLayout
 
 
 def _weights(

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _models import make_adapter, save_model, tiny_llama
+from helpers.models import make_adapter, save_model, tiny_llama
 
 CHARS = list(" abcdefghijklmnopqrstuvwxyz0123456789.,?!:;'-+=()\n")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]

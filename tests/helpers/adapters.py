@@ -22,12 +22,12 @@ BASE_NAME = "tiny-llama"
 
 def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
     """`_models.tiny_llama` with the catalog tests' shape (vocab 96, intermediate 64)."""
-    from _models import tiny_llama as build
+    from helpers.models import tiny_llama as build
 
     return build(seed, spread=False, vocab_size=96, intermediate_size=64)
 
 
-def make_adapter(
+def make_catalog_adapter(
     dest: Path, rank: int, alpha: int, targets: list[str], seed: int = 0, **extra: object
 ) -> Path:
     import torch
@@ -53,7 +53,7 @@ def make_all(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     out = {}
     for i, (name, (r, a, targets, extra)) in enumerate(SPECS.items()):
-        out[name] = make_adapter(root / name, r, a, targets, seed=i, **extra)
+        out[name] = make_catalog_adapter(root / name, r, a, targets, seed=i, **extra)
     return out
 
 

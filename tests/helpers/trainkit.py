@@ -30,7 +30,7 @@ def tiny_tokenizer() -> Any:
 
 def tiny_base(folder: Path, *, seed: int = 0, tokenizer: bool = True, **overrides: Any) -> Path:
     """A tiny random Llama (2 layers, hidden 32) with the tiny tokenizer saved at ``folder``."""
-    from _models import tiny_llama
+    from helpers.models import tiny_llama
 
     tok = tiny_tokenizer()
     model = tiny_llama(seed, vocab_size=len(tok), max_position_embeddings=256, **overrides)

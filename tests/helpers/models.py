@@ -1,6 +1,6 @@
 """Tiny random models and PEFT adapters for merge tests, built from configs (no downloads).
 
-Importable by any test: ``from tests._models import tiny_llama, save_model, make_adapter, ...``
+Importable by any test: ``from helpers.models import tiny_llama, save_model, make_adapter, ...``
 (or ``from _models import ...`` with tests/ on the path).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 EXTRA_FILES = {
     "tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n',
