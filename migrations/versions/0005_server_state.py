@@ -98,9 +98,7 @@ def upgrade() -> None:
         sa.Column("data", sa.JSON, nullable=False),
         sa.Column("created_at", sa.DateTime, nullable=False),
     )
-    op.create_index(
-        "ix_hub_discussion_events_discussion_id", "hub_discussion_events", ["discussion_id"]
-    )
+    op.create_index("ix_hub_discussion_events_discussion_id", "hub_discussion_events", ["discussion_id"])
     op.create_table(
         "hub_collections",
         sa.Column("id", sa.String(32), primary_key=True),
