@@ -1,0 +1,195 @@
+"""Load on two `adapterhub serve` replicas that share one PostgreSQL catalog and one store folder:
+committers push to ONE repo (each commit an LFS weight file and a small text file, alternating replicas),
+downloaders fetch what was acknowledged through the other replica and check its sha256, through the real
+huggingface_hub client. At the end every acknowledged commit must be in the history of ``main`` and every
+acknowledged file at the head, with its content, as seen from both replicas: "lost" is measured.
+
+    python bench/replica_load.py --db postgresql+psycopg://USER@HOST:PORT/DB [--seconds 60]
+
+`tests/test_replicas.py` runs the same for a few seconds on a PostgreSQL server of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_load import Stats  # noqa: E402
+
+REPO = "team/shared"
+
+
+def start_replica(home: Path, db: str) -> tuple[subprocess.Popen[str], str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME")}
+    env["ADAPTERHUB_DB"] = db
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"replica did not start: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, line.split()[-1]
+
+
+class Acked:
+    """What the replicas acknowledged: commits (oid -> files) and files (path -> sha256)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.commits: dict[str, dict[str, str]] = {}
+        self.files: dict[str, str] = {}
+
+    def add(self, oid: str, files: dict[str, str]) -> None:
+        with self.lock:
+            self.commits[oid] = files
+            self.files.update(files)
+
+    def pick(self, rng: random.Random) -> tuple[str, str] | None:
+        with self.lock:
+            if not self.files:
+                return None
+            path = rng.choice(list(self.files))
+            return path, self.files[path]
+
+
+def committer(urls: list[str], token: str, n: int, deadline: float, stats: Stats, acked: Acked) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    apis = [HfApi(endpoint=u, token=token) for u in urls]
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        weights = os.urandom(64 * 1024)
+        note = f"committer {n} round {i}\n".encode()
+        files = {f"c{n}/{i}.safetensors": weights, f"c{n}/{i}.txt": note}
+        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=b) for p, b in files.items()]
+        api = apis[(n + i) % len(apis)]
+        info = stats.timed("commit", api.create_commit, REPO, ops, commit_message=f"c{n} round {i}")
+        if info is not None:
+            acked.add(info.oid, {p: hashlib.sha256(b).hexdigest() for p, b in files.items()})
+
+
+def downloader(
+    urls: list[str], token: str, n: int, deadline: float, stats: Stats, acked: Acked, work: Path
+) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    rng = random.Random(n)
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        url = urls[(n + i) % len(urls)]
+        found = acked.pick(rng)
+        if found is None:
+            time.sleep(0.05)
+            continue
+        path, digest = found
+        got = stats.timed("download", hf_hub_download, REPO, path, endpoint=url, token=token,
+                          cache_dir=str(work / f"cache-{n}-{i}"))  # fmt: skip
+        if got is not None and hashlib.sha256(Path(got).read_bytes()).hexdigest() != digest:
+            with stats.lock:
+                stats.errors.append(f"download: {path} came back different from {url}")
+        if i % 4 == 0:
+            stats.timed(
+                "list_tree",
+                lambda u=url: list(HfApi(endpoint=u, token=token).list_repo_tree(REPO, recursive=True)),
+            )
+
+
+def verify(urls: list[str], token: str, acked: Acked) -> list[str]:
+    """Every acknowledged commit in main's history and every acknowledged file at the head (LFS ones with
+    their sha256), from each replica."""
+    from huggingface_hub import HfApi
+
+    lost = []
+    for url in urls:
+        api = HfApi(endpoint=url, token=token)
+        history = {c.commit_id for c in api.list_repo_commits(REPO)}
+        lost += [
+            f"{url}: commit {oid} is not in main's history" for oid in acked.commits if oid not in history
+        ]
+        listed = {e.path: e for e in api.list_repo_tree(REPO, recursive=True) if hasattr(e, "blob_id")}
+        for path, digest in acked.files.items():
+            e = listed.get(path)
+            if e is None:
+                lost.append(f"{url}: {path} is gone")
+            elif e.lfs is not None and e.lfs.sha256 != digest:
+                lost.append(f"{url}: {path} has another sha256")
+    return lost
+
+
+def run(
+    db: str, work: Path, *, seconds: float = 60, committers: int = 6, downloaders: int = 6
+) -> dict[str, Any]:
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import disable_progress_bars
+
+    from adapterhub import Hub
+    from adapterhub.server.tokens import create_token
+
+    constants.HF_HUB_OFFLINE = False
+    constants.HF_HUB_DISABLE_XET = True
+    disable_progress_bars()
+    home = work / "home"
+    with Hub(home, db=db) as hub:
+        token = create_token(hub, "team", write=True).token
+    procs = []
+    try:
+        for _ in range(2):
+            procs.append(start_replica(home, db))
+        urls = [u for _, u in procs]
+        HfApi(endpoint=urls[0], token=token).create_repo(REPO)
+        stats, acked = Stats(), Acked()
+        deadline = time.monotonic() + seconds
+        threads = [threading.Thread(target=committer, args=(urls, token, n, deadline, stats, acked))
+                   for n in range(committers)]  # fmt: skip
+        threads += [threading.Thread(target=downloader, args=(urls, token, n, deadline, stats, acked, work))
+                    for n in range(downloaders)]  # fmt: skip
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        lost = verify(urls, token, acked)
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    out = stats.summary()
+    out.update(replicas=2, seconds=round(wall, 1), committers=committers, downloaders=downloaders,
+               commits=len(acked.commits), files_committed=len(acked.files), lost=lost,
+               error_samples=stats.errors[:5])  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--db", required=True, help="the PostgreSQL URL both replicas share (an empty database)")
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--committers", type=int, default=6)
+    ap.add_argument("--downloaders", type=int, default=6)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="adapterhub-replicas-") as tmp:
+        out = run(
+            args.db, Path(tmp), seconds=args.seconds, committers=args.committers, downloaders=args.downloaders
+        )
+        print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
