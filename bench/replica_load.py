@@ -1,8 +1,10 @@
 """Load on two `adapterhub serve` replicas that share one PostgreSQL catalog and one store folder:
 committers push to ONE repo (each commit an LFS weight file and a small text file, alternating replicas),
-downloaders fetch what was acknowledged through the other replica and check its sha256, through the real
-huggingface_hub client. At the end every acknowledged commit must be in the history of ``main`` and every
-acknowledged file at the head, with its content, as seen from both replicas: "lost" is measured.
+downloaders fetch what was acknowledged through the other replica and check its sha256, and commenters
+post to one discussion and like the repo through both, all through the real huggingface_hub client. At the
+end every acknowledged commit must be in the history of ``main``, every acknowledged file at the head with
+its content, every acknowledged comment in the thread and every like counted, as seen from both
+replicas: "lost" is measured.
 
     python bench/replica_load.py --db postgresql+psycopg://USER@HOST:PORT/DB [--seconds 60]
 
@@ -51,6 +53,8 @@ class Acked:
         self.lock = threading.Lock()
         self.commits: dict[str, dict[str, str]] = {}
         self.files: dict[str, str] = {}
+        self.comments: set[str] = set()
+        self.likers: set[str] = set()
 
     def add(self, oid: str, files: dict[str, str]) -> None:
         with self.lock:
@@ -80,6 +84,32 @@ def committer(urls: list[str], token: str, n: int, deadline: float, stats: Stats
         info = stats.timed("commit", api.create_commit, REPO, ops, commit_message=f"c{n} round {i}")
         if info is not None:
             acked.add(info.oid, {p: hashlib.sha256(b).hexdigest() for p, b in files.items()})
+
+
+def commenter(
+    urls: list[str], tokens: dict[str, str], n: int, deadline: float, stats: Stats, acked: Acked
+) -> None:
+    """Comments on discussion 1 and likes the repo, through both replicas (read-modify-writes that a
+    per-process lock could not order)."""
+    import urllib.request
+
+    from huggingface_hub import HfApi
+
+    user = f"fan{n}"
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        url = urls[(n + i) % len(urls)]
+        text = f"{user} says {i}"
+        if stats.timed("comment", HfApi(endpoint=url, token=tokens[user]).comment_discussion, REPO, 1, text):
+            with acked.lock:
+                acked.comments.add(text)
+        if i == 1:
+            req = urllib.request.Request(f"{url}/api/models/{REPO}/like", method="POST",
+                                         headers={"Authorization": f"Bearer {tokens[user]}"})  # fmt: skip
+            if stats.timed("like", lambda r=req: urllib.request.urlopen(r, timeout=30).read()) is not None:
+                with acked.lock:
+                    acked.likers.add(user)
 
 
 def downloader(
@@ -128,11 +158,22 @@ def verify(urls: list[str], token: str, acked: Acked) -> list[str]:
                 lost.append(f"{url}: {path} is gone")
             elif e.lfs is not None and e.lfs.sha256 != digest:
                 lost.append(f"{url}: {path} has another sha256")
+        thread = api.get_discussion_details(REPO, 1)
+        said = {e.content for e in thread.events if e.type == "comment"}
+        lost += [f"{url}: comment {t!r} is gone" for t in sorted(acked.comments - said)]
+        likers = {u.username for u in api.list_repo_likers(REPO)}
+        lost += [f"{url}: the like of {u} is gone" for u in sorted(acked.likers - likers)]
     return lost
 
 
 def run(
-    db: str, work: Path, *, seconds: float = 60, committers: int = 6, downloaders: int = 6
+    db: str,
+    work: Path,
+    *,
+    seconds: float = 60,
+    committers: int = 6,
+    downloaders: int = 6,
+    commenters: int = 4,
 ) -> dict[str, Any]:
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     from huggingface_hub import HfApi, constants
@@ -147,18 +188,22 @@ def run(
     home = work / "home"
     with Hub(home, db=db) as hub:
         token = create_token(hub, "team", write=True).token
+        fans = {f"fan{n}": create_token(hub, f"fan{n}", write=True).token for n in range(commenters)}
     procs = []
     try:
         for _ in range(2):
             procs.append(start_replica(home, db))
         urls = [u for _, u in procs]
         HfApi(endpoint=urls[0], token=token).create_repo(REPO)
+        HfApi(endpoint=urls[1], token=token).create_discussion(REPO, title="load")
         stats, acked = Stats(), Acked()
         deadline = time.monotonic() + seconds
         threads = [threading.Thread(target=committer, args=(urls, token, n, deadline, stats, acked))
                    for n in range(committers)]  # fmt: skip
         threads += [threading.Thread(target=downloader, args=(urls, token, n, deadline, stats, acked, work))
                     for n in range(downloaders)]  # fmt: skip
+        threads += [threading.Thread(target=commenter, args=(urls, fans, n, deadline, stats, acked))
+                    for n in range(commenters)]  # fmt: skip
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -172,7 +217,8 @@ def run(
             proc.wait(timeout=30)
     out = stats.summary()
     out.update(replicas=2, seconds=round(wall, 1), committers=committers, downloaders=downloaders,
-               commits=len(acked.commits), files_committed=len(acked.files), lost=lost,
+               commenters=commenters, commits=len(acked.commits), files_committed=len(acked.files),
+               comments=len(acked.comments), likes=len(acked.likers), lost=lost,
                error_samples=stats.errors[:5])  # fmt: skip
     return out
 

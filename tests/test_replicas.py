@@ -2,7 +2,8 @@
 through one is pulled through the other; tokens, gating and access requests, discussions and pull
 requests, collections, likes, webhooks and moved repos are seen alike from both; an LFS upload URL one
 signs, the other accepts. And a bounded load test across both (bench/replica_load.py): committers on
-one repo and downloaders, split over the two replicas, lose no acknowledged commit."""
+one repo, downloaders and commenters on one thread, split over the two replicas, lose no acknowledged
+commit, file, comment or like."""
 
 from __future__ import annotations
 
@@ -215,8 +216,8 @@ def test_load_across_two_replicas_loses_no_acknowledged_commit(
         import replica_load
     finally:
         sys.path.pop(0)
-    out = replica_load.run(pg_url(request), tmp_path, seconds=8.0, committers=4, downloaders=4)
+    out = replica_load.run(pg_url(request), tmp_path, seconds=8.0, committers=4, downloaders=4, commenters=3)
     print(json.dumps(out, indent=2))
     assert out["lost"] == [], out["lost"]
     assert out["errors"] == 0, out["error_samples"]
-    assert out["commits"] >= 8 and out["replicas"] == 2
+    assert out["commits"] >= 8 and out["comments"] >= 6 and out["likes"] == 3 and out["replicas"] == 2
