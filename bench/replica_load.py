@@ -4,7 +4,11 @@ downloaders fetch what was acknowledged through the other replica and check its 
 post to one discussion and like the repo through both, all through the real huggingface_hub client. At the
 end every acknowledged commit must be in the history of ``main``, every acknowledged file at the head with
 its content, every acknowledged comment in the thread and every like counted, as seen from both
-replicas: "lost" is measured.
+replicas: "lost" is measured. With ``--kill-after S``, one replica is killed (SIGKILL) S seconds in,
+mid-upload; the clients go on through the other, and requests cut off by the kill are counted apart
+("interrupted": never acknowledged, so never owed; "client_resets": requests to the live replica that
+huggingface_hub's own client cut off when it closed its shared connection pool after a refused connection
+to the dead one).
 
     python bench/replica_load.py --db postgresql+psycopg://USER@HOST:PORT/DB [--seconds 60]
 
@@ -46,6 +50,44 @@ def start_replica(home: Path, db: str) -> tuple[subprocess.Popen[str], str]:
     return proc, line.split()[-1]
 
 
+class Load(Stats):
+    """Latencies and errors, less the requests a killed replica cut off; the replicas still up."""
+
+    def __init__(self, urls: list[str]) -> None:
+        super().__init__()
+        self.alive = list(urls)
+        self.killed: set[str] = set()
+        self.interrupted = 0
+        self.client_resets = 0
+
+    def url(self, k: int) -> str:
+        with self.lock:
+            return self.alive[k % len(self.alive)]
+
+    def at(self, url: str, kind: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)`` through the replica at ``url``, timed; a failure is an error, unless that
+        replica was killed (then the request was cut off: interrupted)."""
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        except Exception as exc:
+            with self.lock:
+                if url in self.killed:
+                    self.interrupted += 1
+                elif self.killed and "Bad file descriptor" in str(exc):
+                    # huggingface_hub closes its one shared HTTP client when a connection is refused (the
+                    # killed replica), under the requests other threads have in flight to the live one
+                    self.client_resets += 1
+                else:
+                    self.errors.append(
+                        f"{kind} via {url}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
+                    )
+            return None
+        finally:
+            with self.lock:
+                self.latencies[kind].append(time.perf_counter() - t)
+
+
 class Acked:
     """What the replicas acknowledged: commits (oid -> files) and files (path -> sha256)."""
 
@@ -69,10 +111,9 @@ class Acked:
             return path, self.files[path]
 
 
-def committer(urls: list[str], token: str, n: int, deadline: float, stats: Stats, acked: Acked) -> None:
+def committer(token: str, n: int, deadline: float, stats: Load, acked: Acked) -> None:
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    apis = [HfApi(endpoint=u, token=token) for u in urls]
     i = 0
     while time.monotonic() < deadline:
         i += 1
@@ -80,15 +121,14 @@ def committer(urls: list[str], token: str, n: int, deadline: float, stats: Stats
         note = f"committer {n} round {i}\n".encode()
         files = {f"c{n}/{i}.safetensors": weights, f"c{n}/{i}.txt": note}
         ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=b) for p, b in files.items()]
-        api = apis[(n + i) % len(apis)]
-        info = stats.timed("commit", api.create_commit, REPO, ops, commit_message=f"c{n} round {i}")
+        url = stats.url(n + i)
+        api = HfApi(endpoint=url, token=token)
+        info = stats.at(url, "commit", api.create_commit, REPO, ops, commit_message=f"c{n} round {i}")
         if info is not None:
             acked.add(info.oid, {p: hashlib.sha256(b).hexdigest() for p, b in files.items()})
 
 
-def commenter(
-    urls: list[str], tokens: dict[str, str], n: int, deadline: float, stats: Stats, acked: Acked
-) -> None:
+def commenter(tokens: dict[str, str], n: int, deadline: float, stats: Load, acked: Acked) -> None:
     """Comments on discussion 1 and likes the repo, through both replicas (read-modify-writes that a
     per-process lock could not order)."""
     import urllib.request
@@ -99,35 +139,35 @@ def commenter(
     i = 0
     while time.monotonic() < deadline:
         i += 1
-        url = urls[(n + i) % len(urls)]
+        url = stats.url(n + i)
         text = f"{user} says {i}"
-        if stats.timed("comment", HfApi(endpoint=url, token=tokens[user]).comment_discussion, REPO, 1, text):
+        if stats.at(
+            url, "comment", HfApi(endpoint=url, token=tokens[user]).comment_discussion, REPO, 1, text
+        ):
             with acked.lock:
                 acked.comments.add(text)
         if i == 1:
             req = urllib.request.Request(f"{url}/api/models/{REPO}/like", method="POST",
                                          headers={"Authorization": f"Bearer {tokens[user]}"})  # fmt: skip
-            if stats.timed("like", lambda r=req: urllib.request.urlopen(r, timeout=30).read()) is not None:
+            if stats.at(url, "like", lambda r=req: urllib.request.urlopen(r, timeout=30).read()) is not None:
                 with acked.lock:
                     acked.likers.add(user)
 
 
-def downloader(
-    urls: list[str], token: str, n: int, deadline: float, stats: Stats, acked: Acked, work: Path
-) -> None:
+def downloader(token: str, n: int, deadline: float, stats: Load, acked: Acked, work: Path) -> None:
     from huggingface_hub import HfApi, hf_hub_download
 
     rng = random.Random(n)
     i = 0
     while time.monotonic() < deadline:
         i += 1
-        url = urls[(n + i) % len(urls)]
+        url = stats.url(n + i)
         found = acked.pick(rng)
         if found is None:
             time.sleep(0.05)
             continue
         path, digest = found
-        got = stats.timed("download", hf_hub_download, REPO, path, endpoint=url, token=token,
+        got = stats.at(url, "download", hf_hub_download, REPO, path, endpoint=url, token=token,
                           cache_dir=str(work / f"cache-{n}-{i}"))  # fmt: skip
         if got is not None and hashlib.sha256(Path(got).read_bytes()).hexdigest() != digest:
             with stats.lock:
@@ -174,6 +214,7 @@ def run(
     committers: int = 6,
     downloaders: int = 6,
     commenters: int = 4,
+    kill_after: float | None = None,
 ) -> dict[str, Any]:
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     from huggingface_hub import HfApi, constants
@@ -196,27 +237,39 @@ def run(
         urls = [u for _, u in procs]
         HfApi(endpoint=urls[0], token=token).create_repo(REPO)
         HfApi(endpoint=urls[1], token=token).create_discussion(REPO, title="load")
-        stats, acked = Stats(), Acked()
+        stats, acked = Load(urls), Acked()
         deadline = time.monotonic() + seconds
-        threads = [threading.Thread(target=committer, args=(urls, token, n, deadline, stats, acked))
+        threads = [threading.Thread(target=committer, args=(token, n, deadline, stats, acked))
                    for n in range(committers)]  # fmt: skip
-        threads += [threading.Thread(target=downloader, args=(urls, token, n, deadline, stats, acked, work))
+        threads += [threading.Thread(target=downloader, args=(token, n, deadline, stats, acked, work))
                     for n in range(downloaders)]  # fmt: skip
-        threads += [threading.Thread(target=commenter, args=(urls, fans, n, deadline, stats, acked))
+        threads += [threading.Thread(target=commenter, args=(fans, n, deadline, stats, acked))
                     for n in range(commenters)]  # fmt: skip
+        if kill_after is not None:
+
+            def kill() -> None:
+                time.sleep(kill_after)
+                proc, url = procs[1]
+                with stats.lock:
+                    stats.killed.add(url)
+                    stats.alive.remove(url)
+                proc.kill()  # SIGKILL: no shutdown, whatever it was doing is cut off
+
+            threads.append(threading.Thread(target=kill))
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        lost = verify(urls, token, acked)
+        lost = verify(stats.alive, token, acked)
     finally:
         for proc, _ in procs:
             proc.terminate()
             proc.wait(timeout=30)
     out = stats.summary()
-    out.update(replicas=2, seconds=round(wall, 1), committers=committers, downloaders=downloaders,
+    out.update(replicas=2, killed=len(stats.killed), interrupted=stats.interrupted,
+               client_resets=stats.client_resets, seconds=round(wall, 1), committers=committers, downloaders=downloaders,
                commenters=commenters, commits=len(acked.commits), files_committed=len(acked.files),
                comments=len(acked.comments), likes=len(acked.likers), lost=lost,
                error_samples=stats.errors[:5])  # fmt: skip

@@ -221,3 +221,20 @@ def test_load_across_two_replicas_loses_no_acknowledged_commit(
     assert out["lost"] == [], out["lost"]
     assert out["errors"] == 0, out["error_samples"]
     assert out["commits"] >= 8 and out["comments"] >= 6 and out["likes"] == 3 and out["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_upload_leaves_the_other_serving_and_nothing_acknowledged_lost(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import replica_load
+    finally:
+        sys.path.pop(0)
+    out = replica_load.run(pg_url(request), tmp_path, seconds=8.0, committers=4, downloaders=2, commenters=2,
+                           kill_after=3.0)  # fmt: skip
+    print(json.dumps(out, indent=2))
+    assert out["killed"] == 1 and out["lost"] == [], out["lost"]
+    assert out["errors"] == 0, out["error_samples"]
+    assert out["commits"] >= 8
