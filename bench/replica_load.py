@@ -173,7 +173,8 @@ def downloader(token: str, n: int, deadline: float, stats: Load, acked: Acked, w
             with stats.lock:
                 stats.errors.append(f"download: {path} came back different from {url}")
         if i % 4 == 0:
-            stats.timed(
+            stats.at(
+                url,
                 "list_tree",
                 lambda u=url: list(HfApi(endpoint=u, token=token).list_repo_tree(REPO, recursive=True)),
             )

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Replica(Server):
     """Another ``adapterhub serve`` on the home and database of ``first``, with its tokens."""
 
-    def __init__(self, first: Server, db: str) -> None:  # noqa: D107 (no tokens made: they are shared)
+    def __init__(self, first: Server, db: str) -> None:
         self.home = first.home
         self.alice, self.alice_read, self.bob = first.alice, first.alice_read, first.bob
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME")}
