@@ -121,3 +121,19 @@ def test_no_module_keeps_a_lock_or_a_state_file() -> None:
             found += [f"{p.name}: json.dump" for n in ast.walk(tree)
                       if isinstance(n, ast.Attribute) and ast.unparse(n) == "json.dump"]  # fmt: skip
     assert found == []
+
+
+def test_the_hub_imports_nothing_of_the_server_and_no_sql_lives_outside_the_catalog() -> None:
+    hub = ast.parse((PACKAGE / "hub.py").read_text())
+    found = [
+        ast.unparse(n)
+        for n in ast.walk(hub)
+        if isinstance(n, ast.ImportFrom) and "server" in (n.module or "")
+    ]
+    for p in sorted(PACKAGE.rglob("*.py")):
+        if "catalog" not in p.relative_to(PACKAGE).parts:
+            found += [f"{p.name}: {ast.unparse(n)}" for n in ast.walk(ast.parse(p.read_text()))
+                      if isinstance(n, (ast.Import, ast.ImportFrom))
+                      and any("sqlalchemy" in (m or "") for m in [getattr(n, "module", None),
+                                                                  *(a.name for a in n.names)])]  # fmt: skip
+    assert found == []
