@@ -137,3 +137,18 @@ def test_the_hub_imports_nothing_of_the_server_and_no_sql_lives_outside_the_cata
                       and any("sqlalchemy" in (m or "") for m in [getattr(n, "module", None),
                                                                   *(a.name for a in n.names)])]  # fmt: skip
     assert found == []
+
+
+def test_values_longer_than_their_columns_are_a_400_on_both_backends(hub: Hub) -> None:
+    import pytest
+
+    from adapterhub.errors import BadRequestError
+    from adapterhub.server.collections import Collections
+
+    collections = Collections(CollectionRows(hub.catalog))
+    c = collections.create("alice", {"title": "Mine"})
+    with pytest.raises(BadRequestError, match="at most 300 characters"):
+        collections.add_item(c["slug"], "alice", {"item": {"type": "model", "id": "a/" + "x" * 1000}})
+    assert collections.get(c["slug"], "alice")["items"] == []
+    added = collections.add_item(c["slug"], "alice", {"item": {"type": "model", "id": "a/" + "x" * 290}})
+    assert [i["id"] for i in added["items"]] == ["a/" + "x" * 290]
