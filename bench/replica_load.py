@@ -1,7 +1,9 @@
 """Load on two `adapterhub serve` replicas that share one PostgreSQL catalog and one store folder:
 committers push to ONE repo (each commit an LFS weight file and a small text file, alternating replicas),
 downloaders fetch what was acknowledged through the other replica and check its sha256, and commenters
-post to one discussion and like the repo through both, all through the real huggingface_hub client. At the
+post to one discussion and like the repo through both, all through the real huggingface_hub client; and
+a pusher pushes adapters through one replica (the Hub API `adapterhub push` calls) and pulls each commit
+through the other. At the
 end every acknowledged commit must be in the history of ``main``, every acknowledged file at the head with
 its content, every acknowledged comment in the thread and every like counted, as seen from both
 replicas: "lost" is measured. With ``--kill-after S``, one replica is killed (SIGKILL) S seconds in,
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_load import Stats  # noqa: E402
 
 REPO = "team/shared"
+PUSHED = "team/pushed"
 
 
 def start_replica(home: Path, db: str) -> tuple[subprocess.Popen[str], str]:
@@ -97,6 +100,7 @@ class Acked:
         self.files: dict[str, str] = {}
         self.comments: set[str] = set()
         self.likers: set[str] = set()
+        self.pushes: dict[str, str] = {}  # commit -> the pushed adapter's sha256
 
     def add(self, oid: str, files: dict[str, str]) -> None:
         with self.lock:
@@ -154,6 +158,49 @@ def commenter(tokens: dict[str, str], n: int, deadline: float, stats: Load, acke
                     acked.likers.add(user)
 
 
+def tiny_adapter(folder: Path, seed: int) -> Path:
+    """A small PEFT LoRA folder (rank 4 on q_proj and v_proj of two 64-wide layers), new content per seed."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((4, 64), dtype=np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((64, 4), dtype=np.float32) * 0.01
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+              "base_model_name_or_path": "tiny-base", "task_type": "CAUSAL_LM"}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def pusher(token: str, deadline: float, stats: Load, acked: Acked, work: Path) -> None:
+    """`adapterhub push` through one replica, `adapterhub pull` of that commit through the other (the Hub
+    API the CLI calls), the pulled adapter checked against the pushed one."""
+    from adapterhub import Hub
+
+    i = 0
+    with Hub(work / "pusher-home") as home, Hub(work / "puller-home") as other:
+        while time.monotonic() < deadline:
+            i += 1
+            info = home.add_adapter(tiny_adapter(work / f"adapter-{i}", i), name=f"a{i}")
+            up, down = stats.url(i), stats.url(i + 1)
+            pushed = stats.at(up, "push", home.push_adapter, f"a{i}", PUSHED, endpoint=up, token=token)
+            if pushed is None:
+                continue
+            with acked.lock:
+                acked.pushes[pushed.commit] = info.sha256
+            got = stats.at(down, "pull", other.pull_adapter, f"{PUSHED}@{pushed.commit}", name=f"a{i}",
+                           endpoint=down, token=token)  # fmt: skip
+            if got is not None and got.adapter.sha256 != info.sha256:
+                with stats.lock:
+                    stats.errors.append(f"pull: a{i} came back different through {down}")
+
+
 def downloader(token: str, n: int, deadline: float, stats: Load, acked: Acked, work: Path) -> None:
     from huggingface_hub import HfApi, hf_hub_download
 
@@ -204,6 +251,11 @@ def verify(urls: list[str], token: str, acked: Acked) -> list[str]:
         lost += [f"{url}: comment {t!r} is gone" for t in sorted(acked.comments - said)]
         likers = {u.username for u in api.list_repo_likers(REPO)}
         lost += [f"{url}: the like of {u} is gone" for u in sorted(acked.likers - likers)]
+        if acked.pushes:
+            pushed = {c.commit_id for c in api.list_repo_commits(PUSHED)}
+            lost += [
+                f"{url}: push {oid} is not in {PUSHED}'s history" for oid in acked.pushes if oid not in pushed
+            ]
     return lost
 
 
@@ -216,6 +268,7 @@ def run(
     downloaders: int = 6,
     commenters: int = 4,
     kill_after: float | None = None,
+    pushers: bool = True,
 ) -> dict[str, Any]:
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     from huggingface_hub import HfApi, constants
@@ -246,6 +299,8 @@ def run(
                     for n in range(downloaders)]  # fmt: skip
         threads += [threading.Thread(target=commenter, args=(fans, n, deadline, stats, acked))
                     for n in range(commenters)]  # fmt: skip
+        if pushers:
+            threads.append(threading.Thread(target=pusher, args=(token, deadline, stats, acked, work)))
         if kill_after is not None:
 
             def kill() -> None:
@@ -272,7 +327,7 @@ def run(
     out.update(replicas=2, killed=len(stats.killed), interrupted=stats.interrupted,
                client_resets=stats.client_resets, seconds=round(wall, 1), committers=committers, downloaders=downloaders,
                commenters=commenters, commits=len(acked.commits), files_committed=len(acked.files),
-               comments=len(acked.comments), likes=len(acked.likers), lost=lost,
+               comments=len(acked.comments), likes=len(acked.likers), pushes=len(acked.pushes), lost=lost,
                error_samples=stats.errors[:5])  # fmt: skip
     return out
 

@@ -2,8 +2,9 @@
 through one is pulled through the other; tokens, gating and access requests, discussions and pull
 requests, collections, likes, webhooks and moved repos are seen alike from both; an LFS upload URL one
 signs, the other accepts. And a bounded load test across both (bench/replica_load.py): committers on
-one repo, downloaders and commenters on one thread, split over the two replicas, lose no acknowledged
-commit, file, comment or like."""
+one repo, downloaders, commenters on one thread and a pusher (push through one, pull through the other),
+split over the two replicas, lose no acknowledged commit, file, comment, like or push; nor when one
+replica is killed mid-upload."""
 
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ def test_load_across_two_replicas_loses_no_acknowledged_commit(
     print(json.dumps(out, indent=2))
     assert out["lost"] == [], out["lost"]
     assert out["errors"] == 0, out["error_samples"]
-    assert out["commits"] >= 8 and out["comments"] >= 6 and out["likes"] == 3 and out["replicas"] == 2
+    assert out["commits"] >= 8 and out["comments"] >= 6 and out["likes"] == 3 and out["pushes"] >= 1
+    assert out["replicas"] == 2
 
 
 @pytest.mark.slow
@@ -237,4 +239,4 @@ def test_a_replica_killed_mid_upload_leaves_the_other_serving_and_nothing_acknow
     print(json.dumps(out, indent=2))
     assert out["killed"] == 1 and out["lost"] == [], out["lost"]
     assert out["errors"] == 0, out["error_samples"]
-    assert out["commits"] >= 8
+    assert out["commits"] >= 4  # the client backs off for seconds from the dead replica: fewer than above
