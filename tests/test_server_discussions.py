@@ -9,13 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_server import Server, start_server
+from test_server import Server, server_on
 from test_server_xet import hf, weights  # noqa: F401  (the Xet-on client fixture)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(tmp_path_factory)
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """On each catalog backend: this state is rows of the catalog on both."""
+    yield from server_on(request, tmp_path_factory)
 
 
 def test_a_pull_request_from_another_user_through_xet_is_merged_by_the_owner(server: Server, hf: Any) -> None:  # noqa: F811

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server import Server, online_hf, start_server
+from test_server import Server, online_hf, server_on
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(tmp_path_factory)
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """On each catalog backend: this state is rows of the catalog on both."""
+    yield from server_on(request, tmp_path_factory)
 
 
 @pytest.fixture

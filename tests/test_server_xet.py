@@ -37,6 +37,28 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from start_server(tmp_path_factory)
 
 
+def upload_records(server: Server, repo_id: str, digest: str) -> tuple[bool, set[str]]:
+    """Whether the catalog holds the owner's proof of uploading ``digest`` to ``repo_id``, and the xorbs
+    recorded for that repo."""
+    from sqlalchemy import select
+
+    from adapterhub import Hub
+    from adapterhub.catalog.tables import hub_repo_xorbs, hub_repos, hub_upload_proofs
+
+    ns, name = repo_id.split("/")
+    with Hub(server.home) as hub, hub.catalog.read() as conn:
+        rid = conn.execute(
+            select(hub_repos.c.id).where(hub_repos.c.namespace == ns, hub_repos.c.name == name)
+        ).scalar()
+        proof = conn.execute(select(hub_upload_proofs.c.sha256).where(
+            hub_upload_proofs.c.repo_id == rid, hub_upload_proofs.c.user == "", hub_upload_proofs.c.sha256 == digest
+        )).first()  # fmt: skip
+        xorbs = set(
+            conn.execute(select(hub_repo_xorbs.c.xorb).where(hub_repo_xorbs.c.repo_id == rid)).scalars()
+        )
+    return proof is not None, xorbs
+
+
 @pytest.fixture
 def hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     """huggingface_hub as installed: Xet on. Its Xet cache is the test's own."""
@@ -135,8 +157,8 @@ def test_the_same_content_again_after_its_first_repo_is_gone(server: Server, hf:
     api.create_repo("alice/xet-again", private=True)
     api.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="alice/xet-again")
     digest = hashlib.sha256(data).hexdigest()
-    (proofs,) = [d for d in (server.home / "server" / "uploads").iterdir() if (d / digest).is_file()]
-    assert not (proofs / "xorbs").exists(), "the client sent the xorbs again (no deduplication to test)"
+    proof, xorbs = upload_records(server, "alice/xet-again", digest)
+    assert proof and not xorbs, "the client sent the xorbs again (no deduplication to test)"
     assert download(hf, server, "alice/xet-again", "w.safetensors", tmp_path, server.alice) == data
 
 
@@ -248,9 +270,8 @@ def test_a_xet_upload_cannot_reach_another_users_private_content(
     api.create_repo("alice/xet-private", private=True)
     api.upload_file(path_or_fileobj=secret, path_in_repo="secret.bin", repo_id="alice/xet-private")
     digest = hashlib.sha256(secret).hexdigest()
-    (proofs,) = [d for d in (server.home / "server" / "uploads").iterdir() if (d / digest).is_file()]
-    xorbs = {x.name for x in (proofs / "xorbs").iterdir()}
-    assert xorbs, "the upload went through Xet"
+    proof, xorbs = upload_records(server, "alice/xet-private", digest)
+    assert proof and xorbs, "the upload went through Xet"
     bob = xet_token(server, server.bob, "bob/xet-thief")
     for xorb in xorbs:  # bob knows the xorb hash (and the sha256), not the bytes
         status, _, body = server.request("POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(secret), digest),

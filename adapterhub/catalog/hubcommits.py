@@ -214,15 +214,6 @@ class CommitRows:
             conn.execute(update(hub_repos).where(hub_repos.c.id == repo.id).values(updated_at=now))
         return commit, True
 
-    def copy_main(self, source: Repo, repo: Repo, *, author: str) -> Commit:
-        """One commit on ``repo``'s main with the files of ``source``'s main (objects shared, not copied)."""
-        with self.catalog.write() as conn:
-            head = resolve_in(conn, source, "main")
-            initial = branch_head(conn, repo, "main")
-            files = files_of(conn, head.id)
-            return insert_commit(conn, repo.id, "main", initial, files, f"Duplicate from {source.repo_id}", "",
-                                 author, head.card, utcnow())  # fmt: skip
-
     def squash(self, repo: Repo, branch: str, *, message: str, author: str) -> Commit:
         """Replace ``branch``'s history by one commit with its current files (``super_squash_history``);
         other branches and tags keep theirs."""

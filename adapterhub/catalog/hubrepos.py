@@ -50,8 +50,11 @@ class RepoRows:
             r = conn.execute(select(hub_repos).where(hub_repos.c.id == repo_id)).first()
         return repo_of_row(r) if r else None
 
-    def insert_repo(self, namespace: str, name: str, *, private: bool, author: str, first: Entry) -> Repo:
-        """A new repo whose ``main`` holds ``first`` (the ``.gitattributes``), in one transaction."""
+    def insert_repo(
+        self, namespace: str, name: str, *, private: bool, author: str, first: Entry, copy: Repo | None = None
+    ) -> Repo:
+        """A new repo whose ``main`` holds ``first`` (the ``.gitattributes``), then, given ``copy``, one more
+        commit with the files of ``copy``'s main (``duplicate_repo``: objects shared), in one transaction."""
         now = utcnow()
         with self.catalog.write() as conn:
             if conn.execute(select(hub_repos.c.id).where(_same_id(namespace, name))).first():
@@ -61,9 +64,13 @@ class RepoRows:
                 .values(namespace=namespace, name=name, private=private, created_at=now, updated_at=now)
                 .returning(hub_repos.c.id)
             ).scalar_one()
-            insert_commit(
+            initial = insert_commit(
                 conn, rid, "main", None, {first.path: first}, "initial commit", "", author, None, now
             )
+            if copy is not None:
+                head = resolve_in(conn, copy, "main")
+                insert_commit(conn, rid, "main", initial, files_of(conn, head.id), f"Duplicate from {copy.repo_id}",
+                              "", author, head.card, now)  # fmt: skip
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == rid)).one()
         return repo_of_row(row)
 

@@ -106,11 +106,11 @@ class ThreadRows:
             did = conn.execute(
                 insert(hub_discussions).values(**values).returning(hub_discussions.c.id)
             ).scalar_one()
-            self._write_events(conn, did, [], events)
+            self.write_events(conn, did, [], events)
             return self._load(conn, repo, num)[0][1]
 
     @staticmethod
-    def _write_events(
+    def write_events(
         conn: Connection, did: int, old: list[dict[str, Any]], new: list[dict[str, Any]]
     ) -> None:
         before = {e["id"]: e for e in old}
@@ -145,7 +145,7 @@ class ThreadRows:
                 .where(hub_discussions.c.id == did)
                 .values(title=d["title"], status=d["status"])
             )
-            self._write_events(conn, did, old, d["events"])
+            self.write_events(conn, did, old, d["events"])
         return out
 
     def merge(
@@ -170,5 +170,5 @@ class ThreadRows:
                 .where(hub_discussions.c.id == did)
                 .values(status="merged", merge_oid=merged.oid)
             )
-            self._write_events(conn, did, [], events())
+            self.write_events(conn, did, [], events())
             return self._load(conn, repo, num)[0][1]

@@ -1,19 +1,22 @@
 """The server's access tokens in the catalog, kept only as their sha256 (the server makes and hashes
-them: `adapterhub.server.tokens`)."""
+them: `adapterhub.server.tokens`), and the key that signs its LFS upload URLs and Xet access tokens (one
+for every server on the catalog, so that a URL one replica signs, another accepts)."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
 from . import Catalog
 from .hubrecords import TokenInfo, iso, utcnow
-from .tables import hub_tokens
+from .tables import hub_settings, hub_tokens
 
-__all__ = ["TokenRows"]
+__all__ = ["SIGNING_KEY", "TokenRows"]
 
 LAST_USED_RESOLUTION_S = 60
+SIGNING_KEY = "signing_key"
 
 
 def _tok(r: Any) -> TokenInfo:
@@ -69,3 +72,20 @@ class TokenRows:
             with self.catalog.write() as conn:
                 conn.execute(update(hub_tokens).where(hub_tokens.c.id == row.id).values(last_used_at=now))
         return _tok(row)
+
+    def signing_key(self) -> bytes:
+        """The servers' signing key: made (32 random bytes) by the first server that asks, in one
+        transaction, and the same for every server on this catalog after."""
+        with self.catalog.read() as conn:
+            found = conn.execute(
+                select(hub_settings.c.value).where(hub_settings.c.name == SIGNING_KEY)
+            ).scalar()
+        if found is None:
+            with self.catalog.write() as conn:
+                found = conn.execute(
+                    select(hub_settings.c.value).where(hub_settings.c.name == SIGNING_KEY)
+                ).scalar()
+                if found is None:
+                    found = secrets.token_hex(32)
+                    conn.execute(insert(hub_settings).values(name=SIGNING_KEY, value=found))
+        return bytes.fromhex(found)

@@ -238,8 +238,8 @@ merge_adapters = Table(
 
 # ---------------------------------------------------------------- the server's other state (migration 0005)
 # Gating, access requests, upload proofs and Xet xorb records, old repo names, likes, discussions (with
-# their events), collections (with their items) and webhooks: everything `adapterhub serve` keeps, so
-# that replicas on one database agree. Rows of a repo go with it (ON DELETE CASCADE).
+# their events), collections (with their items), webhooks and the key that signs upload URLs: everything
+# `adapterhub serve` keeps, so that replicas on one database agree. Rows of a repo go with it (ON DELETE CASCADE).
 
 hub_gates = Table(
     "hub_gates",
@@ -372,6 +372,13 @@ hub_webhooks = Table(
     Column("secret", Text),
     Column("disabled", Boolean, nullable=False),
     Column("created_at", DateTime, nullable=False),
+)
+
+hub_settings = Table(
+    "hub_settings",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 

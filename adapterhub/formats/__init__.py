@@ -111,7 +111,11 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
     from .kohya import is_kohya_header, is_lycoris_header
 
     cfg = p.parent / CONFIG_NAME
-    if is_lycoris_header(header) and cfg.is_file() and any(k.startswith("base_model.") for k in header.tensors):
+    if (
+        is_lycoris_header(header)
+        and cfg.is_file()
+        and any(k.startswith("base_model.") for k in header.tensors)
+    ):
         return AdapterFiles("peft", p, cfg)  # PEFT's LoHa / LoKr weights file
     if is_kohya_header(header):
         return AdapterFiles("kohya", p)

@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def server_store(catalog: Catalog, home: Path) -> ServerStore:
-    """The server's repos and tokens in ``catalog``, file contents under ``HOME/server``."""
+    """The server's state in ``catalog``, file contents under ``HOME/server``. State that older versions
+    kept in files there is brought into the catalog the first time (`adapterhub.server.legacy`)."""
+    from .legacy import import_files
     from .storage import ServerStore
 
+    import_files(catalog, home / "server")
     return ServerStore(catalog, open_store(home / "server", name="server"))
 
 

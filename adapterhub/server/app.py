@@ -109,7 +109,8 @@ class RequestIdMiddleware:
 
 
 def create_app(store: ServerStore) -> FastAPI:
-    """The server's app over ``store``; each app signs its LFS upload URLs with a key of its own."""
+    """The server's app over ``store``; it signs LFS upload URLs and Xet tokens with the catalog's key, so
+    that every replica on that catalog accepts them."""
     app = FastAPI(title="adapterhub server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = Server(store)
     app.add_exception_handler(AdapterHubError, _on_error)

@@ -14,6 +14,7 @@ from .records import iso, utcnow
 
 ITEM_TYPES = ("model", "dataset", "space", "paper", "collection")
 ITEMS_LIMIT = 1000
+ITEM_ID_LIMIT = 300  # the catalog's column
 
 
 def _str(body: dict[str, Any], key: str, limit: int) -> str | None:
@@ -117,8 +118,11 @@ class Collections:
             not isinstance(item, dict)
             or item.get("type") not in ITEM_TYPES
             or not isinstance(item.get("id"), str)
+            or not 0 < len(item["id"]) <= ITEM_ID_LIMIT
         ):
-            raise BadRequestError(f"give {{item: {{type: {' | '.join(ITEM_TYPES)}, id}}, note}}")
+            raise BadRequestError(
+                f"give {{item: {{type: {' | '.join(ITEM_TYPES)}, id (at most {ITEM_ID_LIMIT} characters)}}, note}}"
+            )
         note = _str(body, "note", 500)
 
         def apply(c: dict[str, Any]) -> None:

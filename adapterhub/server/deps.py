@@ -4,7 +4,6 @@ percent-encoded '/' (``refs%2Fpr%2F1``) stays inside one part."""
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -44,7 +43,7 @@ class Server:
     catalog and one store agree."""
 
     store: ServerStore
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    secret: bytes = b""  # the catalog's signing key, unless given
     xet: XetStore = field(init=False)
     access: AccessRequests = field(init=False)
     likes: Likes = field(init=False)
@@ -54,6 +53,8 @@ class Server:
 
     def __post_init__(self) -> None:
         catalog = self.store.catalog
+        if not self.secret:
+            self.secret = self.store.tokens.rows.signing_key()
         self.xet = XetStore(self.store)
         self.access = AccessRequests(self.store.gate_rows)
         self.likes = Likes(LikeRows(catalog), self.store.repos)

@@ -55,6 +55,15 @@ class Repos(RepoRows):
         first = Entry(".gitattributes", stored.size, git_blob_oid(GITATTRIBUTES), stored.sha256, False)
         return self.insert_repo(namespace, name, private=private, author=author, first=first)
 
+    def duplicate_repo(self, source: Repo, namespace: str, name: str, *, private: bool, author: str) -> Repo:
+        """A new repo ``namespace/name`` whose main branch holds the files of ``source``'s main, in one more
+        commit (the objects are shared, not copied); all in one transaction."""
+        check_name("namespace", namespace)
+        check_name("repo name", name)
+        stored = self.blobs.put_bytes(GITATTRIBUTES)
+        first = Entry(".gitattributes", stored.size, git_blob_oid(GITATTRIBUTES), stored.sha256, False)
+        return self.insert_repo(namespace, name, private=private, author=author, first=first, copy=source)
+
     def rename_repo(self, repo: Repo, namespace: str, name: str) -> Repo:
         """Move ``repo`` to ``namespace/name`` with its whole history (``move_repo``); the old name keeps
         resolving to it."""
@@ -177,13 +186,6 @@ class Commits:
 
     def squash(self, repo: Repo, branch: str, *, message: str, author: str) -> Commit:
         return self.rows.squash(repo, branch, message=message, author=author)
-
-    def duplicate_repo(self, source: Repo, namespace: str, name: str, *, private: bool, author: str) -> Repo:
-        """A new repo ``namespace/name`` whose main branch holds the files of ``source``'s main, in one commit
-        (the objects are shared, not copied)."""
-        repo = self.repos.create_repo(namespace, name, private=private, author=author)
-        self.rows.copy_main(source, repo, author=author)
-        return repo
 
     def _stage(self, repo: Repo, author: str, op: Op, created: list[str]) -> Entry | None:
         """The entry an addition will have (its content stored first); None for a deletion."""

@@ -1,5 +1,6 @@
 """the server's other state in the catalog: gates, access requests, upload proofs, Xet xorb records, old
-repo names, likes, discussions and their events, collections and their items, webhooks
+repo names, likes, discussions and their events, collections and their items, webhooks, and the
+server's settings (the key that signs LFS upload URLs and Xet tokens, shared by replicas)
 
 Revision ID: 0005
 Revises: 0003
@@ -98,9 +99,7 @@ def upgrade() -> None:
         sa.Column("data", sa.JSON, nullable=False),
         sa.Column("created_at", sa.DateTime, nullable=False),
     )
-    op.create_index(
-        "ix_hub_discussion_events_discussion_id", "hub_discussion_events", ["discussion_id"]
-    )
+    op.create_index("ix_hub_discussion_events_discussion_id", "hub_discussion_events", ["discussion_id"])
     op.create_table(
         "hub_collections",
         sa.Column("id", sa.String(32), primary_key=True),
@@ -139,10 +138,16 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime, nullable=False),
     )
     op.create_index("ix_hub_webhooks_user", "hub_webhooks", ["user"])
+    op.create_table(
+        "hub_settings",
+        sa.Column("name", sa.String(100), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
 
 
 def downgrade() -> None:
     for table in (
+        "hub_settings",
         "hub_webhooks",
         "hub_collection_items",
         "hub_collections",

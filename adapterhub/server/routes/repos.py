@@ -129,7 +129,7 @@ async def duplicate_repo(
     url = f"{base_url(request)}/{to_ns}/{to_name}"
     try:
         repo = await run_in_threadpool(
-            lambda: store.commits.duplicate_repo(
+            lambda: store.repos.duplicate_repo(
                 source,
                 to_ns,
                 to_name,
