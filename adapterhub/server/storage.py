@@ -134,9 +134,8 @@ class ServerStore:
         None (the same answer whether the object is absent or held only by repos ``user`` cannot read)."""
         if not SHA256_RE.match(sha256):
             return None
-        try:
-            size = self.blobs.path(sha256).stat().st_size
-        except FileNotFoundError:
+        size = self.blobs.size(sha256)
+        if size is None:
             return None
         if user is not None and self._proof(repo, user, sha256).is_file():
             return size

@@ -200,6 +200,9 @@ class S3Store(BlobStore):
                 with open(tmp, "wb") as fout:
                     if not self._download(sha256, fout, progress):
                         raise self._mismatch(sha256)
+        except StoreError:
+            tmp.unlink(missing_ok=True)
+            raise
         except OSError as exc:  # the failing side is the destination (a full disk, a size limit)
             tmp.unlink(missing_ok=True)
             raise OSError(exc.errno, exc.strerror, str(out)) from None
@@ -222,7 +225,7 @@ class S3Store(BlobStore):
                 yield digest, size, mtime
 
     def _list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
-        token: dict[str, str] = {}
+        token: dict[str, Any] = {}
         while True:
             page = self._call("list_objects_v2", Prefix=prefix, **token)
             for o in page.get("Contents", ()):
@@ -293,7 +296,8 @@ class S3Store(BlobStore):
         key = self.key(digest)
         upload = self._call("create_multipart_upload", Key=key)["UploadId"]
         try:
-            parts, h, done = [], hashlib.sha256(), 0
+            parts: list[dict[str, Any]] = []
+            h, done = hashlib.sha256(), 0
             with open(src, "rb") as f:
                 while data := f.read(PART):
                     h.update(data)
@@ -362,7 +366,7 @@ class S3Store(BlobStore):
             else:
                 stale = now - mtime > STALE_AFTER
             found.append(Scratch(f"s3://{self.bucket}/{key}", size, stale, parts[0], key))
-        marker: dict[str, str] = {}
+        marker: dict[str, Any] = {}
         while True:
             page = self._call("list_multipart_uploads", Prefix=self.base, **marker)
             for u in page.get("Uploads", ()):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from ...errors import EntryNotFoundError, RepoNotFoundError, StoreError
+from ...store import BlobStore
 from ..deps import auth, downloadable, may_read, raw_parts, server, visible
 from ..records import TokenInfo, iso
 from ..views import file_json
@@ -42,13 +45,21 @@ async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = 
     e = files.get(path)
     if e is None:
         raise EntryNotFoundError(path, head.oid)
-    blob = store.blobs.path(e.sha256)
-    if not blob.is_file():
-        raise StoreError(f"{path}: the stored object {e.sha256} is missing on the server")
+    blob = await run_in_threadpool(_local_blob, store.blobs, e.sha256, path)
     headers = {"ETag": f'"{e.etag}"', "X-Repo-Commit": head.oid, "Cache-Control": "private, max-age=0"}
     if e.lfs:
         headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
     return _BlobResponse(blob, headers=headers, media_type="application/octet-stream")
+
+
+def _local_blob(blobs: BlobStore, sha256: str, path: str) -> Path:
+    """A local file with the object (from object storage: a sha256-checked cached copy)."""
+    if blobs.is_local:
+        blob = blobs.path(sha256)
+        if not blob.is_file():
+            raise StoreError(f"{path}: the stored object {sha256} is missing on the server")
+        return blob
+    return blobs.path(sha256)
 
 
 @router.api_route("/{name}/resolve/{rest:anypath}", methods=["GET", "HEAD"])
