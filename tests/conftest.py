@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from _pg import PostgresServer, postgres_server  # noqa: E402
+from _s3 import s3_env, s3_server  # noqa: E402, F401 (fixtures: SeaweedFS for the S3 store)
 
 from adapterhub import Hub  # noqa: E402
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from _adapters import make_adapter, tiny_llama
-from _s3 import SeaweedServer, s3_env, s3_server  # noqa: F401 (fixtures)
+from _s3 import SeaweedServer
 
 from adapterhub import Hub
 from adapterhub.errors import StoreError
@@ -79,7 +79,9 @@ def test_add_export_merge_check_gc_in_the_bucket(
 
         trash_key = f"{store.base}trash/{weights}.999999999.{host_tag()}.abc"
         client = s3_server.client()
-        client.copy_object(Bucket=bucket, Key=trash_key, CopySource={"Bucket": bucket, "Key": store.key(weights)})
+        client.copy_object(
+            Bucket=bucket, Key=trash_key, CopySource={"Bucket": bucket, "Key": store.key(weights)}
+        )
         client.delete_object(Bucket=bucket, Key=store.key(weights))
         report = hub.check_db()
         kinds = sorted((p.kind, p.subject.startswith("s3://")) for p in report.problems)
@@ -128,7 +130,7 @@ def test_two_writers_of_one_object_never_clobber(
         results: list[Any] = []
         barrier = threading.Barrier(len(writers))
 
-        def go(w: S3Store, put: Any = put) -> None:
+        def go(w: S3Store, put: Any = put, barrier: Any = barrier, results: Any = results) -> None:
             barrier.wait()
             results.append(put(w))
 
@@ -146,8 +148,7 @@ def test_two_writers_of_one_object_never_clobber(
     assert w._put_once(hashlib.sha256(small).hexdigest(), small) is False
     digest = hashlib.sha256(big.read_bytes()).hexdigest()
     assert w._upload(big, digest, None).created is False and w.verify(digest)
-    bucket, prefix = s3_server.bucket, s3_env["ADAPTERHUB_STORE"].split("/")[3]
-    assert not s3_server.uploads(prefix)
+    assert not s3_server.uploads(s3_env["ADAPTERHUB_STORE"].split("/")[3])
 
 
 def test_sha256_is_checked_on_the_way_in_and_out(
@@ -164,11 +165,10 @@ def test_sha256_is_checked_on_the_way_in_and_out(
         with pytest.raises(StoreError, match="does not have sha256"):
             store.commit(str(tmp), claimed, size)
         assert not tmp.exists() and not store.has(claimed)
-    bucket, prefix = s3_server.bucket, s3_env["ADAPTERHUB_STORE"].split("/")[3]
-    assert not s3_server.uploads(prefix)
+    assert not s3_server.uploads(s3_env["ADAPTERHUB_STORE"].split("/")[3])
     # an object changed in the bucket by hand is refused on the way out, and never cached
     good = store.put_bytes(b"the real content")
-    s3_server.client().put_object(Bucket=bucket, Key=store.key(good.sha256), Body=b"tampered")
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=store.key(good.sha256), Body=b"tampered")
     with pytest.raises(StoreError, match="does not match its sha256"):
         store.path(good.sha256)
     assert not list(store.cached()) and not store.verify(good.sha256)
