@@ -136,7 +136,7 @@ def register() -> None:
 
     from ..hub import Hub
 
-    class AdapterhubResolver(LoRAResolver):  # type: ignore[misc]
+    class AdapterhubResolver(LoRAResolver):
         def __init__(self) -> None:
             self.hub = Hub()
 
