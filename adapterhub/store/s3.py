@@ -20,7 +20,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,8 +42,10 @@ from .base import (
 
 #: files up to this size go up in one conditional PUT; larger ones as a multipart upload
 MULTIPART_AT = 64 * 1024 * 1024
-#: bytes per part of a multipart upload (S3's minimum is 5 MiB; 10 000 parts make 160 GB)
-PART = 16 * 1024 * 1024
+#: bytes per part of a multipart upload (S3's minimum is 5 MiB; 10 000 parts make 80 GB)
+PART = 8 * 1024 * 1024
+#: parts uploaded at once
+UPLOAD_THREADS = 8
 
 #: outcomes of a request that callers expect (`S3Store._call`'s ``ok``)
 ABSENT = "absent"
@@ -298,15 +302,18 @@ class S3Store(BlobStore):
         try:
             parts: list[dict[str, Any]] = []
             h, done = hashlib.sha256(), 0
-            with open(src, "rb") as f:
+            # parts go up UPLOAD_THREADS at a time; at most that many are in memory
+            with ThreadPoolExecutor(UPLOAD_THREADS) as pool, open(src, "rb") as f:
+                pending: deque[Future[dict[str, Any]]] = deque()
                 while data := f.read(PART):
                     h.update(data)
-                    n = len(parts) + 1
-                    r = self._call("upload_part", Key=key, UploadId=upload, PartNumber=n, Body=data)
-                    parts.append({"ETag": r["ETag"], "PartNumber": n})
+                    pending.append(pool.submit(self._part, key, upload, len(parts) + len(pending) + 1, data))
                     done += len(data)
+                    if len(pending) >= UPLOAD_THREADS:
+                        parts.append(pending.popleft().result())
                     if progress is not None:
                         progress(done, total)
+                parts += [p.result() for p in pending]
             if h.hexdigest() != digest:
                 raise StoreError(f"{src}: its content does not have sha256 {digest}; nothing was stored")
             got = self._call(
@@ -320,6 +327,10 @@ class S3Store(BlobStore):
             self._abort(key, upload)
             raise
         return StoredFile(digest, done, created=True)
+
+    def _part(self, key: str, upload: str, number: int, data: bytes) -> dict[str, Any]:
+        r = self._call("upload_part", Key=key, UploadId=upload, PartNumber=number, Body=data)
+        return {"ETag": r["ETag"], "PartNumber": number}
 
     def _abort(self, key: str, upload: str) -> None:
         with contextlib.suppress(Exception):
