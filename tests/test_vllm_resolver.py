@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _adapters import make_adapter
@@ -89,3 +91,41 @@ def test_the_entry_point_names_the_register_function() -> None:
     target = doc["project"]["entry-points"]["vllm.general_plugins"]["adapterhub"]
     module, _, attr = target.partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from test_server import start_server
+
+    yield from start_server(tmp_path_factory)
+
+
+def test_owner_repo_at_rev_is_pulled_from_a_hub_server(
+    server: Any, tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_server import online_hf
+
+    online_hf(monkeypatch)
+    with Hub(tmp_path / "home") as hub:
+        hub.add_adapter(made["a"], name="a")
+        first = hub.push_adapter("a", "alice/fleet", endpoint=server.url, token=server.alice).commit
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", server.alice)
+    cache = tmp_path / "cache"
+    with Hub(tmp_path / "fleet") as fleet:
+        got = resolve_adapter(fleet, "alice/fleet", cache=cache)
+        assert got is not None and got.name == f"alice/fleet-{first[:12]}"
+        assert (got.path / "adapter_model.safetensors").read_bytes() == (
+            made["a"] / "adapter_model.safetensors"
+        ).read_bytes()
+        assert resolve_adapter(fleet, f"alice/fleet@{first}", cache=cache) == got
+        assert resolve_adapter(fleet, "alice/nosuch", cache=cache) is None
+    # main moves on: the same request now gets the new commit's adapter, in a folder of its own
+    with Hub(tmp_path / "home") as hub:
+        hub.remove_adapter("a")
+        hub.add_adapter(made["b"], name="a")
+        second = hub.push_adapter("a", "alice/fleet", endpoint=server.url, token=server.alice).commit
+    with Hub(tmp_path / "fleet") as fleet:
+        new = resolve_adapter(fleet, "alice/fleet", cache=cache)
+        assert new is not None and new.name == f"alice/fleet-{second[:12]}" and new.path != got.path
+        assert resolve_adapter(fleet, f"alice/fleet@{first}", cache=cache) == got  # the pinned one stays

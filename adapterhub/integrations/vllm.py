@@ -9,6 +9,10 @@ vLLM finds the plugin through the ``vllm.general_plugins`` entry point (`registe
 `resolve_adapter` holds all the logic and needs no vLLM:
 - ``NAME`` is the adapter cataloged under that name now; ``NAME@REVISION`` only if REVISION is a prefix
   (8 hex digits or more) of its sha256, so a client pinned to one version never gets another;
+- ``owner/repo`` or ``owner/repo@rev`` that the catalog does not hold is pulled from the Hub server of
+  ``$ADAPTERHUB_VLLM_ENDPOINT`` (else ``$HF_ENDPOINT``; ``adapterhub serve`` or the Hub) with
+  ``$ADAPTERHUB_VLLM_TOKEN`` (else ``$HF_TOKEN``), at the commit the revision names now, and cataloged
+  as ``owner/repo-COMMIT12`` (hashes checked, validated), so a moved branch gives a new folder;
 - the folder is content-addressed (``CACHE/ab/<key>/``, CACHE being `default_cache`, the key a sha256 over the adapter's stored files),
   so a name reused for other content gets another folder and a new ``lora_int_id``: never a stale one;
 - the folder is written through a scratch folder and renamed into place when complete, with a manifest
@@ -90,8 +94,15 @@ def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> Resol
     """The PEFT folder for ``model`` (``NAME`` or ``NAME@REVISION``), or None when the catalog has no
     such adapter (or not at that revision, or vLLM would refuse it)."""
     name, rev = parse_model(model)
-    if not name or not hub.library.exists(name):
+    if not name:
         return None
+    if not hub.library.exists(name):
+        if "/" not in name:
+            return None
+        pulled = _pull(hub, name, rev)  # owner/repo@rev from a Hub server, pinned to its commit
+        if pulled is None:
+            return None
+        name, rev = pulled, None
     info = hub.adapter_info(name)
     if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
         return None
@@ -125,6 +136,29 @@ def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> Resol
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return resolved
+
+
+def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
+    """Catalog ``repo_id`` at ``revision`` (default main) from the Hub server of ``$ADAPTERHUB_VLLM_ENDPOINT``
+    (else ``$HF_ENDPOINT``), with ``$ADAPTERHUB_VLLM_TOKEN`` (else ``$HF_TOKEN``), as ``repo_id-COMMIT12``;
+    a commit cataloged before is not downloaded again. None when there is no server or no such repo."""
+    endpoint = os.environ.get("ADAPTERHUB_VLLM_ENDPOINT") or os.environ.get("HF_ENDPOINT")
+    if not endpoint:
+        return None
+    token = os.environ.get("ADAPTERHUB_VLLM_TOKEN") or os.environ.get("HF_TOKEN") or None
+    try:
+        from huggingface_hub import HfApi
+
+        commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
+        if not isinstance(commit, str) or len(commit) < 12:
+            return None
+        name = f"{repo_id}-{commit[:12]}"
+        if not hub.library.exists(name):
+            hub.pull_adapter(f"{repo_id}@{commit}", name=name, endpoint=endpoint, token=token)
+    except Exception as exc:  # no such repo or revision, no access, an unreachable server: vLLM says 404
+        log.warning("%s@%s is not handed to vLLM: %s", repo_id, revision or "main", str(exc).splitlines()[0])
+        return None
+    return name
 
 
 def register() -> None:
