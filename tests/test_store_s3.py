@@ -225,6 +225,8 @@ def test_push_and_pull_through_a_server_on_the_bucket(
 ) -> None:  # fmt: skip
     from test_server import online_hf
 
+    from adapterhub.formats.safetensors_header import read_header
+
     online_hf(monkeypatch)
     bucket, prefix = s3_server.bucket, s3_env["ADAPTERHUB_STORE"].split("/")[3]
     srv = s3_server_proc
@@ -232,6 +234,14 @@ def test_push_and_pull_through_a_server_on_the_bucket(
         hub.add_adapter(world["b"], name="b")
         hub.push_adapter("b", "alice/b-lora", endpoint=srv.url, token=srv.alice)
     assert s3_server.keys(f"{prefix}/server/objects/")  # the server kept the files in the bucket
+    # a safetensors header through the server: a range read of the bucket, no local copy made
+    hf = online_hf(monkeypatch)
+    meta = hf.HfApi(endpoint=srv.url).parse_safetensors_file_metadata(
+        "alice/b-lora", "adapter_model.safetensors"
+    )
+    assert set(meta.tensors) == set(read_header(world["b"] / "adapter_model.safetensors").tensors)
+    weights = hashlib.sha256((world["b"] / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert not (srv.home / "server" / "cache" / weights[:2] / weights[2:]).exists()
     # a second home with a prefix of its own (a prefix belongs to one catalog)
     monkeypatch.setenv("ADAPTERHUB_STORE", f"s3://{bucket}/{prefix}-other")
     with Hub(tmp_path / "other") as other:

@@ -426,7 +426,8 @@ def _make_client() -> Any:
         read_timeout=60,
         max_pool_connections=32,
     )
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # a session of its own: boto3's default session is not safe to make clients from in several threads
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def _outcome(exc: Exception) -> str | None:

@@ -45,11 +45,40 @@ async def resolve(request: Request, ns: str, name: str, tok: TokenInfo | None = 
     e = files.get(path)
     if e is None:
         raise EntryNotFoundError(path, head.oid)
-    blob = await run_in_threadpool(_local_blob, store.blobs, e.sha256, path)
     headers = {"ETag": f'"{e.etag}"', "X-Repo-Commit": head.oid, "Cache-Control": "private, max-age=0"}
     if e.lfs:
         headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
+    if not store.blobs.is_local:  # object storage: a HEAD or a small range needs no local copy
+        quick = await run_in_threadpool(_remote_part, request, store.blobs, e.sha256, e.size, headers)
+        if quick is not None:
+            return quick
+    blob = await run_in_threadpool(_local_blob, store.blobs, e.sha256, path)
     return _BlobResponse(blob, headers=headers, media_type="application/octet-stream")
+
+
+#: a ranged GET of at most this many bytes is answered from object storage with a range read (a
+#: safetensors header, as huggingface_hub's ``get_safetensors_metadata`` asks), not a whole fetch
+RANGE_READ_LIMIT = 16 * 1024 * 1024
+
+
+def _remote_part(
+    request: Request, blobs: BlobStore, sha256: str, size: int, headers: dict[str, str]
+) -> Response | None:
+    """A HEAD, or a GET of one small ``bytes=a-b`` range, answered from the bucket; None otherwise."""
+    if request.method == "HEAD":
+        return Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"},
+                        media_type="application/octet-stream")  # fmt: skip
+    unit, _, spec = request.headers.get("range", "").partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip() != "bytes" or not dash or "," in spec or not first.isdigit():
+        return None
+    start = int(first)
+    end = min(int(last) if last.isdigit() else size - 1, size - 1)
+    if start > end or end - start + 1 > RANGE_READ_LIMIT:
+        return None
+    data = blobs.read_range(sha256, start, end - start + 1)
+    return Response(data, status_code=206, media_type="application/octet-stream",
+                    headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"})  # fmt: skip
 
 
 def _local_blob(blobs: BlobStore, sha256: str, path: str) -> Path:
