@@ -43,10 +43,11 @@ def _store(s3: SeaweedServer, env: dict[str, str], root: Path, name: str = "stor
 
 def test_add_export_merge_check_gc_in_the_bucket(
     s3_server: SeaweedServer, s3_env: dict[str, str], world: dict[str, Path], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, db_url: str | None,
 ) -> None:  # fmt: skip
+    """On SQLite and on PostgreSQL (the ``db_url`` fixture)."""
     bucket, prefix = s3_server.bucket, s3_env["ADAPTERHUB_STORE"].split("/")[3]
-    with Hub(tmp_path / "home") as hub:
+    with Hub(tmp_path / "home", db=db_url) as hub:
         info = hub.add_adapter(world["a"], name="a")
         keys = s3_server.keys(f"{prefix}/store/objects/")
         assert sorted(k.rsplit("/", 2)[-2] + k.rsplit("/", 1)[-1] for k in keys) == sorted(
@@ -69,7 +70,7 @@ def test_add_export_merge_check_gc_in_the_bucket(
         assert (tmp_path / "merged" / f).read_bytes() == (tmp_path / "merged-local" / f).read_bytes()
     monkeypatch.setenv("ADAPTERHUB_STORE", s3_env["ADAPTERHUB_STORE"])
 
-    with Hub(tmp_path / "home") as hub:
+    with Hub(tmp_path / "home", db=db_url) as hub:
         store = hub.store
         assert isinstance(store, S3Store)
         stray = store.put_bytes(b"nobody references this")
