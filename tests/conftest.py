@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from helpers.pg import PostgresServer, postgres_server
+from helpers.s3 import s3_env, s3_server  # noqa: F401 (fixtures: SeaweedFS for the S3 store)
 
 from adapterhub import Hub
 

@@ -143,9 +143,8 @@ class Gates:
         None (the same answer whether the object is absent or held only by repos ``user`` cannot read)."""
         if not SHA256_RE.match(sha256):
             return None
-        try:
-            size = self.repos.blobs.path(sha256).stat().st_size
-        except FileNotFoundError:
+        size = self.repos.blobs.size(sha256)
+        if size is None:
             return None
         return size if self.repos.may_reference(repo, user, sha256) else None
 

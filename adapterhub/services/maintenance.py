@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,25 +111,25 @@ def _leftovers(stores: list[tuple[BlobStore, set[str]]], lib: Library) -> list[_
             if item.digest is not None and item.digest in refs and not store.has(item.digest):
                 found.append(_Finding(
                     Problem("trashed", item.subject, "a removal that never committed took this object"),
-                    lambda s=store, i=item: s.restore(i.handle, i.digest or ""),
+                    partial(store.restore, item.handle, item.digest),
                 ))  # fmt: skip
             else:
                 found.append(_Finding(
                     Problem("leftover", item.subject, "scratch of a process that is gone", item.size),
-                    lambda s=store, i=item: s.discard(i),
+                    partial(store.discard, item),
                 ))  # fmt: skip
     for entry, scratch in _journaled(lib):
         for p in scratch:
             found.append(_Finding(Problem("leftover", str(p), "unfinished output of a run that is gone", tree_size(p)),
-                                  lambda p=p: _rm(p)))  # fmt: skip
+                                  partial(_rm, p)))  # fmt: skip
         found.append(_Finding(Problem("leftover", str(entry), "journal of a process that is gone", tree_size(entry)),
-                              lambda e=entry: _rm(e)))  # fmt: skip
+                              partial(_rm, entry)))  # fmt: skip
     return found
 
 
 def _objects(store: BlobStore, refs: set[str], what: str, *, grace: float = 0.0) -> list[_Finding]:
     """Objects no row references (younger than ``grace`` seconds are left alone: an upload waits a
-    while for the commit that references it), and cached copies of objects gone from the bucket."""
+    while for the commit that references it), and cached copies of objects no row references."""
     now = time.time()
     found: list[_Finding] = []
     present: set[str] = set()
@@ -140,10 +141,10 @@ def _objects(store: BlobStore, refs: set[str], what: str, *, grace: float = 0.0)
                 orphan=(store, digest),
             ))  # fmt: skip
     for digest, path in store.cached():
-        if digest not in present or digest not in refs:
+        if digest not in refs:
             found.append(_Finding(
                 Problem("leftover", str(path), "a cached copy of an object no row references", tree_size(path)),
-                lambda p=path: _rm(p),
+                partial(_rm, path),
             ))  # fmt: skip
     return found
 

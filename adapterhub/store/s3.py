@@ -20,7 +20,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,8 +42,10 @@ from .base import (
 
 #: files up to this size go up in one conditional PUT; larger ones as a multipart upload
 MULTIPART_AT = 64 * 1024 * 1024
-#: bytes per part of a multipart upload (S3's minimum is 5 MiB; 10 000 parts make 160 GB)
-PART = 16 * 1024 * 1024
+#: bytes per part of a multipart upload (S3's minimum is 5 MiB; 10 000 parts make 80 GB)
+PART = 8 * 1024 * 1024
+#: parts uploaded at once
+UPLOAD_THREADS = 8
 
 #: outcomes of a request that callers expect (`S3Store._call`'s ``ok``)
 ABSENT = "absent"
@@ -200,6 +204,9 @@ class S3Store(BlobStore):
                 with open(tmp, "wb") as fout:
                     if not self._download(sha256, fout, progress):
                         raise self._mismatch(sha256)
+        except StoreError:
+            tmp.unlink(missing_ok=True)
+            raise
         except OSError as exc:  # the failing side is the destination (a full disk, a size limit)
             tmp.unlink(missing_ok=True)
             raise OSError(exc.errno, exc.strerror, str(out)) from None
@@ -222,7 +229,7 @@ class S3Store(BlobStore):
                 yield digest, size, mtime
 
     def _list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
-        token: dict[str, str] = {}
+        token: dict[str, Any] = {}
         while True:
             page = self._call("list_objects_v2", Prefix=prefix, **token)
             for o in page.get("Contents", ()):
@@ -293,16 +300,20 @@ class S3Store(BlobStore):
         key = self.key(digest)
         upload = self._call("create_multipart_upload", Key=key)["UploadId"]
         try:
-            parts, h, done = [], hashlib.sha256(), 0
-            with open(src, "rb") as f:
+            parts: list[dict[str, Any]] = []
+            h, done = hashlib.sha256(), 0
+            # parts go up UPLOAD_THREADS at a time; at most that many are in memory
+            with ThreadPoolExecutor(UPLOAD_THREADS) as pool, open(src, "rb") as f:
+                pending: deque[Future[dict[str, Any]]] = deque()
                 while data := f.read(PART):
                     h.update(data)
-                    n = len(parts) + 1
-                    r = self._call("upload_part", Key=key, UploadId=upload, PartNumber=n, Body=data)
-                    parts.append({"ETag": r["ETag"], "PartNumber": n})
+                    pending.append(pool.submit(self._part, key, upload, len(parts) + len(pending) + 1, data))
                     done += len(data)
+                    if len(pending) >= UPLOAD_THREADS:
+                        parts.append(pending.popleft().result())
                     if progress is not None:
                         progress(done, total)
+                parts += [p.result() for p in pending]
             if h.hexdigest() != digest:
                 raise StoreError(f"{src}: its content does not have sha256 {digest}; nothing was stored")
             got = self._call(
@@ -316,6 +327,10 @@ class S3Store(BlobStore):
             self._abort(key, upload)
             raise
         return StoredFile(digest, done, created=True)
+
+    def _part(self, key: str, upload: str, number: int, data: bytes) -> dict[str, Any]:
+        r = self._call("upload_part", Key=key, UploadId=upload, PartNumber=number, Body=data)
+        return {"ETag": r["ETag"], "PartNumber": number}
 
     def _abort(self, key: str, upload: str) -> None:
         with contextlib.suppress(Exception):
@@ -362,7 +377,7 @@ class S3Store(BlobStore):
             else:
                 stale = now - mtime > STALE_AFTER
             found.append(Scratch(f"s3://{self.bucket}/{key}", size, stale, parts[0], key))
-        marker: dict[str, str] = {}
+        marker: dict[str, Any] = {}
         while True:
             page = self._call("list_multipart_uploads", Prefix=self.base, **marker)
             for u in page.get("Uploads", ()):
@@ -411,7 +426,8 @@ def _make_client() -> Any:
         read_timeout=60,
         max_pool_connections=32,
     )
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # a session of its own: boto3's default session is not safe to make clients from in several threads
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def _outcome(exc: Exception) -> str | None:

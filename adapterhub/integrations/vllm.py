@@ -1,0 +1,183 @@
+"""adapterhub as a vLLM LoRA resolver: a vLLM server asked for ``model: "NAME"`` or ``"NAME@REVISION"``
+that it has not loaded gets the cataloged adapter as a local PEFT folder, with no files copied by hand.
+
+vLLM finds the plugin through the ``vllm.general_plugins`` entry point (`register`), enabled with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`` and ``VLLM_PLUGINS=adapterhub``; it asks each registered resolver
+``resolve_lora(base_model_name, lora_name)``. The catalog is the home's (``ADAPTERHUB_HOME``,
+``ADAPTERHUB_DB``, ``ADAPTERHUB_STORE`` as for every command).
+
+`resolve_adapter` holds all the logic and needs no vLLM:
+- ``NAME`` is the adapter cataloged under that name now; ``NAME@REVISION`` only if REVISION is a prefix
+  (8 hex digits or more) of its sha256, so a client pinned to one version never gets another;
+- ``owner/repo`` or ``owner/repo@rev`` that the catalog does not hold is pulled from the Hub server of
+  ``$ADAPTERHUB_VLLM_ENDPOINT`` (else ``$HF_ENDPOINT``; ``adapterhub serve`` or the Hub) with
+  ``$ADAPTERHUB_VLLM_TOKEN`` (else ``$HF_TOKEN``), at the commit the revision names now, and cataloged
+  as ``owner/repo-COMMIT12`` (hashes checked, validated), so a moved branch gives a new folder;
+- the folder is content-addressed (``CACHE/ab/<key>/``, CACHE being `default_cache`, the key a sha256 over the adapter's stored files),
+  so a name reused for other content gets another folder and a new ``lora_int_id``: never a stale one;
+- the folder is written through a scratch folder and renamed into place when complete, with a manifest
+  of its files' sha256, checked again each time it is handed over;
+- ``validate --for vllm`` runs first: an adapter vLLM would refuse (DoRA, bias, ``modules_to_save``) is
+  not handed over (the resolver answers None and vLLM says the model does not exist).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AdapterHubError
+from ..store import scratch_prefix, sha256_file
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+
+__all__ = ["RESOLVER_NAME", "ResolvedAdapter", "default_cache", "parse_model", "register", "resolve_adapter"]
+
+log = logging.getLogger(__name__)
+
+#: the name vLLM knows the resolver by (``VLLM_PLUGINS=adapterhub``)
+RESOLVER_NAME = "adapterhub"
+MANIFEST = ".adapterhub-files.json"
+MIN_REVISION = 8
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A cataloged adapter as vLLM loads it: a PEFT folder and a stable integer id for its content."""
+
+    name: str
+    sha256: str  # the cataloged adapter's sha256 (its weights)
+    key: str  # sha256 over all its stored files: the folder's name
+    path: Path
+    lora_int_id: int
+
+
+def parse_model(model: str) -> tuple[str, str | None]:
+    """``"NAME"`` -> (NAME, None); ``"NAME@REVISION"`` -> (NAME, REVISION)."""
+    name, at, rev = model.partition("@")
+    return name, (rev.lower() if at else None)
+
+
+def _key(files: Any) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: (f.role, f.filename)):
+        h.update(f"{f.role}\0{f.filename}\0{f.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _manifest_ok(folder: Path) -> bool:
+    try:
+        want = json.loads((folder / MANIFEST).read_text())
+        return bool(want) and all(sha256_file(folder / n) == d for n, d in want.items())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
+def default_cache() -> Path:
+    """``$ADAPTERHUB_VLLM_CACHE``, else ``adapterhub/vllm`` in the user's cache folder (outside the home:
+    the home's own folders are never an export's destination)."""
+    env = os.environ.get("ADAPTERHUB_VLLM_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapterhub" / "vllm"
+
+
+def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> ResolvedAdapter | None:
+    """The PEFT folder for ``model`` (``NAME`` or ``NAME@REVISION``), or None when the catalog has no
+    such adapter (or not at that revision, or vLLM would refuse it)."""
+    name, rev = parse_model(model)
+    if not name:
+        return None
+    if not hub.library.exists(name):
+        if "/" not in name:
+            return None
+        pulled = _pull(hub, name, rev)  # owner/repo@rev from a Hub server, pinned to its commit
+        if pulled is None:
+            return None
+        name, rev = pulled, None
+    info = hub.adapter_info(name)
+    if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
+        return None
+    key = _key(info.files or ())
+    folder = (cache or default_cache()) / key[:2] / key
+    resolved = ResolvedAdapter(name, info.sha256, key, folder, int(key[:7], 16) + 1)
+    if _manifest_ok(folder):
+        return resolved
+    report = hub.validate(name, for_="vllm", scan_values=False)
+    if not report.ok:
+        log.warning("%s is not handed to vLLM: %s", name, report.summary())
+        return None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=scratch_prefix(".vllm")))
+    try:
+        out = hub.export_adapter(name, scratch / "peft", format="peft")
+        files = sorted(p.name for p in out.iterdir() if p.is_file())
+        (out / MANIFEST).write_text(json.dumps({n: sha256_file(out / n) for n in files}))
+        if folder.exists():  # a stale or broken copy (a file changed by hand), or another process's
+            if _manifest_ok(folder):
+                return resolved
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(out, folder)
+        except OSError:
+            if not _manifest_ok(folder):  # another process put it there meanwhile
+                raise
+    except AdapterHubError as exc:
+        log.warning("%s is not handed to vLLM: %s", name, exc)
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return resolved
+
+
+def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
+    """Catalog ``repo_id`` at ``revision`` (default main) from the Hub server of ``$ADAPTERHUB_VLLM_ENDPOINT``
+    (else ``$HF_ENDPOINT``), with ``$ADAPTERHUB_VLLM_TOKEN`` (else ``$HF_TOKEN``), as ``repo_id-COMMIT12``;
+    a commit cataloged before is not downloaded again. None when there is no server or no such repo."""
+    endpoint = os.environ.get("ADAPTERHUB_VLLM_ENDPOINT") or os.environ.get("HF_ENDPOINT")
+    if not endpoint:
+        return None
+    token = os.environ.get("ADAPTERHUB_VLLM_TOKEN") or os.environ.get("HF_TOKEN") or None
+    try:
+        from huggingface_hub import HfApi
+
+        commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
+        if not isinstance(commit, str) or len(commit) < 12:
+            return None
+        name = f"{repo_id}-{commit[:12]}"
+        if not hub.library.exists(name):
+            hub.pull_adapter(f"{repo_id}@{commit}", name=name, endpoint=endpoint, token=token)
+    except Exception as exc:  # no such repo or revision, no access, an unreachable server: vLLM says 404
+        log.warning("%s@%s is not handed to vLLM: %s", repo_id, revision or "main", str(exc).splitlines()[0])
+        return None
+    return name
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register the ``adapterhub`` LoRA resolver."""
+    import asyncio
+
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    from ..hub import Hub
+
+    class AdapterhubResolver(LoRAResolver):
+        def __init__(self) -> None:
+            self.hub = Hub()
+
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+            found = await asyncio.to_thread(resolve_adapter, self.hub, lora_name)
+            if found is None:
+                return None
+            return LoRARequest(lora_name=lora_name, lora_int_id=found.lora_int_id, lora_path=str(found.path))
+
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, AdapterhubResolver())
