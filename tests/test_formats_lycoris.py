@@ -338,3 +338,41 @@ def test_conv_variants_merge_exactly(algo: str, effective: bool, tmp_path: Path)
     reference = pm.merge_and_unload().state_dict()
     for name in ("conv_in.weight", "conv_out.weight"):
         torch.testing.assert_close(merged[name], reference[name], rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------ wild configs
+
+WILD = Path(__file__).parent / "data" / "wild_configs"
+
+
+def test_wild_loha_config_reads_as_peft_loads_it(base_dir: Path, tmp_path: Path) -> None:
+    from peft import LoHaConfig
+
+    text = (WILD / "loha.json").read_text(encoding="utf-8")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adapter_config.json").write_text(text, encoding="utf-8")
+    folder = _make(_base(base_dir), LoHaConfig.from_pretrained(str(tmp_path / "cfg")), tmp_path / "ad")
+    (folder / "adapter_config.json").write_text(text, encoding="utf-8")
+    weights = read_adapter(folder, load=True)
+    assert weights.target_modules == ["q_proj", "v_proj"] and weights.rank == 32  # 8 * 8 = min(out, in)
+    assert_deltas_match(weights, _peft(base_dir, folder))
+
+
+def test_wild_bdlora_config_is_refused_where_peft_refuses_it(base_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    text = json.loads((WILD / "bdlora.json").read_text(encoding="utf-8"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps(text), encoding="utf-8")
+    strict = LoraConfig.from_pretrained(str(tmp_path / "cfg"))
+    with pytest.raises(ValueError, match="matches neither"):  # v_proj is in neither block list
+        get_peft_model(_base(base_dir), strict)
+    loose = dict(text, use_bdlora={**text["use_bdlora"], "match_strict": False}, r=4)
+    (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps(loose), encoding="utf-8")
+    folder = _make(_base(base_dir), LoraConfig.from_pretrained(str(tmp_path / "cfg")), tmp_path / "ad")
+    weights = read_adapter(folder, load=True)
+    assert {m.variant for m in weights.values()} == {"bdlora", "lora"}
+    assert_deltas_match(weights, _peft(base_dir, folder))
+    (folder / "adapter_config.json").write_text(json.dumps(dict(text, r=4)), encoding="utf-8")
+    with pytest.raises(InvalidAdapterError, match="matches neither .* with match_strict, which PEFT refuses"):
+        read_adapter(folder)
