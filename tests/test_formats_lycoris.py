@@ -136,7 +136,9 @@ def test_delta_equals_peft_get_delta_weight(kind: str, made: dict[str, Path], ba
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_equals_peft_merged_model(kind: str, made: dict[str, Path], base_dir: Path, tmp_path: Path) -> None:
+def test_merge_equals_peft_merged_model(
+    kind: str, made: dict[str, Path], base_dir: Path, tmp_path: Path
+) -> None:
     weights = read_adapter(made[kind], load=True)
     merge_checkpoint(base_dir, [weights], tmp_path / "merged", device="cpu")
     from transformers import LlamaForCausalLM
@@ -196,7 +198,9 @@ def test_peft_export_loads_in_peft_with_the_same_outputs(
     again = read_adapter(out, load=True)
     for key, m in weights.items():
         torch.testing.assert_close(again[key].delta(), m.delta(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(_logits(_peft(base_dir, out)), _logits(_peft(base_dir, made[kind])), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(_peft(base_dir, out)), _logits(_peft(base_dir, made[kind])), rtol=1e-4, atol=1e-5
+    )
     if kind in ("loha", "lokr_low", "bdlora"):
         from safetensors import safe_open
 
@@ -227,7 +231,9 @@ def test_catalog_validate_merge_export_through_the_hub(
     from transformers import LlamaForCausalLM
 
     ours = _logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval())
-    torch.testing.assert_close(ours, _logits(_peft(base_dir, made[kind]).merge_and_unload()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ours, _logits(_peft(base_dir, made[kind]).merge_and_unload()), rtol=1e-4, atol=1e-5
+    )
     copied = hub.export_adapter(kind, tmp_path / "copy")  # its own format: the stored files as they are
     assert (copied / "adapter_config.json").read_text() == (made[kind] / "adapter_config.json").read_text()
     if kind != "kasa":
@@ -283,7 +289,9 @@ def test_lycoris_file_reads_as_peft_computes(
 ) -> None:
     cfg = json.loads((made[kind] / "adapter_config.json").read_text())
     if kind == "lokr_full":  # both sides full: LyCORIS scales by 1, so the scale goes into w1
-        path = _lycoris_file(made[kind], tmp_path / "a.safetensors", alpha=None, scale_w1=cfg["alpha"] / cfg["r"])
+        path = _lycoris_file(
+            made[kind], tmp_path / "a.safetensors", alpha=None, scale_w1=cfg["alpha"] / cfg["r"]
+        )
     else:  # LyCORIS scales by alpha / rank (of w1_b for LoHa, of the decomposed side for LoKr), as PEFT
         path = _lycoris_file(made[kind], tmp_path / "a.safetensors", alpha=cfg["alpha"])
     assert detect(path).format == "kohya"
@@ -297,7 +305,9 @@ def test_lycoris_file_reads_as_peft_computes(
     from transformers import LlamaForCausalLM
 
     merged = _logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval())
-    torch.testing.assert_close(merged, _logits(_peft(base_dir, made[kind]).merge_and_unload()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        merged, _logits(_peft(base_dir, made[kind]).merge_and_unload()), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_lycoris_file_refusals_are_one_line(made: dict[str, Path], tmp_path: Path) -> None:

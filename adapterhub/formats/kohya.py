@@ -22,9 +22,9 @@ from typing import Any
 
 from ..errors import InvalidAdapterError
 from ..lora import LoraModule, LoraWeights, lora_scale
-from .peft import FLOAT_DTYPES, Problem, _raise
 from .lycoris import SUFFIXES as LYCORIS_SUFFIXES
 from .lycoris import kohya_lycoris_module, lycoris_factors
+from .peft import FLOAT_DTYPES, Problem, _raise
 from .peft_config import MAX_BASE_NAME_CHARS
 from .safetensors_header import SafetensorsHeader, TensorInfo, group_by_suffix, read_header
 

@@ -83,7 +83,9 @@ def _loha_shapes(p: Mapping[str, Any]) -> tuple[int, tuple[int, ...], int] | str
     if any(len(s) != 2 for s in (w1a, w1b, w2a, w2b)):
         return "LoHa factors must be 2-D"
     if w1a[1] != w1b[0] or w2a[1] != w2b[0]:
-        return f"LoHa ranks disagree: w1_a {list(w1a)} / w1_b {list(w1b)}, w2_a {list(w2a)} / w2_b {list(w2b)}"
+        return (
+            f"LoHa ranks disagree: w1_a {list(w1a)} / w1_b {list(w1b)}, w2_a {list(w2a)} / w2_b {list(w2b)}"
+        )
     if (w1a[0], w1b[1]) != (w2a[0], w2b[1]):
         return f"LoHa factors do not fit: w1 is {w1a[0]}x{w1b[1]}, w2 is {w2a[0]}x{w2b[1]}"
     return w1a[0], (w1b[1],), w1a[1] * w2a[1]
@@ -315,7 +317,9 @@ def parse_peft_lycoris(
         else:
             unexplained.append(name)
     if not modules and not replacement_shapes:
-        report(f"holds no {variant.upper()} tensors ({'hada_w1_a' if variant == 'loha' else 'lokr_w1'}...)", None)
+        report(
+            f"holds no {variant.upper()} tensors ({'hada_w1_a' if variant == 'loha' else 'lokr_w1'}...)", None
+        )
     weights = LoraWeights(
         modules=modules,
         format="peft",
@@ -329,9 +333,7 @@ def parse_peft_lycoris(
     return weights
 
 
-def kohya_lycoris_module(
-    stem: str, got: Mapping[str, Any], alpha: float | None
-) -> LoraModule | str:
+def kohya_lycoris_module(stem: str, got: Mapping[str, Any], alpha: float | None) -> LoraModule | str:
     """A LyCORIS / kohya file's LoHa or LoKr module (``got``: role -> header entry, without alpha)."""
     variant = "loha" if any(r.startswith("hada_") for r in got) else "lokr"
     if variant == "loha" and any(r.startswith("lokr_") for r in got):

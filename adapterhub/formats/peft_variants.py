@@ -54,7 +54,9 @@ def expand_blocks(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.block_diag(*torch.chunk(t, n, dim=0))
 
 
-def kasa_problem(config: dict[str, Any], kind: str, rank: int, diag: Any, use_dora: bool, bias: bool) -> str | None:
+def kasa_problem(
+    config: dict[str, Any], kind: str, rank: int, diag: Any, use_dora: bool, bias: bool
+) -> str | None:
     """Why a module of a KaSA config is not one PEFT loads (or adapterhub computes), or None."""
     if kind != "linear":
         return f"KaSA works on linear layers only; PEFT refuses it on a {kind} layer"
@@ -63,7 +65,9 @@ def kasa_problem(config: dict[str, Any], kind: str, rank: int, diag: Any, use_do
     if config.get("fan_in_fan_out"):
         return "KaSA does not support fan_in_fan_out (GPT-2 Conv1D) layers; PEFT refuses them"
     if bias:
-        return "KaSA with lora_bias is not supported by adapterhub yet; it refuses the adapter rather than guess"
+        return (
+            "KaSA with lora_bias is not supported by adapterhub yet; it refuses the adapter rather than guess"
+        )
     if diag is None:
         return "kasa_config is set but there is no lora_diag for it"
     if tuple(diag.shape) != (rank,):

@@ -30,7 +30,9 @@ def resolve_with_base(weights: LoraWeights, base: str | os.PathLike[str]) -> Lor
     todo = [m for m in weights.modules.values() if m.needs_base]
     match = map_keys([m.key for m in todo], ckpt.tensors)
     if not match.ok:
-        raise IncompatibleAdapterError(f"cannot resolve KaSA modules against {ckpt.path}: {describe_problems(match)}")
+        raise IncompatibleAdapterError(
+            f"cannot resolve KaSA modules against {ckpt.path}: {describe_problems(match)}"
+        )
     modules = dict(weights.modules)
     for m in todo:
         name = match.mapping[m.key]
