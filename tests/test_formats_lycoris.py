@@ -386,3 +386,25 @@ def test_wild_bdlora_config_is_refused_where_peft_refuses_it(base_dir: Path, tmp
     (folder / "adapter_config.json").write_text(json.dumps(dict(text, r=4)), encoding="utf-8")
     with pytest.raises(InvalidAdapterError, match="matches neither .* with match_strict, which PEFT refuses"):
         read_adapter(folder)
+
+
+def test_vllm_check_names_the_variant(made: dict[str, Path]) -> None:
+    from adapterhub.ops.targets_vllm import check_vllm
+
+    for kind, fix in (("loha", "adapterhub resize"), ("kasa", "merge it into its base")):
+        errors = [c for c in check_vllm(read_adapter(made[kind])) if c.check == "vllm.variant"]
+        assert len(errors) == 1 and fix in errors[0].message, errors
+    assert [c for c in check_vllm(read_adapter(made["bdlora"])) if c.check == "vllm.variant"]
+
+
+def test_resolved_kasa_exports_as_plain_lora(made: dict[str, Path], base_dir: Path, tmp_path: Path) -> None:
+    resolved = resolve_with_base(read_adapter(made["kasa"], load=True), base_dir)
+    out = write_adapter(resolved, tmp_path / "plain", format="peft")
+    assert "kasa_config" not in json.loads((out / "adapter_config.json").read_text())
+    from adapterhub.ops import merge_checkpoint as merge
+
+    merge(base_dir, [read_adapter(out, load=True)], tmp_path / "merged", device="cpu")
+    from transformers import LlamaForCausalLM
+
+    ours = _logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval())
+    torch.testing.assert_close(ours, _logits(_peft(base_dir, made["kasa"])), rtol=1e-4, atol=1e-5)
