@@ -251,9 +251,12 @@ class LoraWeights(Mapping[str, LoraModule]):
             return "LoRA"
         plain = any(m.variant == "lora" for m in self.modules.values())
         what = " + ".join((["LoRA"] if plain else []) + names)
-        note = "held as exact LoRA factors"
+        stored = sorted({int(m.recipe["rank"]) for m in self.modules.values() if m.recipe.get("rank")})
+        if stored:  # LoHa / LoKr: the rank the file was made with (the factors' rank is `rank`)
+            what += f" r={stored[0]}" if len(stored) == 1 else f" r={stored[0]}..{stored[-1]}"
+        note = f"held as exact LoRA factors of rank {self.rank}"
         if self.needs_base:
-            note += "; removes the base weight's smallest singular components (computed from the base)"
+            note += "; it removes the base weight's r smallest singular components, computed from the base"
         return f"{what} ({note})"
 
 

@@ -408,3 +408,15 @@ def test_resolved_kasa_exports_as_plain_lora(made: dict[str, Path], base_dir: Pa
 
     ours = _logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval())
     torch.testing.assert_close(ours, _logits(_peft(base_dir, made["kasa"])), rtol=1e-4, atol=1e-5)
+
+
+def test_show_names_the_kind(
+    made: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests._cli import Cli
+
+    cli = Cli(tmp_path / "home", capsys)
+    cli("add", str(made["loha"]), "--name", "hada")
+    table = cli("show", "hada")
+    assert "LoHa r=2..3 (held as exact LoRA factors of rank 9)" in table
+    assert cli.json("show", "hada")["metadata"]["adapterhub.kind"].startswith("LoHa")
