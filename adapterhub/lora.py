@@ -276,6 +276,23 @@ def flat_conv_fits(m: LoraModule, base_shape: tuple[int, ...]) -> bool:
     )
 
 
+def conv_view(m: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
+    """A flat LoHa / LoKr module (`flat_conv_fits`) as the conv LoRA it equals: the same numbers, A
+    viewed as ``(R, in, kh, kw)`` and B as ``(out, R, 1, 1)`` (for a runtime that applies conv LoRA)."""
+    if not flat_conv_fits(m, base_shape):
+        raise ValueError(f"{m.key}: not a flat update of a conv weight {list(base_shape)}")
+    tail = tuple(int(d) for d in base_shape[1:])
+    ones = (1,) * (len(tail) - 1)
+    return replace(
+        m,
+        kind="conv",
+        A=None if m.A is None else m.A.reshape(m.rank, *tail),
+        B=None if m.B is None else m.B.reshape(m.out_features, m.rank, *ones),
+        a_shape=(m.rank, *tail),
+        b_shape=(m.out_features, m.rank, *ones),
+    )
+
+
 def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors ``(A, B)`` with ``B @ A == delta`` exactly, of rank ``min(out, in * kernel)``.
 

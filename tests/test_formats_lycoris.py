@@ -348,6 +348,15 @@ def test_conv_variants_merge_exactly(algo: str, effective: bool, tmp_path: Path)
     reference = pm.merge_and_unload().state_dict()
     for name in ("conv_in.weight", "conv_out.weight"):
         torch.testing.assert_close(merged[name], reference[name], rtol=0, atol=2e-6)
+    from adapterhub.lora import conv_view, flat_conv_fits
+
+    flat = [m for m in weights.values() if flat_conv_fits(m, tuple(net.get_submodule(m.module).weight.shape))]
+    assert bool(flat) == (not effective and algo == "loha")  # LoKr's full conv w2 keeps its kernel
+    for m in flat:  # stored flat (out, in * kh * kw): viewed as the conv LoRA it equals
+        shape = tuple(net.get_submodule(m.module).weight.shape)
+        view = conv_view(m, shape)
+        assert view.kind == "conv" and view.delta_shape == shape
+        torch.testing.assert_close(view.delta(), m.delta().reshape(shape), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------ wild configs
