@@ -17,7 +17,7 @@ from adapterhub import Hub
 from adapterhub.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapterhub.formats import detect, read_adapter, write_adapter
 from adapterhub.lora import LoraWeights
-from adapterhub.ops import check_base, combine, merge_checkpoint, resolve_with_base
+from adapterhub.ops import check_base, combine, merge_checkpoint, resolve_with, resolve_with_base
 from adapterhub.ops.validate import BaseLayout
 from tests._models import save_model, tiny_convnet, tiny_llama
 
@@ -166,6 +166,9 @@ def test_kasa_needs_the_base_and_resolves_exactly(made: dict[str, Path], base_di
         layer = pm.base_model.model.get_submodule(m.module)
         effective = layer.get_base_layer().weight.detach() + _reference_delta(layer).detach()
         torch.testing.assert_close(w0 + m.delta(), effective, rtol=0, atol=2e-6)
+    live = resolve_with(weights, lambda key: base.get_submodule(key[: -len(".weight")]).weight)
+    for key, m in resolved.items():  # from a live model's parameters, as a runtime would
+        torch.testing.assert_close(live[key].delta(), m.delta(), rtol=0, atol=0)
     # resolved, it combines (and resizes) as plain LoRA
     result = combine([(resolved, 0.5)])
     assert result.weights.modules
