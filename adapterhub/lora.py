@@ -251,9 +251,12 @@ class LoraWeights(Mapping[str, LoraModule]):
             return "LoRA"
         plain = any(m.variant == "lora" for m in self.modules.values())
         what = " + ".join((["LoRA"] if plain else []) + names)
-        note = "held as exact LoRA factors"
+        stored = sorted({int(m.recipe["rank"]) for m in self.modules.values() if m.recipe.get("rank")})
+        if stored:  # LoHa / LoKr: the rank the file was made with (the factors' rank is `rank`)
+            what += f" r={stored[0]}" if len(stored) == 1 else f" r={stored[0]}..{stored[-1]}"
+        note = f"held as exact LoRA factors of rank {self.rank}"
         if self.needs_base:
-            note += "; removes the base weight's smallest singular components (computed from the base)"
+            note += "; it removes the base weight's r smallest singular components, computed from the base"
         return f"{what} ({note})"
 
 
@@ -270,6 +273,23 @@ def flat_conv_fits(m: LoraModule, base_shape: tuple[int, ...]) -> bool:
         and len(base_shape) > 2
         and int(base_shape[0]) == m.out_features
         and math.prod(int(d) for d in base_shape[1:]) == m.in_features
+    )
+
+
+def conv_view(m: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
+    """A flat LoHa / LoKr module (`flat_conv_fits`) as the conv LoRA it equals: the same numbers, A
+    viewed as ``(R, in, kh, kw)`` and B as ``(out, R, 1, 1)`` (for a runtime that applies conv LoRA)."""
+    if not flat_conv_fits(m, base_shape):
+        raise ValueError(f"{m.key}: not a flat update of a conv weight {list(base_shape)}")
+    tail = tuple(int(d) for d in base_shape[1:])
+    ones = (1,) * (len(tail) - 1)
+    return replace(
+        m,
+        kind="conv",
+        A=None if m.A is None else m.A.reshape(m.rank, *tail),
+        B=None if m.B is None else m.B.reshape(m.out_features, m.rank, *ones),
+        a_shape=(m.rank, *tail),
+        b_shape=(m.out_features, m.rank, *ones),
     )
 
 

@@ -604,7 +604,7 @@ def test_config_not_json_or_not_object(tmp_path: Path) -> None:
         read_adapter(folder)
 
 
-@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "IA3", "LOHA"])
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "IA3", "VERA"])
 def test_peft_type_not_lora(tmp_path: Path, peft_type: str) -> None:
     folder = _write_broken(tmp_path / "a", peft_linear_tensors(), {"r": 4, "peft_type": peft_type})
     with pytest.raises(

@@ -18,7 +18,7 @@ from adapterhub import Hub
 from adapterhub.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapterhub.formats import detect, read_adapter, write_adapter
 from adapterhub.lora import LoraWeights
-from adapterhub.ops import check_base, combine, merge_checkpoint, resolve_with_base
+from adapterhub.ops import check_base, combine, merge_checkpoint, resolve_with, resolve_with_base
 from adapterhub.ops.validate import BaseLayout
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -166,6 +166,9 @@ def test_kasa_needs_the_base_and_resolves_exactly(made: dict[str, Path], base_di
         layer = pm.base_model.model.get_submodule(m.module)
         effective = layer.get_base_layer().weight.detach() + _reference_delta(layer).detach()
         torch.testing.assert_close(w0 + m.delta(), effective, rtol=0, atol=2e-6)
+    live = resolve_with(weights, lambda key: base.get_submodule(key[: -len(".weight")]).weight)
+    for key, m in resolved.items():  # from a live model's parameters, as a runtime would
+        torch.testing.assert_close(live[key].delta(), m.delta(), rtol=0, atol=0)
     # resolved, it combines (and resizes) as plain LoRA
     result = combine([(resolved, 0.5)])
     assert result.weights.modules
@@ -348,3 +351,84 @@ def test_conv_variants_merge_exactly(algo: str, effective: bool, tmp_path: Path)
     reference = pm.merge_and_unload().state_dict()
     for name in ("conv_in.weight", "conv_out.weight"):
         torch.testing.assert_close(merged[name], reference[name], rtol=0, atol=2e-6)
+    from adapterhub.lora import conv_view, flat_conv_fits
+
+    flat = [m for m in weights.values() if flat_conv_fits(m, tuple(net.get_submodule(m.module).weight.shape))]
+    assert bool(flat) == (not effective and algo == "loha")  # LoKr's full conv w2 keeps its kernel
+    for m in flat:  # stored flat (out, in * kh * kw): viewed as the conv LoRA it equals
+        shape = tuple(net.get_submodule(m.module).weight.shape)
+        view = conv_view(m, shape)
+        assert view.kind == "conv" and view.delta_shape == shape
+        torch.testing.assert_close(view.delta(), m.delta().reshape(shape), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ wild configs
+
+WILD = Path(__file__).parent / "data" / "wild_configs"
+
+
+def test_wild_loha_config_reads_as_peft_loads_it(base_dir: Path, tmp_path: Path) -> None:
+    from peft import LoHaConfig
+
+    text = (WILD / "loha.json").read_text(encoding="utf-8")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adapter_config.json").write_text(text, encoding="utf-8")
+    folder = _make(_base(base_dir), LoHaConfig.from_pretrained(str(tmp_path / "cfg")), tmp_path / "ad")
+    (folder / "adapter_config.json").write_text(text, encoding="utf-8")
+    weights = read_adapter(folder, load=True)
+    assert weights.target_modules == ["q_proj", "v_proj"] and weights.rank == 32  # 8 * 8 = min(out, in)
+    assert_deltas_match(weights, _peft(base_dir, folder))
+
+
+def test_wild_bdlora_config_is_refused_where_peft_refuses_it(base_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    text = json.loads((WILD / "bdlora.json").read_text(encoding="utf-8"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps(text), encoding="utf-8")
+    strict = LoraConfig.from_pretrained(str(tmp_path / "cfg"))
+    with pytest.raises(ValueError, match="matches neither"):  # v_proj is in neither block list
+        get_peft_model(_base(base_dir), strict)
+    loose = dict(text, use_bdlora={**text["use_bdlora"], "match_strict": False}, r=4)
+    (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps(loose), encoding="utf-8")
+    folder = _make(_base(base_dir), LoraConfig.from_pretrained(str(tmp_path / "cfg")), tmp_path / "ad")
+    weights = read_adapter(folder, load=True)
+    assert {m.variant for m in weights.values()} == {"bdlora", "lora"}
+    assert_deltas_match(weights, _peft(base_dir, folder))
+    (folder / "adapter_config.json").write_text(json.dumps(dict(text, r=4)), encoding="utf-8")
+    with pytest.raises(InvalidAdapterError, match="matches neither .* with match_strict, which PEFT refuses"):
+        read_adapter(folder)
+
+
+def test_vllm_check_names_the_variant(made: dict[str, Path]) -> None:
+    from adapterhub.ops.targets_vllm import check_vllm
+
+    for kind, fix in (("loha", "adapterhub resize"), ("kasa", "merge it into its base")):
+        errors = [c for c in check_vllm(read_adapter(made[kind])) if c.check == "vllm.variant"]
+        assert len(errors) == 1 and fix in errors[0].message, errors
+    assert [c for c in check_vllm(read_adapter(made["bdlora"])) if c.check == "vllm.variant"]
+
+
+def test_resolved_kasa_exports_as_plain_lora(made: dict[str, Path], base_dir: Path, tmp_path: Path) -> None:
+    resolved = resolve_with_base(read_adapter(made["kasa"], load=True), base_dir)
+    out = write_adapter(resolved, tmp_path / "plain", format="peft")
+    assert "kasa_config" not in json.loads((out / "adapter_config.json").read_text())
+    from adapterhub.ops import merge_checkpoint as merge
+
+    merge(base_dir, [read_adapter(out, load=True)], tmp_path / "merged", device="cpu")
+    from transformers import LlamaForCausalLM
+
+    ours = _logits(LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval())
+    torch.testing.assert_close(ours, _logits(_peft(base_dir, made["kasa"])), rtol=1e-4, atol=1e-5)
+
+
+def test_show_names_the_kind(
+    made: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests._cli import Cli
+
+    cli = Cli(tmp_path / "home", capsys)
+    cli("add", str(made["loha"]), "--name", "hada")
+    table = cli("show", "hada")
+    assert "LoHa r=2..3 (held as exact LoRA factors of rank 9)" in table
+    assert cli.json("show", "hada")["metadata"]["adapterhub.kind"].startswith("LoHa")

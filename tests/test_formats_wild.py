@@ -289,7 +289,11 @@ def test_other_tools_weights_get_a_hint(tmp_path: Path) -> None:
     save_file(
         {"lora_unet_x.hada_w1_a": torch.zeros(4, 4), "lora_unet_x.hada_w1_b": torch.zeros(4, 4)}, str(lyco)
     )
-    with pytest.raises(InvalidAdapterError, match="LyCORIS LoHa / LoKr file, and adapterhub handles LoRA"):
+    assert detect(lyco).format == "kohya"  # a LyCORIS LoHa file (tests/test_formats_lycoris.py)
+    with pytest.raises(InvalidAdapterError, match="lora_unet_x: LoHa tensor hada_w2_a is missing"):
+        read_adapter(lyco)
+    save_file({"lora_unet_x.lokr_w2": torch.zeros(4, 4)}, str(lyco))
+    with pytest.raises(InvalidAdapterError, match="LoHa / LoKr tensors, but no module with its first factor"):
         detect(lyco)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

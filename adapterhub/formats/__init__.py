@@ -111,12 +111,13 @@ def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapt
     from .kohya import is_kohya_header, is_lycoris_header
 
     cfg = p.parent / CONFIG_NAME
-    if (
-        is_lycoris_header(header)
-        and cfg.is_file()
-        and any(k.startswith("base_model.") for k in header.tensors)
-    ):
-        return AdapterFiles("peft", p, cfg)  # PEFT's LoHa / LoKr weights file
+    if is_lycoris_header(header) and any(k.startswith("base_model.") for k in header.tensors):
+        if cfg.is_file():
+            return AdapterFiles("peft", p, cfg)  # PEFT's LoHa / LoKr weights file
+        raise InvalidAdapterError(
+            f"{p}: PEFT-style LoHa / LoKr weights, but no {CONFIG_NAME} beside them to give r and alpha",
+            path=str(p),
+        )
     if is_kohya_header(header):
         return AdapterFiles("kohya", p)
     if is_diffusers_header(header) and not (p.parent / CONFIG_NAME).is_file():
@@ -139,7 +140,7 @@ def _what_else(path: Path, header: SafetensorsHeader) -> str:
     """A hint at what a .safetensors file without LoRA tensors is instead."""
     names = list(header.tensors)
     if any(n.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lokr_w2")) for n in names):
-        return f"; its LoHa / LoKr tensors are PEFT's layout: put {CONFIG_NAME} beside it"
+        return "; it has LoHa / LoKr tensors, but no module with its first factor (hada_w1_a, lokr_w1 or lokr_w1_a)"
     if any(n.endswith((".lora_a", ".lora_b")) for n in names):
         return "; its lora_a / lora_b keys are MLX-LM's: convert the adapter to PEFT format first"
     if (path.parent / "config.json").is_file() and not (path.parent / CONFIG_NAME).is_file():

@@ -145,6 +145,11 @@ def _refusal(weights: LoraWeights, model_type: str | None, config: Mapping[str, 
             return f"{m.module}: llama.cpp LoRA has no lora_B bias (lora_bias); export in PEFT format instead"
         if m.kind == "conv":
             return f"{m.module}: llama.cpp LoRA has no conv layers"
+        if m.needs_base:
+            return (
+                f"{m.module}: KaSA removes singular components of the base weight, which a llama.cpp LoRA "
+                "cannot say; export in PEFT format (or merge it into its base)"
+            )
         if gguf_name(m.module) is None:
             return (
                 f"{m.module}: llama.cpp's llama architecture has no tensor for this module (it adapts "

@@ -128,10 +128,16 @@ def _lokr_shapes(p: Mapping[str, Any]) -> tuple[int, tuple[int, ...], int] | str
 
 
 def lycoris_module(
-    key: str, variant: str, parts: Mapping[str, TensorInfo], *, scale: float, alpha: float
+    key: str,
+    variant: str,
+    parts: Mapping[str, TensorInfo],
+    *,
+    scale: float,
+    alpha: float,
+    rank: int | None = None,
 ) -> LoraModule | str:
     """A metadata-only `LoraModule` for a LoHa / LoKr module whose stored tensors are ``parts`` (role ->
-    header entry), or a one-line reason it cannot be one."""
+    header entry), or a one-line reason it cannot be one; ``rank`` is the r it was made with."""
     got = _loha_shapes(parts) if variant == "loha" else _lokr_shapes(parts)
     if isinstance(got, str):
         return got
@@ -139,6 +145,7 @@ def lycoris_module(
     if 0 in (out, factor_rank, *tail):
         return "has an empty tensor"
     cols = math.prod(tail)
+    stored_rank = rank
     rank = exact_rank(out, cols, factor_rank)
     ones = (1,) * (len(tail) - 1)
     dtypes = {info.dtype for info in parts.values()}
@@ -153,7 +160,11 @@ def lycoris_module(
         dtype=dtypes.pop() if len(dtypes) == 1 else "F32",
         variant=variant,  # type: ignore[arg-type]
         stored_params=sum(math.prod(info.shape) for info in parts.values()),
-        recipe={"tensors": {role: info.name for role, info in parts.items()}, "alpha": alpha},
+        recipe={
+            "tensors": {role: info.name for role, info in parts.items()},
+            "alpha": alpha,
+            "rank": stored_rank,
+        },
     )
 
 
@@ -178,8 +189,8 @@ def _cp_core(t: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
 
 
 def _loha(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B1-side, A1-side, B2-side, A2-side) combined: (B (out, R), A (R, in, *k)) and the dense update
-    computed as PEFT does (for the exact fallback)."""
+    """(B ``(out, r1 r2)``, A ``(r1 r2, in[, k, k])``, the dense update as PEFT computes it, or an empty
+    tensor for the CP form, whose dense update is ``B @ A``)."""
     import torch
 
     if "hada_t1" in t:
@@ -300,7 +311,7 @@ def parse_peft_lycoris(
                 module,
             )
             continue
-        m = lycoris_module(module + ".weight", variant, got, scale=alpha / r, alpha=alpha)
+        m = lycoris_module(module + ".weight", variant, got, scale=alpha / r, alpha=alpha, rank=r)
         if isinstance(m, str):
             report(f"module {module}: {m}", module)
             continue
@@ -342,4 +353,6 @@ def kohya_lycoris_module(stem: str, got: Mapping[str, Any], alpha: float | None)
         return "LoHa tensor hada_w1_b is missing"
     rank = lycoris_rank(variant, got)
     scale = 1.0 if alpha is None or rank is None else alpha / rank
-    return lycoris_module(stem, variant, got, scale=scale, alpha=alpha if alpha is not None else 0.0)
+    return lycoris_module(
+        stem, variant, got, scale=scale, alpha=alpha if alpha is not None else 0.0, rank=rank
+    )

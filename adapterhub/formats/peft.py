@@ -496,7 +496,7 @@ def write_peft(
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_NAME + ".tmp")
     metadata = {"format": "pt"}
-    converted = [v for v in weights.variants if v in ("loha", "lokr", "bdlora")]
+    converted = [v for v in weights.variants if v != "kasa" or not weights.needs_base]
     if converted:  # say what the plain LoRA factors were read from
         metadata["adapterhub.converted_from"] = ", ".join(converted)
         logger.info(

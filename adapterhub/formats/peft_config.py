@@ -159,7 +159,7 @@ def validate_config(config: Any, *, path: str = CONFIG_NAME) -> dict[str, Any]:
         return _lycoris_config(config, path)
     if isinstance(peft_type, str) and peft_type.upper() != "LORA":
         raise InvalidConfigError(
-            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA, LoHa and LoKr adapters only",
+            f"{path}: peft_type is {peft_type!r}; adapterhub handles LoRA adapters only (with LoHa and LoKr)",
             path=path,
             key="peft_type",
         )

@@ -7,7 +7,7 @@ operation runs.
 from __future__ import annotations
 
 from ..errors import OutputExistsError
-from .basevalues import resolve_with_base
+from .basevalues import resolve_with, resolve_with_base
 from .combine import AdapterExpr, CombineResult, combine, combine_methods, extract, resize
 from .keymap import KeyMatch, is_conv1d, map_keys, needs_transpose
 from .merge import DTYPES, MergeResult, merge_checkpoint
@@ -34,5 +34,6 @@ __all__ = [
     "merge_checkpoint",
     "needs_transpose",
     "resize",
+    "resolve_with",
     "resolve_with_base",
 ]

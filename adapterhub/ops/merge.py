@@ -206,6 +206,7 @@ def _plan(
                     )
                     continue
                 m = resolve_kasa(m, _base_tensor(ckpt, tied[1] if tied and name == tied[0] else name))
+            assert m.A is not None and m.B is not None
             a = m.A.detach().to("cpu", torch.float32).reshape(m.rank, -1)
             b = m.B.detach().to("cpu", torch.float32).reshape(-1, m.rank)
             transpose = False

@@ -147,6 +147,20 @@ def _feature_checks(weights: LoraWeights) -> list[Check]:
                 dora[0] if dora else None,
             )
         )
+    # vLLM's LoRA loader reads lora_A / lora_B as stored: LoHa / LoKr tensors are unknown weights to it,
+    # compact block-diagonal factors have the wrong shapes, and KaSA's lora_diag and base truncation are
+    # ignored (its loader sees plain LoRA). adapterhub holds all of them as exact plain factors.
+    variants = [v for v in weights.variants if v in ("loha", "lokr", "bdlora", "kasa")]
+    if variants:
+        what = weights.describe_kind().split(" (")[0]
+        fix = (
+            "merge it into its base to serve it"
+            if "kasa" in variants
+            else "`adapterhub resize` it (rank = its current rank keeps it exact) for plain LoRA factors"
+        )
+        checks.append(
+            Check("error", "vllm.variant", f"vLLM loads plain LoRA only, and this adapter is {what}; {fix}")
+        )
     # peft_helper.py validate_legal: ``if self.bias != "none"``: "Adapter bias is not supported."
     bias = cfg.get("bias") or "none"
     if bias != "none":
