@@ -4,11 +4,18 @@
 
 - ``GET /v1/models``: the base under its name, and each cataloged adapter that fits it with
   ``parent`` = the base (vLLM's shape); private adapters only to tokens that may read them;
-- ``POST /v1/chat/completions`` and ``POST /v1/completions``: ``max_tokens``, ``temperature``,
-  ``top_p``, ``seed``, ``stop``, ``stream`` (SSE chunks, then ``data: [DONE]``),
-  ``stream_options.include_usage``; ``usage`` in every answer;
+- ``POST /v1/chat/completions`` and ``POST /v1/completions``: ``max_tokens``, ``n``, ``temperature``,
+  ``top_p``, ``top_k``, ``min_p``, presence/frequency/repetition penalties, ``logit_bias``, ``seed``,
+  ``stop``, ``logprobs`` (+ ``top_logprobs`` in chat, + ``echo`` in completions: the prompt's too),
+  ``stream`` (SSE chunks, then ``data: [DONE]``), ``stream_options.include_usage``; a list of prompts
+  (strings or token ids) in completions; ``usage`` in every answer;
 - ``POST /v1/embeddings`` for encoder bases (floats, or base64 little-endian float32);
-- ``GET /metrics`` in the Prometheus text format.
+- ``GET /metrics`` in the Prometheus text format (a token with ``require_token``; resident private
+  adapters only to who may read them);
+- vLLM's ``GET /health``, ``/version``, ``/tokenizer_info``, ``POST /tokenize``, ``/detokenize``,
+  ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` (`companion`).
+
+Request bodies are typed (`requests`): every OpenAI field honoured or refused with a 400 naming it.
 
 ``model`` is the base's name, an adapter's name, or an exact combination ``a:0.7+b:0.3`` (see
 `service`). Requests for any mix of adapters share the forward steps of one scheduler thread
@@ -104,9 +111,11 @@ def mount_inference(
 
 def _include_first(app: FastAPI) -> None:
     """Add the routes before the app's own (and so before any final catch-all)."""
+    from .companion import router as companion
     from .routes import router
 
     before = list(app.router.routes)
     app.include_router(router)
+    app.include_router(companion)  # its /v1 catch-all last
     added = app.router.routes[len(before) :]
     app.router.routes[:] = added + before

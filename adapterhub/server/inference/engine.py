@@ -27,19 +27,9 @@ import torch.nn.functional as F
 from .graphs import GraphDecoder, StaticBatch, spec_key
 from .metrics import Metrics
 from .pool import AdapterPool
+from .sampling import Logprob, Sampling, pick, record
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What a request asks of generation."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -57,6 +47,11 @@ class Job:
     sent: str = ""
     finish: str | None = None
     gen: torch.Generator | None = None
+    #: with ``sampling.logprobs``: one record per generated token, and how many went out with text
+    logprobs: list[Logprob] = field(default_factory=list)
+    logprobs_sent: int = 0
+    #: with ``sampling.prompt_logprobs``: None for the first prompt token, then one record each
+    prompt_logprobs: list[Logprob | None] | None = None
 
     @property
     def shas(self) -> tuple[str, ...]:
@@ -246,6 +241,7 @@ class Engine:
                 for job in self._batch.jobs:
                     self._fail(job, exc)
                 self._batch = self._new_batch()
+                self.metrics.active = 0
         self.close_rows()
         for job in self._batch.jobs + self._waiting:
             self._fail(job, RuntimeError("the server is shutting down"))
@@ -265,6 +261,7 @@ class Engine:
                 self._start(new)
         if self._batch.jobs:
             self._decode()
+        self.metrics.active = len(self._batch.jobs)
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` together; if that fails, each alone, so one bad request fails only itself."""
@@ -358,20 +355,24 @@ class Engine:
         for i, j in enumerate(jobs):
             ids[i, width - len(j.prompt) :] = torch.tensor(j.prompt, dtype=torch.long)
             mask[i, width - len(j.prompt) :] = 1
-            if j.sampling.temperature > 0:
+            if not j.sampling.greedy:
                 j.gen = torch.Generator(device=self.device)
-                j.gen.manual_seed(
-                    j.sampling.seed if j.sampling.seed is not None else int(torch.seed() % (1 << 62))
-                )
+                seed = j.sampling.seed if j.sampling.seed is not None else torch.seed()
+                j.gen.manual_seed(seed % (1 << 63))
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         self.close_rows()
+        whole = any(j.sampling.prompt_logprobs for j in jobs)  # every position's logits, not the last only
         with self.pool.runtime.rows([j.spec for j in jobs]):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{self._cache_kw: cache},
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=0 if whole else 1, **{self._cache_kw: cache},
             )  # fmt: skip
+        if whole:
+            for i, j in enumerate(jobs):
+                if j.sampling.prompt_logprobs:
+                    j.prompt_logprobs = _prompt_logprobs(out.logits[i], j, width)
         logits = out.logits[:, -1, :].float()
         nxt = self._pick(logits, jobs)
         pos = mask.sum(1)
@@ -413,20 +414,10 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _pick(self, logits: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
-        nxt = logits.argmax(-1)
-        for i, j in enumerate(jobs):
-            s = j.sampling
-            if s.temperature <= 0:
-                continue
-            row = logits[i] / s.temperature
-            if s.top_p < 1.0:
-                order = torch.sort(row, descending=False)
-                probs = order.values.softmax(-1).cumsum(-1)
-                drop = probs <= 1 - s.top_p
-                drop[-1] = False
-                row = row.clone()
-                row[order.indices[drop]] = float("-inf")
-            nxt[i] = torch.multinomial(row.softmax(-1), 1, generator=j.gen)[0]
+        nxt, records = pick(logits, jobs)
+        for j, r in zip(jobs, records, strict=True):
+            if r is not None:
+                j.logprobs.append(r)
         return nxt
 
     def _advance(self, tokens: list[int], start: int) -> None:
@@ -449,7 +440,9 @@ class Engine:
             self.pool.unpin(job.shas)
             self.metrics.finished += 1
             done = {"finish_reason": finish, "text": job.sent, "prompt_tokens": len(job.prompt),
-                    "completion_tokens": len(job.generated)}  # fmt: skip
+                    "completion_tokens": len(job.generated), "logprobs": job.logprobs,
+                    "prompt_logprobs": job.prompt_logprobs, "tokens": list(job.generated),
+                    "eos": tok in self.eos}  # fmt: skip
             with contextlib.suppress(Exception):
                 job.sink(("done", done))
         if len(keep) != len(b.jobs):
@@ -473,13 +466,27 @@ class Engine:
         if shown.startswith(job.sent) and len(shown) > len(job.sent):
             piece = shown[len(job.sent) :]
             job.sent = shown
+            lps = job.logprobs[job.logprobs_sent :]
+            job.logprobs_sent = len(job.logprobs)
             try:
-                job.sink(("text", piece))
+                job.sink(("text", (piece, lps)))
             except Exception:
                 job.cancelled = True
         elif finish is not None:
             job.sent = text
         return finish
+
+
+def _prompt_logprobs(logits: torch.Tensor, job: Job, width: int) -> list[Logprob | None]:
+    """The prompt's records from one row's logits over the (left-padded) prefill: position ``t`` predicts
+    prompt token ``t + 1``; the first token has none."""
+    start = width - len(job.prompt)
+    lps = torch.log_softmax(logits[start : width - 1].float(), -1)
+    top = job.sampling.logprobs or 0
+    out: list[Logprob | None] = [None]
+    for k, tok in enumerate(job.prompt[1:]):
+        out.append(record(lps[k], tok, top))
+    return out
 
 
 def _stop_prefix(text: str, stop: Sequence[str]) -> int:
