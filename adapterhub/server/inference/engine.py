@@ -52,6 +52,9 @@ class Job:
     logprobs_sent: int = 0
     #: with ``sampling.prompt_logprobs``: None for the first prompt token, then one record each
     prompt_logprobs: list[Logprob | None] | None = None
+    #: constrained decoding (`grammar`): the request's llguidance matcher, and whether it is complete
+    matcher: Any = None
+    grammar_done: bool = False
 
     @property
     def shas(self) -> tuple[str, ...]:
@@ -431,6 +434,9 @@ class Engine:
             job.generated.append(tok)
             self.metrics.tokens_out += 1
             finish = self._emit(job, tok)
+            if finish is None and job.grammar_done:
+                finish = "stop"
+                self._emit_all(job)
             if finish is None and positions[i] >= self.max_context:
                 finish = "length"
             if finish is None:
@@ -448,6 +454,16 @@ class Engine:
         if len(keep) != len(b.jobs):
             self.close_rows()
             b.keep(keep)
+
+    def _emit_all(self, job: Job) -> None:
+        """Send what is held back of a finished job's text (a complete grammar ends it mid-way)."""
+        text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+        if text.startswith(job.sent) and len(text) > len(job.sent):
+            lps = job.logprobs[job.logprobs_sent :]
+            job.logprobs_sent = len(job.logprobs)
+            with contextlib.suppress(Exception):
+                job.sink(("text", (text[len(job.sent) :], lps)))
+        job.sent = text
 
     def _emit(self, job: Job, tok: int) -> str | None:
         ended = tok in self.eos

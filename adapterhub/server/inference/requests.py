@@ -177,14 +177,8 @@ class ChatRequest(_Sampling):
             return _unsupported("modalities", "only text output")
         if self.store:
             return _unsupported("store", "completions are not stored")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return _unsupported("response_format", "structured output is not served yet")
-        if self.tools:
-            return _unsupported("tools", "tool calling is not served yet")
-        if self.tool_choice not in (None, "none", "auto"):
-            return _unsupported("tool_choice", "tool calling is not served yet")
-        if any(m.tool_calls for m in self.messages):
-            return _unsupported("messages", "tool calls are not served yet")
+        if self.tool_choice is not None and not self.tools:
+            return Refusal(400, "tool_choice needs tools", param="tool_choice")
         return None
 
     @property

@@ -103,10 +103,20 @@ def pick(logits: torch.Tensor, jobs: Sequence[Any]) -> tuple[torch.Tensor, list[
     lps = torch.log_softmax(logits[want], -1) if want else None
     for i, j in enumerate(jobs):
         s: Sampling = j.sampling
-        if s.greedy and not s.shaped:
+        matcher = getattr(j, "matcher", None)
+        if s.greedy and not s.shaped and matcher is None:
             continue
-        row = shape(logits[i], s, j.prompt, j.generated) if s.shaped else logits[i]
+        row = logits[i]
+        if matcher is not None:
+            from .grammar import mask
+
+            row = mask(row, matcher)
+        row = shape(row, s, j.prompt, j.generated) if s.shaped else row
         nxt[i] = draw(row, s, j.gen)
+        if matcher is not None:
+            from .grammar import advance
+
+            j.grammar_done = advance(matcher, int(nxt[i]))
     if lps is not None:
         chosen = nxt.tolist()
         for k, i in enumerate(want):

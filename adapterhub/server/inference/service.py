@@ -119,6 +119,9 @@ class Inference:
         #: rows of the input embedding: a token id must be below it
         self.vocab = int(model.get_input_embeddings().num_embeddings)
         self._token_texts: dict[int, str] = {}
+        from .grammar import Grammars
+
+        self.grammars = Grammars(tokenizer, self.vocab)
 
     def start(self) -> None:
         self.engine.start()
