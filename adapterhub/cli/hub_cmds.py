@@ -153,6 +153,11 @@ def pull_cmd(
     "--require-token", is_flag=True, help="With --model: refuse inference requests without a token."
 )
 @click.option(
+    "--max-request-bytes",
+    metavar="SIZE",
+    help="With --model: largest inference request body (default 4MB); larger ones are a 413 unread.",
+)
+@click.option(
     "--graphs/--no-graphs",
     default=None,
     help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
@@ -172,16 +177,24 @@ def serve_cmd(
     adapter_memory: str | None,
     require_token: bool,
     graphs: bool | None,
+    max_request_bytes: str | None,
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
     if serve_home is not None:
         state.home = serve_home
     if model is None and (
-        device or dtype != "auto" or adapter_memory or require_token or max_batch != 32 or graphs is not None
+        device
+        or dtype != "auto"
+        or adapter_memory
+        or require_token
+        or max_batch != 32
+        or graphs is not None
+        or max_request_bytes
     ):
         raise click.UsageError(
-            "--device, --dtype, --max-batch, --adapter-memory, --require-token and --graphs go with --model"
+            "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs and "
+            "--max-request-bytes go with --model"
         )
     hub = state.hub
 
@@ -190,7 +203,7 @@ def serve_cmd(
         sys.stdout.flush()
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
-                 "require_token": require_token, "graphs": graphs} if model else {}  # fmt: skip
+                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes} if model else {}  # fmt: skip
     hub.serve(host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
 
 

@@ -81,6 +81,7 @@ def mount_inference(
     if max_batch < 1:
         raise InvalidOptionError(f"--max-batch must be at least 1, got {max_batch}")
     budget = parse_size(adapter_memory)
+    body_cap = parse_size(max_request_bytes, "--max-request-bytes") or MAX_REQUEST_BYTES
     live, tokenizer = hub.load_base(model, device=device, dtype=dtype)
     rt = hub.attach(live, dtype=torch.float32 if factor_dtype == "float32" else None)
     registered = {b.name for b in hub.list_bases()}
@@ -90,7 +91,7 @@ def mount_inference(
         hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
         adapter_memory=budget, require_token=require_token, graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
-        max_request_bytes=parse_size(max_request_bytes) or MAX_REQUEST_BYTES,
+        max_request_bytes=body_cap,
     )  # fmt: skip
     app.state.inference = svc
     _include_first(app)

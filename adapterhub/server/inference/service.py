@@ -37,7 +37,7 @@ CHARS_PER_TOKEN = 64
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
-def parse_size(value: str | int | None) -> int | None:
+def parse_size(value: str | int | None, option: str = "--adapter-memory") -> int | None:
     """``2GB``, ``512MiB``, ``1.5g``, ``1000000`` -> bytes (powers of 1024 for every unit); None stays None."""
     if value is None or isinstance(value, int):
         return value
@@ -45,9 +45,7 @@ def parse_size(value: str | int | None) -> int | None:
     if m is None:
         from ...errors import InvalidOptionError
 
-        raise InvalidOptionError(
-            f"--adapter-memory {value!r}: give a size such as 2GB, 512MB or 1000000 (bytes)"
-        )
+        raise InvalidOptionError(f"{option} {value!r}: give a size such as 2GB, 512MB or 1000000 (bytes)")
     unit = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
     return int(float(m.group(1)) * unit)
 
