@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .service import Refusal
+from .refusal import Refusal
 
 __all__ = ["Grammars", "advance", "mask"]
 

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from .service import Refusal
+from .refusal import Refusal
 
 __all__ = ["ChatRequest", "CompletionRequest", "EmbeddingRequest", "Message", "parse", "parse_model"]
 

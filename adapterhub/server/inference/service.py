@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .engine import Engine
 from .metrics import Metrics
 from .pool import AdapterPool, Entry, may_use
+from .refusal import Refusal
 
 if TYPE_CHECKING:
     from ..records import TokenInfo
@@ -48,21 +49,6 @@ def parse_size(value: str | int | None, option: str = "--adapter-memory") -> int
         raise InvalidOptionError(f"{option} {value!r}: give a size such as 2GB, 512MB or 1000000 (bytes)")
     unit = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
     return int(float(m.group(1)) * unit)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A request refused, in OpenAI's error shape."""
-
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-    retry_after: int | None = None
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
