@@ -122,3 +122,43 @@ def test_forced_tool_calls(c: Any) -> None:
         == 400
     )
     assert _ask(c, tool_choice="required").status_code == 400  # no tools
+
+
+def test_openai_and_langchain_structured_output_against_a_server(tmp_path: Path) -> None:
+    """The real clients over 127.0.0.1: openai's ``json_schema`` and forced tools, LangChain's
+    ``with_structured_output`` (a pydantic model, through ``json_schema`` and through a tool call)."""
+    openai = pytest.importorskip("openai")
+    from pydantic import BaseModel, Field
+    from test_serve_v1 import Server
+
+    class Paint(BaseModel):
+        ok: bool
+        n: int = Field(ge=0, le=9)
+
+    hub = Hub(tmp_path / "home")
+    hub.add_base(_base(tmp_path / "bpe"), name="bpe")
+    hub.close()
+    s = Server(tmp_path / "home", "bpe")
+    try:
+        client = s.client()
+        msgs = [{"role": "user", "content": "hello world"}]
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+        r = client.chat.completions.create(model="bpe", messages=msgs, max_tokens=60, temperature=0,
+                                           response_format=fmt)  # fmt: skip
+        assert set(json.loads(r.choices[0].message.content)) == {"ok", "pick", "n"}
+        tools = [{"type": "function", "function": {"name": "paint", "parameters": SCHEMA}}]
+        r = client.chat.completions.create(model="bpe", messages=msgs, max_tokens=60, temperature=0, tools=tools,
+                                           tool_choice="required")  # fmt: skip
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert set(json.loads(r.choices[0].message.tool_calls[0].function.arguments)) == {"ok", "pick", "n"}
+        assert isinstance(openai, object)
+        pytest.importorskip("langchain_openai")
+        from langchain_openai import ChatOpenAI
+
+        llm = ChatOpenAI(model="bpe", base_url=s.url + "/v1", api_key="EMPTY", temperature=0, max_tokens=150,
+                         max_retries=0)  # fmt: skip
+        for method in ("json_schema", "function_calling"):
+            got = llm.with_structured_output(Paint, method=method, strict=True).invoke("hello world")
+            assert isinstance(got, Paint), method
+    finally:
+        s.close()
