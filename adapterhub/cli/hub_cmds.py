@@ -158,6 +158,12 @@ def pull_cmd(
     help="With --model: largest inference request body (default 4MB); larger ones are a 413 unread.",
 )
 @click.option(
+    "--batch-invariant",
+    is_flag=True,
+    help="With --model: prefill and decode each request alone, so a greedy answer never depends on what "
+    "else runs (costs the batching: 6-7x fewer tokens/s on a CPU, bench/RESULTS.md).",
+)
+@click.option(
     "--graphs/--no-graphs",
     default=None,
     help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
@@ -178,6 +184,7 @@ def serve_cmd(
     require_token: bool,
     graphs: bool | None,
     max_request_bytes: str | None,
+    batch_invariant: bool,
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
@@ -191,10 +198,11 @@ def serve_cmd(
         or max_batch != 32
         or graphs is not None
         or max_request_bytes
+        or batch_invariant
     ):
         raise click.UsageError(
-            "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs and "
-            "--max-request-bytes go with --model"
+            "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs, "
+            "--max-request-bytes and --batch-invariant go with --model"
         )
     hub = state.hub
 
@@ -203,7 +211,7 @@ def serve_cmd(
         sys.stdout.flush()
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
-                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes} if model else {}  # fmt: skip
+                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes, "batch_invariant": batch_invariant} if model else {}  # fmt: skip
     hub.serve(host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
 
 

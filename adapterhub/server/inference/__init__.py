@@ -52,6 +52,7 @@ def mount_inference(
     factor_dtype: str = "float32",
     graphs: bool | None = None,
     max_request_bytes: int | str | None = None,
+    batch_invariant: bool = False,
 ) -> Inference:
     """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
     it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
@@ -68,6 +69,8 @@ def mount_inference(
             where the model is covered, False: never (a growing cache, eager), True: also off a GPU
             (static buffers, eager).
         max_request_bytes: largest request body (bytes, or ``"4MB"``); larger ones are a 413 unread.
+        batch_invariant: prefill and decode each request alone, so that its tokens never depend on what
+            else runs (any dtype); costs the batching (`bench/serve.py --batch-invariant`).
 
     The scheduler thread starts with the app's lifespan, or with the first request when the server runs
     without lifespan events, and stops at shutdown.
@@ -91,7 +94,7 @@ def mount_inference(
         hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
         adapter_memory=budget, require_token=require_token, graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
-        max_request_bytes=body_cap,
+        max_request_bytes=body_cap, batch_invariant=batch_invariant,
     )  # fmt: skip
     app.state.inference = svc
     _include_first(app)

@@ -128,6 +128,7 @@ class Engine:
         max_queue: int = 256,
         prefill_tokens: int = 4096,
         graphs: bool | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -145,6 +146,12 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
+        #: each request prefilled and decoded alone (its own cache, no padding): its tokens never depend on
+        #: what else runs, in any dtype, at the cost of batching (`bench/serve.py --batch-invariant`)
+        self.batch_invariant = batch_invariant
+        self._alone: list[_Batch] = []
+        if batch_invariant:
+            graphs = False
         why = GraphDecoder.supported(model) if graphs is not False else "turned off"
         if graphs and why:
             logger.warning("decode steps stay dynamic: %s", why)
@@ -220,7 +227,10 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self._batch.jobs)
+        return len(self._batch.jobs) + sum(len(b.jobs) for b in self._alone)
+
+    def _all_jobs(self) -> list[Job]:
+        return self._batch.jobs + [j for b in self._alone for j in b.jobs]
 
     @property
     def waiting(self) -> int:
@@ -231,7 +241,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._stopping and not self._exclusive and not self._batch.jobs:
+                if not self._stopping and not self._exclusive and not self.active:
                     self._cond.wait(timeout=0.05 if self._waiting else 0.5)
                 if self._stopping:
                     break
@@ -241,12 +251,13 @@ class Engine:
             except Exception as exc:  # never leave requests hanging: fail the batch, keep serving
                 logger.exception("inference step failed")
                 self.close_rows()
-                for job in self._batch.jobs:
+                for job in self._all_jobs():
                     self._fail(job, exc)
                 self._batch = self._new_batch()
+                self._alone = []
                 self.metrics.active = 0
         self.close_rows()
-        for job in self._batch.jobs + self._waiting:
+        for job in self._all_jobs() + self._waiting:
             self._fail(job, RuntimeError("the server is shutting down"))
 
     def _step(self, exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]]) -> None:
@@ -256,6 +267,9 @@ class Engine:
                 sink(("done", work()))
             except Exception as exc:
                 sink(("error", exc))
+        if self.batch_invariant:
+            self._step_alone()
+            return
         self._drop_cancelled()
         if self._waiting:
             self.pool.install(self.close_rows, self._batch.jobs)
@@ -265,6 +279,29 @@ class Engine:
         if self._batch.jobs:
             self._decode()
         self.metrics.active = len(self._batch.jobs)
+
+    def _step_alone(self) -> None:
+        """A step of the batch-invariant mode: each request is a batch of its own."""
+        self._batch = _Batch()
+        self._drop_cancelled()  # the waiting ones
+        for b in self._alone:
+            self._batch = b
+            self._drop_cancelled()
+        self._batch = _Batch()
+        if self._waiting:
+            self.pool.install(self.close_rows, self._all_jobs())
+            for job in self._admit():
+                self._batch = _Batch()
+                self._start([job])
+                if self._batch.jobs:
+                    self._alone.append(self._batch)
+        for b in self._alone:
+            self._batch = b
+            if b.jobs:
+                self._decode()
+        self._batch = _Batch()
+        self._alone = [b for b in self._alone if b.jobs]
+        self.metrics.active = self.active
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` together; if that fails, each alone, so one bad request fails only itself."""
@@ -297,7 +334,7 @@ class Engine:
             self._batch.keep(rows)
 
     def _admit(self) -> list[Job]:
-        room = self.max_batch - len(self._batch.jobs)
+        room = self.max_batch - self.active
         admitted: list[Job] = []
         tokens = 0
         with self._cond:

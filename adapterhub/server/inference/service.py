@@ -79,6 +79,7 @@ class Inference:
         graphs: bool | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         body_timeout: float = BODY_TIMEOUT,
+        batch_invariant: bool = False,
     ) -> None:
         self.hub = hub
         self.max_request_bytes = max_request_bytes
@@ -96,8 +97,9 @@ class Inference:
             hub, runtime, base_ref, budget=adapter_memory, metrics=self.metrics, factor_bytes=factor_bytes
         )
         self.engine = Engine(
-            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs
-        )
+            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs,
+            batch_invariant=batch_invariant,
+        )  # fmt: skip
         #: longest text tokenized at all: any longer one is over the context whatever its tokens
         self.max_chars = (self.engine.max_context + 1) * CHARS_PER_TOKEN
         #: rows of the input embedding: a token id must be below it
