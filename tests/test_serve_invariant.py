@@ -50,7 +50,7 @@ def _serve(llama: Any, folders: dict[str, Path], dtype: Any, requests: list[tupl
                 pool.request(entries[name])
             k = len(jobs)
             jobs.append(Job(prompt, Sampling(max_tokens=12, temperature=0.0), {f"sha-{name}": 1.0} if name else None,
-                            lambda ev, k=k: done.add(k) if ev[0] == "done" else None))  # fmt: skip
+                            lambda ev, k=k, done=done: done.add(k) if ev[0] == "done" else None))  # fmt: skip
             engine._waiting.append(jobs[-1])
         deadline = time.time() + 120
         while len(done) < len(jobs) and time.time() < deadline:

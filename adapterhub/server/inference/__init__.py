@@ -8,7 +8,9 @@
   ``top_p``, ``top_k``, ``min_p``, presence/frequency/repetition penalties, ``logit_bias``, ``seed``,
   ``stop``, ``logprobs`` (+ ``top_logprobs`` in chat, + ``echo`` in completions: the prompt's too),
   ``stream`` (SSE chunks, then ``data: [DONE]``), ``stream_options.include_usage``; a list of prompts
-  (strings or token ids) in completions; ``usage`` in every answer;
+  (strings or token ids) in completions; ``response_format`` ``json_object`` / ``json_schema`` and
+  ``tools`` with a forced ``tool_choice`` by constrained decoding (`grammar`, llguidance); ``usage`` in
+  every answer;
 - ``POST /v1/embeddings`` for encoder bases (floats, or base64 little-endian float32);
 - ``GET /metrics`` in the Prometheus text format (a token with ``require_token``; resident private
   adapters only to who may read them);
