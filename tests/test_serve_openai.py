@@ -128,6 +128,7 @@ def test_companion_routes(env: dict[str, Any]) -> None:  # noqa: F811
     t = c.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
     assert t["count"] == len(t["tokens"]) == 2 and t["max_model_len"] == 512
     assert c.post("/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "hello world"
+    assert c.post("/v1/tokenize", json={"prompt": "hello world"}).json()["tokens"] == t["tokens"]
     assert c.post("/detokenize", json={"tokens": [10**6]}).status_code == 400
     assert c.post("/tokenize", json={"messages": MSG}).json()["count"] > 2
     assert c.get("/tokenizer_info").json()["eos_token"] == "</s>"

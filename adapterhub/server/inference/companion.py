@@ -1,5 +1,5 @@
 """vLLM's companion routes, in vLLM's shapes: ``GET /health``, ``GET /version``, ``POST /tokenize``,
-``POST /detokenize``, ``GET /tokenizer_info`` (what lm-eval's remote tokenizer asks), ``POST
+``POST /detokenize`` (also under ``/v1``), ``GET /tokenizer_info`` (what lm-eval's remote tokenizer asks), ``POST
 /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``; and the last route under ``/v1``: a 404 for an
 unknown path, a 405 (with ``Allow``) for a known path asked with the wrong method, in OpenAI's shape.
 
@@ -99,6 +99,7 @@ async def tokenizer_info(request: Request) -> Response:
 
 
 @router.post("/tokenize")
+@router.post("/v1/tokenize", include_in_schema=False)
 async def tokenize(request: Request) -> Response:
     from ...runtime.generate import chat_ids
 
@@ -134,6 +135,7 @@ async def tokenize(request: Request) -> Response:
 
 
 @router.post("/detokenize")
+@router.post("/v1/detokenize", include_in_schema=False)
 async def detokenize(request: Request) -> Response:
     svc = _svc(request)
     req, _ = await _body(request, svc, DetokenizeRequest)
