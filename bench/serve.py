@@ -179,6 +179,10 @@ def main() -> None:
         help="decode steps: static buffers + CUDA graphs where covered (auto), the dynamic eager batch "
         "(off), static buffers without graphs off a GPU (static), or auto and off in the same run",
     )  # fmt: skip
+    ap.add_argument(
+        "--batch-invariant", action="store_true",
+        help="also run the batch-invariant mode (each request alone) and print its cost against batching",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from adapterhub.runtime import attach
@@ -214,13 +218,15 @@ def main() -> None:
         used = [names[i % k] for i in range(args.requests)]
         return [{entry[n].sha256: 1.0} for n in used], [entry[n] for n in used], list(used)
 
-    modes = {"auto": [None], "static": [True], "off": [False], "both": [None, False]}[args.graphs]
+    modes: list[Any] = {"auto": [None], "static": [True], "off": [False], "both": [None, False]}[args.graphs]
+    if args.batch_invariant:
+        modes.append("invariant")
     for mode in modes:
-        label = "ours_eager" if mode is False else "ours"
+        label = {False: "ours_eager", "invariant": "ours_invariant"}.get(mode, "ours")
         results.setdefault(label, {})
         engine = Engine(
             model, tok, pool, metrics, max_batch=args.requests, max_queue=100_000, prefill_tokens=1 << 20,
-            graphs=mode,
+            graphs=False if mode == "invariant" else mode, batch_invariant=mode == "invariant",
         )  # fmt: skip
         engine.eos = set()  # fixed-length answers, as PEFT's min_new_tokens
         static = engine.graphs is not None
@@ -276,9 +282,10 @@ def main() -> None:
             results["peft"][str(k)] = peft_round(pm, prompts, used, args.tokens, args.device)
             print(f"peft k={k}: {results['peft'][str(k)]:.0f} tok/s (adding adapters {time.perf_counter() - t:.1f}s)",
                   file=sys.stderr)  # fmt: skip
-    for label in [m for m in ("ours", "ours_eager") if results.get(m)]:
+    for label in [m for m in ("ours", "ours_eager", "ours_invariant") if results.get(m)]:
         base = results[label]["0"]["tok_s"]
         how = "static + CUDA graphs" if results.get(f"{label}_static") else "dynamic, eager"
+        how += ", each request alone (batch-invariant)" if label == "ours_invariant" else ""
         print(f"\n{label} (decode steps {how}):\n")
         print(
             "| distinct adapters | ours tok/s | x base-only | PEFT tok/s | x PEFT | TTFT p50 ms | TTFT p99 ms |"
@@ -292,6 +299,11 @@ def main() -> None:
             row = "base only" if k == "0" else k
             print(f"| {row} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f} | {shown} | {ratio} | "
                   f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")  # fmt: skip
+    if results.get("ours_invariant"):
+        fast = "ours_eager" if results.get("ours_eager") else "ours"
+        print(f"\nbatch-invariant cost (tok/s of {fast} / tok/s each request alone):",
+              ", ".join(f"{k} adapters {results[fast][k]['tok_s'] / results['ours_invariant'][k]['tok_s']:.2f}x"
+                        for k in ["0", *map(str, counts)]))  # fmt: skip
     print(
         f"cold adapter load (read + place), mean of {results['cold_loads']}: {results['cold_load_ms_mean']:.1f} ms"
     )

@@ -425,7 +425,7 @@ def test_resolved_kasa_exports_as_plain_lora(made: dict[str, Path], base_dir: Pa
 def test_show_names_the_kind(
     made: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests._cli import Cli
+    from helpers.cli import Cli
 
     cli = Cli(tmp_path / "home", capsys)
     cli("add", str(made["loha"]), "--name", "hada")

@@ -153,6 +153,17 @@ def pull_cmd(
     "--require-token", is_flag=True, help="With --model: refuse inference requests without a token."
 )
 @click.option(
+    "--max-request-bytes",
+    metavar="SIZE",
+    help="With --model: largest inference request body (default 4MB); larger ones are a 413 unread.",
+)
+@click.option(
+    "--batch-invariant",
+    is_flag=True,
+    help="With --model: prefill and decode each request alone, so a greedy answer never depends on what "
+    "else runs (costs the batching: 6-7x fewer tokens/s on a CPU, bench/RESULTS.md).",
+)
+@click.option(
     "--graphs/--no-graphs",
     default=None,
     help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
@@ -172,16 +183,26 @@ def serve_cmd(
     adapter_memory: str | None,
     require_token: bool,
     graphs: bool | None,
+    max_request_bytes: str | None,
+    batch_invariant: bool,
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
     if serve_home is not None:
         state.home = serve_home
     if model is None and (
-        device or dtype != "auto" or adapter_memory or require_token or max_batch != 32 or graphs is not None
+        device
+        or dtype != "auto"
+        or adapter_memory
+        or require_token
+        or max_batch != 32
+        or graphs is not None
+        or max_request_bytes
+        or batch_invariant
     ):
         raise click.UsageError(
-            "--device, --dtype, --max-batch, --adapter-memory, --require-token and --graphs go with --model"
+            "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs, "
+            "--max-request-bytes and --batch-invariant go with --model"
         )
     hub = state.hub
 
@@ -190,7 +211,8 @@ def serve_cmd(
         sys.stdout.flush()
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
-                 "require_token": require_token, "graphs": graphs} if model else {}  # fmt: skip
+                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes,
+                 "batch_invariant": batch_invariant} if model else {}  # fmt: skip
     from ..server import serve
 
     serve(hub, host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)

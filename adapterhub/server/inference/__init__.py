@@ -4,11 +4,20 @@
 
 - ``GET /v1/models``: the base under its name, and each cataloged adapter that fits it with
   ``parent`` = the base (vLLM's shape); private adapters only to tokens that may read them;
-- ``POST /v1/chat/completions`` and ``POST /v1/completions``: ``max_tokens``, ``temperature``,
-  ``top_p``, ``seed``, ``stop``, ``stream`` (SSE chunks, then ``data: [DONE]``),
-  ``stream_options.include_usage``; ``usage`` in every answer;
+- ``POST /v1/chat/completions`` and ``POST /v1/completions``: ``max_tokens``, ``n``, ``temperature``,
+  ``top_p``, ``top_k``, ``min_p``, presence/frequency/repetition penalties, ``logit_bias``, ``seed``,
+  ``stop``, ``logprobs`` (+ ``top_logprobs`` in chat, + ``echo`` in completions: the prompt's too),
+  ``stream`` (SSE chunks, then ``data: [DONE]``), ``stream_options.include_usage``; a list of prompts
+  (strings or token ids) in completions; ``response_format`` ``json_object`` / ``json_schema`` and
+  ``tools`` with a forced ``tool_choice`` by constrained decoding (`grammar`, llguidance); ``usage`` in
+  every answer;
 - ``POST /v1/embeddings`` for encoder bases (floats, or base64 little-endian float32);
-- ``GET /metrics`` in the Prometheus text format.
+- ``GET /metrics`` in the Prometheus text format (a token with ``require_token``; resident private
+  adapters only to who may read them);
+- vLLM's ``GET /health``, ``/version``, ``/tokenizer_info``, ``POST /tokenize``, ``/detokenize``,
+  ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` (`companion`).
+
+Request bodies are typed (`requests`): every OpenAI field honoured or refused with a 400 naming it.
 
 ``model`` is the base's name, an adapter's name, or an exact combination ``a:0.7+b:0.3`` (see
 `service`). Requests for any mix of adapters share the forward steps of one scheduler thread
@@ -45,6 +54,7 @@ def mount_inference(
     factor_dtype: str = "float32",
     graphs: bool | None = None,
     max_request_bytes: int | str | None = None,
+    batch_invariant: bool = False,
 ) -> Inference:
     """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
     it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
@@ -61,6 +71,8 @@ def mount_inference(
             where the model is covered, False: never (a growing cache, eager), True: also off a GPU
             (static buffers, eager).
         max_request_bytes: largest request body (bytes, or ``"4MB"``); larger ones are a 413 unread.
+        batch_invariant: prefill and decode each request alone, so that its tokens never depend on what
+            else runs (any dtype); costs the batching (`bench/serve.py --batch-invariant`).
 
     The scheduler thread starts with the app's lifespan, or with the first request when the server runs
     without lifespan events, and stops at shutdown.
@@ -74,6 +86,7 @@ def mount_inference(
     if max_batch < 1:
         raise InvalidOptionError(f"--max-batch must be at least 1, got {max_batch}")
     budget = parse_size(adapter_memory)
+    body_cap = parse_size(max_request_bytes, "--max-request-bytes") or MAX_REQUEST_BYTES
     live, tokenizer = hub.load_base(model, device=device, dtype=dtype)
     rt = hub.attach(live, dtype=torch.float32 if factor_dtype == "float32" else None)
     registered = {b.name for b in hub.list_bases()}
@@ -83,7 +96,7 @@ def mount_inference(
         hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
         adapter_memory=budget, require_token=require_token, graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
-        max_request_bytes=parse_size(max_request_bytes) or MAX_REQUEST_BYTES,
+        max_request_bytes=body_cap, batch_invariant=batch_invariant,
     )  # fmt: skip
     app.state.inference = svc
     _include_first(app)
@@ -104,9 +117,11 @@ def mount_inference(
 
 def _include_first(app: FastAPI) -> None:
     """Add the routes before the app's own (and so before any final catch-all)."""
+    from .companion import router as companion
     from .routes import router
 
     before = list(app.router.routes)
     app.include_router(router)
+    app.include_router(companion)  # its /v1 catch-all last
     added = app.router.routes[len(before) :]
     app.router.routes[:] = added + before

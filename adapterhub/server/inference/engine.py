@@ -27,19 +27,9 @@ import torch.nn.functional as F
 from .graphs import GraphDecoder, StaticBatch, spec_key
 from .metrics import Metrics
 from .pool import AdapterPool
+from .sampling import Logprob, Sampling, pick, record
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What a request asks of generation."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -57,6 +47,14 @@ class Job:
     sent: str = ""
     finish: str | None = None
     gen: torch.Generator | None = None
+    #: with ``sampling.logprobs``: one record per generated token, and how many went out with text
+    logprobs: list[Logprob] = field(default_factory=list)
+    logprobs_sent: int = 0
+    #: with ``sampling.prompt_logprobs``: None for the first prompt token, then one record each
+    prompt_logprobs: list[Logprob | None] | None = None
+    #: constrained decoding (`grammar`): the request's llguidance matcher, and whether it is complete
+    matcher: Any = None
+    grammar_done: bool = False
 
     @property
     def shas(self) -> tuple[str, ...]:
@@ -130,6 +128,7 @@ class Engine:
         max_queue: int = 256,
         prefill_tokens: int = 4096,
         graphs: bool | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -147,6 +146,12 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
+        #: each request prefilled and decoded alone (its own cache, no padding): its tokens never depend on
+        #: what else runs, in any dtype, at the cost of batching (`bench/serve.py --batch-invariant`)
+        self.batch_invariant = batch_invariant
+        self._alone: list[_Batch] = []
+        if batch_invariant:
+            graphs = False
         why = GraphDecoder.supported(model) if graphs is not False else "turned off"
         if graphs and why:
             logger.warning("decode steps stay dynamic: %s", why)
@@ -222,7 +227,10 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self._batch.jobs)
+        return len(self._batch.jobs) + sum(len(b.jobs) for b in self._alone)
+
+    def _all_jobs(self) -> list[Job]:
+        return self._batch.jobs + [j for b in self._alone for j in b.jobs]
 
     @property
     def waiting(self) -> int:
@@ -233,7 +241,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._stopping and not self._exclusive and not self._batch.jobs:
+                if not self._stopping and not self._exclusive and not self.active:
                     self._cond.wait(timeout=0.05 if self._waiting else 0.5)
                 if self._stopping:
                     break
@@ -243,11 +251,13 @@ class Engine:
             except Exception as exc:  # never leave requests hanging: fail the batch, keep serving
                 logger.exception("inference step failed")
                 self.close_rows()
-                for job in self._batch.jobs:
+                for job in self._all_jobs():
                     self._fail(job, exc)
                 self._batch = self._new_batch()
+                self._alone = []
+                self.metrics.active = 0
         self.close_rows()
-        for job in self._batch.jobs + self._waiting:
+        for job in self._all_jobs() + self._waiting:
             self._fail(job, RuntimeError("the server is shutting down"))
 
     def _step(self, exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]]) -> None:
@@ -257,6 +267,9 @@ class Engine:
                 sink(("done", work()))
             except Exception as exc:
                 sink(("error", exc))
+        if self.batch_invariant:
+            self._step_alone()
+            return
         self._drop_cancelled()
         if self._waiting:
             self.pool.install(self.close_rows, self._batch.jobs)
@@ -265,6 +278,30 @@ class Engine:
                 self._start(new)
         if self._batch.jobs:
             self._decode()
+        self.metrics.active = len(self._batch.jobs)
+
+    def _step_alone(self) -> None:
+        """A step of the batch-invariant mode: each request is a batch of its own."""
+        self._batch = _Batch()
+        self._drop_cancelled()  # the waiting ones
+        for b in self._alone:
+            self._batch = b
+            self._drop_cancelled()
+        self._batch = _Batch()
+        if self._waiting:
+            self.pool.install(self.close_rows, self._all_jobs())
+            for job in self._admit():
+                self._batch = _Batch()
+                self._start([job])
+                if self._batch.jobs:
+                    self._alone.append(self._batch)
+        for b in self._alone:
+            self._batch = b
+            if b.jobs:
+                self._decode()
+        self._batch = _Batch()
+        self._alone = [b for b in self._alone if b.jobs]
+        self.metrics.active = self.active
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` together; if that fails, each alone, so one bad request fails only itself."""
@@ -297,7 +334,7 @@ class Engine:
             self._batch.keep(rows)
 
     def _admit(self) -> list[Job]:
-        room = self.max_batch - len(self._batch.jobs)
+        room = self.max_batch - self.active
         admitted: list[Job] = []
         tokens = 0
         with self._cond:
@@ -358,20 +395,24 @@ class Engine:
         for i, j in enumerate(jobs):
             ids[i, width - len(j.prompt) :] = torch.tensor(j.prompt, dtype=torch.long)
             mask[i, width - len(j.prompt) :] = 1
-            if j.sampling.temperature > 0:
+            if not j.sampling.greedy:
                 j.gen = torch.Generator(device=self.device)
-                j.gen.manual_seed(
-                    j.sampling.seed if j.sampling.seed is not None else int(torch.seed() % (1 << 62))
-                )
+                seed = j.sampling.seed if j.sampling.seed is not None else torch.seed()
+                j.gen.manual_seed(seed % (1 << 63))
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         self.close_rows()
+        whole = any(j.sampling.prompt_logprobs for j in jobs)  # every position's logits, not the last only
         with self.pool.runtime.rows([j.spec for j in jobs]):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{self._cache_kw: cache},
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=0 if whole else 1, **{self._cache_kw: cache},
             )  # fmt: skip
+        if whole:
+            for i, j in enumerate(jobs):
+                if j.sampling.prompt_logprobs:
+                    j.prompt_logprobs = _prompt_logprobs(out.logits[i], j, width)
         logits = out.logits[:, -1, :].float()
         nxt = self._pick(logits, jobs)
         pos = mask.sum(1)
@@ -413,20 +454,10 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _pick(self, logits: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
-        nxt = logits.argmax(-1)
-        for i, j in enumerate(jobs):
-            s = j.sampling
-            if s.temperature <= 0:
-                continue
-            row = logits[i] / s.temperature
-            if s.top_p < 1.0:
-                order = torch.sort(row, descending=False)
-                probs = order.values.softmax(-1).cumsum(-1)
-                drop = probs <= 1 - s.top_p
-                drop[-1] = False
-                row = row.clone()
-                row[order.indices[drop]] = float("-inf")
-            nxt[i] = torch.multinomial(row.softmax(-1), 1, generator=j.gen)[0]
+        nxt, records = pick(logits, jobs)
+        for j, r in zip(jobs, records, strict=True):
+            if r is not None:
+                j.logprobs.append(r)
         return nxt
 
     def _advance(self, tokens: list[int], start: int) -> None:
@@ -440,6 +471,9 @@ class Engine:
             job.generated.append(tok)
             self.metrics.tokens_out += 1
             finish = self._emit(job, tok)
+            if finish is None and job.grammar_done:
+                finish = "stop"
+                self._emit_all(job)
             if finish is None and positions[i] >= self.max_context:
                 finish = "length"
             if finish is None:
@@ -449,12 +483,24 @@ class Engine:
             self.pool.unpin(job.shas)
             self.metrics.finished += 1
             done = {"finish_reason": finish, "text": job.sent, "prompt_tokens": len(job.prompt),
-                    "completion_tokens": len(job.generated)}  # fmt: skip
+                    "completion_tokens": len(job.generated), "logprobs": job.logprobs,
+                    "prompt_logprobs": job.prompt_logprobs, "tokens": list(job.generated),
+                    "eos": tok in self.eos}  # fmt: skip
             with contextlib.suppress(Exception):
                 job.sink(("done", done))
         if len(keep) != len(b.jobs):
             self.close_rows()
             b.keep(keep)
+
+    def _emit_all(self, job: Job) -> None:
+        """Send what is held back of a finished job's text (a complete grammar ends it mid-way)."""
+        text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+        if text.startswith(job.sent) and len(text) > len(job.sent):
+            lps = job.logprobs[job.logprobs_sent :]
+            job.logprobs_sent = len(job.logprobs)
+            with contextlib.suppress(Exception):
+                job.sink(("text", (text[len(job.sent) :], lps)))
+        job.sent = text
 
     def _emit(self, job: Job, tok: int) -> str | None:
         ended = tok in self.eos
@@ -473,13 +519,27 @@ class Engine:
         if shown.startswith(job.sent) and len(shown) > len(job.sent):
             piece = shown[len(job.sent) :]
             job.sent = shown
+            lps = job.logprobs[job.logprobs_sent :]
+            job.logprobs_sent = len(job.logprobs)
             try:
-                job.sink(("text", piece))
+                job.sink(("text", (piece, lps)))
             except Exception:
                 job.cancelled = True
         elif finish is not None:
             job.sent = text
         return finish
+
+
+def _prompt_logprobs(logits: torch.Tensor, job: Job, width: int) -> list[Logprob | None]:
+    """The prompt's records from one row's logits over the (left-padded) prefill: position ``t`` predicts
+    prompt token ``t + 1``; the first token has none."""
+    start = width - len(job.prompt)
+    lps = torch.log_softmax(logits[start : width - 1].float(), -1)
+    top = job.sampling.logprobs or 0
+    out: list[Logprob | None] = [None]
+    for k, tok in enumerate(job.prompt[1:]):
+        out.append(record(lps[k], tok, top))
+    return out
 
 
 def _stop_prefix(text: str, stop: Sequence[str]) -> int:

@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from ...errors import AdapterHubError
 from ..checks import loads
-from .service import Refusal
+from .refusal import Refusal
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,9 @@ class Entry:
     sha256: str
     private: bool
     num_params: int
+    rank: int = 0
+    alpha: float | None = None
+    targets: tuple[str, ...] = ()
 
 
 def may_use(entry: Entry, token: TokenInfo | None) -> bool:
@@ -50,7 +53,10 @@ def may_use(entry: Entry, token: TokenInfo | None) -> bool:
 
 
 def entry_of(info: Any) -> Entry:
-    return Entry(info.name, info.sha256, is_private(info.tags), int(info.num_params or 0))
+    return Entry(
+        info.name, info.sha256, is_private(info.tags), int(info.num_params or 0), int(info.rank or 0),
+        info.alpha, tuple(info.target_modules or ()),
+    )  # fmt: skip
 
 
 class AdapterPool:
@@ -228,6 +234,19 @@ class AdapterPool:
                 1e3 * (read_s + place_s),
             )
         self._publish()
+
+    def evict(self, sha: str, close_rows: Any) -> bool:
+        """On the scheduler thread: drop ``sha``'s content from memory unless a running request uses it."""
+        with self._lock:
+            if sha not in self._lru or self._pins.get(sha):
+                return False
+        close_rows()
+        self.runtime.unload(sha)
+        with self._lock:
+            self._lru.pop(sha, None)
+        self.metrics.evictions += 1
+        self._publish()
+        return True
 
     def _refuse(self, sha: str, exc: AdapterHubError) -> None:
         with self._lock:

@@ -1,6 +1,11 @@
 """The OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/embeddings``, and ``/metrics``. Errors take OpenAI's shape ``{"error": {message, type, param,
-code}}``; a full queue is a 429 with ``Retry-After``."""
+``/v1/embeddings`` and ``/metrics`` (vLLM's companion routes are in `companion`). Bodies are read bounded
+(`http`) and typed (`requests`); errors take OpenAI's shape ``{"error": {message, type, param, code}}``; a
+full queue is a 429 with ``Retry-After``.
+
+A completions request may carry a list of prompts (strings or token-id lists) and ``n`` choices each:
+``choices[k]`` is prompt ``k // n``'s choice ``k % n`` (as OpenAI orders them); each is one job of the
+scheduler, with seed ``seed + k`` when a seed is given."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,11 +24,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import AdapterHubError, RepoError
-from .engine import Job, Sampling
+from .engine import Job
+from .grammar import response_schema, tool_calls, tool_schema
 from .http import read_body
+from .requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse
+from .sampling import Logprob, Sampling
 from .service import Inference, Refusal, Target
 
 router = APIRouter()
+
+#: most choices (prompts x n) in one request
+MAX_CHOICES = 256
 
 
 def _svc(request: Request) -> Inference:
@@ -41,7 +53,7 @@ def _from_error(exc: AdapterHubError) -> Refusal:
     return Refusal(status, str(exc) if not isinstance(exc, RepoError) else exc.message)
 
 
-async def _token(request: Request, svc: Inference) -> Any:
+async def token_of(request: Request, svc: Inference) -> Any:
     """The caller's token (None for none, or for a bearer that is no token of this server, unless tokens
     are required), or a 401 `Refusal`."""
     header = request.headers.get("authorization", "")
@@ -61,17 +73,18 @@ async def _token(request: Request, svc: Inference) -> Any:
 
 
 async def _prepare(
-    request: Request, svc: Inference, endpoint: str
-) -> tuple[dict[str, Any], Target] | Refusal:
-    token = await _token(request, svc)
+    request: Request, svc: Inference, endpoint: str, kind: Any
+) -> tuple[Any, Target] | Refusal:
+    token = await token_of(request, svc)
     if isinstance(token, Refusal):
         return token
     body = await read_body(request, svc.max_request_bytes, svc.body_timeout)
     if isinstance(body, Refusal):
         return body
-    if not isinstance(body, dict):
-        return Refusal(400, "the request body must be a JSON object")
-    target = await run_in_threadpool(svc.target, body.get("model"), token)
+    req = parse(kind, body)
+    if isinstance(req, Refusal):
+        return req
+    target = await run_in_threadpool(svc.target, req.model, token)
     if isinstance(target, Refusal):
         return target
     if endpoint == "embeddings" and svc.causal:
@@ -80,107 +93,248 @@ async def _prepare(
         )
     if endpoint != "embeddings" and not svc.causal:
         return Refusal(400, f"{svc.name} is an encoder; it answers /v1/embeddings only", param="model")
-    return body, target
+    return req, target
 
 
-def _sampling(body: dict[str, Any], svc: Inference, prompt_len: int) -> Sampling | Refusal:
-    try:
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        room = svc.engine.max_context - prompt_len
-        max_tokens = room if max_tokens is None else int(max_tokens)
-        temperature = float(body["temperature"]) if body.get("temperature") is not None else 1.0
-        top_p = float(body["top_p"]) if body.get("top_p") is not None else 1.0
-        seed = int(body["seed"]) if body.get("seed") is not None else None
-    except (TypeError, ValueError):
-        return Refusal(400, "max_tokens, temperature, top_p and seed must be numbers")
-    if max_tokens < 1:
-        return Refusal(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+def _sampling(req: Any, svc: Inference, prompt_len: int, chat: bool) -> Sampling | Refusal:
+    room = svc.engine.max_context - prompt_len
     if room < 1:
         return Refusal(400, f"the prompt has {prompt_len} tokens; this model's context is {svc.engine.max_context}",
-                       param="messages", code="context_length_exceeded")  # fmt: skip
-    if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
-        return Refusal(400, "temperature must be in [0, 2] and top_p in (0, 1]", param="temperature")
-    if int(body.get("n") or 1) != 1:
-        return Refusal(400, "n must be 1 (one choice per request)", param="n")
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        return Refusal(400, "stop is a string or a list of up to 4 strings", param="stop")
-    return Sampling(min(max_tokens, room), temperature, top_p, seed, tuple(stops))
+                       param="messages" if chat else "prompt", code="context_length_exceeded")  # fmt: skip
+    bias: list[tuple[int, float]] = []
+    for key, value in (req.logit_bias or {}).items():
+        if int(key) >= svc.vocab:
+            return Refusal(
+                400, f"logit_bias names token {key}; the vocabulary has {svc.vocab}", param="logit_bias"
+            )
+        bias.append((int(key), float(value)))
+    if chat:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prompt_logprobs = False
+    else:
+        logprobs = req.logprobs
+        prompt_logprobs = bool(req.echo) and logprobs is not None
+    return Sampling(
+        max_tokens=min(req.limit or room, room),
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        seed=req.seed,
+        stop=req.stops(),
+        top_k=max(req.top_k or 0, 0),
+        min_p=float(req.min_p or 0),
+        presence_penalty=float(req.presence_penalty or 0),
+        frequency_penalty=float(req.frequency_penalty or 0),
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+        logit_bias=tuple(bias),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
 
 
 class _Feed:
-    """Events of one job, handed from the scheduler thread to the event loop."""
+    """Events of a request's jobs, handed from the scheduler thread to the event loop as (job index, event)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()
 
-    def __call__(self, event: tuple[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def sink(self, index: int) -> Any:
+        def put(event: tuple[str, Any]) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        return put
 
 
-def _usage(done: dict[str, Any]) -> dict[str, int]:
-    p, c = int(done["prompt_tokens"]), int(done["completion_tokens"])
+def _usage(dones: list[dict[str, Any]], n: int) -> dict[str, int]:
+    p = sum(int(d["prompt_tokens"]) for k, d in enumerate(dones) if k % n == 0)
+    c = sum(int(d["completion_tokens"]) for d in dones)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 async def _generate(request: Request, endpoint: str, chat: bool) -> Response:
     svc = _svc(request)
-    prepared = await _prepare(request, svc, endpoint)
+    prepared = await _prepare(request, svc, endpoint, ChatRequest if chat else CompletionRequest)
     if isinstance(prepared, Refusal):
         return refuse(svc, endpoint, prepared)
-    body, target = prepared
-    prompt = await run_in_threadpool(_prompt_ids, svc, body, chat)
-    if isinstance(prompt, Refusal):
-        return refuse(svc, endpoint, prompt)
-    sampling = _sampling(body, svc, len(prompt))
-    if isinstance(sampling, Refusal):
-        return refuse(svc, endpoint, sampling)
+    req, target = prepared
+    prompts = await run_in_threadpool(_prompt_ids, svc, req, chat)
+    if isinstance(prompts, Refusal):
+        return refuse(svc, endpoint, prompts)
+    grammar: str | None = None
+    if chat:
+        compiled = await run_in_threadpool(_grammar, svc, req)
+        if isinstance(compiled, Refusal):
+            return refuse(svc, endpoint, compiled)
+        grammar = compiled
+    n = req.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        return refuse(
+            svc, endpoint, Refusal(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
+        )
+    feed = _Feed()
+    jobs: list[Job] = []
+    for ids in prompts:
+        sampling = _sampling(req, svc, len(ids), chat)
+        if isinstance(sampling, Refusal):
+            return refuse(svc, endpoint, sampling)
+        for _ in range(n):
+            k = len(jobs)
+            s = sampling if sampling.seed is None or k == 0 else replace(sampling, seed=sampling.seed + k)
+            jobs.append(Job(ids, s, target.spec, feed.sink(k)))
+            if grammar is not None:
+                jobs[-1].matcher = svc.grammars.matcher(grammar)
     for entry in target.entries:
         svc.pool.request(entry)
-    feed = _Feed()
-    job = Job(prompt, sampling, target.spec, feed)
-    if not svc.engine.submit(job):
-        return refuse(svc, endpoint, Refusal(429, "the server is busy: too many requests are waiting; retry shortly",
-                                             type="rate_limit_error", code="overloaded", retry_after=1))  # fmt: skip
+    for job in jobs:
+        if not svc.engine.submit(job):
+            for j in jobs:
+                j.cancel()
+            return refuse(svc, endpoint, Refusal(429, "the server is busy: too many requests are waiting; retry shortly",
+                                                 type="rate_limit_error", code="overloaded", retry_after=1))  # fmt: skip
     svc.metrics.request(endpoint, 200)
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    model = body["model"]
-    if body.get("stream"):
-        include = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(job, feed, rid, model, chat, include), media_type="text/event-stream",
+    out = _Out(svc, req, chat, prompts, n, "chatcmpl-" if chat else "cmpl-")
+    out.tool_mode = grammar is not None and _forced_tool(req)
+    if req.stream:
+        return StreamingResponse(_stream(jobs, feed, out), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-    text: list[str] = []
+    dones: dict[int, dict[str, Any]] = {}
     try:
-        while True:
+        while len(dones) < len(jobs):
             try:
-                kind, value = await asyncio.wait_for(feed.queue.get(), timeout=1.0)
+                k, (kind, value) = await asyncio.wait_for(feed.queue.get(), timeout=1.0)
             except TimeoutError:
                 if await request.is_disconnected():
-                    job.cancel()
                     return Response(status_code=499)
                 continue
-            if kind == "text":
-                text.append(value)
-            elif kind == "error":
+            if kind == "error":
                 return _job_error(value)
-            else:
-                break
+            if kind == "done":
+                dones[k] = value
     finally:
-        if job.finish is None:
-            job.cancel()
-    created = int(time.time())
-    content = value["text"]
-    choice: dict[str, Any] = (
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": value["finish_reason"], "logprobs": None}
-        if chat
-        else {"index": 0, "text": content, "finish_reason": value["finish_reason"], "logprobs": None}
-    )  # fmt: skip
+        for job in jobs:
+            if job.finish is None:
+                job.cancel()
+    ordered = [dones[k] for k in range(len(jobs))]
     return JSONResponse(
-        {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
-         "choices": [choice], "usage": _usage(value)}
+        {"id": out.rid, "object": "chat.completion" if chat else "text_completion", "created": out.created,
+         "model": req.model, "choices": [out.choice(k, d) for k, d in enumerate(ordered)],
+         "usage": _usage(ordered, n)}
     )  # fmt: skip
+
+
+class _Out:
+    """How one request's answers are written (choices, log-probabilities, stream chunks)."""
+
+    def __init__(
+        self, svc: Inference, req: Any, chat: bool, prompts: list[list[int]], n: int, prefix: str
+    ) -> None:
+        self.svc, self.req, self.chat, self.prompts, self.n = svc, req, chat, prompts, n
+        self.rid = prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.echo = not chat and bool(req.echo)
+        self.logprobs = req.logprobs if not chat else (req.logprobs or None)
+        self.offsets: dict[int, int] = {}  # completions: the text offset reached by each choice
+        self.tool_mode = False  # a forced tool call: the text is sent as tool_calls at the end
+        self.texts: dict[int, str] = {}
+
+    def tok(self, i: int) -> str:
+        return self.svc.token_text(i)
+
+    def choice(self, k: int, done: dict[str, Any]) -> dict[str, Any]:
+        text, finish = done["text"], done["finish_reason"]
+        gen = _trim(done["logprobs"], done)
+        if self.chat:
+            lp = {"content": [self._entry(r) for r in gen], "refusal": None} if self.logprobs else None
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = tool_calls(text, self.rid) if self.tool_mode else None
+            if calls:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            return {"index": k, "message": message, "logprobs": lp, "finish_reason": finish}
+        head = ""
+        records: list[Logprob | None] = list(gen)
+        if self.echo:
+            prompt = self.prompts[k // self.n]
+            head = self.svc.tokenizer.decode(prompt)
+            if self.logprobs is not None:
+                records = list(done["prompt_logprobs"] or [None] * len(prompt)) + records
+            tokens = list(prompt) + [r[0] for r in gen]
+        else:
+            tokens = [r[0] for r in gen]
+        lp = self._completion_logprobs(tokens, records, 0) if self.logprobs is not None else None
+        return {"index": k, "text": head + text, "logprobs": lp, "finish_reason": finish}
+
+    def _entry(self, r: Logprob) -> dict[str, Any]:
+        tok, value, alts = r
+        s = self.tok(tok)
+        return {"token": s, "logprob": value, "bytes": list(s.encode()),
+                "top_logprobs": [{"token": self.tok(a), "logprob": v, "bytes": list(self.tok(a).encode())}
+                                 for a, v in alts]}  # fmt: skip
+
+    def _completion_logprobs(
+        self, tokens: list[int], records: list[Logprob | None], start: int
+    ) -> dict[str, Any]:
+        strs = [self.tok(t) for t in tokens]
+        offsets, at = [], start
+        for s in strs:
+            offsets.append(at)
+            at += len(s)
+        return {
+            "tokens": strs,
+            "token_logprobs": [None if r is None else r[1] for r in records],
+            "top_logprobs": [None if r is None else {self.tok(a): v for a, v in r[2]} for r in records],
+            "text_offset": offsets,
+        }
+
+    def chunk(
+        self, k: int, delta: str | None, finish: str | None, lps: list[Logprob], role: bool = False
+    ) -> dict[str, Any]:
+        if self.chat and self.tool_mode and not role:
+            self.texts[k] = self.texts.get(k, "") + (delta or "")
+            calls = tool_calls(self.texts[k], self.rid) if finish else None
+            d0: dict[str, Any] = {"tool_calls": [{"index": 0, **calls[0]}]} if calls else {}
+            c0 = {
+                "index": k,
+                "delta": d0,
+                "logprobs": None,
+                "finish_reason": "tool_calls" if calls else finish,
+            }
+            return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.req.model, "choices": [c0]}  # fmt: skip
+        if self.chat:
+            d: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+            )
+            lp = (
+                {"content": [self._entry(r) for r in lps], "refusal": None} if self.logprobs and lps else None
+            )
+            c: dict[str, Any] = {"index": k, "delta": d, "logprobs": lp, "finish_reason": finish}
+        else:
+            clp: dict[str, Any] | None = None
+            if self.logprobs is not None and lps:
+                at = self.offsets.get(k, 0)
+                clp = self._completion_logprobs([r[0] for r in lps], list(lps), at)
+                self.offsets[k] = at + sum(len(s) for s in clp["tokens"])
+            c = {"index": k, "text": delta or "", "logprobs": clp, "finish_reason": finish}
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {
+            "id": self.rid,
+            "object": kind,
+            "created": self.created,
+            "model": self.req.model,
+            "choices": [c],
+        }
+
+
+def _trim(records: list[Logprob], done: dict[str, Any]) -> list[Logprob]:
+    """The generated tokens' records, less a final end token (its text is not in the answer)."""
+    if (
+        done["finish_reason"] == "stop"
+        and records
+        and len(records) == len(done["tokens"])
+        and done.get("eos")
+    ):
+        return records[:-1]
+    return records
 
 
 def _job_error(exc: BaseException) -> JSONResponse:
@@ -196,29 +350,25 @@ def _sse(obj: dict[str, Any]) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
-async def _stream(
-    job: Job, feed: _Feed, rid: str, model: str, chat: bool, include_usage: bool
-) -> AsyncIterator[str]:
-    created = int(time.time())
-    kind_name = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-        if chat:
-            d: dict[str, Any] = (
-                {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-            )
-            c: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-        else:
-            c = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        return {"id": rid, "object": kind_name, "created": created, "model": model, "choices": [c]}
-
+async def _stream(jobs: list[Job], feed: _Feed, out: _Out) -> AsyncIterator[str]:
+    dones: dict[int, dict[str, Any]] = {}
     try:
-        if chat:
-            yield _sse(chunk(None, None, role=True))
-        while True:
-            kind, value = await feed.queue.get()
+        if out.chat:
+            for k in range(len(jobs)):
+                yield _sse(out.chunk(k, None, None, [], role=True))
+        if out.echo:
+            for k in range(len(jobs)):
+                head = out.svc.tokenizer.decode(out.prompts[k // out.n])
+                out.offsets[k] = len(head)
+                yield _sse(out.chunk(k, head, None, []))
+        while len(dones) < len(jobs):
+            k, (kind, value) = await feed.queue.get()
             if kind == "text":
-                yield _sse(chunk(value, None))
+                piece, lps = value
+                if out.tool_mode:
+                    out.chunk(k, piece, None, lps)  # gathered, sent whole at the end
+                    continue
+                yield _sse(out.chunk(k, piece, None, lps))
             elif kind == "error":
                 r = (
                     _from_error(value)
@@ -228,56 +378,108 @@ async def _stream(
                 yield _sse(r.body())
                 break
             else:
-                last = chunk(None, value["finish_reason"])
-                last["usage"] = _usage(value)
-                yield _sse(last)
-                if include_usage:
-                    yield _sse({"id": rid, "object": kind_name, "created": created, "model": model, "choices": [],
-                                "usage": _usage(value)})  # fmt: skip
-                break
+                dones[k] = value
+                sent = jobs[k].logprobs_sent
+                yield _sse(out.chunk(k, None, value["finish_reason"], _trim(value["logprobs"], value)[sent:]))
+        if len(dones) == len(jobs) and out.req.stream_options and out.req.stream_options.include_usage:
+            usage = _usage([dones[k] for k in range(len(jobs))], out.n)
+            kind_name = "chat.completion.chunk" if out.chat else "text_completion"
+            yield _sse({"id": out.rid, "object": kind_name, "created": out.created, "model": out.req.model,
+                        "choices": [], "usage": usage})  # fmt: skip
         yield "data: [DONE]\n\n"
     finally:
-        if job.finish is None:
-            job.cancel()
+        for job in jobs:
+            if job.finish is None:
+                job.cancel()
 
 
-def _prompt_ids(svc: Inference, body: dict[str, Any], chat: bool) -> list[int] | Refusal:
+def _prompt_ids(svc: Inference, req: Any, chat: bool) -> list[list[int]] | Refusal:
     from ...runtime.generate import chat_ids
 
     tok = svc.tokenizer
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return Refusal(400, "messages must be a non-empty list of {role, content}", param="messages")
-        flat = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return Refusal(400, "each message needs a role and content", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(
-                    p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-                )
-            if not isinstance(content, str):
-                return Refusal(400, "message content must be text", param="messages")
-            flat.append({"role": m["role"], "content": content})
+        flat = [_flat(m) for m in req.messages]
         if sum(len(m["content"]) for m in flat) > svc.max_chars:
             return _too_long(svc, "messages")
-        return _bounded(svc, chat_ids(tok, flat), "messages")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if len(prompt) > svc.max_chars:
+        try:
+            if req.tools and getattr(tok, "chat_template", None):  # the template's own tool format
+                ids = _ids(
+                    tok.apply_chat_template(flat, tools=req.tools, add_generation_prompt=True, tokenize=True)
+                )
+            else:
+                ids = chat_ids(tok, flat)
+        except Exception as exc:  # the template refuses these messages (roles out of order, say)
+            return Refusal(400, f"the chat template refuses these messages: {exc}", param="messages")
+        return [ids] if len(ids) < svc.engine.max_context else _too_long(svc, "messages")
+    out = []
+    for p in req.prompts():
+        if isinstance(p, str):
+            if len(p) > svc.max_chars:
+                return _too_long(svc, "prompt")
+            ids = list(tok(p, truncation=True, max_length=svc.engine.max_context + 1)["input_ids"])
+        else:
+            ids = p
+            bad = next((i for i in ids if i >= svc.vocab), None)
+            if bad is not None:
+                return Refusal(
+                    400, f"token id {bad} is out of the vocabulary (size {svc.vocab})", param="prompt"
+                )
+        if not ids:
+            return Refusal(400, "the prompt is empty", param="prompt")
+        if len(ids) >= svc.engine.max_context:
             return _too_long(svc, "prompt")
-        ids = list(tok(prompt, truncation=True, max_length=svc.engine.max_context + 1)["input_ids"])
-    elif isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
-        ids = [int(i) for i in prompt]
-    else:
-        return Refusal(400, "prompt must be one string or one list of token ids", param="prompt")
-    if not ids:
-        return Refusal(400, "the prompt is empty", param="prompt")
-    return _bounded(svc, ids, "prompt")
+        out.append(ids)
+    return out
+
+
+def _flat(m: Any) -> dict[str, Any]:
+    """A message as chat templates read it (``developer`` is ``system`` to them; tool calls' arguments
+    as objects)."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                args = c.function.arguments
+            calls.append(
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}}
+            )
+        out["tool_calls"] = calls
+    return out
+
+
+def _ids(ids: Any) -> list[int]:
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+
+def _forced_tool(req: Any) -> bool:
+    return bool(req.tools) and req.tool_choice not in (None, "auto", "none")
+
+
+def _grammar(svc: Inference, req: Any) -> str | None | Refusal:
+    """The grammar of a chat request's answer: a forced tool call, or its ``response_format``; None: free."""
+    schema = None
+    if req.tools:
+        schema, why = tool_schema(req.tools, req.tool_choice)
+        if why is not None:
+            return why
+    if schema is not None:
+        return svc.grammars.compile(schema, "tools")
+    if req.response_format is not None:
+        wanted = response_schema(req.response_format)
+        if isinstance(wanted, Refusal):
+            return wanted
+        if wanted is not None:
+            return svc.grammars.compile(wanted, "response_format")
+    return None
 
 
 def _too_long(svc: Inference, param: str) -> Refusal:
@@ -285,14 +487,10 @@ def _too_long(svc: Inference, param: str) -> Refusal:
                    param=param, code="context_length_exceeded")  # fmt: skip
 
 
-def _bounded(svc: Inference, ids: list[int], param: str) -> list[int] | Refusal:
-    return ids if len(ids) < svc.engine.max_context else _too_long(svc, param)
-
-
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     svc = _svc(request)
-    token = await _token(request, svc)
+    token = await token_of(request, svc)
     if isinstance(token, Refusal):
         return refuse(svc, "models", token)
     rows = await run_in_threadpool(svc.listing, token)
@@ -303,14 +501,13 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{model:path}")
 async def model_info(request: Request, model: str) -> Response:
     svc = _svc(request)
-    token = await _token(request, svc)
+    token = await token_of(request, svc)
     if isinstance(token, Refusal):
         return refuse(svc, "models", token)
-    rows = await run_in_threadpool(svc.listing, token)
-    row = next((r for r in rows if r["id"] == model), None)
-    if row is None:
-        return refuse(svc, "models", Refusal(404, f"The model `{model}` does not exist.", param="model",
-                                             code="model_not_found"))  # fmt: skip
+    row = await run_in_threadpool(svc.model_row, model, token)
+    if isinstance(row, Refusal):
+        return refuse(svc, "models", row)
+    svc.metrics.request("models", 200)
     return JSONResponse(row)
 
 
@@ -327,28 +524,22 @@ async def completions(request: Request) -> Response:
 @router.post("/v1/embeddings")
 async def embeddings(request: Request) -> Response:
     svc = _svc(request)
-    prepared = await _prepare(request, svc, "embeddings")
+    prepared = await _prepare(request, svc, "embeddings", EmbeddingRequest)
     if isinstance(prepared, Refusal):
         return refuse(svc, "embeddings", prepared)
-    body, target = prepared
-    texts = body.get("input")
-    texts = [texts] if isinstance(texts, str) else texts
-    if (
-        not isinstance(texts, list)
-        or not texts
-        or not all(isinstance(t, str) for t in texts)
-        or len(texts) > 2048
-    ):
-        return refuse(
-            svc,
-            "embeddings",
-            Refusal(400, "input must be a string or a list of 1-2048 strings", param="input"),
-        )
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        return refuse(
-            svc, "embeddings", Refusal(400, "encoding_format is float or base64", param="encoding_format")
-        )
+    req, target = prepared
+    texts = req.input
+    if isinstance(texts, str):
+        texts = [texts]
+    elif texts and not isinstance(texts[0], str):
+        ids = [texts] if isinstance(texts[0], int) else texts
+        if any(i >= svc.vocab for row in ids for i in row):
+            return refuse(svc, "embeddings", Refusal(400, f"a token id is out of the vocabulary (size {svc.vocab})",
+                                                     param="input"))  # fmt: skip
+        texts = [svc.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    if sum(len(t) for t in texts) > svc.max_chars * 8:
+        return refuse(svc, "embeddings", _too_long(svc, "input"))
+    fmt = req.encoding_format or "float"
     try:
         vectors, tokens = await run_in_threadpool(
             svc.engine.run_exclusive, lambda: _embed(svc, target, texts)
@@ -362,7 +553,7 @@ async def embeddings(request: Request) -> Response:
          "embedding": v if fmt == "float" else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()}
         for i, v in enumerate(vectors)
     ]  # fmt: skip
-    return JSONResponse({"object": "list", "data": data, "model": body["model"],
+    return JSONResponse({"object": "list", "data": data, "model": req.model,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
 
@@ -391,7 +582,7 @@ def _embed(svc: Inference, target: Target, texts: list[str]) -> tuple[list[list[
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     svc = _svc(request)
-    token = await _token(request, svc)
+    token = await token_of(request, svc)
     if isinstance(token, Refusal):
         return refuse(svc, "metrics", token)
     svc.metrics.queue_length = svc.engine.waiting

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .engine import Engine
 from .metrics import Metrics
 from .pool import AdapterPool, Entry, may_use
+from .refusal import Refusal
 
 if TYPE_CHECKING:
     from ..records import TokenInfo
@@ -37,7 +38,7 @@ CHARS_PER_TOKEN = 64
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
-def parse_size(value: str | int | None) -> int | None:
+def parse_size(value: str | int | None, option: str = "--adapter-memory") -> int | None:
     """``2GB``, ``512MiB``, ``1.5g``, ``1000000`` -> bytes (powers of 1024 for every unit); None stays None."""
     if value is None or isinstance(value, int):
         return value
@@ -45,26 +46,9 @@ def parse_size(value: str | int | None) -> int | None:
     if m is None:
         from ...errors import InvalidOptionError
 
-        raise InvalidOptionError(
-            f"--adapter-memory {value!r}: give a size such as 2GB, 512MB or 1000000 (bytes)"
-        )
+        raise InvalidOptionError(f"{option} {value!r}: give a size such as 2GB, 512MB or 1000000 (bytes)")
     unit = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
     return int(float(m.group(1)) * unit)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A request refused, in OpenAI's error shape."""
-
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-    retry_after: int | None = None
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -95,6 +79,7 @@ class Inference:
         graphs: bool | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         body_timeout: float = BODY_TIMEOUT,
+        batch_invariant: bool = False,
     ) -> None:
         self.hub = hub
         self.max_request_bytes = max_request_bytes
@@ -112,10 +97,17 @@ class Inference:
             hub, runtime, base_ref, budget=adapter_memory, metrics=self.metrics, factor_bytes=factor_bytes
         )
         self.engine = Engine(
-            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs
-        )
+            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs,
+            batch_invariant=batch_invariant,
+        )  # fmt: skip
         #: longest text tokenized at all: any longer one is over the context whatever its tokens
         self.max_chars = (self.engine.max_context + 1) * CHARS_PER_TOKEN
+        #: rows of the input embedding: a token id must be below it
+        self.vocab = int(model.get_input_embeddings().num_embeddings)
+        self._token_texts: dict[int, str] = {}
+        from .grammar import Grammars
+
+        self.grammars = Grammars(tokenizer, self.vocab)
 
     def start(self) -> None:
         self.engine.start()
@@ -154,18 +146,51 @@ class Inference:
             return Refusal(400, f"a combination's weights are at most {MAX_WEIGHT:g} in size", param="model")
         return Target(spec, tuple(entries))
 
+    def token_text(self, token: int) -> str:
+        """One token as text (log-probability entries name tokens so)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = str(self.tokenizer.decode([token]))
+            if len(self._token_texts) < 1 << 18:
+                self._token_texts[token] = text
+        return text
+
     def listing(self, token: TokenInfo | None) -> list[dict[str, Any]]:
-        rows = [
-            {"id": self.name, "object": "model", "created": self.created, "owned_by": "adapterhub",
-             "root": self.base_ref, "parent": None, "max_model_len": self.engine.max_context},
-        ]  # fmt: skip
+        """``/v1/models``: the base, then each adapter that fits it, in vLLM's shape (``parent`` the base,
+        ``max_model_len``); an adapter's rank, alpha, targets and content hash under the extra key
+        ``adapterhub``."""
+        rows = [self._base_row()]
         for e in sorted(self.pool.entries(), key=lambda e: e.name):
             if may_use(e, token):
-                rows.append(
-                    {"id": e.name, "object": "model", "created": self.created, "owned_by": "adapterhub",
-                     "root": f"sha256:{e.sha256}", "parent": self.name},
-                )  # fmt: skip
+                rows.append(self._row(e.name, f"sha256:{e.sha256}", [e]))
         return rows
+
+    def model_row(self, model: str, token: TokenInfo | None) -> dict[str, Any] | Refusal:
+        """``/v1/models/{model}`` for any servable ``model``: the base, an adapter or a combination."""
+        if model == self.name:
+            return self._base_row()
+        target = self.target(model, token)
+        if isinstance(target, Refusal):
+            return target
+        root = f"sha256:{target.entries[0].sha256}" if len(target.entries) == 1 else model
+        return self._row(model, root, list(target.entries), target.spec)
+
+    def _base_row(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "adapterhub",
+                "root": self.base_ref, "parent": None, "max_model_len": self.engine.max_context}  # fmt: skip
+
+    def _row(
+        self, model: str, root: str, entries: list[Entry], spec: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "adapters": [{"name": e.name, "sha256": e.sha256, "rank": e.rank, "alpha": e.alpha,
+                          "targets": list(e.targets), "num_params": e.num_params} for e in entries],
+        }  # fmt: skip
+        if spec is not None and (len(entries) > 1 or any(w != 1 for w in spec.values())):
+            extra["weights"] = dict(spec)
+        return {"id": model, "object": "model", "created": self.created, "owned_by": "adapterhub",
+                "root": root, "parent": self.name, "max_model_len": self.engine.max_context,
+                "adapterhub": extra}  # fmt: skip
 
 
 def _unknown(model: str) -> Refusal:

@@ -1,0 +1,158 @@
+"""Constrained decoding through llguidance (the ``structured`` extra): ``response_format`` ``json_object`` /
+``json_schema``, and ``tools`` with ``tool_choice`` ``required`` or a named function, whose answer is
+held to ``{"name": ..., "arguments": {...}}`` for one of the tools (the tools themselves reach the model
+through the chat template's own tool format).
+
+A request's grammar is checked in the route (an invalid schema is a 400 naming ``response_format`` or
+``tools``); each job gets its own matcher. Each step the scheduler masks the row's logits to the tokens
+the grammar allows (`mask`), picks, and feeds the token back (`advance`); a grammar that is complete
+ends the answer (finish reason ``stop``, or ``tool_calls``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+from .refusal import Refusal
+
+__all__ = ["Grammars", "advance", "mask"]
+
+
+class Grammars:
+    """The llguidance view of one tokenizer (built once, on first use: about a second)."""
+
+    def __init__(self, tokenizer: Any, vocab: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self._ll: Any = None
+        self._lock = threading.Lock()
+
+    def _lltok(self) -> Any:
+        with self._lock:
+            if self._ll is None:
+                import llguidance.hf
+
+                eos = self.tokenizer.eos_token_id
+                self._ll = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=eos)
+            return self._ll
+
+    def compile(self, schema: dict[str, Any], param: str) -> str | Refusal:
+        """A grammar for JSON matching ``schema`` (written compactly, as OpenAI's structured outputs are,
+        unless the schema's own ``x-guidance`` says otherwise), or a 400 naming ``param``."""
+        try:
+            import llguidance
+        except ImportError:
+            return Refusal(400, f"{param} needs llguidance on the server (pip install 'adapterhub[structured]')",
+                           param=param, code="unsupported_parameter")  # fmt: skip
+        try:
+            compact = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+            grammar = llguidance.LLMatcher.grammar_from_json_schema({"x-guidance": compact, **schema})
+            ok, why = _valid(llguidance.LLMatcher.validate_grammar(grammar, self._lltok()))
+        except Exception as exc:  # the schema is not one llguidance reads
+            return Refusal(400, f"{param}: the JSON schema is not usable: {exc}", param=param)
+        if not ok:
+            return Refusal(400, f"{param}: the JSON schema is not usable: {why}", param=param)
+        return str(grammar)
+
+    def matcher(self, grammar: str) -> Any:
+        import llguidance
+
+        return llguidance.LLMatcher(self._lltok(), grammar)
+
+
+def _valid(result: Any) -> tuple[bool, str]:
+    if isinstance(result, tuple):
+        ok, why = result[0], result[1]
+        return bool(ok), str(why)
+    return not result, str(result or "")
+
+
+def response_schema(response_format: dict[str, Any]) -> dict[str, Any] | Refusal | None:
+    """The JSON schema ``response_format`` asks for (None: plain text)."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            return Refusal(
+                400, "response_format.json_schema needs a name and a schema", param="response_format"
+            )
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            return Refusal(
+                400, "response_format.json_schema.schema must be an object", param="response_format"
+            )
+        return schema
+    return Refusal(400, "response_format.type is text, json_object or json_schema", param="response_format")
+
+
+def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any] | None, Refusal | None]:
+    """The schema of a forced tool call (``tool_choice`` ``required`` or ``{"type": "function", "function":
+    {"name"}}``), None when the model may answer in text (``auto``/``none``/unset)."""
+    functions = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if t.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            return None, Refusal(400, f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}",
+                                 param=f"tools[{i}]")  # fmt: skip
+        params = f.get("parameters", {"type": "object"})
+        if not isinstance(params, dict):
+            return None, Refusal(
+                400, f"tools[{i}].function.parameters must be a JSON schema", param=f"tools[{i}]"
+            )
+        functions.append((f["name"], params))
+    if choice in (None, "auto", "none"):
+        return None, None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        functions = [(n, p) for n, p in functions if n == name]
+        if not functions:
+            return None, Refusal(
+                400, f"tool_choice names no tool of this request: {name!r}", param="tool_choice"
+            )
+    elif choice != "required":
+        return None, Refusal(
+            400, "tool_choice is none, auto, required or a named function", param="tool_choice"
+        )
+    one = [
+        {"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"],
+         "additionalProperties": False}
+        for n, p in functions
+    ]  # fmt: skip
+    return (one[0] if len(one) == 1 else {"anyOf": one}), None
+
+
+def tool_calls(text: str, rid: str) -> list[dict[str, Any]] | None:
+    """The forced answer ``{"name", "arguments"}`` as OpenAI's ``tool_calls`` (arguments as a JSON string)."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or "name" not in call:
+        return None
+    return [{"id": "call_" + rid[-24:], "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}}]  # fmt: skip
+
+
+def mask(row: torch.Tensor, matcher: Any) -> torch.Tensor:
+    """``row`` (one position's logits) with every token the grammar refuses at -inf."""
+    import llguidance.torch as lt
+
+    bits = lt.allocate_token_bitmask(1, row.shape[-1])
+    lt.fill_next_token_bitmask(matcher, bits, 0)
+    out = row.clone().unsqueeze(0)
+    lt.apply_token_bitmask_inplace(out, bits)
+    return out[0]
+
+
+def advance(matcher: Any, token: int) -> bool:
+    """Feed ``token`` to the grammar; True when the grammar is complete (nothing more may follow)."""
+    matcher.consume_token(token)
+    return bool(matcher.is_stopped() or matcher.is_error())

@@ -1,0 +1,77 @@
+"""Batch invariance (`Engine(batch_invariant=True)`): a greedy request's tokens are the same alone and in
+a batch of 16 mixed requests (other adapters, other lengths), in fp32 and bf16; driven step by step on
+the calling thread as tests/test_serve_graphs.py does."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_serve_graphs import LLAMA_ALL, _Folders, _Tok
+
+from adapterhub.runtime import attach
+from adapterhub.server.inference.engine import Engine, Job, Sampling
+from adapterhub.server.inference.metrics import Metrics
+from adapterhub.server.inference.pool import AdapterPool, Entry
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Path]]:
+    from helpers.models import make_adapter, tiny_llama
+
+    llama = tiny_llama()
+    root = tmp_path_factory.mktemp("invariant")
+    specs = {"a": dict(seed=61, r=4, lora_alpha=8, target_modules=LLAMA_ALL),
+             "b": dict(seed=62, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])}  # fmt: skip
+    return llama, {n: make_adapter(llama, root / n, **kw) for n, kw in specs.items()}
+
+
+def _serve(llama: Any, folders: dict[str, Path], dtype: Any, requests: list[tuple[list[int], str | None]],
+           together: bool, invariant: bool) -> list[list[int]]:  # fmt: skip
+    model = copy.deepcopy(llama).to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    rt = attach(model)
+    metrics = Metrics()
+    pool = AdapterPool(_Folders(folders), rt, "tiny", budget=None, metrics=metrics)
+    engine = Engine(model, _Tok(), pool, metrics, max_batch=16, graphs=False, batch_invariant=invariant)
+    entries = {n: Entry(n, f"sha-{n}", False, 0) for n in folders}
+    out: list[list[int]] = []
+    groups = [requests] if together else [[r] for r in requests]
+    for group in groups:
+        done: set[int] = set()
+        jobs = []
+        for prompt, name in group:
+            if name:
+                pool.request(entries[name])
+            k = len(jobs)
+            jobs.append(Job(prompt, Sampling(max_tokens=12, temperature=0.0), {f"sha-{name}": 1.0} if name else None,
+                            lambda ev, k=k, done=done: done.add(k) if ev[0] == "done" else None))  # fmt: skip
+            engine._waiting.append(jobs[-1])
+        deadline = time.time() + 120
+        while len(done) < len(jobs) and time.time() < deadline:
+            engine._step([])
+            time.sleep(0.001)
+        assert len(done) == len(jobs)
+        out += [j.generated for j in jobs]
+    rt.detach()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_alone_equal_a_batch_of_16(setup: tuple[Any, dict[str, Path]], dtype: str) -> None:
+    llama, folders = setup
+    g = torch.Generator().manual_seed(5)
+    vocab = llama.config.vocab_size
+    requests = [(torch.randint(3, vocab, (int(n),), generator=g).tolist(), [None, "a", "b"][i % 3])
+                for i, n in enumerate(torch.randint(2, 30, (16,), generator=g))]  # fmt: skip
+    dt = getattr(torch, dtype)
+    alone = _serve(llama, folders, dt, requests, together=False, invariant=True)
+    batch = _serve(llama, folders, dt, requests, together=True, invariant=True)
+    assert alone == batch
+    # and the same tokens as the batching engine gives a request that runs by itself
+    assert _serve(llama, folders, dt, requests[:4], together=False, invariant=False) == alone[:4]
