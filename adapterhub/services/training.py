@@ -302,7 +302,9 @@ def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *,
     model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32",
                          quantize=o.quantize)  # fmt: skip
     if o.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     total = _total_steps(o, len(d.encoded))
