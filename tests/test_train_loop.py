@@ -142,3 +142,21 @@ def test_schedule_warmup_and_clipping_reach_the_optimizer(hub: Hub, tmp_path: Pa
     assert (
         params["max_grad_norm"] == 0.5 and params["warmup"] == 2 and params["gradient_checkpointing"] is True
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "hf"), [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")]
+)
+def test_schedules_are_transformers_own(kind: str, hf: str) -> None:
+    from transformers import get_scheduler
+
+    from adapterhub.services.train_loop import schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    ref = get_scheduler(hf, opt, num_warmup_steps=3, num_training_steps=11)
+    factor = schedule(kind, 3, 11)
+    for s in range(11):
+        assert factor(s) == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+        opt.step()
+        ref.step()

@@ -302,10 +302,10 @@ def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *,
     model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32",
                          quantize=o.quantize)  # fmt: skip
     if o.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     total = _total_steps(o, len(d.encoded))
     info = registered_base(lib, model)
