@@ -270,9 +270,13 @@ class Loop:
             if self.save_every and step % self.save_every == 0 and step < total:
                 self._checkpoint()
             recent = p.losses[-10:]
-            if self.on_step is not None:
+            if self.on_step is not None and self.rank == 0:
                 self.on_step(step, total, sum(recent) / len(recent))
-            if self.on_log is not None and (step % self.log_every == 0 or step == total or record):
+            if (
+                self.on_log is not None
+                and self.rank == 0
+                and (step % self.log_every == 0 or step == total or record)
+            ):
                 now = time.perf_counter()
                 record = {"step": step, "steps": total, "loss": loss, "loss_mean10": sum(recent) / len(recent),
                           "lr": float(self.sched.get_last_lr()[0]),
