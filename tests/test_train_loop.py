@@ -160,3 +160,14 @@ def test_schedules_are_transformers_own(kind: str, hf: str) -> None:
         assert factor(s) == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
         opt.step()
         ref.step()
+
+
+def test_eval_data_every_n_steps_reaches_the_lineage(hub: Hub, tmp_path: Path) -> None:
+    data = jsonl(tmp_path / "t.jsonl", text_rows(8))
+    held = jsonl(tmp_path / "e.jsonl", text_rows(3))
+    res = hub.train("tiny", data, name="e", steps=4, lr=1e-2, eval_data=held, eval_every=2)
+    assert [s for s, _ in res.eval_losses] == [2, 4] and res.eval_losses[1][1] < res.eval_losses[0][1]
+    params = hub.adapter_info("e").parents[0].params
+    assert params["eval_loss"] == res.eval_losses[-1][1] and params["eval_sha256"]
+    with pytest.raises(InvalidOptionError, match="not both"):
+        hub.train("tiny", data, name="f", steps=1, eval_data=held, eval_fraction=0.5)

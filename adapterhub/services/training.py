@@ -195,6 +195,8 @@ def _options(**kw: Any) -> _Options:
     fixed: dict[str, Any] = {
         k: (tuple(v) if k == "targets" and not isinstance(v, str) else v) for k, v in kw.items()
     }
+    if fixed.get("eval_data") is not None:
+        fixed["eval_data"] = os.fspath(fixed["eval_data"])
     o = _Options(**fixed)
     o.check()
     return o
