@@ -52,6 +52,21 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _Wrap(model: Any, factors: list[Any]) -> Any:
+    """A module whose parameters are the factors (for the Trainer's optimizer and clipping)."""
+    from torch import nn
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.factors = model, nn.ParameterList(factors)
+
+        def forward(self, **kw: Any) -> Any:
+            return self.model(**kw)
+
+    return Wrap()
+
+
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -93,12 +108,16 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             def on_step_end(self, *a: Any, **k: Any) -> None:
                 stamps.append(time.perf_counter())
 
-        pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJ))
+        if case["who"] == "hooks+Trainer":  # the runtime's adapters inside transformers' Trainer
+            ad = hub.attach(model).create("x", rank=16, alpha=32, targets=PROJ, seed=0)
+            pm = _Wrap(model, ad.parameters())
+        else:
+            pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJ))
         args = TrainingArguments(output_dir=str(Path(case["work"]) / "out"), max_steps=case["steps"],
                                  per_device_train_batch_size=4, learning_rate=2e-4, lr_scheduler_type="linear",
                                  max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, report_to=[],
                                  save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False,
-                                 disable_tqdm=True, dataloader_num_workers=0, seed=0)  # fmt: skip
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False)  # fmt: skip
         Trainer(model=pm, args=args, train_dataset=ds, data_collator=collate, callbacks=[Stamp()]).train()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
     hub.close()
@@ -117,7 +136,7 @@ def compare(*, steps: int, threads: int, out: str | None) -> None:
         for model, base in bases.items():
             for quant in ("full", "nf4"):
                 pair = {}
-                for who in ("peft+Trainer", "adapterhub"):
+                for who in ("peft+Trainer", "adapterhub") + (("hooks+Trainer",) if quant == "full" else ()):
                     case = {"who": who, "quant": quant, "base": str(base), "data": str(work / "data.jsonl"),
                             "work": tmp, "steps": steps, "threads": threads}  # fmt: skip
                     proc = subprocess.run([sys.executable, __file__.replace("train_runs", "train"), "--case",
