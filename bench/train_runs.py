@@ -83,6 +83,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if case["who"] == "adapterhub":
         hub.train("b", case["data"], name="x", device="cpu", on_step=lambda *a: stamps.append(time.perf_counter()),
                   **opts)  # fmt: skip
+        rss = _rss_mib()  # the peak of the run, before the model is loaded again for its footprint
         model, _ = hub.load_base(
             "b", device="cpu", quantize=quant, dtype="float32" if quant is None else "auto"
         )
@@ -119,9 +120,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                                  save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False,
                                  disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False)  # fmt: skip
         Trainer(model=pm, args=args, train_dataset=ds, data_collator=collate, callbacks=[Stamp()]).train()
+        rss = _rss_mib()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
     hub.close()
-    return {"step_s": statistics.median(steps), "peak_rss_mib": _rss_mib(), "weights_mib": weights[0]}
+    return {"step_s": statistics.median(steps), "peak_rss_mib": rss, "weights_mib": weights[0]}
 
 
 def compare(*, steps: int, threads: int, out: str | None) -> None:
