@@ -95,8 +95,15 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(hub: Hub, tmp_path: Path) -
 
     folder = RunFolder(hub.home, "x")
     folder.start({"a": 1}, resume=False)
-    (folder.path / ".step-00000006.999999").mkdir()  # what a kill -9 during a write leaves
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    scratch = folder.path / f".step-00000006.{int(dead.stdout)}"  # what a kill -9 during a write leaves
+    scratch.mkdir()
     assert folder.latest() is None
+    with pytest.raises(InvalidOptionError, match="no checkpoint"):
+        folder.start({"a": 1}, resume=True)
+    assert not scratch.exists()  # its writer is dead: cleared
     folder.save(2, {"w": torch.ones(2)}, {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
                 {"step": 2, "rng": {"cpu": torch.get_rng_state()}})  # fmt: skip
     folder.save(
