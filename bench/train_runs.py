@@ -132,7 +132,9 @@ def compare(*, steps: int, threads: int, out: str | None) -> None:
         work = Path(tmp)
         bases = _prepare(work)
         results: list[dict[str, Any]] = []
-        print(f"# {steps} steps a run, batch 4 rows x 181 tokens, rank 16 on 7 projections, {threads} thread(s)")
+        print(
+            f"# {steps} steps a run, batch 4 rows x 181 tokens, rank 16 on 7 projections, {threads} thread(s)"
+        )
         print("| model | weights | case | step s | peak RSS MiB | weights MiB | step vs PEFT | RSS vs PEFT |")
         print("|---|---|---|---|---|---|---|---|")
         for model, base in bases.items():
