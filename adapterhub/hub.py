@@ -384,14 +384,8 @@ class Hub:
         return recipes.compose(self.library, recipe, dry_run=dry_run, device=device)
 
     # ------------------------------------------------------------------ running
-    def load_base(
-        self,
-        base: str | os.PathLike[str],
-        *,
-        device: str | None = None,
-        dtype: str = "auto",
-        quantize: str | None = None,
-    ) -> tuple[Any, Any]:
+    def load_base(self, base: str | os.PathLike[str], *, device: str | None = None, dtype: str = "auto",
+                  quantize: str | None = None) -> tuple[Any, Any]:  # fmt: skip
         """(transformers model, tokenizer) of a registered base or checkpoint folder, on ``device``
         (default: CUDA when there is one): a causal LM, or an encoder for embedding models. ``quantize``
         ``"nf4"`` or ``"int8"`` loads its linear layers through bitsandbytes (QLoRA's 4-bit base). The
@@ -453,35 +447,16 @@ class Hub:
             )
         return running.embed_texts(self.library, base, texts, adapters=adapters, device=device)
 
-    def train(
-        self,
-        base: str | os.PathLike[str],
-        data: str | os.PathLike[str],
-        *,
-        name: str,
-        device: str | None = None,
-        tags: Sequence[str] = (),
-        description: str | None = None,
-        resume: bool = False,
-        nproc: int = 1,
-        log_every: int = 10,
-        on_step: StepCallback | None = None,
-        on_log: Callable[[dict[str, Any]], None] | None = None,
-        on_plan: Callable[[MemoryPlan], None] | None = None,
-        **options: Any,
-    ) -> TrainResult:
-        """Train a new LoRA adapter ``name`` on a causal-LM base from JSONL ``data`` (``messages``,
-        ``prompt``/``completion`` or ``text`` rows; loss on the answers) and catalog it with its lineage;
-        ``on_step(step, total, running_loss)`` follows it, ``on_log`` gets a record every ``log_every``
-        steps, ``on_plan`` the memory plan before it starts. Bad data fails before training starts.
-
-        ``options``: ``rank`` (8), ``alpha`` (16), ``targets`` (q_proj, v_proj; or "all-linear"),
-        ``steps`` or ``epochs``, ``lr`` (2e-4), ``batch_size`` (4, the global batch), ``max_length`` (512),
-        ``init``, ``seed``, ``schedule`` (linear|cosine|constant), ``warmup`` (steps), ``max_grad_norm``
-        (1.0), ``grad_accum``, ``gradient_checkpointing``, ``optim`` (adamw|adamw8bit|paged_adamw8bit),
-        ``bf16`` (None: where the device supports it), ``eval_data`` or ``eval_fraction``, ``eval_every``,
-        ``save_every`` (checkpoints under the home; ``resume=True`` continues a stopped run),
-        ``group_by_length`` (True), ``quantize`` (nf4|int8). ``nproc`` > 1 trains data-parallel."""
+    def train(self, base: str | os.PathLike[str], data: str | os.PathLike[str], *, name: str, device: str | None = None,
+              tags: Sequence[str] = (), description: str | None = None, resume: bool = False, nproc: int = 1,
+              log_every: int = 10, on_step: StepCallback | None = None,
+              on_log: Callable[[dict[str, Any]], None] | None = None,
+              on_plan: Callable[[MemoryPlan], None] | None = None, **options: Any) -> TrainResult:  # fmt: skip
+        """Train a new LoRA adapter ``name`` on a causal-LM base from JSONL ``data`` and catalog it with its
+        lineage (`adapterhub.services.training`). ``options``: ``rank``, ``alpha``, ``targets``, ``steps`` or
+        ``epochs``, ``lr``, ``batch_size`` (global), ``max_length``, ``init``, ``seed``, ``schedule``, ``warmup``,
+        ``max_grad_norm``, ``grad_accum``, ``gradient_checkpointing``, ``optim``, ``bf16``, ``eval_data`` or
+        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``quantize`` (nf4|int8)."""
         from .services.training import train
 
         return train(
@@ -489,9 +464,8 @@ class Hub:
             nproc=nproc, log_every=log_every, on_step=on_step, on_log=on_log, on_plan=on_plan, **options,
         )  # fmt: skip
 
-    def plan_training(
-        self, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None, **options: Any
-    ) -> MemoryPlan:
+    def plan_training(self, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None,
+                      **options: Any) -> MemoryPlan:  # fmt: skip
         """The memory plan of a `train` run with these options, from the base's config alone."""
         from .services.training import plan
 

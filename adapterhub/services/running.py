@@ -79,6 +79,10 @@ def _quantization(quantize: str, device: str) -> dict[str, Any]:
 
     if quantize not in QUANTIZE:
         raise InvalidOptionError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    import logging
+
+    # its CPU backend logs that it could not fetch optional kernels from the Hub (offline): not our user's news
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig

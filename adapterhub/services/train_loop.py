@@ -3,7 +3,9 @@
 Written over torch and transformers' pieces rather than around transformers' ``Trainer``: the adapter's
 factors live in the runtime's hooks, not in the model's parameters, and a checkpoint here is the
 factors and the optimizer's state in safetensors (the ``Trainer`` saves the whole model and pickles its
-state). What it uses: ``transformers.get_scheduler`` (linear / cosine / constant with warm-up), torch's
+state). What it uses: torch's ``LambdaLR`` with transformers' schedule formulas (linear / cosine / constant
+after a warm-up; not imported from transformers, whose optimization module pulls in PEFT and
+bitsandbytes: 10 s of start-up), torch's
 ``clip_grad_norm_``, bitsandbytes' 8-bit AdamW, ``torch.autocast`` for bf16, and ``torch.distributed``
 (gloo on CPU, NCCL on GPUs) for the gradient all-reduce.
 
@@ -24,7 +26,7 @@ from typing import Any
 from ..errors import InvalidOptionError
 from .train_state import RunFolder
 
-__all__ = ["Loop", "Progress", "make_optimizer"]
+__all__ = ["Loop", "Progress", "make_optimizer", "schedule"]
 
 OPTIMS = ("adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -35,6 +37,25 @@ StepCallback = Callable[[int, int, float], None]
 LogCallback = Callable[[dict[str, Any]], None]
 
 
+def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor of step ``s`` (transformers' ``get_scheduler`` formulas: a linear rise over
+    ``warmup`` steps, then linear or half-cosine decay to 0 at ``total``, or constant)."""
+    if kind not in SCHEDULES:
+        raise InvalidOptionError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return s / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
 def make_optimizer(name: str, params: Sequence[Any], lr: float) -> Any:
     import torch
 
@@ -43,8 +64,10 @@ def make_optimizer(name: str, params: Sequence[Any], lr: float) -> Any:
     if name not in OPTIMS:
         raise InvalidOptionError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMS)}")
     try:
+        import logging
         import warnings
 
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         import bitsandbytes as bnb
     except ImportError:
         raise InvalidOptionError(
@@ -247,9 +270,13 @@ class Loop:
             if self.save_every and step % self.save_every == 0 and step < total:
                 self._checkpoint()
             recent = p.losses[-10:]
-            if self.on_step is not None:
+            if self.on_step is not None and self.rank == 0:
                 self.on_step(step, total, sum(recent) / len(recent))
-            if self.on_log is not None and (step % self.log_every == 0 or step == total or record):
+            if (
+                self.on_log is not None
+                and self.rank == 0
+                and (step % self.log_every == 0 or step == total or record)
+            ):
                 now = time.perf_counter()
                 record = {"step": step, "steps": total, "loss": loss, "loss_mean10": sum(recent) / len(recent),
                           "lr": float(self.sched.get_last_lr()[0]),

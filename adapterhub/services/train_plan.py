@@ -57,12 +57,12 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         q = self.quantize or "unquantized"
         out = [
-            f"base weights   {self.base / GB:8.2f} GB  ({self.base_params / 1e9:.2f}B parameters, {q})",
-            f"adapter        {self.adapter / GB:8.2f} GB  ({self.trainable_params:,} fp32 parameters)",
-            f"gradients      {self.gradients / GB:8.2f} GB",
-            f"optimizer      {self.optimizer / GB:8.2f} GB",
-            f"activations    {self.activations / GB:8.2f} GB  (estimate, one micro-batch)",
-            f"total          {self.total / GB:8.2f} GB",
+            f"base weights   {_size(self.base)}  ({self.base_params:,} parameters, {q})",
+            f"adapter        {_size(self.adapter)}  ({self.trainable_params:,} fp32 parameters)",
+            f"gradients      {_size(self.gradients)}",
+            f"optimizer      {_size(self.optimizer)}",
+            f"activations    {_size(self.activations)}  (estimate, one micro-batch)",
+            f"total          {_size(self.total)}",
         ]
         if self.available is None:
             out.append(f"device {self.device}: free memory unknown")
@@ -70,6 +70,10 @@ class MemoryPlan:
             verdict = "fits" if self.fits else "does NOT fit"
             out.append(f"device {self.device}: {self.available / GB:.2f} GB free; this plan {verdict}")
         return out
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:8.2f} GB" if n >= GB / 10 else f"{n / 1e6:8.2f} MB"
 
 
 def _available(device: str) -> int | None:

@@ -54,6 +54,16 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunFolder:
     """The checkpoint folder of the run that trains adapter ``name``."""
 
@@ -75,6 +85,7 @@ class RunFolder:
     def start(self, options: dict[str, Any], *, resume: bool) -> Path | None:
         """Check ``options`` against a run left here; the checkpoint to resume from (``resume``), or None
         for a fresh run (which clears what a dead run without a checkpoint left)."""
+        self._clear_dead_scratch()
         old, last = self.options(), self.latest()
         if resume:
             if last is None or old is None:
@@ -99,6 +110,15 @@ class RunFolder:
         _fsync_write(tmp, json.dumps(options, indent=1, sort_keys=True).encode())
         os.replace(tmp, self.path / "run.json")
         return None
+
+    def _clear_dead_scratch(self) -> None:
+        """Remove the scratch of checkpoints whose writer died mid-write (``.step-N.PID``, ``.run.json.PID``)."""
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():
+            pid = p.name.rsplit(".", 1)[-1]
+            if p.name.startswith(".") and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def save(
         self, step: int, factors: dict[str, Any], optimizer: dict[str, Any], state: dict[str, Any]

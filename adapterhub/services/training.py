@@ -195,6 +195,8 @@ def _options(**kw: Any) -> _Options:
     fixed: dict[str, Any] = {
         k: (tuple(v) if k == "targets" and not isinstance(v, str) else v) for k, v in kw.items()
     }
+    if fixed.get("eval_data") is not None:
+        fixed["eval_data"] = os.fspath(fixed["eval_data"])
     o = _Options(**fixed)
     o.check()
     return o
@@ -302,10 +304,10 @@ def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *,
     model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32",
                          quantize=o.quantize)  # fmt: skip
     if o.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     total = _total_steps(o, len(d.encoded))
     info = registered_base(lib, model)

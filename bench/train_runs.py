@@ -1,0 +1,158 @@
+"""The ``--trainers`` half of bench/train.py: whole runs of `hub.train` and of PEFT + transformers'
+``Trainer``, one process a case (see bench/train.py's docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROOT = Path(__file__).resolve().parent.parent
+RANDOM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+              num_key_value_heads=4, vocab_size=32000)  # fmt: skip
+
+
+def _prepare(work: Path) -> dict[str, Path]:
+    """Checkpoint folders (SmolLM2 from its GGUF, a random ~0.5 GB Llama with SmolLM2's tokenizer) and the data."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import smollm2_gguf
+
+    from adapterhub import Hub
+
+    out: dict[str, Path] = {}
+    gguf = smollm2_gguf()
+    with Hub(work / "prep") as hub:
+        if gguf is not None:
+            out["smollm2"] = Path(hub.import_gguf(gguf, name="smollm2", dtype="float32").path or "")
+    if "smollm2" in out:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(
+            LlamaConfig(**RANDOM, max_position_embeddings=2048, tie_word_embeddings=False)
+        )
+        model.save_pretrained(str(work / "random"))
+        AutoTokenizer.from_pretrained(str(out["smollm2"])).save_pretrained(str(work / "random"))
+        out["llama-0.5g"] = work / "random"
+    text = " ".join(["The sea is wide and the sky is blue; pirates sail for treasure."] * 12)
+    (work / "data.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(64)))
+    return out
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _Wrap(model: Any, factors: list[Any]) -> Any:
+    """A module whose parameters are the factors (for the Trainer's optimizer and clipping)."""
+    from torch import nn
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.factors = model, nn.ParameterList(factors)
+
+        def forward(self, **kw: Any) -> Any:
+            return self.model(**kw)
+
+    return Wrap()
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    from adapterhub import Hub
+
+    hub = Hub(Path(case["work"]) / f"home-{case['who']}-{case['quant']}-{os.getpid()}")
+    hub.add_base(case["base"], name="b")
+    quant = case["quant"] if case["quant"] != "full" else None
+    stamps: list[float] = []
+    weights: list[float] = []
+    opts = dict(rank=16, alpha=32, targets=PROJ, steps=case["steps"], batch_size=4, lr=2e-4, max_length=256,
+                seed=0, group_by_length=False, quantize=quant)  # fmt: skip
+    if case["who"] == "adapterhub":
+        hub.train("b", case["data"], name="x", device="cpu", on_step=lambda *a: stamps.append(time.perf_counter()),
+                  **opts)  # fmt: skip
+        rss = _rss_mib()  # the peak of the run, before the model is loaded again for its footprint
+        model, _ = hub.load_base(
+            "b", device="cpu", quantize=quant, dtype="float32" if quant is None else "auto"
+        )
+        weights.append(model.get_memory_footprint() / 2**20)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        from adapterhub.services.train_data import encode_rows, read_rows
+
+        model, tok = hub.load_base(
+            "b", device="cpu", quantize=quant, dtype="float32" if quant is None else "auto"
+        )
+        weights.append(model.get_memory_footprint() / 2**20)
+        rows, kind, _ = read_rows(case["data"])
+        enc = encode_rows(tok, rows, kind, max_length=256, path=Path(case["data"]))
+        ds = [{"input_ids": i, "labels": lab} for i, lab in enc]
+
+        def collate(b: list[dict[str, Any]]) -> dict[str, Any]:
+            return {k: torch.tensor([r[k] for r in b]) for k in ("input_ids", "labels")}
+
+        class Stamp(TrainerCallback):
+            def on_step_end(self, *a: Any, **k: Any) -> None:
+                stamps.append(time.perf_counter())
+
+        if case["who"] == "hooks+Trainer":  # the runtime's adapters inside transformers' Trainer
+            ad = hub.attach(model).create("x", rank=16, alpha=32, targets=PROJ, seed=0)
+            pm = _Wrap(model, ad.parameters())
+        else:
+            pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJ))
+        args = TrainingArguments(output_dir=str(Path(case["work"]) / "out"), max_steps=case["steps"],
+                                 per_device_train_batch_size=4, learning_rate=2e-4, lr_scheduler_type="linear",
+                                 max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, report_to=[],
+                                 save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False,
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False)  # fmt: skip
+        Trainer(model=pm, args=args, train_dataset=ds, data_collator=collate, callbacks=[Stamp()]).train()
+        rss = _rss_mib()
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
+    hub.close()
+    return {"step_s": statistics.median(steps), "peak_rss_mib": rss, "weights_mib": weights[0]}
+
+
+def compare(*, steps: int, threads: int, out: str | None) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bases = _prepare(work)
+        results: list[dict[str, Any]] = []
+        print(
+            f"# {steps} steps a run, batch 4 rows x 181 tokens, rank 16 on 7 projections, {threads} thread(s)"
+        )
+        print("| model | weights | case | step s | peak RSS MiB | weights MiB | step vs PEFT | RSS vs PEFT |")
+        print("|---|---|---|---|---|---|---|---|")
+        for model, base in bases.items():
+            for quant in ("full", "nf4"):
+                pair = {}
+                for who in ("peft+Trainer", "adapterhub") + (("hooks+Trainer",) if quant == "full" else ()):
+                    case = {"who": who, "quant": quant, "base": str(base), "data": str(work / "data.jsonl"),
+                            "work": tmp, "steps": steps, "threads": threads}  # fmt: skip
+                    proc = subprocess.run([sys.executable, __file__.replace("train_runs", "train"), "--case",
+                                           json.dumps(case)], env=env, capture_output=True, text=True)  # fmt: skip
+                    if proc.returncode:
+                        print(f"# {model} {quant} {who} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                        continue
+                    pair[who] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    results.append({"model": model, "quant": quant, "who": who, **r})
+                    ref = pair.get("peft+Trainer", r)
+                    print(f"| {model} | {quant} | {who} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+                          f"{r['weights_mib']:.0f} | {ref['step_s'] / r['step_s']:.2f}x faster | "
+                          f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x |", flush=True)  # fmt: skip
+        if out:
+            Path(out).write_text(json.dumps(results, indent=2))
