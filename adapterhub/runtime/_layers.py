@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ._base import DenseWeight
 from ._select import RuntimeState, Selection
 from ._variants import Dora, LoraBias, ModulesToSave
 
@@ -104,8 +105,6 @@ class Layer:
     fusable = False
     #: whether a `table.RowTable` can serve adapters on this kind
     tabled = False
-    #: why merging into this kind is refused (None: it can be merged)
-    unmergeable: str | None = None
 
     def __init__(
         self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
@@ -121,6 +120,8 @@ class Layer:
         self.device = self.weight.device
         self.dtype = dtype
         self.in_f, self.out_f = self.features()
+        #: how merging and DoRA see the base weight (`_base`; the kinds with another layout replace it)
+        self.base = DenseWeight(self.weight, self.weight_shape)
         self.kernel: tuple[int, ...] = ()
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
@@ -157,10 +158,6 @@ class Layer:
             if self.module.__dict__.get("forward") is self.forward:
                 del self.module.__dict__["forward"]
             self.forward = None
-
-    @property
-    def engaged(self) -> bool:
-        return self.handle is not None or self.forward is not None
 
     def remove(self) -> None:
         self.state.layout += 1
@@ -376,33 +373,14 @@ class Layer:
             return output.add_(delta)
         return output + delta
 
-    # ---------------------------------------------------------------------------- merging, DoRA
-
-    def base_weight(self, original: Any) -> torch.Tensor:
-        """The base weight in fp32, in the module's own layout (``original``: the unmerged copy of a
-        live tensor, `Runtime` keeps them while merged)."""
-        return original(self.weight).detach().to(torch.float32)
+    # ---------------------------------------------------------------------------- merging
 
     def lora_delta(self, slot: int) -> torch.Tensor:
         """``s * B @ A`` of ``slot`` in fp32, in the layout of the module's own weight tensor."""
         assert self.lora_A is not None and self.lora_B is not None
         lora_a = self.lora_A[slot].to(torch.float32)
         lora_b = self.lora_B[slot].to(torch.float32)
-        return (lora_b.T @ lora_a.reshape(lora_a.shape[0], -1)).reshape(self.weight_shape)
-
-    def factor_delta(self, m: Any) -> torch.Tensor:
-        """``s * B @ A`` of a `LoraModule` in fp32, in the module's own layout."""
-        a = m.A.detach().to(self.device, torch.float32).reshape(m.rank, -1)
-        b = m.B.detach().to(self.device, torch.float32).reshape(-1, m.rank)
-        return (float(m.scale) * (b @ a)).reshape(self.weight_shape)
-
-    def feature_norm(self, w: torch.Tensor) -> torch.Tensor:
-        """The norm of each output feature's weights (DoRA), ``w`` in the module's layout."""
-        return torch.linalg.norm(w.reshape(w.shape[0], -1), dim=1)
-
-    def scale_features(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``w`` (the module's layout) with each output feature's weights times ``g``."""
-        return w * g.view(-1, *(1,) * (w.dim() - 1))
+        return self.base.from_flat(lora_b.T @ lora_a.reshape(lora_a.shape[0], -1))
 
 
 def inplace_ok(output: torch.Tensor, other: torch.Tensor) -> bool:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._base import FeaturesLastWeight, QuantizedWeight
 from ._layers import Layer, LayerKind
 from ._select import RuntimeState, Selection
 from ._term import TABLE, LoraTerm, scale_rows
@@ -90,39 +91,25 @@ class LinearLayer(Layer):
 
 class Conv1DLayer(LinearLayer):
     """GPT-2's ``Conv1D``: the linear it is, its weight stored ``(in, out)`` (only merging and DoRA's norms
-    see the layout)."""
+    see the layout: `_base.FeaturesLastWeight`)."""
 
     kind: LayerKind = "conv1d"
     fusable = False
 
-    def lora_delta(self, slot: int) -> torch.Tensor:
-        assert self.lora_A is not None and self.lora_B is not None
-        d = self.lora_B[slot].to(torch.float32).T @ self.lora_A[slot].to(torch.float32)  # (out, in)
-        return d.T.contiguous()
-
-    def factor_delta(self, m: Any) -> torch.Tensor:
-        a = m.A.detach().to(self.device, torch.float32).reshape(m.rank, -1)
-        b = m.B.detach().to(self.device, torch.float32).reshape(-1, m.rank)
-        return (float(m.scale) * (b @ a)).T
-
-    def feature_norm(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.norm(w, dim=0)
-
-    def scale_features(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return w * g[None, :]
+    def __init__(
+        self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__(name, module, state, cap=cap, dtype=dtype)
+        self.base = FeaturesLastWeight(self.weight, self.weight_shape, transposed=True)
 
 
 class QuantizedLinearLayer(LinearLayer):
-    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: the linear term on the dequantized product the
-    module computes. Its shapes come from ``in_features`` / ``out_features`` (the weight is packed); it
-    keeps its own forward (a hook adds the term), its factors are fp32 unless the runtime's dtype is given
-    (as PEFT's), and nothing is merged into it."""
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: the linear term added to the output of the
+    module's own (dequantizing) forward. Its shapes come from ``in_features`` / ``out_features`` (the
+    weight is packed); it keeps its own forward (a hook adds the term); its factors are fp32 unless the
+    runtime's dtype is given, as PEFT keeps them; nothing is merged into it (`_base.QuantizedWeight`)."""
 
     fusable = False
-    unmergeable = (
-        "is quantized (bitsandbytes); merging into a quantized base is not supported: merge into the "
-        "full-precision checkpoint instead (hub.merge on the full checkpoint), then quantize that"
-    )
 
     def __init__(
         self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
@@ -130,19 +117,7 @@ class QuantizedLinearLayer(LinearLayer):
         super().__init__(name, module, state, cap=cap, dtype=dtype)
         self.kind = "linear4bit" if type(module).__name__ == "Linear4bit" else "linear8bit"
         self.weight_shape = (self.out_f, self.in_f)
-
-    def base_weight(self, original: Any) -> torch.Tensor:
-        """The dequantized weight in fp32 ``(out, in)`` (DoRA's norms)."""
-        import bitsandbytes.functional as bnbf
-
-        w: Any = self.weight
-        if self.kind == "linear4bit":
-            return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32).reshape(self.weight_shape)
-        scb = getattr(w, "SCB", None)
-        if scb is None:
-            module: Any = self.module
-            scb = module.state.SCB
-        return w.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
+        self.base = QuantizedWeight(self.weight, self.weight_shape)
 
 
 def install(layer: LinearLayer) -> None:
