@@ -68,6 +68,10 @@ class QuantizedWeight(DenseWeight):
         "full-precision checkpoint instead (hub.merge on the full checkpoint), then quantize that"
     )
 
+    def __init__(self, weight: torch.Tensor, shape: tuple[int, ...], state: Any) -> None:
+        super().__init__(weight, shape)
+        self.state = state  # an 8-bit layer's matmul state (its scales move there after a forward)
+
     def dense(self, original: Any) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
@@ -75,5 +79,5 @@ class QuantizedWeight(DenseWeight):
         quant_state = getattr(w, "quant_state", None)
         if quant_state is not None:  # 4-bit
             return bnbf.dequantize_4bit(w.data, quant_state).to(torch.float32).reshape(self.shape)
-        scb = w.SCB  # 8-bit: int8 rows and their absmax scales
+        scb = w.SCB if w.SCB is not None else self.state.SCB  # 8-bit: int8 rows, absmax scales
         return w.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0

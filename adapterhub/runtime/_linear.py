@@ -117,7 +117,7 @@ class QuantizedLinearLayer(LinearLayer):
         super().__init__(name, module, state, cap=cap, dtype=dtype)
         self.kind = "linear4bit" if type(module).__name__ == "Linear4bit" else "linear8bit"
         self.weight_shape = (self.out_f, self.in_f)
-        self.base = QuantizedWeight(self.weight, self.weight_shape)
+        self.base = QuantizedWeight(self.weight, self.weight_shape, getattr(module, "state", None))
 
 
 def install(layer: LinearLayer) -> None:
