@@ -383,9 +383,9 @@ def main() -> None:
             del ts
 
         raw_s = t(raw, reps=5, warmup=1)
-        for n in list(rt._names):
-            if n != "a0":
-                rt.unload(n)
+        for r in rt.resident:
+            if r.name != "a0":
+                rt.unload(r.name)
 
         def load() -> None:
             rt.load(folder, name="disk")

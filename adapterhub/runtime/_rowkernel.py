@@ -78,9 +78,21 @@ def _triton() -> Any:
 
     @triton.jit
     def lora_rows_shrink(
-        x_ptr, a_ptr, part_ptr, slots_ptr, per, n_in, sx, sa0, sa1,
-        M: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MR: tl.constexpr, BK: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        a_ptr,
+        part_ptr,
+        slots_ptr,
+        per,
+        n_in,
+        sx,
+        sa0,
+        sa1,
+        M: tl.constexpr,
+        R: tl.constexpr,
+        RP: tl.constexpr,
+        MR: tl.constexpr,
+        BK: tl.constexpr,
+    ):
         t = tl.program_id(0)
         ks = tl.program_id(1)
         row = t // per
@@ -93,17 +105,34 @@ def _triton() -> Any:
         kk = ks * BK + tl.arange(0, BK)
         km = kk < n_in
         xv = tl.load(x_ptr + t * sx + kk, mask=km, other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + slot[:, None] * sa0 + rr[:, None] * sa1 + kk[None, :],
-                     mask=ok[:, None] & km[None, :], other=0.0)  # fmt: skip
+        av = tl.load(
+            a_ptr + slot[:, None] * sa0 + rr[:, None] * sa1 + kk[None, :],
+            mask=ok[:, None] & km[None, :],
+            other=0.0,
+        )
         h = tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
         tl.store(part_ptr + (t * tl.num_programs(1) + ks) * MR + j, h)
 
     @triton.jit
     def lora_rows_expand(
-        part_ptr, s_ptr, y_ptr, slots_ptr, coef_ptr, per, n_out, n_parts, sy, ss0, ss1,
-        M: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MR: tl.constexpr, KP: tl.constexpr,
+        part_ptr,
+        s_ptr,
+        y_ptr,
+        slots_ptr,
+        coef_ptr,
+        per,
+        n_out,
+        n_parts,
+        sy,
+        ss0,
+        ss1,
+        M: tl.constexpr,
+        R: tl.constexpr,
+        RP: tl.constexpr,
+        MR: tl.constexpr,
+        KP: tl.constexpr,
         BO: tl.constexpr,
-    ):  # fmt: skip
+    ):
         t = tl.program_id(0)
         ob = tl.program_id(1)
         row = t // per
@@ -115,13 +144,17 @@ def _triton() -> Any:
         c = tl.load(coef_ptr + row * M + m, mask=ok, other=0.0)
         slot = tl.where(ok, slot, 0).to(tl.int64)
         kp = tl.arange(0, KP)
-        parts = tl.load(part_ptr + (t * n_parts + kp[:, None]) * MR + j[None, :], mask=kp[:, None] < n_parts,
-                        other=0.0)  # fmt: skip
+        parts = tl.load(
+            part_ptr + (t * n_parts + kp[:, None]) * MR + j[None, :], mask=kp[:, None] < n_parts, other=0.0
+        )
         h = tl.sum(parts, axis=0) * c
         oo = ob * BO + tl.arange(0, BO)
         om = oo < n_out
-        sv = tl.load(s_ptr + slot[:, None] * ss0 + rr[:, None] * ss1 + oo[None, :],
-                     mask=ok[:, None] & om[None, :], other=0.0)  # fmt: skip
+        sv = tl.load(
+            s_ptr + slot[:, None] * ss0 + rr[:, None] * ss1 + oo[None, :],
+            mask=ok[:, None] & om[None, :],
+            other=0.0,
+        )
         d = tl.sum(h[:, None] * sv.to(tl.float32), axis=0)
         yp = y_ptr + t * sy + oo
         yv = tl.load(yp, mask=om, other=0.0).to(tl.float32)
@@ -151,12 +184,41 @@ def _triton() -> Any:
         part = torch.empty((tokens, n_parts, mr), dtype=torch.float32, device=x.device)
         per = tokens // n
         lora_rows_shrink[(tokens, n_parts)](
-            x, first, part, slots, per, n_in, x.stride(0), first.stride(0), first.stride(1),
-            M=m, R=r, RP=rp, MR=mr, BK=bk, num_warps=4,
-        )  # fmt: skip
+            x,
+            first,
+            part,
+            slots,
+            per,
+            n_in,
+            x.stride(0),
+            first.stride(0),
+            first.stride(1),
+            M=m,
+            R=r,
+            RP=rp,
+            MR=mr,
+            BK=bk,
+            num_warps=4,
+        )
         lora_rows_expand[(tokens, triton.cdiv(n_out, bo))](
-            part, second, out, slots, coef, per, n_out, n_parts, out.stride(0), second.stride(0),
-            second.stride(1), M=m, R=r, RP=rp, MR=mr, KP=triton.next_power_of_2(n_parts), BO=bo, num_warps=warps,
-        )  # fmt: skip
+            part,
+            second,
+            out,
+            slots,
+            coef,
+            per,
+            n_out,
+            n_parts,
+            out.stride(0),
+            second.stride(0),
+            second.stride(1),
+            M=m,
+            R=r,
+            RP=rp,
+            MR=mr,
+            KP=triton.next_power_of_2(n_parts),
+            BO=bo,
+            num_warps=warps,
+        )
 
     return launch

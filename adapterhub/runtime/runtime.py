@@ -176,9 +176,8 @@ class Runtime:
                 merged into the weights right now.
         """
         self._check_live()
-        found = (
-            self._resolve(str(adapter)) if self._resolve is not None and isinstance(adapter, str) else None
-        )
+        resolve = self._resolve if isinstance(adapter, str) else None
+        found = resolve(str(adapter)) if resolve is not None else None
         if found is not None:
             name = name or str(adapter)
             adapter, sha256 = found[0], sha256 or found[1]
@@ -191,9 +190,7 @@ class Runtime:
         old = self._names.get(name)
         merged = self._applied.merged
         if merged is not None and name in merged.spec and old != key:
-            raise InvalidOptionError(
-                f"{name} is merged into the weights; call rt.unmerge() before reloading it"
-            )
+            raise InvalidOptionError(f"{name} is merged into the weights; call rt.unmerge() before reloading")
         if key not in self._contents:
             self._residency.add(self._place(plan, key, on_device))
         self._residency.bind(name, key)
@@ -318,29 +315,32 @@ class Runtime:
     # ------------------------------------------------------------------------------------ training
 
     def create(
-        self, name: str, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q_proj", "v_proj"),
-        init: str = "kaiming", rslora: bool = False, dropout: float = 0.0, seed: int | None = None,
-    ) -> TrainableAdapter:  # fmt: skip
+        self,
+        name: str,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: Sequence[str] | str = ("q_proj", "v_proj"),
+        init: str = "kaiming",
+        rslora: bool = False,
+        dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> TrainableAdapter:
         """A new trainable adapter on ``targets`` (short names, module names or ``"all-linear"``): A as PEFT
         initialises it, B = 0, the base frozen; it applies to every forward until frozen. See `.train`."""
         self._check_live()
         if name in self._names or name in self._trainer.adapters:
             raise InvalidOptionError(f"{name} is in use in this runtime; pick another name or unload it")
-        if self._applied.merged is not None:
-            raise InvalidOptionError(
-                f"{self._applied.merged.spec} is merged; call rt.unmerge() before training"
-            )
-        return self._trainer.create(
-            name, rank=rank, alpha=alpha, targets=targets, init=init, rslora=rslora, dropout=dropout, seed=seed,
-        )  # fmt: skip
+        self._applied.refuse_merged("before training")
+        opts = dict(rank=rank, alpha=alpha, init=init, rslora=rslora, dropout=dropout, seed=seed)
+        return self._trainer.create(name, targets=targets, **opts)  # type: ignore[arg-type]
 
     def freeze(self, name: str) -> ResidentAdapter:
         """End training of ``name``: its factors become a resident adapter like a loaded one."""
         ad = self._trainer.adapters.get(name)
         if ad is None or not ad.trainable:  # made and frozen already: resident unless unloaded since
-            return next((r for r in self.resident if r.name == name), None) or _unknown(
-                name, list(self._trainer.adapters)
-            )
+            found = [r for r in self.resident if r.name == name]
+            return found[0] if found else _unknown(name, list(self._trainer.adapters))
         self._trainer.release(name)
         try:
             return self.load(ad.weights(), name=name)
@@ -349,9 +349,13 @@ class Runtime:
             raise
 
     def save(
-        self, name: str, *, path: str | os.PathLike[str] | None = None, tags: Sequence[str] = (),
+        self,
+        name: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        tags: Sequence[str] = (),
         description: str | None = None,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         """Write an adapter ``create`` made as a PEFT folder (factors only) at ``path`` and return the path,
         or else through the ``save`` hook of `attach` (`Hub.attach`: the catalog, with lineage)."""
         self._check_live()
