@@ -23,8 +23,8 @@ import torch
 
 def rows_term(
     x: torch.Tensor,
-    first: torch.Tensor,
-    second: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
     out: torch.Tensor,
@@ -32,31 +32,31 @@ def rows_term(
     """Add each row's term into ``out`` in place.
 
     ``x`` ``(tokens, in)``, ``out`` ``(tokens, out)`` (contiguous rows), tokens a multiple of the rows;
-    ``first`` ``(cap, r, in)`` and ``second`` ``(cap, r, out)`` the banks (``s * B`` transposed);
+    ``lora_a`` ``(cap, r, in)`` and ``lora_b`` ``(cap, r, out)`` the banks (``s * B`` transposed);
     ``slots`` ``(rows, M)`` long and ``coef`` ``(rows, M)`` float32.
     """
     kernel = _triton() if x.is_cuda else None
     if kernel is not None:
-        kernel(x, first, second, slots, coef, out)
+        kernel(x, lora_a, lora_b, slots, coef, out)
     else:
-        _torch(x, first, second, slots, coef, out)
+        _torch(x, lora_a, lora_b, slots, coef, out)
 
 
 def _torch(
     x: torch.Tensor,
-    first: torch.Tensor,
-    second: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
     n, m = slots.shape
-    tokens, r = x.shape[0], first.shape[1]
+    tokens, r = x.shape[0], lora_a.shape[1]
     per = tokens // n
     flat = slots.clamp(min=0).reshape(-1)
     weight = (coef * (slots >= 0)).to(torch.float32)  # (n, M)
-    a = first.index_select(0, flat).to(torch.float32).view(n, m * r, -1)  # (n, M*r, in)
-    s = second.index_select(0, flat).to(torch.float32).view(n, m, r, -1)
+    a = lora_a.index_select(0, flat).to(torch.float32).view(n, m * r, -1)  # (n, M*r, in)
+    s = lora_b.index_select(0, flat).to(torch.float32).view(n, m, r, -1)
     s = (s * weight.view(n, m, 1, 1)).view(n, m * r, -1)  # (n, M*r, out)
     h = torch.bmm(x.view(n, per, -1).to(torch.float32), a.transpose(1, 2))  # (n, per, M*r)
     term = torch.bmm(h, s).view(tokens, -1)
@@ -166,16 +166,16 @@ def _triton() -> Any:
 
     def launch(
         x: torch.Tensor,
-        first: torch.Tensor,
-        second: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
         slots: torch.Tensor,
         coef: torch.Tensor,
         out: torch.Tensor,
     ) -> None:
         n, m = slots.shape
         tokens, n_in = x.shape
-        n_out, r = out.shape[1], first.shape[1]
-        assert first.stride(2) == 1 and second.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
+        n_out, r = out.shape[1], lora_a.shape[1]
+        assert lora_a.stride(2) == 1 and lora_b.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
         rp = triton.next_power_of_2(r)
         mr = triton.next_power_of_2(m) * rp
         bk = max(16, min(bk_max, 8192 // mr, triton.next_power_of_2(n_in)))
@@ -185,14 +185,14 @@ def _triton() -> Any:
         per = tokens // n
         lora_rows_shrink[(tokens, n_parts)](
             x,
-            first,
+            lora_a,
             part,
             slots,
             per,
             n_in,
             x.stride(0),
-            first.stride(0),
-            first.stride(1),
+            lora_a.stride(0),
+            lora_a.stride(1),
             M=m,
             R=r,
             RP=rp,
@@ -202,7 +202,7 @@ def _triton() -> Any:
         )
         lora_rows_expand[(tokens, triton.cdiv(n_out, bo))](
             part,
-            second,
+            lora_b,
             out,
             slots,
             coef,
@@ -210,8 +210,8 @@ def _triton() -> Any:
             n_out,
             n_parts,
             out.stride(0),
-            second.stride(0),
-            second.stride(1),
+            lora_b.stride(0),
+            lora_b.stride(1),
             M=m,
             R=r,
             RP=rp,
