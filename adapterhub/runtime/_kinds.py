@@ -180,6 +180,7 @@ class Layers(dict[str, Layer]):
         layer = self.get(name)
         if layer is None:
             layer = make_layer(name, module, kind, self.state, cap=cap, dtype=self.dtype)
+            self.state.layout += 1  # a captured step knows nothing of this layer
             if self.engaged:
                 layer.engage()
             self[name] = layer
