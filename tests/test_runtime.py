@@ -557,6 +557,12 @@ def test_merged_layers_leave_the_forward_and_come_back(
     rt.unmerge()
     assert not _no_hooks(model) and "forward" in model.model.layers[0].self_attn.q_proj.__dict__
     _close(_out(model, x), live, 1e-5)
+    rt.activate("b")
+    _out(model, x)
+    # families outlive the merge: q, k, v still share one shrink, o (another input) stays out
+    fam = rt._layers["model.layers.0.self_attn.q_proj"].family
+    assert fam is not None and len(fam.members) == 3
+    assert rt._layers["model.layers.0.self_attn.o_proj"].family is None
     rt.activate("c")
     fresh = attach(copy.deepcopy(llama))
     fresh.load(llama_adapters["c"])

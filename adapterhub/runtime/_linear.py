@@ -59,15 +59,11 @@ class LinearLayer(Layer):
     ) -> None:
         super().__init__(name, module, state, cap=cap, dtype=dtype)
         self.family: Family | None = None  # the siblings sharing ``x @ lora_A.T`` (fused forwards)
+        self.grouped = False  # whether it was ever put in a family (one that left stays out for good)
         self.plan: CallPlan | None = None  # the fused forward's plan for its last selection and shape
 
     def engage(self) -> None:
-        install(self)
-
-    def suspend(self) -> None:
-        super().suspend()
-        if self.family is not None:
-            self.family.leave(self)
+        install(self)  # (a suspended layer keeps its family: every member is suspended with it)
 
     def _changed(self) -> None:
         super()._changed()
@@ -78,6 +74,8 @@ class LinearLayer(Layer):
     def remove(self) -> None:
         super().remove()
         self.plan = None
+        if self.family is not None:
+            self.family.leave(self)
 
     def lin_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(tokens, in)`` in the banks' dtype."""
@@ -136,6 +134,9 @@ def install(layer: LinearLayer) -> None:
         return
     layer.forward = functools.partial(fused_linear, layer, module.forward)
     module.forward = layer.forward
+    if layer.grouped:
+        return
+    layer.grouped = True
     parent = layer.name.rsplit(".", 1)[0] if "." in layer.name else ""
     key = (parent, layer.in_f, str(layer.dtype), str(layer.device))
     layer.family = layer.state.families.setdefault(key, Family())
