@@ -3,7 +3,7 @@ class of the layer kinds (`_kinds`: linear, GPT-2 ``Conv1D``, quantized linear, 
 
 Each targeted module gets one `Layer` (made when the first resident adapter targets it, removed when the
 last one leaves), which puts itself in the module's forward: a fused forward for a plain ``nn.Linear``
-(`_fused`), a forward hook for every other module. It reads the runtime's current `Selection` and adds,
+(`_linear`), a forward hook for every other module. It reads the runtime's current `Selection` and adds,
 for the batch's ``K`` slots together, the term its kind's docstring writes out.
 
 Banks: ``lora_A`` ``(cap, r, in[, k...])`` (an embedding's: the ``(cap, num, r)`` lookup table) and
@@ -101,7 +101,7 @@ class Layer:
 
     #: the kind's name, for messages (`layer_kind`)
     kind: LayerKind = "replace"
-    #: whether a plain module of this kind may take the fused forward (`_fused.install`)
+    #: whether a plain module of this kind may take the fused forward (`_linear.install`)
     fusable = False
     #: whether a `table.RowTable` can serve adapters on this kind
     tabled = False
@@ -135,7 +135,7 @@ class Layer:
         self._cache: tuple[Any, ...] | None = None
         self._rcache: tuple[Any, ...] | None = None
         self.handle: RemovableHandle | None = None  # the forward hook, or
-        self.forward: Any = None  # the module's fused forward (`_fused.install`)
+        self.forward: Any = None  # the module's fused forward (`_linear.install`)
 
     def features(self) -> tuple[int, int]:
         """``(in, out)`` of the module (``torch.nn`` layout of its weight)."""

@@ -10,11 +10,11 @@ through the selection's `_term.LoraTerm`; the variants (`_variants`) follow in `
 
 For a plain ``nn.Linear`` the runtime replaces the module's ``forward`` (an instance attribute,
 removed again on detach) with `fused_linear`, which runs torch's own forward and adds the low-rank
-term into its output in place (``out.addmm_(h, Bs_cat)``, or ``baddbmm_`` for long rows over several
+term into its output in place (``out.addmm_(h, lora_B_cat)``, or ``baddbmm_`` for long rows over several
 adapters). That skips the hook machinery of ``nn.Module.__call__`` (a decode step is bound by the
 host's Python and kernel launches), and it lets siblings that see the same input (q, k and v; gate and
-up) share ``h = x @ A.T``: a `Family` computes it once for all of them, as one GEMM over their
-concatenated A factors (masked per row once), and each member takes its columns. A member that turns
+up) share ``h = x @ lora_A.T``: a `Family` computes it once for all of them, as one GEMM over their
+concatenated ``lora_A`` factors (masked per row once), and each member takes its columns. A member that turns
 out to see another input (cross attention), or an input changed in place, leaves its family for good.
 
 The first call under a selection (and input shape) goes through every check and leaves a `CallPlan`: the
