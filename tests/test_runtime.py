@@ -575,7 +575,7 @@ def test_residency_slots_lru_budget_and_the_term_each_selection_takes(
     llama_adapters: dict[str, Path], rt: Runtime
 ) -> None:
     from adapterhub.runtime import RowTable
-    from adapterhub.runtime._term import CONCAT, MASKED, TABLE
+    from adapterhub.runtime._term import CONCAT, MASKED, Table
 
     res = rt.residency
     for n in ("a", "b", "c"):
@@ -591,7 +591,7 @@ def test_residency_slots_lru_budget_and_the_term_each_selection_takes(
     table = RowTable(rt, rows=2)
     table.set(["a", "c"])
     with table.applied():
-        assert rt._state.sel.term is TABLE
+        assert isinstance(rt._state.sel.term, Table)
     size = {r.name: r.bytes for r in rt.resident}
     assert res.victims(10**9) == []  # no budget: nothing to evict
     res.budget = res.used_bytes

@@ -44,7 +44,7 @@ from torch import nn
 from ._base import FeaturesLastWeight, QuantizedWeight
 from ._layers import Layer, LayerKind
 from ._select import RuntimeState, Selection
-from ._term import TABLE, LoraTerm, scale_rows
+from ._term import LoraTerm, scale_rows
 
 
 class LinearLayer(Layer):
@@ -262,8 +262,8 @@ def fused_linear(layer: LinearLayer, original: Any, x: torch.Tensor) -> torch.Te
     sel = state.sel
     if sel is None or state.passthrough or layer.lora_A is None:
         return original(x)
-    if sel.term is TABLE:
-        return TABLE.add_lora_linear(layer, sel, layer.lin_input(x), original(x), 0, False)
+    if sel.table:
+        return sel.term.add_lora_linear(layer, sel, layer.lin_input(x), original(x), 0, False)
     if torch.compiler.is_compiling():  # first: a compiled graph must not guard on the plan
         return _general(layer, original, x)
     plan = layer.plan

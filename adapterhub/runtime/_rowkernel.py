@@ -35,11 +35,14 @@ def rows_term(
     ``lora_a`` ``(cap, r, in)`` and ``lora_b`` ``(cap, r, out)`` the banks (``s * B`` transposed);
     ``slots`` ``(rows, M)`` long and ``coef`` ``(rows, M)`` float32.
     """
-    kernel = _triton() if x.is_cuda else None
-    if kernel is not None:
-        kernel(x, lora_a, lora_b, slots, coef, out)
-    else:
-        _torch(x, lora_a, lora_b, slots, coef, out)
+    kernel_for(x.device)(x, lora_a, lora_b, slots, coef, out)
+
+
+def kernel_for(device: torch.device) -> Any:
+    """The implementation of `rows_term` for tensors on ``device``: Triton's on CUDA where Triton is
+    there, torch's elsewhere (a `table.RowTable` picks it once, when it is made)."""
+    kernel = _triton() if device.type == "cuda" else None
+    return kernel if kernel is not None else _torch
 
 
 def _torch(

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError
 from ._select import Selection
-from ._term import TABLE
+from ._term import table_term
 
 if TYPE_CHECKING:
     from ._parts import Content
@@ -61,7 +61,7 @@ class RowTable:
             row_slots=self.slots,
             row_coef=self.coef,
             table=True,
-            term=TABLE,
+            term=table_term(dev),
         )
 
     @property
