@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base import FeaturesLastWeight
-from ._layers import Layer, LayerKind
+from ._layers import Layer, LayerKind, quantized_kind
 from ._linear import Conv1DLayer, LinearLayer, QuantizedLinearLayer
 from ._merge import dora_gm1
 from ._parts import Content, on_device_module
@@ -152,7 +152,7 @@ def make_layer(
     name: str, module: nn.Module, kind: str, state: RuntimeState, *, cap: int, dtype: torch.dtype | None
 ) -> Layer:
     """The layer of ``kind`` for ``module`` (``dtype`` None: the kind's own choice for its banks)."""
-    cls = _CLASSES[kind]
+    cls = _CLASSES[quantized_kind(module) or kind]
     bank_dtype = dtype or bank_dtype_of(cls, module)
     return cls(name, module, state, cap=cap, dtype=bank_dtype)
 

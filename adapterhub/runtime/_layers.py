@@ -35,7 +35,16 @@ from ._variants import Dora, LoraBias, ModulesToSave
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LINEAR_KINDS", "Layer", "LayerKind", "RuntimeState", "inplace_ok", "layer_kind", "logical_shape"]
+__all__ = [
+    "LINEAR_KINDS",
+    "Layer",
+    "LayerKind",
+    "RuntimeState",
+    "inplace_ok",
+    "layer_kind",
+    "logical_shape",
+    "quantized_kind",
+]
 
 LayerKind = Literal["linear", "conv1d", "linear4bit", "linear8bit", "embedding", "conv", "replace"]
 
@@ -63,14 +72,12 @@ def quantized_kind(module: nn.Module) -> LayerKind | None:
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    """Which layer kind a module is, or None when the runtime cannot adapt it. The linear kinds
-    (``linear``, ``conv1d``, ``linear4bit``, ``linear8bit``) all take a linear LoRA."""
+    """Which LoRA math a module takes (``linear``, ``conv1d``, ``embedding``, ``conv``), or None when the
+    runtime cannot adapt it. A bitsandbytes linear is ``linear`` here (its layer class is chosen by
+    `quantized_kind`)."""
     c1d = conv1d_class()
     if c1d is not None and isinstance(module, c1d):
         return "conv1d"
-    quant = quantized_kind(module)
-    if quant is not None:
-        return quant
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -80,19 +87,18 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-#: the kinds that take a linear LoRA (the row table and the fused forward serve these)
-LINEAR_KINDS: tuple[LayerKind, ...] = ("linear", "conv1d", "linear4bit", "linear8bit")
+#: the kinds that take a linear LoRA
+LINEAR_KINDS: tuple[LayerKind, ...] = ("linear", "conv1d")
 
 
 def logical_shape(module: nn.Module, weight: torch.Tensor) -> tuple[int, ...]:
     """The weight's shape in ``torch.nn`` layout: ``(out, in)`` also for a transposed ``Conv1D`` and for a
     quantized linear, whose packed weight has another shape."""
-    kind = layer_kind(module)
-    if kind == "conv1d":
-        return (int(weight.shape[1]), int(weight.shape[0]))
-    if kind in ("linear4bit", "linear8bit"):
+    if quantized_kind(module) is not None:
         m: Any = module
         return (int(m.out_features), int(m.in_features))
+    if layer_kind(module) == "conv1d":
+        return (int(weight.shape[1]), int(weight.shape[0]))
     return tuple(int(d) for d in weight.shape)
 
 
