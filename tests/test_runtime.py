@@ -535,3 +535,70 @@ def test_many_resident_grow_the_banks(llama_adapters: dict[str, Path], rt: Runti
     # a base row adds nothing: bit-exact against the base model on the same batch (not against a
     # batch of one: CPU and GPU GEMM kernels both pick their blocking by the batch size)
     _close(mixed[1:2], _out(rt.model, x)[1:2], 0.0)
+
+
+def test_merged_layers_leave_the_forward_and_come_back(
+    llama: Any, llama_adapters: dict[str, Path], rt: Runtime
+) -> None:
+    """While merged, no adapted module keeps a hook or a fused forward (the base's own forwards run, at
+    its speed); unmerge puts them back and the spec is served through them again."""
+    model = rt.model
+    x = _ids()
+    rt.load(llama_adapters["b"])
+    rt.load(llama_adapters["emb"])  # an embedding (hooked) and linears (fused forwards)
+    rt.activate("emb")
+    live = _out(model, x)
+    rt.merge()
+    assert _no_hooks(model) and all("forward" not in m.__dict__ for m in model.modules())
+    _close(_out(model, x), live, 1e-4)
+    rt.load(llama_adapters["c"])  # loaded while merged: its layers wait outside the forwards too
+    assert _no_hooks(model)
+    rt.unmerge()
+    assert not _no_hooks(model) and "forward" in model.model.layers[0].self_attn.q_proj.__dict__
+    _close(_out(model, x), live, 1e-5)
+    rt.activate("b")
+    _out(model, x)
+    # families outlive the merge: q, k, v still share one shrink, o (another input) stays out
+    fam = rt._layers["model.layers.0.self_attn.q_proj"].family
+    assert fam is not None and len(fam.members) == 3
+    assert rt._layers["model.layers.0.self_attn.o_proj"].family is None
+    rt.activate("c")
+    fresh = attach(copy.deepcopy(llama))
+    fresh.load(llama_adapters["c"])
+    fresh.activate("c")
+    _close(_out(model, x), _out(fresh.model, x))
+    fresh.detach()
+
+
+def test_residency_slots_lru_budget_and_the_term_each_selection_takes(
+    llama_adapters: dict[str, Path], rt: Runtime
+) -> None:
+    from adapterhub.runtime import RowTable
+    from adapterhub.runtime._term import CONCAT, MASKED, Table
+
+    res = rt.residency
+    for n in ("a", "b", "c"):
+        rt.load(llama_adapters[n])
+    key = {r.name: r.sha256 for r in rt.resident}
+    assert res.lru() == [key["a"], key["b"], key["c"]]
+    rt.activate("a")  # a selection marks what it uses as just used
+    assert res.lru() == [key["b"], key["c"], key["a"]] and rt._state.sel is not None
+    assert rt._state.sel.term is CONCAT
+    with rt.rows(["b", None]):
+        assert rt._state.sel.term is MASKED and res.lru()[-1] == key["b"]
+    assert res.lru() == [key["c"], key["b"], key["a"]]  # leaving the block selects the active "a" again
+    table = RowTable(rt, rows=2)
+    table.set(["a", "c"])
+    with table.applied():
+        assert isinstance(rt._state.sel.term, Table)
+    size = {r.name: r.bytes for r in rt.resident}
+    assert res.victims(10**9) == []  # no budget: nothing to evict
+    res.budget = res.used_bytes
+    assert res.victims(0) == []
+    assert res.victims(1) == [key["c"]]  # the least recently used first
+    assert res.victims(size["c"] + 1) == [key["c"], key["b"]]
+    assert res.victims(1, pinned={key["c"]}) == [key["b"]]
+    assert res.victims(res.used_bytes + 1) is None  # cannot fit even with everything gone
+    rt.activate(None)
+    rt.unload("c")
+    assert res.lru() == [key["b"], key["a"]] and key["c"] not in res.contents

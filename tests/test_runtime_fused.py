@@ -102,7 +102,7 @@ def test_mixed_rows_equal_single_runs_and_peft(setup: tuple[Any, dict[str, Path]
 def test_plans_follow_the_selection_the_banks_the_shape_and_grad_mode(
     setup: tuple[Any, dict[str, Path]],
 ) -> None:
-    """A layer's `Plan` (its work for one selection and input shape, made on the first call) is never
+    """A layer's `CallPlan` (its work for one selection and input shape, made on the first call) is never
     used for another selection, other bank contents, another shape or with gradients on."""
     llama, paths = setup
     model = copy.deepcopy(llama).eval()

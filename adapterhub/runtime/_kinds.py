@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import Layer, LayerKind
+from ._base import FeaturesLastWeight
+from ._layers import Layer, LayerKind, quantized_kind
 from ._linear import Conv1DLayer, LinearLayer, QuantizedLinearLayer
 from ._merge import dora_gm1
-from ._parts import on_device_module
-from ._plan import LoadPlan
+from ._parts import Content, on_device_module
+from ._plan import LoadPlan, plan_bytes
 from ._select import RuntimeState, Selection
 
 
@@ -42,6 +43,12 @@ class EmbeddingLayer(Layer):
     """``nn.Embedding``: ``y[t] += sum_k c[row, k] * lora_A[k][ids[t]] @ lora_B[k]`` (see the module)."""
 
     kind: LayerKind = "embedding"
+
+    def __init__(
+        self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__(name, module, state, cap=cap, dtype=dtype)
+        self.base = FeaturesLastWeight(self.weight, self.weight_shape, transposed=False)
 
     def features(self) -> tuple[int, int]:
         return int(self.weight.shape[0]), int(self.weight.shape[1])  # num_embeddings, dim
@@ -78,12 +85,6 @@ class EmbeddingLayer(Layer):
 
     def base_bias(self, output: torch.Tensor) -> torch.Tensor | None:
         return None
-
-    def feature_norm(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.norm(w, dim=0)
-
-    def scale_features(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return w * g[None, :]
 
 
 class ConvLayer(Layer):
@@ -151,7 +152,7 @@ def make_layer(
     name: str, module: nn.Module, kind: str, state: RuntimeState, *, cap: int, dtype: torch.dtype | None
 ) -> Layer:
     """The layer of ``kind`` for ``module`` (``dtype`` None: the kind's own choice for its banks)."""
-    cls = _CLASSES[kind]
+    cls = _CLASSES[quantized_kind(module) or kind]
     bank_dtype = dtype or bank_dtype_of(cls, module)
     return cls(name, module, state, cap=cap, dtype=bank_dtype)
 
@@ -179,15 +180,28 @@ class Layers(dict[str, Layer]):
         layer = self.get(name)
         if layer is None:
             layer = make_layer(name, module, kind, self.state, cap=cap, dtype=self.dtype)
+            self.state.layout += 1  # a captured step knows nothing of this layer
             if self.engaged:
                 layer.engage()
             self[name] = layer
         return layer
 
     def place(
-        self, plan: LoadPlan, slot: int, cap: int, on_device: dict[int, torch.Tensor], original: Any
-    ) -> list[Layer]:
-        """Write a planned adapter into ``slot`` of its layers (all or nothing): the layers written."""
+        self,
+        plan: LoadPlan,
+        key: str,
+        slot: int,
+        cap: int,
+        on_device: dict[int, torch.Tensor],
+        backups: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+    ) -> Content:
+        """Write a planned adapter into ``slot`` of its layers (all or nothing): its `Content` (``backups``:
+        the originals of merged tensors, which DoRA's norms are taken of)."""
+
+        def original(t: torch.Tensor) -> torch.Tensor:
+            return next((orig for live, orig in backups if live is t), t)
+
         layers: list[Layer] = []
         try:
             with torch.no_grad():
@@ -195,7 +209,7 @@ class Layers(dict[str, Layer]):
                     layer = self.get_or_make(p.module_name, p.module, p.kind, cap)
                     m = on_device_module(p.lora, on_device)
                     assert m.A is not None and m.B is not None
-                    gm1 = dora_gm1(layer, layer.base_weight(original), m) if m.is_dora else None
+                    gm1 = dora_gm1(layer, layer.base.dense(original), m) if m.is_dora else None
                     layer.write(slot, a=m.A, b=m.B, scale=float(m.scale), bias=m.bias, gm1=gm1)
                     layers.append(layer)
                 for r in plan.replacements:
@@ -209,7 +223,18 @@ class Layers(dict[str, Layer]):
         except BaseException:
             self.clear_slot(slot, layers)
             raise
-        return list(dict.fromkeys(layers))
+        dtypes = {id(layer.module): layer.dtype for layer in layers}  # the banks' (quantized layers: fp32)
+        return Content(
+            sha256=key,
+            slot=slot,
+            bytes=plan_bytes(plan, lambda mod: dtypes[id(mod)]),
+            device=str(device),
+            modules=len({p.module_name for p in plan.loras} | {r.module_name for r in plan.replacements}),
+            rank=max((p.lora.rank for p in plan.loras), default=0),
+            dora=any(p.lora.is_dora for p in plan.loras),
+            replaces=bool(plan.replacements),
+            layers=list(dict.fromkeys(layers)),
+        )
 
     def clear_slot(self, slot: int, layers: list[Layer]) -> None:
         """Zero ``slot`` in ``layers`` and remove the layers no slot uses any more."""
@@ -231,7 +256,7 @@ class Layers(dict[str, Layer]):
     def engage(self) -> None:
         self.engaged = True
         for layer in self.values():
-            if not layer.engaged:
+            if layer.handle is None and layer.forward is None:
                 layer.engage()
 
     def remove_all(self) -> None:

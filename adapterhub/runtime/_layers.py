@@ -3,7 +3,7 @@ class of the layer kinds (`_kinds`: linear, GPT-2 ``Conv1D``, quantized linear, 
 
 Each targeted module gets one `Layer` (made when the first resident adapter targets it, removed when the
 last one leaves), which puts itself in the module's forward: a fused forward for a plain ``nn.Linear``
-(`_fused`), a forward hook for every other module. It reads the runtime's current `Selection` and adds,
+(`_linear`), a forward hook for every other module. It reads the runtime's current `Selection` and adds,
 for the batch's ``K`` slots together, the term its kind's docstring writes out.
 
 Banks: ``lora_A`` ``(cap, r, in[, k...])`` (an embedding's: the ``(cap, num, r)`` lookup table) and
@@ -28,13 +28,23 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ._base import DenseWeight
 from ._select import RuntimeState, Selection
 from ._variants import Dora, LoraBias, ModulesToSave
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LINEAR_KINDS", "Layer", "LayerKind", "RuntimeState", "inplace_ok", "layer_kind", "logical_shape"]
+__all__ = [
+    "LINEAR_KINDS",
+    "Layer",
+    "LayerKind",
+    "RuntimeState",
+    "inplace_ok",
+    "layer_kind",
+    "logical_shape",
+    "quantized_kind",
+]
 
 LayerKind = Literal["linear", "conv1d", "linear4bit", "linear8bit", "embedding", "conv", "replace"]
 
@@ -62,14 +72,12 @@ def quantized_kind(module: nn.Module) -> LayerKind | None:
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    """Which layer kind a module is, or None when the runtime cannot adapt it. The linear kinds
-    (``linear``, ``conv1d``, ``linear4bit``, ``linear8bit``) all take a linear LoRA."""
+    """Which LoRA math a module takes (``linear``, ``conv1d``, ``embedding``, ``conv``), or None when the
+    runtime cannot adapt it. A bitsandbytes linear is ``linear`` here (its layer class is chosen by
+    `quantized_kind`)."""
     c1d = conv1d_class()
     if c1d is not None and isinstance(module, c1d):
         return "conv1d"
-    quant = quantized_kind(module)
-    if quant is not None:
-        return quant
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -79,19 +87,18 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-#: the kinds that take a linear LoRA (the row table and the fused forward serve these)
-LINEAR_KINDS: tuple[LayerKind, ...] = ("linear", "conv1d", "linear4bit", "linear8bit")
+#: the kinds that take a linear LoRA
+LINEAR_KINDS: tuple[LayerKind, ...] = ("linear", "conv1d")
 
 
 def logical_shape(module: nn.Module, weight: torch.Tensor) -> tuple[int, ...]:
     """The weight's shape in ``torch.nn`` layout: ``(out, in)`` also for a transposed ``Conv1D`` and for a
     quantized linear, whose packed weight has another shape."""
-    kind = layer_kind(module)
-    if kind == "conv1d":
-        return (int(weight.shape[1]), int(weight.shape[0]))
-    if kind in ("linear4bit", "linear8bit"):
+    if quantized_kind(module) is not None:
         m: Any = module
         return (int(m.out_features), int(m.in_features))
+    if layer_kind(module) == "conv1d":
+        return (int(weight.shape[1]), int(weight.shape[0]))
     return tuple(int(d) for d in weight.shape)
 
 
@@ -100,12 +107,10 @@ class Layer:
 
     #: the kind's name, for messages (`layer_kind`)
     kind: LayerKind = "replace"
-    #: whether a plain module of this kind may take the fused forward (`_fused.install`)
+    #: whether a plain module of this kind may take the fused forward (`_linear.install`)
     fusable = False
     #: whether a `table.RowTable` can serve adapters on this kind
     tabled = False
-    #: why merging into this kind is refused (None: it can be merged)
-    unmergeable: str | None = None
 
     def __init__(
         self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
@@ -121,6 +126,8 @@ class Layer:
         self.device = self.weight.device
         self.dtype = dtype
         self.in_f, self.out_f = self.features()
+        #: how merging and DoRA see the base weight (`_base`; the kinds with another layout replace it)
+        self.base = DenseWeight(self.weight, self.weight_shape)
         self.kernel: tuple[int, ...] = ()
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None
@@ -134,7 +141,7 @@ class Layer:
         self._cache: tuple[Any, ...] | None = None
         self._rcache: tuple[Any, ...] | None = None
         self.handle: RemovableHandle | None = None  # the forward hook, or
-        self.forward: Any = None  # the module's fused forward (`_fused.install`)
+        self.forward: Any = None  # the module's fused forward (`_linear.install`)
 
     def features(self) -> tuple[int, int]:
         """``(in, out)`` of the module (``torch.nn`` layout of its weight)."""
@@ -157,10 +164,6 @@ class Layer:
             if self.module.__dict__.get("forward") is self.forward:
                 del self.module.__dict__["forward"]
             self.forward = None
-
-    @property
-    def engaged(self) -> bool:
-        return self.handle is not None or self.forward is not None
 
     def remove(self) -> None:
         self.state.layout += 1
@@ -376,33 +379,14 @@ class Layer:
             return output.add_(delta)
         return output + delta
 
-    # ---------------------------------------------------------------------------- merging, DoRA
-
-    def base_weight(self, original: Any) -> torch.Tensor:
-        """The base weight in fp32, in the module's own layout (``original``: the unmerged copy of a
-        live tensor, `Runtime` keeps them while merged)."""
-        return original(self.weight).detach().to(torch.float32)
+    # ---------------------------------------------------------------------------- merging
 
     def lora_delta(self, slot: int) -> torch.Tensor:
         """``s * B @ A`` of ``slot`` in fp32, in the layout of the module's own weight tensor."""
         assert self.lora_A is not None and self.lora_B is not None
         lora_a = self.lora_A[slot].to(torch.float32)
         lora_b = self.lora_B[slot].to(torch.float32)
-        return (lora_b.T @ lora_a.reshape(lora_a.shape[0], -1)).reshape(self.weight_shape)
-
-    def factor_delta(self, m: Any) -> torch.Tensor:
-        """``s * B @ A`` of a `LoraModule` in fp32, in the module's own layout."""
-        a = m.A.detach().to(self.device, torch.float32).reshape(m.rank, -1)
-        b = m.B.detach().to(self.device, torch.float32).reshape(-1, m.rank)
-        return (float(m.scale) * (b @ a)).reshape(self.weight_shape)
-
-    def feature_norm(self, w: torch.Tensor) -> torch.Tensor:
-        """The norm of each output feature's weights (DoRA), ``w`` in the module's layout."""
-        return torch.linalg.norm(w.reshape(w.shape[0], -1), dim=1)
-
-    def scale_features(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``w`` (the module's layout) with each output feature's weights times ``g``."""
-        return w * g.view(-1, *(1,) * (w.dim() - 1))
+        return self.base.from_flat(lora_b.T @ lora_a.reshape(lora_a.shape[0], -1))
 
 
 def inplace_ok(output: torch.Tensor, other: torch.Tensor) -> bool:

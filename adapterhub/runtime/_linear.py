@@ -10,11 +10,11 @@ through the selection's `_term.LoraTerm`; the variants (`_variants`) follow in `
 
 For a plain ``nn.Linear`` the runtime replaces the module's ``forward`` (an instance attribute,
 removed again on detach) with `fused_linear`, which runs torch's own forward and adds the low-rank
-term into its output in place (``out.addmm_(h, Bs_cat)``, or ``baddbmm_`` for long rows over several
+term into its output in place (``out.addmm_(h, lora_B_cat)``, or ``baddbmm_`` for long rows over several
 adapters). That skips the hook machinery of ``nn.Module.__call__`` (a decode step is bound by the
 host's Python and kernel launches), and it lets siblings that see the same input (q, k and v; gate and
-up) share ``h = x @ A.T``: a `Family` computes it once for all of them, as one GEMM over their
-concatenated A factors (masked per row once), and each member takes its columns. A member that turns
+up) share ``h = x @ lora_A.T``: a `Family` computes it once for all of them, as one GEMM over their
+concatenated ``lora_A`` factors (masked per row once), and each member takes its columns. A member that turns
 out to see another input (cross attention), or an input changed in place, leaves its family for good.
 
 The first call under a selection (and input shape) goes through every check and leaves a `CallPlan`: the
@@ -41,9 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._base import FeaturesLastWeight, QuantizedWeight
 from ._layers import Layer, LayerKind
 from ._select import RuntimeState, Selection
-from ._term import TABLE, LoraTerm, scale_rows
+from ._term import LoraTerm, scale_rows
 
 
 class LinearLayer(Layer):
@@ -58,15 +59,11 @@ class LinearLayer(Layer):
     ) -> None:
         super().__init__(name, module, state, cap=cap, dtype=dtype)
         self.family: Family | None = None  # the siblings sharing ``x @ lora_A.T`` (fused forwards)
+        self.grouped = False  # whether it was ever put in a family (one that left stays out for good)
         self.plan: CallPlan | None = None  # the fused forward's plan for its last selection and shape
 
     def engage(self) -> None:
-        install(self)
-
-    def suspend(self) -> None:
-        super().suspend()
-        if self.family is not None:
-            self.family.leave(self)
+        install(self)  # (a suspended layer keeps its family: every member is suspended with it)
 
     def _changed(self) -> None:
         super()._changed()
@@ -77,6 +74,8 @@ class LinearLayer(Layer):
     def remove(self) -> None:
         super().remove()
         self.plan = None
+        if self.family is not None:
+            self.family.leave(self)
 
     def lin_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(tokens, in)`` in the banks' dtype."""
@@ -90,39 +89,25 @@ class LinearLayer(Layer):
 
 class Conv1DLayer(LinearLayer):
     """GPT-2's ``Conv1D``: the linear it is, its weight stored ``(in, out)`` (only merging and DoRA's norms
-    see the layout)."""
+    see the layout: `_base.FeaturesLastWeight`)."""
 
     kind: LayerKind = "conv1d"
     fusable = False
 
-    def lora_delta(self, slot: int) -> torch.Tensor:
-        assert self.lora_A is not None and self.lora_B is not None
-        d = self.lora_B[slot].to(torch.float32).T @ self.lora_A[slot].to(torch.float32)  # (out, in)
-        return d.T.contiguous()
-
-    def factor_delta(self, m: Any) -> torch.Tensor:
-        a = m.A.detach().to(self.device, torch.float32).reshape(m.rank, -1)
-        b = m.B.detach().to(self.device, torch.float32).reshape(-1, m.rank)
-        return (float(m.scale) * (b @ a)).T
-
-    def feature_norm(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.norm(w, dim=0)
-
-    def scale_features(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return w * g[None, :]
+    def __init__(
+        self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__(name, module, state, cap=cap, dtype=dtype)
+        self.base = FeaturesLastWeight(self.weight, self.weight_shape, transposed=True)
 
 
 class QuantizedLinearLayer(LinearLayer):
-    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: the linear term on the dequantized product the
-    module computes. Its shapes come from ``in_features`` / ``out_features`` (the weight is packed); it
-    keeps its own forward (a hook adds the term), its factors are fp32 unless the runtime's dtype is given
-    (as PEFT's), and nothing is merged into it."""
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: the linear term added to the output of the
+    module's own (dequantizing) forward. Its shapes come from ``in_features`` / ``out_features`` (the
+    weight is packed); it keeps its own forward (a hook adds the term); its factors are fp32 unless the
+    runtime's dtype is given, as PEFT keeps them; nothing is merged into it (`_base.QuantizedWeight`)."""
 
     fusable = False
-    unmergeable = (
-        "is quantized (bitsandbytes); merging into a quantized base is not supported: merge into the "
-        "full-precision checkpoint instead (hub.merge on the full checkpoint), then quantize that"
-    )
 
     def __init__(
         self, name: str, module: nn.Module, state: RuntimeState, *, cap: int, dtype: torch.dtype
@@ -130,19 +115,7 @@ class QuantizedLinearLayer(LinearLayer):
         super().__init__(name, module, state, cap=cap, dtype=dtype)
         self.kind = "linear4bit" if type(module).__name__ == "Linear4bit" else "linear8bit"
         self.weight_shape = (self.out_f, self.in_f)
-
-    def base_weight(self, original: Any) -> torch.Tensor:
-        """The dequantized weight in fp32 ``(out, in)`` (DoRA's norms)."""
-        import bitsandbytes.functional as bnbf
-
-        w: Any = self.weight
-        if self.kind == "linear4bit":
-            return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32).reshape(self.weight_shape)
-        scb = getattr(w, "SCB", None)
-        if scb is None:
-            module: Any = self.module
-            scb = module.state.SCB
-        return w.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
+        self.base = QuantizedWeight(self.weight, self.weight_shape, getattr(module, "state", None))
 
 
 def install(layer: LinearLayer) -> None:
@@ -161,6 +134,9 @@ def install(layer: LinearLayer) -> None:
         return
     layer.forward = functools.partial(fused_linear, layer, module.forward)
     module.forward = layer.forward
+    if layer.grouped:
+        return
+    layer.grouped = True
     parent = layer.name.rsplit(".", 1)[0] if "." in layer.name else ""
     key = (parent, layer.in_f, str(layer.dtype), str(layer.device))
     layer.family = layer.state.families.setdefault(key, Family())
@@ -286,8 +262,8 @@ def fused_linear(layer: LinearLayer, original: Any, x: torch.Tensor) -> torch.Te
     sel = state.sel
     if sel is None or state.passthrough or layer.lora_A is None:
         return original(x)
-    if sel.term is TABLE:
-        return TABLE.add_lora_linear(layer, sel, layer.lin_input(x), original(x), 0, False)
+    if sel.table:
+        return sel.term.add_lora_linear(layer, sel, layer.lin_input(x), original(x), 0, False)
     if torch.compiler.is_compiling():  # first: a compiled graph must not guard on the plan
         return _general(layer, original, x)
     plan = layer.plan

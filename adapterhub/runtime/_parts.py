@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidAdapterError, InvalidOptionError
 from ..lora import LoraWeights
+from .types import ResidentAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -30,12 +31,32 @@ class Content:
     replaces: bool
     layers: list[Layer] = field(default_factory=list)
 
+    def resident(self, name: str) -> ResidentAdapter:
+        """``name`` bound to this content, as `Runtime.resident` shows it."""
+        return ResidentAdapter(
+            name=name,
+            sha256=self.sha256,
+            bytes=self.bytes,
+            device=self.device,
+            modules=self.modules,
+            rank=self.rank,
+            dora=self.dora,
+        )
+
 
 @dataclass
 class Merged:
     spec: dict[str, float]
     key: tuple[tuple[int, float], ...]
     backups: list[tuple[torch.Tensor, torch.Tensor]]  # (live parameter, original copy)
+
+    def restore(self) -> None:
+        """Copy the original tensors back, bit for bit."""
+        import torch
+
+        with torch.no_grad():
+            for live, orig in reversed(self.backups):
+                live.copy_(orig)
 
 
 def read_weights(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import IncompatibleAdapterError, InvalidOptionError
 from ..lora import LoraModule, LoraWeights
 from ..ops.validate import BaseLayout, Check, ValidationReport, check_base
 from ._layers import LINEAR_KINDS, LayerKind, layer_kind, logical_shape
@@ -177,6 +178,33 @@ def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, sub
         error("runtime.targets", f"{subject} targets nothing in this model: loading it would change nothing")
     report = ValidationReport(subject=subject, checks=tuple(checks), base=layout.name)
     return LoadPlan(report=report, loras=loras, replacements=list(replacements.values()))
+
+
+def check_plan(
+    plan: LoadPlan, name: str, device: str | torch.device | None, model_device: torch.device
+) -> None:
+    """Refuse a plan whose report has errors (`IncompatibleAdapterError`, ``report`` attached), or whose
+    layers are not all on ``model_device`` (and ``device``, when given) (`InvalidOptionError`)."""
+    if not plan.report.ok:
+        errors = plan.report.errors
+        shown = "\n  ".join(c.message for c in errors[:10])
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise IncompatibleAdapterError(
+            f"{name} does not fit this model; nothing was loaded:\n  {shown}{more}", report=plan.report
+        )
+    devices = {next(iter(p.module.parameters())).device for p in plan.loras} | {
+        next(iter(r.module.parameters())).device for r in plan.replacements
+    }
+    if device is not None and any(d != torch.device(device) for d in devices):
+        raise InvalidOptionError(
+            f"device {str(device)!r}: the layers {name} targets are on {', '.join(sorted(map(str, devices)))}; "
+            "factors must live where the layers compute (leave device out)"
+        )
+    if len(devices | {model_device}) > 1:
+        raise InvalidOptionError(
+            f"{name} targets layers on several devices ({', '.join(sorted(map(str, devices)))}); the runtime "
+            "serves a model on one device"
+        )
 
 
 def plan_tensors(plan: LoadPlan) -> list[torch.Tensor]:

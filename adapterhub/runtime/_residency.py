@@ -13,10 +13,20 @@ runtime itself never evicts; a server's pool asks).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from ..errors import IncompatibleAdapterError, InvalidOptionError, NotResidentError
 from ._parts import Content
+from ._select import Selection, build_selection
+from ._term import term_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from .types import AdapterSpec
 
 
 class Residency:
@@ -82,6 +92,68 @@ class Residency:
         self.contents.clear()
         self.names.clear()
         self._lru.clear()
+
+    # ------------------------------------------------------------------------ specs and selections
+
+    def normalize(
+        self, spec: AdapterSpec, trained: Collection[str] = (), freeze: Callable[[str], Any] | None = None
+    ) -> dict[str, float] | None:
+        """``{name: weight}`` of a spec (None: the base), every name resident (a ``trained`` one is made
+        resident by ``freeze`` first) and every weight finite."""
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            spec = {spec: 1.0}
+        if not isinstance(spec, Mapping):
+            raise TypeError(
+                f"an adapter spec is a name, None or a {{name: weight}} mapping, got {type(spec).__name__}"
+            )
+        out: dict[str, float] = {}
+        for n, w in spec.items():
+            if n not in self.names and n in trained and freeze is not None:
+                freeze(str(n))  # using a trained adapter ends its training
+            if n not in self.names:
+                raise NotResidentError(str(n), tuple(self.names))
+            wf = float(w)
+            if not math.isfinite(wf):
+                raise InvalidOptionError(f"weight of {n} must be a finite number, got {w!r}")
+            out[n] = out.get(n, 0.0) + wf
+        return out or None
+
+    def slots(self, spec: dict[str, float] | None) -> dict[int, float]:
+        """slot -> weight of a normalized spec; refuses what has no exact linear combination."""
+        if not spec:
+            return {}
+        slots: dict[int, float] = {}
+        for n, w in spec.items():
+            c = self.content(n)
+            slots[c.slot] = slots.get(c.slot, 0.0) + w
+        for n in spec:
+            c = self.content(n)
+            if (c.dora or c.replaces) and (len(slots) > 1 or slots[c.slot] != 1.0):
+                what = "DoRA magnitudes" if c.dora else "full replacement weights (modules_to_save)"
+                raise IncompatibleAdapterError(
+                    f"{n} carries {what}, which have no exact linear combination; use it alone with weight 1"
+                )
+        return {s: w for s, w in slots.items() if w != 0.0}
+
+    def select(
+        self, specs: Sequence[dict[str, float] | None], per_row: bool, device: torch.device
+    ) -> Selection | None:
+        """The selection of normalized specs: one for every row (``per_row`` False), else one per row;
+        its term implementation chosen (`_term.term_for`) and its contents marked used."""
+        by_slot = self.by_slot()
+        sel = build_selection(
+            [self.slots(s) for s in specs],
+            len(specs) if per_row else None,
+            dora={s for s, c in by_slot.items() if c.dora},
+            replaces={s for s, c in by_slot.items() if c.replaces},
+            device=device,
+        )
+        if sel is not None:
+            sel.term = term_for(sel)
+            self.touch(by_slot[s].sha256 for s in sel.slots)
+        return sel
 
     # ------------------------------------------------------------------------ LRU and budget
 

@@ -23,8 +23,8 @@ import torch
 
 def rows_term(
     x: torch.Tensor,
-    first: torch.Tensor,
-    second: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
     out: torch.Tensor,
@@ -32,31 +32,34 @@ def rows_term(
     """Add each row's term into ``out`` in place.
 
     ``x`` ``(tokens, in)``, ``out`` ``(tokens, out)`` (contiguous rows), tokens a multiple of the rows;
-    ``first`` ``(cap, r, in)`` and ``second`` ``(cap, r, out)`` the banks (``s * B`` transposed);
+    ``lora_a`` ``(cap, r, in)`` and ``lora_b`` ``(cap, r, out)`` the banks (``s * B`` transposed);
     ``slots`` ``(rows, M)`` long and ``coef`` ``(rows, M)`` float32.
     """
-    kernel = _triton() if x.is_cuda else None
-    if kernel is not None:
-        kernel(x, first, second, slots, coef, out)
-    else:
-        _torch(x, first, second, slots, coef, out)
+    kernel_for(x.device)(x, lora_a, lora_b, slots, coef, out)
+
+
+def kernel_for(device: torch.device) -> Any:
+    """The implementation of `rows_term` for tensors on ``device``: Triton's on CUDA where Triton is
+    there, torch's elsewhere (a `table.RowTable` picks it once, when it is made)."""
+    kernel = _triton() if device.type == "cuda" else None
+    return kernel if kernel is not None else _torch
 
 
 def _torch(
     x: torch.Tensor,
-    first: torch.Tensor,
-    second: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
     n, m = slots.shape
-    tokens, r = x.shape[0], first.shape[1]
+    tokens, r = x.shape[0], lora_a.shape[1]
     per = tokens // n
     flat = slots.clamp(min=0).reshape(-1)
     weight = (coef * (slots >= 0)).to(torch.float32)  # (n, M)
-    a = first.index_select(0, flat).to(torch.float32).view(n, m * r, -1)  # (n, M*r, in)
-    s = second.index_select(0, flat).to(torch.float32).view(n, m, r, -1)
+    a = lora_a.index_select(0, flat).to(torch.float32).view(n, m * r, -1)  # (n, M*r, in)
+    s = lora_b.index_select(0, flat).to(torch.float32).view(n, m, r, -1)
     s = (s * weight.view(n, m, 1, 1)).view(n, m * r, -1)  # (n, M*r, out)
     h = torch.bmm(x.view(n, per, -1).to(torch.float32), a.transpose(1, 2))  # (n, per, M*r)
     term = torch.bmm(h, s).view(tokens, -1)
@@ -78,9 +81,21 @@ def _triton() -> Any:
 
     @triton.jit
     def lora_rows_shrink(
-        x_ptr, a_ptr, part_ptr, slots_ptr, per, n_in, sx, sa0, sa1,
-        M: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MR: tl.constexpr, BK: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        a_ptr,
+        part_ptr,
+        slots_ptr,
+        per,
+        n_in,
+        sx,
+        sa0,
+        sa1,
+        M: tl.constexpr,
+        R: tl.constexpr,
+        RP: tl.constexpr,
+        MR: tl.constexpr,
+        BK: tl.constexpr,
+    ):
         t = tl.program_id(0)
         ks = tl.program_id(1)
         row = t // per
@@ -93,17 +108,34 @@ def _triton() -> Any:
         kk = ks * BK + tl.arange(0, BK)
         km = kk < n_in
         xv = tl.load(x_ptr + t * sx + kk, mask=km, other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + slot[:, None] * sa0 + rr[:, None] * sa1 + kk[None, :],
-                     mask=ok[:, None] & km[None, :], other=0.0)  # fmt: skip
+        av = tl.load(
+            a_ptr + slot[:, None] * sa0 + rr[:, None] * sa1 + kk[None, :],
+            mask=ok[:, None] & km[None, :],
+            other=0.0,
+        )
         h = tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
         tl.store(part_ptr + (t * tl.num_programs(1) + ks) * MR + j, h)
 
     @triton.jit
     def lora_rows_expand(
-        part_ptr, s_ptr, y_ptr, slots_ptr, coef_ptr, per, n_out, n_parts, sy, ss0, ss1,
-        M: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MR: tl.constexpr, KP: tl.constexpr,
+        part_ptr,
+        s_ptr,
+        y_ptr,
+        slots_ptr,
+        coef_ptr,
+        per,
+        n_out,
+        n_parts,
+        sy,
+        ss0,
+        ss1,
+        M: tl.constexpr,
+        R: tl.constexpr,
+        RP: tl.constexpr,
+        MR: tl.constexpr,
+        KP: tl.constexpr,
         BO: tl.constexpr,
-    ):  # fmt: skip
+    ):
         t = tl.program_id(0)
         ob = tl.program_id(1)
         row = t // per
@@ -115,13 +147,17 @@ def _triton() -> Any:
         c = tl.load(coef_ptr + row * M + m, mask=ok, other=0.0)
         slot = tl.where(ok, slot, 0).to(tl.int64)
         kp = tl.arange(0, KP)
-        parts = tl.load(part_ptr + (t * n_parts + kp[:, None]) * MR + j[None, :], mask=kp[:, None] < n_parts,
-                        other=0.0)  # fmt: skip
+        parts = tl.load(
+            part_ptr + (t * n_parts + kp[:, None]) * MR + j[None, :], mask=kp[:, None] < n_parts, other=0.0
+        )
         h = tl.sum(parts, axis=0) * c
         oo = ob * BO + tl.arange(0, BO)
         om = oo < n_out
-        sv = tl.load(s_ptr + slot[:, None] * ss0 + rr[:, None] * ss1 + oo[None, :],
-                     mask=ok[:, None] & om[None, :], other=0.0)  # fmt: skip
+        sv = tl.load(
+            s_ptr + slot[:, None] * ss0 + rr[:, None] * ss1 + oo[None, :],
+            mask=ok[:, None] & om[None, :],
+            other=0.0,
+        )
         d = tl.sum(h[:, None] * sv.to(tl.float32), axis=0)
         yp = y_ptr + t * sy + oo
         yv = tl.load(yp, mask=om, other=0.0).to(tl.float32)
@@ -133,16 +169,16 @@ def _triton() -> Any:
 
     def launch(
         x: torch.Tensor,
-        first: torch.Tensor,
-        second: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
         slots: torch.Tensor,
         coef: torch.Tensor,
         out: torch.Tensor,
     ) -> None:
         n, m = slots.shape
         tokens, n_in = x.shape
-        n_out, r = out.shape[1], first.shape[1]
-        assert first.stride(2) == 1 and second.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
+        n_out, r = out.shape[1], lora_a.shape[1]
+        assert lora_a.stride(2) == 1 and lora_b.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
         rp = triton.next_power_of_2(r)
         mr = triton.next_power_of_2(m) * rp
         bk = max(16, min(bk_max, 8192 // mr, triton.next_power_of_2(n_in)))
@@ -151,12 +187,41 @@ def _triton() -> Any:
         part = torch.empty((tokens, n_parts, mr), dtype=torch.float32, device=x.device)
         per = tokens // n
         lora_rows_shrink[(tokens, n_parts)](
-            x, first, part, slots, per, n_in, x.stride(0), first.stride(0), first.stride(1),
-            M=m, R=r, RP=rp, MR=mr, BK=bk, num_warps=4,
-        )  # fmt: skip
+            x,
+            lora_a,
+            part,
+            slots,
+            per,
+            n_in,
+            x.stride(0),
+            lora_a.stride(0),
+            lora_a.stride(1),
+            M=m,
+            R=r,
+            RP=rp,
+            MR=mr,
+            BK=bk,
+            num_warps=4,
+        )
         lora_rows_expand[(tokens, triton.cdiv(n_out, bo))](
-            part, second, out, slots, coef, per, n_out, n_parts, out.stride(0), second.stride(0),
-            second.stride(1), M=m, R=r, RP=rp, MR=mr, KP=triton.next_power_of_2(n_parts), BO=bo, num_warps=warps,
-        )  # fmt: skip
+            part,
+            lora_b,
+            out,
+            slots,
+            coef,
+            per,
+            n_out,
+            n_parts,
+            out.stride(0),
+            lora_b.stride(0),
+            lora_b.stride(1),
+            M=m,
+            R=r,
+            RP=rp,
+            MR=mr,
+            KP=triton.next_power_of_2(n_parts),
+            BO=bo,
+            num_warps=warps,
+        )
 
     return launch

@@ -21,11 +21,13 @@ Variants (`_variants`) apply after the term, in `Layer.finish`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import InvalidOptionError
 from ._layers import Layer, inplace_ok
-from ._rowkernel import rows_term
+from ._rowkernel import kernel_for, rows_term
 from ._select import Selection
 
 #: tokens per row from which rows over several adapters take the per-row batched GEMMs (below it, the
@@ -155,12 +157,15 @@ class Masked(Concat):
 
 
 class Table(LoraTerm):
-    """A `table.RowTable`'s rows, read straight from the banks by `_rowkernel.rows_term` (its torch or
-    Triton implementation, chosen by the device). Semantics::
+    """A `table.RowTable`'s rows, read straight from the banks by one implementation of
+    `_rowkernel.rows_term` (torch's, or Triton's on CUDA: `table_term` picks it once). Semantics::
 
     for t: for m: if row_slots[row, m] >= 0:
         out[t] += row_coef[row, m] * (x[t] @ lora_A[slot].T) @ lora_B[slot]   (fp32, rounded once)
     """
+
+    def __init__(self, kernel: Any = rows_term) -> None:
+        self.kernel = kernel
 
     def add_lora_linear(
         self,
@@ -176,21 +181,26 @@ class Table(LoraTerm):
         if x.shape[0] % sel.rows or not out.is_contiguous():
             raise InvalidOptionError(f"the batch does not have the row table's {sel.rows} rows")
         assert sel.row_slots is not None and sel.row_coef is not None
-        rows_term(x, layer.lora_A, layer.lora_B, sel.row_slots, sel.row_coef, out.view(-1, layer.out_f))
+        self.kernel(x, layer.lora_A, layer.lora_B, sel.row_slots, sel.row_coef, out.view(-1, layer.out_f))
         return out
 
 
 CONCAT = Concat()
 PER_ROW = PerRow()
 MASKED = Masked()
-TABLE = Table()
 
 
 def term_for(sel: Selection) -> LoraTerm:
-    """The implementation a selection uses, chosen once when it is made."""
+    """The implementation a selection uses, chosen once when it is made (a `table.RowTable`'s takes
+    `table_term`)."""
     if sel.table:
-        return TABLE
+        return Table()
     return CONCAT if sel.rows is None else MASKED
+
+
+def table_term(device: torch.device) -> Table:
+    """A row table's term for banks on ``device``, its kernel picked now (`_rowkernel.kernel_for`)."""
+    return Table(kernel_for(device))
 
 
 def scale_rows(h: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:

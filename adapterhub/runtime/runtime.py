@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import IncompatibleAdapterError, InvalidOptionError, NotResidentError
+from ..errors import InvalidOptionError, NotResidentError
 from ..lora import LoraWeights
+from ._applied import Applied
 from ._kinds import Layers
-from ._merge import merge_layer, merge_problems, merge_refusal
+from ._merge import merge_into
 from ._parts import Content, Merged, keyed_upload, read_weights
-from ._plan import LoadPlan, model_layout, plan_adapter, plan_bytes
+from ._plan import LoadPlan, check_plan, model_layout, plan_adapter
 from ._residency import Residency
-from ._select import RuntimeState, Selection, build_selection
-from ._term import term_for
+from ._select import RuntimeState
 from .train import TrainableAdapter, Trainer, save_trained
 from .types import AdapterSpec, ResidentAdapter
 
@@ -111,14 +110,12 @@ class Runtime:
         self._residency = Residency(_INITIAL_SLOTS, self._layers.grow)
         self._contents = self._residency.contents  # sha256 -> content
         self._names = self._residency.names  # name -> sha256, in load order
-        self._active: dict[str, float] | None = None
-        self._rows_stack: list[list[dict[str, float] | None]] = []
-        self._merged: Merged | None = None
+        first = next(iter(model.parameters()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._applied = Applied(self._residency, self._state, self._device)
         self._layout = model_layout(model)
         self._detached = False
         self._trainer = Trainer(model, self._state, dtype)
-        first = next(iter(model.parameters()), None)
-        self._device = first.device if first is not None else torch.device("cpu")
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -135,31 +132,19 @@ class Runtime:
     @property
     def resident(self) -> list[ResidentAdapter]:
         """Every resident name, in load order."""
-        out = []
-        for name, sha in self._names.items():
-            c = self._contents[sha]
-            out.append(
-                ResidentAdapter(
-                    name=name,
-                    sha256=sha,
-                    bytes=c.bytes,
-                    device=c.device,
-                    modules=c.modules,
-                    rank=c.rank,
-                    dora=c.dora,
-                )
-            )
-        return out
+        return [self._contents[sha].resident(name) for name, sha in self._names.items()]
 
     @property
     def active(self) -> dict[str, float] | None:
         """The combination every forward applies outside `rows` (None: the base model)."""
-        return dict(self._active) if self._active is not None else None
+        active = self._applied.active
+        return dict(active) if active is not None else None
 
     @property
     def merged(self) -> dict[str, float] | None:
         """The combination folded into the weights by `merge`, if any."""
-        return dict(self._merged.spec) if self._merged is not None else None
+        merged = self._applied.merged
+        return dict(merged.spec) if merged is not None else None
 
     # ------------------------------------------------------------------------------------ load
 
@@ -191,9 +176,8 @@ class Runtime:
                 merged into the weights right now.
         """
         self._check_live()
-        found = (
-            self._resolve(str(adapter)) if self._resolve is not None and isinstance(adapter, str) else None
-        )
+        resolve = self._resolve if isinstance(adapter, str) else None
+        found = resolve(str(adapter)) if resolve is not None else None
         if found is not None:
             name = name or str(adapter)
             adapter, sha256 = found[0], sha256 or found[1]
@@ -201,66 +185,29 @@ class Runtime:
         if self.training is not None and self.training.name == name:
             raise InvalidOptionError(f"{name} is being trained; freeze it first or load another name")
         plan = plan_adapter(self._model, self._layout, weights, name)
-        if not plan.report.ok:
-            errors = plan.report.errors
-            shown = "\n  ".join(c.message for c in errors[:10])
-            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-            raise IncompatibleAdapterError(
-                f"{name} does not fit this model; nothing was loaded:\n  {shown}{more}", report=plan.report
-            )
-        devices = {next(iter(p.module.parameters())).device for p in plan.loras} | {
-            next(iter(r.module.parameters())).device for r in plan.replacements
-        }
-        if device is not None and any(d != torch.device(device) for d in devices):
-            raise InvalidOptionError(
-                f"device {str(device)!r}: the layers {name} targets are on {', '.join(sorted(map(str, devices)))}; "
-                "factors must live where the layers compute (leave device out)"
-            )
-        if len(devices | {self._device}) > 1:
-            raise InvalidOptionError(
-                f"{name} targets layers on several devices ({', '.join(sorted(map(str, devices)))}); the runtime "
-                "serves a model on one device"
-            )
+        check_plan(plan, name, device, self._device)
         key, on_device = keyed_upload(plan, weights, path, self._device, sha256)
         old = self._names.get(name)
-        if self._merged is not None and name in self._merged.spec and old != key:
-            raise InvalidOptionError(
-                f"{name} is merged into the weights; call rt.unmerge() before reloading it"
-            )
+        merged = self._applied.merged
+        if merged is not None and name in merged.spec and old != key:
+            raise InvalidOptionError(f"{name} is merged into the weights; call rt.unmerge() before reloading")
         if key not in self._contents:
             self._residency.add(self._place(plan, key, on_device))
         self._residency.bind(name, key)
         if old is not None and old != key:
             self._release(old)
-            self._reselect()  # selections naming it now serve the new content
+            self._applied.reselect()  # selections naming it now serve the new content
         logger.info("resident: %s (%s)", name, key[:12])
         return next(r for r in self.resident if r.name == name)
 
     def _place(self, plan: LoadPlan, key: str, on_device: dict[int, torch.Tensor]) -> Content:
         slot = self._residency.take_slot()
-
-        def original(t: torch.Tensor) -> torch.Tensor:  # the unmerged copy of a live tensor
-            backups = self._merged.backups if self._merged is not None else []
-            return next((orig for live, orig in backups if live is t), t)
-
-        try:
-            layers = self._layers.place(plan, slot, self._residency.cap, on_device, original)
+        backups = self._applied.merged.backups if self._applied.merged is not None else []
+        try:  # (DoRA's norms are of the unmerged weights)
+            return self._layers.place(plan, key, slot, self._residency.cap, on_device, backups, self._device)
         except BaseException:
             self._residency.give_slot(slot)
             raise
-        ranks = [p.lora.rank for p in plan.loras]
-        dtypes = {id(layer.module): layer.dtype for layer in layers}  # the banks' (quantized layers: fp32)
-        return Content(
-            sha256=key,
-            slot=slot,
-            bytes=plan_bytes(plan, lambda mod: dtypes[id(mod)]),
-            device=str(self._device),
-            modules=len({p.module_name for p in plan.loras} | {r.module_name for r in plan.replacements}),
-            rank=max(ranks, default=0),
-            dora=any(p.lora.is_dora for p in plan.loras),
-            replaces=bool(plan.replacements),
-            layers=layers,
-        )
 
     def unload(self, name: str) -> None:
         """Drop ``name``; its content leaves the device when no other name shares it.
@@ -272,12 +219,9 @@ class Runtime:
         self._check_live()
         if name not in self._names:
             raise _not_resident(name, list(self._names))
-        if self._merged is not None and name in self._merged.spec:
-            raise InvalidOptionError(f"{name} is merged into the weights; call rt.unmerge() first")
-        if self._active is not None and name in self._active:
-            raise InvalidOptionError(f"{name} is active; call rt.activate() with something else first")
-        if any(spec and name in spec for specs in self._rows_stack for spec in specs):
-            raise InvalidOptionError(f"{name} is used by an open rt.rows() block; leave it first")
+        why = self._applied.in_use(name)
+        if why:
+            raise InvalidOptionError(why)
         self._release(self._residency.unbind(name))
 
     def _release(self, sha: str) -> None:
@@ -289,74 +233,7 @@ class Runtime:
     # ------------------------------------------------------------------------------------ selection
 
     def _normalize(self, spec: AdapterSpec) -> dict[str, float] | None:
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            spec = {spec: 1.0}
-        if not isinstance(spec, Mapping):
-            raise TypeError(
-                f"an adapter spec is a name, None or a {{name: weight}} mapping, got {type(spec).__name__}"
-            )
-        out: dict[str, float] = {}
-        for n, w in spec.items():
-            if n not in self._names and n in self._trainer.adapters:
-                self.freeze(str(n))  # using a trained adapter ends its training
-            if n not in self._names:
-                raise _not_resident(str(n), list(self._names))
-            wf = float(w)
-            if not math.isfinite(wf):
-                raise InvalidOptionError(f"weight of {n} must be a finite number, got {w!r}")
-            out[n] = out.get(n, 0.0) + wf
-        return out or None
-
-    def _slots(self, spec: dict[str, float] | None) -> dict[int, float]:
-        """slot -> weight; checks what can be combined."""
-        if not spec:
-            return {}
-        slots: dict[int, float] = {}
-        for n, w in spec.items():
-            c = self._contents[self._names[n]]
-            slots[c.slot] = slots.get(c.slot, 0.0) + w
-        for n in spec:
-            c = self._contents[self._names[n]]
-            if (c.dora or c.replaces) and (len(slots) > 1 or slots[c.slot] != 1.0):
-                what = "DoRA magnitudes" if c.dora else "full replacement weights (modules_to_save)"
-                raise IncompatibleAdapterError(
-                    f"{n} carries {what}, which have no exact linear combination; use it alone with weight 1"
-                )
-        return {s: w for s, w in slots.items() if w != 0.0}
-
-    def _selection(self, row_specs: Sequence[dict[str, float] | None] | None) -> Selection | None:
-        if row_specs is None:
-            per_row = [self._slots(self._active)]
-            rows = None
-        else:
-            per_row = [self._slots(s) for s in row_specs]
-            rows = len(per_row)
-        by_slot = self._residency.by_slot()
-        sel = build_selection(
-            per_row,
-            rows,
-            dora={s for s, c in by_slot.items() if c.dora},
-            replaces={s for s, c in by_slot.items() if c.replaces},
-            device=self._device,
-        )
-        if sel is not None:
-            sel.term = term_for(sel)  # how linear layers compute its term, chosen once
-            self._residency.touch(by_slot[s].sha256 for s in sel.slots)
-        return sel
-
-    def _reselect(self) -> None:
-        """Make the current selection follow the active spec or the innermost open rows() block."""
-        if self._merged is not None:
-            self._state.sel = None
-            return
-        sel = self._selection(self._rows_stack[-1] if self._rows_stack else None)
-        cur = self._state.sel
-        if sel is not None and cur is not None and cur.same_structure(sel):
-            cur.refill(sel)  # in place, so a compiled graph keeps running unchanged
-        else:
-            self._state.sel = sel
+        return self._residency.normalize(spec, self._trainer.adapters, self.freeze)
 
     def activate(self, spec: AdapterSpec) -> None:
         """What every forward applies from now on: a resident name, None (the base model), or an exact
@@ -371,19 +248,7 @@ class Runtime:
             InvalidOptionError: something else is merged into the weights (unmerge first).
         """
         self._check_live()
-        norm = self._normalize(spec)
-        self._slots(norm)  # check combinability before changing anything
-        if self._merged is not None:
-            if norm != self._merged.spec:
-                raise InvalidOptionError(
-                    f"{self._merged.spec} is merged into the weights; call rt.unmerge() before activating "
-                    "something else"
-                )
-            self._active = norm
-            return
-        self._active = norm
-        if not self._rows_stack:
-            self._reselect()
+        self._applied.activate(self._normalize(spec))
 
     @contextlib.contextmanager
     def rows(self, specs: Sequence[AdapterSpec]) -> Iterator[None]:
@@ -398,24 +263,9 @@ class Runtime:
         repeats each spec for its copies of the row.
         """
         self._check_live()
-        if self._merged is not None:
-            raise InvalidOptionError(
-                f"{self._merged.spec} is merged into the weights; call rt.unmerge() before using per-row adapters"
-            )
-        normalized = [self._normalize(s) for s in specs]
-        if not normalized:
-            raise InvalidOptionError("rows() needs one spec per row of the batch; got none")
-        sel = self._selection(normalized)
-        self._rows_stack.append(normalized)
-        prev = self._state.sel
-        self._state.sel = sel
-        try:
+        self._applied.refuse_merged("before using per-row adapters")
+        with self._applied.rows([self._normalize(s) for s in specs], lambda: not self._detached):
             yield
-        finally:
-            self._rows_stack.pop()
-            self._state.sel = prev
-            if not self._detached:
-                self._reselect()
 
     # ------------------------------------------------------------------------------------ merge
 
@@ -434,76 +284,63 @@ class Runtime:
                 both), or a lora_bias needs a bias the layer lacks; nothing was changed.
         """
         self._check_live()
-        norm = self._active if spec is ... else self._normalize(spec)
+        applied = self._applied
+        norm = applied.active if spec is ... else self._normalize(spec)
         if not norm:
             raise InvalidOptionError("nothing to merge: give a resident name or a combination")
-        if self._rows_stack:
+        if applied.rows_stack:
             raise InvalidOptionError("cannot merge inside an open rt.rows() block")
-        slots = self._slots(norm)
+        slots = self._residency.slots(norm)
         key = tuple(sorted(slots.items()))
-        if self._merged is not None:
-            if self._merged.key == key:
+        if applied.merged is not None:
+            if applied.merged.key == key:
                 return
-            raise InvalidOptionError(f"{self._merged.spec} is merged already; call rt.unmerge() first")
+            raise InvalidOptionError(f"{applied.merged.spec} is merged already; call rt.unmerge() first")
         touched = [layer for layer in self._layers.values() if layer.users & set(slots)]
-        refusal = merge_refusal(touched)
-        if refusal:
-            raise IncompatibleAdapterError(refusal)
-        problems = merge_problems(self._model, touched, slots)
-        if problems:
-            raise IncompatibleAdapterError(
-                "cannot merge; nothing was changed:\n  " + "\n  ".join(sorted(set(problems)))
-            )
-        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            try:
-                for layer in touched:
-                    merge_layer(layer, slots, backups)
-            except BaseException:  # out of memory, say: put back what was written
-                for live, orig in reversed(backups):
-                    live.copy_(orig)
-                raise
-        self._merged = Merged(spec=norm, key=key, backups=backups)
-        self._active = norm
+        applied.merged = Merged(spec=norm, key=key, backups=merge_into(self._model, touched, slots))
+        applied.active = norm
         self._state.sel = None
         self._layers.suspend()  # everything is in the weights: the base's own forwards, at its speed
 
     def unmerge(self) -> None:
         """Copy the original tensors back (bit for bit); the merged spec stays active through the hooks."""
         self._check_live()
-        if self._merged is None:
+        if self._applied.merged is None:
             return
-        with torch.no_grad():
-            for live, orig in reversed(self._merged.backups):
-                live.copy_(orig)
-        self._merged = None
+        self._applied.merged.restore()
+        self._applied.merged = None
         self._layers.engage()
-        self._reselect()
+        self._applied.reselect()
 
     # ------------------------------------------------------------------------------------ training
 
     def create(
-        self, name: str, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q_proj", "v_proj"),
-        init: str = "kaiming", rslora: bool = False, dropout: float = 0.0, seed: int | None = None,
-    ) -> TrainableAdapter:  # fmt: skip
+        self,
+        name: str,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: Sequence[str] | str = ("q_proj", "v_proj"),
+        init: str = "kaiming",
+        rslora: bool = False,
+        dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> TrainableAdapter:
         """A new trainable adapter on ``targets`` (short names, module names or ``"all-linear"``): A as PEFT
         initialises it, B = 0, the base frozen; it applies to every forward until frozen. See `.train`."""
         self._check_live()
         if name in self._names or name in self._trainer.adapters:
             raise InvalidOptionError(f"{name} is in use in this runtime; pick another name or unload it")
-        if self._merged is not None:
-            raise InvalidOptionError(f"{self._merged.spec} is merged; call rt.unmerge() before training")
-        return self._trainer.create(
-            name, rank=rank, alpha=alpha, targets=targets, init=init, rslora=rslora, dropout=dropout, seed=seed,
-        )  # fmt: skip
+        self._applied.refuse_merged("before training")
+        opts = dict(rank=rank, alpha=alpha, init=init, rslora=rslora, dropout=dropout, seed=seed)
+        return self._trainer.create(name, targets=targets, **opts)  # type: ignore[arg-type]
 
     def freeze(self, name: str) -> ResidentAdapter:
         """End training of ``name``: its factors become a resident adapter like a loaded one."""
         ad = self._trainer.adapters.get(name)
         if ad is None or not ad.trainable:  # made and frozen already: resident unless unloaded since
-            return next((r for r in self.resident if r.name == name), None) or _unknown(
-                name, list(self._trainer.adapters)
-            )
+            found = [r for r in self.resident if r.name == name]
+            return found[0] if found else _unknown(name, list(self._trainer.adapters))
         self._trainer.release(name)
         try:
             return self.load(ad.weights(), name=name)
@@ -512,9 +349,13 @@ class Runtime:
             raise
 
     def save(
-        self, name: str, *, path: str | os.PathLike[str] | None = None, tags: Sequence[str] = (),
+        self,
+        name: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        tags: Sequence[str] = (),
         description: str | None = None,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         """Write an adapter ``create`` made as a PEFT folder (factors only) at ``path`` and return the path,
         or else through the ``save`` hook of `attach` (`Hub.attach`: the catalog, with lineage)."""
         self._check_live()
@@ -537,7 +378,7 @@ class Runtime:
         self._state.sel = None
         self._layers.remove_all()
         self._residency.clear()
-        self._active = None
+        self._applied.active = None
         self._detached = True
         _ATTACHED.pop(self._model, None)
 
@@ -546,4 +387,4 @@ class Runtime:
             raise InvalidOptionError("this runtime was detached; attach() the model again")
 
     def __repr__(self) -> str:
-        return f"<Runtime {len(self._names)} resident, active={self._active}, merged={self.merged}>"
+        return f"<Runtime {len(self._names)} resident, active={self.active}, merged={self.merged}>"

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import IncompatibleAdapterError, InvalidOptionError
 from ._select import Selection
-from ._term import TABLE
+from ._term import table_term
 
 if TYPE_CHECKING:
     from ._parts import Content
@@ -61,7 +61,7 @@ class RowTable:
             row_slots=self.slots,
             row_coef=self.coef,
             table=True,
-            term=TABLE,
+            term=table_term(dev),
         )
 
     @property
@@ -80,8 +80,7 @@ class RowTable:
                 adapter merged into the weights, or a table made before the banks last changed.
         """
         rt = self._check()
-        if rt._merged is not None:
-            raise InvalidOptionError(f"{rt._merged.spec} is merged into the weights; call rt.unmerge() first")
+        rt._applied.refuse_merged("first")
         if len(specs) > self.rows:
             raise InvalidOptionError(f"{len(specs)} specs for a row table of {self.rows} rows")
         slots = torch.full((self.rows, self.width), -1, dtype=torch.long)
@@ -90,7 +89,7 @@ class RowTable:
             c.slot: (n, c) for n, sha in rt.residency.names.items() for c in [rt.residency.contents[sha]]
         }
         for i, spec in enumerate(specs):
-            row = rt._slots(rt._normalize(spec))
+            row = rt.residency.slots(rt._normalize(spec))
             if len(row) > self.width:
                 raise InvalidOptionError(
                     f"row {i} combines {len(row)} adapters; this table holds {self.width}"
