@@ -79,3 +79,41 @@ def test_load_base_quantized_and_run_from_the_cli(hub: Hub, capsys: pytest.Captu
         cli("run", "tiny", "hello", "--quantize", "nf4", "--device", "cpu", "--max-tokens", "3", "--json")
     )
     assert doc["text"] is not None
+
+
+def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path) -> None:
+    """QLoRA's other half: a cataloged adapter on the NF4 base answers from ``run --quantize`` (the API)
+    and from ``serve --model --quantize`` (the /v1 API), the same greedy tokens."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from helpers.models import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    base = hub.base_info("tiny").path
+    made = make_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "qa", r=4,
+                        target_modules=["q_proj", "v_proj", "down_proj"], seed=3)  # fmt: skip
+    hub.add_adapter(made, name="served-on-nf4")
+    want = hub.generate("tiny", "hello world", adapters=[("served-on-nf4", 1.0)], quantize="nf4",
+                        device="cpu", max_tokens=4)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("ADAPTERHUB_HOME", "ADAPTERHUB_DB")}
+    proc = subprocess.Popen([sys.executable, "-m", "adapterhub", "--home", str(hub.home), "serve", "--port", "0",
+                             "--model", "tiny", "--quantize", "nf4", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert " on http" in line, proc.stderr.read() if proc.stderr else line
+        url = line.split(" on ")[1].split()[0]
+        body = {"model": "served-on-nf4", "messages": [{"role": "user", "content": "hello world"}],
+                "max_tokens": 4, "temperature": 0}  # fmt: skip
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=120) as r:
+            got = json.loads(r.read())
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert got["choices"][0]["message"]["content"] == want.text

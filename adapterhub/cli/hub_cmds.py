@@ -164,6 +164,11 @@ def pull_cmd(
     "else runs (costs the batching: 6-7x fewer tokens/s on a CPU, bench/RESULTS.md).",
 )
 @click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "int8"]),
+    help="With --model: load the base quantized through bitsandbytes (nf4: 4-bit, as QLoRA trains).",
+)
+@click.option(
     "--graphs/--no-graphs",
     default=None,
     help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
@@ -185,6 +190,7 @@ def serve_cmd(
     graphs: bool | None,
     max_request_bytes: str | None,
     batch_invariant: bool,
+    quantize: str | None,
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
@@ -199,10 +205,11 @@ def serve_cmd(
         or graphs is not None
         or max_request_bytes
         or batch_invariant
+        or quantize
     ):
         raise click.UsageError(
             "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs, "
-            "--max-request-bytes and --batch-invariant go with --model"
+            "--max-request-bytes, --batch-invariant and --quantize go with --model"
         )
     hub = state.hub
 
@@ -212,7 +219,7 @@ def serve_cmd(
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
                  "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes,
-                 "batch_invariant": batch_invariant} if model else {}  # fmt: skip
+                 "batch_invariant": batch_invariant, "quantize": quantize} if model else {}  # fmt: skip
     from ..server import serve
 
     serve(hub, host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)

@@ -55,6 +55,7 @@ def mount_inference(
     graphs: bool | None = None,
     max_request_bytes: int | str | None = None,
     batch_invariant: bool = False,
+    quantize: str | None = None,
 ) -> Inference:
     """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
     it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
@@ -73,6 +74,8 @@ def mount_inference(
         max_request_bytes: largest request body (bytes, or ``"4MB"``); larger ones are a 413 unread.
         batch_invariant: prefill and decode each request alone, so that its tokens never depend on what
             else runs (any dtype); costs the batching (`bench/serve.py --batch-invariant`).
+        quantize: ``nf4`` or ``int8``: the base's linear layers through bitsandbytes (as `Hub.load_base`);
+            adapters attach to them (factors in fp32); nothing can be merged into such a base.
 
     The scheduler thread starts with the app's lifespan, or with the first request when the server runs
     without lifespan events, and stops at shutdown.
@@ -87,7 +90,12 @@ def mount_inference(
         raise InvalidOptionError(f"--max-batch must be at least 1, got {max_batch}")
     budget = parse_size(adapter_memory)
     body_cap = parse_size(max_request_bytes, "--max-request-bytes") or MAX_REQUEST_BYTES
-    live, tokenizer = hub.load_base(model, device=device, dtype=dtype)
+    live, tokenizer = hub.load_base(model, device=device, dtype=dtype, quantize=quantize)
+    if tokenizer is None:
+        raise InvalidOptionError(
+            f"{model} has no tokenizer files; serving text needs one (save the tokenizer into the "
+            "checkpoint folder, or register the base with its tokenizer)"
+        )
     rt = hub.attach(live, dtype=torch.float32 if factor_dtype == "float32" else None)
     registered = {b.name for b in hub.list_bases()}
     name = model if model in registered else Path(model).name
