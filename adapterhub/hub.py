@@ -528,16 +528,8 @@ class Hub:
         from .remote.pull import pull_adapter
 
         spec = repo_id if revision is None else f"{repo_id.split('@', 1)[0]}@{revision}"
-        return pull_adapter(
-            self.library,
-            spec,
-            name=name,
-            endpoint=endpoint,
-            token=token,
-            allow_pickle=allow_pickle,
-            progress=progress,
-            tags=tags,
-        )
+        return pull_adapter(self.library, spec, name=name, endpoint=endpoint, token=token,
+                            allow_pickle=allow_pickle, progress=progress, tags=tags)  # fmt: skip
 
     def search_hub(
         self,
