@@ -218,7 +218,6 @@ def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
         return None
     # never the operator's own HF_TOKEN or login: False keeps huggingface_hub from finding them
     token: str | bool = os.environ.get("ADAPTERHUB_VLLM_TOKEN") or False
-    name = repo_id
     try:
         from huggingface_hub import HfApi
 
