@@ -511,25 +511,20 @@ class Hub:
         revision: str | None = None,
         name: str | None = None,
         endpoint: str | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
         allow_pickle: bool = False,
         progress: bool = False,
+        tags: Sequence[str] = (),
     ) -> PullResult:
         """Download an adapter from ``repo_id`` (``"user/repo"`` or ``"user/repo@revision"``), check every
-        file against the server's hashes, validate it and catalog it with source ``repo@commit``. Pulling a
-        commit that is already cataloged is a no-op."""
+        file against the server's hashes, validate it and catalog it with source ``repo@commit`` (and
+        ``tags`` besides the repo's own, in the same write). ``token=False`` sends no token at all (not even
+        ``HF_TOKEN``'s). Pulling a commit that is already cataloged is a no-op."""
         from .remote.pull import pull_adapter
 
         spec = repo_id if revision is None else f"{repo_id.split('@', 1)[0]}@{revision}"
-        return pull_adapter(
-            self.library,
-            spec,
-            name=name,
-            endpoint=endpoint,
-            token=token,
-            allow_pickle=allow_pickle,
-            progress=progress,
-        )
+        return pull_adapter(self.library, spec, name=name, endpoint=endpoint, token=token,
+                            allow_pickle=allow_pickle, progress=progress, tags=tags)  # fmt: skip
 
     def search_hub(
         self,

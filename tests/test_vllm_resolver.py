@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from helpers.adapters import make_catalog_adapter
 
 from adapterhub import Hub
+from adapterhub.integrations import vllm
 from adapterhub.integrations.vllm import MANIFEST, resolve_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,41 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     yield from start_server(tmp_path_factory)
 
 
+def test_a_private_adapter_is_never_handed_over_unless_the_operator_allows_it(
+    tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("ADAPTERHUB_VLLM_ALLOW_PRIVATE", raising=False)
+    cache = tmp_path / "cache"
+    with Hub(tmp_path / "home") as hub:
+        info = hub.add_adapter(made["a"], name="alice/secret", tags=["private"])
+        with caplog.at_level(logging.WARNING, logger="adapterhub.integrations.vllm"):
+            assert resolve_adapter(hub, "alice/secret", cache=cache) is None
+        assert len(caplog.records) == 1 and "private" in caplog.records[0].getMessage()
+        assert resolve_adapter(hub, f"alice/secret@{info.sha256[:12]}", cache=cache) is None
+        assert not cache.exists() or not any(cache.rglob("adapter_model.safetensors"))
+        # one handed over before it was tagged private: its cached folder is not handed over again
+        hub.add_adapter(made["b"], name="shared")
+        assert resolve_adapter(hub, "shared", cache=cache) is not None
+        hub.tag_adapter("shared", ["private"])
+        assert resolve_adapter(hub, "shared", cache=cache) is None
+        for almost in ("true", "yes", "0", ""):  # only the documented value opts in
+            monkeypatch.setenv("ADAPTERHUB_VLLM_ALLOW_PRIVATE", almost)
+            assert resolve_adapter(hub, "alice/secret", cache=cache) is None
+        monkeypatch.setenv("ADAPTERHUB_VLLM_ALLOW_PRIVATE", "1")
+        got = resolve_adapter(hub, "alice/secret", cache=cache)
+        assert got is not None and got.sha256 == info.sha256
+
+
+def _pull_env(monkeypatch: pytest.MonkeyPatch, url: str, **env: str) -> None:
+    for k in ("PULL", "NAMESPACES", "TOKEN", "ALLOW_PRIVATE", "MAX_PULLS", "ENDPOINT"):
+        monkeypatch.delenv(f"ADAPTERHUB_VLLM_{k}", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(vllm, "PULLS", vllm.PullBudget())  # a fresh process's count
+
+
 def test_owner_repo_at_rev_is_pulled_from_a_hub_server(
     server: Any, tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,8 +146,7 @@ def test_owner_repo_at_rev_is_pulled_from_a_hub_server(
     with Hub(tmp_path / "home") as hub:
         hub.add_adapter(made["a"], name="a")
         first = hub.push_adapter("a", "alice/fleet", endpoint=server.url, token=server.alice).commit
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_TOKEN", server.alice)
+    _pull_env(monkeypatch, server.url, ADAPTERHUB_VLLM_PULL="1", ADAPTERHUB_VLLM_NAMESPACES="bob, alice")
     cache = tmp_path / "cache"
     with Hub(tmp_path / "fleet") as fleet:
         got = resolve_adapter(fleet, "alice/fleet", cache=cache)
@@ -129,3 +165,81 @@ def test_owner_repo_at_rev_is_pulled_from_a_hub_server(
         new = resolve_adapter(fleet, "alice/fleet", cache=cache)
         assert new is not None and new.name == f"alice/fleet-{second[:12]}" and new.path != got.path
         assert resolve_adapter(fleet, f"alice/fleet@{first}", cache=cache) == got  # the pinned one stays
+
+
+def test_pulling_is_off_unless_the_operator_allows_it_for_a_namespace(
+    server: Any, tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_server import online_hf
+
+    online_hf(monkeypatch)
+    with Hub(tmp_path / "home") as hub:
+        hub.add_adapter(made["a"], name="a")
+        hub.push_adapter("a", "alice/open", endpoint=server.url, token=server.alice)
+    with Hub(tmp_path / "fleet") as fleet:
+        for env in (
+            {},  # the endpoint alone pulls nothing
+            {"ADAPTERHUB_VLLM_NAMESPACES": "alice"},
+            {"ADAPTERHUB_VLLM_PULL": "1"},  # no allow-list: no namespace
+            {"ADAPTERHUB_VLLM_PULL": "1", "ADAPTERHUB_VLLM_NAMESPACES": "bob,alic"},
+            {"ADAPTERHUB_VLLM_PULL": "true", "ADAPTERHUB_VLLM_NAMESPACES": "alice"},
+        ):
+            _pull_env(monkeypatch, server.url, **env)
+            assert resolve_adapter(fleet, "alice/open", cache=tmp_path / "cache") is None, env
+        assert fleet.list_adapters() == []
+        _pull_env(monkeypatch, server.url, ADAPTERHUB_VLLM_PULL="1", ADAPTERHUB_VLLM_NAMESPACES="alice")
+        assert resolve_adapter(fleet, "alice/open", cache=tmp_path / "cache") is not None
+
+
+def test_a_pull_uses_only_the_resolvers_token_and_keeps_a_private_repo_private(
+    server: Any, tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_server import online_hf
+
+    online_hf(monkeypatch)
+    with Hub(tmp_path / "home") as hub:
+        hub.add_adapter(made["a"], name="a")
+        commit = hub.push_adapter(
+            "a", "alice/hidden", endpoint=server.url, token=server.alice, private=True
+        ).commit
+    allow = {"ADAPTERHUB_VLLM_PULL": "1", "ADAPTERHUB_VLLM_NAMESPACES": "alice"}
+    cache = tmp_path / "cache"
+    with Hub(tmp_path / "fleet") as fleet:
+        _pull_env(monkeypatch, server.url, **allow, HF_TOKEN=server.alice)  # the operator's own login
+        assert resolve_adapter(fleet, "alice/hidden", cache=cache) is None
+        assert fleet.list_adapters() == []
+        _pull_env(monkeypatch, server.url, **allow, ADAPTERHUB_VLLM_TOKEN=server.alice_read)
+        assert resolve_adapter(fleet, "alice/hidden", cache=cache) is None  # pulled, but private
+        (info,) = fleet.list_adapters()
+        assert info.name == f"alice/hidden-{commit[:12]}" and "private" in info.tags
+        assert resolve_adapter(fleet, info.name, cache=cache) is None
+        assert not cache.exists() or not any(cache.rglob("adapter_model.safetensors"))
+        monkeypatch.setenv("ADAPTERHUB_VLLM_ALLOW_PRIVATE", "1")
+        got = resolve_adapter(fleet, "alice/hidden", cache=cache)
+        assert got is not None and got.name == info.name
+
+
+def test_the_number_of_pulls_per_process_is_capped(
+    server: Any, tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_server import online_hf
+
+    online_hf(monkeypatch)
+    with Hub(tmp_path / "home") as hub:
+        hub.add_adapter(made["a"], name="a")
+        for repo in ("alice/many-1", "alice/many-2"):
+            hub.push_adapter("a", repo, endpoint=server.url, token=server.alice)
+    cache = tmp_path / "cache"
+    _pull_env(
+        monkeypatch,
+        server.url,
+        ADAPTERHUB_VLLM_PULL="1",
+        ADAPTERHUB_VLLM_NAMESPACES="alice",
+        ADAPTERHUB_VLLM_MAX_PULLS="1",
+    )
+    with Hub(tmp_path / "fleet") as fleet:
+        first = resolve_adapter(fleet, "alice/many-1", cache=cache)
+        assert first is not None
+        assert resolve_adapter(fleet, "alice/many-2", cache=cache) is None  # over the cap
+        assert [i.name for i in fleet.list_adapters()] == [first.name]
+        assert resolve_adapter(fleet, "alice/many-1", cache=cache) == first  # cataloged already: no new pull

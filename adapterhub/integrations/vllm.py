@@ -9,10 +9,15 @@ vLLM finds the plugin through the ``vllm.general_plugins`` entry point (`registe
 `resolve_adapter` holds all the logic and needs no vLLM:
 - ``NAME`` is the adapter cataloged under that name now; ``NAME@REVISION`` only if REVISION is a prefix
   (8 hex digits or more) of its sha256, so a client pinned to one version never gets another;
-- ``owner/repo`` or ``owner/repo@rev`` that the catalog does not hold is pulled from the Hub server of
-  ``$ADAPTERHUB_VLLM_ENDPOINT`` (else ``$HF_ENDPOINT``; ``adapterhub serve`` or the Hub) with
-  ``$ADAPTERHUB_VLLM_TOKEN`` (else ``$HF_TOKEN``), at the commit the revision names now, and cataloged
-  as ``owner/repo-COMMIT12`` (hashes checked, validated), so a moved branch gives a new folder;
+- an adapter tagged ``private`` is never handed over (vLLM has no per-client token: every client of the
+  fleet would get it), unless the operator sets ``ADAPTERHUB_VLLM_ALLOW_PRIVATE=1``;
+- ``owner/repo`` or ``owner/repo@rev`` that the catalog does not hold is pulled only where the operator
+  allows it: ``ADAPTERHUB_VLLM_PULL=1`` and ``owner`` in ``ADAPTERHUB_VLLM_NAMESPACES`` (comma-separated);
+  from the Hub server of ``$ADAPTERHUB_VLLM_ENDPOINT`` (else ``$HF_ENDPOINT``), with
+  ``$ADAPTERHUB_VLLM_TOKEN`` only (never ``$HF_TOKEN``; none: anonymous), at the commit the revision names
+  now, and cataloged as ``owner/repo-COMMIT12`` (hashes checked, validated), so a moved branch gives a new
+  folder; a repo the server calls private is cataloged tagged ``private``; at most
+  ``ADAPTERHUB_VLLM_MAX_PULLS`` (default 64) adapters are pulled per process;
 - the folder is content-addressed (``CACHE/ab/<key>/``, CACHE being `default_cache`, the key a sha256 over the adapter's stored files),
   so a name reused for other content gets another folder and a new ``lora_int_id``: never a stale one;
 - the folder is written through a scratch folder and renamed into place when complete, with a manifest
@@ -27,19 +32,32 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterHubError
+from ..names import is_valid_name
+from ..server.privacy import PRIVATE_TAG, is_private
 from ..store import scratch_prefix, sha256_file
 
 if TYPE_CHECKING:
     from ..hub import Hub
 
-__all__ = ["RESOLVER_NAME", "ResolvedAdapter", "default_cache", "parse_model", "register", "resolve_adapter"]
+__all__ = [
+    "PULLS",
+    "RESOLVER_NAME",
+    "PullBudget",
+    "ResolvedAdapter",
+    "default_cache",
+    "parse_model",
+    "register",
+    "resolve_adapter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +65,45 @@ log = logging.getLogger(__name__)
 RESOLVER_NAME = "adapterhub"
 MANIFEST = ".adapterhub-files.json"
 MIN_REVISION = 8
+DEFAULT_MAX_PULLS = 64
+REVISION_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,200}$")  # a branch, tag or commit: nothing to forge a log line
+
+
+def _on(var: str) -> bool:
+    """An operator's opt-in: exactly ``1`` (anything else, "true" included, leaves it off)."""
+    return os.environ.get(var, "").strip() == "1"
+
+
+class PullBudget:
+    """The adapters this process pulled for vLLM clients, at most ``$ADAPTERHUB_VLLM_MAX_PULLS`` (default
+    64): a client naming many repos or commits cannot fill the disk."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def take(self, name: str) -> bool:
+        """Reserve a pull of ``name``; False when the cap is reached."""
+        try:
+            cap = int(os.environ.get("ADAPTERHUB_VLLM_MAX_PULLS") or DEFAULT_MAX_PULLS)
+        except ValueError:
+            cap = DEFAULT_MAX_PULLS
+        with self._lock:
+            if name in self._names or len(self._names) < cap:
+                self._names.add(name)
+                return True
+            return False
+
+    def give_back(self, name: str) -> None:
+        with self._lock:
+            self._names.discard(name)
+
+
+#: this process's pulls
+PULLS = PullBudget()
 
 
 @dataclass(frozen=True)
@@ -104,6 +161,9 @@ def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> Resol
             return None
         name, rev = pulled, None
     info = hub.adapter_info(name)
+    if is_private(info.tags) and not _on("ADAPTERHUB_VLLM_ALLOW_PRIVATE"):
+        log.warning("%s is tagged private and is not handed to vLLM (ADAPTERHUB_VLLM_ALLOW_PRIVATE=1)", name)
+        return None
     if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
         return None
     key = _key(info.files or ())
@@ -139,22 +199,55 @@ def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> Resol
 
 
 def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
-    """Catalog ``repo_id`` at ``revision`` (default main) from the Hub server of ``$ADAPTERHUB_VLLM_ENDPOINT``
-    (else ``$HF_ENDPOINT``), with ``$ADAPTERHUB_VLLM_TOKEN`` (else ``$HF_TOKEN``), as ``repo_id-COMMIT12``;
-    a commit cataloged before is not downloaded again. None when there is no server or no such repo."""
+    """Catalog ``repo_id`` at ``revision`` (default main) as ``repo_id-COMMIT12`` where the operator allows
+    it (see the module docstring); a commit cataloged before is not downloaded again. None when pulling is
+    not allowed for this name, there is no server or no such repo, or the cap is reached."""
+    owner, _, repo = repo_id.partition("/")
+    if not (repo and "/" not in repo and is_valid_name(repo_id)) or (
+        revision is not None and not REVISION_RE.match(revision)
+    ):
+        return None
+    if not _on("ADAPTERHUB_VLLM_PULL"):
+        return None
+    allowed = {n.strip() for n in os.environ.get("ADAPTERHUB_VLLM_NAMESPACES", "").split(",")}
+    if owner not in allowed - {""}:
+        log.warning("%s is not pulled for vLLM: its namespace is not in ADAPTERHUB_VLLM_NAMESPACES", repo_id)
+        return None
     endpoint = os.environ.get("ADAPTERHUB_VLLM_ENDPOINT") or os.environ.get("HF_ENDPOINT")
     if not endpoint:
         return None
-    token = os.environ.get("ADAPTERHUB_VLLM_TOKEN") or os.environ.get("HF_TOKEN") or None
+    # never the operator's own HF_TOKEN or login: False keeps huggingface_hub from finding them
+    token: str | bool = os.environ.get("ADAPTERHUB_VLLM_TOKEN") or False
     try:
         from huggingface_hub import HfApi
 
-        commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
+        meta = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+        commit = meta.sha
         if not isinstance(commit, str) or len(commit) < 12:
             return None
         name = f"{repo_id}-{commit[:12]}"
-        if not hub.library.exists(name):
-            hub.pull_adapter(f"{repo_id}@{commit}", name=name, endpoint=endpoint, token=token)
+        # what only a token could read is private, unless the server says otherwise
+        private = token is not False and meta.private is not False
+        if hub.library.exists(name):
+            if private and not is_private(hub.adapter_info(name).tags):
+                hub.tag_adapter(name, [PRIVATE_TAG])
+            return name
+        if not PULLS.take(name):
+            log.warning(
+                "%s is not pulled for vLLM: this process pulled ADAPTERHUB_VLLM_MAX_PULLS already", name
+            )
+            return None
+        try:
+            hub.pull_adapter(
+                f"{repo_id}@{commit}",
+                name=name,
+                endpoint=endpoint,
+                token=token,
+                tags=[PRIVATE_TAG] if private else [],
+            )
+        except BaseException:
+            PULLS.give_back(name)
+            raise
     except Exception as exc:  # no such repo or revision, no access, an unreachable server: vLLM says 404
         log.warning("%s@%s is not handed to vLLM: %s", repo_id, revision or "main", str(exc).splitlines()[0])
         return None

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +56,13 @@ def pull_adapter(
     *,
     name: str | None = None,
     endpoint: str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,  # False: no token at all, not even HF_TOKEN
     allow_pickle: bool = False,
     progress: bool = False,
+    tags: Sequence[str] = (),
 ) -> PullResult:
     repo_id, revision = parse_spec(spec)
+    extra_tags = check_tags(tags)
     url = resolve_endpoint(endpoint)
     if name is not None:
         check_name(name)
@@ -117,7 +120,9 @@ def pull_adapter(
             check_name(name)
             if lib.exists(name):
                 raise AdapterExistsError(name)
-            info = _catalog(lib, tmp, name, source, record, digests, allow_pickle=allow_pickle)
+            info = _catalog(
+                lib, tmp, name, source, record, digests, allow_pickle=allow_pickle, tags=extra_tags
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("pulled %s as %s", source, info.name)
@@ -180,6 +185,7 @@ def _catalog(
     digests: dict[str, tuple[str, int]],
     *,
     allow_pickle: bool,
+    tags: Sequence[str] = (),
 ) -> AdapterInfo:
     """Validate the downloaded folder like `add`, then ingest it with the digests already verified."""
     from ..catalog.library import Verified
@@ -195,7 +201,11 @@ def _catalog(
     weights = read_adapter(files)
     check_finite(files)
     record = record or {}
-    tags = check_tags([t for t in record.get("tags") or [] if isinstance(t, str)])
+    own = check_tags([t for t in record.get("tags") or [] if isinstance(t, str)])
+    tags = [
+        *own,
+        *(t for t in tags if t not in own),
+    ]  # the caller's tags (`private`) whatever the record says
     parents = [
         {
             "parent_name": p["name"],
