@@ -516,13 +516,13 @@ class Hub:
         revision: str | None = None,
         name: str | None = None,
         endpoint: str | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
         allow_pickle: bool = False,
         progress: bool = False,
     ) -> PullResult:
         """Download an adapter from ``repo_id`` (``"user/repo"`` or ``"user/repo@revision"``), check every
         file against the server's hashes, validate it and catalog it with source ``repo@commit``. Pulling a
-        commit that is already cataloged is a no-op."""
+        commit that is already cataloged is a no-op. ``token=False`` sends none (not even the login's)."""
         from .remote.pull import pull_adapter
 
         spec = repo_id if revision is None else f"{repo_id.split('@', 1)[0]}@{revision}"

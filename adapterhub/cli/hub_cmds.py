@@ -164,6 +164,15 @@ def pull_cmd(
     "else runs (costs the batching: 6-7x fewer tokens/s on a CPU, bench/RESULTS.md).",
 )
 @click.option(
+    "--lora-dir",
+    "lora_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    metavar="DIR",
+    help="With --model: a folder whose adapters POST /v1/load_lora_adapter may load by path (repeatable; "
+    "symlinks out of it are refused). Without one, only public Hub repos load that way.",
+)
+@click.option(
     "--graphs/--no-graphs",
     default=None,
     help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
@@ -185,6 +194,7 @@ def serve_cmd(
     graphs: bool | None,
     max_request_bytes: str | None,
     batch_invariant: bool,
+    lora_dirs: tuple[str, ...],
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
@@ -199,10 +209,11 @@ def serve_cmd(
         or graphs is not None
         or max_request_bytes
         or batch_invariant
+        or lora_dirs
     ):
         raise click.UsageError(
             "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs, "
-            "--max-request-bytes and --batch-invariant go with --model"
+            "--max-request-bytes, --batch-invariant and --lora-dir go with --model"
         )
     hub = state.hub
 
@@ -211,7 +222,8 @@ def serve_cmd(
         sys.stdout.flush()
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
-                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes, "batch_invariant": batch_invariant} if model else {}  # fmt: skip
+                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes, "batch_invariant": batch_invariant,
+                 "lora_dirs": lora_dirs} if model else {}  # fmt: skip
     hub.serve(host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
 
 

@@ -55,7 +55,7 @@ def pull_adapter(
     *,
     name: str | None = None,
     endpoint: str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
 ) -> PullResult:
