@@ -7,9 +7,7 @@ a namespace never written, and ``load_inplace`` that changes nothing unless it s
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,9 +62,15 @@ def test_local_paths_only_inside_the_lora_dirs(env: dict[str, Any]) -> None:
         r = c.post(LOAD, json={"lora_name": "mallory/stolen", "lora_path": str(path)}, headers=env["mallory"])
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
     assert _names(hub) == before and _chat(c, "mallory/stolen", env["mallory"]).status_code == 404
-    r = c.post(LOAD, json={"lora_name": "mallory/mine", "lora_path": str(loras / "good")}, headers=env["mallory"])
-    assert r.status_code == 200, r.text
+    body = {"lora_name": "mallory/mine", "lora_path": str(loras / "good")}
+    r = c.post(LOAD, json=body, headers=env["mallory"])
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'mallory/mine' added successfully.", (
+        r.text
+    )
+    assert c.post(LOAD, json=body, headers=env["mallory"]).status_code == 400  # already there
     assert _chat(c, "mallory/mine", env["mallory"]).status_code == 200
+    assert c.post(UNLOAD, json={"lora_name": "mallory/mine"}, headers=env["mallory"]).status_code == 200
+    assert _chat(c, "mallory/mine", env["mallory"]).status_code == 200  # loads again on demand
     assert _names(hub) == sorted([*before, "mallory/mine"])
 
 
@@ -112,24 +116,24 @@ def test_names_without_a_namespace_are_never_written(env: dict[str, Any]) -> Non
 
 def test_load_inplace_changes_nothing_unless_it_succeeds(env: dict[str, Any]) -> None:
     c, hub, loras = env["c"], env["hub"], env["loras"]
-    r = c.post(LOAD, json={"lora_name": "carol/x", "lora_path": str(loras / "good")}, headers=env["carol"])
+    r = c.post(LOAD, json={"lora_name": "carol/swap", "lora_path": str(loras / "good")}, headers=env["carol"])
     assert r.status_code == 200, r.text
-    first, names = _sha(hub, "carol/x"), _names(hub)
-    answer = _chat(c, "carol/x", env["carol"]).json()["choices"][0]["message"]
+    first, names = _sha(hub, "carol/swap"), _names(hub)
+    answer = _chat(c, "carol/swap", env["carol"]).json()["choices"][0]["message"]
     for path, status in (("/nonexistent/x", 400), (str(loras / "wide"), 400), ("alice/no-such-repo", 400)):
-        r = c.post(LOAD, json={"lora_name": "carol/x", "lora_path": path, "load_inplace": True}, headers=env["carol"])  # fmt: skip
+        r = c.post(LOAD, json={"lora_name": "carol/swap", "lora_path": path, "load_inplace": True}, headers=env["carol"])  # fmt: skip
         assert r.status_code == status, (path, r.text)
         assert "loading-" not in r.text
-        assert _sha(hub, "carol/x") == first and _names(hub) == names
-        assert _chat(c, "carol/x", env["carol"]).json()["choices"][0]["message"] == answer
-    r = c.post(LOAD, json={"lora_name": "carol/x", "lora_path": str(loras / "good2"), "load_inplace": True}, headers=env["carol"])  # fmt: skip
+        assert _sha(hub, "carol/swap") == first and _names(hub) == names
+        assert _chat(c, "carol/swap", env["carol"]).json()["choices"][0]["message"] == answer
+    r = c.post(LOAD, json={"lora_name": "carol/swap", "lora_path": str(loras / "good2"), "load_inplace": True}, headers=env["carol"])  # fmt: skip
     assert r.status_code == 200, r.text
-    assert _sha(hub, "carol/x") not in (first, None) and _names(hub) == names
+    assert _sha(hub, "carol/swap") not in (first, None) and _names(hub) == names
     weights = (loras / "good2" / "adapter_model.safetensors").read_bytes()
-    assert _sha(hub, "carol/x") == hashlib.sha256(weights).hexdigest()
-    r = c.post(UNLOAD, json={"lora_name": "carol/x"}, headers=env["carol"])
+    assert _sha(hub, "carol/swap") == hashlib.sha256(weights).hexdigest()
+    r = c.post(UNLOAD, json={"lora_name": "carol/swap"}, headers=env["carol"])
     assert r.status_code == 200, r.text
-    assert c.post(UNLOAD, json={"lora_name": "carol/x"}, headers=env["mallory"]).status_code == 403
+    assert c.post(UNLOAD, json={"lora_name": "carol/swap"}, headers=env["mallory"]).status_code == 403
 
 
 def test_hub_repos_are_pulled_without_the_servers_credentials(
@@ -145,7 +149,9 @@ def test_hub_repos_are_pulled_without_the_servers_credentials(
         hub.push_adapter("twin", "alice/private-lora", private=True, endpoint=server.url, token=server.alice)
         hub.push_adapter("a0", "alice/public-lora", endpoint=server.url, token=server.alice)
         monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", server.alice)  # the operator's own credentials: they read the private repo
+        monkeypatch.setenv(
+            "HF_TOKEN", server.alice
+        )  # the operator's own credentials: they read the private repo
         names = _names(hub)
         r = c.post(LOAD, json={"lora_name": "mallory/pulled", "lora_path": "alice/private-lora"}, headers=env["mallory"])  # fmt: skip
         assert r.status_code == 400 and "repository not found" in r.text, r.text
@@ -155,3 +161,23 @@ def test_hub_repos_are_pulled_without_the_servers_credentials(
         assert _sha(hub, "mallory/public") == _sha(hub, "a0")
     finally:
         next(servers, None)
+
+
+def test_catalog_rename_replaces_in_one_step(hub: Hub, tmp_path: Any) -> None:
+    """`Library.rename`, on SQLite and PostgreSQL: the swap ``load_inplace`` makes."""
+    from _adapters import make_adapter
+
+    from adapterhub import AdapterExistsError, AdapterNotFoundError
+
+    old = hub.add_adapter(make_adapter(tmp_path / "old", 4, 8, ["q_proj"], seed=1), name="u/x")
+    new = hub.add_adapter(make_adapter(tmp_path / "new", 4, 8, ["q_proj"], seed=2), name="u/scratch")
+    with pytest.raises(AdapterExistsError):
+        hub.library.rename("u/scratch", "u/x")
+    with pytest.raises(AdapterNotFoundError):
+        hub.library.rename("u/none", "u/x", replace=True)
+    assert _names(hub) == ["u/scratch", "u/x"] and old.sha256 in hub.store
+    hub.library.rename("u/scratch", "u/x", replace=True)
+    assert _names(hub) == ["u/x"] and hub.adapter_info("u/x").sha256 == new.sha256
+    assert old.sha256 not in hub.store and hub.load_adapter("u/x").modules
+    hub.library.rename("u/x", "u/y")
+    assert _names(hub) == ["u/y"]

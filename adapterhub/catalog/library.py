@@ -242,13 +242,16 @@ class Library:
         trashed: list[tuple[str, Path]] = []
         try:
             with self.catalog.write() as conn:
-                renamed = None if rename is None else queries.find_id(conn, rename[0])
-                if rename is not None and renamed is None:
-                    raise AdapterNotFoundError(rename[0])
-                taken = None if rename is None else queries.find_id(conn, rename[1])
-                if taken is not None and not replace:
-                    raise AdapterExistsError(rename[1])
-                ids = [] if taken is None else [taken]
+                ids = []
+                renamed = None
+                if rename is not None:
+                    renamed = queries.find_id(conn, rename[0])
+                    if renamed is None:
+                        raise AdapterNotFoundError(rename[0])
+                    taken = queries.find_id(conn, rename[1])
+                    if taken is not None and not replace:
+                        raise AdapterExistsError(rename[1])
+                    ids += [] if taken is None else [taken]
                 for n in unique:
                     adapter_id = queries.find_id(conn, n)
                     if adapter_id is None:
@@ -258,7 +261,7 @@ class Library:
                 for adapter_id in ids:
                     digests.update(queries.file_digests(conn, adapter_id))
                     queries.delete_adapter(conn, adapter_id)
-                if rename is not None and renamed is not None:
+                if renamed is not None and rename is not None:
                     queries.rename_adapter(conn, renamed, rename[1])
                 for d in sorted(digests - queries.referenced_digests(conn, digests)):
                     t = self.store.trash(d)

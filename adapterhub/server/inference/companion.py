@@ -173,7 +173,10 @@ BAD_PATH = ("lora_path is not an adapter this server may load: give a public Hub
 
 def _inside(svc: Inference, path: str) -> str | None:
     """The real path of ``path`` when it lies inside one of the server's --lora-dir folders, else None."""
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        return None
     if any(os.path.commonpath([d, real]) == d for d in svc.lora_dirs):
         return real
     return None
@@ -208,7 +211,7 @@ def _load(svc: Inference, req: LoadRequest, token: Any) -> Refusal | None:
             return Refusal(400, BAD_PATH, param="lora_path")
         try:
             svc.hub.add_adapter(real, name=scratch)
-        except (AdapterHubError, OSError, ValueError):
+        except Exception:  # whatever it was, the same answer (add_adapter leaves nothing behind)
             return Refusal(400, BAD_PATH, param="lora_path")
     else:
         try:  # public repos only: never the server's own HF_TOKEN or login
