@@ -229,11 +229,30 @@ class Library:
 
     def remove(self, names: Sequence[str]) -> list[str]:
         """Remove adapters (all or none) and the stored files no other adapter uses."""
+        return self._remove(names)
+
+    def rename(self, name: str, new: str, *, replace: bool = False) -> None:
+        """Give adapter ``name`` the name ``new`` in one transaction; with ``replace`` the adapter that had
+        ``new`` is removed in the same transaction (else `AdapterExistsError` if there is one)."""
+        self._remove([], rename=(name, new), replace=replace)
+
+    def _remove(
+        self, names: Sequence[str], rename: tuple[str, str] | None = None, *, replace: bool = False
+    ) -> list[str]:
         unique = list(dict.fromkeys(names))
         trashed: list[tuple[str, object]] = []
         try:
             with self.catalog.write() as conn:
                 ids = []
+                renamed = None
+                if rename is not None:
+                    renamed = queries.find_id(conn, rename[0])
+                    if renamed is None:
+                        raise AdapterNotFoundError(rename[0])
+                    taken = queries.find_id(conn, rename[1])
+                    if taken is not None and not replace:
+                        raise AdapterExistsError(rename[1])
+                    ids += [] if taken is None else [taken]
                 for n in unique:
                     adapter_id = queries.find_id(conn, n)
                     if adapter_id is None:
@@ -243,6 +262,8 @@ class Library:
                 for adapter_id in ids:
                     digests.update(queries.file_digests(conn, adapter_id))
                     queries.delete_adapter(conn, adapter_id)
+                if renamed is not None and rename is not None:
+                    queries.rename_adapter(conn, renamed, rename[1])
                 for d in sorted(digests - queries.referenced_digests(conn, digests)):
                     t = self.store.trash(d)
                     if t is not None:

@@ -394,6 +394,10 @@ def delete_adapter(conn: Connection, adapter_id: int) -> None:
     conn.execute(delete(adapters).where(adapters.c.id == adapter_id))
 
 
+def rename_adapter(conn: Connection, adapter_id: int, name: str) -> None:
+    conn.execute(update(adapters).where(adapters.c.id == adapter_id).values(name=name))
+
+
 def referenced_digests(conn: Connection, digests: Iterable[str]) -> set[str]:
     ds = list(set(digests))
     if not ds:

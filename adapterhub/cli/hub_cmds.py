@@ -169,6 +169,15 @@ def pull_cmd(
     help="With --model: load the base quantized through bitsandbytes (nf4: 4-bit, as QLoRA trains).",
 )
 @click.option(
+    "--lora-dir",
+    "lora_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    metavar="DIR",
+    help="With --model: a folder whose adapters POST /v1/load_lora_adapter may load by path (repeatable; "
+    "symlinks out of it are refused). Without one, only public Hub repos load that way.",
+)
+@click.option(
     "--graphs/--no-graphs",
     default=None,
     help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
@@ -191,6 +200,7 @@ def serve_cmd(
     max_request_bytes: str | None,
     batch_invariant: bool,
     quantize: str | None,
+    lora_dirs: tuple[str, ...],
 ) -> None:
     """Run a Hub-compatible adapter server with web pages on this home (needs the 'serve' extra); with
     --model, also an OpenAI-compatible /v1 API over that base and the cataloged adapters that fit it."""
@@ -206,10 +216,11 @@ def serve_cmd(
         or max_request_bytes
         or batch_invariant
         or quantize
+        or lora_dirs
     ):
         raise click.UsageError(
             "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs, "
-            "--max-request-bytes, --batch-invariant and --quantize go with --model"
+            "--max-request-bytes, --batch-invariant, --quantize and --lora-dir go with --model"
         )
     hub = state.hub
 
@@ -219,7 +230,7 @@ def serve_cmd(
 
     inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
                  "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes,
-                 "batch_invariant": batch_invariant, "quantize": quantize} if model else {}  # fmt: skip
+                 "batch_invariant": batch_invariant, "quantize": quantize, "lora_dirs": lora_dirs} if model else {}  # fmt: skip
     from ..server import serve
 
     serve(hub, host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)

@@ -28,7 +28,8 @@ memory budget, keyed by content (`pool`). Private adapters are those tagged ``pr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ def mount_inference(
     max_request_bytes: int | str | None = None,
     batch_invariant: bool = False,
     quantize: str | None = None,
+    lora_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> Inference:
     """Serve ``model`` (a registered base name or a checkpoint folder) and the cataloged adapters that fit
     it from ``app`` (made by `adapterhub.server.create_app`); ``hub`` is the home's `adapterhub.Hub`.
@@ -76,6 +78,8 @@ def mount_inference(
             else runs (any dtype); costs the batching (`bench/serve.py --batch-invariant`).
         quantize: ``nf4`` or ``int8``: the base's linear layers through bitsandbytes (as `Hub.load_base`);
             adapters attach to them (factors in fp32); nothing can be merged into such a base.
+        lora_dirs: folders from which ``POST /v1/load_lora_adapter`` may add local adapters (a path must
+            stay inside one after resolving symlinks); none: only public Hub repos.
 
     The scheduler thread starts with the app's lifespan, or with the first request when the server runs
     without lifespan events, and stops at shutdown.
@@ -89,6 +93,10 @@ def mount_inference(
     if max_batch < 1:
         raise InvalidOptionError(f"--max-batch must be at least 1, got {max_batch}")
     budget = parse_size(adapter_memory)
+    dirs = tuple(os.path.realpath(d) for d in lora_dirs)
+    missing = next((str(d) for d, real in zip(lora_dirs, dirs, strict=True) if not os.path.isdir(real)), None)
+    if missing is not None:
+        raise InvalidOptionError(f"--lora-dir {missing}: not a folder")
     body_cap = parse_size(max_request_bytes, "--max-request-bytes") or MAX_REQUEST_BYTES
     live, tokenizer = hub.load_base(model, device=device, dtype=dtype, quantize=quantize)
     if tokenizer is None:
@@ -104,7 +112,7 @@ def mount_inference(
         hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
         adapter_memory=budget, require_token=require_token, graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
-        max_request_bytes=body_cap, batch_invariant=batch_invariant,
+        max_request_bytes=body_cap, batch_invariant=batch_invariant, lora_dirs=dirs,
     )  # fmt: skip
     app.state.inference = svc
     _include_first(app)

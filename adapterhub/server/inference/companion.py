@@ -3,16 +3,22 @@
 /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``; and the last route under ``/v1``: a 404 for an
 unknown path, a 405 (with ``Allow``) for a known path asked with the wrong method, in OpenAI's shape.
 
-``load_lora_adapter`` (``{"lora_name", "lora_path"}``, a write token of the name's namespace): a local
-folder or file is added to the catalog under ``lora_name`` (a ``owner/name`` Hub repo id is pulled, as
-``adapterhub pull``), checked against the base and made resident. ``unload_lora_adapter``
-(``{"lora_name"}``) drops the adapter's content from memory; its catalog entry stays (``adapterhub rm``
-removes it), so the next request for it loads it again.
+``load_lora_adapter`` (``{"lora_name", "lora_path", "load_inplace"}``, a write token of ``lora_name``'s
+namespace: only ``USER/...`` names, never one without a namespace): an absolute ``lora_path`` is a folder or
+file inside one of the server's ``--lora-dir`` folders (after resolving symlinks; every other, missing or
+invalid path gets the same answer, so the disk cannot be probed); any other ``lora_path`` (or none: then
+``lora_name``) is a public Hub repo id, pulled as ``adapterhub pull`` without the server's credentials. The
+content is cataloged under a scratch name, checked against the base, and only then takes ``lora_name``
+(replacing the adapter there with ``load_inplace``, in one transaction) and is made resident; on any error
+the catalog is as it was. ``unload_lora_adapter`` (``{"lora_name"}``, same tokens) drops the adapter's
+content from memory; its catalog entry stays (``adapterhub rm`` removes it), so the next request for it
+loads it again.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
-from ...errors import AdapterHubError
+from ...errors import AdapterExistsError, AdapterHubError
 from .http import read_body
 from .requests import Message, parse_model
 from .routes import refuse, token_of
@@ -149,12 +155,30 @@ async def detokenize(request: Request) -> Response:
 
 
 def _writer(token: Any, name: str) -> Refusal | None:
+    """Only a write token of ``name``'s namespace: names without one (the operator's) are never written here."""
     if token is None:
         return Refusal(401, "loading adapters needs a write token (adapterhub token create USER --write)",
                        code="invalid_api_key")  # fmt: skip
-    owner, sep, _ = name.partition("/")
-    if not token.write or (sep and owner != token.user):
-        return Refusal(403, f"this token may not write {name}", type="permission_error", code="forbidden")
+    owner, sep, rest = name.partition("/")
+    if not token.write or not sep or not rest or owner != token.user:
+        return Refusal(403, f"this token may not write {name} (a write token of USER may write USER/...)",
+                       type="permission_error", code="forbidden")  # fmt: skip
+    return None
+
+
+#: the one answer to every local path refused, missing or not an adapter (no probing of the disk)
+BAD_PATH = ("lora_path is not an adapter this server may load: give a public Hub repo id, or a folder or file "
+            "inside one of the server's --lora-dir folders")  # fmt: skip
+
+
+def _inside(svc: Inference, path: str) -> str | None:
+    """The real path of ``path`` when it lies inside one of the server's --lora-dir folders, else None."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        return None
+    if any(os.path.commonpath([d, real]) == d for d in svc.lora_dirs):
+        return real
     return None
 
 
@@ -175,22 +199,37 @@ async def load_lora_adapter(request: Request) -> Response:
 
 
 def _load(svc: Inference, req: LoadRequest, token: Any) -> Refusal | None:
-    existing = svc.pool.resolve(req.lora_name)
-    if existing is not None and not req.load_inplace:
-        return Refusal(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
-    path = req.lora_path or req.lora_name
+    name = req.lora_name
+    taken = Refusal(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    if not req.load_inplace and svc.pool.resolve(name) is not None:
+        return taken
+    path = req.lora_path or name
+    scratch = f"{token.user}/loading-{secrets.token_hex(8)}"  # the new content's name until it is checked
+    if os.path.isabs(path):
+        real = _inside(svc, path)
+        if real is None:
+            return Refusal(400, BAD_PATH, param="lora_path")
+        try:
+            svc.hub.add_adapter(real, name=scratch)
+        except Exception:  # whatever it was, the same answer (add_adapter leaves nothing behind)
+            return Refusal(400, BAD_PATH, param="lora_path")
+    else:
+        try:  # public repos only: never the server's own HF_TOKEN or login
+            svc.hub.pull_adapter(path, name=scratch, token=False)
+        except AdapterHubError as exc:
+            return Refusal(400, str(exc), param="lora_path")
     try:
-        if existing is not None:
-            svc.hub.remove_adapter(req.lora_name)
-        if Path(path).exists():
-            svc.hub.add_adapter(path, name=req.lora_name)
-        else:
-            svc.hub.pull_adapter(path, name=req.lora_name)
-    except AdapterHubError as exc:
-        return Refusal(400, str(exc), param="lora_path")
-    except OSError as exc:
-        return Refusal(400, f"cannot read {path}: {exc.strerror or exc}", param="lora_path")
-    target = svc.target(req.lora_name, token)
+        checked = svc.target(scratch, token)
+        if isinstance(checked, Refusal):
+            return Refusal(checked.status, checked.message.replace(scratch, name), param="lora_path")
+        try:  # the name changes hands only now, in one transaction
+            svc.hub.library.rename(scratch, name, replace=bool(req.load_inplace))
+        except AdapterExistsError:
+            return taken
+    finally:
+        if svc.hub.library.exists(scratch):
+            svc.hub.remove_adapter(scratch)
+    target = svc.target(name, token)
     if isinstance(target, Refusal):
         return target
     for entry in target.entries:

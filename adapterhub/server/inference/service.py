@@ -80,8 +80,11 @@ class Inference:
         max_request_bytes: int = MAX_REQUEST_BYTES,
         body_timeout: float = BODY_TIMEOUT,
         batch_invariant: bool = False,
+        lora_dirs: tuple[str, ...] = (),
     ) -> None:
         self.hub = hub
+        #: folders (real paths) whose adapters ``load_lora_adapter`` may read; none: no local path at all
+        self.lora_dirs = lora_dirs
         self.max_request_bytes = max_request_bytes
         self.body_timeout = body_timeout
         self.model = model
