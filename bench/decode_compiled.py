@@ -52,11 +52,16 @@ def main() -> None:
 
     median = Timer(dev, 20)  # the median of 20 timed calls after warm-up, as runtime.py times
 
-    print(f"# decode step {rows} x 1 on a {ctx}-token static cache, {torch.cuda.get_device_name(0)}, "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(
+        f"# decode step {rows} x 1 on a {ctx}-token static cache, {torch.cuda.get_device_name(0)}, "
+        f"torch {torch.__version__}"
+    )
     res: dict[str, tuple[float, float]] = {}
-    cases: list[tuple[str, Any, Any]] = [("base", None, None), ("one adapter", "a0", None),
-                                         ("64 rows over 32 adapters", None, names32)]  # fmt: skip
+    cases: list[tuple[str, Any, Any]] = [
+        ("base", None, None),
+        ("one adapter", "a0", None),
+        ("64 rows over 32 adapters", None, names32),
+    ]
     with torch.no_grad():
         for label, active, spec in cases:
             rt.activate(active)
@@ -77,9 +82,12 @@ def main() -> None:
                 graphed = median(compiled)
             rt.activate(None)
             res[label] = (eager, graphed)
-            print(f"{label:26s} eager {eager * 1e3:7.2f} ms   compiled {graphed * 1e3:6.2f} ms   "
-                  f"(compile {took:.0f} s; |compiled - eager| {err:.2g} on logits of scale "
-                  f"{ref.abs().max().item():.1f})", flush=True)  # fmt: skip
+            print(
+                f"{label:26s} eager {eager * 1e3:7.2f} ms   compiled {graphed * 1e3:6.2f} ms   "
+                f"(compile {took:.0f} s; |compiled - eager| {err:.2g} on logits of scale "
+                f"{ref.abs().max().item():.1f})",
+                flush=True,
+            )
     be, bc = res["base"]
     for label, (e, c) in res.items():
         print(

@@ -36,8 +36,10 @@ def main() -> None:
         "64 rows over 32 adapters": [f"a{i % 32}" for i in range(rows)],
     }
     timer = Timer(dev, 20)
-    print(f"# decode step {rows} x 1 after a {ctx}-token prompt, {torch.cuda.get_device_name(0)}, "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(
+        f"# decode step {rows} x 1 after a {ctx}-token prompt, {torch.cuda.get_device_name(0)}, "
+        f"torch {torch.__version__}"
+    )
     kw = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
     res: dict[str, dict[str, float]] = {}
     with torch.no_grad():

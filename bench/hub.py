@@ -42,10 +42,18 @@ def make_adapter(dest: Path, mb: int) -> Path:
             tensors[f"{key}.lora_B.weight"] = rng.standard_normal((d, r), dtype=np.float32)
     save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = {
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "base_model_name_or_path": "bench/llama-like", "task_type": "CAUSAL_LM", "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "base_model_name_or_path": "bench/llama-like",
+        "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+    }
     (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return dest
 
@@ -53,8 +61,9 @@ def make_adapter(dest: Path, mb: int) -> Path:
 def start_server(home: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     return proc, line.split()[-1]
@@ -114,8 +123,10 @@ def main() -> None:
 
         def row(label: str, ours: list[float], ref: list[float]) -> None:
             o, r = statistics.median(ours), statistics.median(ref)
-            print(f"{label:5s} ours {o:6.2f} s {mb / o:7.0f} MB/s | reference {r:6.2f} s {mb / r:7.0f} MB/s | "
-                  f"ratio {o / r:4.2f}")  # fmt: skip
+            print(
+                f"{label:5s} ours {o:6.2f} s {mb / o:7.0f} MB/s | reference {r:6.2f} s {mb / r:7.0f} MB/s | "
+                f"ratio {o / r:4.2f}"
+            )
 
         print(f"adapter: {mb:.0f} MB, median of {args.repeat}, server and client on {os.cpu_count()} cores")
         row("push", push_ours, push_ref)

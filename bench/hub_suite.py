@@ -137,8 +137,10 @@ def make_tokens(adapterhub: list[str], home: Path) -> dict[str, str]:
     for key, user in USERS.items():
         proc = subprocess.run(
             [*adapterhub, "--home", str(home), "token", "create", user, "--write"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         token = next(line.strip() for line in proc.stdout.splitlines() if line.strip())
         out[TOKENS[key]] = token
     return out
@@ -146,8 +148,13 @@ def make_tokens(adapterhub: list[str], home: Path) -> dict[str, str]:
 
 def patch_constants(path: Path, url: str, tokens: dict[str, str]) -> None:
     text = path.read_text()
-    values = {"ENDPOINT_STAGING": url, **USERS, **tokens, "ENTERPRISE_ORG": "enterpriseorg",
-              "FULL_NAME": USERS["USER"]}  # fmt: skip
+    values = {
+        "ENDPOINT_STAGING": url,
+        **USERS,
+        **tokens,
+        "ENTERPRISE_ORG": "enterpriseorg",
+        "FULL_NAME": USERS["USER"],
+    }
     for name, value in values.items():
         text, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, flags=re.M)
         if n != 1:
@@ -166,8 +173,12 @@ def start_server(adapterhub: list[str], home: Path, log: Path) -> tuple[subproce
     env = {k: v for k, v in os.environ.items() if k not in ("ADAPTERHUB_DB", "ADAPTERHUB_HOME")}
     proc = subprocess.Popen(
         [*adapterhub, "--home", str(home), "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env, cwd=home,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env=env,
+        cwd=home,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -199,8 +210,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the per-test results and counts here")
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    ap.add_argument("--union-with", type=Path, default=None,
-                    help="an earlier --out file: count the tests that needed the server there too")  # fmt: skip
+    ap.add_argument(
+        "--union-with",
+        type=Path,
+        default=None,
+        help="an earlier --out file: count the tests that needed the server there too",
+    )
     args = ap.parse_args()
     checkout = args.checkout.resolve()
     if not (checkout / "tests" / "testing_constants.py").is_file():
@@ -219,8 +234,23 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
         env.update(HUB_SUITE_SERVER=url, HUB_SUITE_OUT=str(scratch / "results.json"), PYTHONPATH=str(run))
         env["HF_HOME"] = str(scratch / "hf-home")
-        cmd = [args.python, "-m", "pytest", "-p", "hub_suite_plugin", "-p", "no:cacheprovider", "-q",
-               "-o", "addopts=-Werror::FutureWarning --strict-markers", "-m", "not production", "--tb=no", "-rN", *args.files]  # fmt: skip
+        cmd = [
+            args.python,
+            "-m",
+            "pytest",
+            "-p",
+            "hub_suite_plugin",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-o",
+            "addopts=-Werror::FutureWarning --strict-markers",
+            "-m",
+            "not production",
+            "--tb=no",
+            "-rN",
+            *args.files,
+        ]
         if args.k:
             cmd += ["-k", args.k]
         start = time.time()

@@ -105,8 +105,12 @@ def main() -> None:
         fill(home, args.adapters, args.repos)
         print(f"filled {args.adapters:,} adapters and {args.repos} repos in {time.perf_counter() - t:.1f} s")
     env = {k: v for k, v in os.environ.items() if k not in ("ADAPTERHUB_HOME", "ADAPTERHUB_DB")}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_pages_server.py"), str(home)],
-                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "_pages_server.py"), str(home)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     rows = []
@@ -128,8 +132,15 @@ def main() -> None:
             server = sorted(r[0] for r in runs)
             wall = sorted(r[1] for r in runs)
             ref = reference(home, kwargs, args.repeat) if path.startswith("/?") or path == "/" else None
-            rows.append((label, statistics.median(server), server[int(0.9 * (len(server) - 1))],
-                         statistics.median(wall), ref))  # fmt: skip
+            rows.append(
+                (
+                    label,
+                    statistics.median(server),
+                    server[int(0.9 * (len(server) - 1))],
+                    statistics.median(wall),
+                    ref,
+                )
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -44,8 +44,11 @@ def start_replica(home: Path, db: str) -> tuple[subprocess.Popen[str], str]:
     env["ADAPTERHUB_DB"] = db
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -151,8 +154,11 @@ def commenter(tokens: dict[str, str], n: int, deadline: float, stats: Load, acke
             with acked.lock:
                 acked.comments.add(text)
         if i == 1:
-            req = urllib.request.Request(f"{url}/api/models/{REPO}/like", method="POST",
-                                         headers={"Authorization": f"Bearer {tokens[user]}"})  # fmt: skip
+            req = urllib.request.Request(
+                f"{url}/api/models/{REPO}/like",
+                method="POST",
+                headers={"Authorization": f"Bearer {tokens[user]}"},
+            )
             if stats.at(url, "like", lambda r=req: urllib.request.urlopen(r, timeout=30).read()) is not None:
                 with acked.lock:
                     acked.likers.add(user)
@@ -172,8 +178,14 @@ def tiny_adapter(folder: Path, seed: int) -> Path:
             tensors[f"{key}.lora_B.weight"] = rng.standard_normal((64, 4), dtype=np.float32) * 0.01
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "tiny-base", "task_type": "CAUSAL_LM"}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "tiny-base",
+        "task_type": "CAUSAL_LM",
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
@@ -194,8 +206,15 @@ def pusher(token: str, deadline: float, stats: Load, acked: Acked, work: Path) -
                 continue
             with acked.lock:
                 acked.pushes[pushed.commit] = info.sha256
-            got = stats.at(down, "pull", other.pull_adapter, f"{PUSHED}@{pushed.commit}", name=f"a{i}",
-                           endpoint=down, token=token)  # fmt: skip
+            got = stats.at(
+                down,
+                "pull",
+                other.pull_adapter,
+                f"{PUSHED}@{pushed.commit}",
+                name=f"a{i}",
+                endpoint=down,
+                token=token,
+            )
             if got is not None and got.adapter.sha256 != info.sha256:
                 with stats.lock:
                     stats.errors.append(f"pull: a{i} came back different through {down}")
@@ -214,8 +233,16 @@ def downloader(token: str, n: int, deadline: float, stats: Load, acked: Acked, w
             time.sleep(0.05)
             continue
         path, digest = found
-        got = stats.at(url, "download", hf_hub_download, REPO, path, endpoint=url, token=token,
-                          cache_dir=str(work / f"cache-{n}-{i}"))  # fmt: skip
+        got = stats.at(
+            url,
+            "download",
+            hf_hub_download,
+            REPO,
+            path,
+            endpoint=url,
+            token=token,
+            cache_dir=str(work / f"cache-{n}-{i}"),
+        )
         if got is not None and hashlib.sha256(Path(got).read_bytes()).hexdigest() != digest:
             with stats.lock:
                 stats.errors.append(f"download: {path} came back different from {url}")
@@ -293,12 +320,18 @@ def run(
         HfApi(endpoint=urls[1], token=token).create_discussion(REPO, title="load")
         stats, acked = Load(urls), Acked()
         deadline = time.monotonic() + seconds
-        threads = [threading.Thread(target=committer, args=(token, n, deadline, stats, acked))
-                   for n in range(committers)]  # fmt: skip
-        threads += [threading.Thread(target=downloader, args=(token, n, deadline, stats, acked, work))
-                    for n in range(downloaders)]  # fmt: skip
-        threads += [threading.Thread(target=commenter, args=(fans, n, deadline, stats, acked))
-                    for n in range(commenters)]  # fmt: skip
+        threads = [
+            threading.Thread(target=committer, args=(token, n, deadline, stats, acked))
+            for n in range(committers)
+        ]
+        threads += [
+            threading.Thread(target=downloader, args=(token, n, deadline, stats, acked, work))
+            for n in range(downloaders)
+        ]
+        threads += [
+            threading.Thread(target=commenter, args=(fans, n, deadline, stats, acked))
+            for n in range(commenters)
+        ]
         if pushers:
             threads.append(threading.Thread(target=pusher, args=(token, deadline, stats, acked, work)))
         if kill_after is not None:
@@ -324,11 +357,23 @@ def run(
             proc.terminate()
             proc.wait(timeout=30)
     out = stats.summary()
-    out.update(replicas=2, killed=len(stats.killed), interrupted=stats.interrupted,
-               client_resets=stats.client_resets, seconds=round(wall, 1), committers=committers, downloaders=downloaders,
-               commenters=commenters, commits=len(acked.commits), files_committed=len(acked.files),
-               comments=len(acked.comments), likes=len(acked.likers), pushes=len(acked.pushes), lost=lost,
-               error_samples=stats.errors[:5])  # fmt: skip
+    out.update(
+        replicas=2,
+        killed=len(stats.killed),
+        interrupted=stats.interrupted,
+        client_resets=stats.client_resets,
+        seconds=round(wall, 1),
+        committers=committers,
+        downloaders=downloaders,
+        commenters=commenters,
+        commits=len(acked.commits),
+        files_committed=len(acked.files),
+        comments=len(acked.comments),
+        likes=len(acked.likers),
+        pushes=len(acked.pushes),
+        lost=lost,
+        error_samples=stats.errors[:5],
+    )
     return out
 
 

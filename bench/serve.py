@@ -42,9 +42,17 @@ def make_model(p: dict[str, int], device: str, dtype: torch.dtype) -> tuple[Any,
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0")
-    cfg = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["inter"],
-                      num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv"],
-                      max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["inter"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv"],
+        max_position_embeddings=4096,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
@@ -76,11 +84,21 @@ def write_adapters(model: Any, root: Path, n: int, rank: int) -> list[Path]:
         save_file(
             {k: v.to(torch.bfloat16).cpu() for k, v in tensors.items()}, str(d / "adapter_model.safetensors")
         )
-        (d / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": list(PROJ), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-            "base_model_name_or_path": "bench",
-        }))  # fmt: skip
+        (d / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "target_modules": list(PROJ),
+                    "bias": "none",
+                    "fan_in_fan_out": False,
+                    "use_rslora": False,
+                    "base_model_name_or_path": "bench",
+                }
+            )
+        )
         out.append(d)
     return out
 
@@ -128,8 +146,12 @@ def run_round(
     done.wait()
     wall = time.perf_counter() - t0
     ttft = sorted(first.get(i, t0 + wall) - t0 for i in range(len(prompts)))
-    return {"tok_s": len(prompts) * tokens / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttft),
-            "ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}  # fmt: skip
+    return {
+        "tok_s": len(prompts) * tokens / wall,
+        "wall_s": wall,
+        "ttft_p50_ms": 1e3 * statistics.median(ttft),
+        "ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+    }
 
 
 def sync(device: str) -> None:
@@ -148,12 +170,24 @@ def peft_round(pm: Any, prompts: list[list[int]], names: list[str | None], token
         ids = torch.tensor(ps, device=device)
         if name is None:
             with pm.disable_adapter():
-                pm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                            do_sample=False, pad_token_id=0)  # fmt: skip
+                pm.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
         else:
             pm.set_adapter(name)
-            pm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                        do_sample=False, pad_token_id=0)  # fmt: skip
+            pm.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
     sync(device)
     return len(prompts) * tokens / (time.perf_counter() - t0)
 
@@ -175,14 +209,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip PEFT cases once the run is this old")
     ap.add_argument(
-        "--graphs", default="auto", choices=("auto", "static", "off", "both"),
+        "--graphs",
+        default="auto",
+        choices=("auto", "static", "off", "both"),
         help="decode steps: static buffers + CUDA graphs where covered (auto), the dynamic eager batch "
         "(off), static buffers without graphs off a GPU (static), or auto and off in the same run",
-    )  # fmt: skip
+    )
     ap.add_argument(
-        "--batch-invariant", action="store_true",
+        "--batch-invariant",
+        action="store_true",
         help="also run the batch-invariant mode (each request alone) and print its cost against batching",
-    )  # fmt: skip
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from adapterhub.runtime import attach
@@ -225,14 +262,23 @@ def main() -> None:
         label = {False: "ours_eager", "invariant": "ours_invariant"}.get(mode, "ours")
         results.setdefault(label, {})
         engine = Engine(
-            model, tok, pool, metrics, max_batch=args.requests, max_queue=100_000, prefill_tokens=1 << 20,
-            graphs=False if mode == "invariant" else mode, batch_invariant=mode == "invariant",
-        )  # fmt: skip
+            model,
+            tok,
+            pool,
+            metrics,
+            max_batch=args.requests,
+            max_queue=100_000,
+            prefill_tokens=1 << 20,
+            graphs=False if mode == "invariant" else mode,
+            batch_invariant=mode == "invariant",
+        )
         engine.eos = set()  # fixed-length answers, as PEFT's min_new_tokens
         static = engine.graphs is not None
         results[f"{label}_static"] = static
-        print(f"# {label}: decode steps {'static (CUDA graphs where on a GPU)' if static else 'dynamic'}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"# {label}: decode steps {'static (CUDA graphs where on a GPU)' if static else 'dynamic'}",
+            file=sys.stderr,
+        )
         # warm up the model, then make every adapter resident once (cold loads measured here)
         run_round(engine, pool, prompts[:4], [None] * 4, [], 4)
         specs, ents, _ = plan(max(counts))
@@ -251,8 +297,10 @@ def main() -> None:
                 r = run_round(engine, pool, prompts, specs, ents, args.tokens)
                 if str(k) not in results[label] or r["tok_s"] > results[label][str(k)]["tok_s"]:
                     results[label][str(k)] = r
-                print(f"round {rep} {label} k={k}: {r['tok_s']:.0f} tok/s ttft p50 {r['ttft_p50_ms']:.0f} ms",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"round {rep} {label} k={k}: {r['tok_s']:.0f} tok/s ttft p50 {r['ttft_p50_ms']:.0f} ms",
+                    file=sys.stderr,
+                )
         if engine.graphs is not None:
             results[f"{label}_captures"] = engine.graphs.captures
         engine.stop()
@@ -280,8 +328,10 @@ def main() -> None:
                 loaded += 1
             _, _, used = plan(k)
             results["peft"][str(k)] = peft_round(pm, prompts, used, args.tokens, args.device)
-            print(f"peft k={k}: {results['peft'][str(k)]:.0f} tok/s (adding adapters {time.perf_counter() - t:.1f}s)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"peft k={k}: {results['peft'][str(k)]:.0f} tok/s (adding adapters {time.perf_counter() - t:.1f}s)",
+                file=sys.stderr,
+            )
     for label in [m for m in ("ours", "ours_eager", "ours_invariant") if results.get(m)]:
         base = results[label]["0"]["tok_s"]
         how = "static + CUDA graphs" if results.get(f"{label}_static") else "dynamic, eager"
@@ -297,13 +347,19 @@ def main() -> None:
             shown = f"{peft:.0f}" if peft else "not run"
             ratio = f"{r['tok_s'] / peft:.1f}" if peft else "-"
             row = "base only" if k == "0" else k
-            print(f"| {row} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f} | {shown} | {ratio} | "
-                  f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")  # fmt: skip
+            print(
+                f"| {row} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f} | {shown} | {ratio} | "
+                f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |"
+            )
     if results.get("ours_invariant"):
         fast = "ours_eager" if results.get("ours_eager") else "ours"
-        print(f"\nbatch-invariant cost (tok/s of {fast} / tok/s each request alone):",
-              ", ".join(f"{k} adapters {results[fast][k]['tok_s'] / results['ours_invariant'][k]['tok_s']:.2f}x"
-                        for k in ["0", *map(str, counts)]))  # fmt: skip
+        print(
+            f"\nbatch-invariant cost (tok/s of {fast} / tok/s each request alone):",
+            ", ".join(
+                f"{k} adapters {results[fast][k]['tok_s'] / results['ours_invariant'][k]['tok_s']:.2f}x"
+                for k in ["0", *map(str, counts)]
+            ),
+        )
     print(
         f"cold adapter load (read + place), mean of {results['cold_loads']}: {results['cold_load_ms_mean']:.1f} ms"
     )

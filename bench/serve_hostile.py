@@ -66,9 +66,23 @@ def main() -> None:
         hub.add_adapter(adapter, name="a")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adapterhub", "--home", str(work / "home"), "serve", "--port", "0", "--model", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "adapterhub",
+            "--home",
+            str(work / "home"),
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            "tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     url = next((w for w in line.split() if w.startswith("http://")), "")
@@ -105,8 +119,10 @@ def main() -> None:
 
     def head_only() -> str:
         s = socket.create_connection((host, int(port)))
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(huge)}\r\n\r\n".encode())  # fmt: skip
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(huge)}\r\n\r\n".encode()
+        )
         line = s.recv(200).split(b"\r\n")[0].decode()
         s.close()
         return line
@@ -114,12 +130,32 @@ def main() -> None:
     timed("15MB_prompt_head_only", head_only)
     timed("four_15MB_prompts", lambda: four(huge))
     timed("four_3MB_prompts", lambda: four(under))
-    timed("model_of_20000_terms", lambda: post(chat, json.dumps({"model": "+".join(["a:0.001"] * 20_000),
-                                                                  "messages": [{"role": "user", "content": "w1"}]}).encode())[0])  # fmt: skip
-    hostile = [{"stop": 5}, {"n": "abc"}, {"n": [1]}, {"stream_options": "x", "stream": True}, {"seed": 2**70},
-               {"temperature": 1e-300}, {"model": "a:3e38"}, {"stream": "no"}, {"stop": {"a": 1}}, {"n": 0},
-               {"max_tokens": True}, {"max_tokens": 2.7}, {"messages": [{"role": "hacker", "content": "x"}]},
-               {"logit_bias": {"99999999": 5}}, {"top_p": 0}]  # fmt: skip
+    timed(
+        "model_of_20000_terms",
+        lambda: post(
+            chat,
+            json.dumps(
+                {"model": "+".join(["a:0.001"] * 20_000), "messages": [{"role": "user", "content": "w1"}]}
+            ).encode(),
+        )[0],
+    )
+    hostile = [
+        {"stop": 5},
+        {"n": "abc"},
+        {"n": [1]},
+        {"stream_options": "x", "stream": True},
+        {"seed": 2**70},
+        {"temperature": 1e-300},
+        {"model": "a:3e38"},
+        {"stream": "no"},
+        {"stop": {"a": 1}},
+        {"n": 0},
+        {"max_tokens": True},
+        {"max_tokens": 2.7},
+        {"messages": [{"role": "hacker", "content": "x"}]},
+        {"logit_bias": {"99999999": 5}},
+        {"top_p": 0},
+    ]
     codes = []
     for extra in hostile:
         body = {"model": "a", "messages": [{"role": "user", "content": "w1"}], "max_tokens": 2, **extra}
@@ -129,8 +165,10 @@ def main() -> None:
 
     def half() -> list[str]:
         out = []
-        for data in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
-                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\""):  # fmt: skip
+        for data in (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"a"',
+        ):
             s = socket.create_connection((host, int(port)))
             s.sendall(data)
             s.close()

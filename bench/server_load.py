@@ -81,9 +81,14 @@ def client(url: str, user: str, token: str, n: int, deadline: float, stats: Stat
             stats.committed[(repo, f"w/{i}.safetensors")] = hashlib.sha256(weights).hexdigest()
             stats.committed[(repo, f"notes/{i}.txt")] = hashlib.sha256(note).hexdigest()
         got = stats.timed(
-            "download", hf_hub_download, repo, f"w/{i}.safetensors", endpoint=url, token=token,
+            "download",
+            hf_hub_download,
+            repo,
+            f"w/{i}.safetensors",
+            endpoint=url,
+            token=token,
             cache_dir=str(work / f"cache-{n}"),
-        )  # fmt: skip
+        )
         if (
             got is not None
             and hashlib.sha256(Path(got).read_bytes()).hexdigest() != hashlib.sha256(weights).hexdigest()
@@ -122,8 +127,11 @@ def start_server(home: Path, users: list[str]) -> tuple[subprocess.Popen[str], s
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -159,8 +167,13 @@ def run(seconds: float, clients: int, work: Path) -> dict[str, Any]:
         proc.terminate()
         proc.wait(timeout=30)
     out = stats.summary()
-    out.update(seconds=round(wall, 1), clients=clients, files_committed=len(stats.committed), lost=lost,
-               error_samples=stats.errors[:5])  # fmt: skip
+    out.update(
+        seconds=round(wall, 1),
+        clients=clients,
+        files_committed=len(stats.committed),
+        lost=lost,
+        error_samples=stats.errors[:5],
+    )
     return out
 
 

@@ -60,14 +60,18 @@ def main() -> None:
         t_local_put = timed("put_file, folder", lambda: local.put_file(src))
         bucket, base = server.bucket, os.environ["ADAPTERHUB_STORE"].split("/", 3)[3]
         s3.client.put_object(Bucket=bucket, Key=f"{base}/warm", Body=os.urandom(1 << 20))  # volumes made
-        t_ref_put = timed("reference: boto3 upload_file (s3transfer)",
-                          lambda: s3.client.upload_file(str(src), bucket, f"{base}/ref"))  # fmt: skip
+        t_ref_put = timed(
+            "reference: boto3 upload_file (s3transfer)",
+            lambda: s3.client.upload_file(str(src), bucket, f"{base}/ref"),
+        )
         t_s3_put = timed("put_file, bucket (multipart, hashed)", lambda: s3.put_file(src))
         digest = next(iter(local))
         t_local_out = timed("copy_out, folder", lambda: local.copy_out(digest, root / "out-local"))
         t_s3_out = timed("copy_out, bucket (sha256-checked)", lambda: s3.copy_out(digest, root / "out-s3"))
-        t_ref_out = timed("reference: boto3 download_file (s3transfer)",
-                          lambda: s3.client.download_file(bucket, f"{base}/ref", str(root / "out-ref")))  # fmt: skip
+        t_ref_out = timed(
+            "reference: boto3 download_file (s3transfer)",
+            lambda: s3.client.download_file(bucket, f"{base}/ref", str(root / "out-ref")),
+        )
         timed("path, bucket (fetch into the cache)", lambda: s3.path(digest))
         fresh = S3Store(os.environ["ADAPTERHUB_STORE"], root / "s3-fresh", name="store")
         t_head = timed("safetensors header, bucket (2 range reads)", lambda: fresh.safetensors_header(digest))

@@ -49,13 +49,37 @@ from adapterhub.runtime import attach  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rows=8, tokens=512),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, rows=4, tokens=128),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=4096, rows=4, tokens=64),
-}  # fmt: skip
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rows=8,
+        tokens=512,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rows=4,
+        tokens=128,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        rows=4,
+        tokens=64,
+    ),
+}
 
 
 def make_model(shape: dict[str, Any], dtype: torch.dtype, device: str) -> Any:
@@ -212,8 +236,10 @@ def main() -> None:
     mem_key = "peak_extra_mib" if cuda else "saved_mib"
     print(f"\n| case | step ms (median) | vs peft | {mem_key} | vs peft |\n|---|---|---|---|---|")
     for label, r in results.items():
-        print(f"| {label} | {r['step_ms']:.1f} | {ref['step_ms'] / r['step_ms']:.2f}x faster | "
-              f"{r[mem_key]:.0f} | {r[mem_key] / ref[mem_key]:.2f}x |")  # fmt: skip
+        print(
+            f"| {label} | {r['step_ms']:.1f} | {ref['step_ms'] / r['step_ms']:.2f}x faster | "
+            f"{r[mem_key]:.0f} | {r[mem_key] / ref[mem_key]:.2f}x |"
+        )
     if args.json:
         Path(args.json).write_text(
             json.dumps({"shape": name, "device": device, "results": results}, indent=2)

@@ -16,8 +16,14 @@ from typing import Any
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROOT = Path(__file__).resolve().parent.parent
-RANDOM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-              num_key_value_heads=4, vocab_size=32000)  # fmt: skip
+RANDOM = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 
 
 def _prepare(work: Path) -> dict[str, Path]:
@@ -78,11 +84,27 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     quant = case["quant"] if case["quant"] != "full" else None
     stamps: list[float] = []
     weights: list[float] = []
-    opts = dict(rank=16, alpha=32, targets=PROJ, steps=case["steps"], batch_size=4, lr=2e-4, max_length=256,
-                seed=0, group_by_length=False, quantize=quant)  # fmt: skip
+    opts = dict(
+        rank=16,
+        alpha=32,
+        targets=PROJ,
+        steps=case["steps"],
+        batch_size=4,
+        lr=2e-4,
+        max_length=256,
+        seed=0,
+        group_by_length=False,
+        quantize=quant,
+    )
     if case["who"] == "adapterhub":
-        hub.train("b", case["data"], name="x", device="cpu", on_step=lambda *a: stamps.append(time.perf_counter()),
-                  **opts)  # fmt: skip
+        hub.train(
+            "b",
+            case["data"],
+            name="x",
+            device="cpu",
+            on_step=lambda *a: stamps.append(time.perf_counter()),
+            **opts,
+        )
         rss = _rss_mib()  # the peak of the run, before the model is loaded again for its footprint
         model, _ = hub.load_base(
             "b", device="cpu", quantize=quant, dtype="float32" if quant is None else "auto"
@@ -114,11 +136,25 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             pm = _Wrap(model, ad.parameters())
         else:
             pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJ))
-        args = TrainingArguments(output_dir=str(Path(case["work"]) / "out"), max_steps=case["steps"],
-                                 per_device_train_batch_size=4, learning_rate=2e-4, lr_scheduler_type="linear",
-                                 max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, report_to=[],
-                                 save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False,
-                                 disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False)  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(Path(case["work"]) / "out"),
+            max_steps=case["steps"],
+            per_device_train_batch_size=4,
+            learning_rate=2e-4,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            weight_decay=0.0,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+            remove_unused_columns=False,
+        )
         Trainer(model=pm, args=args, train_dataset=ds, data_collator=collate, callbacks=[Stamp()]).train()
         rss = _rss_mib()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
@@ -141,18 +177,32 @@ def compare(*, steps: int, threads: int, out: str | None) -> None:
             for quant in ("full", "nf4"):
                 pair = {}
                 for who in ("peft+Trainer", "adapterhub") + (("hooks+Trainer",) if quant == "full" else ()):
-                    case = {"who": who, "quant": quant, "base": str(base), "data": str(work / "data.jsonl"),
-                            "work": tmp, "steps": steps, "threads": threads}  # fmt: skip
-                    proc = subprocess.run([sys.executable, __file__.replace("train_runs", "train"), "--case",
-                                           json.dumps(case)], env=env, capture_output=True, text=True)  # fmt: skip
+                    case = {
+                        "who": who,
+                        "quant": quant,
+                        "base": str(base),
+                        "data": str(work / "data.jsonl"),
+                        "work": tmp,
+                        "steps": steps,
+                        "threads": threads,
+                    }
+                    proc = subprocess.run(
+                        [sys.executable, __file__.replace("train_runs", "train"), "--case", json.dumps(case)],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                    )
                     if proc.returncode:
                         print(f"# {model} {quant} {who} failed: {proc.stderr.strip().splitlines()[-1:]}")
                         continue
                     pair[who] = r = json.loads(proc.stdout.strip().splitlines()[-1])
                     results.append({"model": model, "quant": quant, "who": who, **r})
                     ref = pair.get("peft+Trainer", r)
-                    print(f"| {model} | {quant} | {who} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
-                          f"{r['weights_mib']:.0f} | {ref['step_s'] / r['step_s']:.2f}x faster | "
-                          f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x |", flush=True)  # fmt: skip
+                    print(
+                        f"| {model} | {quant} | {who} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+                        f"{r['weights_mib']:.0f} | {ref['step_s'] / r['step_s']:.2f}x faster | "
+                        f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x |",
+                        flush=True,
+                    )
         if out:
             Path(out).write_text(json.dumps(results, indent=2))

@@ -202,9 +202,10 @@ def share(tmp: Path, home: Path) -> None:
         folder = tmp / "exported" / "sql-peft"
         res = subprocess.run(
             [sys.executable, "-c", DEFAULT_CLIENT_UPLOAD, url, token, str(folder)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
             env={k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET")},
-        )  # fmt: skip
+        )
         if res.returncode != 0:
             raise SystemExit(f"the default huggingface_hub client could not upload: {res.stderr[-2000:]}")
         print("  " + res.stdout.strip())

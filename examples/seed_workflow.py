@@ -93,22 +93,38 @@ def main() -> None:
             step(f"train {name}: rank 8 on q_proj/v_proj, {steps} steps at lr 2e-3 on {len(pairs)} examples")
             data = write_jsonl(home / f"{name}.jsonl", pairs)
             r = hub.train(
-                "smollm2", data, name=name, rank=8, alpha=16, targets=["q_proj", "v_proj"], steps=steps,
-                lr=2e-3, batch_size=2, seed=0, device="cpu", tags=["style"],
+                "smollm2",
+                data,
+                name=name,
+                rank=8,
+                alpha=16,
+                targets=["q_proj", "v_proj"],
+                steps=steps,
+                lr=2e-3,
+                batch_size=2,
+                seed=0,
+                device="cpu",
+                tags=["style"],
                 description=f"{name} speech, trained by examples/seed_workflow.py",
-            )  # fmt: skip
+            )
             results[name] = r
-            print(f"trainable parameters: {r.trainable_params:,} of {r.total_params:,} "
-                  f"({100 * r.trainable_share:.3f}%)")  # fmt: skip
-            print(f"loss {r.first_loss:.3f} -> {r.last_loss:.4f} in {r.seconds:.0f} s "
-                  f"({r.tokens_per_second:.0f} tokens/s)")  # fmt: skip
+            print(
+                f"trainable parameters: {r.trainable_params:,} of {r.total_params:,} "
+                f"({100 * r.trainable_share:.3f}%)"
+            )
+            print(
+                f"loss {r.first_loss:.3f} -> {r.last_loss:.4f} in {r.seconds:.0f} s "
+                f"({r.tokens_per_second:.0f} tokens/s)"
+            )
 
         step("the catalog: both adapters, with their lineage")
         for a in hub.list_adapters(tag="style"):
             (p,) = hub.adapter_info(a.name).parents
-            print(f"{a.name}: rank {a.rank}, {a.num_modules} modules, {a.size_bytes / 1e6:.1f} MB; "
-                  f"parent {p.name} ({p.method}): steps {p.params['steps']}, loss {p.params['loss']:.4f}, "
-                  f"data {p.params['data_sha256'][:12]}, base {p.params['base_fingerprint'][:12]}")  # fmt: skip
+            print(
+                f"{a.name}: rank {a.rank}, {a.num_modules} modules, {a.size_bytes / 1e6:.1f} MB; "
+                f"parent {p.name} ({p.method}): steps {p.params['steps']}, loss {p.params['loss']:.4f}, "
+                f"data {p.params['data_sha256'][:12]}, base {p.params['base_fingerprint'][:12]}"
+            )
             print(f"  validates against smollm2: {hub.validate(a.name, base='smollm2').ok}")
 
         model, tok = hub.load_base("smollm2", device="cpu", dtype="float32")
@@ -136,8 +152,12 @@ def main() -> None:
         rt.activate(None)
         specs: list[str | None] = ["pirate", "robot", None]
         tok.padding_side = "left"
-        texts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], tokenize=False,
-                                         add_generation_prompt=True) for _ in specs]  # fmt: skip
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": QUESTIONS[0]}], tokenize=False, add_generation_prompt=True
+            )
+            for _ in specs
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with rt.rows(specs), torch.no_grad():
             out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -161,9 +181,11 @@ def main() -> None:
         rt.detach()
         print(f"unmerged: {unmerged_text}")
         print(f"merged:   {merged_text}   (identical: {merged_text == unmerged_text})")
-        print(f"per-token latency: base {base_lat * 1e3:.1f} ms, merged {merged_lat * 1e3:.1f} ms "
-              f"({merged_lat / base_lat:.2f}x), unmerged {unmerged_lat * 1e3:.1f} ms "
-              f"({unmerged_lat / base_lat:.2f}x)")  # fmt: skip
+        print(
+            f"per-token latency: base {base_lat * 1e3:.1f} ms, merged {merged_lat * 1e3:.1f} ms "
+            f"({merged_lat / base_lat:.2f}x), unmerged {unmerged_lat * 1e3:.1f} ms "
+            f"({unmerged_lat / base_lat:.2f}x)"
+        )
         hub.close()
         print(f"\nseed workflow finished in {time.perf_counter() - started:.0f} s")
     finally:

@@ -38,9 +38,16 @@ def main() -> None:
 
     hub = Hub(args.home)
     app = create_app(server_store(hub.catalog, args.home))
-    mount_inference(app, hub, model=args.base, device="cpu", max_batch=args.max_batch,
-                    adapter_memory=args.adapter_memory, require_token=args.require_token,
-                    max_queue=args.max_queue)  # fmt: skip
+    mount_inference(
+        app,
+        hub,
+        model=args.base,
+        device="cpu",
+        max_batch=args.max_batch,
+        adapter_memory=args.adapter_memory,
+        require_token=args.require_token,
+        max_queue=args.max_queue,
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

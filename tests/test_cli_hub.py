@@ -107,8 +107,10 @@ def test_serve_refuses_a_busy_port(tmp_path: Path, server: Server) -> None:
     port = server.url.rsplit(":", 1)[1]
     res = subprocess.run(
         [sys.executable, "-m", "adapterhub", "--home", str(tmp_path), "serve", "--port", port],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1 and "cannot listen on 127.0.0.1:" in res.stderr
 
 

@@ -24,9 +24,12 @@ def _lm_eval(model: Any, tok: Any, task_dir: Path) -> tuple[float, dict[int, lis
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=["adapterhub_mc"], task_manager=TaskManager(include_path=str(task_dir)),
-        log_samples=True, num_fewshot=0,
-    )  # fmt: skip
+        model=lm,
+        tasks=["adapterhub_mc"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=True,
+        num_fewshot=0,
+    )
     lls = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in out["samples"]["adapterhub_mc"]}
     return float(out["results"]["adapterhub_mc"]["acc,none"]), lls
 
@@ -37,8 +40,10 @@ def test_choice_agrees_with_lm_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     base = tiny_checkpoint(tmp_path / "base")
     ads = adapters_for(base, tmp_path, 2, target_modules=["q_proj", "v_proj", "up_proj"])
-    rows = [dict(r, answer=r["choices"].index(r["answer"]) if isinstance(r["answer"], str) else r["answer"])
-            for r in CHOICE_ROWS]  # fmt: skip
+    rows = [
+        dict(r, answer=r["choices"].index(r["answer"]) if isinstance(r["answer"], str) else r["answer"])
+        for r in CHOICE_ROWS
+    ]
     data_file = write_jsonl(tmp_path / "mc.jsonl", rows)
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "mc.yaml").write_text(

@@ -87,10 +87,18 @@ def _llama_cpp_permute(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Te
 def test_names_follow_gguf_py_tensor_map() -> None:
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4)
     modules = ["model.embed_tokens", "lm_head"] + [
-        f"model.layers.{i}.{p}" for i in range(4)
-        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    ]  # fmt: skip
+        f"model.layers.{i}.{p}"
+        for i in range(4)
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
     for module in modules:
         assert gguf_name(module) == tmap.get_name(module) + ".weight"
         assert hf_name(gguf_name(module)) == module  # type: ignore[arg-type]
@@ -249,9 +257,16 @@ def _kohya_lora(dest: Path, *, extra: dict[str, tuple[int, ...]] | None = None) 
         shape = shapes[module]
         a_shape, b_shape = (4, shape[1], *shape[2:]), (shape[0], 4, *(1,) * (len(shape) - 2))
         modules[module] = LoraModule(
-            module, "conv" if len(shape) > 2 else "linear", 4, 2.0, 0.5, a_shape, b_shape,
-            A=torch.randn(a_shape, generator=g), B=torch.randn(b_shape, generator=g),
-        )  # fmt: skip
+            module,
+            "conv" if len(shape) > 2 else "linear",
+            4,
+            2.0,
+            0.5,
+            a_shape,
+            b_shape,
+            A=torch.randn(a_shape, generator=g),
+            B=torch.randn(b_shape, generator=g),
+        )
     write_kohya(LoraWeights(modules=modules, format="kohya"), dest)
     return dest
 
@@ -337,9 +352,16 @@ def test_gguf_lora_fits_the_real_base_gguf(tmp_path: Path) -> None:
             module = f"model.layers.{layer}.{group}.{short}"
             w_in, w_out = ne[gguf_name(module)]  # type: ignore[index]
             modules[module + ".weight"] = LoraModule(
-                module + ".weight", "linear", 8, 16.0, 2.0, (8, w_in), (w_out, 8),
-                A=torch.randn(8, w_in), B=torch.randn(w_out, 8),
-            )  # fmt: skip
+                module + ".weight",
+                "linear",
+                8,
+                16.0,
+                2.0,
+                (8, w_in),
+                (w_out, 8),
+                A=torch.randn(8, w_in),
+                B=torch.randn(w_out, 8),
+            )
     config = {"model_type": "llama", "num_attention_heads": n_head, "num_key_value_heads": n_kv}
     out = write_gguf_lora(
         LoraWeights(modules=modules, format="peft"), tmp_path / "a.gguf", base_config=config
@@ -389,8 +411,14 @@ def test_llama_cpp_applies_the_export_like_peft(tmp_path: Path) -> None:
     hub = Hub(tmp_path / "home")
     hub.import_gguf(gg, name="smol", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(hub.base_info("smol").path, dtype=torch.float32).eval()
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, rank_pattern={"k_proj": 4},
-                     alpha_pattern={"v_proj": 4.0}, use_rslora=True)  # fmt: skip
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=ALL_LINEAR,
+        rank_pattern={"k_proj": 4},
+        alpha_pattern={"v_proj": 4.0},
+        use_rslora=True,
+    )
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(model), cfg)
     randomize_adapter(pm, 5, std=0.05)
@@ -418,8 +446,9 @@ def test_llama_cpp_applies_the_export_like_peft(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- reading foreign GGUF LoRAs
 
 
-def _gguf_file(path: Path, tensors: dict[str, Any], *, arch: str = "llama", heads: bool = True,
-               kind: str = "adapter") -> Path:  # fmt: skip
+def _gguf_file(
+    path: Path, tensors: dict[str, Any], *, arch: str = "llama", heads: bool = True, kind: str = "adapter"
+) -> Path:
     import numpy as np
 
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -517,8 +546,17 @@ def test_gguf_negative_and_mixed_scales_fold_exactly(tmp_path: Path) -> None:
     mods = {}
     for i, scale in enumerate((-0.5, 2.0, 2.0, 0.25)):
         key = f"model.layers.{i}.mlp.up_proj.weight"
-        mods[key] = LoraModule(key, "linear", 4, scale * 4, scale, (4, 8), (12, 4),
-                               A=torch.randn(4, 8, generator=g), B=torch.randn(12, 4, generator=g))  # fmt: skip
+        mods[key] = LoraModule(
+            key,
+            "linear",
+            4,
+            scale * 4,
+            scale,
+            (4, 8),
+            (12, 4),
+            A=torch.randn(4, 8, generator=g),
+            B=torch.randn(12, 4, generator=g),
+        )
     w = LoraWeights(modules=mods, format="peft")
     out = write_gguf_lora(w, tmp_path / "n.gguf", base_config={"model_type": "llama"})
     assert gguf.GGUFReader(str(out)).fields["adapter.lora.alpha"].contents() == pytest.approx(8.0)

@@ -37,8 +37,12 @@ def run(home: Path, *args: str, fault: str | None = None, env: dict[str, str] | 
         e["ADAPTERHUB_FAULT"] = fault
     return subprocess.run(
         [sys.executable, "-m", "adapterhub", "--home", str(home), "--quiet", *args],
-        capture_output=True, text=True, env=e, timeout=300, cwd=str(home.parent),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=300,
+        cwd=str(home.parent),
+    )
 
 
 def names(home: Path) -> list[str]:

@@ -56,8 +56,12 @@ def png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     rows = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 @dataclass
@@ -74,8 +78,14 @@ class Site:
         headers = {"Cookie": cookie} if cookie else {}
         return self.send(urllib.request.Request(self.url + path, headers=headers))
 
-    def post(self, path: str, form: dict[str, str], *, cookie: str | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, Any, str]:  # fmt: skip
+    def post(
+        self,
+        path: str,
+        form: dict[str, str],
+        *,
+        cookie: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, str]:
         h = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
         if cookie:
             h["Cookie"] = cookie
@@ -155,14 +165,23 @@ def fill_repos(site: Site) -> None:
         api.upload_file(
             path_or_fileobj=png(), path_in_repo="plot.png", repo_id="alice/secret-notes", token=site.alice
         )
-        api.upload_file(path_or_fileobj=SECRET.encode(), path_in_repo="README.md", repo_id="alice/secret-notes",
-                        token=site.alice)  # fmt: skip
+        api.upload_file(
+            path_or_fileobj=SECRET.encode(),
+            path_in_repo="README.md",
+            repo_id="alice/secret-notes",
+            token=site.alice,
+        )
         api.create_repo("bob/hostile", token=site.bob)
-        api.upload_file(path_or_fileobj=HOSTILE.encode(), path_in_repo="README.md", repo_id="bob/hostile",
-                        token=site.bob)  # fmt: skip
+        api.upload_file(
+            path_or_fileobj=HOSTILE.encode(), path_in_repo="README.md", repo_id="bob/hostile", token=site.bob
+        )
         api.create_tag("bob/hostile", tag="v1", token=site.bob)
-        api.upload_file(path_or_fileobj=b"<script>alert(1)</script>", path_in_repo="page.html", repo_id="bob/hostile",
-                        token=site.bob)  # fmt: skip
+        api.upload_file(
+            path_or_fileobj=b"<script>alert(1)</script>",
+            path_in_repo="page.html",
+            repo_id="bob/hostile",
+            token=site.bob,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +192,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME", "ADAPTERHUB_DB")
     }
-    proc = subprocess.Popen([sys.executable, str(HERE / "_pages_server.py"), str(home)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_pages_server.py"), str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -291,11 +315,19 @@ def test_private_catalog_adapters_are_shown_only_to_who_may_read_them(site: Site
     make_catalog_adapter(tmp_path / "hidden", 4, 8, ["q_proj"], seed=5)
     make_catalog_adapter(tmp_path / "shared", 4, 8, ["v_proj"], seed=6)
     with Hub(site.home) as hub:
-        hub.add_adapter(tmp_path / "hidden", name="alice/hidden-r4", tags=["private", "secretproject"],
-                        description="alice keeps this to herself")  # fmt: skip
+        hub.add_adapter(
+            tmp_path / "hidden",
+            name="alice/hidden-r4",
+            tags=["private", "secretproject"],
+            description="alice keeps this to herself",
+        )
         hub.add_adapter(tmp_path / "shared", name="shared-private", tags=["private"])
-        hub.combine([("sql-r8", 0.5), ("alice/hidden-r4", 0.5)], name="alice/secret-mix", tags=["private"],
-                    device="cpu")  # fmt: skip
+        hub.combine(
+            [("sql-r8", 0.5), ("alice/hidden-r4", 0.5)],
+            name="alice/secret-mix",
+            tags=["private"],
+            device="cpu",
+        )
     private = ("alice/hidden-r4", "shared-private", "alice/secret-mix")
     try:
         alice, bob = site.login_cookie(site.alice), site.login_cookie(site.bob)
@@ -365,8 +397,10 @@ def test_pagination(site: Site) -> None:
     from adapterhub.server.pages.index import link
     from adapterhub.server.pages.listing import Query
 
-    pages = [re.findall(r'<th scope="row"><a href="/adapters/([^"]+)">', site.get(f"/?per_page=1&page={n}")[2])
-             for n in (1, 2, 3, 4)]  # fmt: skip
+    pages = [
+        re.findall(r'<th scope="row"><a href="/adapters/([^"]+)">', site.get(f"/?per_page=1&page={n}")[2])
+        for n in (1, 2, 3, 4)
+    ]
     assert [n for page in pages for n in page] == site.names
     body = site.get("/?per_page=1&page=2")[2]
     assert "Adapters 2–2 of 4" in body and 'aria-current="page" href="/?page=2&amp;per_page=1"' in body
@@ -469,8 +503,13 @@ def browser() -> Iterator[Any]:
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update"]  # fmt: skip
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+    ]
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=args)
         yield b

@@ -53,10 +53,24 @@ def peft_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 CONFIG_KEYS = [
-    "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-    "fan_in_fan_out", "peft_type", "lora_bias", "modules_to_save", "base_model_name_or_path", "bias",
-    "layers_to_transform", "init_lora_weights", "task_type", "exclude_modules",
-]  # fmt: skip
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "peft_type",
+    "lora_bias",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "bias",
+    "layers_to_transform",
+    "init_lora_weights",
+    "task_type",
+    "exclude_modules",
+]
 
 
 @SETTINGS
@@ -110,11 +124,24 @@ def kohya_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @SETTINGS
-@given(meta=st.dictionaries(st.sampled_from(["ss_network_dim", "ss_network_alpha", "ss_base_model_version",
-                                               "modelspec.architecture", "ss_tag_frequency", "x"]),
-                            st.text(max_size=20), max_size=4),
-       rename=st.sampled_from(["", "lora_down", "lora_up", "alpha"]),
-       to=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", max_size=12))  # fmt: skip
+@given(
+    meta=st.dictionaries(
+        st.sampled_from(
+            [
+                "ss_network_dim",
+                "ss_network_alpha",
+                "ss_base_model_version",
+                "modelspec.architecture",
+                "ss_tag_frequency",
+                "x",
+            ]
+        ),
+        st.text(max_size=20),
+        max_size=4,
+    ),
+    rename=st.sampled_from(["", "lora_down", "lora_up", "alpha"]),
+    to=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", max_size=12),
+)
 def test_kohya_mutations(
     kohya_file: Path, tmp_path_factory: pytest.TempPathFactory, meta: dict[str, str], rename: str, to: str
 ) -> None:
@@ -155,10 +182,23 @@ def test_random_recipes(doc: Any) -> None:
 
 
 step = st.fixed_dictionaries(
-    {"name": st.sampled_from(["a", "b", "mix", ""]), "method": st.sampled_from(["linear", "resize", "ties", "x"]),
-     "inputs": st.lists(st.sampled_from(["x", "y", "a"]) | st.fixed_dictionaries({"adapter": st.just("x"), "weight": json_scalars}), max_size=3)},
-    optional={"rank": json_scalars, "density": json_scalars, "keep": json_scalars, "seed": json_scalars, "tags": json_values},
-)  # fmt: skip
+    {
+        "name": st.sampled_from(["a", "b", "mix", ""]),
+        "method": st.sampled_from(["linear", "resize", "ties", "x"]),
+        "inputs": st.lists(
+            st.sampled_from(["x", "y", "a"])
+            | st.fixed_dictionaries({"adapter": st.just("x"), "weight": json_scalars}),
+            max_size=3,
+        ),
+    },
+    optional={
+        "rank": json_scalars,
+        "density": json_scalars,
+        "keep": json_scalars,
+        "seed": json_scalars,
+        "tags": json_values,
+    },
+)
 
 
 @SETTINGS

@@ -96,14 +96,25 @@ def test_push_then_pull_round_trip(
         "adapter_model.safetensors",
         "adapterhub.json",
     ]
-    card = Path(hf.hf_hub_download("alice/sql-lora", "README.md", endpoint=server.url,
-                                   cache_dir=str(home.home / "hf-cache"))).read_text()  # fmt: skip
+    card = Path(
+        hf.hf_hub_download(
+            "alice/sql-lora", "README.md", endpoint=server.url, cache_dir=str(home.home / "hf-cache")
+        )
+    ).read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == BASE_NAME and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "peft" and {"lora", "sql", "prod"} <= set(meta["tags"])
     assert 'PeftModel.from_pretrained(base, "alice/sql-lora")' in card and "| rank | 8 |" in card
-    record = json.loads(Path(hf.hf_hub_download("alice/sql-lora", "adapterhub.json", endpoint=server.url,
-                                                cache_dir=str(home.home / "hf-cache"))).read_text())  # fmt: skip
+    record = json.loads(
+        Path(
+            hf.hf_hub_download(
+                "alice/sql-lora",
+                "adapterhub.json",
+                endpoint=server.url,
+                cache_dir=str(home.home / "hf-cache"),
+            )
+        ).read_text()
+    )
     jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).validate(record)
     local = ("merges", "pushes", "children")  # this catalog's history, not part of the shared record
     expected = {k: v for k, v in info.to_dict().items() if k not in local}
@@ -311,9 +322,18 @@ def test_peft_loads_from_the_server(home: Hub, server: Server, made: dict[str, P
         HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf")
     )
     res = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent), str(made["sql"] / "adapter_model.safetensors")],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(Path(__file__).parent),
+            str(made["sql"] / "adapter_model.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[:3000]
 
 
@@ -341,8 +361,11 @@ def test_a_push_names_the_base_by_its_real_id(
     home.push_adapter("sql", "alice/sql-real-base", endpoint=server.url, token=server.alice)
 
     def get(name: str) -> str:
-        return Path(hf.hf_hub_download("alice/sql-real-base", name, endpoint=server.url,
-                                       cache_dir=str(tmp_path / "cache"))).read_text()  # fmt: skip
+        return Path(
+            hf.hf_hub_download(
+                "alice/sql-real-base", name, endpoint=server.url, cache_dir=str(tmp_path / "cache")
+            )
+        ).read_text()
 
     assert json.loads(get("adapter_config.json"))["base_model_name_or_path"] == "acme/tiny-llama"
     meta = yaml.safe_load(get("README.md").split("---")[1])

@@ -40,8 +40,11 @@ class Replica(Server):
         env["ADAPTERHUB_DB"] = db
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapterhub", "--home", str(self.home), "serve", "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -105,9 +108,11 @@ def test_an_upload_url_one_replica_signs_the_other_accepts(pair: tuple[Server, S
     oid = hashlib.sha256(data).hexdigest()
     assert a.json("POST", "/api/repos/create", {"name": "signed", "type": "model"}, token=a.alice)[0] == 200
     status, _, batch = a.json(
-        "POST", "/alice/signed.git/info/lfs/objects/batch",
-        {"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}, token=a.alice,
-    )  # fmt: skip
+        "POST",
+        "/alice/signed.git/info/lfs/objects/batch",
+        {"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+        token=a.alice,
+    )
     assert status == 200, batch
     href = batch["objects"][0]["actions"]["upload"]["href"]
     assert href.startswith(a.url)
@@ -143,8 +148,12 @@ def test_tokens_gating_discussions_collections_likes_and_moves_are_one_state(
     seen = alice_a.get_discussion_details("alice/shared", d.num)
     assert [e.content for e in seen.events if e.type == "comment"] == ["why r=8?", "and alpha?"]
     pr = bob_b.create_pull_request("alice/shared", title="add notes")
-    bob_a.upload_file(path_or_fileobj=b"notes", path_in_repo="notes.txt", repo_id="alice/shared",
-                      revision=f"refs/pr/{pr.num}")  # fmt: skip
+    bob_a.upload_file(
+        path_or_fileobj=b"notes",
+        path_in_repo="notes.txt",
+        repo_id="alice/shared",
+        revision=f"refs/pr/{pr.num}",
+    )
     alice_a.merge_pull_request("alice/shared", pr.num)
     assert bob_b.get_discussion_details("alice/shared", pr.num).status == "merged"
     assert "notes.txt" in alice_b.list_repo_files("alice/shared")
@@ -234,8 +243,9 @@ def test_a_replica_killed_mid_upload_leaves_the_other_serving_and_nothing_acknow
         import replica_load
     finally:
         sys.path.pop(0)
-    out = replica_load.run(pg_url(request), tmp_path, seconds=8.0, committers=4, downloaders=2, commenters=2,
-                           kill_after=3.0)  # fmt: skip
+    out = replica_load.run(
+        pg_url(request), tmp_path, seconds=8.0, committers=4, downloaders=2, commenters=2, kill_after=3.0
+    )
     print(json.dumps(out, indent=2))
     assert out["killed"] == 1 and out["lost"] == [], out["lost"]
     assert out["errors"] == 0, out["error_samples"]

@@ -36,9 +36,25 @@ def test_serve_with_a_model_answers_the_openai_client(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "ADAPTERHUB_HOME")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0", "--model", "minilm", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "adapterhub",
+            "--home",
+            str(home),
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            "minilm",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

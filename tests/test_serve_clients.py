@@ -43,14 +43,24 @@ def _model(e: dict[str, Any]) -> Any:
 def test_openai_client_logprobs_n_and_streaming_usage(srv: dict[str, Any]) -> None:
     client = srv["server"].client()
     msgs = [{"role": "user", "content": "what is a sql query"}]
-    r = client.chat.completions.create(model="a0", messages=msgs, max_tokens=5, temperature=0, logprobs=True,
-                                       top_logprobs=2, n=2)  # fmt: skip
+    r = client.chat.completions.create(
+        model="a0", messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, n=2
+    )
     assert len(r.choices) == 2 and r.choices[0].message.content == r.choices[1].message.content
     content = r.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert abs(content[0].top_logprobs[0].logprob - max(t.logprob for t in content[0].top_logprobs)) < 1e-9
-    chunks = list(client.chat.completions.create(model="a0", messages=msgs, max_tokens=5, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}, logprobs=True))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="a0",
+            messages=msgs,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            logprobs=True,
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == r.choices[0].message.content
     streamed = [
@@ -60,8 +70,9 @@ def test_openai_client_logprobs_n_and_streaming_usage(srv: dict[str, Any]) -> No
     assert (
         chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens // 2
     )
-    c = client.completions.create(model="tiny", prompt=[[6, 7, 8], [9, 10]], max_tokens=1, echo=True, logprobs=1,
-                                  temperature=0)  # fmt: skip
+    c = client.completions.create(
+        model="tiny", prompt=[[6, 7, 8], [9, 10]], max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     assert [ch.index for ch in c.choices] == [0, 1] and c.choices[0].logprobs.token_logprobs[0] is None
     assert len(c.choices[0].logprobs.tokens) == 4 and len(c.choices[1].logprobs.top_logprobs) == 3
 
@@ -69,9 +80,11 @@ def test_openai_client_logprobs_n_and_streaming_usage(srv: dict[str, Any]) -> No
 def _tasks(folder: Path) -> Path:
     """Two lm-eval tasks over JSONL files written here."""
     folder.mkdir(exist_ok=True)
-    mc = [{"question": "what is a", "choices": ["sql query", "pirate ship", "red"], "answer": 0},
-          {"question": "hello", "choices": ["world", "sea", "blue green"], "answer": 1},
-          {"question": "the model", "choices": ["is fast", "is slow"], "answer": 0}]  # fmt: skip
+    mc = [
+        {"question": "what is a", "choices": ["sql query", "pirate ship", "red"], "answer": 0},
+        {"question": "hello", "choices": ["world", "sea", "blue green"], "answer": 1},
+        {"question": "the model", "choices": ["is fast", "is slow"], "answer": 0},
+    ]
     gen = [
         {"question": "what is a sql query", "answer": "select"},
         {"question": "hello world", "answer": "the"},
@@ -100,11 +113,18 @@ def test_lm_eval_local_completions_equals_transformers(srv: dict[str, Any], tmp_
     from transformers import AutoTokenizer
 
     url = srv["server"].url
-    args = (f"model=tiny,base_url={url}/v1/completions,tokenizer={srv['base']},tokenizer_backend=huggingface,"
-            "num_concurrent=1,max_retries=1,tokenized_requests=True")  # fmt: skip
-    out = simple_evaluate(model="local-completions", model_args=args, tasks=["tiny_mc", "tiny_gen"],
-                          task_manager=TaskManager(include_path=str(_tasks(tmp_path / "tasks"))),
-                          log_samples=True, limit=None)  # fmt: skip
+    args = (
+        f"model=tiny,base_url={url}/v1/completions,tokenizer={srv['base']},tokenizer_backend=huggingface,"
+        "num_concurrent=1,max_retries=1,tokenized_requests=True"
+    )
+    out = simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["tiny_mc", "tiny_gen"],
+        task_manager=TaskManager(include_path=str(_tasks(tmp_path / "tasks"))),
+        log_samples=True,
+        limit=None,
+    )
     assert out is not None
     tok = AutoTokenizer.from_pretrained(srv["base"])
     model = _model(srv)
@@ -124,8 +144,13 @@ def test_lm_eval_local_completions_equals_transformers(srv: dict[str, Any], tmp_
     assert out["results"]["tiny_mc"]["acc,none"] == pytest.approx(correct / 3)
     for s in out["samples"]["tiny_gen"]:
         ids = tok(s["doc"]["question"])["input_ids"]
-        g = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=6, do_sample=False, pad_token_id=2)  # fmt: skip
+        g = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=2,
+        )
         text = tok.decode(g[0, len(ids) :], skip_special_tokens=True)
         want = text.split("green")[0]
         assert s["resps"][0][0] == want
@@ -135,8 +160,14 @@ def test_langchain_chat_openai(srv: dict[str, Any]) -> None:
     pytest.importorskip("langchain_openai")
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model="a0", base_url=srv["server"].url + "/v1", api_key="EMPTY", temperature=0,
-                     max_tokens=6, max_retries=0)  # fmt: skip
+    llm = ChatOpenAI(
+        model="a0",
+        base_url=srv["server"].url + "/v1",
+        api_key="EMPTY",
+        temperature=0,
+        max_tokens=6,
+        max_retries=0,
+    )
     direct = (
         srv["server"]
         .client()

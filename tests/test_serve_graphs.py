@@ -77,8 +77,12 @@ def _run(llama: Any, folders: dict[str, Path], graphs: bool, waves: list[list[tu
                 pool.request(entries[n])
             sha = {entries[n].sha256: w for n, w in names.items()} if names else None
             i = len(jobs)
-            job = Job(prompt, Sampling(max_tokens=max_tokens, temperature=0.0), sha,
-                      lambda ev, i=i: done.__setitem__(i, []) if ev[0] == "done" else None)  # fmt: skip
+            job = Job(
+                prompt,
+                Sampling(max_tokens=max_tokens, temperature=0.0),
+                sha,
+                lambda ev, i=i: done.__setitem__(i, []) if ev[0] == "done" else None,
+            )
             jobs.append(job)
             engine._waiting.append(job)
         deadline = time.time() + 60

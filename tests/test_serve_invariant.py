@@ -26,13 +26,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Path
 
     llama = tiny_llama()
     root = tmp_path_factory.mktemp("invariant")
-    specs = {"a": dict(seed=61, r=4, lora_alpha=8, target_modules=LLAMA_ALL),
-             "b": dict(seed=62, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])}  # fmt: skip
+    specs = {
+        "a": dict(seed=61, r=4, lora_alpha=8, target_modules=LLAMA_ALL),
+        "b": dict(seed=62, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    }
     return llama, {n: make_adapter(llama, root / n, **kw) for n, kw in specs.items()}
 
 
-def _serve(llama: Any, folders: dict[str, Path], dtype: Any, requests: list[tuple[list[int], str | None]],
-           together: bool, invariant: bool) -> list[list[int]]:  # fmt: skip
+def _serve(
+    llama: Any,
+    folders: dict[str, Path],
+    dtype: Any,
+    requests: list[tuple[list[int], str | None]],
+    together: bool,
+    invariant: bool,
+) -> list[list[int]]:
     model = copy.deepcopy(llama).to(dtype).eval()
     model.generation_config.eos_token_id = None
     rt = attach(model)
@@ -49,8 +57,14 @@ def _serve(llama: Any, folders: dict[str, Path], dtype: Any, requests: list[tupl
             if name:
                 pool.request(entries[name])
             k = len(jobs)
-            jobs.append(Job(prompt, Sampling(max_tokens=12, temperature=0.0), {f"sha-{name}": 1.0} if name else None,
-                            lambda ev, k=k, done=done: done.add(k) if ev[0] == "done" else None))  # fmt: skip
+            jobs.append(
+                Job(
+                    prompt,
+                    Sampling(max_tokens=12, temperature=0.0),
+                    {f"sha-{name}": 1.0} if name else None,
+                    lambda ev, k=k, done=done: done.add(k) if ev[0] == "done" else None,
+                )
+            )
             engine._waiting.append(jobs[-1])
         deadline = time.time() + 120
         while len(done) < len(jobs) and time.time() < deadline:
@@ -67,8 +81,10 @@ def test_greedy_tokens_alone_equal_a_batch_of_16(setup: tuple[Any, dict[str, Pat
     llama, folders = setup
     g = torch.Generator().manual_seed(5)
     vocab = llama.config.vocab_size
-    requests = [(torch.randint(3, vocab, (int(n),), generator=g).tolist(), [None, "a", "b"][i % 3])
-                for i, n in enumerate(torch.randint(2, 30, (16,), generator=g))]  # fmt: skip
+    requests = [
+        (torch.randint(3, vocab, (int(n),), generator=g).tolist(), [None, "a", "b"][i % 3])
+        for i, n in enumerate(torch.randint(2, 30, (16,), generator=g))
+    ]
     dt = getattr(torch, dtype)
     alone = _serve(llama, folders, dt, requests, together=False, invariant=True)
     batch = _serve(llama, folders, dt, requests, together=True, invariant=True)

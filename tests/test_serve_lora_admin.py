@@ -41,7 +41,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     _adapter(_tiny_base(root / "wide-base", hidden=48), loras / "wide", seed=5, targets=("q_proj",))
     (loras / "notes.txt").write_text("not an adapter")
     (loras / "escape").symlink_to(secret)
-    tokens = {u: {"Authorization": f"Bearer {hub.create_token(u, write=True).token}"} for u in ("mallory", "carol", "alice")}  # fmt: skip
+    tokens = {
+        u: {"Authorization": f"Bearer {hub.create_token(u, write=True).token}"}
+        for u in ("mallory", "carol", "alice")
+    }
     with _app(hub, root / "home", lora_dirs=[str(loras)]) as c:
         yield {"hub": hub, "c": c, "root": root, "loras": loras, **tokens}
     hub.close()
@@ -76,8 +79,19 @@ def test_local_paths_only_inside_the_lora_dirs(env: dict[str, Any]) -> None:
 
 def test_every_refused_path_gets_the_same_answer(env: dict[str, Any]) -> None:
     c, root, loras = env["c"], env["root"], env["loras"]
-    paths = ["/etc/shadow", "/etc/passwd", "/root", "/nonexistent/x", "/", str(root / "sec"), str(root),
-             str(loras / "notes.txt"), str(loras / "missing"), str(loras / "escape"), str(loras / "good" / "x")]  # fmt: skip
+    paths = [
+        "/etc/shadow",
+        "/etc/passwd",
+        "/root",
+        "/nonexistent/x",
+        "/",
+        str(root / "sec"),
+        str(root),
+        str(loras / "notes.txt"),
+        str(loras / "missing"),
+        str(loras / "escape"),
+        str(loras / "good" / "x"),
+    ]
     answers = set()
     for path in paths:
         r = c.post(LOAD, json={"lora_name": "mallory/probe", "lora_path": path}, headers=env["mallory"])
@@ -92,7 +106,9 @@ def test_every_refused_path_gets_the_same_answer(env: dict[str, Any]) -> None:
 def test_no_local_path_without_a_lora_dir(env: dict[str, Any]) -> None:
     hub, root = env["hub"], env["root"]
     with _app(hub, root / "home") as bare:
-        r = bare.post(LOAD, json={"lora_name": "carol/x", "lora_path": str(env["loras"] / "good")}, headers=env["carol"])  # fmt: skip
+        r = bare.post(
+            LOAD, json={"lora_name": "carol/x", "lora_path": str(env["loras"] / "good")}, headers=env["carol"]
+        )
         assert r.status_code == 400 and "--lora-dir" in r.json()["error"]["message"]
     assert not hub.library.exists("carol/x")
 
@@ -121,12 +137,20 @@ def test_load_inplace_changes_nothing_unless_it_succeeds(env: dict[str, Any]) ->
     first, names = _sha(hub, "carol/swap"), _names(hub)
     answer = _chat(c, "carol/swap", env["carol"]).json()["choices"][0]["message"]
     for path, status in (("/nonexistent/x", 400), (str(loras / "wide"), 400), ("alice/no-such-repo", 400)):
-        r = c.post(LOAD, json={"lora_name": "carol/swap", "lora_path": path, "load_inplace": True}, headers=env["carol"])  # fmt: skip
+        r = c.post(
+            LOAD,
+            json={"lora_name": "carol/swap", "lora_path": path, "load_inplace": True},
+            headers=env["carol"],
+        )
         assert r.status_code == status, (path, r.text)
         assert "loading-" not in r.text
         assert _sha(hub, "carol/swap") == first and _names(hub) == names
         assert _chat(c, "carol/swap", env["carol"]).json()["choices"][0]["message"] == answer
-    r = c.post(LOAD, json={"lora_name": "carol/swap", "lora_path": str(loras / "good2"), "load_inplace": True}, headers=env["carol"])  # fmt: skip
+    r = c.post(
+        LOAD,
+        json={"lora_name": "carol/swap", "lora_path": str(loras / "good2"), "load_inplace": True},
+        headers=env["carol"],
+    )
     assert r.status_code == 200, r.text
     assert _sha(hub, "carol/swap") not in (first, None) and _names(hub) == names
     weights = (loras / "good2" / "adapter_model.safetensors").read_bytes()
@@ -153,10 +177,18 @@ def test_hub_repos_are_pulled_without_the_servers_credentials(
             "HF_TOKEN", server.alice
         )  # the operator's own credentials: they read the private repo
         names = _names(hub)
-        r = c.post(LOAD, json={"lora_name": "mallory/pulled", "lora_path": "alice/private-lora"}, headers=env["mallory"])  # fmt: skip
+        r = c.post(
+            LOAD,
+            json={"lora_name": "mallory/pulled", "lora_path": "alice/private-lora"},
+            headers=env["mallory"],
+        )
         assert r.status_code == 400 and "repository not found" in r.text, r.text
         assert _names(hub) == names
-        r = c.post(LOAD, json={"lora_name": "mallory/public", "lora_path": "alice/public-lora"}, headers=env["mallory"])  # fmt: skip
+        r = c.post(
+            LOAD,
+            json={"lora_name": "mallory/public", "lora_path": "alice/public-lora"},
+            headers=env["mallory"],
+        )
         assert r.status_code == 200, r.text
         assert _sha(hub, "mallory/public") == _sha(hub, "a0")
     finally:

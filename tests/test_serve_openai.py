@@ -30,8 +30,18 @@ def test_echo_logprobs_of_token_prompts_equal_transformers(env: dict[str, Any]) 
     c = env["c"]
     prompts = [[6, 7, 8, 9, 10, 11], [12, 13, 14]]
     for model, adapter in (("tiny", None), ("a0", "a0")):
-        r = c.post("/v1/completions", json={"model": model, "prompt": prompts, "temperature": 0, "max_tokens": 1,
-                                            "logprobs": 1, "echo": True, "seed": 1234})  # fmt: skip
+        r = c.post(
+            "/v1/completions",
+            json={
+                "model": model,
+                "prompt": prompts,
+                "temperature": 0,
+                "max_tokens": 1,
+                "logprobs": 1,
+                "echo": True,
+                "seed": 1234,
+            },
+        )
         assert r.status_code == 200, r.text
         choices = sorted(r.json()["choices"], key=lambda ch: ch["index"])
         assert [ch["index"] for ch in choices] == [0, 1]
@@ -83,10 +93,20 @@ def test_n_and_lists_of_prompts(env: dict[str, Any]) -> None:  # noqa: F811
     ]
     greedy = _chat(c, "tiny", n=2).json()
     assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
-    single = [c.post("/v1/completions", json={"model": "a0", "prompt": p, "max_tokens": 4, "temperature": 0}).json()
-              for p in ("hello world", "the sql query")]  # fmt: skip
-    both = c.post("/v1/completions", json={"model": "a0", "prompt": ["hello world", "the sql query"], "n": 2,
-                                           "max_tokens": 4, "temperature": 0}).json()  # fmt: skip
+    single = [
+        c.post("/v1/completions", json={"model": "a0", "prompt": p, "max_tokens": 4, "temperature": 0}).json()
+        for p in ("hello world", "the sql query")
+    ]
+    both = c.post(
+        "/v1/completions",
+        json={
+            "model": "a0",
+            "prompt": ["hello world", "the sql query"],
+            "n": 2,
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    ).json()
     assert [ch["text"] for ch in both["choices"]] == [single[0]["choices"][0]["text"]] * 2 + [
         single[1]["choices"][0]["text"]
     ] * 2
@@ -105,8 +125,14 @@ def test_sampling_extras(env: dict[str, Any]) -> None:  # noqa: F811
     model = LlamaForCausalLM.from_pretrained(env["base"], dtype=torch.float32)
 
     def hf(**kw: Any) -> str:
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=8, do_sample=False, pad_token_id=2, **kw)  # fmt: skip
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=2,
+            **kw,
+        )
         return str(tok.decode(out[0, len(ids) :], skip_special_tokens=True))
 
     def ours(**kw: Any) -> str:

@@ -92,8 +92,9 @@ def _resident_lines(text: str) -> list[str]:
 
 def test_metrics_show_no_private_row_to_who_may_not_read_it(env: dict[str, Any]) -> None:
     c, hub = env["c"], env["hub"]
-    sha = hub.library.select(None, __import__("adapterhub.records", fromlist=["x"]).AdapterFilter(),
-                             names=["alice/secret"])[0].sha256  # fmt: skip
+    sha = hub.library.select(
+        None, __import__("adapterhub.records", fromlist=["x"]).AdapterFilter(), names=["alice/secret"]
+    )[0].sha256
     assert _chat(c, "alice/secret", env["alice"]).status_code == 200
     anon = c.get("/metrics")
     assert anon.status_code == 200
@@ -252,21 +253,38 @@ def _pairs() -> list[tuple[str, dict[str, Any], int, str | None]]:
     """(path, body, status, param) for requests OpenAI refuses (from the issue's hostile run)."""
     chat, comp = "/v1/chat/completions", "/v1/completions"
     out: list[tuple[str, dict[str, Any], int, str | None]] = [
-        (chat, {"stop": 5}, 400, "stop"), (chat, {"n": "abc"}, 400, "n"), (chat, {"n": [1]}, 400, "n"),
+        (chat, {"stop": 5}, 400, "stop"),
+        (chat, {"n": "abc"}, 400, "n"),
+        (chat, {"n": [1]}, 400, "n"),
         (chat, {"stream_options": "x", "stream": True}, 400, "stream_options"),
-        (chat, {"seed": 2**70}, 400, "seed"), (chat, {"stream": "no"}, 400, "stream"),
-        (chat, {"stop": {"a": 1}}, 400, "stop"), (chat, {"n": 0}, 400, "n"),
-        (chat, {"max_tokens": True}, 400, "max_tokens"), (chat, {"max_tokens": 2.7}, 400, "max_tokens"),
-        (chat, {"temperature": 3}, 400, "temperature"), (chat, {"top_logprobs": 2}, 400, None),
-        (chat, {"foo": 1}, 400, "foo"), (chat, {"response_format": {"type": "json_object"}}, 400, "response_format"),
-        (chat, {"logit_bias": {"99999": 1}}, 400, "logit_bias"), (chat, {"logit_bias": {"x": 1}}, 400, "logit_bias"),
+        (chat, {"seed": 2**70}, 400, "seed"),
+        (chat, {"stream": "no"}, 400, "stream"),
+        (chat, {"stop": {"a": 1}}, 400, "stop"),
+        (chat, {"n": 0}, 400, "n"),
+        (chat, {"max_tokens": True}, 400, "max_tokens"),
+        (chat, {"max_tokens": 2.7}, 400, "max_tokens"),
+        (chat, {"temperature": 3}, 400, "temperature"),
+        (chat, {"top_logprobs": 2}, 400, None),
+        (chat, {"foo": 1}, 400, "foo"),
+        (chat, {"response_format": {"type": "json_object"}}, 400, "response_format"),
+        (chat, {"logit_bias": {"99999": 1}}, 400, "logit_bias"),
+        (chat, {"logit_bias": {"x": 1}}, 400, "logit_bias"),
         (chat, {"messages": [{"role": "user", "content": [{"type": "junk"}]}]}, 400, None),
-        (chat, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None),
-        (chat, {"messages": []}, 400, "messages"), (chat, {"model": None}, 400, "model"),
-        (comp, {"prompt": [5, -1]}, 400, None), (comp, {"prompt": [5, 10**6]}, 400, "prompt"),
-        (comp, {"prompt": []}, 400, "prompt"), (comp, {"prompt": [[]]}, 400, None),
-        (comp, {"prompt": "hi", "suffix": "x"}, 400, "suffix"), (comp, {"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
-    ]  # fmt: skip
+        (
+            chat,
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            400,
+            None,
+        ),
+        (chat, {"messages": []}, 400, "messages"),
+        (chat, {"model": None}, 400, "model"),
+        (comp, {"prompt": [5, -1]}, 400, None),
+        (comp, {"prompt": [5, 10**6]}, 400, "prompt"),
+        (comp, {"prompt": []}, 400, "prompt"),
+        (comp, {"prompt": [[]]}, 400, None),
+        (comp, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+        (comp, {"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ]
     for role in ROLES:
         out.append((chat, {"messages": [{"role": role, "content": "hi"}]}, 400, "messages[0].role"))
     return out
@@ -279,8 +297,11 @@ def test_client_errors_are_400s_naming_the_param(
     body: dict[str, Any] = {"model": "tiny", "max_tokens": 2}
     body.update({"messages": MSG} if "chat" in path else {"prompt": "hello"})
     body.update(extra)
-    r = env["c"].post(path, content=json.dumps(body).replace("Infinity", "1e999"),
-                      headers={"Content-Type": "application/json"})  # fmt: skip
+    r = env["c"].post(
+        path,
+        content=json.dumps(body).replace("Infinity", "1e999"),
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
@@ -302,10 +323,26 @@ def test_numbers_out_of_range_are_400s(env: dict[str, Any]) -> None:
 
 
 def test_nulls_are_accepted_where_openai_accepts_them(env: dict[str, Any]) -> None:
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 2, "logprobs": None, "seed": None, "n": None,
-            "stop": None, "stream": None, "temperature": None, "top_p": None, "logit_bias": None,
-            "presence_penalty": None, "frequency_penalty": None, "user": None, "tools": None,
-            "response_format": None, "top_logprobs": None, "stream_options": None}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "messages": MSG,
+        "max_tokens": 2,
+        "logprobs": None,
+        "seed": None,
+        "n": None,
+        "stop": None,
+        "stream": None,
+        "temperature": None,
+        "top_p": None,
+        "logit_bias": None,
+        "presence_penalty": None,
+        "frequency_penalty": None,
+        "user": None,
+        "tools": None,
+        "response_format": None,
+        "top_logprobs": None,
+        "stream_options": None,
+    }
     r = env["c"].post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     # a tiny temperature is greedy, not an overflow

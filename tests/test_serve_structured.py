@@ -23,9 +23,16 @@ TEMPLATE = (
     "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "pick": {"enum": ["red", "blue"]},
-          "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["ok", "pick", "n"],
-          "additionalProperties": False}  # fmt: skip
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "pick": {"enum": ["red", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["ok", "pick", "n"],
+    "additionalProperties": False,
+}
 
 
 def _base(dest: Path) -> Path:
@@ -35,17 +42,26 @@ def _base(dest: Path) -> Path:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(
         ['{"ok": true, "pick": "red", "n": 3}', "user: hello world assistant:"] * 20, trainer
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
     tok.chat_template = TEMPLATE
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=0, eos_token_id=1)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(cfg).eval().save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
@@ -100,8 +116,13 @@ def test_json_object_and_json_schema(c: Any) -> None:
 def test_forced_tool_calls(c: Any) -> None:
     import jsonschema
 
-    tools = [{"type": "function", "function": {"name": "paint", "parameters": SCHEMA}},
-             {"type": "function", "function": {"name": "other", "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    tools = [
+        {"type": "function", "function": {"name": "paint", "parameters": SCHEMA}},
+        {
+            "type": "function",
+            "function": {"name": "other", "parameters": {"type": "object", "properties": {}}},
+        },
+    ]
     named = {"type": "function", "function": {"name": "paint"}}
     r = _ask(c, temperature=0, tools=tools, tool_choice=named)
     assert r.status_code == 200, r.text
@@ -112,8 +133,11 @@ def test_forced_tool_calls(c: Any) -> None:
     jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
     r = _ask(c, temperature=0, tools=tools, tool_choice="required")
     assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] in ("paint", "other")
-    chunks = [json.loads(line[6:]) for line in _ask(c, temperature=0, tools=tools, tool_choice=named, stream=True)
-              .text.splitlines() if line.startswith("data: {")]  # fmt: skip
+    chunks = [
+        json.loads(line[6:])
+        for line in _ask(c, temperature=0, tools=tools, tool_choice=named, stream=True).text.splitlines()
+        if line.startswith("data: {")
+    ]
     deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
     streamed = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     assert streamed and streamed[0]["function"] == call["function"]
@@ -143,20 +167,23 @@ def test_openai_and_langchain_structured_output_against_a_server(tmp_path: Path)
         client = s.client()
         msgs = [{"role": "user", "content": "hello world"}]
         fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
-        r = client.chat.completions.create(model="bpe", messages=msgs, max_tokens=60, temperature=0,
-                                           response_format=fmt)  # fmt: skip
+        r = client.chat.completions.create(
+            model="bpe", messages=msgs, max_tokens=60, temperature=0, response_format=fmt
+        )
         assert set(json.loads(r.choices[0].message.content)) == {"ok", "pick", "n"}
         tools = [{"type": "function", "function": {"name": "paint", "parameters": SCHEMA}}]
-        r = client.chat.completions.create(model="bpe", messages=msgs, max_tokens=60, temperature=0, tools=tools,
-                                           tool_choice="required")  # fmt: skip
+        r = client.chat.completions.create(
+            model="bpe", messages=msgs, max_tokens=60, temperature=0, tools=tools, tool_choice="required"
+        )
         assert r.choices[0].finish_reason == "tool_calls"
         assert set(json.loads(r.choices[0].message.tool_calls[0].function.arguments)) == {"ok", "pick", "n"}
         assert isinstance(openai, object)
         pytest.importorskip("langchain_openai")
         from langchain_openai import ChatOpenAI
 
-        llm = ChatOpenAI(model="bpe", base_url=s.url + "/v1", api_key="EMPTY", temperature=0, max_tokens=150,
-                         max_retries=0)  # fmt: skip
+        llm = ChatOpenAI(
+            model="bpe", base_url=s.url + "/v1", api_key="EMPTY", temperature=0, max_tokens=150, max_retries=0
+        )
         for method in ("json_schema", "function_calling"):
             got = llm.with_structured_output(Paint, method=method, strict=True).invoke("hello world")
             assert isinstance(got, Paint), method

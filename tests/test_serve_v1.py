@@ -28,7 +28,45 @@ from adapterhub.server.tokens import create_token
 openai = pytest.importorskip("openai")
 
 HERE = Path(__file__).resolve().parent
-WORDS = ["the", "a", "sql", "query", "select", "from", "where", "table", "join", "chat", "hello", "world", "pirate", "ship", "sea", "code", "python", "data", "model", "adapter", "base", "fast", "slow", "red", "green", "blue", "one", "two", "three", "four", "five", "yes", "no", "why", "how", "what", "is"]  # fmt: skip
+WORDS = [
+    "the",
+    "a",
+    "sql",
+    "query",
+    "select",
+    "from",
+    "where",
+    "table",
+    "join",
+    "chat",
+    "hello",
+    "world",
+    "pirate",
+    "ship",
+    "sea",
+    "code",
+    "python",
+    "data",
+    "model",
+    "adapter",
+    "base",
+    "fast",
+    "slow",
+    "red",
+    "green",
+    "blue",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "yes",
+    "no",
+    "why",
+    "how",
+    "what",
+    "is",
+]
 PROMPT = "what is a sql query"
 
 
@@ -39,8 +77,11 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "_serve_launcher.py"), str(home), base, "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if not line.startswith("http://"):
@@ -64,8 +105,12 @@ class Server:
             return e.code, e.read().decode()
 
     def post(self, path: str, doc: dict[str, Any]) -> tuple[int, str]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(doc).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(doc).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, r.read().decode()
@@ -89,9 +134,17 @@ def _tiny_base(dest: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -268,9 +321,13 @@ def test_concurrent_streams_over_adapters_all_correct(tiny: dict[str, Any]) -> N
     def run(job: tuple[str, str, int]) -> tuple[str, Any]:
         m, p, n = job
         stream = client.chat.completions.create(
-            model=m, messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0, stream=True,
+            model=m,
+            messages=[{"role": "user", "content": p}],
+            max_tokens=n,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
-        )  # fmt: skip
+        )
         text, usage, finish = [], None, None
         for chunk in stream:
             if chunk.usage is not None:
@@ -309,11 +366,16 @@ def test_completions_stop_seed_and_sampling(tiny: dict[str, Any]) -> None:
     )
     assert cut.choices[0].finish_reason == "stop" and full.startswith(cut.choices[0].text)
     assert word not in cut.choices[0].text.split()[1:] or len(full.split()) == 1
-    streamed = client.completions.create(model="a2", prompt="hello world", max_tokens=8, temperature=0,
-                                         stop=[" " + word], stream=True)  # fmt: skip
+    streamed = client.completions.create(
+        model="a2", prompt="hello world", max_tokens=8, temperature=0, stop=[" " + word], stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
-    a = [client.completions.create(model="a3", prompt="hello", max_tokens=10, temperature=1.0, seed=7).choices[0].text
-         for _ in range(2)]  # fmt: skip
+    a = [
+        client.completions.create(model="a3", prompt="hello", max_tokens=10, temperature=1.0, seed=7)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert a[0] == a[1]
 
 
@@ -347,8 +409,17 @@ def test_new_version_under_the_same_name_is_served(tiny: dict[str, Any]) -> None
 
 
 def test_require_token_refuses_anonymous_and_overload_is_429(tiny: dict[str, Any]) -> None:
-    s = Server(tiny["root"] / "home", "tiny", "--require-token", "--max-batch", "1", "--max-queue", "1",
-               "--adapter-memory", "8KB")  # fmt: skip
+    s = Server(
+        tiny["root"] / "home",
+        "tiny",
+        "--require-token",
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--adapter-memory",
+        "8KB",
+    )
     try:
         with pytest.raises(openai.AuthenticationError) as e:
             _chat(s.client(), "a0")
@@ -450,8 +521,10 @@ def test_run_server_is_a_thin_client(tiny: dict[str, Any], capsys: pytest.Captur
     out = cli("run", "tiny", "-a", "a0", PROMPT, "--max-tokens", "12", "--server", s.url)
     assert out == want + "\n"
     combo = _chat(client, "a0:0.5+a1:0.5").choices[0].message.content
-    assert cli("run", "tiny", "-a", "a0:0.5", "-a", "a1:0.5", PROMPT, "--max-tokens", "12",
-               "--server", s.url) == combo + "\n"  # fmt: skip
+    assert (
+        cli("run", "tiny", "-a", "a0:0.5", "-a", "a1:0.5", PROMPT, "--max-tokens", "12", "--server", s.url)
+        == combo + "\n"
+    )
     doc = json.loads(cli("run", "tiny", PROMPT, "--max-tokens", "12", "--server", s.url, "--json"))
     assert doc["text"] == _chat(client, "tiny").choices[0].message.content
     assert (
@@ -466,8 +539,22 @@ def test_run_server_is_a_thin_client(tiny: dict[str, Any], capsys: pytest.Captur
     assert g.text == want == "".join(pieces) and len(pieces) > 1
     # private adapters need a token that may read them
     private = _chat(s.client(tiny["token"]), "secret/x").choices[0].message.content
-    assert cli("run", "tiny", "-a", "secret/x", PROMPT, "--max-tokens", "12", "--server", s.url,
-               "--token", tiny["token"]) == private + "\n"  # fmt: skip
+    assert (
+        cli(
+            "run",
+            "tiny",
+            "-a",
+            "secret/x",
+            PROMPT,
+            "--max-tokens",
+            "12",
+            "--server",
+            s.url,
+            "--token",
+            tiny["token"],
+        )
+        == private + "\n"
+    )
     cli("run", "tiny", "-a", "secret/x", PROMPT, "--server", s.url, code=1)
     assert "does not exist" in cli.err and "(404)" in cli.err and len(cli.err.strip().splitlines()) == 1
     cli("run", "tiny", "-a", "wide", PROMPT, "--server", s.url, code=1)

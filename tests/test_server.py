@@ -47,8 +47,11 @@ class Server:
             env["ADAPTERHUB_DB"] = db
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapterhub", "--home", str(home), "serve", "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -66,9 +69,14 @@ class Server:
         return err
 
     def request(
-        self, method: str, path: str, *, body: bytes | None = None, token: str | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        token: str | None = None,
         headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    ) -> tuple[int, dict[str, str], bytes]:
         h = dict(headers or {})
         if token:
             h["Authorization"] = f"Bearer {token}"
@@ -192,8 +200,13 @@ def test_upload_folder_snapshot_download_and_revisions(server: Server, hf: Any, 
     snap = Path(hf.snapshot_download("alice/plain", endpoint=server.url, cache_dir=str(tmp_path / "cache")))
     assert (snap / "sub" / "notes.txt").read_text() == "v2"
     assert sha((snap / "model.safetensors").read_bytes()) == sha(weights)
-    old = hf.hf_hub_download("alice/plain", "sub/notes.txt", revision=first.oid, endpoint=server.url,
-                             cache_dir=str(tmp_path / "cache2"))  # fmt: skip
+    old = hf.hf_hub_download(
+        "alice/plain",
+        "sub/notes.txt",
+        revision=first.oid,
+        endpoint=server.url,
+        cache_dir=str(tmp_path / "cache2"),
+    )
     assert Path(old).read_text() == "v1"  # every revision stays downloadable
     commits = api.list_repo_commits("alice/plain")
     assert [c.commit_id for c in commits[:2]] == [second.oid, first.oid] and commits[
@@ -212,8 +225,9 @@ def test_resolve_headers_and_ranges(server: Server, hf: Any) -> None:
     status, headers, _ = server.request("HEAD", "/alice/ranges/resolve/main/w.safetensors")
     assert status == 200 and headers["X-Repo-Commit"] == ci.oid
     assert headers["ETag"] == f'"{sha(data)}"' and int(headers["Content-Length"]) == len(data)
-    status, headers, body = server.request("GET", "/alice/ranges/resolve/main/w.safetensors",
-                                           headers={"Range": "bytes=100-199"})  # fmt: skip
+    status, headers, body = server.request(
+        "GET", "/alice/ranges/resolve/main/w.safetensors", headers={"Range": "bytes=100-199"}
+    )
     assert (
         status == 206 and body == data[100:200] and headers["Content-Range"] == f"bytes 100-199/{len(data)}"
     )
@@ -259,8 +273,10 @@ def test_writes_need_a_write_token_of_the_namespace_owner(server: Server, hf: An
             "POST", "/api/repos/create", {"name": "new", "organization": "alice"}, token=token
         )
         assert status == code, body
-        payload = ndjson({"key": "header", "value": {"summary": "x"}},
-                         {"key": "file", "value": {"path": "a.txt", "content": "eA==", "encoding": "base64"}})  # fmt: skip
+        payload = ndjson(
+            {"key": "header", "value": {"summary": "x"}},
+            {"key": "file", "value": {"path": "a.txt", "content": "eA==", "encoding": "base64"}},
+        )
         status, _, body = server.request(
             "POST", "/api/models/alice/guarded/commit/main", body=payload, token=token
         )
@@ -292,16 +308,22 @@ def test_bad_requests_get_hub_errors_and_never_change_a_repo(server: Server, hf:
     header = {"key": "header", "value": {"summary": "bad"}}
     good_file = {"key": "file", "value": {"path": "new.txt", "content": base64.b64encode(b"new").decode()}}
     bad_bodies = {
-        "traversal": ndjson(header, good_file, {"key": "file", "value": {"path": "../../etc/passwd", "content": "eA=="}}),
+        "traversal": ndjson(
+            header, good_file, {"key": "file", "value": {"path": "../../etc/passwd", "content": "eA=="}}
+        ),
         "absolute": ndjson(header, {"key": "file", "value": {"path": "/abs", "content": "eA=="}}),
         "dot-git": ndjson(header, {"key": "file", "value": {"path": ".git/config", "content": "eA=="}}),
         "malformed": ndjson(header, good_file) + b"{not json\n",
         "no header": ndjson(good_file),
         "bad base64": ndjson(header, {"key": "file", "value": {"path": "x.txt", "content": "%%%"}}),
         "unknown key": ndjson(header, {"key": "symlink", "value": {"path": "x"}}),
-        "unknown oid": ndjson(header, good_file, {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 3}}),
+        "unknown oid": ndjson(
+            header,
+            good_file,
+            {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 3}},
+        ),
         "missing file": ndjson(header, good_file, {"key": "deletedFile", "value": {"path": "nope.txt"}}),
-    }  # fmt: skip
+    }
     objects_before = sorted(p for p in (server.home / "server" / "objects").rglob("*") if p.is_file())
     for what, body in bad_bodies.items():
         status, headers, data = server.request(
@@ -327,22 +349,42 @@ def test_bad_requests_get_hub_errors_and_never_change_a_repo(server: Server, hf:
     # LFS: an object whose bytes do not match its oid is refused and not stored
     data = b"lfs object"
     status, _, batch = server.json(
-        "POST", "/alice/strict.git/info/lfs/objects/batch",
-        {"operation": "upload", "objects": [{"oid": sha(data), "size": len(data)}]}, token=server.alice,
-    )  # fmt: skip
+        "POST",
+        "/alice/strict.git/info/lfs/objects/batch",
+        {"operation": "upload", "objects": [{"oid": sha(data), "size": len(data)}]},
+        token=server.alice,
+    )
     href = batch["objects"][0]["actions"]["upload"]["href"]
     path = href[len(server.url) :]
     status, _, _ = server.request("PUT", path, body=b"lfs objecX")
     assert status == 400
-    assert server.json("POST", "/alice/strict.git/info/lfs/objects/verify", {"oid": sha(data), "size": len(data)},
-                       token=server.alice)[0] == 404  # fmt: skip
+    assert (
+        server.json(
+            "POST",
+            "/alice/strict.git/info/lfs/objects/verify",
+            {"oid": sha(data), "size": len(data)},
+            token=server.alice,
+        )[0]
+        == 404
+    )
     status, _, _ = server.request("PUT", path.replace("sig=", "sig=0"), body=data)
     assert status == 403  # the upload URL is signed
     assert server.request("PUT", path, body=data)[0] == 200
-    assert server.json("POST", "/alice/strict.git/info/lfs/objects/verify", {"oid": sha(data), "size": len(data)},
-                       token=server.alice)[0] == 200  # fmt: skip
-    status, _, batch = server.json("POST", "/alice/strict.git/info/lfs/objects/batch",
-                                   {"operation": "upload", "objects": [{"oid": "xyz", "size": 1}]}, token=server.alice)  # fmt: skip
+    assert (
+        server.json(
+            "POST",
+            "/alice/strict.git/info/lfs/objects/verify",
+            {"oid": sha(data), "size": len(data)},
+            token=server.alice,
+        )[0]
+        == 200
+    )
+    status, _, batch = server.json(
+        "POST",
+        "/alice/strict.git/info/lfs/objects/batch",
+        {"operation": "upload", "objects": [{"oid": "xyz", "size": 1}]},
+        token=server.alice,
+    )
     assert status == 200 and batch["objects"][0]["error"]["code"] == 422
     assert head_of(server, "alice/strict") == before
 
@@ -365,8 +407,11 @@ def test_list_models_search_and_filters(server: Server, hf: Any) -> None:
         meta = f"library_name: {lib}\ntags: [x]\n" + (
             f"base_model: {base}\nbase_model_relation: adapter\n" if base else ""
         )
-        alice.upload_file(path_or_fileobj=f"---\n{meta}---\n# {name}\n".encode(), path_in_repo="README.md",
-                          repo_id=f"alice/{name}")  # fmt: skip
+        alice.upload_file(
+            path_or_fileobj=f"---\n{meta}---\n# {name}\n".encode(),
+            path_in_repo="README.md",
+            repo_id=f"alice/{name}",
+        )
     api = hf.HfApi(endpoint=server.url, token=False)
     peft = {m.id for m in api.list_models(filter="peft")}
     assert {"alice/lora-a", "alice/lora-b"} <= peft and "alice/model-c" not in peft

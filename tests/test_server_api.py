@@ -39,8 +39,14 @@ def test_tags(server: Server, hf: Any, tmp_path: Path) -> None:
     }
     assert [(b.name, b.target_commit) for b in refs.branches] == [("main", second.oid)]
     assert api.model_info("alice/tagged", revision="v1.0").sha == first.oid
-    got = hf.hf_hub_download("alice/tagged", "notes.txt", revision="v1.0", endpoint=server.url, token=False,
-                             cache_dir=str(tmp_path / "c1"))  # fmt: skip
+    got = hf.hf_hub_download(
+        "alice/tagged",
+        "notes.txt",
+        revision="v1.0",
+        endpoint=server.url,
+        token=False,
+        cache_dir=str(tmp_path / "c1"),
+    )
     assert Path(got).read_bytes() == b"v1"
     assert api.model_info("alice/tagged", revision="refs/tags/v1.0").sha == first.oid
     with pytest.raises(hf.errors.HfHubHTTPError) as exc:
@@ -93,20 +99,35 @@ def test_paths_info_and_commit_operation_copy(server: Server, hf: Any, tmp_path:
     bob = hf.HfApi(endpoint=server.url, token=server.bob)
     bob.create_repo("bob/copies")
     bob.create_commit(
-        "bob/copies", commit_message="copy",
-        operations=[hf.CommitOperationCopy(src_path_in_repo="sub/config.json", path_in_repo="config.json",
-                                           src_repo_id="alice/paths", src_repo_type="model")],
-    )  # fmt: skip
-    got = hf.hf_hub_download("bob/copies", "config.json", endpoint=server.url, token=False,
-                             cache_dir=str(tmp_path / "c"))  # fmt: skip
+        "bob/copies",
+        commit_message="copy",
+        operations=[
+            hf.CommitOperationCopy(
+                src_path_in_repo="sub/config.json",
+                path_in_repo="config.json",
+                src_repo_id="alice/paths",
+                src_repo_type="model",
+            )
+        ],
+    )
+    got = hf.hf_hub_download(
+        "bob/copies", "config.json", endpoint=server.url, token=False, cache_dir=str(tmp_path / "c")
+    )
     assert Path(got).read_bytes() == b'{"a": 1}'
     api.update_repo_settings("alice/paths", private=True)
     with pytest.raises(hf.errors.RepositoryNotFoundError):
         bob.create_commit(
-            "bob/copies", commit_message="copy again",
-            operations=[hf.CommitOperationCopy(src_path_in_repo="sub/config.json", path_in_repo="c.json",
-                                               src_repo_id="alice/paths", src_repo_type="model")],
-        )  # fmt: skip
+            "bob/copies",
+            commit_message="copy again",
+            operations=[
+                hf.CommitOperationCopy(
+                    src_path_in_repo="sub/config.json",
+                    path_in_repo="c.json",
+                    src_repo_id="alice/paths",
+                    src_repo_type="model",
+                )
+            ],
+        )
 
 
 def test_repo_settings_visibility(server: Server, hf: Any) -> None:
@@ -150,8 +171,10 @@ def test_repo_ids_ignore_case(server: Server, hf: Any, tmp_path: Path) -> None:
 def test_both_folder_delete_idioms(server: Server, hf: Any) -> None:
     api = hf.HfApi(endpoint=server.url, token=server.alice)
     api.create_repo("alice/folders")
-    ops = [hf.CommitOperationAdd(path_in_repo=p, path_or_fileobj=p.encode())
-           for p in ("one/a.txt", "one/b/c.txt", "two/a.txt", "keep/x.txt")]  # fmt: skip
+    ops = [
+        hf.CommitOperationAdd(path_in_repo=p, path_or_fileobj=p.encode())
+        for p in ("one/a.txt", "one/b/c.txt", "two/a.txt", "keep/x.txt")
+    ]
     api.create_commit("alice/folders", operations=ops, commit_message="add")
     api.create_commit(
         "alice/folders", operations=[hf.CommitOperationDelete("one/")], commit_message="rm one/"
@@ -210,8 +233,14 @@ def test_move_and_duplicate_repos(server: Server, hf: Any, tmp_path: Path) -> No
     got = hf.hf_hub_download(
         "bob/copy", "w.safetensors", endpoint=server.url, token=False, cache_dir=str(tmp_path)
     )
-    assert Path(got).read_bytes() == Path(hf.hf_hub_download("alice/after", "w.safetensors", endpoint=server.url,
-                                                              token=False, cache_dir=str(tmp_path))).read_bytes()  # fmt: skip
+    assert (
+        Path(got).read_bytes()
+        == Path(
+            hf.hf_hub_download(
+                "alice/after", "w.safetensors", endpoint=server.url, token=False, cache_dir=str(tmp_path)
+            )
+        ).read_bytes()
+    )
     assert bob.duplicate_repo("alice/after", to_id="bob/copy", exist_ok=True).repo_id == "bob/copy"
     alice.create_repo("alice/hidden", private=True)
     with pytest.raises(hf.errors.RepositoryNotFoundError):
@@ -256,8 +285,10 @@ def test_gitignore_and_gitattributes_of_the_repo_are_honoured(server: Server, hf
     api.upload_file(
         path_or_fileobj=b"*.log\nbuild/\n!keep.log\n", path_in_repo=".gitignore", repo_id="alice/rules"
     )
-    ops = [hf.CommitOperationAdd(path_in_repo=p, path_or_fileobj=b"x")
-           for p in ("debug.log", "keep.log", "build/out.txt", "src/build/o.txt", "ok.txt")]  # fmt: skip
+    ops = [
+        hf.CommitOperationAdd(path_in_repo=p, path_or_fileobj=b"x")
+        for p in ("debug.log", "keep.log", "build/out.txt", "src/build/o.txt", "ok.txt")
+    ]
     api.create_commit("alice/rules", operations=ops, commit_message="add")
     assert sorted(api.list_repo_files("alice/rules")) == [
         ".gitattributes",
@@ -266,9 +297,11 @@ def test_gitignore_and_gitattributes_of_the_repo_are_honoured(server: Server, hf
         "ok.txt",
     ]
     # a .gitignore in the same commit applies to that commit (the client sends it with preupload)
-    ops = [hf.CommitOperationAdd(path_in_repo=".gitignore", path_or_fileobj=b"secret/\n"),
-           hf.CommitOperationAdd(path_in_repo="secret/key.txt", path_or_fileobj=b"k"),
-           hf.CommitOperationAdd(path_in_repo="debug.log", path_or_fileobj=b"now allowed")]  # fmt: skip
+    ops = [
+        hf.CommitOperationAdd(path_in_repo=".gitignore", path_or_fileobj=b"secret/\n"),
+        hf.CommitOperationAdd(path_in_repo="secret/key.txt", path_or_fileobj=b"k"),
+        hf.CommitOperationAdd(path_in_repo="debug.log", path_or_fileobj=b"now allowed"),
+    ]
     api.create_commit("alice/rules", operations=ops, commit_message="new rules")
     files = set(api.list_repo_files("alice/rules"))
     assert "secret/key.txt" not in files and "debug.log" in files
@@ -306,11 +339,15 @@ def test_gitignore_patterns(rules: str, path: str, ignored: bool) -> None:
 def test_tree_and_paths_info_expand_give_each_entrys_last_commit(server: Server, hf: Any) -> None:
     api = hf.HfApi(endpoint=server.url, token=server.alice)
     api.create_repo("alice/expand")
-    first = api.create_commit("alice/expand", commit_message="first", operations=[
-        hf.CommitOperationAdd(path_in_repo="a.txt", path_or_fileobj=b"a"),
-        hf.CommitOperationAdd(path_in_repo="sub/b.txt", path_or_fileobj=b"b"),
-        hf.CommitOperationAdd(path_in_repo="sub/c.txt", path_or_fileobj=b"c"),
-    ])  # fmt: skip
+    first = api.create_commit(
+        "alice/expand",
+        commit_message="first",
+        operations=[
+            hf.CommitOperationAdd(path_in_repo="a.txt", path_or_fileobj=b"a"),
+            hf.CommitOperationAdd(path_in_repo="sub/b.txt", path_or_fileobj=b"b"),
+            hf.CommitOperationAdd(path_in_repo="sub/c.txt", path_or_fileobj=b"c"),
+        ],
+    )
     second = api.upload_file(path_or_fileobj=b"c2", path_in_repo="sub/c.txt", repo_id="alice/expand")
     third = api.upload_file(path_or_fileobj=b"d", path_in_repo="d.txt", repo_id="alice/expand")
     tree = {e.path: e for e in api.list_repo_tree("alice/expand", expand=True)}
@@ -343,8 +380,13 @@ def test_hf_repos_list_cli(server: Server, hf: Any, tmp_path: Path) -> None:
     env.update(
         HF_ENDPOINT=server.url, HF_TOKEN=server.alice, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"
     )
-    res = subprocess.run([str(Path(sys.executable).parent / "hf"), "repos", "list", "--json", "--limit", "0"],
-                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "hf"), "repos", "list", "--json", "--limit", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["id"]: r for r in json.loads(res.stdout)}
     assert "alice/sized" in rows and "alice/sized-private" in rows and "bob/not-alices" not in rows
@@ -374,8 +416,9 @@ def test_repos_list_matches_the_user_exactly(server: Server) -> None:
 
     with Hub(server.home, db=server.db) as hub:
         upper = create_token(hub, "ALICE", write=True).token
-    status, _, _ = server.json("POST", "/api/repos/create", {"name": "case-secret", "private": True},
-                               token=server.alice)  # fmt: skip
+    status, _, _ = server.json(
+        "POST", "/api/repos/create", {"name": "case-secret", "private": True}, token=server.alice
+    )
     assert status == 200
     status, _, _ = server.json("GET", "/api/models/alice/case-secret", token=upper)
     assert status == 404

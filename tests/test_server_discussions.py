@@ -24,8 +24,13 @@ def test_a_pull_request_from_another_user_through_xet_is_merged_by_the_owner(ser
     bob = hf.HfApi(endpoint=server.url, token=server.bob)
     alice.create_repo("alice/pr-repo")
     alice.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id="alice/pr-repo")
-    info = bob.upload_file(path_or_fileobj=weights(11), path_in_repo="adapter_model.safetensors",
-                           repo_id="alice/pr-repo", create_pr=True, commit_message="better weights")  # fmt: skip
+    info = bob.upload_file(
+        path_or_fileobj=weights(11),
+        path_in_repo="adapter_model.safetensors",
+        repo_id="alice/pr-repo",
+        create_pr=True,
+        commit_message="better weights",
+    )
     assert info.pr_num == 1 and info.pr_revision == "refs/pr/1"
     assert "adapter_model.safetensors" not in alice.list_repo_files("alice/pr-repo")
     assert "adapter_model.safetensors" in alice.list_repo_files("alice/pr-repo", revision="refs/pr/1")
@@ -184,12 +189,22 @@ def test_a_pull_request_cannot_reach_what_the_owner_uploaded_but_never_committed
     body = b"".join(
         json.dumps(x).encode() + b"\n" for x in ({"key": "header", "value": {"summary": "take"}}, line)
     )
-    status, _, reply = server.request("POST", "/api/models/alice/open/commit/main?create_pr=1", body=body,
-                                      token=server.bob, headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    status, _, reply = server.request(
+        "POST",
+        "/api/models/alice/open/commit/main?create_pr=1",
+        body=body,
+        token=server.bob,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
     assert status == 400, reply
     status, _, _ = server.request("GET", "/alice/open/resolve/refs%2Fpr%2F1/w.safetensors", token=server.bob)
     assert status == 404
     # the owner herself may commit it
-    status, _, reply = server.request("POST", "/api/models/alice/open/commit/main", body=body, token=server.alice,
-                                      headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    status, _, reply = server.request(
+        "POST",
+        "/api/models/alice/open/commit/main",
+        body=body,
+        token=server.alice,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
     assert status == 200, reply

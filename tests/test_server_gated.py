@@ -43,8 +43,14 @@ def test_a_gated_repos_files_are_for_its_owner_and_the_users_let_in(
         )
     status, headers, _ = server.request("GET", "/alice/gated/resolve/main/w.bin")
     assert status == 401 and headers["X-Error-Code"] == "GatedRepo"
-    assert Path(hf.hf_hub_download("alice/gated", "w.bin", endpoint=server.url, token=server.alice,
-                                   cache_dir=str(tmp_path / "a"))).read_bytes() == b"weights"  # fmt: skip
+    assert (
+        Path(
+            hf.hf_hub_download(
+                "alice/gated", "w.bin", endpoint=server.url, token=server.alice, cache_dir=str(tmp_path / "a")
+            )
+        ).read_bytes()
+        == b"weights"
+    )
 
     assert list(alice.list_accepted_access_requests("alice/gated")) == []
     alice.grant_access("alice/gated", "bob")
@@ -53,8 +59,14 @@ def test_a_gated_repos_files_are_for_its_owner_and_the_users_let_in(
     (req,) = alice.list_accepted_access_requests("alice/gated")
     assert req.username == "bob" and req.status == "accepted"
     bob.auth_check("alice/gated")
-    assert Path(hf.hf_hub_download("alice/gated", "w.bin", endpoint=server.url, token=server.bob,
-                                   cache_dir=str(tmp_path / "b"))).read_bytes() == b"weights"  # fmt: skip
+    assert (
+        Path(
+            hf.hf_hub_download(
+                "alice/gated", "w.bin", endpoint=server.url, token=server.bob, cache_dir=str(tmp_path / "b")
+            )
+        ).read_bytes()
+        == b"weights"
+    )
     alice.reject_access_request("alice/gated", "bob", rejection_reason="not yet")
     with pytest.raises(hf.errors.HfHubHTTPError):
         alice.reject_access_request("alice/gated", "bob", rejection_reason="not yet")
@@ -125,8 +137,9 @@ def test_a_moved_repos_old_links_still_resolve(server: Server, hf: Any, tmp_path
     api.create_repo("alice/before", private=True)
     api.upload_file(path_or_fileobj=b"content", path_in_repo="file.txt", repo_id="alice/before")
     api.move_repo("alice/before", "alice/after")
-    got = hf.hf_hub_download("alice/before", "file.txt", endpoint=server.url, token=server.alice,
-                             cache_dir=str(tmp_path))  # fmt: skip
+    got = hf.hf_hub_download(
+        "alice/before", "file.txt", endpoint=server.url, token=server.alice, cache_dir=str(tmp_path)
+    )
     assert Path(got).read_bytes() == b"content"
     status, _, _ = server.request("GET", "/alice/before/resolve/main/file.txt", token=server.bob)
     assert status == 404  # a private repo's new name is not revealed

@@ -45,8 +45,10 @@ def bomb(levels: int = 9) -> str:
 
 def readme_commit(text: str) -> bytes:
     content = base64.b64encode(text.encode()).decode()
-    return ndjson({"key": "header", "value": {"summary": "card"}},
-                  {"key": "file", "value": {"path": "README.md", "content": content}})  # fmt: skip
+    return ndjson(
+        {"key": "header", "value": {"summary": "card"}},
+        {"key": "file", "value": {"path": "README.md", "content": content}},
+    )
 
 
 def test_control_characters_in_a_path_get_a_404_and_keep_the_connection(server: Server, repo: str) -> None:

@@ -42,9 +42,11 @@ def lfs_commit(server: Server, repo: str, token: str, path: str, oid: str, size:
 
 def batch(server: Server, repo: str, token: str, oid: str, size: int) -> dict[str, Any]:
     status, _, reply = server.json(
-        "POST", f"/{repo}.git/info/lfs/objects/batch",
-        {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}]}, token=token,
-    )  # fmt: skip
+        "POST",
+        f"/{repo}.git/info/lfs/objects/batch",
+        {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}]},
+        token=token,
+    )
     assert status == 200, reply
     (obj,) = reply["objects"]
     return dict(obj)
@@ -83,8 +85,13 @@ def test_a_digest_alone_does_not_reach_another_users_private_file(
     assert status == 400 and wrong_size["error"] == reply["error"]
     assert server.json("GET", "/api/models/bob/public")[2]["sha"] == before
     with pytest.raises(hf.errors.EntryNotFoundError):
-        hf.hf_hub_download("bob/public", "stolen.safetensors", endpoint=server.url, token=False,
-                           cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        hf.hf_hub_download(
+            "bob/public",
+            "stolen.safetensors",
+            endpoint=server.url,
+            token=False,
+            cache_dir=str(tmp_path / "cache"),
+        )
     # alice's read token cannot be used to plant it in a repo of alice's either (it cannot write at all)
     status, _ = lfs_commit(
         server, "alice/vault", server.alice_read, "copy.safetensors", sha(secret), len(secret)
@@ -125,8 +132,9 @@ def test_a_user_who_has_the_same_bytes_uploads_them_like_anyone(
     bob = hf.HfApi(endpoint=server.url, token=server.bob)
     bob.create_repo("bob/same")
     ci = bob.upload_file(path_or_fileobj=secret, path_in_repo="mine.safetensors", repo_id="bob/same")
-    got = hf.hf_hub_download("bob/same", "mine.safetensors", endpoint=server.url, token=False,
-                             cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    got = hf.hf_hub_download(
+        "bob/same", "mine.safetensors", endpoint=server.url, token=False, cache_dir=str(tmp_path / "cache")
+    )
     assert Path(got).read_bytes() == secret
     assert bob.model_info("bob/same", files_metadata=True).sha == ci.oid
     # once uploaded to bob/same, bob may reference it there again
@@ -158,8 +166,13 @@ def test_legitimate_references_still_work(server: Server, hf: Any, secret: bytes
         server, "bob/public", server.bob, "copied.safetensors", sha(shared), len(shared)
     )
     assert status == 200, reply
-    got = hf.hf_hub_download("bob/public", "copied.safetensors", endpoint=server.url, token=False,
-                             cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    got = hf.hf_hub_download(
+        "bob/public",
+        "copied.safetensors",
+        endpoint=server.url,
+        token=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert Path(got).read_bytes() == shared
     # an ordinary upload of a new file, and an unchanged re-upload that makes no commit
     data = os.urandom(5000)
@@ -167,8 +180,10 @@ def test_legitimate_references_still_work(server: Server, hf: Any, secret: bytes
     again = bob.upload_file(path_or_fileobj=data, path_in_repo="new.safetensors", repo_id="bob/public")
     assert first.oid == again.oid
     # a regular (inline) file is content, not a reference: always fine
-    body = ndjson({"key": "header", "value": {"summary": "note"}},
-                  {"key": "file", "value": {"path": "note.txt", "content": base64.b64encode(b"hi").decode()}})  # fmt: skip
+    body = ndjson(
+        {"key": "header", "value": {"summary": "note"}},
+        {"key": "file", "value": {"path": "note.txt", "content": base64.b64encode(b"hi").decode()}},
+    )
     assert server.request("POST", "/api/models/bob/public/commit/main", body=body, token=server.bob)[0] == 200
 
 
@@ -224,13 +239,15 @@ def test_the_lfs_batch_hands_out_no_upload_url_for_a_branch_the_caller_cannot_wr
     assert err.value.response.status_code == 403
     assert "w.safetensors" not in alice.list_repo_files("alice/shop")
     # a pull request from bob still uploads its weights through LFS (no ref), and he may push to it
-    pr = bob.upload_file(path_or_fileobj=weights, path_in_repo="w.safetensors", repo_id="alice/shop",
-                         create_pr=True)  # fmt: skip
+    pr = bob.upload_file(
+        path_or_fileobj=weights, path_in_repo="w.safetensors", repo_id="alice/shop", create_pr=True
+    )
     assert "w.safetensors" in alice.list_repo_files("alice/shop", revision=pr.pr_revision)
     info = bob.model_info("alice/shop", revision=pr.pr_revision, files_metadata=True)
     assert {s.rfilename: s.lfs for s in info.siblings or []}["w.safetensors"].sha256 == sha(weights)
     assert batch_status(server, "alice/shop", server.bob, pr.pr_revision)[0] == 200
     more = os.urandom(2000)
-    bob.upload_file(path_or_fileobj=more, path_in_repo="more.safetensors", repo_id="alice/shop",
-                    revision=pr.pr_revision)  # fmt: skip
+    bob.upload_file(
+        path_or_fileobj=more, path_in_repo="more.safetensors", repo_id="alice/shop", revision=pr.pr_revision
+    )
     assert "more.safetensors" in alice.list_repo_files("alice/shop", revision=pr.pr_revision)

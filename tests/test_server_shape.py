@@ -11,9 +11,23 @@ import adapterhub
 
 PACKAGE = Path(adapterhub.__file__).parent
 SERVER = PACKAGE / "server"
-HTTP_FREE = ("storage.py", "tokens.py", "cards.py", "checks.py", "records.py", "payload.py", "gitfiles.py",
-             "views.py", "access.py", "likes.py", "discussions.py", "collections.py", "webhooks.py", "legacy.py",
-             "xetstore.py")  # fmt: skip
+HTTP_FREE = (
+    "storage.py",
+    "tokens.py",
+    "cards.py",
+    "checks.py",
+    "records.py",
+    "payload.py",
+    "gitfiles.py",
+    "views.py",
+    "access.py",
+    "likes.py",
+    "discussions.py",
+    "collections.py",
+    "webhooks.py",
+    "legacy.py",
+    "xetstore.py",
+)
 
 
 def module_name(path: Path) -> str:

@@ -32,9 +32,19 @@ def test_state_in_files_is_brought_into_the_catalog_once(hub: Hub) -> None:
     root = hub.home / "server"
     (root / "gated").mkdir(parents=True)
     (root / "gated" / key).write_text("manual")
-    (root / "gated" / f"{key}.access.json").write_text(json.dumps({"bob": {
-        "user": "bob", "request_id": "r1", "status": "accepted", "timestamp": "2026-12-01T10:00:00.000Z",
-        "reason": None}}))  # fmt: skip
+    (root / "gated" / f"{key}.access.json").write_text(
+        json.dumps(
+            {
+                "bob": {
+                    "user": "bob",
+                    "request_id": "r1",
+                    "status": "accepted",
+                    "timestamp": "2026-12-01T10:00:00.000Z",
+                    "reason": None,
+                }
+            }
+        )
+    )
     (root / "uploads" / key / "by" / "bob").mkdir(parents=True)
     (root / "uploads" / key / SHA).touch()
     (root / "uploads" / key / "by" / "bob" / SHA).touch()
@@ -46,20 +56,66 @@ def test_state_in_files_is_brought_into_the_catalog_once(hub: Hub) -> None:
     (root / "likes").mkdir()
     (root / "likes" / "bob.json").write_text(json.dumps({key: "2026-12-02T10:00:00.000Z", gone_key: "x"}))
     (root / "discussions").mkdir()
-    thread = {"num": 1, "title": "hi", "status": "open", "isPullRequest": False,
-              "createdAt": "2026-12-01T10:00:00.000Z", "author": {"name": "bob"}, "pinned": False,
-              "events": [{"id": "e1", "type": "comment", "createdAt": "2026-12-01T10:00:00.000Z",
-                          "author": {"name": "bob"}, "data": {"latest": {"raw": "hello", "html": "hello"}}}]}  # fmt: skip
+    thread = {
+        "num": 1,
+        "title": "hi",
+        "status": "open",
+        "isPullRequest": False,
+        "createdAt": "2026-12-01T10:00:00.000Z",
+        "author": {"name": "bob"},
+        "pinned": False,
+        "events": [
+            {
+                "id": "e1",
+                "type": "comment",
+                "createdAt": "2026-12-01T10:00:00.000Z",
+                "author": {"name": "bob"},
+                "data": {"latest": {"raw": "hello", "html": "hello"}},
+            }
+        ],
+    }
     (root / "discussions" / f"{key}.json").write_text(json.dumps({"next": 2, "items": {"1": thread}}))
     (root / "collections").mkdir()
-    (root / "collections" / "alice.json").write_text(json.dumps({"c1": {
-        "slug": "alice/mine-c1", "title": "Mine", "description": None, "items": [
-            {"_id": "i1", "id": "alice/old", "type": "model", "position": 0, "note": {"text": "n", "html": "n"}}],
-        "lastUpdated": "2026-12-03T10:00:00.000Z", "position": 0, "private": False, "theme": "default"}}))  # fmt: skip
+    (root / "collections" / "alice.json").write_text(
+        json.dumps(
+            {
+                "c1": {
+                    "slug": "alice/mine-c1",
+                    "title": "Mine",
+                    "description": None,
+                    "items": [
+                        {
+                            "_id": "i1",
+                            "id": "alice/old",
+                            "type": "model",
+                            "position": 0,
+                            "note": {"text": "n", "html": "n"},
+                        }
+                    ],
+                    "lastUpdated": "2026-12-03T10:00:00.000Z",
+                    "position": 0,
+                    "private": False,
+                    "theme": "default",
+                }
+            }
+        )
+    )
     (root / "webhooks").mkdir()
-    (root / "webhooks" / "alice.json").write_text(json.dumps({"h1": {
-        "id": "h1", "url": "http://127.0.0.1:9/hook", "watched": [{"type": "user", "name": "alice"}],
-        "domains": ["repo"], "secret": "s", "disabled": False, "createdAt": "2026-12-01T10:00:00.000Z"}}))  # fmt: skip
+    (root / "webhooks" / "alice.json").write_text(
+        json.dumps(
+            {
+                "h1": {
+                    "id": "h1",
+                    "url": "http://127.0.0.1:9/hook",
+                    "watched": [{"type": "user", "name": "alice"}],
+                    "domains": ["repo"],
+                    "secret": "s",
+                    "disabled": False,
+                    "createdAt": "2026-12-01T10:00:00.000Z",
+                }
+            }
+        )
+    )
 
     store = server_store(hub.catalog, hub.home)  # a server opening this home: the files come in
     gates = GateRows(hub.catalog)
@@ -109,8 +165,13 @@ def test_writes_from_many_threads_at_once_all_land(hub: Hub) -> None:
 
 def test_no_module_keeps_a_lock_or_a_state_file() -> None:
     found = []
-    for p in sorted([*(PACKAGE / "server").glob("*.py"), *(PACKAGE / "server" / "routes").glob("*.py"),
-                     *(PACKAGE / "catalog").glob("*.py")]):  # fmt: skip
+    for p in sorted(
+        [
+            *(PACKAGE / "server").glob("*.py"),
+            *(PACKAGE / "server" / "routes").glob("*.py"),
+            *(PACKAGE / "catalog").glob("*.py"),
+        ]
+    ):
         tree = ast.parse(p.read_text())
         for node in tree.body:  # module level
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call):
@@ -118,8 +179,11 @@ def test_no_module_keeps_a_lock_or_a_state_file() -> None:
                 if name.endswith(("Lock", "RLock", "Semaphore", "Condition")):
                     found.append(f"{p.name}: {ast.unparse(node)}")
         if p.name != "legacy.py":
-            found += [f"{p.name}: json.dump" for n in ast.walk(tree)
-                      if isinstance(n, ast.Attribute) and ast.unparse(n) == "json.dump"]  # fmt: skip
+            found += [
+                f"{p.name}: json.dump"
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and ast.unparse(n) == "json.dump"
+            ]
     assert found == []
 
 
@@ -132,10 +196,15 @@ def test_the_hub_imports_nothing_of_the_server_and_no_sql_lives_outside_the_cata
     ]
     for p in sorted(PACKAGE.rglob("*.py")):
         if "catalog" not in p.relative_to(PACKAGE).parts:
-            found += [f"{p.name}: {ast.unparse(n)}" for n in ast.walk(ast.parse(p.read_text()))
-                      if isinstance(n, (ast.Import, ast.ImportFrom))
-                      and any("sqlalchemy" in (m or "") for m in [getattr(n, "module", None),
-                                                                  *(a.name for a in n.names)])]  # fmt: skip
+            found += [
+                f"{p.name}: {ast.unparse(n)}"
+                for n in ast.walk(ast.parse(p.read_text()))
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                and any(
+                    "sqlalchemy" in (m or "")
+                    for m in [getattr(n, "module", None), *(a.name for a in n.names)]
+                )
+            ]
     assert found == []
 
 

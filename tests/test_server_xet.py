@@ -50,9 +50,13 @@ def upload_records(server: Server, repo_id: str, digest: str) -> tuple[bool, set
         rid = conn.execute(
             select(hub_repos.c.id).where(hub_repos.c.namespace == ns, hub_repos.c.name == name)
         ).scalar()
-        proof = conn.execute(select(hub_upload_proofs.c.sha256).where(
-            hub_upload_proofs.c.repo_id == rid, hub_upload_proofs.c.user == "", hub_upload_proofs.c.sha256 == digest
-        )).first()  # fmt: skip
+        proof = conn.execute(
+            select(hub_upload_proofs.c.sha256).where(
+                hub_upload_proofs.c.repo_id == rid,
+                hub_upload_proofs.c.user == "",
+                hub_upload_proofs.c.sha256 == digest,
+            )
+        ).first()
         xorbs = set(
             conn.execute(select(hub_repo_xorbs.c.xorb).where(hub_repo_xorbs.c.repo_id == rid)).scalars()
         )
@@ -133,8 +137,11 @@ def test_upload_folder_and_create_commit_with_weight_files(server: Server, hf: A
         hf.CommitOperationDelete("sub/optimizer.pt"),
     ]
     api.create_commit("alice/xet-folder", ops, commit_message="weights")
-    snap = Path(hf.snapshot_download("alice/xet-folder", endpoint=server.url, token=server.alice,
-                                     cache_dir=str(tmp_path / "snap")))  # fmt: skip
+    snap = Path(
+        hf.snapshot_download(
+            "alice/xet-folder", endpoint=server.url, token=server.alice, cache_dir=str(tmp_path / "snap")
+        )
+    )
     got = {p.relative_to(snap).as_posix(): p.read_bytes() for p in snap.rglob("*") if p.is_file()}
     assert got == {
         ".gitattributes": got[".gitattributes"],
@@ -168,8 +175,13 @@ def test_hf_upload_cli(server: Server, tmp_path: Path) -> None:
     (folder / "adapter_model.safetensors").write_bytes(weights(7))
     (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# cli\n")
     env = client_env(server, tmp_path, server.alice)
-    res = subprocess.run([str(VENV_BIN / "hf"), "upload", "alice/xet-cli", str(folder), "."],
-                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [str(VENV_BIN / "hf"), "upload", "alice/xet-cli", str(folder), "."],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "xet-write-token" not in res.stderr
     status, _, body = server.request("GET", "/alice/xet-cli/resolve/main/adapter_model.safetensors")
@@ -193,8 +205,13 @@ def test_peft_push_to_hub(server: Server, tmp_path: Path) -> None:
         "print('ok')\n"
     )
     env = client_env(server, tmp_path, server.alice)
-    res = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "local")],
-                         capture_output=True, text=True, env=env, timeout=180)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "local")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
     from safetensors.torch import load, load_file
 
@@ -274,28 +291,43 @@ def test_a_xet_upload_cannot_reach_another_users_private_content(
     assert proof and xorbs, "the upload went through Xet"
     bob = xet_token(server, server.bob, "bob/xet-thief")
     for xorb in xorbs:  # bob knows the xorb hash (and the sha256), not the bytes
-        status, _, body = server.request("POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(secret), digest),
-                                         token=bob)  # fmt: skip
+        status, _, body = server.request(
+            "POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(secret), digest), token=bob
+        )
         assert status == 400 and b"was not uploaded by bob" in body
-    status, _, _ = server.request("POST", "/api/models/bob/xet-thief/commit/main", token=server.bob, body=ndjson(
-        {"key": "header", "value": {"summary": "steal"}},
-        {"key": "lfsFile", "value": {"path": "stolen.bin", "algo": "sha256", "oid": digest, "size": len(secret)}},
-    ), headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    status, _, _ = server.request(
+        "POST",
+        "/api/models/bob/xet-thief/commit/main",
+        token=server.bob,
+        body=ndjson(
+            {"key": "header", "value": {"summary": "steal"}},
+            {
+                "key": "lfsFile",
+                "value": {"path": "stolen.bin", "algo": "sha256", "oid": digest, "size": len(secret)},
+            },
+        ),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
     assert status == 400
     status, _, _ = server.request("GET", "/bob/xet-thief/resolve/main/stolen.bin")
     assert status == 404
     # the same bytes, sent by bob himself (from a Xet cache of his own), are his to commit
     (tmp_path / "mine.bin").write_bytes(secret)
-    res = subprocess.run([str(VENV_BIN / "hf"), "upload", "bob/xet-thief", str(tmp_path / "mine.bin"), "mine.bin"],
-                         capture_output=True, text=True, env=client_env(server, tmp_path / "bob", server.bob),
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [str(VENV_BIN / "hf"), "upload", "bob/xet-thief", str(tmp_path / "mine.bin"), "mine.bin"],
+        capture_output=True,
+        text=True,
+        env=client_env(server, tmp_path / "bob", server.bob),
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert download(hf, server, "bob/xet-thief", "mine.bin", tmp_path, server.bob) == secret
     # and alice may use her own xorbs in another of her repos
     alice = xet_token(server, server.alice, "alice/xet-second")
     for xorb in xorbs:
-        status, _, body = server.request("POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(secret), digest),
-                                         token=alice)  # fmt: skip
+        status, _, body = server.request(
+            "POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(secret), digest), token=alice
+        )
         assert status == 200, body
 
 
@@ -308,12 +340,14 @@ def test_the_server_checks_what_it_rebuilds(server: Server) -> None:
     )
     assert status == 200 and json.loads(body) == {"was_inserted": True}
     wrong = hashlib.sha256(b"other").hexdigest()
-    status, _, body = server.request("POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(content), wrong),
-                                     token=token)  # fmt: skip
+    status, _, body = server.request(
+        "POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(content), wrong), token=token
+    )
     assert status == 400 and b"sha256" in body
     assert not (server.home / "server" / "objects" / wrong[:2] / wrong[2:]).exists()
-    status, _, body = server.request("POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(content) + 1, None),
-                                     token=token)  # fmt: skip
+    status, _, body = server.request(
+        "POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(content) + 1, None), token=token
+    )
     assert status == 400 and b"holds" in body
     status, _, _ = server.request(
         "POST", f"/xet-cas/v1/xorbs/default/{xorb}", body=b"\x07garbage", token=token
@@ -322,8 +356,9 @@ def test_the_server_checks_what_it_rebuilds(server: Server) -> None:
     status, _, _ = server.request("POST", "/xet-cas/v1/shards", body=b"not a shard", token=token)
     assert status == 400
     good = hashlib.sha256(content).hexdigest()
-    status, _, body = server.request("POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(content), good),
-                                     token=token)  # fmt: skip
+    status, _, body = server.request(
+        "POST", "/xet-cas/v1/shards", body=shard_of(xorb, len(content), good), token=token
+    )
     assert status == 200 and json.loads(body) == {"result": 1}
     # no global deduplication: whether anyone holds a chunk is not answered
     status, _, _ = server.request("GET", f"/xet-cas/v1/chunks/default-merkledb/{xorb}", token=token)

@@ -11,8 +11,15 @@ PKG = Path(__file__).resolve().parents[1] / "adapterhub"
 MAX_LINES = 600
 #: layers that must run with torch alone (a GPU box): they import nothing of these
 LOWER = ("adapterhub.lora", "adapterhub.formats", "adapterhub.ops", "adapterhub.runtime")
-UPPER = ("adapterhub.catalog", "adapterhub.store", "adapterhub.services", "adapterhub.hub", "adapterhub.remote",
-         "adapterhub.server", "adapterhub.cli")  # fmt: skip
+UPPER = (
+    "adapterhub.catalog",
+    "adapterhub.store",
+    "adapterhub.services",
+    "adapterhub.hub",
+    "adapterhub.remote",
+    "adapterhub.server",
+    "adapterhub.cli",
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -42,9 +42,13 @@ def _store(s3: SeaweedServer, env: dict[str, str], root: Path, name: str = "stor
 
 
 def test_add_export_merge_check_gc_in_the_bucket(
-    s3_server: SeaweedServer, s3_env: dict[str, str], world: dict[str, Path], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, db_url: str | None,
-) -> None:  # fmt: skip
+    s3_server: SeaweedServer,
+    s3_env: dict[str, str],
+    world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    db_url: str | None,
+) -> None:
     """On SQLite and on PostgreSQL (the ``db_url`` fixture)."""
     bucket, prefix = s3_server.bucket, s3_env["ADAPTERHUB_STORE"].split("/")[3]
     with Hub(tmp_path / "home", db=db_url) as hub:
@@ -205,8 +209,11 @@ def test_wrong_credentials_are_one_line(
     env = {**os.environ, **s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}
     res = subprocess.run(
         [sys.executable, "-m", "adapterhub", "--home", str(tmp_path / "home"), "add", str(world["a"])],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "access denied" in lines[0] and "AWS_SECRET_ACCESS_KEY" in lines[0], res.stderr
@@ -221,9 +228,13 @@ def s3_server_proc(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
 
 
 def test_push_and_pull_through_a_server_on_the_bucket(
-    s3_server: SeaweedServer, s3_env: dict[str, str], s3_server_proc: Any, world: dict[str, Path],
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    s3_server: SeaweedServer,
+    s3_env: dict[str, str],
+    s3_server_proc: Any,
+    world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from test_server import online_hf
 
     from adapterhub.formats.safetensors_header import read_header

@@ -38,8 +38,11 @@ def reclaim_line(home: Path) -> str:
     """`db check`'s summary (stderr; the problems themselves go to stdout)."""
     res = subprocess.run(
         [sys.executable, "-m", "adapterhub", "--home", str(home), "db", "check", "--quick", "--csv"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "ADAPTERHUB_FAULT": ""},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ADAPTERHUB_FAULT": ""},
+    )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 1 and len(lines) == 1, res.stderr
     return lines[0]

@@ -95,16 +95,23 @@ def test_rslora_gradients_equal_peft() -> None:
     _nudge(ad)
     assert len(ad.targets) == 14  # 7 projections x 2 layers, never lm_head
     sd = dict(ad.named_parameters())
-    pm = _peft(tiny_llama(0), {k: v.detach() for k, v in sd.items()}, r=8, lora_alpha=4, use_rslora=True,
-               target_modules="all-linear")  # fmt: skip
+    pm = _peft(
+        tiny_llama(0),
+        {k: v.detach() for k, v in sd.items()},
+        r=8,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules="all-linear",
+    )
     with torch.no_grad():
         assert torch.allclose(model(input_ids=X).logits, pm(input_ids=X).logits, atol=1e-5)
     model(input_ids=X, labels=X).loss.backward()
     pm(input_ids=X, labels=X).loss.backward()
     for n, p in pm.named_parameters():
         if "lora_" in n:
-            assert torch.allclose(sd[n.replace("base_model.model.", "").replace(".default", "")].grad, p.grad,
-                                  atol=1e-5, rtol=0)  # fmt: skip
+            assert torch.allclose(
+                sd[n.replace("base_model.model.", "").replace(".default", "")].grad, p.grad, atol=1e-5, rtol=0
+            )
 
 
 def _train(model: Any, ad: Any, steps: int, *, seed: int = 0) -> list[float]:
@@ -315,8 +322,9 @@ def test_loss_masks(smol_home: Hub) -> None:
     ((ids, labels),) = encode_rows(tok, [(1, msgs)], "messages", max_length=512, path=Path("d"))
     learned = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
     assert learned.startswith("Blue, arr!<|im_end|>") and "Sky?" not in learned
-    ((ids, labels),) = encode_rows(tok, [(1, {"prompt": "Q: Sky? A:", "completion": " Blue"})], "prompt",
-                                   max_length=512, path=Path("d"))  # fmt: skip
+    ((ids, labels),) = encode_rows(
+        tok, [(1, {"prompt": "Q: Sky? A:", "completion": " Blue"})], "prompt", max_length=512, path=Path("d")
+    )
     assert (
         tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100]) == " Blue" + tok.eos_token
     )
@@ -327,8 +335,27 @@ def test_train_cli_catalogs_with_lineage(
 ) -> None:
     data = _jsonl(tmp_path / "p.jsonl", [{"prompt": q + " ", "completion": a} for q, a in PAIRS])
     cli = Cli(smol_home.home, capsys)
-    doc = json.loads(cli("train", "smollm2", "--data", str(data), "--name", "tiny-pirate", "--steps", "4",
-                         "--lr", "5e-3", "--batch-size", "3", "--seed", "1", "--tag", "style", "--json"))  # fmt: skip
+    doc = json.loads(
+        cli(
+            "train",
+            "smollm2",
+            "--data",
+            str(data),
+            "--name",
+            "tiny-pirate",
+            "--steps",
+            "4",
+            "--lr",
+            "5e-3",
+            "--batch-size",
+            "3",
+            "--seed",
+            "1",
+            "--tag",
+            "style",
+            "--json",
+        )
+    )
     assert doc["steps"] == 4 and doc["last_loss"] < doc["first_loss"]
     assert 0 < doc["trainable_share"] < 0.01 and doc["tokens_per_second"] > 0
     info = smol_home.adapter_info("tiny-pirate")

@@ -26,13 +26,33 @@ def test_sft_trainer_run_is_cataloged_with_lineage(tmp_path: Path) -> None:
     data = jsonl(tmp_path / "t.jsonl", rows)
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     tok = AutoTokenizer.from_pretrained(str(folder))
-    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-                         logging_steps=1, save_steps=2, eval_strategy="steps", eval_steps=2, report_to=[], use_cpu=True,
-                         dataset_text_field="text", max_length=64, seed=5, disable_tqdm=True, bf16=False)  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        report_to=[],
+        use_cpu=True,
+        dataset_text_field="text",
+        max_length=64,
+        seed=5,
+        disable_tqdm=True,
+        bf16=False,
+    )
     cb = AdapterHubCallback(hub, name="sft", base="tiny", data=data, every_checkpoint=True, tags=["trl"])
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:2]),
-                             processing_class=tok, callbacks=[cb],
-                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows[:2]),
+        processing_class=tok,
+        callbacks=[cb],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     trainer.train()
     names = {a.name for a in hub.list_adapters()}
     assert {"sft", "sft-step-2", "sft-step-4"} <= names

@@ -132,8 +132,11 @@ def test_device_cuda_on_cpu_torch_is_one_line(
 
 def test_unknown_targets_list_the_module_names(hub: Hub, tmp_path: Path) -> None:
     data = jsonl(tmp_path / "t.jsonl", text_rows(2))
-    with pytest.raises(InvalidOptionError, match=r"nosuch_proj match no module.*are down_proj, embed_tokens, "
-                       r"gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):  # fmt: skip
+    with pytest.raises(
+        InvalidOptionError,
+        match=r"nosuch_proj match no module.*are down_proj, embed_tokens, "
+        r"gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    ):
         hub.train("tiny", data, name="x", steps=1, targets=["nosuch_proj"])
 
 

@@ -104,8 +104,12 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(hub: Hub, tmp_path: Path) -
     with pytest.raises(InvalidOptionError, match="no checkpoint"):
         folder.start({"a": 1}, resume=True)
     assert not scratch.exists()  # its writer is dead: cleared
-    folder.save(2, {"w": torch.ones(2)}, {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-                {"step": 2, "rng": {"cpu": torch.get_rng_state()}})  # fmt: skip
+    folder.save(
+        2,
+        {"w": torch.ones(2)},
+        {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        {"step": 2, "rng": {"cpu": torch.get_rng_state()}},
+    )
     folder.save(
         4,
         {"w": torch.full((2,), 2.0)},
@@ -140,8 +144,19 @@ def test_8bit_optimizers_train_and_resume(hub: Hub, tmp_path: Path, optim: str) 
 def test_schedule_warmup_and_clipping_reach_the_optimizer(hub: Hub, tmp_path: Path) -> None:
     data = jsonl(tmp_path / "t.jsonl", text_rows(8))
     logs: list[dict[str, Any]] = []
-    hub.train("tiny", data, name="s", steps=6, warmup=2, lr=1e-2, schedule="linear", log_every=1, on_log=logs.append,
-              max_grad_norm=0.5, gradient_checkpointing=True)  # fmt: skip
+    hub.train(
+        "tiny",
+        data,
+        name="s",
+        steps=6,
+        warmup=2,
+        lr=1e-2,
+        schedule="linear",
+        log_every=1,
+        on_log=logs.append,
+        max_grad_norm=0.5,
+        gradient_checkpointing=True,
+    )
     lrs = [r["lr"] for r in logs]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)  # warm-up, then linear decay
     assert lrs[2:] == pytest.approx([1e-2 * (6 - s) / 4 for s in range(3, 7)])

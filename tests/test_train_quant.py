@@ -29,10 +29,25 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 def test_65b_with_nf4_plans_about_48_gb_as_the_qlora_paper() -> None:
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
-                      vocab_size=32000, max_position_embeddings=2048, dtype="float16")  # fmt: skip
-    plan = memory_plan(cfg, targets="all-linear", rank=64, quantize="nf4", micro_batch=1, max_length=512,
-                       gradient_checkpointing=True, device="cpu")  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        dtype="float16",
+    )
+    plan = memory_plan(
+        cfg,
+        targets="all-linear",
+        rank=64,
+        quantize="nf4",
+        micro_batch=1,
+        max_length=512,
+        gradient_checkpointing=True,
+        device="cpu",
+    )
     assert 65.0e9 < plan.base_params < 65.5e9
     assert plan.base == pytest.approx(34.46e9, rel=0.01)  # 4.127 bits a linear weight, the rest in bf16
     assert 44e9 < plan.total < 50e9  # "from >780GB of GPU memory to <48GB"
@@ -58,8 +73,25 @@ def test_qlora_trains_from_the_cli_and_records_the_quantization(
     data = jsonl(tmp_path / "t.jsonl", text_rows(8))
     cli = Cli(hub.home, capsys)
     name = f"q-{quantize}"
-    doc = json.loads(cli("train", "tiny", "--data", str(data), "--name", name, "--steps", "4", "--lr", "1e-2",
-                         "--quantize", quantize, "--targets", "all-linear", "--json"))  # fmt: skip
+    doc = json.loads(
+        cli(
+            "train",
+            "tiny",
+            "--data",
+            str(data),
+            "--name",
+            name,
+            "--steps",
+            "4",
+            "--lr",
+            "1e-2",
+            "--quantize",
+            quantize,
+            "--targets",
+            "all-linear",
+            "--json",
+        )
+    )
     assert doc["last_loss"] < doc["first_loss"]
     assert '"plan"' in cli.err and quantize in cli.err
     params = hub.adapter_info(name).parents[0].params
@@ -93,24 +125,57 @@ def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path
     from transformers import AutoModelForCausalLM
 
     base = hub.base_info("tiny").path
-    made = make_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "qa", r=4,
-                        target_modules=["q_proj", "v_proj", "down_proj"], seed=3)  # fmt: skip
+    made = make_adapter(
+        AutoModelForCausalLM.from_pretrained(base),
+        tmp_path / "qa",
+        r=4,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        seed=3,
+    )
     hub.add_adapter(made, name="served-on-nf4")
-    want = hub.generate("tiny", "hello world", adapters=[("served-on-nf4", 1.0)], quantize="nf4",
-                        device="cpu", max_tokens=4)  # fmt: skip
+    want = hub.generate(
+        "tiny", "hello world", adapters=[("served-on-nf4", 1.0)], quantize="nf4", device="cpu", max_tokens=4
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("ADAPTERHUB_HOME", "ADAPTERHUB_DB")}
-    proc = subprocess.Popen([sys.executable, "-m", "adapterhub", "--home", str(hub.home), "serve", "--port", "0",
-                             "--model", "tiny", "--quantize", "nf4", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "adapterhub",
+            "--home",
+            str(hub.home),
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            "tiny",
+            "--quantize",
+            "nf4",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert " on http" in line, proc.stderr.read() if proc.stderr else line
         url = line.split(" on ")[1].split()[0]
-        body = {"model": "served-on-nf4", "messages": [{"role": "user", "content": "hello world"}],
-                "max_tokens": 4, "temperature": 0}  # fmt: skip
-        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        body = {
+            "model": "served-on-nf4",
+            "messages": [{"role": "user", "content": "hello world"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             got = json.loads(r.read())
     finally:

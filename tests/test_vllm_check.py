@@ -74,10 +74,13 @@ def test_target_rules() -> None:
     assert e.status == "error" and "expected target modules in" in e.message and "rotary" in e.message
     assert not _by(check_vllm(w), "vllm.target")  # unknown model type: vLLM adapts any linear layer
     emb = LoraWeights(
-        modules={"model.embed_tokens.weight": LoraModule("model.embed_tokens.weight", "embedding", 4, 4.0, 1.0,
-                                                         (4, 32), (65, 4))},
+        modules={
+            "model.embed_tokens.weight": LoraModule(
+                "model.embed_tokens.weight", "embedding", 4, 4.0, 1.0, (4, 32), (65, 4)
+            )
+        },
         format="peft",
-    )  # fmt: skip
+    )
     (e,) = _by(check_vllm(emb, base=llama), "vllm.embedding")
     assert (
         e.status == "error" and "embedding LoRA size(65)" in e.message and "vocabulary size(64)" in e.message

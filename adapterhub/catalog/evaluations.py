@@ -14,8 +14,23 @@ from .tables import evaluations
 
 __all__ = ["insert_evaluations", "latest_values", "select_evaluations"]
 
-FIELDS = ("run", "subject", "adapter_sha256", "combination", "base", "base_fingerprint", "dataset",
-          "dataset_sha256", "metric", "value", "rows", "seed", "version", "source", "params")  # fmt: skip
+FIELDS = (
+    "run",
+    "subject",
+    "adapter_sha256",
+    "combination",
+    "base",
+    "base_fingerprint",
+    "dataset",
+    "dataset_sha256",
+    "metric",
+    "value",
+    "rows",
+    "seed",
+    "version",
+    "source",
+    "params",
+)
 
 
 def insert_evaluations(conn: Connection, rows: Iterable[Mapping[str, Any]]) -> list[int]:
@@ -36,12 +51,24 @@ def insert_evaluations(conn: Connection, rows: Iterable[Mapping[str, Any]]) -> l
 def _record(r: Any) -> EvaluationRecord:
     combo = _json(r.combination)
     return EvaluationRecord(
-        id=r.id, run=r.run, subject=r.subject, adapter_sha256=r.adapter_sha256,
-        combination=dict(combo) if combo else None, base=r.base, base_fingerprint=r.base_fingerprint,
-        dataset=r.dataset, dataset_sha256=r.dataset_sha256, metric=r.metric,
-        value=None if r.value is None else float(r.value), rows=r.rows, seed=r.seed, version=r.version,
-        source=r.source, created_at=_iso(r.created_at) or "", params=dict(_json(r.params) or {}),
-    )  # fmt: skip
+        id=r.id,
+        run=r.run,
+        subject=r.subject,
+        adapter_sha256=r.adapter_sha256,
+        combination=dict(combo) if combo else None,
+        base=r.base,
+        base_fingerprint=r.base_fingerprint,
+        dataset=r.dataset,
+        dataset_sha256=r.dataset_sha256,
+        metric=r.metric,
+        value=None if r.value is None else float(r.value),
+        rows=r.rows,
+        seed=r.seed,
+        version=r.version,
+        source=r.source,
+        created_at=_iso(r.created_at) or "",
+        params=dict(_json(r.params) or {}),
+    )
 
 
 def select_evaluations(
@@ -72,10 +99,13 @@ def latest_values(conn: Connection, dataset: str, metric: str) -> dict[str, floa
     """adapter sha256 -> the value of its latest record of ``metric`` on ``dataset``."""
     last = (
         select(func.max(evaluations.c.id))
-        .where(evaluations.c.dataset == dataset, evaluations.c.metric == metric,
-               evaluations.c.adapter_sha256.is_not(None))
+        .where(
+            evaluations.c.dataset == dataset,
+            evaluations.c.metric == metric,
+            evaluations.c.adapter_sha256.is_not(None),
+        )
         .group_by(evaluations.c.adapter_sha256)
-    )  # fmt: skip
+    )
     rows = conn.execute(
         select(evaluations.c.adapter_sha256, evaluations.c.value).where(evaluations.c.id.in_(last))
     ).all()

@@ -149,14 +149,21 @@ def insert_commit(
             author=author,
             card=card,
             created_at=now,
-        )  # fmt: skip
+        )
         .returning(hub_commits.c.id)
     ).scalar_one()
     if files:
         rows = [
-            {"commit_id": cid, "path": e.path, "size": e.size, "blob_oid": e.blob_oid, "sha256": e.sha256, "lfs": e.lfs}
+            {
+                "commit_id": cid,
+                "path": e.path,
+                "size": e.size,
+                "blob_oid": e.blob_oid,
+                "sha256": e.sha256,
+                "lfs": e.lfs,
+            }
             for e in files.values()
-        ]  # fmt: skip
+        ]
         conn.execute(insert(hub_commit_files), rows)
     where = (hub_refs.c.repo_id == repo_id) & (hub_refs.c.name == branch)
     if conn.execute(select(func.count()).select_from(hub_refs).where(where)).scalar_one():
@@ -220,8 +227,9 @@ class CommitRows:
         with self.catalog.write() as conn:
             head = branch_head(conn, repo, branch)
             files = files_of(conn, head.id)
-            return insert_commit(conn, repo.id, branch_name(branch), None, files, message, "", author, head.card,
-                                 utcnow())  # fmt: skip
+            return insert_commit(
+                conn, repo.id, branch_name(branch), None, files, message, "", author, head.card, utcnow()
+            )
 
     @staticmethod
     def open_pr_ref(conn: Connection, repo: Repo, name: str, base: str) -> Commit:
@@ -233,9 +241,16 @@ class CommitRows:
 
     @staticmethod
     def merge_pr_in(
-        conn: Connection, repo: Repo, pr_ref: str, base_oid: str, target: str, *, title: str, author: str,
+        conn: Connection,
+        repo: Repo,
+        pr_ref: str,
+        base_oid: str,
+        target: str,
+        *,
+        title: str,
+        author: str,
         card_of: CardOf,
-    ) -> Commit:  # fmt: skip
+    ) -> Commit:
         """Apply what ``pr_ref`` changed since ``base_oid`` onto ``target``, as one commit, inside ``conn``;
         a file both sides changed since is a conflict (409) and nothing is written."""
         head = branch_head(conn, repo, target)

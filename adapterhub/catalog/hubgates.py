@@ -93,8 +93,16 @@ class GateRows:
             if old is not None and old.status == "accepted":
                 raise ConflictError(f"{user} already has access to {repo.repo_id}")
             conn.execute(delete(hub_access_requests).where(where))
-            conn.execute(insert(hub_access_requests).values(repo_id=repo.id, user=user, request_id=request_id,
-                                                            status="accepted", reason=None, updated_at=now))  # fmt: skip
+            conn.execute(
+                insert(hub_access_requests).values(
+                    repo_id=repo.id,
+                    user=user,
+                    request_id=request_id,
+                    status="accepted",
+                    reason=None,
+                    updated_at=now,
+                )
+            )
             return _request(conn.execute(select(hub_access_requests).where(where)).one())
 
     def handle(self, repo: Repo, user: str, status: str, reason: str | None) -> AccessRequest:
@@ -108,8 +116,11 @@ class GateRows:
                 )
             if old.status == status:
                 raise BadRequestError(f"the access request of {user} is already {status}")
-            conn.execute(update(hub_access_requests).where(where).values(
-                status=status, updated_at=utcnow(), reason=reason if status == "rejected" else None))  # fmt: skip
+            conn.execute(
+                update(hub_access_requests)
+                .where(where)
+                .values(status=status, updated_at=utcnow(), reason=reason if status == "rejected" else None)
+            )
             return _request(conn.execute(select(hub_access_requests).where(where)).one())
 
     # ------------------------------------------------------------------ upload proofs

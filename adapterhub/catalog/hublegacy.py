@@ -101,21 +101,50 @@ def import_state(catalog: Catalog, state: LegacyState) -> bool:
             ).first():
                 continue
             changes = d.get("changes") or {}
-            did = conn.execute(insert(hub_discussions).values(
-                repo_id=repo_id, num=int(d["num"]), title=d["title"], status=d["status"],
-                is_pull_request=bool(d["isPullRequest"]), author=d["author"]["name"], pinned=bool(d.get("pinned")),
-                base=changes.get("base"), base_oid=changes.get("baseOid"), merge_oid=changes.get("mergeCommitId"),
-                created_at=_iso(d["createdAt"])).returning(hub_discussions.c.id)).scalar_one()  # fmt: skip
+            did = conn.execute(
+                insert(hub_discussions)
+                .values(
+                    repo_id=repo_id,
+                    num=int(d["num"]),
+                    title=d["title"],
+                    status=d["status"],
+                    is_pull_request=bool(d["isPullRequest"]),
+                    author=d["author"]["name"],
+                    pinned=bool(d.get("pinned")),
+                    base=changes.get("base"),
+                    base_oid=changes.get("baseOid"),
+                    merge_oid=changes.get("mergeCommitId"),
+                    created_at=_iso(d["createdAt"]),
+                )
+                .returning(hub_discussions.c.id)
+            ).scalar_one()
             ThreadRows.write_events(conn, did, [], d.get("events") or [])
         for owner, cid, c in state.collections:
             if conn.execute(select(hub_collections.c.id).where(hub_collections.c.id == cid)).first():
                 continue
-            conn.execute(insert(hub_collections).values(
-                id=cid, owner=owner, title=c["title"], description=c.get("description"), private=bool(c.get("private")),
-                theme=c.get("theme") or "default", position=int(c.get("position") or 0),
-                updated_at=_iso(c["lastUpdated"])))  # fmt: skip
-            items = [{"collection_id": cid, "item_id": i["_id"], "position": n, "kind": i["type"], "ref": i["id"],
-                      "note": (i.get("note") or {}).get("text")} for n, i in enumerate(c.get("items") or [])]  # fmt: skip
+            conn.execute(
+                insert(hub_collections).values(
+                    id=cid,
+                    owner=owner,
+                    title=c["title"],
+                    description=c.get("description"),
+                    private=bool(c.get("private")),
+                    theme=c.get("theme") or "default",
+                    position=int(c.get("position") or 0),
+                    updated_at=_iso(c["lastUpdated"]),
+                )
+            )
+            items = [
+                {
+                    "collection_id": cid,
+                    "item_id": i["_id"],
+                    "position": n,
+                    "kind": i["type"],
+                    "ref": i["id"],
+                    "note": (i.get("note") or {}).get("text"),
+                }
+                for n, i in enumerate(c.get("items") or [])
+            ]
             if items:
                 conn.execute(insert(hub_collection_items), items)
         conn.execute(

@@ -69,8 +69,18 @@ class RepoRows:
             )
             if copy is not None:
                 head = resolve_in(conn, copy, "main")
-                insert_commit(conn, rid, "main", initial, files_of(conn, head.id), f"Duplicate from {copy.repo_id}",
-                              "", author, head.card, now)  # fmt: skip
+                insert_commit(
+                    conn,
+                    rid,
+                    "main",
+                    initial,
+                    files_of(conn, head.id),
+                    f"Duplicate from {copy.repo_id}",
+                    "",
+                    author,
+                    head.card,
+                    now,
+                )
             row = conn.execute(select(hub_repos).where(hub_repos.c.id == rid)).one()
         return repo_of_row(row)
 
@@ -155,11 +165,24 @@ class RepoRows:
         with self.catalog.read() as conn:
             for r in conn.execute(stmt):
                 m = r._mapping
-                repo = Repo(m[hub_repos.c.id], m[hub_repos.c.namespace], m[hub_repos.c.name], bool(m[hub_repos.c.private]),
-                            m[hub_repos.c.created_at], m[hub_repos.c.updated_at])  # fmt: skip
-                commit = Commit(m[hub_commits.c.id], m[hub_commits.c.oid], m[hub_commits.c.parent_oid],
-                                m[hub_commits.c.title], m[hub_commits.c.message], m[hub_commits.c.author],
-                                m[hub_commits.c.card], m[hub_commits.c.created_at])  # fmt: skip
+                repo = Repo(
+                    m[hub_repos.c.id],
+                    m[hub_repos.c.namespace],
+                    m[hub_repos.c.name],
+                    bool(m[hub_repos.c.private]),
+                    m[hub_repos.c.created_at],
+                    m[hub_repos.c.updated_at],
+                )
+                commit = Commit(
+                    m[hub_commits.c.id],
+                    m[hub_commits.c.oid],
+                    m[hub_commits.c.parent_oid],
+                    m[hub_commits.c.title],
+                    m[hub_commits.c.message],
+                    m[hub_commits.c.author],
+                    m[hub_commits.c.card],
+                    m[hub_commits.c.created_at],
+                )
                 out.append((repo, commit))
         return out
 
@@ -295,13 +318,22 @@ class RepoRows:
         seen, when it was first pushed, and the branch whose head holds it (main first), if any."""
         with self.catalog.read() as conn:
             rows = conn.execute(
-                select(hub_commit_files.c.sha256, hub_commit_files.c.path, hub_commit_files.c.size,
-                       hub_commit_files.c.blob_oid, func.min(hub_commits.c.created_at))
+                select(
+                    hub_commit_files.c.sha256,
+                    hub_commit_files.c.path,
+                    hub_commit_files.c.size,
+                    hub_commit_files.c.blob_oid,
+                    func.min(hub_commits.c.created_at),
+                )
                 .join(hub_commits, hub_commits.c.id == hub_commit_files.c.commit_id)
                 .where(hub_commits.c.repo_id == repo.id, hub_commit_files.c.lfs.is_(True))
-                .group_by(hub_commit_files.c.sha256, hub_commit_files.c.path, hub_commit_files.c.size,
-                          hub_commit_files.c.blob_oid)
-            ).all()  # fmt: skip
+                .group_by(
+                    hub_commit_files.c.sha256,
+                    hub_commit_files.c.path,
+                    hub_commit_files.c.size,
+                    hub_commit_files.c.blob_oid,
+                )
+            ).all()
             heads = conn.execute(
                 select(hub_refs.c.name, hub_commit_files.c.sha256)
                 .join(hub_commit_files, hub_commit_files.c.commit_id == hub_refs.c.commit_id)
@@ -313,8 +345,17 @@ class RepoRows:
                 refs.setdefault(sha, ref)
         out: dict[str, dict[str, Any]] = {}
         for sha, path, size, oid, first in sorted(rows, key=lambda r: r[4]):
-            out.setdefault(sha, {"fileOid": sha, "filename": path, "oid": oid, "size": size,
-                                 "pushedAt": iso(first), "ref": refs.get(sha)})  # fmt: skip
+            out.setdefault(
+                sha,
+                {
+                    "fileOid": sha,
+                    "filename": path,
+                    "oid": oid,
+                    "size": size,
+                    "pushedAt": iso(first),
+                    "ref": refs.get(sha),
+                },
+            )
         return list(out.values())
 
     def purge_lfs_files(self, repo: Repo, shas: list[str]) -> None:

@@ -61,8 +61,15 @@ class LikeRows:
 
 # ---------------------------------------------------------------------- webhooks
 def _hook(r: Any) -> dict[str, Any]:
-    return {"id": r.id, "secret": r.secret, "disabled": bool(r.disabled), "createdAt": iso(r.created_at),
-            "url": r.url, "watched": r.watched, "domains": r.domains}  # fmt: skip
+    return {
+        "id": r.id,
+        "secret": r.secret,
+        "disabled": bool(r.disabled),
+        "createdAt": iso(r.created_at),
+        "url": r.url,
+        "watched": r.watched,
+        "domains": r.domains,
+    }
 
 
 class WebhookRows:
@@ -91,9 +98,18 @@ class WebhookRows:
             n = len(conn.execute(select(hub_webhooks.c.id).where(hub_webhooks.c.user == user)).all())
             if n >= limit:
                 raise BadRequestError(f"at most {limit} webhooks per user")
-            conn.execute(insert(hub_webhooks).values(
-                id=hook_id, user=user, url=fields["url"], watched=fields["watched"], domains=fields["domains"],
-                secret=fields.get("secret"), disabled=False, created_at=utcnow()))  # fmt: skip
+            conn.execute(
+                insert(hub_webhooks).values(
+                    id=hook_id,
+                    user=user,
+                    url=fields["url"],
+                    watched=fields["watched"],
+                    domains=fields["domains"],
+                    secret=fields.get("secret"),
+                    disabled=False,
+                    created_at=utcnow(),
+                )
+            )
             return _hook(conn.execute(select(hub_webhooks).where(hub_webhooks.c.id == hook_id)).one())
 
     def change(self, user: str, hook_id: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -128,9 +144,18 @@ class WebhookRows:
 
 # ---------------------------------------------------------------------- collections
 def _collection(r: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"slug": f"{r.owner}/{slugify(r.title)}-{r.id}", "title": r.title, "description": r.description,
-            "owner": {"name": r.owner, "type": "user"}, "items": items, "lastUpdated": iso(r.updated_at),
-            "position": r.position, "private": bool(r.private), "theme": r.theme, "upvotes": 0}  # fmt: skip
+    return {
+        "slug": f"{r.owner}/{slugify(r.title)}-{r.id}",
+        "title": r.title,
+        "description": r.description,
+        "owner": {"name": r.owner, "type": "user"},
+        "items": items,
+        "lastUpdated": iso(r.updated_at),
+        "position": r.position,
+        "private": bool(r.private),
+        "theme": r.theme,
+        "upvotes": 0,
+    }
 
 
 def _item(r: Any) -> dict[str, Any]:
@@ -180,9 +205,18 @@ class CollectionRows:
                 )
             ).first():
                 raise ConflictError(f"a collection called {c['title']!r} already exists")
-            conn.execute(insert(hub_collections).values(
-                id=cid, owner=owner, title=c["title"], description=c.get("description"), private=bool(c["private"]),
-                theme=c.get("theme") or "default", position=int(c.get("position") or 0), updated_at=utcnow()))  # fmt: skip
+            conn.execute(
+                insert(hub_collections).values(
+                    id=cid,
+                    owner=owner,
+                    title=c["title"],
+                    description=c.get("description"),
+                    private=bool(c["private"]),
+                    theme=c.get("theme") or "default",
+                    position=int(c.get("position") or 0),
+                    updated_at=utcnow(),
+                )
+            )
             return self._load(conn, hub_collections.c.id == cid)[0]
 
     def change(
@@ -198,14 +232,34 @@ class CollectionRows:
                 raise ForbiddenError(f"only {owner} may change collection {slug}")
             c = found[0]
             edit(c)
-            conn.execute(update(hub_collections).where(hub_collections.c.id == cid).values(
-                title=c["title"], description=c.get("description"), private=bool(c["private"]), theme=c["theme"],
-                position=int(c["position"]), updated_at=utcnow()))  # fmt: skip
+            conn.execute(
+                update(hub_collections)
+                .where(hub_collections.c.id == cid)
+                .values(
+                    title=c["title"],
+                    description=c.get("description"),
+                    private=bool(c["private"]),
+                    theme=c["theme"],
+                    position=int(c["position"]),
+                    updated_at=utcnow(),
+                )
+            )
             conn.execute(delete(hub_collection_items).where(hub_collection_items.c.collection_id == cid))
             if c["items"]:
-                conn.execute(insert(hub_collection_items), [
-                    {"collection_id": cid, "item_id": i["_id"], "position": n, "kind": i["type"], "ref": i["id"],
-                     "note": (i.get("note") or {}).get("text")} for n, i in enumerate(c["items"])])  # fmt: skip
+                conn.execute(
+                    insert(hub_collection_items),
+                    [
+                        {
+                            "collection_id": cid,
+                            "item_id": i["_id"],
+                            "position": n,
+                            "kind": i["type"],
+                            "ref": i["id"],
+                            "note": (i.get("note") or {}).get("text"),
+                        }
+                        for n, i in enumerate(c["items"])
+                    ],
+                )
             return self._load(conn, hub_collections.c.id == cid)[0]
 
     def delete(self, owner: str, cid: str, *, slug: str, user: str) -> None:

@@ -30,16 +30,27 @@ def _parse_iso(value: str) -> dt.datetime:
 
 
 def _event(r: Any) -> dict[str, Any]:
-    return {"id": r.event_id, "type": r.kind, "createdAt": iso(r.created_at), "author": {"name": r.author},
-            "data": r.data}  # fmt: skip
+    return {
+        "id": r.event_id,
+        "type": r.kind,
+        "createdAt": iso(r.created_at),
+        "author": {"name": r.author},
+        "data": r.data,
+    }
 
 
 def _thread(repo: Repo, r: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "num": r.num, "title": r.title, "status": r.status, "isPullRequest": bool(r.is_pull_request),
-        "createdAt": iso(r.created_at), "author": {"name": r.author},
-        "repo": {"name": repo.repo_id, "type": "model"}, "pinned": bool(r.pinned), "events": events,
-    }  # fmt: skip
+        "num": r.num,
+        "title": r.title,
+        "status": r.status,
+        "isPullRequest": bool(r.is_pull_request),
+        "createdAt": iso(r.created_at),
+        "author": {"name": r.author},
+        "repo": {"name": repo.repo_id, "type": "model"},
+        "pinned": bool(r.pinned),
+        "events": events,
+    }
     if r.is_pull_request:
         d["changes"] = {"base": r.base, "baseOid": r.base_oid, "mergeCommitId": r.merge_oid}
     return d
@@ -96,9 +107,16 @@ class ThreadRows:
                 select(func.max(hub_discussions.c.num)).where(hub_discussions.c.repo_id == repo.id)
             ).scalar()
             num = int(last or 0) + 1
-            values: dict[str, Any] = {"repo_id": repo.id, "num": num, "title": title, "status": "open",
-                                      "is_pull_request": pull_request, "author": author, "pinned": False,
-                                      "created_at": now}  # fmt: skip
+            values: dict[str, Any] = {
+                "repo_id": repo.id,
+                "num": num,
+                "title": title,
+                "status": "open",
+                "is_pull_request": pull_request,
+                "author": author,
+                "pinned": False,
+                "created_at": now,
+            }
             if pull_request:
                 name = branch_name(base)
                 start = CommitRows.open_pr_ref(conn, repo, f"{PR_PREFIX}{num}", name)
@@ -117,9 +135,16 @@ class ThreadRows:
         for e in new:
             prev = before.get(e["id"])
             if prev is None:
-                conn.execute(insert(hub_discussion_events).values(
-                    discussion_id=did, event_id=e["id"], kind=e["type"], author=e["author"]["name"],
-                    data=e["data"], created_at=_parse_iso(e["createdAt"])))  # fmt: skip
+                conn.execute(
+                    insert(hub_discussion_events).values(
+                        discussion_id=did,
+                        event_id=e["id"],
+                        kind=e["type"],
+                        author=e["author"]["name"],
+                        data=e["data"],
+                        created_at=_parse_iso(e["createdAt"]),
+                    )
+                )
             elif prev["data"] != e["data"]:
                 conn.execute(
                     update(hub_discussion_events)
@@ -162,9 +187,15 @@ class ThreadRows:
                 raise BadRequestError(f"pull request {num} is {d['status']}, not open")
             changes = d["changes"]
             merged = CommitRows.merge_pr_in(
-                conn, repo, f"{PR_PREFIX}{num}", changes["baseOid"], branch_name(changes["base"]),
-                title=f"Merge {PR_PREFIX}{num}: {d['title']}", author=user, card_of=card_of,
-            )  # fmt: skip
+                conn,
+                repo,
+                f"{PR_PREFIX}{num}",
+                changes["baseOid"],
+                branch_name(changes["base"]),
+                title=f"Merge {PR_PREFIX}{num}: {d['title']}",
+                author=user,
+                card_of=card_of,
+            )
             conn.execute(
                 update(hub_discussions)
                 .where(hub_discussions.c.id == did)

@@ -27,10 +27,31 @@ from ..records import AdapterInfo, FileInfo, ModuleInfo, ParentInfo
 from .tables import adapter_files, adapter_modules, adapters, lineage, tags
 
 _LIST_FIELDS = (
-    "id", "name", "sha256", "format", "peft_type", "base_model", "base_revision", "rank", "alpha",
-    "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "task_type", "dtype", "num_params",
-    "size_bytes", "num_modules", "target_modules", "description", "source", "extra", "created_at", "updated_at",
-)  # fmt: skip
+    "id",
+    "name",
+    "sha256",
+    "format",
+    "peft_type",
+    "base_model",
+    "base_revision",
+    "rank",
+    "alpha",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "task_type",
+    "dtype",
+    "num_params",
+    "size_bytes",
+    "num_modules",
+    "target_modules",
+    "description",
+    "source",
+    "extra",
+    "created_at",
+    "updated_at",
+)
 #: JSON and time columns come back as the stored text and are decoded by `_info` (a fast path that
 #: matters when listing 10,000 adapters); drivers that decode them themselves are handled too
 _RAW = {"rank_pattern", "alpha_pattern", "target_modules", "extra", "created_at", "updated_at"}
@@ -284,10 +305,31 @@ def _info(
     **more: Any,
 ) -> AdapterInfo:
     (
-        _id, name, sha256, fmt, peft_type, base_model, base_revision, rank, alpha, use_rslora, use_dora,
-        rank_pattern, alpha_pattern, task_type, dtype, num_params, size_bytes, num_modules, target_modules,
-        description, source, extra, created_at, updated_at,
-    ) = r  # fmt: skip
+        _id,
+        name,
+        sha256,
+        fmt,
+        peft_type,
+        base_model,
+        base_revision,
+        rank,
+        alpha,
+        use_rslora,
+        use_dora,
+        rank_pattern,
+        alpha_pattern,
+        task_type,
+        dtype,
+        num_params,
+        size_bytes,
+        num_modules,
+        target_modules,
+        description,
+        source,
+        extra,
+        created_at,
+        updated_at,
+    ) = r
     fields = {
         "name": name,
         "sha256": sha256,

@@ -116,8 +116,16 @@ def add_cmd(
             )
         if cache_dir and not hf_cache:
             raise click.UsageError("--cache-dir goes with --hf-cache")
-        _bulk_add(state, path, hf_cache=hf_cache, cache_dir=cache_dir, base=base, tags=tags,
-                  allow_pickle=allow_pickle, mode=mode)  # fmt: skip
+        _bulk_add(
+            state,
+            path,
+            hf_cache=hf_cache,
+            cache_dir=cache_dir,
+            base=base,
+            tags=tags,
+            allow_pickle=allow_pickle,
+            mode=mode,
+        )
         return
     if not path:
         raise click.UsageError("give the PATH of an adapter (or --hf-cache)")
@@ -125,9 +133,14 @@ def add_cmd(
         raise click.BadParameter(f"Path {path!r} does not exist.", param_hint="'PATH'")
     with progress_bar(state, "adding", unit_bytes=True) as progress:
         info = state.hub.add_adapter(
-            path, name=name, base=base, tags=tags, description=description, allow_pickle=allow_pickle,
+            path,
+            name=name,
+            base=base,
+            tags=tags,
+            description=description,
+            allow_pickle=allow_pickle,
             progress=progress,
-        )  # fmt: skip
+        )
     if mode == "json":
         emit_json(info.to_dict())
     else:
@@ -187,8 +200,12 @@ def list_cmd(state: State, mode: str, sort: str | None, **filters: Any) -> None:
         if mode == "json":
             emit_json(ranked)
             return
-        emit_records(ranked, [*LIST_COLUMNS[:1], ("score", sort), *LIST_COLUMNS[1:]], mode=mode,
-                     formatters={"size_bytes": human_size})  # fmt: skip
+        emit_records(
+            ranked,
+            [*LIST_COLUMNS[:1], ("score", sort), *LIST_COLUMNS[1:]],
+            mode=mode,
+            formatters={"size_bytes": human_size},
+        )
         return
     if mode == "json":
         emit_json_lines(state.hub.adapter_records_json(**_filters(filters)))
@@ -227,8 +244,17 @@ def search_cmd(
             r.to_dict()
             for r in state.hub.search_hub(query, base=filters["base"], endpoint=endpoint, token=token)
         ]
-        emit_records(found, [("repo_id", "repo"), ("base_model", "base model"), ("tags", "tags"),
-                             ("last_modified", "updated")], mode=mode, title="adapters on the Hub")  # fmt: skip
+        emit_records(
+            found,
+            [
+                ("repo_id", "repo"),
+                ("base_model", "base model"),
+                ("tags", "tags"),
+                ("last_modified", "updated"),
+            ],
+            mode=mode,
+            title="adapters on the Hub",
+        )
         return
     if endpoint or token:
         raise click.UsageError("--endpoint and --token go with --hub")
@@ -312,8 +338,13 @@ def show_cmd(state: State, name: str, mode: str) -> None:
         )
     for e in d["evaluations"]:
         value = "" if e["value"] is None else f"{e['value']:.4g}"
-        pairs.append(("evaluation", f"{e['dataset']} {e['metric']} = {value} ({e['rows']} rows, base {e['base']}, "
-                      f"{e['source']}, {e['created_at']})"))  # fmt: skip
+        pairs.append(
+            (
+                "evaluation",
+                f"{e['dataset']} {e['metric']} = {value} ({e['rows']} rows, base {e['base']}, "
+                f"{e['source']}, {e['created_at']})",
+            )
+        )
     for k, v in sorted(d["metadata"].items()):
         if k.startswith(("ss_", "modelspec.")) and len(str(v)) < 200:
             pairs.append((k, str(v)))
@@ -403,8 +434,12 @@ def db_check_cmd(state: State, quick: bool, mode: str) -> None:
     if mode == "json":
         emit_json(report.to_dict())
     elif report.problems:
-        emit_records([p.to_dict() for p in report.problems], PROBLEM_COLUMNS, mode=mode,
-                     formatters={"size_bytes": human_size})  # fmt: skip
+        emit_records(
+            [p.to_dict() for p in report.problems],
+            PROBLEM_COLUMNS,
+            mode=mode,
+            formatters={"size_bytes": human_size},
+        )
     if mode != "json" and not state.quiet:
         summary = "no problems" if report.ok else f"{len(report.problems)} problem(s)"
         reclaim = (
@@ -429,8 +464,12 @@ def db_gc_cmd(state: State, yes: bool, mode: str) -> None:
         emit_json(report.to_dict())
         return
     if report.items:
-        emit_records([p.to_dict() for p in report.items], PROBLEM_COLUMNS, mode=mode,
-                     formatters={"size_bytes": human_size})  # fmt: skip
+        emit_records(
+            [p.to_dict() for p in report.items],
+            PROBLEM_COLUMNS,
+            mode=mode,
+            formatters={"size_bytes": human_size},
+        )
     if not state.quiet:
         verb = "would remove" if report.dry_run else "removed"
         hint = " (run with --yes to remove them)" if report.dry_run and report.items else ""

@@ -52,23 +52,47 @@ def _fmt(v: Any) -> str:
 @output_options
 @pass_state
 def eval_cmd(
-    state: State, adapters: tuple[str, ...], base: str, data: str, metrics: tuple[str, ...],
-    combinations: tuple[str, ...], max_tokens: int, limit: int | None, dataset: str | None, seed: int,
-    device: str | None, no_record: bool, mode: str,
-) -> None:  # fmt: skip
+    state: State,
+    adapters: tuple[str, ...],
+    base: str,
+    data: str,
+    metrics: tuple[str, ...],
+    combinations: tuple[str, ...],
+    max_tokens: int,
+    limit: int | None,
+    dataset: str | None,
+    seed: int,
+    device: str | None,
+    no_record: bool,
+    mode: str,
+) -> None:
     """Score the base alone, each ADAPTER and each --combination on --data in one pass of mixed
     batches, and keep the results as evaluation records (see `show` and `list --sort`)."""
     result = state.hub.evaluate(
-        list(adapters), base=base, data=data, metrics=list(metrics) or ["loss"], combinations=combinations,
-        max_tokens=max_tokens, limit=limit, dataset=dataset, seed=seed, device=device, record=not no_record,
-    )  # fmt: skip
+        list(adapters),
+        base=base,
+        data=data,
+        metrics=list(metrics) or ["loss"],
+        combinations=combinations,
+        max_tokens=max_tokens,
+        limit=limit,
+        dataset=dataset,
+        seed=seed,
+        device=device,
+        record=not no_record,
+    )
     if mode == "json":
         emit_json(result.to_dict())
         return
     records = [{"subject": s.subject, **s.values} for s in result.scores]
     columns = [("subject", "subject"), *[(m, m) for m in result.metrics]]
-    emit_records(records, columns, mode=mode, title=f"{result.dataset} ({result.rows} rows) on {result.base}",
-                 formatters={m: _fmt for m in result.metrics})  # fmt: skip
+    emit_records(
+        records,
+        columns,
+        mode=mode,
+        title=f"{result.dataset} ({result.rows} rows) on {result.base}",
+        formatters={m: _fmt for m in result.metrics},
+    )
 
 
 @cli.command("mix")
@@ -105,16 +129,39 @@ def eval_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_state
 def mix_cmd(
-    state: State, adapters: tuple[str, ...], base: str, data: str, name: str, steps: int, lr: float,
-    rank: str | None, search: str, limit: int, seed: int, device: str | None, tags: tuple[str, ...],
-    description: str | None, as_json: bool,
-) -> None:  # fmt: skip
+    state: State,
+    adapters: tuple[str, ...],
+    base: str,
+    data: str,
+    name: str,
+    steps: int,
+    lr: float,
+    rank: str | None,
+    search: str,
+    limit: int,
+    seed: int,
+    device: str | None,
+    tags: tuple[str, ...],
+    description: str | None,
+    as_json: bool,
+) -> None:
     """Learn the weights of an exact combination of ADAPTERS that minimize the loss on --data (every
     factor frozen), compare with a gradient-free search, and catalog the mix as --name."""
     result = state.hub.mix(
-        list(adapters), base=base, data=data, name=name, steps=steps, lr=lr, rank=rank, search=search,
-        limit=limit, seed=seed, device=device, tags=tags, description=description,
-    )  # fmt: skip
+        list(adapters),
+        base=base,
+        data=data,
+        name=name,
+        steps=steps,
+        lr=lr,
+        rank=rank,
+        search=search,
+        limit=limit,
+        seed=seed,
+        device=device,
+        tags=tags,
+        description=description,
+    )
     if as_json or state.json:
         emit_json(result.to_dict())
         return
@@ -128,8 +175,13 @@ def mix_cmd(
     ]
     if result.search_loss is not None and result.search_weights is not None:
         ws = ", ".join(f"{a}:{w:.4f}" for a, w in zip(result.adapters, result.search_weights, strict=True))
-        pairs.append((f"{result.search} search", f"loss {result.search_loss:.4f} with {ws} "
-                      f"({result.search_evaluations} evaluations, {result.search_seconds:.1f} s)"))  # fmt: skip
+        pairs.append(
+            (
+                f"{result.search} search",
+                f"loss {result.search_loss:.4f} with {ws} "
+                f"({result.search_evaluations} evaluations, {result.search_seconds:.1f} s)",
+            )
+        )
     if result.combined.error:
         pairs.append(("compression error", f"{result.combined.error:.4g}"))
     emit_fields(pairs, title=f"mixed {result.combined.adapter.name}")

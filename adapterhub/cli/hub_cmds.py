@@ -228,9 +228,22 @@ def serve_cmd(
         click.echo(f"adapterhub serving {hub.home} on {url}" + (f" (/v1: {model})" if model else ""))
         sys.stdout.flush()
 
-    inference = {"device": device, "dtype": dtype, "max_batch": max_batch, "adapter_memory": adapter_memory,
-                 "require_token": require_token, "graphs": graphs, "max_request_bytes": max_request_bytes,
-                 "batch_invariant": batch_invariant, "quantize": quantize, "lora_dirs": lora_dirs} if model else {}  # fmt: skip
+    inference = (
+        {
+            "device": device,
+            "dtype": dtype,
+            "max_batch": max_batch,
+            "adapter_memory": adapter_memory,
+            "require_token": require_token,
+            "graphs": graphs,
+            "max_request_bytes": max_request_bytes,
+            "batch_invariant": batch_invariant,
+            "quantize": quantize,
+            "lora_dirs": lora_dirs,
+        }
+        if model
+        else {}
+    )
     from ..server import serve
 
     serve(hub, host=host, port=port, ready=ready, log_level=log_level, model=model, **inference)
@@ -267,8 +280,13 @@ def token_list_cmd(state: State, mode: str) -> None:
     from ..server.tokens import list_tokens
 
     rows = [t.to_dict() for t in list_tokens(state.hub)]
-    cols = [("id", "id"), ("user", "user"), ("role", "role"), ("created_at", "created"),
-            ("last_used_at", "last used")]  # fmt: skip
+    cols = [
+        ("id", "id"),
+        ("user", "user"),
+        ("role", "role"),
+        ("created_at", "created"),
+        ("last_used_at", "last used"),
+    ]
     emit_records(rows, cols, mode=mode, title="tokens")
 
 

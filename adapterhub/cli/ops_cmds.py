@@ -207,10 +207,19 @@ def combine_cmd(
     """
     with progress_bar(state, "combining", unit_bytes=False) as progress:
         summary = state.hub.combine(
-            [parse_weighted(a) for a in adapters], name=name, method=method, rank=rank, keep=keep, density=density,
-            majority_sign=majority_sign, seed=seed, device=device, tags=tags, description=description,
+            [parse_weighted(a) for a in adapters],
+            name=name,
+            method=method,
+            rank=rank,
+            keep=keep,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            device=device,
+            tags=tags,
+            description=description,
             progress=progress,
-        )  # fmt: skip
+        )
     _print_summary(state, summary, as_json)
 
 

@@ -98,9 +98,19 @@ def run_cmd(
 
     stream = None if use_json else show
     result = state.hub.generate(
-        base, prompt, adapters=pairs, system=system, max_tokens=max_tokens, temperature=temperature,
-        seed=seed, device=device, on_text=stream, server=server, token=token, quantize=quantize,
-    )  # fmt: skip
+        base,
+        prompt,
+        adapters=pairs,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        device=device,
+        on_text=stream,
+        server=server,
+        token=token,
+        quantize=quantize,
+    )
     if use_json:
         emit_json({"model": base, "adapters": dict(pairs), **result.to_dict()})
     else:

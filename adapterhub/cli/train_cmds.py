@@ -48,8 +48,10 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
         if as_json:
             line = json.dumps(r)
         else:
-            line = (f"step {r['step']}/{r['steps']}  loss {r['loss']:.4f}  loss (mean of last 10) "
-                    f"{r['loss_mean10']:.4f}  lr {r['lr']:.3g}  {r['tokens_per_second']:.0f} tokens/s")  # fmt: skip
+            line = (
+                f"step {r['step']}/{r['steps']}  loss {r['loss']:.4f}  loss (mean of last 10) "
+                f"{r['loss_mean10']:.4f}  lr {r['lr']:.3g}  {r['tokens_per_second']:.0f} tokens/s"
+            )
             if "eval_loss" in r:
                 line += f"  eval loss {r['eval_loss']:.4f}"
         click.echo(line, err=True)
@@ -191,10 +193,21 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (log lines as JSON lines).")
 @pass_state
 def train_cmd(
-    state: State, base: str, data: str, name: str, targets: str, device: str | None, tags: tuple[str, ...],
-    description: str | None, resume: bool, nproc: int, log_every: int, dry_run: bool, as_json: bool,
+    state: State,
+    base: str,
+    data: str,
+    name: str,
+    targets: str,
+    device: str | None,
+    tags: tuple[str, ...],
+    description: str | None,
+    resume: bool,
+    nproc: int,
+    log_every: int,
+    dry_run: bool,
+    as_json: bool,
     **options: Any,
-) -> None:  # fmt: skip
+) -> None:
     """Fine-tune a new LoRA adapter NAME on the causal LM BASE with the rows of --data (loss on the
     assistant / completion tokens), and catalog it with its lineage. The memory plan is printed first;
     --nproc N (or `torchrun --nproc-per-node N -m adapterhub train ...`) trains data-parallel."""
@@ -217,9 +230,20 @@ def train_cmd(
 
     with _loss_bar(state) as on_step:
         result = state.hub.train(
-            base, data, name=name, device=device, tags=tags, description=description, resume=resume, nproc=nproc,
-            log_every=log_every, on_step=on_step, on_log=_log_lines(state, as_json), on_plan=show_plan, **options,
-        )  # fmt: skip
+            base,
+            data,
+            name=name,
+            device=device,
+            tags=tags,
+            description=description,
+            resume=resume,
+            nproc=nproc,
+            log_every=log_every,
+            on_step=on_step,
+            on_log=_log_lines(state, as_json),
+            on_plan=show_plan,
+            **options,
+        )
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun the first process reports
     if as_json:
@@ -227,16 +251,22 @@ def train_cmd(
         return
     rows = [
         ("new adapter", result.adapter.name),
-        ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({100 * result.trainable_share:.3f}%)"),
+        (
+            "trainable parameters",
+            f"{result.trainable_params:,} of {result.total_params:,} ({100 * result.trainable_share:.3f}%)",
+        ),
         ("steps", f"{result.steps} ({result.epochs:.2f} epochs of {result.examples} examples)"),
         ("loss (first step -> last step)", f"{result.first_loss:.4f} -> {result.last_loss:.4f}"),
-    ]  # fmt: skip
+    ]
     if result.eval_losses:
         rows.append(
             ("eval loss (last)", f"{result.eval_losses[-1][1]:.4f} at step {result.eval_losses[-1][0]}")
         )
     if result.resumed_from:
         rows.append(("resumed from step", str(result.resumed_from)))
-    rows += [("seconds", f"{result.seconds:.1f}"), ("tokens/s", f"{result.tokens_per_second:.0f}"),
-             ("device", result.device + (f" x {result.processes} processes" if result.processes > 1 else ""))]  # fmt: skip
+    rows += [
+        ("seconds", f"{result.seconds:.1f}"),
+        ("tokens/s", f"{result.tokens_per_second:.0f}"),
+        ("device", result.device + (f" x {result.processes} processes" if result.processes > 1 else "")),
+    ]
     emit_fields(rows, title=f"trained {result.adapter.name}")

@@ -199,7 +199,7 @@ def validate_cmd(
                         for_=for_,
                         max_lora_rank=max_lora_rank,
                         progress=progress,
-                    )  # fmt: skip
+                    )
                 )
     if as_json or state.json:
         docs = [r.to_dict() for r in reports]

@@ -27,12 +27,22 @@ from ..lora import LoraModule, LoraWeights, lora_scale
 from .peft import FLOAT_DTYPES, Problem, _raise
 from .safetensors_header import SafetensorsHeader, group_by_suffix
 
-__all__ = ["COMPONENTS", "is_diffusers_header", "load_diffusers_tensors", "parse_diffusers", "to_kohya",
-           "write_diffusers"]  # fmt: skip
+__all__ = [
+    "COMPONENTS",
+    "is_diffusers_header",
+    "load_diffusers_tensors",
+    "parse_diffusers",
+    "to_kohya",
+    "write_diffusers",
+]
 
 #: component prefix in a diffusers pipeline -> kohya's prefix for it
-COMPONENTS = {"unet.": "lora_unet_", "transformer.": "lora_transformer_", "text_encoder.": "lora_te1_",
-              "text_encoder_2.": "lora_te2_"}  # fmt: skip
+COMPONENTS = {
+    "unet.": "lora_unet_",
+    "transformer.": "lora_transformer_",
+    "text_encoder.": "lora_te1_",
+    "text_encoder_2.": "lora_te2_",
+}
 _SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"))
 METADATA_KEY = "lora_adapter_metadata"
 

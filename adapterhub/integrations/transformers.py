@@ -32,9 +32,21 @@ if TYPE_CHECKING:
 
 __all__ = ["AdapterHubCallback"]
 
-HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-                   "max_steps", "warmup_steps", "lr_scheduler_type", "max_grad_norm", "optim", "seed",
-                   "weight_decay", "bf16", "gradient_checkpointing")  # fmt: skip
+HYPERPARAMETERS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "optim",
+    "seed",
+    "weight_decay",
+    "bf16",
+    "gradient_checkpointing",
+)
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -110,12 +122,15 @@ class AdapterHubCallback(TrainerCallback):
         losses = [e["loss"] for e in state.log_history if "loss" in e]
         evals = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
         lineage = {
-            "steps": state.global_step, "loss": losses[-1] if losses else None,
-            "first_loss": losses[0] if losses else None, "losses": losses,
-            "eval_loss": evals[-1] if evals else None, "data_sha256": self.data_sha256,
+            "steps": state.global_step,
+            "loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None,
+            "losses": losses,
+            "eval_loss": evals[-1] if evals else None,
+            "data_sha256": self.data_sha256,
             "trainer": self._trainer_class,
             "hyperparameters": {k: _plain(getattr(args, k, None)) for k in HYPERPARAMETERS},
-        }  # fmt: skip
+        }
         save = saver(self.hub.library, base_model, base=self.base)
         self.cataloged.append(
             save(name, weights, tags=self.tags, description=self.description, lineage=lineage)

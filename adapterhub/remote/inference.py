@@ -51,9 +51,13 @@ def chat(
         {"role": "user", "content": prompt}
     ]
     body: dict[str, Any] = {
-        "model": model_field(base, adapters), "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-        "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
+        "model": model_field(base, adapters),
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if seed is not None:
         body["seed"] = seed
     text: list[str] = []

@@ -164,8 +164,12 @@ def _read_record(path: Path, source: str) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         jsonschema.Draft202012Validator(load_schema("adapter.schema.json")).validate(record)
     except (ValueError, jsonschema.ValidationError) as exc:
-        log.warning("%s: ignoring %s, which does not fit the adapter schema (%s)", source, RECORD_NAME,
-                    str(exc).splitlines()[0])  # fmt: skip
+        log.warning(
+            "%s: ignoring %s, which does not fit the adapter schema (%s)",
+            source,
+            RECORD_NAME,
+            str(exc).splitlines()[0],
+        )
         return None
     return record if isinstance(record, dict) else None
 

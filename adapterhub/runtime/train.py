@@ -156,9 +156,17 @@ class TrainableAdapter:
                 a, b, kind = b.T.contiguous(), a.T.contiguous(), "embedding"
             key = t.module_name + ".weight"
             modules[key] = LoraModule(
-                key=key, kind=kind, rank=self.rank, alpha=float(self.alpha), scale=float(self.scale),
-                a_shape=tuple(a.shape), b_shape=tuple(b.shape), dtype="F32", A=a, B=b,
-            )  # fmt: skip
+                key=key,
+                kind=kind,
+                rank=self.rank,
+                alpha=float(self.alpha),
+                scale=float(self.scale),
+                a_shape=tuple(a.shape),
+                b_shape=tuple(b.shape),
+                dtype="F32",
+                A=a,
+                B=b,
+            )
         config = {
             "lora_dropout": float(self.dropout),
             "task_type": "CAUSAL_LM",

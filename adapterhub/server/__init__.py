@@ -116,9 +116,16 @@ def serve_app(
     from .timed import TimedH11  # h11 with a deadline for each request's head
 
     http: Any = os.environ.get("ADAPTERHUB_SERVE_HTTP", "h11")
-    config = uvicorn.Config(app, log_level=log_level, http=TimedH11 if http == "h11" else http,
-                            loop=os.environ.get("ADAPTERHUB_SERVE_LOOP", "auto"), access_log=log_level in ("debug", "info"), lifespan="off",
-                            timeout_keep_alive=30, h11_max_incomplete_event_size=64 * 1024)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        http=TimedH11 if http == "h11" else http,
+        loop=os.environ.get("ADAPTERHUB_SERVE_LOOP", "auto"),
+        access_log=log_level in ("debug", "info"),
+        lifespan="off",
+        timeout_keep_alive=30,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
     server = uvicorn.Server(config)
     if ready is not None:
         ready(url)

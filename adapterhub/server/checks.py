@@ -15,9 +15,29 @@ OID_RE = re.compile(r"^[0-9a-f]{7,40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TAG_PREFIX = "refs/tags/"  # tags are kept beside branches in hub_refs; no branch name starts with refs/
 LFS_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".gguf", ".npy", ".npz", ".msgpack",
-    ".pkl", ".pickle", ".zip", ".gz", ".tar", ".zst", ".parquet", ".arrow", ".model", ".ot", ".tflite",
-)  # fmt: skip
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".onnx",
+    ".gguf",
+    ".npy",
+    ".npz",
+    ".msgpack",
+    ".pkl",
+    ".pickle",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".zst",
+    ".parquet",
+    ".arrow",
+    ".model",
+    ".ot",
+    ".tflite",
+)
 LFS_THRESHOLD = 10 * 1024 * 1024
 
 

@@ -83,9 +83,18 @@ class Collections:
             raise ForbiddenError(f"You don't have the rights to create a collection in {namespace}")
         cid = secrets.token_hex(12)
         slug = f"{user}/{slugify(title)}-{cid}"
-        c: dict[str, Any] = {"slug": slug, "title": title, "description": _str(body, "description", 5000),
-             "owner": {"name": user, "type": "user"}, "items": [], "lastUpdated": iso(utcnow()),
-             "position": 0, "private": bool(body.get("private")), "theme": "default", "upvotes": 0}  # fmt: skip
+        c: dict[str, Any] = {
+            "slug": slug,
+            "title": title,
+            "description": _str(body, "description", 5000),
+            "owner": {"name": user, "type": "user"},
+            "items": [],
+            "lastUpdated": iso(utcnow()),
+            "position": 0,
+            "private": bool(body.get("private")),
+            "theme": "default",
+            "upvotes": 0,
+        }
         return self.rows.insert(user, cid, c)
 
     def _change(self, slug: str, user: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -130,8 +139,12 @@ class Collections:
                 raise ConflictError(f"{item['id']} is in the collection already")
             if len(c["items"]) >= ITEMS_LIMIT:
                 raise BadRequestError(f"a collection holds at most {ITEMS_LIMIT} items")
-            entry: dict[str, Any] = {"_id": secrets.token_hex(12), "id": item["id"], "type": item["type"],
-                                     "position": len(c["items"])}  # fmt: skip
+            entry: dict[str, Any] = {
+                "_id": secrets.token_hex(12),
+                "id": item["id"],
+                "type": item["type"],
+                "position": len(c["items"]),
+            }
             if note:
                 entry["note"] = {"text": note, "html": note}
             c["items"].append(entry)

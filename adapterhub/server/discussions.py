@@ -22,13 +22,21 @@ TEXT_LIMIT = 65_536
 
 
 def event(kind: str, author: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {"id": secrets.token_hex(12), "type": kind, "createdAt": iso(utcnow()), "author": {"name": author},
-            "data": data}  # fmt: skip
+    return {
+        "id": secrets.token_hex(12),
+        "type": kind,
+        "createdAt": iso(utcnow()),
+        "author": {"name": author},
+        "data": data,
+    }
 
 
 def comment_event(author: str, text: str) -> dict[str, Any]:
-    return event(author=author, kind="comment",
-                 data={"edited": False, "hidden": False, "numEdits": 0, "latest": {"raw": text, "html": text}})  # fmt: skip
+    return event(
+        author=author,
+        kind="comment",
+        data={"edited": False, "hidden": False, "numEdits": 0, "latest": {"raw": text, "html": text}},
+    )
 
 
 def _text(value: Any, what: str, limit: int) -> str:

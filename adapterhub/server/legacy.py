@@ -58,9 +58,16 @@ def read_files(root: Path, keys: dict[str, int]) -> LegacyState:
                     and isinstance(r, dict)
                     and r.get("status") in ("pending", "accepted", "rejected")
                 ):
-                    s.access.append({"repo_id": rid, "user": user, "request_id": str(r.get("request_id", ""))[:32],
-                                     "status": r["status"], "reason": r.get("reason"),
-                                     "updated_at": _iso(r.get("timestamp"))})  # fmt: skip
+                    s.access.append(
+                        {
+                            "repo_id": rid,
+                            "user": user,
+                            "request_id": str(r.get("request_id", ""))[:32],
+                            "status": r["status"],
+                            "reason": r.get("reason"),
+                            "updated_at": _iso(r.get("timestamp")),
+                        }
+                    )
         elif p.name in keys and p.is_file() and p.read_text().strip() in GATE_MODES:
             s.gates.append({"repo_id": keys[p.name], "mode": p.read_text().strip()})
     uploads = root / "uploads"
@@ -87,8 +94,11 @@ def read_files(root: Path, keys: dict[str, int]) -> LegacyState:
             s.renames.append({"old_id": str(old).lower()[:201], "repo_id": keys[key]})
     for p in sorted((root / "likes").glob("*.json")):
         if is_name(p.stem):
-            s.likes += [{"user": p.stem, "repo_id": keys[k], "created_at": _iso(at)}
-                        for k, at in _dicts(_json(p)).items() if k in keys]  # fmt: skip
+            s.likes += [
+                {"user": p.stem, "repo_id": keys[k], "created_at": _iso(at)}
+                for k, at in _dicts(_json(p)).items()
+                if k in keys
+            ]
     for p in sorted((root / "discussions").glob("*.json")):
         if p.stem in keys:
             items = _dicts(_dicts(_json(p)).get("items"))
@@ -100,9 +110,18 @@ def read_files(root: Path, keys: dict[str, int]) -> LegacyState:
         if is_name(p.stem):
             for h in _dicts(_json(p)).values():
                 if isinstance(h, dict) and "id" in h and "url" in h:
-                    s.webhooks.append({"id": h["id"], "user": p.stem, "url": h["url"], "watched": h.get("watched", []),
-                                       "domains": h.get("domains", ["repo", "discussion"]), "secret": h.get("secret"),
-                                       "disabled": bool(h.get("disabled")), "created_at": _iso(h.get("createdAt"))})  # fmt: skip
+                    s.webhooks.append(
+                        {
+                            "id": h["id"],
+                            "user": p.stem,
+                            "url": h["url"],
+                            "watched": h.get("watched", []),
+                            "domains": h.get("domains", ["repo", "discussion"]),
+                            "secret": h.get("secret"),
+                            "disabled": bool(h.get("disabled")),
+                            "created_at": _iso(h.get("createdAt")),
+                        }
+                    )
     return s
 
 

@@ -177,8 +177,16 @@ class Commits:
         created: list[str] = []
         try:
             staged = [(op, self._stage(repo, author, op, created)) for op in ops]
-            return self.rows.apply(repo, branch, staged, title=title, message=message, author=author,
-                                   parent_commit=parent_commit, card_of=self.repos.card_of)  # fmt: skip
+            return self.rows.apply(
+                repo,
+                branch,
+                staged,
+                title=title,
+                message=message,
+                author=author,
+                parent_commit=parent_commit,
+                card_of=self.repos.card_of,
+            )
         except BaseException:
             self.repos.drop_unreferenced(created)
             raise

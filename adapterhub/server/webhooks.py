@@ -124,7 +124,12 @@ def repo_payload(repo: Repo, base_url: str, action: str, scope: str, **extra: An
     """What a webhook receives (the Hub's shape, less what this server does not have)."""
     return {
         "event": {"action": action, "scope": scope},
-        "repo": {"type": "model", "name": repo.repo_id, "id": f"{repo.id:024x}", "private": repo.private,
-                 "url": {"web": f"{base_url}/{repo.repo_id}", "api": f"{base_url}/api/models/{repo.repo_id}"}},
+        "repo": {
+            "type": "model",
+            "name": repo.repo_id,
+            "id": f"{repo.id:024x}",
+            "private": repo.private,
+            "url": {"web": f"{base_url}/{repo.repo_id}", "api": f"{base_url}/api/models/{repo.repo_id}"},
+        },
         **extra,
-    }  # fmt: skip
+    }

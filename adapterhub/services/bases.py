@@ -421,8 +421,14 @@ def _convert_gguf(src: Path, out: Path, *, dtype: str, steps: _Steps) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     except ImportError as exc:  # transformers itself, or gguf / accelerate that it needs for GGUF
         raise BaseModelError(f"importing a GGUF needs transformers, gguf and accelerate: {exc}") from None
-    torch_dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-                   "float16": torch.float16, "fp16": torch.float16}.get(dtype)  # fmt: skip
+    torch_dtype = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }.get(dtype)
     if torch_dtype is None:
         raise BaseModelError(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
     from transformers.utils import logging as hf_logging

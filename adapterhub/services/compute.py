@@ -129,13 +129,19 @@ def _preflight(
     for n, a in enumerate(inputs):
         for b in inputs[n + 1 :]:
             checks += check_pair(
-                a.label, a.weights, b.label, b.weights,
-                a_base=lib.fingerprint_of(a.declared), b_base=lib.fingerprint_of(b.declared),
-            )  # fmt: skip
+                a.label,
+                a.weights,
+                b.label,
+                b.weights,
+                a_base=lib.fingerprint_of(a.declared),
+                b_base=lib.fingerprint_of(b.declared),
+            )
     report = ValidationReport(
-        subject=subject, checks=tuple(checks), base=layout.name if layout else None,
+        subject=subject,
+        checks=tuple(checks),
+        base=layout.name if layout else None,
         others=tuple(i.label for i in inputs),
-    )  # fmt: skip
+    )
     if not report.ok:
         raise IncompatibleAdapterError(report.summary(), report=report)
     return report
@@ -180,9 +186,14 @@ def merge(
 
     with journal(lib, Path(out), kind="merge"):
         result = merge_checkpoint(
-            bdir, [(i.weights, i.weight) for i in loaded], out, dtype=dtype, device=device, unmerge=unmerge,
+            bdir,
+            [(i.weights, i.weight) for i in loaded],
+            out,
+            dtype=dtype,
+            device=device,
+            unmerge=unmerge,
             progress=step,
-        )  # fmt: skip
+        )
     used = [(i.label, i.weight) for i in loaded if i.cataloged]
     if used:
         row = {
@@ -268,11 +279,25 @@ def combine(
     sweep(lib, "combine")
     loaded = [_input(lib, i.label, i.weight) for i in inputs]
     result = combine_op(
-        [(i.weights, i.weight) for i in loaded], method=method, rank=_rank(rank), keep=keep, density=density,
-        majority_sign=majority_sign, seed=seed, device=device, progress=progress,  # type: ignore[arg-type]
-    )  # fmt: skip
-    parents = [{"parent_name": i.label, "weight": i.weight, "method": result.method, "params": _jsonable(result.params)}
-               for i in loaded]  # fmt: skip
+        [(i.weights, i.weight) for i in loaded],
+        method=method,
+        rank=_rank(rank),
+        keep=keep,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        device=device,
+        progress=progress,  # type: ignore[arg-type]
+    )
+    parents = [
+        {
+            "parent_name": i.label,
+            "weight": i.weight,
+            "method": result.method,
+            "params": _jsonable(result.params),
+        }
+        for i in loaded
+    ]
     return _store_result(
         lib,
         result,
@@ -345,13 +370,27 @@ def extract_adapter(
     base_model = registered[0].public_id if registered else (b.config.get("_name_or_path") or str(base))
     with _LazyTensors(b) as bt, _LazyTensors(f) as ft:
         result = extract(
-            bt, ft, rank=_rank(rank), keep=keep, max_rank=max_rank, svd=svd, keys=keys,  # type: ignore[arg-type]
-            base_model=base_model, device=device, progress=progress,
-        )  # fmt: skip
+            bt,
+            ft,
+            rank=_rank(rank),
+            keep=keep,
+            max_rank=max_rank,
+            svd=svd,
+            keys=keys,  # type: ignore[arg-type]
+            base_model=base_model,
+            device=device,
+            progress=progress,
+        )
     parents = [
-        {"parent_name": str(finetuned), "weight": 1.0, "method": "extract",
-         "params": _jsonable({**result.params, "base": str(base), "skipped": len(result.params.get("skipped", []))})},
-    ]  # fmt: skip
+        {
+            "parent_name": str(finetuned),
+            "weight": 1.0,
+            "method": "extract",
+            "params": _jsonable(
+                {**result.params, "base": str(base), "skipped": len(result.params.get("skipped", []))}
+            ),
+        },
+    ]
     return _store_result(
         lib,
         result,

@@ -37,8 +37,16 @@ if TYPE_CHECKING:
     from ..records import AdapterInfo, EvaluationRecord
 
 __all__ = [
-    "EvaluationResult", "RankedAdapter", "SubjectScores", "evaluate", "evaluations", "parse_sort", "rank_adapters", "ranking", "record_evaluation",
-]  # fmt: skip
+    "EvaluationResult",
+    "RankedAdapter",
+    "SubjectScores",
+    "evaluate",
+    "evaluations",
+    "parse_sort",
+    "rank_adapters",
+    "ranking",
+    "record_evaluation",
+]
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,12 @@ class SubjectScores:
     values: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"subject": self.subject, "adapter_sha256": self.adapter_sha256, "combination": self.combination,
-                "values": dict(self.values)}  # fmt: skip
+        return {
+            "subject": self.subject,
+            "adapter_sha256": self.adapter_sha256,
+            "combination": self.combination,
+            "values": dict(self.values),
+        }
 
 
 @dataclass(frozen=True)
@@ -76,11 +88,17 @@ class EvaluationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "run": self.run, "base": self.base, "base_fingerprint": self.base_fingerprint,
-            "dataset": self.dataset, "dataset_sha256": self.dataset_sha256, "rows": self.rows,
-            "metrics": list(self.metrics), "seconds": self.seconds,
-            "scores": [s.to_dict() for s in self.scores], "records": [r.id for r in self.records],
-        }  # fmt: skip
+            "run": self.run,
+            "base": self.base,
+            "base_fingerprint": self.base_fingerprint,
+            "dataset": self.dataset,
+            "dataset_sha256": self.dataset_sha256,
+            "rows": self.rows,
+            "metrics": list(self.metrics),
+            "seconds": self.seconds,
+            "scores": [s.to_dict() for s in self.scores],
+            "records": [r.id for r in self.records],
+        }
 
 
 def _version() -> str:
@@ -117,8 +135,10 @@ def evaluate(
     if len(set(adapters)) != len(adapters):
         raise InvalidOptionError("an adapter is given twice")
     infos = {n: lib.info(n) for n in adapters}
-    combos = [parse_combination(c) if isinstance(c, str) else {str(k): float(v) for k, v in c.items()}
-              for c in combinations]  # fmt: skip
+    combos = [
+        parse_combination(c) if isinstance(c, str) else {str(k): float(v) for k, v in c.items()}
+        for c in combinations
+    ]
     for c in combos:
         for n in c:
             if n not in infos:
@@ -149,8 +169,17 @@ def evaluate(
         for n in infos:
             rt.load(n)
         subjects: list[Any] = [None, *adapters, *combos]
-        values, details = score(model, tokenizer, rt, subjects, ev, metrics, max_tokens=max_tokens,
-                                max_length=max_length, batch_tokens=batch_tokens)  # fmt: skip
+        values, details = score(
+            model,
+            tokenizer,
+            rt,
+            subjects,
+            ev,
+            metrics,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            batch_tokens=batch_tokens,
+        )
     finally:
         rt.detach()
     seconds = time.perf_counter() - start
@@ -166,20 +195,43 @@ def evaluate(
     run = uuid.uuid4().hex
     name = layout.name or str(base)
     result = EvaluationResult(
-        run=run, base=name, base_fingerprint=layout.fingerprint, dataset=ev.name, dataset_sha256=ev.sha256,
-        rows=len(ev), metrics=tuple(metrics), scores=scores, seconds=seconds,
-        generations={subject_label(s): g for s, g in zip(subjects, details.get("generations", []), strict=False)},
-    )  # fmt: skip
+        run=run,
+        base=name,
+        base_fingerprint=layout.fingerprint,
+        dataset=ev.name,
+        dataset_sha256=ev.sha256,
+        rows=len(ev),
+        metrics=tuple(metrics),
+        scores=scores,
+        seconds=seconds,
+        generations={
+            subject_label(s): g for s, g in zip(subjects, details.get("generations", []), strict=False)
+        },
+    )
     if not record:
         return result
     params = {"max_tokens": max_tokens, "device": dev, "dtype": str(next(model.parameters()).dtype)}
     rows = [
-        {"run": run, "subject": s.subject, "adapter_sha256": s.adapter_sha256, "combination": s.combination,
-         "base": name, "base_fingerprint": layout.fingerprint, "dataset": ev.name, "dataset_sha256": ev.sha256,
-         "metric": m, "value": v, "rows": len(ev), "seed": seed, "version": _version(), "source": source,
-         "params": params}
-        for s in scores for m, v in s.values.items()
-    ]  # fmt: skip
+        {
+            "run": run,
+            "subject": s.subject,
+            "adapter_sha256": s.adapter_sha256,
+            "combination": s.combination,
+            "base": name,
+            "base_fingerprint": layout.fingerprint,
+            "dataset": ev.name,
+            "dataset_sha256": ev.sha256,
+            "metric": m,
+            "value": v,
+            "rows": len(ev),
+            "seed": seed,
+            "version": _version(),
+            "source": source,
+            "params": params,
+        }
+        for s in scores
+        for m, v in s.values.items()
+    ]
     from dataclasses import replace
 
     return replace(result, records=tuple(_insert(lib, rows)))
@@ -223,14 +275,29 @@ def record_evaluation(
             base_fingerprint = None
     subject = adapter or (subject_label(dict(combination)) if combination else "base")
     run = uuid.uuid4().hex
-    return _insert(lib, [
-        {"run": run, "subject": subject, "adapter_sha256": sha,
-         "combination": dict(combination) if combination else None, "base": base,
-         "base_fingerprint": base_fingerprint, "dataset": dataset, "dataset_sha256": dataset_sha256,
-         "metric": m, "value": float(v), "rows": rows, "seed": seed, "version": _version(), "source": source,
-         "params": dict(params or {})}
-        for m, v in values.items()
-    ])  # fmt: skip
+    return _insert(
+        lib,
+        [
+            {
+                "run": run,
+                "subject": subject,
+                "adapter_sha256": sha,
+                "combination": dict(combination) if combination else None,
+                "base": base,
+                "base_fingerprint": base_fingerprint,
+                "dataset": dataset,
+                "dataset_sha256": dataset_sha256,
+                "metric": m,
+                "value": float(v),
+                "rows": rows,
+                "seed": seed,
+                "version": _version(),
+                "source": source,
+                "params": dict(params or {}),
+            }
+            for m, v in values.items()
+        ],
+    )
 
 
 def evaluations(
@@ -278,8 +345,10 @@ class RankedAdapter:
     value: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.adapter.to_dict(), "evaluation": {"dataset": self.dataset, "metric": self.metric,
-                                                         "value": self.value}}  # fmt: skip
+        return {
+            **self.adapter.to_dict(),
+            "evaluation": {"dataset": self.dataset, "metric": self.metric, "value": self.value},
+        }
 
 
 def rank_adapters(lib: Library, adapters: Sequence[AdapterInfo], sort: str) -> list[RankedAdapter]:

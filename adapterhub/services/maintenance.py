@@ -109,21 +109,33 @@ def _leftovers(stores: list[tuple[BlobStore, set[str]]], lib: Library) -> list[_
             if not item.stale:
                 continue
             if item.digest is not None and item.digest in refs and not store.has(item.digest):
-                found.append(_Finding(
-                    Problem("trashed", item.subject, "a removal that never committed took this object"),
-                    partial(store.restore, item.handle, item.digest),
-                ))  # fmt: skip
+                found.append(
+                    _Finding(
+                        Problem("trashed", item.subject, "a removal that never committed took this object"),
+                        partial(store.restore, item.handle, item.digest),
+                    )
+                )
             else:
-                found.append(_Finding(
-                    Problem("leftover", item.subject, "scratch of a process that is gone", item.size),
-                    partial(store.discard, item),
-                ))  # fmt: skip
+                found.append(
+                    _Finding(
+                        Problem("leftover", item.subject, "scratch of a process that is gone", item.size),
+                        partial(store.discard, item),
+                    )
+                )
     for entry, scratch in _journaled(lib):
         for p in scratch:
-            found.append(_Finding(Problem("leftover", str(p), "unfinished output of a run that is gone", tree_size(p)),
-                                  partial(_rm, p)))  # fmt: skip
-        found.append(_Finding(Problem("leftover", str(entry), "journal of a process that is gone", tree_size(entry)),
-                              partial(_rm, entry)))  # fmt: skip
+            found.append(
+                _Finding(
+                    Problem("leftover", str(p), "unfinished output of a run that is gone", tree_size(p)),
+                    partial(_rm, p),
+                )
+            )
+        found.append(
+            _Finding(
+                Problem("leftover", str(entry), "journal of a process that is gone", tree_size(entry)),
+                partial(_rm, entry),
+            )
+        )
     return found
 
 
@@ -136,16 +148,22 @@ def _objects(store: BlobStore, refs: set[str], what: str, *, grace: float = 0.0)
     for digest, size, mtime in store.listing():
         present.add(digest)
         if digest not in refs and now - mtime > grace:
-            found.append(_Finding(
-                Problem("orphan", store.object_name(digest), f"no {what} references this object", size),
-                orphan=(store, digest),
-            ))  # fmt: skip
+            found.append(
+                _Finding(
+                    Problem("orphan", store.object_name(digest), f"no {what} references this object", size),
+                    orphan=(store, digest),
+                )
+            )
     for digest, path in store.cached():
         if digest not in refs:
-            found.append(_Finding(
-                Problem("leftover", str(path), "a cached copy of an object no row references", tree_size(path)),
-                partial(_rm, path),
-            ))  # fmt: skip
+            found.append(
+                _Finding(
+                    Problem(
+                        "leftover", str(path), "a cached copy of an object no row references", tree_size(path)
+                    ),
+                    partial(_rm, path),
+                )
+            )
     return found
 
 
@@ -173,9 +191,13 @@ def _survey(lib: Library, *, verify: bool) -> tuple[list[_Finding], int]:
                 _Finding(Problem("missing", name, f"stored file {filename} ({digest[:12]}) is missing"))
             )
         elif verify and not lib.store.verify(digest):
-            found.append(_Finding(
-                Problem("corrupt", name, f"stored file {filename} ({digest[:12]}) does not match its sha256")
-            ))  # fmt: skip
+            found.append(
+                _Finding(
+                    Problem(
+                        "corrupt", name, f"stored file {filename} ({digest[:12]}) does not match its sha256"
+                    )
+                )
+            )
     found += _objects(lib.store, referenced, "catalog row")
     found += _objects(server, server_refs, "hosted repo", grace=STALE_AFTER)
     server_present = set(server)

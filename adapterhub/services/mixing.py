@@ -60,15 +60,23 @@ class MixResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "adapter": self.combined.adapter.to_dict(), "adapters": list(self.adapters),
-            "weights": list(self.weights), "loss_start": self.loss_start, "loss": self.loss,
-            "steps": self.steps, "seconds": self.seconds, "search": self.search,
+            "adapter": self.combined.adapter.to_dict(),
+            "adapters": list(self.adapters),
+            "weights": list(self.weights),
+            "loss_start": self.loss_start,
+            "loss": self.loss,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "search": self.search,
             "search_weights": list(self.search_weights) if self.search_weights is not None else None,
-            "search_loss": self.search_loss, "search_evaluations": self.search_evaluations,
-            "search_seconds": self.search_seconds, "combine_error": self.combined.error,
+            "search_loss": self.search_loss,
+            "search_evaluations": self.search_evaluations,
+            "search_seconds": self.search_seconds,
+            "combine_error": self.combined.error,
             "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None,
-            "data_sha256": self.data_sha256, "rows": self.rows,
-        }  # fmt: skip
+            "data_sha256": self.data_sha256,
+            "rows": self.rows,
+        }
 
 
 class _Mixer:
@@ -160,9 +168,18 @@ def _loss_fn(model: Any, seqs: Sequence[Any], pad: int, batch_tokens: int) -> Ca
 
 
 def mix_weights(
-    model: Any, adapters: Sequence[LoraWeights], names: Sequence[str], seqs: Sequence[Any], *, pad: int,
-    steps: int = 30, lr: float = 0.05, search: str = "cma", seed: int = 0, batch_tokens: int = 4096,
-) -> dict[str, Any]:  # fmt: skip
+    model: Any,
+    adapters: Sequence[LoraWeights],
+    names: Sequence[str],
+    seqs: Sequence[Any],
+    *,
+    pad: int,
+    steps: int = 30,
+    lr: float = 0.05,
+    search: str = "cma",
+    seed: int = 0,
+    batch_tokens: int = 4096,
+) -> dict[str, Any]:
     """Learn the weights on ``seqs`` by gradient, and (``search="cma"``) by CMA-ES for comparison."""
     import torch
 
@@ -200,9 +217,10 @@ def mix_weights(
             budget = max(3 * steps, 2 * len(adapters) + 2)
             start = time.perf_counter()
             es = cma.CMAEvolutionStrategy(
-                [1.0 / len(adapters)] * len(adapters), 0.3,
+                [1.0 / len(adapters)] * len(adapters),
+                0.3,
                 {"maxfevals": budget, "seed": seed + 1, "verbose": -9},
-            )  # fmt: skip
+            )
 
             def f(x: Sequence[float]) -> float:
                 with torch.no_grad():
@@ -221,8 +239,12 @@ def mix_weights(
                     float(es.result.fbest),
                     int(es.result.evaluations),
                 )
-            out.update(search_weights=[float(x) for x in best_x], search_loss=best_v, search_evaluations=evals,
-                       search_seconds=time.perf_counter() - start)  # fmt: skip
+            out.update(
+                search_weights=[float(x) for x in best_x],
+                search_loss=best_v,
+                search_evaluations=evals,
+                search_seconds=time.perf_counter() - start,
+            )
     finally:
         mixer.close()
     return out
@@ -284,27 +306,62 @@ def mix(
     for p in model.parameters():
         p.requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    found = mix_weights(model, loaded, [i.label for i in inputs], seqs, pad=pad, steps=steps, lr=lr,
-                        search=search, seed=seed)  # fmt: skip
+    found = mix_weights(
+        model, loaded, [i.label for i in inputs], seqs, pad=pad, steps=steps, lr=lr, search=search, seed=seed
+    )
     del model
     weights = found["weights"]
     result = combine_op(
         [(w, x) for w, x in zip(loaded, weights, strict=True)], method="linear", rank=_rank(rank)
     )
-    params = _jsonable({**result.params, "data_sha256": ev.sha256, "data": ev.name, "rows": len(ev),
-                        "steps": steps, "lr": lr, "loss": found["loss"], "loss_start": found["loss_start"],
-                        "search": search, "search_loss": found["search_loss"]})  # fmt: skip
-    parents = [{"parent_name": i.label, "weight": w, "method": "mix", "params": params}
-               for i, w in zip(inputs, weights, strict=True)]  # fmt: skip
-    summary = _store_result(lib, result, name, parents=parents, tags=tags, description=description,
-                            source="derived:mix")  # fmt: skip
+    params = _jsonable(
+        {
+            **result.params,
+            "data_sha256": ev.sha256,
+            "data": ev.name,
+            "rows": len(ev),
+            "steps": steps,
+            "lr": lr,
+            "loss": found["loss"],
+            "loss_start": found["loss_start"],
+            "search": search,
+            "search_loss": found["search_loss"],
+        }
+    )
+    parents = [
+        {"parent_name": i.label, "weight": w, "method": "mix", "params": params}
+        for i, w in zip(inputs, weights, strict=True)
+    ]
+    summary = _store_result(
+        lib, result, name, parents=parents, tags=tags, description=description, source="derived:mix"
+    )
     torch.manual_seed(seed)
-    evaluation = evaluate(lib, [name], base=base, data=data, metrics=["loss"], limit=limit, seed=seed,
-                          device=device, max_length=max_length, source="mix")  # fmt: skip
+    evaluation = evaluate(
+        lib,
+        [name],
+        base=base,
+        data=data,
+        metrics=["loss"],
+        limit=limit,
+        seed=seed,
+        device=device,
+        max_length=max_length,
+        source="mix",
+    )
     return MixResult(
-        combined=summary, adapters=tuple(i.label for i in inputs), weights=tuple(weights),
-        loss_start=found["loss_start"], loss=found["loss"], steps=steps, seconds=found["seconds"], search=search,
+        combined=summary,
+        adapters=tuple(i.label for i in inputs),
+        weights=tuple(weights),
+        loss_start=found["loss_start"],
+        loss=found["loss"],
+        steps=steps,
+        seconds=found["seconds"],
+        search=search,
         search_weights=tuple(found["search_weights"]) if found["search_weights"] is not None else None,
-        search_loss=found["search_loss"], search_evaluations=found["search_evaluations"],
-        search_seconds=found["search_seconds"], evaluation=evaluation, data_sha256=ev.sha256, rows=len(ev),
-    )  # fmt: skip
+        search_loss=found["search_loss"],
+        search_evaluations=found["search_evaluations"],
+        search_seconds=found["search_seconds"],
+        evaluation=evaluation,
+        data_sha256=ev.sha256,
+        rows=len(ev),
+    )

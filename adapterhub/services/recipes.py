@@ -72,16 +72,32 @@ def compose(
                         base_layout(lib, step.base),
                         subject=f"step {step.name}",
                     )
-                summary = resize_adapter(lib, 
-                    step.inputs[0][0], rank=step.rank, new_name=step.name, keep=step.keep,  # type: ignore[arg-type]
-                    device=device, tags=step.tags, description=step.description,
-                )  # fmt: skip
+                summary = resize_adapter(
+                    lib,
+                    step.inputs[0][0],
+                    rank=step.rank,
+                    new_name=step.name,
+                    keep=step.keep,  # type: ignore[arg-type]
+                    device=device,
+                    tags=step.tags,
+                    description=step.description,
+                )
             else:
-                summary = combine(lib, 
-                    list(step.inputs), name=step.name, method=step.method, rank=step.rank, keep=step.keep,
-                    density=step.density, majority_sign=step.majority_sign, seed=step.seed, device=device,
-                    tags=step.tags, description=step.description, base=step.base,
-                )  # fmt: skip
+                summary = combine(
+                    lib,
+                    list(step.inputs),
+                    name=step.name,
+                    method=step.method,
+                    rank=step.rank,
+                    keep=step.keep,
+                    density=step.density,
+                    majority_sign=step.majority_sign,
+                    seed=step.seed,
+                    device=device,
+                    tags=step.tags,
+                    description=step.description,
+                    base=step.base,
+                )
             created.append(step.name)
             summaries.append(summary)
     except (AdapterHubError, ValueError) as exc:

@@ -19,12 +19,26 @@ if TYPE_CHECKING:
     from ..records import AdapterInfo, BaseInfo, Generation
     from ..runtime import Runtime
 
-DTYPES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32"}  # fmt: skip
+DTYPES = {
+    "auto": None,
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+}
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "merges.txt")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "merges.txt",
+)
 QUANTIZE = ("nf4", "int8")
 
 
@@ -91,8 +105,12 @@ def _quantization(quantize: str, device: str) -> dict[str, Any]:
             f"--quantize {quantize} needs bitsandbytes: pip install 'adapterhub[quant]'"
         ) from None
     if quantize == "nf4":
-        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     else:
         cfg = BitsAndBytesConfig(load_in_8bit=True)
     return {"quantization_config": cfg, "device_map": device}
@@ -214,10 +232,15 @@ def saver(lib: Library, model: Any, *, base: str | None = None) -> Callable[...,
             write_adapter(weights, tmp)
             files = AdapterFiles("peft", tmp / "adapter_model.safetensors", tmp / "adapter_config.json")
             return lib.ingest(
-                name, files, read_adapter(files), base=info.name if info else None, tags=tags,
-                description=description, source="trained",
+                name,
+                files,
+                read_adapter(files),
+                base=info.name if info else None,
+                tags=tags,
+                description=description,
+                source="trained",
                 parents=[{"parent_name": parent, "weight": 1.0, "method": "train", "params": params}],
-            )  # fmt: skip
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -272,9 +295,14 @@ def generate_text(
             {"role": "user", "content": prompt}
         ]
         return generate(
-            model, tokenizer, chat_ids(tokenizer, messages), max_tokens=max_tokens, temperature=temperature,
-            seed=seed, on_text=on_text,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            chat_ids(tokenizer, messages),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            on_text=on_text,
+        )
     finally:
         if rt is not None:
             rt.detach()

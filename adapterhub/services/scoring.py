@@ -246,8 +246,9 @@ def _logprob_sums(
     import torch
 
     device = next(model.parameters()).device
-    jobs = sorted(((s, q) for s in range(len(specs)) for q in range(len(seqs))),
-                  key=lambda j: -len(seqs[j[1]].ids))  # fmt: skip
+    jobs = sorted(
+        ((s, q) for s in range(len(specs)) for q in range(len(seqs))), key=lambda j: -len(seqs[j[1]].ids)
+    )
     out: list[list[tuple[float, int, bool]]] = [[(0.0, 0, True)] * len(seqs) for _ in specs]
     at = 0
     while at < len(jobs):
@@ -279,9 +280,14 @@ def _logprob_sums(
 
 
 def _generate(
-    model: Any, tokenizer: Any, rt: Runtime, specs: Sequence[AdapterSpec], prompts: Sequence[list[int]],
-    max_tokens: int, batch_tokens: int,
-) -> list[list[str]]:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    rt: Runtime,
+    specs: Sequence[AdapterSpec],
+    prompts: Sequence[list[int]],
+    max_tokens: int,
+    batch_tokens: int,
+) -> list[list[str]]:
     """Greedy generations per subject, per prompt. Prompts of one length share a batch (no padding)."""
     import torch
 
@@ -300,10 +306,16 @@ def _generate(
             ids = torch.tensor([prompts[q] for _, q in batch], device=device)
             with torch.no_grad(), rt.rows([specs[s] for s, _ in batch]):
                 gen = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad,
                     eos_token_id=eos or None,
-                )  # fmt: skip
+                )
             for r, (s, q) in enumerate(batch):
                 new = gen[r, width:].tolist()
                 cut = next((i for i, t in enumerate(new) if t in eos), len(new))

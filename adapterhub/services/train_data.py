@@ -206,8 +206,9 @@ def _encode(tokenizer: Any, kind: str, row: dict[str, Any]) -> tuple[list[int], 
     return _encode_spans(tokenizer, text, [(0, len(text))])
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[tuple[int, dict[str, Any]]], kind: str, *, max_length: int,
-                path: Path) -> Encoded:  # fmt: skip
+def encode_rows(
+    tokenizer: Any, rows: Sequence[tuple[int, dict[str, Any]]], kind: str, *, max_length: int, path: Path
+) -> Encoded:
     """(input ids, labels) per row; a row over ``max_length`` tokens or without a label is refused."""
     if getattr(tokenizer, "bos_token_id", None) is not None and kind != "messages":
         bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []

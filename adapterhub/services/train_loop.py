@@ -146,8 +146,13 @@ class Loop:
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"], torch.device(self.device))
-        self.progress = Progress(step=state["step"], tokens=state["tokens"], losses=state["losses"],
-                                 eval_losses=[tuple(e) for e in state["eval_losses"]], seconds=state["seconds"])  # fmt: skip
+        self.progress = Progress(
+            step=state["step"],
+            tokens=state["tokens"],
+            losses=state["losses"],
+            eval_losses=[tuple(e) for e in state["eval_losses"]],
+            seconds=state["seconds"],
+        )
 
     def _checkpoint(self) -> None:
         import torch
@@ -159,10 +164,19 @@ class Loop:
         if self.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
         self.folder.save(
-            p.step, dict(zip(self.factor_names, self.params, strict=True)), self.opt.state_dict(),
-            {"step": p.step, "tokens": p.tokens, "losses": p.losses, "eval_losses": p.eval_losses,
-             "seconds": p.seconds, "schedule": self.sched.state_dict(), "rng": rng},
-        )  # fmt: skip
+            p.step,
+            dict(zip(self.factor_names, self.params, strict=True)),
+            self.opt.state_dict(),
+            {
+                "step": p.step,
+                "tokens": p.tokens,
+                "losses": p.losses,
+                "eval_losses": p.eval_losses,
+                "seconds": p.seconds,
+                "schedule": self.sched.state_dict(),
+                "rng": rng,
+            },
+        )
 
     # -------------------------------------------------------------- steps
     def _tensors(self, rows: Sequence[int], source: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
@@ -278,10 +292,16 @@ class Loop:
                 and (step % self.log_every == 0 or step == total or record)
             ):
                 now = time.perf_counter()
-                record = {"step": step, "steps": total, "loss": loss, "loss_mean10": sum(recent) / len(recent),
-                          "lr": float(self.sched.get_last_lr()[0]),
-                          "tokens_per_second": (p.tokens - last_log[1]) / max(now - last_log[0], 1e-9),
-                          "seconds": round(p.seconds, 3), **record}  # fmt: skip
+                record = {
+                    "step": step,
+                    "steps": total,
+                    "loss": loss,
+                    "loss_mean10": sum(recent) / len(recent),
+                    "lr": float(self.sched.get_last_lr()[0]),
+                    "tokens_per_second": (p.tokens - last_log[1]) / max(now - last_log[0], 1e-9),
+                    "seconds": round(p.seconds, 3),
+                    **record,
+                }
                 last_log = (now, p.tokens)
                 self.on_log(record)
         self.model.eval()

@@ -50,8 +50,18 @@ class MemoryPlan:
         return None if self.available is None else self.total <= self.available
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("base", "adapter", "gradients", "optimizer", "activations", "quantize", "device", "available",
-                "trainable_params", "base_params")  # fmt: skip
+        keys = (
+            "base",
+            "adapter",
+            "gradients",
+            "optimizer",
+            "activations",
+            "quantize",
+            "device",
+            "available",
+            "trainable_params",
+            "base_params",
+        )
         return {**{k: getattr(self, k) for k in keys}, "total": self.total, "fits": self.fits}
 
     def lines(self) -> list[str]:
@@ -159,7 +169,14 @@ def memory_plan(
         activations = layers * per_layer
     activations += 2 * tokens * vocab * 4  # fp32 logits for the loss, and their gradient
     return MemoryPlan(
-        base=int(base), adapter=4 * trainable, gradients=4 * trainable, optimizer=int(OPTIMIZERS[optim] * trainable),
-        activations=int(activations), quantize=quantize, device=device, available=_available(device),
-        trainable_params=trainable, base_params=len(seen) and sum(p.numel() for p in model.parameters()),
-    )  # fmt: skip
+        base=int(base),
+        adapter=4 * trainable,
+        gradients=4 * trainable,
+        optimizer=int(OPTIMIZERS[optim] * trainable),
+        activations=int(activations),
+        quantize=quantize,
+        device=device,
+        available=_available(device),
+        trainable_params=trainable,
+        base_params=len(seen) and sum(p.numel() for p in model.parameters()),
+    )

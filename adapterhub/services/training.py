@@ -73,11 +73,29 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("steps", "epochs", "first_loss", "last_loss", "trainable_params", "total_params", "trainable_share",
-                "seconds", "tokens", "tokens_per_second", "examples", "data_sha256", "device", "resumed_from",
-                "processes")  # fmt: skip
-        return {"adapter": self.adapter.to_dict(), **{k: getattr(self, k) for k in keys},
-                "losses": list(self.losses), "eval_losses": [list(e) for e in self.eval_losses]}  # fmt: skip
+        keys = (
+            "steps",
+            "epochs",
+            "first_loss",
+            "last_loss",
+            "trainable_params",
+            "total_params",
+            "trainable_share",
+            "seconds",
+            "tokens",
+            "tokens_per_second",
+            "examples",
+            "data_sha256",
+            "device",
+            "resumed_from",
+            "processes",
+        )
+        return {
+            "adapter": self.adapter.to_dict(),
+            **{k: getattr(self, k) for k in keys},
+            "losses": list(self.losses),
+            "eval_losses": [list(e) for e in self.eval_losses],
+        }
 
 
 def usable_threads(nproc: int = 1) -> int:
@@ -126,9 +144,14 @@ class _Options:
     def check(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise InvalidOptionError("give --steps or --epochs, not both")
-        for what, n in (("batch size", self.batch_size), ("max length", self.max_length), ("steps", self.steps or 1),
-                        ("grad accum", self.grad_accum), ("eval every", self.eval_every or 1),
-                        ("save every", self.save_every or 1)):  # fmt: skip
+        for what, n in (
+            ("batch size", self.batch_size),
+            ("max length", self.max_length),
+            ("steps", self.steps or 1),
+            ("grad accum", self.grad_accum),
+            ("eval every", self.eval_every or 1),
+            ("save every", self.save_every or 1),
+        ):
             if n < 1:
                 raise InvalidOptionError(f"{what} must be at least 1, got {n}")
         if self.warmup < 0:
@@ -140,8 +163,10 @@ class _Options:
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise InvalidOptionError(f"max grad norm must be 0 (off) or positive, got {self.max_grad_norm}")
         choices: tuple[tuple[str, str, Sequence[str]], ...] = (
-            ("schedule", self.schedule, SCHEDULES), ("optimizer", self.optim, OPTIMS),
-            ("quantization", self.quantize or QUANTIZE[0], QUANTIZE))  # fmt: skip
+            ("schedule", self.schedule, SCHEDULES),
+            ("optimizer", self.optim, OPTIMS),
+            ("quantization", self.quantize or QUANTIZE[0], QUANTIZE),
+        )
         for what, v, known in choices:
             if v not in known:
                 raise InvalidOptionError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
@@ -207,8 +232,9 @@ def _total_steps(o: _Options, examples: int) -> int:
     return o.steps if o.steps is not None else max(1, round((o.epochs or 1.0) * per_epoch))
 
 
-def plan(lib: Library, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None,
-         **options: Any) -> MemoryPlan:  # fmt: skip
+def plan(
+    lib: Library, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None, **options: Any
+) -> MemoryPlan:
     """The memory plan of a run with these options (nothing is loaded but the base's config)."""
     from transformers import AutoConfig
 
@@ -225,10 +251,17 @@ def plan(lib: Library, base: str | os.PathLike[str], *, nproc: int = 1, device: 
     dev = pick_device(device)
     micro = max(1, math.ceil(o.batch_size / max(1, nproc) / o.grad_accum))
     return memory_plan(
-        config, targets=o.targets, rank=o.rank, quantize=o.quantize, micro_batch=micro, max_length=o.max_length,
-        gradient_checkpointing=o.gradient_checkpointing, optim=o.optim, device=dev,
+        config,
+        targets=o.targets,
+        rank=o.rank,
+        quantize=o.quantize,
+        micro_batch=micro,
+        max_length=o.max_length,
+        gradient_checkpointing=o.gradient_checkpointing,
+        optim=o.optim,
+        device=dev,
         dtype=None if dev.startswith("cuda") else "float32",
-    )  # fmt: skip
+    )
 
 
 def train(
@@ -271,15 +304,49 @@ def train(
     if on_plan is not None and int(os.environ.get("RANK", "0")) == 0:
         on_plan(plan(lib, base, nproc=max(nproc, world), device=device, **options))
     if nproc > 1:
-        return _spawn(lib, base, data, name=name, nproc=nproc, device=device, tags=tags, description=description,
-                      resume=resume, options=options)  # fmt: skip
-    return _train(lib, base, d, o, name=name, device=device, tags=tags, description=description, resume=resume,
-                  log_every=log_every, on_step=on_step, on_log=on_log)  # fmt: skip
+        return _spawn(
+            lib,
+            base,
+            data,
+            name=name,
+            nproc=nproc,
+            device=device,
+            tags=tags,
+            description=description,
+            resume=resume,
+            options=options,
+        )
+    return _train(
+        lib,
+        base,
+        d,
+        o,
+        name=name,
+        device=device,
+        tags=tags,
+        description=description,
+        resume=resume,
+        log_every=log_every,
+        on_step=on_step,
+        on_log=on_log,
+    )
 
 
-def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *, name: str, device: str | None,
-           tags: Sequence[str], description: str | None, resume: bool, log_every: int = 10,
-           on_step: StepCallback | None = None, on_log: LogCallback | None = None) -> TrainResult:  # fmt: skip
+def _train(
+    lib: Library,
+    base: str | os.PathLike[str],
+    d: _Data,
+    o: _Options,
+    *,
+    name: str,
+    device: str | None,
+    tags: Sequence[str],
+    description: str | None,
+    resume: bool,
+    log_every: int = 10,
+    on_step: StepCallback | None = None,
+    on_log: LogCallback | None = None,
+) -> TrainResult:
     import torch
 
     from .running import attach, load_base, pick_device, registered_base
@@ -301,8 +368,9 @@ def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *,
         torch.distributed.barrier()
         start = folder.latest() if resume else None
     bf16 = o.bf16 if o.bf16 is not None else (dev.startswith("cuda") and torch.cuda.is_bf16_supported())
-    model, _ = load_base(lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32",
-                         quantize=o.quantize)  # fmt: skip
+    model, _ = load_base(
+        lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32", quantize=o.quantize
+    )
     if o.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -318,25 +386,58 @@ def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *,
         tok = d.tokenizer
         names = [n for n, _ in ad.named_parameters()]
         loop = Loop(
-            model=model, params=[p for _, p in ad.named_parameters()], encoded=d.encoded, eval_encoded=d.eval_encoded,
-            plan=batches([len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length),
-            device=dev, pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
-            lr=o.lr, optim=o.optim, schedule=o.schedule, warmup=o.warmup, max_grad_norm=o.max_grad_norm,
-            grad_accum=o.grad_accum, bf16=bf16, eval_every=o.eval_every or (total if d.eval_encoded else None),
-            save_every=o.save_every, log_every=log_every, seed=o.seed, rank=rank, world=world, folder=folder,
-            factor_names=names, on_step=on_step, on_log=on_log,
-        )  # fmt: skip
+            model=model,
+            params=[p for _, p in ad.named_parameters()],
+            encoded=d.encoded,
+            eval_encoded=d.eval_encoded,
+            plan=batches(
+                [len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length
+            ),
+            device=dev,
+            pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+            lr=o.lr,
+            optim=o.optim,
+            schedule=o.schedule,
+            warmup=o.warmup,
+            max_grad_norm=o.max_grad_norm,
+            grad_accum=o.grad_accum,
+            bf16=bf16,
+            eval_every=o.eval_every or (total if d.eval_encoded else None),
+            save_every=o.save_every,
+            log_every=log_every,
+            seed=o.seed,
+            rank=rank,
+            world=world,
+            folder=folder,
+            factor_names=names,
+            on_step=on_step,
+            on_log=on_log,
+        )
         if start is not None:
             loop.resume(start)
         resumed_from = loop.progress.step
         p = loop.run()
         ad.lineage.update(
-            steps=total, loss=p.losses[-1], first_loss=p.losses[0], data_sha256=d.digest, lr=o.lr,
-            batch_size=o.batch_size, examples=len(d.encoded), schedule=o.schedule, warmup=o.warmup,
-            max_grad_norm=o.max_grad_norm, grad_accum=o.grad_accum, optim=o.optim, quantize=o.quantize,
-            gradient_checkpointing=o.gradient_checkpointing, bf16=bf16, processes=world, max_length=o.max_length,
-            eval_loss=p.eval_losses[-1][1] if p.eval_losses else None, eval_sha256=d.eval_digest,
-        )  # fmt: skip
+            steps=total,
+            loss=p.losses[-1],
+            first_loss=p.losses[0],
+            data_sha256=d.digest,
+            lr=o.lr,
+            batch_size=o.batch_size,
+            examples=len(d.encoded),
+            schedule=o.schedule,
+            warmup=o.warmup,
+            max_grad_norm=o.max_grad_norm,
+            grad_accum=o.grad_accum,
+            optim=o.optim,
+            quantize=o.quantize,
+            gradient_checkpointing=o.gradient_checkpointing,
+            bf16=bf16,
+            processes=world,
+            max_length=o.max_length,
+            eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
+            eval_sha256=d.eval_digest,
+        )
         if rank == 0:
             adapter = rt.save(name, tags=tags, description=description)
             folder.remove()
@@ -345,12 +446,23 @@ def _train(lib: Library, base: str | os.PathLike[str], d: _Data, o: _Options, *,
         if rank != 0:
             adapter = lib.info(name)
         return TrainResult(
-            adapter=adapter, steps=total, epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
-            first_loss=p.losses[0], last_loss=p.losses[-1], trainable_params=ad.num_params,
-            total_params=total_params, seconds=p.seconds, tokens=p.tokens, examples=len(d.encoded),
-            data_sha256=d.digest, device=dev, losses=tuple(p.losses), eval_losses=tuple(p.eval_losses),
-            resumed_from=resumed_from, processes=world,
-        )  # fmt: skip
+            adapter=adapter,
+            steps=total,
+            epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
+            first_loss=p.losses[0],
+            last_loss=p.losses[-1],
+            trainable_params=ad.num_params,
+            total_params=total_params,
+            seconds=p.seconds,
+            tokens=p.tokens,
+            examples=len(d.encoded),
+            data_sha256=d.digest,
+            device=dev,
+            losses=tuple(p.losses),
+            eval_losses=tuple(p.eval_losses),
+            resumed_from=resumed_from,
+            processes=world,
+        )
     finally:
         rt.detach()
 
@@ -367,14 +479,27 @@ def _free_port() -> int:
 def _worker(rank: int, job: dict[str, Any]) -> None:
     from ..catalog.library import Library
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["nproc"]),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(job["nproc"]),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(job["port"]),
+    )
     lib = Library(Path(job["home"]), db=job["db"])
     try:
         o = _options(**job["options"])
-        result = _train(lib, job["base"], _read(lib, job["base"], job["data"], o), o, name=job["name"],
-                        device=job["device"], tags=job["tags"], description=job["description"],
-                        resume=job["resume"])  # fmt: skip
+        result = _train(
+            lib,
+            job["base"],
+            _read(lib, job["base"], job["data"], o),
+            o,
+            name=job["name"],
+            device=job["device"],
+            tags=job["tags"],
+            description=job["description"],
+            resume=job["resume"],
+        )
         if rank == 0:
             Path(job["out"]).write_text(
                 json.dumps({k: v for k, v in result.to_dict().items() if k != "adapter"})
@@ -389,18 +514,39 @@ def _worker(rank: int, job: dict[str, Any]) -> None:
             dist.destroy_process_group()
 
 
-def _spawn(lib: Library, base: str | os.PathLike[str], data: str | os.PathLike[str], *, name: str, nproc: int,
-           device: str | None, tags: Sequence[str], description: str | None, resume: bool,
-           options: dict[str, Any]) -> TrainResult:  # fmt: skip
+def _spawn(
+    lib: Library,
+    base: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    name: str,
+    nproc: int,
+    device: str | None,
+    tags: Sequence[str],
+    description: str | None,
+    resume: bool,
+    options: dict[str, Any],
+) -> TrainResult:
     import torch.multiprocessing as mp
 
     lib.store.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.store.tmp, prefix=f"train-{os.getpid()}-") as tmp:
         out = Path(tmp) / "result.json"
-        job = {"home": str(lib.home), "db": lib.db_url, "base": str(base), "data": str(data), "name": name,
-               "nproc": nproc, "port": _free_port(), "device": device, "tags": list(tags),
-               "description": description, "resume": resume, "out": str(out),
-               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}}  # fmt: skip
+        job = {
+            "home": str(lib.home),
+            "db": lib.db_url,
+            "base": str(base),
+            "data": str(data),
+            "name": name,
+            "nproc": nproc,
+            "port": _free_port(),
+            "device": device,
+            "tags": list(tags),
+            "description": description,
+            "resume": resume,
+            "out": str(out),
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
+        }
         try:
             mp.start_processes(_worker, args=(job,), nprocs=nproc, start_method="spawn")
         except mp.ProcessRaisedException as exc:

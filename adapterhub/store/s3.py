@@ -317,9 +317,13 @@ class S3Store(BlobStore):
             if h.hexdigest() != digest:
                 raise StoreError(f"{src}: its content does not have sha256 {digest}; nothing was stored")
             got = self._call(
-                "complete_multipart_upload", Key=key, UploadId=upload,
-                MultipartUpload={"Parts": parts}, IfNoneMatch="*", ok=(EXISTS,),
-            )  # fmt: skip
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+                ok=(EXISTS,),
+            )
             if got == EXISTS:
                 self._abort(key, upload)
                 return StoredFile(digest, done, created=False)
@@ -383,9 +387,14 @@ class S3Store(BlobStore):
             for u in page.get("Uploads", ()):
                 stale = now - u["Initiated"].timestamp() > STALE_AFTER
                 found.append(
-                    Scratch(f"s3://{self.bucket}/{u['Key']} (upload {u['UploadId'][:12]})", 0, stale, None,
-                            ("upload", u["Key"], u["UploadId"]))
-                )  # fmt: skip
+                    Scratch(
+                        f"s3://{self.bucket}/{u['Key']} (upload {u['UploadId'][:12]})",
+                        0,
+                        stale,
+                        None,
+                        ("upload", u["Key"], u["UploadId"]),
+                    )
+                )
             if not page.get("IsTruncated"):
                 break
             marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}

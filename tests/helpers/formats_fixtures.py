@@ -32,8 +32,16 @@ def tiny_llama() -> nn.Module:
     """`_models.tiny_llama` with the format tests' shape (hidden 16)."""
     from helpers.models import tiny_llama as build
 
-    return build(0, spread=False, vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    return build(
+        0,
+        spread=False,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
 
 
 def tiny_gpt2() -> nn.Module:

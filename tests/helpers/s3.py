@@ -68,19 +68,54 @@ class SeaweedServer:
         s3, master, volume, filer = _ports(4)
         self.s3_port = s3
         keys = self.root / "keys.json"
-        keys.write_text(json.dumps({"identities": [{
-            "name": "adapterhub", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))  # fmt: skip
+        keys.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "adapterhub",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         (self.root / "data").mkdir()
         log = open(self.root / "log", "wb")  # noqa: SIM115 (the server writes it while it runs)
         self.proc = subprocess.Popen(
-            [self.binary, "server", "-dir", str(self.root / "data"), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1",
-             "-s3", "-s3.port", str(s3), "-s3.config", str(keys), "-master.port", str(master),
-             "-volume.port", str(volume), "-filer.port", str(filer), "-master.volumeSizeLimitMB", "256",
-             "-s3.port.iceberg", "0", "-s3.port.lance", "0", "-master.telemetry=false"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-        )  # fmt: skip
+            [
+                self.binary,
+                "server",
+                "-dir",
+                str(self.root / "data"),
+                "-ip",
+                "127.0.0.1",
+                "-ip.bind",
+                "127.0.0.1",
+                "-s3",
+                "-s3.port",
+                str(s3),
+                "-s3.config",
+                str(keys),
+                "-master.port",
+                str(master),
+                "-volume.port",
+                str(volume),
+                "-filer.port",
+                str(filer),
+                "-master.volumeSizeLimitMB",
+                "256",
+                "-s3.port.iceberg",
+                "0",
+                "-s3.port.lance",
+                "0",
+                "-master.telemetry=false",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
         log.close()
         deadline = time.monotonic() + 60
         while True:
@@ -102,9 +137,12 @@ class SeaweedServer:
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=secret,
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=secret,
             region_name="us-east-1",
-        )  # fmt: skip
+        )
 
     #: one bucket for all tests, a prefix each (every bucket takes volumes of its own in SeaweedFS)
     bucket = "adapterhub-tests"

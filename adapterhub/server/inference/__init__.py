@@ -109,11 +109,22 @@ def mount_inference(
     name = model if model in registered else Path(model).name
     first = next(iter(live.parameters()))
     svc = Inference(
-        hub, live, tokenizer, rt, name=name, base_ref=str(model), max_batch=max_batch, max_queue=max_queue,
-        adapter_memory=budget, require_token=require_token, graphs=graphs,
+        hub,
+        live,
+        tokenizer,
+        rt,
+        name=name,
+        base_ref=str(model),
+        max_batch=max_batch,
+        max_queue=max_queue,
+        adapter_memory=budget,
+        require_token=require_token,
+        graphs=graphs,
         factor_bytes=4 if factor_dtype == "float32" else first.element_size(),
-        max_request_bytes=body_cap, batch_invariant=batch_invariant, lora_dirs=dirs,
-    )  # fmt: skip
+        max_request_bytes=body_cap,
+        batch_invariant=batch_invariant,
+        lora_dirs=dirs,
+    )
     app.state.inference = svc
     _include_first(app)
     previous = app.router.lifespan_context

@@ -94,14 +94,19 @@ async def tokenizer_info(request: Request) -> Response:
     if isinstance(token, Refusal):
         return refuse(svc, "tokenizer_info", token)
     tok = svc.tokenizer
-    return JSONResponse({
-        "tokenizer_class": type(tok).__name__,
-        "eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
-        "unk_token": getattr(tok, "unk_token", None),
-        "chat_template": getattr(tok, "chat_template", None),
-        "model_max_length": svc.engine.max_context, "vocab_size": svc.vocab,
-        "add_bos_token": getattr(tok, "add_bos_token", None),
-    })  # fmt: skip
+    return JSONResponse(
+        {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": getattr(tok, "unk_token", None),
+            "chat_template": getattr(tok, "chat_template", None),
+            "model_max_length": svc.engine.max_context,
+            "vocab_size": svc.vocab,
+            "add_bos_token": getattr(tok, "add_bos_token", None),
+        }
+    )
 
 
 @router.post("/tokenize")
@@ -133,10 +138,17 @@ async def tokenize(request: Request) -> Response:
         try:
             ids = await run_in_threadpool(chat_ids, svc.tokenizer, flat)
         except Exception as exc:
-            return refuse(svc, "tokenize", Refusal(400, f"the chat template refuses these messages: {exc}",
-                                                   param="messages"))  # fmt: skip
-    out: dict[str, Any] = {"count": len(ids), "max_model_len": svc.engine.max_context, "tokens": ids,
-                           "token_strs": [svc.token_text(i) for i in ids] if req.return_token_strs else None}  # fmt: skip
+            return refuse(
+                svc,
+                "tokenize",
+                Refusal(400, f"the chat template refuses these messages: {exc}", param="messages"),
+            )
+    out: dict[str, Any] = {
+        "count": len(ids),
+        "max_model_len": svc.engine.max_context,
+        "tokens": ids,
+        "token_strs": [svc.token_text(i) for i in ids] if req.return_token_strs else None,
+    }
     return JSONResponse(out)
 
 
@@ -149,26 +161,38 @@ async def detokenize(request: Request) -> Response:
         return refuse(svc, "detokenize", req)
     bad = next((i for i in req.tokens if not 0 <= i < svc.vocab), None)
     if bad is not None:
-        return refuse(svc, "detokenize", Refusal(400, f"token id {bad} is out of the vocabulary (size {svc.vocab})",
-                                                 param="tokens"))  # fmt: skip
+        return refuse(
+            svc,
+            "detokenize",
+            Refusal(400, f"token id {bad} is out of the vocabulary (size {svc.vocab})", param="tokens"),
+        )
     return JSONResponse({"prompt": svc.tokenizer.decode(req.tokens)})
 
 
 def _writer(token: Any, name: str) -> Refusal | None:
     """Only a write token of ``name``'s namespace: names without one (the operator's) are never written here."""
     if token is None:
-        return Refusal(401, "loading adapters needs a write token (adapterhub token create USER --write)",
-                       code="invalid_api_key")  # fmt: skip
+        return Refusal(
+            401,
+            "loading adapters needs a write token (adapterhub token create USER --write)",
+            code="invalid_api_key",
+        )
     owner, sep, rest = name.partition("/")
     if not token.write or not sep or not rest or owner != token.user:
-        return Refusal(403, f"this token may not write {name} (a write token of USER may write USER/...)",
-                       type="permission_error", code="forbidden")  # fmt: skip
+        return Refusal(
+            403,
+            f"this token may not write {name} (a write token of USER may write USER/...)",
+            type="permission_error",
+            code="forbidden",
+        )
     return None
 
 
 #: the one answer to every local path refused, missing or not an adapter (no probing of the disk)
-BAD_PATH = ("lora_path is not an adapter this server may load: give a public Hub repo id, or a folder or file "
-            "inside one of the server's --lora-dir folders")  # fmt: skip
+BAD_PATH = (
+    "lora_path is not an adapter this server may load: give a public Hub repo id, or a folder or file "
+    "inside one of the server's --lora-dir folders"
+)
 
 
 def _inside(svc: Inference, path: str) -> str | None:
@@ -248,8 +272,16 @@ async def unload_lora_adapter(request: Request) -> Response:
         return refuse(svc, "unload_lora_adapter", why)
     entry = await run_in_threadpool(svc.pool.resolve, req.lora_name)
     if entry is None:
-        return refuse(svc, "unload_lora_adapter", Refusal(404, f"The lora adapter '{req.lora_name}' cannot be found.",
-                                                          param="lora_name", code="model_not_found"))  # fmt: skip
+        return refuse(
+            svc,
+            "unload_lora_adapter",
+            Refusal(
+                404,
+                f"The lora adapter '{req.lora_name}' cannot be found.",
+                param="lora_name",
+                code="model_not_found",
+            ),
+        )
     await run_in_threadpool(
         svc.engine.run_exclusive, lambda: svc.pool.evict(entry.sha256, svc.engine.close_rows)
     )
@@ -280,10 +312,14 @@ async def unknown_v1(request: Request, rest: str) -> Response:
     allowed = _known(request)
     if allowed:
         return JSONResponse(
-            Refusal(405, f"Method {request.method} is not allowed for /v1/{rest}; use {', '.join(allowed)}",
-                    code="method_not_allowed").body(),
-            status_code=405, headers={"Allow": ", ".join(allowed)},
-        )  # fmt: skip
+            Refusal(
+                405,
+                f"Method {request.method} is not allowed for /v1/{rest}; use {', '.join(allowed)}",
+                code="method_not_allowed",
+            ).body(),
+            status_code=405,
+            headers={"Allow": ", ".join(allowed)},
+        )
     return JSONResponse(
         Refusal(404, f"Invalid URL ({request.method} /v1/{rest})", code="unknown_url").body(), status_code=404
     )

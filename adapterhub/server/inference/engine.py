@@ -406,9 +406,13 @@ class Engine:
         whole = any(j.sampling.prompt_logprobs for j in jobs)  # every position's logits, not the last only
         with self.pool.runtime.rows([j.spec for j in jobs]):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=0 if whole else 1, **{self._cache_kw: cache},
-            )  # fmt: skip
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=0 if whole else 1,
+                **{self._cache_kw: cache},
+            )
         if whole:
             for i, j in enumerate(jobs):
                 if j.sampling.prompt_logprobs:
@@ -447,9 +451,12 @@ class Engine:
             [b.mask, torch.ones((b.mask.shape[0], 1), dtype=b.mask.dtype, device=b.mask.device)], 1
         )
         out = self.model(
-            input_ids=b.last[:, None], attention_mask=mask, position_ids=b.pos[:, None], use_cache=True,
+            input_ids=b.last[:, None],
+            attention_mask=mask,
+            position_ids=b.pos[:, None],
+            use_cache=True,
             **{self._cache_kw: b.cache},
-        )  # fmt: skip
+        )
         b.mask = mask
         return out.logits[:, -1, :]
 
@@ -482,10 +489,16 @@ class Engine:
             job.finish = finish
             self.pool.unpin(job.shas)
             self.metrics.finished += 1
-            done = {"finish_reason": finish, "text": job.sent, "prompt_tokens": len(job.prompt),
-                    "completion_tokens": len(job.generated), "logprobs": job.logprobs,
-                    "prompt_logprobs": job.prompt_logprobs, "tokens": list(job.generated),
-                    "eos": tok in self.eos}  # fmt: skip
+            done = {
+                "finish_reason": finish,
+                "text": job.sent,
+                "prompt_tokens": len(job.prompt),
+                "completion_tokens": len(job.generated),
+                "logprobs": job.logprobs,
+                "prompt_logprobs": job.prompt_logprobs,
+                "tokens": list(job.generated),
+                "eos": tok in self.eos,
+            }
             with contextlib.suppress(Exception):
                 job.sink(("done", done))
         if len(keep) != len(b.jobs):

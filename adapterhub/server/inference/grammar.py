@@ -46,8 +46,12 @@ class Grammars:
         try:
             import llguidance
         except ImportError:
-            return Refusal(400, f"{param} needs llguidance on the server (pip install 'adapterhub[structured]')",
-                           param=param, code="unsupported_parameter")  # fmt: skip
+            return Refusal(
+                400,
+                f"{param} needs llguidance on the server (pip install 'adapterhub[structured]')",
+                param=param,
+                code="unsupported_parameter",
+            )
         try:
             compact = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
             grammar = llguidance.LLMatcher.grammar_from_json_schema({"x-guidance": compact, **schema})
@@ -100,8 +104,11 @@ def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any
     for i, t in enumerate(tools):
         f = t.get("function") if isinstance(t, dict) else None
         if t.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            return None, Refusal(400, f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}",
-                                 param=f"tools[{i}]")  # fmt: skip
+            return None, Refusal(
+                400,
+                f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}",
+                param=f"tools[{i}]",
+            )
         params = f.get("parameters", {"type": "object"})
         if not isinstance(params, dict):
             return None, Refusal(
@@ -122,10 +129,14 @@ def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any
             400, "tool_choice is none, auto, required or a named function", param="tool_choice"
         )
     one = [
-        {"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"],
-         "additionalProperties": False}
+        {
+            "type": "object",
+            "properties": {"name": {"const": n}, "arguments": p},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
         for n, p in functions
-    ]  # fmt: skip
+    ]
     return (one[0] if len(one) == 1 else {"anyOf": one}), None
 
 
@@ -137,8 +148,13 @@ def tool_calls(text: str, rid: str) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(call, dict) or "name" not in call:
         return None
-    return [{"id": "call_" + rid[-24:], "type": "function",
-             "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}}]  # fmt: skip
+    return [
+        {
+            "id": "call_" + rid[-24:],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))},
+        }
+    ]
 
 
 def mask(row: torch.Tensor, matcher: Any) -> torch.Tensor:

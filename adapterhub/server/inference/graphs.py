@@ -219,9 +219,12 @@ class GraphDecoder:
             ctx = self.runtime.rows([None] * bucket)
         with ctx:
             out = self.model(
-                input_ids=step.ids, attention_mask=mask, position_ids=step.pos, use_cache=True,
+                input_ids=step.ids,
+                attention_mask=mask,
+                position_ids=step.pos,
+                use_cache=True,
                 **{self.cache_kw: step.cache},
-            )  # fmt: skip
+            )
         return out.logits[:, -1, :]
 
     def _capture(self, step: _Step, bucket: int, width: int) -> None:

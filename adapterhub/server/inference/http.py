@@ -52,9 +52,10 @@ async def read_body(request: Request, limit: int, timeout: float) -> Any:
 
 def _too_large(limit: int) -> Refusal:
     return Refusal(
-        413, f"the request body is larger than this server accepts ({limit:,} bytes; --max-request-bytes)",
+        413,
+        f"the request body is larger than this server accepts ({limit:,} bytes; --max-request-bytes)",
         code="request_too_large",
-    )  # fmt: skip
+    )
 
 
 def _who(request: Request) -> str:

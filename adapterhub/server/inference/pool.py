@@ -54,9 +54,14 @@ def may_use(entry: Entry, token: TokenInfo | None) -> bool:
 
 def entry_of(info: Any) -> Entry:
     return Entry(
-        info.name, info.sha256, is_private(info.tags), int(info.num_params or 0), int(info.rank or 0),
-        info.alpha, tuple(info.target_modules or ()),
-    )  # fmt: skip
+        info.name,
+        info.sha256,
+        is_private(info.tags),
+        int(info.num_params or 0),
+        int(info.rank or 0),
+        info.alpha,
+        tuple(info.target_modules or ()),
+    )
 
 
 class AdapterPool:
@@ -208,10 +213,13 @@ class AdapterPool:
         for sha, (weights, read_s) in pending:
             need = _estimate(weights, self.factor_bytes)
             if self.budget is not None and need > self.budget:
-                self._refuse(sha, InvalidOptionError(
-                    f"adapter {_content(sha)} needs {need} bytes of adapter memory, more than the "
-                    f"server's budget of {self.budget} (--adapter-memory)"
-                ))  # fmt: skip
+                self._refuse(
+                    sha,
+                    InvalidOptionError(
+                        f"adapter {_content(sha)} needs {need} bytes of adapter memory, more than the "
+                        f"server's budget of {self.budget} (--adapter-memory)"
+                    ),
+                )
                 continue
             if not self._make_room(need, close_rows):
                 continue  # everything resident is in use: try again when a request finishes

@@ -169,8 +169,15 @@ class ChatRequest(_Sampling):
 
     def refused(self) -> Refusal | None:
         """A field set to what this server does not do."""
-        for name in ("audio", "prediction", "functions", "function_call", "web_search_options",
-                     "reasoning_effort", "verbosity"):  # fmt: skip
+        for name in (
+            "audio",
+            "prediction",
+            "functions",
+            "function_call",
+            "web_search_options",
+            "reasoning_effort",
+            "verbosity",
+        ):
             if getattr(self, name) is not None:
                 return _unsupported(name)
         if not _neutral(self.modalities, ["text"]):
@@ -246,8 +253,12 @@ class EmbeddingRequest(_Strict):
 
 
 def _unsupported(param: str, why: str = "") -> Refusal:
-    return Refusal(400, f"{param} is not supported by this server{': ' + why if why else ''}", param=param,
-                   code="unsupported_parameter")  # fmt: skip
+    return Refusal(
+        400,
+        f"{param} is not supported by this server{': ' + why if why else ''}",
+        param=param,
+        code="unsupported_parameter",
+    )
 
 
 def parse(kind: type[ChatRequest] | type[CompletionRequest] | type[EmbeddingRequest], body: Any) -> Any:
@@ -268,11 +279,13 @@ def parse_model(kind: type[BaseModel], body: Any) -> Any:
         loc = [p for p in err["loc"] if not _is_type_tag(p)]
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
         if err["type"] == "extra_forbidden":
-            return Refusal(400, f"Unrecognized request argument supplied: {param}", param=param,
-                           code="unknown_parameter")  # fmt: skip
+            return Refusal(
+                400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+            )
         if err["type"] == "missing":
-            return Refusal(400, f"Missing required parameter: '{param}'.", param=param,
-                           code="missing_required_parameter")  # fmt: skip
+            return Refusal(
+                400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            )
         return Refusal(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
 
 

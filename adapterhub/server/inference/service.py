@@ -100,9 +100,15 @@ class Inference:
             hub, runtime, base_ref, budget=adapter_memory, metrics=self.metrics, factor_bytes=factor_bytes
         )
         self.engine = Engine(
-            model, tokenizer, self.pool, self.metrics, max_batch=max_batch, max_queue=max_queue, graphs=graphs,
+            model,
+            tokenizer,
+            self.pool,
+            self.metrics,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            graphs=graphs,
             batch_invariant=batch_invariant,
-        )  # fmt: skip
+        )
         #: longest text tokenized at all: any longer one is over the context whatever its tokens
         self.max_chars = (self.engine.max_context + 1) * CHARS_PER_TOKEN
         #: rows of the input embedding: a token id must be below it
@@ -179,21 +185,44 @@ class Inference:
         return self._row(model, root, list(target.entries), target.spec)
 
     def _base_row(self) -> dict[str, Any]:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "adapterhub",
-                "root": self.base_ref, "parent": None, "max_model_len": self.engine.max_context}  # fmt: skip
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "adapterhub",
+            "root": self.base_ref,
+            "parent": None,
+            "max_model_len": self.engine.max_context,
+        }
 
     def _row(
         self, model: str, root: str, entries: list[Entry], spec: dict[str, float] | None = None
     ) -> dict[str, Any]:
         extra: dict[str, Any] = {
-            "adapters": [{"name": e.name, "sha256": e.sha256, "rank": e.rank, "alpha": e.alpha,
-                          "targets": list(e.targets), "num_params": e.num_params} for e in entries],
-        }  # fmt: skip
+            "adapters": [
+                {
+                    "name": e.name,
+                    "sha256": e.sha256,
+                    "rank": e.rank,
+                    "alpha": e.alpha,
+                    "targets": list(e.targets),
+                    "num_params": e.num_params,
+                }
+                for e in entries
+            ],
+        }
         if spec is not None and (len(entries) > 1 or any(w != 1 for w in spec.values())):
             extra["weights"] = dict(spec)
-        return {"id": model, "object": "model", "created": self.created, "owned_by": "adapterhub",
-                "root": root, "parent": self.name, "max_model_len": self.engine.max_context,
-                "adapterhub": extra}  # fmt: skip
+        return {
+            "id": model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "adapterhub",
+            "root": root,
+            "parent": self.name,
+            "max_model_len": self.engine.max_context,
+            "adapterhub": extra,
+        }
 
 
 def _unknown(model: str) -> Refusal:

@@ -51,8 +51,11 @@ if TYPE_CHECKING:
 __all__ = ["mount_pages", "router"]
 
 STATIC = Path(__file__).parent / "static"
-ASSETS = {"style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-          "favicon.svg": "image/svg+xml"}  # fmt: skip
+ASSETS = {
+    "style.css": "text/css; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
 
 router = APIRouter()
 READ = ["GET", "HEAD"]
@@ -92,7 +95,7 @@ def login_form(request: Request, next_: str, error: str | None = None) -> str:
             field=CSRF_FIELD,
             csrf=csrf_token(request),
             next=next_,
-        ),  # fmt: skip
+        ),
         None,
     )
 

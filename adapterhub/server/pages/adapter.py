@@ -75,11 +75,18 @@ def module_order(module: str) -> tuple[tuple[int, int | str], ...]:
 def modules_table(info: AdapterInfo) -> Safe:
     mods = sorted(info.modules or (), key=lambda m: module_order(m.module))
     rows = [
-        (render("<code>{m}</code>", m=m.module), m.kind, render('<span class="num">{v}</span>', v=m.in_features),
-         render('<span class="num">{v}</span>', v=m.out_features), render('<span class="num">{v}</span>', v=m.rank),
-         number(m.alpha), number(m.scale), "yes" if m.dora else "")
+        (
+            render("<code>{m}</code>", m=m.module),
+            m.kind,
+            render('<span class="num">{v}</span>', v=m.in_features),
+            render('<span class="num">{v}</span>', v=m.out_features),
+            render('<span class="num">{v}</span>', v=m.rank),
+            number(m.alpha),
+            number(m.scale),
+            "yes" if m.dora else "",
+        )
         for m in mods[:MODULES_SHOWN]
-    ]  # fmt: skip
+    ]
     cap = f"{len(mods)} modules" + (f" (first {MODULES_SHOWN} shown)" if len(mods) > MODULES_SHOWN else "")
     return table(
         cap, ("Module", "Kind", "In", "Out", "Rank", "Alpha", "Scale", "DoRA"), rows, css="grid modules"
@@ -97,14 +104,36 @@ def lineage(
             return base_href(name) if name in bases else None
         return adapter_href(name)
 
-    parents = [Node(p.name, f"{p.method}" + (f" × {p.weight:g}" if p.weight is not None else ""),
-                    parent_href(p.name, p.method)) for p in info.parents if visible(p.name)]  # fmt: skip
+    parents = [
+        Node(
+            p.name,
+            f"{p.method}" + (f" × {p.weight:g}" if p.weight is not None else ""),
+            parent_href(p.name, p.method),
+        )
+        for p in info.parents
+        if visible(p.name)
+    ]
     after = [Node(c, "child", adapter_href(c)) for c in info.children or () if visible(c)]
-    after += [Node(m.out.rstrip("/").rsplit("/", 1)[-1] or m.out, f"{'unmerged from' if m.unmerge else 'merged into'} {m.base} × {m.weight:g}", None, "merge", f"{m.out}: {'unmerged from' if m.unmerge else 'merged into'} {m.base}")
-              for m in info.merges or ()]  # fmt: skip
+    after += [
+        Node(
+            m.out.rstrip("/").rsplit("/", 1)[-1] or m.out,
+            f"{'unmerged from' if m.unmerge else 'merged into'} {m.base} × {m.weight:g}",
+            None,
+            "merge",
+            f"{m.out}: {'unmerged from' if m.unmerge else 'merged into'} {m.base}",
+        )
+        for m in info.merges or ()
+    ]
     for p in info.pushes or ():
         local = p.endpoint.rstrip("/") == endpoint
-        after.append(Node(p.repo_id, f"pushed {p.commit[:10]} to {p.endpoint}", "/" + quote(p.repo_id, safe="/") if local else None, "push"))  # fmt: skip
+        after.append(
+            Node(
+                p.repo_id,
+                f"pushed {p.commit[:10]} to {p.endpoint}",
+                "/" + quote(p.repo_id, safe="/") if local else None,
+                "push",
+            )
+        )
     me = Node(info.name, f"{info.format}, rank {info.rank}", None, "self")
     items = [
         render("<li>parent <a href='{h}'>{n}</a> ({d})</li>", h=n.href, n=n.label, d=n.detail)
@@ -118,9 +147,12 @@ def lineage(
         if items
         else Safe("<p class='muted'>No parents, children, merges or pushes recorded.</p>")
     )
-    return render('<section aria-labelledby="lin-h"><h2 id="lin-h">Lineage</h2><figure>{svg}'
-                  "<figcaption>{listing}</figcaption></figure></section>",
-                  svg=lineage_svg(me, parents, after), listing=listing)  # fmt: skip
+    return render(
+        '<section aria-labelledby="lin-h"><h2 id="lin-h">Lineage</h2><figure>{svg}'
+        "<figcaption>{listing}</figcaption></figure></section>",
+        svg=lineage_svg(me, parents, after),
+        listing=listing,
+    )
 
 
 def fits(hub: Hub, info: AdapterInfo) -> Safe:
@@ -152,8 +184,10 @@ DORA_NOTE = " For DoRA modules this is the low-rank update alone; the magnitude 
 
 def spectra_section(modules: list[dict[str, Any]] | None, error: str | None, *, dora: bool = False) -> Safe:
     if error is not None:
-        return render('<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p class="notice">{e}</p></section>',
-                      e=error)  # fmt: skip
+        return render(
+            '<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p class="notice">{e}</p></section>',
+            e=error,
+        )
     assert modules is not None
     if not modules:
         return Safe(
@@ -163,11 +197,17 @@ def spectra_section(modules: list[dict[str, Any]] | None, error: str | None, *, 
         render('<option value="{i}">{m}</option>', i=i, m=m["module"]) for i, m in enumerate(modules)
     )
     rows = [
-        (render("<code>{m}</code>", m=m["module"]), render('<span class="num">{v}</span>', v=m["rank"]),
-         f"{m['effective_rank']:.2f}", m["rank90"], m["rank99"], f"{m['sigma'][0]:.4g}" if m["sigma"] else "",
-         sparkline(m["sigma"], f"singular values of {m['module']}"))
+        (
+            render("<code>{m}</code>", m=m["module"]),
+            render('<span class="num">{v}</span>', v=m["rank"]),
+            f"{m['effective_rank']:.2f}",
+            m["rank90"],
+            m["rank99"],
+            f"{m['sigma'][0]:.4g}" if m["sigma"] else "",
+            sparkline(m["sigma"], f"singular values of {m['module']}"),
+        )
         for m in modules
-    ]  # fmt: skip
+    ]
     return render(
         '<section aria-labelledby="spec-h"><h2 id="spec-h">Spectra</h2><p>Singular values of each module\'s '
         "<code>scale · B A</code>, from a QR of each factor and the SVD of the small core. The effective rank is "
@@ -175,10 +215,24 @@ def spectra_section(modules: list[dict[str, Any]] | None, error: str | None, *, 
         '<figure class="plot">{plot}<figcaption><label hidden id="hl-label">Highlight a module '
         '<select id="highlight" data-plot="energy-plot"><option value="">none</option>{options}</select></label>'
         "</figcaption></figure>{table}</section>",
-        plot=energy_svg(modules), options=options, dora=Safe(DORA_NOTE if dora else ""),
-        table=table("Per-module spectra", ("Module", "Rank", "Effective rank", "Rank for 90%", "Rank for 99%",
-                                           "Largest σ", "Singular values"), rows, css="grid spectra"),
-    )  # fmt: skip
+        plot=energy_svg(modules),
+        options=options,
+        dora=Safe(DORA_NOTE if dora else ""),
+        table=table(
+            "Per-module spectra",
+            (
+                "Module",
+                "Rank",
+                "Effective rank",
+                "Rank for 90%",
+                "Rank for 99%",
+                "Largest σ",
+                "Singular values",
+            ),
+            rows,
+            css="grid spectra",
+        ),
+    )
 
 
 def visible_to(hub: Hub, user: TokenInfo | None) -> Callable[[str], bool]:
@@ -219,15 +273,31 @@ async def adapter_body(request: Request, name: str, user: TokenInfo | None) -> t
         return None
     endpoint = str(request.base_url).rstrip("/")
     bases = await run_in_threadpool(hub.list_bases)
-    files = table("Stored files", ("File", "Role", "Size", "sha256"),
-                  [(f.filename, f.role, human_size(f.size_bytes), render('<code class="hash">{h}</code>', h=f.sha256))
-                   for f in info.files or ()])  # fmt: skip
+    files = table(
+        "Stored files",
+        ("File", "Role", "Size", "sha256"),
+        [
+            (
+                f.filename,
+                f.role,
+                human_size(f.size_bytes),
+                render('<code class="hash">{h}</code>', h=f.sha256),
+            )
+            for f in info.files or ()
+        ],
+    )
     body = render(
         '<h1>{name}</h1><p class="lead">{desc}</p><div class="adapter-meta">{meta}</div>'
         '<section aria-labelledby="mod-h"><h2 id="mod-h">Modules</h2>{mods}</section>{lineage}'
         '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
         '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
-        name=info.name, desc=info.description or "", meta=metadata(info, bases), mods=modules_table(info),
-        lineage=lineage(info, endpoint, visible_to(hub, user), frozenset(b.name for b in bases)), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,
-    )  # fmt: skip
+        name=info.name,
+        desc=info.description or "",
+        meta=metadata(info, bases),
+        mods=modules_table(info),
+        lineage=lineage(info, endpoint, visible_to(hub, user), frozenset(b.name for b in bases)),
+        fit=fit,
+        spec=spectra_section(mods, error, dora=info.use_dora),
+        files=files,
+    )
     return info.name, body

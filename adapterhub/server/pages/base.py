@@ -62,14 +62,21 @@ def adapters_table(records: list[dict[str, Any]]) -> Safe:
     if not records:
         return Safe('<p class="muted">No cataloged adapter fits this base.</p>')
     rows = [
-        (render('<a href="/adapters/{h}">{n}</a>', h=quote(r["name"], safe="/"), n=r["name"]), r["format"],
-         render('<span class="num">{v}</span>', v=r["rank"]), ", ".join(r.get("target_modules") or ()),
-         r.get("base_model") or "")
+        (
+            render('<a href="/adapters/{h}">{n}</a>', h=quote(r["name"], safe="/"), n=r["name"]),
+            r["format"],
+            render('<span class="num">{v}</span>', v=r["rank"]),
+            ", ".join(r.get("target_modules") or ()),
+            r.get("base_model") or "",
+        )
         for r in records
-    ]  # fmt: skip
+    ]
     return table(
-        f"{len(records)} adapter{'s' * (len(records) != 1)}", ("Adapter", "Format", "Rank", "Targets",
-        "Declared base"), rows, css="grid fits")  # fmt: skip
+        f"{len(records)} adapter{'s' * (len(records) != 1)}",
+        ("Adapter", "Format", "Rank", "Targets", "Declared base"),
+        rows,
+        css="grid fits",
+    )
 
 
 def load(
@@ -117,6 +124,10 @@ async def base_body(request: Request, name: str, user: TokenInfo | None) -> tupl
         '<h1>{name}</h1><p class="lead">{lead}</p><div class="adapter-meta">{meta}</div>'
         '<section aria-labelledby="fit-h"><h2 id="fit-h">Adapters that fit it</h2>{fits}</section>'
         '<section aria-labelledby="cfg-h"><h2 id="cfg-h">Config</h2>{config}</section>',
-        name=info.name, lead=lead, meta=meta, fits=adapters_table(fitting), config=config_table(config),
-    )  # fmt: skip
+        name=info.name,
+        lead=lead,
+        meta=meta,
+        fits=adapters_table(fitting),
+        config=config_table(config),
+    )
     return info.name, body

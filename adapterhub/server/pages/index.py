@@ -17,8 +17,17 @@ from .state import hub_of, store_of
 
 PER_PAGE = (10, 25, 50, 100, 200)
 REPOS_SHOWN = 30
-COLUMNS = (("name", "Name"), ("base", "Base model"), (None, "Format"), ("rank", "Rank"), (None, "Targets"),
-           (None, "Tags"), ("modules", "Modules"), ("size", "Size"), ("created", "Added"))  # fmt: skip
+COLUMNS = (
+    ("name", "Name"),
+    ("base", "Base model"),
+    (None, "Format"),
+    ("rank", "Rank"),
+    (None, "Targets"),
+    (None, "Tags"),
+    ("modules", "Modules"),
+    ("size", "Size"),
+    ("created", "Added"),
+)
 
 
 def parse_query(request: Request) -> tuple[Query, list[str]]:
@@ -48,11 +57,18 @@ def parse_query(request: Request) -> tuple[Query, list[str]]:
     order = p.get("order", "asc")
     per = integer("per_page", 1, 200) or 50
     q = Query(
-        q=text("q"), base=text("base"), format=text("format"), tag=text("tag"), target=text("target"),
-        min_rank=integer("min_rank", 0, 1 << 20), max_rank=integer("max_rank", 0, 1 << 20),
-        sort=sort if sort in SORTS else "name", order=order if order in ("asc", "desc") else "asc",
-        page=integer("page", 1, 1 << 30) or 1, per_page=per,
-    )  # fmt: skip
+        q=text("q"),
+        base=text("base"),
+        format=text("format"),
+        tag=text("tag"),
+        target=text("target"),
+        min_rank=integer("min_rank", 0, 1 << 20),
+        max_rank=integer("max_rank", 0, 1 << 20),
+        sort=sort if sort in SORTS else "name",
+        order=order if order in ("asc", "desc") else "asc",
+        page=integer("page", 1, 1 << 30) or 1,
+        per_page=per,
+    )
     return q, notes
 
 
@@ -69,13 +85,20 @@ def select(name: str, label: str, options: list[tuple[str, int]], current: str |
     if current and current not in seen:
         options = [(current, 0), *options]
     opts = join(
-        render('<option value="{v}"{sel}>{v} ({n})</option>', v=o, n=n, sel=Safe(" selected" if o == current else ""))
+        render(
+            '<option value="{v}"{sel}>{v} ({n})</option>',
+            v=o,
+            n=n,
+            sel=Safe(" selected" if o == current else ""),
+        )
         for o, n in options
-    )  # fmt: skip
+    )
     return render(
         '<label>{label} <select name="{name}" data-autosubmit><option value="">any</option>{opts}</select></label>',
-        label=label, name=name, opts=opts,
-    )  # fmt: skip
+        label=label,
+        name=name,
+        opts=opts,
+    )
 
 
 def filter_form(query: Query, facets: Facets) -> Safe:
@@ -85,13 +108,20 @@ def filter_form(query: Query, facets: Facets) -> Safe:
         for s in SORTS
     )
     orders = join(
-        render('<option value="{v}"{sel}>{t}</option>', v=v, t=t, sel=Safe(" selected" if v == query.order else ""))
+        render(
+            '<option value="{v}"{sel}>{t}</option>',
+            v=v,
+            t=t,
+            sel=Safe(" selected" if v == query.order else ""),
+        )
         for v, t in (("asc", "ascending"), ("desc", "descending"))
-    )  # fmt: skip
+    )
     pers = join(
-        render('<option value="{v}"{sel}>{v}</option>', v=n, sel=Safe(" selected" if n == query.per_page else ""))
+        render(
+            '<option value="{v}"{sel}>{v}</option>', v=n, sel=Safe(" selected" if n == query.per_page else "")
+        )
         for n in sorted({*PER_PAGE, query.per_page})
-    )  # fmt: skip
+    )
     return render(
         """<search><form class="filters" method="get" action="/" role="search" aria-label="Search the catalog">
 <label class="wide">Search <input type="search" name="q" value="{q}" placeholder="name, description, tag, base"
@@ -108,13 +138,18 @@ def filter_form(query: Query, facets: Facets) -> Safe:
 <label>Per page <select name="per_page" data-autosubmit>{pers}</select></label>
 <button type="submit">Apply</button> <a href="/">Clear</a>
 </form></search>""",
-        q=query.q or "", target=query.target or "", targets=targets,
+        q=query.q or "",
+        target=query.target or "",
+        targets=targets,
         min_rank="" if query.min_rank is None else query.min_rank,
         max_rank="" if query.max_rank is None else query.max_rank,
         base=select("base", "Base", facets.bases, query.base),
         fmt=select("format", "Format", facets.formats, query.format),
-        tag=select("tag", "Tag", facets.tags, query.tag), sorts=sorts, orders=orders, pers=pers,
-    )  # fmt: skip
+        tag=select("tag", "Tag", facets.tags, query.tag),
+        sorts=sorts,
+        orders=orders,
+        pers=pers,
+    )
 
 
 def header_cell(query: Query, key: str | None, label: str) -> Safe:
@@ -126,8 +161,11 @@ def header_cell(query: Query, key: str | None, label: str) -> Safe:
     arrow = ("▲" if query.order == "asc" else "▼") if active else ""
     return render(
         '<th scope="col" aria-sort="{aria}"><a href="{href}">{label}</a> <span aria-hidden="true">{arrow}</span></th>',
-        aria=aria, href=link(query, sort=key, order=order, page=1), label=label, arrow=arrow,
-    )  # fmt: skip
+        aria=aria,
+        href=link(query, sort=key, order=order, page=1),
+        label=label,
+        arrow=arrow,
+    )
 
 
 def chips(values: list[str], query: Query, field: str) -> Safe:
@@ -159,16 +197,18 @@ def adapter_rows(result: PageOfAdapters, query: Query) -> Safe:
                 mods=r["num_modules"],
                 size=human_size(r["size_bytes"]),
                 created=when(r["created_at"]),
-            )  # fmt: skip
+            )
         )
     head = join(header_cell(query, k, label) for k, label in COLUMNS)
     return render(
         '<div class="scroll"><table class="grid" id="adapters"><caption>Adapters {first}–{last} of {total}</caption>'
         "<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>",
         first=(result.page - 1) * query.per_page + 1 if result.total else 0,
-        last=(result.page - 1) * query.per_page + len(result.rows), total=f"{result.total:,}",
-        head=head, rows=join(rows),
-    )  # fmt: skip
+        last=(result.page - 1) * query.per_page + len(result.rows),
+        total=f"{result.total:,}",
+        head=head,
+        rows=join(rows),
+    )
 
 
 def pager(result: PageOfAdapters, query: Query) -> Safe:
@@ -207,8 +247,10 @@ def repos_section(repos: list[tuple[Repo, Commit]], query: Query) -> Safe:
     words = (query.q or "").lower().split()
     found = [(r, c) for r, c in repos if repo_matches(r, c, words)]
     if not found:
-        return render('<section aria-labelledby="repos-h"><h2 id="repos-h">Hosted repos</h2><p>{t}</p></section>',
-                      t="No hosted repo matches." if words else "No repos are hosted here yet.")  # fmt: skip
+        return render(
+            '<section aria-labelledby="repos-h"><h2 id="repos-h">Hosted repos</h2><p>{t}</p></section>',
+            t="No hosted repo matches." if words else "No repos are hosted here yet.",
+        )
     items = join(
         render(
             '<li><a href="/{href}">{rid}</a>{badge} <span class="muted">{title} · {when}</span></li>',
@@ -217,7 +259,7 @@ def repos_section(repos: list[tuple[Repo, Commit]], query: Query) -> Safe:
             badge=Safe(' <span class="badge">private</span>' if r.private else ""),
             title=c.title,
             when=when(r.updated_at),
-        )  # fmt: skip
+        )
         for r, c in found[:REPOS_SHOWN]
     )
     more = (
@@ -228,8 +270,10 @@ def repos_section(repos: list[tuple[Repo, Commit]], query: Query) -> Safe:
     return render(
         '<section aria-labelledby="repos-h"><h2 id="repos-h">Hosted repos <span class="count">{n}</span></h2>'
         '<ul class="repos">{items}</ul>{more}</section>',
-        n=f"{len(found):,}", items=items, more=Safe(more),
-    )  # fmt: skip
+        n=f"{len(found):,}",
+        items=items,
+        more=Safe(more),
+    )
 
 
 async def index_body(request: Request, user: TokenInfo | None) -> Safe:
@@ -242,7 +286,11 @@ async def index_body(request: Request, user: TokenInfo | None) -> Safe:
     return render(
         '<h1>Adapters and repos</h1>{form}{note}{repos}<section aria-labelledby="cat-h">'
         '<h2 id="cat-h">Catalog <span class="count">{total}</span></h2>{empty}{table}{pager}</section>',
-        form=filter_form(query, result.facets), note=note, repos=repos_section(repos, query),
-        total=f"{result.total:,}", empty=empty, table=adapter_rows(result, query) if result.total else Safe(""),
+        form=filter_form(query, result.facets),
+        note=note,
+        repos=repos_section(repos, query),
+        total=f"{result.total:,}",
+        empty=empty,
+        table=adapter_rows(result, query) if result.total else Safe(""),
         pager=pager(result, query),
-    )  # fmt: skip
+    )

@@ -65,6 +65,9 @@ def page(request: Request, title: str, body: Safe, user: TokenInfo | None) -> st
 
 
 def message_page(request: Request, title: str, text: str, user: TokenInfo | None) -> str:
-    body = render('<h1>{title}</h1><p class="notice">{text}</p><p><a href="/">Back to the index</a></p>',
-                  title=title, text=text)  # fmt: skip
+    body = render(
+        '<h1>{title}</h1><p class="notice">{text}</p><p><a href="/">Back to the index</a></p>',
+        title=title,
+        text=text,
+    )
     return page(request, title, body, user)

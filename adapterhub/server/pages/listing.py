@@ -26,8 +26,18 @@ SORTS = {
     "size": lambda r: (r["size_bytes"], r["name"].lower()),
     "created": lambda r: (r["created_at"] or "", r["name"].lower()),
 }
-FIELDS = ("name", "format", "base_model", "rank", "target_modules", "tags", "num_modules", "size_bytes",
-          "created_at", "description")  # fmt: skip
+FIELDS = (
+    "name",
+    "format",
+    "base_model",
+    "rank",
+    "target_modules",
+    "tags",
+    "num_modules",
+    "size_bytes",
+    "created_at",
+    "description",
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,14 @@ class Query:
     per_page: int = 50
 
     def filters(self) -> dict[str, Any]:
-        return {"base": self.base, "format": self.format, "tag": self.tag, "target": self.target,
-                "min_rank": self.min_rank, "max_rank": self.max_rank}  # fmt: skip
+        return {
+            "base": self.base,
+            "format": self.format,
+            "tag": self.tag,
+            "target": self.target,
+            "min_rank": self.min_rank,
+            "max_rank": self.max_rank,
+        }
 
 
 @dataclass(frozen=True)

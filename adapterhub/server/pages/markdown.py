@@ -39,8 +39,13 @@ def _parser() -> Any:
         local = in_repo(src, env)
         if local != src:  # a file of this repo, served by this server: shown
             return str(render('<img src="{src}" alt="{alt}" loading="lazy">', src=local, alt=alt))
-        return str(render('<a class="image-link" href="{src}" rel="nofollow noopener noreferrer">[image: {alt}]</a>',
-                          src=src, alt=alt))  # fmt: skip
+        return str(
+            render(
+                '<a class="image-link" href="{src}" rel="nofollow noopener noreferrer">[image: {alt}]</a>',
+                src=src,
+                alt=alt,
+            )
+        )
 
     md.add_render_rule("link_open", link_open)
     md.add_render_rule("image", image)

@@ -27,8 +27,10 @@ def snippets(endpoint: str, repo: Repo, base: str | None, private: bool) -> Safe
     token_cli = " --token $HF_TOKEN" if private else ""
     token_py = ", token=True" if private else ""
     cli = f"adapterhub pull {rid} --endpoint {endpoint}{token_cli}"
-    hf = (f'from huggingface_hub import snapshot_download\n\npath = snapshot_download("{rid}", '
-          f'endpoint="{endpoint}"{token_py})')  # fmt: skip
+    hf = (
+        f'from huggingface_hub import snapshot_download\n\npath = snapshot_download("{rid}", '
+        f'endpoint="{endpoint}"{token_py})'
+    )
     peft = (
         "import os\n\n"
         f'os.environ["HF_ENDPOINT"] = "{endpoint}"  # before importing transformers and peft\n\n'
@@ -60,7 +62,7 @@ def files_table(repo: Repo, rev: str, files: dict[str, Entry]) -> Safe:
                     h=href,
                     p=e.path,
                     lfs=Safe(' <span class="badge">LFS</span>' if e.lfs else ""),
-                ),  # fmt: skip
+                ),
                 render('<span class="num">{s}</span>', s=human_size(e.size)),
                 render('<code class="hash">{h}</code>', h=e.sha256),
             )
@@ -87,8 +89,9 @@ def refs_list(repo: Repo, refs: list[Ref], current: str) -> Safe:
     return render(
         '<section aria-labelledby="refs-h"><h2 id="refs-h">Branches and tags</h2><div class="cols">'
         "<div><h3>Branches</h3><ul>{b}</ul></div><div><h3>Tags</h3><ul>{t}</ul></div></div></section>",
-        b=branches, t=tags,
-    )  # fmt: skip
+        b=branches,
+        t=tags,
+    )
 
 
 def commits_table(commits: list[Commit]) -> Safe:
@@ -96,8 +99,10 @@ def commits_table(commits: list[Commit]) -> Safe:
         (render("<code>{o}</code>", o=c.oid[:10]), c.title, c.author or "", when(c.created_at))
         for c in commits
     ]
-    return render('<section aria-labelledby="commits-h"><h2 id="commits-h">Commits</h2>{t}</section>',
-                  t=table(f"Latest {len(commits)} commits", ("Commit", "Title", "Author", "When"), rows))  # fmt: skip
+    return render(
+        '<section aria-labelledby="commits-h"><h2 id="commits-h">Commits</h2>{t}</section>',
+        t=table(f"Latest {len(commits)} commits", ("Commit", "Title", "Author", "When"), rows),
+    )
 
 
 def load_repo(
@@ -119,8 +124,14 @@ def load_repo(
     if "README.md" in files:
         with store.blobs.path(files["README.md"].sha256).open("rb") as fh:
             readme = fh.read(README_LIMIT).decode("utf-8", errors="replace")
-    return {"repo": repo, "head": head, "files": files, "readme": readme, "refs": store.repos.refs(repo),
-            "commits": store.repos.history(repo, head, limit=COMMITS_SHOWN)}  # fmt: skip
+    return {
+        "repo": repo,
+        "head": head,
+        "files": files,
+        "readme": readme,
+        "refs": store.repos.refs(repo),
+        "commits": store.repos.history(repo, head, limit=COMMITS_SHOWN),
+    }
 
 
 async def repo_body(
@@ -134,8 +145,12 @@ async def repo_body(
     assert isinstance(repo, Repo)
     badge = Safe(' <span class="badge">private</span>' if repo.private else "")
     if "missing_rev" in data:
-        body = render('<h1>{rid}{badge}</h1><p class="notice">No branch, tag or commit {rev} in this repo.</p>',
-                      rid=repo.repo_id, badge=badge, rev=rev)  # fmt: skip
+        body = render(
+            '<h1>{rid}{badge}</h1><p class="notice">No branch, tag or commit {rev} in this repo.</p>',
+            rid=repo.repo_id,
+            badge=badge,
+            rev=rev,
+        )
         return repo.repo_id, body
     head, files, readme = data["head"], data["files"], data["readme"]
     assert isinstance(head, Commit) and isinstance(files, dict) and isinstance(readme, str)
@@ -146,16 +161,27 @@ async def repo_body(
     base = str(base[0] if isinstance(base, list) and base else base) if base else None
     endpoint = str(request.base_url).rstrip("/")
     card_html = (
-        render('<article class="card markdown" aria-label="Model card">{c}</article>', c=render_markdown(split_card(readme), raw=f"/{quote(repo.repo_id, safe='/')}/raw/", rev=rev))
+        render(
+            '<article class="card markdown" aria-label="Model card">{c}</article>',
+            c=render_markdown(split_card(readme), raw=f"/{quote(repo.repo_id, safe='/')}/raw/", rev=rev),
+        )
         if readme.strip()
         else Safe('<p class="muted">This repo has no README.md.</p>')
-    )  # fmt: skip
+    )
     body = render(
         '<h1>{rid}{badge}</h1><p class="muted">At <code>{rev}</code> · commit <code>{oid}</code> · {when}</p>'
         '<div class="repo">{card}{meta}</div>{use}<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>'
         "{files}</section>{refs}{commits}",
-        rid=repo.repo_id, badge=badge, rev=rev, oid=head.oid[:10], when=when(head.created_at), card=card_html,
-        meta=metadata_box(head.card), use=snippets(endpoint, repo, base, repo.private),
-        files=files_table(repo, rev, files), refs=refs_list(repo, refs, rev), commits=commits_table(commits),
-    )  # fmt: skip
+        rid=repo.repo_id,
+        badge=badge,
+        rev=rev,
+        oid=head.oid[:10],
+        when=when(head.created_at),
+        card=card_html,
+        meta=metadata_box(head.card),
+        use=snippets(endpoint, repo, base, repo.private),
+        files=files_table(repo, rev, files),
+        refs=refs_list(repo, refs, rev),
+        commits=commits_table(commits),
+    )
     return repo.repo_id, body

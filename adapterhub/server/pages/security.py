@@ -72,8 +72,9 @@ def finish(request: Request, response: Response, started: float | None = None) -
         response.headers[k] = v
     fresh = getattr(request.state, "new_csrf", None)
     if fresh is not None:
-        response.set_cookie(CSRF_COOKIE, fresh, httponly=True, samesite="strict", secure=is_secure(request),
-                            path="/")  # fmt: skip
+        response.set_cookie(
+            CSRF_COOKIE, fresh, httponly=True, samesite="strict", secure=is_secure(request), path="/"
+        )
     if started is not None:
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
     return response
@@ -123,8 +124,15 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 def login_cookie(request: Request, response: Response, token: str) -> None:
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=is_secure(request),
-                        path="/", max_age=30 * 24 * 3600)  # fmt: skip
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=is_secure(request),
+        path="/",
+        max_age=30 * 24 * 3600,
+    )
 
 
 def logout_cookie(response: Response) -> None:

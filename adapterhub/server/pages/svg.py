@@ -33,9 +33,16 @@ def _box(node: Node, x: int, y: int) -> Safe:
     inner = render(
         '<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6"/>'
         '<text x="{tx}" y="{ty}" class="label">{label}</text><text x="{tx}" y="{dy}" class="detail">{detail}</text>',
-        x=x, y=y, w=BOX_W, h=BOX_H, tx=x + 8, ty=y + 16, dy=y + 31, label=_short(node.label),
+        x=x,
+        y=y,
+        w=BOX_W,
+        h=BOX_H,
+        tx=x + 8,
+        ty=y + 16,
+        dy=y + 31,
+        label=_short(node.label),
         detail=_short(node.detail, 36),
-    )  # fmt: skip
+    )
     full = render("<title>{t}</title>", t=node.title or f"{node.label} {node.detail}".strip())
     if node.href:
         return render(
@@ -50,8 +57,15 @@ def _box(node: Node, x: int, y: int) -> Safe:
 
 def _edge(x1: int, y1: int, x2: int, y2: int, kind: str) -> Safe:
     mid = (x1 + x2) // 2
-    return render('<path class="edge {k}" d="M{x1},{y1} C{m},{y1} {m},{y2} {x2},{y2}" marker-end="url(#arrow)"/>',
-                  k=kind, x1=x1, y1=y1, x2=x2, y2=y2, m=mid)  # fmt: skip
+    return render(
+        '<path class="edge {k}" d="M{x1},{y1} C{m},{y1} {m},{y2} {x2},{y2}" marker-end="url(#arrow)"/>',
+        k=kind,
+        x1=x1,
+        y1=y1,
+        x2=x2,
+        y2=y2,
+        m=mid,
+    )
 
 
 def lineage_svg(me: Node, parents: list[Node], after: list[Node]) -> Safe:
@@ -75,16 +89,22 @@ def lineage_svg(me: Node, parents: list[Node], after: list[Node]) -> Safe:
         parts.append(_edge(COL_X[1] + BOX_W, my + BOX_H // 2, COL_X[2] - 4, y + BOX_H // 2, node.kind))
         parts.append(_box(node, COL_X[2], y))
     parts.append(_box(me, COL_X[1], my))
-    heads = join(render('<text class="colhead" x="{x}" y="16">{t}</text>', x=x, t=t)
-                 for x, t in zip(COL_X, ("Parents", "This adapter", "Children, merges, pushes"), strict=True))  # fmt: skip
+    heads = join(
+        render('<text class="colhead" x="{x}" y="16">{t}</text>', x=x, t=t)
+        for x, t in zip(COL_X, ("Parents", "This adapter", "Children, merges, pushes"), strict=True)
+    )
     summary = f"{me.label}: {len(parents)} parents, {len(after)} children, merges and pushes"
     return render(
         '<svg class="lineage" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-labelledby="lin-t">'
         '<title id="lin-t">{summary}</title><defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" '
         'markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z"/></marker></defs>'
         "{heads}{parts}</svg>",
-        w=WIDTH, h=height, summary=summary, heads=heads, parts=join(parts),
-    )  # fmt: skip
+        w=WIDTH,
+        h=height,
+        summary=summary,
+        heads=heads,
+        parts=join(parts),
+    )
 
 
 # ---------------------------------------------------------------------- spectra
@@ -106,15 +126,37 @@ def energy_svg(modules: list[dict[str, Any]]) -> Safe:
     curves = []
     for i, m in enumerate(modules):
         pts = " ".join(f"{px(k):.1f},{py(e):.1f}" for k, e in enumerate([0.0, *m["energy"]]))
-        curves.append(render('<polyline class="curve" data-module="{i}" points="{p}"><title>{t}</title></polyline>',
-                             i=i, p=pts, t=f"{m['module']}: effective rank {m['effective_rank']:.2f}"))  # fmt: skip
+        curves.append(
+            render(
+                '<polyline class="curve" data-module="{i}" points="{p}"><title>{t}</title></polyline>',
+                i=i,
+                p=pts,
+                t=f"{m['module']}: effective rank {m['effective_rank']:.2f}",
+            )
+        )
     ticks_x = sorted({0, rmax, *range(0, rmax + 1, max(1, rmax // 8))})
-    grid = [render('<line class="grid" x1="{a}" y1="{y}" x2="{b}" y2="{y}"/><text class="tick" x="{t}" y="{ty}" '
-                   'text-anchor="end">{lab}</text>', a=PAD_L, b=PW - PAD_R, y=f"{py(e):.1f}", t=PAD_L - 6,
-                   ty=f"{py(e) + 4:.1f}", lab=lab)
-            for e, lab in ((0.0, "0"), (0.5, "50%"), (0.9, "90%"), (0.99, "99%"), (1.0, ""))]  # fmt: skip
-    grid += [render('<text class="tick" x="{x}" y="{y}" text-anchor="middle">{k}</text>', x=f"{px(k):.1f}",
-                    y=PH - PAD_B + 16, k=k) for k in ticks_x]  # fmt: skip
+    grid = [
+        render(
+            '<line class="grid" x1="{a}" y1="{y}" x2="{b}" y2="{y}"/><text class="tick" x="{t}" y="{ty}" '
+            'text-anchor="end">{lab}</text>',
+            a=PAD_L,
+            b=PW - PAD_R,
+            y=f"{py(e):.1f}",
+            t=PAD_L - 6,
+            ty=f"{py(e) + 4:.1f}",
+            lab=lab,
+        )
+        for e, lab in ((0.0, "0"), (0.5, "50%"), (0.9, "90%"), (0.99, "99%"), (1.0, ""))
+    ]
+    grid += [
+        render(
+            '<text class="tick" x="{x}" y="{y}" text-anchor="middle">{k}</text>',
+            x=f"{px(k):.1f}",
+            y=PH - PAD_B + 16,
+            k=k,
+        )
+        for k in ticks_x
+    ]
     return render(
         '<svg class="spectrum" id="energy-plot" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
         'aria-labelledby="energy-t energy-d"><title id="energy-t">Energy kept by the first k ranks</title>'
@@ -122,9 +164,18 @@ def energy_svg(modules: list[dict[str, Any]]) -> Safe:
         "of the squared singular values kept.</desc>{grid}"
         '<line class="axis" x1="{l}" y1="{b}" x2="{r}" y2="{b}"/><line class="axis" x1="{l}" y1="{t}" x2="{l}" y2="{b}"/>'
         '<text class="axis-label" x="{cx}" y="{h2}" text-anchor="middle">rank k</text>{curves}</svg>',
-        w=PW, h=PH, n=len(modules), grid=join(grid), l=PAD_L, r=PW - PAD_R, t=PAD_T, b=PH - PAD_B,
-        cx=PAD_L + iw // 2, h2=PH - 4, curves=join(curves),
-    )  # fmt: skip
+        w=PW,
+        h=PH,
+        n=len(modules),
+        grid=join(grid),
+        l=PAD_L,
+        r=PW - PAD_R,
+        t=PAD_T,
+        b=PH - PAD_B,
+        cx=PAD_L + iw // 2,
+        h2=PH - 4,
+        curves=join(curves),
+    )
 
 
 def sparkline(sigma: list[float], label: str) -> Safe:
@@ -134,11 +185,24 @@ def sparkline(sigma: list[float], label: str) -> Safe:
     n = len(sigma) or 1
     if n <= 64:
         bw = w / n
-        shapes = join(render('<rect x="{x}" y="{y}" width="{bw}" height="{bh}"/>', x=f"{i * bw:.2f}",
-                             y=f"{h - h * s / top:.2f}", bw=f"{max(bw - 0.6, 0.4):.2f}", bh=f"{h * s / top:.2f}")
-                      for i, s in enumerate(sigma))  # fmt: skip
+        shapes = join(
+            render(
+                '<rect x="{x}" y="{y}" width="{bw}" height="{bh}"/>',
+                x=f"{i * bw:.2f}",
+                y=f"{h - h * s / top:.2f}",
+                bw=f"{max(bw - 0.6, 0.4):.2f}",
+                bh=f"{h * s / top:.2f}",
+            )
+            for i, s in enumerate(sigma)
+        )
     else:
         pts = " ".join(f"{w * i / (n - 1):.1f},{h - h * s / top:.1f}" for i, s in enumerate(sigma))
         shapes = render('<polyline points="{p}"/>', p=pts)
-    return render('<svg class="spark" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{l}">'
-                  "{s}</svg>", w=w, h=h, l=label, s=shapes)  # fmt: skip
+    return render(
+        '<svg class="spark" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{l}">'
+        "{s}</svg>",
+        w=w,
+        h=h,
+        l=label,
+        s=shapes,
+    )

@@ -109,8 +109,14 @@ async def commit(request: Request, ns: str, name: str, tok: TokenInfo | None = D
             await run_in_threadpool(srv.discussions.add_commit, repo, num, tok.user, new)
     url = f"{base_url(request)}/{repo.repo_id}/commit/{new.oid}"
     if changed:
-        payload = repo_payload(repo, base_url(request), "update", "repo.content",
-                               updatedRefs=[{"ref": branch if branch.startswith("refs/") else f"refs/heads/{branch}",
-                                             "newSha": new.oid}])  # fmt: skip
+        payload = repo_payload(
+            repo,
+            base_url(request),
+            "update",
+            "repo.content",
+            updatedRefs=[
+                {"ref": branch if branch.startswith("refs/") else f"refs/heads/{branch}", "newSha": new.oid}
+            ],
+        )
         await run_in_threadpool(srv.webhooks.notify, repo, "repo", payload)
     return JSONResponse({"success": True, "commitOid": new.oid, "commitUrl": url, "pullRequestUrl": pr_url})

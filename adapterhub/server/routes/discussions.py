@@ -63,15 +63,22 @@ async def listing(
     kind, status, author = q.get("type", "all"), q.get("status", "all"), q.get("author")
     found = await run_in_threadpool(server(request).discussions.list, repo)
     found = [
-        d for d in found
+        d
+        for d in found
         if (kind == "all" or d["isPullRequest"] == (kind == "pull_request"))
         and (status == "all" or d["status"] == status)
         and (not author or d["author"]["name"] == author)
-    ]  # fmt: skip
+    ]
     page = query_int(request, "p", 0, low=0, high=10**6)
     shown = found[page * PAGE : (page + 1) * PAGE]
-    return JSONResponse({"discussions": [summary(d) for d in shown], "count": len(found), "start": page * PAGE,
-                         "numClosedDiscussions": sum(d["status"] != "open" for d in found)})  # fmt: skip
+    return JSONResponse(
+        {
+            "discussions": [summary(d) for d in shown],
+            "count": len(found),
+            "start": page * PAGE,
+            "numClosedDiscussions": sum(d["status"] != "open" for d in found),
+        }
+    )
 
 
 @router.get(BASE + "/{num}")

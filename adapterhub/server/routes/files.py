@@ -66,8 +66,10 @@ def _remote_part(
 ) -> Response | None:
     """A HEAD, or a GET of one small ``bytes=a-b`` range, answered from the bucket; None otherwise."""
     if request.method == "HEAD":
-        return Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"},
-                        media_type="application/octet-stream")  # fmt: skip
+        return Response(
+            headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"},
+            media_type="application/octet-stream",
+        )
     unit, _, spec = request.headers.get("range", "").partition("=")
     first, dash, last = spec.strip().partition("-")
     if unit.strip() != "bytes" or not dash or "," in spec or not first.isdigit():
@@ -77,8 +79,12 @@ def _remote_part(
     if start > end or end - start + 1 > RANGE_READ_LIMIT:
         return None
     data = blobs.read_range(sha256, start, end - start + 1)
-    return Response(data, status_code=206, media_type="application/octet-stream",
-                    headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"})  # fmt: skip
+    return Response(
+        data,
+        status_code=206,
+        media_type="application/octet-stream",
+        headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"},
+    )
 
 
 def _local_blob(blobs: BlobStore, sha256: str, path: str) -> Path:

@@ -135,7 +135,7 @@ async def duplicate_repo(
                 to_name,
                 private=source.private if private is None else private,
                 author=writer.user,
-            )  # fmt: skip
+            )
         )
     except ConflictError as exc:
         return JSONResponse({"error": exc.message, "url": url}, status_code=409)
