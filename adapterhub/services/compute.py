@@ -284,10 +284,10 @@ def combine(
         rank=_rank(rank),
         keep=keep,
         density=density,
-        majority_sign=majority_sign,
+        majority_sign=majority_sign,  # type: ignore[arg-type]
         seed=seed,
         device=device,
-        progress=progress,  # type: ignore[arg-type]
+        progress=progress,
     )
     parents = [
         {
@@ -375,8 +375,8 @@ def extract_adapter(
             rank=_rank(rank),
             keep=keep,
             max_rank=max_rank,
-            svd=svd,
-            keys=keys,  # type: ignore[arg-type]
+            svd=svd,  # type: ignore[arg-type]
+            keys=keys,
             base_model=base_model,
             device=device,
             progress=progress,

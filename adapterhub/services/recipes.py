@@ -75,9 +75,9 @@ def compose(
                 summary = resize_adapter(
                     lib,
                     step.inputs[0][0],
-                    rank=step.rank,
+                    rank=step.rank,  # type: ignore[arg-type]
                     new_name=step.name,
-                    keep=step.keep,  # type: ignore[arg-type]
+                    keep=step.keep,
                     device=device,
                     tags=step.tags,
                     description=step.description,
