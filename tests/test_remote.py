@@ -307,7 +307,7 @@ def test_peft_loads_from_the_server(home: Hub, server: Server, made: dict[str, P
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "from _adapters import tiny_llama\n"
+        "from helpers.adapters import tiny_llama\n"
         "from peft import PeftModel\n"
         "from safetensors.torch import load_file\n"
         "model = PeftModel.from_pretrained(tiny_llama(), 'alice/peft-load')\n"

@@ -15,6 +15,7 @@ from test_serve_strict import _app, _chat
 from test_serve_v1 import _adapter, _tiny_base
 
 from adapterhub import Hub
+from adapterhub.server.tokens import create_token
 
 pytest.importorskip("fastapi")
 
@@ -42,7 +43,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (loras / "notes.txt").write_text("not an adapter")
     (loras / "escape").symlink_to(secret)
     tokens = {
-        u: {"Authorization": f"Bearer {hub.create_token(u, write=True).token}"}
+        u: {"Authorization": f"Bearer {create_token(hub, u, write=True).token}"}
         for u in ("mallory", "carol", "alice")
     }
     with _app(hub, root / "home", lora_dirs=[str(loras)]) as c:

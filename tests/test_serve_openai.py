@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_serve_strict import MSG, _chat, env  # noqa: F401  (the module's app)
 
+from adapterhub.server.tokens import create_token
+
 pytest.importorskip("fastapi")
 
 
@@ -168,7 +170,7 @@ def test_companion_routes(env: dict[str, Any]) -> None:  # noqa: F811
 
 def test_load_and_unload_lora_adapter_need_a_writer_of_the_namespace(env: dict[str, Any]) -> None:  # noqa: F811
     c, hub = env["c"], env["hub"]
-    writer = {"Authorization": f"Bearer {hub.create_token('carol', write=True).token}"}
+    writer = {"Authorization": f"Bearer {create_token(hub, 'carol', write=True).token}"}
     body = {"lora_name": "carol/new", "lora_path": str(env["root"] / "a0")}
     assert c.post("/v1/load_lora_adapter", json=body).status_code == 401
     assert c.post("/v1/load_lora_adapter", json=body, headers=env["bob"]).status_code == 403

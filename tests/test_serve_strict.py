@@ -13,6 +13,7 @@ import pytest
 from test_serve_v1 import _adapter, _tiny_base
 
 from adapterhub import Hub
+from adapterhub.server.tokens import create_token
 
 pytest.importorskip("fastapi")
 
@@ -48,8 +49,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     hub.add_adapter(wide, name="alice/hidden-chat")
     hub.tag_adapter("alice/hidden-chat", ["private"])
     hub.add_adapter(wide, name="pub-chat")
-    alice = {"Authorization": f"Bearer {hub.create_token('alice').token}"}
-    bob = {"Authorization": f"Bearer {hub.create_token('bob').token}"}
+    alice = {"Authorization": f"Bearer {create_token(hub, 'alice').token}"}
+    bob = {"Authorization": f"Bearer {create_token(hub, 'bob').token}"}
     with (
         _app(hub, root / "home") as c,
         _app(hub, root / "home", require_token=True, adapter_memory="1KB") as s,

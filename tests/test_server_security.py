@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 from test_server import Server, ndjson, online_hf, server_on
 
+# later tests build on the repos earlier ones made (bob/public): one worker runs the module in order
+pytestmark = pytest.mark.xdist_group("server_security")
+
 
 @pytest.fixture
 def hf(monkeypatch: pytest.MonkeyPatch) -> Any:

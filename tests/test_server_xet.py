@@ -192,7 +192,7 @@ def test_peft_push_to_hub(server: Server, tmp_path: Path) -> None:
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "from _adapters import tiny_llama\n"
+        "from helpers.adapters import tiny_llama\n"
         "from huggingface_hub.utils._runtime import is_xet_available\n"
         "from peft import LoraConfig, get_peft_model\n"
         "assert is_xet_available()\n"
