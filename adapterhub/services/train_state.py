@@ -20,12 +20,15 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..errors import InvalidOptionError
 
-__all__ = ["RunFolder"]
+if TYPE_CHECKING:
+    from ..catalog.library import Library
+
+__all__ = ["RunFolder", "keep_eval_loss"]
 
 _TENSOR = "__tensor__"
 _LOCK = "owner.lock"
@@ -246,3 +249,37 @@ class RunFolder:
         if self._owned:
             shutil.rmtree(self.path, ignore_errors=True)
             self._owned = False
+
+
+def keep_eval_loss(
+    lib: Library,
+    name: str,
+    base: str,
+    data: str,
+    sha256: str,
+    last: tuple[int, float],
+    *,
+    rows: int,
+    seed: int,
+    eval_fraction: float | None,
+) -> None:
+    """Keep the final eval loss of ``train --eval-data`` (``data``: that file) or ``--eval-fraction``
+    (``data``: the training file's name) as an evaluation record of the cataloged adapter ``name``
+    (source "train"), beside those ``adapterhub eval`` writes."""
+    from .evaluation import record_evaluation
+
+    stem = Path(data).name
+    stem = stem.removesuffix(".jsonl").removesuffix(".json") or stem
+    step, loss = last
+    record_evaluation(
+        lib,
+        name,
+        base=base,
+        dataset=stem if eval_fraction is None else f"{stem}:eval-{eval_fraction}",
+        dataset_sha256=sha256,
+        values={"loss": loss},
+        rows=rows,
+        seed=seed,
+        source="train",
+        params={"step": step, "eval_fraction": eval_fraction},
+    )

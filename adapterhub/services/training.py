@@ -32,7 +32,7 @@ from .bases import base_dir
 from .train_data import batches, encode_rows, read_rows, split_eval
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
-from .train_state import RunFolder
+from .train_state import RunFolder, keep_eval_loss
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
@@ -446,7 +446,17 @@ def _train(
             if rank == 0:
                 adapter = rt.save(name, tags=tags, description=description)
                 if p.eval_losses:
-                    _record_eval(lib, name, base, info.name if info else None, d, o, p.eval_losses)
+                    ev = (o.eval_data, d.eval_digest or d.digest) if o.eval_data else (d.name, d.digest)
+                    keep_eval_loss(
+                        lib,
+                        name,
+                        info.name if info else os.fspath(base),
+                        *ev,
+                        p.eval_losses[-1],
+                        rows=len(d.eval_encoded),
+                        seed=o.seed,
+                        eval_fraction=o.eval_fraction,
+                    )
                 folder.remove()
             if world > 1:
                 torch.distributed.barrier()
@@ -474,40 +484,6 @@ def _train(
             rt.detach()
     finally:
         folder.release()  # a failed run keeps its checkpoints for --resume
-
-
-def _record_eval(
-    lib: Library,
-    name: str,
-    base: str | os.PathLike[str],
-    registered: str | None,
-    d: _Data,
-    o: _Options,
-    eval_losses: Sequence[tuple[int, float]],
-) -> None:
-    """Keep the final eval loss of ``--eval-data`` / ``--eval-fraction`` as an evaluation record of the
-    cataloged adapter (source "train"), beside those ``adapterhub eval`` writes."""
-    from .evaluation import record_evaluation
-
-    if o.eval_data is not None:
-        p = Path(o.eval_data)
-        dataset = p.name.removesuffix(".jsonl").removesuffix(".json") or p.name
-        sha = d.eval_digest or d.digest
-    else:  # --eval-fraction: a seeded split of the training file
-        dataset, sha = f"{d.name}:eval-{o.eval_fraction}", d.digest
-    step, loss = eval_losses[-1]
-    record_evaluation(
-        lib,
-        name,
-        base=registered or os.fspath(base),
-        dataset=dataset,
-        dataset_sha256=sha,
-        values={"loss": loss},
-        rows=len(d.eval_encoded),
-        seed=o.seed,
-        source="train",
-        params={"step": step, "eval_fraction": o.eval_fraction, "max_length": o.max_length},
-    )
 
 
 # ------------------------------------------------------------------ many processes
