@@ -1,4 +1,4 @@
-"""Checkpoints of a training run under ``HOME/training/<name>/``, written atomically.
+"""Checkpoints of a training run under ``HOME/training/<quoted name>/``, written atomically.
 
 ``run.json`` holds the options that define the run (a ``--resume`` must give the same ones); each
 checkpoint is a folder ``step-00000040/`` written under a scratch name and renamed into place, so a
