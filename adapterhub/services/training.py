@@ -8,7 +8,8 @@ and nothing is cataloged. `plan` prints what the run will take (`train_plan.Memo
 checkpointing and bf16 autocast, evaluation every ``eval_every`` steps, and a checkpoint under
 ``HOME/training/<quoted NAME>/`` (owned by the live run: `RunFolder`) every ``save_every`` steps
 (``resume=True`` continues a stopped run exactly). The base may be quantized (``quantize="nf4"|
-"int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the run is data-parallel over ``torch.distributed``; ``batch_size`` stays the global batch.
+"int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the run is data-parallel over
+``torch.distributed``; ``batch_size`` stays the global batch.
 
 The adapter reaches the catalog only after the last step, through `Library.ingest` with a lineage row
 (``method: train``; base fingerprint, data sha256, steps, losses, eval loss, hyperparameters,
