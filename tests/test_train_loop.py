@@ -70,6 +70,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(hub: Hub, tmp_p
     assert not hub.library.exists("cut")  # nothing cataloged, half or whole
     run = hub.home / "training" / "cut"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "owner.lock",  # the killed run's: its pid is gone, so the next run takes the folder over
         "run.json",
         "step-00000004",
     ]

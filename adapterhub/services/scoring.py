@@ -116,7 +116,7 @@ def read_eval_data(
     if isinstance(head, dict) and "choices" in head:
         rows, kind = _read_choices(p, raw), "choice"
     else:
-        from .training import read_rows
+        from .train_data import read_rows
 
         read, kind, _ = read_rows(p)
         rows = list(read)
@@ -193,7 +193,7 @@ def _loss_seqs(tokenizer: Any, data: EvalData, max_length: int) -> list[_Seq]:
             ctx, cont = encode_choice(tokenizer, row["prompt"], row["choices"][row["answer"]])
             out.append(_Seq(ctx + cont, len(ctx)))
         return out
-    from .training import encode_rows
+    from .train_data import encode_rows
 
     enc = encode_rows(tokenizer, list(data.rows), data.kind, max_length=max_length, path=data.path)
     return [_Seq(ids, 1, [lab != -100 for lab in labels]) for ids, labels in enc]

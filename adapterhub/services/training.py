@@ -6,9 +6,10 @@ and nothing is cataloged. `plan` prints what the run will take (`train_plan.Memo
 (`train_loop.Loop`) runs AdamW (or bitsandbytes' 8-bit AdamW) on the factors only with a linear / cosine
 / constant schedule after ``warmup`` steps, gradient clipping, accumulation, optional gradient
 checkpointing and bf16 autocast, evaluation every ``eval_every`` steps, and a checkpoint under
-``HOME/training/NAME/`` every ``save_every`` steps (``resume=True`` continues a stopped run exactly). The
-base may be quantized (``quantize="nf4"|"int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the
-run is data-parallel over ``torch.distributed``; ``batch_size`` stays the global batch.
+``HOME/training/<quoted NAME>/`` (owned by the live run: `RunFolder`) every ``save_every`` steps
+(``resume=True`` continues a stopped run exactly). The base may be quantized (``quantize="nf4"|
+"int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the run is data-parallel over
+``torch.distributed``; ``batch_size`` stays the global batch.
 
 The adapter reaches the catalog only after the last step, through `Library.ingest` with a lineage row
 (``method: train``; base fingerprint, data sha256, steps, losses, eval loss, hyperparameters,
@@ -32,7 +33,7 @@ from .bases import base_dir
 from .train_data import batches, encode_rows, read_rows, split_eval
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
-from .train_state import RunFolder
+from .train_state import RunFolder, keep_eval_loss
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
@@ -186,6 +187,7 @@ class _Data:
     digest: str
     eval_digest: str | None
     tokenizer: Any
+    name: str = ""  # the training file's name, without .jsonl/.json
 
 
 def _read(lib: Library, base: str | os.PathLike[str], data: str | os.PathLike[str], o: _Options) -> _Data:
@@ -210,7 +212,8 @@ def _read(lib: Library, base: str | os.PathLike[str], data: str | os.PathLike[st
         if eval_rows
         else []
     )
-    return _Data(encoded, ev, digest, eval_digest, tokenizer)
+    stem = path.name.removesuffix(".jsonl").removesuffix(".json") or path.name
+    return _Data(encoded, ev, digest, eval_digest, tokenizer, stem)
 
 
 def _options(**kw: Any) -> _Options:
@@ -367,104 +370,121 @@ def _train(
     if world > 1:
         torch.distributed.barrier()
         start = folder.latest() if resume else None
-    bf16 = o.bf16 if o.bf16 is not None else (dev.startswith("cuda") and torch.cuda.is_bf16_supported())
-    model, _ = load_base(
-        lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32", quantize=o.quantize
-    )
-    if o.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    total = _total_steps(o, len(d.encoded))
-    info = registered_base(lib, model)
-    rt = attach(lib, model, base=info.name if info else None)
     try:
-        ad = rt.create(name, rank=o.rank, alpha=o.alpha, targets=o.targets, init=o.init, seed=o.seed)
-        total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
-        tok = d.tokenizer
-        names = [n for n, _ in ad.named_parameters()]
-        loop = Loop(
-            model=model,
-            params=[p for _, p in ad.named_parameters()],
-            encoded=d.encoded,
-            eval_encoded=d.eval_encoded,
-            plan=batches(
-                [len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length
-            ),
-            device=dev,
-            pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
-            lr=o.lr,
-            optim=o.optim,
-            schedule=o.schedule,
-            warmup=o.warmup,
-            max_grad_norm=o.max_grad_norm,
-            grad_accum=o.grad_accum,
-            bf16=bf16,
-            eval_every=o.eval_every or (total if d.eval_encoded else None),
-            save_every=o.save_every,
-            log_every=log_every,
-            seed=o.seed,
-            rank=rank,
-            world=world,
-            folder=folder,
-            factor_names=names,
-            on_step=on_step,
-            on_log=on_log,
+        bf16 = o.bf16 if o.bf16 is not None else (dev.startswith("cuda") and torch.cuda.is_bf16_supported())
+        model, _ = load_base(
+            lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32", quantize=o.quantize
         )
-        if start is not None:
-            loop.resume(start)
-        resumed_from = loop.progress.step
-        p = loop.run()
-        ad.lineage.update(
-            steps=total,
-            loss=p.losses[-1],
-            first_loss=p.losses[0],
-            data_sha256=d.digest,
-            lr=o.lr,
-            batch_size=o.batch_size,
-            examples=len(d.encoded),
-            schedule=o.schedule,
-            warmup=o.warmup,
-            max_grad_norm=o.max_grad_norm,
-            grad_accum=o.grad_accum,
-            optim=o.optim,
-            quantize=o.quantize,
-            gradient_checkpointing=o.gradient_checkpointing,
-            bf16=bf16,
-            processes=world,
-            max_length=o.max_length,
-            eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
-            eval_sha256=d.eval_digest,
-        )
-        if rank == 0:
-            adapter = rt.save(name, tags=tags, description=description)
-            folder.remove()
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            adapter = lib.info(name)
-        return TrainResult(
-            adapter=adapter,
-            steps=total,
-            epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
-            first_loss=p.losses[0],
-            last_loss=p.losses[-1],
-            trainable_params=ad.num_params,
-            total_params=total_params,
-            seconds=p.seconds,
-            tokens=p.tokens,
-            examples=len(d.encoded),
-            data_sha256=d.digest,
-            device=dev,
-            losses=tuple(p.losses),
-            eval_losses=tuple(p.eval_losses),
-            resumed_from=resumed_from,
-            processes=world,
-        )
+        if o.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        total = _total_steps(o, len(d.encoded))
+        info = registered_base(lib, model)
+        rt = attach(lib, model, base=info.name if info else None)
+        try:
+            ad = rt.create(name, rank=o.rank, alpha=o.alpha, targets=o.targets, init=o.init, seed=o.seed)
+            total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
+            tok = d.tokenizer
+            names = [n for n, _ in ad.named_parameters()]
+            loop = Loop(
+                model=model,
+                params=[p for _, p in ad.named_parameters()],
+                encoded=d.encoded,
+                eval_encoded=d.eval_encoded,
+                plan=batches(
+                    [len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length
+                ),
+                device=dev,
+                pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+                lr=o.lr,
+                optim=o.optim,
+                schedule=o.schedule,
+                warmup=o.warmup,
+                max_grad_norm=o.max_grad_norm,
+                grad_accum=o.grad_accum,
+                bf16=bf16,
+                eval_every=o.eval_every or (total if d.eval_encoded else None),
+                save_every=o.save_every,
+                log_every=log_every,
+                seed=o.seed,
+                rank=rank,
+                world=world,
+                folder=folder,
+                factor_names=names,
+                on_step=on_step,
+                on_log=on_log,
+            )
+            if start is not None:
+                loop.resume(start)
+            resumed_from = loop.progress.step
+            p = loop.run()
+            ad.lineage.update(
+                steps=total,
+                loss=p.losses[-1],
+                first_loss=p.losses[0],
+                data_sha256=d.digest,
+                lr=o.lr,
+                batch_size=o.batch_size,
+                examples=len(d.encoded),
+                schedule=o.schedule,
+                warmup=o.warmup,
+                max_grad_norm=o.max_grad_norm,
+                grad_accum=o.grad_accum,
+                optim=o.optim,
+                quantize=o.quantize,
+                gradient_checkpointing=o.gradient_checkpointing,
+                bf16=bf16,
+                processes=world,
+                max_length=o.max_length,
+                eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
+                eval_sha256=d.eval_digest,
+            )
+            if rank == 0:
+                adapter = rt.save(name, tags=tags, description=description)
+                if p.eval_losses:
+                    ev = (o.eval_data, d.eval_digest or d.digest) if o.eval_data else (d.name, d.digest)
+                    keep_eval_loss(
+                        lib,
+                        name,
+                        info.name if info else os.fspath(base),
+                        *ev,
+                        p.eval_losses[-1],
+                        rows=len(d.eval_encoded),
+                        seed=o.seed,
+                        eval_fraction=o.eval_fraction,
+                    )
+                folder.remove()
+            if world > 1:
+                torch.distributed.barrier()
+            if rank != 0:
+                adapter = lib.info(name)
+            return TrainResult(
+                adapter=adapter,
+                steps=total,
+                epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
+                first_loss=p.losses[0],
+                last_loss=p.losses[-1],
+                trainable_params=ad.num_params,
+                total_params=total_params,
+                seconds=p.seconds,
+                tokens=p.tokens,
+                examples=len(d.encoded),
+                data_sha256=d.digest,
+                device=dev,
+                losses=tuple(p.losses),
+                eval_losses=tuple(p.eval_losses),
+                resumed_from=resumed_from,
+                processes=world,
+            )
+        finally:
+            rt.detach()
     finally:
-        rt.detach()
+        folder.release()  # a failed run keeps its checkpoints for --resume
 
 
 # ------------------------------------------------------------------ many processes
