@@ -16,6 +16,7 @@ from ...records import AdapterInfo, human_size
 from ..privacy import is_private, may_see
 from ..records import TokenInfo
 from .html import Safe, definition_list, join, number, render, table, when
+from .leaderboard import entries, results_section
 from .spectra import spectra
 from .state import CatalogHub, hub_of
 from .svg import Node, energy_svg, lineage_svg, sparkline
@@ -173,7 +174,9 @@ def load(
     info = hub.adapter_info(name)
     if not may_see(info.name, is_private(info.tags), user):
         raise AdapterNotFoundError(name)
-    fit = fits(hub, info)
+    results = results_section([e.record for e in entries(hub, hub.evaluations(name), user)])
+    fit = render('<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{f}</section>{r}',
+                 f=fits(hub, info), r=results)  # fmt: skip
     try:
         return info, fit, spectra(hub, name, info.sha256), None
     except (AdapterHubError, OSError, RuntimeError, ValueError) as exc:
@@ -194,7 +197,7 @@ async def adapter_body(request: Request, name: str, user: TokenInfo | None) -> t
     body = render(
         '<h1>{name}</h1><p class="lead">{desc}</p><div class="adapter-meta">{meta}</div>'
         '<section aria-labelledby="mod-h"><h2 id="mod-h">Modules</h2>{mods}</section>{lineage}'
-        '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
+        "{fit}{spec}"
         '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
         name=info.name, desc=info.description or "", meta=metadata(info), mods=modules_table(info),
         lineage=lineage(info, endpoint, visible_to(hub, user)), fit=fit, spec=spectra_section(mods, error, dora=info.use_dora), files=files,

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from ...lora import LoraWeights
     from ...ops.validate import ValidationReport
-    from ...records import AdapterInfo, BaseInfo, FilterKeywords
+    from ...records import AdapterInfo, BaseInfo, EvaluationRecord, FilterKeywords
     from ..storage import ServerStore
 
 
@@ -36,6 +36,10 @@ class CatalogHub(Protocol):
     def validate_catalog(
         self, *, base: str, names: Sequence[str] | None = None
     ) -> list[ValidationReport]: ...
+    def evaluations(
+        self, adapter: str | None = None, *, dataset: str | None = None, metric: str | None = None,
+        base: str | None = None,
+    ) -> list[EvaluationRecord]: ...  # fmt: skip
 
 
 def hub_of(request: Request) -> CatalogHub:
