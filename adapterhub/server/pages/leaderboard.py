@@ -99,10 +99,10 @@ def bar_chart(rows: Sequence[tuple[str, float]], *, label: str) -> Safe:
         w = max(1.0, width * abs(v) / top)
         parts.append(render(
             '<g class="bar"><title>{name}: {v}</title><text x="{tx}" y="{ty}" class="label" text-anchor="end">'
-            '{short}</text><rect x="{x}" y="{y}" width="{w:.1f}" height="{h}" rx="3"/>'
-            '<text x="{vx:.1f}" y="{ty}" class="value">{v}</text></g>',
+            '{short}</text><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3"/>'
+            '<text x="{vx}" y="{ty}" class="value">{v}</text></g>',
             name=name, v=_fmt(v), tx=left - 8, ty=y + 15, short=name if len(name) <= 28 else name[:27] + "…",
-            x=left, y=y, w=w, h=bar_h, vx=left + w + 6,
+            x=left, y=y, w=f"{w:.1f}", h=bar_h, vx=f"{left + w + 6:.1f}",
         ))  # fmt: skip
     height = 20 + len(shown) * (bar_h + gap)
     return render(
