@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _cli import Cli, home_args
+from _cli import home_args
 from _evalkit import CHOICE_ROWS, PROMPT_ROWS, adapters_for, tiny_checkpoint, write_jsonl
 
 from adapterhub import AdapterExistsError, Hub, InvalidOptionError
