@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-WORDS = (
-    "the a cat dog sky blue red green runs jumps over under small large river tree stone light dark".split()
-)
+WORDS = ["the", "a", "cat", "dog", "sky", "blue", "red", "green", "runs", "jumps", "over", "under", "small",
+         "large", "river", "tree", "stone", "light", "dark"]  # fmt: skip
 
 
 def smollm2(cache: Path) -> Path:
@@ -138,7 +137,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterhub.runtime import attach
-    from adapterhub.services.scoring import _loss_seqs, read_eval_data, score
+    from adapterhub.services.scoring import loss_sequences, read_eval_data, score
 
     base = smollm2(Path(args.cache))
     tok = AutoTokenizer.from_pretrained(base)
@@ -148,7 +147,7 @@ def main() -> None:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows(args.rows)))
     data = read_eval_data(data_file)
     ads = make_adapters(model, work, args.adapters)
-    seqs = _loss_seqs(tok, data, 512)
+    seqs = loss_sequences(tok, data, 512)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rt = attach(model, dtype=torch.float32)
     for i, p in enumerate(ads):

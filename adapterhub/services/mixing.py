@@ -255,7 +255,7 @@ def mix(
     from .compute import _inputs, _jsonable, _preflight, _rank, _refuse_taken, _store_result
     from .evaluation import evaluate
     from .running import is_causal_lm, load_base, pick_device
-    from .scoring import _loss_seqs, read_eval_data
+    from .scoring import loss_sequences, read_eval_data
 
     check_name(name)
     tags = check_tags(tags)
@@ -277,7 +277,7 @@ def mix(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    seqs = _loss_seqs(tokenizer, ev, max_length)
+    seqs = loss_sequences(tokenizer, ev, max_length)
     loaded = [read_adapter(lib.files(i.label), load=True) for i in inputs]
     dev = pick_device(device)
     model, _ = load_base(lib, base, device=dev, dtype="float32")

@@ -43,6 +43,7 @@ __all__ = [
     "GENERATION_METRICS",
     "METRICS",
     "encode_choice",
+    "loss_sequences",
     "normalize",
     "parse_metric",
     "read_eval_data",
@@ -186,7 +187,8 @@ class _Seq:
     mask: list[bool] | None = None  # per position of ids: is it a target
 
 
-def _loss_seqs(tokenizer: Any, data: EvalData, max_length: int) -> list[_Seq]:
+def loss_sequences(tokenizer: Any, data: EvalData, max_length: int) -> list[_Seq]:
+    """Per row, the sequence whose answer tokens ``loss`` scores (the right choice of a choice row)."""
     if data.kind == "choice":
         out = []
         for _, row in data.rows:
@@ -348,7 +350,7 @@ def score(
     details: dict[str, Any] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if {"loss", "perplexity"} & set(metrics):
-        seqs = _loss_seqs(tokenizer, data, max_length)
+        seqs = loss_sequences(tokenizer, data, max_length)
         sums = _logprob_sums(model, rt, subjects, seqs, pad, batch_tokens)
         for s, per in enumerate(sums):
             total, count = sum(x[0] for x in per), sum(x[1] for x in per)
