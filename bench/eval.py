@@ -133,7 +133,13 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapterhub-bench"))
+    ap.add_argument(
+        "--mix", type=int, metavar="STEPS", help="Instead: mix's gradient against CMA-ES, STEPS steps."
+    )
     args = ap.parse_args()
+    if args.mix:
+        bench_mix(args)
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterhub.runtime import attach
@@ -177,6 +183,35 @@ def main() -> None:
     worst = max(abs(ours[args.adapters][1][i + 1]["loss"] - peftn[i]) for i in range(args.adapters))
     print(f"loss agreement with PEFT: max |diff| {worst:.2e} over {args.adapters} adapters; base loss "
           f"{ours[args.adapters][1][0]['loss']:.4f}")  # fmt: skip
+
+
+def bench_mix(args: Any) -> None:
+    """The weights of an exact combination of the adapters learned by gradient and by CMA-ES (the same
+    rows, the same start, CMA-ES given three loss evaluations per gradient step)."""
+    from peft import PeftModel  # noqa: F401  (PEFT writes the adapters)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterhub.formats import read_adapter
+    from adapterhub.services.mixing import mix_weights
+    from adapterhub.services.scoring import loss_sequences, read_eval_data
+
+    base = smollm2(Path(args.cache))
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    work = Path(tempfile.mkdtemp(prefix="bench-mix-"))
+    data_file = work / "rows.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows(args.rows)))
+    seqs = loss_sequences(tok, read_eval_data(data_file), 512)
+    ads = [read_adapter(p, load=True) for p in make_adapters(model, work, args.adapters)]
+    found = mix_weights(model, ads, [f"a{i}" for i in range(len(ads))], seqs, pad=tok.eos_token_id,
+                        steps=args.mix, lr=0.2, search="cma")  # fmt: skip
+    print(f"mix of {len(ads)} adapters on {args.rows} rows of SmolLM2-135M (fp32, CPU): start loss "
+          f"{found['loss_start']:.4f}")  # fmt: skip
+    print(f"gradient (Adam, {args.mix} steps): loss {found['loss']:.4f} in {found['seconds']:.1f} s")
+    print(f"CMA-ES ({found['search_evaluations']} loss evaluations): loss {found['search_loss']:.4f} in "
+          f"{found['search_seconds']:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
