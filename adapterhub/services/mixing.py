@@ -161,7 +161,7 @@ def _loss_fn(model: Any, seqs: Sequence[Any], pad: int, batch_tokens: int) -> Ca
 
 def mix_weights(
     model: Any, adapters: Sequence[LoraWeights], names: Sequence[str], seqs: Sequence[Any], *, pad: int,
-    steps: int = 30, lr: float = 0.05, search: str = "cma", seed: int = 0, batch_tokens: int = 4096,
+    steps: int = 30, lr: float = 0.05, search: str = "cma", seed: int = 0, batch_tokens: int = 1024,
 ) -> dict[str, Any]:  # fmt: skip
     """Learn the weights on ``seqs`` by gradient, and (``search="cma"``) by CMA-ES for comparison."""
     import torch

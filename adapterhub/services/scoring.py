@@ -53,7 +53,7 @@ __all__ = [
 METRICS = ("loss", "perplexity", "exact", "contains", "regex:PATTERN", "choice")
 GENERATION_METRICS = ("exact", "contains")
 #: tokens of one forward batch (padding included): bounds the logits (tokens x vocabulary floats)
-BATCH_TOKENS = 4096
+BATCH_TOKENS = 2048
 
 
 def parse_metric(metric: str) -> str:
