@@ -172,7 +172,8 @@ def evaluate(
     )  # fmt: skip
     if not record:
         return result
-    params = {"max_tokens": max_tokens, "device": dev, "dtype": str(next(model.parameters()).dtype)}
+    params = {"max_tokens": max_tokens, "device": dev, "dtype": str(next(model.parameters()).dtype),
+              "seconds": round(seconds, 3)}  # fmt: skip
     rows = [
         {"run": run, "subject": s.subject, "adapter_sha256": s.adapter_sha256, "combination": s.combination,
          "base": name, "base_fingerprint": layout.fingerprint, "dataset": ev.name, "dataset_sha256": ev.sha256,

@@ -180,8 +180,8 @@ def mix_weights(
             opt.zero_grad(set_to_none=True)
             value = loss(True)
             value.backward()
-            if float(value) < best[0]:
-                best = (float(value), mixer.w.detach().clone())
+            if float(value.detach()) < best[0]:
+                best = (float(value.detach()), mixer.w.detach().clone())
             opt.step()
         with torch.no_grad():
             final = float(loss(False))
