@@ -116,6 +116,15 @@ def test_cli_eval_show_list(hub: Hub, files: dict[str, Any], capsys: pytest.Capt
         "eval", "a0", "--base", "tiny", "--data", str(files["mc"]), "--metric", "x", code=1
     )
     assert "DATASET:METRIC" in run("list", "--sort", "mc", code=1)
+    mixed = json.loads(run("mix", "a0", "a1", "--base", "tiny", "--data", str(files["mc"]), "--name", "m",
+                           "--steps", "2", "--search", "none", "--json"))  # fmt: skip
+    assert mixed["adapter"]["name"] == "m" and len(mixed["weights"]) == 2 and mixed["search_loss"] is None
+    assert "mixed m" in run(
+        "mix", "a0", "a2", "--base", "tiny", "--data", str(files["mc"]), "--name", "m2", "--steps", "1"
+    )
+    assert "already cataloged" in run(
+        "mix", "a0", "--base", "tiny", "--data", str(files["mc"]), "--name", "m", code=1
+    )
 
 
 def test_mix_learns_weights_and_catalogs(hub: Hub, files: dict[str, Any], tmp_path: Path) -> None:
