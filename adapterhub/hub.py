@@ -322,15 +322,8 @@ class Hub:
         ``W0 + sum_i w_i * s_i * B_i A_i`` per targeted tensor, in fp32, rounded once. Checked first;
         on any problem nothing is written. Recorded in the catalog (`adapter_info(...).merges`)."""
         return compute.merge(
-            self.library,
-            base,
-            adapters,
-            out=out,
-            dtype=dtype,
-            device=device,
-            unmerge=unmerge,
-            progress=progress,
-        )
+            self.library, base, adapters, out=out, dtype=dtype, device=device, unmerge=unmerge, progress=progress
+        )  # fmt: skip
 
     def combine(
         self, adapters: Sequence[Weighted] | AdapterExpr[Any], *, name: str, **options: Unpack[CombineOptions]
@@ -353,15 +346,9 @@ class Hub:
     ) -> CombineSummary:
         """The optimal rank-``rank`` (or ``"auto"`` with ``keep``) reduction of an adapter, cataloged as ``new_name``."""
         return compute.resize_adapter(
-            self.library,
-            name,
-            rank=rank,
-            new_name=new_name,
-            keep=keep,
-            device=device,
-            tags=tags,
+            self.library, name, rank=rank, new_name=new_name, keep=keep, device=device, tags=tags,
             description=description,
-        )
+        )  # fmt: skip
 
     def extract_adapter(
         self,
@@ -493,16 +480,9 @@ class Hub:
         from .remote.push import push_adapter
 
         return push_adapter(
-            self.library,
-            name,
-            repo_id,
-            private=private,
-            revision=revision,
-            message=message,
-            endpoint=endpoint,
-            token=token,
-            progress=progress,
-        )
+            self.library, name, repo_id, private=private, revision=revision, message=message, endpoint=endpoint,
+            token=token, progress=progress,
+        )  # fmt: skip
 
     def pull_adapter(
         self,
@@ -545,52 +525,30 @@ class Hub:
         return self.library.pushes_of(name)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(
-        self,
-        adapters: Sequence[str],
-        *,
-        base: str | os.PathLike[str],
-        data: str | os.PathLike[str],
-        metrics: Sequence[str] = ("loss",),
-        combinations: Sequence[str | dict[str, float]] = (),
-        **options: Any,
-    ) -> EvaluationResult:
-        """Score the base alone, each cataloged adapter and each combination (``"a:0.7+b:0.3"``) on JSONL
-        ``data`` in one pass of mixed batches, and keep every (subject, metric) as an evaluation record;
-        ``options`` (max_tokens, max_length, limit, dataset, seed, device, record) as
-        `adapterhub.services.evaluation.evaluate` documents them."""
+    def evaluate(self, adapters: Sequence[str], **options: Any) -> EvaluationResult:
+        """The base alone, each cataloged adapter and each combination (``"a:0.7+b:0.3"``) scored on JSONL
+        ``data`` in one pass of mixed batches, kept as evaluation records; ``options`` (base, data, metrics,
+        combinations, max_tokens, limit, dataset, seed, device, record) as `services.evaluation.evaluate`."""
         from .services.evaluation import evaluate
 
-        return evaluate(self.library, adapters, base=base, data=data, metrics=metrics,
-                        combinations=combinations, **options)  # fmt: skip
+        return evaluate(self.library, adapters, **options)
 
-    def evaluations(
-        self, adapter: str | None = None, *, dataset: str | None = None, metric: str | None = None,
-        base: str | None = None,
-    ) -> list[EvaluationRecord]:  # fmt: skip
-        """Evaluation records, oldest first: those of one adapter (by its content) and/or filtered."""
+    def evaluations(self, adapter: str | None = None, **filters: Any) -> list[EvaluationRecord]:
+        """Evaluation records, oldest first: those of one adapter (by content), filtered by dataset, metric, base."""
         from .services.evaluation import evaluations
 
-        return evaluations(self.library, adapter, dataset=dataset, metric=metric, base=base)
+        return evaluations(self.library, adapter, **filters)
 
-    def rank_adapters(
-        self, sort: str, *, compatible_with: str | None = None, **filters: Unpack[FilterKeywords]
-    ) -> list[RankedAdapter]:
+    def rank_adapters(self, sort: str, **filters: Unpack[FilterKeywords]) -> list[RankedAdapter]:
         """`list_adapters`, best first by the latest ``DATASET:METRIC`` record (``"qa:loss"``)."""
         from .services.evaluation import parse_sort, rank_adapters
 
         parse_sort(sort)
-        return rank_adapters(
-            self.library, self.list_adapters(compatible_with=compatible_with, **filters), sort
-        )
+        return rank_adapters(self.library, self.list_adapters(**filters), sort)
 
-    def mix(
-        self, adapters: Sequence[str], *, base: str | os.PathLike[str], data: str | os.PathLike[str], name: str,
-        **options: Any,
-    ) -> MixResult:  # fmt: skip
-        """Learn the weights of an exact combination of ``adapters`` that minimize the loss on ``data`` (the
-        factors frozen) and catalog it as ``name`` with its lineage and evaluation record; ``options`` (steps,
-        lr, rank, search, limit, seed, device, tags, description) as `adapterhub.services.mixing.mix` says."""
+    def mix(self, adapters: Sequence[str], **options: Any) -> MixResult:
+        """Learn the weights of an exact combination minimizing the loss on ``data`` (factors frozen) and catalog
+        it as ``name`` with lineage and evaluation; ``options`` (base, data, name, steps, lr, rank, search, ...)."""
         from .services.mixing import mix
 
-        return mix(self.library, adapters, base=base, data=data, name=name, **options)
+        return mix(self.library, adapters, **options)

@@ -18,15 +18,14 @@ from adapterhub.services.scoring import read_eval_data, score
 lm_eval = pytest.importorskip("lm_eval")
 
 
-def _lm_eval(model: Any, tok: Any, task_dir: Path) -> tuple[float, dict[int, list[float]]]:
+def _lm_eval(model: Any, tok: Any, tasks: Any) -> tuple[float, dict[int, list[float]]]:
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=["adapterhub_mc"],
-        task_manager=TaskManager(include_path=str(task_dir)),
+        task_manager=tasks,
         log_samples=True,
         num_fewshot=0,
     )
@@ -61,6 +60,9 @@ def test_choice_agrees_with_lm_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     results, details = score(model, tok, rt, subjects, read_eval_data(data_file), ["choice"])
     rt.detach()
     refs = [[], [(ads[0], 1.0)], [(ads[0], 0.6), (ads[1], 0.4)]]
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(tmp_path / "task"), include_defaults=False)  # our task alone
     accs = []
     for s, ref in enumerate(refs):
         m = (
@@ -68,7 +70,7 @@ def test_choice_agrees_with_lm_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             if ref
             else AutoModelForCausalLM.from_pretrained(base).eval()
         )
-        acc, lls = _lm_eval(m, tok, tmp_path / "task")
+        acc, lls = _lm_eval(m, tok, tasks)
         flat = [x for d in sorted(lls) for x in lls[d]]
         assert details["choice_logprobs"][s] == pytest.approx(flat, abs=1e-4)
         assert results[s]["choice"] == pytest.approx(acc)

@@ -404,7 +404,7 @@ evaluations = Table(
     Column("rows", Integer, nullable=False),
     Column("seed", Integer),
     Column("version", String(40), nullable=False),  # adapterhub version
-    Column("source", String(32), nullable=False),  # eval, train, mix or a pull's repo@commit
+    Column("source", String(300), nullable=False),  # eval, train, mix or a pull's repo@commit
     Column("params", JSON),  # max_tokens, device, dtype, seconds, ...
     Column("created_at", DateTime, nullable=False),
 )

@@ -5,9 +5,10 @@ makes no commit."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
-from ..records import AdapterInfo
+from ..records import AdapterInfo, EvaluationRecord
 
 REPO_ID_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -48,10 +49,80 @@ def card_metadata(info: AdapterInfo) -> dict[str, Any]:
     return meta
 
 
-def model_card(info: AdapterInfo, repo_id: str) -> str:
+def card_results(records: Sequence[EvaluationRecord]) -> list[EvaluationRecord]:
+    """The latest record per (dataset, data sha256, metric, base), in a stable order."""
+    latest: dict[tuple[str, str, str, str], EvaluationRecord] = {}
+    for r in sorted(records, key=lambda r: r.id):
+        if r.value is not None and r.value == r.value and abs(r.value) != float("inf"):
+            latest[(r.dataset, r.dataset_sha256, r.metric, r.base)] = r
+    return [latest[k] for k in sorted(latest)]
+
+
+def model_index(name: str, records: Sequence[EvaluationRecord]) -> list[dict[str, Any]]:
+    """The Hub's ``model-index`` for evaluation records (built with huggingface_hub's `EvalResult`):
+    the data's sha256 as the dataset revision; rows, base, seed and adapterhub version as metric args."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=r.dataset,
+            dataset_name=r.dataset,
+            dataset_revision=r.dataset_sha256,
+            metric_type=r.metric,
+            metric_name=r.metric,
+            metric_value=r.value,
+            metric_args={
+                "rows": r.rows,
+                "base": r.base,
+                "base_fingerprint": r.base_fingerprint,
+                "seed": r.seed,
+                "adapterhub_version": r.version,
+            },
+        )
+        for r in card_results(records)
+    ]
+    return eval_results_to_model_index(name, results) if results else []
+
+
+def read_model_index(readme: str) -> list[dict[str, Any]]:
+    """Evaluation results of a model card's ``model-index``, parsed by huggingface_hub's `ModelCard`:
+    dicts of dataset, dataset_sha256, metric, value, rows, base, base_fingerprint, seed (unknowns None)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(readme, ignore_metadata_errors=True)
+    except (ValueError, TypeError):
+        return []
+    out = []
+    for e in getattr(card.data, "eval_results", None) or []:
+        if not isinstance(e.metric_value, int | float) or isinstance(e.metric_value, bool):
+            continue
+        args = e.metric_args if isinstance(e.metric_args, dict) else {}
+        rows, seed = args.get("rows"), args.get("seed")
+        out.append(
+            {
+                "dataset": str(e.dataset_name or e.dataset_type),
+                "dataset_sha256": str(e.dataset_revision or ""),
+                "metric": str(e.metric_type),
+                "value": float(e.metric_value),
+                "rows": rows if isinstance(rows, int) and not isinstance(rows, bool) else 0,
+                "base": str(args.get("base") or ""),
+                "base_fingerprint": args.get("base_fingerprint") or None,
+                "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+            }
+        )
+    return out
+
+
+def model_card(info: AdapterInfo, repo_id: str, results: Sequence[EvaluationRecord] = ()) -> str:
     import yaml
 
     meta = card_metadata(info)
+    index = model_index(info.name, results)
+    if index:
+        meta["model-index"] = index
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     lines = ["---", front.rstrip("\n"), "---", "", f"# {info.name}", ""]
     if info.description:
@@ -90,6 +161,11 @@ def model_card(info: AdapterInfo, repo_id: str) -> str:
             w = "" if p.weight is None else f" with weight {p.weight:g}"
             lines.append(f"- `{p.name}`{w} ({p.method})")
         lines.append("")
+    shown = card_results(results)
+    if shown:
+        lines += ["## Results", "", "| dataset | metric | value | rows | base |", "|---|---|---|---|---|"]
+        lines += [f"| {r.dataset} | {r.metric} | {r.value:.4g} | {r.rows} | {r.base} |" for r in shown]
+        lines += ["", "Measured with `adapterhub eval` (teacher-forced loss on the answer tokens).", ""]
     lines += ["## How to load it", ""]
     if info.format == "peft":
         auto = _AUTO_CLASS.get(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import faults
-from ..errors import AdapterExistsError, InvalidAdapterError, PickleRefusedError, RemoteError
+from ..errors import AdapterExistsError, AdapterHubError, InvalidAdapterError, PickleRefusedError, RemoteError
 from ..names import check_name, check_tags, is_valid_name
 from ..store import scratch_prefix
 from .client import check_repo_id, download, hub_client, resolve_endpoint
@@ -30,6 +30,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 RECORD_LIMIT = 16 * 1024 * 1024
+CARD_NAME = "README.md"
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -95,11 +96,16 @@ def pull_adapter(
         from ..services.maintenance import sweep
 
         sweep(lib, "pull")
+        with_card = CARD_NAME in entries and entries[CARD_NAME].size <= RECORD_LIMIT
         lib.store.tmp.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=lib.store.tmp, prefix=scratch_prefix("pull")))
         try:
             digests: dict[str, tuple[str, int]] = {}
-            for path in [*wanted, *([RECORD_NAME] if with_record else [])]:
+            for path in [
+                *wanted,
+                *([RECORD_NAME] if with_record else []),
+                *([CARD_NAME] if with_card else []),
+            ]:
                 e = entries[path]
                 digests[path] = download(
                     hf_hub_url(repo_id, path, revision=commit, endpoint=url),
@@ -120,13 +126,50 @@ def pull_adapter(
             check_name(name)
             if lib.exists(name):
                 raise AdapterExistsError(name)
+            results = _card_results(tmp / CARD_NAME) if with_card else []
+            if with_card:
+                (tmp / CARD_NAME).unlink()
             info = _catalog(
                 lib, tmp, name, source, record, digests, allow_pickle=allow_pickle, tags=extra_tags
             )
+            _record_results(lib, info, source, results)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("pulled %s as %s", source, info.name)
     return PullResult(info, repo_id, url, commit, changed=True, files=tuple(wanted))
+
+
+def _card_results(path: Path) -> list[dict[str, Any]]:
+    from .card import read_model_index
+
+    try:
+        return read_model_index(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _record_results(lib: Library, info: AdapterInfo, source: str, results: list[dict[str, Any]]) -> None:
+    """The card's evaluation results as evaluation records of the pulled adapter (source: repo@commit)."""
+    if not results:
+        return
+    from ..services.evaluation import record_evaluation
+
+    for r in results:
+        try:
+            record_evaluation(
+                lib,
+                info.name,
+                base=r["base"] or (info.base_model or ""),
+                dataset=r["dataset"],
+                dataset_sha256=r["dataset_sha256"],
+                values={r["metric"]: r["value"]},
+                rows=r["rows"],
+                seed=r["seed"],
+                source=source,
+                base_fingerprint=r["base_fingerprint"],
+            )
+        except AdapterHubError as exc:  # a metric this version does not know, say: the adapter stays
+            log.warning("%s: skipping the card's result %s/%s (%s)", source, r["dataset"], r["metric"], exc)
 
 
 def _choose_files(source: str, entries: dict[str, Any], *, allow_pickle: bool) -> list[str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .. import faults
 from ..errors import InvalidAdapterError, RemoteError
 from ..services.adapters import config_naming_public_base
+from ..services.evaluation import evaluations
 from .card import model_card
 from .client import check_repo_id, hub_client, resolve_endpoint
 from .results import PushResult
@@ -94,7 +95,7 @@ def push_adapter(
         if "/" not in repo_id:
             repo_id = f"{api.whoami()['name']}/{repo_id}"
         check_repo_id(repo_id)
-        readme = model_card(_with_public_base(lib, info), repo_id).encode()
+        readme = model_card(_with_public_base(lib, info), repo_id, evaluations(lib, name)).encode()
         ops = []
         by_role = {f.role: f for f in info.files or ()}
         for role, path in (("config", files.config), ("weights", files.weights)):

@@ -210,7 +210,12 @@ def evaluate(
     )
     if not record:
         return result
-    params = {"max_tokens": max_tokens, "device": dev, "dtype": str(next(model.parameters()).dtype)}
+    params = {
+        "max_tokens": max_tokens,
+        "device": dev,
+        "dtype": str(next(model.parameters()).dtype),
+        "seconds": round(seconds, 3),
+    }
     rows = [
         {
             "run": run,

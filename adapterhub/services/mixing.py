@@ -178,7 +178,7 @@ def mix_weights(
     lr: float = 0.05,
     search: str = "cma",
     seed: int = 0,
-    batch_tokens: int = 4096,
+    batch_tokens: int = 1024,
 ) -> dict[str, Any]:
     """Learn the weights on ``seqs`` by gradient, and (``search="cma"``) by CMA-ES for comparison."""
     import torch
@@ -197,8 +197,8 @@ def mix_weights(
             opt.zero_grad(set_to_none=True)
             value = loss(True)
             value.backward()
-            if float(value) < best[0]:
-                best = (float(value), mixer.w.detach().clone())
+            if float(value.detach()) < best[0]:
+                best = (float(value.detach()), mixer.w.detach().clone())
             opt.step()
         with torch.no_grad():
             final = float(loss(False))
@@ -277,7 +277,7 @@ def mix(
     from .compute import _inputs, _jsonable, _preflight, _rank, _refuse_taken, _store_result
     from .evaluation import evaluate
     from .running import is_causal_lm, load_base, pick_device
-    from .scoring import _loss_seqs, read_eval_data
+    from .scoring import loss_sequences, read_eval_data
 
     check_name(name)
     tags = check_tags(tags)
@@ -299,7 +299,7 @@ def mix(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    seqs = _loss_seqs(tokenizer, ev, max_length)
+    seqs = loss_sequences(tokenizer, ev, max_length)
     loaded = [read_adapter(lib.files(i.label), load=True) for i in inputs]
     dev = pick_device(device)
     model, _ = load_base(lib, base, device=dev, dtype="float32")

@@ -43,6 +43,7 @@ __all__ = [
     "GENERATION_METRICS",
     "METRICS",
     "encode_choice",
+    "loss_sequences",
     "normalize",
     "parse_metric",
     "read_eval_data",
@@ -52,7 +53,7 @@ __all__ = [
 METRICS = ("loss", "perplexity", "exact", "contains", "regex:PATTERN", "choice")
 GENERATION_METRICS = ("exact", "contains")
 #: tokens of one forward batch (padding included): bounds the logits (tokens x vocabulary floats)
-BATCH_TOKENS = 4096
+BATCH_TOKENS = 2048
 
 
 def parse_metric(metric: str) -> str:
@@ -186,7 +187,8 @@ class _Seq:
     mask: list[bool] | None = None  # per position of ids: is it a target
 
 
-def _loss_seqs(tokenizer: Any, data: EvalData, max_length: int) -> list[_Seq]:
+def loss_sequences(tokenizer: Any, data: EvalData, max_length: int) -> list[_Seq]:
+    """Per row, the sequence whose answer tokens ``loss`` scores (the right choice of a choice row)."""
     if data.kind == "choice":
         out = []
         for _, row in data.rows:
@@ -243,9 +245,12 @@ def _logprob_sums(
     model: Any, rt: Runtime, specs: Sequence[AdapterSpec], seqs: Sequence[_Seq], pad: int, batch_tokens: int
 ) -> list[list[tuple[float, int, bool]]]:
     """Per subject, per sequence: (sum of target log-probs, number of targets, all targets greedy)."""
+    import inspect
+
     import torch
 
     device = next(model.parameters()).device
+    trim = "logits_to_keep" in inspect.signature(model.forward).parameters
     jobs = sorted(
         ((s, q) for s in range(len(specs)) for q in range(len(seqs))), key=lambda j: -len(seqs[j[1]].ids)
     )
@@ -258,19 +263,24 @@ def _logprob_sums(
         at += len(batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        wanted: dict[int, list[int]] = {}
         for r, (_, q) in enumerate(batch):
-            ids[r, : len(seqs[q].ids)] = torch.tensor(seqs[q].ids)
-            mask[r, : len(seqs[q].ids)] = 1
-        with torch.no_grad(), rt.rows([specs[s] for s, _ in batch]):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, (s, q) in enumerate(batch):
             seq = seqs[q]
-            n = len(seq.ids)
-            pos = [i for i in range(max(seq.start, 1), n) if seq.mask is None or seq.mask[i]]
+            ids[r, : len(seq.ids)] = torch.tensor(seq.ids)
+            mask[r, : len(seq.ids)] = 1
+            wanted[q] = [i for i in range(max(seq.start, 1), len(seq.ids)) if seq.mask is None or seq.mask[i]]
+        # logits only where a target is predicted (the lm_head over the whole vocabulary is costly)
+        keep = sorted({i - 1 for pos in wanted.values() for i in pos})
+        column = {p: c for c, p in enumerate(keep)} if trim else {p: p for p in range(width)}
+        extra = {"logits_to_keep": torch.tensor(keep, device=device)} if trim and keep else {}
+        with torch.no_grad(), rt.rows([specs[s] for s, _ in batch]):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
+        for r, (s, q) in enumerate(batch):
+            seq, pos = seqs[q], wanted[q]
             if not pos:
                 continue
-            idx = torch.tensor(pos, device=logits.device)
-            rows = logits[r, idx - 1].float()
+            idx = torch.tensor([column[i - 1] for i in pos], device=logits.device)
+            rows = logits[r, idx].float()
             targets = torch.tensor([seq.ids[i] for i in pos], device=logits.device)
             lp = torch.log_softmax(rows, dim=-1).gather(1, targets[:, None])[:, 0]
             greedy = bool((rows.argmax(-1) == targets).all())
@@ -360,7 +370,7 @@ def score(
     details: dict[str, Any] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if {"loss", "perplexity"} & set(metrics):
-        seqs = _loss_seqs(tokenizer, data, max_length)
+        seqs = loss_sequences(tokenizer, data, max_length)
         sums = _logprob_sums(model, rt, subjects, seqs, pad, batch_tokens)
         for s, per in enumerate(sums):
             total, count = sum(x[0] for x in per), sum(x[1] for x in per)

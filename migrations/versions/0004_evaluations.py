@@ -33,7 +33,7 @@ def upgrade() -> None:
         sa.Column("rows", sa.Integer, nullable=False),
         sa.Column("seed", sa.Integer),
         sa.Column("version", sa.String(40), nullable=False),
-        sa.Column("source", sa.String(32), nullable=False),
+        sa.Column("source", sa.String(300), nullable=False),
         sa.Column("params", sa.JSON),
         sa.Column("created_at", sa.DateTime, nullable=False),
     )

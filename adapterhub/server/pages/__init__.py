@@ -1,6 +1,7 @@
 """Web pages beside the API: ``/`` (hosted repos and the catalog), ``/{owner}/{name}`` (a hosted repo),
 ``/{owner}/{name}/raw/{path}`` (one of its files, read with the login cookie), ``/adapters/{name}``
-(a cataloged adapter), ``/bases/{name}`` (a registered base and the adapters that fit it), ``/login`` and ``/logout``, and ``/static/...`` (this
+(a cataloged adapter), ``/bases/{name}`` (a registered base and the adapters that fit it),
+``/leaderboard`` and ``/leaderboard/{dataset}`` (evaluation results), ``/login`` and ``/logout``, and ``/static/...`` (this
 package's own CSS, script and icon; nothing comes from another site).
 
 Pages see exactly what the API shows the same token: the login form keeps the token in an HttpOnly,
@@ -26,6 +27,7 @@ from .base import base_body
 from .html import render
 from .index import index_body
 from .layout import message_page, page
+from .leaderboard import datasets_body, leaderboard_body
 from .listing import Listing
 from .raw import raw_file
 from .repo import repo_body
@@ -167,6 +169,27 @@ async def base(request: Request, name: str) -> Response:
             if shown is not None:
                 return html_response(request, page(request, shown[0], shown[1], user), started=started)
         return not_found(request, user, f"base model called {name!r}")
+    return html_response(request, page(request, found[0], found[1], user), started=started)
+
+
+@router.api_route("/leaderboard", methods=READ, include_in_schema=False)
+async def leaderboards(request: Request) -> Response:
+    started = time.perf_counter()
+    user = await page_user(request)
+    title, body = await datasets_body(request, user)
+    return html_response(request, page(request, title, body, user), started=started)
+
+
+@router.api_route("/leaderboard/{dataset}", methods=READ, include_in_schema=False)
+async def leaderboard(request: Request, dataset: str) -> Response:
+    started = time.perf_counter()
+    user = await page_user(request)
+    found = await leaderboard_body(request, dataset, user)
+    if found is None:
+        shown = await repo_body(request, "leaderboard", dataset, user)  # a hosted repo in that namespace
+        if shown is not None:
+            return html_response(request, page(request, shown[0], shown[1], user), started=started)
+        return not_found(request, user, f"evaluation result on {dataset!r}")
     return html_response(request, page(request, found[0], found[1], user), started=started)
 
 

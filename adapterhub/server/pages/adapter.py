@@ -18,6 +18,7 @@ from ..privacy import is_private, may_see
 from ..records import TokenInfo
 from .base import base_href, base_link, registered_base
 from .html import Safe, definition_list, join, number, render, table, when
+from .leaderboard import entries, results_section
 from .spectra import spectra
 from .state import hub_of
 from .svg import Node, energy_svg, lineage_svg, sparkline
@@ -257,7 +258,12 @@ def load(
     info = hub.adapter_info(name)
     if not may_see(info.name, is_private(info.tags), user):
         raise AdapterNotFoundError(name)
-    fit = fits(hub, info)
+    results = results_section([e.record for e in entries(hub, hub.evaluations(name), user)])
+    fit = render(
+        '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{f}</section>{r}',
+        f=fits(hub, info),
+        r=results,
+    )
     try:
         return info, fit, spectra(hub, name, info.sha256), None
     except (AdapterHubError, OSError, RuntimeError, ValueError) as exc:
@@ -289,7 +295,7 @@ async def adapter_body(request: Request, name: str, user: TokenInfo | None) -> t
     body = render(
         '<h1>{name}</h1><p class="lead">{desc}</p><div class="adapter-meta">{meta}</div>'
         '<section aria-labelledby="mod-h"><h2 id="mod-h">Modules</h2>{mods}</section>{lineage}'
-        '<section aria-labelledby="fit-h"><h2 id="fit-h">Bases it fits</h2>{fit}</section>{spec}'
+        "{fit}{spec}"
         '<section aria-labelledby="files-h"><h2 id="files-h">Files</h2>{files}</section>',
         name=info.name,
         desc=info.description or "",
