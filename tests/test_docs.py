@@ -84,8 +84,7 @@ def test_command_summaries_are_whole_and_options_read_alike() -> None:
         res = CliRunner().invoke(cli, [*path, "--help"], prog_name="adapterhub", env={"COLUMNS": "80"})
         listing = res.output.split("Commands:\n", 1)[1]
         assert "..." not in listing, f"adapterhub {' '.join(path)} --help cuts a summary:\n{listing}"
-        # a summary that wraps goes on over lines indented past the names; only `train`'s may, until its
-        # owner shortens it (issue 28 item 8 is the training one's)
+        # a summary that wraps goes on over lines indented past the names: none may
         named = [line.split()[0] for line in listing.splitlines() if line.startswith("  ") and line[2] != " "]
         assert sorted(named) == sorted(group.commands), listing
         wrapped, last = set(), ""
@@ -94,7 +93,7 @@ def test_command_summaries_are_whole_and_options_read_alike() -> None:
                 wrapped.add(last)
             elif line.strip():
                 last = line.split()[0]
-        assert wrapped <= {"train"}, listing
+        assert not wrapped, listing
     adapter_schema = "schemas/adapter.schema.json"
     for path, cmd in _commands(cli):
         for p in cmd.params:

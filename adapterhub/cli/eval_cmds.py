@@ -14,7 +14,7 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-@cli.command("eval")
+@cli.command("eval", short_help="Score adapters and mixes on a dataset; keep the results.")
 @click.argument("adapters", nargs=-1)
 @click.option("--base", required=True, help="Registered base or checkpoint folder (a causal LM).")
 @click.option(
@@ -95,7 +95,7 @@ def eval_cmd(
     )
 
 
-@cli.command("mix")
+@cli.command("mix", short_help="Learn the best weights of a combination on a few rows.")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", required=True, help="Registered base or checkpoint folder (a causal LM).")
 @click.option(

@@ -60,7 +60,7 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
     return log
 
 
-@cli.command("train")
+@cli.command("train", short_help="Train a new LoRA adapter on JSONL data and catalog it.")
 @click.argument("base")
 @click.option(
     "--data",
