@@ -15,7 +15,7 @@ from helpers.models import save_model, tiny_convnet, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from adapterhub import Hub
-from adapterhub.errors import IncompatibleAdapterError, InvalidAdapterError
+from adapterhub.errors import IncompatibleAdapterError, InvalidAdapterError, InvalidOptionError
 from adapterhub.formats import detect, read_adapter, write_adapter
 from adapterhub.lora import LoraWeights
 from adapterhub.ops import check_base, combine, merge_checkpoint, resolve_with, resolve_with_base
@@ -260,13 +260,25 @@ def test_runtime_matches_peft(kind: str, made: dict[str, Path], base_dir: Path) 
     rt.detach()
 
 
-def test_runtime_refuses_kasa_with_one_line(made: dict[str, Path], base_dir: Path) -> None:
+def test_runtime_applies_kasa_as_peft(made: dict[str, Path], base_dir: Path) -> None:
+    """KaSA on a live model: its update is resolved from the live weights (the SVD PEFT takes at load) into
+    exact factors, so the runtime's logits equal PEFT's, and switching it off gives the base again."""
     from adapterhub.runtime import attach
 
-    rt = attach(_base(base_dir))
-    with pytest.raises(IncompatibleAdapterError, match="merge the adapter into its base") as info:
-        rt.load(made["kasa"], name="kasa")
-    assert "runtime does not compute" in str(info.value)
+    model = _base(base_dir)
+    plain = _logits(model)
+    rt = attach(model)
+    rt.load(made["kasa"], name="kasa")
+    rt.activate("kasa")
+    torch.testing.assert_close(
+        _logits(rt.model), _logits(_peft(base_dir, made["kasa"])), rtol=1e-4, atol=1e-4
+    )
+    rt.activate(None)
+    torch.testing.assert_close(_logits(rt.model), plain, rtol=0, atol=0)
+    rt.merge("kasa")
+    with pytest.raises(InvalidOptionError, match="unmerge"):
+        rt.load(made["kasa"], name="kasa-again")
+    rt.unmerge()
     rt.detach()
 
 

@@ -319,8 +319,8 @@ LIVE_MODEL_TYPE = "torch.nn"
 
 
 def _kasa_check(m: LoraModule, bshape: tuple[int, ...], base: BaseLayout) -> Check | None:
-    """KaSA needs an (out, in) base weight with more than r singular components; the runtime cannot
-    apply it yet (it would need the SVD of the live weight), so a live model's layout refuses it."""
+    """KaSA needs an (out, in) base weight with more than r singular components (the runtime resolves it
+    from the live weight before it plans, `adapterhub.runtime`'s ``resolve_live``)."""
     if len(bshape) != 2 or bshape != tuple(m.delta_shape):
         return Check(
             "error",
@@ -335,14 +335,6 @@ def _kasa_check(m: LoraModule, bshape: tuple[int, ...], base: BaseLayout) -> Che
             "base.kasa",
             f"{m.module}: KaSA removes {m.base_svd_drop} singular components, but the base weight has only "
             f"{min(bshape)}; PEFT refuses such an adapter",
-            m.module,
-        )
-    if base.model_type == LIVE_MODEL_TYPE:
-        return Check(
-            "error",
-            "runtime.kasa",
-            f"{m.module}: KaSA removes the base weight's smallest singular components, which the runtime "
-            "does not compute yet; merge the adapter into its base (adapterhub merge) and run that",
             m.module,
         )
     return None

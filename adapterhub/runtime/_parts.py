@@ -149,3 +149,40 @@ def keyed_upload(
 def on_device_module(m: Any, on_device: dict[int, torch.Tensor]) -> Any:
     """``m`` (a `LoraModule`) with its tensors swapped for their `upload` copies."""
     return m.with_tensors(**{r: on_device.get(id(t), t) for r, t in m.tensors().items()}) if on_device else m
+
+
+def resolve_live(model: Any, weights: LoraWeights, *, merged: bool) -> LoraWeights:
+    """``weights`` with every KaSA module made base-independent from the live model's own weight
+    (`adapterhub.ops.resolve_with`: its update on that weight, as exact LoRA factors); the same object
+    when no module needs the base. The weights must be the base's own: refused while a merge is in."""
+    if not weights.needs_base:
+        return weights
+    import torch
+
+    from ..errors import IncompatibleAdapterError
+    from ..ops import resolve_with
+    from ..ops.keymap import map_keys
+    from ._layers import layer_kind
+
+    if merged:
+        raise InvalidOptionError("a KaSA adapter is resolved from the base weights: call rt.unmerge() first")
+    params = dict(model.named_parameters())
+    keys = [k for k, m in weights.modules.items() if m.needs_base]
+    match = map_keys(keys, params)
+    if not match.ok:
+        missing = next((k for k in keys if k not in match.mapping), keys[0])
+        raise IncompatibleAdapterError(f"KaSA module {missing} matches no weight of this model")
+
+    def weight_of(key: str) -> torch.Tensor:
+        name = match.mapping[key]
+        w = params[name]
+        if type(w).__name__ in ("Params4bit", "Int8Params"):
+            raise IncompatibleAdapterError(
+                f"{key}: KaSA on a quantized (bitsandbytes) layer is not supported; load the base in full "
+                "precision"
+            )
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        t = w.detach().to(torch.float32)
+        return t.T if layer_kind(owner) == "conv1d" else t
+
+    return resolve_with(weights, weight_of)

@@ -29,7 +29,7 @@ from ..lora import LoraWeights
 from ._applied import Applied
 from ._kinds import Layers
 from ._merge import merge_into
-from ._parts import Content, Merged, keyed_upload, read_weights
+from ._parts import Content, Merged, keyed_upload, read_weights, resolve_live
 from ._plan import LoadPlan, check_plan, model_layout, plan_adapter
 from ._residency import Residency
 from ._select import RuntimeState
@@ -182,6 +182,7 @@ class Runtime:
             name = name or str(adapter)
             adapter, sha256 = found[0], sha256 or found[1]
         weights, name, path = read_weights(adapter, name)
+        weights = resolve_live(self._model, weights, merged=self._applied.merged is not None)  # KaSA
         if self.training is not None and self.training.name == name:
             raise InvalidOptionError(f"{name} is being trained; freeze it first or load another name")
         plan = plan_adapter(self._model, self._layout, weights, name)
