@@ -372,6 +372,15 @@ def test_conv_variants_merge_exactly(algo: str, effective: bool, tmp_path: Path)
         view = conv_view(m, shape)
         assert view.kind == "conv" and view.delta_shape == shape
         torch.testing.assert_close(view.delta(), m.delta().reshape(shape), rtol=0, atol=0)
+    from adapterhub.runtime import attach  # the runtime applies every form, flat ones as conv LoRA
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    rt = attach(copy.deepcopy(net))
+    rt.load(weights, name=algo)
+    rt.activate(algo)
+    with torch.no_grad():
+        torch.testing.assert_close(rt.model(x), pm(x), rtol=1e-4, atol=1e-5)
+    rt.detach()
 
 
 # ------------------------------------------------------------------------------------ wild configs

@@ -152,25 +152,41 @@ def on_device_module(m: Any, on_device: dict[int, torch.Tensor]) -> Any:
 
 
 def resolve_live(model: Any, weights: LoraWeights, *, merged: bool) -> LoraWeights:
-    """``weights`` with every KaSA module made base-independent from the live model's own weight
-    (`adapterhub.ops.resolve_with`: its update on that weight, as exact LoRA factors); the same object
-    when no module needs the base. The weights must be the base's own: refused while a merge is in."""
-    if not weights.needs_base:
-        return weights
+    """``weights`` as the live model can apply them: every KaSA module made base-independent from the
+    model's own weight (`adapterhub.ops.resolve_with`: its update on that weight, as exact LoRA factors),
+    and every LoHa / LoKr update stored flat for a conv weight viewed as the conv LoRA it equals
+    (`adapterhub.lora.conv_view`); the same object when neither applies. KaSA needs the base's own
+    weights: refused while a merge is in."""
+    from dataclasses import replace
+
     import torch
 
     from ..errors import IncompatibleAdapterError
+    from ..lora import conv_view, flat_conv_fits
     from ..ops import resolve_with
     from ..ops.keymap import map_keys
     from ._layers import layer_kind
 
+    if not weights.needs_base and all(m.variant == "lora" for m in weights.modules.values()):
+        return weights  # plain LoRA (the common case): nothing to resolve or view
+    params = dict(model.named_parameters())
+    match = map_keys(list(weights.modules), params)
+    flat = {
+        k: conv_view(m, tuple(params[match.mapping[k]].shape))
+        for k, m in weights.modules.items()
+        if k in match.mapping
+        and params[match.mapping[k]].dim() > 2
+        and flat_conv_fits(m, tuple(params[match.mapping[k]].shape))
+    }
+    if flat:
+        weights = replace(weights, modules={**weights.modules, **flat})
+    if not weights.needs_base:
+        return weights
     if merged:
         raise InvalidOptionError("a KaSA adapter is resolved from the base weights: call rt.unmerge() first")
-    params = dict(model.named_parameters())
     keys = [k for k, m in weights.modules.items() if m.needs_base]
-    match = map_keys(keys, params)
-    if not match.ok:
-        missing = next((k for k in keys if k not in match.mapping), keys[0])
+    missing = next((k for k in keys if k not in match.mapping), None)
+    if missing is not None:
         raise IncompatibleAdapterError(f"KaSA module {missing} matches no weight of this model")
 
     def weight_of(key: str) -> torch.Tensor:
