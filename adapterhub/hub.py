@@ -451,8 +451,9 @@ class Hub:
             nproc=nproc, log_every=log_every, on_step=on_step, on_log=on_log, on_plan=on_plan, **options,
         )  # fmt: skip
 
-    def plan_training(self, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None,
-                      **options: Any) -> MemoryPlan:  # fmt: skip
+    def plan_training(
+        self, base: str | os.PathLike[str], *, nproc: int = 1, device: str | None = None, **options: Any
+    ) -> MemoryPlan:
         """The memory plan of a `train` run with these options, from the base's config alone."""
         from .services.training import plan
 

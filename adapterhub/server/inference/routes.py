@@ -195,8 +195,11 @@ async def _generate(request: Request, endpoint: str, chat: bool) -> Response:
     out = _Out(svc, req, chat, prompts, n, "chatcmpl-" if chat else "cmpl-")
     out.tool_mode = grammar is not None and _forced_tool(req)
     if req.stream:
-        return StreamingResponse(_stream(jobs, feed, out), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        return StreamingResponse(
+            _stream(jobs, feed, out),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     dones: dict[int, dict[str, Any]] = {}
     try:
         while len(dones) < len(jobs):
@@ -534,8 +537,11 @@ async def embeddings(request: Request) -> Response:
     elif texts and not isinstance(texts[0], str):
         ids = [texts] if isinstance(texts[0], int) else texts
         if any(i >= svc.vocab for row in ids for i in row):
-            return refuse(svc, "embeddings", Refusal(400, f"a token id is out of the vocabulary (size {svc.vocab})",
-                                                     param="input"))  # fmt: skip
+            return refuse(
+                svc,
+                "embeddings",
+                Refusal(400, f"a token id is out of the vocabulary (size {svc.vocab})", param="input"),
+            )
         texts = [svc.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     if sum(len(t) for t in texts) > svc.max_chars * 8:
         return refuse(svc, "embeddings", _too_long(svc, "input"))
@@ -549,10 +555,13 @@ async def embeddings(request: Request) -> Response:
     svc.metrics.request("embeddings", 200)
     svc.metrics.tokens_in += tokens
     data = [
-        {"object": "embedding", "index": i,
-         "embedding": v if fmt == "float" else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": v if fmt == "float" else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode(),
+        }
         for i, v in enumerate(vectors)
-    ]  # fmt: skip
+    ]
     return JSONResponse({"object": "list", "data": data, "model": req.model,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
