@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..errors import InvalidOptionError
+from ..store import pid_alive
 
 if TYPE_CHECKING:
     from ..catalog.library import Library
@@ -65,16 +66,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _started(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, from /proc), to tell a reused pid apart."""
     try:
@@ -90,7 +81,7 @@ def _owner_alive(owner: dict[str, Any]) -> bool:
     pid, host = owner.get("pid"), owner.get("host")
     if not isinstance(pid, int) or host != socket.gethostname():
         return True  # another host (or an unreadable lock): its owner cannot be proved dead
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     started = owner.get("started")
     return started is None or _started(pid) in (None, started)
@@ -200,7 +191,7 @@ class RunFolder:
             return
         for p in self.path.iterdir():
             pid = p.name.rsplit(".", 1)[-1]
-            if p.name.startswith(".") and pid.isdigit() and not _alive(int(pid)):
+            if p.name.startswith(".") and pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def save(
