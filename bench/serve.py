@@ -220,6 +220,9 @@ def main() -> None:
         action="store_true",
         help="also run the batch-invariant mode (each request alone) and print its cost against batching",
     )
+    ap.add_argument(
+        "--quantize", choices=("nf4",), help="an NF4 base (bitsandbytes, as bench/train_qlora.py builds it)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from adapterhub.runtime import attach
@@ -231,6 +234,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     counts = [int(c) for c in args.adapters.split(",")]
     model, tok = make_model(PRESETS[args.preset], args.device, dtype)
+    if args.quantize:
+        from train_qlora import to_nf4
+
+        to_nf4(model, args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     t = time.perf_counter()
     folders = write_adapters(model, tmp, max(counts), args.rank)
