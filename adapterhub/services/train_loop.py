@@ -205,10 +205,11 @@ class Loop:
         """The model's loss on ``rows`` summed over their tokens and divided by ``count``."""
         import torch
 
+        from ..runtime.loss import causal_lm_loss
+
         dev = self.device.split(":")[0]
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(**self._tensors(rows, source), num_items_in_batch=torch.tensor(count))
-        return out.loss
+            return causal_lm_loss(self.model, **self._tensors(rows, source), num_items=torch.tensor(count))
 
     def _all_reduce(self, tensors: list[Any]) -> None:
         if self.world == 1:
