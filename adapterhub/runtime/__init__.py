@@ -23,12 +23,14 @@ Needs torch (and transformers only for GPT-2 ``Conv1D`` layers); no database, no
 from __future__ import annotations
 
 from ._plan import content_sha256, model_layout
+from ._residency import Residency
 from .runtime import AdapterSpec, ResidentAdapter, Runtime, attach
 from .table import RowTable
 from .train import TrainableAdapter
 
 __all__ = [
     "AdapterSpec",
+    "Residency",
     "ResidentAdapter",
     "RowTable",
     "Runtime",

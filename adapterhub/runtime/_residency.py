@@ -85,6 +85,10 @@ class Residency:
     def content(self, name: str) -> Content:
         return self.contents[self.names[name]]
 
+    def names_of(self, key: str) -> list[str]:
+        """The names bound to content ``key``, in load order (unloading them all frees its slot)."""
+        return [n for n, k in self.names.items() if k == key]
+
     def by_slot(self) -> dict[int, Content]:
         return {c.slot: c for c in self.contents.values()}
 

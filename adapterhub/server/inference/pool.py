@@ -7,6 +7,11 @@ stays resident only while requests that started with it run, then ages out of th
 (parsed into `LoraWeights`) on a worker thread, so a cold adapter never stalls the decode steps of the
 others; the scheduler thread then places the factors with ``rt.load(weights, name=sha256)``.
 
+What is resident, its bytes, the LRU order and the budget are the runtime's own `Residency`
+(``rt.residency``): the pool keeps no second copy. A request that starts marks its contents used
+(`Residency.touch`), as every selection the runtime makes does; to fit a new content the pool unloads
+what `Residency.victims` names, never a content a running request has pinned.
+
 Private adapters: a cataloged adapter tagged ``private`` is listed and served only to a token that may
 read it (`adapterhub.server.privacy`, the rule the web pages follow too).
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +33,7 @@ from .metrics import Metrics
 
 if TYPE_CHECKING:
     from ...lora import LoraWeights
-    from ...runtime import Runtime
+    from ...runtime import Residency, Runtime
     from ..records import TokenInfo
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,8 @@ def entry_of(info: Any) -> Entry:
 
 
 class AdapterPool:
-    """Resolution, fit checks (cached per content) and the resident LRU of one runtime."""
+    """Resolution, fit checks (cached per content), background reads, and eviction from the runtime's
+    `Residency` (its LRU order and byte budget; ``budget`` here is ``runtime.residency.budget``)."""
 
     def __init__(
         self,
@@ -81,7 +87,8 @@ class AdapterPool:
         self.factor_bytes = factor_bytes
         self.runtime = runtime
         self.base = base
-        self.budget = budget
+        self.residency: Residency = runtime.residency
+        self.residency.budget = budget
         self.metrics = metrics
         self.wake: Any = lambda: None
         self._lock = threading.Lock()
@@ -92,9 +99,17 @@ class AdapterPool:
         self._reads: dict[str, Future[tuple[LoraWeights, float]]] = {}
         self._read: dict[str, tuple[LoraWeights, float]] = {}  # read, waiting for room
         self._problems: dict[str, AdapterHubError] = {}
-        self._lru: OrderedDict[str, int] = OrderedDict()  # sha256 -> resident bytes, oldest first
-        self._pins: Counter[str] = Counter()
+        self._pins: Counter[str] = Counter()  # sha256 -> running requests using it (never evicted)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapterhub-adapter-read")
+
+    @property
+    def budget(self) -> int | None:
+        """Bytes of adapter memory (None: no limit): the runtime's ``residency.budget``."""
+        return self.residency.budget
+
+    def resident(self, sha: str) -> bool:
+        """Whether content ``sha`` is resident under its own name (what a request's spec names)."""
+        return sha in self.residency.names
 
     # ------------------------------------------------------------------ request side (any thread)
 
@@ -151,7 +166,7 @@ class AdapterPool:
             self._start_read(entry.sha256)
 
     def _start_read(self, sha: str) -> None:  # under the lock
-        if sha in self._lru or sha in self._reads or sha in self._read:
+        if self.resident(sha) or sha in self._reads or sha in self._read:
             return
         name = next(iter(self._asked[sha]))
         fut = self._executor.submit(self._read_files, name, sha)
@@ -175,17 +190,18 @@ class AdapterPool:
 
     def ready(self, shas: tuple[str, ...]) -> bool:
         with self._lock:
-            missing = [s for s in shas if s not in self._lru]
+            missing = [s for s in shas if not self.resident(s)]
             for s in missing:
                 if s in self._asked:
                     self._start_read(s)
         return not missing
 
     def pin(self, shas: tuple[str, ...]) -> None:
+        """A request starts with ``shas``: never evicted until `unpin`, and marked just used."""
         with self._lock:
             for s in shas:
                 self._pins[s] += 1
-                self._lru.move_to_end(s)
+        self.residency.touch(shas)
 
     def unpin(self, shas: tuple[str, ...]) -> None:
         with self._lock:
@@ -226,14 +242,13 @@ class AdapterPool:
             close_rows()
             started = time.perf_counter()
             try:
-                r = self.runtime.load(weights, name=sha, sha256=sha)
+                self.runtime.load(weights, name=sha, sha256=sha)
             except AdapterHubError as exc:
                 self._refuse(sha, exc)
                 continue
             place_s = time.perf_counter() - started
             with self._lock:
                 self._read.pop(sha, None)
-                self._lru[sha] = r.bytes
             self.metrics.adapter_loaded(read_s + place_s)
             logger.info(
                 "adapter %s (%s) resident in %.1f ms",
@@ -246,13 +261,10 @@ class AdapterPool:
     def evict(self, sha: str, close_rows: Any) -> bool:
         """On the scheduler thread: drop ``sha``'s content from memory unless a running request uses it."""
         with self._lock:
-            if sha not in self._lru or self._pins.get(sha):
+            if sha not in self.residency.contents or self._pins.get(sha):
                 return False
         close_rows()
-        self.runtime.unload(sha)
-        with self._lock:
-            self._lru.pop(sha, None)
-        self.metrics.evictions += 1
+        self._unload(sha)
         self._publish()
         return True
 
@@ -262,23 +274,31 @@ class AdapterPool:
             self._problems[sha] = exc
 
     def _make_room(self, need: int, close_rows: Any) -> bool:
-        if self.budget is None:
-            return True
-        while sum(self._lru.values()) + need > self.budget:
-            victim = next((s for s in self._lru if not self._pins.get(s)), None)
-            if victim is None:
-                return False
+        """Unload what the residency names (least recently used first, none pinned) so that ``need`` more
+        bytes fit its budget; False (nothing unloaded) when they cannot fit while the pins hold."""
+        with self._lock:
+            pinned = set(self._pins)
+        victims = self.residency.victims(need, pinned)
+        if victims is None:
+            return False
+        if victims:
             close_rows()
-            self.runtime.unload(victim)
-            with self._lock:
-                self._lru.pop(victim)
-            self.metrics.evictions += 1
+        for sha in victims:
+            self._unload(sha)
         return True
 
+    def _unload(self, sha: str) -> None:
+        """Drop content ``sha`` from the runtime (every name bound to it) and count the eviction."""
+        for name in self.residency.names_of(sha):
+            self.runtime.unload(name)
+        self.metrics.evictions += 1
+
     def _publish(self) -> None:
+        contents = self.residency.contents
+        resident = {s: contents[s].bytes for s in self.residency.lru()}
         with self._lock:
             self.metrics.resident = {
-                s: (tuple(self._asked.get(s, {}).values()), b) for s, b in self._lru.items()
+                s: (tuple(self._asked.get(s, {}).values()), b) for s, b in resident.items()
             }
 
     def visible_resident(self, token: TokenInfo | None) -> dict[str, str]:
