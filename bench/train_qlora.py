@@ -12,7 +12,8 @@ seven projections of every layer; batch 4 x 512 random tokens (labels = inputs);
 (non-reentrant) on; AdamW (lr 1e-4) over the factors, clipping at 1.0. Cases:
 
 - ``adapterhub``: ``attach(model).create(...)``: fp32 factors, the low-rank term in bf16 (the runtime's own
-  autograd function), its training step as `adapterhub.runtime.train` runs it;
+  autograd function), the loss as adapterhub's training loop takes it (`adapterhub.runtime.loss`: label
+  positions only, the head in checkpointed chunks, so the batch's fp32 logits are never whole);
 - ``peft``: ``get_peft_model`` (fp32 factors) stepped by the same loop under ``torch.autocast(bf16)``;
 - ``peft+Trainer``: ``get_peft_model`` under ``transformers.Trainer`` (``bf16=True``, ``adamw_torch``,
   ``max_grad_norm=1.0``, the model's own gradient checkpointing), how PEFT is usually trained.
@@ -158,6 +159,7 @@ def run_case(who: str, quant: str, shape_name: str, steps: int, device: str) -> 
     else:
         if who == "adapterhub":
             from adapterhub.runtime import attach
+            from adapterhub.runtime.loss import causal_lm_loss
 
             ad = attach(model).create("bench", rank=16, alpha=32, targets=PROJ, seed=0)
             params = list(ad.parameters())
@@ -173,7 +175,10 @@ def run_case(who: str, quant: str, shape_name: str, steps: int, device: str) -> 
             _sync(device)
             t = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=batch, labels=batch).loss
+                if who == "adapterhub":  # the loss as adapterhub's training loop computes it
+                    loss = causal_lm_loss(model, batch, batch)
+                else:
+                    loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
