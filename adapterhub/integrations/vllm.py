@@ -53,7 +53,9 @@ __all__ = [
     "RESOLVER_NAME",
     "PullBudget",
     "ResolvedAdapter",
+    "FreshLoras",
     "default_cache",
+    "locate_adapter",
     "parse_model",
     "register",
     "resolve_adapter",
@@ -147,6 +149,27 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapterhub" / "vllm"
 
 
+def locate_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> ResolvedAdapter | None:
+    """Where `resolve_adapter` would put ``model`` as the catalog stands now, with nothing written or
+    pulled: None when the catalog holds no such adapter for vLLM (not at that revision, or private)."""
+    name, rev = parse_model(model)
+    if not name or not hub.library.exists(name):
+        return None
+    return _located(hub, name, rev, cache)
+
+
+def _located(hub: Hub, name: str, rev: str | None, cache: Path | None) -> ResolvedAdapter | None:
+    info = hub.adapter_info(name)
+    if is_private(info.tags) and not _on("ADAPTERHUB_VLLM_ALLOW_PRIVATE"):
+        log.warning("%s is tagged private and is not handed to vLLM (ADAPTERHUB_VLLM_ALLOW_PRIVATE=1)", name)
+        return None
+    if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
+        return None
+    key = _key(info.files or ())
+    folder = (cache or default_cache()) / key[:2] / key
+    return ResolvedAdapter(name, info.sha256, key, folder, int(key[:7], 16) + 1)
+
+
 def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> ResolvedAdapter | None:
     """The PEFT folder for ``model`` (``NAME`` or ``NAME@REVISION``), or None when the catalog has no
     such adapter (or not at that revision, or vLLM would refuse it)."""
@@ -160,15 +183,10 @@ def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> Resol
         if pulled is None:
             return None
         name, rev = pulled, None
-    info = hub.adapter_info(name)
-    if is_private(info.tags) and not _on("ADAPTERHUB_VLLM_ALLOW_PRIVATE"):
-        log.warning("%s is tagged private and is not handed to vLLM (ADAPTERHUB_VLLM_ALLOW_PRIVATE=1)", name)
+    resolved = _located(hub, name, rev, cache)
+    if resolved is None:
         return None
-    if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
-        return None
-    key = _key(info.files or ())
-    folder = (cache or default_cache()) / key[:2] / key
-    resolved = ResolvedAdapter(name, info.sha256, key, folder, int(key[:7], 16) + 1)
+    folder = resolved.path
     if _manifest_ok(folder):
         return resolved
     report = hub.validate(name, for_="vllm", scan_values=False)
@@ -254,6 +272,29 @@ def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
     return name
 
 
+class FreshLoras(dict[str, Any]):
+    """vLLM's table of loaded adapters by name (``OpenAIServingModels.lora_requests``), made to forget a
+    name the resolver handed over once the catalog holds other content (or nothing) under it: vLLM
+    answers a name it holds without asking a resolver again, so without this a reused name would be
+    served stale. Entries vLLM loaded itself (``--lora-modules``, ``/v1/load_lora_adapter``) are kept."""
+
+    def __init__(self, loaded: dict[str, Any], is_current: Any) -> None:
+        super().__init__(loaded)
+        self.is_current = is_current  # (lora_name, lora_path) -> True / False / None (not ours)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        entry = dict.get(self, name)
+        if entry is None:
+            return False
+        if self.is_current(name, getattr(entry, "lora_path", None)) is False:
+            dict.pop(self, name, None)
+            log.info("%s changed in the catalog: vLLM loads it again", name)
+            return False
+        return True
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: register the ``adapterhub`` LoRA resolver."""
     import asyncio
@@ -266,11 +307,54 @@ def register() -> None:
     class AdapterhubResolver(LoRAResolver):
         def __init__(self) -> None:
             self.hub = Hub()
+            self.handed: dict[str, str] = {}  # lora_name -> the folder handed over for it
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             found = await asyncio.to_thread(resolve_adapter, self.hub, lora_name)
             if found is None:
                 return None
+            self.handed[lora_name] = str(found.path)
             return LoRARequest(lora_name=lora_name, lora_int_id=found.lora_int_id, lora_path=str(found.path))
 
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, AdapterhubResolver())
+        def is_current(self, lora_name: str, lora_path: str | None) -> bool | None:
+            """Whether the folder vLLM holds under ``lora_name`` is still what the catalog says; None for
+            what this resolver did not hand over, and for a pulled ``owner/repo`` (kept at its commit)."""
+            if lora_path is None or self.handed.get(lora_name) != lora_path:
+                return None
+            name, _ = parse_model(lora_name)
+            if "/" in name and not self.hub.library.exists(name):
+                return None
+            try:
+                now = locate_adapter(self.hub, lora_name)
+            except Exception as exc:  # the catalog cannot say: load it again (and answer what that gives)
+                log.warning("%s could not be checked against the catalog: %s", lora_name, exc)
+                now = None
+            return now is not None and str(now.path) == lora_path
+
+    resolver = AdapterhubResolver()
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
+    _keep_loaded_names_fresh(resolver.is_current)
+
+
+def _keep_loaded_names_fresh(is_current: Any) -> None:
+    """Make each of vLLM's adapter tables a `FreshLoras`: vLLM has no hook for it, so its
+    ``OpenAIServingModels`` is wrapped where it has the table this was tested with (vLLM 0.32)."""
+    try:
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    except ImportError:
+        log.warning("this vLLM has no OpenAIServingModels: a reused adapter name may be served stale")
+        return
+    init = OpenAIServingModels.__init__
+    if getattr(init, "_adapterhub", False):
+        return
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        table = getattr(self, "lora_requests", None)
+        if isinstance(table, dict):
+            self.lora_requests = FreshLoras(table, is_current)
+        else:
+            log.warning("this vLLM keeps no lora_requests table: a reused adapter name may be served stale")
+
+    __init__._adapterhub = True  # type: ignore[attr-defined]
+    OpenAIServingModels.__init__ = __init__
