@@ -20,6 +20,10 @@ vLLM finds the plugin through the ``vllm.general_plugins`` entry point (`registe
   ``ADAPTERHUB_VLLM_MAX_PULLS`` (default 64) adapters are pulled per process;
 - the folder is content-addressed (``CACHE/ab/<key>/``, CACHE being `default_cache`, the key a sha256 over the adapter's stored files),
   so a name reused for other content gets another folder and a new ``lora_int_id``: never a stale one;
+- vLLM answers a name it has loaded without asking a resolver again, so `register` makes its table of
+  loaded adapters a `FreshLoras`: each request naming an adapter this resolver handed over checks it
+  against the catalog (`HandedOver.is_current`) and a changed, removed or now private one is resolved
+  again (tested against vLLM 0.32 in tests/test_vllm_real.py);
 - the folder is written through a scratch folder and renamed into place when complete, with a manifest
   of its files' sha256, checked again each time it is handed over;
 - ``validate --for vllm`` runs first: an adapter vLLM would refuse (DoRA, bias, ``modules_to_save``) is
@@ -54,6 +58,7 @@ __all__ = [
     "PullBudget",
     "ResolvedAdapter",
     "FreshLoras",
+    "HandedOver",
     "default_cache",
     "locate_adapter",
     "parse_model",
@@ -272,6 +277,34 @@ def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
     return name
 
 
+class HandedOver:
+    """The folders the resolver handed to vLLM, by the name vLLM knows each under, and whether each is
+    still what the catalog holds under that name (`FreshLoras` asks on every request naming it)."""
+
+    def __init__(self, hub: Hub, cache: Path | None = None) -> None:
+        self.hub, self.cache = hub, cache
+        self._handed: dict[str, str] = {}
+
+    def record(self, lora_name: str, path: Path) -> None:
+        self._handed[lora_name] = str(path)
+
+    def is_current(self, lora_name: str, lora_path: str | None) -> bool | None:
+        """True while ``lora_path`` is what ``lora_name`` resolves to now; False once the catalog holds other
+        content under it, none, or only a private one; None for what was not handed over here, and for a
+        pulled ``owner/repo`` (kept at the commit it was pulled at: name ``owner/repo@COMMIT`` to move)."""
+        if lora_path is None or self._handed.get(lora_name) != lora_path:
+            return None
+        name, _ = parse_model(lora_name)
+        try:
+            if "/" in name and not self.hub.library.exists(name):
+                return None
+            now = locate_adapter(self.hub, lora_name, cache=self.cache)
+        except Exception as exc:  # the catalog cannot say: vLLM asks the resolver again
+            log.warning("%s could not be checked against the catalog: %s", lora_name, exc)
+            return False
+        return now is not None and str(now.path) == lora_path
+
+
 class FreshLoras(dict[str, Any]):
     """vLLM's table of loaded adapters by name (``OpenAIServingModels.lora_requests``), made to forget a
     name the resolver handed over once the catalog holds other content (or nothing) under it: vLLM
@@ -306,34 +339,18 @@ def register() -> None:
 
     class AdapterhubResolver(LoRAResolver):
         def __init__(self) -> None:
-            self.hub = Hub()
-            self.handed: dict[str, str] = {}  # lora_name -> the folder handed over for it
+            self.handed = HandedOver(Hub())
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-            found = await asyncio.to_thread(resolve_adapter, self.hub, lora_name)
+            found = await asyncio.to_thread(resolve_adapter, self.handed.hub, lora_name)
             if found is None:
                 return None
-            self.handed[lora_name] = str(found.path)
+            self.handed.record(lora_name, found.path)
             return LoRARequest(lora_name=lora_name, lora_int_id=found.lora_int_id, lora_path=str(found.path))
-
-        def is_current(self, lora_name: str, lora_path: str | None) -> bool | None:
-            """Whether the folder vLLM holds under ``lora_name`` is still what the catalog says; None for
-            what this resolver did not hand over, and for a pulled ``owner/repo`` (kept at its commit)."""
-            if lora_path is None or self.handed.get(lora_name) != lora_path:
-                return None
-            name, _ = parse_model(lora_name)
-            if "/" in name and not self.hub.library.exists(name):
-                return None
-            try:
-                now = locate_adapter(self.hub, lora_name)
-            except Exception as exc:  # the catalog cannot say: load it again (and answer what that gives)
-                log.warning("%s could not be checked against the catalog: %s", lora_name, exc)
-                now = None
-            return now is not None and str(now.path) == lora_path
 
     resolver = AdapterhubResolver()
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
-    _keep_loaded_names_fresh(resolver.is_current)
+    _keep_loaded_names_fresh(resolver.handed.is_current)
 
 
 def _keep_loaded_names_fresh(is_current: Any) -> None:
