@@ -246,7 +246,7 @@ def test_the_number_of_pulls_per_process_is_capped(
 
 
 def test_vllm_s_table_forgets_a_name_whose_catalog_content_changed(
-    tmp_path: Path, made: dict[str, Path]
+    tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`FreshLoras` as vLLM's ``lora_requests``: a name the resolver handed over stays while the catalog
     holds the same content, and is forgotten (so vLLM resolves it again) once it changes, goes or turns
@@ -255,6 +255,7 @@ def test_vllm_s_table_forgets_a_name_whose_catalog_content_changed(
 
     from adapterhub.integrations.vllm import FreshLoras, HandedOver
 
+    monkeypatch.setattr(vllm, "RECHECK_S", 0.0)  # read the catalog on every check
     cache = tmp_path / "cache"
     with Hub(tmp_path / "home") as hub:
         hub.add_adapter(made["a"], name="sql")
@@ -276,6 +277,9 @@ def test_vllm_s_table_forgets_a_name_whose_catalog_content_changed(
         table["sql"] = SimpleNamespace(lora_path=str(new.path))
         assert "sql" in table
 
+        monkeypatch.setattr(vllm, "RECHECK_S", 3600.0)  # within the window the last answer stands
         hub.tag_adapter("sql", ["private"])  # turned private after it was served
+        assert "sql" in table
+        monkeypatch.setattr(vllm, "RECHECK_S", 0.0)
         assert "sql" not in table
         assert "static" in table and len(table) == 1

@@ -21,9 +21,10 @@ vLLM finds the plugin through the ``vllm.general_plugins`` entry point (`registe
 - the folder is content-addressed (``CACHE/ab/<key>/``, CACHE being `default_cache`, the key a sha256 over the adapter's stored files),
   so a name reused for other content gets another folder and a new ``lora_int_id``: never a stale one;
 - vLLM answers a name it has loaded without asking a resolver again, so `register` makes its table of
-  loaded adapters a `FreshLoras`: each request naming an adapter this resolver handed over checks it
-  against the catalog (`HandedOver.is_current`) and a changed, removed or now private one is resolved
-  again (tested against vLLM 0.32 in tests/test_vllm_real.py);
+  loaded adapters a `FreshLoras`: a request naming an adapter this resolver handed over checks it
+  against the catalog (`HandedOver.is_current`, at most once per `RECHECK_S` = 0.5 s per name) and a
+  changed, removed or now private one is resolved again (tested against vLLM 0.32 in
+  tests/test_vllm_real.py);
 - the folder is written through a scratch folder and renamed into place when complete, with a manifest
   of its files' sha256, checked again each time it is handed over;
 - ``validate --for vllm`` runs first: an adapter vLLM would refuse (DoRA, bias, ``modules_to_save``) is
@@ -40,6 +41,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PULLS",
+    "RECHECK_S",
     "RESOLVER_NAME",
     "PullBudget",
     "ResolvedAdapter",
@@ -73,6 +76,8 @@ RESOLVER_NAME = "adapterhub"
 MANIFEST = ".adapterhub-files.json"
 MIN_REVISION = 8
 DEFAULT_MAX_PULLS = 64
+#: seconds a name vLLM holds is taken as current after the catalog said so (the check costs a catalog read)
+RECHECK_S = 0.5
 REVISION_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,200}$")  # a branch, tag or commit: nothing to forge a log line
 
 
@@ -279,14 +284,18 @@ def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
 
 class HandedOver:
     """The folders the resolver handed to vLLM, by the name vLLM knows each under, and whether each is
-    still what the catalog holds under that name (`FreshLoras` asks on every request naming it)."""
+    still what the catalog holds under that name (`FreshLoras` asks on every request naming it; the
+    catalog is read at most once per `RECHECK_S` per name, so a change is seen by the requests that
+    start more than `RECHECK_S` after it)."""
 
     def __init__(self, hub: Hub, cache: Path | None = None) -> None:
         self.hub, self.cache = hub, cache
         self._handed: dict[str, str] = {}
+        self._checked: dict[str, float] = {}  # lora_name -> when the catalog last said it is current
 
     def record(self, lora_name: str, path: Path) -> None:
         self._handed[lora_name] = str(path)
+        self._checked[lora_name] = time.monotonic()
 
     def is_current(self, lora_name: str, lora_path: str | None) -> bool | None:
         """True while ``lora_path`` is what ``lora_name`` resolves to now; False once the catalog holds other
@@ -294,6 +303,8 @@ class HandedOver:
         pulled ``owner/repo`` (kept at the commit it was pulled at: name ``owner/repo@COMMIT`` to move)."""
         if lora_path is None or self._handed.get(lora_name) != lora_path:
             return None
+        if time.monotonic() - self._checked.get(lora_name, -RECHECK_S) < RECHECK_S:
+            return True
         name, _ = parse_model(lora_name)
         try:
             if "/" in name and not self.hub.library.exists(name):
@@ -301,8 +312,12 @@ class HandedOver:
             now = locate_adapter(self.hub, lora_name, cache=self.cache)
         except Exception as exc:  # the catalog cannot say: vLLM asks the resolver again
             log.warning("%s could not be checked against the catalog: %s", lora_name, exc)
+            now = None
+        if now is None or str(now.path) != lora_path:
+            self._handed.pop(lora_name, None)
             return False
-        return now is not None and str(now.path) == lora_path
+        self._checked[lora_name] = time.monotonic()
+        return True
 
 
 class FreshLoras(dict[str, Any]):
