@@ -278,6 +278,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "2",
         "--max-cpu-loras",
         "4",
+        "--lora-modules",
+        "at-start=alice/hf-lora",  # a repo id, downloaded by vLLM from HF_ENDPOINT as it starts
     ]
     t0 = time.monotonic()
     with open(log, "wb") as out:
@@ -402,8 +404,9 @@ def test_owner_repo_is_pulled_from_adapterhub_serve(fleet: Fleet) -> None:
 
 
 def test_vllm_s_own_hub_loading_works_against_adapterhub_serve(fleet: Fleet) -> None:
-    """With ``HF_ENDPOINT`` pointed at ``adapterhub serve``: vLLM's ``/v1/load_lora_adapter`` takes a repo
-    id (vLLM downloads it with huggingface_hub), and vLLM's own Hub resolver (``lora_hf_hub_resolver``,
+    """With ``HF_ENDPOINT`` pointed at ``adapterhub serve``: vLLM's ``/v1/load_lora_adapter`` and
+    ``--lora-modules NAME=REPO`` take a repo id (vLLM downloads it with huggingface_hub), and vLLM's own
+    Hub resolver (``lora_hf_hub_resolver``,
     ``VLLM_LORA_RESOLVER_HF_REPO_LIST``) serves ``model: "alice/hf-lora"``."""
     want = greedy(fleet.base, fleet.hf_lora, fleet.prompt_ids)
     status, body = fleet.post(
@@ -412,6 +415,7 @@ def test_vllm_s_own_hub_loading_works_against_adapterhub_serve(fleet: Fleet) -> 
     assert status == 200, body
     assert fleet.complete("by-repo-id") == want
     assert fleet.complete("alice/hf-lora") == want
+    assert fleet.complete("at-start") == want  # --lora-modules NAME=REPO
     for _ in range(10):  # latency: an adapter vLLM loaded itself against one the plugin handed over
         fleet.complete("by-repo-id")
         fleet.complete("early")
