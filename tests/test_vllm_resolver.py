@@ -243,3 +243,43 @@ def test_the_number_of_pulls_per_process_is_capped(
         assert resolve_adapter(fleet, "alice/many-2", cache=cache) is None  # over the cap
         assert [i.name for i in fleet.list_adapters()] == [first.name]
         assert resolve_adapter(fleet, "alice/many-1", cache=cache) == first  # cataloged already: no new pull
+
+
+def test_vllm_s_table_forgets_a_name_whose_catalog_content_changed(
+    tmp_path: Path, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`FreshLoras` as vLLM's ``lora_requests``: a name the resolver handed over stays while the catalog
+    holds the same content, and is forgotten (so vLLM resolves it again) once it changes, goes or turns
+    private; entries vLLM loaded itself are left alone."""
+    from types import SimpleNamespace
+
+    from adapterhub.integrations.vllm import FreshLoras, HandedOver
+
+    monkeypatch.setattr(vllm, "RECHECK_S", 0.0)  # read the catalog on every check
+    cache = tmp_path / "cache"
+    with Hub(tmp_path / "home") as hub:
+        hub.add_adapter(made["a"], name="sql")
+        handed = HandedOver(hub, cache)
+        got = resolve_adapter(hub, "sql", cache=cache)
+        assert got is not None
+        handed.record("sql", got.path)
+        table = FreshLoras({}, handed.is_current)
+        table["sql"] = SimpleNamespace(lora_path=str(got.path))
+        table["static"] = SimpleNamespace(lora_path=str(made["b"]))  # --lora-modules: not ours
+        assert "sql" in table and "sql" in table and "static" in table and "nosuch" not in table
+
+        hub.remove_adapter("sql")
+        hub.add_adapter(made["b"], name="sql")  # the name reused for other content
+        assert "sql" not in table and "sql" not in dict(table)
+        new = resolve_adapter(hub, "sql", cache=cache)
+        assert new is not None and new.path != got.path
+        handed.record("sql", new.path)
+        table["sql"] = SimpleNamespace(lora_path=str(new.path))
+        assert "sql" in table
+
+        monkeypatch.setattr(vllm, "RECHECK_S", 3600.0)  # within the window the last answer stands
+        hub.tag_adapter("sql", ["private"])  # turned private after it was served
+        assert "sql" in table
+        monkeypatch.setattr(vllm, "RECHECK_S", 0.0)
+        assert "sql" not in table
+        assert "static" in table and len(table) == 1

@@ -20,6 +20,11 @@ vLLM finds the plugin through the ``vllm.general_plugins`` entry point (`registe
   ``ADAPTERHUB_VLLM_MAX_PULLS`` (default 64) adapters are pulled per process;
 - the folder is content-addressed (``CACHE/ab/<key>/``, CACHE being `default_cache`, the key a sha256 over the adapter's stored files),
   so a name reused for other content gets another folder and a new ``lora_int_id``: never a stale one;
+- vLLM answers a name it has loaded without asking a resolver again, so `register` makes its table of
+  loaded adapters a `FreshLoras`: a request naming an adapter this resolver handed over checks it
+  against the catalog (`HandedOver.is_current`, at most once per `RECHECK_S` = 0.5 s per name) and a
+  changed, removed or now private one is resolved again (tested against vLLM 0.32 in
+  tests/test_vllm_real.py);
 - the folder is written through a scratch folder and renamed into place when complete, with a manifest
   of its files' sha256, checked again each time it is handed over;
 - ``validate --for vllm`` runs first: an adapter vLLM would refuse (DoRA, bias, ``modules_to_save``) is
@@ -36,6 +41,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,10 +56,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PULLS",
+    "RECHECK_S",
     "RESOLVER_NAME",
     "PullBudget",
     "ResolvedAdapter",
+    "FreshLoras",
+    "HandedOver",
     "default_cache",
+    "locate_adapter",
     "parse_model",
     "register",
     "resolve_adapter",
@@ -66,6 +76,8 @@ RESOLVER_NAME = "adapterhub"
 MANIFEST = ".adapterhub-files.json"
 MIN_REVISION = 8
 DEFAULT_MAX_PULLS = 64
+#: seconds a name vLLM holds is taken as current after the catalog said so (the check costs a catalog read)
+RECHECK_S = 0.5
 REVISION_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,200}$")  # a branch, tag or commit: nothing to forge a log line
 
 
@@ -147,6 +159,27 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapterhub" / "vllm"
 
 
+def locate_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> ResolvedAdapter | None:
+    """Where `resolve_adapter` would put ``model`` as the catalog stands now, with nothing written or
+    pulled: None when the catalog holds no such adapter for vLLM (not at that revision, or private)."""
+    name, rev = parse_model(model)
+    if not name or not hub.library.exists(name):
+        return None
+    return _located(hub, name, rev, cache)
+
+
+def _located(hub: Hub, name: str, rev: str | None, cache: Path | None) -> ResolvedAdapter | None:
+    info = hub.adapter_info(name)
+    if is_private(info.tags) and not _on("ADAPTERHUB_VLLM_ALLOW_PRIVATE"):
+        log.warning("%s is tagged private and is not handed to vLLM (ADAPTERHUB_VLLM_ALLOW_PRIVATE=1)", name)
+        return None
+    if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
+        return None
+    key = _key(info.files or ())
+    folder = (cache or default_cache()) / key[:2] / key
+    return ResolvedAdapter(name, info.sha256, key, folder, int(key[:7], 16) + 1)
+
+
 def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> ResolvedAdapter | None:
     """The PEFT folder for ``model`` (``NAME`` or ``NAME@REVISION``), or None when the catalog has no
     such adapter (or not at that revision, or vLLM would refuse it)."""
@@ -160,15 +193,10 @@ def resolve_adapter(hub: Hub, model: str, *, cache: Path | None = None) -> Resol
         if pulled is None:
             return None
         name, rev = pulled, None
-    info = hub.adapter_info(name)
-    if is_private(info.tags) and not _on("ADAPTERHUB_VLLM_ALLOW_PRIVATE"):
-        log.warning("%s is tagged private and is not handed to vLLM (ADAPTERHUB_VLLM_ALLOW_PRIVATE=1)", name)
+    resolved = _located(hub, name, rev, cache)
+    if resolved is None:
         return None
-    if rev is not None and (len(rev) < MIN_REVISION or not info.sha256.startswith(rev)):
-        return None
-    key = _key(info.files or ())
-    folder = (cache or default_cache()) / key[:2] / key
-    resolved = ResolvedAdapter(name, info.sha256, key, folder, int(key[:7], 16) + 1)
+    folder = resolved.path
     if _manifest_ok(folder):
         return resolved
     report = hub.validate(name, for_="vllm", scan_values=False)
@@ -254,6 +282,67 @@ def _pull(hub: Hub, repo_id: str, revision: str | None) -> str | None:
     return name
 
 
+class HandedOver:
+    """The folders the resolver handed to vLLM, by the name vLLM knows each under, and whether each is
+    still what the catalog holds under that name (`FreshLoras` asks on every request naming it; the
+    catalog is read at most once per `RECHECK_S` per name, so a change is seen by the requests that
+    start more than `RECHECK_S` after it)."""
+
+    def __init__(self, hub: Hub, cache: Path | None = None) -> None:
+        self.hub, self.cache = hub, cache
+        self._handed: dict[str, str] = {}
+        self._checked: dict[str, float] = {}  # lora_name -> when the catalog last said it is current
+
+    def record(self, lora_name: str, path: Path) -> None:
+        self._handed[lora_name] = str(path)
+        self._checked[lora_name] = time.monotonic()
+
+    def is_current(self, lora_name: str, lora_path: str | None) -> bool | None:
+        """True while ``lora_path`` is what ``lora_name`` resolves to now; False once the catalog holds other
+        content under it, none, or only a private one; None for what was not handed over here, and for a
+        pulled ``owner/repo`` (kept at the commit it was pulled at: name ``owner/repo@COMMIT`` to move)."""
+        if lora_path is None or self._handed.get(lora_name) != lora_path:
+            return None
+        if time.monotonic() - self._checked.get(lora_name, -RECHECK_S) < RECHECK_S:
+            return True
+        name, _ = parse_model(lora_name)
+        try:
+            if "/" in name and not self.hub.library.exists(name):
+                return None
+            now = locate_adapter(self.hub, lora_name, cache=self.cache)
+        except Exception as exc:  # the catalog cannot say: vLLM asks the resolver again
+            log.warning("%s could not be checked against the catalog: %s", lora_name, exc)
+            now = None
+        if now is None or str(now.path) != lora_path:
+            self._handed.pop(lora_name, None)
+            return False
+        self._checked[lora_name] = time.monotonic()
+        return True
+
+
+class FreshLoras(dict[str, Any]):
+    """vLLM's table of loaded adapters by name (``OpenAIServingModels.lora_requests``), made to forget a
+    name the resolver handed over once the catalog holds other content (or nothing) under it: vLLM
+    answers a name it holds without asking a resolver again, so without this a reused name would be
+    served stale. Entries vLLM loaded itself (``--lora-modules``, ``/v1/load_lora_adapter``) are kept."""
+
+    def __init__(self, loaded: dict[str, Any], is_current: Any) -> None:
+        super().__init__(loaded)
+        self.is_current = is_current  # (lora_name, lora_path) -> True / False / None (not ours)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        entry = dict.get(self, name)
+        if entry is None:
+            return False
+        if self.is_current(name, getattr(entry, "lora_path", None)) is False:
+            dict.pop(self, name, None)
+            log.info("%s changed in the catalog: vLLM loads it again", name)
+            return False
+        return True
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: register the ``adapterhub`` LoRA resolver."""
     import asyncio
@@ -265,12 +354,39 @@ def register() -> None:
 
     class AdapterhubResolver(LoRAResolver):
         def __init__(self) -> None:
-            self.hub = Hub()
+            self.handed = HandedOver(Hub())
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-            found = await asyncio.to_thread(resolve_adapter, self.hub, lora_name)
+            found = await asyncio.to_thread(resolve_adapter, self.handed.hub, lora_name)
             if found is None:
                 return None
+            self.handed.record(lora_name, found.path)
             return LoRARequest(lora_name=lora_name, lora_int_id=found.lora_int_id, lora_path=str(found.path))
 
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, AdapterhubResolver())
+    resolver = AdapterhubResolver()
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
+    _keep_loaded_names_fresh(resolver.handed.is_current)
+
+
+def _keep_loaded_names_fresh(is_current: Any) -> None:
+    """Make each of vLLM's adapter tables a `FreshLoras`: vLLM has no hook for it, so its
+    ``OpenAIServingModels`` is wrapped where it has the table this was tested with (vLLM 0.32)."""
+    try:
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    except ImportError:
+        log.warning("this vLLM has no OpenAIServingModels: a reused adapter name may be served stale")
+        return
+    init = OpenAIServingModels.__init__
+    if getattr(init, "_adapterhub", False):
+        return
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        table = getattr(self, "lora_requests", None)
+        if isinstance(table, dict):
+            self.lora_requests = FreshLoras(table, is_current)
+        else:
+            log.warning("this vLLM keeps no lora_requests table: a reused adapter name may be served stale")
+
+    __init__._adapterhub = True  # type: ignore[attr-defined]
+    OpenAIServingModels.__init__ = __init__
