@@ -11,6 +11,7 @@ ends the answer (finish reason ``stop``, or ``tool_calls``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from typing import Any
@@ -19,7 +20,18 @@ import torch
 
 from .refusal import Refusal
 
-__all__ = ["Grammars", "advance", "mask"]
+__all__ = [
+    "Grammars",
+    "advance",
+    "call_schema",
+    "lazy_tool_grammar",
+    "mask",
+    "response_schema",
+    "tool_schema",
+]
+
+#: JSON written compactly, as OpenAI's structured outputs are (llguidance's ``x-guidance`` options)
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class Grammars:
@@ -40,27 +52,35 @@ class Grammars:
                 self._ll = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=eos)
             return self._ll
 
-    def compile(self, schema: dict[str, Any], param: str) -> str | Refusal:
+    def compile(self, schema: dict[str, Any], param: str, lark: str | None = None) -> str | Refusal:
         """A grammar for JSON matching ``schema`` (written compactly, as OpenAI's structured outputs are,
-        unless the schema's own ``x-guidance`` says otherwise), or a 400 naming ``param``."""
-        try:
-            import llguidance
-        except ImportError:
+        unless the schema's own ``x-guidance`` says otherwise), or for the Lark grammar ``lark`` when given
+        (``schema`` is then only what it embeds); or a 400 naming ``param``."""
+        if not self.available():
             return Refusal(
                 400,
                 f"{param} needs llguidance on the server (pip install 'adapterhub[structured]')",
                 param=param,
                 code="unsupported_parameter",
             )
+        import llguidance
+
         try:
-            compact = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-            grammar = llguidance.LLMatcher.grammar_from_json_schema({"x-guidance": compact, **schema})
+            if lark is not None:
+                grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema({"x-guidance": COMPACT, **schema})
             ok, why = _valid(llguidance.LLMatcher.validate_grammar(grammar, self._lltok()))
         except Exception as exc:  # the schema is not one llguidance reads
             return Refusal(400, f"{param}: the JSON schema is not usable: {exc}", param=param)
         if not ok:
             return Refusal(400, f"{param}: the JSON schema is not usable: {why}", param=param)
         return str(grammar)
+
+    @staticmethod
+    def available() -> bool:
+        """Whether llguidance is installed (the ``structured`` extra)."""
+        return importlib.util.find_spec("llguidance") is not None
 
     def matcher(self, grammar: str) -> Any:
         import llguidance
@@ -97,37 +117,27 @@ def response_schema(response_format: dict[str, Any]) -> dict[str, Any] | Refusal
     return Refusal(400, "response_format.type is text, json_object or json_schema", param="response_format")
 
 
-def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any] | None, Refusal | None]:
-    """The schema of a forced tool call (``tool_choice`` ``required`` or ``{"type": "function", "function":
-    {"name"}}``), None when the model may answer in text (``auto``/``none``/unset)."""
+def call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[str, Any] | Refusal:
+    """The schema of one call ``{"name": ..., "arguments": {...}}`` of one of ``tools`` (of the one named
+    ``name``, when given), or a 400 naming the tool that is not ``{type: function, function: {name,
+    parameters}}``."""
     functions = []
     for i, t in enumerate(tools):
         f = t.get("function") if isinstance(t, dict) else None
         if t.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            return None, Refusal(
+            return Refusal(
                 400,
                 f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}",
                 param=f"tools[{i}]",
             )
         params = f.get("parameters", {"type": "object"})
         if not isinstance(params, dict):
-            return None, Refusal(
-                400, f"tools[{i}].function.parameters must be a JSON schema", param=f"tools[{i}]"
-            )
+            return Refusal(400, f"tools[{i}].function.parameters must be a JSON schema", param=f"tools[{i}]")
         functions.append((f["name"], params))
-    if choice in (None, "auto", "none"):
-        return None, None
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+    if name is not None:
         functions = [(n, p) for n, p in functions if n == name]
         if not functions:
-            return None, Refusal(
-                400, f"tool_choice names no tool of this request: {name!r}", param="tool_choice"
-            )
-    elif choice != "required":
-        return None, Refusal(
-            400, "tool_choice is none, auto, required or a named function", param="tool_choice"
-        )
+            return Refusal(400, f"tool_choice names no tool of this request: {name!r}", param="tool_choice")
     one = [
         {
             "type": "object",
@@ -137,24 +147,40 @@ def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any
         }
         for n, p in functions
     ]
-    return (one[0] if len(one) == 1 else {"anyOf": one}), None
+    return one[0] if len(one) == 1 else {"anyOf": one}
 
 
-def tool_calls(text: str, rid: str) -> list[dict[str, Any]] | None:
-    """The forced answer ``{"name", "arguments"}`` as OpenAI's ``tool_calls`` (arguments as a JSON string)."""
-    try:
-        call = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or "name" not in call:
-        return None
-    return [
-        {
-            "id": "call_" + rid[-24:],
-            "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))},
-        }
-    ]
+def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any] | None, Refusal | None]:
+    """The schema of a forced tool call (``tool_choice`` ``required`` or ``{"type": "function", "function":
+    {"name"}}``), None when the model may answer in text (``auto``/``none``/unset)."""
+    name = None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        name = name if isinstance(name, str) else ""
+    elif choice not in (None, "auto", "none", "required"):
+        return None, Refusal(
+            400, "tool_choice is none, auto, required or a named function", param="tool_choice"
+        )
+    schema = call_schema(tools, name)
+    if isinstance(schema, Refusal):
+        return None, schema
+    return (None if choice in (None, "auto", "none") else schema), None
+
+
+def lazy_tool_grammar(schema: dict[str, Any], parallel: bool) -> str:
+    """A Lark grammar (llguidance's) for an answer that is free text, or text up to ``<tool_call>`` and then
+    calls ``<tool_call>{json}</tool_call>`` matching ``schema``: the grammar is lazy, it holds the model to
+    nothing until the trigger ``<tool_call>`` appears; after it, the call must be valid JSON for one of the
+    tools and nothing but more calls (``parallel``) may follow."""
+    body = json.dumps({"x-guidance": COMPACT, **schema})
+    more = ' ("\\n"? "<tool_call>" "\\n"? call "\\n"? "</tool_call>")*' if parallel else ""
+    return (
+        "%llguidance {}\n"
+        f'start: TEXT | trigger "\\n"? call "\\n"? "</tool_call>"{more}\n'
+        f"call: %json {body}\n"
+        'trigger[lazy]: TEXT "<tool_call>"\n'
+        "TEXT: /(.|\\n)*/\n"
+    )
 
 
 def mask(row: torch.Tensor, matcher: Any) -> torch.Tensor:
