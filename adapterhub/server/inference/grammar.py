@@ -167,19 +167,27 @@ def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any
     return (None if choice in (None, "auto", "none") else schema), None
 
 
-def lazy_tool_grammar(schema: dict[str, Any], parallel: bool) -> str:
+def lazy_tool_grammar(
+    schema: dict[str, Any], parallel: bool, open_id: int | None = None, close_id: int | None = None
+) -> str:
     """A Lark grammar (llguidance's) for an answer that is free text, or text up to ``<tool_call>`` and then
     calls ``<tool_call>{json}</tool_call>`` matching ``schema``: the grammar is lazy, it holds the model to
     nothing until the trigger ``<tool_call>`` appears; after it, the call must be valid JSON for one of the
-    tools and nothing but more calls (``parallel``) may follow."""
+    tools and nothing but more calls (``parallel``) may follow. ``open_id`` / ``close_id``: the tags' ids
+    where the tokenizer has them as added tokens (Qwen's, Hermes'): llguidance reads an added token as a
+    special one, written ``<[id]>`` in the grammar and never inside text."""
     body = json.dumps({"x-guidance": COMPACT, **schema})
-    more = ' ("\\n"? "<tool_call>" "\\n"? call "\\n"? "</tool_call>")*' if parallel else ""
+    opening = f"<[{open_id}]>" if open_id is not None else '"<tool_call>"'
+    closing = f"<[{close_id}]>" if close_id is not None else '"</tool_call>"'
+    one = f'"\\n"? call "\\n"? {closing}'
+    more = f' ("\\n"? {opening} {one})*' if parallel else ""
+    trigger = f"TEXT {opening}" if open_id is not None else "trigger"
     return (
         "%llguidance {}\n"
-        f'start: TEXT | trigger "\\n"? call "\\n"? "</tool_call>"{more}\n'
+        f"start: TEXT | {trigger} {one}{more}\n"
         f"call: %json {body}\n"
-        'trigger[lazy]: TEXT "<tool_call>"\n'
-        "TEXT: /(.|\\n)*/\n"
+        + ("" if open_id is not None else 'trigger[lazy]: TEXT "<tool_call>"\n')
+        + "TEXT: /(.|\\n)*/\n"
     )
 
 

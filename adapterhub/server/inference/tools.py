@@ -33,7 +33,17 @@ from typing import Any
 from .grammar import lazy_tool_grammar, response_schema, tool_schema
 from .refusal import Refusal
 
-__all__ = ["Calls", "ToolPlan", "chat_prompt", "flat_message", "plan", "split", "tool_format"]
+__all__ = [
+    "CLOSE",
+    "OPEN",
+    "Calls",
+    "ToolPlan",
+    "chat_prompt",
+    "flat_message",
+    "plan",
+    "split",
+    "tool_format",
+]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _WS = " \t\r\n"
@@ -185,7 +195,8 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
         return ToolPlan(None, "tagged" if fmt.tagged else "bare")  # read, not held to a grammar
     call, _ = tool_schema(req.tools, "required")
     assert call is not None
-    lark = lazy_tool_grammar(call, parallel=req.parallel_tool_calls is not False)
+    added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
+    lark = lazy_tool_grammar(call, req.parallel_tool_calls is not False, added.get(OPEN), added.get(CLOSE))
     grammar = svc.grammars.compile(call, "tools", lark=lark)
     return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, "tagged")
 
