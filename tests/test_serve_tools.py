@@ -332,3 +332,46 @@ def test_langchain_streams_tool_calls(server: Any) -> None:
         (c["name"], c["args"]) for c in whole.tool_calls
     ]
     assert acc.response_metadata.get("finish_reason") == "tool_calls"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
+def test_smollm2_auto_answers_in_text_and_a_forced_call_streams(
+    tmp_path: Path, smollm2_checkpoint: Path
+) -> None:
+    """The real SmolLM2-135M-Instruct, whose template ignores tools (they are described to it in a system
+    turn): asked arithmetic with a weather tool at hand, ``auto`` lets it answer in text; a forced call
+    is a valid call, streamed in pieces that join to the whole answer's arguments."""
+    pytest.importorskip("openai")
+    pytest.importorskip("llguidance")
+    from test_serve_v1 import Server
+
+    weather = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                               "required": ["city"], "additionalProperties": False}}}]  # fmt: skip
+    hub = Hub(tmp_path / "home")
+    hub.add_base(smollm2_checkpoint, name="smollm2")
+    hub.close()
+    s = Server(tmp_path / "home", "smollm2")
+    try:
+        client = s.client()
+
+        def ask(q: str, **kw: Any) -> Any:
+            return client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": q}],
+                                                  max_tokens=40, temperature=0, tools=weather, **kw)  # fmt: skip
+
+        text = ask("What is 2+2?").choices[0]
+        assert text.message.tool_calls is None and "4" in text.message.content, text.message.content
+        whole = ask("What is the weather in Paris?", tool_choice="required").choices[0]
+        (call,) = whole.message.tool_calls
+        assert call.function.name == "get_weather" and whole.finish_reason == "tool_calls"
+        assert set(json.loads(call.function.arguments)) == {"city"}
+        parts = [
+            c.choices[0].delta.tool_calls[0]
+            for c in ask("What is the weather in Paris?", tool_choice="required", stream=True)
+            if c.choices and c.choices[0].delta.tool_calls
+        ]
+        assert parts[0].function.name == "get_weather" and len(parts) > 2
+        assert "".join(p.function.arguments for p in parts) == call.function.arguments
+    finally:
+        s.close()
