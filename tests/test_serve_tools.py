@@ -375,3 +375,47 @@ def test_smollm2_auto_answers_in_text_and_a_forced_call_streams(
         assert "".join(p.function.arguments for p in parts) == call.function.arguments
     finally:
         s.close()
+
+
+def test_plans_and_the_bare_grammar() -> None:
+    """What each request gets (`tools.plan`): the lazy grammar for a ``<tool_call>`` template, Llama's bare
+    JSON grammar for its template (a call only when the answer opens with ``{``, ``parameters`` as the
+    key), a forced call object, a response_format, or nothing."""
+    pytest.importorskip("llguidance")
+    from types import SimpleNamespace
+
+    from adapterhub.server.inference.grammar import Grammars
+    from adapterhub.server.inference.requests import ChatRequest, parse
+    from adapterhub.server.inference.tools import plan
+
+    def plan_of(template: str, **kw: Any) -> Any:
+        tok = _tokenizer(template, tags=False)
+        svc = SimpleNamespace(tokenizer=tok, grammars=Grammars(tok, len(tok)))
+        req = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+        return plan(svc, req), svc
+
+    assert plan_of(HERMES)[0].mode is None and plan_of(HERMES)[0].grammar is None
+    assert plan_of(HERMES, tools=TOOLS, tool_choice="none")[0].mode is None
+    assert (
+        plan_of(HERMES, tools=TOOLS)[0].mode == "tagged"
+        and "<tool_call>" in plan_of(HERMES, tools=TOOLS)[0].grammar
+    )
+    assert plan_of(HERMES, tools=TOOLS, tool_choice="required")[0].mode == "forced"
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
+    assert plan_of(HERMES, tools=TOOLS, response_format=fmt)[0].mode is None
+    bad = [{"type": "function", "function": {"name": "x", "parameters": {"type": "nonsense"}}}]
+    assert plan_of(HERMES, tools=bad)[0].param == "tools"
+    bare, svc = plan_of(LLAMA, tools=TOOLS, parallel_tool_calls=False)
+    assert bare.mode == "bare"
+    tok = svc.tokenizer
+
+    def run(text: str) -> tuple[bool, bool]:
+        m = svc.grammars.matcher(bare.grammar)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return all(m.consume_token(t) for t in ids), m.is_accepting()
+
+    assert run("hello world, no call {here}") == (True, True)
+    assert run('{"name": "paint", "parameters": {"ok": true, "pick": "red", "n": 3}}') == (True, True)
+    assert run(' {"name": "wait", "parameters": {}}') == (True, True)
+    assert not run('{"name": "paint", "arguments": {')[0]  # Llama's key is "parameters"
+    assert not run('{"name": "nope"')[0] and not run("{hello")[0]

@@ -23,6 +23,7 @@ from .refusal import Refusal
 __all__ = [
     "Grammars",
     "advance",
+    "bare_tool_grammar",
     "call_schema",
     "lazy_tool_grammar",
     "mask",
@@ -117,10 +118,12 @@ def response_schema(response_format: dict[str, Any]) -> dict[str, Any] | Refusal
     return Refusal(400, "response_format.type is text, json_object or json_schema", param="response_format")
 
 
-def call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[str, Any] | Refusal:
+def call_schema(
+    tools: list[dict[str, Any]], name: str | None = None, key: str = "arguments"
+) -> dict[str, Any] | Refusal:
     """The schema of one call ``{"name": ..., "arguments": {...}}`` of one of ``tools`` (of the one named
-    ``name``, when given), or a 400 naming the tool that is not ``{type: function, function: {name,
-    parameters}}``."""
+    ``name``, when given; ``key``: the arguments' key, ``parameters`` in Llama's format), or a 400 naming
+    the tool that is not ``{type: function, function: {name, parameters}}``."""
     functions = []
     for i, t in enumerate(tools):
         f = t.get("function") if isinstance(t, dict) else None
@@ -141,8 +144,8 @@ def call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[st
     one = [
         {
             "type": "object",
-            "properties": {"name": {"const": n}, "arguments": p},
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": n}, key: p},
+            "required": ["name", key],
             "additionalProperties": False,
         }
         for n, p in functions
@@ -188,6 +191,23 @@ def lazy_tool_grammar(
         f"call: %json {body}\n"
         + ("" if open_id is not None else 'trigger[lazy]: TEXT "<tool_call>"\n')
         + "TEXT: /(.|\\n)*/\n"
+    )
+
+
+def bare_tool_grammar(schema: dict[str, Any], parallel: bool, python_tag: int | None = None) -> str:
+    """A Lark grammar (llguidance's) for Llama 3's tool format: an answer that opens with ``{`` (after
+    blanks, and ``<|python_tag|>`` where the vocabulary has it, id ``python_tag``) is calls
+    ``{"name": ..., "parameters": {...}}`` matching ``schema``, ``;``-separated (``parallel``); any other
+    answer is free text."""
+    body = json.dumps({"x-guidance": COMPACT, **schema})
+    tag = f"<[{python_tag}]>? " if python_tag is not None else ""
+    more = ' ("; " call)*' if parallel else ""
+    return (
+        "%llguidance {}\n"
+        f"start: FREE | WS? {tag}call{more}\n"
+        f"call: %json {body}\n"
+        "FREE: /[ \\t\\r\\n]*([^{ \\t\\r\\n](.|\\n)*)?/\n"
+        "WS: /[ \\t\\r\\n]+/\n"
     )
 
 

@@ -12,9 +12,10 @@ Formats (from the chat template):
 - **bare** (Llama 3.x JSON): the whole answer is ``{"name": ..., "parameters": {...}}`` (``;``-separated
   for several); an answer that starts otherwise is text.
 
-``tool_choice``: ``auto`` (the default with tools) lets the model decide; with the tagged format and
-llguidance the answer is held to a lazy grammar (`grammar.lazy_tool_grammar`): free until ``<tool_call>``,
-then a valid call of one of the tools. ``required`` / a named function force one bare
+``tool_choice``: ``auto`` (the default with tools) lets the model decide; with llguidance the answer is
+held to a grammar that leaves text free and holds a call, once begun, to the tools' schemas: lazy, from
+the trigger ``<tool_call>`` on (`grammar.lazy_tool_grammar`), or, bare, an answer that opens with ``{``
+(`grammar.bare_tool_grammar`). ``required`` / a named function force one bare
 ``{"name", "arguments"}`` object (`grammar.tool_schema`). ``none``: text, nothing parsed.
 
 `Calls` reads one choice's text as it comes and gives OpenAI's stream deltas: content before the first
@@ -30,7 +31,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .grammar import lazy_tool_grammar, response_schema, tool_schema
+from .grammar import bare_tool_grammar, call_schema, lazy_tool_grammar, response_schema, tool_schema
 from .refusal import Refusal
 
 __all__ = [
@@ -191,14 +192,19 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
     if not req.tools or req.tool_choice == "none":
         return ToolPlan()
     fmt = tool_format(svc.tokenizer)
-    if not fmt.tagged or not svc.grammars.available():
-        return ToolPlan(None, "tagged" if fmt.tagged else "bare")  # read, not held to a grammar
-    call, _ = tool_schema(req.tools, "required")
-    assert call is not None
+    mode = "tagged" if fmt.tagged else "bare"
+    if not svc.grammars.available():
+        return ToolPlan(None, mode)  # read, not held to a grammar
+    call = call_schema(req.tools, None, "arguments" if fmt.tagged else "parameters")
+    assert not isinstance(call, Refusal)  # the tools were checked above
+    parallel = req.parallel_tool_calls is not False
     added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
-    lark = lazy_tool_grammar(call, req.parallel_tool_calls is not False, added.get(OPEN), added.get(CLOSE))
+    if fmt.tagged:
+        lark = lazy_tool_grammar(call, parallel, added.get(OPEN), added.get(CLOSE))
+    else:
+        lark = bare_tool_grammar(call, parallel, added.get("<|python_tag|>"))
     grammar = svc.grammars.compile(call, "tools", lark=lark)
-    return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, "tagged")
+    return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode)
 
 
 def _new_id() -> str:
