@@ -200,13 +200,13 @@ def test_template_formats_and_prompts() -> None:
 
 def test_lazy_grammar_on_a_real_tokenizer() -> None:
     pytest.importorskip("llguidance")
-    from adapterhub.server.inference.grammar import Grammars, lazy_tool_grammar, tool_schema
+    from adapterhub.server.inference.grammar import Grammars, lazy_tool_grammar, mask, tool_schema
 
     call, _ = tool_schema(TOOLS, "required")
     assert call is not None
     for tags in (True, False):  # the tags as added tokens (Qwen's), and spelled in text
         tok = _tokenizer(HERMES, tags)
-        g = Grammars(tok, len(tok))
+        g = Grammars(tok, len(tok), eos=[0, 1])  # two end tokens, as generation configs often give
         ids = (tok.convert_tokens_to_ids(OPEN), tok.convert_tokens_to_ids(CLOSE)) if tags else (None, None)
         one = g.compile(call, "tools", lark=lazy_tool_grammar(call, False, *ids))
         many = g.compile(call, "tools", lark=lazy_tool_grammar(call, True, *ids))
@@ -229,6 +229,8 @@ def test_lazy_grammar_on_a_real_tokenizer() -> None:
         )
         free = "hello world, no call < here {}"
         assert run(one, free) == (size(free), True, False)  # free text: anything, and it may end
+        allowed = mask(torch.zeros(len(tok)), g.matcher(one))
+        assert bool(torch.isfinite(allowed[[0, 1]]).all())  # with either end token
         assert run(one, good) == (size(good), True, True)  # one call: the grammar is done
         assert run(many, good)[:2] == (size(good), True) and not run(many, good)[2]  # more may follow
         for bad in (f'Sure.{OPEN}\n{{"name": "paint", "arguments": {{"ok": 1', f'x{OPEN}\n{{"name": "nope"'):

@@ -38,9 +38,12 @@ COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator"
 class Grammars:
     """The llguidance view of one tokenizer (built once, on first use: about a second)."""
 
-    def __init__(self, tokenizer: Any, vocab: int) -> None:
+    def __init__(self, tokenizer: Any, vocab: int, eos: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab = vocab
+        #: the tokens that end an answer (the engine's: the generation config's, else the tokenizer's); a
+        #: grammar that may end allows every one of them
+        self.eos = eos or None
         self._ll: Any = None
         self._lock = threading.Lock()
 
@@ -49,7 +52,7 @@ class Grammars:
             if self._ll is None:
                 import llguidance.hf
 
-                eos = self.tokenizer.eos_token_id
+                eos = self.eos or self.tokenizer.eos_token_id
                 self._ll = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=eos)
             return self._ll
 
