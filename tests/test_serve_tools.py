@@ -206,10 +206,13 @@ def test_lazy_grammar_on_a_real_tokenizer() -> None:
     assert call is not None
     for tags in (True, False):  # the tags as added tokens (Qwen's), and spelled in text
         tok = _tokenizer(HERMES, tags)
+        tok.add_tokens(["<think>"])  # a special token free text may hold (Qwen 3 opens with it)
         g = Grammars(tok, len(tok), eos=[0, 1])  # two end tokens, as generation configs often give
         ids = (tok.convert_tokens_to_ids(OPEN), tok.convert_tokens_to_ids(CLOSE)) if tags else (None, None)
-        one = g.compile(call, "tools", lark=lazy_tool_grammar(call, False, *ids))
-        many = g.compile(call, "tools", lark=lazy_tool_grammar(call, True, *ids))
+        specials = [i for i in g.specials() if i not in ids]
+        assert specials == [len(tok) - 1]  # <think>: not the tags, not the end tokens
+        one = g.compile(call, "tools", lark=lazy_tool_grammar(call, False, *ids, specials))
+        many = g.compile(call, "tools", lark=lazy_tool_grammar(call, True, *ids, specials))
         assert isinstance(one, str) and isinstance(many, str)
 
         def run(grammar: str, text: str, g: Any = g, tok: Any = tok) -> tuple[int, bool, bool]:
@@ -227,8 +230,10 @@ def test_lazy_grammar_on_a_real_tokenizer() -> None:
         good = (
             f'Sure.{OPEN}\n{{"name": "paint", "arguments": {{"ok": true, "pick": "red", "n": 3}}}}\n{CLOSE}'
         )
-        free = "hello world, no call < here {}"
+        free = "<think>hello world, no call < here {}"
         assert run(one, free) == (size(free), True, False)  # free text: anything, and it may end
+        assert run(one, "<think>x" + good[5:])[1:] == (True, True)  # a call after a special token
+        assert run(one, f'<think>x{OPEN}\n{{"name": "nope"')[0] < size(f'<think>x{OPEN}\n{{"name": "nope"')
         allowed = mask(torch.zeros(len(tok)), g.matcher(one))
         assert bool(torch.isfinite(allowed[[0, 1]]).all())  # with either end token
         assert run(one, good) == (size(good), True, True)  # one call: the grammar is done
@@ -417,6 +422,7 @@ def test_plans_and_the_bare_grammar() -> None:
         return all(m.consume_token(t) for t in ids), m.is_accepting()
 
     assert run("hello world, no call {here}") == (True, True)
+    assert run(" ") == (True, True) and run("") == (True, True)
     assert run('{"name": "paint", "parameters": {"ok": true, "pick": "red", "n": 3}}') == (True, True)
     assert run(' {"name": "wait", "parameters": {}}') == (True, True)
     assert not run('{"name": "paint", "arguments": {')[0]  # Llama's key is "parameters"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,16 +46,20 @@ class Grammars:
         #: grammar that may end allows every one of them
         self.eos = eos or None
         self._ll: Any = None
+        self._specials: list[int] | None = None
         self._lock = threading.Lock()
 
     def _lltok(self) -> Any:
         with self._lock:
-            if self._ll is None:
-                import llguidance.hf
+            return self._lltok_unlocked()
 
-                eos = self.eos or self.tokenizer.eos_token_id
-                self._ll = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=eos)
-            return self._ll
+    def _lltok_unlocked(self) -> Any:
+        if self._ll is None:
+            import llguidance.hf
+
+            eos = self.eos or self.tokenizer.eos_token_id
+            self._ll = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=eos)
+        return self._ll
 
     def compile(self, schema: dict[str, Any], param: str, lark: str | None = None) -> str | Refusal:
         """A grammar for JSON matching ``schema`` (written compactly, as OpenAI's structured outputs are,
@@ -80,6 +85,18 @@ class Grammars:
         if not ok:
             return Refusal(400, f"{param}: the JSON schema is not usable: {why}", param=param)
         return str(grammar)
+
+    def specials(self) -> list[int]:
+        """The tokenizer's added tokens (llguidance reads them as special ones), less the end tokens."""
+        with self._lock:
+            if self._specials is None:
+                ll = self._lltok_unlocked()
+                ends = set(self.eos or [self.tokenizer.eos_token_id])
+                added: list[int] = list(getattr(self.tokenizer, "get_added_vocab", dict)().values())
+                self._specials = sorted(
+                    i for i in added if i < self.vocab and i not in ends and ll.is_special_token(i)
+                )
+            return self._specials
 
     @staticmethod
     def available() -> bool:
@@ -174,44 +191,72 @@ def tool_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[dict[str, Any
 
 
 def lazy_tool_grammar(
-    schema: dict[str, Any], parallel: bool, open_id: int | None = None, close_id: int | None = None
+    schema: dict[str, Any],
+    parallel: bool,
+    open_id: int | None = None,
+    close_id: int | None = None,
+    specials: Sequence[int] = (),
 ) -> str:
     """A Lark grammar (llguidance's) for an answer that is free text, or text up to ``<tool_call>`` and then
     calls ``<tool_call>{json}</tool_call>`` matching ``schema``: the grammar is lazy, it holds the model to
     nothing until the trigger ``<tool_call>`` appears; after it, the call must be valid JSON for one of the
     tools and nothing but more calls (``parallel``) may follow. ``open_id`` / ``close_id``: the tags' ids
     where the tokenizer has them as added tokens (Qwen's, Hermes'): llguidance reads an added token as a
-    special one, written ``<[id]>`` in the grammar and never inside text."""
+    special one, written ``<[id]>`` in the grammar and never inside text. ``specials``: the special tokens
+    free text may hold (``<think>``, say): all but the tags and the end tokens."""
     body = json.dumps({"x-guidance": COMPACT, **schema})
     opening = f"<[{open_id}]>" if open_id is not None else '"<tool_call>"'
     closing = f"<[{close_id}]>" if close_id is not None else '"</tool_call>"'
     one = f'"\\n"? call "\\n"? {closing}'
     more = f' ("\\n"? {opening} {one})*' if parallel else ""
-    trigger = f"TEXT {opening}" if open_id is not None else "trigger"
+    trigger = f"free {opening}" if open_id is not None else "free trigger"
+    item, special = _specials(specials)
     return (
         "%llguidance {}\n"
-        f"start: TEXT | {trigger} {one}{more}\n"
+        f"start: free | {trigger} {one}{more}\n"
+        f"free: {item}*\n"
         f"call: %json {body}\n"
-        + ("" if open_id is not None else 'trigger[lazy]: TEXT "<tool_call>"\n')
-        + "TEXT: /(.|\\n)*/\n"
+        + ("" if open_id is not None else 'trigger[lazy]: ANY "<tool_call>"\n')
+        + special
+        + "TEXT: /(.|\\n)+/\nANY: /(.|\\n)*/\n"
     )
 
 
-def bare_tool_grammar(schema: dict[str, Any], parallel: bool, python_tag: int | None = None) -> str:
+def bare_tool_grammar(
+    schema: dict[str, Any], parallel: bool, python_tag: int | None = None, specials: Sequence[int] = ()
+) -> str:
     """A Lark grammar (llguidance's) for Llama 3's tool format: an answer that opens with ``{`` (after
     blanks, and ``<|python_tag|>`` where the vocabulary has it, id ``python_tag``) is calls
     ``{"name": ..., "parameters": {...}}`` matching ``schema``, ``;``-separated (``parallel``); any other
-    answer is free text."""
+    answer is free text (holding ``specials``, as `lazy_tool_grammar`'s)."""
     body = json.dumps({"x-guidance": COMPACT, **schema})
     tag = f"<[{python_tag}]>? " if python_tag is not None else ""
     more = ' ("; " call)*' if parallel else ""
+    item, special = _specials(specials)
+    lead = "FIRST | WS? special" if special else "FIRST"
     return (
         "%llguidance {}\n"
-        f"start: FREE | WS? {tag}call{more}\n"
-        f"call: %json {body}\n"
-        "FREE: /[ \\t\\r\\n]*([^{ \\t\\r\\n](.|\\n)*)?/\n"
+        f"start: free | WS? {tag}call{more}\n"
+        f"free: WS? | ({lead}) {item}*\n"
+        f"call: %json {body}\n" + special + "FIRST: /[ \\t\\r\\n]*[^{ \\t\\r\\n](.|\\n)*/\n"
+        "TEXT: /(.|\\n)+/\n"
         "WS: /[ \\t\\r\\n]+/\n"
     )
+
+
+def _specials(ids: Sequence[int]) -> tuple[str, str]:
+    """The item of free text (``TEXT``, or ``TEXT | special``) and the ``special`` rule: ``ids`` as runs of
+    token ids, ``<[a-b]> | <[c]>``."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    if not runs:
+        return "TEXT", ""
+    alts = " | ".join(f"<[{a}-{b}]>" if b > a else f"<[{a}]>" for a, b in runs)
+    return "(TEXT | special)", f"special: {alts}\n"
 
 
 def mask(row: torch.Tensor, matcher: Any) -> torch.Tensor:

@@ -199,10 +199,14 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
     assert not isinstance(call, Refusal)  # the tools were checked above
     parallel = req.parallel_tool_calls is not False
     added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
+    tags = (
+        {OPEN: added.get(OPEN), CLOSE: added.get(CLOSE)} if fmt.tagged else {"": added.get("<|python_tag|>")}
+    )
+    specials = [i for i in svc.grammars.specials() if i not in tags.values()]  # free text may hold them
     if fmt.tagged:
-        lark = lazy_tool_grammar(call, parallel, added.get(OPEN), added.get(CLOSE))
+        lark = lazy_tool_grammar(call, parallel, tags[OPEN], tags[CLOSE], specials)
     else:
-        lark = bare_tool_grammar(call, parallel, added.get("<|python_tag|>"))
+        lark = bare_tool_grammar(call, parallel, tags[""], specials)
     grammar = svc.grammars.compile(call, "tools", lark=lark)
     return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode)
 
