@@ -196,7 +196,8 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
     if not svc.grammars.available():
         return ToolPlan(None, mode)  # read, not held to a grammar
     call = call_schema(req.tools, None, "arguments" if fmt.tagged else "parameters")
-    assert not isinstance(call, Refusal)  # the tools were checked above
+    if isinstance(call, Refusal):
+        return call
     parallel = req.parallel_tool_calls is not False
     added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
     tags = (
