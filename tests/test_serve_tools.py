@@ -339,6 +339,17 @@ def test_langchain_streams_tool_calls(server: Any) -> None:
         (c["name"], c["args"]) for c in whole.tool_calls
     ]
     assert acc.response_metadata.get("finish_reason") == "tool_calls"
+    # with_structured_output through a (forced) tool call, streamed (LangChain's pydantic parser yields
+    # only whole objects): the same object as asked whole
+    from pydantic import BaseModel, Field
+
+    class Paint(BaseModel):
+        ok: bool
+        n: int = Field(ge=0, le=9)
+
+    structured = llm.with_structured_output(Paint, method="function_calling", strict=True)
+    streamed = list(structured.stream("hello world"))
+    assert streamed and streamed[-1] == structured.invoke("hello world")
 
 
 @pytest.mark.slow
