@@ -140,7 +140,10 @@ def test_forced_tool_calls(c: Any) -> None:
     ]
     deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
     streamed = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
-    assert streamed and streamed[0]["function"] == call["function"]
+    # OpenAI's stream: the name (and empty arguments) first, then the arguments in pieces
+    assert streamed and streamed[0]["function"] == {"name": "paint", "arguments": ""}
+    assert "".join(p["function"]["arguments"] for p in streamed) == call["function"]["arguments"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert (
         _ask(c, tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}).status_code
         == 400

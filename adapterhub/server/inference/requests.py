@@ -4,7 +4,8 @@ models (as FastAPI and vLLM type them): every field of OpenAI's API is either ho
 refused, except vLLM's sampling extras (``top_k``, ``min_p``, ``repetition_penalty``).
 
 Fields accepted and ignored because they change nothing here: ``user``, ``metadata``, ``store`` (false),
-``service_tier``, ``parallel_tool_calls``, ``safety_identifier``, ``prompt_cache_key``. Fields refused
+``service_tier``, ``safety_identifier``, ``prompt_cache_key``. ``parallel_tool_calls: false`` holds an
+``auto`` answer to one call at most (`tools`). Fields refused
 unless null or their neutral value: ``audio``, ``modalities`` other than ``["text"]``, ``prediction``,
 ``functions``/``function_call``, ``web_search_options``, ``reasoning_effort``, ``verbosity``, ``suffix``,
 ``best_of`` other than ``n``, ``dimensions``.

@@ -25,11 +25,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ...errors import AdapterHubError, RepoError
 from .engine import Job
-from .grammar import response_schema, tool_calls, tool_schema
 from .http import read_body
 from .requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse
 from .sampling import Logprob, Sampling
 from .service import Inference, Refusal, Target
+from .tools import Calls, ToolPlan, chat_prompt, flat_message, plan, split
 
 router = APIRouter()
 
@@ -160,12 +160,9 @@ async def _generate(request: Request, endpoint: str, chat: bool) -> Response:
     prompts = await run_in_threadpool(_prompt_ids, svc, req, chat)
     if isinstance(prompts, Refusal):
         return refuse(svc, endpoint, prompts)
-    grammar: str | None = None
-    if chat:
-        compiled = await run_in_threadpool(_grammar, svc, req)
-        if isinstance(compiled, Refusal):
-            return refuse(svc, endpoint, compiled)
-        grammar = compiled
+    answer = await run_in_threadpool(plan, svc, req) if chat else ToolPlan()
+    if isinstance(answer, Refusal):
+        return refuse(svc, endpoint, answer)
     n = req.n or 1
     if len(prompts) * n > MAX_CHOICES:
         return refuse(
@@ -181,8 +178,8 @@ async def _generate(request: Request, endpoint: str, chat: bool) -> Response:
             k = len(jobs)
             s = sampling if sampling.seed is None or k == 0 else replace(sampling, seed=sampling.seed + k)
             jobs.append(Job(ids, s, target.spec, feed.sink(k)))
-            if grammar is not None:
-                jobs[-1].matcher = svc.grammars.matcher(grammar)
+            if answer.grammar is not None:
+                jobs[-1].matcher = svc.grammars.matcher(answer.grammar)
     for entry in target.entries:
         svc.pool.request(entry)
     for job in jobs:
@@ -193,7 +190,7 @@ async def _generate(request: Request, endpoint: str, chat: bool) -> Response:
                                                  type="rate_limit_error", code="overloaded", retry_after=1))  # fmt: skip
     svc.metrics.request(endpoint, 200)
     out = _Out(svc, req, chat, prompts, n, "chatcmpl-" if chat else "cmpl-")
-    out.tool_mode = grammar is not None and _forced_tool(req)
+    out.tool_mode = answer.mode
     if req.stream:
         return StreamingResponse(
             _stream(jobs, feed, out),
@@ -237,8 +234,8 @@ class _Out:
         self.echo = not chat and bool(req.echo)
         self.logprobs = req.logprobs if not chat else (req.logprobs or None)
         self.offsets: dict[int, int] = {}  # completions: the text offset reached by each choice
-        self.tool_mode = False  # a forced tool call: the text is sent as tool_calls at the end
-        self.texts: dict[int, str] = {}
+        self.tool_mode: str | None = None  # how the answer is read for tool calls (`tools.Calls`)
+        self.calls: dict[int, Calls] = {}
 
     def tok(self, i: int) -> str:
         return self.svc.token_text(i)
@@ -249,9 +246,10 @@ class _Out:
         if self.chat:
             lp = {"content": [self._entry(r) for r in gen], "refusal": None} if self.logprobs else None
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            calls = tool_calls(text, self.rid) if self.tool_mode else None
+            content, calls = split(text, self.tool_mode) if self.tool_mode else (text, [])
             if calls:
-                message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish = "tool_calls" if finish == "stop" else finish
             return {"index": k, "message": message, "logprobs": lp, "finish_reason": finish}
         head = ""
         records: list[Logprob | None] = list(gen)
@@ -288,25 +286,36 @@ class _Out:
             "text_offset": offsets,
         }
 
+    def chunks(self, k: int, piece: str | None, finish: str | None, lps: list[Logprob]) -> list[str]:
+        """The stream chunks of choice ``k``'s next ``piece`` of text (or its end, ``finish``)."""
+        if not self.tool_mode:
+            return [_sse(self.chunk(k, piece, finish, lps))]
+        reader = self.calls.setdefault(k, Calls(self.tool_mode))
+        deltas = reader.feed(piece or "") if finish is None else reader.close()
+        if finish == "stop" and reader.calls:
+            finish = "tool_calls"
+        if finish is not None or (lps and self.logprobs and not deltas):
+            deltas.append({})
+        last = len(deltas) - 1
+        return [
+            _sse(self.chunk(k, d, finish if i == last else None, lps if i == 0 else []))
+            for i, d in enumerate(deltas)
+        ]
+
     def chunk(
-        self, k: int, delta: str | None, finish: str | None, lps: list[Logprob], role: bool = False
+        self,
+        k: int,
+        delta: str | dict[str, Any] | None,
+        finish: str | None,
+        lps: list[Logprob],
+        role: bool = False,
     ) -> dict[str, Any]:
-        if self.chat and self.tool_mode and not role:
-            self.texts[k] = self.texts.get(k, "") + (delta or "")
-            calls = tool_calls(self.texts[k], self.rid) if finish else None
-            d0: dict[str, Any] = {"tool_calls": [{"index": 0, **calls[0]}]} if calls else {}
-            c0 = {
-                "index": k,
-                "delta": d0,
-                "logprobs": None,
-                "finish_reason": "tool_calls" if calls else finish,
-            }
-            return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.req.model, "choices": [c0]}  # fmt: skip
         if self.chat:
-            d: dict[str, Any] = (
-                {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-            )
+            d: dict[str, Any] = {"content": delta} if isinstance(delta, str) and delta else {}
+            if role:
+                d = {"role": "assistant", "content": ""}
+            elif isinstance(delta, dict):
+                d = delta
             lp = (
                 {"content": [self._entry(r) for r in lps], "refusal": None} if self.logprobs and lps else None
             )
@@ -368,10 +377,8 @@ async def _stream(jobs: list[Job], feed: _Feed, out: _Out) -> AsyncIterator[str]
             k, (kind, value) = await feed.queue.get()
             if kind == "text":
                 piece, lps = value
-                if out.tool_mode:
-                    out.chunk(k, piece, None, lps)  # gathered, sent whole at the end
-                    continue
-                yield _sse(out.chunk(k, piece, None, lps))
+                for chunk in out.chunks(k, piece, None, lps):
+                    yield chunk
             elif kind == "error":
                 r = (
                     _from_error(value)
@@ -383,7 +390,10 @@ async def _stream(jobs: list[Job], feed: _Feed, out: _Out) -> AsyncIterator[str]
             else:
                 dones[k] = value
                 sent = jobs[k].logprobs_sent
-                yield _sse(out.chunk(k, None, value["finish_reason"], _trim(value["logprobs"], value)[sent:]))
+                for chunk in out.chunks(
+                    k, None, value["finish_reason"], _trim(value["logprobs"], value)[sent:]
+                ):
+                    yield chunk
         if len(dones) == len(jobs) and out.req.stream_options and out.req.stream_options.include_usage:
             usage = _usage([dones[k] for k in range(len(jobs))], out.n)
             kind_name = "chat.completion.chunk" if out.chat else "text_completion"
@@ -397,20 +407,13 @@ async def _stream(jobs: list[Job], feed: _Feed, out: _Out) -> AsyncIterator[str]
 
 
 def _prompt_ids(svc: Inference, req: Any, chat: bool) -> list[list[int]] | Refusal:
-    from ...runtime.generate import chat_ids
-
     tok = svc.tokenizer
     if chat:
-        flat = [_flat(m) for m in req.messages]
+        flat = [flat_message(m) for m in req.messages]
         if sum(len(m["content"]) for m in flat) > svc.max_chars:
             return _too_long(svc, "messages")
         try:
-            if req.tools and getattr(tok, "chat_template", None):  # the template's own tool format
-                ids = _ids(
-                    tok.apply_chat_template(flat, tools=req.tools, add_generation_prompt=True, tokenize=True)
-                )
-            else:
-                ids = chat_ids(tok, flat)
+            ids = chat_prompt(tok, flat, req.tools)
         except Exception as exc:  # the template refuses these messages (roles out of order, say)
             return Refusal(400, f"the chat template refuses these messages: {exc}", param="messages")
         return [ids] if len(ids) < svc.engine.max_context else _too_long(svc, "messages")
@@ -433,56 +436,6 @@ def _prompt_ids(svc: Inference, req: Any, chat: bool) -> list[list[int]] | Refus
             return _too_long(svc, "prompt")
         out.append(ids)
     return out
-
-
-def _flat(m: Any) -> dict[str, Any]:
-    """A message as chat templates read it (``developer`` is ``system`` to them; tool calls' arguments
-    as objects)."""
-    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-    if m.name:
-        out["name"] = m.name
-    if m.tool_call_id:
-        out["tool_call_id"] = m.tool_call_id
-    if m.tool_calls:
-        calls = []
-        for c in m.tool_calls:
-            try:
-                args = json.loads(c.function.arguments)
-            except ValueError:
-                args = c.function.arguments
-            calls.append(
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}}
-            )
-        out["tool_calls"] = calls
-    return out
-
-
-def _ids(ids: Any) -> list[int]:
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-
-
-def _forced_tool(req: Any) -> bool:
-    return bool(req.tools) and req.tool_choice not in (None, "auto", "none")
-
-
-def _grammar(svc: Inference, req: Any) -> str | None | Refusal:
-    """The grammar of a chat request's answer: a forced tool call, or its ``response_format``; None: free."""
-    schema = None
-    if req.tools:
-        schema, why = tool_schema(req.tools, req.tool_choice)
-        if why is not None:
-            return why
-    if schema is not None:
-        return svc.grammars.compile(schema, "tools")
-    if req.response_format is not None:
-        wanted = response_schema(req.response_format)
-        if isinstance(wanted, Refusal):
-            return wanted
-        if wanted is not None:
-            return svc.grammars.compile(wanted, "response_format")
-    return None
 
 
 def _too_long(svc: Inference, param: str) -> Refusal:

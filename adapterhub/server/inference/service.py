@@ -116,7 +116,7 @@ class Inference:
         self._token_texts: dict[int, str] = {}
         from .grammar import Grammars
 
-        self.grammars = Grammars(tokenizer, self.vocab)
+        self.grammars = Grammars(tokenizer, self.vocab, eos=sorted(self.engine.eos))
 
     def start(self) -> None:
         self.engine.start()
