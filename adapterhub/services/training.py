@@ -9,7 +9,10 @@ checkpointing and bf16 autocast, evaluation every ``eval_every`` steps, and a ch
 ``HOME/training/<quoted NAME>/`` (owned by the live run: `RunFolder`) every ``save_every`` steps
 (``resume=True`` continues a stopped run exactly). The base may be quantized (``quantize="nf4"|
 "int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the run is data-parallel over
-``torch.distributed``; ``batch_size`` stays the global batch.
+``torch.distributed``; ``batch_size`` stays the global batch. ``fsdp=True`` (``--fsdp``) shards the
+base over those processes with FSDP2 (``fully_shard`` per decoder layer, the rest under the root), the
+adapter's factors with their layer, so each process holds about 1/N of the weights: for a base too big
+for one device. Bitsandbytes-quantized bases are not sharded (``quantize`` with ``fsdp`` is refused).
 
 The adapter reaches the catalog only after the last step, through `Library.ingest` with a lineage row
 (``method: train``; base fingerprint, data sha256, steps, losses, eval loss, hyperparameters,
@@ -141,6 +144,7 @@ class _Options:
     save_every: int | None = None
     group_by_length: bool = True
     quantize: str | None = None
+    fsdp: bool = False
 
     def check(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -173,6 +177,16 @@ class _Options:
                 raise InvalidOptionError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
         if self.eval_data is not None and self.eval_fraction is not None:
             raise InvalidOptionError("give --eval-data or --eval-fraction, not both")
+        if self.fsdp and self.quantize is not None:
+            raise InvalidOptionError(
+                "--fsdp does not shard a bitsandbytes-quantized base; drop --quantize or --fsdp"
+            )
+
+    def check_processes(self, processes: int) -> None:
+        if self.fsdp and processes < 2:
+            raise InvalidOptionError(
+                "--fsdp shards the base over processes; give --nproc 2 or more (or run under torchrun)"
+            )
 
     def record(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -244,6 +258,7 @@ def plan(
     from .running import pick_device
 
     o = _options(**options)
+    o.check_processes(nproc)
     folder = base_dir(lib, base)
     try:
         config = AutoConfig.from_pretrained(str(folder))
@@ -264,6 +279,7 @@ def plan(
         optim=o.optim,
         device=dev,
         dtype=None if dev.startswith("cuda") else "float32",
+        shards=nproc if o.fsdp else 1,
     )
 
 
@@ -296,6 +312,7 @@ def train(
         raise InvalidOptionError(f"nproc must be at least 1, got {nproc}")
     if world > 1 and nproc > 1:
         raise InvalidOptionError("give --nproc or run under torchrun, not both")
+    o.check_processes(max(nproc, world))
     if lib.exists(name):
         raise AdapterExistsError(name)
     d = _read(lib, base, data, o)
@@ -361,6 +378,7 @@ def _train(
 
         if dev.startswith("cuda"):
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(torch.device(dev))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     torch.set_num_threads(usable_threads(world))
@@ -373,7 +391,11 @@ def _train(
     try:
         bf16 = o.bf16 if o.bf16 is not None else (dev.startswith("cuda") and torch.cuda.is_bf16_supported())
         model, _ = load_base(
-            lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32", quantize=o.quantize
+            lib,
+            base,
+            device="cpu" if o.fsdp else dev,  # fully_shard moves each layer's shard to the device
+            dtype="auto" if dev.startswith("cuda") else "float32",
+            quantize=o.quantize,
         )
         if o.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
@@ -389,6 +411,8 @@ def _train(
         try:
             ad = rt.create(name, rank=o.rank, alpha=o.alpha, targets=o.targets, init=o.init, seed=o.seed)
             total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
+            if o.fsdp:
+                _shard(model, ad, dev, world)
             tok = d.tokenizer
             names = [n for n, _ in ad.named_parameters()]
             loop = Loop(
@@ -418,6 +442,7 @@ def _train(
                 factor_names=names,
                 on_step=on_step,
                 on_log=on_log,
+                fsdp=o.fsdp,
             )
             if start is not None:
                 loop.resume(start)
@@ -440,10 +465,13 @@ def _train(
                 gradient_checkpointing=o.gradient_checkpointing,
                 bf16=bf16,
                 processes=world,
+                fsdp=o.fsdp,
                 max_length=o.max_length,
                 eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
                 eval_sha256=d.eval_digest,
             )
+            if o.fsdp:
+                ad.gather()  # every rank: the whole factors for rank 0 to write
             if rank == 0:
                 adapter = rt.save(name, tags=tags, description=description)
                 if p.eval_losses:
@@ -488,6 +516,29 @@ def _train(
 
 
 # ------------------------------------------------------------------ many processes
+def _shard(model: Any, ad: Any, dev: str, world: int) -> None:
+    """FSDP2 over the ``world`` ranks: ``fully_shard`` on each decoder layer (the classes transformers
+    names in ``_no_split_modules``), then on the model for what is left (embeddings, norm, output
+    layer). The adapter's factors are registered on their modules first, so they shard with their layer.
+    Gradients are summed (divide factor 1): the loss is already divided by the global token count."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    ad.register()
+    mesh = init_device_mesh(dev.split(":")[0], (world,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    done: list[str] = []
+    for mname, mod in model.named_modules():
+        if type(mod).__name__ in blocks and mname and not any(mname.startswith(d + ".") for d in done):
+            fully_shard(mod, mesh=mesh)
+            done.append(mname)
+    fully_shard(model, mesh=mesh)
+    for mod in model.modules():
+        if isinstance(mod, FSDPModule):
+            mod.set_gradient_divide_factor(1.0)
+            mod.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no PREMUL_SUM
+
+
 def _free_port() -> int:
     import socket
 
