@@ -181,7 +181,7 @@ class TrainableAdapter:
                 continue
             whole = []
             for p in t.factors():
-                d = p.detach()
+                d: Any = p.detach()
                 whole.append(nn.Parameter(d.full_tensor() if _is_sharded(d) else d, p.requires_grad))
             t.a, t.b = whole
             delattr(t.module, REGISTERED + "_A")

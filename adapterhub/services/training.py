@@ -34,6 +34,7 @@ from ..errors import AdapterExistsError, AdapterHubError, BaseModelError, Invali
 from ..names import check_name, check_tags
 from .bases import base_dir
 from .train_data import batches, encode_rows, read_rows, split_eval
+from .train_dist import free_port, join_group, shard, usable_threads
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
 from .train_state import RunFolder, keep_eval_loss
@@ -100,21 +101,6 @@ class TrainResult:
             "losses": list(self.losses),
             "eval_losses": [list(e) for e in self.eval_losses],
         }
-
-
-def usable_threads(nproc: int = 1) -> int:
-    """Torch threads for one of ``nproc`` training processes: the cores this process may run on
-    (``os.sched_getaffinity``) less those other work keeps busy (the 1-minute load average), shared out;
-    at least one. ``OMP_NUM_THREADS`` given by the user wins."""
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, (cores - min(busy, cores - 1)) // max(1, nproc))
 
 
 @dataclass(frozen=True)
@@ -372,15 +358,7 @@ def _train(
     from .running import attach, load_base, pick_device, registered_base
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dev = pick_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-            torch.cuda.set_device(torch.device(dev))
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    dev = join_group(pick_device(device), rank, world)
     torch.set_num_threads(usable_threads(world))
     folder = RunFolder(lib.home, name)
     record = {**o.record(), "data_sha256": d.digest, "eval_sha256": d.eval_digest, "processes": world}
@@ -412,7 +390,7 @@ def _train(
             ad = rt.create(name, rank=o.rank, alpha=o.alpha, targets=o.targets, init=o.init, seed=o.seed)
             total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
             if o.fsdp:
-                _shard(model, ad, dev, world)
+                shard(model, ad, dev, world)
             tok = d.tokenizer
             names = [n for n, _ in ad.named_parameters()]
             loop = Loop(
@@ -516,37 +494,6 @@ def _train(
 
 
 # ------------------------------------------------------------------ many processes
-def _shard(model: Any, ad: Any, dev: str, world: int) -> None:
-    """FSDP2 over the ``world`` ranks: ``fully_shard`` on each decoder layer (the classes transformers
-    names in ``_no_split_modules``), then on the model for what is left (embeddings, norm, output
-    layer). The adapter's factors are registered on their modules first, so they shard with their layer.
-    Gradients are summed (divide factor 1): the loss is already divided by the global token count."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    ad.register()
-    mesh = init_device_mesh(dev.split(":")[0], (world,))
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    done: list[str] = []
-    for mname, mod in model.named_modules():
-        if type(mod).__name__ in blocks and mname and not any(mname.startswith(d + ".") for d in done):
-            fully_shard(mod, mesh=mesh)
-            done.append(mname)
-    fully_shard(model, mesh=mesh)
-    for mod in model.modules():
-        if isinstance(mod, FSDPModule):
-            mod.set_gradient_divide_factor(1.0)
-            mod.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no PREMUL_SUM
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, job: dict[str, Any]) -> None:
     from ..catalog.library import Library
 
@@ -610,7 +557,7 @@ def _spawn(
             "data": str(data),
             "name": name,
             "nproc": nproc,
-            "port": _free_port(),
+            "port": free_port(),
             "device": device,
             "tags": list(tags),
             "description": description,
