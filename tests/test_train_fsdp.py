@@ -52,6 +52,7 @@ def test_fsdp_on_two_processes_equals_one_with_the_same_global_batch(hub: Hub, t
     one = hub.train("tiny", data, name="one", **opts)
     two = hub.train("tiny", data, name="two", nproc=2, fsdp=True, **opts)
     assert two.processes == 2 and two.adapter.name == "two"
+    assert one.weight_bytes / 2 <= two.weight_bytes < one.weight_bytes / 2 * 1.05  # half the weights each
     assert _gap(hub, "one", "two") < 1e-4
     assert two.losses == pytest.approx(one.losses, abs=1e-5)
     assert two.eval_losses[-1][1] == pytest.approx(one.eval_losses[-1][1], abs=1e-5)

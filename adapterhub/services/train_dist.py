@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["free_port", "join_group", "shard", "usable_threads"]
+__all__ = ["free_port", "held_bytes", "join_group", "shard", "usable_threads"]
 
 
 def usable_threads(nproc: int = 1) -> int:
@@ -68,3 +68,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def held_bytes(model: Any, ad: Any) -> int:
+    """Bytes of the weights (base and the adapter's factors) this process holds: under FSDP its shards."""
+    import torch
+
+    seen = {id(p) for p in model.parameters()}
+    tensors = [*model.parameters(), *(p for p in ad.parameters() if id(p) not in seen)]
+    total = 0
+    for p in tensors:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size() if isinstance(local, torch.Tensor) else 0
+    return total

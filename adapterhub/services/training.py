@@ -34,7 +34,7 @@ from ..errors import AdapterExistsError, AdapterHubError, BaseModelError, Invali
 from ..names import check_name, check_tags
 from .bases import base_dir
 from .train_data import batches, encode_rows, read_rows, split_eval
-from .train_dist import free_port, join_group, shard, usable_threads
+from .train_dist import free_port, held_bytes, join_group, shard, usable_threads
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
 from .train_state import RunFolder, keep_eval_loss
@@ -68,6 +68,7 @@ class TrainResult:
     eval_losses: tuple[tuple[int, float], ...] = ()
     resumed_from: int = 0
     processes: int = 1
+    weight_bytes: int = 0  # the model's weights (base and factors) the first process held while training
 
     @property
     def trainable_share(self) -> float:
@@ -94,6 +95,7 @@ class TrainResult:
             "device",
             "resumed_from",
             "processes",
+            "weight_bytes",
         )
         return {
             "adapter": self.adapter.to_dict(),
@@ -391,6 +393,7 @@ def _train(
             total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
             if o.fsdp:
                 shard(model, ad, dev, world)
+            weight_bytes = held_bytes(model, ad)
             tok = d.tokenizer
             names = [n for n, _ in ad.named_parameters()]
             loop = Loop(
@@ -486,6 +489,7 @@ def _train(
                 eval_losses=tuple(p.eval_losses),
                 resumed_from=resumed_from,
                 processes=world,
+                weight_bytes=weight_bytes,
             )
         finally:
             rt.detach()
