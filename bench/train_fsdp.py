@@ -2,7 +2,7 @@
 (``--fsdp``), the same run (same base, data, global batch, seed) in the same invocation.
 
     python bench/train_fsdp.py                 # a random Llama of ~100 MB in fp32 (8 layers, hidden 512)
-    python bench/train_fsdp.py --layers 16     # twice the layers
+    python bench/train_fsdp.py --layers 16 --hidden 1024   # ~0.8 GB
 
 Each case runs `Hub.train` in a process of its own, so its peak RSS is its own (the largest of the
 launcher and its ranks: ``ru_maxrss`` of the process and its children). Reported per case: seconds a
@@ -58,6 +58,7 @@ def _case(home: Path, data: Path, case: str, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--case", choices=sorted(CASES))
     ap.add_argument("--home")
@@ -75,8 +76,8 @@ def main() -> None:
         home, data = Path(tmp) / "home", jsonl(Path(tmp) / "t.jsonl", text_rows(64))
         base = tiny_base(
             Path(tmp) / "big",
-            hidden_size=512,
-            intermediate_size=1376,
+            hidden_size=a.hidden,
+            intermediate_size=a.hidden * 43 // 16,
             num_hidden_layers=a.layers,
             num_attention_heads=8,
             num_key_value_heads=8,
@@ -92,7 +93,9 @@ def main() -> None:
                 raise SystemExit(proc.stderr[-2000:])
             out[case] = json.loads(proc.stdout.strip().splitlines()[-1])
         ref = load_file(str(hub.library.files("one").weights))
-        print(f"random Llama, {a.layers} layers, hidden 512, fp32; {a.steps} steps of 8 rows; all-linear r=8")
+        print(
+            f"random Llama, {a.layers} layers, hidden {a.hidden}, fp32; {a.steps} steps of 8 rows; all-linear r=8"
+        )
         print(f"{'case':6} {'s/step':>8} {'weights/process':>16} {'peak RSS':>10} {'gap vs one':>11}")
         for case, r in out.items():
             got = load_file(str(hub.library.files(case).weights))

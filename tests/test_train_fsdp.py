@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.cli import Cli
 from helpers.trainkit import jsonl, text_rows, tiny_base
 
 from adapterhub import Hub, InvalidOptionError
@@ -45,6 +46,7 @@ def test_fsdp_on_two_processes_equals_one_with_the_same_global_batch(hub: Hub, t
         batch_size=5,  # 3 rows on one rank, 2 on the other: FSDP's ranks still run as many forwards
         grad_accum=2,
         lr=1e-2,
+        max_grad_norm=0.05,  # clipping acts: the norm of sharded gradients is the whole one
         seed=1,
         targets=["q_proj", "v_proj", "down_proj", "embed_tokens"],
         eval_fraction=0.25,
@@ -64,7 +66,9 @@ def test_fsdp_on_two_processes_equals_one_with_the_same_global_batch(hub: Hub, t
 @pytest.mark.slow
 def test_fsdp_run_killed_mid_run_resumes_to_the_single_process_adapter(hub: Hub, tmp_path: Path) -> None:
     data = jsonl(tmp_path / "t.jsonl", text_rows(16))
-    opts: dict[str, Any] = dict(steps=10, batch_size=4, lr=1e-2, seed=3, targets="all-linear", warmup=2)
+    opts: dict[str, Any] = dict(
+        steps=10, batch_size=4, lr=1e-2, seed=3, targets="all-linear", warmup=2, gradient_checkpointing=True
+    )
     hub.train("tiny", data, name="ref", **opts)
     script = textwrap.dedent(f"""
         import sys
@@ -111,3 +115,14 @@ def test_fsdp_dry_run_plan_shows_each_process_share(hub: Hub) -> None:
     assert half.gathered > 0 and half.optimizer <= whole.optimizer // 2 + 1
     text = "\n".join(half.lines())
     assert "each process 1/2 (FSDP)" in text and "per process" in text
+
+
+def test_fsdp_from_the_cli(hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = jsonl(tmp_path / "t.jsonl", text_rows(4))
+    cli = Cli(hub.home, capsys)
+    args = ["train", "tiny", "--data", str(data), "--name", "x", "--fsdp"]
+    out = cli(*args, "--nproc", "2", "--dry-run")
+    assert "each process 1/2 (FSDP)" in out and "gathered" in out and "per process" in out
+    cli(*args, code=1)
+    assert "give --nproc 2 or more" in cli.err and len(cli.err.strip().splitlines()) == 1
+    assert not hub.library.exists("x")
