@@ -15,7 +15,7 @@ count (transformers' ``num_items_in_batch``) and the ranks' gradients are summed
 processes or with accumulation computes the step a single process computes on the whole batch.
 
 With ``fsdp`` the model is sharded by FSDP2 (`training` calls ``fully_shard``): the factors are DTensor
-shards, FSDP's reduce-scatter sums their gradients (divide factor 1), every rank runs the same number of
+shards, FSDP's reduce-scatter sums their gradients (divide factor 1) once a step, every rank runs the same number of
 forwards (a rank short of rows runs one with weight 0, as FSDP's collectives need), and checkpoints
 hold the whole factors and optimizer states (gathered; rank 0 writes; on resume each rank keeps its
 shard), so a checkpoint is the same file with or without FSDP.
@@ -249,7 +249,10 @@ class Loop:
 
         count = sum(self._counted(self.encoded[i][1]) for i in rows)
         total = torch.zeros((), dtype=torch.float64)
-        for part, weight in self._micro(rows):
+        micro = self._micro(rows)
+        for i, (part, weight) in enumerate(micro):
+            if self.fsdp:  # FSDP reduce-scatters once a step, after the last micro-batch's backward
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
             loss = self._loss_sum(part, self.encoded, count)
             (loss if weight else loss * 0.0).backward()
             total += float(loss.detach()) * weight
