@@ -15,10 +15,10 @@ count (transformers' ``num_items_in_batch``) and the ranks' gradients are summed
 processes or with accumulation computes the step a single process computes on the whole batch.
 
 With ``fsdp`` the model is sharded by FSDP2 (`training` calls ``fully_shard``): the factors are DTensor
-shards, FSDP's reduce-scatter sums their gradients (divide factor 1) once a step, every rank runs the same number of
-forwards (a rank short of rows runs one with weight 0, as FSDP's collectives need), and checkpoints
-hold the whole factors and optimizer states (gathered; rank 0 writes; on resume each rank keeps its
-shard), so a checkpoint is the same file with or without FSDP.
+shards, FSDP's reduce-scatter sums their gradients (divide factor 1) once a step, every rank runs the
+same number of forwards (a rank short of rows runs one with weight 0, as FSDP's collectives need), and
+checkpoints hold the whole factors and optimizer states (gathered; rank 0 writes; on resume each rank
+keeps its shard), so a checkpoint is the same file with or without FSDP.
 """
 
 from __future__ import annotations
