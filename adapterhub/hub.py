@@ -443,7 +443,8 @@ class Hub:
         lineage (`adapterhub.services.training`). ``options``: ``rank``, ``alpha``, ``targets``, ``steps`` or
         ``epochs``, ``lr``, ``batch_size`` (global), ``max_length``, ``init``, ``seed``, ``schedule``, ``warmup``,
         ``max_grad_norm``, ``grad_accum``, ``gradient_checkpointing``, ``optim``, ``bf16``, ``eval_data`` or
-        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``quantize`` (nf4|int8)."""
+        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``quantize`` (nf4|int8), ``fsdp``
+        (``--fsdp``: with ``nproc`` >= 2, FSDP2 shards the base and the factors over the processes)."""
         from .services.training import train
 
         return train(

@@ -170,6 +170,9 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
     "--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Data-parallel processes."
 )
 @click.option(
+    "--fsdp", is_flag=True, help="Shard the base over the --nproc processes (FSDP2; for a big base)."
+)
+@click.option(
     "--log-every",
     type=click.IntRange(min=1),
     default=10,
@@ -210,7 +213,8 @@ def train_cmd(
 ) -> None:
     """Fine-tune a new LoRA adapter NAME on the causal LM BASE with the rows of --data (loss on the
     assistant / completion tokens), and catalog it with its lineage. The memory plan is printed first;
-    --nproc N (or `torchrun --nproc-per-node N -m adapterhub train ...`) trains data-parallel."""
+    --nproc N (or `torchrun --nproc-per-node N -m adapterhub train ...`) trains data-parallel; with
+    --fsdp each process holds 1/N of the base."""
     if options["steps"] is not None and options["epochs"] is not None:
         raise click.UsageError("give --steps or --epochs, not both")
     names = [t.strip() for t in targets.split(",") if t.strip()]

@@ -17,6 +17,11 @@ own dtype, the factors staying fp32 (mixed precision); on an fp32 model both are
 Once trained, ``rt.freeze(name)`` (also done by ``activate`` / ``rows`` / ``merge`` naming it) turns the
 factors into an ordinary resident adapter: from then on it is served, combined and merged like a loaded
 one. ``rt.save(name, path=...)`` writes a PEFT folder (factors only).
+
+For a wrapper that owns its modules' parameters (FSDP2's ``fully_shard``), ``ad.register()`` makes the
+factors parameters of the modules they adapt (``adapterhub_lora_A`` / ``_B``): the wrapper then shards,
+gathers and reduces them with the layer, and the hooks read them from the module. ``ad.gather()``
+(collective: every rank calls it) brings them back whole before ``save``.
 """
 
 from __future__ import annotations
@@ -97,6 +102,25 @@ class _Target:
     a: nn.Parameter  # (r, in); embedding: PEFT's lora_embedding_A (r, num)
     b: nn.Parameter  # (out, r); embedding: PEFT's lora_embedding_B (dim, r)
     handle: RemovableHandle | None = None
+    registered: bool = False  # the factors are the module's parameters REGISTERED_A / _B
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A, B) as the forward must use them: the module's own when registered (a wrapper such as
+        FSDP2 swaps them for gathered or sharded ones), else the ones made."""
+        if not self.registered:
+            return self.a, self.b
+        return getattr(self.module, REGISTERED + "_A"), getattr(self.module, REGISTERED + "_B")
+
+
+REGISTERED = "adapterhub_lora"
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 class TrainableAdapter:
@@ -123,17 +147,46 @@ class TrainableAdapter:
         self.lineage: dict[str, Any] = {}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for t in self.targets.values() for p in (t.a, t.b)]
+        return [p for t in self.targets.values() for p in t.factors()]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters under the names PEFT gives them (``<module>.lora_A.weight``, ...)."""
         for t in self.targets.values():
+            a, b = t.factors()
             if t.kind == "embedding":
-                yield f"{t.module_name}.lora_embedding_A", t.a
-                yield f"{t.module_name}.lora_embedding_B", t.b
+                yield f"{t.module_name}.lora_embedding_A", a
+                yield f"{t.module_name}.lora_embedding_B", b
             else:
-                yield f"{t.module_name}.lora_A.weight", t.a
-                yield f"{t.module_name}.lora_B.weight", t.b
+                yield f"{t.module_name}.lora_A.weight", a
+                yield f"{t.module_name}.lora_B.weight", b
+
+    def register(self) -> None:
+        """Make the factors parameters of the modules they adapt (``adapterhub_lora_A`` / ``_B``), so
+        that a wrapper owning the modules' parameters (FSDP2's ``fully_shard``) shards, gathers and
+        reduces them with their layer. One trainable adapter a module at a time."""
+        for t in self.targets.values():
+            if t.registered:
+                continue
+            if hasattr(t.module, REGISTERED + "_A"):
+                raise InvalidOptionError(f"{t.module_name} already holds the factors of another adapter")
+            t.module.register_parameter(REGISTERED + "_A", t.a)
+            t.module.register_parameter(REGISTERED + "_B", t.b)
+            t.registered = True
+
+    def gather(self) -> None:
+        """Undo `register`: the factors become whole tensors held by the adapter again. Sharded ones
+        (DTensors) are all-gathered, so under torch.distributed every rank must call this."""
+        for t in self.targets.values():
+            if not t.registered:
+                continue
+            whole = []
+            for p in t.factors():
+                d: Any = p.detach()
+                whole.append(nn.Parameter(d.full_tensor() if _is_sharded(d) else d, p.requires_grad))
+            t.a, t.b = whole
+            delattr(t.module, REGISTERED + "_A")
+            delattr(t.module, REGISTERED + "_B")
+            t.registered = False
 
     @property
     def num_params(self) -> int:
@@ -147,10 +200,12 @@ class TrainableAdapter:
         """The factors as `LoraWeights` (fp32 copies on the CPU), in the layout every writer takes."""
         modules: dict[str, LoraModule] = {}
         for t in self.targets.values():
-            a, b = (
-                t.a.detach().to("cpu", torch.float32).clone(),
-                t.b.detach().to("cpu", torch.float32).clone(),
-            )
+            fa, fb = t.factors()
+            if _is_sharded(fa) or _is_sharded(fb):
+                raise InvalidOptionError(
+                    f"the factors of {self.name} are sharded; call gather() on every process first"
+                )
+            a, b = fa.detach().to("cpu", torch.float32).clone(), fb.detach().to("cpu", torch.float32).clone()
             kind: Any = "linear"
             if t.kind == "embedding":  # LoraModule: A (r, dim), B the (num, r) table
                 a, b, kind = b.T.contiguous(), a.T.contiguous(), "embedding"
@@ -236,7 +291,9 @@ class Trainer:
         self.state = state
         self.dtype = dtype
         self.adapters: dict[str, TrainableAdapter] = {}
-        self._flags: list[tuple[nn.Parameter, bool]] | None = None  # base requires_grad, as given
+        # base requires_grad as given, by module and name: no reference that would keep a parameter a
+        # wrapper replaced (FSDP2 swaps each for its shard) alive
+        self._flags: list[tuple[nn.Module, str, bool]] | None = None
         self._input_hook: RemovableHandle | None = None
 
     @property
@@ -307,7 +364,11 @@ class Trainer:
 
     def _freeze_base(self) -> None:
         if self._flags is None:
-            self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            self._flags = [
+                (m, n, p.requires_grad)
+                for m in self.model.modules()
+                for n, p in m.named_parameters(recurse=False)
+            ]
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -348,8 +409,8 @@ class Trainer:
             if t.handle is not None:
                 t.handle.remove()
                 t.handle = None
-            t.a.requires_grad_(False)
-            t.b.requires_grad_(False)
+            for p in t.factors():
+                p.requires_grad_(False)
         ad.trainable = False
         return ad
 
@@ -367,8 +428,10 @@ class Trainer:
             self._input_hook.remove()
             self._input_hook = None
         if self._flags is not None:
-            for p, flag in self._flags:
-                p.requires_grad_(flag)
+            for m, n, flag in self._flags:
+                p = getattr(m, n, None)
+                if isinstance(p, torch.Tensor):
+                    p.requires_grad_(flag)
             self._flags = None
 
 
@@ -383,9 +446,10 @@ class _Hook:
         if not ad.enabled or self.trainer.state.passthrough or not isinstance(output, torch.Tensor):
             return None
         x = args[0] if args else next(iter(kwargs.values()))
+        a, b = t.factors()
         if t.kind == "embedding":
-            h = F.embedding(x, t.a.T)  # PEFT: embedding of lora_embedding_A.T, then @ lora_embedding_B.T
-            y = (h @ t.b.T) * ad.scale
+            h = F.embedding(x, a.T)  # PEFT: embedding of lora_embedding_A.T, then @ lora_embedding_B.T
+            y = (h @ b.T) * ad.scale
             scale = getattr(module, "embed_scale", None)
             if scale is not None:
                 y = y * (scale.to(y.dtype) if isinstance(scale, torch.Tensor) else scale)
@@ -393,7 +457,7 @@ class _Hook:
             if ad.dropout and module.training:
                 x = F.dropout(x, ad.dropout, training=True)
             dtype = self.trainer.dtype or output.dtype
-            y = lora_term(x, t.a, t.b, ad.scale, dtype)
+            y = lora_term(x, a, b, ad.scale, dtype)
         out = output + y
         return out if out.dtype == output.dtype else out.to(output.dtype)
 

@@ -13,6 +13,12 @@ Every step's loss is the mean over the label tokens of the whole global batch (`
 over ``--grad-accum`` micro-batches and all ranks): each micro-batch's summed loss is divided by that
 count (transformers' ``num_items_in_batch``) and the ranks' gradients are summed, so a run on N
 processes or with accumulation computes the step a single process computes on the whole batch.
+
+With ``fsdp`` the model is sharded by FSDP2 (`training` calls ``fully_shard``): the factors are DTensor
+shards, FSDP's reduce-scatter sums their gradients (divide factor 1) once a step, every rank runs the
+same number of forwards (a rank short of rows runs one with weight 0, as FSDP's collectives need), and
+checkpoints hold the whole factors and optimizer states (gathered; rank 0 writes; on resume each rank
+keeps its shard), so a checkpoint is the same file with or without FSDP.
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ class Loop:
     factor_names: list[str] = field(default_factory=list)
     on_step: StepCallback | None = None
     on_log: LogCallback | None = None
+    fsdp: bool = False
     progress: Progress = field(default_factory=Progress)
 
     def __post_init__(self) -> None:
@@ -140,8 +147,14 @@ class Loop:
         factors, opt_state, state = RunFolder.load(where)
         with torch.no_grad():
             for n, p in zip(self.factor_names, self.params, strict=True):
-                p.copy_(factors[n].to(p.device, p.dtype))
+                p.copy_(_like(factors[n], p))
         self.opt.load_state_dict(opt_state)
+        if self.fsdp:  # the optimizer's states were saved whole: keep this rank's shard
+            for p in self.params:
+                st = self.opt.state.get(p, {})
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                        st[k] = _like(v, p)
         self.sched.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -157,16 +170,24 @@ class Loop:
     def _checkpoint(self) -> None:
         import torch
 
-        if self.folder is None or self.rank != 0:
+        if self.folder is None or (self.rank != 0 and not self.fsdp):
             return
+        factors = {n: _whole(t) for n, t in zip(self.factor_names, self.params, strict=True)}
+        opt_state = self.opt.state_dict()
+        if self.fsdp:  # gather every rank's shard of the optimizer's states (collective)
+            for i in sorted(opt_state["state"]):
+                st = opt_state["state"][i]
+                opt_state["state"][i] = {k: _whole(st[k]) for k in sorted(st)}
+            if self.rank != 0:
+                return
         p = self.progress
         rng = {"cpu": torch.get_rng_state()}
         if self.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
         self.folder.save(
             p.step,
-            dict(zip(self.factor_names, self.params, strict=True)),
-            self.opt.state_dict(),
+            factors,
+            opt_state,
             {
                 "step": p.step,
                 "tokens": p.tokens,
@@ -228,17 +249,21 @@ class Loop:
         import torch
 
         count = sum(self._counted(self.encoded[i][1]) for i in rows)
-        mine = rows[self.rank :: self.world]
-        size = max(1, math.ceil(len(mine) / self.grad_accum))
         total = torch.zeros((), dtype=torch.float64)
-        for at in range(0, len(mine), size):
-            loss = self._loss_sum(mine[at : at + size], self.encoded, count)
-            loss.backward()
-            total += float(loss.detach())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self._all_reduce([*grads, total.reshape(1)])
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = g
+        micro = self._micro(rows)
+        for i, (part, weight) in enumerate(micro):
+            if self.fsdp:  # FSDP reduce-scatters once a step, after the last micro-batch's backward
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            loss = self._loss_sum(part, self.encoded, count)
+            (loss if weight else loss * 0.0).backward()
+            total += float(loss.detach()) * weight
+        if self.fsdp:  # FSDP's reduce-scatter has summed the gradients into each rank's shard
+            self._all_reduce([total.reshape(1)])
+        else:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            self._all_reduce([*grads, total.reshape(1)])
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.opt.step()
@@ -247,17 +272,27 @@ class Loop:
         self.progress.tokens += sum(len(self.encoded[i][0]) for i in rows)
         return float(total)
 
+    def _micro(self, rows: list[int], size: int | None = None) -> list[tuple[list[int], int]]:
+        """This rank's micro-batches of ``rows`` with their weights (1; 0 for the forward a rank short of
+        rows runs under FSDP, whose collectives need every rank to run as many)."""
+        per = math.ceil(len(rows) / self.world)
+        mine = rows[self.rank :: self.world]
+        size = size or max(1, math.ceil((per if self.fsdp else len(mine)) / self.grad_accum))
+        out = [(mine[at : at + size], 1) for at in range(0, len(mine), size)]
+        if self.fsdp:
+            out += [([rows[0]], 0)] * (math.ceil(per / size) - len(out))
+        return out
+
     def evaluate(self) -> float:
         import torch
 
-        rows = list(range(len(self.eval_encoded)))[self.rank :: self.world]
         count = sum(self._counted(lab) for _, lab in self.eval_encoded)
         size = max(1, len(self.plan[0]) // self.world // self.grad_accum)
         total = torch.zeros(1, dtype=torch.float64)
         self.model.eval()
         with torch.no_grad():
-            for at in range(0, len(rows), size):
-                total += float(self._loss_sum(rows[at : at + size], self.eval_encoded, count))
+            for part, weight in self._micro(list(range(len(self.eval_encoded))), size):
+                total += float(self._loss_sum(part, self.eval_encoded, count)) * weight
         self.model.train()
         self._all_reduce([total])
         return float(total)
@@ -307,3 +342,31 @@ class Loop:
                 self.on_log(record)
         self.model.eval()
         return p
+
+
+def _whole(t: Any) -> Any:
+    """A tensor whole: a DTensor shard all-gathered (collective), others as they are."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.detach()
+    if not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: Any, p: Any) -> Any:
+    """The whole tensor ``full`` as ``p`` holds it: on its device and dtype, and sharded as ``p`` is when
+    ``p`` is a DTensor."""
+    import torch
+
+    if not torch.distributed.is_available():
+        return full.to(p.device, p.dtype)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        return distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements)
+    return full.to(p.device, p.dtype)

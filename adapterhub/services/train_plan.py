@@ -8,10 +8,15 @@ fp32 absmax per 256 of those (4.127 bits, as in the QLoRA paper); int8 is a byte
 scale per output row; layers bitsandbytes leaves alone (the output layer, embeddings, norms) stay in the
 compute dtype. AdamW keeps two fp32 states a factor, the 8-bit AdamW of bitsandbytes two bytes (and its
 paged variant moves them to host memory under pressure).
+
+Under FSDP (``shards`` = N processes) the weights, factors, gradients and optimizer states are each
+process's 1/N, plus the whole weights of the two decoder layers FSDP holds gathered at a time (the one
+running and the one prefetched).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +45,12 @@ class MemoryPlan:
     available: int | None  # bytes the device has free (None: unknown)
     trainable_params: int
     base_params: int
+    shards: int = 1  # FSDP: the processes the weights are sharded over (the sizes are one process's)
+    gathered: int = 0  # FSDP: bytes of the layers gathered whole at a time
 
     @property
     def total(self) -> int:
-        return self.base + self.adapter + self.gradients + self.optimizer + self.activations
+        return self.base + self.adapter + self.gradients + self.optimizer + self.activations + self.gathered
 
     @property
     def fits(self) -> bool | None:
@@ -61,19 +68,24 @@ class MemoryPlan:
             "available",
             "trainable_params",
             "base_params",
+            "shards",
+            "gathered",
         )
         return {**{k: getattr(self, k) for k in keys}, "total": self.total, "fits": self.fits}
 
     def lines(self) -> list[str]:
         q = self.quantize or "unquantized"
+        per = f"; each process 1/{self.shards} (FSDP)" if self.shards > 1 else ""
         out = [
-            f"base weights   {_size(self.base)}  ({self.base_params:,} parameters, {q})",
-            f"adapter        {_size(self.adapter)}  ({self.trainable_params:,} fp32 parameters)",
+            f"base weights   {_size(self.base)}  ({self.base_params:,} parameters, {q}{per})",
+            f"adapter        {_size(self.adapter)}  ({self.trainable_params:,} fp32 parameters{per})",
             f"gradients      {_size(self.gradients)}",
             f"optimizer      {_size(self.optimizer)}",
             f"activations    {_size(self.activations)}  (estimate, one micro-batch)",
-            f"total          {_size(self.total)}",
         ]
+        if self.shards > 1:
+            out.append(f"gathered       {_size(self.gathered)}  (FSDP: two layers' weights whole at a time)")
+        out.append(f"total          {_size(self.total)}" + (" per process" if self.shards > 1 else ""))
         if self.available is None:
             out.append(f"device {self.device}: free memory unknown")
         else:
@@ -118,9 +130,10 @@ def memory_plan(
     gradient_checkpointing: bool = False,
     optim: str = "adamw",
     device: str = "cpu",
+    shards: int = 1,
 ) -> MemoryPlan:
     """The plan for a transformers ``config`` (``dtype``: the weights' dtype, ``None`` the config's;
-    quantized bases compute in bf16)."""
+    quantized bases compute in bf16; ``shards``: the FSDP processes, 1 for none)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -168,15 +181,27 @@ def memory_plan(
     else:
         activations = layers * per_layer
     activations += 2 * tokens * vocab * 4  # fp32 logits for the loss, and their gradient
+    gathered = 0
+    if shards > 1:
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        layer = next((m for m in model.modules() if type(m).__name__ in blocks), None)
+        per_layer_weights = sum(p.numel() for p in layer.parameters()) * wbytes if layer is not None else 0
+        gathered = 2 * per_layer_weights
+
+    def share(n: float) -> int:
+        return int(math.ceil(n / shards))
+
     return MemoryPlan(
-        base=int(base),
-        adapter=4 * trainable,
-        gradients=4 * trainable,
-        optimizer=int(OPTIMIZERS[optim] * trainable),
+        base=share(base),
+        adapter=share(4 * trainable),
+        gradients=share(4 * trainable),
+        optimizer=share(OPTIMIZERS[optim] * trainable),
         activations=int(activations),
         quantize=quantize,
         device=device,
         available=_available(device),
         trainable_params=trainable,
         base_params=len(seen) and sum(p.numel() for p in model.parameters()),
+        shards=shards,
+        gathered=int(gathered),
     )

@@ -9,7 +9,10 @@ checkpointing and bf16 autocast, evaluation every ``eval_every`` steps, and a ch
 ``HOME/training/<quoted NAME>/`` (owned by the live run: `RunFolder`) every ``save_every`` steps
 (``resume=True`` continues a stopped run exactly). The base may be quantized (``quantize="nf4"|
 "int8"``: QLoRA). With ``nproc`` > 1 (or under ``torchrun``) the run is data-parallel over
-``torch.distributed``; ``batch_size`` stays the global batch.
+``torch.distributed``; ``batch_size`` stays the global batch. ``fsdp=True`` (``--fsdp``) shards the
+base over those processes with FSDP2 (``fully_shard`` per decoder layer, the rest under the root), the
+adapter's factors with their layer, so each process holds about 1/N of the weights: for a base too big
+for one device. Bitsandbytes-quantized bases are not sharded (``quantize`` with ``fsdp`` is refused).
 
 The adapter reaches the catalog only after the last step, through `Library.ingest` with a lineage row
 (``method: train``; base fingerprint, data sha256, steps, losses, eval loss, hyperparameters,
@@ -31,6 +34,7 @@ from ..errors import AdapterExistsError, AdapterHubError, BaseModelError, Invali
 from ..names import check_name, check_tags
 from .bases import base_dir
 from .train_data import batches, encode_rows, read_rows, split_eval
+from .train_dist import free_port, held_bytes, join_group, shard, usable_threads
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
 from .train_state import RunFolder, keep_eval_loss
@@ -64,6 +68,7 @@ class TrainResult:
     eval_losses: tuple[tuple[int, float], ...] = ()
     resumed_from: int = 0
     processes: int = 1
+    weight_bytes: int = 0  # the model's weights (base and factors) the first process held while training
 
     @property
     def trainable_share(self) -> float:
@@ -90,6 +95,7 @@ class TrainResult:
             "device",
             "resumed_from",
             "processes",
+            "weight_bytes",
         )
         return {
             "adapter": self.adapter.to_dict(),
@@ -97,21 +103,6 @@ class TrainResult:
             "losses": list(self.losses),
             "eval_losses": [list(e) for e in self.eval_losses],
         }
-
-
-def usable_threads(nproc: int = 1) -> int:
-    """Torch threads for one of ``nproc`` training processes: the cores this process may run on
-    (``os.sched_getaffinity``) less those other work keeps busy (the 1-minute load average), shared out;
-    at least one. ``OMP_NUM_THREADS`` given by the user wins."""
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, (cores - min(busy, cores - 1)) // max(1, nproc))
 
 
 @dataclass(frozen=True)
@@ -141,6 +132,7 @@ class _Options:
     save_every: int | None = None
     group_by_length: bool = True
     quantize: str | None = None
+    fsdp: bool = False
 
     def check(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -173,6 +165,16 @@ class _Options:
                 raise InvalidOptionError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
         if self.eval_data is not None and self.eval_fraction is not None:
             raise InvalidOptionError("give --eval-data or --eval-fraction, not both")
+        if self.fsdp and self.quantize is not None:
+            raise InvalidOptionError(
+                "--fsdp does not shard a bitsandbytes-quantized base; drop --quantize or --fsdp"
+            )
+
+    def check_processes(self, processes: int) -> None:
+        if self.fsdp and processes < 2:
+            raise InvalidOptionError(
+                "--fsdp shards the base over processes; give --nproc 2 or more (or run under torchrun)"
+            )
 
     def record(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -244,6 +246,7 @@ def plan(
     from .running import pick_device
 
     o = _options(**options)
+    o.check_processes(nproc)
     folder = base_dir(lib, base)
     try:
         config = AutoConfig.from_pretrained(str(folder))
@@ -264,6 +267,7 @@ def plan(
         optim=o.optim,
         device=dev,
         dtype=None if dev.startswith("cuda") else "float32",
+        shards=nproc if o.fsdp else 1,
     )
 
 
@@ -296,6 +300,7 @@ def train(
         raise InvalidOptionError(f"nproc must be at least 1, got {nproc}")
     if world > 1 and nproc > 1:
         raise InvalidOptionError("give --nproc or run under torchrun, not both")
+    o.check_processes(max(nproc, world))
     if lib.exists(name):
         raise AdapterExistsError(name)
     d = _read(lib, base, data, o)
@@ -355,14 +360,7 @@ def _train(
     from .running import attach, load_base, pick_device, registered_base
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dev = pick_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    dev = join_group(pick_device(device), rank, world)
     torch.set_num_threads(usable_threads(world))
     folder = RunFolder(lib.home, name)
     record = {**o.record(), "data_sha256": d.digest, "eval_sha256": d.eval_digest, "processes": world}
@@ -373,7 +371,11 @@ def _train(
     try:
         bf16 = o.bf16 if o.bf16 is not None else (dev.startswith("cuda") and torch.cuda.is_bf16_supported())
         model, _ = load_base(
-            lib, base, device=dev, dtype="auto" if dev.startswith("cuda") else "float32", quantize=o.quantize
+            lib,
+            base,
+            device="cpu" if o.fsdp else dev,  # fully_shard moves each layer's shard to the device
+            dtype="auto" if dev.startswith("cuda") else "float32",
+            quantize=o.quantize,
         )
         if o.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
@@ -389,6 +391,9 @@ def _train(
         try:
             ad = rt.create(name, rank=o.rank, alpha=o.alpha, targets=o.targets, init=o.init, seed=o.seed)
             total_params = sum(p.numel() for p in model.parameters()) + ad.num_params
+            if o.fsdp:
+                shard(model, ad, dev, world)
+            weight_bytes = held_bytes(model, ad)
             tok = d.tokenizer
             names = [n for n, _ in ad.named_parameters()]
             loop = Loop(
@@ -418,6 +423,7 @@ def _train(
                 factor_names=names,
                 on_step=on_step,
                 on_log=on_log,
+                fsdp=o.fsdp,
             )
             if start is not None:
                 loop.resume(start)
@@ -440,10 +446,13 @@ def _train(
                 gradient_checkpointing=o.gradient_checkpointing,
                 bf16=bf16,
                 processes=world,
+                fsdp=o.fsdp,
                 max_length=o.max_length,
                 eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
                 eval_sha256=d.eval_digest,
             )
+            if o.fsdp:
+                ad.gather()  # every rank: the whole factors for rank 0 to write
             if rank == 0:
                 adapter = rt.save(name, tags=tags, description=description)
                 if p.eval_losses:
@@ -480,6 +489,7 @@ def _train(
                 eval_losses=tuple(p.eval_losses),
                 resumed_from=resumed_from,
                 processes=world,
+                weight_bytes=weight_bytes,
             )
         finally:
             rt.detach()
@@ -488,14 +498,6 @@ def _train(
 
 
 # ------------------------------------------------------------------ many processes
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, job: dict[str, Any]) -> None:
     from ..catalog.library import Library
 
@@ -559,7 +561,7 @@ def _spawn(
             "data": str(data),
             "name": name,
             "nproc": nproc,
-            "port": _free_port(),
+            "port": free_port(),
             "device": device,
             "tags": list(tags),
             "description": description,
