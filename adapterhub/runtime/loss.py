@@ -12,8 +12,9 @@ their count) from the decoder's hidden states:
 - they go in chunks of ``chunk`` rows, each under activation checkpointing, so one chunk's logits live
   at a time, in the forward and again in the backward.
 
-Models whose head does more than a linear map (logit soft-capping, logit scales) or whose layout is not
-``base_model`` + output embeddings take the model's own loss instead (``supported`` says which).
+Models whose head does more than a linear map (logit soft-capping, logit scales), whose layout is not
+``base_model`` + output embeddings, or that FSDP wraps at the root (its hooks gather the root's shards
+around ``model.forward`` only) take the model's own loss instead (``supported`` says which).
 """
 
 from __future__ import annotations
@@ -39,8 +40,18 @@ def supported(model: Any) -> bool:
         return False
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return False
+    if _fsdp_root(model):
+        return False
     prefix = getattr(model, "base_model_prefix", "")
     return bool(prefix) and hasattr(model, prefix) and model.get_output_embeddings() is not None
+
+
+def _fsdp_root(model: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _chunk_loss(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
