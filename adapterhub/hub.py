@@ -443,7 +443,8 @@ class Hub:
         lineage (`adapterhub.services.training`). ``options``: ``rank``, ``alpha``, ``targets``, ``steps`` or
         ``epochs``, ``lr``, ``batch_size`` (global), ``max_length``, ``init``, ``seed``, ``schedule``, ``warmup``,
         ``max_grad_norm``, ``grad_accum``, ``gradient_checkpointing``, ``optim``, ``bf16``, ``eval_data`` or
-        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``quantize`` (nf4|int8)."""
+        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``packing`` (rows of ``max_length`` tokens, each
+        example attending only to itself), ``quantize`` (nf4|nf4-all|int8)."""
         from .services.training import train
 
         return train(

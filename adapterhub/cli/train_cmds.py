@@ -155,6 +155,11 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
     show_default=True,
     help="Batch rows of similar length.",
 )
+@click.option(
+    "--packing",
+    is_flag=True,
+    help="Pack examples into rows of --max-length tokens (each attends only to itself).",
+)
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="JSONL rows for the eval loss.")
 @click.option(
     "--eval-fraction",

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AdapterExistsError, AdapterHubError, BaseModelError, InvalidOptionError
 from ..names import check_name, check_tags
 from .bases import base_dir
-from .train_data import batches, encode_rows, read_rows, split_eval
+from .train_data import batches, encode_rows, pack, read_rows, split_eval
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
 from .train_state import RunFolder, keep_eval_loss
@@ -140,6 +140,7 @@ class _Options:
     eval_every: int | None = None
     save_every: int | None = None
     group_by_length: bool = True
+    packing: bool = False
     quantize: str | None = None
 
     def check(self) -> None:
@@ -383,7 +384,8 @@ def _train(
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        total = _total_steps(o, len(d.encoded))
+        rows = pack(d.encoded, o.max_length) if o.packing else d.encoded
+        total = _total_steps(o, len(rows))
         info = registered_base(lib, model)
         rt = attach(lib, model, base=info.name if info else None)
         try:
@@ -394,11 +396,9 @@ def _train(
             loop = Loop(
                 model=model,
                 params=[p for _, p in ad.named_parameters()],
-                encoded=d.encoded,
+                encoded=rows,
                 eval_encoded=d.eval_encoded,
-                plan=batches(
-                    [len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length
-                ),
+                plan=batches([len(r[0]) for r in rows], o.batch_size, total, o.seed, group=o.group_by_length),
                 device=dev,
                 pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
                 lr=o.lr,
@@ -441,6 +441,7 @@ def _train(
                 bf16=bf16,
                 processes=world,
                 max_length=o.max_length,
+                packing=o.packing,
                 eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
                 eval_sha256=d.eval_digest,
             )
@@ -466,7 +467,7 @@ def _train(
             return TrainResult(
                 adapter=adapter,
                 steps=total,
-                epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
+                epochs=total * min(o.batch_size, len(rows)) / len(rows),
                 first_loss=p.losses[0],
                 last_loss=p.losses[-1],
                 trainable_params=ad.num_params,
