@@ -375,8 +375,8 @@ class Hub:
                   quantize: str | None = None) -> tuple[Any, Any]:  # fmt: skip
         """(transformers model, tokenizer) of a registered base or checkpoint folder, on ``device``
         (default: CUDA when there is one): a causal LM, or an encoder for embedding models. ``quantize``
-        ``"nf4"`` or ``"int8"`` loads its linear layers through bitsandbytes (QLoRA's 4-bit base). The
-        tokenizer is ``None`` when the folder has no tokenizer files."""
+        ``"nf4"`` or ``"int8"`` loads its linear layers through bitsandbytes (QLoRA's 4-bit base);
+        ``"nf4-all"`` also its input embedding and output layer (NF4). The tokenizer is ``None`` when the folder has no tokenizer files."""
         return running.load_base(self.library, base, device=device, dtype=dtype, quantize=quantize)
 
     def attach(self, model: Any, *, dtype: Any = None) -> Runtime:

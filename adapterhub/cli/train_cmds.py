@@ -148,7 +148,11 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
     help="Optimizer (8-bit ones: bitsandbytes).",
 )
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on a GPU that supports it).")
-@click.option("--quantize", type=click.Choice(["nf4", "int8"]), help="Load the base quantized (QLoRA: nf4).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "nf4-all", "int8"]),
+    help="Load the base quantized (QLoRA: nf4; nf4-all: the embeddings and output layer too).",
+)
 @click.option(
     "--group-by-length/--no-group-by-length",
     default=True,
