@@ -132,3 +132,35 @@ def test_the_plan_counts_nf4_all_embeddings() -> None:
     every = memory_plan(cfg, targets="all-linear", rank=8, quantize="nf4-all", device="cpu")
     assert 0.38 < nf4.base / full.base < 0.45  # SmolLM2's shape: the bf16 embedding is most of it
     assert every.base / full.base < 0.3
+
+
+def test_an_evaluation_leaves_the_4bit_gradients_intact(hub: Hub) -> None:
+    """bitsandbytes repacks a Linear4bit's weight for a CPU kernel without backward on the first forward
+    in eval mode without grad (AVX512-BF16 CPUs); training turns that off, so an evaluation between two
+    steps changes no gradient."""
+    from adapterhub.services.quantized import for_training
+
+    model, _ = hub.load_base("tiny", device="cpu", quantize="nf4")
+    for_training(model)
+    rt = hub.attach(model)
+    ad = rt.create("g", rank=4, targets="all-linear", seed=0)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3, 8, 2]])
+
+    def grads() -> list[torch.Tensor]:
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        out = [p.grad.clone() for p in ad.parameters()]
+        for p in ad.parameters():
+            p.grad = None
+        return out
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    for a, b in zip(before, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+    rt.detach()

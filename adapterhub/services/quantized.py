@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TiedLinear4bit", "quantize_embeddings"]
+__all__ = ["TiedLinear4bit", "for_training", "quantize_embeddings"]
 
 
 def _bnb() -> Any:
@@ -90,3 +90,15 @@ def quantize_embeddings(model: Any) -> None:
             h.bias = head.bias
         h.requires_grad_(False)
         model.set_output_embeddings(h)
+
+
+def for_training(model: Any) -> None:
+    """Keep ``model``'s bitsandbytes 4-bit linears differentiable on a CPU with AVX512-BF16: in eval mode
+    without grad, ``Linear4bit`` repacks its weight once for a faster CPU kernel (``gemv_4bit``) that has
+    no backward, and every later training step would then drop the gradient through the base weights
+    (measured: the early layers' factor gradients 10x too small after one evaluation). Training turns
+    that repacking off; ``run`` and ``serve`` keep it."""
+    bnb = _bnb()
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False

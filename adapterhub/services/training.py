@@ -384,6 +384,10 @@ def _train(
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if o.quantize is not None and o.quantize.startswith("nf4"):
+            from .quantized import for_training
+
+            for_training(model)  # an evaluation must not turn the 4-bit layers' backward off
         rows = pack(d.encoded, o.max_length) if o.packing else d.encoded
         total = _total_steps(o, len(rows))
         info = registered_base(lib, model)
