@@ -167,6 +167,7 @@ def main() -> None:
     )
     ap.add_argument("--base", help="with --weights: this checkpoint folder instead of SmolLM2 from its GGUF")
     ap.add_argument("--packing", action="store_true", help="hub.train tokens/s: packing vs length-grouped")
+    ap.add_argument("--rows", type=int, default=96, help="with --packing: rows of mixed length")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -182,7 +183,7 @@ def main() -> None:
     if args.packing:
         from train_runs import packing
 
-        packing(steps=args.steps or 8, threads=args.threads or 1, out=args.json)
+        packing(rows_n=args.rows, threads=args.threads or 1, out=args.json)
         return
     if args.trainers:
         from train_runs import compare

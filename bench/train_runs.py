@@ -256,11 +256,12 @@ def weights(*, threads: int, base: str | None = None) -> None:
 
 
 # ------------------------------------------------------------------ --packing: tokens/s
-def packing(*, steps: int, threads: int, out: str | None) -> None:
+def packing(*, rows_n: int, threads: int, out: str | None) -> None:
     """`hub.train` tokens/s (tokens of the examples, padding not counted) with plain batches (padded to
     their longest row), length-grouped batches and ``packing=True``, on rows of mixed length (about 4 to
     256 tokens, log-uniform), a random Llama of 4 layers x 768 (vocab 32000) with the tests' tiny
-    tokenizer; the runs interleaved over rounds in one process, so they share the machine's noise."""
+    tokenizer. Each run is one epoch over the same rows (the same tokens, in fewer and fuller rows when
+    packed), the runs interleaved over rounds in one process, so they share the machine's noise."""
     import random
 
     import torch
@@ -286,7 +287,7 @@ def packing(*, steps: int, threads: int, out: str | None) -> None:
         ).save_pretrained(str(work / "small"))  # fmt: skip
         tok.save_pretrained(str(work / "small"))
         rows = []
-        for _ in range(256):
+        for _ in range(rows_n):
             n = int(2 ** rng.uniform(1, 7))  # 2 to 127 words: about 4 to 250 tokens
             text = [rng.choice(words) for _ in range(n)]
             while len(tok(" ".join(text))["input_ids"]) > 250:
@@ -297,7 +298,7 @@ def packing(*, steps: int, threads: int, out: str | None) -> None:
         results: dict[str, list[float]] = {"padded": [], "length-grouped": [], "packing": []}
         with Hub(work / "home") as hub:
             hub.add_base(work / "small", name="b")
-            opts = dict(rank=16, alpha=32, targets=PROJ, steps=steps, batch_size=8, max_length=256, seed=0)
+            opts = dict(rank=16, alpha=32, targets=PROJ, epochs=1.0, batch_size=8, max_length=256, seed=0)
             for r in range(3):
                 for label in results:
                     res = hub.train(
@@ -310,12 +311,12 @@ def packing(*, steps: int, threads: int, out: str | None) -> None:
                         **opts,
                     )
                     results[label].append(res.tokens_per_second)
-                    print(f"# round {r} {label}: {res.tokens} tokens in {res.seconds:.1f} s, "
+                    print(f"# round {r} {label}: {res.tokens} tokens in {res.steps} steps, {res.seconds:.1f} s, "
                           f"{res.tokens_per_second:.0f} tokens/s", flush=True)  # fmt: skip
         lengths = sorted(len(tok(r["text"])["input_ids"]) for r in rows)
         print(
-            f"# 256 rows, tokens: min {lengths[0]}, median {lengths[128]}, max {lengths[-1]}; "
-            f"batch 8, --max-length 256, {steps} steps a run, {threads} thread(s)"
+            f"# {rows_n} rows, tokens: min {lengths[0]}, median {lengths[rows_n // 2]}, max {lengths[-1]}; "
+            f"batch 8, --max-length 256, one epoch a run, {threads} thread(s)"
         )
         ref = statistics.median(results["length-grouped"])
         print("| batches | tokens/s (median of 3) | vs length-grouped |\n|---|---|---|")

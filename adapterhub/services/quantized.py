@@ -57,7 +57,7 @@ def quantize_embeddings(model: Any) -> None:
     """Quantize ``model``'s input embedding and output layer to NF4 in place (see the module's docstring).
     The model's linear layers are bitsandbytes' already (``load_base(quantize="nf4")``)."""
     bnb = _bnb()
-    from bitsandbytes.nn import Params4bit
+    Params4bit: Any = bnb.nn.Params4bit  # noqa: N806 - the class's own name
 
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
