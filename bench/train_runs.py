@@ -295,19 +295,27 @@ def packing(*, rows_n: int, threads: int, out: str | None) -> None:
             rows.append({"text": " ".join(text)})
         data = work / "mixed.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        results: dict[str, list[float]] = {"padded": [], "length-grouped": [], "packing": []}
+        #: label -> (packing, group by length, rows a step)
+        cases = {
+            "padded, 8 rows a step": (False, False, 8),
+            "length-grouped, 8 rows a step": (False, True, 8),
+            "packing, 8 rows of 256 a step": (True, True, 8),
+            "packing, 2 rows of 256 a step": (True, True, 2),
+        }
+        results: dict[str, list[float]] = {k: [] for k in cases}
         with Hub(work / "home") as hub:
             hub.add_base(work / "small", name="b")
-            opts = dict(rank=16, alpha=32, targets=PROJ, epochs=1.0, batch_size=8, max_length=256, seed=0)
+            opts = dict(rank=16, alpha=32, targets=PROJ, epochs=1.0, max_length=256, seed=0)
             for r in range(3):
-                for label in results:
+                for i, (label, (packed, group, size)) in enumerate(cases.items()):
                     res = hub.train(
                         "b",
                         data,
-                        name=f"{label}-{r}",
+                        name=f"case{i}-{r}",
                         device="cpu",
-                        packing=label == "packing",
-                        group_by_length=label != "padded",
+                        packing=packed,
+                        group_by_length=group,
+                        batch_size=size,
                         **opts,
                     )
                     results[label].append(res.tokens_per_second)
@@ -316,9 +324,9 @@ def packing(*, rows_n: int, threads: int, out: str | None) -> None:
         lengths = sorted(len(tok(r["text"])["input_ids"]) for r in rows)
         print(
             f"# {rows_n} rows, tokens: min {lengths[0]}, median {lengths[rows_n // 2]}, max {lengths[-1]}; "
-            f"batch 8, --max-length 256, one epoch a run, {threads} thread(s)"
+            f"--max-length 256, one epoch a run, {threads} thread(s)"
         )
-        ref = statistics.median(results["length-grouped"])
+        ref = statistics.median(results["length-grouped, 8 rows a step"])
         print("| batches | tokens/s (median of 3) | vs length-grouped |\n|---|---|---|")
         for label, v in results.items():
             print(f"| {label} | {statistics.median(v):.0f} | {statistics.median(v) / ref:.2f}x |")
