@@ -256,6 +256,26 @@ def weights(*, threads: int, base: str | None = None) -> None:
 
 
 # ------------------------------------------------------------------ --packing: tokens/s
+def positions_per_token(lengths: list[int], *, max_length: int, seed: int = 0) -> dict[str, float]:
+    """Positions the model computes per example token over one epoch (1.0: no padding), per batching;
+    deterministic, so it says what the noisy tokens/s of a shared machine should show."""
+    from adapterhub.services.train_data import batches, pack
+
+    fake = [([0] * n, [0] * n) for n in lengths]
+    packed = [len(r[0]) for r in pack(fake, max_length)]
+    out = {}
+    for label, rows, size, group in (
+        ("padded, 8 rows a step", lengths, 8, False),
+        ("length-grouped, 8 rows a step", lengths, 8, True),
+        ("packing, 8 rows of 256 a step", packed, 8, True),
+        ("packing, 2 rows of 256 a step", packed, 2, True),
+    ):
+        plan = batches(rows, size, -(-len(rows) // size), seed, group=group)
+        computed = sum(len(b) * max(rows[i] for i in b) for b in plan)
+        out[label] = computed / sum(rows[i] for b in plan for i in b)
+    return out
+
+
 def packing(*, rows_n: int, threads: int, out: str | None) -> None:
     """`hub.train` tokens/s (tokens of the examples, padding not counted) with plain batches (padded to
     their longest row), length-grouped batches and ``packing=True``, on rows of mixed length (about 4 to
@@ -326,9 +346,12 @@ def packing(*, rows_n: int, threads: int, out: str | None) -> None:
             f"# {rows_n} rows, tokens: min {lengths[0]}, median {lengths[rows_n // 2]}, max {lengths[-1]}; "
             f"--max-length 256, one epoch a run, {threads} thread(s)"
         )
+        ppt = positions_per_token(lengths, max_length=256)
         ref = statistics.median(results["length-grouped, 8 rows a step"])
-        print("| batches | tokens/s (median of 3) | vs length-grouped |\n|---|---|---|")
+        print("| batches | positions per token | tokens/s (median of 3) | vs length-grouped |")
+        print("|---|---|---|---|")
         for label, v in results.items():
-            print(f"| {label} | {statistics.median(v):.0f} | {statistics.median(v) / ref:.2f}x |")
+            m = statistics.median(v)
+            print(f"| {label} | {ppt[label]:.2f} | {m:.0f} | {m / ref:.2f}x |")
         if out:
             Path(out).write_text(json.dumps(results, indent=2))
