@@ -341,7 +341,7 @@ def packing(*, rows_n: int, threads: int, out: str | None) -> None:
                     results[label].append(res.tokens_per_second)
                     print(f"# round {r} {label}: {res.tokens} tokens in {res.steps} steps, {res.seconds:.1f} s, "
                           f"{res.tokens_per_second:.0f} tokens/s", flush=True)  # fmt: skip
-        lengths = sorted(len(tok(r["text"])["input_ids"]) for r in rows)
+        lengths = sorted(len(tok(r["text"] + tok.eos_token)["input_ids"]) for r in rows)  # as encoded
         print(
             f"# {rows_n} rows, tokens: min {lengths[0]}, median {lengths[rows_n // 2]}, max {lengths[-1]}; "
             f"--max-length 256, one epoch a run, {threads} thread(s)"
