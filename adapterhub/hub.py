@@ -375,8 +375,8 @@ class Hub:
                   quantize: str | None = None) -> tuple[Any, Any]:  # fmt: skip
         """(transformers model, tokenizer) of a registered base or checkpoint folder, on ``device``
         (default: CUDA when there is one): a causal LM, or an encoder for embedding models. ``quantize``
-        ``"nf4"`` or ``"int8"`` loads its linear layers through bitsandbytes (QLoRA's 4-bit base). The
-        tokenizer is ``None`` when the folder has no tokenizer files."""
+        ``"nf4"`` or ``"int8"`` loads its linear layers through bitsandbytes (QLoRA's 4-bit base);
+        ``"nf4-all"`` also its input embedding and output layer (NF4). The tokenizer is ``None`` when the folder has no tokenizer files."""
         return running.load_base(self.library, base, device=device, dtype=dtype, quantize=quantize)
 
     def attach(self, model: Any, *, dtype: Any = None) -> Runtime:
@@ -443,8 +443,9 @@ class Hub:
         lineage (`adapterhub.services.training`). ``options``: ``rank``, ``alpha``, ``targets``, ``steps`` or
         ``epochs``, ``lr``, ``batch_size`` (global), ``max_length``, ``init``, ``seed``, ``schedule``, ``warmup``,
         ``max_grad_norm``, ``grad_accum``, ``gradient_checkpointing``, ``optim``, ``bf16``, ``eval_data`` or
-        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``quantize`` (nf4|int8), ``fsdp``
-        (``--fsdp``: with ``nproc`` >= 2, FSDP2 shards the base and the factors over the processes)."""
+        ``eval_fraction``, ``eval_every``, ``save_every``, ``group_by_length``, ``packing`` (rows of ``max_length``
+        tokens, each example attending only to itself), ``quantize`` (nf4|nf4-all|int8), ``fsdp`` (``--fsdp``:
+        with ``nproc`` >= 2, FSDP2 shards the base and the factors over the processes)."""
         from .services.training import train
 
         return train(

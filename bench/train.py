@@ -3,6 +3,8 @@
     python bench/train.py            # auto: a 1B-class Llama (bf16) on CUDA, a SmolLM2-shaped one (fp32) on CPU
     python bench/train.py --small    # a small fp32 shape wherever it runs
     python bench/train.py --trainers # whole runs: `hub.train` against PEFT + transformers Trainer (below)
+    python bench/train.py --weights  # weight memory of bf16 / nf4 / nf4-all / int8 bases, logits drift
+    python bench/train.py --packing  # `hub.train` tokens/s: --packing against length-grouped batches
 
 Same model (random weights, a Llama config), same adapter (rank 16, alpha 32, the seven projections of
 every layer, the same initial factors with B nudged off zero), same batch, same optimizer (AdamW over
@@ -160,12 +162,28 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared, oversubscribed CPU)")
     ap.add_argument("--trainers", action="store_true", help="whole runs: hub.train against PEFT + Trainer")
+    ap.add_argument(
+        "--weights", action="store_true", help="weight memory of bf16 / nf4 / nf4-all / int8 bases"
+    )
+    ap.add_argument("--base", help="with --weights: this checkpoint folder instead of SmolLM2 from its GGUF")
+    ap.add_argument("--packing", action="store_true", help="hub.train tokens/s: packing vs length-grouped")
+    ap.add_argument("--rows", type=int, default=96, help="with --packing: rows of mixed length")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         from train_runs import run_case
 
         print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.weights:
+        from train_runs import weights
+
+        weights(threads=args.threads or 1, base=args.base)
+        return
+    if args.packing:
+        from train_runs import packing
+
+        packing(rows_n=args.rows, threads=args.threads or 1, out=args.json)
         return
     if args.trainers:
         from train_runs import compare

@@ -206,3 +206,152 @@ def compare(*, steps: int, threads: int, out: str | None) -> None:
                     )
         if out:
             Path(out).write_text(json.dumps(results, indent=2))
+
+
+# ------------------------------------------------------------------ --weights: NF4 weight memory
+def _drift(ref: Any, model: Any, ids: Any) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), model(ids).logits.float()
+    pa, pb = a.log_softmax(-1), b.log_softmax(-1)
+    return {
+        "max_abs": float((a - b).abs().max()),
+        "mean_abs": float((a - b).abs().mean()),
+        "kl": float((pa.exp() * (pa - pb)).sum(-1).mean()),
+        "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+    }
+
+
+def weights(*, threads: int, base: str | None = None) -> None:
+    """Weight memory (``get_memory_footprint``) of bf16, nf4, nf4-all and int8 bases, and each one's
+    logits against bf16's on one 128-token text."""
+    import torch
+
+    from adapterhub import Hub
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        bases = {"smollm2": Path(base)} if base else _prepare(Path(tmp))
+        text = " ".join(["The sea is wide and the sky is blue; pirates sail for treasure."] * 12)
+        print("| model | weights | MiB | vs bf16 | logits max abs diff | mean abs | KL | top-1 agree |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label, folder in bases.items():
+            with Hub(Path(tmp) / f"home-{label}") as hub:
+                hub.add_base(folder, name="b")
+                ref, tok = hub.load_base("b", device="cpu", dtype="bfloat16")
+                ids = tok(text, return_tensors="pt")["input_ids"][:, :128]
+                full = ref.get_memory_footprint()
+                print(f"| {label} | bf16 | {full / 2**20:.0f} | 1.00x | | | | |", flush=True)
+                for q in ("nf4", "nf4-all", "int8"):
+                    model, _ = hub.load_base("b", device="cpu", quantize=q)
+                    d = _drift(ref, model, ids)
+                    m = model.get_memory_footprint()
+                    print(
+                        f"| {label} | {q} | {m / 2**20:.0f} | {m / full:.3f}x | {d['max_abs']:.2f} | "
+                        f"{d['mean_abs']:.3f} | {d['kl']:.4f} | {d['top1_agree']:.3f} |",
+                        flush=True,
+                    )
+                    del model
+
+
+# ------------------------------------------------------------------ --packing: tokens/s
+def positions_per_token(lengths: list[int], *, max_length: int, seed: int = 0) -> dict[str, float]:
+    """Positions the model computes per example token over one epoch (1.0: no padding), per batching;
+    deterministic, so it says what the noisy tokens/s of a shared machine should show."""
+    from adapterhub.services.train_data import batches, pack
+
+    fake = [([0] * n, [0] * n) for n in lengths]
+    packed = [len(r[0]) for r in pack(fake, max_length)]
+    out = {}
+    for label, rows, size, group in (
+        ("padded, 8 rows a step", lengths, 8, False),
+        ("length-grouped, 8 rows a step", lengths, 8, True),
+        ("packing, 8 rows of 256 a step", packed, 8, True),
+        ("packing, 2 rows of 256 a step", packed, 2, True),
+    ):
+        plan = batches(rows, size, -(-len(rows) // size), seed, group=group)
+        computed = sum(len(b) * max(rows[i] for i in b) for b in plan)
+        out[label] = computed / sum(rows[i] for b in plan for i in b)
+    return out
+
+
+def packing(*, rows_n: int, threads: int, out: str | None) -> None:
+    """`hub.train` tokens/s (tokens of the examples, padding not counted) with plain batches (padded to
+    their longest row), length-grouped batches and ``packing=True``, on rows of mixed length (about 4 to
+    256 tokens, log-uniform), a random Llama of 4 layers x 768 (vocab 32000) with the tests' tiny
+    tokenizer. Each run is one epoch over the same rows (the same tokens, in fewer and fuller rows when
+    packed), the runs interleaved over rounds in one process, so they share the machine's noise."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapterhub import Hub
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.trainkit import CORPUS, tiny_tokenizer
+
+    torch.set_num_threads(threads)
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tok = tiny_tokenizer()
+        torch.manual_seed(0)
+        LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024,
+            )
+        ).save_pretrained(str(work / "small"))  # fmt: skip
+        tok.save_pretrained(str(work / "small"))
+        rows = []
+        for _ in range(rows_n):
+            n = int(2 ** rng.uniform(1, 7))  # 2 to 127 words: about 4 to 250 tokens
+            text = [rng.choice(words) for _ in range(n)]
+            while len(tok(" ".join(text))["input_ids"]) > 250:
+                text.pop()
+            rows.append({"text": " ".join(text)})
+        data = work / "mixed.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        #: label -> (packing, group by length, rows a step)
+        cases = {
+            "padded, 8 rows a step": (False, False, 8),
+            "length-grouped, 8 rows a step": (False, True, 8),
+            "packing, 8 rows of 256 a step": (True, True, 8),
+            "packing, 2 rows of 256 a step": (True, True, 2),
+        }
+        results: dict[str, list[float]] = {k: [] for k in cases}
+        with Hub(work / "home") as hub:
+            hub.add_base(work / "small", name="b")
+            opts = dict(rank=16, alpha=32, targets=PROJ, epochs=1.0, max_length=256, seed=0)
+            for r in range(3):
+                for i, (label, (packed, group, size)) in enumerate(cases.items()):
+                    res = hub.train(
+                        "b",
+                        data,
+                        name=f"case{i}-{r}",
+                        device="cpu",
+                        packing=packed,
+                        group_by_length=group,
+                        batch_size=size,
+                        **opts,
+                    )
+                    results[label].append(res.tokens_per_second)
+                    print(f"# round {r} {label}: {res.tokens} tokens in {res.steps} steps, {res.seconds:.1f} s, "
+                          f"{res.tokens_per_second:.0f} tokens/s", flush=True)  # fmt: skip
+        lengths = sorted(len(tok(r["text"] + tok.eos_token)["input_ids"]) for r in rows)  # as encoded
+        print(
+            f"# {rows_n} rows, tokens: min {lengths[0]}, median {lengths[rows_n // 2]}, max {lengths[-1]}; "
+            f"--max-length 256, one epoch a run, {threads} thread(s)"
+        )
+        ppt = positions_per_token(lengths, max_length=256)
+        ref = statistics.median(results["length-grouped, 8 rows a step"])
+        print("| batches | positions per token | tokens/s (median of 3) | vs length-grouped |")
+        print("|---|---|---|---|")
+        for label, v in results.items():
+            m = statistics.median(v)
+            print(f"| {label} | {ppt[label]:.2f} | {m:.0f} | {m / ref:.2f}x |")
+        if out:
+            Path(out).write_text(json.dumps(results, indent=2))

@@ -113,9 +113,11 @@ def test_load_base_quantized_and_run_from_the_cli(hub: Hub, capsys: pytest.Captu
     assert doc["text"] is not None
 
 
-def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantize", ["nf4", "nf4-all"])
+def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path, quantize: str) -> None:
     """QLoRA's other half: a cataloged adapter on the NF4 base answers from ``run --quantize`` (the API)
-    and from ``serve --model --quantize`` (the /v1 API), the same greedy tokens."""
+    and from ``serve --model --quantize`` (the /v1 API), the same greedy tokens (also with the embeddings
+    quantized: ``nf4-all``)."""
     import os
     import subprocess
     import sys
@@ -132,9 +134,10 @@ def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path
         target_modules=["q_proj", "v_proj", "down_proj"],
         seed=3,
     )
-    hub.add_adapter(made, name="served-on-nf4")
+    name = f"served-on-{quantize}"
+    hub.add_adapter(made, name=name)
     want = hub.generate(
-        "tiny", "hello world", adapters=[("served-on-nf4", 1.0)], quantize="nf4", device="cpu", max_tokens=4
+        "tiny", "hello world", adapters=[(name, 1.0)], quantize=quantize, device="cpu", max_tokens=4
     )
     env = {k: v for k, v in os.environ.items() if k not in ("ADAPTERHUB_HOME", "ADAPTERHUB_DB")}
     proc = subprocess.Popen(
@@ -150,7 +153,7 @@ def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path
             "--model",
             "tiny",
             "--quantize",
-            "nf4",
+            quantize,
             "--device",
             "cpu",
         ],
@@ -165,7 +168,7 @@ def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path
         assert " on http" in line, proc.stderr.read() if proc.stderr else line
         url = line.split(" on ")[1].split()[0]
         body = {
-            "model": "served-on-nf4",
+            "model": name,
             "messages": [{"role": "user", "content": "hello world"}],
             "max_tokens": 4,
             "temperature": 0,

@@ -165,8 +165,9 @@ def pull_cmd(
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["nf4", "int8"]),
-    help="With --model: load the base quantized through bitsandbytes (nf4: 4-bit, as QLoRA trains).",
+    type=click.Choice(["nf4", "nf4-all", "int8"]),
+    help="With --model: load the base quantized through bitsandbytes (nf4: 4-bit linears, as QLoRA "
+    "trains; nf4-all: the embeddings and output layer too).",
 )
 @click.option(
     "--lora-dir",

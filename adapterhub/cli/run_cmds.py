@@ -37,8 +37,9 @@ from .render import emit_json
 @click.option("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: CUDA when there is one).")
 @click.option(
     "--quantize",
-    type=click.Choice(["nf4", "int8"]),
-    help="Load the base quantized through bitsandbytes (nf4: 4-bit, as QLoRA trains).",
+    type=click.Choice(["nf4", "nf4-all", "int8"]),
+    help="Load the base quantized through bitsandbytes (nf4: 4-bit linears, as QLoRA trains; nf4-all: "
+    "the embeddings and output layer too).",
 )
 @click.option(
     "--embed", is_flag=True, help="Print the embedding of PROMPT (an encoder base, such as MiniLM)."

@@ -148,12 +148,21 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
     help="Optimizer (8-bit ones: bitsandbytes).",
 )
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on a GPU that supports it).")
-@click.option("--quantize", type=click.Choice(["nf4", "int8"]), help="Load the base quantized (QLoRA: nf4).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "nf4-all", "int8"]),
+    help="Load the base quantized (QLoRA: nf4; nf4-all: the embeddings and output layer too).",
+)
 @click.option(
     "--group-by-length/--no-group-by-length",
     default=True,
     show_default=True,
     help="Batch rows of similar length.",
+)
+@click.option(
+    "--packing",
+    is_flag=True,
+    help="Pack examples into rows of --max-length tokens (each attends only to itself).",
 )
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="JSONL rows for the eval loss.")
 @click.option(

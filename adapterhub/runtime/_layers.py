@@ -44,6 +44,7 @@ __all__ = [
     "layer_kind",
     "logical_shape",
     "quantized_kind",
+    "unadaptable_note",
 ]
 
 LayerKind = Literal["linear", "conv1d", "linear4bit", "linear8bit", "embedding", "conv", "replace"]
@@ -71,10 +72,23 @@ def quantized_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+#: 4-bit / 8-bit embeddings (bitsandbytes) and an output layer tied to one: no LoRA attaches to them
+_QUANTIZED_EMBEDDINGS = ("Embedding4bit", "EmbeddingNF4", "EmbeddingFP4", "Embedding8bit", "TiedLinear4bit")
+
+
+def unadaptable_note(module: nn.Module) -> str:
+    """A hint for a target the runtime refuses because it is a quantized embedding, else ``""``."""
+    if type(module).__name__ in _QUANTIZED_EMBEDDINGS:
+        return " (a quantized embedding, as --quantize nf4-all loads it: load the base with nf4 to adapt it)"
+    return ""
+
+
 def layer_kind(module: nn.Module) -> LayerKind | None:
     """Which LoRA math a module takes (``linear``, ``conv1d``, ``embedding``, ``conv``), or None when the
-    runtime cannot adapt it. A bitsandbytes linear is ``linear`` here (its layer class is chosen by
-    `quantized_kind`)."""
+    runtime cannot adapt it (a quantized embedding among them). A bitsandbytes linear is ``linear`` here
+    (its layer class is chosen by `quantized_kind`)."""
+    if type(module).__name__ in _QUANTIZED_EMBEDDINGS:
+        return None
     c1d = conv1d_class()
     if c1d is not None and isinstance(module, c1d):
         return "conv1d"

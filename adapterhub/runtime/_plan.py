@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import IncompatibleAdapterError, InvalidOptionError
 from ..lora import LoraModule, LoraWeights
 from ..ops.validate import BaseLayout, Check, ValidationReport, check_base
-from ._layers import LINEAR_KINDS, LayerKind, layer_kind, logical_shape
+from ._layers import LINEAR_KINDS, LayerKind, layer_kind, logical_shape, unadaptable_note
 
 _KIND_FITS: dict[str, tuple[LayerKind, ...]] = {
     "linear": LINEAR_KINDS,
@@ -115,7 +115,8 @@ def plan_adapter(model: nn.Module, layout: BaseLayout, weights: LoraWeights, sub
             what = type(mod).__name__
             error(
                 "runtime.module",
-                f"{m.module}: a {m.kind} LoRA cannot be applied to {owner} ({what}); the runtime adapts "
+                f"{m.module}: a {m.kind} LoRA cannot be applied to {owner} ({what}){unadaptable_note(mod)}; "
+                "the runtime adapts "
                 "nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit/Linear8bitLt, nn.Embedding and nn.Conv1d/2d/3d",
                 m.module,
             )

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import InvalidOptionError
 from ..lora import LoraModule, LoraWeights, lora_scale
-from ._layers import layer_kind
+from ._layers import layer_kind, unadaptable_note
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -259,8 +259,8 @@ def select_targets(model: nn.Module, targets: Sequence[str] | str) -> list[tuple
             continue
         if kind not in ("linear", "conv1d", "embedding"):
             raise InvalidOptionError(
-                f"{mname} is a {type(mod).__name__}; trainable adapters adapt nn.Linear, GPT-2 Conv1D and "
-                "nn.Embedding (conv layers are not supported for training)"
+                f"{mname} is a {type(mod).__name__}{unadaptable_note(mod)}; trainable adapters adapt "
+                "nn.Linear, GPT-2 Conv1D and nn.Embedding (conv layers are not supported for training)"
             )
         found.append((mname, mod, kind))
     missing = [t for t in names if not everything and not any(_matches(n, [t]) for n, _, _ in found)]

@@ -39,7 +39,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "merges.txt",
 )
-QUANTIZE = ("nf4", "int8")
+QUANTIZE = ("nf4", "nf4-all", "int8")
 
 
 def pick_device(device: str | None) -> str:
@@ -104,7 +104,7 @@ def _quantization(quantize: str, device: str) -> dict[str, Any]:
         raise InvalidOptionError(
             f"--quantize {quantize} needs bitsandbytes: pip install 'adapterhub[quant]'"
         ) from None
-    if quantize == "nf4":
+    if quantize in ("nf4", "nf4-all"):
         cfg = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -137,8 +137,9 @@ def load_base(
     """(model, tokenizer) for a registered base or a checkpoint folder: a causal LM when its config says
     so, else an encoder (an embedding model such as MiniLM). ``dtype`` ``auto`` keeps the checkpoint's.
     ``quantize`` ``nf4`` (4-bit NormalFloat, double quantization, bf16 compute: QLoRA's) or ``int8``
-    loads the linear layers through bitsandbytes (the rest in bf16). The tokenizer is ``None`` when the
-    folder has none."""
+    loads the linear layers through bitsandbytes (the rest in bf16); ``nf4-all`` also the input embedding
+    and the output layer (`quantized.quantize_embeddings`). The tokenizer is ``None`` when the folder has
+    none."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -162,6 +163,10 @@ def load_base(
         raise BaseModelError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
     if quantize is None:
         model.to(dev)
+    elif quantize == "nf4-all":
+        from .quantized import quantize_embeddings
+
+        quantize_embeddings(model)
     model.eval()
     return model, load_tokenizer(folder)
 

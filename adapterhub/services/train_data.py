@@ -1,5 +1,6 @@
 """Training data for `training.train`: JSONL rows read with bounded memory, encoded to (ids, labels),
-split for evaluation and put into length-grouped batches.
+split for evaluation and put into length-grouped batches, or packed (`pack`, ``--packing``) into rows
+of ``--max-length`` tokens whose documents each attend only to themselves.
 
 Data is JSONL, one example a line, in one of three shapes (the first line decides; every line must match):
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from ..errors import InvalidOptionError, TrainingDataError
 
-__all__ = ["batches", "encode_rows", "line_limit", "read_rows", "split_eval"]
+__all__ = ["batches", "collate", "encode_rows", "line_limit", "pack", "read_rows", "split_eval"]
 
 SHAPES: dict[str, frozenset[str]] = {
     "messages": frozenset({"messages"}),
@@ -37,6 +38,8 @@ SHAPES: dict[str, frozenset[str]] = {
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 Rows = list[tuple[int, dict[str, Any]]]
 Encoded = list[tuple[list[int], list[int]]]
+#: a training row: (input ids, labels), and for a packed row the position ids (restarting at each document)
+Example = tuple[list[int], ...]
 
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO"),
@@ -273,3 +276,66 @@ def batches(
                 rng.shuffle(cut)
             out += cut[: steps - len(out)]
     return out
+
+
+# ------------------------------------------------------------------ packing
+def pack(encoded: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[Example]:
+    """The examples packed whole into rows of at most ``max_length`` tokens, best fit decreasing (TRL's
+    ``packing_strategy="bfd"``: no example is cut), as (ids, labels, position ids). Each example's
+    positions restart at 0, which is how transformers' masks see where one document ends
+    (`collate`: no attention across documents), and its first label is -100, so no token is learned
+    from the end of the document before it: the loss covers exactly the tokens the unpacked run learns."""
+    import bisect
+
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, row), sorted
+    for i in order:
+        n = len(encoded[i][0])
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            left, r = max_length - n, len(rows) - 1
+        else:
+            left, r = room.pop(at)
+            rows[r].append(i)
+            left -= n
+        if left > 0:
+            bisect.insort(room, (left, r))
+    out: list[Example] = []
+    for members in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            e_ids, e_labels = encoded[i]
+            ids += e_ids
+            labels += [-100, *e_labels[1:]]
+            positions += range(len(e_ids))
+        out.append((ids, labels, positions))
+    return out
+
+
+def collate(batch: Sequence[Example], pad: int) -> dict[str, Any]:
+    """Tensors for one micro-batch, padded on the right to its longest row. Unpacked rows get an attention
+    mask; packed rows get position ids instead (the padding a document of its own, never learned), from
+    which transformers builds the block-diagonal causal mask of packed sequences (sdpa, eager, flex and
+    flash attention alike; ``find_packed_sequence_indices``) when the model runs with ``use_cache=False``
+    (with a cache it looks for no packed sequences)."""
+    import torch
+
+    width = max(len(r[0]) for r in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    packed = len(batch[0]) == 3
+    extra = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, row in enumerate(batch):
+        n = len(row[0])
+        ids[r, :n] = torch.tensor(row[0])
+        labels[r, :n] = torch.tensor(row[1])
+        if packed:
+            extra[r, :n] = torch.tensor(row[2])
+            extra[r, n:] = torch.arange(width - n)
+        else:
+            extra[r, :n] = 1
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}

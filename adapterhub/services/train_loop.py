@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidOptionError
+from .train_data import Example, collate
 from .train_state import RunFolder
 
 __all__ = ["Loop", "Progress", "make_optimizer", "schedule"]
@@ -102,8 +103,8 @@ class Loop:
 
     model: Any
     params: list[Any]
-    encoded: list[tuple[list[int], list[int]]]
-    eval_encoded: list[tuple[list[int], list[int]]]
+    encoded: Sequence[Example]  # packed rows carry their position ids (`train_data.pack`)
+    eval_encoded: Sequence[Example]
     plan: list[list[int]]  # the global batches, one list of row indices a step
     device: str
     pad: int
@@ -200,29 +201,15 @@ class Loop:
         )
 
     # -------------------------------------------------------------- steps
-    def _tensors(self, rows: Sequence[int], source: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-        import torch
-
-        batch = [source[i] for i in rows]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (i, lab) in enumerate(batch):
-            ids[r, : len(i)] = torch.tensor(i)
-            labels[r, : len(lab)] = torch.tensor(lab)
-            mask[r, : len(i)] = 1
-        return {
-            "input_ids": ids.to(self.device),
-            "attention_mask": mask.to(self.device),
-            "labels": labels.to(self.device),
-        }
+    def _tensors(self, rows: Sequence[int], source: Sequence[Example]) -> dict[str, Any]:
+        batch = collate([source[i] for i in rows], self.pad)
+        return {**{k: v.to(self.device) for k, v in batch.items()}, "use_cache": False}
 
     @staticmethod
     def _counted(labels: list[int]) -> int:
         return sum(1 for x in labels[1:] if x != -100)
 
-    def _loss_sum(self, rows: Sequence[int], source: list[tuple[list[int], list[int]]], count: int) -> Any:
+    def _loss_sum(self, rows: Sequence[int], source: Sequence[Example], count: int) -> Any:
         """The model's loss on ``rows`` summed over their tokens and divided by ``count``."""
         import torch
 

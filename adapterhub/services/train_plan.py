@@ -6,7 +6,8 @@ states, and an estimate of the activations of one micro-batch. The byte counts p
 bitsandbytes: NF4 with double quantization is 4 bits a weight, one 8-bit absmax per 64 weights and one
 fp32 absmax per 256 of those (4.127 bits, as in the QLoRA paper); int8 is a byte a weight and one fp32
 scale per output row; layers bitsandbytes leaves alone (the output layer, embeddings, norms) stay in the
-compute dtype. AdamW keeps two fp32 states a factor, the 8-bit AdamW of bitsandbytes two bytes (and its
+compute dtype, but for ``nf4-all``, where the embedding is NF4 with an fp32 absmax per 64 weights and the
+output layer NF4 as the linears (a tied one shares the embedding's). AdamW keeps two fp32 states a factor, the 8-bit AdamW of bitsandbytes two bytes (and its
 paged variant moves them to host memory under pressure).
 
 Under FSDP (``shards`` = N processes) the weights, factors, gradients and optimizer states are each
@@ -25,7 +26,8 @@ from ..errors import InvalidOptionError
 
 __all__ = ["MemoryPlan", "QUANTIZE", "memory_plan"]
 
-QUANTIZE = ("nf4", "int8")
+QUANTIZE = ("nf4", "nf4-all", "int8")
+EMBEDDING_NF4_BYTES = 0.5 + 4 / 64  # bitsandbytes' EmbeddingNF4: an fp32 absmax per 64 weights
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0}  # state bytes per trainable parameter
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 GB = 1e9
@@ -146,6 +148,7 @@ def memory_plan(
         raise InvalidOptionError(f"unknown optimizer {optim!r}; choose one of {', '.join(OPTIMIZERS)}")
     with init_empty_weights():
         model: Any = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # a tied output layer is the embedding's matrix (counted once)
     wbytes = 2 if quantize else _dtype_bytes(config, dtype)
     out_emb = model.get_output_embeddings()
     base = 0.0
@@ -156,8 +159,11 @@ def memory_plan(
                 continue
             seen.add(id(p))
             n = p.numel()
-            if quantize and isinstance(mod, torch.nn.Linear) and mod is not out_emb and p is mod.weight:
-                base += n * NF4_BYTES if quantize == "nf4" else n + 4 * mod.out_features
+            linear = isinstance(mod, torch.nn.Linear) and p is mod.weight
+            if quantize == "nf4-all" and isinstance(mod, torch.nn.Embedding):
+                base += n * EMBEDDING_NF4_BYTES  # a tied output layer shares it (seen once)
+            elif quantize and linear and (mod is not out_emb or quantize == "nf4-all"):
+                base += n * NF4_BYTES if quantize.startswith("nf4") else n + 4 * mod.out_features
             else:
                 base += n * wbytes
     trainable = 0

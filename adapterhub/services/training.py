@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AdapterExistsError, AdapterHubError, BaseModelError, InvalidOptionError
 from ..names import check_name, check_tags
 from .bases import base_dir
-from .train_data import batches, encode_rows, read_rows, split_eval
+from .train_data import batches, encode_rows, pack, read_rows, split_eval
 from .train_dist import free_port, held_bytes, join_group, shard, usable_threads
 from .train_loop import OPTIMS, SCHEDULES, LogCallback, Loop, StepCallback
 from .train_plan import QUANTIZE, MemoryPlan, memory_plan
@@ -131,6 +131,7 @@ class _Options:
     eval_every: int | None = None
     save_every: int | None = None
     group_by_length: bool = True
+    packing: bool = False
     quantize: str | None = None
     fsdp: bool = False
 
@@ -385,7 +386,12 @@ def _train(
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        total = _total_steps(o, len(d.encoded))
+        if o.quantize is not None and o.quantize.startswith("nf4"):
+            from .quantized import for_training
+
+            for_training(model)  # an evaluation must not turn the 4-bit layers' backward off
+        rows = pack(d.encoded, o.max_length) if o.packing else d.encoded
+        total = _total_steps(o, len(rows))
         info = registered_base(lib, model)
         rt = attach(lib, model, base=info.name if info else None)
         try:
@@ -399,11 +405,9 @@ def _train(
             loop = Loop(
                 model=model,
                 params=[p for _, p in ad.named_parameters()],
-                encoded=d.encoded,
+                encoded=rows,
                 eval_encoded=d.eval_encoded,
-                plan=batches(
-                    [len(i) for i, _ in d.encoded], o.batch_size, total, o.seed, group=o.group_by_length
-                ),
+                plan=batches([len(r[0]) for r in rows], o.batch_size, total, o.seed, group=o.group_by_length),
                 device=dev,
                 pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
                 lr=o.lr,
@@ -448,6 +452,7 @@ def _train(
                 processes=world,
                 fsdp=o.fsdp,
                 max_length=o.max_length,
+                packing=o.packing,
                 eval_loss=p.eval_losses[-1][1] if p.eval_losses else None,
                 eval_sha256=d.eval_digest,
             )
@@ -475,7 +480,7 @@ def _train(
             return TrainResult(
                 adapter=adapter,
                 steps=total,
-                epochs=total * min(o.batch_size, len(d.encoded)) / len(d.encoded),
+                epochs=total * min(o.batch_size, len(rows)) / len(rows),
                 first_loss=p.losses[0],
                 last_loss=p.losses[-1],
                 trainable_params=ad.num_params,

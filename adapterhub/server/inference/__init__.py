@@ -76,7 +76,8 @@ def mount_inference(
         max_request_bytes: largest request body (bytes, or ``"4MB"``); larger ones are a 413 unread.
         batch_invariant: prefill and decode each request alone, so that its tokens never depend on what
             else runs (any dtype); costs the batching (`bench/serve.py --batch-invariant`).
-        quantize: ``nf4`` or ``int8``: the base's linear layers through bitsandbytes (as `Hub.load_base`);
+        quantize: ``nf4`` or ``int8``: the base's linear layers through bitsandbytes (as `Hub.load_base`;
+            ``nf4-all``: the embeddings and output layer too);
             adapters attach to them (factors in fp32); nothing can be merged into such a base.
         lora_dirs: folders from which ``POST /v1/load_lora_adapter`` may add local adapters (a path must
             stay inside one after resolving symlinks); none: only public Hub repos.
