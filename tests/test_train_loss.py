@@ -96,3 +96,15 @@ def test_saves_less_for_backward_than_the_whole_logits() -> None:
     chunked = saved(lambda: causal_lm_loss(model, ids, ids, chunk=32))
     logits = 4 * 64 * 4096 * 4
     assert whole - chunked > logits  # at least the fp32 logits are gone
+
+
+def test_packed_rows_with_position_ids_and_use_cache_given() -> None:
+    """The training loop passes packed rows' position ids and ``use_cache=False`` itself."""
+    model = tiny_llama(vocab_size=97)
+    ids, _, labels = _batch(97)
+    pos = torch.cat([torch.arange(5), torch.arange(6)]).repeat(3, 1)
+    labels[:, 5] = -100  # no loss across the boundary
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss
+        got = causal_lm_loss(model, ids, labels, position_ids=pos, use_cache=False)
+    assert torch.allclose(want, got, atol=1e-6)

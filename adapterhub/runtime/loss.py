@@ -81,7 +81,8 @@ def causal_lm_loss(
         return out.loss
     body = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
+    kwargs.setdefault("use_cache", False)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != -100
     picked, wanted = hidden[:, :-1][keep], targets[keep]
