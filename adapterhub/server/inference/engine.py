@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import invariant
 from .graphs import GraphDecoder, StaticBatch, spec_key
+from .invariant import RowsBatch, RowsDecoder
 from .metrics import Metrics
 from .pool import AdapterPool
 from .sampling import Logprob, Sampling, pick, record
@@ -95,7 +97,7 @@ class _Batch:
         if len(rows) == len(self.jobs):
             return
         if not rows:
-            self.__init__()  # type: ignore[misc]
+            self.clear()
             return
         assert self.mask is not None and self.pos is not None and self.last is not None
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
@@ -108,6 +110,9 @@ class _Batch:
         self.mask = mask[:, start:]
         self.pos, self.last = self.pos.index_select(0, idx), self.last.index_select(0, idx)
         self.jobs = [self.jobs[i] for i in rows]
+
+    def clear(self) -> None:
+        self.jobs, self.cache, self.mask, self.pos, self.last = [], None, None, None, None
 
 
 def _left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,7 +133,7 @@ class Engine:
         max_queue: int = 256,
         prefill_tokens: int = 4096,
         graphs: bool | None = None,
-        batch_invariant: bool = False,
+        batch_invariant: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -146,12 +151,27 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
-        #: each request prefilled and decoded alone (its own cache, no padding): its tokens never depend on
-        #: what else runs, in any dtype, at the cost of batching (`bench/serve.py --batch-invariant`)
+        if batch_invariant is None:  # by default, unless the steps are CUDA graphs (a GPU, or graphs=True)
+            on_gpu = graphs is None and self.device.type == "cuda" and GraphDecoder.supported(model) is None
+            batch_invariant = not (graphs or on_gpu)
+        #: a request's tokens never depend on what else runs, in any dtype (`invariant`): each prefilled
+        #: alone, decoded in batched steps whose numbers for a row do not depend on the other rows
         self.batch_invariant = batch_invariant
+        #: the batch-invariant decode steps; None with batch_invariant where the model is not covered:
+        #: then each request runs alone (its own cache), at the cost of batching
+        self.rows: RowsDecoder | None = None
         self._alone: list[_Batch] = []
+        self._each_alone = False
         if batch_invariant:
             graphs = False
+            why_not = invariant.supported(model)
+            if why_not is None:
+                self.rows = RowsDecoder(
+                    model, pool.runtime, self._cache_kw, max_batch=max_batch, pad=self._pad
+                )
+            else:
+                logger.warning("batch invariance runs each request alone: %s", why_not)
+                self._each_alone = True
         why = GraphDecoder.supported(model) if graphs is not False else "turned off"
         if graphs and why:
             logger.warning("decode steps stay dynamic: %s", why)
@@ -170,7 +190,9 @@ class Engine:
         self._exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]] = []
         pool.wake = self.wake
 
-    def _new_batch(self) -> _Batch | StaticBatch:
+    def _new_batch(self) -> _Batch | StaticBatch | RowsBatch:
+        if self.rows is not None:
+            return RowsBatch(self.rows)
         return StaticBatch(self.graphs) if self.graphs is not None else _Batch()
 
     # ----------------------------------------------------------------------------- outside the thread
@@ -267,14 +289,17 @@ class Engine:
                 sink(("done", work()))
             except Exception as exc:
                 sink(("error", exc))
-        if self.batch_invariant:
+        if self._each_alone:
             self._step_alone()
             return
         self._drop_cancelled()
         if self._waiting:
             self.pool.install(self.close_rows, self._batch.jobs)
             new = self._admit()
-            if new:
+            if new and self.rows is not None:  # each prefilled alone: its own shapes
+                for job in new:
+                    self._start([job])
+            elif new:
                 self._start(new)
         if self._batch.jobs:
             self._decode()
@@ -378,7 +403,7 @@ class Engine:
 
     def close_rows(self) -> None:
         """Leave the decode steps' rows (before the resident adapters change, or the batch does)."""
-        if isinstance(self._batch, StaticBatch):
+        if isinstance(self._batch, (StaticBatch, RowsBatch)):
             self._batch.table_key = None
         self._rows.close()
         self._rows = contextlib.ExitStack()
@@ -434,6 +459,8 @@ class Engine:
         if isinstance(b, StaticBatch):
             assert self.graphs is not None
             logits = self.graphs.step(b, specs)
+        elif isinstance(b, RowsBatch):
+            logits = b.d.step(b, specs)
         else:
             logits = self._dynamic_step(b, specs)
         assert b.pos is not None
