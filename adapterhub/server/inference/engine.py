@@ -2,13 +2,16 @@
 
 Each step it (1) drops cancelled requests, (2) installs adapters whose files finished reading, (3) admits
 waiting requests whose adapters are resident (a request waiting on a cold adapter never holds up the
-others), prefills them together (left-padded, each row with its own adapter through ``rt.rows``) and
-(4) runs one decode step over every active request, whatever adapter each uses.
+others), prefills them and (4) runs one decode step over every active request, whatever adapter each uses.
 
-The batch's KV cache is one left-padded ``DynamicCache``: a joining group is padded to the batch's
-length (or the batch to the group's), finished rows are cut out with ``index_select`` and leading columns
-that no row uses any more are trimmed. Each row keeps its own positions (``position_ids``), and padding
-is masked, so a row's tokens equal the same request run alone.
+By default (`invariant`) a greedy request's tokens never depend on what else shares the batch: each is
+prefilled alone and decode steps run over per-row KV columns (`invariant.RowsBatch`). With
+``batch_invariant=False`` requests are prefilled together (left-padded, each row with its own adapter
+through ``rt.rows``) and the batch's KV cache is one left-padded ``DynamicCache`` (`_Batch`): a joining
+group is padded to the batch's length (or the batch to the group's), finished rows are cut out with
+``index_select`` and leading columns that no row uses any more are trimmed; on a GPU the steps run over
+static buffers in CUDA graphs (`graphs`). Each row keeps its own positions and padding is masked, so
+there a row's tokens are those of the request alone up to rounding.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .graphs import GraphDecoder, StaticBatch, spec_key
 from .invariant import RowsBatch, RowsDecoder
 from .metrics import Metrics
 from .pool import AdapterPool
-from .sampling import Logprob, Sampling, pick, record
+from .sampling import Logprob, Sampling, eos_ids, pick, record, stop_at, stop_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)
         import inspect
 
         params = inspect.signature(model.forward).parameters
@@ -154,11 +157,9 @@ class Engine:
         if batch_invariant is None:  # by default, unless the steps are CUDA graphs (a GPU, or graphs=True)
             on_gpu = graphs is None and self.device.type == "cuda" and GraphDecoder.supported(model) is None
             batch_invariant = not (graphs or on_gpu)
-        #: a request's tokens never depend on what else runs, in any dtype (`invariant`): each prefilled
-        #: alone, decoded in batched steps whose numbers for a row do not depend on the other rows
+        #: a request's tokens never depend on what else runs, in any dtype (`invariant`)
         self.batch_invariant = batch_invariant
-        #: the batch-invariant decode steps; None with batch_invariant where the model is not covered:
-        #: then each request runs alone (its own cache), at the cost of batching
+        #: the invariant steps; None where the model is not covered: then each request runs alone
         self.rows: RowsDecoder | None = None
         self._alone: list[_Batch] = []
         self._each_alone = False
@@ -547,7 +548,7 @@ class Engine:
         ids = job.generated[:-1] if ended else job.generated
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         finish = "stop" if ended else None
-        cut = _stop_at(text, job.sampling.stop)
+        cut = stop_at(text, job.sampling.stop)
         if cut is not None:
             text, finish = text[:cut], "stop"
         elif finish is None and len(job.generated) >= job.sampling.max_tokens:
@@ -555,7 +556,7 @@ class Engine:
         if finish is None and text.endswith("\ufffd"):
             return None  # an incomplete character: wait for the rest of its bytes
         # while unfinished, hold back a tail that could begin a stop string (it may yet be cut)
-        shown = text if finish is not None else text[: len(text) - _stop_prefix(text, job.sampling.stop)]
+        shown = text if finish is not None else text[: len(text) - stop_prefix(text, job.sampling.stop)]
         if shown.startswith(job.sent) and len(shown) > len(job.sent):
             piece = shown[len(job.sent) :]
             job.sent = shown
@@ -580,30 +581,3 @@ def _prompt_logprobs(logits: torch.Tensor, job: Job, width: int) -> list[Logprob
     for k, tok in enumerate(job.prompt[1:]):
         out.append(record(lps[k], tok, top))
     return out
-
-
-def _stop_prefix(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def _stop_at(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """What ``generate`` stops at: the generation config's end tokens, else the tokenizer's."""
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            return {value}
-        if isinstance(value, (list, tuple)) and value:
-            return {int(v) for v in value}
-    return set()
