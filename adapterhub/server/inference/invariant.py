@@ -21,7 +21,10 @@ through computations in which a row's numbers do not depend on the others':
 - **Adapters through a `RowTable`** (each row reads only its own slots' factors, one batched product per
   slot, `adapterhub.runtime._rowkernel`), never the concatenated factors of the whole batch's adapters.
 
-Measured on this project's 2-core CPU (bench/RESULTS.md, "serve: the cost of batch invariance"). Covered:
+Measured and tested on the CPU (bench/RESULTS.md, "serve: the cost of batch invariance";
+tests/test_serve_invariant.py). On CUDA the engine's default is the CUDA-graph path (`graphs`), which is
+not invariant; these steps run there with ``--no-graphs``, but cuBLAS's batched products and Triton's row
+kernel (one reduction over all of a row's slots) were not shown invariant there. Covered:
 decoder-only transformers causal LMs whose attention goes through ``AttentionInterface`` with full
 attention in every layer; `Engine` falls back to each request alone elsewhere. Adapters a row table
 cannot serve (DoRA, ``lora_bias``, ``modules_to_save``, non-linear layers) make their steps go through
