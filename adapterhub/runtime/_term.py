@@ -164,14 +164,15 @@ class Table(LoraTerm):
         out[t] += row_coef[row, m] * (x[t] @ lora_A[slot].T) @ lora_B[slot]   (fp32, rounded once)
     """
 
-    #: most bytes of one layer's gathered factors that torch's kernel keeps between steps
-    KEEP_BYTES = 8 << 20
+    #: most bytes of gathered factors (all layers together) that torch's kernel keeps between steps
+    KEEP_BYTES = 32 << 20
 
     def __init__(self, kernel: Any = rows_term) -> None:
         self.kernel = kernel
         #: with torch's kernel, per layer: its rows' gathered factors while neither the table's rows nor
         #: the layer's banks change (each decode step of a batch reads them again)
-        self._kept: dict[int, tuple[Layer, int, int, Any]] = {}
+        self._kept: dict[int, tuple[Layer, int, int, Any, int]] = {}
+        self._kept_bytes = 0
 
     def add_lora_linear(
         self,
@@ -195,10 +196,13 @@ class Table(LoraTerm):
             parts = hit[3]
         else:
             parts = gather(layer.lora_A, layer.lora_B, sel.row_slots, sel.row_coef)
-            if sum(a.numel() + s.numel() for a, s in parts) * 4 <= self.KEEP_BYTES:
-                self._kept[id(layer)] = (layer, layer.version, sel.version, parts)
-            else:
-                self._kept.pop(id(layer), None)
+            if hit is not None:
+                self._kept_bytes -= hit[4]
+                del self._kept[id(layer)]
+            size = sum(a.numel() + s.numel() for a, s in parts) * 4
+            if self._kept_bytes + size <= self.KEEP_BYTES:
+                self._kept[id(layer)] = (layer, layer.version, sel.version, parts, size)
+                self._kept_bytes += size
         apply_gathered(x, parts, out.view(-1, layer.out_f))
         return out
 

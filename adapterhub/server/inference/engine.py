@@ -430,7 +430,8 @@ class Engine:
         cache = DynamicCache(config=self.model.config)
         self.close_rows()
         whole = any(j.sampling.prompt_logprobs for j in jobs)  # every position's logits, not the last only
-        with self.pool.runtime.rows([j.spec for j in jobs]):
+        rows = self.rows.alone(jobs[0].spec) if self.rows is not None and len(jobs) == 1 else None
+        with rows or self.pool.runtime.rows([j.spec for j in jobs]):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,

@@ -256,6 +256,23 @@ class RowsDecoder:
             batch.table_key = key
         return table
 
+    def alone(self, spec: dict[str, float] | None) -> Any:
+        """Where a prefill of one request with ``spec`` reads its adapters: a one-row table (its factors
+        gathered once, not a new selection per request), else None (``rt.rows``)."""
+        from adapterhub.runtime import RowTable
+
+        if not spec:
+            return None
+        width = 1 << (len(spec) - 1).bit_length()
+        table = self._tables.get((0, width))
+        if table is None or not table.current:
+            table = self._tables[(0, width)] = RowTable(self.runtime, 1, width)
+        try:
+            table.set([spec])
+        except IncompatibleAdapterError:
+            return None
+        return table.applied()
+
     def step(self, batch: RowsBatch, specs: Sequence[dict[str, float] | None]) -> torch.Tensor:
         """One decode step over ``batch``; the logits ``(n, vocab)``."""
         n = len(batch.jobs)
