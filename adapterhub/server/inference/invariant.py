@@ -50,6 +50,8 @@ NAME = "adapterhub_rows"
 #: keys per attention block (a row's attention is the same whatever else shares the batch, but depends
 #: on this; fixed per process)
 BLOCK = 128
+#: one-row tables kept for prefills, one per adapter combination prefilled lately
+ALONE_TABLES = 64
 _ACTIVE: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("adapterhub_rows", default=None)
 _registered = False
 
@@ -225,6 +227,8 @@ class RowsDecoder:
         self.cache = RowsCache(self.buckets[-1], self.device)
         self.layers: list[tuple[int, int, int, int]] = []
         self._tables: dict[tuple[int, int], Any] = {}
+        #: one-row tables of the specs prefilled last (each keeps its factors gathered), oldest first
+        self._alone: dict[tuple[Any, ...], Any] = {}
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -263,14 +267,17 @@ class RowsDecoder:
 
         if not spec:
             return None
-        width = 1 << (len(spec) - 1).bit_length()
-        table = self._tables.get((0, width))
+        key = tuple(sorted(spec.items()))
+        table = self._alone.pop(key, None)
         if table is None or not table.current:
-            table = self._tables[(0, width)] = RowTable(self.runtime, 1, width)
-        try:
-            table.set([spec])
-        except IncompatibleAdapterError:
-            return None
+            table = RowTable(self.runtime, 1, 1 << (len(spec) - 1).bit_length())
+            try:
+                table.set([spec])
+            except IncompatibleAdapterError:
+                return None
+        self._alone[key] = table  # the most recent last; the oldest goes past ALONE_TABLES
+        while len(self._alone) > ALONE_TABLES:
+            del self._alone[next(iter(self._alone))]
         return table.applied()
 
     def step(self, batch: RowsBatch, specs: Sequence[dict[str, float] | None]) -> torch.Tensor:
