@@ -295,18 +295,23 @@ def main() -> None:
         engines[label] = engine
     # rounds interleaved case by case and mode by mode, so that the modes share the noise of this machine;
     # the best of each case is kept
+    paired: dict[str, list[float]] = {}  # per case, each round's tok/s of the first mode / the last
     for rep in range(args.rounds):
         for k in [0, *counts]:
             specs, ents, _ = plan(k)
+            this: list[float] = []
             for label, engine in engines.items():
                 run_round(engine, pool, prompts, specs, ents, 4)  # warm this batch shape
                 r = run_round(engine, pool, prompts, specs, ents, args.tokens)
+                this.append(r["tok_s"])
                 if str(k) not in results[label] or r["tok_s"] > results[label][str(k)]["tok_s"]:
                     results[label][str(k)] = r
                 print(
                     f"round {rep} {label} k={k}: {r['tok_s']:.0f} tok/s ttft p50 {r['ttft_p50_ms']:.0f} ms",
                     file=sys.stderr,
                 )
+            paired.setdefault(str(k), []).append(this[0] / this[-1])
+    results["paired_ratio_median"] = {k: statistics.median(v) for k, v in paired.items()}
     for label, engine in engines.items():
         if engine.graphs is not None:
             results[f"{label}_captures"] = engine.graphs.captures
@@ -366,6 +371,10 @@ def main() -> None:
                 f"{k} adapters {results[fast][k]['tok_s'] / results['ours_invariant'][k]['tok_s']:.2f}x"
                 for k in ["0", *map(str, counts)]
             ),
+        )
+        print(
+            "the same, median over rounds of each round's back-to-back ratio:",
+            ", ".join(f"{k} adapters {v:.2f}x" for k, v in results["paired_ratio_median"].items()),
         )
     print(
         f"cold adapter load (read + place), mean of {results['cold_loads']}: {results['cold_load_ms_mean']:.1f} ms"

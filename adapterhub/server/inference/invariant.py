@@ -21,6 +21,10 @@ through computations in which a row's numbers do not depend on the others':
 - **Adapters through a `RowTable`** (each row reads only its own slots' factors, one batched product per
   slot, `adapterhub.runtime._rowkernel`), never the concatenated factors of the whole batch's adapters.
 
+Not covered: what the resident set does to the banks. Factors are padded to the highest rank resident so
+far (`adapterhub.runtime`), and a product over more (zero) rank columns may round apart, so a row's numbers
+can change once an adapter of a higher rank is first loaded; the banks never shrink back.
+
 Measured and tested on the CPU (bench/RESULTS.md, "serve: the cost of batch invariance";
 tests/test_serve_invariant.py). On CUDA the engine's default is the CUDA-graph path (`graphs`), which is
 not invariant; these steps run there with ``--no-graphs``, but cuBLAS's batched products and Triton's row
@@ -228,7 +232,7 @@ class RowsDecoder:
         self.layers: list[tuple[int, int, int, int]] = []
         self._tables: dict[tuple[int, int], Any] = {}
         #: one-row tables of the specs prefilled last (each keeps its factors gathered), oldest first
-        self._alone: dict[tuple[Any, ...], Any] = {}
+        self._alone: dict[tuple[Any, ...], tuple[list[Any], Any]] = {}
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -268,14 +272,19 @@ class RowsDecoder:
         if not spec:
             return None
         key = tuple(sorted(spec.items()))
-        table = self._alone.pop(key, None)
-        if table is None or not table.current:
+        try:  # what each name is resident as now (an adapter evicted and loaded again is another)
+            now = [self.runtime.residency.content(name) for name, _ in key]
+        except KeyError:
+            return None
+        kept = self._alone.pop(key, None)
+        table: Any = kept[1] if kept is not None else None
+        if kept is None or not table.current or any(a is not b for a, b in zip(kept[0], now, strict=True)):
             table = RowTable(self.runtime, 1, 1 << (len(spec) - 1).bit_length())
             try:
                 table.set([spec])
             except IncompatibleAdapterError:
                 return None
-        self._alone[key] = table  # the most recent last; the oldest goes past ALONE_TABLES
+        self._alone[key] = (now, table)  # the most recent last; the oldest goes past ALONE_TABLES
         while len(self._alone) > ALONE_TABLES:
             del self._alone[next(iter(self._alone))]
         return table.applied()
