@@ -30,7 +30,8 @@ tests/test_serve_invariant.py). On CUDA the engine's default is the CUDA-graph p
 not invariant; these steps run there with ``--no-graphs``, but cuBLAS's batched products and Triton's row
 kernel (one reduction over all of a row's slots) were not shown invariant there. Covered:
 decoder-only transformers causal LMs whose attention goes through ``AttentionInterface`` with full
-attention in every layer; `Engine` falls back to each request alone elsewhere. Adapters a row table
+attention in every layer; `Engine` falls back to each request alone elsewhere. The batch floor is measured
+on plain floating-point linears only: a quantized base (bitsandbytes) runs these steps unproven. Adapters a row table
 cannot serve (DoRA, ``lora_bias``, ``modules_to_save``, non-linear layers) make their steps go through
 ``rt.rows``, which is not invariant.
 """
@@ -153,8 +154,15 @@ def floor_and_buckets(model: Any, max_batch: int) -> list[int]:
     ladder.append(max(2, max_batch))
     shapes: dict[tuple[Any, ...], torch.Tensor] = {}
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and mod.weight.device.type != "meta":
-            shapes.setdefault((tuple(mod.weight.shape), mod.weight.dtype), mod.weight)
+        weight = getattr(mod, "weight", None)
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and isinstance(weight, torch.Tensor)
+            and weight.is_floating_point()
+            and weight.dim() == 2
+            and weight.device.type != "meta"
+        ):
+            shapes.setdefault((tuple(weight.shape), weight.dtype), weight)
     start = 0
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
