@@ -40,6 +40,7 @@ def _serve(
     requests: list[tuple[list[int], str | None]],
     together: bool,
     invariant: bool | None,
+    rows: bool = True,
 ) -> list[list[int]]:
     model = copy.deepcopy(llama).to(dtype).eval()
     model.generation_config.eos_token_id = None
@@ -47,7 +48,7 @@ def _serve(
     metrics = Metrics()
     pool = AdapterPool(_Folders(folders), rt, "tiny", budget=None, metrics=metrics)
     engine = Engine(model, _Tok(), pool, metrics, max_batch=16, graphs=False, batch_invariant=invariant)
-    assert (engine.rows is not None) == (invariant is not False)  # batched invariant steps, not alone
+    assert (engine.rows is not None) == (invariant is not False and rows)  # batched steps, not alone
     entries = {n: Entry(n, f"sha-{n}", False, 0) for n in folders}
     out: list[list[int]] = []
     groups = [requests] if together else [[r] for r in requests]
@@ -140,3 +141,24 @@ def test_a_prefill_table_follows_its_adapter_when_it_is_loaded_again(
     assert torch.equal(through(dec.alone({"x": 1.0})), first)
     assert not torch.allclose(through(dec.alone({"y": 1.0})), want, atol=1e-3)
     rt.detach()
+
+
+def test_a_model_the_steps_do_not_cover_runs_each_request_alone(
+    setup: tuple[Any, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterhub.server.inference import invariant
+
+    llama, folders = setup
+    monkeypatch.setattr(invariant, "supported", lambda model: "not covered here")
+    g = torch.Generator().manual_seed(7)
+    requests = [
+        (
+            torch.randint(3, llama.config.vocab_size, (3 + 4 * i,), generator=g).tolist(),
+            [None, "a", "b"][i % 3],
+        )
+        for i in range(6)
+    ]
+    alone = _serve(llama, folders, torch.bfloat16, requests, together=False, invariant=None, rows=False)
+    assert (
+        _serve(llama, folders, torch.bfloat16, requests, together=True, invariant=None, rows=False) == alone
+    )

@@ -3,7 +3,8 @@
 Its prefill runs alone (shape ``[1, T]``: its own), and its decode steps run batched with every other row,
 through computations in which a row's numbers do not depend on the others':
 
-- **Each row owns its columns.** K / V live in fixed buffers ``(max_batch, heads, cap, dim)`` (fp32), row
+- **Each row owns its columns.** K / V live in fixed buffers ``(max_batch, heads, cap, dim)`` (fp32 in
+  any model dtype: twice a bf16 cache's memory), row
   ``i``'s tokens at columns ``[0, len_i)`` whatever the other rows hold; each step writes each row's new
   K / V at its own column (`RowsCache.update`), so there is no left padding whose width depends on the batch.
 - **Attention in fixed blocks of ``BLOCK`` keys** (`rows_attention`, an ``AttentionInterface`` function used
@@ -235,6 +236,7 @@ class RowsDecoder:
         self.cache_kw = cache_kw
         self.pad = pad
         self.device = next(model.parameters()).device
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
         self.buckets = floor_and_buckets(model, max_batch)
         self.cache = RowsCache(self.buckets[-1], self.device)
         self.layers: list[tuple[int, int, int, int]] = []
@@ -246,8 +248,9 @@ class RowsDecoder:
         return next(b for b in self.buckets if b >= n)
 
     def room(self, keep: int, cols: int) -> None:
+        """Capacity for ``cols`` columns: doubled, never past the model's context."""
         if cols > self.cache.cap:
-            self.cache.alloc(max(cols, 2 * self.cache.cap), self.layers, keep)
+            self.cache.alloc(max(cols, min(2 * self.cache.cap, self.max_context + 1)), self.layers, keep)
 
     def _table(self, bucket: int, specs: Sequence[dict[str, float] | None], batch: RowsBatch) -> Any:
         """The row table this step reads its adapters through (None: base rows only, or ``"rows"``)."""
