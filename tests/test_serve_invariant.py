@@ -1,6 +1,6 @@
-"""Batch invariance (`Engine(batch_invariant=True)`): a greedy request's tokens are the same alone and in
-a batch of 16 mixed requests (other adapters, other lengths), in fp32 and bf16; driven step by step on
-the calling thread as tests/test_serve_graphs.py does."""
+"""Batch invariance (the engine's default off CUDA graphs, `invariant`): a greedy request's tokens are the
+same alone and in a batch of 16 mixed requests (other adapters, a combination, base rows, other lengths),
+in fp32 and bf16; driven step by step on the calling thread as tests/test_serve_graphs.py does."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def _serve(
     dtype: Any,
     requests: list[tuple[list[int], str | None]],
     together: bool,
-    invariant: bool,
+    invariant: bool | None,
+    rows: bool = True,
 ) -> list[list[int]]:
     model = copy.deepcopy(llama).to(dtype).eval()
     model.generation_config.eos_token_id = None
@@ -47,21 +48,26 @@ def _serve(
     metrics = Metrics()
     pool = AdapterPool(_Folders(folders), rt, "tiny", budget=None, metrics=metrics)
     engine = Engine(model, _Tok(), pool, metrics, max_batch=16, graphs=False, batch_invariant=invariant)
+    assert (engine.rows is not None) == (invariant is not False and rows)  # batched steps, not alone
     entries = {n: Entry(n, f"sha-{n}", False, 0) for n in folders}
     out: list[list[int]] = []
     groups = [requests] if together else [[r] for r in requests]
+    # every adapter resident first: a row's numbers depend on the banks' padded rank (the highest rank
+    # resident), which is not what this test varies
+    groups = [[([3, 4, 5], "+".join(folders))], *groups]
     for group in groups:
         done: set[int] = set()
         jobs = []
         for prompt, name in group:
-            if name:
-                pool.request(entries[name])
+            terms = name.split("+") if name else []
+            for t in terms:
+                pool.request(entries[t])
             k = len(jobs)
             jobs.append(
                 Job(
                     prompt,
                     Sampling(max_tokens=12, temperature=0.0),
-                    {f"sha-{name}": 1.0} if name else None,
+                    {f"sha-{t}": (0.7 if i else 0.6) for i, t in enumerate(terms)} or None,
                     lambda ev, k=k, done=done: done.add(k) if ev[0] == "done" else None,
                 )
             )
@@ -72,6 +78,7 @@ def _serve(
             time.sleep(0.001)
         assert len(done) == len(jobs)
         out += [j.generated for j in jobs]
+    out = out[1:]
     rt.detach()
     return out
 
@@ -82,12 +89,76 @@ def test_greedy_tokens_alone_equal_a_batch_of_16(setup: tuple[Any, dict[str, Pat
     g = torch.Generator().manual_seed(5)
     vocab = llama.config.vocab_size
     requests = [
-        (torch.randint(3, vocab, (int(n),), generator=g).tolist(), [None, "a", "b"][i % 3])
+        (torch.randint(3, vocab, (int(n),), generator=g).tolist(), [None, "a", "b", "a+b"][i % 4])
         for i, n in enumerate(torch.randint(2, 30, (16,), generator=g))
     ]
     dt = getattr(torch, dtype)
-    alone = _serve(llama, folders, dt, requests, together=False, invariant=True)
-    batch = _serve(llama, folders, dt, requests, together=True, invariant=True)
+    alone = _serve(llama, folders, dt, requests, together=False, invariant=None)  # the default
+    batch = _serve(llama, folders, dt, requests, together=True, invariant=None)
     assert alone == batch
-    # and the same tokens as the batching engine gives a request that runs by itself
-    assert _serve(llama, folders, dt, requests[:4], together=False, invariant=False) == alone[:4]
+    if dtype == "float32":  # the same tokens as the batching engine gives a request that runs by itself
+        fast = _serve(llama, folders, dt, requests[:4], together=False, invariant=False)
+        assert fast == alone[:4]
+
+
+def test_an_emptied_batch_is_cleared() -> None:
+    from adapterhub.server.inference.engine import _Batch
+
+    b = _Batch()
+    b.jobs, b.pos = [object()], torch.zeros(1, dtype=torch.long)  # type: ignore[list-item]
+    b.keep([])
+    assert b.jobs == [] and b.cache is None and b.mask is None and b.pos is None and b.last is None
+
+
+def test_a_prefill_table_follows_its_adapter_when_it_is_loaded_again(
+    setup: tuple[Any, dict[str, Path]], tmp_path: Path
+) -> None:
+    """The one-row table a prefill reads ``x`` through is kept per combination; once ``x`` is unloaded,
+    its slot reused by another adapter and ``x`` loaded again elsewhere, the prefill still applies ``x``,
+    to the bit (the banks' padded rank unchanged: a higher rank pads every factor and may round apart)."""
+    from helpers.models import make_adapter
+
+    from adapterhub.server.inference.invariant import RowsDecoder
+
+    llama, folders = setup
+    other = make_adapter(llama, tmp_path / "c", seed=63, r=4, lora_alpha=8, target_modules=LLAMA_ALL)
+    model = copy.deepcopy(llama).eval()
+    rt = attach(model)
+    dec = RowsDecoder(model, rt, "past_key_values", max_batch=4, pad=0)
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+
+    def through(ctx: Any) -> torch.Tensor:
+        with torch.no_grad(), ctx:
+            return model(input_ids=ids).logits
+
+    rt.load(folders["a"], name="x")
+    want = through(rt.rows(["x"]))
+    first = through(dec.alone({"x": 1.0}))
+    assert torch.allclose(first, want, atol=1e-5)
+    rt.unload("x")
+    rt.load(other, name="y")  # takes the freed slot
+    rt.load(folders["a"], name="x")
+    assert torch.equal(through(dec.alone({"x": 1.0})), first)
+    assert not torch.allclose(through(dec.alone({"y": 1.0})), want, atol=1e-3)
+    rt.detach()
+
+
+def test_a_model_the_steps_do_not_cover_runs_each_request_alone(
+    setup: tuple[Any, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterhub.server.inference import invariant
+
+    llama, folders = setup
+    monkeypatch.setattr(invariant, "supported", lambda model: "not covered here")
+    g = torch.Generator().manual_seed(7)
+    requests = [
+        (
+            torch.randint(3, llama.config.vocab_size, (3 + 4 * i,), generator=g).tolist(),
+            [None, "a", "b"][i % 3],
+        )
+        for i in range(6)
+    ]
+    alone = _serve(llama, folders, torch.bfloat16, requests, together=False, invariant=None, rows=False)
+    assert (
+        _serve(llama, folders, torch.bfloat16, requests, together=True, invariant=None, rows=False) == alone
+    )

@@ -156,6 +156,9 @@ def test_an_adapter_runs_and_serves_on_a_quantized_base(hub: Hub, tmp_path: Path
             quantize,
             "--device",
             "cpu",
+            # the batching path rounds as generate does (the batch-invariant steps use their own attention
+            # and batch sizes, so a near tie of this random model may go the other way)
+            "--no-batch-invariant",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

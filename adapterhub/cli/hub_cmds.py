@@ -158,10 +158,11 @@ def pull_cmd(
     help="With --model: largest inference request body (default 4MB); larger ones are a 413 unread.",
 )
 @click.option(
-    "--batch-invariant",
-    is_flag=True,
-    help="With --model: prefill and decode each request alone, so a greedy answer never depends on what "
-    "else runs (costs the batching: 6-7x fewer tokens/s on a CPU, bench/RESULTS.md).",
+    "--batch-invariant/--no-batch-invariant",
+    default=None,
+    help="With --model: a greedy answer never depends on what else shares the batch, in any dtype "
+    "(default: on, except where decode steps are CUDA graphs); --no-batch-invariant batches without that "
+    "guarantee, faster with adapters (bench/RESULTS.md).",
 )
 @click.option(
     "--quantize",
@@ -199,7 +200,7 @@ def serve_cmd(
     require_token: bool,
     graphs: bool | None,
     max_request_bytes: str | None,
-    batch_invariant: bool,
+    batch_invariant: bool | None,
     quantize: str | None,
     lora_dirs: tuple[str, ...],
 ) -> None:
@@ -215,13 +216,13 @@ def serve_cmd(
         or max_batch != 32
         or graphs is not None
         or max_request_bytes
-        or batch_invariant
+        or batch_invariant is not None
         or quantize
         or lora_dirs
     ):
         raise click.UsageError(
             "--device, --dtype, --max-batch, --adapter-memory, --require-token, --graphs, "
-            "--max-request-bytes, --batch-invariant, --quantize and --lora-dir go with --model"
+            "--max-request-bytes, --[no-]batch-invariant, --quantize and --lora-dir go with --model"
         )
     hub = state.hub
 

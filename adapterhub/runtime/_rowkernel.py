@@ -7,7 +7,7 @@ per-row mask, and no shape that depends on which adapters the rows use, so a ste
 serves any mix of resident adapters by refilling the ``slots`` / ``coef`` buffers in place.
 
 On CUDA with Triton the kernel is Triton's; elsewhere (and as the tests' oracle) the same arithmetic runs
-in torch: gather the row's factors, two batched products in fp32, one rounding into ``out``. Both
+in torch: gather the row's factors, two batched products in fp32 per slot, one rounding into ``out``. Both
 compute the term in fp32 and round ``out + term`` once to ``out``'s dtype, so a row whose slots are all
 negative stays bit for bit what the base computed.
 """
@@ -53,17 +53,39 @@ def _torch(
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
+    apply_gathered(x, gather(lora_a, lora_b, slots, coef), out)
+
+
+def gather(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Torch's kernel, first half: per slot column ``m``, each row's ``lora_A`` transposed ``(n, in, r)``
+    and its weighted ``lora_B`` ``(n, r, out)``, in fp32 (a `_term.Table` keeps them while its rows stay)."""
     n, m = slots.shape
-    tokens, r = x.shape[0], lora_a.shape[1]
-    per = tokens // n
-    flat = slots.clamp(min=0).reshape(-1)
-    weight = (coef * (slots >= 0)).to(torch.float32)  # (n, M)
-    a = lora_a.index_select(0, flat).to(torch.float32).view(n, m * r, -1)  # (n, M*r, in)
-    s = lora_b.index_select(0, flat).to(torch.float32).view(n, m, r, -1)
-    s = (s * weight.view(n, m, 1, 1)).view(n, m * r, -1)  # (n, M*r, out)
-    h = torch.bmm(x.view(n, per, -1).to(torch.float32), a.transpose(1, 2))  # (n, per, M*r)
-    term = torch.bmm(h, s).view(tokens, -1)
-    out.copy_(out.to(torch.float32).add_(term))
+    parts = []
+    for j in range(m):
+        slot = slots[:, j].clamp(min=0)
+        weight = (coef[:, j] * (slots[:, j] >= 0)).to(torch.float32).view(n, 1, 1)
+        a = lora_a.index_select(0, slot).to(torch.float32).transpose(1, 2)
+        parts.append((a, lora_b.index_select(0, slot).to(torch.float32) * weight))
+    return parts
+
+
+def apply_gathered(
+    x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor
+) -> None:
+    """Torch's kernel, second half: ``out += term``, rounded once. One slot after another, each product of
+    one row's own shapes, so a row's term is the same whatever the other rows hold and however many slots
+    they use (a padded slot adds exact zeros)."""
+    n = parts[0][0].shape[0]
+    tokens = x.shape[0]
+    xs = x.view(n, tokens // n, -1).to(torch.float32)
+    term: torch.Tensor | None = None
+    for a, s in parts:
+        t = torch.bmm(torch.bmm(xs, a), s)
+        term = t if term is None else term.add_(t)
+    assert term is not None
+    out.copy_(out.to(torch.float32).add_(term.view(tokens, -1)))
 
 
 @functools.cache

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ._layers import Layer, inplace_ok
-from ._rowkernel import kernel_for, rows_term
+from ._rowkernel import _torch, apply_gathered, gather, kernel_for, rows_term
 from ._select import Selection
 
 #: tokens per row from which rows over several adapters take the per-row batched GEMMs (below it, the
@@ -164,8 +164,15 @@ class Table(LoraTerm):
         out[t] += row_coef[row, m] * (x[t] @ lora_A[slot].T) @ lora_B[slot]   (fp32, rounded once)
     """
 
+    #: most bytes of gathered factors (all layers together) that torch's kernel keeps between steps
+    KEEP_BYTES = 32 << 20
+
     def __init__(self, kernel: Any = rows_term) -> None:
         self.kernel = kernel
+        #: with torch's kernel, per layer: its rows' gathered factors while neither the table's rows nor
+        #: the layer's banks change (each decode step of a batch reads them again)
+        self._kept: dict[int, tuple[Layer, int, int, Any, int]] = {}
+        self._kept_bytes = 0
 
     def add_lora_linear(
         self,
@@ -181,7 +188,22 @@ class Table(LoraTerm):
         if x.shape[0] % sel.rows or not out.is_contiguous():
             raise InvalidOptionError(f"the batch does not have the row table's {sel.rows} rows")
         assert sel.row_slots is not None and sel.row_coef is not None
-        self.kernel(x, layer.lora_A, layer.lora_B, sel.row_slots, sel.row_coef, out.view(-1, layer.out_f))
+        if self.kernel is not _torch:
+            self.kernel(x, layer.lora_A, layer.lora_B, sel.row_slots, sel.row_coef, out.view(-1, layer.out_f))
+            return out
+        hit = self._kept.get(id(layer))
+        if hit is not None and hit[0] is layer and hit[1:3] == (layer.version, sel.version):
+            parts = hit[3]
+        else:
+            parts = gather(layer.lora_A, layer.lora_B, sel.row_slots, sel.row_coef)
+            if hit is not None:
+                self._kept_bytes -= hit[4]
+                del self._kept[id(layer)]
+            size = sum(a.numel() + s.numel() for a, s in parts) * 4
+            if self._kept_bytes + size <= self.KEEP_BYTES:
+                self._kept[id(layer)] = (layer, layer.version, sel.version, parts, size)
+                self._kept_bytes += size
+        apply_gathered(x, parts, out.view(-1, layer.out_f))
         return out
 
 

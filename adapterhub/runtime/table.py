@@ -104,6 +104,7 @@ class RowTable:
                 slots[i, j], coef[i, j] = slot, w
         self.slots.copy_(slots)
         self.coef.copy_(coef)
+        self._sel.version += 1  # what a layer gathered for the old rows is stale
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -55,7 +55,7 @@ def mount_inference(
     factor_dtype: str = "float32",
     graphs: bool | None = None,
     max_request_bytes: int | str | None = None,
-    batch_invariant: bool = False,
+    batch_invariant: bool | None = None,
     quantize: str | None = None,
     lora_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> Inference:
@@ -74,8 +74,11 @@ def mount_inference(
             where the model is covered, False: never (a growing cache, eager), True: also off a GPU
             (static buffers, eager).
         max_request_bytes: largest request body (bytes, or ``"4MB"``); larger ones are a 413 unread.
-        batch_invariant: prefill and decode each request alone, so that its tokens never depend on what
-            else runs (any dtype); costs the batching (`bench/serve.py --batch-invariant`).
+        batch_invariant: a greedy request's tokens never depend on what else shares the batch (other
+            adapters, lengths, padding), in any dtype (`invariant`: each prefill alone, batched decode
+            steps whose numbers for a row do not depend on the others); None: on unless the decode
+            steps are CUDA graphs (a GPU, or ``graphs=True``), which are not invariant; False: the
+            batching without that guarantee (`bench/serve.py --batch-invariant` measures both).
         quantize: ``nf4`` or ``int8``: the base's linear layers through bitsandbytes (as `Hub.load_base`;
             ``nf4-all``: the embeddings and output layer too);
             adapters attach to them (factors in fp32); nothing can be merged into such a base.

@@ -2,13 +2,16 @@
 
 Each step it (1) drops cancelled requests, (2) installs adapters whose files finished reading, (3) admits
 waiting requests whose adapters are resident (a request waiting on a cold adapter never holds up the
-others), prefills them together (left-padded, each row with its own adapter through ``rt.rows``) and
-(4) runs one decode step over every active request, whatever adapter each uses.
+others), prefills them and (4) runs one decode step over every active request, whatever adapter each uses.
 
-The batch's KV cache is one left-padded ``DynamicCache``: a joining group is padded to the batch's
-length (or the batch to the group's), finished rows are cut out with ``index_select`` and leading columns
-that no row uses any more are trimmed. Each row keeps its own positions (``position_ids``), and padding
-is masked, so a row's tokens equal the same request run alone.
+By default (`invariant`) a greedy request's tokens never depend on what else shares the batch: each is
+prefilled alone and decode steps run over per-row KV columns (`invariant.RowsBatch`). With
+``batch_invariant=False`` requests are prefilled together (left-padded, each row with its own adapter
+through ``rt.rows``) and the batch's KV cache is one left-padded ``DynamicCache`` (`_Batch`): a joining
+group is padded to the batch's length (or the batch to the group's), finished rows are cut out with
+``index_select`` and leading columns that no row uses any more are trimmed; on a GPU the steps run over
+static buffers in CUDA graphs (`graphs`). Each row keeps its own positions and padding is masked, so
+there a row's tokens are those of the request alone up to rounding.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import invariant
 from .graphs import GraphDecoder, StaticBatch, spec_key
+from .invariant import RowsBatch, RowsDecoder
 from .metrics import Metrics
 from .pool import AdapterPool
-from .sampling import Logprob, Sampling, pick, record
+from .sampling import Logprob, Sampling, eos_ids, pick, record, stop_at, stop_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ class _Batch:
         if len(rows) == len(self.jobs):
             return
         if not rows:
-            self.__init__()  # type: ignore[misc]
+            self.clear()
             return
         assert self.mask is not None and self.pos is not None and self.last is not None
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
@@ -108,6 +113,9 @@ class _Batch:
         self.mask = mask[:, start:]
         self.pos, self.last = self.pos.index_select(0, idx), self.last.index_select(0, idx)
         self.jobs = [self.jobs[i] for i in rows]
+
+    def clear(self) -> None:
+        self.jobs, self.cache, self.mask, self.pos, self.last = [], None, None, None, None
 
 
 def _left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,7 +136,7 @@ class Engine:
         max_queue: int = 256,
         prefill_tokens: int = 4096,
         graphs: bool | None = None,
-        batch_invariant: bool = False,
+        batch_invariant: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -139,19 +147,32 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)
         import inspect
 
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
-        #: each request prefilled and decoded alone (its own cache, no padding): its tokens never depend on
-        #: what else runs, in any dtype, at the cost of batching (`bench/serve.py --batch-invariant`)
+        if batch_invariant is None:  # by default, unless the steps are CUDA graphs (a GPU, or graphs=True)
+            on_gpu = graphs is None and self.device.type == "cuda" and GraphDecoder.supported(model) is None
+            batch_invariant = not (graphs or on_gpu)
+        #: a request's tokens never depend on what else runs, in any dtype (`invariant`)
         self.batch_invariant = batch_invariant
+        #: the invariant steps; None where the model is not covered: then each request runs alone
+        self.rows: RowsDecoder | None = None
         self._alone: list[_Batch] = []
+        self._each_alone = False
         if batch_invariant:
             graphs = False
+            why_not = invariant.supported(model)
+            if why_not is None:
+                self.rows = RowsDecoder(
+                    model, pool.runtime, self._cache_kw, max_batch=max_batch, pad=self._pad
+                )
+            else:
+                logger.warning("batch invariance runs each request alone: %s", why_not)
+                self._each_alone = True
         why = GraphDecoder.supported(model) if graphs is not False else "turned off"
         if graphs and why:
             logger.warning("decode steps stay dynamic: %s", why)
@@ -170,7 +191,9 @@ class Engine:
         self._exclusive: list[tuple[Callable[[], Any], Callable[[tuple[str, Any]], None]]] = []
         pool.wake = self.wake
 
-    def _new_batch(self) -> _Batch | StaticBatch:
+    def _new_batch(self) -> _Batch | StaticBatch | RowsBatch:
+        if self.rows is not None:
+            return RowsBatch(self.rows)
         return StaticBatch(self.graphs) if self.graphs is not None else _Batch()
 
     # ----------------------------------------------------------------------------- outside the thread
@@ -267,14 +290,17 @@ class Engine:
                 sink(("done", work()))
             except Exception as exc:
                 sink(("error", exc))
-        if self.batch_invariant:
+        if self._each_alone:
             self._step_alone()
             return
         self._drop_cancelled()
         if self._waiting:
             self.pool.install(self.close_rows, self._batch.jobs)
             new = self._admit()
-            if new:
+            if new and self.rows is not None:  # each prefilled alone: its own shapes
+                for job in new:
+                    self._start([job])
+            elif new:
                 self._start(new)
         if self._batch.jobs:
             self._decode()
@@ -378,7 +404,7 @@ class Engine:
 
     def close_rows(self) -> None:
         """Leave the decode steps' rows (before the resident adapters change, or the batch does)."""
-        if isinstance(self._batch, StaticBatch):
+        if isinstance(self._batch, (StaticBatch, RowsBatch)):
             self._batch.table_key = None
         self._rows.close()
         self._rows = contextlib.ExitStack()
@@ -404,7 +430,8 @@ class Engine:
         cache = DynamicCache(config=self.model.config)
         self.close_rows()
         whole = any(j.sampling.prompt_logprobs for j in jobs)  # every position's logits, not the last only
-        with self.pool.runtime.rows([j.spec for j in jobs]):
+        rows = self.rows.alone(jobs[0].spec) if self.rows is not None and len(jobs) == 1 else None
+        with rows or self.pool.runtime.rows([j.spec for j in jobs]):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -434,6 +461,8 @@ class Engine:
         if isinstance(b, StaticBatch):
             assert self.graphs is not None
             logits = self.graphs.step(b, specs)
+        elif isinstance(b, RowsBatch):
+            logits = b.d.step(b, specs)
         else:
             logits = self._dynamic_step(b, specs)
         assert b.pos is not None
@@ -520,7 +549,7 @@ class Engine:
         ids = job.generated[:-1] if ended else job.generated
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         finish = "stop" if ended else None
-        cut = _stop_at(text, job.sampling.stop)
+        cut = stop_at(text, job.sampling.stop)
         if cut is not None:
             text, finish = text[:cut], "stop"
         elif finish is None and len(job.generated) >= job.sampling.max_tokens:
@@ -528,7 +557,7 @@ class Engine:
         if finish is None and text.endswith("\ufffd"):
             return None  # an incomplete character: wait for the rest of its bytes
         # while unfinished, hold back a tail that could begin a stop string (it may yet be cut)
-        shown = text if finish is not None else text[: len(text) - _stop_prefix(text, job.sampling.stop)]
+        shown = text if finish is not None else text[: len(text) - stop_prefix(text, job.sampling.stop)]
         if shown.startswith(job.sent) and len(shown) > len(job.sent):
             piece = shown[len(job.sent) :]
             job.sent = shown
@@ -553,30 +582,3 @@ def _prompt_logprobs(logits: torch.Tensor, job: Job, width: int) -> list[Logprob
     for k, tok in enumerate(job.prompt[1:]):
         out.append(record(lps[k], tok, top))
     return out
-
-
-def _stop_prefix(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def _stop_at(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """What ``generate`` stops at: the generation config's end tokens, else the tokenizer's."""
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            return {value}
-        if isinstance(value, (list, tuple)) and value:
-            return {int(v) for v in value}
-    return set()

@@ -131,3 +131,30 @@ def record(lp: torch.Tensor, token: int, top: int) -> Logprob:
         vals, ids = torch.topk(lp, min(top, lp.numel()))
         alts = list(zip(ids.tolist(), vals.tolist(), strict=True))
     return token, float(lp[token]), alts
+
+
+def stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def stop_at(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """What ``generate`` stops at: the generation config's end tokens, else the tokenizer's."""
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            return {value}
+        if isinstance(value, (list, tuple)) and value:
+            return {int(v) for v in value}
+    return set()

@@ -79,7 +79,7 @@ class Inference:
         graphs: bool | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         body_timeout: float = BODY_TIMEOUT,
-        batch_invariant: bool = False,
+        batch_invariant: bool | None = None,
         lora_dirs: tuple[str, ...] = (),
     ) -> None:
         self.hub = hub
