@@ -9,8 +9,9 @@ their count) from the decoder's hidden states:
     loss = sum over label positions t of -log_softmax(head(h[t-1]).float())[labels[t]] / num_items
 
 - only the positions that have a label go through the head (prompt tokens and padding cost nothing);
-- they go in chunks of ``chunk`` rows, each under activation checkpointing, so one chunk's logits live
-  at a time, in the forward and again in the backward.
+- when they are more than one chunk of ``chunk`` rows (by default 256 MiB of fp32 logits), each chunk
+  runs under activation checkpointing, so one chunk's logits live at a time, in the forward and again in
+  the backward (the head is computed twice: time traded for memory only where the logits are large).
 
 Models whose head does more than a linear map (logit soft-capping, logit scales), whose layout is not
 ``base_model`` + output embeddings, or that FSDP wraps at the root (its hooks gather the root's shards
@@ -91,9 +92,11 @@ def causal_lm_loss(
     if chunk is None:
         chunk = max(1, _CHUNK_BYTES // (4 * max(1, head.weight.shape[0])))
     total = hidden.new_zeros((), dtype=torch.float32)
+    # one chunk: nothing to gain from recomputing the head in the backward (it only costs time)
+    recompute = picked.shape[0] > chunk and torch.is_grad_enabled() and picked.requires_grad
     for at in range(0, picked.shape[0], chunk):
         h, t = picked[at : at + chunk], wanted[at : at + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
         else:
             total = total + _chunk_loss(head, h, t)
