@@ -1,7 +1,7 @@
 """QLoRA training step on a Llama-3-8B-shaped model: adapterhub against PEFT (+ transformers ``Trainer``).
 
     python bench/train_qlora.py                    # the 8B shape on CUDA (bf16 and NF4), every case
-    python bench/train_qlora.py --shape tiny       # a tiny shape (a smoke run; CPU works, NF4 included)
+    python bench/train_qlora.py --shape small      # a small shape (a smoke run; CPU works, NF4 included)
 
 Every case runs in a process of its own, so that its peak memory is its own. One model per case: a random
 Llama (the 8B shape: hidden 4096, 14336, 32 layers, 32/8 heads, vocab 128256) built in bf16 on the device,
@@ -38,8 +38,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from train import PROJ  # noqa: E402
+from train import SHAPES as _TRAIN_SHAPES  # noqa: E402
 
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: bench/train.py's shapes at this bench's batch (4 x 512 on the GPU shapes), plus the 8B one
 SHAPES = {
     "8b": dict(
         hidden_size=4096,
@@ -51,26 +53,8 @@ SHAPES = {
         rows=4,
         tokens=512,
     ),
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rows=4,
-        tokens=512,
-    ),
-    "tiny": dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        rows=2,
-        tokens=32,
-    ),
+    "1b": dict(_TRAIN_SHAPES["1b"], rows=4),
+    "small": _TRAIN_SHAPES["small"],
 }
 
 
