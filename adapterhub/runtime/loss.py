@@ -90,7 +90,8 @@ def causal_lm_loss(
     if num_items is None:
         num_items = wanted.numel()
     if chunk is None:
-        chunk = max(1, _CHUNK_BYTES // (4 * max(1, head.weight.shape[0])))
+        # the vocabulary from the config: a quantized head's weight is packed (nf4-all), or absent when tied
+        chunk = max(1, _CHUNK_BYTES // (4 * max(1, int(model.config.vocab_size))))
     total = hidden.new_zeros((), dtype=torch.float32)
     # one chunk: nothing to gain from recomputing the head in the backward (it only costs time)
     recompute = picked.shape[0] > chunk and torch.is_grad_enabled() and picked.requires_grad
