@@ -66,6 +66,39 @@ def test_the_row_kernel_adds_each_rows_own_term(dtype: str, shape: tuple[int, ..
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_rows_term_does_not_depend_on_the_other_rows_or_their_slots(dtype: str) -> None:
+    """What the batch-invariant decode steps rely on: a row's term is the same to the bit alone (one slot
+    column) and among other rows that use more slots (its own padded with empty ones)."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out, r = 96, 200, 8
+    first = torch.randn(6, r, n_in, generator=g).to(DEVICE, dt)
+    second = torch.randn(6, r, n_out, generator=g).to(DEVICE, dt)
+    x = torch.randn(16, n_in, generator=g).to(DEVICE, dt)
+    out0 = torch.randn(16, n_out, generator=g).to(DEVICE, dt)
+    runs = {"torch": _torch}
+    if DEVICE == "cuda" and _triton() is not None:
+        runs["triton"] = _triton()
+    for label, fn in runs.items():
+        alone = out0[:1].clone()
+        fn(
+            x[:1],
+            first,
+            second,
+            torch.tensor([[2]], device=DEVICE),
+            torch.tensor([[0.7]], device=DEVICE),
+            alone,
+        )
+        slots = torch.randint(0, 6, (16, 4), generator=g)
+        slots[0] = torch.tensor([2, -1, -1, -1])
+        coef = torch.randn(16, 4, generator=g)
+        coef[0, 0] = 0.7
+        batch = out0.clone()
+        fn(x, first, second, slots.to(DEVICE), coef.to(DEVICE), batch)
+        assert torch.equal(batch[:1], alone), label
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Path]]:
     llama = tiny_llama()

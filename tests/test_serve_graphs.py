@@ -65,7 +65,7 @@ def _run(llama: Any, folders: dict[str, Path], graphs: bool, waves: list[list[tu
     rt = attach(model)
     metrics = Metrics()
     pool = AdapterPool(_Folders(folders), rt, "tiny", budget=None, metrics=metrics)
-    engine = Engine(model, _Tok(), pool, metrics, max_batch=8, graphs=graphs)
+    engine = Engine(model, _Tok(), pool, metrics, max_batch=8, graphs=graphs, batch_invariant=False)
     assert isinstance(engine._batch, StaticBatch) == graphs
     entries = {n: Entry(n, f"sha-{n}", False, 0) for n in folders}
     jobs: list[Job] = []

@@ -5,6 +5,7 @@ in fp32 and bf16; driven step by step on the calling thread as tests/test_serve_
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from adapterhub.server.inference.metrics import Metrics
 from adapterhub.server.inference.pool import AdapterPool, Entry
 
 torch = pytest.importorskip("torch")
+DEVICE = os.environ.get("ADAPTERHUB_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +43,16 @@ def _serve(
     together: bool,
     invariant: bool | None,
     rows: bool = True,
+    graphs: bool = False,
 ) -> list[list[int]]:
-    model = copy.deepcopy(llama).to(dtype).eval()
+    model = copy.deepcopy(llama).to(DEVICE, dtype).eval()
     model.generation_config.eos_token_id = None
     rt = attach(model)
     metrics = Metrics()
     pool = AdapterPool(_Folders(folders), rt, "tiny", budget=None, metrics=metrics)
-    engine = Engine(model, _Tok(), pool, metrics, max_batch=16, graphs=False, batch_invariant=invariant)
+    engine = Engine(model, _Tok(), pool, metrics, max_batch=16, graphs=graphs, batch_invariant=invariant)
     assert (engine.rows is not None) == (invariant is not False and rows)  # batched steps, not alone
+    assert engine.rows is None or engine.rows.static == graphs
     entries = {n: Entry(n, f"sha-{n}", False, 0) for n in folders}
     out: list[list[int]] = []
     groups = [requests] if together else [[r] for r in requests]
@@ -78,13 +82,21 @@ def _serve(
             time.sleep(0.001)
         assert len(done) == len(jobs)
         out += [j.generated for j in jobs]
+    if DEVICE == "cuda" and engine.rows is not None and graphs:
+        assert engine.rows.capture and engine.rows.captures >= 1
     out = out[1:]
     rt.detach()
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_tokens_alone_equal_a_batch_of_16(setup: tuple[Any, dict[str, Path]], dtype: str) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "graphs"), [("float32", False), ("bfloat16", False), ("float32", True), ("bfloat16", True)]
+)
+def test_greedy_tokens_alone_equal_a_batch_of_16(
+    setup: tuple[Any, dict[str, Path]], dtype: str, graphs: bool
+) -> None:
+    """``graphs``: the steps a GPU captures in CUDA graphs (fixed inputs, whole powers of two of attention
+    blocks), here run eagerly: the same tokens as the dynamic steps."""
     llama, folders = setup
     g = torch.Generator().manual_seed(5)
     vocab = llama.config.vocab_size
@@ -93,10 +105,12 @@ def test_greedy_tokens_alone_equal_a_batch_of_16(setup: tuple[Any, dict[str, Pat
         for i, n in enumerate(torch.randint(2, 30, (16,), generator=g))
     ]
     dt = getattr(torch, dtype)
-    alone = _serve(llama, folders, dt, requests, together=False, invariant=None)  # the default
-    batch = _serve(llama, folders, dt, requests, together=True, invariant=None)
+    alone = _serve(llama, folders, dt, requests, together=False, invariant=None, graphs=graphs)  # the default
+    batch = _serve(llama, folders, dt, requests, together=True, invariant=None, graphs=graphs)
     assert alone == batch
-    if dtype == "float32":  # the same tokens as the batching engine gives a request that runs by itself
+    if graphs:  # the same numbers as the dynamic steps
+        assert alone == _serve(llama, folders, dt, requests, together=False, invariant=None)
+    elif dtype == "float32":  # the same tokens as the batching engine gives a request that runs by itself
         fast = _serve(llama, folders, dt, requests[:4], together=False, invariant=False)
         assert fast == alone[:4]
 

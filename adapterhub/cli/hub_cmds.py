@@ -161,7 +161,7 @@ def pull_cmd(
     "--batch-invariant/--no-batch-invariant",
     default=None,
     help="With --model: a greedy answer never depends on what else shares the batch, in any dtype "
-    "(default: on, except where decode steps are CUDA graphs); --no-batch-invariant batches without that "
+    "(default: on); --no-batch-invariant batches without that "
     "guarantee, faster with adapters (bench/RESULTS.md).",
 )
 @click.option(
@@ -182,8 +182,9 @@ def pull_cmd(
 @click.option(
     "--graphs/--no-graphs",
     default=None,
-    help="With --model: decode over static buffers in CUDA graphs (default: on a GPU, where the model "
-    "is covered); --no-graphs keeps a growing cache, eager.",
+    help="With --model: decode steps over static buffers, each step shape captured in a CUDA graph "
+    "(default: on a GPU, where the model is covered); --no-graphs runs them eagerly (with "
+    "--no-batch-invariant: over a growing cache).",
 )
 @pass_state
 def serve_cmd(

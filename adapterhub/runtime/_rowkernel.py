@@ -97,9 +97,12 @@ def _triton() -> Any:
     except ImportError:
         return None
 
-    # Two kernels without loops (a loop over ``in`` left each program waiting on one load after another:
-    # 35 us a linear on an H200): the shrink splits ``in`` over programs, each writing its partial
+    # Two kernels without loops over ``in`` (a loop over ``in`` left each program waiting on one load after
+    # another: 35 us a linear on an H200): the shrink splits ``in`` over programs, each writing its partial
     # ``A x`` of every (slot, rank) pair of its row; the expand sums the partials and adds its columns.
+    # Each slot is its own tile of ``(RP, BK)`` / ``(RP, BO)``, taken one after another, and the tile sizes
+    # do not depend on the number of slots: a row's term is summed in the same order whatever the other
+    # rows use (a padded slot adds exact zeros), which the batch-invariant decode steps rely on.
 
     @triton.jit
     def lora_rows_shrink(
@@ -115,28 +118,26 @@ def _triton() -> Any:
         M: tl.constexpr,
         R: tl.constexpr,
         RP: tl.constexpr,
-        MR: tl.constexpr,
         BK: tl.constexpr,
     ):
         t = tl.program_id(0)
         ks = tl.program_id(1)
         row = t // per
-        j = tl.arange(0, MR)  # (slot m, rank j) pairs of this row: one "virtual rank" of M * RP
-        m = j // RP
-        rr = j % RP
-        slot = tl.load(slots_ptr + row * M + m, mask=m < M, other=-1)
-        ok = (m < M) & (rr < R) & (slot >= 0)
-        slot = tl.where(ok, slot, 0).to(tl.int64)
+        rr = tl.arange(0, RP)
         kk = ks * BK + tl.arange(0, BK)
         km = kk < n_in
         xv = tl.load(x_ptr + t * sx + kk, mask=km, other=0.0).to(tl.float32)
-        av = tl.load(
-            a_ptr + slot[:, None] * sa0 + rr[:, None] * sa1 + kk[None, :],
-            mask=ok[:, None] & km[None, :],
-            other=0.0,
-        )
-        h = tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-        tl.store(part_ptr + (t * tl.num_programs(1) + ks) * MR + j, h)
+        base = part_ptr + (t * tl.num_programs(1) + ks) * (M * RP)
+        for m in tl.static_range(M):
+            slot = tl.load(slots_ptr + row * M + m + rr * 0)  # the row's slot m, once per rank
+            ok = (rr < R) & (slot >= 0)
+            slot = tl.where(ok, slot, 0).to(tl.int64)
+            av = tl.load(
+                a_ptr + slot[:, None] * sa0 + rr[:, None] * sa1 + kk[None, :],
+                mask=ok[:, None] & km[None, :],
+                other=0.0,
+            )
+            tl.store(base + m * RP + rr, tl.sum(av.to(tl.float32) * xv[None, :], axis=1))
 
     @triton.jit
     def lora_rows_expand(
@@ -154,33 +155,34 @@ def _triton() -> Any:
         M: tl.constexpr,
         R: tl.constexpr,
         RP: tl.constexpr,
-        MR: tl.constexpr,
         KP: tl.constexpr,
         BO: tl.constexpr,
     ):
         t = tl.program_id(0)
         ob = tl.program_id(1)
         row = t // per
-        j = tl.arange(0, MR)
-        m = j // RP
-        rr = j % RP
-        slot = tl.load(slots_ptr + row * M + m, mask=m < M, other=-1)
-        ok = (m < M) & (rr < R) & (slot >= 0)
-        c = tl.load(coef_ptr + row * M + m, mask=ok, other=0.0)
-        slot = tl.where(ok, slot, 0).to(tl.int64)
+        rr = tl.arange(0, RP)
         kp = tl.arange(0, KP)
-        parts = tl.load(
-            part_ptr + (t * n_parts + kp[:, None]) * MR + j[None, :], mask=kp[:, None] < n_parts, other=0.0
-        )
-        h = tl.sum(parts, axis=0) * c
         oo = ob * BO + tl.arange(0, BO)
         om = oo < n_out
-        sv = tl.load(
-            s_ptr + slot[:, None] * ss0 + rr[:, None] * ss1 + oo[None, :],
-            mask=ok[:, None] & om[None, :],
-            other=0.0,
-        )
-        d = tl.sum(h[:, None] * sv.to(tl.float32), axis=0)
+        d = tl.zeros((BO,), dtype=tl.float32)
+        for m in tl.static_range(M):
+            slot = tl.load(slots_ptr + row * M + m + rr * 0)
+            ok = (rr < R) & (slot >= 0)
+            c = tl.load(coef_ptr + row * M + m + rr * 0, mask=ok, other=0.0)
+            slot = tl.where(ok, slot, 0).to(tl.int64)
+            parts = tl.load(
+                part_ptr + (t * n_parts + kp[:, None]) * (M * RP) + m * RP + rr[None, :],
+                mask=kp[:, None] < n_parts,
+                other=0.0,
+            )
+            h = tl.sum(parts, axis=0) * c  # (RP,): zero past the rank and for a padded slot
+            sv = tl.load(
+                s_ptr + slot[:, None] * ss0 + rr[:, None] * ss1 + oo[None, :],
+                mask=ok[:, None] & om[None, :],
+                other=0.0,
+            )
+            d += tl.sum(h[:, None] * sv.to(tl.float32), axis=0)
         yp = y_ptr + t * sy + oo
         yv = tl.load(yp, mask=om, other=0.0).to(tl.float32)
         tl.store(yp, (yv + d).to(y_ptr.dtype.element_ty), mask=om)
@@ -202,11 +204,10 @@ def _triton() -> Any:
         n_out, r = out.shape[1], lora_a.shape[1]
         assert lora_a.stride(2) == 1 and lora_b.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
         rp = triton.next_power_of_2(r)
-        mr = triton.next_power_of_2(m) * rp
-        bk = max(16, min(bk_max, 8192 // mr, triton.next_power_of_2(n_in)))
+        bk = max(16, min(bk_max, 8192 // rp, triton.next_power_of_2(n_in)))
         n_parts = triton.cdiv(n_in, bk)
-        bo = max(16, min(bo_max, 8192 // mr, triton.next_power_of_2(n_out)))
-        part = torch.empty((tokens, n_parts, mr), dtype=torch.float32, device=x.device)
+        bo = max(16, min(bo_max, 8192 // rp, triton.next_power_of_2(n_out)))
+        part = torch.empty((tokens, n_parts, m * rp), dtype=torch.float32, device=x.device)
         per = tokens // n
         lora_rows_shrink[(tokens, n_parts)](
             x,
@@ -221,7 +222,6 @@ def _triton() -> Any:
             M=m,
             R=r,
             RP=rp,
-            MR=mr,
             BK=bk,
             num_warps=4,
         )
@@ -240,7 +240,6 @@ def _triton() -> Any:
             M=m,
             R=r,
             RP=rp,
-            MR=mr,
             KP=triton.next_power_of_2(n_parts),
             BO=bo,
             num_warps=warps,

@@ -5,7 +5,8 @@ waiting requests whose adapters are resident (a request waiting on a cold adapte
 others), prefills them and (4) runs one decode step over every active request, whatever adapter each uses.
 
 By default (`invariant`) a greedy request's tokens never depend on what else shares the batch: each is
-prefilled alone and decode steps run over per-row KV columns (`invariant.RowsBatch`). With
+prefilled alone and decode steps run over per-row KV columns (`invariant.RowsBatch`), on a GPU each step
+shape captured in a CUDA graph. With
 ``batch_invariant=False`` requests are prefilled together (left-padded, each row with its own adapter
 through ``rt.rows``) and the batch's KV cache is one left-padded ``DynamicCache`` (`_Batch`): a joining
 group is padded to the batch's length (or the batch to the group's), finished rows are cut out with
@@ -154,9 +155,8 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
         self._waiting: list[Job] = []
-        if batch_invariant is None:  # by default, unless the steps are CUDA graphs (a GPU, or graphs=True)
-            on_gpu = graphs is None and self.device.type == "cuda" and GraphDecoder.supported(model) is None
-            batch_invariant = not (graphs or on_gpu)
+        if batch_invariant is None:
+            batch_invariant = True
         #: a request's tokens never depend on what else runs, in any dtype (`invariant`)
         self.batch_invariant = batch_invariant
         #: the invariant steps; None where the model is not covered: then each request runs alone
@@ -164,15 +164,16 @@ class Engine:
         self._alone: list[_Batch] = []
         self._each_alone = False
         if batch_invariant:
-            graphs = False
             why_not = invariant.supported(model)
-            if why_not is None:
+            if why_not is None:  # static inputs (CUDA graphs on a GPU) unless graphs=False; a GPU's default
+                static = bool(graphs) or (graphs is None and self.device.type == "cuda")
                 self.rows = RowsDecoder(
-                    model, pool.runtime, self._cache_kw, max_batch=max_batch, pad=self._pad
+                    model, pool.runtime, self._cache_kw, max_batch=max_batch, pad=self._pad, static=static
                 )
             else:
                 logger.warning("batch invariance runs each request alone: %s", why_not)
                 self._each_alone = True
+            graphs = False
         why = GraphDecoder.supported(model) if graphs is not False else "turned off"
         if graphs and why:
             logger.warning("decode steps stay dynamic: %s", why)

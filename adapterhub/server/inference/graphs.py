@@ -1,4 +1,6 @@
-"""Decode steps over a static KV cache, each batch shape's step captured once in a CUDA graph.
+"""Decode steps over a static KV cache, each batch shape's step captured once in a CUDA graph, for the
+engine without batch invariance (``batch_invariant=False``; the invariant steps capture theirs in
+`invariant`). Rows share columns here, so a row's numbers depend on the batch.
 
 The eager decode step of a small model is bound by the host: it enqueues ~40 kernels per layer, and
 the adapters' low-rank terms add more. Here the batch lives in fixed buffers instead of a growing
@@ -26,7 +28,7 @@ Covered: models whose transformers ``StaticCache`` is all full-attention ``Stati
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -229,20 +231,8 @@ class GraphDecoder:
 
     def _capture(self, step: _Step, bucket: int, width: int) -> None:
         assert self._cum is not None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs (kernels compiled, workspaces made) off the graph
-            for _ in range(2):
-                self._cum.fill_(width)
-                self._forward(step, bucket)
-        torch.cuda.current_stream().wait_stream(side)
-        # each graph its own memory pool: a decode step's activations are small, and a pool shared with
-        # graphs that are dropped later (new banks, new capacity) tripped an allocator assertion
-        graph = torch.cuda.CUDAGraph()
-        self._cum.fill_(width)
-        with torch.cuda.graph(graph):
-            logits = self._forward(step, bucket)
-        step.graph, step.logits = graph, logits
+        cum = self._cum
+        step.graph, step.logits = capture_graph(lambda: self._forward(step, bucket), lambda: cum.fill_(width))
         self.captures += 1
 
     def step(self, batch: StaticBatch, specs: Sequence[dict[str, float] | None]) -> torch.Tensor:
@@ -349,6 +339,28 @@ class StaticBatch:
         else:
             self.pos, self.last = self.pos[:k], self.last[:k]
         self.jobs = [self.jobs[i] for i in rows]
+
+
+def capture_graph(
+    run: Callable[[], torch.Tensor], prepare: Callable[[], Any] = lambda: None
+) -> tuple[Any, torch.Tensor]:
+    """``run`` captured in a CUDA graph, and the output tensor its replays write: two warm-up runs on a side
+    stream first (kernels compiled, workspaces made off the graph); ``prepare`` runs before each run, outside
+    the graph (it sets what the captured run reads). Each graph gets its own memory pool: a
+    decode step's activations are small, and a pool shared with graphs that are dropped later (new banks,
+    new capacity) tripped an allocator assertion."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            prepare()
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    prepare()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
 
 
 def spec_key(specs: Sequence[dict[str, float] | None]) -> tuple[Any, ...]:

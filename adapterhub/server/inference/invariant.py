@@ -26,15 +26,23 @@ Not covered: what the resident set does to the banks. Factors are padded to the 
 far (`adapterhub.runtime`), and a product over more (zero) rank columns may round apart, so a row's numbers
 can change once an adapter of a higher rank is first loaded; the banks never shrink back.
 
+**CUDA graphs.** With ``static`` (a GPU's default; ``graphs=True`` anywhere) a step reads fixed input
+tensors (`_Static`: ids, positions, its row table) and runs a whole power of two of attention blocks (a
+block past every row changes nothing, see above), so each ``(bucket, slots per row, blocks)`` is one shape:
+on CUDA it is captured in a graph once and replayed; elsewhere the same step runs eagerly, and the tests
+run it so on the CPU. Triton's row kernel sums each slot in its own tile, in slot order, with tiles that do
+not depend on the number of slots (`adapterhub.runtime._rowkernel`), so a row's term is the same whatever
+the other rows use, as torch's kernel is.
+
 Measured and tested on the CPU (bench/RESULTS.md, "serve: the cost of batch invariance";
-tests/test_serve_invariant.py). On CUDA the engine's default is the CUDA-graph path (`graphs`), which is
-not invariant; these steps run there with ``--no-graphs``, but cuBLAS's batched products and Triton's row
-kernel (one reduction over all of a row's slots) were not shown invariant there. Covered:
+tests/test_serve_invariant.py, eager and static). On a GPU the invariance rests on the batch floor measured
+there (cuBLAS's products of each bucket size) and on the row kernel; tests/test_serve_invariant.py and
+tests/test_runtime_table.py check both with ``ADAPTERHUB_TEST_DEVICE=cuda``, not yet run on a GPU. Covered:
 decoder-only transformers causal LMs whose attention goes through ``AttentionInterface`` with full
 attention in every layer; `Engine` falls back to each request alone elsewhere. The batch floor is measured
-on plain floating-point linears only: a quantized base (bitsandbytes) runs these steps unproven. Adapters a row table
-cannot serve (DoRA, ``lora_bias``, ``modules_to_save``, non-linear layers) make their steps go through
-``rt.rows``, which is not invariant.
+on plain floating-point linears only: a quantized base (bitsandbytes) runs these steps unproven. Adapters a
+row table cannot serve (DoRA, ``lora_bias``, ``modules_to_save``, non-linear layers) make their steps go
+through ``rt.rows``, eagerly, which is not invariant.
 """
 
 from __future__ import annotations
@@ -43,12 +51,14 @@ import contextvars
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import IncompatibleAdapterError
+from .graphs import capture_graph
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +239,17 @@ class RowsCache:
 class RowsDecoder:
     """The buffers and the step (see the module docstring); `RowsBatch` is the engine's view of them."""
 
-    def __init__(self, model: Any, runtime: Any, cache_kw: str, *, max_batch: int, pad: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        runtime: Any,
+        cache_kw: str,
+        *,
+        max_batch: int,
+        pad: int,
+        static: bool = False,
+        capture: bool | None = None,
+    ) -> None:
         _register()
         self.model = model
         self.runtime = runtime
@@ -237,6 +257,11 @@ class RowsDecoder:
         self.pad = pad
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
+        #: steps read fixed input tensors (`_Static`), captured in CUDA graphs where ``capture``
+        self.static = static
+        self.capture = static and (self.device.type == "cuda" if capture is None else capture)
+        self.captures = 0
+        self._static: dict[tuple[int, int], _Static] = {}
         self.buckets = floor_and_buckets(model, max_batch)
         self.cache = RowsCache(self.buckets[-1], self.device)
         self.layers: list[tuple[int, int, int, int]] = []
@@ -250,6 +275,7 @@ class RowsDecoder:
     def room(self, keep: int, cols: int) -> None:
         """Capacity for ``cols`` columns: doubled, never past the model's context."""
         if cols > self.cache.cap:
+            self._static.clear()  # their graphs read the old buffers
             self.cache.alloc(max(cols, min(2 * self.cache.cap, self.max_context + 1)), self.layers, keep)
 
     def _table(self, bucket: int, specs: Sequence[dict[str, float] | None], batch: RowsBatch) -> Any:
@@ -306,17 +332,67 @@ class RowsDecoder:
         assert batch.pos is not None and batch.last is not None
         bucket = self.bucket(n)
         dead = bucket - n
-        ids = torch.cat([batch.last, batch.last.new_full((dead,), self.pad)])[:, None]
-        pos = torch.cat([batch.pos, batch.pos.new_zeros(dead)])
-        self.room(n, int(pos.max()) + 1)
+        top = int(batch.pos.max()) + 1
+        self.room(n, top)
+        need = -(-top // BLOCK)
+        padded = list(specs) + [None] * dead
+        table = self._table(bucket, padded, batch)
+        if table == "rows" or not self.static:
+            ids = torch.cat([batch.last, batch.last.new_full((dead,), self.pad)])[:, None]
+            pos = torch.cat([batch.pos, batch.pos.new_zeros(dead)])
+            rows = torch.arange(bucket, device=self.device)
+            return self._forward(ids, pos, rows, table, padded, need)[:n]
+        st = self._static_for(bucket, table)
+        st.ids[:n, 0] = batch.last
+        st.ids[n:, 0] = self.pad
+        st.pos[:n] = batch.pos
+        st.pos[n:] = 0
+        # whole powers of two of blocks (fewer steps to capture): blocks past every row change nothing
+        blocks = min(1 << (need - 1).bit_length(), self.cache.cap // BLOCK)
+        captured = st.graphs.get(blocks)
+        if captured is None and self.capture:
+            try:
+                captured = st.graphs[blocks] = capture_graph(
+                    lambda: self._forward(st.ids, st.pos, st.rows, table, padded, blocks)
+                )
+                self.captures += 1
+            except Exception as exc:
+                logger.warning("decode steps run eagerly: capturing one in a CUDA graph failed (%s)", exc)
+                self.capture = False
+        if captured is None:
+            return self._forward(st.ids, st.pos, st.rows, table, padded, blocks)[:n]
+        captured[0].replay()
+        return captured[1][:n]
+
+    def _static_for(self, bucket: int, table: Any) -> _Static:
+        """The fixed inputs of a step of ``bucket`` rows through ``table`` (made anew with the table)."""
+        key = (bucket, 0 if table is None else table.width)
+        st = self._static.get(key)
+        if st is None or st.table is not table:
+            st = self._static[key] = _Static(
+                table=table,
+                ids=torch.full((bucket, 1), self.pad, dtype=torch.long, device=self.device),
+                pos=torch.zeros(bucket, dtype=torch.long, device=self.device),
+                rows=torch.arange(bucket, device=self.device),
+            )
+        return st
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        rows: torch.Tensor,
+        table: Any,
+        padded: list[dict[str, float] | None],
+        blocks: int,
+    ) -> torch.Tensor:
+        """The model over one token per row (what a captured step replays): logits ``(bucket, vocab)``."""
         c = self.cache
-        c.rows = torch.arange(bucket, device=self.device)
-        c.cols = pos
+        bucket = int(ids.shape[0])
+        c.rows, c.cols = rows, pos
         cols = torch.arange(c.cap, device=self.device)
         mask = torch.zeros((bucket, 1, 1, c.cap), dtype=torch.float32, device=self.device)
         mask.masked_fill_((cols[None, :] > pos[:, None]).view(bucket, 1, 1, c.cap), float("-inf"))
-        padded = list(specs) + [None] * dead
-        table = self._table(bucket, padded, batch)
         if table == "rows":
             ctx = self.runtime.rows(padded)
         elif table is not None:
@@ -325,7 +401,7 @@ class RowsDecoder:
             ctx = self.runtime.rows([None] * bucket)
         cfg = self.model.config
         impl = cfg._attn_implementation
-        state = [-(-(int(pos.max()) + 1) // BLOCK)]
+        state = [blocks]
         token = _ACTIVE.set(state)
         try:
             cfg._attn_implementation = NAME
@@ -342,7 +418,19 @@ class RowsDecoder:
             _ACTIVE.reset(token)
         if len(state) == 1:
             raise RuntimeError("the model's attention did not go through AttentionInterface")
-        return out.logits[:n, -1, :]
+        return out.logits[:, -1, :]
+
+
+@dataclass
+class _Static:
+    """A bucket's step inputs in fixed tensors (what its captured graphs read), and the graphs (and the
+    logits each replay writes) per number of attention blocks."""
+
+    table: Any  # RowTable | None
+    ids: torch.Tensor  # (bucket, 1)
+    pos: torch.Tensor  # (bucket,)
+    rows: torch.Tensor  # arange(bucket)
+    graphs: dict[int, tuple[Any, torch.Tensor]] = field(default_factory=dict)
 
 
 class RowsBatch:
