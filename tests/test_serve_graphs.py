@@ -58,15 +58,24 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, P
     return llama, {n: make_adapter(llama, root / n, **kw) for n, kw in specs.items()}
 
 
-def _run(llama: Any, folders: dict[str, Path], graphs: bool, waves: list[list[tuple[Any, ...]]]) -> Any:
+def _run(
+    llama: Any,
+    folders: dict[str, Path],
+    graphs: bool,
+    waves: list[list[tuple[Any, ...]]],
+    invariant: bool = False,
+) -> Any:
     """Submit each wave after the previous one's first decode steps; return every job's tokens."""
     model = copy.deepcopy(llama).to(DEVICE).eval()
     model.generation_config.eos_token_id = None
     rt = attach(model)
     metrics = Metrics()
     pool = AdapterPool(_Folders(folders), rt, "tiny", budget=None, metrics=metrics)
-    engine = Engine(model, _Tok(), pool, metrics, max_batch=8, graphs=graphs, batch_invariant=False)
-    assert isinstance(engine._batch, StaticBatch) == graphs
+    engine = Engine(model, _Tok(), pool, metrics, max_batch=8, graphs=graphs, batch_invariant=invariant)
+    if invariant:
+        assert engine.rows is not None and engine.rows.static == graphs
+    else:
+        assert isinstance(engine._batch, StaticBatch) == graphs
     entries = {n: Entry(n, f"sha-{n}", False, 0) for n in folders}
     jobs: list[Job] = []
     done: dict[int, list[int]] = {}
@@ -99,6 +108,25 @@ def _run(llama: Any, folders: dict[str, Path], graphs: bool, waves: list[list[tu
     return [j.generated for j in jobs], engine
 
 
+def _waves() -> list[list[tuple[Any, ...]]]:
+    g = torch.Generator().manual_seed(9)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(1, 64, (n,), generator=g).tolist()
+
+    return [
+        [
+            (prompt(5), "a", 30),
+            (prompt(9), None, 6),
+            (prompt(3), "b", 40),
+            (prompt(7), {"a": 0.7, "c": 0.3}, 12),
+        ],
+        [(prompt(21), "c", 25), (prompt(2), "a", 5)],  # longer than the batch's columns; a short one
+        [(prompt(4), None, 20), (prompt(11), {"b": -0.5, "c": 1.0}, 18), (prompt(6), "b", 9)],
+        [(prompt(5), "dora", 6), (prompt(3), "a", 4)],  # a table cannot take DoRA: rt.rows, eagerly
+    ]
+
+
 def test_static_decode_steps_equal_the_dynamic_ones(
     adapters: tuple[Any, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,22 +147,7 @@ def test_static_decode_steps_equal_the_dynamic_ones(
         return forward(self, step, bucket, rows)
 
     monkeypatch.setattr(GraphDecoder, "_forward", seen)
-    g = torch.Generator().manual_seed(9)
-
-    def prompt(n: int) -> list[int]:
-        return torch.randint(1, 64, (n,), generator=g).tolist()
-
-    waves = [
-        [
-            (prompt(5), "a", 30),
-            (prompt(9), None, 6),
-            (prompt(3), "b", 40),
-            (prompt(7), {"a": 0.7, "c": 0.3}, 12),
-        ],
-        [(prompt(21), "c", 25), (prompt(2), "a", 5)],  # longer than the batch's columns; a short one
-        [(prompt(4), None, 20), (prompt(11), {"b": -0.5, "c": 1.0}, 18), (prompt(6), "b", 9)],
-        [(prompt(5), "dora", 6), (prompt(3), "a", 4)],  # a table cannot take DoRA: rt.rows, eagerly
-    ]
+    waves = _waves()
     dynamic, _ = _run(llama, folders, False, waves)
     static, engine = _run(llama, folders, True, waves)
     assert static == dynamic
@@ -143,6 +156,24 @@ def test_static_decode_steps_equal_the_dynamic_ones(
     assert d is not None and d.L >= 32  # grew past the first capacity
     assert any(dst > src for src, dst in moves)  # a joining prompt longer than the batch's columns
     assert any(eager) and not all(eager)  # the DoRA batch stepped through rt.rows, the others not
+    if DEVICE == "cuda":
+        assert d.captures >= 1 and d.capture
+
+
+def test_invariant_static_steps_equal_the_eager_ones(adapters: tuple[Any, dict[str, Path]]) -> None:
+    """The batch-invariant steps a GPU captures (fixed inputs, whole powers of two of attention blocks)
+    give the eager invariant steps' tokens through joins, leaves, capacity growth and a DoRA batch."""
+    llama, folders = adapters
+    llama = copy.deepcopy(llama)
+    llama.config.max_position_embeddings = 512  # room past one block of keys (rotary has no table)
+    waves = _waves()
+    waves[1].append((list(range(3, 63)) * 2, "b", 20))  # past the first block of 128 columns
+    eager, _ = _run(llama, folders, False, waves, invariant=True)
+    static, engine = _run(llama, folders, True, waves, invariant=True)
+    assert static == eager
+    assert [len(t) for t in static] == [30, 6, 40, 12, 25, 5, 20, 20, 18, 9, 6, 4]
+    d = engine.rows
+    assert d is not None and d.cache.cap >= 256 and d._static
     if DEVICE == "cuda":
         assert d.captures >= 1 and d.capture
 
