@@ -27,12 +27,14 @@ whole answer carries). Text after the first call is dropped, as vLLM's parsers d
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .calljson import new_id, partial, skip, value_end
+from .calljson import scan as scan_call
 from .grammar import bare_tool_grammar, call_schema, lazy_tool_grammar, response_schema, tool_schema
 from .refusal import Refusal
+from .toolformats import FORMATS, MarkedCalls, history, template_format
 
 __all__ = [
     "CLOSE",
@@ -42,6 +44,7 @@ __all__ = [
     "chat_prompt",
     "flat_message",
     "plan",
+    "reader",
     "split",
     "tool_format",
 ]
@@ -66,20 +69,25 @@ For each function call, return a json object with function name and arguments wi
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """How the model writes calls: ``tagged`` (``<tool_call>``) or bare JSON; ``inject``: the template
-    ignores ``tools``, so they are described in a system message."""
+    """How the model writes calls: ``tagged`` (``<tool_call>``), bare JSON, or ``kind``, one of
+    `toolformats.FORMATS`; ``inject``: the template ignores ``tools``, so they are described in a system
+    message."""
 
     tagged: bool = True
     inject: bool = False
+    kind: str = "tagged"
 
 
 @dataclass(frozen=True)
 class ToolPlan:
     """A chat request's answer: its grammar (None: free) and how its text is read (``mode`` None: plain
-    text; ``forced``: one bare call object; ``tagged`` / ``bare``: the model decides)."""
+    text; ``forced``: one bare call object; ``tagged`` / ``bare`` / a `toolformats.FORMATS` name: the model
+    decides)."""
 
     grammar: str | None = None
     mode: str | None = None
+    #: the marker tokens the answer's text keeps (`toolformats`: special tokens decoding would drop)
+    keep: tuple[int, ...] = ()
 
 
 def _template(tok: Any) -> str:
@@ -97,14 +105,18 @@ def tool_format(tok: Any) -> ToolFormat:
     tpl = _template(tok)
     if not tpl:
         return ToolFormat(inject=True)
-    tagged = OPEN in tpl or not ("<|python_tag|>" in tpl or '"parameters": dictionary' in tpl)
+    marked = template_format(tpl)
+    tagged = not marked and (
+        OPEN in tpl or not ("<|python_tag|>" in tpl or '"parameters": dictionary' in tpl)
+    )
+    kind = marked or ("tagged" if tagged else "bare")
     try:
         shown = tok.apply_chat_template(
             [{"role": "user", "content": "x"}], tools=_PROBE, add_generation_prompt=True, tokenize=False
         )
     except Exception:  # a template that breaks on tools: described in a system message instead
-        return ToolFormat(tagged=True, inject=True)
-    return ToolFormat(tagged=tagged, inject="probe_fn_x7" not in str(shown))
+        return ToolFormat(tagged=not marked, inject=True, kind=marked or "tagged")
+    return ToolFormat(tagged=tagged, inject="probe_fn_x7" not in str(shown), kind=kind)
 
 
 def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
@@ -114,23 +126,53 @@ def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
 
     if not tools:
         return chat_ids(tok, messages)
-    if tool_format(tok).inject:
+    fmt = tool_format(tok)
+    if fmt.inject and fmt.kind not in FORMATS:
         return chat_ids(tok, _described(messages, tools))
-    ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+    if fmt.kind in FORMATS:
+        messages = history(fmt.kind, tok, messages)
+        if fmt.inject:
+            return chat_ids(tok, _system(messages, FORMATS[fmt.kind].described(tools)))
+    try:
+        ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+    except TypeError:  # a template that joins the calls' arguments as text (DeepSeek's): give it text
+        ids = tok.apply_chat_template(
+            _text_arguments(messages), tools=tools, add_generation_prompt=True, tokenize=True
+        )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+
+def _text_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with their calls' arguments as JSON text."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("tool_calls"):
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+                if not isinstance(c["function"]["arguments"], str)
+                else c
+                for c in m["tool_calls"]
+            ]
+    return out
+
+
+def _system(messages: list[dict[str, Any]], head: str) -> list[dict[str, Any]]:
+    """``messages`` with ``head`` at the end of the system message (one added where there is none)."""
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = out[0]["content"] + "\n\n" + head
+    else:
+        out.insert(0, {"role": "system", "content": head})
+    return out
 
 
 def _described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` with ``tools`` described in the system message and past calls and results written in
     the tagged format (for a template that has no tool format of its own)."""
     head = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = out[0]["content"] + "\n\n" + head
-    else:
-        out.insert(0, {"role": "system", "content": head})
+    out = _system(messages, head)
     for m in out:
         calls = m.pop("tool_calls", None)
         if calls:
@@ -192,14 +234,20 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
     if not req.tools or req.tool_choice == "none":
         return ToolPlan()
     fmt = tool_format(svc.tokenizer)
-    mode = "tagged" if fmt.tagged else "bare"
+    mode = fmt.kind
+    added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
+    marked = FORMATS.get(mode)
+    ids = {m: added[m] for m in marked.markers if m in added} if marked else {}
     if not svc.grammars.available():
-        return ToolPlan(None, mode)  # read, not held to a grammar
-    call = call_schema(req.tools, None, "arguments" if fmt.tagged else "parameters")
+        return ToolPlan(None, mode, tuple(ids.values()))  # read, not held to a grammar
+    call = call_schema(req.tools, None, "parameters" if mode == "bare" else "arguments")
     if isinstance(call, Refusal):
         return call
     parallel = req.parallel_tool_calls is not False
-    added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
+    if marked:
+        free = [i for i in svc.grammars.specials() if i not in ids.values()]
+        grammar = svc.grammars.compile(call, "tools", lark=marked.grammar(call, parallel, ids, free))
+        return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode, tuple(ids.values()))
     tags = (
         {OPEN: added.get(OPEN), CLOSE: added.get(CLOSE)} if fmt.tagged else {"": added.get("<|python_tag|>")}
     )
@@ -210,116 +258,6 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
         lark = bare_tool_grammar(call, parallel, tags[""], specials)
     grammar = svc.grammars.compile(call, "tools", lark=lark)
     return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode)
-
-
-def _new_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
-
-
-def _skip(s: str, i: int) -> int:
-    while i < len(s) and s[i] in _WS:
-        i += 1
-    return i
-
-
-def _value_end(s: str, i: int) -> tuple[int | None, int]:
-    """Where the JSON value at ``s[i]`` ends (None: not yet written whole), and how far ``s[i:]`` is known
-    to be part of it (an object or list grows as it is written; a scalar is only known whole)."""
-    if i >= len(s):
-        return None, i
-    if s[i] not in "{[":
-        try:
-            _, end = json.JSONDecoder().raw_decode(s, i)
-        except ValueError:
-            return None, i
-        return (end, end) if s[i] == '"' or end < len(s) else (None, i)
-    depth, in_str, esc = 0, False, False
-    for j in range(i, len(s)):
-        ch = s[j]
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return j + 1, j + 1
-    return None, len(s)
-
-
-@dataclass
-class _Scan:
-    """How far one call object ``{"name": ..., "arguments": ...}`` has been written."""
-
-    name: str | None = None
-    args: tuple[int, int] | None = None  # the arguments' span, (start, known end)
-    args_done: bool = False
-    end: int | None = None  # just past the object's closing brace
-    error: bool = False
-
-
-def _scan(s: str, final: bool) -> _Scan:
-    """Read the call object at the start of ``s`` (after blanks) as far as it is written."""
-    out = _Scan()
-    dec = json.JSONDecoder()
-    i = _skip(s, 0)
-    if i == len(s):
-        out.error = final
-        return out
-    if s[i] != "{":
-        out.error = True
-        return out
-    i += 1
-    while True:
-        i = _skip(s, i)
-        if i == len(s):
-            break
-        if s[i] == "}" and (out.name is not None or out.args is not None):
-            out.end = i + 1
-            out.error = not isinstance(out.name, str)
-            return out
-        if s[i] != '"':
-            out.error = True
-            return out
-        try:
-            key, i = dec.raw_decode(s, i)
-        except ValueError:
-            break
-        i = _skip(s, i)
-        if i == len(s):
-            break
-        if s[i] != ":":
-            out.error = True
-            return out
-        i = _skip(s, i + 1)
-        end, known = _value_end(s, i)
-        if key in ("arguments", "parameters") and out.args is None:
-            out.args = (i, known)
-            out.args_done = end is not None
-        if end is None:
-            break
-        if key == "name":
-            out.name = json.loads(s[i:end])
-            if not isinstance(out.name, str):
-                out.error = True
-                return out
-        i = _skip(s, end)
-        if i == len(s):
-            break
-        if s[i] == ",":
-            i += 1
-        elif s[i] != "}":
-            out.error = True
-            return out
-    out.error = final
-    return out
 
 
 class Calls:
@@ -377,7 +315,7 @@ class Calls:
                     out += self._text(self.buf[:at])
                     self.buf, self.state = self.buf[at + len(OPEN) :], "call"
                     continue
-                hold = 0 if final else _partial(self.buf, OPEN)
+                hold = 0 if final else partial(self.buf, OPEN)
                 out += self._text(self.buf[: len(self.buf) - hold])
                 self.buf = self.buf[len(self.buf) - hold :]
                 return out
@@ -408,13 +346,13 @@ class Calls:
         s = self.buf
         if self.mode == "tagged" and s.lstrip(_WS).startswith("["):  # a list of calls in one tag
             return self._list(final)
-        scan = _scan(s, final)
+        scan = scan_call(s, final)
         if scan.error:
             return self._broken(s)
         out: list[dict[str, Any]] = []
         if scan.name is not None and scan.args is not None:
             if not self._sent_head:
-                self._id, self._sent_head, self._sent_args = _new_id(), True, 0
+                self._id, self._sent_head, self._sent_args = new_id(), True, 0
                 out.append(
                     self._delta(
                         {"id": self._id, "type": "function", "function": {"name": scan.name, "arguments": ""}}
@@ -433,7 +371,7 @@ class Calls:
         except ValueError:
             return out + self._broken(s)
         if not self._sent_head:  # no arguments: the call in one delta
-            self._id = _new_id()
+            self._id = new_id()
             out.append(
                 self._delta(
                     {"id": self._id, "type": "function", "function": {"name": scan.name, "arguments": args}}
@@ -447,8 +385,8 @@ class Calls:
 
     def _list(self, final: bool) -> list[dict[str, Any]] | None:
         s = self.buf
-        at = _skip(s, 0)
-        end, _ = _value_end(s, at)
+        at = skip(s, 0)
+        end, _ = value_end(s, at)
         if end is None:
             return self._broken(s) if final else None
         try:
@@ -462,7 +400,7 @@ class Calls:
             if not isinstance(name, str):
                 return self._broken(s)
             call = {
-                "id": _new_id(),
+                "id": new_id(),
                 "type": "function",
                 "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
             }
@@ -487,20 +425,17 @@ class Calls:
         return {"tool_calls": [{"index": len(self.calls), **call}]}
 
 
-def _partial(s: str, tag: str) -> int:
-    """The length of the longest end of ``s`` that begins ``tag``."""
-    for n in range(min(len(s), len(tag) - 1), 0, -1):
-        if tag.startswith(s[-n:]):
-            return n
-    return 0
+def reader(mode: str) -> Calls | MarkedCalls:
+    """The reader of one choice's answer in ``mode`` (`ToolPlan`'s): `Calls`, or the marker format's."""
+    return FORMATS[mode](mode) if mode in FORMATS else Calls(mode)
 
 
 def split(text: str, mode: str) -> tuple[str | None, list[dict[str, Any]]]:
     """A whole answer as OpenAI's message ``content`` and ``tool_calls`` (no calls: the text, as written)."""
-    reader = Calls(mode)
-    reader.feed(text)
-    reader.close()
-    if not reader.calls:
+    r = reader(mode)
+    r.feed(text)
+    r.close()
+    if not r.calls:
         return text, []
-    content = "".join(reader.content)
-    return (content if content.strip() else None), reader.calls
+    content = "".join(r.content)
+    return (content if content.strip() else None), r.calls
