@@ -9,13 +9,16 @@ Formats (found in the chat template, `template_format`):
   ``[TOOL_CALLS]name[ARGS]{...}``, the marker again before each further call. Either Mistral form is
   read whichever the template names; ids are 9 letters or digits, as Mistral's templates require (ids
   of the history that are not are mapped to such ids, the same for a call and its result).
-- **granite** (Granite 3.x): ``<|tool_call|>`` then a JSON list as Mistral's. Granite's templates
-  write only a message's content, so earlier calls are written into it in this format.
+- **granite** (Granite 3.x): ``<|tool_call|>`` then a JSON list as Mistral's.
 - **deepseek** (DeepSeek V3 / R1): ``<｜tool▁calls▁begin｜>`` then per call
   ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``
   (``\\n``-separated), then ``<｜tool▁calls▁end｜>``; V3.1's ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}``
   is read too. V3's own template ignores ``tools``: they are described in a system message, as vLLM's
   DeepSeek template does, in this format.
+
+Earlier calls and results in the history are written by the template itself (`history`). Where it shows
+no calls (Granite's writes only a message's content; DeepSeek's shows only a call message whose content
+is None, a key transformers 5 drops), the calls are written into the content as the model writes them.
 
 In every format text may come before the marker (it is the message's ``content``); text after the
 calls is dropped. A call that is no valid call (a broken JSON, a name that is no name) makes the whole
@@ -126,7 +129,7 @@ class MarkedCalls:
         raise NotImplementedError
 
     def _text(self, s: str) -> list[dict[str, Any]]:
-        if not s or self.calls or self.state != "text":
+        if not s or self.calls or self._head or self.state not in ("text", "plain"):
             return []
         self.content.append(s)
         return [{"content": s}]
@@ -145,7 +148,8 @@ class MarkedCalls:
                 out += self._text(self.buf[: len(self.buf) - hold])
                 self.buf = self.buf[len(self.buf) - hold :]
                 return out
-            if self.state in ("done", "plain"):
+            if self.state in ("done", "plain"):  # past the calls (dropped), or no call (text)
+                out += self._text(self.buf) if self.state == "plain" else []
                 self.buf = ""
                 return out
             if self.state in ("open", "next"):
@@ -473,8 +477,8 @@ def short_id(call_id: str) -> str:
 
 def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` as the ``kind`` format's template takes them: Mistral's 9-character ids; an empty
-    content of a message with calls as None (DeepSeek's template reads only such a message's calls);
-    and calls written into the content where the template shows only content (Granite's)."""
+    content of a message with calls as None; and the calls written into the content, in the format,
+    where the template shows none."""
     fmt = FORMATS[kind]
     out = [dict(m) for m in messages]
     if not any(m.get("tool_calls") for m in out):
@@ -497,12 +501,20 @@ def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[st
 
 
 def _shows_calls(tok: Any) -> bool:
-    """Whether the chat template writes an assistant message's ``tool_calls`` (a template that fails on
-    the probe is taken to)."""
+    """Whether the chat template writes an assistant message's ``tool_calls`` (with no content, or an
+    empty one; a template that fails on both is taken to)."""
     probe = {"id": "probe0001", "type": "function", "function": {"name": "probe_fn_x7", "arguments": {}}}
-    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [probe]}]
-    try:
-        shown = tok.apply_chat_template(msgs, tokenize=False)
-    except Exception:
-        return True
-    return "probe_fn_x7" in str(shown)
+    rendered = False
+    for content in (None, ""):
+        msgs = [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": content, "tool_calls": [probe]},
+        ]
+        try:
+            shown = str(tok.apply_chat_template(msgs, tokenize=False))
+        except Exception:
+            continue
+        if "probe_fn_x7" in shown:
+            return True
+        rendered = True
+    return not rendered
