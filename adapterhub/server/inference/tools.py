@@ -11,14 +11,19 @@ Formats (from the chat template):
   are written the same way.
 - **bare** (Llama 3.x JSON): the whole answer is ``{"name": ..., "parameters": {...}}`` (``;``-separated
   for several); an answer that starts otherwise is text.
+- **mistral** / **mistral_args** (``[TOOL_CALLS][{...}]`` / ``[TOOL_CALLS]name[ARGS]{...}``), **granite**
+  (Granite 3.x, ``<|tool_call|>[{...}]``), **deepseek** (DeepSeek V3/R1,
+  ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json...``): the formats whose
+  calls follow a marker token, read by `toolformats` (`reader` picks the reader of a mode), each held by
+  its own lazy grammar, the markers kept in the answer's text (``ToolPlan.keep``).
 
 ``tool_choice``: ``auto`` (the default with tools) lets the model decide; with llguidance the answer is
 held to a grammar that leaves text free and holds a call, once begun, to the tools' schemas: lazy, from
-the trigger ``<tool_call>`` on (`grammar.lazy_tool_grammar`), or, bare, an answer that opens with ``{``
-(`grammar.bare_tool_grammar`). ``required`` / a named function force one bare
+the trigger ``<tool_call>`` on (`grammar.lazy_tool_grammar`; a marker format's from its marker on), or,
+bare, an answer that opens with ``{`` (`grammar.bare_tool_grammar`). ``required`` / a named function force one bare
 ``{"name", "arguments"}`` object (`grammar.tool_schema`). ``none``: text, nothing parsed.
 
-`Calls` reads one choice's text as it comes and gives OpenAI's stream deltas: content before the first
+`Calls` (a marker format's reader likewise) reads one choice's text as it comes and gives OpenAI's stream deltas: content before the first
 call, then per call ``{index, id, type, function: {name, arguments: ""}}`` once its name is known and the
 arguments as they are written (the model's own JSON text, so the streamed pieces join to exactly what the
 whole answer carries). Text after the first call is dropped, as vLLM's parsers drop it.
