@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from adapterhub import Hub
-from adapterhub.server.inference.toolformats import DS_BEGIN, DS_CALL, DS_CALL_END, DS_END, DS_SEP, short_id
-from adapterhub.server.inference.tools import chat_prompt, reader, split, tool_format
+from adapterhub.server.inference.toolformats import DS_BEGIN, DS_CALL, DS_CALL_END, DS_END, DS_SEP
+from adapterhub.server.inference.tools import chat_prompt, reader, short_id, split, tool_format
 
 pytest.importorskip("fastapi")
 

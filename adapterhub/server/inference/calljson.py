@@ -80,6 +80,8 @@ class Scan:
     args_done: bool = False
     end: int | None = None
     error: bool = False
+    #: the arguments' JSON where it is not ``s[args]`` (a format that writes them otherwise)
+    text: str | None = None
 
 
 def scan(s: str, final: bool) -> Scan:

@@ -155,6 +155,7 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
+        self._special: set[int] | None = None
         self._waiting: list[Job] = []
         if batch_invariant is None:  # by default, unless the steps are CUDA graphs (a GPU, or graphs=True)
             on_gpu = graphs is None and self.device.type == "cuda" and GraphDecoder.supported(model) is None
@@ -550,8 +551,11 @@ class Engine:
         """``ids`` decoded without special tokens, but for those the job keeps."""
         if not job.keep:
             return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-        tok = self.tokenizer
-        drop = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        tok, drop = self.tokenizer, self._special
+        if drop is None:  # the ids decoding skips: the special tokens, added ones included
+            drop = self._special = set(tok.all_special_ids) | {
+                i for i, t in tok.added_tokens_decoder.items() if t.special
+            }
         return str(tok.decode([i for i in ids if i in job.keep or i not in drop], skip_special_tokens=False))
 
     def _emit(self, job: Job, tok: int) -> str | None:

@@ -1,7 +1,7 @@
 """The tool-call formats that open with a marker token, read as vLLM's parsers read them (`tools` holds
 the tagged and bare formats and dispatches here).
 
-Formats (found in the chat template, `template_format`):
+Formats (found in the chat template, `tools.template_format`; `toolpython` holds the pythonic one):
 
 - **mistral** (Mistral 7B v0.3, Nemo, Small 3/3.1, Large 2): ``[TOOL_CALLS]`` then a JSON list
   ``[{"name": ..., "arguments": {...}}, ...]``.
@@ -16,7 +16,7 @@ Formats (found in the chat template, `template_format`):
   is read too. V3's own template ignores ``tools``: they are described in a system message, as vLLM's
   DeepSeek template does, in this format.
 
-Earlier calls and results in the history are written by the template itself (`history`). Where it shows
+Earlier calls and results in the history are written by the template itself (`tools.history`). Where it shows
 no calls (Granite's writes only a message's content; DeepSeek's shows only a call message whose content
 is None, a key transformers 5 drops), the calls are written into the content as the model writes them.
 
@@ -30,7 +30,6 @@ answer's text (`ToolFormat.markers`, ``Job.keep``), as vLLM turns off ``skip_spe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import string
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 from .calljson import Scan, new_id, partial, scan, skip, value_end
 from .grammar import COMPACT, trigger_grammar
 
-__all__ = ["FORMATS", "DeepSeekCalls", "GraniteCalls", "MarkedCalls", "MistralCalls", "template_format"]
+__all__ = ["DeepSeekCalls", "GraniteCalls", "MarkedCalls", "MistralArgsCalls", "MistralCalls"]
 
 _WS = " \t\r\n"
 TC, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
@@ -46,17 +45,6 @@ GRANITE = "<|tool_call|>"
 DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL, DS_SEP, DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 _NAME = set(string.ascii_letters + string.digits + "_-.")
-
-
-def template_format(template: str) -> str | None:
-    """The marker format a chat template names (None: none of them)."""
-    if DS_BEGIN in template or DS_CALL in template:
-        return "deepseek"
-    if TC in template:
-        return "mistral_args" if ARGS in template else "mistral"
-    if GRANITE in template:
-        return "granite"
-    return None
 
 
 def _object(s: str, i: int, out: Scan, final: bool) -> int | None:
@@ -170,7 +158,7 @@ class MarkedCalls:
                     return out + self._broken()
                 return out
             s = self.buf
-            args = s[got.args[0] : got.args[1]] if got.args is not None else "{}"
+            args = got.text if got.text is not None else s[got.args[0] : got.args[1]] if got.args else "{}"
             try:
                 json.loads(args)
             except ValueError:
@@ -232,9 +220,11 @@ class MarkedCalls:
         )
 
     @classmethod
-    def grammar(cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]) -> str:
-        """The lazy Lark grammar of an ``auto`` answer: ``call`` is `grammar.call_schema`'s schema of one
-        call; ``ids``: the markers the vocabulary has as added tokens."""
+    def grammar(
+        cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]
+    ) -> str | None:
+        """The lazy Lark grammar of an ``auto`` answer (None: not held): ``call`` is `grammar.call_schema`'s
+        schema of one call; ``ids``: the markers the vocabulary has as added tokens."""
         raise NotImplementedError
 
 
@@ -448,73 +438,3 @@ class DeepSeekCalls(MarkedCalls):
         return trigger_grammar(
             DS_BEGIN, ids.get(DS_BEGIN), f"call{more} {_lit(DS_END, ids)}", f"call: {one}\n{rules}", specials
         )
-
-
-FORMATS: dict[str, type[MarkedCalls]] = {
-    "mistral": MistralCalls,
-    "mistral_args": MistralArgsCalls,
-    "granite": GraniteCalls,
-    "deepseek": DeepSeekCalls,
-}
-
-
-# --- the history, as each format's template takes it --------------------------------------------------
-
-
-def short_id(call_id: str) -> str:
-    """A history's call id as Mistral's templates take it: itself when 9 letters or digits, else 9 drawn
-    from its hash (the same for the call and its result)."""
-    if len(call_id) == 9 and call_id.isalnum():
-        return call_id
-    digest = int(hashlib.sha256(call_id.encode()).hexdigest(), 16)
-    alphabet = string.ascii_letters + string.digits
-    out = ""
-    for _ in range(9):
-        digest, k = divmod(digest, len(alphabet))
-        out += alphabet[k]
-    return out
-
-
-def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` as the ``kind`` format's template takes them: Mistral's 9-character ids; an empty
-    content of a message with calls as None; and the calls written into the content, in the format,
-    where the template shows none."""
-    fmt = FORMATS[kind]
-    out = [dict(m) for m in messages]
-    if not any(m.get("tool_calls") for m in out):
-        return out
-    folds = not _shows_calls(tok)
-    for m in out:
-        if fmt.short_ids and m.get("tool_call_id"):
-            m["tool_call_id"] = short_id(m["tool_call_id"])
-        calls = m.get("tool_calls")
-        if not calls:
-            continue
-        if fmt.short_ids:
-            m["tool_calls"] = calls = [{**c, "id": short_id(str(c.get("id") or ""))} for c in calls]
-        if folds:
-            del m["tool_calls"]
-            m["content"] = (m.get("content") or "") + fmt.written(calls)
-        elif not m.get("content"):
-            m["content"] = None
-    return out
-
-
-def _shows_calls(tok: Any) -> bool:
-    """Whether the chat template writes an assistant message's ``tool_calls`` (with no content, or an
-    empty one; a template that fails on both is taken to)."""
-    probe = {"id": "probe0001", "type": "function", "function": {"name": "probe_fn_x7", "arguments": {}}}
-    rendered = False
-    for content in (None, ""):
-        msgs = [
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "content": content, "tool_calls": [probe]},
-        ]
-        try:
-            shown = str(tok.apply_chat_template(msgs, tokenize=False))
-        except Exception:
-            continue
-        if "probe_fn_x7" in shown:
-            return True
-        rendered = True
-    return not rendered

@@ -16,6 +16,8 @@ Formats (from the chat template):
   ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json...``): the formats whose
   calls follow a marker token, read by `toolformats` (`reader` picks the reader of a mode), each held by
   its own lazy grammar, the markers kept in the answer's text (``ToolPlan.keep``).
+- **pythonic** (Llama 3.2's pythonic template, Llama 4: ``[get_weather(city="Paris")]`` as the whole
+  answer), read by `toolpython`, unconstrained under ``auto`` (no grammar holds Python literals).
 
 ``tool_choice``: ``auto`` (the default with tools) lets the model decide; with llguidance the answer is
 held to a grammar that leaves text free and holds a call, once begun, to the tools' schemas: lazy, from
@@ -31,7 +33,9 @@ whole answer carries). Text after the first call is dropped, as vLLM's parsers d
 
 from __future__ import annotations
 
+import hashlib
 import json
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,18 +43,34 @@ from .calljson import new_id, partial, skip, value_end
 from .calljson import scan as scan_call
 from .grammar import bare_tool_grammar, call_schema, lazy_tool_grammar, response_schema, tool_schema
 from .refusal import Refusal
-from .toolformats import FORMATS, MarkedCalls, history, template_format
+from .toolformats import (
+    ARGS,
+    DS_BEGIN,
+    DS_CALL,
+    GRANITE,
+    TC,
+    DeepSeekCalls,
+    GraniteCalls,
+    MarkedCalls,
+    MistralArgsCalls,
+    MistralCalls,
+)
+from .toolpython import PythonicCalls
 
 __all__ = [
     "CLOSE",
+    "FORMATS",
     "OPEN",
     "Calls",
     "ToolPlan",
     "chat_prompt",
     "flat_message",
+    "history",
     "plan",
     "reader",
+    "short_id",
     "split",
+    "template_format",
     "tool_format",
 ]
 
@@ -122,6 +142,87 @@ def tool_format(tok: Any) -> ToolFormat:
     except Exception:  # a template that breaks on tools: described in a system message instead
         return ToolFormat(tagged=not marked, inject=True, kind=marked or "tagged")
     return ToolFormat(tagged=tagged, inject="probe_fn_x7" not in str(shown), kind=kind)
+
+
+def template_format(template: str) -> str | None:
+    """The marker format a chat template names (None: none of them)."""
+    if DS_BEGIN in template or DS_CALL in template:
+        return "deepseek"
+    if TC in template:
+        return "mistral_args" if ARGS in template else "mistral"
+    if GRANITE in template:
+        return "granite"
+    if "[func_name1(" in template:
+        return "pythonic"
+    return None
+
+
+FORMATS: dict[str, type[MarkedCalls]] = {
+    "mistral": MistralCalls,
+    "mistral_args": MistralArgsCalls,
+    "granite": GraniteCalls,
+    "deepseek": DeepSeekCalls,
+    "pythonic": PythonicCalls,
+}
+
+
+def short_id(call_id: str) -> str:
+    """A history's call id as Mistral's templates take it: itself when 9 letters or digits, else 9 drawn
+    from its hash (the same for the call and its result)."""
+    if len(call_id) == 9 and call_id.isalnum():
+        return call_id
+    digest = int(hashlib.sha256(call_id.encode()).hexdigest(), 16)
+    alphabet = string.ascii_letters + string.digits
+    out = ""
+    for _ in range(9):
+        digest, k = divmod(digest, len(alphabet))
+        out += alphabet[k]
+    return out
+
+
+def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` as the ``kind`` format's template takes them: Mistral's 9-character ids; an empty
+    content of a message with calls as None; and the calls written into the content, in the format,
+    where the template shows none."""
+    fmt = FORMATS[kind]
+    out = [dict(m) for m in messages]
+    if not any(m.get("tool_calls") for m in out):
+        return out
+    folds = not _shows_calls(tok)
+    for m in out:
+        if fmt.short_ids and m.get("tool_call_id"):
+            m["tool_call_id"] = short_id(m["tool_call_id"])
+        calls = m.get("tool_calls")
+        if not calls:
+            continue
+        if fmt.short_ids:
+            m["tool_calls"] = calls = [{**c, "id": short_id(str(c.get("id") or ""))} for c in calls]
+        if folds:
+            del m["tool_calls"]
+            m["content"] = (m.get("content") or "") + fmt.written(calls)
+        elif not m.get("content"):
+            m["content"] = None
+    return out
+
+
+def _shows_calls(tok: Any) -> bool:
+    """Whether the chat template writes an assistant message's ``tool_calls`` (with no content, or an
+    empty one; a template that fails on both is taken to)."""
+    probe = {"id": "probe0001", "type": "function", "function": {"name": "probe_fn_x7", "arguments": {}}}
+    rendered = False
+    for content in (None, ""):
+        msgs = [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": content, "tool_calls": [probe]},
+        ]
+        try:
+            shown = str(tok.apply_chat_template(msgs, tokenize=False))
+        except Exception:
+            continue
+        if "probe_fn_x7" in shown:
+            return True
+        rendered = True
+    return not rendered
 
 
 def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
@@ -250,8 +351,12 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
         return call
     parallel = req.parallel_tool_calls is not False
     if marked:
-        free = [i for i in svc.grammars.specials() if i not in ids.values()]
-        grammar = svc.grammars.compile(call, "tools", lark=marked.grammar(call, parallel, ids, free))
+        lark = marked.grammar(
+            call, parallel, ids, [i for i in svc.grammars.specials() if i not in ids.values()]
+        )
+        if lark is None:
+            return ToolPlan(None, mode, tuple(ids.values()))  # a format no grammar holds (pythonic)
+        grammar = svc.grammars.compile(call, "tools", lark=lark)
         return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode, tuple(ids.values()))
     tags = (
         {OPEN: added.get(OPEN), CLOSE: added.get(CLOSE)} if fmt.tagged else {"": added.get("<|python_tag|>")}
