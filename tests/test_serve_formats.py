@@ -132,6 +132,30 @@ DEEPSEEK = (
     "{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
     "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
 )
+#: Llama 4 (vLLM's pythonic template): the calls a Python list, the arguments written as quoted strings
+LLAMA4 = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- elif tools %}{%- set system_message = 'You are a helpful assistant "
+    "and an expert in function composition.\\n- Use exact format: [func_name1(param1=value1, param2=value2), "
+    "func_name2(...)]\\nHere is a list of functions in JSON format that you can invoke:\\n' %}{%- else %}"
+    "{%- set system_message = '' %}{%- endif %}{%- if system_message %}"
+    "{{- '<|header_start|>system<|header_end|>\\n\\n' + system_message }}"
+    "{%- if tools %}{{- tools | tojson(indent=4) + '\\n' }}{%- endif %}{{- '<|eot|>' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'ipython' or message.role == 'tool' or ('tool_calls' in message and "
+    "message.tool_calls|length != 0)) %}"
+    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + message['content'] + '<|eot|>' }}"
+    "{%- elif 'tool_calls' in message %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' -}}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- endif %}{{- '[' }}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}{%- endif %}{{- tool_call.name + '(' -}}"
+    "{%- for param in tool_call.arguments %}{{- param + '=\"' -}}{{- '%s' | format(tool_call.arguments[param]) -}}"
+    "{{- '\"' -}}{% if not loop.last %}, {% endif %}{%- endfor %}{{- ')' -}}{% if not loop.last %}, {% endif %}"
+    "{%- endfor %}{{- ']<|eot|>' }}"
+    "{%- elif message.role == 'tool' or message.role == 'ipython' %}"
+    "{{- '<|header_start|>ipython<|header_end|>\\n\\n' + message.content | tojson + '<|eot|>' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}"
+)
 DS_MARKERS = [DS_BEGIN, DS_END, DS_CALL, DS_SEP, DS_CALL_END, "<｜User｜>", "<｜Assistant｜>",
               "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"]  # fmt: skip
 #: per format: its template, its marker tokens (special ones, as the real vocabularies have them) and the
@@ -143,6 +167,8 @@ FAMILIES: dict[str, tuple[str, list[str], bool, str]] = {
                                     "[/AVAILABLE_TOOLS]", "[INST]", "[/INST]"], True, "[TOOL_CALLS]"),
     "granite": (GRANITE, ["<|tool_call|>", "<|start_of_role|>", "<|end_of_role|>"], True, "<|tool_call|>"),
     "deepseek": (DEEPSEEK, DS_MARKERS, False, DS_BEGIN),
+    "pythonic": (LLAMA4, ["<|header_start|>", "<|header_end|>", "<|eot|>", "<|python_start|>",
+                          "<|python_end|>"], True, "["),
 }  # fmt: skip
 
 
@@ -209,18 +235,26 @@ ANSWERS = {  # per format: answers in the model's own syntax -> (content, [(name
          [("paint", PAINT), ("wait", "{}")]),
         (f"{DS_BEGIN}{DS_CALL}paint{DS_SEP}{PAINT}{DS_CALL_END}{DS_END}", None, [("paint", PAINT)]),  # V3.1
     ],
+    "pythonic": [
+        ('[paint(ok=True, pick="red", deep=[1, {"s": "}]\\" [TOOL_CALLS] ```"}]), wait()]', None,
+         [("paint", PAINT), ("wait", "{}")]),
+        ("<|python_start|>[paint(ok=False, pick='blue', n=None)]<|python_end|>", None,
+         [("paint", '{"ok": false, "pick": "blue", "n": null}')]),
+    ],
 }  # fmt: skip
 BROKEN = {  # no valid call, found before anything of a call went out: text, whole and streamed
     "mistral": ["[TOOL_CALLS] oops no call", '[TOOL_CALLS] [{"name": 3, "arguments": {}}]'],
     "mistral_args": ["[TOOL_CALLS]pa int[ARGS]{}", "[TOOL_CALLS]what is this?"],
     "granite": ['<|tool_call|>{"name": "paint", "arguments": {}}'],
     "deepseek": [f"{DS_BEGIN}no call at all", f"{DS_BEGIN}{DS_CALL}function{DS_SEP}pa int\n```json\n{{}}"],
+    "pythonic": ["[1, 2, 3] are numbers", "Let me call [paint()]", "[a b(x=1)]"],
 }
 LATE = {  # broken once its name went out: text whole; streamed, a call begun and never completed
     "mistral": '[TOOL_CALLS] [{"name": "paint", "arguments": {"ok": tru}}]',
     "mistral_args": '[TOOL_CALLS]paint[ARGS]{"ok": tru}',
     "granite": '<|tool_call|>[{"name": "paint", "arguments"',
     "deepseek": f"{DS_BEGIN}{DS_CALL}function{DS_SEP}paint\n```json\n{{oops}}\n```{DS_CALL_END}{DS_END}",
+    "pythonic": "[paint(ok=yes)]",  # a name, no literal: nothing of it is evaluated
 }
 
 
@@ -243,7 +277,8 @@ def test_reading_answers_whole_and_at_every_cut(mode: str) -> None:
                 (n, "") for n, _ in calls
             ]  # the name comes first and whole, the arguments after it
         pieces = [d for d in _fed(text, mode, list(range(1, len(text))))[2] if "tool_calls" in d]
-        assert len(pieces) > len(PAINT) // 2  # fed a character at a time, the arguments stream in pieces
+        if mode != "pythonic":  # fed a character at a time, the arguments stream in pieces
+            assert len(pieces) > len(PAINT) // 2
     for text in BROKEN[mode] + ["no call here [TOOL or <|tool", "a < b"]:
         assert split(text, mode) == (text, []), text
         assert _fed(text, mode, list(range(1, len(text))))[:2] == (text, []), text
@@ -279,6 +314,8 @@ def test_formats_found_and_history_written_by_each_template() -> None:
         "deepseek": f'<｜Assistant｜>{DS_BEGIN}{DS_CALL}function{DS_SEP}paint\n```json\n{{"ok": true, "pick": "red"}}'
         f"\n```{DS_CALL_END}{DS_END}<｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>done"
         "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>",
+        "pythonic": '<|header_start|>assistant<|header_end|>\n\n[paint(ok="True", pick="red")]<|eot|>'
+        '<|header_start|>ipython<|header_end|>\n\n"done"<|eot|>',
     }  # fmt: skip
     for kind in FAMILIES:
         tok = _tokenizer(kind)
@@ -309,7 +346,7 @@ GOOD = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", list(FAMILIES))
+@pytest.mark.parametrize("kind", [k for k in FAMILIES if k != "pythonic"])
 def test_lazy_grammar_of_each_format(kind: str) -> None:
     """``auto``: free text may end anywhere; after the marker only a valid call of a request's tool."""
     pytest.importorskip("llguidance")
@@ -335,6 +372,27 @@ def test_lazy_grammar_of_each_format(kind: str) -> None:
     two = split(GOOD[kind] + GOOD[kind], kind)[1] if kind == "mistral_args" else []
     assert len(two) == (2 if kind == "mistral_args" else 0)
     assert not _grammar_run(svc, p.grammar, GOOD[kind] + GOOD[kind])[0]  # one call: not parallel
+
+
+def test_pythonic_is_read_but_not_held() -> None:
+    """The pythonic format is read under ``auto`` but held by no grammar (Python literals); a forced call
+    is still one JSON call object, as for every format."""
+    pytest.importorskip("llguidance")
+    from types import SimpleNamespace
+
+    from adapterhub.server.inference.grammar import Grammars
+    from adapterhub.server.inference.requests import ChatRequest, parse
+    from adapterhub.server.inference.tools import plan
+
+    tok = _tokenizer("pythonic")
+    svc = SimpleNamespace(tokenizer=tok, grammars=Grammars(tok, len(tok)))
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    p = plan(svc, parse(ChatRequest, ask))
+    assert (p.mode, p.grammar) == ("pythonic", None) and tok.convert_tokens_to_ids(
+        "<|python_start|>"
+    ) in p.keep
+    forced = plan(svc, parse(ChatRequest, {**ask, "tool_choice": "required"}))
+    assert forced.mode == "forced" and forced.grammar is not None
 
 
 @pytest.fixture(scope="module", params=["mistral_args", "granite", "deepseek"])
@@ -371,7 +429,7 @@ def test_auto_calls_end_to_end(served: Any) -> None:
     client = served.client()
     ask = {"model": "tiny", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 80,
            "temperature": 0, "tools": TOOLS[:1], "parallel_tool_calls": False}  # fmt: skip
-    text = client.chat.completions.create(**ask).choices[0]
+    text = client.chat.completions.create(**{**ask, "max_tokens": 16}).choices[0]
     assert text.message.tool_calls is None and text.finish_reason in ("stop", "length")
     bias = {"logit_bias": {str(served.trigger): 100}}
     whole = client.chat.completions.create(**ask, **bias).choices[0]
@@ -388,6 +446,8 @@ def test_auto_calls_end_to_end(served: Any) -> None:
         ("paint", call.function.arguments)
     ]
     assert len([e for e in events if e.type == "tool_calls.function.arguments.delta"]) > 2
+    forced = client.chat.completions.create(**ask, tool_choice="required").choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.tool_calls[0].function.name == "paint"
     again = ask["messages"] + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "done"},
