@@ -132,6 +132,33 @@ DEEPSEEK = (
     "{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
     "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
 )
+#: DeepSeek V3.1: no json fence; the calls shown for an empty content too; a tool's output after the calls
+DEEPSEEK_V31 = (
+    "{%- set ns = namespace(is_first=false, is_tool=false, system_prompt='', is_last_user=false) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system_prompt = ns.system_prompt + message['content'] -%}{%- endif -%}{%- endfor -%}"
+    "{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+    "{%- set ns.is_tool = false -%}{%- set ns.is_first = false -%}{%- set ns.is_last_user = true -%}"
+    "{{'<｜User｜>' + message['content']}}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] is not none -%}"
+    "{%- if ns.is_last_user -%}{{'<｜Assistant｜></think>'}}{%- endif -%}{%- set ns.is_last_user = false -%}"
+    "{%- set ns.is_first = false -%}{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls'] -%}"
+    "{%- if not ns.is_first -%}{%- if message['content'] is none -%}"
+    "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'+ tool['function']['name'] + '<｜tool▁sep｜>' + "
+    "tool['function']['arguments'] + '<｜tool▁call▁end｜>'}}{%- else -%}"
+    "{{message['content'] + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['function']['name'] + "
+    "'<｜tool▁sep｜>' + tool['function']['arguments'] + '<｜tool▁call▁end｜>'}}{%- endif -%}"
+    "{%- set ns.is_first = true -%}{%- else -%}{{'<｜tool▁call▁begin｜>'+ tool['function']['name'] + "
+    "'<｜tool▁sep｜>' + tool['function']['arguments'] + '<｜tool▁call▁end｜>'}}{%- endif -%}{%- endfor -%}"
+    "{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and (message['tool_calls'] is not defined or message['tool_calls'] is none) -%}"
+    "{%- if ns.is_last_user -%}{{'<｜Assistant｜></think>'}}{%- endif -%}{%- set ns.is_last_user = false -%}"
+    "{{message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}{%- endif -%}"
+    "{%- if message['role'] == 'tool' -%}{%- set ns.is_last_user = false -%}{%- set ns.is_tool = true -%}"
+    "{{'<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt and ns.is_last_user and not ns.is_tool -%}{{'<｜Assistant｜></think>'}}"
+    "{%- endif %}"
+)
 #: Llama 4 (vLLM's pythonic template): the calls a Python list, the arguments written as quoted strings
 LLAMA4 = (
     "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
@@ -167,6 +194,7 @@ FAMILIES: dict[str, tuple[str, list[str], bool, str]] = {
                                     "[/AVAILABLE_TOOLS]", "[INST]", "[/INST]"], True, "[TOOL_CALLS]"),
     "granite": (GRANITE, ["<|tool_call|>", "<|start_of_role|>", "<|end_of_role|>"], True, "<|tool_call|>"),
     "deepseek": (DEEPSEEK, DS_MARKERS, False, DS_BEGIN),
+    "deepseek_v31": (DEEPSEEK_V31, DS_MARKERS, False, DS_BEGIN),
     "pythonic": (LLAMA4, ["<|header_start|>", "<|header_end|>", "<|eot|>", "<|python_start|>",
                           "<|python_end|>"], True, "["),
 }  # fmt: skip
@@ -314,13 +342,15 @@ def test_formats_found_and_history_written_by_each_template() -> None:
         "deepseek": f'<｜Assistant｜>{DS_BEGIN}{DS_CALL}function{DS_SEP}paint\n```json\n{{"ok": true, "pick": "red"}}'
         f"\n```{DS_CALL_END}{DS_END}<｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>done"
         "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>",
+        "deepseek_v31": f'<｜Assistant｜></think>{DS_BEGIN}{DS_CALL}paint{DS_SEP}{{"ok": true, "pick": "red"}}'
+        f"{DS_CALL_END}{DS_END}<｜end▁of▁sentence｜><｜tool▁output▁begin｜>done<｜tool▁output▁end｜>",
         "pythonic": '<|header_start|>assistant<|header_end|>\n\n[paint(ok="True", pick="red")]<|eot|>'
         '<|header_start|>ipython<|header_end|>\n\n"done"<|eot|>',
     }  # fmt: skip
     for kind in FAMILIES:
         tok = _tokenizer(kind)
         fmt = tool_format(tok)
-        assert (fmt.kind, fmt.inject) == (kind, kind == "deepseek"), kind
+        assert (fmt.kind, fmt.inject) == (kind, kind.startswith("deepseek")), kind
         shown = tok.decode(chat_prompt(tok, history, TOOLS))
         assert expect[kind] in shown, (kind, shown)
         assert '"paint"' in shown.split(expect[kind])[0]  # the tools, before the history
@@ -342,6 +372,7 @@ GOOD = {
     "mistral": '[TOOL_CALLS] [{"name": "paint", "arguments": {"ok": true, "pick": "red"}}]',
     "mistral_args": '[TOOL_CALLS]paint[ARGS]{"ok": true, "pick": "red"}',
     "granite": '<|tool_call|>[{"name": "paint", "arguments": {"ok": true, "pick": "red"}}]',
+    "deepseek_v31": f'{DS_BEGIN}{DS_CALL}paint{DS_SEP}{{"ok": true, "pick": "red"}}{DS_CALL_END}{DS_END}',
     "deepseek": f'{DS_BEGIN}{DS_CALL}function{DS_SEP}paint\n```json\n{{"ok": true, "pick": "red"}}\n```{DS_CALL_END}{DS_END}',
 }  # fmt: skip
 

@@ -12,13 +12,16 @@ Formats (found in the chat template, `tools.template_format`; `toolpython` holds
 - **granite** (Granite 3.x): ``<|tool_call|>`` then a JSON list as Mistral's.
 - **deepseek** (DeepSeek V3 / R1): ``<｜tool▁calls▁begin｜>`` then per call
   ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``
-  (``\\n``-separated), then ``<｜tool▁calls▁end｜>``; V3.1's ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}``
-  is read too. V3's own template ignores ``tools``: they are described in a system message, as vLLM's
-  DeepSeek template does, in this format.
+  (``\\n``-separated), then ``<｜tool▁calls▁end｜>``. V3's own template ignores ``tools``: they are
+  described in a system message in this format, as vLLM's DeepSeek template does.
+- **deepseek_v31** (a DeepSeek template without V3's json fence): V3.1's
+  ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``. Either DeepSeek form is read whichever
+  the template names.
 
-Earlier calls and results in the history are written by the template itself (`tools.history`). Where it shows
-no calls (Granite's writes only a message's content; DeepSeek's shows only a call message whose content
-is None, a key transformers 5 drops), the calls are written into the content as the model writes them.
+Earlier calls and results in the history are written by the template itself (`tools.history`). Where
+it shows no calls (Granite's writes only a message's content; DeepSeek V3's shows only a call message
+whose content is None, a key transformers 5 drops), the calls are written into the content as the
+model writes them.
 
 In every format text may come before the marker (it is the message's ``content``); text after the
 calls is dropped. A call that is no valid call (a broken JSON, a name that is no name) makes the whole
@@ -37,7 +40,14 @@ from typing import Any
 from .calljson import Scan, new_id, partial, scan, skip, value_end
 from .grammar import COMPACT, trigger_grammar
 
-__all__ = ["DeepSeekCalls", "GraniteCalls", "MarkedCalls", "MistralArgsCalls", "MistralCalls"]
+__all__ = [
+    "DeepSeekCalls",
+    "DeepSeekV31Calls",
+    "GraniteCalls",
+    "MarkedCalls",
+    "MistralArgsCalls",
+    "MistralCalls",
+]
 
 _WS = " \t\r\n"
 TC, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
@@ -437,4 +447,31 @@ class DeepSeekCalls(MarkedCalls):
         more = ' ("\\n" call)*' if parallel else ""
         return trigger_grammar(
             DS_BEGIN, ids.get(DS_BEGIN), f"call{more} {_lit(DS_END, ids)}", f"call: {one}\n{rules}", specials
+        )
+
+
+class DeepSeekV31Calls(DeepSeekCalls):
+    """DeepSeek V3.1: ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`` per call (V3's
+    calls are read too)."""
+
+    @classmethod
+    def written(cls, calls: list[dict[str, Any]]) -> str:
+        one = [f"{DS_CALL}{c['function']['name']}{DS_SEP}{_args_text(c)}{DS_CALL_END}" for c in calls]
+        return DS_BEGIN + "".join(one) + DS_END
+
+    @classmethod
+    def grammar(cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]) -> str:
+        tools = _tools_of(call)
+        alts = " | ".join(f"fn_{k}" for k in range(len(tools)))
+        rules = "".join(
+            f"fn_{k}: {json.dumps(n, ensure_ascii=False)} {_lit(DS_SEP, ids)} args_{k}\nargs_{k}: {_json(p)}\n"
+            for k, (n, p) in enumerate(tools)
+        )
+        more = " call*" if parallel else ""
+        return trigger_grammar(
+            DS_BEGIN,
+            ids.get(DS_BEGIN),
+            f"call{more} {_lit(DS_END, ids)}",
+            f"call: {_lit(DS_CALL, ids)} ({alts}) {_lit(DS_CALL_END, ids)}\n{rules}",
+            specials,
         )

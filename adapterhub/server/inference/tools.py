@@ -50,6 +50,7 @@ from .toolformats import (
     GRANITE,
     TC,
     DeepSeekCalls,
+    DeepSeekV31Calls,
     GraniteCalls,
     MarkedCalls,
     MistralArgsCalls,
@@ -147,7 +148,7 @@ def tool_format(tok: Any) -> ToolFormat:
 def template_format(template: str) -> str | None:
     """The marker format a chat template names (None: none of them)."""
     if DS_BEGIN in template or DS_CALL in template:
-        return "deepseek"
+        return "deepseek" if "```json" in template else "deepseek_v31"
     if TC in template:
         return "mistral_args" if ARGS in template else "mistral"
     if GRANITE in template:
@@ -162,6 +163,7 @@ FORMATS: dict[str, type[MarkedCalls]] = {
     "mistral_args": MistralArgsCalls,
     "granite": GraniteCalls,
     "deepseek": DeepSeekCalls,
+    "deepseek_v31": DeepSeekV31Calls,
     "pythonic": PythonicCalls,
 }
 
@@ -188,7 +190,7 @@ def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[st
     out = [dict(m) for m in messages]
     if not any(m.get("tool_calls") for m in out):
         return out
-    folds = not _shows_calls(tok)
+    shows, empty = _calls_shown(tok)
     for m in out:
         if fmt.short_ids and m.get("tool_call_id"):
             m["tool_call_id"] = short_id(m["tool_call_id"])
@@ -197,32 +199,38 @@ def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[st
             continue
         if fmt.short_ids:
             m["tool_calls"] = calls = [{**c, "id": short_id(str(c.get("id") or ""))} for c in calls]
-        if folds:
+        if not shows:
             del m["tool_calls"]
             m["content"] = (m.get("content") or "") + fmt.written(calls)
         elif not m.get("content"):
-            m["content"] = None
+            m["content"] = empty
     return out
 
 
-def _shows_calls(tok: Any) -> bool:
-    """Whether the chat template writes an assistant message's ``tool_calls`` (with no content, or an
-    empty one; a template that fails on both is taken to)."""
-    probe = {"id": "probe0001", "type": "function", "function": {"name": "probe_fn_x7", "arguments": {}}}
+def _calls_shown(tok: Any) -> tuple[bool, str | None]:
+    """Whether the chat template writes an assistant message's ``tool_calls``, and the empty content it
+    does so with (None or ""; arguments as an object or as text; a template that fails on all is taken to)."""
     rendered = False
+    arguments: tuple[Any, ...] = ({}, "{}")
     for content in (None, ""):
-        msgs = [
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "content": content, "tool_calls": [probe]},
-        ]
-        try:
-            shown = str(tok.apply_chat_template(msgs, tokenize=False))
-        except Exception:
-            continue
-        if "probe_fn_x7" in shown:
-            return True
-        rendered = True
-    return not rendered
+        for args in arguments:
+            probe = {
+                "id": "probe0001",
+                "type": "function",
+                "function": {"name": "probe_fn_x7", "arguments": args},
+            }
+            msgs = [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": content, "tool_calls": [probe]},
+            ]
+            try:
+                shown = str(tok.apply_chat_template(msgs, tokenize=False))
+            except Exception:
+                continue
+            if "probe_fn_x7" in shown:
+                return True, content
+            rendered = True
+    return not rendered, None
 
 
 def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
@@ -238,13 +246,19 @@ def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
     if fmt.kind in FORMATS:
         messages = history(fmt.kind, tok, messages)
         if fmt.inject:
-            return chat_ids(tok, _system(messages, FORMATS[fmt.kind].described(tools)))
+            messages, tools = _system(messages, FORMATS[fmt.kind].described(tools)), None
     try:
-        ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+        return _ids(tok, messages, tools)
     except TypeError:  # a template that joins the calls' arguments as text (DeepSeek's): give it text
-        ids = tok.apply_chat_template(
-            _text_arguments(messages), tools=tools, add_generation_prompt=True, tokenize=True
-        )
+        return _ids(tok, _text_arguments(messages), tools)
+
+
+def _ids(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+    from ...runtime.generate import chat_ids
+
+    if not tools:
+        return chat_ids(tok, messages)
+    ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
