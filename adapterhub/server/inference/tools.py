@@ -184,8 +184,8 @@ def short_id(call_id: str) -> str:
 
 def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` as the ``kind`` format's template takes them: Mistral's 9-character ids; an empty
-    content of a message with calls as None; and the calls written into the content, in the format,
-    where the template shows none."""
+    content of a message with calls as the template shows calls with (None or ""); and the calls written
+    into the content, in the format, where the template shows none."""
     fmt = FORMATS[kind]
     out = [dict(m) for m in messages]
     if not any(m.get("tool_calls") for m in out):
