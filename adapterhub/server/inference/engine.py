@@ -61,6 +61,8 @@ class Job:
     #: constrained decoding (`grammar`): the request's llguidance matcher, and whether it is complete
     matcher: Any = None
     grammar_done: bool = False
+    #: special tokens its text keeps (a tool format's markers: `tools.ToolPlan.keep`)
+    keep: frozenset[int] = frozenset()
 
     @property
     def shas(self) -> tuple[str, ...]:
@@ -154,6 +156,7 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         self._pad = int(getattr(tokenizer, "pad_token_id", None) or next(iter(self.eos), 0))
+        self._special: set[int] | None = None
         self._waiting: list[Job] = []
         if batch_invariant is None:
             batch_invariant = True
@@ -537,7 +540,7 @@ class Engine:
 
     def _emit_all(self, job: Job) -> None:
         """Send what is held back of a finished job's text (a complete grammar ends it mid-way)."""
-        text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+        text = self._text(job, job.generated)
         if text.startswith(job.sent) and len(text) > len(job.sent):
             lps = job.logprobs[job.logprobs_sent :]
             job.logprobs_sent = len(job.logprobs)
@@ -545,10 +548,21 @@ class Engine:
                 job.sink(("text", (text[len(job.sent) :], lps)))
         job.sent = text
 
+    def _text(self, job: Job, ids: list[int]) -> str:
+        """``ids`` decoded without special tokens, but for those the job keeps."""
+        if not job.keep:
+            return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        tok, drop = self.tokenizer, self._special
+        if drop is None:  # the ids decoding skips: the special tokens, added ones included
+            drop = self._special = set(tok.all_special_ids) | {
+                i for i, t in tok.added_tokens_decoder.items() if t.special
+            }
+        return str(tok.decode([i for i in ids if i in job.keep or i not in drop], skip_special_tokens=False))
+
     def _emit(self, job: Job, tok: int) -> str | None:
         ended = tok in self.eos
         ids = job.generated[:-1] if ended else job.generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._text(job, ids)
         finish = "stop" if ended else None
         cut = stop_at(text, job.sampling.stop)
         if cut is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "mask",
     "response_schema",
     "tool_schema",
+    "trigger_grammar",
 ]
 
 #: JSON written compactly, as OpenAI's structured outputs are (llguidance's ``x-guidance`` options)
@@ -241,6 +242,22 @@ def bare_tool_grammar(
         f"call: %json {body}\n" + special + "FIRST: /[ \\t\\r\\n]*[^{ \\t\\r\\n](.|\\n)*/\n"
         "TEXT: /(.|\\n)+/\n"
         "WS: /[ \\t\\r\\n]+/\n"
+    )
+
+
+def trigger_grammar(
+    trigger: str, trigger_id: int | None, calls: str, rules: str, specials: Sequence[int] = ()
+) -> str:
+    """A Lark grammar (llguidance's) for an answer that is free text, or text up to ``trigger`` and then
+    ``calls`` (a Lark expression over ``rules``), lazy as `lazy_tool_grammar` is: nothing is held until the
+    trigger appears (``trigger_id``: its id where the vocabulary has it as an added token)."""
+    item, special = _specials(specials)
+    lead = f"free <[{trigger_id}]>" if trigger_id is not None else "free trigger"
+    lazy = "" if trigger_id is not None else f"trigger[lazy]: ANY {json.dumps(trigger, ensure_ascii=False)}\n"
+    return (
+        "%llguidance {}\n"
+        f"start: free | {lead} {calls}\n"
+        f"free: {item}*\n" + rules + lazy + special + "TEXT: /(.|\\n)+/\nANY: /(.|\\n)*/\n"
     )
 
 

@@ -29,7 +29,8 @@ from .http import read_body
 from .requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse
 from .sampling import Logprob, Sampling
 from .service import Inference, Refusal, Target
-from .tools import Calls, ToolPlan, chat_prompt, flat_message, plan, split
+from .toolformats import MarkedCalls
+from .tools import Calls, ToolPlan, chat_prompt, flat_message, plan, reader, split
 
 router = APIRouter()
 
@@ -178,6 +179,7 @@ async def _generate(request: Request, endpoint: str, chat: bool) -> Response:
             k = len(jobs)
             s = sampling if sampling.seed is None or k == 0 else replace(sampling, seed=sampling.seed + k)
             jobs.append(Job(ids, s, target.spec, feed.sink(k)))
+            jobs[-1].keep = frozenset(answer.keep)
             if answer.grammar is not None:
                 jobs[-1].matcher = svc.grammars.matcher(answer.grammar)
     for entry in target.entries:
@@ -235,7 +237,7 @@ class _Out:
         self.logprobs = req.logprobs if not chat else (req.logprobs or None)
         self.offsets: dict[int, int] = {}  # completions: the text offset reached by each choice
         self.tool_mode: str | None = None  # how the answer is read for tool calls (`tools.Calls`)
-        self.calls: dict[int, Calls] = {}
+        self.calls: dict[int, Calls | MarkedCalls] = {}
 
     def tok(self, i: int) -> str:
         return self.svc.token_text(i)
@@ -290,9 +292,11 @@ class _Out:
         """The stream chunks of choice ``k``'s next ``piece`` of text (or its end, ``finish``)."""
         if not self.tool_mode:
             return [_sse(self.chunk(k, piece, finish, lps))]
-        reader = self.calls.setdefault(k, Calls(self.tool_mode))
-        deltas = reader.feed(piece or "") if finish is None else reader.close()
-        if finish == "stop" and reader.calls:
+        if k not in self.calls:
+            self.calls[k] = reader(self.tool_mode)
+        calls = self.calls[k]
+        deltas = calls.feed(piece or "") if finish is None else calls.close()
+        if finish == "stop" and calls.calls:
             finish = "tool_calls"
         if finish is not None or (lps and self.logprobs and not deltas):
             deltas.append({})

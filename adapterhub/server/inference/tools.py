@@ -11,14 +11,21 @@ Formats (from the chat template):
   are written the same way.
 - **bare** (Llama 3.x JSON): the whole answer is ``{"name": ..., "parameters": {...}}`` (``;``-separated
   for several); an answer that starts otherwise is text.
+- **mistral** / **mistral_args** (``[TOOL_CALLS][{...}]`` / ``[TOOL_CALLS]name[ARGS]{...}``), **granite**
+  (Granite 3.x, ``<|tool_call|>[{...}]``), **deepseek** (DeepSeek V3/R1,
+  ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json...``): the formats whose
+  calls follow a marker token, read by `toolformats` (`reader` picks the reader of a mode), each held by
+  its own lazy grammar, the markers kept in the answer's text (``ToolPlan.keep``).
+- **pythonic** (Llama 3.2's pythonic template, Llama 4: ``[get_weather(city="Paris")]`` as the whole
+  answer), read by `toolpython`, unconstrained under ``auto`` (no grammar holds Python literals).
 
 ``tool_choice``: ``auto`` (the default with tools) lets the model decide; with llguidance the answer is
 held to a grammar that leaves text free and holds a call, once begun, to the tools' schemas: lazy, from
-the trigger ``<tool_call>`` on (`grammar.lazy_tool_grammar`), or, bare, an answer that opens with ``{``
-(`grammar.bare_tool_grammar`). ``required`` / a named function force one bare
+the trigger ``<tool_call>`` on (`grammar.lazy_tool_grammar`; a marker format's from its marker on), or,
+bare, an answer that opens with ``{`` (`grammar.bare_tool_grammar`). ``required`` / a named function force one bare
 ``{"name", "arguments"}`` object (`grammar.tool_schema`). ``none``: text, nothing parsed.
 
-`Calls` reads one choice's text as it comes and gives OpenAI's stream deltas: content before the first
+`Calls` (a marker format's reader likewise) reads one choice's text as it comes and gives OpenAI's stream deltas: content before the first
 call, then per call ``{index, id, type, function: {name, arguments: ""}}`` once its name is known and the
 arguments as they are written (the model's own JSON text, so the streamed pieces join to exactly what the
 whole answer carries). Text after the first call is dropped, as vLLM's parsers drop it.
@@ -26,23 +33,45 @@ whole answer carries). Text after the first call is dropped, as vLLM's parsers d
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
+import string
 from dataclasses import dataclass
 from typing import Any
 
+from .calljson import new_id, partial, skip, value_end
+from .calljson import scan as scan_call
 from .grammar import bare_tool_grammar, call_schema, lazy_tool_grammar, response_schema, tool_schema
 from .refusal import Refusal
+from .toolformats import (
+    ARGS,
+    DS_BEGIN,
+    DS_CALL,
+    GRANITE,
+    TC,
+    DeepSeekCalls,
+    DeepSeekV31Calls,
+    GraniteCalls,
+    MarkedCalls,
+    MistralArgsCalls,
+    MistralCalls,
+)
+from .toolpython import PythonicCalls
 
 __all__ = [
     "CLOSE",
+    "FORMATS",
     "OPEN",
     "Calls",
     "ToolPlan",
     "chat_prompt",
     "flat_message",
+    "history",
     "plan",
+    "reader",
+    "short_id",
     "split",
+    "template_format",
     "tool_format",
 ]
 
@@ -66,20 +95,25 @@ For each function call, return a json object with function name and arguments wi
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """How the model writes calls: ``tagged`` (``<tool_call>``) or bare JSON; ``inject``: the template
-    ignores ``tools``, so they are described in a system message."""
+    """How the model writes calls: ``tagged`` (``<tool_call>``), bare JSON, or ``kind``, one of
+    `toolformats.FORMATS`; ``inject``: the template ignores ``tools``, so they are described in a system
+    message."""
 
     tagged: bool = True
     inject: bool = False
+    kind: str = "tagged"
 
 
 @dataclass(frozen=True)
 class ToolPlan:
     """A chat request's answer: its grammar (None: free) and how its text is read (``mode`` None: plain
-    text; ``forced``: one bare call object; ``tagged`` / ``bare``: the model decides)."""
+    text; ``forced``: one bare call object; ``tagged`` / ``bare`` / a `toolformats.FORMATS` name: the model
+    decides)."""
 
     grammar: str | None = None
     mode: str | None = None
+    #: the marker tokens the answer's text keeps (`toolformats`: special tokens decoding would drop)
+    keep: tuple[int, ...] = ()
 
 
 def _template(tok: Any) -> str:
@@ -97,14 +131,106 @@ def tool_format(tok: Any) -> ToolFormat:
     tpl = _template(tok)
     if not tpl:
         return ToolFormat(inject=True)
-    tagged = OPEN in tpl or not ("<|python_tag|>" in tpl or '"parameters": dictionary' in tpl)
+    marked = template_format(tpl)
+    tagged = not marked and (
+        OPEN in tpl or not ("<|python_tag|>" in tpl or '"parameters": dictionary' in tpl)
+    )
+    kind = marked or ("tagged" if tagged else "bare")
     try:
         shown = tok.apply_chat_template(
             [{"role": "user", "content": "x"}], tools=_PROBE, add_generation_prompt=True, tokenize=False
         )
     except Exception:  # a template that breaks on tools: described in a system message instead
-        return ToolFormat(tagged=True, inject=True)
-    return ToolFormat(tagged=tagged, inject="probe_fn_x7" not in str(shown))
+        return ToolFormat(tagged=not marked, inject=True, kind=marked or "tagged")
+    return ToolFormat(tagged=tagged, inject="probe_fn_x7" not in str(shown), kind=kind)
+
+
+def template_format(template: str) -> str | None:
+    """The marker format a chat template names (None: none of them)."""
+    if DS_BEGIN in template or DS_CALL in template:
+        return "deepseek" if "```json" in template else "deepseek_v31"
+    if TC in template:
+        return "mistral_args" if ARGS in template else "mistral"
+    if GRANITE in template:
+        return "granite"
+    if "[func_name1(" in template:
+        return "pythonic"
+    return None
+
+
+FORMATS: dict[str, type[MarkedCalls]] = {
+    "mistral": MistralCalls,
+    "mistral_args": MistralArgsCalls,
+    "granite": GraniteCalls,
+    "deepseek": DeepSeekCalls,
+    "deepseek_v31": DeepSeekV31Calls,
+    "pythonic": PythonicCalls,
+}
+
+
+def short_id(call_id: str) -> str:
+    """A history's call id as Mistral's templates take it: itself when 9 letters or digits, else 9 drawn
+    from its hash (the same for the call and its result)."""
+    if len(call_id) == 9 and call_id.isalnum():
+        return call_id
+    digest = int(hashlib.sha256(call_id.encode()).hexdigest(), 16)
+    alphabet = string.ascii_letters + string.digits
+    out = ""
+    for _ in range(9):
+        digest, k = divmod(digest, len(alphabet))
+        out += alphabet[k]
+    return out
+
+
+def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` as the ``kind`` format's template takes them: Mistral's 9-character ids; an empty
+    content of a message with calls as the template shows calls with (None or ""); and the calls written
+    into the content, in the format, where the template shows none."""
+    fmt = FORMATS[kind]
+    out = [dict(m) for m in messages]
+    if not any(m.get("tool_calls") for m in out):
+        return out
+    shows, empty = _calls_shown(tok)
+    for m in out:
+        if fmt.short_ids and m.get("tool_call_id"):
+            m["tool_call_id"] = short_id(m["tool_call_id"])
+        calls = m.get("tool_calls")
+        if not calls:
+            continue
+        if fmt.short_ids:
+            m["tool_calls"] = calls = [{**c, "id": short_id(str(c.get("id") or ""))} for c in calls]
+        if not shows:
+            del m["tool_calls"]
+            m["content"] = (m.get("content") or "") + fmt.written(calls)
+        elif not m.get("content"):
+            m["content"] = empty
+    return out
+
+
+def _calls_shown(tok: Any) -> tuple[bool, str | None]:
+    """Whether the chat template writes an assistant message's ``tool_calls``, and the empty content it
+    does so with (None or ""; arguments as an object or as text; a template that fails on all is taken to)."""
+    rendered = False
+    arguments: tuple[Any, ...] = ({}, "{}")
+    for content in (None, ""):
+        for args in arguments:
+            probe = {
+                "id": "probe0001",
+                "type": "function",
+                "function": {"name": "probe_fn_x7", "arguments": args},
+            }
+            msgs = [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": content, "tool_calls": [probe]},
+            ]
+            try:
+                shown = str(tok.apply_chat_template(msgs, tokenize=False))
+            except Exception:
+                continue
+            if "probe_fn_x7" in shown:
+                return True, content
+            rendered = True
+    return not rendered, None
 
 
 def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
@@ -114,23 +240,59 @@ def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
 
     if not tools:
         return chat_ids(tok, messages)
-    if tool_format(tok).inject:
+    fmt = tool_format(tok)
+    if fmt.inject and fmt.kind not in FORMATS:
         return chat_ids(tok, _described(messages, tools))
+    if fmt.kind in FORMATS:
+        messages = history(fmt.kind, tok, messages)
+        if fmt.inject:
+            messages, tools = _system(messages, FORMATS[fmt.kind].described(tools)), None
+    try:
+        return _ids(tok, messages, tools)
+    except TypeError:  # a template that joins the calls' arguments as text (DeepSeek's): give it text
+        return _ids(tok, _text_arguments(messages), tools)
+
+
+def _ids(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+    from ...runtime.generate import chat_ids
+
+    if not tools:
+        return chat_ids(tok, messages)
     ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
-def _described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` with ``tools`` described in the system message and past calls and results written in
-    the tagged format (for a template that has no tool format of its own)."""
-    head = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+def _text_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with their calls' arguments as JSON text."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("tool_calls"):
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+                if not isinstance(c["function"]["arguments"], str)
+                else c
+                for c in m["tool_calls"]
+            ]
+    return out
+
+
+def _system(messages: list[dict[str, Any]], head: str) -> list[dict[str, Any]]:
+    """``messages`` with ``head`` at the end of the system message (one added where there is none)."""
     out = [dict(m) for m in messages]
     if out and out[0]["role"] == "system":
         out[0]["content"] = out[0]["content"] + "\n\n" + head
     else:
         out.insert(0, {"role": "system", "content": head})
+    return out
+
+
+def _described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with ``tools`` described in the system message and past calls and results written in
+    the tagged format (for a template that has no tool format of its own)."""
+    head = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+    out = _system(messages, head)
     for m in out:
         calls = m.pop("tool_calls", None)
         if calls:
@@ -192,14 +354,24 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
     if not req.tools or req.tool_choice == "none":
         return ToolPlan()
     fmt = tool_format(svc.tokenizer)
-    mode = "tagged" if fmt.tagged else "bare"
+    mode = fmt.kind
+    added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
+    marked = FORMATS.get(mode)
+    ids = {m: added[m] for m in marked.markers if m in added} if marked else {}
     if not svc.grammars.available():
-        return ToolPlan(None, mode)  # read, not held to a grammar
-    call = call_schema(req.tools, None, "arguments" if fmt.tagged else "parameters")
+        return ToolPlan(None, mode, tuple(ids.values()))  # read, not held to a grammar
+    call = call_schema(req.tools, None, "parameters" if mode == "bare" else "arguments")
     if isinstance(call, Refusal):
         return call
     parallel = req.parallel_tool_calls is not False
-    added = svc.tokenizer.get_added_vocab() if hasattr(svc.tokenizer, "get_added_vocab") else {}
+    if marked:
+        lark = marked.grammar(
+            call, parallel, ids, [i for i in svc.grammars.specials() if i not in ids.values()]
+        )
+        if lark is None:
+            return ToolPlan(None, mode, tuple(ids.values()))  # a format no grammar holds (pythonic)
+        grammar = svc.grammars.compile(call, "tools", lark=lark)
+        return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode, tuple(ids.values()))
     tags = (
         {OPEN: added.get(OPEN), CLOSE: added.get(CLOSE)} if fmt.tagged else {"": added.get("<|python_tag|>")}
     )
@@ -210,116 +382,6 @@ def plan(svc: Any, req: Any) -> ToolPlan | Refusal:
         lark = bare_tool_grammar(call, parallel, tags[""], specials)
     grammar = svc.grammars.compile(call, "tools", lark=lark)
     return grammar if isinstance(grammar, Refusal) else ToolPlan(grammar, mode)
-
-
-def _new_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
-
-
-def _skip(s: str, i: int) -> int:
-    while i < len(s) and s[i] in _WS:
-        i += 1
-    return i
-
-
-def _value_end(s: str, i: int) -> tuple[int | None, int]:
-    """Where the JSON value at ``s[i]`` ends (None: not yet written whole), and how far ``s[i:]`` is known
-    to be part of it (an object or list grows as it is written; a scalar is only known whole)."""
-    if i >= len(s):
-        return None, i
-    if s[i] not in "{[":
-        try:
-            _, end = json.JSONDecoder().raw_decode(s, i)
-        except ValueError:
-            return None, i
-        return (end, end) if s[i] == '"' or end < len(s) else (None, i)
-    depth, in_str, esc = 0, False, False
-    for j in range(i, len(s)):
-        ch = s[j]
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return j + 1, j + 1
-    return None, len(s)
-
-
-@dataclass
-class _Scan:
-    """How far one call object ``{"name": ..., "arguments": ...}`` has been written."""
-
-    name: str | None = None
-    args: tuple[int, int] | None = None  # the arguments' span, (start, known end)
-    args_done: bool = False
-    end: int | None = None  # just past the object's closing brace
-    error: bool = False
-
-
-def _scan(s: str, final: bool) -> _Scan:
-    """Read the call object at the start of ``s`` (after blanks) as far as it is written."""
-    out = _Scan()
-    dec = json.JSONDecoder()
-    i = _skip(s, 0)
-    if i == len(s):
-        out.error = final
-        return out
-    if s[i] != "{":
-        out.error = True
-        return out
-    i += 1
-    while True:
-        i = _skip(s, i)
-        if i == len(s):
-            break
-        if s[i] == "}" and (out.name is not None or out.args is not None):
-            out.end = i + 1
-            out.error = not isinstance(out.name, str)
-            return out
-        if s[i] != '"':
-            out.error = True
-            return out
-        try:
-            key, i = dec.raw_decode(s, i)
-        except ValueError:
-            break
-        i = _skip(s, i)
-        if i == len(s):
-            break
-        if s[i] != ":":
-            out.error = True
-            return out
-        i = _skip(s, i + 1)
-        end, known = _value_end(s, i)
-        if key in ("arguments", "parameters") and out.args is None:
-            out.args = (i, known)
-            out.args_done = end is not None
-        if end is None:
-            break
-        if key == "name":
-            out.name = json.loads(s[i:end])
-            if not isinstance(out.name, str):
-                out.error = True
-                return out
-        i = _skip(s, end)
-        if i == len(s):
-            break
-        if s[i] == ",":
-            i += 1
-        elif s[i] != "}":
-            out.error = True
-            return out
-    out.error = final
-    return out
 
 
 class Calls:
@@ -377,7 +439,7 @@ class Calls:
                     out += self._text(self.buf[:at])
                     self.buf, self.state = self.buf[at + len(OPEN) :], "call"
                     continue
-                hold = 0 if final else _partial(self.buf, OPEN)
+                hold = 0 if final else partial(self.buf, OPEN)
                 out += self._text(self.buf[: len(self.buf) - hold])
                 self.buf = self.buf[len(self.buf) - hold :]
                 return out
@@ -408,13 +470,13 @@ class Calls:
         s = self.buf
         if self.mode == "tagged" and s.lstrip(_WS).startswith("["):  # a list of calls in one tag
             return self._list(final)
-        scan = _scan(s, final)
+        scan = scan_call(s, final)
         if scan.error:
             return self._broken(s)
         out: list[dict[str, Any]] = []
         if scan.name is not None and scan.args is not None:
             if not self._sent_head:
-                self._id, self._sent_head, self._sent_args = _new_id(), True, 0
+                self._id, self._sent_head, self._sent_args = new_id(), True, 0
                 out.append(
                     self._delta(
                         {"id": self._id, "type": "function", "function": {"name": scan.name, "arguments": ""}}
@@ -433,7 +495,7 @@ class Calls:
         except ValueError:
             return out + self._broken(s)
         if not self._sent_head:  # no arguments: the call in one delta
-            self._id = _new_id()
+            self._id = new_id()
             out.append(
                 self._delta(
                     {"id": self._id, "type": "function", "function": {"name": scan.name, "arguments": args}}
@@ -447,8 +509,8 @@ class Calls:
 
     def _list(self, final: bool) -> list[dict[str, Any]] | None:
         s = self.buf
-        at = _skip(s, 0)
-        end, _ = _value_end(s, at)
+        at = skip(s, 0)
+        end, _ = value_end(s, at)
         if end is None:
             return self._broken(s) if final else None
         try:
@@ -462,7 +524,7 @@ class Calls:
             if not isinstance(name, str):
                 return self._broken(s)
             call = {
-                "id": _new_id(),
+                "id": new_id(),
                 "type": "function",
                 "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
             }
@@ -487,20 +549,17 @@ class Calls:
         return {"tool_calls": [{"index": len(self.calls), **call}]}
 
 
-def _partial(s: str, tag: str) -> int:
-    """The length of the longest end of ``s`` that begins ``tag``."""
-    for n in range(min(len(s), len(tag) - 1), 0, -1):
-        if tag.startswith(s[-n:]):
-            return n
-    return 0
+def reader(mode: str) -> Calls | MarkedCalls:
+    """The reader of one choice's answer in ``mode`` (`ToolPlan`'s): `Calls`, or the marker format's."""
+    return FORMATS[mode](mode) if mode in FORMATS else Calls(mode)
 
 
 def split(text: str, mode: str) -> tuple[str | None, list[dict[str, Any]]]:
     """A whole answer as OpenAI's message ``content`` and ``tool_calls`` (no calls: the text, as written)."""
-    reader = Calls(mode)
-    reader.feed(text)
-    reader.close()
-    if not reader.calls:
+    r = reader(mode)
+    r.feed(text)
+    r.close()
+    if not r.calls:
         return text, []
-    content = "".join(reader.content)
-    return (content if content.strip() else None), reader.calls
+    content = "".join(r.content)
+    return (content if content.strip() else None), r.calls
