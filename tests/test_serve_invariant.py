@@ -45,7 +45,8 @@ def _serve(
     rows: bool = True,
     graphs: bool = False,
 ) -> list[list[int]]:
-    model = copy.deepcopy(llama).to(DEVICE, dtype).eval()
+    """``llama`` copied to ``dtype`` (None: as it is, a quantized base)."""
+    model = (copy.deepcopy(llama).to(DEVICE, dtype) if dtype is not None else llama).eval()
     model.generation_config.eos_token_id = None
     rt = attach(model)
     metrics = Metrics()
@@ -176,3 +177,47 @@ def test_a_model_the_steps_do_not_cover_runs_each_request_alone(
     assert (
         _serve(llama, folders, torch.bfloat16, requests, together=True, invariant=None, rows=False) == alone
     )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_alone_equals_a_batch(bits: int, tmp_path: Path) -> None:
+    """bitsandbytes layers under batch invariance: NF4 (bf16 compute) in the batched steps, whose floor is
+    measured on the 4-bit layers themselves (their kernels' choices per row count); LLM.int8, whose
+    outlier columns depend on every row of a batch, by running each request alone."""
+    pytest.importorskip("bitsandbytes")
+    from helpers.models import make_adapter, tiny_llama
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # bitsandbytes' CPU kernels want 4-bit blocks of 64 inputs: a wider model than `setup`'s
+    llama = tiny_llama(0, hidden_size=64, intermediate_size=128, vocab_size=96).eval()
+    llama.save_pretrained(tmp_path / "base")
+    folders = {
+        "a": make_adapter(llama, tmp_path / "a", seed=71, r=4, lora_alpha=8, target_modules=LLAMA_ALL),
+        "b": make_adapter(
+            llama, tmp_path / "b", seed=72, r=8, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
+    }
+    cfg = (
+        BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+
+    def base() -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=cfg, device_map=DEVICE
+        )
+
+    g = torch.Generator().manual_seed(11)
+    requests = [
+        (
+            torch.randint(3, llama.config.vocab_size, (int(n),), generator=g).tolist(),
+            [None, "a", "b", "a+b"][i % 4],
+        )
+        for i, n in enumerate(torch.randint(2, 30, (16,), generator=g))
+    ]
+    rows = bits == 4  # LLM.int8 is not covered: each request runs alone
+    alone = _serve(base(), folders, None, requests, together=False, invariant=None, rows=rows)
+    assert _serve(base(), folders, None, requests, together=True, invariant=None, rows=rows) == alone

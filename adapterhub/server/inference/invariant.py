@@ -39,9 +39,11 @@ tests/test_serve_invariant.py, eager and static). On a GPU the invariance rests 
 there (cuBLAS's products of each bucket size) and on the row kernel; tests/test_serve_invariant.py and
 tests/test_runtime_table.py check both with ``ADAPTERHUB_TEST_DEVICE=cuda``, not yet run on a GPU. Covered:
 decoder-only transformers causal LMs whose attention goes through ``AttentionInterface`` with full
-attention in every layer; `Engine` falls back to each request alone elsewhere. The batch floor is measured
-on plain floating-point linears only: a quantized base (bitsandbytes) runs these steps unproven. Adapters a
-row table cannot serve (DoRA, ``lora_bias``, ``modules_to_save``, non-linear layers) make their steps go
+attention in every layer; `Engine` falls back to each request alone elsewhere, and for LLM.int8 bases
+(bitsandbytes' 8-bit layers move the input columns holding an outlier in any row to fp16, for every row).
+The batch floor is measured on each linear layer as the model runs it: ``F.linear`` on a plain weight, a
+4-bit layer's own forward (bitsandbytes' NF4 kernels pick by row count too: a floor of 4 on this CPU, where
+plain bf16 gives 2). Adapters a row table cannot serve (DoRA, ``lora_bias``, ``modules_to_save``, non-linear layers) make their steps go
 through ``rt.rows``, eagerly, which is not invariant.
 """
 
@@ -90,6 +92,11 @@ def supported(model: Any) -> str | None:
         and getattr(cfg, "use_sliding_window", True)
     ):
         return "layers other than full attention"
+    if any(
+        type(m).__name__ == "Linear8bitLt" and getattr(getattr(m, "state", None), "threshold", 0) > 0
+        for m in model.modules()
+    ):  # LLM.int8 moves the input columns with an outlier in any row of the batch to fp16, for every row
+        return "LLM.int8 layers (their outlier columns depend on every row of the batch)"
     module = sys.modules.get(type(model).__module__)
     if module is None or not hasattr(module, "ALL_ATTENTION_FUNCTIONS"):
         return "its attention does not go through transformers' AttentionInterface"
@@ -163,27 +170,17 @@ def floor_and_buckets(model: Any, max_batch: int) -> list[int]:
         ladder.append(b)
         b *= 2
     ladder.append(max(2, max_batch))
-    shapes: dict[tuple[Any, ...], torch.Tensor] = {}
-    for mod in model.modules():
-        weight = getattr(mod, "weight", None)
-        if (
-            isinstance(mod, torch.nn.Linear)
-            and isinstance(weight, torch.Tensor)
-            and weight.is_floating_point()
-            and weight.dim() == 2
-            and weight.device.type != "meta"
-        ):
-            shapes.setdefault((tuple(weight.shape), weight.dtype), weight)
+    probes = _linears(model)
     start = 0
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for weight in shapes.values():
-            probe = torch.randn(2, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+        for run, n_in, dtype, device in probes:
+            probe = torch.randn(2, n_in, generator=g).to(device, dtype)
             rows: list[torch.Tensor] = []
             for n in ladder:
-                x = torch.randn(n, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+                x = torch.randn(n, n_in, generator=g).to(device, dtype)
                 x[0], x[n - 1] = probe[0], probe[1]
-                y = F.linear(x, weight)
+                y = run(x)
                 rows.append(torch.stack([y[0], y[n - 1]]))
             ref = rows[-1]
             k = len(ladder) - 1
@@ -193,6 +190,30 @@ def floor_and_buckets(model: Any, max_batch: int) -> list[int]:
     if start:
         logger.info("batch-invariant decode steps run at least %d rows (this BLAS)", ladder[start])
     return ladder[start:]
+
+
+def _linears(model: Any) -> list[tuple[Any, int, torch.dtype, torch.device]]:
+    """One probe per distinct linear layer of ``model``: how to run it on ``(n, in)`` rows, ``in``, the input
+    dtype and device. A plain linear runs as ``F.linear`` on its weight; a quantized one (bitsandbytes
+    ``Linear4bit``) through its own class's forward (the kernel it picks per row count is what counts;
+    forward hooks, an adapter's among them, left out)."""
+    act = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out: dict[tuple[Any, ...], tuple[Any, int, torch.dtype, torch.device]] = {}
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)
+        if not isinstance(mod, torch.nn.Linear) or not isinstance(weight, torch.Tensor):
+            continue
+        if weight.device.type == "meta":
+            continue
+        if weight.is_floating_point() and weight.dim() == 2:
+            key: tuple[Any, ...] = (tuple(weight.shape), weight.dtype)
+            out.setdefault(
+                key, (lambda x, w=weight: F.linear(x, w), weight.shape[1], weight.dtype, weight.device)
+            )
+        else:
+            key = (type(mod).__name__, mod.in_features, mod.out_features)
+            out.setdefault(key, (lambda x, m=mod: type(m).forward(m, x), mod.in_features, act, weight.device))
+    return list(out.values())
 
 
 class RowsCache:
