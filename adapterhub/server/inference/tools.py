@@ -40,6 +40,7 @@ __all__ = [
     "Calls",
     "ToolPlan",
     "chat_prompt",
+    "described",
     "flat_message",
     "plan",
     "split",
@@ -115,14 +116,14 @@ def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
     if not tools:
         return chat_ids(tok, messages)
     if tool_format(tok).inject:
-        return chat_ids(tok, _described(messages, tools))
+        return chat_ids(tok, described(messages, tools))
     ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
-def _described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` with ``tools`` described in the system message and past calls and results written in
     the tagged format (for a template that has no tool format of its own)."""
     head = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
