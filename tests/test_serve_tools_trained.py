@@ -155,7 +155,7 @@ def test_a_trained_adapter_chooses_its_tool(tmp_path: Path, smollm2_checkpoint: 
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
     amx = Path("/proc/cpuinfo").is_file() and "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    result = hub.train("smollm2", data, name="tool-user", steps=12, lr=4e-3, rank=8, alpha=16, batch_size=4,
+    result = hub.train("smollm2", data, name="tool-user", steps=16, lr=4e-3, rank=8, alpha=16, batch_size=4,
                        max_length=640, targets=top, bf16=amx, seed=0)  # fmt: skip
     hub.close()
     trained = time.monotonic()
