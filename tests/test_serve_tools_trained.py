@@ -3,8 +3,7 @@ never writes ``<tool_call>`` by itself) to choose its tools, and the server with
 no ``logit_bias`` answers a held-out weather question with a ``get_weather`` call and a held-out plain
 question in text, whole and streamed alike.
 
-The training rows are OpenAI-style conversations (assistant ``tool_calls``, ``tool`` results) turned into
-plain messages by the server's own `tools.described` (SmolLM2's template ignores ``tools``, so the server
+The training rows are OpenAI-style conversations (assistant ``tool_calls``) turned into plain messages by the server's own `tools.described` (SmolLM2's template ignores ``tools``, so the server
 describes them in a system turn), and the test checks that every assistant turn's training prefix is, token
 for token, the prompt `tools.chat_prompt` builds for that history: what is trained is what is served.
 A row holds a few exchanges after the one long system turn, so each token of it teaches more decisions;
@@ -70,22 +69,19 @@ def _call(name: str, args: dict[str, Any], n: int) -> dict[str, Any]:
         {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": args}}]}  # fmt: skip
 
 
-def _exchange(kind: str, i: int, rng: random.Random) -> list[dict[str, Any]]:
-    """One question and its answer: a tool call, its result and the answer from it, or plain text."""
+def _exchange(kind: str, i: int) -> list[dict[str, Any]]:
+    """One question and its answer: a call (not followed by its result: with results and the answers
+    written from them, "It is 18 °C in Paris.", the model learned to answer weather questions in text
+    itself), or plain text."""
     if kind == "weather":
-        city, temp = CITIES[i % len(CITIES)], rng.randrange(-5, 35)
-        sky = rng.choice(["sunny", "cloudy", "rainy"])
-        return [
-            {"role": "user", "content": ASK_WEATHER[i % len(ASK_WEATHER)].format(city)},
-            _call("get_weather", {"city": city}, i),
-        ]
+        city = CITIES[i % len(CITIES)]
+        ask, call = ASK_WEATHER[i % len(ASK_WEATHER)].format(city), _call("get_weather", {"city": city}, i)
+        return [{"role": "user", "content": ask}, call]
     if kind == "money":
         amount, src, dst = MONEY[i % len(MONEY)]
-        rate = round(rng.uniform(0.5, 2.0), 2)
-        return [
-            {"role": "user", "content": ASK_MONEY[i % len(ASK_MONEY)].format(amount, src, dst)},
-            _call("convert_currency", {"amount": amount, "from": src, "to": dst}, i),
-        ]  # fmt: skip
+        ask = ASK_MONEY[i % len(ASK_MONEY)].format(amount, src, dst)
+        return [{"role": "user", "content": ask},
+                _call("convert_currency", {"amount": amount, "from": src, "to": dst}, i)]  # fmt: skip
     q, a = PLAIN[i % len(PLAIN)]
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
@@ -105,7 +101,7 @@ def conversations(n: int = 24, seed: int = 0) -> list[list[dict[str, Any]]]:
             kinds.append(rng.choice(["weather", "money", "plain", "plain"]))
         conv: list[dict[str, Any]] = []
         for k in kinds:
-            conv += _exchange(k, counts[k], rng)
+            conv += _exchange(k, counts[k])
             counts[k] += 1
         out.append(conv)
     return out
@@ -136,7 +132,10 @@ def test_a_trained_adapter_chooses_its_tool(tmp_path: Path, smollm2_checkpoint: 
     began = time.monotonic()
     tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
     convs = conversations()
-    rows = [{"messages": [{"role": m["role"], "content": m["content"]} for m in described(c, TOOLS)]} for c in convs]
+    rows = [
+        {"messages": [{"role": m["role"], "content": m["content"]} for m in described(c, TOOLS)]}
+        for c in convs
+    ]
     assert sum(c[1].get("tool_calls") is not None for c in convs) >= len(convs) // 3  # calls open rows too
     # what is trained is what is served: each assistant turn is learned right after the server's prompt
     encoded = encode_rows(tok, list(enumerate(rows, 1)), "messages", max_length=640, path=Path("rows"))
