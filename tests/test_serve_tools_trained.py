@@ -3,11 +3,17 @@ never writes ``<tool_call>`` by itself) to choose its tools, and the server with
 no ``logit_bias`` answers a held-out weather question with a ``get_weather`` call and a held-out plain
 question in text, whole and streamed alike.
 
-The training rows are OpenAI-style conversations (assistant ``tool_calls``) turned into plain messages by the server's own `tools.described` (SmolLM2's template ignores ``tools``, so the server
-describes them in a system turn), and the test checks that every assistant turn's training prefix is, token
-for token, the prompt `tools.chat_prompt` builds for that history: what is trained is what is served.
-A row holds a few exchanges after the one long system turn, so each token of it teaches more decisions;
-every row's first exchange is exactly the single-question prompt the held-out questions get."""
+The training rows are OpenAI-style conversations (assistant ``tool_calls``) turned into plain messages by
+the server's own `tools.described` (SmolLM2's template ignores ``tools``, so the server describes them in
+a system turn), and the test checks that every assistant turn's training prefix is, token for token, the
+prompt `tools.chat_prompt` builds for that history: what is trained is what is served. A row holds two or
+three exchanges after the one long system turn, so each token of it teaches more decisions; every row's
+first exchange is exactly the single-question prompt the held-out questions get.
+
+Measured on the shared 2-core CPU (one torch thread, the SmolLM2 checkpoint already converted): training
+16 steps of 4 rows (~21K tokens) takes ~38-56 s with bf16 autocast on AMX, ~95 s in fp32; the whole test
+~60-75 s. Over training seeds 0-2 the held-out answers asserted here were right every time (and 11-12 of
+12 wider held-out questions)."""
 
 from __future__ import annotations
 
