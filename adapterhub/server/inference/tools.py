@@ -65,6 +65,7 @@ __all__ = [
     "Calls",
     "ToolPlan",
     "chat_prompt",
+    "described",
     "flat_message",
     "history",
     "plan",
@@ -242,7 +243,7 @@ def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
         return chat_ids(tok, messages)
     fmt = tool_format(tok)
     if fmt.inject and fmt.kind not in FORMATS:
-        return chat_ids(tok, _described(messages, tools))
+        return chat_ids(tok, described(messages, tools))
     if fmt.kind in FORMATS:
         messages = history(fmt.kind, tok, messages)
         if fmt.inject:
@@ -288,7 +289,7 @@ def _system(messages: list[dict[str, Any]], head: str) -> list[dict[str, Any]]:
     return out
 
 
-def _described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` with ``tools`` described in the system message and past calls and results written in
     the tagged format (for a template that has no tool format of its own)."""
     head = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
