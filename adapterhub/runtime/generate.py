@@ -11,17 +11,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..records import Generation
-
-
-def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """The chat template applied to ``messages``, ready for the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return list(tokenizer(text)["input_ids"])
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+from .chat import chat_ids as chat_ids  # where it was; it lives in chat (no torch)
 
 
 def generate(

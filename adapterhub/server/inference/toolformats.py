@@ -18,7 +18,7 @@ Formats (found in the chat template, `tools.template_format`; `toolpython` holds
   ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``. Either DeepSeek form is read whichever
   the template names.
 
-Earlier calls and results in the history are written by the template itself (`tools.history`). Where
+Earlier calls and results in the history are written by the template itself (`runtime.chat.history`). Where
 it shows no calls (Granite's writes only a message's content; DeepSeek V3's shows only a call message
 whose content is None, a key transformers 5 drops), the calls are written into the content as the
 model writes them.
@@ -37,6 +37,7 @@ import json
 import string
 from typing import Any
 
+from ...runtime.chat import ARGS, CALL_ID, DS_BEGIN, DS_CALL, DS_CALL_END, DS_END, DS_SEP, GRANITE, TC
 from .calljson import Scan, new_id, partial, scan, skip, value_end
 from .grammar import COMPACT, trigger_grammar
 
@@ -50,10 +51,6 @@ __all__ = [
 ]
 
 _WS = " \t\r\n"
-TC, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
-GRANITE = "<|tool_call|>"
-DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-DS_CALL, DS_SEP, DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 _NAME = set(string.ascii_letters + string.digits + "_-.")
 
 
@@ -213,22 +210,7 @@ class MarkedCalls:
     def _delta(self, call: dict[str, Any]) -> dict[str, Any]:
         return {"tool_calls": [{"index": len(self.calls), **call}]}
 
-    # what a format offers the prompt and the grammar
-    @classmethod
-    def written(cls, calls: list[dict[str, Any]]) -> str:
-        """``calls`` (a message's ``tool_calls``) as the model writes them."""
-        raise NotImplementedError
-
-    @classmethod
-    def described(cls, tools: list[dict[str, Any]]) -> str:
-        """``tools`` described for a template that does not show them."""
-        listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-        return (
-            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n"
-            f"</tools>\n\nTo call functions, answer with:\n{cls.written([_EXAMPLE])}"
-        )
-
+    # what a format offers the grammar (how it writes calls: `runtime.chat.written`)
     @classmethod
     def grammar(
         cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]
@@ -236,14 +218,6 @@ class MarkedCalls:
         """The lazy Lark grammar of an ``auto`` answer (None: not held): ``call`` is `grammar.call_schema`'s
         schema of one call; ``ids``: the markers the vocabulary has as added tokens."""
         raise NotImplementedError
-
-
-_EXAMPLE = {"function": {"name": "<function-name>", "arguments": {"<arg>": "<value>"}}}
-
-
-def _args_text(call: dict[str, Any]) -> str:
-    args = call["function"].get("arguments", {})
-    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
 def _tools_of(call: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -279,13 +253,6 @@ class _ListCalls(MarkedCalls):
         if i == len(s):
             return "wait", 0
         return {",": ("call", i + 1), "]": ("done", i + 1)}.get(s[i], ("error", 0))
-
-    @classmethod
-    def written(cls, calls: list[dict[str, Any]]) -> str:
-        items = [
-            f'{{"name": {json.dumps(c["function"]["name"])}, "arguments": {_args_text(c)}}}' for c in calls
-        ]
-        return cls.trigger + "[" + ", ".join(items) + "]"
 
     @classmethod
     def grammar(cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]) -> str:
@@ -349,10 +316,6 @@ class MistralCalls(_ListCalls):
 
 class MistralArgsCalls(MistralCalls):
     """Mistral's newer templates (``[ARGS]``): calls written ``[TOOL_CALLS]name[ARGS]{...}``."""
-
-    @classmethod
-    def written(cls, calls: list[dict[str, Any]]) -> str:
-        return "".join(f"{TC}{c['function']['name']}{ARGS}{_args_text(c)}" for c in calls)
 
     @classmethod
     def grammar(cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]) -> str:
@@ -425,14 +388,6 @@ class DeepSeekCalls(MarkedCalls):
         return "done", i
 
     @classmethod
-    def written(cls, calls: list[dict[str, Any]]) -> str:
-        one = [
-            f"{DS_CALL}function{DS_SEP}{c['function']['name']}\n```json\n{_args_text(c)}\n```{DS_CALL_END}"
-            for c in calls
-        ]
-        return DS_BEGIN + "\n".join(one) + DS_END
-
-    @classmethod
     def grammar(cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]) -> str:
         tools = _tools_of(call)
         alts = " | ".join(f"fn_{k}" for k in range(len(tools)))
@@ -453,11 +408,6 @@ class DeepSeekCalls(MarkedCalls):
 class DeepSeekV31Calls(DeepSeekCalls):
     """DeepSeek V3.1: ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`` per call (V3's
     calls are read too)."""
-
-    @classmethod
-    def written(cls, calls: list[dict[str, Any]]) -> str:
-        one = [f"{DS_CALL}{c['function']['name']}{DS_SEP}{_args_text(c)}{DS_CALL_END}" for c in calls]
-        return DS_BEGIN + "".join(one) + DS_END
 
     @classmethod
     def grammar(cls, call: dict[str, Any], parallel: bool, ids: dict[str, int], specials: list[int]) -> str:

@@ -52,21 +52,6 @@ def _literal(node: ast.expr) -> Any:
     return ast.literal_eval(node)
 
 
-def _python(value: Any) -> str:
-    """``value`` (JSON's) as a Python literal."""
-    if isinstance(value, dict):
-        return (
-            "{"
-            + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_python(v)}" for k, v in value.items())
-            + "}"
-        )
-    if isinstance(value, list):
-        return "[" + ", ".join(_python(v) for v in value) + "]"
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
 class PythonicCalls(MarkedCalls):
     """``[name(key=literal, ...), ...]`` as the whole answer."""
 
@@ -118,17 +103,6 @@ class PythonicCalls(MarkedCalls):
         if i == len(s):
             return ("wait", 0) if not final else ("done", i)
         return {",": ("call", i + 1), "]": ("done", i + 1)}.get(s[i], ("error", 0))
-
-    @classmethod
-    def written(cls, calls: list[dict[str, Any]]) -> str:
-        one = []
-        for c in calls:
-            args = c["function"].get("arguments") or {}
-            args = json.loads(args) if isinstance(args, str) else args
-            one.append(
-                c["function"]["name"] + "(" + ", ".join(f"{k}={_python(v)}" for k, v in args.items()) + ")"
-            )
-        return "[" + ", ".join(one) + "]"
 
     @classmethod
     def grammar(

@@ -33,22 +33,25 @@ whole answer carries). Text after the first call is dropped, as vLLM's parsers d
 
 from __future__ import annotations
 
-import hashlib
 import json
-import string
 from dataclasses import dataclass
 from typing import Any
 
+from ...runtime.chat import (
+    CLOSE,
+    OPEN,
+    chat_prompt,
+    described,
+    history,
+    short_id,
+    template_format,
+    tool_format,
+)
 from .calljson import new_id, partial, skip, value_end
 from .calljson import scan as scan_call
 from .grammar import bare_tool_grammar, call_schema, lazy_tool_grammar, response_schema, tool_schema
 from .refusal import Refusal
 from .toolformats import (
-    ARGS,
-    DS_BEGIN,
-    DS_CALL,
-    GRANITE,
-    TC,
     DeepSeekCalls,
     DeepSeekV31Calls,
     GraniteCalls,
@@ -76,33 +79,7 @@ __all__ = [
     "tool_format",
 ]
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _WS = " \t\r\n"
-
-TOOLS_PROMPT = """# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{tools}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
-</tool_call>"""
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """How the model writes calls: ``tagged`` (``<tool_call>``), bare JSON, or ``kind``, one of
-    `toolformats.FORMATS`; ``inject``: the template ignores ``tools``, so they are described in a system
-    message."""
-
-    tagged: bool = True
-    inject: bool = False
-    kind: str = "tagged"
 
 
 @dataclass(frozen=True)
@@ -117,48 +94,6 @@ class ToolPlan:
     keep: tuple[int, ...] = ()
 
 
-def _template(tok: Any) -> str:
-    t = getattr(tok, "chat_template", None)
-    if isinstance(t, dict):
-        return "\n".join(str(v) for v in t.values())
-    return t or ""
-
-
-_PROBE = [{"type": "function", "function": {"name": "probe_fn_x7", "parameters": {"type": "object"}}}]
-
-
-def tool_format(tok: Any) -> ToolFormat:
-    """The chat template's tool format (see the module's doc)."""
-    tpl = _template(tok)
-    if not tpl:
-        return ToolFormat(inject=True)
-    marked = template_format(tpl)
-    tagged = not marked and (
-        OPEN in tpl or not ("<|python_tag|>" in tpl or '"parameters": dictionary' in tpl)
-    )
-    kind = marked or ("tagged" if tagged else "bare")
-    try:
-        shown = tok.apply_chat_template(
-            [{"role": "user", "content": "x"}], tools=_PROBE, add_generation_prompt=True, tokenize=False
-        )
-    except Exception:  # a template that breaks on tools: described in a system message instead
-        return ToolFormat(tagged=not marked, inject=True, kind=marked or "tagged")
-    return ToolFormat(tagged=tagged, inject="probe_fn_x7" not in str(shown), kind=kind)
-
-
-def template_format(template: str) -> str | None:
-    """The marker format a chat template names (None: none of them)."""
-    if DS_BEGIN in template or DS_CALL in template:
-        return "deepseek" if "```json" in template else "deepseek_v31"
-    if TC in template:
-        return "mistral_args" if ARGS in template else "mistral"
-    if GRANITE in template:
-        return "granite"
-    if "[func_name1(" in template:
-        return "pythonic"
-    return None
-
-
 FORMATS: dict[str, type[MarkedCalls]] = {
     "mistral": MistralCalls,
     "mistral_args": MistralArgsCalls,
@@ -167,151 +102,6 @@ FORMATS: dict[str, type[MarkedCalls]] = {
     "deepseek_v31": DeepSeekV31Calls,
     "pythonic": PythonicCalls,
 }
-
-
-def short_id(call_id: str) -> str:
-    """A history's call id as Mistral's templates take it: itself when 9 letters or digits, else 9 drawn
-    from its hash (the same for the call and its result)."""
-    if len(call_id) == 9 and call_id.isalnum():
-        return call_id
-    digest = int(hashlib.sha256(call_id.encode()).hexdigest(), 16)
-    alphabet = string.ascii_letters + string.digits
-    out = ""
-    for _ in range(9):
-        digest, k = divmod(digest, len(alphabet))
-        out += alphabet[k]
-    return out
-
-
-def history(kind: str, tok: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` as the ``kind`` format's template takes them: Mistral's 9-character ids; an empty
-    content of a message with calls as the template shows calls with (None or ""); and the calls written
-    into the content, in the format, where the template shows none."""
-    fmt = FORMATS[kind]
-    out = [dict(m) for m in messages]
-    if not any(m.get("tool_calls") for m in out):
-        return out
-    shows, empty = _calls_shown(tok)
-    for m in out:
-        if fmt.short_ids and m.get("tool_call_id"):
-            m["tool_call_id"] = short_id(m["tool_call_id"])
-        calls = m.get("tool_calls")
-        if not calls:
-            continue
-        if fmt.short_ids:
-            m["tool_calls"] = calls = [{**c, "id": short_id(str(c.get("id") or ""))} for c in calls]
-        if not shows:
-            del m["tool_calls"]
-            m["content"] = (m.get("content") or "") + fmt.written(calls)
-        elif not m.get("content"):
-            m["content"] = empty
-    return out
-
-
-def _calls_shown(tok: Any) -> tuple[bool, str | None]:
-    """Whether the chat template writes an assistant message's ``tool_calls``, and the empty content it
-    does so with (None or ""; arguments as an object or as text; a template that fails on all is taken to)."""
-    rendered = False
-    arguments: tuple[Any, ...] = ({}, "{}")
-    for content in (None, ""):
-        for args in arguments:
-            probe = {
-                "id": "probe0001",
-                "type": "function",
-                "function": {"name": "probe_fn_x7", "arguments": args},
-            }
-            msgs = [
-                {"role": "user", "content": "x"},
-                {"role": "assistant", "content": content, "tool_calls": [probe]},
-            ]
-            try:
-                shown = str(tok.apply_chat_template(msgs, tokenize=False))
-            except Exception:
-                continue
-            if "probe_fn_x7" in shown:
-                return True, content
-            rendered = True
-    return not rendered, None
-
-
-def chat_prompt(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-    """The prompt's token ids: the chat template applied to ``messages`` with ``tools`` in its own
-    format (raises what the template raises)."""
-    from ...runtime.generate import chat_ids
-
-    if not tools:
-        return chat_ids(tok, messages)
-    fmt = tool_format(tok)
-    if fmt.inject and fmt.kind not in FORMATS:
-        return chat_ids(tok, described(messages, tools))
-    if fmt.kind in FORMATS:
-        messages = history(fmt.kind, tok, messages)
-        if fmt.inject:
-            messages, tools = _system(messages, FORMATS[fmt.kind].described(tools)), None
-    try:
-        return _ids(tok, messages, tools)
-    except TypeError:  # a template that joins the calls' arguments as text (DeepSeek's): give it text
-        return _ids(tok, _text_arguments(messages), tools)
-
-
-def _ids(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-    from ...runtime.generate import chat_ids
-
-    if not tools:
-        return chat_ids(tok, messages)
-    ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-
-
-def _text_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` with their calls' arguments as JSON text."""
-    out = [dict(m) for m in messages]
-    for m in out:
-        if m.get("tool_calls"):
-            m["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
-                if not isinstance(c["function"]["arguments"], str)
-                else c
-                for c in m["tool_calls"]
-            ]
-    return out
-
-
-def _system(messages: list[dict[str, Any]], head: str) -> list[dict[str, Any]]:
-    """``messages`` with ``head`` at the end of the system message (one added where there is none)."""
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = out[0]["content"] + "\n\n" + head
-    else:
-        out.insert(0, {"role": "system", "content": head})
-    return out
-
-
-def described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` with ``tools`` described in the system message and past calls and results written in
-    the tagged format (for a template that has no tool format of its own)."""
-    head = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-    out = _system(messages, head)
-    for m in out:
-        calls = m.pop("tool_calls", None)
-        if calls:
-            tags = [
-                OPEN
-                + "\n"
-                + json.dumps(
-                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                    ensure_ascii=False,
-                )
-                + "\n"
-                + CLOSE
-                for c in calls
-            ]
-            m["content"] = "\n".join(([m["content"]] if m["content"] else []) + tags)
-        if m["role"] == "tool":
-            m["content"] = f"<tool_response>\n{m['content']}\n</tool_response>"
-    return out
 
 
 def flat_message(m: Any) -> dict[str, Any]:
