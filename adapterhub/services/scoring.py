@@ -222,17 +222,22 @@ def _prompts(tokenizer: Any, data: EvalData) -> list[tuple[list[int], str]]:
     first = tokenizer("a")["input_ids"]
     bos_id = getattr(tokenizer, "bos_token_id", None)
     bos = [bos_id] if bos_id is not None and first and first[0] == bos_id else []
-    for _, row in data.rows:
+    for n, row in data.rows:
         if data.kind == "text":
             raise InvalidOptionError(
                 f"{data.path}: text rows have no reference answer; use loss or perplexity, or prompt/completion rows"
             )
         if data.kind == "messages":
-            msgs = row["messages"]
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            from ..runtime.generate import chat_ids
+            from ..runtime.chat import chat_prompt
+            from .train_data import chat_row
 
-            out.append((chat_ids(tokenizer, msgs[:last]), msgs[last]["content"]))
+            msgs, tools = chat_row(row)
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            if msgs[last].get("tool_calls"):
+                raise InvalidOptionError(
+                    f"{data.path}, line {n}: the answer is a tool call, which has no reference text; use loss or perplexity"
+                )
+            out.append((chat_prompt(tokenizer, msgs[:last], tools), msgs[last]["content"]))
             continue
         ref = row["completion"] if data.kind == "prompt" else row["choices"][row["answer"]]
         out.append((bos + list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]), ref))

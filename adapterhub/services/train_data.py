@@ -6,6 +6,16 @@ Data is JSONL, one example a line, in one of three shapes (the first line decide
 
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the base's chat template; the loss
   is on the assistant turns only (their text and the end-of-turn marker the template puts after them);
+  with function calling as OpenAI's fine-tuning and TRL take it, ``{"tools": [{"type": "function",
+  "function": {...}}], "messages": [...]}`` whose assistant turns may carry ``tool_calls`` (``content``
+  null or text; each ``{"id"?, "type": "function", "function": {"name", "arguments": JSON text or
+  object}}``) answered by ``tool`` messages (``tool_call_id`` optional: the calls in order). Such a row is
+  rendered exactly as the server renders a request with that history and those tools
+  (`runtime.chat.chat_prompt`): the tokens before each assistant turn are the server's prompt for the
+  history before it, a call turn's target is the text the server reads back into those calls (the
+  template's own tool format, or, for a template that ignores ``tools`` such as SmolLM2's, the tools
+  described in a system turn and the calls written ``<tool_call>{"name", "arguments"}</tool_call>``);
+  call turns are learned, tool results are not;
 - ``{"prompt": ..., "completion": ...}``: prompt and completion joined, loss on the completion (and EOS);
 - ``{"text": ...}``: loss on every token (and EOS).
 
@@ -28,7 +38,7 @@ from typing import Any
 
 from ..errors import InvalidOptionError, TrainingDataError
 
-__all__ = ["batches", "collate", "encode_rows", "line_limit", "pack", "read_rows", "split_eval"]
+__all__ = ["batches", "chat_row", "collate", "encode_rows", "line_limit", "pack", "read_rows", "split_eval"]
 
 SHAPES: dict[str, frozenset[str]] = {
     "messages": frozenset({"messages"}),
@@ -36,6 +46,13 @@ SHAPES: dict[str, frozenset[str]] = {
     "text": frozenset({"text"}),
 }
 ROLES = frozenset({"system", "user", "assistant", "tool"})
+#: the keys a message may have (besides role and content), by role
+_EXTRA = {
+    "assistant": {"tool_calls", "name"},
+    "tool": {"tool_call_id", "name"},
+    "system": {"name"},
+    "user": {"name"},
+}
 Rows = list[tuple[int, dict[str, Any]]]
 Encoded = list[tuple[list[int], list[int]]]
 #: a training row: (input ids, labels), and for a packed row the position ids (restarting at each document)
@@ -125,13 +142,19 @@ def _parse(p: Path, n: int, line: bytes) -> dict[str, Any]:
 
 def _shape(p: Path, n: int, row: dict[str, Any]) -> str:
     keys = frozenset(row)
+    if "messages" in keys:
+        keys -= {"tools"}
     kind = next((k for k, ks in SHAPES.items() if keys == ks), None)
     if kind is None:
         unknown = sorted(keys - {k for ks in SHAPES.values() for k in ks})
         what = (
             f"unknown keys {', '.join(unknown)}" if unknown else f"keys {', '.join(sorted(keys)) or '(none)'}"
         )
-        raise _bad(p, n, f'{what}; a row is {{"messages": [...]}}, {{"prompt", "completion"}} or {{"text"}}')
+        raise _bad(
+            p,
+            n,
+            f'{what}; a row is {{"messages": [...]}} (and "tools"), {{"prompt", "completion"}} or {{"text"}}',
+        )
     return kind
 
 
@@ -140,11 +163,30 @@ def _check_row(p: Path, n: int, kind: str, row: dict[str, Any]) -> None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise _bad(p, n, "messages must be a non-empty list of {role, content} objects")
+        if "tools" in row:
+            _check_tools(p, n, row["tools"])
+        pending: list[str | None] = []  # the ids of the calls not answered yet
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or set(m) - {"role", "content"} or not {"role", "content"} <= set(m):
-                raise _bad(p, n, f"message {i} must be an object with exactly role and content")
-            if m["role"] not in ROLES or not isinstance(m["content"], str):
-                raise _bad(p, n, f"message {i}: role must be one of {', '.join(sorted(ROLES))}, content text")
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise _bad(
+                    p, n, f"message {i} must be an object whose role is one of {', '.join(sorted(ROLES))}"
+                )
+            role = m["role"]
+            extra = set(m) - {"role", "content"} - _EXTRA[role]
+            if extra:
+                raise _bad(p, n, f"message {i}: a {role} message has no {', '.join(sorted(extra))}")
+            calls = m.get("tool_calls")
+            if calls is not None:
+                pending = _check_calls(p, n, i, calls)
+                if "tools" not in row:
+                    raise _bad(p, n, f'message {i} has tool_calls but the row has no "tools"')
+            content_ok = isinstance(m.get("content"), str) or (calls and m.get("content") is None)
+            if not content_ok:
+                raise _bad(p, n, f"message {i}: content must be text (null only beside tool_calls)")
+            if "name" in m and not isinstance(m["name"], str):
+                raise _bad(p, n, f"message {i}: name must be text")
+            if role == "tool":
+                pending = _check_result(p, n, i, m, pending)
         if not any(m["role"] == "assistant" for m in msgs):
             raise _bad(p, n, "no assistant message: nothing to learn from")
     else:
@@ -153,6 +195,91 @@ def _check_row(p: Path, n: int, kind: str, row: dict[str, Any]) -> None:
                 raise _bad(p, n, f"{k} must be text, got {type(v).__name__}")
         if not (row.get("completion") if kind == "prompt" else row.get("text")):
             raise _bad(p, n, "empty completion: nothing to learn from" if kind == "prompt" else "empty text")
+
+
+def _check_tools(p: Path, n: int, tools: Any) -> None:
+    if not isinstance(tools, list) or not tools:
+        raise _bad(p, n, 'tools must be a non-empty list of {"type": "function", "function": {...}}')
+    for k, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise _bad(p, n, f'tool {k} must be {{"type": "function", "function": {{"name", "parameters"}}}}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(p, n, f"tool {k}: function has no name")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise _bad(p, n, f"tool {k}: parameters must be a JSON schema object")
+
+
+def _check_calls(p: Path, n: int, i: int, calls: Any) -> list[str | None]:
+    """Check an assistant message's ``tool_calls``; their ids."""
+    if not isinstance(calls, list) or not calls:
+        raise _bad(p, n, f"message {i}: tool_calls must be a non-empty list of calls")
+    ids: list[str | None] = []
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(c, dict) or not isinstance(fn, dict) or set(c) - {"id", "type", "function"}:
+            raise _bad(
+                p, n, f'message {i}, call {k}: a call is {{"id"?, "type": "function", "function": {{...}}}}'
+            )
+        if c.get("type", "function") != "function" or not isinstance(c.get("id", ""), str):
+            raise _bad(p, n, f'message {i}, call {k}: type must be "function" and id text')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(p, n, f"message {i}, call {k}: no function name")
+        if set(fn) - {"name", "arguments"} or "arguments" not in fn:
+            raise _bad(p, n, f"message {i}, call {k}: function must be exactly name and arguments")
+        args = fn["arguments"]
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except (ValueError, RecursionError):
+                raise _bad(p, n, f"message {i}, call {k}: arguments are not valid JSON") from None
+        if not isinstance(args, dict):
+            raise _bad(p, n, f"message {i}, call {k}: arguments must be a JSON object")
+        ids.append(c.get("id"))
+    return ids
+
+
+def _check_result(p: Path, n: int, i: int, m: dict[str, Any], pending: list[str | None]) -> list[str | None]:
+    """Check a tool message answers a call made before it; the calls still unanswered."""
+    if not pending:
+        raise _bad(p, n, f"message {i}: a tool result with no tool call before it")
+    want = m.get("tool_call_id")
+    if want is None:
+        return pending[1:]
+    if not isinstance(want, str) or want not in pending:
+        raise _bad(
+            p, n, f"message {i}: tool_call_id {want!r} names no call of the assistant message before it"
+        )
+    return [c for c in pending if c != want]
+
+
+def chat_row(row: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A checked ``messages`` row as the server's requests reach the chat template (``tools.flat_message``):
+    content text ("" for null), calls' arguments as objects, and ids where the row gave none (call ``k`` of
+    message ``i`` is ``call_i_k``; a result without ``tool_call_id`` answers the next call in order)."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for i, m in enumerate(row["messages"]):
+        flat: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("name"):
+            flat["name"] = m["name"]
+        if m["role"] == "tool":
+            want = m.get("tool_call_id") or (pending[0] if pending else "")
+            flat["tool_call_id"] = want
+            pending = [c for c in pending if c != want]
+        if m.get("tool_calls"):
+            calls: list[dict[str, Any]] = []
+            for k, c in enumerate(m["tool_calls"]):
+                args = c["function"]["arguments"]
+                fn = {
+                    "name": c["function"]["name"],
+                    "arguments": json.loads(args) if isinstance(args, str) else args,
+                }
+                calls.append({"id": c.get("id") or f"call_{i}_{k}", "type": "function", "function": fn})
+            flat["tool_calls"] = calls
+            pending = [str(c["id"]) for c in calls]
+        out.append(flat)
+    return out, row.get("tools")
 
 
 # ------------------------------------------------------------------ encoding
@@ -184,18 +311,16 @@ def _encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -
 def _encode(tokenizer: Any, kind: str, row: dict[str, Any]) -> tuple[list[int], list[int]]:
     eos = tokenizer.eos_token or ""
     if kind == "messages":
-        msgs = row["messages"]
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        from ..runtime.chat import chat_text
+
+        msgs, tools = chat_row(row)
+        full = chat_text(tokenizer, msgs, tools, generation=False)
         spans = []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            before = (
-                tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-                if i
-                else ""
-            )
-            upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+            before = chat_text(tokenizer, msgs[:i], tools, generation=True) if i else ""
+            upto = chat_text(tokenizer, msgs[: i + 1], tools, generation=False)
             if not full.startswith(upto) or not upto.startswith(before):
                 raise InvalidOptionError(
                     "the base's chat template does not render conversations turn by turn; use prompt/completion rows"
