@@ -3,10 +3,12 @@ never writes ``<tool_call>`` by itself) to choose its tools, and the server with
 no ``logit_bias`` answers a held-out weather question with a ``get_weather`` call and a held-out plain
 question in text, whole and streamed alike.
 
-The training rows are OpenAI-style conversations (assistant ``tool_calls``) turned into plain messages by
-the server's own `tools.described` (SmolLM2's template ignores ``tools``, so the server describes them in
-a system turn), and the test checks that every assistant turn's training prefix is, token for token, the
-prompt `tools.chat_prompt` builds for that history: what is trained is what is served. A row holds two or
+The training rows are standard function-calling rows, as OpenAI's fine-tuning and TRL take them
+(``{"tools": [...], "messages": [...]}`` with assistant ``tool_calls``), written to a JSONL file that
+`hub.train` reads as it is: `train` renders them as the server renders a request (SmolLM2's template
+ignores ``tools``, so they are described in a system turn and the calls written ``<tool_call>``), and the
+test checks that every assistant turn's training prefix is, token for token, the prompt
+`tools.chat_prompt` builds for that history: what is trained is what is served. A row holds two or
 three exchanges after the one long system turn, so each token of it teaches more decisions; every row's
 first exchange is exactly the single-question prompt the held-out questions get.
 
@@ -26,7 +28,8 @@ from typing import Any
 import pytest
 
 from adapterhub import Hub
-from adapterhub.server.inference.tools import chat_prompt, described
+from adapterhub.server.inference.tools import chat_prompt
+from adapterhub.services.train_data import chat_row, read_rows
 from adapterhub.services.training import encode_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
@@ -71,8 +74,8 @@ HELD_PLAIN = "Who wrote Hamlet?"
 
 
 def _call(name: str, args: dict[str, Any], n: int) -> dict[str, Any]:
-    return {"role": "assistant", "content": "", "tool_calls": [
-        {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": args}}]}  # fmt: skip
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}  # fmt: skip
 
 
 def _exchange(kind: str, i: int) -> list[dict[str, Any]]:
@@ -93,8 +96,8 @@ def _exchange(kind: str, i: int) -> list[dict[str, Any]]:
 
 
 def conversations(n: int = 24, seed: int = 0) -> list[list[dict[str, Any]]]:
-    """``n`` conversations of two or three exchanges, in OpenAI's shape (assistant ``tool_calls`` with
-    arguments as objects, as the server reads them). Half the questions need a tool (two in three the
+    """``n`` conversations of two or three exchanges, in OpenAI's shape (assistant ``tool_calls``, their
+    arguments JSON text). Half the questions need a tool (two in three the
     weather, one a conversion) and half none; every conversation holds both kinds, and half of them open
     with each."""
     rng = random.Random(seed)
@@ -138,21 +141,19 @@ def test_a_trained_adapter_chooses_its_tool(tmp_path: Path, smollm2_checkpoint: 
     began = time.monotonic()
     tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
     convs = conversations()
-    rows = [
-        {"messages": [{"role": m["role"], "content": m["content"]} for m in described(c, TOOLS)]}
-        for c in convs
-    ]
     assert sum(c[1].get("tool_calls") is not None for c in convs) >= len(convs) // 3  # calls open rows too
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps({"tools": TOOLS, "messages": c}) + "\n" for c in convs))
     # what is trained is what is served: each assistant turn is learned right after the server's prompt
-    encoded = encode_rows(tok, list(enumerate(rows, 1)), "messages", max_length=640, path=Path("rows"))
-    for conv, (ids, labels) in zip(convs, encoded, strict=True):
-        for i, m in enumerate(conv):
+    rows, kind, _ = read_rows(data, max_length=640)
+    encoded = encode_rows(tok, rows, kind, max_length=640, path=data)
+    for (_, row), (ids, labels) in zip(rows, encoded, strict=True):
+        msgs, tools = chat_row(row)
+        for i, m in enumerate(msgs):
             if m["role"] == "assistant":
-                prompt = chat_prompt(tok, conv[:i], TOOLS)
+                prompt = chat_prompt(tok, msgs[:i], tools)
                 assert ids[: len(prompt)] == prompt
                 assert labels[len(prompt) - 1] == -100 and labels[len(prompt)] == ids[len(prompt)]
-    data = tmp_path / "tools.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     hub = Hub(tmp_path / "home")
     hub.add_base(smollm2_checkpoint, name="smollm2")

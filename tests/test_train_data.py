@@ -86,6 +86,48 @@ def test_deep_json_names_its_line(hub: Hub, tmp_path: Path, capsys: pytest.Captu
     _refused(hub, capsys, data, r"deep.jsonl, line 2: JSON nested too deeply")
 
 
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+_ASK = {"role": "user", "content": "hi"}
+
+
+def _call(function: object) -> dict[str, object]:
+    return {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": function}]}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"tools": [_TOOL], "messages": [_ASK, {"role": "assistant", "tool_calls": {"function": {}}}]},
+         "message 1: tool_calls must be a non-empty list"),
+        ({"tools": [_TOOL], "messages": [_ASK, _call({"arguments": "{}"})]}, "message 1, call 0: no function name"),
+        ({"tools": [_TOOL], "messages": [_ASK, _call({"name": "f", "arguments": "{nope"})]},
+         "message 1, call 0: arguments are not valid JSON"),
+        ({"tools": [_TOOL], "messages": [_ASK, _call({"name": "f", "arguments": "[1]"})]},
+         "message 1, call 0: arguments must be a JSON object"),
+        ({"tools": {"f": _TOOL}, "messages": [_ASK, {"role": "assistant", "content": "x"}]},
+         "tools must be a non-empty list"),
+        ({"tools": [{"name": "f"}], "messages": [_ASK, {"role": "assistant", "content": "x"}]},
+         "tool 0 must be"),
+        ({"tools": [_TOOL], "messages": [_ASK, {"role": "tool", "content": "1"}, {"role": "assistant", "content": "x"}]},
+         "message 1: a tool result with no tool call before it"),
+        ({"messages": [_ASK, _call({"name": "f", "arguments": "{}"})]}, 'message 1 has tool_calls but the row has no "tools"'),
+        ({"tools": [_TOOL], "messages": [_ASK, {**_call({"name": "f", "arguments": {}}), "tool_call_id": "a"}]},
+         "message 1: a message of role assistant has no tool_call_id"),
+        ({"tools": [_TOOL], "messages": [_ASK, _call({"name": "f", "arguments": {}}),
+                                         {"role": "tool", "tool_call_id": "zz", "content": "1"}]},
+         "message 2: tool_call_id 'zz' names no call"),
+    ],
+)  # fmt: skip
+def test_malformed_tool_rows_name_their_line(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str], row: dict[str, object], message: str
+) -> None:
+    good = {"tools": [_TOOL], "messages": [_ASK, _call({"name": "f", "arguments": '{"a": 1}'}),
+                                           {"role": "tool", "content": "2"}, {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    read_rows(jsonl(tmp_path / "good.jsonl", [good]))
+    data = jsonl(tmp_path / "tools.jsonl", [good, row])
+    _refused(hub, capsys, data, "tools.jsonl, line 2: " + message)
+
+
 def test_a_folder_is_refused(hub: Hub, tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match="is a folder, not a file"):
         hub.train("tiny", tmp_path, name="x", steps=1)

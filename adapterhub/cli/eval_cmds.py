@@ -21,7 +21,7 @@ def _fmt(v: Any) -> str:
     "--data",
     required=True,
     type=click.Path(dir_okay=False),
-    help="JSONL: messages, prompt/completion, text, or prompt/choices/answer rows.",
+    help="JSONL: messages (tools too), prompt/completion, text, or prompt/choices/answer rows.",
 )
 @click.option(
     "--metric",

@@ -66,7 +66,7 @@ def _log_lines(state: State, as_json: bool) -> Callable[[dict[str, Any]], None] 
     "--data",
     required=True,
     type=click.Path(dir_okay=False),
-    help="JSONL: messages, prompt/completion or text rows.",
+    help="JSONL: messages (tools too), prompt/completion or text rows.",
 )
 @click.option("--name", required=True, help="Catalog name of the new adapter.")
 @click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")

@@ -174,7 +174,7 @@ def _check_row(p: Path, n: int, kind: str, row: dict[str, Any]) -> None:
             role = m["role"]
             extra = set(m) - {"role", "content"} - _EXTRA[role]
             if extra:
-                raise _bad(p, n, f"message {i}: a {role} message has no {', '.join(sorted(extra))}")
+                raise _bad(p, n, f"message {i}: a message of role {role} has no {', '.join(sorted(extra))}")
             calls = m.get("tool_calls")
             if calls is not None:
                 pending = _check_calls(p, n, i, calls)
