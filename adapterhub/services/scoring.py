@@ -1,7 +1,10 @@
 """Scoring rows on a live model: evaluation data, metrics, and one pass over every adapter's rows.
 
-Data is JSONL in the shapes `train` reads (``messages``, ``prompt``/``completion``, ``text``) or
-multiple-choice rows ``{"prompt": ..., "choices": [...], "answer": index or choice text}``.
+Data is JSONL in the shapes `train` reads (``messages``, with ``tools`` and ``tool_calls`` too,
+``prompt``/``completion``, ``text``) or multiple-choice rows ``{"prompt": ..., "choices": [...], "answer":
+index or choice text}``. A ``messages`` row is prompted as the server prompts that history (with its
+tools); its reference answer for the generation metrics is its last assistant turn's text (a row whose
+last assistant turn is a tool call has none: score it with ``loss`` or ``perplexity``).
 
 Metrics (`parse_metric`):
 
