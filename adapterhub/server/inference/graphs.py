@@ -281,16 +281,56 @@ class GraphDecoder:
         return logits[:n]
 
 
-class StaticBatch:
-    """The active rows of the engine in a `GraphDecoder`'s buffers (the interface of the dynamic batch)."""
+class ActiveRows:
+    """The engine's active rows in a decoder's fixed buffers: their jobs, each row's position and last
+    token. ``keep`` moves the kept rows to the front (the buffers through ``_gather``)."""
 
-    def __init__(self, decoder: GraphDecoder) -> None:
-        self.d = decoder
+    def __init__(self) -> None:
         self.jobs: list[Any] = []
         self.pos: torch.Tensor | None = None  # (B,) long: each row's next position
         self.last: torch.Tensor | None = None  # (B,) long: each row's last token
-        self.width = 0
         self.table_key: Any = None
+
+    def _add(self, jobs: list[Any], pos: torch.Tensor, last: torch.Tensor) -> None:
+        n = len(self.jobs)
+        self.pos = pos if self.pos is None or not n else torch.cat([self.pos, pos])
+        self.last = last if self.last is None or not n else torch.cat([self.last, last])
+        self.jobs = self.jobs + list(jobs)
+        self.table_key = None
+
+    def _gather(self, idx: torch.Tensor, k: int) -> None:
+        """Move the buffers' rows ``idx`` to rows ``[0, k)``."""
+        raise NotImplementedError
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), moved to the first rows of the buffers."""
+        if len(rows) == len(self.jobs):
+            return
+        self.table_key = None
+        if not rows:
+            self.clear()
+            return
+        assert self.pos is not None and self.last is not None
+        k = len(rows)
+        if rows != list(range(k)):
+            idx = torch.tensor(rows, dtype=torch.long, device=self.pos.device)
+            self._gather(idx, k)
+            self.pos, self.last = self.pos.index_select(0, idx), self.last.index_select(0, idx)
+        else:
+            self.pos, self.last = self.pos[:k], self.last[:k]
+        self.jobs = [self.jobs[i] for i in rows]
+
+    def clear(self) -> None:
+        self.jobs, self.pos, self.last, self.table_key = [], None, None, None
+
+
+class StaticBatch(ActiveRows):
+    """The active rows of the engine in a `GraphDecoder`'s buffers (the interface of the dynamic batch)."""
+
+    def __init__(self, decoder: GraphDecoder) -> None:
+        super().__init__()
+        self.d = decoder
+        self.width = 0
 
     def join(
         self, jobs: list[Any], cache: Any, mask: torch.Tensor, pos: torch.Tensor, last: torch.Tensor
@@ -314,31 +354,17 @@ class StaticBatch:
         d.mask[n : n + g] = False
         d.mask[n : n + g, width - w : width] = mask.bool()
         self.width = width
-        self.pos = pos if self.pos is None or not n else torch.cat([self.pos, pos])
-        self.last = last if self.last is None or not n else torch.cat([self.last, last])
-        self.jobs = self.jobs + list(jobs)
-        self.table_key = None
+        self._add(jobs, pos, last)
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order), moved to the first rows of the buffers."""
-        if len(rows) == len(self.jobs):
-            return
-        self.table_key = None
-        if not rows:
-            self.jobs, self.pos, self.last, self.width = [], None, None, 0
-            return
-        assert self.pos is not None and self.last is not None
-        d = self.d
-        k, w = len(rows), self.width
-        if rows != list(range(k)):
-            idx = torch.tensor(rows, dtype=torch.long, device=d.device)
-            for t in (*d.keys, *d.values):
-                t[:k, :, :w] = t[:, :, :w].index_select(0, idx)
-            d.mask[:k] = d.mask.index_select(0, idx)
-            self.pos, self.last = self.pos.index_select(0, idx), self.last.index_select(0, idx)
-        else:
-            self.pos, self.last = self.pos[:k], self.last[:k]
-        self.jobs = [self.jobs[i] for i in rows]
+    def _gather(self, idx: torch.Tensor, k: int) -> None:
+        d, w = self.d, self.width
+        for t in (*d.keys, *d.values):
+            t[:k, :, :w] = t[:, :, :w].index_select(0, idx)
+        d.mask[:k] = d.mask.index_select(0, idx)
+
+    def clear(self) -> None:
+        super().clear()
+        self.width = 0
 
 
 def capture_graph(

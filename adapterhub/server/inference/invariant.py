@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import IncompatibleAdapterError
-from .graphs import capture_graph
+from .graphs import ActiveRows, capture_graph
 
 logger = logging.getLogger(__name__)
 
@@ -454,15 +454,13 @@ class _Static:
     graphs: dict[int, tuple[Any, torch.Tensor]] = field(default_factory=dict)
 
 
-class RowsBatch:
-    """The active rows of the engine in a `RowsDecoder`'s buffers (the interface of the dynamic batch)."""
+class RowsBatch(ActiveRows):
+    """The active rows of the engine in a `RowsDecoder`'s buffers (the interface of the dynamic batch);
+    ``pos`` is each row's length, the column it writes next."""
 
     def __init__(self, decoder: RowsDecoder) -> None:
+        super().__init__()
         self.d = decoder
-        self.jobs: list[Any] = []
-        self.pos: torch.Tensor | None = None  # (B,) long: each row's length, the column it writes next
-        self.last: torch.Tensor | None = None  # (B,) long: each row's last token
-        self.table_key: Any = None
 
     def join(
         self, jobs: list[Any], cache: Any, mask: torch.Tensor, pos: torch.Tensor, last: torch.Tensor
@@ -486,29 +484,8 @@ class RowsBatch:
             for r, ln in enumerate(lens):
                 d.cache.keys[i][n + r, :, :ln] = layer.keys[r, :, w - ln :]
                 d.cache.values[i][n + r, :, :ln, :-1] = layer.values[r, :, w - ln :]
-        self.pos = pos if self.pos is None or not n else torch.cat([self.pos, pos])
-        self.last = last if self.last is None or not n else torch.cat([self.last, last])
-        self.jobs = self.jobs + list(jobs)
-        self.table_key = None
+        self._add(jobs, pos, last)
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order), moved to the first rows of the buffers."""
-        if len(rows) == len(self.jobs):
-            return
-        self.table_key = None
-        if not rows:
-            self.clear()
-            return
-        assert self.pos is not None and self.last is not None
-        k = len(rows)
-        if rows != list(range(k)):
-            idx = torch.tensor(rows, dtype=torch.long, device=self.d.device)
-            for t in (*self.d.cache.keys, *self.d.cache.values):
-                t[:k] = t.index_select(0, idx)
-            self.pos, self.last = self.pos.index_select(0, idx), self.last.index_select(0, idx)
-        else:
-            self.pos, self.last = self.pos[:k], self.last[:k]
-        self.jobs = [self.jobs[i] for i in rows]
-
-    def clear(self) -> None:
-        self.jobs, self.pos, self.last, self.table_key = [], None, None, None
+    def _gather(self, idx: torch.Tensor, k: int) -> None:
+        for t in (*self.d.cache.keys, *self.d.cache.values):
+            t[:k] = t.index_select(0, idx)
