@@ -9,7 +9,7 @@ import string
 import uuid
 from dataclasses import dataclass
 
-__all__ = ["Scan", "new_id", "partial", "scan", "skip", "value_end"]
+__all__ = ["Scan", "closing", "new_id", "partial", "scan", "skip", "value_end"]
 
 _WS = " \t\r\n"
 
@@ -49,25 +49,32 @@ def value_end(s: str, i: int) -> tuple[int | None, int]:
         except ValueError:
             return None, i
         return (end, end) if s[i] == '"' or end < len(s) else (None, i)
-    depth, in_str, esc = 0, False, False
+    closed = closing(s, i)
+    return (closed, closed) if closed is not None else (None, len(s))
+
+
+def closing(s: str, i: int, quotes: str = '"', opens: str = "{[", closes: str = "}]") -> int | None:
+    """Just past the bracket that closes the one at ``s[i]`` (None: not yet written), strings in
+    ``quotes`` skipped (backslash escapes heeded)."""
+    depth, quote, esc = 0, "", False
     for j in range(i, len(s)):
         ch = s[j]
-        if in_str:
+        if quote:
             if esc:
                 esc = False
             elif ch == "\\":
                 esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
+            elif ch == quote:
+                quote = ""
+        elif ch in quotes:
+            quote = ch
+        elif ch in opens:
             depth += 1
-        elif ch in "}]":
+        elif ch in closes:
             depth -= 1
             if depth == 0:
-                return j + 1, j + 1
-    return None, len(s)
+                return j + 1
+    return None
 
 
 @dataclass

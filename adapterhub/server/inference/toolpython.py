@@ -15,7 +15,7 @@ import ast
 import json
 from typing import Any
 
-from .calljson import Scan, skip
+from .calljson import Scan, closing, skip
 from .toolformats import MarkedCalls
 
 __all__ = ["PythonicCalls"]
@@ -23,29 +23,6 @@ __all__ = ["PythonicCalls"]
 PY_START, PY_END = "<|python_start|>", "<|python_end|>"
 _NAME_START = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME = _NAME_START | set("0123456789.")
-
-
-def _call_end(s: str, i: int) -> int | None:
-    """Just past the ``)`` that closes the ``(`` at ``s[i]`` (None: not yet written), quotes heeded."""
-    depth, quote, esc = 0, "", False
-    for j in range(i, len(s)):
-        ch = s[j]
-        if quote:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return None
 
 
 def _literal(node: ast.expr) -> Any:
@@ -82,7 +59,7 @@ class PythonicCalls(MarkedCalls):
             out.error = final or j < len(s) or (j > i and s[i] not in _NAME_START)
             return out
         out.name = s[i:j]
-        end = _call_end(s, j)
+        end = closing(s, j, quotes="'\"", opens="([{", closes=")]}")
         if end is None:
             out.error = final
             return out
